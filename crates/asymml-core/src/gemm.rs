@@ -1,0 +1,128 @@
+//! Single-precision matrix products through the `gemm` crate, with explicit strides so that transposed operands
+//! need no copy.
+
+use gemm::Parallelism;
+
+/// A strided view of a row-major matrix: element (i, j) is at `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major `rows × cols` matrix (row stride `cols`).
+    pub fn rm(data: &'a [f32], cols: usize) -> Self {
+        Mat {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+    /// The transpose of a row-major `rows × cols` matrix, seen as `cols × rows`.
+    pub fn rm_t(data: &'a [f32], cols: usize) -> Self {
+        Mat {
+            data,
+            rs: 1,
+            cs: cols,
+        }
+    }
+}
+
+/// `c[m × n] = (accumulate ? c : 0) + a[m × k] · b[k × n]`, with `c` row-major (row stride `n`).
+/// `threads > 1` lets the GEMM split the work over the rayon pool.
+pub fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    c: &mut [f32],
+    accumulate: bool,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(c.len() >= m * n, "gemm: output too small");
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].iter_mut().for_each(|v| *v = 0.0);
+        }
+        return;
+    }
+    let last = |x: Mat, r: usize, cl: usize| (r - 1) * x.rs + (cl - 1) * x.cs;
+    assert!(last(a, m, k) < a.data.len(), "gemm: lhs too small");
+    assert!(last(b, k, n) < b.data.len(), "gemm: rhs too small");
+    let par = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the asserts above keep every index the kernel touches inside the three slices; `c` is borrowed
+    // mutably and cannot alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Vec<f32> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0;
+                for p in 0..k {
+                    s += a.data[i * a.rs + p * a.cs] * b.data[p * b.rs + j * b.cs];
+                }
+                c[i * n + j] = s;
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn matches_naive_with_transposes() {
+        let (m, n, k) = (17, 23, 31);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
+        for (am, bm) in [
+            (Mat::rm(&a, k), Mat::rm(&b, n)),
+            (Mat::rm_t(&a, m), Mat::rm_t(&b, k)),
+        ] {
+            let want = naive(m, n, k, am, bm);
+            for threads in [1, 2] {
+                let mut c = vec![1.0; m * n];
+                sgemm(m, n, k, am, bm, &mut c, false, threads);
+                assert_eq!(c, want);
+                sgemm(m, n, k, am, bm, &mut c, true, threads);
+                let twice: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
+                assert_eq!(c, twice);
+            }
+        }
+    }
+}

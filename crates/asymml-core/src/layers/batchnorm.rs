@@ -1,0 +1,192 @@
+//! BatchNorm2d: batch statistics and running averages in training, running averages in evaluation.
+
+use super::Param;
+use crate::error::{CoreError, Result};
+use crate::tensor::Tensor;
+use rayon::prelude::*;
+
+/// BatchNorm2d over channels of an NCHW tensor: weight γ [C], bias β [C], running mean/var [C].
+pub struct BatchNorm2d {
+    pub channels: usize,
+    pub eps: f32,
+    pub momentum: f32,
+    pub weight: Param,
+    pub bias: Param,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    pub num_batches_tracked: i64,
+    /// Per-channel mean and 1/sqrt(var + eps) used by the last forward (batch or running statistics).
+    mean: Vec<f32>,
+    invstd: Vec<f32>,
+    /// Whether the last forward used batch statistics.
+    batch_stats: bool,
+    /// Per-channel sums for backward.
+    sum_dy: Vec<f32>,
+    sum_dy_xhat: Vec<f32>,
+}
+
+/// Sum in f64 of f(index) over the indices of channel c in a [B, C, HW] tensor.
+fn channel_sum(b: usize, cn: usize, hw: usize, c: usize, f: impl Fn(usize) -> f64) -> f64 {
+    let mut s = 0.0;
+    for bi in 0..b {
+        let base = (bi * cn + c) * hw;
+        for i in base..base + hw {
+            s += f(i);
+        }
+    }
+    s
+}
+
+impl BatchNorm2d {
+    /// γ = 1, β = 0, running mean 0, running var 1; PyTorch's eps 1e-5 and momentum 0.1.
+    pub fn new(channels: usize) -> Self {
+        BatchNorm2d {
+            channels,
+            eps: 1e-5,
+            momentum: 0.1,
+            weight: Param::new(Tensor {
+                shape: vec![channels],
+                data: vec![1.0; channels],
+            }),
+            bias: Param::new(Tensor::zeros(&[channels])),
+            running_mean: Tensor::zeros(&[channels]),
+            running_var: Tensor {
+                shape: vec![channels],
+                data: vec![1.0; channels],
+            },
+            num_batches_tracked: 0,
+            mean: vec![],
+            invstd: vec![],
+            batch_stats: false,
+            sum_dy: vec![],
+            sum_dy_xhat: vec![],
+        }
+    }
+
+    fn check(&self, x: &Tensor) -> Result<(usize, usize, usize)> {
+        let (b, c, h, w) = x.nchw("batchnorm")?;
+        if c != self.channels {
+            return Err(CoreError::Shape(format!(
+                "batchnorm: input has {c} channels, layer expects {}",
+                self.channels
+            )));
+        }
+        Ok((b, c, h * w))
+    }
+
+    /// x: [B, C, H, W] → y: [B, C, H, W]. `train`: normalise with batch statistics and update the running
+    /// averages (unbiased variance, as PyTorch); otherwise use the running averages.
+    pub fn forward(&mut self, x: &Tensor, y: &mut Tensor, train: bool) -> Result<()> {
+        let (b, cn, hw) = self.check(x)?;
+        let n = b * hw;
+        if train && n <= 1 {
+            return Err(CoreError::Shape(
+                "batchnorm: training needs more than one value per channel (batch of 1 with a 1×1 map)".into(),
+            ));
+        }
+        self.batch_stats = train;
+        if train {
+            let xd = &x.data;
+            let stats: Vec<(f32, f32)> = (0..cn)
+                .into_par_iter()
+                .map(|c| {
+                    let mean = channel_sum(b, cn, hw, c, |i| xd[i] as f64) / n as f64;
+                    let var = channel_sum(b, cn, hw, c, |i| {
+                        let d = xd[i] as f64 - mean;
+                        d * d
+                    }) / n as f64;
+                    (mean as f32, var as f32)
+                })
+                .collect();
+            self.mean = stats.iter().map(|s| s.0).collect();
+            self.invstd = stats
+                .iter()
+                .map(|s| 1.0 / (s.1 + self.eps).sqrt())
+                .collect();
+            let m = self.momentum;
+            let unbias = n as f32 / (n - 1) as f32;
+            for (c, (mean, var)) in stats.into_iter().enumerate() {
+                self.running_mean.data[c] = (1.0 - m) * self.running_mean.data[c] + m * mean;
+                self.running_var.data[c] = (1.0 - m) * self.running_var.data[c] + m * var * unbias;
+            }
+            self.num_batches_tracked += 1;
+        } else {
+            self.mean = self.running_mean.data.clone();
+            self.invstd = self
+                .running_var
+                .data
+                .iter()
+                .map(|v| 1.0 / (v + self.eps).sqrt())
+                .collect();
+        }
+        y.resize(&x.shape);
+        let (mean, invstd) = (&self.mean, &self.invstd);
+        let (g, bt) = (&self.weight.value.data, &self.bias.value.data);
+        y.data
+            .par_chunks_mut(hw)
+            .zip(x.data.par_chunks(hw))
+            .enumerate()
+            .for_each(|(i, (yp, xp))| {
+                let c = i % cn;
+                let scale = g[c] * invstd[c];
+                let shift = bt[c] - mean[c] * scale;
+                yp.iter_mut()
+                    .zip(xp)
+                    .for_each(|(o, &v)| *o = v * scale + shift);
+            });
+        Ok(())
+    }
+
+    /// x: [B, C, H, W] (forward input), dy: [B, C, H, W] → dx: [B, C, H, W]; accumulates ∇γ, ∇β.
+    pub fn backward(&mut self, x: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
+        let (b, cn, hw) = self.check(x)?;
+        if dy.shape != x.shape || self.mean.len() != cn {
+            return Err(CoreError::Shape(
+                "batchnorm backward: shapes differ from forward".into(),
+            ));
+        }
+        let n = (b * hw) as f64;
+        let (xd, gd) = (&x.data, &dy.data);
+        let (mean, invstd) = (&self.mean, &self.invstd);
+        let sums: Vec<(f32, f32)> = (0..cn)
+            .into_par_iter()
+            .map(|c| {
+                let s = channel_sum(b, cn, hw, c, |i| gd[i] as f64);
+                let sx = channel_sum(b, cn, hw, c, |i| {
+                    gd[i] as f64 * ((xd[i] - mean[c]) * invstd[c]) as f64
+                });
+                (s as f32, sx as f32)
+            })
+            .collect();
+        self.sum_dy = sums.iter().map(|s| s.0).collect();
+        self.sum_dy_xhat = sums.iter().map(|s| s.1).collect();
+        for c in 0..cn {
+            self.bias.grad.data[c] += self.sum_dy[c];
+            self.weight.grad.data[c] += self.sum_dy_xhat[c];
+        }
+        dx.resize(&x.shape);
+        let g = &self.weight.value.data;
+        let (sdy, sdyx) = (&self.sum_dy, &self.sum_dy_xhat);
+        let batch = self.batch_stats;
+        dx.data
+            .par_chunks_mut(hw)
+            .zip(x.data.par_chunks(hw).zip(dy.data.par_chunks(hw)))
+            .enumerate()
+            .for_each(|(i, (dxp, (xp, dyp)))| {
+                let c = i % cn;
+                let k = g[c] * invstd[c];
+                if batch {
+                    // dx = γ·invstd·(dy − mean(dy) − x̂·mean(dy·x̂))
+                    let mdy = (sdy[c] as f64 / n) as f32;
+                    let mdyx = (sdyx[c] as f64 / n) as f32;
+                    for ((d, &xv), &gv) in dxp.iter_mut().zip(xp).zip(dyp) {
+                        let xhat = (xv - mean[c]) * invstd[c];
+                        *d = k * (gv - mdy - xhat * mdyx);
+                    }
+                } else {
+                    dxp.iter_mut().zip(dyp).for_each(|(d, &gv)| *d = k * gv);
+                }
+            });
+        Ok(())
+    }
+}

@@ -1,0 +1,373 @@
+//! 2-D convolution (cross-correlation, as in PyTorch) through im2col + GEMM, parallel over the batch.
+
+use super::{out_size, threads, Param};
+use crate::error::{CoreError, Result};
+use crate::gemm::{sgemm, Mat};
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+use rayon::prelude::*;
+
+/// Per-worker scratch: the im2col matrix of one image, its gradient, and partial weight/bias gradients.
+#[derive(Default)]
+struct Scratch {
+    col: Vec<f32>,
+    dcol: Vec<f32>,
+    dw: Vec<f32>,
+    db: Vec<f32>,
+}
+
+/// Conv2d: weight [M, C, k, k], optional bias [M]; stride and zero padding equal in both directions.
+pub struct Conv2d {
+    pub in_ch: usize,
+    pub out_ch: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub weight: Param,
+    pub bias: Option<Param>,
+    /// Index of this conv in its network (execution order), used by conv executors.
+    pub id: usize,
+    scratch: Vec<Scratch>,
+}
+
+impl Conv2d {
+    /// A conv with Kaiming-normal weights (fan-out, ReLU gain, as torchvision) and zero bias.
+    pub fn new(
+        in_ch: usize,
+        out_ch: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        bias: bool,
+        rng: &mut Rng,
+    ) -> Self {
+        let fan_out = (out_ch * k * k) as f32;
+        let std = (2.0 / fan_out).sqrt();
+        let n = out_ch * in_ch * k * k;
+        let w: Vec<f32> = (0..n).map(|_| rng.normal() * std).collect();
+        Conv2d {
+            in_ch,
+            out_ch,
+            k,
+            stride,
+            pad,
+            weight: Param::new(Tensor {
+                shape: vec![out_ch, in_ch, k, k],
+                data: w,
+            }),
+            bias: bias.then(|| Param::new(Tensor::zeros(&[out_ch]))),
+            id: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Output shape for an input of shape [B, C, H, W], or an error if the input does not fit this conv.
+    pub fn out_shape(&self, x: &[usize]) -> Result<[usize; 4]> {
+        let &[b, c, h, w] = x else {
+            return Err(CoreError::Shape(format!(
+                "conv: expected NCHW input, got {x:?}"
+            )));
+        };
+        if c != self.in_ch {
+            return Err(CoreError::Shape(format!(
+                "conv: input has {c} channels, layer expects {}",
+                self.in_ch
+            )));
+        }
+        match (
+            out_size(h, self.k, self.stride, self.pad),
+            out_size(w, self.k, self.stride, self.pad),
+        ) {
+            (Some(oh), Some(ow)) => Ok([b, self.out_ch, oh, ow]),
+            _ => Err(CoreError::Shape(format!(
+                "conv: input {h}×{w} is smaller than the {k}×{k} kernel (padding {p})",
+                k = self.k,
+                p = self.pad
+            ))),
+        }
+    }
+
+    /// True when the conv is a plain per-pixel matrix product (1×1, stride 1, no padding): no im2col needed.
+    fn is_pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.pad == 0
+    }
+
+    /// Worker chunks over a batch of `b`: (images per chunk, number of chunks, GEMM threads per chunk).
+    fn plan(&mut self, b: usize) -> (usize, usize, usize) {
+        let t = threads();
+        let chunks = t.min(b).max(1);
+        let per = b.div_ceil(chunks);
+        let chunks = b.div_ceil(per);
+        if self.scratch.len() < chunks {
+            self.scratch.resize_with(chunks, Scratch::default);
+        }
+        (per, chunks, (t / chunks).max(1))
+    }
+
+    /// x: [B, C, H, W] → y: [B, M, OH, OW]; y = conv(x, W) + b.
+    pub fn forward(&mut self, x: &Tensor, y: &mut Tensor) -> Result<()> {
+        let os = self.out_shape(&x.shape)?;
+        y.resize(&os);
+        let [b, m, oh, ow] = os;
+        let (c, h, w) = (x.shape[1], x.shape[2], x.shape[3]);
+        let (p, ckk) = (oh * ow, c * self.k * self.k);
+        let (per, _chunks, gt) = self.plan(b);
+        let geo = Geometry {
+            c,
+            h,
+            w,
+            k: self.k,
+            s: self.stride,
+            pad: self.pad,
+            oh,
+            ow,
+        };
+        let pointwise = self.is_pointwise();
+        let wt = &self.weight.value.data;
+        let bias = self.bias.as_ref().map(|b| &b.value.data[..]);
+        y.data
+            .par_chunks_mut(per * m * p)
+            .zip(x.data.par_chunks(per * c * h * w))
+            .zip(self.scratch.par_iter_mut())
+            .for_each(|((yc, xc), sc)| {
+                for (yb, xb) in yc.chunks_mut(m * p).zip(xc.chunks(c * h * w)) {
+                    let col: &[f32] = if pointwise {
+                        xb
+                    } else {
+                        sc.col.resize(ckk * p, 0.0);
+                        im2col(xb, &geo, &mut sc.col);
+                        &sc.col
+                    };
+                    sgemm(m, p, ckk, Mat::rm(wt, ckk), Mat::rm(col, p), yb, false, gt);
+                    if let Some(bias) = bias {
+                        for (row, &bv) in yb.chunks_mut(p).zip(bias) {
+                            row.iter_mut().for_each(|v| *v += bv);
+                        }
+                    }
+                }
+            });
+        Ok(())
+    }
+
+    /// x: [B, C, H, W], dy: [B, M, OH, OW] → dx: [B, C, H, W] (if asked); accumulates ∇W and ∇b.
+    pub fn backward(&mut self, x: &Tensor, dy: &Tensor, dx: Option<&mut Tensor>) -> Result<()> {
+        let os = self.out_shape(&x.shape)?;
+        if dy.shape != os {
+            return Err(CoreError::Shape(format!(
+                "conv backward: ∇Y has shape {:?}, expected {os:?}",
+                dy.shape
+            )));
+        }
+        let [b, m, oh, ow] = os;
+        let (c, h, w) = (x.shape[1], x.shape[2], x.shape[3]);
+        let (p, ckk) = (oh * ow, c * self.k * self.k);
+        let (per, chunks, gt) = self.plan(b);
+        let geo = Geometry {
+            c,
+            h,
+            w,
+            k: self.k,
+            s: self.stride,
+            pad: self.pad,
+            oh,
+            ow,
+        };
+        let pointwise = self.is_pointwise();
+        let has_bias = self.bias.is_some();
+        let wt = &self.weight.value.data;
+        let want_dx = dx.is_some();
+        // Without ∇X, each worker gets a one-element dummy slice so that one code path serves both cases.
+        let mut dummy = vec![0.0f32; chunks];
+        let (dx_data, dx_chunk): (&mut [f32], usize) = match dx {
+            Some(d) => {
+                d.resize(&x.shape);
+                (&mut d.data, per * c * h * w)
+            }
+            None => (&mut dummy, 1),
+        };
+        let work = |(((xc, dyc), sc), dxc): (((&[f32], &[f32]), &mut Scratch), &mut [f32])| {
+            sc.dw.clear();
+            sc.dw.resize(m * ckk, 0.0);
+            if has_bias {
+                sc.db.clear();
+                sc.db.resize(m, 0.0);
+            }
+            for (i, (xb, dyb)) in xc.chunks(c * h * w).zip(dyc.chunks(m * p)).enumerate() {
+                let col: &[f32] = if pointwise {
+                    xb
+                } else {
+                    sc.col.resize(ckk * p, 0.0);
+                    im2col(xb, &geo, &mut sc.col);
+                    &sc.col
+                };
+                // ∇W[M × CKK] += ∇Y_b[M × P] · col_bᵀ
+                sgemm(
+                    m,
+                    ckk,
+                    p,
+                    Mat::rm(dyb, p),
+                    Mat::rm_t(col, p),
+                    &mut sc.dw,
+                    true,
+                    gt,
+                );
+                if has_bias {
+                    for (d, row) in sc.db.iter_mut().zip(dyb.chunks(p)) {
+                        *d += row.iter().sum::<f32>();
+                    }
+                }
+                if want_dx {
+                    let dxb = &mut dxc[i * c * h * w..(i + 1) * c * h * w];
+                    // ∇col[CKK × P] = Wᵀ · ∇Y_b
+                    if pointwise {
+                        sgemm(
+                            ckk,
+                            p,
+                            m,
+                            Mat::rm_t(wt, ckk),
+                            Mat::rm(dyb, p),
+                            dxb,
+                            false,
+                            gt,
+                        );
+                    } else {
+                        sc.dcol.resize(ckk * p, 0.0);
+                        sgemm(
+                            ckk,
+                            p,
+                            m,
+                            Mat::rm_t(wt, ckk),
+                            Mat::rm(dyb, p),
+                            &mut sc.dcol,
+                            false,
+                            gt,
+                        );
+                        col2im(&sc.dcol, &geo, dxb);
+                    }
+                }
+            }
+        };
+        x.data
+            .par_chunks(per * c * h * w)
+            .zip(dy.data.par_chunks(per * m * p))
+            .zip(self.scratch[..chunks].par_iter_mut())
+            .zip(dx_data.par_chunks_mut(dx_chunk))
+            .for_each(work);
+        for sc in &self.scratch[..chunks] {
+            add_into(&mut self.weight.grad.data, &sc.dw);
+            if let Some(bp) = self.bias.as_mut() {
+                add_into(&mut bp.grad.data, &sc.db);
+            }
+        }
+        Ok(())
+    }
+
+    /// Multiply–add count of one forward pass on input shape `x` (0 if the shape does not fit).
+    pub fn macs(&self, x: &[usize]) -> u64 {
+        match self.out_shape(x) {
+            Ok([b, m, oh, ow]) => (b * m * oh * ow * self.in_ch * self.k * self.k) as u64,
+            Err(_) => 0,
+        }
+    }
+}
+
+fn add_into(dst: &mut [f32], src: &[f32]) {
+    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+}
+
+/// Geometry of one conv application to one image.
+struct Geometry {
+    c: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    s: usize,
+    pad: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Geometry {
+    /// For kernel column offset `kj`: the range of output columns whose input column is inside the image.
+    fn valid_cols(&self, kj: usize) -> (usize, usize) {
+        // input col = ow*s + kj - pad must be in [0, w)
+        let lo = if kj >= self.pad {
+            0
+        } else {
+            (self.pad - kj).div_ceil(self.s)
+        };
+        let hi = if self.w + self.pad > kj {
+            ((self.w + self.pad - kj - 1) / self.s + 1).min(self.ow)
+        } else {
+            0
+        };
+        (lo.min(hi), hi)
+    }
+}
+
+/// x: [C, H, W] → col: [C·k·k, OH·OW].
+fn im2col(x: &[f32], g: &Geometry, col: &mut [f32]) {
+    let p = g.oh * g.ow;
+    for c in 0..g.c {
+        let xc = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ki in 0..g.k {
+            for kj in 0..g.k {
+                let row = &mut col[((c * g.k + ki) * g.k + kj) * p..][..p];
+                let (lo, hi) = g.valid_cols(kj);
+                for oy in 0..g.oh {
+                    let out = &mut row[oy * g.ow..(oy + 1) * g.ow];
+                    let iy = (oy * g.s + ki) as isize - g.pad as isize;
+                    if iy < 0 || iy >= g.h as isize || lo >= hi {
+                        out.iter_mut().for_each(|v| *v = 0.0);
+                        continue;
+                    }
+                    let xrow = &xc[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    out[..lo].iter_mut().for_each(|v| *v = 0.0);
+                    out[hi..].iter_mut().for_each(|v| *v = 0.0);
+                    let x0 = lo * g.s + kj - g.pad;
+                    if g.s == 1 {
+                        out[lo..hi].copy_from_slice(&xrow[x0..x0 + (hi - lo)]);
+                    } else {
+                        for (o, v) in out[lo..hi].iter_mut().enumerate() {
+                            *v = xrow[x0 + o * g.s];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// col: [C·k·k, OH·OW] → dx: [C, H, W] (overwritten with the sum of the overlapping contributions).
+fn col2im(col: &[f32], g: &Geometry, dx: &mut [f32]) {
+    dx.iter_mut().for_each(|v| *v = 0.0);
+    let p = g.oh * g.ow;
+    for c in 0..g.c {
+        let dxc = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ki in 0..g.k {
+            for kj in 0..g.k {
+                let row = &col[((c * g.k + ki) * g.k + kj) * p..][..p];
+                let (lo, hi) = g.valid_cols(kj);
+                if lo >= hi {
+                    continue;
+                }
+                for oy in 0..g.oh {
+                    let iy = (oy * g.s + ki) as isize - g.pad as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    let src = &row[oy * g.ow..(oy + 1) * g.ow];
+                    let drow = &mut dxc[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    let x0 = lo * g.s + kj - g.pad;
+                    if g.s == 1 {
+                        add_into(&mut drow[x0..x0 + (hi - lo)], &src[lo..hi]);
+                    } else {
+                        for (o, v) in src[lo..hi].iter().enumerate() {
+                            drow[x0 + o * g.s] += v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! The network container: an ordered list of named nodes, their activations and gradients.
+
+use super::resnet::BasicBlock;
+use super::spec::ModelSpec;
+use crate::error::{CoreError, Result};
+use crate::layers::loss::SoftmaxCrossEntropy;
+use crate::layers::{
+    AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, Dropout, Linear, MaxPool2d, Param, Relu,
+};
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+
+/// Runs convolutions. The trusted-only runtime computes them in place ([`LocalExec`]); the split runtime
+/// decomposes the input and sends the residual across the boundary.
+pub trait ConvExec {
+    /// x: [B, C, H, W] → y: [B, M, OH, OW].
+    fn conv_forward(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        train: bool,
+    ) -> Result<()>;
+    /// x: [B, C, H, W], dy: [B, M, OH, OW] → dx (if asked); accumulates the conv's ∇W (and ∇b).
+    fn conv_backward(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        dy: &Tensor,
+        dx: Option<&mut Tensor>,
+    ) -> Result<()>;
+}
+
+/// Computes every convolution locally.
+pub struct LocalExec;
+
+impl ConvExec for LocalExec {
+    fn conv_forward(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        _train: bool,
+    ) -> Result<()> {
+        conv.forward(x, y)
+    }
+    fn conv_backward(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        dy: &Tensor,
+        dx: Option<&mut Tensor>,
+    ) -> Result<()> {
+        conv.backward(x, dy, dx)
+    }
+}
+
+/// One layer of a network.
+pub enum Layer {
+    Conv(Conv2d),
+    BatchNorm(BatchNorm2d),
+    Relu(Relu),
+    /// Max pooling; fused with the preceding ReLU when its `relu` flag is set.
+    MaxPool(MaxPool2d),
+    AvgPool(AvgPool2d),
+    AdaptiveAvgPool(AdaptiveAvgPool2d),
+    /// [B, C, H, W] → [B, C·H·W].
+    Flatten,
+    Linear(Linear),
+    Dropout(Dropout),
+    Block(Box<BasicBlock>),
+}
+
+/// A layer with its torchvision name prefix (`features.3`, `layer2.1`, `fc`).
+pub struct Node {
+    pub name: String,
+    pub layer: Layer,
+}
+
+/// A read-only view of one state-dict entry.
+pub enum StateRef<'a> {
+    Tensor(&'a Tensor),
+    /// BatchNorm's `num_batches_tracked` (an int64 scalar in torchvision state dicts).
+    Counter(i64),
+}
+
+/// A mutable view of one state-dict entry.
+pub enum StateMut<'a> {
+    Tensor(&'a mut Tensor),
+    Counter(&'a mut i64),
+}
+
+/// A network, its activations (reused across steps) and its loss.
+pub struct Net {
+    pub spec: ModelSpec,
+    pub nodes: Vec<Node>,
+    /// acts[i] is the input of node i; acts[n] the logits.
+    acts: Vec<Tensor>,
+    grad_a: Tensor,
+    grad_b: Tensor,
+    /// ∇ of the loss w.r.t. the network input, filled by `backward(.., true)`.
+    pub input_grad: Tensor,
+    pub loss: SoftmaxCrossEntropy,
+    pub rng: Rng,
+}
+
+/// Calls `f` with the (name, tensor) state entries of a conv.
+pub(crate) fn conv_state(prefix: &str, c: &mut Conv2d, f: &mut dyn FnMut(String, StateMut)) {
+    f(
+        format!("{prefix}.weight"),
+        StateMut::Tensor(&mut c.weight.value),
+    );
+    if let Some(b) = c.bias.as_mut() {
+        f(format!("{prefix}.bias"), StateMut::Tensor(&mut b.value));
+    }
+}
+
+pub(crate) fn bn_state(prefix: &str, b: &mut BatchNorm2d, f: &mut dyn FnMut(String, StateMut)) {
+    f(
+        format!("{prefix}.weight"),
+        StateMut::Tensor(&mut b.weight.value),
+    );
+    f(
+        format!("{prefix}.bias"),
+        StateMut::Tensor(&mut b.bias.value),
+    );
+    f(
+        format!("{prefix}.running_mean"),
+        StateMut::Tensor(&mut b.running_mean),
+    );
+    f(
+        format!("{prefix}.running_var"),
+        StateMut::Tensor(&mut b.running_var),
+    );
+    f(
+        format!("{prefix}.num_batches_tracked"),
+        StateMut::Counter(&mut b.num_batches_tracked),
+    );
+}
+
+pub(crate) fn conv_params(prefix: &str, c: &mut Conv2d, f: &mut dyn FnMut(&str, &mut Param)) {
+    f(&format!("{prefix}.weight"), &mut c.weight);
+    if let Some(b) = c.bias.as_mut() {
+        f(&format!("{prefix}.bias"), b);
+    }
+}
+
+pub(crate) fn bn_params(prefix: &str, b: &mut BatchNorm2d, f: &mut dyn FnMut(&str, &mut Param)) {
+    f(&format!("{prefix}.weight"), &mut b.weight);
+    f(&format!("{prefix}.bias"), &mut b.bias);
+}
+
+impl Net {
+    /// A network from its nodes (numbers the convolutions in execution order).
+    pub fn new(spec: ModelSpec, nodes: Vec<Node>, seed: u64) -> Self {
+        let mut net = Net {
+            spec,
+            nodes,
+            acts: Vec::new(),
+            grad_a: Tensor::default(),
+            grad_b: Tensor::default(),
+            input_grad: Tensor::default(),
+            loss: SoftmaxCrossEntropy::default(),
+            rng: Rng::new(seed ^ 0xD00D),
+        };
+        let mut id = 0;
+        net.visit_convs(&mut |_, c| {
+            c.id = id;
+            id += 1;
+        });
+        net
+    }
+
+    /// Calls `f` on every conv in execution order, with its name prefix.
+    pub fn visit_convs(&mut self, f: &mut dyn FnMut(&str, &mut Conv2d)) {
+        for node in &mut self.nodes {
+            match &mut node.layer {
+                Layer::Conv(c) => f(&node.name, c),
+                Layer::Block(b) => b.visit_convs(&node.name, f),
+                _ => {}
+            }
+        }
+    }
+
+    /// Calls `f` on every trainable parameter, in the fixed order optimizers rely on (torchvision order).
+    pub fn visit_params(&mut self, f: &mut dyn FnMut(&str, &mut Param)) {
+        for node in &mut self.nodes {
+            let n = &node.name;
+            match &mut node.layer {
+                Layer::Conv(c) => conv_params(n, c, f),
+                Layer::BatchNorm(b) => bn_params(n, b, f),
+                Layer::Linear(l) => {
+                    f(&format!("{n}.weight"), &mut l.weight);
+                    f(&format!("{n}.bias"), &mut l.bias);
+                }
+                Layer::Block(b) => b.visit_params(n, f),
+                _ => {}
+            }
+        }
+    }
+
+    /// Calls `f` on every state-dict entry (parameters and buffers) in torchvision's order.
+    pub fn visit_state(&mut self, f: &mut dyn FnMut(String, StateMut)) {
+        for node in &mut self.nodes {
+            let n = &node.name;
+            match &mut node.layer {
+                Layer::Conv(c) => conv_state(n, c, f),
+                Layer::BatchNorm(b) => bn_state(n, b, f),
+                Layer::Linear(l) => {
+                    f(format!("{n}.weight"), StateMut::Tensor(&mut l.weight.value));
+                    f(format!("{n}.bias"), StateMut::Tensor(&mut l.bias.value));
+                }
+                Layer::Block(b) => b.visit_state(n, f),
+                _ => {}
+            }
+        }
+    }
+
+    /// (name, shape) of every state-dict entry; counters have shape [].
+    pub fn state_shapes(&mut self) -> Vec<(String, Vec<usize>)> {
+        let mut out = Vec::new();
+        self.visit_state(&mut |name, s| {
+            let shape = match s {
+                StateMut::Tensor(t) => t.shape.clone(),
+                StateMut::Counter(_) => vec![],
+            };
+            out.push((name, shape));
+        });
+        out
+    }
+
+    /// Number of trainable scalars.
+    pub fn num_params(&mut self) -> usize {
+        let mut n = 0;
+        self.visit_params(&mut |_, p| n += p.value.len());
+        n
+    }
+
+    /// Zeroes every parameter gradient.
+    pub fn zero_grad(&mut self) {
+        self.visit_params(&mut |_, p| p.zero_grad());
+    }
+
+    /// x: [B, C, H, W] → logits [B, K]. `train` selects batch statistics in BatchNorm and active dropout.
+    pub fn forward(&mut self, x: &Tensor, train: bool, exec: &mut dyn ConvExec) -> Result<&Tensor> {
+        let expect = [self.spec.in_ch, self.spec.input_size, self.spec.input_size];
+        if x.shape.len() != 4 || x.shape[1..] != expect {
+            return Err(CoreError::Shape(format!(
+                "model {} expects input [B, {}, {}, {}], got {:?}",
+                self.spec.name(),
+                expect[0],
+                expect[1],
+                expect[2],
+                x.shape
+            )));
+        }
+        let n = self.nodes.len();
+        self.acts.resize_with(n + 1, Tensor::default);
+        self.acts[0].copy_from(x);
+        for i in 0..n {
+            let (before, after) = self.acts.split_at_mut(i + 1);
+            let (input, out) = (&before[i], &mut after[0]);
+            let node = &mut self.nodes[i];
+            let res = match &mut node.layer {
+                Layer::Conv(c) => exec.conv_forward(c, input, out, train),
+                Layer::BatchNorm(b) => b.forward(input, out, train),
+                Layer::Relu(r) => {
+                    r.forward(input, out);
+                    Ok(())
+                }
+                Layer::MaxPool(p) => p.forward(input, out),
+                Layer::AvgPool(p) => p.forward(input, out),
+                Layer::AdaptiveAvgPool(p) => p.forward(input, out),
+                Layer::Flatten => {
+                    out.copy_from(input);
+                    let b = input.shape[0];
+                    out.shape = vec![b, input.len() / b.max(1)];
+                    Ok(())
+                }
+                Layer::Linear(l) => l.forward(input, out),
+                Layer::Dropout(d) => {
+                    d.forward(input, out, train, &mut self.rng);
+                    Ok(())
+                }
+                Layer::Block(blk) => blk.forward(input, out, train, exec),
+            };
+            res.map_err(|e| in_layer(&node.name, e))?;
+        }
+        Ok(&self.acts[n])
+    }
+
+    /// Forward then the mean cross-entropy loss on `labels`; returns (loss, number correct).
+    pub fn forward_loss(
+        &mut self,
+        x: &Tensor,
+        labels: &[usize],
+        train: bool,
+        exec: &mut dyn ConvExec,
+    ) -> Result<(f32, usize)> {
+        self.forward(x, train, exec)?;
+        let n = self.nodes.len();
+        let loss = self.loss.forward(&self.acts[n], labels)?;
+        Ok((loss, self.loss.correct()))
+    }
+
+    /// The logits of the last forward.
+    pub fn logits(&self) -> &Tensor {
+        &self.acts[self.nodes.len()]
+    }
+
+    /// Backward from the loss of the last `forward_loss`: accumulates every parameter gradient;
+    /// with `input_grad` also fills `self.input_grad`.
+    pub fn backward(&mut self, exec: &mut dyn ConvExec, input_grad: bool) -> Result<()> {
+        let mut g = std::mem::take(&mut self.grad_a);
+        self.loss.backward(&mut g);
+        self.backward_from(g, exec, input_grad)
+    }
+
+    /// Backward from a given gradient of the logits.
+    pub fn backward_from(
+        &mut self,
+        dlogits: Tensor,
+        exec: &mut dyn ConvExec,
+        input_grad: bool,
+    ) -> Result<()> {
+        let n = self.nodes.len();
+        if self.acts.len() != n + 1 || dlogits.shape != self.acts[n].shape {
+            return Err(CoreError::Shape(
+                "backward: run forward first with the same batch".into(),
+            ));
+        }
+        let mut cur = dlogits;
+        let mut prev = std::mem::take(&mut self.grad_b);
+        for i in (0..n).rev() {
+            let want_dx = i > 0 || input_grad;
+            let (input, out) = (&self.acts[i], &self.acts[i + 1]);
+            let node = &mut self.nodes[i];
+            let res = match &mut node.layer {
+                Layer::Conv(c) => exec.conv_backward(c, input, &cur, want_dx.then_some(&mut prev)),
+                Layer::BatchNorm(b) => b.backward(input, &cur, &mut prev),
+                Layer::Relu(r) => {
+                    r.backward(out, &cur, &mut prev);
+                    Ok(())
+                }
+                Layer::MaxPool(p) => {
+                    p.backward(&input.shape, &cur, &mut prev);
+                    Ok(())
+                }
+                Layer::AvgPool(p) => {
+                    p.backward(&input.shape, &cur, &mut prev);
+                    Ok(())
+                }
+                Layer::AdaptiveAvgPool(p) => {
+                    p.backward(&input.shape, &cur, &mut prev);
+                    Ok(())
+                }
+                Layer::Flatten => {
+                    prev.copy_from(&cur);
+                    prev.shape = input.shape.clone();
+                    Ok(())
+                }
+                Layer::Linear(l) => l.backward(input, &cur, want_dx.then_some(&mut prev)),
+                Layer::Dropout(d) => {
+                    d.backward(&cur, &mut prev);
+                    Ok(())
+                }
+                Layer::Block(blk) => blk.backward(input, out, &cur, &mut prev, exec),
+            };
+            res.map_err(|e| in_layer(&node.name, e))?;
+            std::mem::swap(&mut cur, &mut prev);
+        }
+        if input_grad {
+            self.input_grad.copy_from(&cur);
+        }
+        self.grad_a = cur;
+        self.grad_b = prev;
+        Ok(())
+    }
+
+    /// Multiply–adds of the convolutions for one forward pass at batch `b`.
+    pub fn conv_macs(&mut self, b: usize) -> u64 {
+        let mut shape = vec![
+            b,
+            self.spec.in_ch,
+            self.spec.input_size,
+            self.spec.input_size,
+        ];
+        let mut total = 0;
+        for node in &mut self.nodes {
+            match &mut node.layer {
+                Layer::Conv(c) => {
+                    total += c.macs(&shape);
+                    if let Ok(s) = c.out_shape(&shape) {
+                        shape = s.to_vec();
+                    }
+                }
+                Layer::Block(blk) => {
+                    let (m, s) = blk.macs(&shape);
+                    total += m;
+                    shape = s;
+                }
+                Layer::MaxPool(p) => shape = pool_shape(&shape, p.k, p.stride, p.pad),
+                Layer::AvgPool(p) => shape = pool_shape(&shape, p.k, p.stride, p.pad),
+                Layer::AdaptiveAvgPool(p) => shape = vec![shape[0], shape[1], p.out, p.out],
+                _ => {}
+            }
+        }
+        total
+    }
+}
+
+fn pool_shape(s: &[usize], k: usize, st: usize, p: usize) -> Vec<usize> {
+    let o = |n| crate::layers::out_size(n, k, st, p).unwrap_or(0);
+    vec![s[0], s[1], o(s[2]), o(s[3])]
+}
+
+/// Prefixes an error with the layer it happened in.
+pub(crate) fn in_layer(name: &str, e: CoreError) -> CoreError {
+    match e {
+        CoreError::Shape(m) => CoreError::Shape(format!("{name}: {m}")),
+        CoreError::Invalid(m) => CoreError::Invalid(format!("{name}: {m}")),
+        other => other,
+    }
+}
