@@ -1,5 +1,11 @@
-//! asymml-trusted: the trusted runtime. It owns the dataset, the labels, every activation, the low-rank factors,
-//! the nonlinearities and the loss, and drives training and inference.
+//! asymml-trusted: the trusted runtime. It owns the dataset, the labels, every activation, the nonlinearities
+//! and the loss, and drives training and inference.
 //!
-//! In `trusted-only` mode the whole network runs on the CPU layers of `asymml-core`; the split runtime that sends
-//! residuals to the accelerator lands here next.
+//! Execution modes: `trusted-only` runs every layer here on the CPU layers of `asymml-core` (the TEE-only
+//! baseline). The split runtime, which sends residuals to the untrusted accelerator, is built on the same
+//! [`Session`] through `asymml_core::models::ConvExec`.
+
+pub mod checkpoint;
+pub mod session;
+
+pub use session::{Mode, Session, SessionError, TrainConfig};

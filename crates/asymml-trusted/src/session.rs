@@ -1,0 +1,161 @@
+//! A training/inference session: the network, its optimizer and learning-rate schedule, and the executor of
+//! its convolutions.
+
+use asymml_core::models::{ConvExec, LocalExec, Net};
+use asymml_core::optim::{LrSchedule, Optimizer, OptimizerKind};
+use asymml_core::{CoreError, Tensor};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Errors of the trusted runtime.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    #[error("non-finite loss ({loss}) at epoch {epoch}, step {step}: training stopped (try a lower --lr)")]
+    NonFinite {
+        loss: f32,
+        epoch: usize,
+        step: usize,
+    },
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("unknown mode '{0}'; available: trusted-only")]
+    UnknownMode(String),
+}
+
+/// Where each layer runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    /// Every layer in the trusted runtime (the TEE-only baseline).
+    TrustedOnly,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = SessionError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "trusted-only" => Ok(Mode::TrustedOnly),
+            other => Err(SessionError::UnknownMode(other.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::TrustedOnly => "trusted-only",
+        })
+    }
+}
+
+/// Optimizer, learning rate and schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub optimizer: OptimizerKind,
+    pub lr: f32,
+    pub weight_decay: f32,
+    pub schedule: LrSchedule,
+}
+
+/// The network plus everything needed to train it.
+pub struct Session {
+    pub net: Net,
+    pub opt: Optimizer,
+    pub config: TrainConfig,
+    pub mode: Mode,
+    /// Optimizer steps taken so far (drives the schedule).
+    pub step: u64,
+    exec: Box<dyn ConvExec + Send>,
+}
+
+impl Session {
+    pub fn new(net: Net, config: TrainConfig, mode: Mode) -> Self {
+        let opt = Optimizer::new(config.optimizer, config.weight_decay);
+        let exec: Box<dyn ConvExec + Send> = match mode {
+            Mode::TrustedOnly => Box::new(LocalExec),
+        };
+        Session {
+            net,
+            opt,
+            config,
+            mode,
+            step: 0,
+            exec,
+        }
+    }
+
+    /// Replaces the convolution executor (used for timing and for the split runtime).
+    pub fn set_exec(&mut self, exec: Box<dyn ConvExec + Send>) {
+        self.exec = exec;
+    }
+
+    /// The convolution executor.
+    pub fn exec_mut(&mut self) -> &mut (dyn ConvExec + Send) {
+        self.exec.as_mut()
+    }
+
+    /// Learning rate of the next step.
+    pub fn lr(&self) -> f32 {
+        self.config.schedule.lr(self.config.lr, self.step)
+    }
+
+    /// One training step on a batch x: [B, C, H, W] with labels: returns (mean loss, number correct).
+    /// `epoch`/`batch` only label the error if the loss is not finite (then no update is made).
+    pub fn train_step(
+        &mut self,
+        x: &Tensor,
+        labels: &[usize],
+        epoch: usize,
+        batch: usize,
+    ) -> Result<(f32, usize), SessionError> {
+        self.net.zero_grad();
+        let (loss, correct) = self.net.forward_loss(x, labels, true, self.exec.as_mut())?;
+        if !loss.is_finite() {
+            return Err(SessionError::NonFinite {
+                loss,
+                epoch,
+                step: batch,
+            });
+        }
+        self.net.backward(self.exec.as_mut(), false)?;
+        let lr = self.lr();
+        self.opt.begin_step();
+        let opt = &mut self.opt;
+        let mut i = 0;
+        self.net.visit_params(&mut |_, p| {
+            opt.update(i, p, lr);
+            i += 1;
+        });
+        self.step += 1;
+        Ok((loss, correct))
+    }
+
+    /// Evaluation on a batch (running BN statistics, no dropout): (mean loss, number correct).
+    pub fn eval_batch(
+        &mut self,
+        x: &Tensor,
+        labels: &[usize],
+    ) -> Result<(f32, usize), SessionError> {
+        Ok(self
+            .net
+            .forward_loss(x, labels, false, self.exec.as_mut())?)
+    }
+
+    /// Class probabilities [B, K] for a batch, in evaluation mode.
+    pub fn predict(&mut self, x: &Tensor) -> Result<Tensor, SessionError> {
+        let logits = self.net.forward(x, false, self.exec.as_mut())?;
+        let k = logits.shape[1];
+        let mut probs = logits.clone();
+        for row in probs.data.chunks_mut(k) {
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f64;
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v as f64;
+            }
+            row.iter_mut().for_each(|v| *v = (*v as f64 / sum) as f32);
+        }
+        Ok(probs)
+    }
+}

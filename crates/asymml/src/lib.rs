@@ -1,0 +1,9 @@
+//! The `asymml` command-line tool: datasets, commands, reports and plots.
+
+pub mod bench;
+pub mod cli;
+pub mod common;
+pub mod data;
+pub mod evaluate;
+pub mod plot;
+pub mod train;
