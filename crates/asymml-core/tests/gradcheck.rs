@@ -384,12 +384,14 @@ fn dropout_eval_and_train_with_a_fixed_mask() {
     }
 }
 
-/// Kinks (ReLU, max-pool) sit inside blocks and networks where inputs cannot be spaced out: a smaller step
-/// makes crossing one unlikely, and there is enough signal for it (the gradients are sums over many outputs).
+/// Blocks and networks: ReLU and max-pool kinks inside cannot be kept away from the point, so a smaller
+/// step (fewer kinks crossed) and one-sided differences are accepted too (see `Fd::kinks`).
 fn composite() -> Fd {
     Fd {
-        eps: 5e-4,
+        eps: 3e-4,
+        atol: 5e-3,
         max_elems: 40,
+        kinks: true,
         ..Fd::default()
     }
 }

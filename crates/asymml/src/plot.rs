@@ -953,6 +953,7 @@ mod tests {
         ];
         for pts in cases {
             for log_y in [false, true] {
+                eprintln!("CASE {pts:?} {log_y}");
                 // Ok or a PlotError are both acceptable; it must return.
                 let _ = line_plot(&p, "t", "x", "y", &[("s".into(), pts.clone())], log_y);
             }

@@ -14,6 +14,15 @@ struct Scratch {
     dcol: Vec<f32>,
     dw: Vec<f32>,
     db: Vec<f32>,
+    dyg: Vec<f32>,
+}
+
+/// How a batch is split into work (see `Conv2d::plan`).
+struct Plan {
+    per: usize,
+    chunks: usize,
+    group: usize,
+    gemm_threads: usize,
 }
 
 /// Conv2d: weight [M, C, k, k], optional bias [M]; stride and zero padding equal in both directions.
@@ -92,16 +101,39 @@ impl Conv2d {
         self.k == 1 && self.stride == 1 && self.pad == 0
     }
 
-    /// Worker chunks over a batch of `b`: (images per chunk, number of chunks, GEMM threads per chunk).
-    fn plan(&mut self, b: usize) -> (usize, usize, usize) {
+    /// How to cut a batch of `b` images with `p` output pixels each into work: `per` images per worker
+    /// chunk, `group` images per GEMM (so that GEMMs have at least ~`TARGET` columns when the maps are small),
+    /// and the GEMM's own thread count.
+    fn plan(&mut self, b: usize, p: usize) -> Plan {
+        const TARGET: usize = 512;
         let t = threads();
-        let chunks = t.min(b).max(1);
-        let per = b.div_ceil(chunks);
+        let want_group = TARGET.div_ceil(p.max(1)).min(b).max(1);
+        // Small maps: one chunk with wide GEMMs parallelised inside; large maps: one chunk per thread.
+        let chunks = if b.div_ceil(t) < want_group { 1 } else { t.min(b) };
+        let per = b.div_ceil(chunks.max(1));
         let chunks = b.div_ceil(per);
         if self.scratch.len() < chunks {
             self.scratch.resize_with(chunks, Scratch::default);
         }
-        (per, chunks, (t / chunks).max(1))
+        Plan {
+            per,
+            chunks,
+            group: want_group.min(per),
+            gemm_threads: (t / chunks).max(1),
+        }
+    }
+
+    fn geometry(&self, x: &[usize], oh: usize, ow: usize) -> Geometry {
+        Geometry {
+            c: x[1],
+            h: x[2],
+            w: x[3],
+            k: self.k,
+            s: self.stride,
+            pad: self.pad,
+            oh,
+            ow,
+        }
     }
 
     /// x: [B, C, H, W] → y: [B, M, OH, OW]; y = conv(x, W) + b.
@@ -109,38 +141,38 @@ impl Conv2d {
         let os = self.out_shape(&x.shape)?;
         y.resize(&os);
         let [b, m, oh, ow] = os;
-        let (c, h, w) = (x.shape[1], x.shape[2], x.shape[3]);
-        let (p, ckk) = (oh * ow, c * self.k * self.k);
-        let (per, _chunks, gt) = self.plan(b);
-        let geo = Geometry {
-            c,
-            h,
-            w,
-            k: self.k,
-            s: self.stride,
-            pad: self.pad,
-            oh,
-            ow,
-        };
+        let geo = self.geometry(&x.shape, oh, ow);
+        let (p, ckk, xlen) = (oh * ow, geo.c * self.k * self.k, geo.c * geo.h * geo.w);
+        let plan = self.plan(b, p);
         let pointwise = self.is_pointwise();
         let wt = &self.weight.value.data;
         let bias = self.bias.as_ref().map(|b| &b.value.data[..]);
         y.data
-            .par_chunks_mut(per * m * p)
-            .zip(x.data.par_chunks(per * c * h * w))
+            .par_chunks_mut(plan.per * m * p)
+            .zip(x.data.par_chunks(plan.per * xlen))
             .zip(self.scratch.par_iter_mut())
             .for_each(|((yc, xc), sc)| {
-                for (yb, xb) in yc.chunks_mut(m * p).zip(xc.chunks(c * h * w)) {
-                    let col: &[f32] = if pointwise {
-                        xb
+                for (yg, xg) in yc.chunks_mut(plan.group * m * p).zip(xc.chunks(plan.group * xlen)) {
+                    let g = xg.len() / xlen;
+                    let n = g * p;
+                    if g == 1 && pointwise {
+                        sgemm(m, p, ckk, Mat::rm(wt, ckk), Mat::rm(xg, p), yg, false, plan.gemm_threads);
                     } else {
-                        sc.col.resize(ckk * p, 0.0);
-                        im2col(xb, &geo, &mut sc.col);
-                        &sc.col
-                    };
-                    sgemm(m, p, ckk, Mat::rm(wt, ckk), Mat::rm(col, p), yb, false, gt);
+                        sc.col.resize(ckk * n, 0.0);
+                        for (i, xb) in xg.chunks(xlen).enumerate() {
+                            im2col(xb, &geo, &mut sc.col, n, i * p);
+                        }
+                        if g == 1 {
+                            sgemm(m, p, ckk, Mat::rm(wt, ckk), Mat::rm(&sc.col, p), yg, false, plan.gemm_threads);
+                        } else {
+                            // Y_grp [M × g·P], then scattered image by image into NCHW.
+                            sc.dcol.resize(m * n, 0.0);
+                            sgemm(m, n, ckk, Mat::rm(wt, ckk), Mat::rm(&sc.col, n), &mut sc.dcol, false, plan.gemm_threads);
+                            scatter(&sc.dcol, yg, m, p, g);
+                        }
+                    }
                     if let Some(bias) = bias {
-                        for (row, &bv) in yb.chunks_mut(p).zip(bias) {
+                        for (row, &bv) in yg.chunks_mut(p).zip(bias.iter().cycle()) {
                             row.iter_mut().for_each(|v| *v += bv);
                         }
                     }
@@ -159,101 +191,79 @@ impl Conv2d {
             )));
         }
         let [b, m, oh, ow] = os;
-        let (c, h, w) = (x.shape[1], x.shape[2], x.shape[3]);
-        let (p, ckk) = (oh * ow, c * self.k * self.k);
-        let (per, chunks, gt) = self.plan(b);
-        let geo = Geometry {
-            c,
-            h,
-            w,
-            k: self.k,
-            s: self.stride,
-            pad: self.pad,
-            oh,
-            ow,
-        };
+        let geo = self.geometry(&x.shape, oh, ow);
+        let (p, ckk, xlen) = (oh * ow, geo.c * self.k * self.k, geo.c * geo.h * geo.w);
+        let plan = self.plan(b, p);
         let pointwise = self.is_pointwise();
         let has_bias = self.bias.is_some();
         let wt = &self.weight.value.data;
         let want_dx = dx.is_some();
         // Without ∇X, each worker gets a one-element dummy slice so that one code path serves both cases.
-        let mut dummy = vec![0.0f32; chunks];
+        let mut dummy = vec![0.0f32; plan.chunks];
         let (dx_data, dx_chunk): (&mut [f32], usize) = match dx {
             Some(d) => {
                 d.resize(&x.shape);
-                (&mut d.data, per * c * h * w)
+                (&mut d.data, plan.per * xlen)
             }
             None => (&mut dummy, 1),
         };
-        let work = |(((xc, dyc), sc), dxc): (((&[f32], &[f32]), &mut Scratch), &mut [f32])| {
-            sc.dw.clear();
-            sc.dw.resize(m * ckk, 0.0);
-            if has_bias {
-                sc.db.clear();
-                sc.db.resize(m, 0.0);
-            }
-            for (i, (xb, dyb)) in xc.chunks(c * h * w).zip(dyc.chunks(m * p)).enumerate() {
-                let col: &[f32] = if pointwise {
-                    xb
-                } else {
-                    sc.col.resize(ckk * p, 0.0);
-                    im2col(xb, &geo, &mut sc.col);
-                    &sc.col
-                };
-                // ∇W[M × CKK] += ∇Y_b[M × P] · col_bᵀ
-                sgemm(
-                    m,
-                    ckk,
-                    p,
-                    Mat::rm(dyb, p),
-                    Mat::rm_t(col, p),
-                    &mut sc.dw,
-                    true,
-                    gt,
-                );
-                if has_bias {
-                    for (d, row) in sc.db.iter_mut().zip(dyb.chunks(p)) {
-                        *d += row.iter().sum::<f32>();
-                    }
-                }
-                if want_dx {
-                    let dxb = &mut dxc[i * c * h * w..(i + 1) * c * h * w];
-                    // ∇col[CKK × P] = Wᵀ · ∇Y_b
-                    if pointwise {
-                        sgemm(
-                            ckk,
-                            p,
-                            m,
-                            Mat::rm_t(wt, ckk),
-                            Mat::rm(dyb, p),
-                            dxb,
-                            false,
-                            gt,
-                        );
-                    } else {
-                        sc.dcol.resize(ckk * p, 0.0);
-                        sgemm(
-                            ckk,
-                            p,
-                            m,
-                            Mat::rm_t(wt, ckk),
-                            Mat::rm(dyb, p),
-                            &mut sc.dcol,
-                            false,
-                            gt,
-                        );
-                        col2im(&sc.dcol, &geo, dxb);
-                    }
-                }
-            }
-        };
+        let gt = plan.gemm_threads;
         x.data
-            .par_chunks(per * c * h * w)
-            .zip(dy.data.par_chunks(per * m * p))
-            .zip(self.scratch[..chunks].par_iter_mut())
+            .par_chunks(plan.per * xlen)
+            .zip(dy.data.par_chunks(plan.per * m * p))
+            .zip(self.scratch[..plan.chunks].par_iter_mut())
             .zip(dx_data.par_chunks_mut(dx_chunk))
-            .for_each(work);
-        for sc in &self.scratch[..chunks] {
+            .for_each(|(((xc, dyc), sc), dxc)| {
+                sc.dw.clear();
+                sc.dw.resize(m * ckk, 0.0);
+                if has_bias {
+                    sc.db.clear();
+                    sc.db.resize(m, 0.0);
+                    for (i, row) in dyc.chunks(p).enumerate() {
+                        sc.db[i % m] += row.iter().sum::<f32>();
+                    }
+                }
+                let groups = xc.chunks(plan.group * xlen).zip(dyc.chunks(plan.group * m * p));
+                for (gi, (xg, dyg)) in groups.enumerate() {
+                    let g = xg.len() / xlen;
+                    let n = g * p;
+                    // col_grp [CKK × g·P] (or the image itself when pointwise and alone)
+                    let col: &[f32] = if g == 1 && pointwise {
+                        xg
+                    } else {
+                        sc.col.resize(ckk * n, 0.0);
+                        for (i, xb) in xg.chunks(xlen).enumerate() {
+                            im2col(xb, &geo, &mut sc.col, n, i * p);
+                        }
+                        &sc.col
+                    };
+                    // ∇Y_grp [M × g·P]
+                    let dyw: &[f32] = if g == 1 {
+                        dyg
+                    } else {
+                        sc.dyg.resize(m * n, 0.0);
+                        gather(dyg, &mut sc.dyg, m, p, g);
+                        &sc.dyg
+                    };
+                    // ∇W [M × CKK] += ∇Y_grp · col_grpᵀ
+                    sgemm(m, ckk, n, Mat::rm(dyw, n), Mat::rm_t(col, n), &mut sc.dw, true, gt);
+                    if !want_dx {
+                        continue;
+                    }
+                    let dxg = &mut dxc[gi * plan.group * xlen..][..g * xlen];
+                    if g == 1 && pointwise {
+                        sgemm(ckk, p, m, Mat::rm_t(wt, ckk), Mat::rm(dyw, p), dxg, false, gt);
+                    } else {
+                        // ∇col_grp [CKK × g·P] = Wᵀ · ∇Y_grp, then col2im per image
+                        sc.dcol.resize(ckk * n, 0.0);
+                        sgemm(ckk, n, m, Mat::rm_t(wt, ckk), Mat::rm(dyw, n), &mut sc.dcol, false, gt);
+                        for (i, dxb) in dxg.chunks_mut(xlen).enumerate() {
+                            col2im(&sc.dcol, &geo, dxb, n, i * p);
+                        }
+                    }
+                }
+            });
+        for sc in &self.scratch[..plan.chunks] {
             add_into(&mut self.weight.grad.data, &sc.dw);
             if let Some(bp) = self.bias.as_mut() {
                 add_into(&mut bp.grad.data, &sc.db);
@@ -273,6 +283,24 @@ impl Conv2d {
 
 fn add_into(dst: &mut [f32], src: &[f32]) {
     dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+}
+
+/// grp: [M, g·P] → y: [g, M, P].
+fn scatter(grp: &[f32], y: &mut [f32], m: usize, p: usize, g: usize) {
+    for (i, yb) in y.chunks_mut(m * p).take(g).enumerate() {
+        for (r, row) in yb.chunks_mut(p).enumerate() {
+            row.copy_from_slice(&grp[r * g * p + i * p..][..p]);
+        }
+    }
+}
+
+/// y: [g, M, P] → grp: [M, g·P].
+fn gather(y: &[f32], grp: &mut [f32], m: usize, p: usize, g: usize) {
+    for (i, yb) in y.chunks(m * p).take(g).enumerate() {
+        for (r, row) in yb.chunks(p).enumerate() {
+            grp[r * g * p + i * p..][..p].copy_from_slice(row);
+        }
+    }
 }
 
 /// Geometry of one conv application to one image.
@@ -305,14 +333,14 @@ impl Geometry {
     }
 }
 
-/// x: [C, H, W] → col: [C·k·k, OH·OW].
-fn im2col(x: &[f32], g: &Geometry, col: &mut [f32]) {
+/// x: [C, H, W] → columns `off..off + OH·OW` of col: [C·k·k, ld].
+fn im2col(x: &[f32], g: &Geometry, col: &mut [f32], ld: usize, off: usize) {
     let p = g.oh * g.ow;
     for c in 0..g.c {
         let xc = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
         for ki in 0..g.k {
             for kj in 0..g.k {
-                let row = &mut col[((c * g.k + ki) * g.k + kj) * p..][..p];
+                let row = &mut col[((c * g.k + ki) * g.k + kj) * ld + off..][..p];
                 let (lo, hi) = g.valid_cols(kj);
                 for oy in 0..g.oh {
                     let out = &mut row[oy * g.ow..(oy + 1) * g.ow];
@@ -338,15 +366,16 @@ fn im2col(x: &[f32], g: &Geometry, col: &mut [f32]) {
     }
 }
 
-/// col: [C·k·k, OH·OW] → dx: [C, H, W] (overwritten with the sum of the overlapping contributions).
-fn col2im(col: &[f32], g: &Geometry, dx: &mut [f32]) {
+/// Columns `off..off + OH·OW` of col: [C·k·k, ld] → dx: [C, H, W] (overwritten with the sum of the
+/// overlapping contributions).
+fn col2im(col: &[f32], g: &Geometry, dx: &mut [f32], ld: usize, off: usize) {
     dx.iter_mut().for_each(|v| *v = 0.0);
     let p = g.oh * g.ow;
     for c in 0..g.c {
         let dxc = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
         for ki in 0..g.k {
             for kj in 0..g.k {
-                let row = &col[((c * g.k + ki) * g.k + kj) * p..][..p];
+                let row = &col[((c * g.k + ki) * g.k + kj) * ld + off..][..p];
                 let (lo, hi) = g.valid_cols(kj);
                 if lo >= hi {
                     continue;

@@ -206,6 +206,12 @@ pub struct Fd {
     pub atol: f64,
     /// At most this many elements per tensor are checked (a random subset of larger tensors).
     pub max_elems: usize,
+    /// For blocks and networks, whose inner ReLU and max-pool kinks cannot be kept away from the point
+    /// (a max-pool near-tie 1e-5 away spoils the central difference at any usable step): accept an
+    /// element whose one-sided difference, (L(+eps) − L)/eps or (L − L(−eps))/eps, matches, and up to
+    /// 10% (at least one) elements per tensor that match none (kinks on both sides). A wrong gradient
+    /// (a missing residual path, a mis-wired block) is off on most elements.
+    pub kinks: bool,
 }
 
 impl Default for Fd {
@@ -215,6 +221,7 @@ impl Default for Fd {
             rtol: 2e-2,
             atol: 2e-3,
             max_elems: 400,
+            kinks: false,
         }
     }
 }
@@ -261,6 +268,7 @@ pub fn gradcheck(what: &str, op: &mut dyn Op, x: &Tensor, fd: Fd, seed: u64) -> 
     let mut rng = Rng::new(seed);
     let y = op.forward(x);
     let r = randn(&mut rng, &y.shape, 1.0);
+    let l0 = dot(&y, &r);
     op.params(&mut |_, p| p.zero_grad());
     let dx = op.backward(x, &r);
     assert_eq!(dx.shape, x.shape, "{what}: dx shape");
@@ -282,17 +290,28 @@ pub fn gradcheck(what: &str, op: &mut dyn Op, x: &Tensor, fd: Fd, seed: u64) -> 
         for &i in &idx {
             let lp = loss_at(op, x, &r, target, i, fd.eps);
             let lm = loss_at(op, x, &r, target, i, -fd.eps);
-            let num = (lp - lm) / (2.0 * fd.eps as f64);
+            let e = fd.eps as f64;
             let ana = grad.data[i] as f64;
-            let err = (num - ana).abs();
+            let num = (lp - lm) / (2.0 * e);
+            let mut err = (num - ana).abs();
+            if fd.kinks {
+                err = err.min(((lp - l0) / e - ana).abs());
+                err = err.min(((l0 - lm) / e - ana).abs());
+            }
             worst = worst.max(err / scale);
             if !(err <= fd.rtol * ana.abs() + fd.atol * scale) {
-                bad.push(format!("[{i}] numeric {num:.5} analytic {ana:.5}"));
+                let one_sided = if fd.kinks {
+                    format!(" (one-sided {:.5}, {:.5})", (lp - l0) / e, (l0 - lm) / e)
+                } else {
+                    String::new()
+                };
+                bad.push(format!("[{i}] numeric {num:.5}{one_sided} analytic {ana:.5}"));
             }
         }
+        let allowed = if fd.kinks { (idx.len() / 10).max(1) } else { 0 };
         assert!(
-            bad.is_empty(),
-            "{what}: ∇{name} ({} of {} checked elements off, scale {scale:.3}): {}",
+            bad.len() <= allowed,
+            "{what}: ∇{name} ({} of {} checked elements off, {allowed} allowed, scale {scale:.3}): {}",
             bad.len(),
             idx.len(),
             bad.iter().take(6).cloned().collect::<Vec<_>>().join(", ")

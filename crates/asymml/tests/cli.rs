@@ -1,0 +1,192 @@
+//! End-to-end tests of the `asymml` command: training, resume, eval, infer, and clear errors (exit code 2,
+//! never a panic) on bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn asymml(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_asymml"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .expect("run asymml")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a clean failure: exit code 2, an error line containing `needle`, no panic.
+fn fails_with(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "expected exit 2, stderr: {err}");
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    assert!(err.contains(needle), "stderr lacks '{needle}': {err}");
+}
+
+fn json_lines(s: &str) -> Vec<serde_json::Value> {
+    s.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l}: {e}"))).collect()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// A quick training run on 512 embedded images.
+fn quick_train(out: &Path, epochs: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["train", "--epochs", epochs, "--batch-size", "64", "--out", p(out), "--json"];
+    args.extend_from_slice(extra);
+    asymml(&args)
+}
+
+#[test]
+fn train_resume_eval_infer() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = quick_train(&run, "1", &["--limit-train", "512"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = json_lines(&stdout(&o));
+    assert_eq!(lines.len(), 1);
+    for k in ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"] {
+        assert!(lines[0][k].is_number(), "missing {k}: {}", lines[0]);
+    }
+    for f in ["metrics.jsonl", "checkpoint.safetensors", "model.safetensors", "curves.png"] {
+        assert!(run.join(f).is_file(), "{f} not written");
+    }
+
+    // Resume to 2 epochs: one more line, epoch 2, metrics.jsonl holds both.
+    let o = asymml(&["train", "--resume", p(&run), "--epochs", "2", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = json_lines(&stdout(&o));
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["epoch"], 2);
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(json_lines(&metrics).len(), 2);
+    let last_acc = lines[0]["test_acc"].as_f64().unwrap();
+
+    // Resuming a finished run asks for more epochs.
+    fails_with(&asymml(&["train", "--resume", p(&run), "--epochs", "2"]), "already holds 2 epoch");
+
+    // eval on the same test split reproduces the training run's last test accuracy.
+    let weights = run.join("model.safetensors");
+    let o = asymml(&["eval", "--weights", p(&weights), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = &json_lines(&stdout(&o))[0];
+    assert_eq!(e["samples"], 2000);
+    assert!((e["test_acc"].as_f64().unwrap() - last_acc).abs() < 1e-9, "{e} vs {last_acc}");
+
+    // infer on PNG files: one JSON object per image, probabilities summing to 1.
+    let imgs = dir.path().join("imgs");
+    std::fs::create_dir(&imgs).unwrap();
+    let (_, test) = asymml_cli::data::embedded_fashion_mnist().unwrap();
+    for i in 0..3 {
+        let img = image::GrayImage::from_raw(28, 28, test.image(i).to_vec()).unwrap();
+        img.save(imgs.join(format!("img{i}.png"))).unwrap();
+    }
+    let o = asymml(&["infer", "--weights", p(&weights), "--images", p(&imgs), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = json_lines(&stdout(&o));
+    assert_eq!(rows.len(), 3);
+    for r in &rows {
+        let probs: Vec<f64> = r["probs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        assert_eq!(probs.len(), 10);
+        assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-4);
+        let class = r["class"].as_u64().unwrap() as usize;
+        assert!(probs.iter().all(|&q| q <= probs[class]));
+        assert!(r["file"].as_str().unwrap().ends_with(".png"));
+        assert!(r["label"].is_string());
+    }
+
+    // Weights that do not fit the model: a clear error naming a tensor.
+    fails_with(
+        &asymml(&["eval", "--weights", p(&weights), "--model", "resnet18", "--json"]),
+        "contradicts the weights",
+    );
+    fails_with(
+        &asymml(&["infer", "--weights", p(&weights), "--images", p(&imgs), "--model", "vgg-small-imagenet"]),
+        "error:",
+    );
+}
+
+#[test]
+fn weights_of_another_model_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    let o = quick_train(&run, "1", &["--limit-train", "128"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A vgg-small file loaded as the initial weights of a resnet18: names and shapes differ.
+    let o = asymml(&[
+        "train", "--model", "resnet18", "--limit-train", "64", "--epochs", "1", "--out", p(&dir.path().join("x")),
+        "--weights", p(&run.join("model.safetensors")),
+    ]);
+    fails_with(&o, "do not match model resnet18-cifar");
+    // Not a safetensors file at all.
+    let bogus = dir.path().join("bogus.safetensors");
+    std::fs::write(&bogus, b"hello").unwrap();
+    fails_with(&asymml(&["eval", "--weights", p(&bogus)]), "not a safetensors file");
+    fails_with(&asymml(&["eval", "--weights", p(&dir.path().join("missing.safetensors"))]), "missing.safetensors");
+}
+
+#[test]
+fn bad_data_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Truncated IDX and wrong magic.
+    let idx = d.join("idx");
+    std::fs::create_dir(&idx).unwrap();
+    let mut images = vec![0, 0, 8, 3, 0, 0, 0, 10, 0, 0, 0, 28, 0, 0, 0, 28];
+    images.extend(vec![0u8; 100]);
+    std::fs::write(idx.join("train-images-idx3-ubyte"), &images).unwrap();
+    std::fs::write(idx.join("train-labels-idx1-ubyte"), [0, 0, 8, 1, 0, 0, 0, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0]).unwrap();
+    std::fs::write(idx.join("t10k-images-idx3-ubyte"), &images).unwrap();
+    std::fs::write(idx.join("t10k-labels-idx1-ubyte"), [0, 0, 8, 1, 0, 0, 0, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0]).unwrap();
+    fails_with(&asymml(&["train", "--dataset", "mnist", "--data-dir", p(&idx)]), "truncated");
+    std::fs::write(idx.join("train-images-idx3-ubyte"), [0, 0, 8, 1, 0, 0, 0, 1, 0]).unwrap();
+    fails_with(&asymml(&["train", "--dataset", "mnist", "--data-dir", p(&idx)]), "magic");
+    // A truncated CIFAR batch.
+    let cifar = d.join("cifar");
+    std::fs::create_dir(&cifar).unwrap();
+    std::fs::write(cifar.join("data_batch_1.bin"), vec![1u8; 3073 + 100]).unwrap();
+    std::fs::write(cifar.join("test_batch.bin"), vec![1u8; 3073]).unwrap();
+    fails_with(&asymml(&["train", "--dataset", "cifar10", "--data-dir", p(&cifar)]), "data_batch_1.bin");
+    // Missing and empty folders, an unreadable image.
+    fails_with(&asymml(&["train", "--dataset", "folder", "--data-dir", p(&d.join("nope"))]), "nope");
+    let empty = d.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    fails_with(&asymml(&["train", "--dataset", "folder", "--data-dir", p(&empty)]), "empty");
+    let bad = d.join("bad/cat");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("a.png"), b"not a png").unwrap();
+    std::fs::write(bad.join("b.png"), b"not a png").unwrap();
+    fails_with(&asymml(&["train", "--dataset", "folder", "--data-dir", p(&d.join("bad"))]), "cannot decode image");
+    fails_with(&asymml(&["train", "--dataset", "mnist"]), "--data-dir");
+    fails_with(&asymml(&["train", "--dataset", "imagenet"]), "imagenet");
+}
+
+#[test]
+fn bad_flags_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o");
+    let o = out.to_str().unwrap();
+    // Model / input-size mismatch: VGG16 pools five times, 28 px is too small.
+    fails_with(&asymml(&["train", "--model", "vgg16", "--out", o]), "at least 32 px");
+    fails_with(&asymml(&["train", "--model", "vgg7", "--out", o]), "unknown model");
+    fails_with(&asymml(&["train", "--optimizer", "rmsprop", "--out", o]), "unknown optimizer");
+    fails_with(&asymml(&["train", "--schedule", "linear", "--out", o]), "unknown --schedule");
+    fails_with(&asymml(&["train", "--mode", "split-ish", "--out", o]), "unknown mode");
+    fails_with(&asymml(&["train", "--batch-size", "0", "--out", o]), "--batch-size");
+    fails_with(&asymml(&["eval"]), "--weights");
+}
+
+#[test]
+fn non_finite_loss_stops_with_epoch_and_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let out: PathBuf = dir.path().join("nan");
+    let o = asymml(&["train", "--limit-train", "256", "--lr", "1e30", "--schedule", "constant", "--out", p(&out)]);
+    fails_with(&o, "non-finite loss");
+    assert!(stderr(&o).contains("epoch 1, step"), "{}", stderr(&o));
+}
