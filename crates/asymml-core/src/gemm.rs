@@ -30,6 +30,7 @@ impl<'a> Mat<'a> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 /// `c[m × n] = (accumulate ? c : 0) + a[m × k] · b[k × n]`, with `c` row-major (row stride `n`).
 /// `threads > 1` lets the GEMM split the work over the rayon pool.
 pub fn sgemm(

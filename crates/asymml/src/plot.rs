@@ -143,11 +143,18 @@ struct Axes<'a> {
     y_limits: (Option<f64>, Option<f64>),
 }
 
+/// Largest axis bound handed to plotters (its tick computations misbehave
+/// near `f64::MAX`); data beyond it is clipped by the plot area.
+const AXIS_LIMIT: f64 = 1e300;
+
 /// `[lo, hi]` expanded by `frac` of its span on both sides; a degenerate
-/// range is widened so plotters gets a non-empty axis.
+/// range is widened so plotters gets a non-empty axis. The result stays
+/// within `±AXIS_LIMIT`.
 fn padded(lo: f64, hi: f64, frac: f64) -> (f64, f64) {
+    let lo = lo.clamp(-AXIS_LIMIT, AXIS_LIMIT);
+    let hi = hi.clamp(-AXIS_LIMIT, AXIS_LIMIT);
     let span = hi - lo;
-    if span > 0.0 && span.is_finite() {
+    let (a, b) = if span > 0.0 {
         (lo - span * frac, hi + span * frac)
     } else {
         let d = if lo.abs() > 1e-12 {
@@ -156,7 +163,8 @@ fn padded(lo: f64, hi: f64, frac: f64) -> (f64, f64) {
             1.0
         };
         (lo - d, hi + d)
-    }
+    };
+    (a.max(-AXIS_LIMIT), b.min(AXIS_LIMIT))
 }
 
 fn min_max(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
@@ -276,6 +284,7 @@ fn draw_lines_panel(area: &Area<'_>, axes: Axes<'_>, series: &[Series<'_>]) -> D
 
     if axes.log_y {
         let (l_lo, l_hi) = padded(y_lo.log10(), y_hi.log10(), 0.05);
+        let (l_lo, l_hi) = (l_lo.max(-300.0), l_hi.min(300.0));
         let y_range = (10f64.powf(l_lo), 10f64.powf(l_hi));
         let norm = |(x, y): (f64, f64)| {
             (
@@ -949,6 +958,8 @@ mod tests {
             vec![(0.0, 1e300), (1.0, -1e300)],
             vec![(-1e300, 1e-300), (1e300, 2e-300)],
             vec![(1.0, f64::MAX), (2.0, f64::MIN_POSITIVE)],
+            vec![(f64::MAX, f64::MAX), (f64::MAX, -f64::MAX)],
+            vec![(1.0, 1e-310), (2.0, 5e-324)],
             vec![(5.0, 7.0), (5.0, 7.0)],
         ];
         for pts in cases {

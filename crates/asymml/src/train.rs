@@ -93,7 +93,7 @@ impl Plan {
         };
         let lr = self.lr.unwrap_or(if adamw { 1e-3 } else { 0.05 });
         let weight_decay = self.weight_decay.unwrap_or(if adamw { 0.01 } else { 5e-4 });
-        if !(lr.is_finite() && lr > 0.0) || !(weight_decay.is_finite() && weight_decay >= 0.0) {
+        if !(lr.is_finite() && lr > 0.0 && weight_decay.is_finite() && weight_decay >= 0.0) {
             bail!("--lr must be positive and --weight-decay non-negative");
         }
         let schedule = parse_schedule(&self.schedule, steps_per_epoch, epochs)?;

@@ -15,7 +15,16 @@ fn vgg_small_one_epoch_full_fashion_mnist() {
     );
     let out = tempfile::tempdir().unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_asymml"))
-        .args(["train", "--model", "vgg-small", "--dataset", "fashion-mnist", "--epochs", "1", "--json"])
+        .args([
+            "train",
+            "--model",
+            "vgg-small",
+            "--dataset",
+            "fashion-mnist",
+            "--epochs",
+            "1",
+            "--json",
+        ])
         .arg("--data-dir")
         .arg(&data)
         .arg("--out")
@@ -26,6 +35,10 @@ fn vgg_small_one_epoch_full_fashion_mnist() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let m: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     let acc = m["test_acc"].as_f64().unwrap();
-    println!("vgg-small, 1 epoch on Fashion-MNIST: test accuracy {:.2}% ({:.0} s)", acc * 100.0, m["seconds"]);
+    println!(
+        "vgg-small, 1 epoch on Fashion-MNIST: test accuracy {:.2}% ({:.0} s)",
+        acc * 100.0,
+        m["seconds"]
+    );
     assert!(acc >= 0.85, "test accuracy {acc} < 0.85");
 }

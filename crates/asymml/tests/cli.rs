@@ -29,7 +29,9 @@ fn fails_with(o: &Output, needle: &str) {
 }
 
 fn json_lines(s: &str) -> Vec<serde_json::Value> {
-    s.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l}: {e}"))).collect()
+    s.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l}: {e}")))
+        .collect()
 }
 
 fn p(path: &Path) -> &str {
@@ -38,7 +40,16 @@ fn p(path: &Path) -> &str {
 
 /// A quick training run on 512 embedded images.
 fn quick_train(out: &Path, epochs: &str, extra: &[&str]) -> Output {
-    let mut args = vec!["train", "--epochs", epochs, "--batch-size", "64", "--out", p(out), "--json"];
+    let mut args = vec![
+        "train",
+        "--epochs",
+        epochs,
+        "--batch-size",
+        "64",
+        "--out",
+        p(out),
+        "--json",
+    ];
     args.extend_from_slice(extra);
     asymml(&args)
 }
@@ -51,10 +62,22 @@ fn train_resume_eval_infer() {
     assert!(o.status.success(), "{}", stderr(&o));
     let lines = json_lines(&stdout(&o));
     assert_eq!(lines.len(), 1);
-    for k in ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds"] {
+    for k in [
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "seconds",
+    ] {
         assert!(lines[0][k].is_number(), "missing {k}: {}", lines[0]);
     }
-    for f in ["metrics.jsonl", "checkpoint.safetensors", "model.safetensors", "curves.png"] {
+    for f in [
+        "metrics.jsonl",
+        "checkpoint.safetensors",
+        "model.safetensors",
+        "curves.png",
+    ] {
         assert!(run.join(f).is_file(), "{f} not written");
     }
 
@@ -69,7 +92,10 @@ fn train_resume_eval_infer() {
     let last_acc = lines[0]["test_acc"].as_f64().unwrap();
 
     // Resuming a finished run asks for more epochs.
-    fails_with(&asymml(&["train", "--resume", p(&run), "--epochs", "2"]), "already holds 2 epoch");
+    fails_with(
+        &asymml(&["train", "--resume", p(&run), "--epochs", "2"]),
+        "already holds 2 epoch",
+    );
 
     // eval on the same test split reproduces the training run's last test accuracy.
     let weights = run.join("model.safetensors");
@@ -77,7 +103,10 @@ fn train_resume_eval_infer() {
     assert!(o.status.success(), "{}", stderr(&o));
     let e = &json_lines(&stdout(&o))[0];
     assert_eq!(e["samples"], 2000);
-    assert!((e["test_acc"].as_f64().unwrap() - last_acc).abs() < 1e-9, "{e} vs {last_acc}");
+    assert!(
+        (e["test_acc"].as_f64().unwrap() - last_acc).abs() < 1e-9,
+        "{e} vs {last_acc}"
+    );
 
     // infer on PNG files: one JSON object per image, probabilities summing to 1.
     let imgs = dir.path().join("imgs");
@@ -87,12 +116,24 @@ fn train_resume_eval_infer() {
         let img = image::GrayImage::from_raw(28, 28, test.image(i).to_vec()).unwrap();
         img.save(imgs.join(format!("img{i}.png"))).unwrap();
     }
-    let o = asymml(&["infer", "--weights", p(&weights), "--images", p(&imgs), "--json"]);
+    let o = asymml(&[
+        "infer",
+        "--weights",
+        p(&weights),
+        "--images",
+        p(&imgs),
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let rows = json_lines(&stdout(&o));
     assert_eq!(rows.len(), 3);
     for r in &rows {
-        let probs: Vec<f64> = r["probs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let probs: Vec<f64> = r["probs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
         assert_eq!(probs.len(), 10);
         assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-4);
         let class = r["class"].as_u64().unwrap() as usize;
@@ -103,11 +144,26 @@ fn train_resume_eval_infer() {
 
     // Weights that do not fit the model: a clear error naming a tensor.
     fails_with(
-        &asymml(&["eval", "--weights", p(&weights), "--model", "resnet18", "--json"]),
+        &asymml(&[
+            "eval",
+            "--weights",
+            p(&weights),
+            "--model",
+            "resnet18",
+            "--json",
+        ]),
         "contradicts the weights",
     );
     fails_with(
-        &asymml(&["infer", "--weights", p(&weights), "--images", p(&imgs), "--model", "vgg-small-imagenet"]),
+        &asymml(&[
+            "infer",
+            "--weights",
+            p(&weights),
+            "--images",
+            p(&imgs),
+            "--model",
+            "vgg-small-imagenet",
+        ]),
         "error:",
     );
 }
@@ -120,15 +176,34 @@ fn weights_of_another_model_are_refused() {
     assert!(o.status.success(), "{}", stderr(&o));
     // A vgg-small file loaded as the initial weights of a resnet18: names and shapes differ.
     let o = asymml(&[
-        "train", "--model", "resnet18", "--limit-train", "64", "--epochs", "1", "--out", p(&dir.path().join("x")),
-        "--weights", p(&run.join("model.safetensors")),
+        "train",
+        "--model",
+        "resnet18",
+        "--limit-train",
+        "64",
+        "--epochs",
+        "1",
+        "--out",
+        p(&dir.path().join("x")),
+        "--weights",
+        p(&run.join("model.safetensors")),
     ]);
     fails_with(&o, "do not match model resnet18-cifar");
     // Not a safetensors file at all.
     let bogus = dir.path().join("bogus.safetensors");
     std::fs::write(&bogus, b"hello").unwrap();
-    fails_with(&asymml(&["eval", "--weights", p(&bogus)]), "not a safetensors file");
-    fails_with(&asymml(&["eval", "--weights", p(&dir.path().join("missing.safetensors"))]), "missing.safetensors");
+    fails_with(
+        &asymml(&["eval", "--weights", p(&bogus)]),
+        "not a safetensors file",
+    );
+    fails_with(
+        &asymml(&[
+            "eval",
+            "--weights",
+            p(&dir.path().join("missing.safetensors")),
+        ]),
+        "missing.safetensors",
+    );
 }
 
 #[test]
@@ -141,28 +216,70 @@ fn bad_data_is_a_clear_error() {
     let mut images = vec![0, 0, 8, 3, 0, 0, 0, 10, 0, 0, 0, 28, 0, 0, 0, 28];
     images.extend(vec![0u8; 100]);
     std::fs::write(idx.join("train-images-idx3-ubyte"), &images).unwrap();
-    std::fs::write(idx.join("train-labels-idx1-ubyte"), [0, 0, 8, 1, 0, 0, 0, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0]).unwrap();
+    std::fs::write(
+        idx.join("train-labels-idx1-ubyte"),
+        [0, 0, 8, 1, 0, 0, 0, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0],
+    )
+    .unwrap();
     std::fs::write(idx.join("t10k-images-idx3-ubyte"), &images).unwrap();
-    std::fs::write(idx.join("t10k-labels-idx1-ubyte"), [0, 0, 8, 1, 0, 0, 0, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0]).unwrap();
-    fails_with(&asymml(&["train", "--dataset", "mnist", "--data-dir", p(&idx)]), "truncated");
-    std::fs::write(idx.join("train-images-idx3-ubyte"), [0, 0, 8, 1, 0, 0, 0, 1, 0]).unwrap();
-    fails_with(&asymml(&["train", "--dataset", "mnist", "--data-dir", p(&idx)]), "magic");
+    std::fs::write(
+        idx.join("t10k-labels-idx1-ubyte"),
+        [0, 0, 8, 1, 0, 0, 0, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0],
+    )
+    .unwrap();
+    fails_with(
+        &asymml(&["train", "--dataset", "mnist", "--data-dir", p(&idx)]),
+        "truncated",
+    );
+    std::fs::write(
+        idx.join("train-images-idx3-ubyte"),
+        [0, 0, 8, 1, 0, 0, 0, 1, 0],
+    )
+    .unwrap();
+    fails_with(
+        &asymml(&["train", "--dataset", "mnist", "--data-dir", p(&idx)]),
+        "magic",
+    );
     // A truncated CIFAR batch.
     let cifar = d.join("cifar");
     std::fs::create_dir(&cifar).unwrap();
     std::fs::write(cifar.join("data_batch_1.bin"), vec![1u8; 3073 + 100]).unwrap();
     std::fs::write(cifar.join("test_batch.bin"), vec![1u8; 3073]).unwrap();
-    fails_with(&asymml(&["train", "--dataset", "cifar10", "--data-dir", p(&cifar)]), "data_batch_1.bin");
+    fails_with(
+        &asymml(&["train", "--dataset", "cifar10", "--data-dir", p(&cifar)]),
+        "data_batch_1.bin",
+    );
     // Missing and empty folders, an unreadable image.
-    fails_with(&asymml(&["train", "--dataset", "folder", "--data-dir", p(&d.join("nope"))]), "nope");
+    fails_with(
+        &asymml(&[
+            "train",
+            "--dataset",
+            "folder",
+            "--data-dir",
+            p(&d.join("nope")),
+        ]),
+        "nope",
+    );
     let empty = d.join("empty");
     std::fs::create_dir(&empty).unwrap();
-    fails_with(&asymml(&["train", "--dataset", "folder", "--data-dir", p(&empty)]), "empty");
+    fails_with(
+        &asymml(&["train", "--dataset", "folder", "--data-dir", p(&empty)]),
+        "empty",
+    );
     let bad = d.join("bad/cat");
     std::fs::create_dir_all(&bad).unwrap();
     std::fs::write(bad.join("a.png"), b"not a png").unwrap();
     std::fs::write(bad.join("b.png"), b"not a png").unwrap();
-    fails_with(&asymml(&["train", "--dataset", "folder", "--data-dir", p(&d.join("bad"))]), "cannot decode image");
+    fails_with(
+        &asymml(&[
+            "train",
+            "--dataset",
+            "folder",
+            "--data-dir",
+            p(&d.join("bad")),
+        ]),
+        "cannot decode image",
+    );
     fails_with(&asymml(&["train", "--dataset", "mnist"]), "--data-dir");
     fails_with(&asymml(&["train", "--dataset", "imagenet"]), "imagenet");
 }
@@ -173,12 +290,30 @@ fn bad_flags_are_clear_errors() {
     let out = dir.path().join("o");
     let o = out.to_str().unwrap();
     // Model / input-size mismatch: VGG16 pools five times, 28 px is too small.
-    fails_with(&asymml(&["train", "--model", "vgg16", "--out", o]), "at least 32 px");
-    fails_with(&asymml(&["train", "--model", "vgg7", "--out", o]), "unknown model");
-    fails_with(&asymml(&["train", "--optimizer", "rmsprop", "--out", o]), "unknown optimizer");
-    fails_with(&asymml(&["train", "--schedule", "linear", "--out", o]), "unknown --schedule");
-    fails_with(&asymml(&["train", "--mode", "split-ish", "--out", o]), "unknown mode");
-    fails_with(&asymml(&["train", "--batch-size", "0", "--out", o]), "--batch-size");
+    fails_with(
+        &asymml(&["train", "--model", "vgg16", "--out", o]),
+        "at least 32 px",
+    );
+    fails_with(
+        &asymml(&["train", "--model", "vgg7", "--out", o]),
+        "unknown model",
+    );
+    fails_with(
+        &asymml(&["train", "--optimizer", "rmsprop", "--out", o]),
+        "unknown optimizer",
+    );
+    fails_with(
+        &asymml(&["train", "--schedule", "linear", "--out", o]),
+        "unknown --schedule",
+    );
+    fails_with(
+        &asymml(&["train", "--mode", "split-ish", "--out", o]),
+        "unknown mode",
+    );
+    fails_with(
+        &asymml(&["train", "--batch-size", "0", "--out", o]),
+        "--batch-size",
+    );
     fails_with(&asymml(&["eval"]), "--weights");
 }
 
@@ -186,7 +321,17 @@ fn bad_flags_are_clear_errors() {
 fn non_finite_loss_stops_with_epoch_and_step() {
     let dir = tempfile::tempdir().unwrap();
     let out: PathBuf = dir.path().join("nan");
-    let o = asymml(&["train", "--limit-train", "256", "--lr", "1e30", "--schedule", "constant", "--out", p(&out)]);
+    let o = asymml(&[
+        "train",
+        "--limit-train",
+        "256",
+        "--lr",
+        "1e30",
+        "--schedule",
+        "constant",
+        "--out",
+        p(&out),
+    ]);
     fails_with(&o, "non-finite loss");
     assert!(stderr(&o).contains("epoch 1, step"), "{}", stderr(&o));
 }

@@ -25,16 +25,70 @@ pub struct BatchNorm2d {
     sum_dy_xhat: Vec<f32>,
 }
 
-/// Sum in f64 of f(index) over the indices of channel c in a [B, C, HW] tensor.
-fn channel_sum(b: usize, cn: usize, hw: usize, c: usize, f: impl Fn(usize) -> f64) -> f64 {
-    let mut s = 0.0;
-    for bi in 0..b {
-        let base = (bi * cn + c) * hw;
-        for i in base..base + hw {
-            s += f(i);
-        }
-    }
-    s
+/// Per-plane (sum, sum of squared deviations from the plane mean) of x: [B·C planes of HW], merged per
+/// channel with Chan's parallel formula into (mean, biased variance) in f64.
+fn channel_stats(x: &[f32], cn: usize, hw: usize) -> Vec<(f64, f64)> {
+    let planes: Vec<(f64, f64)> = x
+        .par_chunks(hw)
+        .map(|pl| {
+            let s: f32 = pl.iter().sum();
+            let m = s / hw as f32;
+            let m2: f32 = pl.iter().map(|&v| (v - m) * (v - m)).sum();
+            (s as f64, m2 as f64)
+        })
+        .collect();
+    let n = hw as f64;
+    (0..cn)
+        .map(|c| {
+            let (mut count, mut mean, mut m2) = (0.0f64, 0.0f64, 0.0f64);
+            for &(s, pm2) in planes.iter().skip(c).step_by(cn) {
+                let pm = s / n;
+                let tot = count + n;
+                let d = pm - mean;
+                mean += d * n / tot;
+                m2 += pm2 + d * d * count * n / tot;
+                count = tot;
+            }
+            (mean, m2 / count.max(1.0))
+        })
+        .collect()
+}
+
+/// Per channel (Σ dy, Σ dy·x̂) with x̂ = (x − mean)·invstd, summed per plane in f32 and across planes in f64.
+fn grad_sums(
+    x: &[f32],
+    dy: &[f32],
+    cn: usize,
+    hw: usize,
+    mean: &[f32],
+    invstd: &[f32],
+) -> Vec<(f32, f32)> {
+    let planes: Vec<(f64, f64)> = x
+        .par_chunks(hw)
+        .zip(dy.par_chunks(hw))
+        .enumerate()
+        .map(|(i, (xp, gp))| {
+            let c = i % cn;
+            let (m, k) = (mean[c], invstd[c]);
+            let mut s = 0.0f32;
+            let mut sx = 0.0f32;
+            for (&xv, &g) in xp.iter().zip(gp) {
+                s += g;
+                sx += g * ((xv - m) * k);
+            }
+            (s as f64, sx as f64)
+        })
+        .collect();
+    (0..cn)
+        .map(|c| {
+            let (mut s, mut sx) = (0.0f64, 0.0f64);
+            for &(a, b) in planes.iter().skip(c).step_by(cn) {
+                s += a;
+                sx += b;
+            }
+            (s as f32, sx as f32)
+        })
+        .collect()
 }
 
 impl BatchNorm2d {
@@ -86,17 +140,9 @@ impl BatchNorm2d {
         }
         self.batch_stats = train;
         if train {
-            let xd = &x.data;
-            let stats: Vec<(f32, f32)> = (0..cn)
-                .into_par_iter()
-                .map(|c| {
-                    let mean = channel_sum(b, cn, hw, c, |i| xd[i] as f64) / n as f64;
-                    let var = channel_sum(b, cn, hw, c, |i| {
-                        let d = xd[i] as f64 - mean;
-                        d * d
-                    }) / n as f64;
-                    (mean as f32, var as f32)
-                })
+            let stats: Vec<(f32, f32)> = channel_stats(&x.data, cn, hw)
+                .into_iter()
+                .map(|(m, v)| (m as f32, v as f32))
                 .collect();
             self.mean = stats.iter().map(|s| s.0).collect();
             self.invstd = stats
@@ -146,18 +192,7 @@ impl BatchNorm2d {
             ));
         }
         let n = (b * hw) as f64;
-        let (xd, gd) = (&x.data, &dy.data);
-        let (mean, invstd) = (&self.mean, &self.invstd);
-        let sums: Vec<(f32, f32)> = (0..cn)
-            .into_par_iter()
-            .map(|c| {
-                let s = channel_sum(b, cn, hw, c, |i| gd[i] as f64);
-                let sx = channel_sum(b, cn, hw, c, |i| {
-                    gd[i] as f64 * ((xd[i] - mean[c]) * invstd[c]) as f64
-                });
-                (s as f32, sx as f32)
-            })
-            .collect();
+        let sums = grad_sums(&x.data, &dy.data, cn, hw, &self.mean, &self.invstd);
         self.sum_dy = sums.iter().map(|s| s.0).collect();
         self.sum_dy_xhat = sums.iter().map(|s| s.1).collect();
         for c in 0..cn {
@@ -166,6 +201,7 @@ impl BatchNorm2d {
         }
         dx.resize(&x.shape);
         let g = &self.weight.value.data;
+        let (mean, invstd) = (&self.mean, &self.invstd);
         let (sdy, sdyx) = (&self.sum_dy, &self.sum_dy_xhat);
         let batch = self.batch_stats;
         dx.data

@@ -105,11 +105,18 @@ impl Conv2d {
     /// chunk, `group` images per GEMM (so that GEMMs have at least ~`TARGET` columns when the maps are small),
     /// and the GEMM's own thread count.
     fn plan(&mut self, b: usize, p: usize) -> Plan {
-        const TARGET: usize = 512;
+        let target: usize = std::env::var("ASYMML_GROUP")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(512);
         let t = threads();
-        let want_group = TARGET.div_ceil(p.max(1)).min(b).max(1);
+        let want_group = target.div_ceil(p.max(1)).min(b).max(1);
         // Small maps: one chunk with wide GEMMs parallelised inside; large maps: one chunk per thread.
-        let chunks = if b.div_ceil(t) < want_group { 1 } else { t.min(b) };
+        let chunks = if b.div_ceil(t) < want_group {
+            1
+        } else {
+            t.min(b)
+        };
         let per = b.div_ceil(chunks.max(1));
         let chunks = b.div_ceil(per);
         if self.scratch.len() < chunks {
@@ -152,22 +159,52 @@ impl Conv2d {
             .zip(x.data.par_chunks(plan.per * xlen))
             .zip(self.scratch.par_iter_mut())
             .for_each(|((yc, xc), sc)| {
-                for (yg, xg) in yc.chunks_mut(plan.group * m * p).zip(xc.chunks(plan.group * xlen)) {
+                for (yg, xg) in yc
+                    .chunks_mut(plan.group * m * p)
+                    .zip(xc.chunks(plan.group * xlen))
+                {
                     let g = xg.len() / xlen;
                     let n = g * p;
                     if g == 1 && pointwise {
-                        sgemm(m, p, ckk, Mat::rm(wt, ckk), Mat::rm(xg, p), yg, false, plan.gemm_threads);
+                        sgemm(
+                            m,
+                            p,
+                            ckk,
+                            Mat::rm(wt, ckk),
+                            Mat::rm(xg, p),
+                            yg,
+                            false,
+                            plan.gemm_threads,
+                        );
                     } else {
                         sc.col.resize(ckk * n, 0.0);
                         for (i, xb) in xg.chunks(xlen).enumerate() {
                             im2col(xb, &geo, &mut sc.col, n, i * p);
                         }
                         if g == 1 {
-                            sgemm(m, p, ckk, Mat::rm(wt, ckk), Mat::rm(&sc.col, p), yg, false, plan.gemm_threads);
+                            sgemm(
+                                m,
+                                p,
+                                ckk,
+                                Mat::rm(wt, ckk),
+                                Mat::rm(&sc.col, p),
+                                yg,
+                                false,
+                                plan.gemm_threads,
+                            );
                         } else {
                             // Y_grp [M × g·P], then scattered image by image into NCHW.
                             sc.dcol.resize(m * n, 0.0);
-                            sgemm(m, n, ckk, Mat::rm(wt, ckk), Mat::rm(&sc.col, n), &mut sc.dcol, false, plan.gemm_threads);
+                            sgemm(
+                                m,
+                                n,
+                                ckk,
+                                Mat::rm(wt, ckk),
+                                Mat::rm(&sc.col, n),
+                                &mut sc.dcol,
+                                false,
+                                plan.gemm_threads,
+                            );
                             scatter(&sc.dcol, yg, m, p, g);
                         }
                     }
@@ -223,7 +260,9 @@ impl Conv2d {
                         sc.db[i % m] += row.iter().sum::<f32>();
                     }
                 }
-                let groups = xc.chunks(plan.group * xlen).zip(dyc.chunks(plan.group * m * p));
+                let groups = xc
+                    .chunks(plan.group * xlen)
+                    .zip(dyc.chunks(plan.group * m * p));
                 for (gi, (xg, dyg)) in groups.enumerate() {
                     let g = xg.len() / xlen;
                     let n = g * p;
@@ -246,17 +285,44 @@ impl Conv2d {
                         &sc.dyg
                     };
                     // ∇W [M × CKK] += ∇Y_grp · col_grpᵀ
-                    sgemm(m, ckk, n, Mat::rm(dyw, n), Mat::rm_t(col, n), &mut sc.dw, true, gt);
+                    sgemm(
+                        m,
+                        ckk,
+                        n,
+                        Mat::rm(dyw, n),
+                        Mat::rm_t(col, n),
+                        &mut sc.dw,
+                        true,
+                        gt,
+                    );
                     if !want_dx {
                         continue;
                     }
                     let dxg = &mut dxc[gi * plan.group * xlen..][..g * xlen];
                     if g == 1 && pointwise {
-                        sgemm(ckk, p, m, Mat::rm_t(wt, ckk), Mat::rm(dyw, p), dxg, false, gt);
+                        sgemm(
+                            ckk,
+                            p,
+                            m,
+                            Mat::rm_t(wt, ckk),
+                            Mat::rm(dyw, p),
+                            dxg,
+                            false,
+                            gt,
+                        );
                     } else {
                         // ∇col_grp [CKK × g·P] = Wᵀ · ∇Y_grp, then col2im per image
                         sc.dcol.resize(ckk * n, 0.0);
-                        sgemm(ckk, n, m, Mat::rm_t(wt, ckk), Mat::rm(dyw, n), &mut sc.dcol, false, gt);
+                        sgemm(
+                            ckk,
+                            n,
+                            m,
+                            Mat::rm_t(wt, ckk),
+                            Mat::rm(dyw, n),
+                            &mut sc.dcol,
+                            false,
+                            gt,
+                        );
                         for (i, dxb) in dxg.chunks_mut(xlen).enumerate() {
                             col2im(&sc.dcol, &geo, dxb, n, i * p);
                         }

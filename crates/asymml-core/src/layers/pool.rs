@@ -87,7 +87,7 @@ impl MaxPool2d {
                                 }
                             }
                         }
-                        if relu && !(best > 0.0) && !best.is_nan() {
+                        if relu && best <= 0.0 {
                             // relu(x) is 0 over the whole window: the gradient reaches no input.
                             best = 0.0;
                             arg = NONE;

@@ -117,10 +117,10 @@ pub fn report(line: impl FnOnce() -> String) {
     }
 }
 
-/// (max |a − b|, max(max |b|, 1e-6), their ratio), in f64; NaN anywhere in `got` gives an infinite ratio.
-pub fn rel_err(got: &[f32], want: &[f32]) -> (f64, f64, f64) {
+/// (max |a − b|, max(max |b|, `floor`), their ratio), in f64; NaN anywhere gives an infinite ratio.
+pub fn rel_err(got: &[f32], want: &[f32], floor: f64) -> (f64, f64, f64) {
     let mut diff = 0f64;
-    let mut scale = 1e-6f64;
+    let mut scale = floor;
     let mut nan = false;
     for (&a, &b) in got.iter().zip(want) {
         nan |= a.is_nan() || b.is_nan();
@@ -131,8 +131,8 @@ pub fn rel_err(got: &[f32], want: &[f32]) -> (f64, f64, f64) {
     (diff, scale, rel)
 }
 
-/// Asserts `max|got − want| / max(max|want|, 1e-6) ≤ TOL` (and equal lengths).
-pub fn assert_close_slice(name: &str, got: &[f32], want: &[f32]) {
+/// Asserts `max|got − want| / max(max|want|, floor) ≤ TOL` (and equal lengths).
+pub fn assert_close_floor(name: &str, got: &[f32], want: &[f32], floor: f64) {
     assert_eq!(
         got.len(),
         want.len(),
@@ -140,12 +140,17 @@ pub fn assert_close_slice(name: &str, got: &[f32], want: &[f32]) {
         got.len(),
         want.len()
     );
-    let (diff, scale, rel) = rel_err(got, want);
+    let (diff, scale, rel) = rel_err(got, want, floor);
     report(|| format!("{name}: rel {rel:.2e}"));
     assert!(
         rel <= TOL,
         "{name}: max abs diff {diff:.3e}, scale {scale:.3e}, relative {rel:.3e} > {TOL:e}"
     );
+}
+
+/// Asserts `max|got − want| / max(max|want|, 1e-6) ≤ TOL` (and equal lengths).
+pub fn assert_close_slice(name: &str, got: &[f32], want: &[f32]) {
+    assert_close_floor(name, got, want, 1e-6);
 }
 
 /// [`assert_close_slice`] after checking that the shapes are equal.
@@ -299,13 +304,16 @@ pub fn gradcheck(what: &str, op: &mut dyn Op, x: &Tensor, fd: Fd, seed: u64) -> 
                 err = err.min(((l0 - lm) / e - ana).abs());
             }
             worst = worst.max(err / scale);
-            if !(err <= fd.rtol * ana.abs() + fd.atol * scale) {
+            let within = err <= fd.rtol * ana.abs() + fd.atol * scale; // false on NaN
+            if !within {
                 let one_sided = if fd.kinks {
                     format!(" (one-sided {:.5}, {:.5})", (lp - l0) / e, (l0 - lm) / e)
                 } else {
                     String::new()
                 };
-                bad.push(format!("[{i}] numeric {num:.5}{one_sided} analytic {ana:.5}"));
+                bad.push(format!(
+                    "[{i}] numeric {num:.5}{one_sided} analytic {ana:.5}"
+                ));
             }
         }
         let allowed = if fd.kinks { (idx.len() / 10).max(1) } else { 0 };
