@@ -147,6 +147,11 @@ struct Axes<'a> {
 /// near `f64::MAX`); data beyond it is clipped by the plot area.
 const AXIS_LIMIT: f64 = 1e300;
 
+/// Finite and within `±AXIS_LIMIT`; other values are skipped or rejected.
+fn plottable(v: f64) -> bool {
+    v.is_finite() && v.abs() <= AXIS_LIMIT
+}
+
 /// `[lo, hi]` expanded by `frac` of its span on both sides; a degenerate
 /// range is widened so plotters gets a non-empty axis. The result stays
 /// within `±AXIS_LIMIT`.
@@ -284,7 +289,10 @@ fn draw_lines_panel(area: &Area<'_>, axes: Axes<'_>, series: &[Series<'_>]) -> D
 
     if axes.log_y {
         let (l_lo, l_hi) = padded(y_lo.log10(), y_hi.log10(), 0.05);
-        let (l_lo, l_hi) = (l_lo.max(-300.0), l_hi.min(300.0));
+        // plotters' log ticks need hi/lo to be finite: keep the axis within
+        // 1e-300..1e300 and at most 300 decades (the top decades win).
+        let l_hi = l_hi.clamp(-299.0, 300.0);
+        let l_lo = l_lo.max(-300.0).max(l_hi - 300.0);
         let y_range = (10f64.powf(l_lo), 10f64.powf(l_hi));
         let norm = |(x, y): (f64, f64)| {
             (
@@ -423,7 +431,7 @@ where
 /// Training and test loss (left panel) and accuracy in percent (right panel)
 /// against epoch, as a 1200×500 PNG ([`TRAINING_CURVES_SIZE`]).
 ///
-/// Non-finite values are skipped; at least one finite loss and one finite
+/// Non-finite values (and magnitudes above 1e300) are skipped; at least one finite loss and one finite
 /// accuracy are required.
 pub fn training_curves(path: &Path, points: &[EpochPoint], title: &str) -> Result<(), PlotError> {
     if points.is_empty() {
@@ -435,7 +443,7 @@ pub fn training_curves(path: &Path, points: &[EpochPoint], title: &str) -> Resul
         points
             .iter()
             .map(|p| (p.epoch as f64, f(p)))
-            .filter(|p| p.1.is_finite())
+            .filter(|p| plottable(p.1))
             .collect()
     };
     let loss = [
@@ -575,9 +583,9 @@ pub fn stacked_bars(
                 values.len()
             )));
         }
-        if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+        if let Some(v) = values.iter().find(|v| !plottable(**v)) {
             return Err(PlotError::InvalidInput(format!(
-                "stacked_bars: series {name:?} has a non-finite value {v}"
+                "stacked_bars: series {name:?} has a non-finite or huge value {v}"
             )));
         }
     }
@@ -598,6 +606,11 @@ pub fn stacked_bars(
         }
         y_max = y_max.max(pos);
         y_min = y_min.min(neg);
+    }
+    if !plottable(y_max) || !plottable(y_min) {
+        return Err(PlotError::InvalidInput(format!(
+            "stacked_bars: stacked totals exceed ±{AXIS_LIMIT:e}"
+        )));
     }
     let (lo, hi) = if y_max > y_min {
         let span = y_max - y_min;
@@ -718,8 +731,8 @@ pub fn stacked_bars(
 
 /// Lines with markers for several series of `(x, y)` points, drawn in the
 /// given order, as a [`LINE_PLOT_SIZE`] PNG. With `log_y` the y axis is
-/// logarithmic and points with `y <= 0` are skipped; non-finite points are
-/// always skipped. At least one plottable point is required.
+/// logarithmic and points with `y <= 0` are skipped; non-finite points (and
+/// coordinates above 1e300 in magnitude) are always skipped. At least one plottable point is required.
 pub fn line_plot(
     path: &Path,
     title: &str,
@@ -736,7 +749,7 @@ pub fn line_plot(
             points: pts
                 .iter()
                 .copied()
-                .filter(|&(x, y)| x.is_finite() && y.is_finite() && (!log_y || y > 0.0))
+                .filter(|&(x, y)| plottable(x) && plottable(y) && (!log_y || y > 0.0))
                 .collect(),
             color: PALETTE[i % PALETTE.len()],
             marker: MARKERS[(i / PALETTE.len() + i) % MARKERS.len()],
@@ -964,14 +977,25 @@ mod tests {
         ];
         for pts in cases {
             for log_y in [false, true] {
-                eprintln!("CASE {pts:?} {log_y}");
-                // Ok or a PlotError are both acceptable; it must return.
-                let _ = line_plot(&p, "t", "x", "y", &[("s".into(), pts.clone())], log_y);
+                // Drawn, or rejected as input; never a (caught) backend panic.
+                let r = line_plot(&p, "t", "x", "y", &[("s".into(), pts.clone())], log_y);
+                assert!(
+                    !matches!(r, Err(PlotError::Drawing { .. })),
+                    "{pts:?} log_y={log_y}: {r:?}"
+                );
             }
         }
-        let cats = vec!["a".to_string()];
-        let _ = stacked_bars(&p, "t", &cats, &[("s".into(), vec![1e300])], "y");
-        let _ = stacked_bars(&p, "t", &cats, &[("s".into(), vec![0.0])], "y");
+        let cats = vec!["a".to_string(), "b".to_string()];
+        stacked_bars(&p, "t", &cats, &[("s".into(), vec![1e300, 0.0])], "y").unwrap();
+        stacked_bars(&p, "t", &cats, &[("s".into(), vec![0.0, 0.0])], "y").unwrap();
+        let huge = [
+            ("s".into(), vec![1e300, 1.0]),
+            ("t".into(), vec![1e300, 1.0]),
+        ];
+        assert!(matches!(
+            stacked_bars(&p, "t", &cats, &huge, "y"),
+            Err(PlotError::InvalidInput(_))
+        ));
     }
 
     #[test]
