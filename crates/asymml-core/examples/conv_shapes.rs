@@ -1,0 +1,46 @@
+//! Measures Conv2d forward and backward on VGG/ResNet-CIFAR shapes at batch 32 (a tuning aid, not a test).
+use asymml_core::layers::Conv2d;
+use asymml_core::rng::Rng;
+use asymml_core::Tensor;
+use std::time::Instant;
+
+fn main() {
+    let threads: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1);
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
+    let mut rng = Rng::new(1);
+    let (mut tf, mut tb, mut flops) = (0.0, 0.0, 0.0);
+    for &(c, m, hw, k, s) in &[
+        (64, 64, 32, 3, 1),
+        (128, 128, 16, 3, 1),
+        (256, 256, 8, 3, 1),
+        (512, 512, 4, 3, 1),
+        (512, 512, 2, 3, 1),
+        (64, 128, 32, 3, 2),
+        (64, 128, 32, 1, 2),
+    ] {
+        let mut conv = Conv2d::new(c, m, k, s, k / 2, false, &mut rng);
+        let x = Tensor { shape: vec![32, c, hw, hw], data: (0..32 * c * hw * hw).map(|_| rng.normal()).collect() };
+        let mut y = Tensor::default();
+        let mut dx = Tensor::default();
+        conv.forward(&x, &mut y).unwrap();
+        let dy = y.clone();
+        conv.backward(&x, &dy, Some(&mut dx)).unwrap();
+        let reps = 3;
+        let t = Instant::now();
+        for _ in 0..reps {
+            conv.forward(&x, &mut y).unwrap();
+        }
+        let f = t.elapsed().as_secs_f64() / reps as f64;
+        let t = Instant::now();
+        for _ in 0..reps {
+            conv.backward(&x, &dy, Some(&mut dx)).unwrap();
+        }
+        let b = t.elapsed().as_secs_f64() / reps as f64;
+        let gf = 2.0 * conv.macs(&x.shape) as f64 / 1e9;
+        println!("C {c:>3} M {m:>3} {hw:>2}px k{k} s{s}: fwd {:6.1} ms {:6.1} GF/s  bwd {:6.1} ms {:6.1} GF/s", f * 1e3, gf / f, b * 1e3, 2.0 * gf / b);
+        tf += f;
+        tb += b;
+        flops += gf;
+    }
+    println!("total: fwd {:.1} GF/s, bwd {:.1} GF/s", flops / tf, 2.0 * flops / tb);
+}
