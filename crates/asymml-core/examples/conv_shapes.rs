@@ -5,8 +5,14 @@ use asymml_core::Tensor;
 use std::time::Instant;
 
 fn main() {
-    let threads: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1);
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
+    let threads: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .ok();
     let mut rng = Rng::new(1);
     let (mut tf, mut tb, mut flops) = (0.0, 0.0, 0.0);
     for &(c, m, hw, k, s) in &[
@@ -19,7 +25,10 @@ fn main() {
         (64, 128, 32, 1, 2),
     ] {
         let mut conv = Conv2d::new(c, m, k, s, k / 2, false, &mut rng);
-        let x = Tensor { shape: vec![32, c, hw, hw], data: (0..32 * c * hw * hw).map(|_| rng.normal()).collect() };
+        let x = Tensor {
+            shape: vec![32, c, hw, hw],
+            data: (0..32 * c * hw * hw).map(|_| rng.normal()).collect(),
+        };
         let mut y = Tensor::default();
         let mut dx = Tensor::default();
         conv.forward(&x, &mut y).unwrap();
@@ -42,5 +51,9 @@ fn main() {
         tb += b;
         flops += gf;
     }
-    println!("total: fwd {:.1} GF/s, bwd {:.1} GF/s", flops / tf, 2.0 * flops / tb);
+    println!(
+        "total: fwd {:.1} GF/s, bwd {:.1} GF/s",
+        flops / tf,
+        2.0 * flops / tb
+    );
 }

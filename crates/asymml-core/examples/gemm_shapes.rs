@@ -18,8 +18,14 @@ fn rate(m: usize, n: usize, k: usize, threads: usize, ta: bool, tb: bool) -> f64
 }
 
 fn main() {
-    let threads: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1);
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().ok();
+    let threads: usize = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .ok();
     for &(m, n, k) in &[
         (1024, 1024, 1024),
         (64, 1024, 576),
