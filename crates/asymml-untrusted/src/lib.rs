@@ -1,4 +1,7 @@
 //! asymml-untrusted: the accelerator service. It holds the public conv weights and their optimizer state and
-//! computes Conv_U, ∇X and ∇W_U on residuals it is sent; it never sees a private tensor.
-//!
-//! Not implemented yet: the engine runs in `trusted-only` mode.
+//! computes Conv_U = conv(X_U, W), ∇X = conv_transpose(∇Y, W) and ∇W_U = corr(X_U, ∇Y) on the residuals it
+//! is sent; it never sees a private tensor. Backends: `cpu` (this crate's [`backend::CpuBackend`]).
+
+pub mod backend;
+
+pub use backend::{BackendError, ConvLayer, CpuBackend};

@@ -29,6 +29,18 @@ pub trait ConvExec {
         dy: &Tensor,
         dx: Option<&mut Tensor>,
     ) -> Result<()>;
+
+    /// True when the executor owns the conv weights and their optimizer (the split runtime keeps them on
+    /// the accelerator): the session then leaves conv parameters alone and calls [`ConvExec::step`].
+    fn owns_conv_weights(&self) -> bool {
+        false
+    }
+
+    /// Applies the optimizer step to the conv weights it owns with learning rate `lr`, and refreshes the
+    /// network's copies of them.
+    fn step(&mut self, _lr: f32, _net: &mut Net) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Computes every convolution locally.
@@ -138,16 +150,19 @@ pub(crate) fn bn_state(prefix: &str, b: &mut BatchNorm2d, f: &mut dyn FnMut(Stri
     );
 }
 
-pub(crate) fn conv_params(prefix: &str, c: &mut Conv2d, f: &mut dyn FnMut(&str, &mut Param)) {
-    f(&format!("{prefix}.weight"), &mut c.weight);
+/// A parameter visitor: (name, parameter, belongs to a convolution).
+pub(crate) type ParamVisitor<'a> = dyn FnMut(&str, &mut Param, bool) + 'a;
+
+pub(crate) fn conv_params(prefix: &str, c: &mut Conv2d, f: &mut ParamVisitor) {
+    f(&format!("{prefix}.weight"), &mut c.weight, true);
     if let Some(b) = c.bias.as_mut() {
-        f(&format!("{prefix}.bias"), b);
+        f(&format!("{prefix}.bias"), b, true);
     }
 }
 
-pub(crate) fn bn_params(prefix: &str, b: &mut BatchNorm2d, f: &mut dyn FnMut(&str, &mut Param)) {
-    f(&format!("{prefix}.weight"), &mut b.weight);
-    f(&format!("{prefix}.bias"), &mut b.bias);
+pub(crate) fn bn_params(prefix: &str, b: &mut BatchNorm2d, f: &mut ParamVisitor) {
+    f(&format!("{prefix}.weight"), &mut b.weight, false);
+    f(&format!("{prefix}.bias"), &mut b.bias, false);
 }
 
 impl Net {
@@ -184,14 +199,19 @@ impl Net {
 
     /// Calls `f` on every trainable parameter, in the fixed order optimizers rely on (torchvision order).
     pub fn visit_params(&mut self, f: &mut dyn FnMut(&str, &mut Param)) {
+        self.visit_params_tagged(&mut |n, p, _| f(n, p));
+    }
+
+    /// As [`Net::visit_params`], with a flag telling whether the parameter belongs to a convolution.
+    pub fn visit_params_tagged(&mut self, f: &mut ParamVisitor) {
         for node in &mut self.nodes {
             let n = &node.name;
             match &mut node.layer {
                 Layer::Conv(c) => conv_params(n, c, f),
                 Layer::BatchNorm(b) => bn_params(n, b, f),
                 Layer::Linear(l) => {
-                    f(&format!("{n}.weight"), &mut l.weight);
-                    f(&format!("{n}.bias"), &mut l.bias);
+                    f(&format!("{n}.weight"), &mut l.weight, false);
+                    f(&format!("{n}.bias"), &mut l.bias, false);
                 }
                 Layer::Block(b) => b.visit_params(n, f),
                 _ => {}
