@@ -1,4 +1,37 @@
 //! asymml-protocol: the messages that cross the trust boundary between the trusted runtime and the untrusted
 //! accelerator, their binary encoding and the transports (in-process, Unix socket, TCP).
 //!
-//! Nothing lives here yet: the engine runs in `trusted-only` mode, where no message crosses the boundary.
+//! - [`declassify`]: the only way tensor data gets onto the wire ([`WireTensor`] and the `declassify_*`
+//!   functions), and the validating way back ([`WireTensor::into_tensor_checked`]).
+//! - [`message`]: [`Request`] and [`Reply`], the whole vocabulary of the boundary.
+//! - [`codec`]: the binary frame format; decoding is total (every malformed frame is a [`ProtocolError`]).
+//! - [`transport`]: the [`Transport`] trait and its in-process, Unix socket and TCP implementations.
+//! - [`client`]: the trusted side's [`Client`] and the accelerator's [`serve`] loop, with the handshake.
+//! - [`recording`]: a transport wrapper that records every frame, for the leakage-ledger test.
+
+pub mod client;
+pub mod codec;
+pub mod declassify;
+pub mod error;
+pub mod message;
+pub mod recording;
+pub mod transport;
+
+pub use client::{serve, serve_with, Client};
+pub use codec::{decode_message, decode_reply, decode_request, encode_reply, encode_request};
+pub use declassify::{
+    accelerator_result, declassify_output_grad, declassify_residual, declassify_weight_grad,
+    public_weights, WireTensor,
+};
+pub use error::{ProtocolError, Result};
+pub use message::{
+    ConvLayerSpec, Message, MessageKind, OptimizerSpec, Reply, Request, MAX_MESSAGE, MAX_RANK,
+    PROTOCOL_VERSION,
+};
+pub use recording::{Direction, Record, RecordedTensor, Recording, Transcript};
+#[cfg(unix)]
+pub use transport::UnixTransport;
+pub use transport::{
+    connect, inproc_pair, inproc_pair_with, Address, InProcTransport, Listener, TcpTransport,
+    Transport, TransportOptions,
+};

@@ -1,0 +1,264 @@
+//! The two ends of a conversation: [`Client`] (the trusted runtime) and [`serve`] (the accelerator).
+
+use std::collections::VecDeque;
+
+use crate::codec::{decode_reply, decode_request, encode_reply, encode_request};
+use crate::error::{ProtocolError, Result};
+use crate::message::{Reply, Request, MAX_MESSAGE, PROTOCOL_VERSION};
+use crate::transport::Transport;
+
+/// The trusted runtime's end of a conversation with the accelerator.
+///
+/// Requests and replies are split ([`send_request`](Self::send_request), [`recv_reply`](Self::recv_reply)) so the
+/// trusted side can compute while the accelerator works; replies come in request order. Errors carry the request
+/// they belong to, e.g. `ConvForward(layer 3): accelerator connection closed: …`.
+pub struct Client<T: Transport> {
+    transport: T,
+    max_message: u32,
+    send_buf: Vec<u8>,
+    recv_buf: Vec<u8>,
+    /// Descriptions of the requests sent and not yet answered, oldest first.
+    pending: VecDeque<String>,
+}
+
+impl<T: Transport> Client<T> {
+    /// Performs the handshake with [`MAX_MESSAGE`] as this side's largest message.
+    pub fn connect(transport: T) -> Result<Self> {
+        Self::connect_with(transport, MAX_MESSAGE)
+    }
+
+    /// Performs the handshake: sends `Hello` and expects `HelloAck` with the same protocol version. The
+    /// negotiated maximum message size is the minimum of both sides'.
+    pub fn connect_with(mut transport: T, max_message: u32) -> Result<Self> {
+        let hs = |e: ProtocolError| e.context("handshake");
+        transport.set_max_message(max_message);
+        let mut buf = Vec::new();
+        let hello = Request::Hello {
+            version: PROTOCOL_VERSION,
+            max_message,
+        };
+        encode_request(&hello, max_message, &mut buf).map_err(hs)?;
+        transport.send_vec(&mut buf).map_err(hs)?;
+        transport.recv_into(&mut buf).map_err(hs)?;
+        let negotiated = match decode_reply(&buf, max_message).map_err(hs)? {
+            Reply::HelloAck {
+                version,
+                max_message: theirs,
+            } => {
+                if version != PROTOCOL_VERSION {
+                    return Err(ProtocolError::Version {
+                        ours: PROTOCOL_VERSION,
+                        theirs: version,
+                    });
+                }
+                theirs.min(max_message)
+            }
+            Reply::Error { message } => return Err(ProtocolError::Handshake(message)),
+            other => {
+                return Err(ProtocolError::Handshake(format!(
+                    "expected HelloAck, got {}",
+                    other.describe()
+                )))
+            }
+        };
+        transport.set_max_message(negotiated);
+        Ok(Client {
+            transport,
+            max_message: negotiated,
+            send_buf: Vec::new(),
+            recv_buf: buf,
+            pending: VecDeque::new(),
+        })
+    }
+
+    /// Sends a request without waiting for its reply.
+    pub fn send_request(&mut self, req: &Request) -> Result<()> {
+        let op = req.describe();
+        encode_request(req, self.max_message, &mut self.send_buf)
+            .and_then(|_| self.transport.send_vec(&mut self.send_buf))
+            .map_err(|e| e.context(op.clone()))?;
+        self.pending.push_back(op);
+        Ok(())
+    }
+
+    /// Receives the reply to the oldest unanswered request. A `Reply::Error` comes back as
+    /// [`ProtocolError::Remote`] (with the request as context); other replies are returned as they came, for the
+    /// caller to validate (see [`Reply::into_conv_output`] and friends, and
+    /// [`WireTensor::into_tensor_checked`](crate::WireTensor::into_tensor_checked)).
+    pub fn recv_reply(&mut self) -> Result<Reply> {
+        let op = self.pending.pop_front().ok_or_else(|| {
+            ProtocolError::Misuse("recv_reply called with no request outstanding".into())
+        })?;
+        self.transport
+            .recv_into(&mut self.recv_buf)
+            .and_then(|_| decode_reply(&self.recv_buf, self.max_message))
+            .and_then(|r| match r {
+                Reply::Error { message } => Err(ProtocolError::Remote(message)),
+                r => Ok(r),
+            })
+            .map_err(|e| e.context(op))
+    }
+
+    /// Sends a request and waits for its reply (after the replies of requests sent before).
+    pub fn call(&mut self, req: &Request) -> Result<Reply> {
+        if !self.pending.is_empty() {
+            return Err(ProtocolError::Misuse(format!(
+                "call({}) with {} replies outstanding",
+                req.describe(),
+                self.pending.len()
+            )));
+        }
+        self.send_request(req)?;
+        self.recv_reply()
+    }
+
+    /// Sends `Shutdown`, waits for its acknowledgement and gives the transport back.
+    pub fn shutdown(mut self) -> Result<T> {
+        self.call(&Request::Shutdown)?.into_ok()?;
+        Ok(self.transport)
+    }
+
+    /// Number of requests sent and not yet answered.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The negotiated maximum message body size.
+    pub fn max_message(&self) -> u32 {
+        self.max_message
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+
+    /// The transport, mutably.
+    pub fn transport_mut(&mut self) -> &mut T {
+        &mut self.transport
+    }
+
+    /// The transport, ending the conversation without a `Shutdown`.
+    pub fn into_transport(self) -> T {
+        self.transport
+    }
+}
+
+/// Serves requests on `transport` with [`MAX_MESSAGE`] as this side's largest message; see [`serve_with`].
+pub fn serve<T: Transport>(transport: T, handler: &mut dyn FnMut(Request) -> Reply) -> Result<()> {
+    serve_with(transport, MAX_MESSAGE, handler)
+}
+
+/// The accelerator's loop: does the handshake, then answers every request with `handler`'s reply until
+/// `Shutdown` (answered with the handler's reply too, then `Ok(())`) or until the peer closes the connection
+/// between two messages (`Ok(())`). The handler never sees `Hello`.
+///
+/// A malformed request is answered with `Reply::Error` naming the fault and the loop goes on; a broken connection
+/// (a close mid-frame, a frame over the maximum size, a timeout) ends it with the error. A version mismatch is
+/// answered with `Reply::Error` naming both versions and returned as [`ProtocolError::Version`].
+pub fn serve_with<T: Transport>(
+    mut transport: T,
+    max_message: u32,
+    handler: &mut dyn FnMut(Request) -> Reply,
+) -> Result<()> {
+    transport.set_max_message(max_message);
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+
+    // Handshake.
+    match transport.recv_into(&mut buf) {
+        Err(ProtocolError::Closed {
+            mid_frame: false, ..
+        }) => return Ok(()),
+        r => r.map_err(|e| e.context("handshake"))?,
+    }
+    let negotiated = match decode_request(&buf, max_message) {
+        Ok(Request::Hello {
+            version,
+            max_message: theirs,
+        }) => {
+            if version != PROTOCOL_VERSION {
+                let message = format!(
+                    "protocol version mismatch: the accelerator speaks version {PROTOCOL_VERSION}, \
+                     the client speaks version {version}"
+                );
+                send_reply(
+                    &mut transport,
+                    &Reply::error(message),
+                    max_message,
+                    &mut out,
+                )?;
+                return Err(ProtocolError::Version {
+                    ours: PROTOCOL_VERSION,
+                    theirs: version,
+                });
+            }
+            theirs.min(max_message)
+        }
+        Ok(other) => {
+            let message = format!("expected Hello first, got {}", other.describe());
+            send_reply(
+                &mut transport,
+                &Reply::error(message.clone()),
+                max_message,
+                &mut out,
+            )?;
+            return Err(ProtocolError::Handshake(message));
+        }
+        Err(e) => {
+            let message = format!("malformed Hello: {e}");
+            send_reply(
+                &mut transport,
+                &Reply::error(message.clone()),
+                max_message,
+                &mut out,
+            )?;
+            return Err(ProtocolError::Handshake(message));
+        }
+    };
+    let ack = Reply::HelloAck {
+        version: PROTOCOL_VERSION,
+        max_message: negotiated,
+    };
+    send_reply(&mut transport, &ack, max_message, &mut out)?;
+    transport.set_max_message(negotiated);
+
+    loop {
+        match transport.recv_into(&mut buf) {
+            Ok(()) => {}
+            Err(ProtocolError::Closed {
+                mid_frame: false, ..
+            }) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let (reply, last) = match decode_request(&buf, negotiated) {
+            Ok(Request::Hello { .. }) => (Reply::error("handshake already done"), false),
+            Ok(Request::Shutdown) => (handler(Request::Shutdown), true),
+            Ok(req) => (handler(req), false),
+            Err(e) => (Reply::error(format!("malformed request: {e}")), false),
+        };
+        if let Err(e) = encode_reply(&reply, negotiated, &mut out) {
+            let kind = reply.describe();
+            drop(reply);
+            encode_reply(
+                &Reply::error(format!("the {kind} reply cannot be sent: {e}")),
+                negotiated,
+                &mut out,
+            )?;
+        }
+        transport.send_vec(&mut out)?;
+        if last {
+            return Ok(());
+        }
+    }
+}
+
+fn send_reply<T: Transport>(
+    transport: &mut T,
+    reply: &Reply,
+    max_message: u32,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    encode_reply(reply, max_message, out)?;
+    transport.send_vec(out)
+}

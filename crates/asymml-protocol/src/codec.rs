@@ -1,0 +1,666 @@
+//! The binary encoding of messages.
+//!
+//! A frame is a `u32` little-endian body length followed by the body: one type byte (see [`MessageKind::code`])
+//! and the fields in order, little-endian. Scalars: `u32`, `f32`, `bool` as one byte 0/1. A string is a `u32`
+//! byte length and UTF-8 bytes. An `Option<T>` is a byte 0 (none) or 1 followed by `T`. A list is a `u32` count
+//! followed by the items. A tensor is a `u8` rank (at most [`MAX_RANK`]), `rank` `u32` dimensions, then the
+//! row-major values as little-endian `f32` (bulk-copied: a single memcpy on little-endian hosts).
+//!
+//! | type | message        | fields                                                                      |
+//! |------|----------------|-----------------------------------------------------------------------------|
+//! | 0x01 | Hello          | version u32, max_message u32                                                |
+//! | 0x02 | Register       | layers [id, in_ch, out_ch, k, stride, pad u32, bias bool], weights [tensor, Option tensor], optimizer |
+//! | 0x03 | ConvForward    | layer u32, x_u tensor, train bool                                           |
+//! | 0x04 | ConvBackward   | layer u32, dy tensor, need_dx bool                                          |
+//! | 0x05 | WeightGradPart | layer u32, dw_t tensor                                                      |
+//! | 0x06 | Step           | lr f32                                                                      |
+//! | 0x07 | FetchWeights   | layer u32                                                                   |
+//! | 0x08 | Shutdown       |                                                                             |
+//! | 0x09 | ConvForwardShared | layer u32, from_layer u32, train bool                                   |
+//! | 0x0a | FetchGrads     | layer u32                                                                   |
+//! | 0x81 | HelloAck       | version u32, max_message u32                                                |
+//! | 0x82 | Ok             |                                                                             |
+//! | 0x83 | ConvOutput     | layer u32, y_u tensor                                                       |
+//! | 0x84 | InputGrad      | layer u32, dx Option tensor                                                 |
+//! | 0x85 | Weights        | layer u32, w tensor, b Option tensor                                        |
+//! | 0x86 | Error          | message string                                                              |
+//!
+//! The optimizer is a byte 0 (SGD: momentum f32, nesterov bool, weight_decay f32) or 1 (AdamW: beta1, beta2,
+//! eps, weight_decay f32).
+//!
+//! Decoding is total: every malformed input gives a [`ProtocolError`] naming the fault, and no allocation is
+//! larger than the bytes that justify it.
+
+use crate::declassify::WireTensor;
+use crate::error::{ProtocolError, Result};
+use crate::message::{
+    ConvLayerSpec, Message, MessageKind, OptimizerSpec, Reply, Request, MAX_RANK,
+};
+
+/// Bytes of the length prefix.
+pub const LEN_PREFIX: usize = 4;
+
+const OPT_SGD: u8 = 0;
+const OPT_ADAMW: u8 = 1;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Encoding
+
+/// Encodes `req` as a complete frame (length prefix included) into `buf`, replacing its contents and reusing its
+/// allocation. Errors when a tensor cannot be encoded or the body would exceed `max_message`.
+pub fn encode_request(req: &Request, max_message: u32, buf: &mut Vec<u8>) -> Result<()> {
+    let body = request_body_len(req)?;
+    let mut w = Writer::start(buf, body, max_message)?;
+    w.u8(req.kind().code());
+    match req {
+        Request::Hello {
+            version,
+            max_message,
+        } => {
+            w.u32(*version);
+            w.u32(*max_message);
+        }
+        Request::Register {
+            layers,
+            weights,
+            optimizer,
+        } => {
+            w.count(layers.len(), "layers")?;
+            for l in layers {
+                w.u32(l.id);
+                w.u32(l.in_ch);
+                w.u32(l.out_ch);
+                w.u32(l.k);
+                w.u32(l.stride);
+                w.u32(l.pad);
+                w.bool(l.bias);
+            }
+            w.count(weights.len(), "weights")?;
+            for (wt, b) in weights {
+                w.tensor(wt);
+                w.opt_tensor(b.as_ref());
+            }
+            match *optimizer {
+                OptimizerSpec::Sgd {
+                    momentum,
+                    nesterov,
+                    weight_decay,
+                } => {
+                    w.u8(OPT_SGD);
+                    w.f32(momentum);
+                    w.bool(nesterov);
+                    w.f32(weight_decay);
+                }
+                OptimizerSpec::AdamW {
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                } => {
+                    w.u8(OPT_ADAMW);
+                    w.f32(beta1);
+                    w.f32(beta2);
+                    w.f32(eps);
+                    w.f32(weight_decay);
+                }
+            }
+        }
+        Request::ConvForward { layer, x_u, train } => {
+            w.u32(*layer);
+            w.tensor(x_u);
+            w.bool(*train);
+        }
+        Request::ConvBackward { layer, dy, need_dx } => {
+            w.u32(*layer);
+            w.tensor(dy);
+            w.bool(*need_dx);
+        }
+        Request::WeightGradPart { layer, dw_t } => {
+            w.u32(*layer);
+            w.tensor(dw_t);
+        }
+        Request::Step { lr } => w.f32(*lr),
+        Request::FetchWeights { layer } => w.u32(*layer),
+        Request::Shutdown => {}
+        Request::ConvForwardShared {
+            layer,
+            from_layer,
+            train,
+        } => {
+            w.u32(*layer);
+            w.u32(*from_layer);
+            w.bool(*train);
+        }
+        Request::FetchGrads { layer } => w.u32(*layer),
+    }
+    w.finish();
+    Ok(())
+}
+
+/// Encodes `rep` as a complete frame (length prefix included) into `buf`, replacing its contents and reusing its
+/// allocation. Errors when a tensor cannot be encoded or the body would exceed `max_message`.
+pub fn encode_reply(rep: &Reply, max_message: u32, buf: &mut Vec<u8>) -> Result<()> {
+    let body = reply_body_len(rep)?;
+    let mut w = Writer::start(buf, body, max_message)?;
+    w.u8(rep.kind().code());
+    match rep {
+        Reply::HelloAck {
+            version,
+            max_message,
+        } => {
+            w.u32(*version);
+            w.u32(*max_message);
+        }
+        Reply::Ok => {}
+        Reply::ConvOutput { layer, y_u } => {
+            w.u32(*layer);
+            w.tensor(y_u);
+        }
+        Reply::InputGrad { layer, dx } => {
+            w.u32(*layer);
+            w.opt_tensor(dx.as_ref());
+        }
+        Reply::Weights { layer, w: wt, b } => {
+            w.u32(*layer);
+            w.tensor(wt);
+            w.opt_tensor(b.as_ref());
+        }
+        Reply::Error { message } => {
+            w.count(message.len(), "error message")?;
+            w.bytes(message.as_bytes());
+        }
+    }
+    w.finish();
+    Ok(())
+}
+
+/// Body length (type byte included, length prefix excluded) of the encoded request; checks that every tensor is
+/// encodable.
+pub fn request_body_len(req: &Request) -> Result<u64> {
+    let tensors: u64 = req
+        .tensors()
+        .iter()
+        .map(|(_, t)| tensor_len(t))
+        .sum::<Result<u64>>()?;
+    let fixed: u64 = match req {
+        Request::Hello { .. } => 8,
+        Request::Register {
+            layers,
+            weights,
+            optimizer,
+        } => {
+            let opt = match optimizer {
+                OptimizerSpec::Sgd { .. } => 1 + 4 + 1 + 4,
+                OptimizerSpec::AdamW { .. } => 1 + 4 * 4,
+            };
+            // Per layer six u32 and a bool; per weight entry an option tag (tensors are counted above).
+            4 + 25 * layers.len() as u64 + 4 + weights.len() as u64 + opt
+        }
+        Request::ConvForward { .. } | Request::ConvBackward { .. } => 5,
+        Request::WeightGradPart { .. } | Request::Step { .. } | Request::FetchWeights { .. } => 4,
+        Request::Shutdown => 0,
+        Request::ConvForwardShared { .. } => 9,
+        Request::FetchGrads { .. } => 4,
+    };
+    Ok(1 + fixed + tensors)
+}
+
+/// Body length (type byte included, length prefix excluded) of the encoded reply; checks that every tensor is
+/// encodable.
+pub fn reply_body_len(rep: &Reply) -> Result<u64> {
+    let tensors: u64 = rep
+        .tensors()
+        .iter()
+        .map(|(_, t)| tensor_len(t))
+        .sum::<Result<u64>>()?;
+    let fixed: u64 = match rep {
+        Reply::HelloAck { .. } => 8,
+        Reply::Ok => 0,
+        Reply::ConvOutput { .. } => 4,
+        Reply::InputGrad { .. } => 5,
+        Reply::Weights { .. } => 5,
+        Reply::Error { message } => 4 + message.len() as u64,
+    };
+    Ok(1 + fixed + tensors)
+}
+
+/// Encoded size of a tensor; errors on a rank above [`MAX_RANK`] or a dimension above `u32::MAX`.
+fn tensor_len(t: &WireTensor) -> Result<u64> {
+    let shape = t.shape();
+    if shape.len() > MAX_RANK {
+        return Err(ProtocolError::Encode(format!(
+            "tensor of shape {shape:?} has rank {} > {MAX_RANK}",
+            shape.len()
+        )));
+    }
+    if let Some(d) = shape.iter().find(|&&d| u32::try_from(d).is_err()) {
+        return Err(ProtocolError::Encode(format!(
+            "tensor of shape {shape:?}: dimension {d} exceeds u32::MAX"
+        )));
+    }
+    let n = shape
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+        .ok_or_else(|| ProtocolError::Encode(format!("tensor of shape {shape:?} overflows")))?;
+    if n != t.len() as u64 {
+        return Err(ProtocolError::Encode(format!(
+            "tensor of shape {shape:?} needs {n} values, holds {}",
+            t.len()
+        )));
+    }
+    Ok(1 + 4 * shape.len() as u64 + 4 * n)
+}
+
+struct Writer<'a> {
+    buf: &'a mut Vec<u8>,
+    expected_end: usize,
+}
+
+impl<'a> Writer<'a> {
+    fn start(buf: &'a mut Vec<u8>, body: u64, max_message: u32) -> Result<Self> {
+        if body > u64::from(max_message) {
+            return Err(ProtocolError::TooLarge {
+                len: body,
+                max: u64::from(max_message),
+            });
+        }
+        // body <= max_message <= u32::MAX, so it fits the prefix and usize.
+        let body32 = body as u32;
+        buf.clear();
+        buf.reserve_exact(LEN_PREFIX + body as usize);
+        buf.extend_from_slice(&body32.to_le_bytes());
+        Ok(Writer {
+            expected_end: LEN_PREFIX + body as usize,
+            buf,
+        })
+    }
+
+    fn finish(self) {
+        debug_assert_eq!(
+            self.buf.len(),
+            self.expected_end,
+            "body length precomputed wrongly"
+        );
+    }
+
+    fn u8(&mut self, v: u8) {
+        self.buf.push(v);
+    }
+
+    fn bool(&mut self, v: bool) {
+        self.buf.push(u8::from(v));
+    }
+
+    fn u32(&mut self, v: u32) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+
+    fn f32(&mut self, v: f32) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+
+    fn count(&mut self, n: usize, what: &str) -> Result<()> {
+        let n = u32::try_from(n)
+            .map_err(|_| ProtocolError::Encode(format!("{what}: {n} items exceed u32::MAX")))?;
+        self.u32(n);
+        Ok(())
+    }
+
+    fn bytes(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(b);
+    }
+
+    /// Writes a tensor whose rank and dims [`tensor_len`] has checked.
+    fn tensor(&mut self, t: &WireTensor) {
+        self.u8(t.shape().len() as u8);
+        for &d in t.shape() {
+            self.u32(d as u32);
+        }
+        put_f32s(self.buf, t.data());
+    }
+
+    fn opt_tensor(&mut self, t: Option<&WireTensor>) {
+        match t {
+            None => self.u8(0),
+            Some(t) => {
+                self.u8(1);
+                self.tensor(t);
+            }
+        }
+    }
+}
+
+/// Appends the values as little-endian f32.
+fn put_f32s(buf: &mut Vec<u8>, data: &[f32]) {
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: f32 is 4 plain bytes without padding, every byte is initialised, u8 has alignment 1 and the
+        // slice covers exactly the memory of `data`. On a little-endian host these are the wire bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data))
+        };
+        buf.extend_from_slice(bytes);
+    }
+    #[cfg(not(target_endian = "little"))]
+    for v in data {
+        buf.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Reads little-endian f32 values from `bytes` (a multiple of 4 bytes long).
+fn get_f32s(bytes: &[u8]) -> Vec<f32> {
+    debug_assert_eq!(bytes.len() % 4, 0);
+    let n = bytes.len() / 4;
+    #[cfg(target_endian = "little")]
+    {
+        let mut v = Vec::<f32>::with_capacity(n);
+        // SAFETY: `v` has capacity for n f32 = bytes.len() bytes; the regions do not overlap; every bit pattern
+        // is a valid f32, so after the copy the first n elements are initialised and set_len(n) is sound.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr().cast::<u8>(), bytes.len());
+            v.set_len(n);
+        }
+        v
+    }
+    #[cfg(not(target_endian = "little"))]
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Decoding
+
+/// The body of a frame (after the length prefix), after checking the prefix against `max_message` and against
+/// the bytes that follow it.
+pub fn frame_body(frame: &[u8], max_message: u32) -> Result<&[u8]> {
+    if frame.len() < LEN_PREFIX {
+        return Err(ProtocolError::Truncated {
+            what: "length prefix".into(),
+            needed: LEN_PREFIX as u64,
+            available: frame.len() as u64,
+        });
+    }
+    let prefix = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]);
+    if prefix > max_message {
+        return Err(ProtocolError::TooLarge {
+            len: u64::from(prefix),
+            max: u64::from(max_message),
+        });
+    }
+    let body = &frame[LEN_PREFIX..];
+    if body.len() as u64 != u64::from(prefix) {
+        return Err(ProtocolError::LengthMismatch {
+            prefix: u64::from(prefix),
+            actual: body.len() as u64,
+        });
+    }
+    Ok(body)
+}
+
+/// Decodes a request frame (length prefix included). A reply's type byte is refused before its fields are read.
+pub fn decode_request(frame: &[u8], max_message: u32) -> Result<Request> {
+    match decode_family(frame, max_message, Some(true))? {
+        Message::Request(r) => Ok(r),
+        Message::Reply(_) => unreachable!("reply type bytes are refused first"),
+    }
+}
+
+/// Decodes a reply frame (length prefix included). A request's type byte is refused before its fields are read.
+pub fn decode_reply(frame: &[u8], max_message: u32) -> Result<Reply> {
+    match decode_family(frame, max_message, Some(false))? {
+        Message::Reply(r) => Ok(r),
+        Message::Request(_) => unreachable!("request type bytes are refused first"),
+    }
+}
+
+/// Decodes a request or a reply frame (length prefix included), telling them apart by the type byte.
+pub fn decode_message(frame: &[u8], max_message: u32) -> Result<Message> {
+    decode_family(frame, max_message, None)
+}
+
+fn decode_family(frame: &[u8], max_message: u32, want_request: Option<bool>) -> Result<Message> {
+    let body = frame_body(frame, max_message)?;
+    let family = match want_request {
+        Some(true) => "request",
+        Some(false) => "reply",
+        None => "message",
+    };
+    if let Some(&code) = body.first() {
+        match MessageKind::from_code(code) {
+            Some(k) if want_request.is_none_or(|w| w == k.is_request()) => {}
+            _ => return Err(ProtocolError::UnknownType { family, byte: code }),
+        }
+    }
+    decode_body(body)
+}
+
+fn decode_body(body: &[u8]) -> Result<Message> {
+    let mut r = Reader { buf: body, pos: 0 };
+    let code = r.u8("message type")?;
+    let kind = MessageKind::from_code(code).ok_or(ProtocolError::UnknownType {
+        family: "message",
+        byte: code,
+    })?;
+    let msg = match kind {
+        MessageKind::Hello => Message::Request(Request::Hello {
+            version: r.u32("Hello.version")?,
+            max_message: r.u32("Hello.max_message")?,
+        }),
+        MessageKind::Register => {
+            let n = r.u32("Register.layers count")? as usize;
+            let mut layers = Vec::with_capacity(n.min(r.remaining() / 25));
+            for _ in 0..n {
+                layers.push(ConvLayerSpec {
+                    id: r.u32("ConvLayerSpec.id")?,
+                    in_ch: r.u32("ConvLayerSpec.in_ch")?,
+                    out_ch: r.u32("ConvLayerSpec.out_ch")?,
+                    k: r.u32("ConvLayerSpec.k")?,
+                    stride: r.u32("ConvLayerSpec.stride")?,
+                    pad: r.u32("ConvLayerSpec.pad")?,
+                    bias: r.bool("ConvLayerSpec.bias")?,
+                });
+            }
+            let n = r.u32("Register.weights count")? as usize;
+            let mut weights = Vec::with_capacity(n.min(r.remaining() / 2));
+            for _ in 0..n {
+                let w = r.tensor("w")?;
+                let b = r.opt_tensor("b")?;
+                weights.push((w, b));
+            }
+            let optimizer = match r.u8("optimizer kind")? {
+                OPT_SGD => OptimizerSpec::Sgd {
+                    momentum: r.f32("Sgd.momentum")?,
+                    nesterov: r.bool("Sgd.nesterov")?,
+                    weight_decay: r.f32("Sgd.weight_decay")?,
+                },
+                OPT_ADAMW => OptimizerSpec::AdamW {
+                    beta1: r.f32("AdamW.beta1")?,
+                    beta2: r.f32("AdamW.beta2")?,
+                    eps: r.f32("AdamW.eps")?,
+                    weight_decay: r.f32("AdamW.weight_decay")?,
+                },
+                other => {
+                    return Err(ProtocolError::InvalidValue {
+                        what: "optimizer kind",
+                        detail: format!("{other} (expected 0 = SGD or 1 = AdamW)"),
+                    })
+                }
+            };
+            Message::Request(Request::Register {
+                layers,
+                weights,
+                optimizer,
+            })
+        }
+        MessageKind::ConvForward => Message::Request(Request::ConvForward {
+            layer: r.u32("ConvForward.layer")?,
+            x_u: r.tensor("x_u")?,
+            train: r.bool("ConvForward.train")?,
+        }),
+        MessageKind::ConvBackward => Message::Request(Request::ConvBackward {
+            layer: r.u32("ConvBackward.layer")?,
+            dy: r.tensor("dy")?,
+            need_dx: r.bool("ConvBackward.need_dx")?,
+        }),
+        MessageKind::WeightGradPart => Message::Request(Request::WeightGradPart {
+            layer: r.u32("WeightGradPart.layer")?,
+            dw_t: r.tensor("dw_t")?,
+        }),
+        MessageKind::Step => Message::Request(Request::Step {
+            lr: r.f32("Step.lr")?,
+        }),
+        MessageKind::FetchWeights => Message::Request(Request::FetchWeights {
+            layer: r.u32("FetchWeights.layer")?,
+        }),
+        MessageKind::Shutdown => Message::Request(Request::Shutdown),
+        MessageKind::ConvForwardShared => Message::Request(Request::ConvForwardShared {
+            layer: r.u32("ConvForwardShared.layer")?,
+            from_layer: r.u32("ConvForwardShared.from_layer")?,
+            train: r.bool("ConvForwardShared.train")?,
+        }),
+        MessageKind::FetchGrads => Message::Request(Request::FetchGrads {
+            layer: r.u32("FetchGrads.layer")?,
+        }),
+        MessageKind::HelloAck => Message::Reply(Reply::HelloAck {
+            version: r.u32("HelloAck.version")?,
+            max_message: r.u32("HelloAck.max_message")?,
+        }),
+        MessageKind::Ok => Message::Reply(Reply::Ok),
+        MessageKind::ConvOutput => Message::Reply(Reply::ConvOutput {
+            layer: r.u32("ConvOutput.layer")?,
+            y_u: r.tensor("y_u")?,
+        }),
+        MessageKind::InputGrad => Message::Reply(Reply::InputGrad {
+            layer: r.u32("InputGrad.layer")?,
+            dx: r.opt_tensor("dx")?,
+        }),
+        MessageKind::Weights => Message::Reply(Reply::Weights {
+            layer: r.u32("Weights.layer")?,
+            w: r.tensor("w")?,
+            b: r.opt_tensor("b")?,
+        }),
+        MessageKind::Error => Message::Reply(Reply::Error {
+            message: r.string("Error.message")?,
+        }),
+    };
+    if r.remaining() != 0 {
+        return Err(ProtocolError::TrailingBytes {
+            count: r.remaining(),
+            message: kind.name(),
+        });
+    }
+    Ok(msg)
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+        if n > self.remaining() {
+            return Err(ProtocolError::Truncated {
+                what: what.to_string(),
+                needed: n as u64,
+                available: self.remaining() as u64,
+            });
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        let s = self.take(N, what)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+
+    fn u8(&mut self, what: &str) -> Result<u8> {
+        Ok(self.array::<1>(what)?[0])
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn f32(&mut self, what: &str) -> Result<f32> {
+        Ok(f32::from_le_bytes(self.array(what)?))
+    }
+
+    fn bool(&mut self, what: &'static str) -> Result<bool> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(ProtocolError::InvalidValue {
+                what,
+                detail: format!("bool byte {b} (expected 0 or 1)"),
+            }),
+        }
+    }
+
+    fn string(&mut self, what: &'static str) -> Result<String> {
+        let n = self.u32(what)? as usize;
+        // take() checks n against the bytes present before anything is allocated.
+        let bytes = self.take(n, what)?;
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|e| ProtocolError::Utf8 {
+                what,
+                detail: e.to_string(),
+            })
+    }
+
+    fn tensor(&mut self, field: &'static str) -> Result<WireTensor> {
+        let rank = self.u8(field)? as usize;
+        if rank > MAX_RANK {
+            return Err(ProtocolError::Rank {
+                rank,
+                max: MAX_RANK,
+            });
+        }
+        let mut dims = [0u64; MAX_RANK];
+        for d in dims.iter_mut().take(rank) {
+            *d = u64::from(self.u32(field)?);
+        }
+        let dims = &dims[..rank];
+        let bytes = dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .and_then(|n| n.checked_mul(4))
+            .ok_or_else(|| ProtocolError::DimsOverflow {
+                dims: dims.to_vec(),
+            })?;
+        // Checked against the bytes present before the payload is allocated.
+        if bytes > self.remaining() as u64 {
+            return Err(ProtocolError::TensorLength {
+                field,
+                shape: dims.to_vec(),
+                needed: bytes,
+                available: self.remaining() as u64,
+            });
+        }
+        let payload = self.take(bytes as usize, field)?;
+        let shape = dims.iter().map(|&d| d as usize).collect();
+        Ok(WireTensor::from_decoded(shape, get_f32s(payload)))
+    }
+
+    fn opt_tensor(&mut self, field: &'static str) -> Result<Option<WireTensor>> {
+        match self.u8(field)? {
+            0 => Ok(None),
+            1 => Ok(Some(self.tensor(field)?)),
+            b => Err(ProtocolError::InvalidValue {
+                what: field,
+                detail: format!("option tag {b} (expected 0 or 1)"),
+            }),
+        }
+    }
+}

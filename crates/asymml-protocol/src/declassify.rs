@@ -1,0 +1,250 @@
+//! Declassification: the only way tensor data gets onto the wire.
+//!
+//! A private [`Tensor`] has no serialisation. Data leaves the trusted runtime only as a [`WireTensor`], and a
+//! `WireTensor` is built from a `Tensor` only by the functions of this module, each named for what leaves:
+//!
+//! | function                   | what crosses the boundary                                   |
+//! |----------------------------|-------------------------------------------------------------|
+//! | [`declassify_residual`]    | the residual `X_U = X − X_T` of a convolution's input        |
+//! | [`declassify_output_grad`] | `∇Y`, the gradient of a convolution's output                 |
+//! | [`declassify_weight_grad`] | `∇W_T`, the trusted part of a convolution's weight gradient  |
+//! | [`public_weights`]         | initial convolution weights and biases (public parameters)   |
+//! | [`accelerator_result`]     | the accelerator's own results (`Y_U`, `∇X`, its weights)     |
+//!
+//! `grep -rn declassify_` lists every leak of private data. [`accelerator_result`] is for the untrusted side,
+//! whose data is already public; the trusted runtime must never call it (a test checks for that by grep).
+//!
+//! The receiving side turns a `WireTensor` back into a `Tensor` with [`WireTensor::into_tensor_checked`] (or
+//! [`WireTensor::into_tensor_matching`]), which validate the shape, the length and the finiteness of the data.
+
+use std::fmt;
+
+use asymml_core::Tensor;
+
+use crate::error::{ProtocolError, Result};
+
+/// Tensor data that may cross the trust boundary: a shape and row-major f32 values.
+///
+/// Its fields are private; see the module documentation for the only constructors.
+#[derive(Clone)]
+pub struct WireTensor {
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+/// Declassifies the residual `X_U` of a convolution's input (sent with `ConvForward`).
+pub fn declassify_residual(x_u: &Tensor) -> WireTensor {
+    WireTensor::copy_of(x_u)
+}
+
+/// Declassifies `∇Y`, the gradient of a convolution's output (sent with `ConvBackward`).
+pub fn declassify_output_grad(dy: &Tensor) -> WireTensor {
+    WireTensor::copy_of(dy)
+}
+
+/// Declassifies `∇W_T`, the trusted part of a convolution's weight gradient (sent with `WeightGradPart`).
+pub fn declassify_weight_grad(dw_t: &Tensor) -> WireTensor {
+    WireTensor::copy_of(dw_t)
+}
+
+/// Public model parameters: initial convolution weights or biases (sent with `Register`).
+pub fn public_weights(w: &Tensor) -> WireTensor {
+    WireTensor::copy_of(w)
+}
+
+/// A result of the untrusted accelerator (`Y_U`, `∇X`, its weights), computed from data already on the untrusted
+/// side. For the accelerator's replies only: the trusted runtime never calls this.
+pub fn accelerator_result(t: &Tensor) -> WireTensor {
+    WireTensor::copy_of(t)
+}
+
+impl WireTensor {
+    fn copy_of(t: &Tensor) -> Self {
+        WireTensor {
+            shape: t.shape.clone(),
+            data: t.data.clone(),
+        }
+    }
+
+    /// Built by the decoder from validated parts (`data.len()` is the product of `shape`).
+    pub(crate) fn from_decoded(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), data.len());
+        WireTensor { shape, data }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The values, row-major.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    /// True when the tensor holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Size of the encoded payload (values only) in bytes.
+    pub fn payload_bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
+    /// The tensor, after checking that its shape is exactly `expected_shape`, that its length is the product of
+    /// the shape and that every value is finite. The error says what was wrong.
+    pub fn into_tensor_checked(self, expected_shape: &[usize]) -> Result<Tensor> {
+        if self.shape != expected_shape {
+            return Err(ProtocolError::Tensor(format!(
+                "wrong shape: expected {expected_shape:?}, got {:?}",
+                self.shape
+            )));
+        }
+        self.into_tensor_finite()
+    }
+
+    /// Like [`into_tensor_checked`](Self::into_tensor_checked) with a shape pattern: `None` accepts any size in
+    /// that dimension (e.g. `[None, Some(64), None, None]` for an NCHW batch of 64 channels).
+    pub fn into_tensor_matching(self, pattern: &[Option<usize>]) -> Result<Tensor> {
+        let ok = self.shape.len() == pattern.len()
+            && self
+                .shape
+                .iter()
+                .zip(pattern)
+                .all(|(&d, p)| p.is_none_or(|p| p == d));
+        if !ok {
+            let want: Vec<String> = pattern
+                .iter()
+                .map(|p| p.map_or_else(|| "_".to_string(), |d| d.to_string()))
+                .collect();
+            return Err(ProtocolError::Tensor(format!(
+                "wrong shape: expected [{}], got {:?}",
+                want.join(", "),
+                self.shape
+            )));
+        }
+        self.into_tensor_finite()
+    }
+
+    /// Copies the values into `out` (reusing its allocation) after the checks of
+    /// [`into_tensor_checked`](Self::into_tensor_checked).
+    pub fn copy_into_checked(&self, expected_shape: &[usize], out: &mut Tensor) -> Result<()> {
+        if self.shape != expected_shape {
+            return Err(ProtocolError::Tensor(format!(
+                "wrong shape: expected {expected_shape:?}, got {:?}",
+                self.shape
+            )));
+        }
+        self.check_length_and_values()?;
+        out.resize(&self.shape);
+        out.data.copy_from_slice(&self.data);
+        Ok(())
+    }
+
+    fn into_tensor_finite(self) -> Result<Tensor> {
+        self.check_length_and_values()?;
+        Ok(Tensor {
+            shape: self.shape,
+            data: self.data,
+        })
+    }
+
+    fn check_length_and_values(&self) -> Result<()> {
+        let n = self
+            .shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| {
+                ProtocolError::Tensor(format!(
+                    "shape {:?} overflows the element count",
+                    self.shape
+                ))
+            })?;
+        if n != self.data.len() {
+            return Err(ProtocolError::Tensor(format!(
+                "wrong length: shape {:?} needs {n} values, got {}",
+                self.shape,
+                self.data.len()
+            )));
+        }
+        if let Some(i) = first_non_finite(&self.data) {
+            return Err(ProtocolError::Tensor(format!(
+                "non-finite value {} at index {i} of a tensor of shape {:?}",
+                self.data[i], self.shape
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Index of the first NaN or infinity, scanning in vectorisable blocks.
+fn first_non_finite(data: &[f32]) -> Option<usize> {
+    const EXP: u32 = 0x7f80_0000;
+    const BLOCK: usize = 1024;
+    for (b, chunk) in data.chunks(BLOCK).enumerate() {
+        // A value is non-finite when all its exponent bits are set; OR-ing a per-value flag keeps the loop
+        // branch-free so it vectorises.
+        let bad = chunk
+            .iter()
+            .fold(0u32, |acc, v| acc | u32::from(v.to_bits() & EXP == EXP));
+        if bad != 0 {
+            let i = chunk.iter().position(|v| !v.is_finite()).unwrap_or(0);
+            return Some(b * BLOCK + i);
+        }
+    }
+    None
+}
+
+impl PartialEq for WireTensor {
+    /// Bitwise equality of the values (so a NaN equals itself: a round trip is exact).
+    fn eq(&self, other: &Self) -> bool {
+        self.shape == other.shape
+            && self.data.len() == other.data.len()
+            && self
+                .data
+                .iter()
+                .zip(&other.data)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+    }
+}
+
+impl fmt::Debug for WireTensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const SHOW: usize = 6;
+        write!(f, "WireTensor {{ shape: {:?}, data: [", self.shape)?;
+        for (i, v) in self.data.iter().take(SHOW).enumerate() {
+            if i > 0 {
+                write!(f, ", ")?;
+            }
+            write!(f, "{v}")?;
+        }
+        if self.data.len() > SHOW {
+            write!(f, ", … ({} values)", self.data.len())?;
+        }
+        write!(f, "] }}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_non_finite_finds_the_first_bad_value() {
+        let mut v = vec![1.0f32; 5000];
+        assert_eq!(first_non_finite(&v), None);
+        v[3001] = f32::NEG_INFINITY;
+        v[4000] = f32::NAN;
+        assert_eq!(first_non_finite(&v), Some(3001));
+        v[7] = f32::NAN;
+        assert_eq!(first_non_finite(&v), Some(7));
+        // Largest finite values and subnormals are finite.
+        assert_eq!(first_non_finite(&[f32::MAX, f32::MIN, 1e-45, -0.0]), None);
+    }
+}

@@ -1,0 +1,448 @@
+//! The messages that cross the trust boundary.
+//!
+//! Conversation per convolution layer and batch: the trusted runtime sends `ConvForward` with the residual `X_U`
+//! and gets `ConvOutput` with `Y_U = conv(X_U, W) (+ bias)`; it sends `ConvBackward` with `∇Y` and gets
+//! `InputGrad` with `∇X = conv_transpose(∇Y, W)` (the accelerator also computes `∇W_U` from the `X_U` it cached
+//! and `∇b` from `∇Y`); it sends `WeightGradPart` with its part `∇W_T`; `Step` updates the convolution weights on
+//! the accelerator; `FetchWeights` gets them back (for checkpoints).
+
+use crate::declassify::WireTensor;
+use crate::error::{ProtocolError, Result};
+
+/// Version of the wire format; both sides must speak the same.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Default largest message body, in bytes (1 GiB). The handshake takes the minimum of both sides' values.
+pub const MAX_MESSAGE: u32 = 1 << 30;
+
+/// Largest tensor rank on the wire.
+pub const MAX_RANK: usize = 8;
+
+/// A convolution layer held by the accelerator. Weights have shape `[out_ch, in_ch, k, k]`, the bias `[out_ch]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConvLayerSpec {
+    pub id: u32,
+    pub in_ch: u32,
+    pub out_ch: u32,
+    pub k: u32,
+    pub stride: u32,
+    pub pad: u32,
+    pub bias: bool,
+}
+
+impl ConvLayerSpec {
+    /// `[out_ch, in_ch, k, k]`.
+    pub fn weight_shape(&self) -> [usize; 4] {
+        [
+            self.out_ch as usize,
+            self.in_ch as usize,
+            self.k as usize,
+            self.k as usize,
+        ]
+    }
+
+    /// `[out_ch]`.
+    pub fn bias_shape(&self) -> [usize; 1] {
+        [self.out_ch as usize]
+    }
+}
+
+/// The optimizer of the convolution weights held by the accelerator (the learning rate comes with each `Step`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OptimizerSpec {
+    /// SGD with momentum, optional Nesterov, L2 weight decay.
+    Sgd {
+        momentum: f32,
+        nesterov: bool,
+        weight_decay: f32,
+    },
+    /// AdamW with decoupled weight decay.
+    AdamW {
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+    },
+}
+
+/// A message from the trusted runtime to the accelerator.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Request {
+    /// Opens the conversation: the protocol version and the largest message this side accepts.
+    Hello { version: u32, max_message: u32 },
+    /// The convolution layers, their public initial weights (and biases, one per layer in order) and the optimizer.
+    Register {
+        layers: Vec<ConvLayerSpec>,
+        weights: Vec<(WireTensor, Option<WireTensor>)>,
+        optimizer: OptimizerSpec,
+    },
+    /// `Y_U = conv(X_U, W) (+ b)`; with `train` the accelerator keeps `X_U` for the weight gradient.
+    ConvForward {
+        layer: u32,
+        x_u: WireTensor,
+        train: bool,
+    },
+    /// Backward from `∇Y`: the accelerator accumulates `∇W_U`, `∇b` and returns `∇X` when `need_dx`.
+    ConvBackward {
+        layer: u32,
+        dy: WireTensor,
+        need_dx: bool,
+    },
+    /// The trusted part `∇W_T` of the weight gradient, added to the accelerator's `∇W_U`.
+    WeightGradPart { layer: u32, dw_t: WireTensor },
+    /// One optimizer step on every registered layer, then the gradients are cleared.
+    Step { lr: f32 },
+    /// The current weights (and bias) of a layer.
+    FetchWeights { layer: u32 },
+    /// `Y_U` of `layer` computed on the residual already sent for `from_layer` (a ResNet shortcut conv reads
+    /// its block's input, so its decomposition and its `X_U` transfer are shared with the block's first conv).
+    ConvForwardShared {
+        layer: u32,
+        from_layer: u32,
+        train: bool,
+    },
+    /// The merged weight (and bias) gradient of a layer, answered with `Weights` (for verification).
+    FetchGrads { layer: u32 },
+    /// Ends the conversation; the accelerator answers `Ok` and stops.
+    Shutdown,
+}
+
+/// A message from the accelerator to the trusted runtime.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reply {
+    /// Accepts the handshake: the accelerator's version and the negotiated maximum message size.
+    HelloAck { version: u32, max_message: u32 },
+    /// Done (Register, WeightGradPart, Step, Shutdown).
+    Ok,
+    /// `Y_U` of a `ConvForward`.
+    ConvOutput { layer: u32, y_u: WireTensor },
+    /// `∇X` of a `ConvBackward` (`None` when it was not asked for).
+    InputGrad { layer: u32, dx: Option<WireTensor> },
+    /// The weights (and bias) of a layer.
+    Weights {
+        layer: u32,
+        w: WireTensor,
+        b: Option<WireTensor>,
+    },
+    /// The request failed on the accelerator.
+    Error { message: String },
+}
+
+/// The kind of a message, with its type byte on the wire. Requests use 0x01..=0x7f, replies 0x81..=0xff, so a
+/// frame names its direction and new kinds can be added without changing the old ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MessageKind {
+    Hello,
+    Register,
+    ConvForward,
+    ConvBackward,
+    WeightGradPart,
+    Step,
+    FetchWeights,
+    Shutdown,
+    ConvForwardShared,
+    FetchGrads,
+    HelloAck,
+    Ok,
+    ConvOutput,
+    InputGrad,
+    Weights,
+    Error,
+}
+
+impl MessageKind {
+    /// Every kind, requests first.
+    pub const ALL: [MessageKind; 16] = [
+        MessageKind::Hello,
+        MessageKind::Register,
+        MessageKind::ConvForward,
+        MessageKind::ConvBackward,
+        MessageKind::WeightGradPart,
+        MessageKind::Step,
+        MessageKind::FetchWeights,
+        MessageKind::Shutdown,
+        MessageKind::ConvForwardShared,
+        MessageKind::FetchGrads,
+        MessageKind::HelloAck,
+        MessageKind::Ok,
+        MessageKind::ConvOutput,
+        MessageKind::InputGrad,
+        MessageKind::Weights,
+        MessageKind::Error,
+    ];
+
+    /// The type byte.
+    pub fn code(self) -> u8 {
+        match self {
+            MessageKind::Hello => 0x01,
+            MessageKind::Register => 0x02,
+            MessageKind::ConvForward => 0x03,
+            MessageKind::ConvBackward => 0x04,
+            MessageKind::WeightGradPart => 0x05,
+            MessageKind::Step => 0x06,
+            MessageKind::FetchWeights => 0x07,
+            MessageKind::Shutdown => 0x08,
+            MessageKind::ConvForwardShared => 0x09,
+            MessageKind::FetchGrads => 0x0a,
+            MessageKind::HelloAck => 0x81,
+            MessageKind::Ok => 0x82,
+            MessageKind::ConvOutput => 0x83,
+            MessageKind::InputGrad => 0x84,
+            MessageKind::Weights => 0x85,
+            MessageKind::Error => 0x86,
+        }
+    }
+
+    /// The kind of a type byte, if known.
+    pub fn from_code(code: u8) -> Option<Self> {
+        MessageKind::ALL.into_iter().find(|k| k.code() == code)
+    }
+
+    /// True for requests (trusted runtime → accelerator).
+    pub fn is_request(self) -> bool {
+        self.code() < 0x80
+    }
+
+    /// The variant name.
+    pub fn name(self) -> &'static str {
+        match self {
+            MessageKind::Hello => "Hello",
+            MessageKind::Register => "Register",
+            MessageKind::ConvForward => "ConvForward",
+            MessageKind::ConvBackward => "ConvBackward",
+            MessageKind::WeightGradPart => "WeightGradPart",
+            MessageKind::Step => "Step",
+            MessageKind::FetchWeights => "FetchWeights",
+            MessageKind::Shutdown => "Shutdown",
+            MessageKind::ConvForwardShared => "ConvForwardShared",
+            MessageKind::FetchGrads => "FetchGrads",
+            MessageKind::HelloAck => "HelloAck",
+            MessageKind::Ok => "Ok",
+            MessageKind::ConvOutput => "ConvOutput",
+            MessageKind::InputGrad => "InputGrad",
+            MessageKind::Weights => "Weights",
+            MessageKind::Error => "Error",
+        }
+    }
+}
+
+impl std::fmt::Display for MessageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Request {
+    /// The message kind.
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            Request::Hello { .. } => MessageKind::Hello,
+            Request::Register { .. } => MessageKind::Register,
+            Request::ConvForward { .. } => MessageKind::ConvForward,
+            Request::ConvBackward { .. } => MessageKind::ConvBackward,
+            Request::WeightGradPart { .. } => MessageKind::WeightGradPart,
+            Request::Step { .. } => MessageKind::Step,
+            Request::FetchWeights { .. } => MessageKind::FetchWeights,
+            Request::Shutdown => MessageKind::Shutdown,
+            Request::ConvForwardShared { .. } => MessageKind::ConvForwardShared,
+            Request::FetchGrads { .. } => MessageKind::FetchGrads,
+        }
+    }
+
+    /// The layer the request is about, if any.
+    pub fn layer(&self) -> Option<u32> {
+        match self {
+            Request::ConvForward { layer, .. }
+            | Request::ConvBackward { layer, .. }
+            | Request::WeightGradPart { layer, .. }
+            | Request::FetchWeights { layer }
+            | Request::ConvForwardShared { layer, .. }
+            | Request::FetchGrads { layer } => Some(*layer),
+            _ => None,
+        }
+    }
+
+    /// A short description for error messages, e.g. `ConvForward(layer 3)`.
+    pub fn describe(&self) -> String {
+        describe(self.kind(), self.layer())
+    }
+
+    /// The tensors the request carries, with their field names (`x_u`, `dy`, `dw_t`, `w`, `b`).
+    pub fn tensors(&self) -> Vec<(&'static str, &WireTensor)> {
+        match self {
+            Request::Register { weights, .. } => weights
+                .iter()
+                .flat_map(|(w, b)| std::iter::once(("w", w)).chain(b.iter().map(|b| ("b", b))))
+                .collect(),
+            Request::ConvForward { x_u, .. } => vec![("x_u", x_u)],
+            Request::ConvBackward { dy, .. } => vec![("dy", dy)],
+            Request::WeightGradPart { dw_t, .. } => vec![("dw_t", dw_t)],
+            _ => Vec::new(),
+        }
+    }
+
+    /// The tensors the request carries, by value, with their field names.
+    pub fn into_tensors(self) -> Vec<(&'static str, WireTensor)> {
+        match self {
+            Request::Register { weights, .. } => weights
+                .into_iter()
+                .flat_map(|(w, b)| std::iter::once(("w", w)).chain(b.map(|b| ("b", b))))
+                .collect(),
+            Request::ConvForward { x_u, .. } => vec![("x_u", x_u)],
+            Request::ConvBackward { dy, .. } => vec![("dy", dy)],
+            Request::WeightGradPart { dw_t, .. } => vec![("dw_t", dw_t)],
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl Reply {
+    /// An error reply.
+    pub fn error(message: impl Into<String>) -> Self {
+        Reply::Error {
+            message: message.into(),
+        }
+    }
+
+    /// The message kind.
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            Reply::HelloAck { .. } => MessageKind::HelloAck,
+            Reply::Ok => MessageKind::Ok,
+            Reply::ConvOutput { .. } => MessageKind::ConvOutput,
+            Reply::InputGrad { .. } => MessageKind::InputGrad,
+            Reply::Weights { .. } => MessageKind::Weights,
+            Reply::Error { .. } => MessageKind::Error,
+        }
+    }
+
+    /// The layer the reply is about, if any.
+    pub fn layer(&self) -> Option<u32> {
+        match self {
+            Reply::ConvOutput { layer, .. }
+            | Reply::InputGrad { layer, .. }
+            | Reply::Weights { layer, .. } => Some(*layer),
+            _ => None,
+        }
+    }
+
+    /// A short description for error messages, e.g. `ConvOutput(layer 3)`.
+    pub fn describe(&self) -> String {
+        describe(self.kind(), self.layer())
+    }
+
+    /// The tensors the reply carries, with their field names (`y_u`, `dx`, `w`, `b`).
+    pub fn tensors(&self) -> Vec<(&'static str, &WireTensor)> {
+        match self {
+            Reply::ConvOutput { y_u, .. } => vec![("y_u", y_u)],
+            Reply::InputGrad { dx, .. } => dx.iter().map(|d| ("dx", d)).collect(),
+            Reply::Weights { w, b, .. } => std::iter::once(("w", w))
+                .chain(b.iter().map(|b| ("b", b)))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The tensors the reply carries, by value, with their field names.
+    pub fn into_tensors(self) -> Vec<(&'static str, WireTensor)> {
+        match self {
+            Reply::ConvOutput { y_u, .. } => vec![("y_u", y_u)],
+            Reply::InputGrad { dx, .. } => dx.into_iter().map(|d| ("dx", d)).collect(),
+            Reply::Weights { w, b, .. } => std::iter::once(("w", w))
+                .chain(b.map(|b| ("b", b)))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// `Ok(())` for `Reply::Ok`; an error naming what came otherwise.
+    pub fn into_ok(self) -> Result<()> {
+        match self {
+            Reply::Ok => Ok(()),
+            other => Err(unexpected("Ok", other)),
+        }
+    }
+
+    /// `Y_U` of a `ConvOutput` for `layer`; an error naming what came otherwise.
+    pub fn into_conv_output(self, layer: u32) -> Result<WireTensor> {
+        match self {
+            Reply::ConvOutput { layer: l, y_u } if l == layer => Ok(y_u),
+            other => Err(unexpected(
+                &describe(MessageKind::ConvOutput, Some(layer)),
+                other,
+            )),
+        }
+    }
+
+    /// `∇X` of an `InputGrad` for `layer`; an error naming what came otherwise.
+    pub fn into_input_grad(self, layer: u32) -> Result<Option<WireTensor>> {
+        match self {
+            Reply::InputGrad { layer: l, dx } if l == layer => Ok(dx),
+            other => Err(unexpected(
+                &describe(MessageKind::InputGrad, Some(layer)),
+                other,
+            )),
+        }
+    }
+
+    /// Weights and bias of a `Weights` reply for `layer`; an error naming what came otherwise.
+    pub fn into_weights(self, layer: u32) -> Result<(WireTensor, Option<WireTensor>)> {
+        match self {
+            Reply::Weights { layer: l, w, b } if l == layer => Ok((w, b)),
+            other => Err(unexpected(
+                &describe(MessageKind::Weights, Some(layer)),
+                other,
+            )),
+        }
+    }
+}
+
+fn unexpected(expected: &str, got: Reply) -> ProtocolError {
+    match got {
+        Reply::Error { message } => ProtocolError::Remote(message),
+        other => ProtocolError::UnexpectedReply {
+            expected: expected.to_string(),
+            got: other.describe(),
+        },
+    }
+}
+
+fn describe(kind: MessageKind, layer: Option<u32>) -> String {
+    match layer {
+        Some(l) => format!("{kind}(layer {l})"),
+        None => kind.name().to_string(),
+    }
+}
+
+/// A request or a reply: what a frame holds, told apart by its type byte.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Message {
+    Request(Request),
+    Reply(Reply),
+}
+
+impl Message {
+    /// The message kind.
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            Message::Request(r) => r.kind(),
+            Message::Reply(r) => r.kind(),
+        }
+    }
+
+    /// The layer the message is about, if any.
+    pub fn layer(&self) -> Option<u32> {
+        match self {
+            Message::Request(r) => r.layer(),
+            Message::Reply(r) => r.layer(),
+        }
+    }
+
+    /// The tensors the message carries, by value, with their field names.
+    pub fn into_tensors(self) -> Vec<(&'static str, WireTensor)> {
+        match self {
+            Message::Request(r) => r.into_tensors(),
+            Message::Reply(r) => r.into_tensors(),
+        }
+    }
+}

@@ -1,0 +1,770 @@
+//! Transports: how encoded frames travel between the two sides.
+//!
+//! Every transport carries the same frames (a `u32` little-endian body length, then the body; see
+//! [`codec`](crate::codec)), so one code path serves every deployment: [`InProcTransport`] (two channels between
+//! threads of one process, the default), [`UnixTransport`] (another process on the same machine) and
+//! [`TcpTransport`] (another machine). [`Address`] parses `tcp://HOST:PORT` and `unix:PATH`; [`connect`] and
+//! [`Listener`] open the socket transports from one.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+#[cfg(unix)]
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use crate::codec::LEN_PREFIX;
+use crate::error::{ProtocolError, Result};
+use crate::message::MAX_MESSAGE;
+
+/// A bidirectional carrier of frames (length prefix included).
+pub trait Transport {
+    /// Sends one complete frame.
+    fn send(&mut self, frame: &[u8]) -> Result<()>;
+
+    /// Sends the frame held in `frame`. A transport may take the buffer instead of copying it (leaving `frame`
+    /// empty); the default copies through [`send`](Self::send) and leaves it as it was.
+    fn send_vec(&mut self, frame: &mut Vec<u8>) -> Result<()> {
+        self.send(frame)
+    }
+
+    /// Receives one complete frame into `buf`, replacing its contents (and reusing its allocation where the
+    /// transport reads bytes). A frame whose length prefix exceeds the maximum message size is refused before
+    /// anything is allocated for it.
+    fn recv_into(&mut self, buf: &mut Vec<u8>) -> Result<()>;
+
+    /// Receives one complete frame.
+    fn recv(&mut self) -> Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.recv_into(&mut buf)?;
+        Ok(buf)
+    }
+
+    /// The largest body accepted by [`recv_into`](Self::recv_into) (after the handshake: the negotiated one).
+    fn max_message(&self) -> u32;
+
+    /// Sets the largest body accepted by [`recv_into`](Self::recv_into).
+    fn set_max_message(&mut self, max: u32);
+
+    /// The peer, for messages (e.g. `tcp://127.0.0.1:7000`).
+    fn peer(&self) -> String;
+}
+
+impl<T: Transport + ?Sized> Transport for &mut T {
+    fn send(&mut self, frame: &[u8]) -> Result<()> {
+        (**self).send(frame)
+    }
+    fn send_vec(&mut self, frame: &mut Vec<u8>) -> Result<()> {
+        (**self).send_vec(frame)
+    }
+    fn recv_into(&mut self, buf: &mut Vec<u8>) -> Result<()> {
+        (**self).recv_into(buf)
+    }
+    fn max_message(&self) -> u32 {
+        (**self).max_message()
+    }
+    fn set_max_message(&mut self, max: u32) {
+        (**self).set_max_message(max)
+    }
+    fn peer(&self) -> String {
+        (**self).peer()
+    }
+}
+
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn send(&mut self, frame: &[u8]) -> Result<()> {
+        (**self).send(frame)
+    }
+    fn send_vec(&mut self, frame: &mut Vec<u8>) -> Result<()> {
+        (**self).send_vec(frame)
+    }
+    fn recv_into(&mut self, buf: &mut Vec<u8>) -> Result<()> {
+        (**self).recv_into(buf)
+    }
+    fn max_message(&self) -> u32 {
+        (**self).max_message()
+    }
+    fn set_max_message(&mut self, max: u32) {
+        (**self).set_max_message(max)
+    }
+    fn peer(&self) -> String {
+        (**self).peer()
+    }
+}
+
+/// Settings of a transport. `None` timeouts wait forever.
+#[derive(Clone, Debug)]
+pub struct TransportOptions {
+    /// Longest wait for the next bytes of a frame (the whole frame for [`InProcTransport`]).
+    pub read_timeout: Option<Duration>,
+    /// Longest wait for the peer to take the bytes of a frame (socket transports).
+    pub write_timeout: Option<Duration>,
+    /// Longest wait to connect (socket transports).
+    pub connect_timeout: Option<Duration>,
+    /// Largest body accepted before the handshake negotiates one.
+    pub max_message: u32,
+}
+
+impl Default for TransportOptions {
+    fn default() -> Self {
+        TransportOptions {
+            read_timeout: None,
+            write_timeout: None,
+            connect_timeout: Some(Duration::from_secs(30)),
+            max_message: MAX_MESSAGE,
+        }
+    }
+}
+
+impl TransportOptions {
+    /// Options with the same read and write timeout.
+    pub fn with_timeout(timeout: Duration) -> Self {
+        TransportOptions {
+            read_timeout: Some(timeout),
+            write_timeout: Some(timeout),
+            connect_timeout: Some(timeout),
+            ..TransportOptions::default()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// In-process
+
+/// One end of an in-process transport: frames travel as `Vec<u8>` over two std mpsc channels, moved without a
+/// copy by [`Transport::send_vec`].
+pub struct InProcTransport {
+    tx: Sender<Vec<u8>>,
+    rx: Receiver<Vec<u8>>,
+    read_timeout: Option<Duration>,
+    max_message: u32,
+    name: &'static str,
+}
+
+/// A connected pair of in-process ends: `(client end, server end)`. Either can move to another thread.
+pub fn inproc_pair() -> (InProcTransport, InProcTransport) {
+    inproc_pair_with(&TransportOptions::default())
+}
+
+/// [`inproc_pair`] with options (the read timeout and the maximum message size apply to both ends).
+pub fn inproc_pair_with(opts: &TransportOptions) -> (InProcTransport, InProcTransport) {
+    let (tx_a, rx_b) = mpsc::channel();
+    let (tx_b, rx_a) = mpsc::channel();
+    let end = |tx, rx, name| InProcTransport {
+        tx,
+        rx,
+        read_timeout: opts.read_timeout,
+        max_message: opts.max_message,
+        name,
+    };
+    (
+        end(tx_a, rx_a, "inproc:accelerator"),
+        end(tx_b, rx_b, "inproc:trusted"),
+    )
+}
+
+impl InProcTransport {
+    /// Sets the longest wait for a frame (`None`: forever).
+    pub fn set_read_timeout(&mut self, timeout: Option<Duration>) {
+        self.read_timeout = timeout;
+    }
+
+    fn closed(&self, detail: &str) -> ProtocolError {
+        ProtocolError::Closed {
+            detail: format!("{} ({})", detail, self.name),
+            mid_frame: false,
+        }
+    }
+}
+
+impl Transport for InProcTransport {
+    fn send(&mut self, frame: &[u8]) -> Result<()> {
+        self.send_vec(&mut frame.to_vec())
+    }
+
+    fn send_vec(&mut self, frame: &mut Vec<u8>) -> Result<()> {
+        self.tx
+            .send(std::mem::take(frame))
+            .map_err(|_| self.closed("peer is gone, cannot send"))
+    }
+
+    fn recv_into(&mut self, buf: &mut Vec<u8>) -> Result<()> {
+        let frame = match self.read_timeout {
+            None => self
+                .rx
+                .recv()
+                .map_err(|_| self.closed("peer closed before replying"))?,
+            Some(t) => self.rx.recv_timeout(t).map_err(|e| match e {
+                RecvTimeoutError::Timeout => ProtocolError::Timeout {
+                    detail: format!("no frame within {t:?} ({})", self.name),
+                },
+                RecvTimeoutError::Disconnected => self.closed("peer closed before replying"),
+            })?,
+        };
+        if frame.len() >= LEN_PREFIX {
+            let prefix = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]);
+            if prefix > self.max_message {
+                return Err(ProtocolError::TooLarge {
+                    len: u64::from(prefix),
+                    max: u64::from(self.max_message),
+                });
+            }
+        }
+        *buf = frame;
+        Ok(())
+    }
+
+    fn max_message(&self) -> u32 {
+        self.max_message
+    }
+
+    fn set_max_message(&mut self, max: u32) {
+        self.max_message = max;
+    }
+
+    fn peer(&self) -> String {
+        self.name.to_string()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Byte streams (TCP, Unix sockets)
+
+/// Reads one frame from a byte stream into `buf`. The length prefix is checked against `max` before the body is
+/// allocated; `buf` keeps its allocation when large enough.
+fn read_frame<S: Read>(s: &mut S, buf: &mut Vec<u8>, max: u32, peer: &str) -> Result<()> {
+    let mut prefix = [0u8; LEN_PREFIX];
+    read_full(s, &mut prefix, peer, "the length prefix", true)?;
+    let len = u32::from_le_bytes(prefix);
+    if len > max {
+        return Err(ProtocolError::TooLarge {
+            len: u64::from(len),
+            max: u64::from(max),
+        });
+    }
+    let total = LEN_PREFIX + len as usize;
+    // resize() without clear(): only bytes beyond the old length are zeroed.
+    buf.resize(total, 0);
+    buf[..LEN_PREFIX].copy_from_slice(&prefix);
+    read_full(s, &mut buf[LEN_PREFIX..], peer, "the frame body", false)
+}
+
+/// Fills `out`; tells a close at the frame boundary (nothing read, `at_boundary`) from a close mid-frame.
+fn read_full<S: Read>(
+    s: &mut S,
+    out: &mut [u8],
+    peer: &str,
+    what: &str,
+    at_boundary: bool,
+) -> Result<()> {
+    let mut got = 0;
+    while got < out.len() {
+        match s.read(&mut out[got..]) {
+            Ok(0) => {
+                let clean = at_boundary && got == 0;
+                let detail = if clean {
+                    format!("{peer} closed the connection")
+                } else {
+                    format!(
+                        "{peer} closed the connection mid-frame ({got} of {} bytes of {what})",
+                        out.len()
+                    )
+                };
+                return Err(ProtocolError::Closed {
+                    detail,
+                    mid_frame: !clean,
+                });
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let mid_frame = !(at_boundary && got == 0);
+                return Err(io_error(e, peer, &format!("reading {what}"), mid_frame));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_frame<S: Write>(s: &mut S, frame: &[u8], peer: &str) -> Result<()> {
+    s.write_all(frame)
+        .and_then(|_| s.flush())
+        .map_err(|e| io_error(e, peer, "sending a frame", true))
+}
+
+fn io_error(e: io::Error, peer: &str, doing: &str, mid_frame: bool) -> ProtocolError {
+    use io::ErrorKind as K;
+    match e.kind() {
+        K::WouldBlock | K::TimedOut => ProtocolError::Timeout {
+            detail: format!("{doing} ({peer})"),
+        },
+        K::UnexpectedEof
+        | K::BrokenPipe
+        | K::ConnectionReset
+        | K::ConnectionAborted
+        | K::NotConnected => ProtocolError::Closed {
+            detail: format!("{e} while {doing} ({peer})"),
+            mid_frame,
+        },
+        _ => ProtocolError::Io {
+            context: format!("{doing} ({peer})"),
+            source: e,
+        },
+    }
+}
+
+fn setup_error(e: io::Error, what: &str) -> ProtocolError {
+    ProtocolError::Io {
+        context: what.to_string(),
+        source: e,
+    }
+}
+
+/// A TCP connection (TCP_NODELAY set).
+pub struct TcpTransport {
+    stream: TcpStream,
+    max_message: u32,
+    peer: String,
+}
+
+impl TcpTransport {
+    /// Connects to `HOST:PORT` (without the `tcp://` scheme).
+    pub fn connect(host_port: &str, opts: &TransportOptions) -> Result<Self> {
+        let what = format!("connecting to tcp://{host_port}");
+        let addrs: Vec<SocketAddr> = host_port
+            .to_socket_addrs()
+            .map_err(|e| setup_error(e, &what))?
+            .collect();
+        let mut last = None;
+        for a in &addrs {
+            let r = match opts.connect_timeout {
+                Some(t) => TcpStream::connect_timeout(a, t),
+                None => TcpStream::connect(a),
+            };
+            match r {
+                Ok(s) => return Self::from_stream(s, opts),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(setup_error(
+            last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address")),
+            &what,
+        ))
+    }
+
+    /// Wraps a connected stream: sets TCP_NODELAY and the timeouts of `opts`.
+    pub fn from_stream(stream: TcpStream, opts: &TransportOptions) -> Result<Self> {
+        let peer = stream
+            .peer_addr()
+            .map(|a| format!("tcp://{a}"))
+            .unwrap_or_else(|_| "tcp peer".to_string());
+        stream
+            .set_nodelay(true)
+            .map_err(|e| setup_error(e, "setting TCP_NODELAY"))?;
+        stream
+            .set_read_timeout(opts.read_timeout)
+            .map_err(|e| setup_error(e, "setting the read timeout"))?;
+        stream
+            .set_write_timeout(opts.write_timeout)
+            .map_err(|e| setup_error(e, "setting the write timeout"))?;
+        Ok(TcpTransport {
+            stream,
+            max_message: opts.max_message,
+            peer,
+        })
+    }
+
+    /// The underlying stream.
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+impl Transport for TcpTransport {
+    fn send(&mut self, frame: &[u8]) -> Result<()> {
+        write_frame(&mut self.stream, frame, &self.peer)
+    }
+    fn recv_into(&mut self, buf: &mut Vec<u8>) -> Result<()> {
+        read_frame(&mut self.stream, buf, self.max_message, &self.peer)
+    }
+    fn max_message(&self) -> u32 {
+        self.max_message
+    }
+    fn set_max_message(&mut self, max: u32) {
+        self.max_message = max;
+    }
+    fn peer(&self) -> String {
+        self.peer.clone()
+    }
+}
+
+/// A Unix domain socket connection.
+#[cfg(unix)]
+pub struct UnixTransport {
+    stream: UnixStream,
+    max_message: u32,
+    peer: String,
+}
+
+#[cfg(unix)]
+impl UnixTransport {
+    /// Connects to the socket at `path`.
+    pub fn connect(path: impl AsRef<std::path::Path>, opts: &TransportOptions) -> Result<Self> {
+        let path = path.as_ref();
+        let stream = UnixStream::connect(path)
+            .map_err(|e| setup_error(e, &format!("connecting to unix:{}", path.display())))?;
+        let mut t = Self::from_stream(stream, opts)?;
+        t.peer = format!("unix:{}", path.display());
+        Ok(t)
+    }
+
+    /// Wraps a connected stream and sets the timeouts of `opts`.
+    pub fn from_stream(stream: UnixStream, opts: &TransportOptions) -> Result<Self> {
+        let peer = stream
+            .peer_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+            .unwrap_or_else(|| "unix socket peer".to_string());
+        stream
+            .set_read_timeout(opts.read_timeout)
+            .map_err(|e| setup_error(e, "setting the read timeout"))?;
+        stream
+            .set_write_timeout(opts.write_timeout)
+            .map_err(|e| setup_error(e, "setting the write timeout"))?;
+        Ok(UnixTransport {
+            stream,
+            max_message: opts.max_message,
+            peer,
+        })
+    }
+
+    /// The underlying stream.
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+}
+
+#[cfg(unix)]
+impl Transport for UnixTransport {
+    fn send(&mut self, frame: &[u8]) -> Result<()> {
+        write_frame(&mut self.stream, frame, &self.peer)
+    }
+    fn recv_into(&mut self, buf: &mut Vec<u8>) -> Result<()> {
+        read_frame(&mut self.stream, buf, self.max_message, &self.peer)
+    }
+    fn max_message(&self) -> u32 {
+        self.max_message
+    }
+    fn set_max_message(&mut self, max: u32) {
+        self.max_message = max;
+    }
+    fn peer(&self) -> String {
+        self.peer.clone()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Addresses, connecting and listening
+
+/// Where an accelerator listens: `tcp://HOST:PORT` or `unix:PATH`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Address {
+    /// `HOST:PORT` (a name, an IPv4 address or a bracketed IPv6 address).
+    Tcp(String),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+impl Address {
+    /// Parses `tcp://HOST:PORT` or `unix:PATH` (also `unix://PATH`).
+    pub fn parse(s: &str) -> Result<Self> {
+        let bad = |detail: &str| ProtocolError::Address {
+            address: s.to_string(),
+            detail: detail.to_string(),
+        };
+        if let Some(hp) = s.strip_prefix("tcp://") {
+            let (host, port) = hp
+                .rsplit_once(':')
+                .ok_or_else(|| bad("expected tcp://HOST:PORT"))?;
+            if host.is_empty() || host == "[]" {
+                return Err(bad("empty host"));
+            }
+            if host.contains('/')
+                || host.contains(':') && !(host.starts_with('[') && host.ends_with(']'))
+            {
+                return Err(bad(
+                    "bad host (write IPv6 addresses in brackets: tcp://[::1]:7000)",
+                ));
+            }
+            port.parse::<u16>()
+                .map_err(|_| bad(&format!("bad port {port:?} (expected 0..=65535)")))?;
+            Ok(Address::Tcp(hp.to_string()))
+        } else if let Some(p) = s.strip_prefix("unix:") {
+            let p = p.strip_prefix("//").unwrap_or(p);
+            if p.is_empty() {
+                return Err(bad("empty socket path"));
+            }
+            Ok(Address::Unix(PathBuf::from(p)))
+        } else {
+            Err(bad("expected tcp://HOST:PORT or unix:PATH"))
+        }
+    }
+}
+
+impl std::str::FromStr for Address {
+    type Err = ProtocolError;
+    fn from_str(s: &str) -> Result<Self> {
+        Address::parse(s)
+    }
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Tcp(hp) => write!(f, "tcp://{hp}"),
+            Address::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Connects to an accelerator at `addr`.
+pub fn connect(addr: &Address, opts: &TransportOptions) -> Result<Box<dyn Transport + Send>> {
+    match addr {
+        Address::Tcp(hp) => Ok(Box::new(TcpTransport::connect(hp, opts)?)),
+        #[cfg(unix)]
+        Address::Unix(p) => Ok(Box::new(UnixTransport::connect(p, opts)?)),
+        #[cfg(not(unix))]
+        Address::Unix(_) => Err(ProtocolError::Address {
+            address: addr.to_string(),
+            detail: "Unix sockets are not available on this platform".into(),
+        }),
+    }
+}
+
+/// A listening socket that hands out connected transports (the accelerator side).
+pub struct Listener {
+    inner: ListenerInner,
+    opts: TransportOptions,
+}
+
+enum ListenerInner {
+    Tcp(TcpListener),
+    #[cfg(unix)]
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Listens at `addr` (`tcp://HOST:0` picks a free port; see [`local_address`](Self::local_address)). A Unix
+    /// socket file is removed when the listener is dropped.
+    pub fn bind(addr: &Address, opts: TransportOptions) -> Result<Self> {
+        let inner = match addr {
+            Address::Tcp(hp) => ListenerInner::Tcp(
+                TcpListener::bind(hp.as_str())
+                    .map_err(|e| setup_error(e, &format!("listening on {addr}")))?,
+            ),
+            #[cfg(unix)]
+            Address::Unix(p) => ListenerInner::Unix(
+                UnixListener::bind(p)
+                    .map_err(|e| setup_error(e, &format!("listening on {addr}")))?,
+                p.clone(),
+            ),
+            #[cfg(not(unix))]
+            Address::Unix(_) => {
+                return Err(ProtocolError::Address {
+                    address: addr.to_string(),
+                    detail: "Unix sockets are not available on this platform".into(),
+                })
+            }
+        };
+        Ok(Listener { inner, opts })
+    }
+
+    /// The address actually listened on (with the port chosen for `tcp://HOST:0`).
+    pub fn local_address(&self) -> Result<Address> {
+        match &self.inner {
+            ListenerInner::Tcp(l) => Ok(Address::Tcp(
+                l.local_addr()
+                    .map_err(|e| setup_error(e, "reading the local address"))?
+                    .to_string(),
+            )),
+            #[cfg(unix)]
+            ListenerInner::Unix(_, p) => Ok(Address::Unix(p.clone())),
+        }
+    }
+
+    /// Waits for the next connection.
+    pub fn accept(&self) -> Result<Box<dyn Transport + Send>> {
+        match &self.inner {
+            ListenerInner::Tcp(l) => {
+                let (s, _) = l.accept().map_err(|e| setup_error(e, "accepting"))?;
+                s.set_nonblocking(false)
+                    .map_err(|e| setup_error(e, "setting the connection blocking"))?;
+                Ok(Box::new(TcpTransport::from_stream(s, &self.opts)?))
+            }
+            #[cfg(unix)]
+            ListenerInner::Unix(l, _) => {
+                let (s, _) = l.accept().map_err(|e| setup_error(e, "accepting"))?;
+                s.set_nonblocking(false)
+                    .map_err(|e| setup_error(e, "setting the connection blocking"))?;
+                Ok(Box::new(UnixTransport::from_stream(s, &self.opts)?))
+            }
+        }
+    }
+
+    /// Waits at most `timeout` for the next connection (a [`ProtocolError::Timeout`] after it).
+    pub fn accept_timeout(&self, timeout: Duration) -> Result<Box<dyn Transport + Send>> {
+        self.set_nonblocking(true)?;
+        let deadline = Instant::now() + timeout;
+        let r = loop {
+            match self.accept() {
+                Err(ProtocolError::Io { source, .. })
+                    if source.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(ProtocolError::Io { source, .. })
+                    if source.kind() == io::ErrorKind::WouldBlock =>
+                {
+                    break Err(ProtocolError::Timeout {
+                        detail: format!("no connection within {timeout:?}"),
+                    })
+                }
+                other => break other,
+            }
+        };
+        self.set_nonblocking(false)?;
+        r
+    }
+
+    fn set_nonblocking(&self, on: bool) -> Result<()> {
+        let r = match &self.inner {
+            ListenerInner::Tcp(l) => l.set_nonblocking(on),
+            #[cfg(unix)]
+            ListenerInner::Unix(l, _) => l.set_nonblocking(on),
+        };
+        r.map_err(|e| setup_error(e, "setting the listener (non)blocking"))
+    }
+}
+
+#[cfg(unix)]
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let ListenerInner::Unix(_, p) = &self.inner {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_addresses() {
+        assert_eq!(
+            Address::parse("tcp://127.0.0.1:7000").unwrap(),
+            Address::Tcp("127.0.0.1:7000".into())
+        );
+        assert_eq!(
+            Address::parse("tcp://accel.local:0").unwrap(),
+            Address::Tcp("accel.local:0".into())
+        );
+        assert_eq!(
+            Address::parse("tcp://[::1]:7000").unwrap(),
+            Address::Tcp("[::1]:7000".into())
+        );
+        assert_eq!(
+            Address::parse("unix:/tmp/a.sock").unwrap(),
+            Address::Unix("/tmp/a.sock".into())
+        );
+        assert_eq!(
+            Address::parse("unix:///tmp/a.sock").unwrap(),
+            Address::Unix("/tmp/a.sock".into())
+        );
+        assert_eq!(
+            Address::parse("unix:rel.sock").unwrap(),
+            Address::Unix("rel.sock".into())
+        );
+        for a in ["tcp://127.0.0.1:7000", "unix:/tmp/a.sock", "tcp://[::1]:1"] {
+            assert_eq!(Address::parse(a).unwrap().to_string(), a);
+            assert_eq!(a.parse::<Address>().unwrap().to_string(), a);
+        }
+        for bad in [
+            "",
+            "127.0.0.1:7000",
+            "tcp://",
+            "tcp://host",
+            "tcp://:7000",
+            "tcp://host:port",
+            "tcp://host:70000",
+            "tcp://::1:7000",
+            "unix:",
+            "http://x:1",
+        ] {
+            let e = Address::parse(bad).unwrap_err();
+            assert!(matches!(e, ProtocolError::Address { .. }), "{bad}: {e}");
+            assert!(e.to_string().contains(&format!("{bad:?}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn read_frame_tells_clean_close_from_mid_frame() {
+        let mut buf = Vec::new();
+        let e = read_frame(&mut &[][..], &mut buf, 100, "peer").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ProtocolError::Closed {
+                    mid_frame: false,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = read_frame(&mut &[5u8, 0][..], &mut buf, 100, "peer").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ProtocolError::Closed {
+                    mid_frame: true,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = read_frame(&mut &[5u8, 0, 0, 0, 1, 2][..], &mut buf, 100, "peer").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ProtocolError::Closed {
+                    mid_frame: true,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("2 of 5 bytes of the frame body"),
+            "{e}"
+        );
+        read_frame(&mut &[2u8, 0, 0, 0, 7, 8][..], &mut buf, 100, "peer").unwrap();
+        assert_eq!(buf, [2, 0, 0, 0, 7, 8]);
+        // Over the maximum: refused from the prefix alone, the buffer is not grown.
+        let mut small = Vec::new();
+        let e =
+            read_frame(&mut &[0xff, 0xff, 0xff, 0xff][..], &mut small, 100, "peer").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ProtocolError::TooLarge {
+                    len: 0xffff_ffff,
+                    max: 100
+                }
+            ),
+            "{e}"
+        );
+        assert_eq!(small.capacity(), 0);
+    }
+}

@@ -1,0 +1,705 @@
+//! The transports carrying a conversation, the handshake, broken connections, recording.
+//!
+//! Every test is bounded: servers run in threads with read timeouts, sockets live on 127.0.0.1 or in a
+//! temporary directory, and every thread is joined.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use asymml_core::Tensor;
+use asymml_protocol::codec::{decode_request, encode_reply, encode_request};
+use asymml_protocol::*;
+
+const T: Duration = Duration::from_secs(5);
+
+fn opts() -> TransportOptions {
+    TransportOptions::with_timeout(T)
+}
+
+fn x(shape: &[usize]) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec(shape, (0..n).map(|i| (i % 97) as f32 - 48.0).collect()).unwrap()
+}
+
+/// An echo-style accelerator: outputs are the inputs sent back, other requests get `Ok`.
+fn echo(req: Request) -> Reply {
+    match req {
+        Request::ConvForward { layer, x_u, .. } => Reply::ConvOutput { layer, y_u: x_u },
+        Request::ConvBackward { layer, dy, need_dx } => Reply::InputGrad {
+            layer,
+            dx: need_dx.then_some(dy),
+        },
+        Request::FetchWeights { layer } => Reply::Weights {
+            layer,
+            w: accelerator_result(&Tensor::zeros(&[2, 3, 1, 1])),
+            b: Some(accelerator_result(&Tensor::zeros(&[2]))),
+        },
+        Request::Step { lr } if lr < 0.0 => Reply::error(format!("negative learning rate {lr}")),
+        _ => Reply::Ok,
+    }
+}
+
+/// A short conversation covering the request kinds, split and pipelined calls, and a remote error.
+fn exchange<Tr: Transport>(client: &mut Client<Tr>) {
+    let spec = ConvLayerSpec {
+        id: 0,
+        in_ch: 3,
+        out_ch: 2,
+        k: 1,
+        stride: 1,
+        pad: 0,
+        bias: true,
+    };
+    client
+        .call(&Request::Register {
+            layers: vec![spec],
+            weights: vec![(
+                public_weights(&Tensor::zeros(&[2, 3, 1, 1])),
+                Some(public_weights(&Tensor::zeros(&[2]))),
+            )],
+            optimizer: OptimizerSpec::Sgd {
+                momentum: 0.9,
+                nesterov: false,
+                weight_decay: 0.0,
+            },
+        })
+        .unwrap()
+        .into_ok()
+        .unwrap();
+
+    let x_u = x(&[4, 3, 16, 16]);
+    let y = client
+        .call(&Request::ConvForward {
+            layer: 0,
+            x_u: declassify_residual(&x_u),
+            train: true,
+        })
+        .unwrap()
+        .into_conv_output(0)
+        .unwrap()
+        .into_tensor_checked(&[4, 3, 16, 16])
+        .unwrap();
+    assert_eq!(y, x_u);
+
+    // Split: send two requests, then collect both replies in order.
+    let dy = x(&[4, 2, 16, 16]);
+    client
+        .send_request(&Request::ConvBackward {
+            layer: 0,
+            dy: declassify_output_grad(&dy),
+            need_dx: true,
+        })
+        .unwrap();
+    client
+        .send_request(&Request::WeightGradPart {
+            layer: 0,
+            dw_t: declassify_weight_grad(&Tensor::zeros(&[2, 3, 1, 1])),
+        })
+        .unwrap();
+    assert_eq!(client.pending(), 2);
+    let dx = client
+        .recv_reply()
+        .unwrap()
+        .into_input_grad(0)
+        .unwrap()
+        .unwrap();
+    assert_eq!(dx.into_tensor_checked(&[4, 2, 16, 16]).unwrap(), dy);
+    client.recv_reply().unwrap().into_ok().unwrap();
+    assert_eq!(client.pending(), 0);
+    let e = client.recv_reply().unwrap_err();
+    assert!(matches!(e, ProtocolError::Misuse(_)), "{e}");
+
+    client
+        .call(&Request::Step { lr: 0.1 })
+        .unwrap()
+        .into_ok()
+        .unwrap();
+    let e = client.call(&Request::Step { lr: -1.0 }).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Step: accelerator error: negative learning rate -1"
+    );
+    let (w, b) = client
+        .call(&Request::FetchWeights { layer: 0 })
+        .unwrap()
+        .into_weights(0)
+        .unwrap();
+    assert_eq!(w.shape(), &[2, 3, 1, 1]);
+    assert_eq!(b.unwrap().shape(), &[2]);
+    // A reply for the wrong layer is refused by the typed accessor.
+    let e = client
+        .call(&Request::FetchWeights { layer: 0 })
+        .unwrap()
+        .into_weights(1)
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("expected Weights(layer 1), got Weights(layer 0)"),
+        "{e}"
+    );
+}
+
+fn spawn_echo_server<Tr: Transport + Send + 'static>(server: Tr) -> thread::JoinHandle<Result<()>> {
+    thread::spawn(move || serve(server, &mut echo))
+}
+
+#[test]
+fn inproc_exchange() {
+    let (c, s) = inproc_pair_with(&opts());
+    let server = spawn_echo_server(s);
+    let mut client = Client::connect(c).unwrap();
+    assert_eq!(client.max_message(), MAX_MESSAGE);
+    exchange(&mut client);
+    client.shutdown().unwrap();
+    server.join().unwrap().unwrap();
+}
+
+#[cfg(unix)]
+#[test]
+fn unix_socket_exchange() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr =
+        Address::parse(&format!("unix:{}", dir.path().join("accel.sock").display())).unwrap();
+    let listener = Listener::bind(&addr, opts()).unwrap();
+    let server = thread::spawn(move || {
+        let t = listener.accept_timeout(T)?;
+        serve(t, &mut echo)
+    });
+    let mut client = Client::connect(connect(&addr, &opts()).unwrap()).unwrap();
+    exchange(&mut client);
+    client.shutdown().unwrap();
+    server.join().unwrap().unwrap();
+    // The listener removed its socket file.
+    assert!(!dir.path().join("accel.sock").exists());
+}
+
+#[test]
+fn tcp_exchange() {
+    let listener = Listener::bind(&Address::parse("tcp://127.0.0.1:0").unwrap(), opts()).unwrap();
+    let addr = listener.local_address().unwrap();
+    assert!(addr.to_string().starts_with("tcp://127.0.0.1:"));
+    let server = thread::spawn(move || {
+        let t = listener.accept_timeout(T)?;
+        serve(t, &mut echo)
+    });
+    let mut client = Client::connect(connect(&addr, &opts()).unwrap()).unwrap();
+    assert!(client.transport().peer().starts_with("tcp://127.0.0.1:"));
+    exchange(&mut client);
+    client.shutdown().unwrap();
+    server.join().unwrap().unwrap();
+}
+
+#[test]
+fn server_stops_cleanly_when_the_client_hangs_up_between_messages() {
+    let (c, s) = inproc_pair_with(&opts());
+    let server = spawn_echo_server(s);
+    let mut client = Client::connect(c).unwrap();
+    client.call(&Request::Step { lr: 0.1 }).unwrap();
+    drop(client);
+    server.join().unwrap().unwrap();
+}
+
+#[test]
+fn accept_timeout_is_bounded() {
+    let listener = Listener::bind(&Address::parse("tcp://127.0.0.1:0").unwrap(), opts()).unwrap();
+    let t0 = Instant::now();
+    let e = listener
+        .accept_timeout(Duration::from_millis(50))
+        .err()
+        .unwrap();
+    assert!(matches!(e, ProtocolError::Timeout { .. }), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+}
+
+// ----- a hand-written peer --------------------------------------------------------------------------------------
+
+fn read_raw(s: &mut TcpStream) -> Vec<u8> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut f = len.to_vec();
+    f.resize(4 + u32::from_le_bytes(len) as usize, 0);
+    s.read_exact(&mut f[4..]).unwrap();
+    f
+}
+
+fn write_reply(s: &mut TcpStream, r: &Reply) {
+    let mut f = Vec::new();
+    encode_reply(r, MAX_MESSAGE, &mut f).unwrap();
+    s.write_all(&f).unwrap();
+}
+
+/// A TCP "accelerator" that accepts the handshake, then runs `after` on the raw stream.
+fn raw_server(after: impl FnOnce(TcpStream) + Send + 'static) -> (String, thread::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let h = thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        let hello = decode_request(&read_raw(&mut s), MAX_MESSAGE).unwrap();
+        assert!(matches!(hello, Request::Hello { .. }));
+        write_reply(
+            &mut s,
+            &Reply::HelloAck {
+                version: PROTOCOL_VERSION,
+                max_message: MAX_MESSAGE,
+            },
+        );
+        after(s);
+    });
+    (addr, h)
+}
+
+fn forward(layer: u32) -> Request {
+    Request::ConvForward {
+        layer,
+        x_u: declassify_residual(&x(&[1, 2, 3, 3])),
+        train: false,
+    }
+}
+
+#[test]
+fn peer_closing_mid_frame_is_a_clean_error() {
+    let (addr, h) = raw_server(|mut s| {
+        let _ = read_raw(&mut s);
+        let mut f = Vec::new();
+        encode_reply(
+            &Reply::ConvOutput {
+                layer: 1,
+                y_u: accelerator_result(&x(&[1, 2, 3, 3])),
+            },
+            MAX_MESSAGE,
+            &mut f,
+        )
+        .unwrap();
+        s.write_all(&f[..f.len() / 2]).unwrap();
+        // Dropping `s` closes the connection mid-frame.
+    });
+    let mut client = Client::connect(TcpTransport::connect(&addr, &opts()).unwrap()).unwrap();
+    let e = client.call(&forward(1)).unwrap_err();
+    h.join().unwrap();
+    let s = e.to_string();
+    assert!(e.is_closed(), "{s}");
+    assert!(
+        matches!(
+            e.root(),
+            ProtocolError::Closed {
+                mid_frame: true,
+                ..
+            }
+        ),
+        "{s}"
+    );
+    assert!(
+        s.starts_with("ConvForward(layer 1): accelerator connection closed"),
+        "{s}"
+    );
+    assert!(s.contains("mid-frame"), "{s}");
+}
+
+#[test]
+fn peer_closing_before_replying_is_a_clean_error() {
+    let (addr, h) = raw_server(|mut s| {
+        let _ = read_raw(&mut s);
+    });
+    let mut client = Client::connect(TcpTransport::connect(&addr, &opts()).unwrap()).unwrap();
+    let e = client.call(&forward(2)).unwrap_err();
+    h.join().unwrap();
+    let s = e.to_string();
+    assert!(
+        s.starts_with("ConvForward(layer 2): accelerator connection closed"),
+        "{s}"
+    );
+    // Sending on the dead connection is an error too (never a panic or a hang).
+    assert!(client.call(&forward(2)).is_err());
+
+    // The same over the in-process transport.
+    let (c, s) = inproc_pair_with(&opts());
+    let h = thread::spawn(move || {
+        let mut s = s;
+        let hello = s.recv().unwrap();
+        assert!(decode_request(&hello, MAX_MESSAGE).is_ok());
+        let mut f = Vec::new();
+        encode_reply(
+            &Reply::HelloAck {
+                version: PROTOCOL_VERSION,
+                max_message: MAX_MESSAGE,
+            },
+            MAX_MESSAGE,
+            &mut f,
+        )
+        .unwrap();
+        s.send(&f).unwrap();
+        let _ = s.recv().unwrap();
+    });
+    let mut client = Client::connect(c).unwrap();
+    let e = client.call(&forward(3)).unwrap_err();
+    h.join().unwrap();
+    let s = e.to_string();
+    assert!(e.is_closed(), "{s}");
+    assert!(
+        s.starts_with("ConvForward(layer 3): accelerator connection closed"),
+        "{s}"
+    );
+}
+
+#[test]
+fn silent_peer_times_out() {
+    let (addr, h) = raw_server(|mut s| {
+        let _ = read_raw(&mut s);
+        thread::sleep(Duration::from_millis(400));
+    });
+    let o = TransportOptions {
+        read_timeout: Some(Duration::from_millis(100)),
+        ..opts()
+    };
+    let mut client = Client::connect(TcpTransport::connect(&addr, &o).unwrap()).unwrap();
+    let t0 = Instant::now();
+    let e = client.call(&forward(4)).unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    assert!(matches!(e.root(), ProtocolError::Timeout { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("ConvForward(layer 4): accelerator connection timed out"),
+        "{e}"
+    );
+    h.join().unwrap();
+}
+
+#[test]
+fn client_closing_mid_frame_ends_serve_with_an_error() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let server = thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        serve(TcpTransport::from_stream(s, &opts()).unwrap(), &mut echo)
+    });
+    let mut raw = TcpStream::connect(&addr).unwrap();
+    raw.set_read_timeout(Some(T)).unwrap();
+    let mut f = Vec::new();
+    encode_request(
+        &Request::Hello {
+            version: PROTOCOL_VERSION,
+            max_message: MAX_MESSAGE,
+        },
+        MAX_MESSAGE,
+        &mut f,
+    )
+    .unwrap();
+    raw.write_all(&f).unwrap();
+    let _ack = read_raw(&mut raw);
+    encode_request(&forward(0), MAX_MESSAGE, &mut f).unwrap();
+    raw.write_all(&f[..10]).unwrap();
+    drop(raw);
+    let e = server.join().unwrap().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ProtocolError::Closed {
+                mid_frame: true,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn malformed_request_gets_an_error_reply_and_the_server_goes_on() {
+    let (mut c, s) = inproc_pair_with(&opts());
+    let server = spawn_echo_server(s);
+    let mut f = Vec::new();
+    encode_request(
+        &Request::Hello {
+            version: PROTOCOL_VERSION,
+            max_message: MAX_MESSAGE,
+        },
+        MAX_MESSAGE,
+        &mut f,
+    )
+    .unwrap();
+    c.send(&f).unwrap();
+    assert!(matches!(
+        decode_reply(&c.recv().unwrap(), MAX_MESSAGE).unwrap(),
+        Reply::HelloAck { .. }
+    ));
+    // Unknown type byte, then a second Hello.
+    c.send(&[1, 0, 0, 0, 0x55]).unwrap();
+    let r = decode_reply(&c.recv().unwrap(), MAX_MESSAGE).unwrap();
+    assert_eq!(
+        r,
+        Reply::error("malformed request: unknown request type byte 0x55")
+    );
+    c.send(&f).unwrap();
+    let r = decode_reply(&c.recv().unwrap(), MAX_MESSAGE).unwrap();
+    assert_eq!(r, Reply::error("handshake already done"));
+    // Still serving.
+    encode_request(&Request::Shutdown, MAX_MESSAGE, &mut f).unwrap();
+    c.send(&f).unwrap();
+    assert_eq!(
+        decode_reply(&c.recv().unwrap(), MAX_MESSAGE).unwrap(),
+        Reply::Ok
+    );
+    server.join().unwrap().unwrap();
+}
+
+// ----- handshake -------------------------------------------------------------------------------------------------
+
+#[test]
+fn version_mismatch_is_refused_by_the_server() {
+    let (mut c, s) = inproc_pair_with(&opts());
+    let server = spawn_echo_server(s);
+    let mut f = Vec::new();
+    encode_request(
+        &Request::Hello {
+            version: 99,
+            max_message: MAX_MESSAGE,
+        },
+        MAX_MESSAGE,
+        &mut f,
+    )
+    .unwrap();
+    c.send(&f).unwrap();
+    let r = decode_reply(&c.recv().unwrap(), MAX_MESSAGE).unwrap();
+    let Reply::Error { message } = r else {
+        panic!("{r:?}")
+    };
+    assert_eq!(
+        message,
+        format!(
+            "protocol version mismatch: the accelerator speaks version {PROTOCOL_VERSION}, \
+             the client speaks version 99"
+        )
+    );
+    let e = server.join().unwrap().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ProtocolError::Version {
+                ours: PROTOCOL_VERSION,
+                theirs: 99
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("version 99"), "{e}");
+}
+
+#[test]
+fn version_mismatch_is_refused_by_the_client() {
+    let (c, mut s) = inproc_pair_with(&opts());
+    let h = thread::spawn(move || {
+        let _ = s.recv().unwrap();
+        let mut f = Vec::new();
+        encode_reply(
+            &Reply::HelloAck {
+                version: 7,
+                max_message: MAX_MESSAGE,
+            },
+            MAX_MESSAGE,
+            &mut f,
+        )
+        .unwrap();
+        s.send(&f).unwrap();
+    });
+    let e = Client::connect(c).err().unwrap();
+    h.join().unwrap();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "protocol version mismatch: this side speaks version {PROTOCOL_VERSION}, \
+             the peer speaks version 7"
+        )
+    );
+
+    // The error the server sends on a mismatch reaches the client as a handshake failure.
+    let (c, mut s) = inproc_pair_with(&opts());
+    let h = thread::spawn(move || {
+        let _ = s.recv().unwrap();
+        let mut f = Vec::new();
+        encode_reply(
+            &Reply::error("version mismatch: 3 vs 1"),
+            MAX_MESSAGE,
+            &mut f,
+        )
+        .unwrap();
+        s.send(&f).unwrap();
+    });
+    let e = Client::connect(c).err().unwrap();
+    h.join().unwrap();
+    assert_eq!(e.to_string(), "handshake failed: version mismatch: 3 vs 1");
+}
+
+#[test]
+fn first_message_must_be_hello() {
+    let (mut c, s) = inproc_pair_with(&opts());
+    let server = spawn_echo_server(s);
+    let mut f = Vec::new();
+    encode_request(&Request::Step { lr: 1.0 }, MAX_MESSAGE, &mut f).unwrap();
+    c.send(&f).unwrap();
+    let r = decode_reply(&c.recv().unwrap(), MAX_MESSAGE).unwrap();
+    assert_eq!(r, Reply::error("expected Hello first, got Step"));
+    let e = server.join().unwrap().unwrap_err();
+    assert!(matches!(e, ProtocolError::Handshake(_)), "{e}");
+}
+
+#[test]
+fn handshake_takes_the_smaller_maximum_and_it_is_enforced() {
+    let (c, s) = inproc_pair_with(&opts());
+    let server = thread::spawn(move || serve_with(s, 1 << 20, &mut echo));
+    let mut client = Client::connect_with(c, 1 << 24).unwrap();
+    assert_eq!(client.max_message(), 1 << 20);
+    // 2 MiB of payload: refused on the client before anything is sent.
+    let e = client.call(&forward_big(512 * 1024)).unwrap_err();
+    assert!(
+        matches!(e.root(), ProtocolError::TooLarge { max: 1048576, .. }),
+        "{e}"
+    );
+    assert_eq!(client.pending(), 0);
+    // The connection is still usable.
+    client.call(&forward_big(1024)).unwrap();
+    client.shutdown().unwrap();
+    server.join().unwrap().unwrap();
+
+    // The other way round: the client's maximum is the smaller.
+    let (c, s) = inproc_pair_with(&opts());
+    let server = thread::spawn(move || serve_with(s, 1 << 24, &mut echo));
+    let client = Client::connect_with(c, 1000).unwrap();
+    assert_eq!(client.max_message(), 1000);
+    client.shutdown().unwrap();
+    server.join().unwrap().unwrap();
+}
+
+fn forward_big(n: usize) -> Request {
+    Request::ConvForward {
+        layer: 0,
+        x_u: declassify_residual(&Tensor::zeros(&[n])),
+        train: false,
+    }
+}
+
+#[test]
+fn over_max_frame_is_refused_without_allocating() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let h = thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        // A length prefix claiming 4 GiB - 1, then nothing.
+        s.write_all(&u32::MAX.to_le_bytes()).unwrap();
+        thread::sleep(Duration::from_millis(200));
+    });
+    let o = TransportOptions {
+        max_message: 1 << 20,
+        ..opts()
+    };
+    let mut t = TcpTransport::connect(&addr, &o).unwrap();
+    let mut buf = Vec::new();
+    let t0 = Instant::now();
+    let e = t.recv_into(&mut buf).unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        e.to_string(),
+        "message of 4294967295 bytes exceeds the maximum of 1048576 bytes"
+    );
+    assert!(buf.capacity() < 1024, "allocated {} bytes", buf.capacity());
+    h.join().unwrap();
+
+    // The server refuses it too, and stops (the stream cannot be resynchronised).
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let server = thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        serve_with(
+            TcpTransport::from_stream(s, &opts()).unwrap(),
+            1 << 20,
+            &mut echo,
+        )
+    });
+    let mut raw = TcpStream::connect(&addr).unwrap();
+    raw.write_all(&(3u32 << 30).to_le_bytes()).unwrap();
+    let e = server.join().unwrap().unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("exceeds the maximum of 1048576 bytes"),
+        "{e}"
+    );
+}
+
+// ----- recording -------------------------------------------------------------------------------------------------
+
+#[test]
+fn recording_keeps_what_crossed() {
+    let (c, s) = inproc_pair_with(&opts());
+    let server = spawn_echo_server(s);
+    let rec = Recording::new(c);
+    let transcript = rec.transcript();
+    let mut client = Client::connect(rec).unwrap();
+    let x_u = x(&[2, 3, 4, 4]);
+    let dy = x(&[2, 3, 4, 4]);
+    client
+        .call(&Request::ConvForward {
+            layer: 5,
+            x_u: declassify_residual(&x_u),
+            train: true,
+        })
+        .unwrap();
+    client
+        .call(&Request::ConvBackward {
+            layer: 5,
+            dy: declassify_output_grad(&dy),
+            need_dx: false,
+        })
+        .unwrap();
+    assert_eq!(client.transport().records().len(), 6);
+    client.shutdown().unwrap();
+    server.join().unwrap().unwrap();
+
+    let recs = transcript.records();
+    let kinds: Vec<(Direction, MessageKind)> = recs
+        .iter()
+        .map(|r| (r.direction, r.kind.unwrap()))
+        .collect();
+    use Direction::*;
+    use MessageKind as K;
+    assert_eq!(
+        kinds,
+        [
+            (Sent, K::Hello),
+            (Received, K::HelloAck),
+            (Sent, K::ConvForward),
+            (Received, K::ConvOutput),
+            (Sent, K::ConvBackward),
+            (Received, K::InputGrad),
+            (Sent, K::Shutdown),
+            (Received, K::Ok),
+        ]
+    );
+    let sent_tensors: Vec<&RecordedTensor> = recs
+        .iter()
+        .filter(|r| r.direction == Sent)
+        .flat_map(|r| &r.tensors)
+        .collect();
+    assert_eq!(sent_tensors.len(), 2);
+    assert_eq!(sent_tensors[0].field, "x_u");
+    assert_eq!(sent_tensors[0].shape, x_u.shape);
+    assert_eq!(sent_tensors[0].data, x_u.data);
+    assert_eq!(sent_tensors[1].field, "dy");
+    assert_eq!(recs[2].layer, Some(5));
+    assert_eq!(recs[3].tensors[0].field, "y_u");
+    assert!(recs[5].tensors.is_empty());
+    assert!(recs.iter().all(|r| r.error.is_none() && r.bytes >= 5));
+    assert_eq!(transcript.take().len(), 8);
+    assert!(transcript.is_empty());
+}
+
+#[test]
+fn recording_notes_undecodable_frames() {
+    let (a, mut b) = inproc_pair();
+    let mut rec = Recording::new(a);
+    rec.send(&[1, 0, 0, 0, 0x55]).unwrap();
+    assert_eq!(b.recv().unwrap(), [1, 0, 0, 0, 0x55]);
+    let r = &rec.records()[0];
+    assert_eq!(r.kind, None);
+    assert_eq!(r.error.as_deref(), Some("unknown message type byte 0x55"));
+}
