@@ -206,6 +206,12 @@ impl CpuBackend {
         Ok(())
     }
 
+    /// The layer's current weight and bias gradients (∇W_U + ∇W_T, ∇b).
+    pub fn grads(&mut self, layer: u32) -> Result<(Tensor, Option<Tensor>), BackendError> {
+        let slot = self.slot(layer)?;
+        Ok((slot.conv.weight.grad.clone(), slot.conv.bias.as_ref().map(|b| b.grad.clone())))
+    }
+
     /// The layer's current weight and bias.
     pub fn weights(&mut self, layer: u32) -> Result<(Tensor, Option<Tensor>), BackendError> {
         let slot = self.slot(layer)?;

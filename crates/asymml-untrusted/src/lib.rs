@@ -3,5 +3,7 @@
 //! is sent; it never sees a private tensor. Backends: `cpu` (this crate's [`backend::CpuBackend`]).
 
 pub mod backend;
+pub mod service;
 
 pub use backend::{BackendError, ConvLayer, CpuBackend};
+pub use service::Service;

@@ -1,0 +1,160 @@
+//! The accelerator service: answers the trusted runtime's requests with the CPU backend. It is passive: it
+//! only ever replies, and an error in a request becomes an `Error` reply, never a crash.
+
+use crate::backend::{BackendError, ConvLayer, CpuBackend};
+use asymml_core::optim::OptimizerKind;
+use asymml_core::Tensor;
+use asymml_protocol::declassify::accelerator_result;
+use asymml_protocol::{serve, OptimizerSpec, ProtocolError, Reply, Request, Transport, WireTensor};
+
+/// The service state: the backend and the layer specs it was registered with.
+pub struct Service {
+    backend: CpuBackend,
+}
+
+fn wire_in(t: WireTensor, shape: &[usize]) -> Result<Tensor, BackendError> {
+    t.into_tensor_checked(shape).map_err(|e| BackendError::Invalid(e.to_string()))
+}
+
+impl Service {
+    /// A service whose backend uses `threads` worker threads (0: all cores).
+    pub fn new(threads: usize) -> Result<Self, BackendError> {
+        Ok(Service {
+            backend: CpuBackend::new(threads)?,
+        })
+    }
+
+    fn layer(&self, layer: u32) -> Result<ConvLayer, BackendError> {
+        self.backend.layer(layer).ok_or(BackendError::UnknownLayer(layer))
+    }
+
+    /// Answers one request.
+    pub fn handle(&mut self, req: Request) -> Reply {
+        let what = req.describe();
+        match self.try_handle(req) {
+            Ok(r) => r,
+            Err(e) => Reply::error(format!("{what}: {e}")),
+        }
+    }
+
+    fn try_handle(&mut self, req: Request) -> Result<Reply, BackendError> {
+        Ok(match req {
+            Request::Hello { .. } => Reply::error("unexpected Hello"),
+            Request::Register {
+                layers,
+                weights,
+                optimizer,
+            } => {
+                let specs: Vec<ConvLayer> = layers
+                    .iter()
+                    .map(|l| ConvLayer {
+                        in_ch: l.in_ch as usize,
+                        out_ch: l.out_ch as usize,
+                        k: l.k as usize,
+                        stride: l.stride as usize,
+                        pad: l.pad as usize,
+                        bias: l.bias,
+                    })
+                    .collect();
+                if layers.len() != weights.len() {
+                    return Err(BackendError::Invalid("one weight set per layer expected".into()));
+                }
+                let mut ws = Vec::with_capacity(weights.len());
+                for (l, (w, b)) in layers.iter().zip(weights) {
+                    let w = wire_in(w, &l.weight_shape())?;
+                    let b = match b {
+                        Some(b) => Some(wire_in(b, &l.bias_shape())?),
+                        None => None,
+                    };
+                    ws.push((w, b));
+                }
+                let (kind, wd) = match optimizer {
+                    OptimizerSpec::Sgd {
+                        momentum,
+                        nesterov,
+                        weight_decay,
+                    } => (OptimizerKind::Sgd { momentum, nesterov }, weight_decay),
+                    OptimizerSpec::AdamW {
+                        beta1,
+                        beta2,
+                        eps,
+                        weight_decay,
+                    } => (OptimizerKind::AdamW { beta1, beta2, eps }, weight_decay),
+                };
+                self.backend.register(&specs, ws, kind, wd)?;
+                Reply::Ok
+            }
+            Request::ConvForward { layer, x_u, train } => {
+                let l = self.layer(layer)?;
+                let shape = x_u.shape().to_vec();
+                if shape.len() != 4 || shape[1] != l.in_ch {
+                    return Err(BackendError::Invalid(format!(
+                        "X_U shape {shape:?} does not fit a conv with {} input channels",
+                        l.in_ch
+                    )));
+                }
+                let x = wire_in(x_u, &shape)?;
+                let y = self.backend.forward(layer, x, train)?;
+                Reply::ConvOutput {
+                    layer,
+                    y_u: accelerator_result(&y),
+                }
+            }
+            Request::ConvForwardShared {
+                layer,
+                from_layer,
+                train,
+            } => {
+                let y = self.backend.forward_shared(layer, from_layer, train)?;
+                Reply::ConvOutput {
+                    layer,
+                    y_u: accelerator_result(&y),
+                }
+            }
+            Request::ConvBackward { layer, dy, need_dx } => {
+                let shape = dy.shape().to_vec();
+                let dy = wire_in(dy, &shape)?;
+                let dx = self.backend.backward(layer, &dy, need_dx)?;
+                Reply::InputGrad {
+                    layer,
+                    dx: dx.as_ref().map(accelerator_result),
+                }
+            }
+            Request::WeightGradPart { layer, dw_t } => {
+                let l = self.layer(layer)?;
+                let dw = wire_in(dw_t, &[l.out_ch, l.in_ch, l.k, l.k])?;
+                self.backend.add_weight_grad(layer, &dw)?;
+                Reply::Ok
+            }
+            Request::Step { lr } => {
+                if !lr.is_finite() {
+                    return Err(BackendError::Invalid(format!("learning rate {lr}")));
+                }
+                self.backend.step(lr)?;
+                Reply::Ok
+            }
+            Request::FetchWeights { layer } => {
+                let (w, b) = self.backend.weights(layer)?;
+                Reply::Weights {
+                    layer,
+                    w: accelerator_result(&w),
+                    b: b.as_ref().map(accelerator_result),
+                }
+            }
+            Request::FetchGrads { layer } => {
+                let (w, b) = self.backend.grads(layer)?;
+                Reply::Weights {
+                    layer,
+                    w: accelerator_result(&w),
+                    b: b.as_ref().map(accelerator_result),
+                }
+            }
+            Request::Shutdown => Reply::Ok,
+        })
+    }
+
+    /// Serves one connection until it shuts down or closes.
+    pub fn serve<T: Transport>(&mut self, transport: T) -> Result<(), ProtocolError> {
+        serve(transport, &mut |req| self.handle(req))
+    }
+}
