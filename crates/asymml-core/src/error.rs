@@ -13,6 +13,9 @@ pub enum CoreError {
     Weights(String),
     #[error("{0}")]
     Invalid(String),
+    /// A failure talking to the accelerator or a reply that failed validation (the split runtime).
+    #[error("accelerator: {0}")]
+    Accelerator(String),
     #[error("i/o error on {path}: {source}")]
     Io {
         path: String,

@@ -5,6 +5,7 @@
 //! activations, `forward` and `backward` next to each other, buffers allocated once per shape and reused.
 //! There is no general autograd.
 
+pub mod decomp;
 pub mod error;
 pub mod gemm;
 pub mod layers;

@@ -161,7 +161,7 @@ impl Op for BlockOp {
         dx
     }
     fn params(&mut self, f: &mut dyn FnMut(&str, &mut Param)) {
-        self.0.visit_params("block", f);
+        self.0.visit_params("block", &mut |n, p, _| f(n, p));
     }
 }
 

@@ -7,5 +7,6 @@
 
 pub mod checkpoint;
 pub mod session;
+pub mod split;
 
 pub use session::{Mode, Session, SessionError, TrainConfig};

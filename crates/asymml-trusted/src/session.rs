@@ -20,13 +20,15 @@ pub enum SessionError {
     },
     #[error("checkpoint: {0}")]
     Checkpoint(String),
-    #[error("unknown mode '{0}'; available: trusted-only")]
+    #[error("unknown mode '{0}'; available: split, trusted-only")]
     UnknownMode(String),
 }
 
 /// Where each layer runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Mode {
+    /// AsymML: each conv input is split; the low-rank part stays trusted, the residual goes to the accelerator.
+    Split,
     /// Every layer in the trusted runtime (the TEE-only baseline).
     TrustedOnly,
 }
@@ -36,6 +38,7 @@ impl std::str::FromStr for Mode {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "trusted-only" => Ok(Mode::TrustedOnly),
+            "split" => Ok(Mode::Split),
             other => Err(SessionError::UnknownMode(other.to_string())),
         }
     }
@@ -45,6 +48,7 @@ impl std::fmt::Display for Mode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Mode::TrustedOnly => "trusted-only",
+            Mode::Split => "split",
         })
     }
 }
@@ -70,11 +74,19 @@ pub struct Session {
 }
 
 impl Session {
+    /// A session whose convolutions run locally (trusted-only).
     pub fn new(net: Net, config: TrainConfig, mode: Mode) -> Self {
+        Self::with_exec(net, config, mode, Box::new(LocalExec))
+    }
+
+    /// A session whose convolutions run through `exec` (the split runtime passes its executor here).
+    pub fn with_exec(
+        net: Net,
+        config: TrainConfig,
+        mode: Mode,
+        exec: Box<dyn ConvExec + Send>,
+    ) -> Self {
         let opt = Optimizer::new(config.optimizer, config.weight_decay);
-        let exec: Box<dyn ConvExec + Send> = match mode {
-            Mode::TrustedOnly => Box::new(LocalExec),
-        };
         Session {
             net,
             opt,

@@ -99,7 +99,11 @@ impl CpuBackend {
             match (conv.bias.as_mut(), b) {
                 (Some(p), Some(b)) if b.shape == p.value.shape => p.value = b,
                 (None, None) => {}
-                _ => return Err(BackendError::Invalid(format!("layer {i}: bias does not match the layer"))),
+                _ => {
+                    return Err(BackendError::Invalid(format!(
+                        "layer {i}: bias does not match the layer"
+                    )))
+                }
             }
             slots.push(Slot { conv, cached: None });
         }
@@ -118,7 +122,10 @@ impl CpuBackend {
         if !self.registered {
             return Err(BackendError::NotRegistered);
         }
-        let slot = self.layers.get_mut(layer as usize).ok_or(BackendError::UnknownLayer(layer))?;
+        let slot = self
+            .layers
+            .get_mut(layer as usize)
+            .ok_or(BackendError::UnknownLayer(layer))?;
         Ok((&self.pool, slot))
     }
 
@@ -140,7 +147,12 @@ impl CpuBackend {
     }
 
     /// x_u: [B, C, H, W] → Y_U = conv(X_U, W) + b: [B, M, OH, OW]. In training the residual is kept for ∇W_U.
-    pub fn forward(&mut self, layer: u32, x_u: Tensor, train: bool) -> Result<Tensor, BackendError> {
+    pub fn forward(
+        &mut self,
+        layer: u32,
+        x_u: Tensor,
+        train: bool,
+    ) -> Result<Tensor, BackendError> {
         let (pool, slot) = self.parts(layer)?;
         let mut y = Tensor::default();
         pool.install(|| slot.conv.forward(&x_u, &mut y))
@@ -150,7 +162,12 @@ impl CpuBackend {
     }
 
     /// Forward of `layer` on the residual cached for `from` (a ResNet shortcut conv reading its block's input).
-    pub fn forward_shared(&mut self, layer: u32, from: u32, train: bool) -> Result<Tensor, BackendError> {
+    pub fn forward_shared(
+        &mut self,
+        layer: u32,
+        from: u32,
+        train: bool,
+    ) -> Result<Tensor, BackendError> {
         let x_u = self
             .slot(from)?
             .cached
@@ -161,9 +178,17 @@ impl CpuBackend {
 
     /// dy: [B, M, OH, OW] → ∇X = conv_transpose(∇Y, W) if `need_dx`; sets the layer's gradient to
     /// ∇W_U = corr(X_U, ∇Y) and ∇b = Σ ∇Y (the trusted part ∇W_T is added by [`CpuBackend::add_weight_grad`]).
-    pub fn backward(&mut self, layer: u32, dy: &Tensor, need_dx: bool) -> Result<Option<Tensor>, BackendError> {
+    pub fn backward(
+        &mut self,
+        layer: u32,
+        dy: &Tensor,
+        need_dx: bool,
+    ) -> Result<Option<Tensor>, BackendError> {
         let (pool, slot) = self.parts(layer)?;
-        let x_u = slot.cached.as_ref().ok_or(BackendError::NoCachedInput(layer))?;
+        let x_u = slot
+            .cached
+            .as_ref()
+            .ok_or(BackendError::NoCachedInput(layer))?;
         slot.conv.weight.zero_grad();
         if let Some(b) = slot.conv.bias.as_mut() {
             b.zero_grad();
@@ -183,7 +208,13 @@ impl CpuBackend {
                 dw_t.shape, slot.conv.weight.grad.shape
             )));
         }
-        slot.conv.weight.grad.data.iter_mut().zip(&dw_t.data).for_each(|(g, v)| *g += v);
+        slot.conv
+            .weight
+            .grad
+            .data
+            .iter_mut()
+            .zip(&dw_t.data)
+            .for_each(|(g, v)| *g += v);
         Ok(())
     }
 
@@ -209,12 +240,18 @@ impl CpuBackend {
     /// The layer's current weight and bias gradients (∇W_U + ∇W_T, ∇b).
     pub fn grads(&mut self, layer: u32) -> Result<(Tensor, Option<Tensor>), BackendError> {
         let slot = self.slot(layer)?;
-        Ok((slot.conv.weight.grad.clone(), slot.conv.bias.as_ref().map(|b| b.grad.clone())))
+        Ok((
+            slot.conv.weight.grad.clone(),
+            slot.conv.bias.as_ref().map(|b| b.grad.clone()),
+        ))
     }
 
     /// The layer's current weight and bias.
     pub fn weights(&mut self, layer: u32) -> Result<(Tensor, Option<Tensor>), BackendError> {
         let slot = self.slot(layer)?;
-        Ok((slot.conv.weight.value.clone(), slot.conv.bias.as_ref().map(|b| b.value.clone())))
+        Ok((
+            slot.conv.weight.value.clone(),
+            slot.conv.bias.as_ref().map(|b| b.value.clone()),
+        ))
     }
 }

@@ -13,7 +13,8 @@ pub struct Service {
 }
 
 fn wire_in(t: WireTensor, shape: &[usize]) -> Result<Tensor, BackendError> {
-    t.into_tensor_checked(shape).map_err(|e| BackendError::Invalid(e.to_string()))
+    t.into_tensor_checked(shape)
+        .map_err(|e| BackendError::Invalid(e.to_string()))
 }
 
 impl Service {
@@ -25,7 +26,9 @@ impl Service {
     }
 
     fn layer(&self, layer: u32) -> Result<ConvLayer, BackendError> {
-        self.backend.layer(layer).ok_or(BackendError::UnknownLayer(layer))
+        self.backend
+            .layer(layer)
+            .ok_or(BackendError::UnknownLayer(layer))
     }
 
     /// Answers one request.
@@ -57,7 +60,9 @@ impl Service {
                     })
                     .collect();
                 if layers.len() != weights.len() {
-                    return Err(BackendError::Invalid("one weight set per layer expected".into()));
+                    return Err(BackendError::Invalid(
+                        "one weight set per layer expected".into(),
+                    ));
                 }
                 let mut ws = Vec::with_capacity(weights.len());
                 for (l, (w, b)) in layers.iter().zip(weights) {

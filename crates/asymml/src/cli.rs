@@ -28,6 +28,77 @@ pub enum Command {
     Infer(InferArgs),
     /// Time forward passes and training steps of VGG/ResNet models (and compare with PyTorch's numbers).
     Bench(BenchArgs),
+    /// Serve the untrusted accelerator (conv layers on residuals) for a trusted runtime elsewhere.
+    Accelerator(AcceleratorArgs),
+    /// One training step in split mode and in trusted-only mode from the same weights and data; prints the
+    /// largest relative difference (logits, loss, every gradient, every updated weight); exit 1 above 1e-4.
+    Verify(VerifyArgs),
+}
+
+/// How the split runtime decomposes and where its accelerator is.
+#[derive(Args, Debug, Clone)]
+pub struct SplitArgs {
+    /// Rank policy per conv: fixed:R, schedule (1 at the first conv, doubled per conv/residual block, at most
+    /// 32), energy:E (smallest r keeping ≥ E of ‖X‖²), asym1 (= energy:0.97), asym2 (= energy:0.80),
+    /// entropy (r = ⌈2^μ⌉ of the SVD-channel entropy).
+    #[arg(long, default_value = "schedule")]
+    pub rank: String,
+    /// Lightweight-SVD iterations per component (1 or 2).
+    #[arg(long, default_value_t = 1)]
+    pub svd_iters: usize,
+    /// Noise-to-signal ratio: X_U + N(0, (NSR·rms(X))²) before it leaves the trusted runtime.
+    #[arg(long, default_value_t = 0.0)]
+    pub noise: f32,
+    /// The accelerator: inproc (a thread of this process), process (a child process over a Unix socket),
+    /// tcp://HOST:PORT or unix:PATH (served by `asymml accelerator --listen`).
+    #[arg(long, default_value = "inproc")]
+    pub accelerator: String,
+    /// Threads of a locally started accelerator. [default: --threads]
+    #[arg(long)]
+    pub accelerator_threads: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct AcceleratorArgs {
+    /// Address to listen on: HOST:PORT, tcp://HOST:PORT or unix:PATH.
+    #[arg(long)]
+    pub listen: String,
+    /// Worker threads. [default: all cores]
+    #[arg(long, default_value_t = 0)]
+    pub accelerator_threads: usize,
+    /// Serve one connection, then exit.
+    #[arg(long)]
+    pub once: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Model (see `train --help`).
+    #[arg(long, default_value = "vgg16")]
+    pub model: String,
+    /// Input size.
+    #[arg(long, default_value_t = 32)]
+    pub input_size: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Input channels.
+    #[arg(long, default_value_t = 3)]
+    pub channels: usize,
+    /// Classes.
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    /// Seed of the weights and data.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Worker threads. [default: all cores]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub split: SplitArgs,
+    /// One JSON object: {"model","rank","max_rel_err","worst"}.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags shared by train and eval.
@@ -60,9 +131,12 @@ pub struct CommonArgs {
     /// Weights (safetensors with torchvision names): initial weights for train, the model for eval.
     #[arg(long)]
     pub weights: Option<PathBuf>,
-    /// Where layers run. Only trusted-only (every layer in the trusted runtime) exists so far.
-    #[arg(long, default_value = "trusted-only")]
+    /// Where layers run: split (AsymML: low-rank part trusted, residual on the accelerator) or trusted-only
+    /// (every layer in the trusted runtime).
+    #[arg(long, default_value = "split")]
     pub mode: String,
+    #[command(flatten)]
+    pub split: SplitArgs,
     /// Machine-readable output: JSON on stdout, nothing else.
     #[arg(long)]
     pub json: bool,
@@ -141,9 +215,11 @@ pub struct InferArgs {
     /// Worker threads. [default: all cores]
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Where layers run (trusted-only).
-    #[arg(long, default_value = "trusted-only")]
+    /// Where layers run: split or trusted-only.
+    #[arg(long, default_value = "split")]
     pub mode: String,
+    #[command(flatten)]
+    pub split: SplitArgs,
     /// One JSON object per image on stdout: {"file","class","label","probs"}.
     #[arg(long)]
     pub json: bool,

@@ -184,3 +184,60 @@ pub fn evaluate(
     let n = data.len().max(1) as f64;
     Ok((loss_sum / n, correct as f64 / n))
 }
+
+/// A session in `mode`: trusted-only computes every conv here; split starts (or reaches) the accelerator,
+/// registers the conv layers and returns the handle that keeps a local accelerator alive.
+pub fn make_session(
+    mut net: asymml_core::models::Net,
+    config: asymml_trusted::TrainConfig,
+    mode: asymml_trusted::Mode,
+    split: &crate::cli::SplitArgs,
+    threads: usize,
+    seed: u64,
+) -> Result<(Session, Option<crate::accelerator::AcceleratorHandle>)> {
+    use asymml_trusted::split::SplitExec;
+    match mode {
+        asymml_trusted::Mode::TrustedOnly => Ok((Session::new(net, config, mode), None)),
+        asymml_trusted::Mode::Split => {
+            let cfg = split_config(split, seed)?;
+            let (transport, handle) = crate::accelerator::start(
+                &split.accelerator,
+                split.accelerator_threads.unwrap_or(threads),
+            )?;
+            let exec = SplitExec::connect(
+                transport,
+                &mut net,
+                config.optimizer,
+                config.weight_decay,
+                cfg,
+            )?;
+            Ok((
+                Session::with_exec(net, config, mode, Box::new(exec)),
+                Some(handle),
+            ))
+        }
+    }
+}
+
+/// The split configuration from the flags.
+pub fn split_config(
+    split: &crate::cli::SplitArgs,
+    seed: u64,
+) -> Result<asymml_trusted::split::SplitConfig> {
+    let policy: asymml_core::decomp::RankPolicy = split
+        .rank
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--rank: {e}"))?;
+    if !(1..=2).contains(&split.svd_iters) {
+        bail!("--svd-iters must be 1 or 2");
+    }
+    if !(split.noise.is_finite() && split.noise >= 0.0) {
+        bail!("--noise must be a non-negative number");
+    }
+    Ok(asymml_trusted::split::SplitConfig {
+        policy,
+        iters: split.svd_iters,
+        nsr: split.noise,
+        seed,
+    })
+}

@@ -12,7 +12,13 @@ use asymml_trusted::{Mode, Session, TrainConfig};
 use std::io::Write;
 
 /// A session for inference only (the optimizer is never used).
-fn eval_session(net: asymml_core::models::Net, mode: Mode) -> Session {
+fn eval_session(
+    net: asymml_core::models::Net,
+    mode: Mode,
+    split: &crate::cli::SplitArgs,
+    threads: usize,
+    seed: u64,
+) -> Result<(Session, Option<crate::accelerator::AcceleratorHandle>)> {
     let config = TrainConfig {
         optimizer: OptimizerKind::Sgd {
             momentum: 0.0,
@@ -22,7 +28,7 @@ fn eval_session(net: asymml_core::models::Net, mode: Mode) -> Session {
         weight_decay: 0.0,
         schedule: LrSchedule::Constant,
     };
-    Session::new(net, config, mode)
+    common::make_session(net, config, mode, split, threads, seed)
 }
 
 /// The model spec for a weight file: its metadata, else the flags. A flag that contradicts the metadata is
@@ -74,6 +80,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         seed,
         weights,
         mode,
+        split,
         json,
     } = a.common;
     common::init_threads(threads)?;
@@ -105,7 +112,8 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     common::check_fit(&spec, &test, "test")?;
     let mut net = spec.build(0)?;
     common::load_weights(&mut net, &bytes, &wpath)?;
-    let mut session = eval_session(net, mode);
+    let threads = rayon::current_num_threads();
+    let (mut session, _accel) = eval_session(net, mode, &split, threads, seed)?;
     let pb = common::progress(test.len() as u64, "eval", json);
     let (loss, acc) = common::evaluate(&mut session, &test, batch_size, &pb)?;
     pb.finish_and_clear();
@@ -159,7 +167,8 @@ pub fn run_infer(a: InferArgs) -> Result<()> {
     }
     let names = info.class_names.clone().filter(|n| n.len() == spec.classes);
     let files = data::list_images(&a.images)?;
-    let mut session = eval_session(net, mode);
+    let threads = rayon::current_num_threads();
+    let (mut session, _accel) = eval_session(net, mode, &a.split, threads, 0)?;
     let (c, s) = (spec.in_ch, spec.input_size);
     let per = c * s * s;
     let pb = common::progress(files.len() as u64, "infer", a.json);

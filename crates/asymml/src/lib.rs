@@ -1,5 +1,6 @@
 //! The `asymml` command-line tool: datasets, commands, reports and plots.
 
+pub mod accelerator;
 pub mod bench;
 pub mod cli;
 pub mod common;
@@ -7,3 +8,4 @@ pub mod data;
 pub mod evaluate;
 pub mod plot;
 pub mod train;
+pub mod verify;

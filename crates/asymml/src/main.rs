@@ -10,6 +10,14 @@ fn main() {
         Command::Eval(a) => asymml_cli::evaluate::run_eval(a),
         Command::Infer(a) => asymml_cli::evaluate::run_infer(a),
         Command::Bench(a) => asymml_cli::bench::run(a),
+        Command::Accelerator(a) => {
+            asymml_cli::accelerator::serve(&a.listen, a.accelerator_threads, a.once)
+        }
+        Command::Verify(a) => match asymml_cli::verify::run(a) {
+            Ok(true) => Ok(()),
+            Ok(false) => std::process::exit(1),
+            Err(e) => Err(e),
+        },
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -10,7 +10,7 @@ use asymml_core::optim::{LrSchedule, OptimizerKind};
 use asymml_core::rng::Rng;
 use asymml_core::weights;
 use asymml_trusted::checkpoint::{self, Progress};
-use asymml_trusted::{Mode, Session, TrainConfig};
+use asymml_trusted::{Mode, TrainConfig};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -223,7 +223,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let steps_per_epoch = train.len().div_ceil(plan.batch_size) as u64;
     let config = plan.train_config(steps_per_epoch, a.epochs)?;
     let aug = plan.augment(kind, size)?;
-    let mut session = Session::new(net, config, mode);
+    let (mut session, _accel) =
+        common::make_session(net, config, mode, &a.common.split, threads, plan.seed)?;
     let mut start_epoch = 0;
     if let Some(ck) = &resume_from {
         let (progress, _) = checkpoint::load(ck, &mut session)?;

@@ -9,6 +9,6 @@ mod resnet;
 mod spec;
 mod vgg;
 
-pub use net::{ConvExec, Layer, LocalExec, Net, Node, StateMut, StateRef};
+pub use net::{ConvExec, Layer, LocalExec, Net, Node, ParamVisitor, StateMut, StateRef};
 pub use resnet::BasicBlock;
 pub use spec::{Arch, ModelSpec, Style};

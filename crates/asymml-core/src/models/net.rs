@@ -151,7 +151,7 @@ pub(crate) fn bn_state(prefix: &str, b: &mut BatchNorm2d, f: &mut dyn FnMut(Stri
 }
 
 /// A parameter visitor: (name, parameter, belongs to a convolution).
-pub(crate) type ParamVisitor<'a> = dyn FnMut(&str, &mut Param, bool) + 'a;
+pub type ParamVisitor<'a> = dyn FnMut(&str, &mut Param, bool) + 'a;
 
 pub(crate) fn conv_params(prefix: &str, c: &mut Conv2d, f: &mut ParamVisitor) {
     f(&format!("{prefix}.weight"), &mut c.weight, true);

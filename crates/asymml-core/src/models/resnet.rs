@@ -1,7 +1,9 @@
 //! ResNet's BasicBlock: conv3×3 → BN → ReLU → conv3×3 → BN, plus the (optionally 1×1-conv + BN) shortcut,
 //! then ReLU after the add.
 
-use super::net::{bn_params, bn_state, conv_params, conv_state, in_layer, ConvExec, ParamVisitor, StateMut};
+use super::net::{
+    bn_params, bn_state, conv_params, conv_state, in_layer, ConvExec, ParamVisitor, StateMut,
+};
 use crate::error::Result;
 use crate::layers::activation::{add_inplace, add_relu_inplace, relu_backward_inplace};
 use crate::layers::{BatchNorm2d, Conv2d, Relu};
@@ -68,7 +70,7 @@ impl BasicBlock {
         f(&format!("{prefix}.conv2"), &mut self.conv2);
     }
 
-    pub(crate) fn visit_params(&mut self, prefix: &str, f: &mut ParamVisitor) {
+    pub fn visit_params(&mut self, prefix: &str, f: &mut ParamVisitor) {
         conv_params(&format!("{prefix}.conv1"), &mut self.conv1, f);
         bn_params(&format!("{prefix}.bn1"), &mut self.bn1, f);
         conv_params(&format!("{prefix}.conv2"), &mut self.conv2, f);

@@ -1,0 +1,195 @@
+//! The AsymML decomposition of a conv input (see DESIGN.md): per sample, X (N × HW, channels × pixels) =
+//! X_T + X_U with X_T = U V of rank r kept trusted and the residual X_U sent to the accelerator; the trusted
+//! convolution of X_T at cost ∝ r; the rank policies; the optional noise on X_U.
+//!
+//! - [`light_svd`] and friends: the paper's lightweight SVD (Algorithm 1), O(r·N·HW) per sample.
+//! - [`singular_values`], [`exact_low_rank`]: the exact reference (f64 eigendecomposition of X Xᵀ).
+//! - [`RankPolicy`], [`decompose_batch`]: one r per conv and batch, every sample decomposed in parallel.
+//! - [`TrustedConv`]: conv(U_b V_b, W) and its weight gradient through (U_b, V_b) only.
+//! - [`add_noise`]: X_U + n, n ~ N(0, (nsr·rms(X))²).
+//!
+//! The split is exact whatever the quality of the lightweight SVD: X_U is exactly what deflation left, so
+//! X_T + X_U = X up to f32 round-off and conv(X_T, W) + conv(X_U, W) = conv(X, W).
+
+mod exact;
+mod policy;
+mod svd;
+mod trusted;
+
+pub use exact::{
+    energy_kept, entropy_rank, exact_low_rank, rank_for_energy, singular_values, svd_entropy,
+};
+pub use policy::{schedule_rank, RankPolicy, SCHEDULE_MAX_RANK};
+pub use svd::{light_svd, light_svd_energy, light_svd_extend, LowRank};
+pub use trusted::TrustedConv;
+
+use crate::error::{CoreError, Result};
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+use rayon::prelude::*;
+
+/// The factorisations of one batch: every sample b has U_b (N × r) and V_b (r × H·W) with the same r.
+#[derive(Clone, Debug, Default)]
+pub struct BatchLowRank {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub r: usize,
+    pub samples: Vec<LowRank>,
+}
+
+impl BatchLowRank {
+    /// Number of samples B.
+    pub fn batch(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// x_t: [B, N, H, W] ← U_b V_b per sample (the trusted part X_T).
+    pub fn reconstruct(&self, x_t: &mut Tensor) {
+        let nhw = self.n * self.h * self.w;
+        x_t.resize(&[self.samples.len(), self.n, self.h, self.w]);
+        if nhw == 0 {
+            return;
+        }
+        x_t.data
+            .par_chunks_mut(nhw)
+            .zip(self.samples.par_iter())
+            .for_each(|(xb, s)| s.reconstruct(xb));
+    }
+}
+
+/// r clamped to [1, N] (0 when N = 0).
+fn clamp_rank(r: usize, n: usize) -> usize {
+    r.max(1).min(n)
+}
+
+/// x: [B, N, H, W] → `out` (U_b: N × r, V_b: r × H·W per sample, one r for the batch) and residual:
+/// [B, N, H, W] = X − X_T per sample; returns r.
+///
+/// r by `policy`, clamped to [1, N]: `Fixed(r)`; `Schedule` → [`schedule_rank`]`(schedule_step)` (0 at the
+/// first conv; the next conv index in VGG, the residual-block index in ResNet); `Energy(e)` → the largest
+/// over the batch of the lightweight SVD's smallest r keeping ≥ e of ‖X_b‖² (cost ∝ r; ≥ the exact
+/// spectrum's rank, see [`light_svd_energy`]), the other samples then extended to it; `Entropy` → the
+/// largest ⌈2^μ⌉ over the batch from the exact spectra (cost O(N²·HW + N³) per sample). The lightweight SVD
+/// runs `iters` rounds (1 or 2). Parallel over samples.
+pub fn decompose_batch(
+    x: &Tensor,
+    policy: RankPolicy,
+    schedule_step: usize,
+    iters: usize,
+    out: &mut BatchLowRank,
+    residual: &mut Tensor,
+) -> Result<usize> {
+    let (b, n, h, w) = x.nchw("decompose")?;
+    if let RankPolicy::Energy(e) = policy {
+        if !(e > 0.0 && e <= 1.0) {
+            return Err(CoreError::Invalid(format!(
+                "decompose: energy fraction {e} is not in (0, 1]"
+            )));
+        }
+    }
+    let (hw, nhw) = (h * w, n * h * w);
+    residual.resize(&x.shape);
+    out.n = n;
+    out.h = h;
+    out.w = w;
+    out.samples.resize_with(b, LowRank::default);
+    let fixed = |r: usize| clamp_rank(r, n);
+    let r = if nhw == 0 {
+        // Nothing to decompose: zero components of the clamped rank.
+        let r = match policy {
+            RankPolicy::Fixed(r) => fixed(r),
+            RankPolicy::Schedule => fixed(schedule_rank(schedule_step)),
+            _ => fixed(1),
+        };
+        for s in &mut out.samples {
+            svd::light_svd_into(&[], n, hw, r, iters, s, &mut []);
+        }
+        r
+    } else {
+        let samples = out
+            .samples
+            .par_iter_mut()
+            .zip(residual.data.par_chunks_mut(nhw))
+            .zip(x.data.par_chunks(nhw));
+        match policy {
+            RankPolicy::Fixed(_) | RankPolicy::Schedule => {
+                let r = match policy {
+                    RankPolicy::Fixed(r) => fixed(r),
+                    _ => fixed(schedule_rank(schedule_step)),
+                };
+                samples.for_each(|((s, res), xb)| {
+                    svd::light_svd_into(xb, n, hw, r, iters, s, res);
+                });
+                r
+            }
+            RankPolicy::Energy(e) => {
+                let r = samples
+                    .map(|((s, res), xb)| {
+                        svd::light_svd_energy_into(xb, n, hw, e, n, iters, s, res)
+                    })
+                    .max()
+                    .unwrap_or(1);
+                let r = fixed(r);
+                out.samples
+                    .par_iter_mut()
+                    .zip(residual.data.par_chunks_mut(nhw))
+                    .for_each(|(s, res)| light_svd_extend(s, res, r, iters));
+                r
+            }
+            RankPolicy::Entropy => {
+                let r = x
+                    .data
+                    .par_chunks(nhw)
+                    .map(|xb| entropy_rank(&singular_values(xb, n, hw)))
+                    .max()
+                    .unwrap_or(1);
+                let r = fixed(r);
+                samples.for_each(|((s, res), xb)| {
+                    svd::light_svd_into(xb, n, hw, r, iters, s, res);
+                });
+                r
+            }
+        }
+    };
+    out.r = r;
+    Ok(r)
+}
+
+/// RMS √(Σ x² / len) of a slice, accumulated in f64 (0 for an empty one).
+pub fn rms(x: &[f32]) -> f32 {
+    if x.is_empty() {
+        return 0.0;
+    }
+    (svd::sumsq(x) / x.len() as f64).sqrt() as f32
+}
+
+/// x_u: one sample's residual (N·H·W values) ← x_u + n, n ~ N(0, (nsr · rms_of_x)²) elementwise, where
+/// `rms_of_x` is the RMS of that sample's layer input X (not of X_U). Draws nothing when the standard
+/// deviation is 0 (or not finite).
+pub fn add_noise(x_u: &mut [f32], nsr: f32, rms_of_x: f32, rng: &mut Rng) {
+    let std = nsr * rms_of_x;
+    if !(std > 0.0 && std.is_finite()) {
+        return;
+    }
+    x_u.iter_mut().for_each(|v| *v += std * rng.normal());
+}
+
+/// x: [B, ...] (the layer input), x_u: the same shape (its residual) ← x_u + noise, per sample with that
+/// sample's rms(X), as [`add_noise`].
+pub fn add_noise_batch(x: &Tensor, x_u: &mut Tensor, nsr: f32, rng: &mut Rng) -> Result<()> {
+    if x.shape != x_u.shape || x.shape.is_empty() {
+        return Err(CoreError::Shape(format!(
+            "noise: residual shape {:?} differs from the input's {:?}",
+            x_u.shape, x.shape
+        )));
+    }
+    let per = x.len() / x.shape[0].max(1);
+    if per == 0 {
+        return Ok(());
+    }
+    for (xb, ub) in x.data.chunks(per).zip(x_u.data.chunks_mut(per)) {
+        add_noise(ub, nsr, rms(xb), rng);
+    }
+    Ok(())
+}

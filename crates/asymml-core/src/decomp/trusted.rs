@@ -1,0 +1,380 @@
+//! The trusted convolution at cost ∝ r: conv(U_b V_b, W) = conv(V_b as an r × H × W image, W'_b) with
+//! W'_b[m, j'] = Σ_j U_b[j, j'] · W[m, j], and its weight gradient mapped back through U_b.
+//!
+//! Per sample that route costs M·k²·r·(N + P) multiply-adds (P = OH·OW): the conv of V_b, plus building W'_b.
+//! On small maps with a large r (r > N·P / (N + P), e.g. a 4 × 4 map at r ≥ 16 with 512 channels) building
+//! W'_b costs more than the conv itself; there X_T,b = U_b V_b (N·r·H·W) is rebuilt and convolved with W
+//! directly (M·k²·N·P), so Conv_T never costs much more than the full conv. Both routes give the same result.
+
+use super::BatchLowRank;
+use crate::error::{CoreError, Result};
+use crate::gemm::{sgemm, Mat};
+use crate::layers::out_size;
+use crate::tensor::Tensor;
+use rayon::prelude::*;
+
+/// Per-worker scratch: im2col of V_b (or X_T,b), W'_b in two layouts, and the partial ∇W.
+#[derive(Default)]
+struct Scratch {
+    col: Vec<f32>,
+    /// [N, H·W]: X_T,b = U_b V_b (direct route).
+    xt: Vec<f32>,
+    /// [r, M·kk]: Uᵀ·W in the layout the GEMM writes.
+    z: Vec<f32>,
+    /// [M, r·kk]: W'_b (forward) or ∇W'_b (backward).
+    wp: Vec<f32>,
+    /// This worker's part of ∇W_T: [N, M·kk] (Σ_b U_b · ∇W'_b) or, on the direct route, [M, N·kk].
+    dwt: Vec<f32>,
+}
+
+/// Conv_T of the split: keeps its scratch (per worker, and W permuted) across calls.
+#[derive(Default)]
+pub struct TrustedConv {
+    scratch: Vec<Scratch>,
+    /// W permuted to [N, M·kk] (forward), or the summed ∇W in that layout (backward).
+    wt: Vec<f32>,
+}
+
+/// Geometry of one application: V_b is an r × H × W image, the kernel k × k.
+#[derive(Clone, Copy)]
+struct Geo {
+    b: usize,
+    m: usize,
+    n: usize,
+    r: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    s: usize,
+    pad: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Geo {
+    fn check(w_shape: &[usize], stride: usize, pad: usize, lr: &BatchLowRank) -> Result<Geo> {
+        let &[m, n, k, k2] = w_shape else {
+            return Err(CoreError::Shape(format!(
+                "trusted conv: weight must be [M, N, k, k], got {w_shape:?}"
+            )));
+        };
+        if k != k2 || n != lr.n {
+            return Err(CoreError::Shape(format!(
+                "trusted conv: weight {w_shape:?} does not fit a square kernel over {} channels",
+                lr.n
+            )));
+        }
+        let (h, w, r) = (lr.h, lr.w, lr.r);
+        for (i, s) in lr.samples.iter().enumerate() {
+            if s.n != n || s.hw != h * w || s.r != r || s.u.len() != n * r || s.v.len() != r * h * w
+            {
+                return Err(CoreError::Shape(format!(
+                    "trusted conv: sample {i} is not a rank-{r} factorisation of {n}×{h}×{w} \
+                     (n {}, hw {}, r {}, |u| {}, |v| {})",
+                    s.n,
+                    s.hw,
+                    s.r,
+                    s.u.len(),
+                    s.v.len()
+                )));
+            }
+        }
+        match (out_size(h, k, stride, pad), out_size(w, k, stride, pad)) {
+            (Some(oh), Some(ow)) => Ok(Geo {
+                b: lr.samples.len(),
+                m,
+                n,
+                r,
+                h,
+                w,
+                k,
+                s: stride,
+                pad,
+                oh,
+                ow,
+            }),
+            _ => Err(CoreError::Shape(format!(
+                "trusted conv: input {h}×{w} does not fit a {k}×{k} kernel with stride {stride}, padding {pad}"
+            ))),
+        }
+    }
+
+    fn pointwise(&self) -> bool {
+        self.k == 1 && self.s == 1 && self.pad == 0
+    }
+
+    /// True when rebuilding X_T and convolving it with W costs fewer multiply-adds than going through W'.
+    fn direct(&self) -> bool {
+        let (kk, p) = (self.k * self.k, self.oh * self.ow);
+        let through_v = self.m * kk * self.r * (self.n + p);
+        let direct = self.m * kk * self.n * p + self.n * self.r * self.h * self.w;
+        direct < through_v
+    }
+
+    /// col [c·k·k × P] of the c-channel image `x` ([c, H, W]); the image itself when the conv is pointwise.
+    fn col<'a>(&self, x: &'a [f32], c: usize, col: &'a mut Vec<f32>) -> &'a [f32] {
+        if self.pointwise() {
+            return x;
+        }
+        col.resize(c * self.k * self.k * self.oh * self.ow, 0.0);
+        im2col(x, c, self, col);
+        col
+    }
+}
+
+/// xt: [N, H·W] ← U_b V_b.
+fn rebuild(s: &super::LowRank, xt: &mut Vec<f32>) {
+    xt.resize(s.n * s.hw, 0.0);
+    s.reconstruct(xt);
+}
+
+/// Work split of a batch: `per` samples per worker chunk, `chunks` chunks, each GEMM's thread count.
+fn plan(scratch: &mut Vec<Scratch>, b: usize) -> (usize, usize, usize) {
+    let t = rayon::current_num_threads().max(1);
+    let chunks = t.min(b).max(1);
+    let per = b.div_ceil(chunks).max(1);
+    let chunks = b.div_ceil(per).max(1);
+    if scratch.len() < chunks {
+        scratch.resize_with(chunks, Scratch::default);
+    }
+    (per, chunks, (t / chunks).max(1))
+}
+
+impl TrustedConv {
+    /// A trusted conv with empty scratch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// w: [M, N, k, k], lr: B × (U_b [N × r], V_b [r × H·W]) → y_t: [B, M, OH, OW] = conv(U_b V_b, W) per
+    /// sample (cross-correlation with `stride` and zero `pad`), without bias: the caller adds it once to
+    /// Y_T + Y_U. Cost per sample: M·k²·min(r·(N + P), N·P) (+ N·r·H·W on the direct route), P = OH·OW.
+    pub fn forward(
+        &mut self,
+        w: &Tensor,
+        stride: usize,
+        pad: usize,
+        lr: &BatchLowRank,
+        y_t: &mut Tensor,
+    ) -> Result<()> {
+        if w.len() != w.shape.iter().product::<usize>() {
+            return Err(CoreError::Shape("trusted conv: weight data/shape".into()));
+        }
+        let g = Geo::check(&w.shape, stride, pad, lr)?;
+        let (m, n, r, kk, p) = (g.m, g.n, g.r, g.k * g.k, g.oh * g.ow);
+        y_t.resize(&[g.b, m, g.oh, g.ow]);
+        if g.b == 0 || m == 0 {
+            return Ok(());
+        }
+        let (per, _, gt) = plan(&mut self.scratch, g.b);
+        if g.direct() {
+            // Y_b [M × P] = W [M × N·kk] · col(U_b V_b)
+            let wd = &w.data;
+            y_t.data
+                .par_chunks_mut(per * m * p)
+                .zip(lr.samples.par_chunks(per))
+                .zip(self.scratch.par_iter_mut())
+                .for_each(|((yc, sams), sc)| {
+                    for (yb, s) in yc.chunks_mut(m * p).zip(sams) {
+                        rebuild(s, &mut sc.xt);
+                        let col = g.col(&sc.xt, n, &mut sc.col);
+                        sgemm(
+                            m,
+                            p,
+                            n * kk,
+                            Mat::rm(wd, n * kk),
+                            Mat::rm(col, p),
+                            yb,
+                            false,
+                            gt,
+                        );
+                    }
+                });
+            return Ok(());
+        }
+        // W [M, N, kk] → wt [N, M·kk], shared by every sample.
+        self.wt.resize(n * m * kk, 0.0);
+        permute(&w.data, &mut self.wt, m, n, kk);
+        let wt = &self.wt;
+        y_t.data
+            .par_chunks_mut(per * m * p)
+            .zip(lr.samples.par_chunks(per))
+            .zip(self.scratch.par_iter_mut())
+            .for_each(|((yc, sams), sc)| {
+                for (yb, s) in yc.chunks_mut(m * p).zip(sams) {
+                    // z [r × M·kk] = U_bᵀ · wt, then W'_b [M × r·kk].
+                    sc.z.resize(r * m * kk, 0.0);
+                    sgemm(
+                        r,
+                        m * kk,
+                        n,
+                        Mat::rm_t(&s.u, r),
+                        Mat::rm(wt, m * kk),
+                        &mut sc.z,
+                        false,
+                        gt,
+                    );
+                    sc.wp.resize(m * r * kk, 0.0);
+                    permute(&sc.z, &mut sc.wp, r, m, kk);
+                    // Y_b [M × P] = W'_b · col(V_b)
+                    let col = g.col(&s.v, r, &mut sc.col);
+                    sgemm(
+                        m,
+                        p,
+                        r * kk,
+                        Mat::rm(&sc.wp, r * kk),
+                        Mat::rm(col, p),
+                        yb,
+                        false,
+                        gt,
+                    );
+                }
+            });
+        Ok(())
+    }
+
+    /// w_shape: [M, N, k, k], lr as in `forward`, dy: [B, M, OH, OW] → dw_t: [M, N, k, k] (overwritten) =
+    /// ∇W_T = Σ_b Σ_j' U_b[:, j'] ⊗ corr(V_b[j'], ∇Y_b): the weight gradient of conv(V_b, W'_b) w.r.t. W'_b,
+    /// mapped back through U_b. Same cost as `forward`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn weight_grad(
+        &mut self,
+        w_shape: &[usize],
+        stride: usize,
+        pad: usize,
+        lr: &BatchLowRank,
+        dy: &Tensor,
+        dw_t: &mut Tensor,
+    ) -> Result<()> {
+        let g = Geo::check(w_shape, stride, pad, lr)?;
+        let (m, n, r, kk, p) = (g.m, g.n, g.r, g.k * g.k, g.oh * g.ow);
+        let want = [g.b, m, g.oh, g.ow];
+        if dy.shape != want || dy.len() != want.iter().product::<usize>() {
+            return Err(CoreError::Shape(format!(
+                "trusted conv backward: ∇Y has shape {:?}, expected {want:?}",
+                dy.shape
+            )));
+        }
+        if g.b == 0 || m == 0 {
+            dw_t.resize_zero(w_shape);
+            return Ok(());
+        }
+        let (per, chunks, gt) = plan(&mut self.scratch, g.b);
+        let direct = g.direct();
+        dy.data
+            .par_chunks(per * m * p)
+            .zip(lr.samples.par_chunks(per))
+            .zip(self.scratch[..chunks].par_iter_mut())
+            .for_each(|((dyc, sams), sc)| {
+                sc.dwt.clear();
+                sc.dwt.resize(n * m * kk, 0.0);
+                for (dyb, s) in dyc.chunks(m * p).zip(sams) {
+                    if direct {
+                        // ∇W [M × N·kk] += ∇Y_b · col(U_b V_b)ᵀ
+                        rebuild(s, &mut sc.xt);
+                        let col = g.col(&sc.xt, n, &mut sc.col);
+                        sgemm(
+                            m,
+                            n * kk,
+                            p,
+                            Mat::rm(dyb, p),
+                            Mat::rm_t(col, p),
+                            &mut sc.dwt,
+                            true,
+                            gt,
+                        );
+                        continue;
+                    }
+                    // ∇W'_b [M × r·kk] = ∇Y_b · col(V_b)ᵀ, then z [r × M·kk].
+                    let col = g.col(&s.v, r, &mut sc.col);
+                    sc.wp.resize(m * r * kk, 0.0);
+                    sgemm(
+                        m,
+                        r * kk,
+                        p,
+                        Mat::rm(dyb, p),
+                        Mat::rm_t(col, p),
+                        &mut sc.wp,
+                        false,
+                        gt,
+                    );
+                    sc.z.resize(r * m * kk, 0.0);
+                    permute(&sc.wp, &mut sc.z, m, r, kk);
+                    // dwt [N × M·kk] += U_b · z
+                    sgemm(
+                        n,
+                        m * kk,
+                        r,
+                        Mat::rm(&s.u, r),
+                        Mat::rm(&sc.z, m * kk),
+                        &mut sc.dwt,
+                        true,
+                        gt,
+                    );
+                }
+            });
+        // Sum the workers' parts, then (route through W') permute [N, M·kk] into [M, N, k, k].
+        self.wt.clear();
+        self.wt.resize(n * m * kk, 0.0);
+        for sc in &self.scratch[..chunks] {
+            self.wt.iter_mut().zip(&sc.dwt).for_each(|(a, b)| *a += b);
+        }
+        dw_t.resize(w_shape);
+        if direct {
+            dw_t.data.copy_from_slice(&self.wt);
+        } else {
+            permute(&self.wt, &mut dw_t.data, n, m, kk);
+        }
+        Ok(())
+    }
+}
+
+/// a: [A, B, kk] → t: [B, A, kk].
+fn permute(a: &[f32], t: &mut [f32], na: usize, nb: usize, kk: usize) {
+    for i in 0..na {
+        for j in 0..nb {
+            t[(j * na + i) * kk..][..kk].copy_from_slice(&a[(i * nb + j) * kk..][..kk]);
+        }
+    }
+}
+
+/// v: [C, H, W] → col: [C·k·k, OH·OW] (zero padding outside the image).
+fn im2col(v: &[f32], channels: usize, g: &Geo, col: &mut [f32]) {
+    let (h, w, k, s, pad, oh, ow) = (g.h, g.w, g.k, g.s, g.pad, g.oh, g.ow);
+    let p = oh * ow;
+    for c in 0..channels {
+        let vc = &v[c * h * w..(c + 1) * h * w];
+        for ki in 0..k {
+            for kj in 0..k {
+                let row = &mut col[((c * k + ki) * k + kj) * p..][..p];
+                // Output columns whose input column ox·s + kj − pad lies in [0, W).
+                let lo = pad.saturating_sub(kj).div_ceil(s).min(ow);
+                let hi = if w + pad > kj {
+                    ((w + pad - kj - 1) / s + 1).min(ow)
+                } else {
+                    0
+                }
+                .max(lo);
+                for oy in 0..oh {
+                    let out = &mut row[oy * ow..(oy + 1) * ow];
+                    let iy = (oy * s + ki) as isize - pad as isize;
+                    if iy < 0 || iy >= h as isize || lo == hi {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let vrow = &vc[iy as usize * w..(iy as usize + 1) * w];
+                    out[..lo].fill(0.0);
+                    out[hi..].fill(0.0);
+                    let x0 = lo * s + kj - pad;
+                    if s == 1 {
+                        out[lo..hi].copy_from_slice(&vrow[x0..x0 + (hi - lo)]);
+                    } else {
+                        for (o, x) in out[lo..hi].iter_mut().enumerate() {
+                            *x = vrow[x0 + o * s];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

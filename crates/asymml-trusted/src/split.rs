@@ -1,0 +1,446 @@
+//! The split runtime (AsymML): every convolution's input X is decomposed per sample into a low-rank trusted
+//! part X_T = U·V and a residual X_U = X − X_T. Only X_U (and, in backward, ∇Y and ∇W_T) leaves, through the
+//! named declassification functions of `asymml-protocol`; the trusted convolution of (U, V) runs here while
+//! the accelerator computes conv(X_U, W), and the two outputs are added here. Every reply is validated
+//! (kind, layer, shape, finiteness) before it is used.
+
+use asymml_core::decomp::{
+    add_noise_batch, decompose_batch, BatchLowRank, RankPolicy, TrustedConv,
+};
+use asymml_core::layers::Conv2d;
+use asymml_core::models::{ConvExec, Layer, Net};
+use asymml_core::optim::OptimizerKind;
+use asymml_core::rng::Rng;
+use asymml_core::{CoreError, Tensor};
+use asymml_protocol::{
+    declassify_output_grad, declassify_residual, declassify_weight_grad, public_weights, Client,
+    ConvLayerSpec, OptimizerSpec, ProtocolError, Request, Transport,
+};
+
+/// How the split decomposes each conv input.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SplitConfig {
+    pub policy: RankPolicy,
+    /// Lightweight-SVD iterations (1 or 2).
+    pub iters: usize,
+    /// Noise-to-signal ratio added to X_U before it leaves (0: none).
+    pub nsr: f32,
+    pub seed: u64,
+}
+
+#[derive(Default)]
+struct LayerState {
+    name: String,
+    /// Schedule step (conv index in VGG, residual-block index in ResNet).
+    step: usize,
+    /// For a ResNet shortcut conv: the block's first conv, whose decomposition and X_U it reuses.
+    shared_from: Option<usize>,
+    lr: BatchLowRank,
+    residual: Tensor,
+    y_t: Tensor,
+    dw_t: Tensor,
+    /// Whether the last forward reused `shared_from`'s decomposition.
+    used_shared: bool,
+    rank: usize,
+}
+
+/// Per-run counters: what crossed the boundary.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SplitStats {
+    pub bytes_to_untrusted: u64,
+    pub bytes_from_untrusted: u64,
+}
+
+/// The split executor of convolutions, talking to an accelerator over `T`.
+pub struct SplitExec<T: Transport> {
+    client: Client<T>,
+    cfg: SplitConfig,
+    rng: Rng,
+    layers: Vec<LayerState>,
+    tconv: TrustedConv,
+    /// (layer, address and shape of its input) of the last forward, to recognise a shortcut conv's input.
+    last_input: Option<(usize, usize, Vec<usize>)>,
+    pub stats: SplitStats,
+}
+
+fn acc(what: &str, e: ProtocolError) -> CoreError {
+    CoreError::Accelerator(format!("{what}: {e}"))
+}
+
+/// Schedule steps and shortcut sources by conv id: VGG counts convs, ResNet counts residual blocks (stem 0).
+fn structure(net: &mut Net) -> Vec<(String, usize, Option<usize>)> {
+    let mut out = Vec::new();
+    let mut block = 0;
+    for node in &mut net.nodes {
+        match &mut node.layer {
+            Layer::Conv(c) => {
+                let step = if block == 0 { c.id } else { block };
+                out.push((c.id, node.name.clone(), step, None));
+            }
+            Layer::Block(b) => {
+                block += 1;
+                let first = b.conv1.id;
+                let mut convs = Vec::new();
+                b.visit_convs(&node.name, &mut |name, c| {
+                    convs.push((c.id, name.to_string(), c.k))
+                });
+                for (id, name, _) in convs {
+                    let shared =
+                        (b.downsample.as_ref().map(|(d, _)| d.id) == Some(id)).then_some(first);
+                    out.push((id, name, block, shared));
+                }
+            }
+            _ => {}
+        }
+    }
+    // The stem of a ResNet is step 0; VGG convs are numbered in order.
+    out.sort_by_key(|e| e.0);
+    out.into_iter().map(|(_, n, s, sh)| (n, s, sh)).collect()
+}
+
+impl<T: Transport> SplitExec<T> {
+    /// Connects (handshake), registers the network's conv layers with their current weights and the conv
+    /// optimizer, and returns the executor.
+    pub fn connect(
+        transport: T,
+        net: &mut Net,
+        optimizer: OptimizerKind,
+        weight_decay: f32,
+        cfg: SplitConfig,
+    ) -> Result<Self, CoreError> {
+        let mut client = Client::connect(transport).map_err(|e| acc("handshake", e))?;
+        let mut specs = Vec::new();
+        let mut weights = Vec::new();
+        net.visit_convs(&mut |_, c| {
+            specs.push(ConvLayerSpec {
+                id: c.id as u32,
+                in_ch: c.in_ch as u32,
+                out_ch: c.out_ch as u32,
+                k: c.k as u32,
+                stride: c.stride as u32,
+                pad: c.pad as u32,
+                bias: c.bias.is_some(),
+            });
+            weights.push((
+                public_weights(&c.weight.value),
+                c.bias.as_ref().map(|b| public_weights(&b.value)),
+            ));
+        });
+        specs.sort_by_key(|s| s.id);
+        let optimizer = match optimizer {
+            OptimizerKind::Sgd { momentum, nesterov } => OptimizerSpec::Sgd {
+                momentum,
+                nesterov,
+                weight_decay,
+            },
+            OptimizerKind::AdamW { beta1, beta2, eps } => OptimizerSpec::AdamW {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            },
+        };
+        client
+            .call(&Request::Register {
+                layers: specs,
+                weights,
+                optimizer,
+            })
+            .and_then(|r| r.into_ok())
+            .map_err(|e| acc("registering the model", e))?;
+        let layers = structure(net)
+            .into_iter()
+            .map(|(name, step, shared_from)| LayerState {
+                name,
+                step,
+                shared_from,
+                ..Default::default()
+            })
+            .collect();
+        let rng = Rng::new(cfg.seed ^ 0x5EED_0FA5);
+        Ok(SplitExec {
+            client,
+            cfg,
+            rng,
+            layers,
+            tconv: TrustedConv::new(),
+            last_input: None,
+            stats: SplitStats::default(),
+        })
+    }
+
+    /// The rank each conv used in its last forward, by conv id.
+    pub fn ranks(&self) -> Vec<(String, usize)> {
+        self.layers
+            .iter()
+            .map(|l| (l.name.clone(), l.rank))
+            .collect()
+    }
+
+    fn send(&mut self, req: &Request) -> Result<(), CoreError> {
+        self.stats.bytes_to_untrusted += req
+            .tensors()
+            .iter()
+            .map(|(_, t)| t.payload_bytes() as u64)
+            .sum::<u64>();
+        self.client
+            .send_request(req)
+            .map_err(|e| acc(&req.describe(), e))
+    }
+
+    fn recv(&mut self, what: &str) -> Result<asymml_protocol::Reply, CoreError> {
+        let r = self.client.recv_reply().map_err(|e| acc(what, e))?;
+        self.stats.bytes_from_untrusted += r
+            .tensors()
+            .iter()
+            .map(|(_, t)| t.payload_bytes() as u64)
+            .sum::<u64>();
+        Ok(r)
+    }
+
+    /// The merged gradient (∇W, ∇b) of conv `id` as the accelerator holds it (for verification).
+    pub fn fetch_grads(&mut self, id: usize) -> Result<(Tensor, Option<Tensor>), CoreError> {
+        let layer = id as u32;
+        let what = format!("FetchGrads(layer {id})");
+        self.send(&Request::FetchGrads { layer })?;
+        let (w, b) = self
+            .recv(&what)?
+            .into_weights(layer)
+            .map_err(|e| acc(&what, e))?;
+        let w = w
+            .into_tensor_matching(&[None, None, None, None])
+            .map_err(|e| acc(&what, e))?;
+        let b = b
+            .map(|b| b.into_tensor_matching(&[None]))
+            .transpose()
+            .map_err(|e| acc(&what, e))?;
+        Ok((w, b))
+    }
+
+    /// Tells the accelerator to stop.
+    pub fn shutdown(self) -> Result<(), CoreError> {
+        self.client
+            .shutdown()
+            .map(|_| ())
+            .map_err(|e| acc("Shutdown", e))
+    }
+}
+
+fn layer_err(l: &LayerState, id: usize, e: CoreError) -> CoreError {
+    match e {
+        CoreError::Accelerator(m) => {
+            CoreError::Accelerator(format!("conv {} (layer {id}): {m}", l.name))
+        }
+        other => other,
+    }
+}
+
+impl<T: Transport> ConvExec for SplitExec<T> {
+    fn conv_forward(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        train: bool,
+    ) -> Result<(), CoreError> {
+        let id = conv.id;
+        let out_shape = conv.out_shape(&x.shape)?;
+        if id >= self.layers.len() {
+            return Err(CoreError::Accelerator(format!(
+                "conv {id} was not registered"
+            )));
+        }
+        let input_key = (x.data.as_ptr() as usize, x.shape.clone());
+        let shared = self.layers[id].shared_from.filter(|&from| {
+            self.last_input
+                .as_ref()
+                .is_some_and(|(l, p, s)| *l == from && (*p, s) == (input_key.0, &input_key.1))
+        });
+        let layer = id as u32;
+        let mut y_t = std::mem::take(&mut self.layers[id].y_t);
+        let res = (|| {
+            match shared {
+                Some(from) => {
+                    // A shortcut conv: the block input was decomposed and sent for its first conv already.
+                    self.send(&Request::ConvForwardShared {
+                        layer,
+                        from_layer: from as u32,
+                        train,
+                    })?;
+                    self.tconv.forward(
+                        &conv.weight.value,
+                        conv.stride,
+                        conv.pad,
+                        &self.layers[from].lr,
+                        &mut y_t,
+                    )?;
+                    self.layers[id].rank = self.layers[from].rank;
+                }
+                None => {
+                    let st = &mut self.layers[id];
+                    let r = decompose_batch(
+                        x,
+                        self.cfg.policy,
+                        st.step,
+                        self.cfg.iters,
+                        &mut st.lr,
+                        &mut st.residual,
+                    )?;
+                    st.rank = r;
+                    if self.cfg.nsr > 0.0 {
+                        add_noise_batch(x, &mut st.residual, self.cfg.nsr, &mut self.rng)?;
+                    }
+                    let req = Request::ConvForward {
+                        layer,
+                        x_u: declassify_residual(&self.layers[id].residual),
+                        train,
+                    };
+                    self.send(&req)?;
+                    // The trusted convolution runs while the accelerator computes its part.
+                    self.tconv.forward(
+                        &conv.weight.value,
+                        conv.stride,
+                        conv.pad,
+                        &self.layers[id].lr,
+                        &mut y_t,
+                    )?;
+                    self.last_input = Some((id, input_key.0, input_key.1.clone()));
+                }
+            }
+            self.layers[id].used_shared = shared.is_some();
+            let what = format!("ConvForward(layer {id})");
+            let y_u = self
+                .recv(&what)?
+                .into_conv_output(layer)
+                .map_err(|e| acc(&what, e))?;
+            y_u.copy_into_checked(&out_shape, y)
+                .map_err(|e| acc(&what, e))?;
+            y.data.iter_mut().zip(&y_t.data).for_each(|(a, b)| *a += b);
+            Ok(())
+        })();
+        self.layers[id].y_t = y_t;
+        res.map_err(|e| layer_err(&self.layers[id], id, e))
+    }
+
+    fn conv_backward(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        dy: &Tensor,
+        dx: Option<&mut Tensor>,
+    ) -> Result<(), CoreError> {
+        let id = conv.id;
+        if id >= self.layers.len() {
+            return Err(CoreError::Accelerator(format!(
+                "conv {id} was not registered"
+            )));
+        }
+        let layer = id as u32;
+        let mut dw_t = std::mem::take(&mut self.layers[id].dw_t);
+        let res = (|| {
+            self.send(&Request::ConvBackward {
+                layer,
+                dy: declassify_output_grad(dy),
+                need_dx: dx.is_some(),
+            })?;
+            let st = &self.layers[id];
+            let lr = match (st.used_shared, st.shared_from) {
+                (true, Some(from)) => &self.layers[from].lr,
+                _ => &st.lr,
+            };
+            self.tconv.weight_grad(
+                &conv.weight.value.shape,
+                conv.stride,
+                conv.pad,
+                lr,
+                dy,
+                &mut dw_t,
+            )?;
+            let what = format!("ConvBackward(layer {id})");
+            let got = self
+                .recv(&what)?
+                .into_input_grad(layer)
+                .map_err(|e| acc(&what, e))?;
+            match (dx, got) {
+                (Some(dx), Some(g)) => g
+                    .copy_into_checked(&x.shape, dx)
+                    .map_err(|e| acc(&what, e))?,
+                (None, None) => {}
+                (Some(_), None) => {
+                    return Err(acc(
+                        &what,
+                        ProtocolError::Misuse("∇X was asked for but not sent".into()),
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Err(acc(
+                        &what,
+                        ProtocolError::Misuse("∇X was sent unasked".into()),
+                    ))
+                }
+            }
+            let req = Request::WeightGradPart {
+                layer,
+                dw_t: declassify_weight_grad(&dw_t),
+            };
+            self.send(&req)?;
+            let what = format!("WeightGradPart(layer {id})");
+            self.recv(&what)?.into_ok().map_err(|e| acc(&what, e))?;
+            Ok(())
+        })();
+        self.layers[id].dw_t = dw_t;
+        res.map_err(|e| layer_err(&self.layers[id], id, e))
+    }
+
+    fn owns_conv_weights(&self) -> bool {
+        true
+    }
+
+    fn step(&mut self, lr: f32, net: &mut Net) -> Result<(), CoreError> {
+        self.send(&Request::Step { lr })?;
+        self.recv("Step")?.into_ok().map_err(|e| acc("Step", e))?;
+        // Refresh the trusted copies of the (public) conv weights, which the trusted convolution uses.
+        let mut ids = Vec::new();
+        net.visit_convs(&mut |_, c| ids.push(c.id));
+        let mut fetched = Vec::with_capacity(ids.len());
+        for id in ids {
+            let layer = id as u32;
+            let what = format!("FetchWeights(layer {id})");
+            self.send(&Request::FetchWeights { layer })?;
+            let (w, b) = self
+                .recv(&what)?
+                .into_weights(layer)
+                .map_err(|e| acc(&what, e))?;
+            fetched.push((id, w, b, what));
+        }
+        let mut err = None;
+        let mut it = fetched.into_iter();
+        net.visit_convs(&mut |_, c| {
+            let Some((_, w, b, what)) = it.next() else {
+                return;
+            };
+            if err.is_some() {
+                return;
+            }
+            let shape = c.weight.value.shape.clone();
+            if let Err(e) = w.copy_into_checked(&shape, &mut c.weight.value) {
+                err = Some(acc(&what, e));
+            }
+            match (c.bias.as_mut(), b) {
+                (Some(p), Some(b)) => {
+                    let shape = p.value.shape.clone();
+                    if let Err(e) = b.copy_into_checked(&shape, &mut p.value) {
+                        err = Some(acc(&what, e));
+                    }
+                }
+                (None, None) => {}
+                _ => {
+                    err = Some(CoreError::Accelerator(format!(
+                        "{what}: bias presence differs"
+                    )))
+                }
+            }
+        });
+        err.map_or(Ok(()), Err)
+    }
+}

@@ -1,0 +1,149 @@
+//! Starting or reaching the untrusted accelerator: in this process (a thread; the default), a child process
+//! over a Unix socket (`process`), or a server at `tcp://HOST:PORT` / `unix:PATH` (`asymml accelerator`).
+
+use anyhow::{bail, Context, Result};
+use asymml_protocol::{connect, Address, Listener, Transport, TransportOptions};
+use asymml_untrusted::Service;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running accelerator; dropping it stops a child process.
+pub struct AcceleratorHandle {
+    child: Option<Child>,
+    socket: Option<std::path::PathBuf>,
+}
+
+impl Drop for AcceleratorHandle {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(s) = &self.socket {
+            let _ = std::fs::remove_file(s);
+        }
+    }
+}
+
+/// Starts or connects to the accelerator named by `spec` (`inproc`, `process`, `tcp://HOST:PORT`,
+/// `unix:PATH`); `threads` sizes a locally started accelerator's pool (0: all cores).
+pub fn start(spec: &str, threads: usize) -> Result<(Box<dyn Transport + Send>, AcceleratorHandle)> {
+    let opts = TransportOptions::default();
+    match spec {
+        "inproc" => {
+            let (client, server) = asymml_protocol::inproc_pair();
+            let mut service =
+                Service::new(threads).context("starting the in-process accelerator")?;
+            std::thread::Builder::new()
+                .name("accelerator".into())
+                .spawn(move || {
+                    if let Err(e) = service.serve(server) {
+                        eprintln!("accelerator: {e}");
+                    }
+                })
+                .context("starting the accelerator thread")?;
+            Ok((
+                Box::new(client),
+                AcceleratorHandle {
+                    child: None,
+                    socket: None,
+                },
+            ))
+        }
+        "process" => {
+            let exe = std::env::current_exe().context("locating the asymml executable")?;
+            let sock = std::env::temp_dir().join(format!(
+                "asymml-accel-{}-{}.sock",
+                std::process::id(),
+                unique()
+            ));
+            let child = Command::new(exe)
+                .args(["accelerator", "--listen"])
+                .arg(format!("unix:{}", sock.display()))
+                .args(["--accelerator-threads", &threads.to_string(), "--once"])
+                .stdin(Stdio::null())
+                .spawn()
+                .context("starting the accelerator process")?;
+            let mut handle = AcceleratorHandle {
+                child: Some(child),
+                socket: Some(sock.clone()),
+            };
+            let addr = Address::Unix(sock);
+            let t0 = Instant::now();
+            loop {
+                match connect(&addr, &opts) {
+                    Ok(t) => return Ok((t, handle)),
+                    Err(e) if t0.elapsed() > Duration::from_secs(20) => {
+                        bail!("the accelerator process did not start listening: {e}")
+                    }
+                    Err(_) => {
+                        if let Some(status) = handle
+                            .child
+                            .as_mut()
+                            .and_then(|c| c.try_wait().ok().flatten())
+                        {
+                            bail!("the accelerator process exited at start ({status})");
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+            }
+        }
+        other => {
+            let addr: Address = other
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--accelerator {other}: {e} (use inproc, process, tcp://HOST:PORT or unix:PATH)"))?;
+            let t = connect(&addr, &opts)
+                .with_context(|| format!("connecting to the accelerator at {addr}"))?;
+            Ok((
+                t,
+                AcceleratorHandle {
+                    child: None,
+                    socket: None,
+                },
+            ))
+        }
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// `asymml accelerator`: serves connections on `listen` (one at a time; with `once`, only the first).
+pub fn serve(listen: &str, threads: usize, once: bool) -> Result<()> {
+    let addr: Address = if listen.contains("://") || listen.starts_with("unix:") {
+        listen.parse()
+    } else {
+        format!("tcp://{listen}").parse()
+    }
+    .map_err(|e| anyhow::anyhow!("--listen {listen}: {e}"))?;
+    let listener = Listener::bind(&addr, TransportOptions::default())
+        .with_context(|| format!("listening on {addr}"))?;
+    eprintln!(
+        "asymml accelerator: listening on {} ({} thread(s))",
+        listener
+            .local_address()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| addr.to_string()),
+        if threads == 0 {
+            "all".to_string()
+        } else {
+            threads.to_string()
+        }
+    );
+    loop {
+        let transport = listener.accept().context("accepting a connection")?;
+        let peer = transport.peer();
+        let mut service = Service::new(threads)?;
+        match service.serve(transport) {
+            Ok(()) => eprintln!("asymml accelerator: {peer} done"),
+            Err(e) => eprintln!("asymml accelerator: {peer}: {e}"),
+        }
+        if once {
+            return Ok(());
+        }
+    }
+}

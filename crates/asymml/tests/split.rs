@@ -1,0 +1,127 @@
+//! The split runtime against trusted-only: `asymml verify` (one SGD step, every policy, every transport),
+//! and the split training loop end to end.
+
+use std::process::{Command, Output};
+
+fn asymml(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_asymml"))
+        .args(args)
+        .output()
+        .expect("run asymml")
+}
+
+fn verify(model: &str, rank: &str, accel: &str) -> serde_json::Value {
+    let o = asymml(&[
+        "verify",
+        "--model",
+        model,
+        "--batch",
+        "4",
+        "--rank",
+        rank,
+        "--accelerator",
+        accel,
+        "--json",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("{e}: {out} {}", String::from_utf8_lossy(&o.stderr)));
+    assert_eq!(o.status.code(), Some(0), "{v}");
+    v
+}
+
+#[test]
+fn split_equals_trusted_only_for_every_policy() {
+    for model in ["vgg16", "resnet18"] {
+        for rank in ["schedule", "asym1", "asym2", "entropy", "fixed:3"] {
+            let v = verify(model, rank, "inproc");
+            let err = v["max_rel_err"].as_f64().unwrap();
+            assert!(err <= 1e-4, "{model} {rank}: {v}");
+        }
+    }
+}
+
+#[test]
+fn split_equals_trusted_only_over_a_process_and_tcp() {
+    let v = verify("resnet18", "schedule", "process");
+    assert!(v["max_rel_err"].as_f64().unwrap() <= 1e-4, "{v}");
+    // A TCP accelerator served by `asymml accelerator` on a free loopback port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_asymml"))
+        .args([
+            "accelerator",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--once",
+        ])
+        .spawn()
+        .unwrap();
+    let addr = format!("tcp://127.0.0.1:{port}");
+    let mut v = None;
+    for _ in 0..100 {
+        let o = asymml(&[
+            "verify",
+            "--model",
+            "vgg16",
+            "--batch",
+            "4",
+            "--accelerator",
+            &addr,
+            "--json",
+        ]);
+        if o.status.success() {
+            v = Some(serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap());
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let v = v.expect("could not verify over TCP");
+    assert!(v["max_rel_err"].as_f64().unwrap() <= 1e-4, "{v}");
+}
+
+#[test]
+fn unreachable_accelerator_is_a_clear_error() {
+    let o = asymml(&[
+        "verify",
+        "--model",
+        "vgg16",
+        "--batch",
+        "4",
+        "--accelerator",
+        "tcp://127.0.0.1:1",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("connecting to the accelerator"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let o = asymml(&["verify", "--rank", "energy:1.5"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn split_training_runs_and_records_its_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s");
+    let o = asymml(&[
+        "train",
+        "--mode",
+        "split",
+        "--limit-train",
+        "256",
+        "--epochs",
+        "1",
+        "--json",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(m["test_acc"].as_f64().unwrap() >= 0.2, "twice chance expected: {m}");
+    assert!(out.join("model.safetensors").is_file());
+}
