@@ -98,6 +98,9 @@ pub fn load(
         step: num("asymml.checkpoint.step")?,
     };
     let opt_steps = num("asymml.checkpoint.opt_steps")?;
+    // In split mode the conv weights' optimizer state lives on the accelerator and is not in the checkpoint:
+    // those parameters restart with a fresh state (momentum) on resume.
+    let split = meta.get("asymml.checkpoint.mode").map(String::as_str) == Some("split");
     let rng: [u64; 4] = meta
         .get("asymml.checkpoint.rng")
         .and_then(|r| serde_json::from_str(r).ok())
@@ -126,9 +129,12 @@ pub fn load(
                         format!("{key}: shape {:?}, expected {shape:?}", v.shape()),
                     ))
                 }
-                Err(_) if opt_steps == 0 => {}
+                Err(_) if opt_steps == 0 || split => {}
                 Err(_) => return Err(ck_err(path, format!("missing optimizer state {key}"))),
             }
+        }
+        if per.len() != slots.len() {
+            per.clear();
         }
         state.push(per);
     }

@@ -188,33 +188,39 @@ pub fn evaluate(
 /// A session in `mode`: trusted-only computes every conv here; split starts (or reaches) the accelerator,
 /// registers the conv layers and returns the handle that keeps a local accelerator alive.
 pub fn make_session(
-    mut net: asymml_core::models::Net,
+    net: asymml_core::models::Net,
     config: asymml_trusted::TrainConfig,
     mode: asymml_trusted::Mode,
     split: &crate::cli::SplitArgs,
     threads: usize,
     seed: u64,
 ) -> Result<(Session, Option<crate::accelerator::AcceleratorHandle>)> {
+    let mut session = Session::new(net, config, mode);
+    let handle = attach_accelerator(&mut session, split, threads, seed)?;
+    Ok((session, handle))
+}
+
+/// In split mode, starts (or reaches) the accelerator and registers the session's conv layers with their
+/// current weights (so call it after loading weights or a checkpoint); nothing in trusted-only mode.
+pub fn attach_accelerator(
+    session: &mut Session,
+    split: &crate::cli::SplitArgs,
+    threads: usize,
+    seed: u64,
+) -> Result<Option<crate::accelerator::AcceleratorHandle>> {
     use asymml_trusted::split::SplitExec;
-    match mode {
-        asymml_trusted::Mode::TrustedOnly => Ok((Session::new(net, config, mode), None)),
+    match session.mode {
+        asymml_trusted::Mode::TrustedOnly => Ok(None),
         asymml_trusted::Mode::Split => {
             let cfg = split_config(split, seed)?;
             let (transport, handle) = crate::accelerator::start(
                 &split.accelerator,
                 split.accelerator_threads.unwrap_or(threads),
             )?;
-            let exec = SplitExec::connect(
-                transport,
-                &mut net,
-                config.optimizer,
-                config.weight_decay,
-                cfg,
-            )?;
-            Ok((
-                Session::with_exec(net, config, mode, Box::new(exec)),
-                Some(handle),
-            ))
+            let (kind, wd) = (session.config.optimizer, session.config.weight_decay);
+            let exec = SplitExec::connect(transport, &mut session.net, kind, wd, cfg)?;
+            session.set_exec(Box::new(exec));
+            Ok(Some(handle))
         }
     }
 }

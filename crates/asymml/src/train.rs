@@ -238,6 +238,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         // The schedule spans the new total number of epochs.
         session.config.schedule = parse_schedule(&plan.schedule, steps_per_epoch, a.epochs)?;
     }
+    // The accelerator is registered with the weights as they are now (initial, loaded or resumed).
+    let _accel = common::attach_accelerator(&mut session, &a.common.split, threads, plan.seed)?;
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let mut meta = common::model_metadata(&spec, &train, &plan.dataset);
     meta.insert(META_ARGS.into(), common::to_json(&plan));
@@ -273,7 +275,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 continue; // a last batch of one image would give BatchNorm no batch statistics
             }
             batch.fill(&train, idx, aug.as_ref(), &mut rng);
-            let (loss, c) = session.train_step(&batch.x, &batch.labels, epoch + 1, bi + 1)?;
+            let (loss, c) = session
+                .train_step(&batch.x, &batch.labels, epoch + 1, bi + 1)
+                .with_context(|| {
+                    format!("training stopped at epoch {}, step {}", epoch + 1, bi + 1)
+                })?;
             loss_sum += loss as f64 * idx.len() as f64;
             correct += c;
             seen += idx.len();

@@ -122,6 +122,9 @@ fn split_training_runs_and_records_its_metrics() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(m["test_acc"].as_f64().unwrap() >= 0.2, "twice chance expected: {m}");
+    assert!(
+        m["test_acc"].as_f64().unwrap() >= 0.2,
+        "twice chance expected: {m}"
+    );
     assert!(out.join("model.safetensors").is_file());
 }
