@@ -116,6 +116,9 @@ fn torch_times(path: &std::path::Path) -> Result<Vec<(String, f64, f64)>> {
 pub fn run(a: BenchArgs) -> Result<()> {
     let threads = common::init_threads(a.threads)?;
     let mode: Mode = a.mode.parse()?;
+    if mode != Mode::TrustedOnly {
+        bail!("bench times --mode trusted-only for now; for the split, `asymml verify` checks correctness");
+    }
     if a.steps == 0 || a.batch_size < 2 {
         bail!("--steps must be ≥ 1 and --batch-size ≥ 2");
     }
