@@ -223,8 +223,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let steps_per_epoch = train.len().div_ceil(plan.batch_size) as u64;
     let config = plan.train_config(steps_per_epoch, a.epochs)?;
     let aug = plan.augment(kind, size)?;
-    let (mut session, _accel) =
-        common::make_session(net, config, mode, &a.common.split, threads, plan.seed)?;
+    let mut session = asymml_trusted::Session::new(net, config, mode);
     let mut start_epoch = 0;
     if let Some(ck) = &resume_from {
         let (progress, _) = checkpoint::load(ck, &mut session)?;

@@ -128,3 +128,121 @@ fn split_training_runs_and_records_its_metrics() {
     );
     assert!(out.join("model.safetensors").is_file());
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn serve_accelerator(port: u16) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_asymml"))
+        .args([
+            "accelerator",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--accelerator-threads",
+            "1",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn killing_the_accelerator_mid_training_is_a_clear_error_and_resume_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let port = free_port();
+    let mut server = serve_accelerator(port);
+    let addr = format!("tcp://127.0.0.1:{port}");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["train", "--accelerator", &addr, "--epochs", "6", "--json"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    // Wait for the server to listen.
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    // That probe connection is served and closed at once; now start training.
+    let train = Command::new(env!("CARGO_BIN_EXE_asymml"))
+        .args(args(&[
+            "--limit-train",
+            "1024",
+            "--batch-size",
+            "32",
+            "--out",
+            out.to_str().unwrap(),
+        ]))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the accelerator once the first epoch's checkpoint is written.
+    let metrics = out.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |s| s.lines().count()) < 1 {
+        assert!(t0.elapsed().as_secs() < 300, "no epoch finished");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let o = train.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("accelerator") && err.contains("epoch"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let done = std::fs::read_to_string(&metrics).unwrap().lines().count();
+    assert!((1..6).contains(&done), "{done} epochs before the kill");
+
+    // A new accelerator; --resume continues from the last checkpoint to the end.
+    let port = free_port();
+    let mut server = serve_accelerator(port);
+    let addr = format!("tcp://127.0.0.1:{port}");
+    let mut ok = None;
+    for _ in 0..100 {
+        let o = asymml(&[
+            "train",
+            "--resume",
+            out.to_str().unwrap(),
+            "--epochs",
+            "6",
+            "--accelerator",
+            &addr,
+            "--json",
+        ]);
+        if o.status.success() {
+            ok = Some(o);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let o = ok.expect("resume failed");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines.first().unwrap()["epoch"].as_u64().unwrap() as usize,
+        done + 1
+    );
+    assert_eq!(lines.last().unwrap()["epoch"], 6);
+    assert_eq!(
+        std::fs::read_to_string(&metrics).unwrap().lines().count(),
+        6
+    );
+}
