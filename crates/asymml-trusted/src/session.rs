@@ -71,6 +71,7 @@ pub struct Session {
     /// Optimizer steps taken so far (drives the schedule).
     pub step: u64,
     exec: Box<dyn ConvExec + Send>,
+    split_stats: Option<std::sync::Arc<std::sync::Mutex<crate::split::SplitStats>>>,
 }
 
 impl Session {
@@ -94,12 +95,31 @@ impl Session {
             mode,
             step: 0,
             exec,
+            split_stats: None,
         }
     }
 
-    /// Replaces the convolution executor (used for timing and for the split runtime).
+    /// Replaces the convolution executor (used for timing).
     pub fn set_exec(&mut self, exec: Box<dyn ConvExec + Send>) {
         self.exec = exec;
+        self.split_stats = None;
+    }
+
+    /// Makes `exec` the convolution executor and keeps a handle on its boundary counters.
+    pub fn set_split_exec<T: asymml_protocol::Transport + Send + 'static>(
+        &mut self,
+        exec: crate::split::SplitExec<T>,
+    ) {
+        let stats = exec.stats();
+        self.exec = Box::new(exec);
+        self.split_stats = Some(stats);
+    }
+
+    /// The split executor's counters (bytes each way, waiting time), when the session is split.
+    pub fn split_stats(
+        &self,
+    ) -> Option<std::sync::Arc<std::sync::Mutex<crate::split::SplitStats>>> {
+        self.split_stats.clone()
     }
 
     /// The convolution executor.

@@ -16,6 +16,8 @@ use asymml_protocol::{
     declassify_output_grad, declassify_residual, declassify_weight_grad, public_weights, Client,
     ConvLayerSpec, OptimizerSpec, ProtocolError, Request, Transport,
 };
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 /// How the split decomposes each conv input.
 #[derive(Clone, Debug, PartialEq)]
@@ -44,11 +46,15 @@ struct LayerState {
     rank: usize,
 }
 
-/// Per-run counters: what crossed the boundary.
+/// Per-run counters: what crossed the boundary, and how long the trusted runtime waited for replies.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SplitStats {
+    /// Tensor payload bytes sent to the accelerator.
     pub bytes_to_untrusted: u64,
+    /// Tensor payload bytes received from it.
     pub bytes_from_untrusted: u64,
+    /// Seconds spent blocked waiting for replies (the trusted runtime's own time is the rest).
+    pub wait_s: f64,
 }
 
 /// The split executor of convolutions, talking to an accelerator over `T`.
@@ -60,7 +66,7 @@ pub struct SplitExec<T: Transport> {
     tconv: TrustedConv,
     /// (layer, address and shape of its input) of the last forward, to recognise a shortcut conv's input.
     last_input: Option<(usize, usize, Vec<usize>)>,
-    pub stats: SplitStats,
+    stats: Arc<Mutex<SplitStats>>,
 }
 
 fn acc(what: &str, e: ProtocolError) -> CoreError {
@@ -165,7 +171,7 @@ impl<T: Transport> SplitExec<T> {
             layers,
             tconv: TrustedConv::new(),
             last_input: None,
-            stats: SplitStats::default(),
+            stats: Arc::default(),
         })
     }
 
@@ -177,24 +183,42 @@ impl<T: Transport> SplitExec<T> {
             .collect()
     }
 
+    /// A shared handle on the counters (readable while the executor is inside a session).
+    pub fn stats(&self) -> Arc<Mutex<SplitStats>> {
+        self.stats.clone()
+    }
+
+    fn count(&self, f: impl FnOnce(&mut SplitStats)) {
+        if let Ok(mut s) = self.stats.lock() {
+            f(&mut s);
+        }
+    }
+
     fn send(&mut self, req: &Request) -> Result<(), CoreError> {
-        self.stats.bytes_to_untrusted += req
+        let n = req
             .tensors()
             .iter()
             .map(|(_, t)| t.payload_bytes() as u64)
             .sum::<u64>();
+        self.count(|s| s.bytes_to_untrusted += n);
         self.client
             .send_request(req)
             .map_err(|e| acc(&req.describe(), e))
     }
 
     fn recv(&mut self, what: &str) -> Result<asymml_protocol::Reply, CoreError> {
+        let t0 = Instant::now();
         let r = self.client.recv_reply().map_err(|e| acc(what, e))?;
-        self.stats.bytes_from_untrusted += r
+        let dt = t0.elapsed().as_secs_f64();
+        let n = r
             .tensors()
             .iter()
             .map(|(_, t)| t.payload_bytes() as u64)
             .sum::<u64>();
+        self.count(|s| {
+            s.wait_s += dt;
+            s.bytes_from_untrusted += n;
+        });
         Ok(r)
     }
 

@@ -157,7 +157,9 @@ impl CpuBackend {
         let mut y = Tensor::default();
         pool.install(|| slot.conv.forward(&x_u, &mut y))
             .map_err(|source| BackendError::Core { layer, source })?;
-        slot.cached = train.then_some(x_u);
+        // Kept in inference too: a ResNet shortcut conv reads the residual of its block's first conv.
+        let _ = train;
+        slot.cached = Some(x_u);
         Ok(y)
     }
 

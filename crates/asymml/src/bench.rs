@@ -64,11 +64,13 @@ impl ConvExec for TimedLocal {
     }
 }
 
-/// Timings of one model.
+/// Timings of one model in one mode.
 #[derive(Serialize, Debug)]
 pub struct BenchResult {
     pub model: String,
     pub mode: String,
+    /// The split's rank policy (empty for trusted-only).
+    pub rank: String,
     pub batch: usize,
     pub input_size: usize,
     pub threads: usize,
@@ -76,8 +78,15 @@ pub struct BenchResult {
     pub forward_ms_min: f64,
     pub train_ms_median: f64,
     pub train_ms_min: f64,
-    pub conv_gflops_forward: f64,
-    pub conv_gflops_train: f64,
+    /// The trusted runtime's own time (wall time less the time spent waiting for the accelerator).
+    pub trusted_forward_ms_median: f64,
+    pub trusted_train_ms_median: f64,
+    /// Conv kernels' GFLOP/s (trusted-only, where every conv runs here).
+    pub conv_gflops_forward: Option<f64>,
+    pub conv_gflops_train: Option<f64>,
+    /// Tensor bytes per sample sent to / received from the accelerator in one training step.
+    pub train_bytes_to_untrusted_per_sample: f64,
+    pub train_bytes_from_untrusted_per_sample: f64,
     /// PyTorch's median time divided by ours (> 1: we are faster), when --torch is given.
     pub torch_forward_ratio: Option<f64>,
     pub torch_train_ratio: Option<f64>,
@@ -112,34 +121,37 @@ fn torch_times(path: &std::path::Path) -> Result<Vec<(String, f64, f64)>> {
         .collect())
 }
 
+/// What one timed phase measured.
+struct Phase {
+    wall_ms: Vec<f64>,
+    trusted_ms: Vec<f64>,
+    gflops: Option<f64>,
+    bytes: (f64, f64),
+}
+
 /// Runs `asymml bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
     let threads = common::init_threads(a.threads)?;
-    let mode: Mode = a.mode.parse()?;
-    if mode != Mode::TrustedOnly {
-        bail!("bench times --mode trusted-only for now; for the split, `asymml verify` checks correctness");
-    }
     if a.steps == 0 || a.batch_size < 2 {
         bail!("--steps must be ≥ 1 and --batch-size ≥ 2");
     }
+    let modes: Vec<Mode> = a
+        .modes
+        .iter()
+        .map(|m| m.parse())
+        .collect::<Result<_, _>>()?;
     let torch = a.torch.as_deref().map(torch_times).transpose()?;
     let mut results = Vec::new();
+    let pb = common::progress(
+        (a.models.len() * modes.len() * 2 * (a.warmup + a.steps)) as u64,
+        "bench",
+        a.json,
+    );
     for name in &a.models {
         let size = a
             .input_size
             .unwrap_or(if name.ends_with("-imagenet") { 224 } else { 32 });
         let spec = ModelSpec::parse(name, a.channels, a.classes, size)?;
-        let net = spec.build(1)?;
-        let config = TrainConfig {
-            optimizer: OptimizerKind::Sgd {
-                momentum: 0.9,
-                nesterov: false,
-            },
-            lr: 1e-3,
-            weight_decay: 5e-4,
-            schedule: LrSchedule::Constant,
-        };
-        let mut s = Session::new(net, config, mode);
         let mut rng = Rng::new(7);
         let x = Tensor {
             shape: vec![a.batch_size, a.channels, size, size],
@@ -148,56 +160,108 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .collect(),
         };
         let labels: Vec<usize> = (0..a.batch_size).map(|i| i % a.classes).collect();
-        let pb = common::progress(2 * (a.warmup + a.steps) as u64, &spec.name(), a.json);
-        let measure = |train: bool, s: &mut Session| -> Result<(Vec<f64>, f64)> {
-            let timer = TimedLocal::default();
-            s.set_exec(Box::new(timer.clone()));
-            let (mut times, mut conv_s, mut conv_f) = (Vec::new(), 0.0, 0.0);
-            for i in 0..a.warmup + a.steps {
-                let before = timer.get();
-                let t = Instant::now();
-                if train {
-                    s.train_step(&x, &labels, 0, i)?;
+        for &mode in &modes {
+            let config = TrainConfig {
+                optimizer: OptimizerKind::Sgd {
+                    momentum: 0.9,
+                    nesterov: false,
+                },
+                lr: 1e-3,
+                weight_decay: 5e-4,
+                schedule: LrSchedule::Constant,
+            };
+            let mut s = Session::new(spec.build(1)?, config, mode);
+            let _accel = common::attach_accelerator(&mut s, &a.split, threads, 1)?;
+            let split_stats = s.split_stats();
+            let measure = |train: bool, s: &mut Session| -> Result<Phase> {
+                let timer = TimedLocal::default();
+                if mode == Mode::TrustedOnly {
+                    s.set_exec(Box::new(timer.clone()));
+                }
+                let read = || {
+                    split_stats
+                        .as_ref()
+                        .and_then(|st| st.lock().ok().map(|v| v.clone()))
+                        .unwrap_or_default()
+                };
+                let mut p = Phase {
+                    wall_ms: Vec::new(),
+                    trusted_ms: Vec::new(),
+                    gflops: None,
+                    bytes: (0.0, 0.0),
+                };
+                let (mut conv_s, mut conv_f) = (0.0, 0.0);
+                for i in 0..a.warmup + a.steps {
+                    let (before, sb) = (timer.get(), read());
+                    let t = Instant::now();
+                    if train {
+                        s.train_step(&x, &labels, 0, i)?;
+                    } else {
+                        s.predict(&x)?;
+                    }
+                    let dt = t.elapsed().as_secs_f64();
+                    let (after, sa) = (timer.get(), read());
+                    if i >= a.warmup {
+                        p.wall_ms.push(dt * 1e3);
+                        p.trusted_ms.push((dt - (sa.wait_s - sb.wait_s)) * 1e3);
+                        conv_s += after.0 - before.0;
+                        conv_f += after.1 - before.1;
+                        let per = a.batch_size as f64;
+                        p.bytes = (
+                            (sa.bytes_to_untrusted - sb.bytes_to_untrusted) as f64 / per,
+                            (sa.bytes_from_untrusted - sb.bytes_from_untrusted) as f64 / per,
+                        );
+                    }
+                    pb.inc(1);
+                }
+                if conv_s > 0.0 {
+                    p.gflops = Some(conv_f / conv_s / 1e9);
+                }
+                Ok(p)
+            };
+            let mut fwd = measure(false, &mut s)?;
+            let mut trn = measure(true, &mut s)?;
+            let canonical = spec.name();
+            let theirs = torch.as_ref().and_then(|t| {
+                t.iter()
+                    .find(|(m, _, _)| {
+                        *m == canonical || (*m == *name && spec.style == Style::Cifar)
+                    })
+                    .map(|(_, f, tr)| (*f, *tr))
+            });
+            let (fm, tm) = (median(&mut fwd.wall_ms), median(&mut trn.wall_ms));
+            let min = |v: &[f64]| v.iter().cloned().fold(f64::INFINITY, f64::min);
+            results.push(BenchResult {
+                model: canonical,
+                mode: mode.to_string(),
+                rank: if mode == Mode::Split {
+                    a.split.rank.clone()
                 } else {
-                    s.predict(&x)?;
-                }
-                let dt = t.elapsed().as_secs_f64();
-                let after = timer.get();
-                if i >= a.warmup {
-                    times.push(dt * 1e3);
-                    conv_s += after.0 - before.0;
-                    conv_f += after.1 - before.1;
-                }
-                pb.inc(1);
-            }
-            Ok((times, conv_f / conv_s.max(1e-12) / 1e9))
-        };
-        let (mut fwd, gf_fwd) = measure(false, &mut s)?;
-        let (mut trn, gf_trn) = measure(true, &mut s)?;
-        pb.finish_and_clear();
-        let canonical = spec.name();
-        let theirs = torch.as_ref().and_then(|t| {
-            t.iter()
-                .find(|(m, _, _)| *m == canonical || (*m == *name && spec.style == Style::Cifar))
-                .map(|(_, f, tr)| (*f, *tr))
-        });
-        let (fm, tm) = (median(&mut fwd), median(&mut trn));
-        results.push(BenchResult {
-            model: canonical,
-            mode: mode.to_string(),
-            batch: a.batch_size,
-            input_size: size,
-            threads,
-            forward_ms_median: fm,
-            forward_ms_min: fwd.iter().cloned().fold(f64::INFINITY, f64::min),
-            train_ms_median: tm,
-            train_ms_min: trn.iter().cloned().fold(f64::INFINITY, f64::min),
-            conv_gflops_forward: gf_fwd,
-            conv_gflops_train: gf_trn,
-            torch_forward_ratio: theirs.map(|(f, _)| f / fm),
-            torch_train_ratio: theirs.map(|(_, t)| t / tm),
-        });
+                    String::new()
+                },
+                batch: a.batch_size,
+                input_size: size,
+                threads,
+                forward_ms_median: fm,
+                forward_ms_min: min(&fwd.wall_ms),
+                train_ms_median: tm,
+                train_ms_min: min(&trn.wall_ms),
+                trusted_forward_ms_median: median(&mut fwd.trusted_ms),
+                trusted_train_ms_median: median(&mut trn.trusted_ms),
+                conv_gflops_forward: fwd.gflops,
+                conv_gflops_train: trn.gflops,
+                train_bytes_to_untrusted_per_sample: trn.bytes.0,
+                train_bytes_from_untrusted_per_sample: trn.bytes.1,
+                torch_forward_ratio: theirs
+                    .filter(|_| mode == Mode::TrustedOnly)
+                    .map(|(f, _)| f / fm),
+                torch_train_ratio: theirs
+                    .filter(|_| mode == Mode::TrustedOnly)
+                    .map(|(_, t)| t / tm),
+            });
+        }
     }
+    pb.finish_and_clear();
     if a.json {
         println!(
             "{}",
@@ -206,27 +270,39 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<18} {:>6} {:>12} {:>12} {:>12} {:>12} {:>14} {:>14}",
+        "{:<18} {:<13} {:>6} {:>10} {:>11} {:>10} {:>11} {:>9} {:>9} {:>12} {:>12}",
         "model",
+        "mode",
         "batch",
-        "fwd ms med",
-        "fwd ms min",
-        "train ms med",
-        "train ms min",
-        "conv GF/s fwd",
-        "conv GF/s train"
+        "fwd ms",
+        "trusted fwd",
+        "train ms",
+        "trusted trn",
+        "GF/s fwd",
+        "GF/s trn",
+        "B/sample →",
+        "B/sample ←"
     );
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |g| format!("{g:.1}"));
     for r in &results {
+        let mode = if r.rank.is_empty() {
+            r.mode.clone()
+        } else {
+            format!("{} {}", r.mode, r.rank)
+        };
         println!(
-            "{:<18} {:>6} {:>12.1} {:>12.1} {:>12.1} {:>12.1} {:>14.1} {:>14.1}",
+            "{:<18} {:<13} {:>6} {:>10.1} {:>11.1} {:>10.1} {:>11.1} {:>9} {:>9} {:>12.0} {:>12.0}",
             r.model,
+            mode,
             r.batch,
             r.forward_ms_median,
-            r.forward_ms_min,
+            r.trusted_forward_ms_median,
             r.train_ms_median,
-            r.train_ms_min,
-            r.conv_gflops_forward,
-            r.conv_gflops_train
+            r.trusted_train_ms_median,
+            opt(r.conv_gflops_forward),
+            opt(r.conv_gflops_train),
+            r.train_bytes_to_untrusted_per_sample,
+            r.train_bytes_from_untrusted_per_sample
         );
         if let (Some(f), Some(t)) = (r.torch_forward_ratio, r.torch_train_ratio) {
             println!(
@@ -235,6 +311,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
             );
         }
     }
-    println!("({threads} thread(s), mode {mode})");
+    println!("({threads} trusted thread(s); times are medians)");
     Ok(())
 }

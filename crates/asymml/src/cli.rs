@@ -234,9 +234,11 @@ pub struct BenchArgs {
         value_delimiter = ','
     )]
     pub models: Vec<String>,
-    /// Where layers run (trusted-only).
-    #[arg(long, default_value = "trusted-only")]
-    pub mode: String,
+    /// Where layers run: trusted-only or split (comma-separated to time both).
+    #[arg(long, default_value = "trusted-only", value_delimiter = ',')]
+    pub modes: Vec<String>,
+    #[command(flatten)]
+    pub split: SplitArgs,
     /// Batch size.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,

@@ -219,7 +219,7 @@ pub fn attach_accelerator(
             )?;
             let (kind, wd) = (session.config.optimizer, session.config.weight_decay);
             let exec = SplitExec::connect(transport, &mut session.net, kind, wd, cfg)?;
-            session.set_exec(Box::new(exec));
+            session.set_split_exec(exec);
             Ok(Some(handle))
         }
     }

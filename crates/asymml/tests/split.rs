@@ -246,3 +246,46 @@ fn killing_the_accelerator_mid_training_is_a_clear_error_and_resume_continues() 
         6
     );
 }
+
+#[test]
+fn bench_times_both_modes_and_counts_the_bytes() {
+    // ResNet inference in split mode exercises the shortcut conv's shared residual.
+    let o = asymml(&[
+        "bench",
+        "--models",
+        "resnet18-cifar",
+        "--modes",
+        "trusted-only,split",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
+        "--accelerator-threads",
+        "1",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = v["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["mode"], "trusted-only");
+    assert_eq!(rows[0]["train_bytes_to_untrusted_per_sample"], 0.0);
+    assert_eq!(rows[1]["mode"], "split");
+    assert!(
+        rows[1]["train_bytes_to_untrusted_per_sample"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    for r in rows {
+        assert!(r["train_ms_median"].as_f64().unwrap() > 0.0);
+        assert!(
+            r["trusted_train_ms_median"].as_f64().unwrap()
+                <= r["train_ms_median"].as_f64().unwrap()
+        );
+    }
+}
