@@ -112,7 +112,8 @@ fn unique() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
-/// `asymml accelerator`: serves connections on `listen` (one at a time; with `once`, only the first).
+/// `asymml accelerator`: serves connections on `listen`, each with its own model state on its own thread (with
+/// `once`, only the first connection, then exits).
 pub fn serve(listen: &str, threads: usize, once: bool) -> Result<()> {
     let addr: Address = if listen.contains("://") || listen.starts_with("unix:") {
         listen.parse()
@@ -123,7 +124,7 @@ pub fn serve(listen: &str, threads: usize, once: bool) -> Result<()> {
     let listener = Listener::bind(&addr, TransportOptions::default())
         .with_context(|| format!("listening on {addr}"))?;
     eprintln!(
-        "asymml accelerator: listening on {} ({} thread(s))",
+        "asymml accelerator: listening on {} ({} thread(s) per connection)",
         listener
             .local_address()
             .map(|a| a.to_string())
@@ -134,16 +135,25 @@ pub fn serve(listen: &str, threads: usize, once: bool) -> Result<()> {
             threads.to_string()
         }
     );
+    let run = move |transport: Box<dyn Transport + Send>| {
+        let peer = transport.peer();
+        let result = Service::new(threads)
+            .map_err(anyhow::Error::from)
+            .and_then(|mut s| s.serve(transport).map_err(anyhow::Error::from));
+        match result {
+            Ok(()) => eprintln!("asymml accelerator: {peer} done"),
+            Err(e) => eprintln!("asymml accelerator: {peer}: {e:#}"),
+        }
+    };
     loop {
         let transport = listener.accept().context("accepting a connection")?;
-        let peer = transport.peer();
-        let mut service = Service::new(threads)?;
-        match service.serve(transport) {
-            Ok(()) => eprintln!("asymml accelerator: {peer} done"),
-            Err(e) => eprintln!("asymml accelerator: {peer}: {e}"),
-        }
         if once {
+            run(transport);
             return Ok(());
         }
+        std::thread::Builder::new()
+            .name("accelerator-connection".into())
+            .spawn(move || run(transport))
+            .context("starting a connection thread")?;
     }
 }

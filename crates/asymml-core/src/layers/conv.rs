@@ -12,7 +12,6 @@ use rayon::prelude::*;
 struct Scratch {
     col: Vec<f32>,
     dcol: Vec<f32>,
-    dw: Vec<f32>,
     db: Vec<f32>,
     dyg: Vec<f32>,
 }
@@ -37,6 +36,8 @@ pub struct Conv2d {
     /// Index of this conv in its network (execution order), used by conv executors.
     pub id: usize,
     scratch: Vec<Scratch>,
+    /// Partial weight gradients of workers 1.. (worker 0 accumulates into the gradient itself).
+    dw_parts: Vec<Vec<f32>>,
 }
 
 impl Conv2d {
@@ -67,6 +68,7 @@ impl Conv2d {
             bias: bias.then(|| Param::new(Tensor::zeros(&[out_ch]))),
             id: 0,
             scratch: Vec::new(),
+            dw_parts: Vec::new(),
         }
     }
 
@@ -241,14 +243,25 @@ impl Conv2d {
             None => (&mut dummy, 1),
         };
         let gt = plan.gemm_threads;
+        // Worker 0 accumulates straight into ∇W; the others write partial sums (no zeroing pass: their first
+        // GEMM overwrites) that are added afterwards.
+        self.dw_parts
+            .resize_with(plan.chunks.saturating_sub(1), Vec::new);
+        for part in &mut self.dw_parts {
+            if part.len() != m * ckk {
+                part.resize(m * ckk, 0.0);
+            }
+        }
+        let dw_targets: Vec<&mut [f32]> = std::iter::once(&mut self.weight.grad.data[..])
+            .chain(self.dw_parts.iter_mut().map(|v| &mut v[..]))
+            .collect();
         x.data
             .par_chunks(plan.per * xlen)
             .zip(dy.data.par_chunks(plan.per * m * p))
             .zip(self.scratch[..plan.chunks].par_iter_mut())
             .zip(dx_data.par_chunks_mut(dx_chunk))
-            .for_each(|(((xc, dyc), sc), dxc)| {
-                sc.dw.clear();
-                sc.dw.resize(m * ckk, 0.0);
+            .zip(dw_targets.into_par_iter().enumerate())
+            .for_each(|((((xc, dyc), sc), dxc), (worker, dw))| {
                 if has_bias {
                     sc.db.clear();
                     sc.db.resize(m, 0.0);
@@ -280,15 +293,16 @@ impl Conv2d {
                         gather(dyg, &mut sc.dyg, m, p, g);
                         &sc.dyg
                     };
-                    // ∇W [M × CKK] += ∇Y_grp · col_grpᵀ
+                    // ∇W [M × CKK] += ∇Y_grp · col_grpᵀ (a partial sum's first group overwrites)
+                    let accumulate = worker == 0 || gi > 0;
                     sgemm(
                         m,
                         ckk,
                         n,
                         Mat::rm(dyw, n),
                         Mat::rm_t(col, n),
-                        &mut sc.dw,
-                        true,
+                        dw,
+                        accumulate,
                         gt,
                     );
                     if !want_dx {
@@ -325,8 +339,10 @@ impl Conv2d {
                     }
                 }
             });
+        for part in &self.dw_parts {
+            add_into(&mut self.weight.grad.data, part);
+        }
         for sc in &self.scratch[..plan.chunks] {
-            add_into(&mut self.weight.grad.data, &sc.dw);
             if let Some(bp) = self.bias.as_mut() {
                 add_into(&mut bp.grad.data, &sc.db);
             }
