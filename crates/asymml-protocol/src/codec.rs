@@ -80,30 +80,7 @@ pub fn encode_request(req: &Request, max_message: u32, buf: &mut Vec<u8>) -> Res
                 w.tensor(wt);
                 w.opt_tensor(b.as_ref());
             }
-            match *optimizer {
-                OptimizerSpec::Sgd {
-                    momentum,
-                    nesterov,
-                    weight_decay,
-                } => {
-                    w.u8(OPT_SGD);
-                    w.f32(momentum);
-                    w.bool(nesterov);
-                    w.f32(weight_decay);
-                }
-                OptimizerSpec::AdamW {
-                    beta1,
-                    beta2,
-                    eps,
-                    weight_decay,
-                } => {
-                    w.u8(OPT_ADAMW);
-                    w.f32(beta1);
-                    w.f32(beta2);
-                    w.f32(eps);
-                    w.f32(weight_decay);
-                }
-            }
+            w.optimizer(optimizer);
         }
         Request::ConvForward { layer, x_u, train } => {
             w.u32(*layer);
@@ -132,6 +109,21 @@ pub fn encode_request(req: &Request, max_message: u32, buf: &mut Vec<u8>) -> Res
             w.bool(*train);
         }
         Request::FetchGrads { layer } => w.u32(*layer),
+        Request::RegisterNet {
+            spec,
+            state,
+            optimizer,
+        } => {
+            w.string(spec, "spec")?;
+            w.named_tensors(state)?;
+            w.optimizer(optimizer);
+        }
+        Request::NetForward { x, train } => {
+            w.tensor(x);
+            w.bool(*train);
+        }
+        Request::NetBackward { dlogits } => w.tensor(dlogits),
+        Request::FetchState => {}
     }
     w.finish();
     Ok(())
@@ -165,10 +157,9 @@ pub fn encode_reply(rep: &Reply, max_message: u32, buf: &mut Vec<u8>) -> Result<
             w.tensor(wt);
             w.opt_tensor(b.as_ref());
         }
-        Reply::Error { message } => {
-            w.count(message.len(), "error message")?;
-            w.bytes(message.as_bytes());
-        }
+        Reply::Error { message } => w.string(message, "error message")?,
+        Reply::NetOutput { logits } => w.tensor(logits),
+        Reply::State { entries } => w.named_tensors(entries)?,
     }
     w.finish();
     Ok(())
@@ -189,18 +180,21 @@ pub fn request_body_len(req: &Request) -> Result<u64> {
             weights,
             optimizer,
         } => {
-            let opt = match optimizer {
-                OptimizerSpec::Sgd { .. } => 1 + 4 + 1 + 4,
-                OptimizerSpec::AdamW { .. } => 1 + 4 * 4,
-            };
             // Per layer six u32 and a bool; per weight entry an option tag (tensors are counted above).
-            4 + 25 * layers.len() as u64 + 4 + weights.len() as u64 + opt
+            4 + 25 * layers.len() as u64 + 4 + weights.len() as u64 + opt_len(optimizer)
         }
         Request::ConvForward { .. } | Request::ConvBackward { .. } => 5,
         Request::WeightGradPart { .. } | Request::Step { .. } | Request::FetchWeights { .. } => 4,
         Request::Shutdown => 0,
         Request::ConvForwardShared { .. } => 9,
         Request::FetchGrads { .. } => 4,
+        Request::RegisterNet {
+            spec,
+            state,
+            optimizer,
+        } => 4 + spec.len() as u64 + names_len(state) + opt_len(optimizer),
+        Request::NetForward { .. } => 1,
+        Request::NetBackward { .. } | Request::FetchState => 0,
     };
     Ok(1 + fixed + tensors)
 }
@@ -220,8 +214,24 @@ pub fn reply_body_len(rep: &Reply) -> Result<u64> {
         Reply::InputGrad { .. } => 5,
         Reply::Weights { .. } => 5,
         Reply::Error { message } => 4 + message.len() as u64,
+        Reply::NetOutput { .. } => 0,
+        Reply::State { entries } => names_len(entries),
     };
     Ok(1 + fixed + tensors)
+}
+
+/// Encoded size of an optimizer spec.
+fn opt_len(o: &OptimizerSpec) -> u64 {
+    match o {
+        OptimizerSpec::Sgd { .. } => 1 + 4 + 1 + 4,
+        OptimizerSpec::AdamW { .. } => 1 + 4 * 4,
+    }
+}
+
+/// Encoded size of a named tensor list without the tensors themselves (counted separately): the count and
+/// each name with its length.
+fn names_len(entries: &[(String, WireTensor)]) -> u64 {
+    4 + entries.iter().map(|(n, _)| 4 + n.len() as u64).sum::<u64>()
 }
 
 /// Encoded size of a tensor; errors on a rank above [`MAX_RANK`] or a dimension above `u32::MAX`.
@@ -317,6 +327,48 @@ impl<'a> Writer<'a> {
             self.u32(d as u32);
         }
         put_f32s(self.buf, t.data());
+    }
+
+    fn string(&mut self, s: &str, what: &str) -> Result<()> {
+        self.count(s.len(), what)?;
+        self.bytes(s.as_bytes());
+        Ok(())
+    }
+
+    fn named_tensors(&mut self, entries: &[(String, WireTensor)]) -> Result<()> {
+        self.count(entries.len(), "named tensors")?;
+        for (name, t) in entries {
+            self.string(name, "tensor name")?;
+            self.tensor(t);
+        }
+        Ok(())
+    }
+
+    fn optimizer(&mut self, optimizer: &OptimizerSpec) {
+        match *optimizer {
+            OptimizerSpec::Sgd {
+                momentum,
+                nesterov,
+                weight_decay,
+            } => {
+                self.u8(OPT_SGD);
+                self.f32(momentum);
+                self.bool(nesterov);
+                self.f32(weight_decay);
+            }
+            OptimizerSpec::AdamW {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+            } => {
+                self.u8(OPT_ADAMW);
+                self.f32(beta1);
+                self.f32(beta2);
+                self.f32(eps);
+                self.f32(weight_decay);
+            }
+        }
     }
 
     fn opt_tensor(&mut self, t: Option<&WireTensor>) {
@@ -469,25 +521,7 @@ fn decode_body(body: &[u8]) -> Result<Message> {
                 let b = r.opt_tensor("b")?;
                 weights.push((w, b));
             }
-            let optimizer = match r.u8("optimizer kind")? {
-                OPT_SGD => OptimizerSpec::Sgd {
-                    momentum: r.f32("Sgd.momentum")?,
-                    nesterov: r.bool("Sgd.nesterov")?,
-                    weight_decay: r.f32("Sgd.weight_decay")?,
-                },
-                OPT_ADAMW => OptimizerSpec::AdamW {
-                    beta1: r.f32("AdamW.beta1")?,
-                    beta2: r.f32("AdamW.beta2")?,
-                    eps: r.f32("AdamW.eps")?,
-                    weight_decay: r.f32("AdamW.weight_decay")?,
-                },
-                other => {
-                    return Err(ProtocolError::InvalidValue {
-                        what: "optimizer kind",
-                        detail: format!("{other} (expected 0 = SGD or 1 = AdamW)"),
-                    })
-                }
-            };
+            let optimizer = r.optimizer()?;
             Message::Request(Request::Register {
                 layers,
                 weights,
@@ -522,6 +556,25 @@ fn decode_body(body: &[u8]) -> Result<Message> {
         }),
         MessageKind::FetchGrads => Message::Request(Request::FetchGrads {
             layer: r.u32("FetchGrads.layer")?,
+        }),
+        MessageKind::RegisterNet => Message::Request(Request::RegisterNet {
+            spec: r.string("RegisterNet.spec")?,
+            state: r.named_tensors()?,
+            optimizer: r.optimizer()?,
+        }),
+        MessageKind::NetForward => Message::Request(Request::NetForward {
+            x: r.tensor("x")?,
+            train: r.bool("NetForward.train")?,
+        }),
+        MessageKind::NetBackward => Message::Request(Request::NetBackward {
+            dlogits: r.tensor("dlogits")?,
+        }),
+        MessageKind::FetchState => Message::Request(Request::FetchState),
+        MessageKind::NetOutput => Message::Reply(Reply::NetOutput {
+            logits: r.tensor("logits")?,
+        }),
+        MessageKind::State => Message::Reply(Reply::State {
+            entries: r.named_tensors()?,
         }),
         MessageKind::HelloAck => Message::Reply(Reply::HelloAck {
             version: r.u32("HelloAck.version")?,
@@ -605,6 +658,38 @@ impl<'a> Reader<'a> {
                 detail: format!("bool byte {b} (expected 0 or 1)"),
             }),
         }
+    }
+
+    fn named_tensors(&mut self) -> Result<Vec<(String, WireTensor)>> {
+        let n = self.u32("named tensors count")? as usize;
+        let mut out = Vec::with_capacity(n.min(self.remaining() / 5));
+        for _ in 0..n {
+            let name = self.string("tensor name")?;
+            out.push((name, self.tensor("state")?));
+        }
+        Ok(out)
+    }
+
+    fn optimizer(&mut self) -> Result<OptimizerSpec> {
+        Ok(match self.u8("optimizer kind")? {
+            OPT_SGD => OptimizerSpec::Sgd {
+                momentum: self.f32("Sgd.momentum")?,
+                nesterov: self.bool("Sgd.nesterov")?,
+                weight_decay: self.f32("Sgd.weight_decay")?,
+            },
+            OPT_ADAMW => OptimizerSpec::AdamW {
+                beta1: self.f32("AdamW.beta1")?,
+                beta2: self.f32("AdamW.beta2")?,
+                eps: self.f32("AdamW.eps")?,
+                weight_decay: self.f32("AdamW.weight_decay")?,
+            },
+            other => {
+                return Err(ProtocolError::InvalidValue {
+                    what: "optimizer kind",
+                    detail: format!("{other} (expected 0 = SGD or 1 = AdamW)"),
+                })
+            }
+        })
     }
 
     fn string(&mut self, what: &'static str) -> Result<String> {

@@ -47,6 +47,16 @@ pub fn declassify_weight_grad(dw_t: &Tensor) -> WireTensor {
     WireTensor::copy_of(dw_t)
 }
 
+/// `untrusted-only` mode (the no-privacy baseline): the raw network input leaves the trusted runtime.
+pub fn declassify_input_untrusted_only(x: &Tensor) -> WireTensor {
+    WireTensor::copy_of(x)
+}
+
+/// `untrusted-only` mode: the gradient of the loss w.r.t. the logits (labels and loss stay trusted).
+pub fn declassify_logit_grad(dlogits: &Tensor) -> WireTensor {
+    WireTensor::copy_of(dlogits)
+}
+
 /// Public model parameters: initial convolution weights or biases (sent with `Register`).
 pub fn public_weights(w: &Tensor) -> WireTensor {
     WireTensor::copy_of(w)

@@ -103,6 +103,19 @@ pub enum Request {
     },
     /// The merged weight (and bias) gradient of a layer, answered with `Weights` (for verification).
     FetchGrads { layer: u32 },
+    /// `untrusted-only` mode (no privacy): the whole network — its spec as JSON and its state dict — and the
+    /// optimizer of every parameter.
+    RegisterNet {
+        spec: String,
+        state: Vec<(String, WireTensor)>,
+        optimizer: OptimizerSpec,
+    },
+    /// `untrusted-only`: the network's forward on the raw input, answered with `NetOutput` (the logits).
+    NetForward { x: WireTensor, train: bool },
+    /// `untrusted-only`: backward from the gradient of the loss w.r.t. the logits (the loss stays trusted).
+    NetBackward { dlogits: WireTensor },
+    /// `untrusted-only`: the network's state dict, answered with `State`.
+    FetchState,
     /// Ends the conversation; the accelerator answers `Ok` and stops.
     Shutdown,
 }
@@ -126,6 +139,10 @@ pub enum Reply {
     },
     /// The request failed on the accelerator.
     Error { message: String },
+    /// The logits of a `NetForward`.
+    NetOutput { logits: WireTensor },
+    /// The state dict of the network (`FetchState`).
+    State { entries: Vec<(String, WireTensor)> },
 }
 
 /// The kind of a message, with its type byte on the wire. Requests use 0x01..=0x7f, replies 0x81..=0xff, so a
@@ -142,6 +159,12 @@ pub enum MessageKind {
     Shutdown,
     ConvForwardShared,
     FetchGrads,
+    RegisterNet,
+    NetForward,
+    NetBackward,
+    FetchState,
+    NetOutput,
+    State,
     HelloAck,
     Ok,
     ConvOutput,
@@ -152,7 +175,7 @@ pub enum MessageKind {
 
 impl MessageKind {
     /// Every kind, requests first.
-    pub const ALL: [MessageKind; 16] = [
+    pub const ALL: [MessageKind; 22] = [
         MessageKind::Hello,
         MessageKind::Register,
         MessageKind::ConvForward,
@@ -163,12 +186,18 @@ impl MessageKind {
         MessageKind::Shutdown,
         MessageKind::ConvForwardShared,
         MessageKind::FetchGrads,
+        MessageKind::RegisterNet,
+        MessageKind::NetForward,
+        MessageKind::NetBackward,
+        MessageKind::FetchState,
         MessageKind::HelloAck,
         MessageKind::Ok,
         MessageKind::ConvOutput,
         MessageKind::InputGrad,
         MessageKind::Weights,
         MessageKind::Error,
+        MessageKind::NetOutput,
+        MessageKind::State,
     ];
 
     /// The type byte.
@@ -184,6 +213,12 @@ impl MessageKind {
             MessageKind::Shutdown => 0x08,
             MessageKind::ConvForwardShared => 0x09,
             MessageKind::FetchGrads => 0x0a,
+            MessageKind::RegisterNet => 0x0b,
+            MessageKind::NetForward => 0x0c,
+            MessageKind::NetBackward => 0x0d,
+            MessageKind::FetchState => 0x0e,
+            MessageKind::NetOutput => 0x87,
+            MessageKind::State => 0x88,
             MessageKind::HelloAck => 0x81,
             MessageKind::Ok => 0x82,
             MessageKind::ConvOutput => 0x83,
@@ -216,6 +251,12 @@ impl MessageKind {
             MessageKind::Shutdown => "Shutdown",
             MessageKind::ConvForwardShared => "ConvForwardShared",
             MessageKind::FetchGrads => "FetchGrads",
+            MessageKind::RegisterNet => "RegisterNet",
+            MessageKind::NetForward => "NetForward",
+            MessageKind::NetBackward => "NetBackward",
+            MessageKind::FetchState => "FetchState",
+            MessageKind::NetOutput => "NetOutput",
+            MessageKind::State => "State",
             MessageKind::HelloAck => "HelloAck",
             MessageKind::Ok => "Ok",
             MessageKind::ConvOutput => "ConvOutput",
@@ -246,6 +287,10 @@ impl Request {
             Request::Shutdown => MessageKind::Shutdown,
             Request::ConvForwardShared { .. } => MessageKind::ConvForwardShared,
             Request::FetchGrads { .. } => MessageKind::FetchGrads,
+            Request::RegisterNet { .. } => MessageKind::RegisterNet,
+            Request::NetForward { .. } => MessageKind::NetForward,
+            Request::NetBackward { .. } => MessageKind::NetBackward,
+            Request::FetchState => MessageKind::FetchState,
         }
     }
 
@@ -277,6 +322,9 @@ impl Request {
             Request::ConvForward { x_u, .. } => vec![("x_u", x_u)],
             Request::ConvBackward { dy, .. } => vec![("dy", dy)],
             Request::WeightGradPart { dw_t, .. } => vec![("dw_t", dw_t)],
+            Request::RegisterNet { state, .. } => state.iter().map(|(_, t)| ("state", t)).collect(),
+            Request::NetForward { x, .. } => vec![("x", x)],
+            Request::NetBackward { dlogits } => vec![("dlogits", dlogits)],
             _ => Vec::new(),
         }
     }
@@ -291,6 +339,11 @@ impl Request {
             Request::ConvForward { x_u, .. } => vec![("x_u", x_u)],
             Request::ConvBackward { dy, .. } => vec![("dy", dy)],
             Request::WeightGradPart { dw_t, .. } => vec![("dw_t", dw_t)],
+            Request::RegisterNet { state, .. } => {
+                state.into_iter().map(|(_, t)| ("state", t)).collect()
+            }
+            Request::NetForward { x, .. } => vec![("x", x)],
+            Request::NetBackward { dlogits } => vec![("dlogits", dlogits)],
             _ => Vec::new(),
         }
     }
@@ -313,6 +366,8 @@ impl Reply {
             Reply::InputGrad { .. } => MessageKind::InputGrad,
             Reply::Weights { .. } => MessageKind::Weights,
             Reply::Error { .. } => MessageKind::Error,
+            Reply::NetOutput { .. } => MessageKind::NetOutput,
+            Reply::State { .. } => MessageKind::State,
         }
     }
 
@@ -339,6 +394,8 @@ impl Reply {
             Reply::Weights { w, b, .. } => std::iter::once(("w", w))
                 .chain(b.iter().map(|b| ("b", b)))
                 .collect(),
+            Reply::NetOutput { logits } => vec![("logits", logits)],
+            Reply::State { entries } => entries.iter().map(|(_, t)| ("state", t)).collect(),
             _ => Vec::new(),
         }
     }
@@ -351,6 +408,8 @@ impl Reply {
             Reply::Weights { w, b, .. } => std::iter::once(("w", w))
                 .chain(b.map(|b| ("b", b)))
                 .collect(),
+            Reply::NetOutput { logits } => vec![("logits", logits)],
+            Reply::State { entries } => entries.into_iter().map(|(_, t)| ("state", t)).collect(),
             _ => Vec::new(),
         }
     }
@@ -382,6 +441,22 @@ impl Reply {
                 &describe(MessageKind::InputGrad, Some(layer)),
                 other,
             )),
+        }
+    }
+
+    /// The logits of a `NetOutput` reply; an error naming what came otherwise.
+    pub fn into_net_output(self) -> Result<WireTensor> {
+        match self {
+            Reply::NetOutput { logits } => Ok(logits),
+            other => Err(unexpected("NetOutput", other)),
+        }
+    }
+
+    /// The entries of a `State` reply; an error naming what came otherwise.
+    pub fn into_state(self) -> Result<Vec<(String, WireTensor)>> {
+        match self {
+            Reply::State { entries } => Ok(entries),
+            other => Err(unexpected("State", other)),
         }
     }
 

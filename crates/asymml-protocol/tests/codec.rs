@@ -91,6 +91,33 @@ fn all_requests() -> Vec<Request> {
             train: true,
         },
         Request::FetchGrads { layer: 2 },
+        Request::RegisterNet {
+            spec: "{\"arch\":\"VggSmall\"}".into(),
+            state: vec![
+                (
+                    "features.0.weight".into(),
+                    public_weights(&t(&[2, 1, 3, 3], 0.5)),
+                ),
+                (
+                    "features.1.num_batches_tracked".into(),
+                    public_weights(&t(&[], 3.0)),
+                ),
+            ],
+            optimizer: OptimizerSpec::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.01,
+            },
+        },
+        Request::NetForward {
+            x: public_weights(&t(&[2, 1, 4, 4], 0.25)),
+            train: false,
+        },
+        Request::NetBackward {
+            dlogits: public_weights(&t(&[2, 10], -0.1)),
+        },
+        Request::FetchState,
         Request::Shutdown,
     ]
 }
@@ -123,6 +150,13 @@ fn all_replies() -> Vec<Reply> {
         },
         Reply::error("layer 12 is not registered — ünïcödé"),
         Reply::error(""),
+        Reply::NetOutput {
+            logits: accelerator_result(&t(&[2, 10], 1.5)),
+        },
+        Reply::State {
+            entries: vec![("fc.bias".into(), accelerator_result(&t(&[10], 0.0)))],
+        },
+        Reply::State { entries: vec![] },
     ]
 }
 
@@ -363,7 +397,7 @@ fn truncation_names_the_field() {
 
 #[test]
 fn unknown_type_bytes() {
-    for b in [0x00u8, 0x0b, 0x42, 0x7f, 0x80, 0x87, 0xff] {
+    for b in [0x00u8, 0x0f, 0x42, 0x7f, 0x80, 0x89, 0xff] {
         let e = decode_message(&frame(&[b, 0, 0]), MAX_MESSAGE).unwrap_err();
         assert!(
             matches!(e, ProtocolError::UnknownType { byte, .. } if byte == b),

@@ -6,6 +6,7 @@
 //! [`Session`] through `asymml_core::models::ConvExec`.
 
 pub mod checkpoint;
+pub mod remote;
 pub mod session;
 pub mod split;
 

@@ -20,7 +20,7 @@ pub enum SessionError {
     },
     #[error("checkpoint: {0}")]
     Checkpoint(String),
-    #[error("unknown mode '{0}'; available: split, trusted-only")]
+    #[error("unknown mode '{0}'; available: split, trusted-only, untrusted-only")]
     UnknownMode(String),
 }
 
@@ -31,6 +31,8 @@ pub enum Mode {
     Split,
     /// Every layer in the trusted runtime (the TEE-only baseline).
     TrustedOnly,
+    /// Every layer on the accelerator (the GPU-only baseline; no privacy: the raw input leaves).
+    UntrustedOnly,
 }
 
 impl std::str::FromStr for Mode {
@@ -39,6 +41,7 @@ impl std::str::FromStr for Mode {
         match s {
             "trusted-only" => Ok(Mode::TrustedOnly),
             "split" => Ok(Mode::Split),
+            "untrusted-only" => Ok(Mode::UntrustedOnly),
             other => Err(SessionError::UnknownMode(other.to_string())),
         }
     }
@@ -49,6 +52,7 @@ impl std::fmt::Display for Mode {
         f.write_str(match self {
             Mode::TrustedOnly => "trusted-only",
             Mode::Split => "split",
+            Mode::UntrustedOnly => "untrusted-only",
         })
     }
 }
@@ -72,6 +76,7 @@ pub struct Session {
     pub step: u64,
     exec: Box<dyn ConvExec + Send>,
     split_stats: Option<std::sync::Arc<std::sync::Mutex<crate::split::SplitStats>>>,
+    remote: Option<Box<dyn crate::remote::RemoteNet>>,
 }
 
 impl Session {
@@ -96,6 +101,7 @@ impl Session {
             step: 0,
             exec,
             split_stats: None,
+            remote: None,
         }
     }
 
@@ -113,6 +119,25 @@ impl Session {
         let stats = exec.stats();
         self.exec = Box::new(exec);
         self.split_stats = Some(stats);
+    }
+
+    /// Runs the whole network through `remote` (untrusted-only mode).
+    pub fn set_remote(&mut self, remote: Box<dyn crate::remote::RemoteNet>) {
+        self.remote = Some(remote);
+    }
+
+    /// Seconds the untrusted-only session has waited for the accelerator.
+    pub fn remote_wait_s(&self) -> Option<f64> {
+        self.remote.as_ref().map(|r| r.wait_s())
+    }
+
+    /// Brings the local copy of the weights up to date (untrusted-only mode keeps them on the accelerator);
+    /// call before saving weights or a checkpoint.
+    pub fn sync_weights(&mut self) -> Result<(), SessionError> {
+        if let Some(r) = self.remote.as_mut() {
+            r.sync(&mut self.net)?;
+        }
+        Ok(())
     }
 
     /// The split executor's counters (bytes each way, waiting time), when the session is split.
@@ -141,6 +166,23 @@ impl Session {
         epoch: usize,
         batch: usize,
     ) -> Result<(f32, usize), SessionError> {
+        if let Some(remote) = self.remote.as_mut() {
+            let logits = remote.forward(x, true)?;
+            let loss = self.net.loss.forward(&logits, labels)?;
+            if !loss.is_finite() {
+                return Err(SessionError::NonFinite {
+                    loss,
+                    epoch,
+                    step: batch,
+                });
+            }
+            let mut g = Tensor::default();
+            self.net.loss.backward(&mut g);
+            remote.backward(&g)?;
+            remote.step(self.config.schedule.lr(self.config.lr, self.step))?;
+            self.step += 1;
+            return Ok((loss, self.net.loss.correct()));
+        }
         self.net.zero_grad();
         let (loss, correct) = self.net.forward_loss(x, labels, true, self.exec.as_mut())?;
         if !loss.is_finite() {
@@ -175,6 +217,11 @@ impl Session {
         x: &Tensor,
         labels: &[usize],
     ) -> Result<(f32, usize), SessionError> {
+        if let Some(remote) = self.remote.as_mut() {
+            let logits = remote.forward(x, false)?;
+            let loss = self.net.loss.forward(&logits, labels)?;
+            return Ok((loss, self.net.loss.correct()));
+        }
         Ok(self
             .net
             .forward_loss(x, labels, false, self.exec.as_mut())?)
@@ -182,9 +229,11 @@ impl Session {
 
     /// Class probabilities [B, K] for a batch, in evaluation mode.
     pub fn predict(&mut self, x: &Tensor) -> Result<Tensor, SessionError> {
-        let logits = self.net.forward(x, false, self.exec.as_mut())?;
-        let k = logits.shape[1];
-        let mut probs = logits.clone();
+        let mut probs = match self.remote.as_mut() {
+            Some(remote) => remote.forward(x, false)?,
+            None => self.net.forward(x, false, self.exec.as_mut())?.clone(),
+        };
+        let k = probs.shape[1];
         for row in probs.data.chunks_mut(k) {
             let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0f64;

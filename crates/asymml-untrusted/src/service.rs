@@ -2,14 +2,33 @@
 //! only ever replies, and an error in a request becomes an `Error` reply, never a crash.
 
 use crate::backend::{BackendError, ConvLayer, CpuBackend};
-use asymml_core::optim::OptimizerKind;
+use asymml_core::models::{LocalExec, ModelSpec, Net, StateMut};
+use asymml_core::optim::{Optimizer, OptimizerKind};
 use asymml_core::Tensor;
 use asymml_protocol::declassify::accelerator_result;
 use asymml_protocol::{serve, OptimizerSpec, ProtocolError, Reply, Request, Transport, WireTensor};
 
-/// The service state: the backend and the layer specs it was registered with.
+/// The service state: the conv backend (split mode), or a whole network with its optimizer (untrusted-only).
 pub struct Service {
     backend: CpuBackend,
+    net: Option<(Net, Optimizer)>,
+    pool: rayon::ThreadPool,
+}
+
+fn optimizer_of(spec: OptimizerSpec) -> (OptimizerKind, f32) {
+    match spec {
+        OptimizerSpec::Sgd {
+            momentum,
+            nesterov,
+            weight_decay,
+        } => (OptimizerKind::Sgd { momentum, nesterov }, weight_decay),
+        OptimizerSpec::AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } => (OptimizerKind::AdamW { beta1, beta2, eps }, weight_decay),
+    }
 }
 
 fn wire_in(t: WireTensor, shape: &[usize]) -> Result<Tensor, BackendError> {
@@ -20,8 +39,14 @@ fn wire_in(t: WireTensor, shape: &[usize]) -> Result<Tensor, BackendError> {
 impl Service {
     /// A service whose backend uses `threads` worker threads (0: all cores).
     pub fn new(threads: usize) -> Result<Self, BackendError> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| BackendError::Pool(e.to_string()))?;
         Ok(Service {
             backend: CpuBackend::new(threads)?,
+            net: None,
+            pool,
         })
     }
 
@@ -73,19 +98,7 @@ impl Service {
                     };
                     ws.push((w, b));
                 }
-                let (kind, wd) = match optimizer {
-                    OptimizerSpec::Sgd {
-                        momentum,
-                        nesterov,
-                        weight_decay,
-                    } => (OptimizerKind::Sgd { momentum, nesterov }, weight_decay),
-                    OptimizerSpec::AdamW {
-                        beta1,
-                        beta2,
-                        eps,
-                        weight_decay,
-                    } => (OptimizerKind::AdamW { beta1, beta2, eps }, weight_decay),
-                };
+                let (kind, wd) = optimizer_of(optimizer);
                 self.backend.register(&specs, ws, kind, wd)?;
                 Reply::Ok
             }
@@ -135,8 +148,92 @@ impl Service {
                 if !lr.is_finite() {
                     return Err(BackendError::Invalid(format!("learning rate {lr}")));
                 }
-                self.backend.step(lr)?;
+                match self.net.as_mut() {
+                    Some((net, opt)) => {
+                        opt.begin_step();
+                        let mut i = 0;
+                        net.visit_params(&mut |_, p| {
+                            opt.update(i, p, lr);
+                            i += 1;
+                        });
+                    }
+                    None => self.backend.step(lr)?,
+                }
                 Reply::Ok
+            }
+            Request::RegisterNet {
+                spec,
+                state,
+                optimizer,
+            } => {
+                let spec: ModelSpec = serde_json::from_str(&spec)
+                    .map_err(|e| BackendError::Invalid(format!("model spec: {e}")))?;
+                let mut net = spec
+                    .build(0)
+                    .map_err(|source| BackendError::Core { layer: 0, source })?;
+                let mut values: std::collections::HashMap<String, WireTensor> =
+                    state.into_iter().collect();
+                let mut err = None;
+                net.visit_state(&mut |name, s| {
+                    let Some(t) = values.remove(&name) else {
+                        err.get_or_insert(format!("missing {name}"));
+                        return;
+                    };
+                    match s {
+                        StateMut::Tensor(dst) => {
+                            let shape = dst.shape.clone();
+                            if let Err(e) = t.copy_into_checked(&shape, dst) {
+                                err.get_or_insert(format!("{name}: {e}"));
+                            }
+                        }
+                        StateMut::Counter(c) => {
+                            *c = t.data().first().copied().unwrap_or(0.0) as i64
+                        }
+                    }
+                });
+                if let Some(e) = err {
+                    return Err(BackendError::Invalid(e));
+                }
+                let (kind, wd) = optimizer_of(optimizer);
+                self.net = Some((net, Optimizer::new(kind, wd)));
+                Reply::Ok
+            }
+            Request::NetForward { x, train } => {
+                let (net, _) = self.net.as_mut().ok_or(BackendError::NotRegistered)?;
+                let shape = x.shape().to_vec();
+                let x = wire_in(x, &shape)?;
+                net.zero_grad();
+                let logits = self
+                    .pool
+                    .install(|| net.forward(&x, train, &mut LocalExec).cloned())
+                    .map_err(|source| BackendError::Core { layer: 0, source })?;
+                Reply::NetOutput {
+                    logits: accelerator_result(&logits),
+                }
+            }
+            Request::NetBackward { dlogits } => {
+                let (net, _) = self.net.as_mut().ok_or(BackendError::NotRegistered)?;
+                let shape = net.logits().shape.clone();
+                let g = wire_in(dlogits, &shape)?;
+                self.pool
+                    .install(|| net.backward_from(g, &mut LocalExec, false))
+                    .map_err(|source| BackendError::Core { layer: 0, source })?;
+                Reply::Ok
+            }
+            Request::FetchState => {
+                let (net, _) = self.net.as_mut().ok_or(BackendError::NotRegistered)?;
+                let mut entries = Vec::new();
+                net.visit_state(&mut |name, s| {
+                    let t = match s {
+                        StateMut::Tensor(t) => accelerator_result(t),
+                        StateMut::Counter(c) => accelerator_result(&Tensor {
+                            shape: vec![],
+                            data: vec![*c as f32],
+                        }),
+                    };
+                    entries.push((name, t));
+                });
+                Reply::State { entries }
             }
             Request::FetchWeights { layer } => {
                 let (w, b) = self.backend.weights(layer)?;

@@ -192,7 +192,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 };
                 let (mut conv_s, mut conv_f) = (0.0, 0.0);
                 for i in 0..a.warmup + a.steps {
-                    let (before, sb) = (timer.get(), read());
+                    let (before, sb, rb) = (timer.get(), read(), s.remote_wait_s().unwrap_or(0.0));
                     let t = Instant::now();
                     if train {
                         s.train_step(&x, &labels, 0, i)?;
@@ -200,10 +200,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
                         s.predict(&x)?;
                     }
                     let dt = t.elapsed().as_secs_f64();
-                    let (after, sa) = (timer.get(), read());
+                    let (after, sa, ra) = (timer.get(), read(), s.remote_wait_s().unwrap_or(0.0));
                     if i >= a.warmup {
                         p.wall_ms.push(dt * 1e3);
-                        p.trusted_ms.push((dt - (sa.wait_s - sb.wait_s)) * 1e3);
+                        p.trusted_ms
+                            .push((dt - (sa.wait_s - sb.wait_s) - (ra - rb)) * 1e3);
                         conv_s += after.0 - before.0;
                         conv_f += after.1 - before.1;
                         let per = a.batch_size as f64;

@@ -131,8 +131,8 @@ pub struct CommonArgs {
     /// Weights (safetensors with torchvision names): initial weights for train, the model for eval.
     #[arg(long)]
     pub weights: Option<PathBuf>,
-    /// Where layers run: split (AsymML: low-rank part trusted, residual on the accelerator) or trusted-only
-    /// (every layer in the trusted runtime).
+    /// Where layers run: split (AsymML: low-rank part trusted, residual on the accelerator), trusted-only
+    /// (every layer in the trusted runtime) or untrusted-only (every layer on the accelerator: no privacy).
     #[arg(long, default_value = "split")]
     pub mode: String,
     #[command(flatten)]
@@ -215,7 +215,7 @@ pub struct InferArgs {
     /// Worker threads. [default: all cores]
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Where layers run: split or trusted-only.
+    /// Where layers run: split, trusted-only or untrusted-only.
     #[arg(long, default_value = "split")]
     pub mode: String,
     #[command(flatten)]
@@ -234,7 +234,7 @@ pub struct BenchArgs {
         value_delimiter = ','
     )]
     pub models: Vec<String>,
-    /// Where layers run: trusted-only or split (comma-separated to time both).
+    /// Where layers run: trusted-only, split, untrusted-only (comma-separated to time several).
     #[arg(long, default_value = "trusted-only", value_delimiter = ',')]
     pub modes: Vec<String>,
     #[command(flatten)]

@@ -222,6 +222,21 @@ pub fn attach_accelerator(
             session.set_split_exec(exec);
             Ok(Some(handle))
         }
+        asymml_trusted::Mode::UntrustedOnly => {
+            let (transport, handle) = crate::accelerator::start(
+                &split.accelerator,
+                split.accelerator_threads.unwrap_or(threads),
+            )?;
+            let (kind, wd) = (session.config.optimizer, session.config.weight_decay);
+            let remote = asymml_trusted::remote::RemoteClient::connect(
+                transport,
+                &mut session.net,
+                kind,
+                wd,
+            )?;
+            session.set_remote(Box::new(remote));
+            Ok(Some(handle))
+        }
     }
 }
 

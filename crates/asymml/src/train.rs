@@ -297,6 +297,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             test_acc,
             seconds: t0.elapsed().as_secs_f64(),
         };
+        session.sync_weights()?;
         let progress = Progress {
             epoch: epoch + 1,
             step: session.step,

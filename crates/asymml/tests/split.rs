@@ -289,3 +289,51 @@ fn bench_times_both_modes_and_counts_the_bytes() {
         );
     }
 }
+
+#[test]
+fn untrusted_only_trains_exactly_like_trusted_only() {
+    // The same network code runs on the accelerator; the loss stays trusted. Same seed → same metrics.
+    let dir = tempfile::tempdir().unwrap();
+    let run = |mode: &str| -> Vec<serde_json::Value> {
+        let out = dir.path().join(mode);
+        let o = asymml(&[
+            "train",
+            "--mode",
+            mode,
+            "--limit-train",
+            "512",
+            "--batch-size",
+            "128",
+            "--epochs",
+            "2",
+            "--json",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (a, b) = (run("trusted-only"), run("untrusted-only"));
+    for (x, y) in a.iter().zip(&b) {
+        for k in ["train_loss", "train_acc", "test_loss", "test_acc"] {
+            assert_eq!(x[k], y[k], "{k}: {x} vs {y}");
+        }
+    }
+    // The weights it saved (fetched back from the accelerator) evaluate the same in trusted-only mode.
+    let o = asymml(&[
+        "eval",
+        "--mode",
+        "trusted-only",
+        "--json",
+        "--weights",
+        dir.path()
+            .join("untrusted-only/model.safetensors")
+            .to_str()
+            .unwrap(),
+    ]);
+    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(e["test_acc"], b[1]["test_acc"]);
+}
