@@ -33,7 +33,7 @@ fn verify(model: &str, rank: &str, accel: &str) -> serde_json::Value {
 #[test]
 fn split_equals_trusted_only_for_every_policy() {
     for model in ["vgg16", "resnet18"] {
-        for rank in ["schedule", "asym1", "asym2", "entropy", "fixed:3"] {
+        for rank in POLICIES {
             let v = verify(model, rank, "inproc");
             let err = v["max_rel_err"].as_f64().unwrap();
             assert!(err <= 1e-4, "{model} {rank}: {v}");
@@ -41,11 +41,20 @@ fn split_equals_trusted_only_for_every_policy() {
     }
 }
 
+const POLICIES: [&str; 5] = ["schedule", "asym1", "asym2", "entropy", "fixed:3"];
+
 #[test]
 fn split_equals_trusted_only_over_a_process_and_tcp() {
-    let v = verify("resnet18", "schedule", "process");
-    assert!(v["max_rel_err"].as_f64().unwrap() <= 1e-4, "{v}");
-    // A TCP accelerator served by `asymml accelerator` on a free loopback port.
+    for model in ["vgg16", "resnet18"] {
+        for rank in POLICIES {
+            let v = verify(model, rank, "process");
+            assert!(
+                v["max_rel_err"].as_f64().unwrap() <= 1e-4,
+                "process {model} {rank}: {v}"
+            );
+        }
+    }
+    // A TCP accelerator served by `asymml accelerator` on a free loopback port (one model state per connection).
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -56,33 +65,30 @@ fn split_equals_trusted_only_over_a_process_and_tcp() {
             "accelerator",
             "--listen",
             &format!("127.0.0.1:{port}"),
-            "--once",
+            "--accelerator-threads",
+            "1",
         ])
+        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let addr = format!("tcp://127.0.0.1:{port}");
-    let mut v = None;
-    for _ in 0..100 {
-        let o = asymml(&[
-            "verify",
-            "--model",
-            "vgg16",
-            "--batch",
-            "4",
-            "--accelerator",
-            &addr,
-            "--json",
-        ]);
-        if o.status.success() {
-            v = Some(serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap());
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
             break;
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    let addr = format!("tcp://127.0.0.1:{port}");
+    for model in ["vgg16", "resnet18"] {
+        for rank in POLICIES {
+            let v = verify(model, rank, &addr);
+            assert!(
+                v["max_rel_err"].as_f64().unwrap() <= 1e-4,
+                "tcp {model} {rank}: {v}"
+            );
+        }
     }
     let _ = server.kill();
     let _ = server.wait();
-    let v = v.expect("could not verify over TCP");
-    assert!(v["max_rel_err"].as_f64().unwrap() <= 1e-4, "{v}");
 }
 
 #[test]
