@@ -6,8 +6,8 @@ use asymml_core::models::{Net, StateMut};
 use asymml_core::optim::OptimizerKind;
 use asymml_core::{CoreError, Tensor};
 use asymml_protocol::{
-    declassify_input_untrusted_only, declassify_logit_grad, public_weights, Client, OptimizerSpec,
-    ProtocolError, Request, Transport,
+    declassify_input_untrusted_only, declassify_logit_grad, public_weights, Client, ProtocolError,
+    Request, Transport,
 };
 use std::time::Instant;
 
@@ -58,19 +58,7 @@ impl<T: Transport + Send> RemoteClient<T> {
             };
             state.push((name, t));
         });
-        let optimizer = match optimizer {
-            OptimizerKind::Sgd { momentum, nesterov } => OptimizerSpec::Sgd {
-                momentum,
-                nesterov,
-                weight_decay,
-            },
-            OptimizerKind::AdamW { beta1, beta2, eps } => OptimizerSpec::AdamW {
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-            },
-        };
+        let optimizer = crate::split::optimizer_spec(optimizer, weight_decay);
         client
             .call(&Request::RegisterNet {
                 spec,

@@ -73,6 +73,23 @@ fn acc(what: &str, e: ProtocolError) -> CoreError {
     CoreError::Accelerator(format!("{what}: {e}"))
 }
 
+/// The wire form of an optimizer configuration.
+pub(crate) fn optimizer_spec(kind: OptimizerKind, weight_decay: f32) -> OptimizerSpec {
+    match kind {
+        OptimizerKind::Sgd { momentum, nesterov } => OptimizerSpec::Sgd {
+            momentum,
+            nesterov,
+            weight_decay,
+        },
+        OptimizerKind::AdamW { beta1, beta2, eps } => OptimizerSpec::AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        },
+    }
+}
+
 /// Schedule steps and shortcut sources by conv id: VGG counts convs, ResNet counts residual blocks (stem 0).
 fn structure(net: &mut Net) -> Vec<(String, usize, Option<usize>)> {
     let mut out = Vec::new();
@@ -133,19 +150,7 @@ impl<T: Transport> SplitExec<T> {
             ));
         });
         specs.sort_by_key(|s| s.id);
-        let optimizer = match optimizer {
-            OptimizerKind::Sgd { momentum, nesterov } => OptimizerSpec::Sgd {
-                momentum,
-                nesterov,
-                weight_decay,
-            },
-            OptimizerKind::AdamW { beta1, beta2, eps } => OptimizerSpec::AdamW {
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-            },
-        };
+        let optimizer = optimizer_spec(optimizer, weight_decay);
         client
             .call(&Request::Register {
                 layers: specs,
