@@ -11,6 +11,7 @@ pub mod gemm;
 pub mod layers;
 pub mod models;
 pub mod optim;
+pub mod privacy;
 pub mod rng;
 pub mod tensor;
 pub mod weights;
