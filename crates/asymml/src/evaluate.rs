@@ -33,7 +33,7 @@ fn eval_session(
 
 /// The model spec for a weight file: its metadata, else the flags. A flag that contradicts the metadata is
 /// an error rather than a silent choice.
-fn resolve_spec(
+pub fn resolve_spec(
     info: &WeightInfo,
     model: Option<&str>,
     in_ch: Option<usize>,

@@ -7,5 +7,6 @@ pub mod common;
 pub mod data;
 pub mod evaluate;
 pub mod plot;
+pub mod privacy;
 pub mod train;
 pub mod verify;

@@ -13,6 +13,7 @@ fn main() {
         Command::Accelerator(a) => {
             asymml_cli::accelerator::serve(&a.listen, a.accelerator_threads, a.once)
         }
+        Command::Privacy(a) => asymml_cli::privacy::run(a),
         Command::Verify(a) => match asymml_cli::verify::run(a) {
             Ok(true) => Ok(()),
             Ok(false) => std::process::exit(1),

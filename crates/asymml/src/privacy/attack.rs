@@ -1,0 +1,610 @@
+//! Reconstruction attacks: decoders that an attacker with public data learns from a stream (X_U of a conv)
+//! back to the image, and the PSNR/SSIM of their reconstructions of held-out private images.
+
+use anyhow::{bail, Result};
+use asymml_core::gemm::{sgemm, Mat};
+use asymml_core::layers::{Conv2d, Relu};
+use asymml_core::optim::{Optimizer, OptimizerKind};
+use asymml_core::rng::Rng;
+use asymml_core::Tensor;
+use nalgebra::{DMatrix, DVector};
+
+/// Normalisation of the images (per channel, 0..1 units), to turn decoder outputs back into pixels.
+#[derive(Clone, Debug)]
+pub struct PixelScale {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+impl PixelScale {
+    /// One normalised image [c, H, W] → pixels in [0, 1].
+    pub fn to_unit(&self, img: &[f32], c: usize) -> Vec<f32> {
+        let hw = img.len() / c.max(1);
+        img.iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let ch = (i / hw.max(1)).min(self.mean.len().saturating_sub(1));
+                (v * self.std[ch] + self.mean[ch]).clamp(0.0, 1.0)
+            })
+            .collect()
+    }
+}
+
+/// The upsampling factor from a stream's spatial size to the image's.
+fn factor(stream: &Tensor, img: &Tensor) -> Result<usize> {
+    let (_, _, h, w) = stream.nchw("attack")?;
+    let (_, _, ih, iw) = img.nchw("attack")?;
+    if h == 0 || ih % h != 0 || iw % w != 0 || ih / h != iw / w {
+        bail!("a {h}×{w} stream does not tile a {ih}×{iw} image");
+    }
+    Ok(ih / h)
+}
+
+/// Features of position (i, j): the 3×3 window of every channel (zero outside), into `f` (9·C values).
+fn window(x: &[f32], c: usize, h: usize, w: usize, i: usize, j: usize, f: &mut [f32]) {
+    let mut o = 0;
+    for ch in 0..c {
+        let plane = &x[ch * h * w..][..h * w];
+        for di in 0..3 {
+            for dj in 0..3 {
+                let (si, sj) = (i as isize + di as isize - 1, j as isize + dj as isize - 1);
+                f[o] = if si >= 0 && sj >= 0 && (si as usize) < h && (sj as usize) < w {
+                    plane[si as usize * w + sj as usize]
+                } else {
+                    0.0
+                };
+                o += 1;
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+/// The target of position (i, j): the f×f block of every image channel (c·f² values).
+fn block(
+    img: &[f32],
+    c: usize,
+    ih: usize,
+    iw: usize,
+    fct: usize,
+    i: usize,
+    j: usize,
+    t: &mut [f32],
+) {
+    let mut o = 0;
+    for ch in 0..c {
+        for a in 0..fct {
+            for b in 0..fct {
+                t[o] = img[ch * ih * iw + (i * fct + a) * iw + j * fct + b];
+                o += 1;
+            }
+        }
+    }
+}
+
+/// A ridge-regression decoder: each f×f image block (all channels) from the 3×3 window of the stream around
+/// the corresponding position; features standardised, λ = 1e-3 on their correlation matrix.
+pub struct Ridge {
+    mean_f: Vec<f64>,
+    mean_t: Vec<f64>,
+    /// D × P, on the raw (centred) features.
+    w: Vec<f64>,
+    d: usize,
+    p: usize,
+    fct: usize,
+}
+
+impl Ridge {
+    /// Fits on public streams s: [n, C, h, w] and their images: [n, c, H, W].
+    pub fn fit(s: &Tensor, img: &Tensor, threads: usize) -> Result<Ridge> {
+        let (n, c, h, w) = s.nchw("ridge")?;
+        let (_, ic, ih, iw) = img.nchw("ridge")?;
+        let fct = factor(s, img)?;
+        let (d, p) = (9 * c, ic * fct * fct);
+        let rows_per_chunk = 4096usize;
+        let positions = n * h * w;
+        let mut a = vec![0f64; d * d];
+        let mut bmat = vec![0f64; d * p];
+        let (mut sf, mut st) = (vec![0f64; d], vec![0f64; p]);
+        let (mut fa, mut ta) = (Vec::new(), Vec::new());
+        let (mut aa, mut ab) = (vec![0f32; d * d], vec![0f32; d * p]);
+        let mut start = 0;
+        while start < positions {
+            let rows = rows_per_chunk.min(positions - start);
+            fa.resize(rows * d, 0.0);
+            ta.resize(rows * p, 0.0);
+            for r in 0..rows {
+                let pos = start + r;
+                let (b, ij) = (pos / (h * w), pos % (h * w));
+                let (i, j) = (ij / w, ij % w);
+                window(
+                    &s.data[b * c * h * w..][..c * h * w],
+                    c,
+                    h,
+                    w,
+                    i,
+                    j,
+                    &mut fa[r * d..][..d],
+                );
+                let im = &img.data[b * ic * ih * iw..][..ic * ih * iw];
+                block(im, ic, ih, iw, fct, i, j, &mut ta[r * p..][..p]);
+            }
+            sgemm(
+                d,
+                d,
+                rows,
+                Mat::rm_t(&fa, d),
+                Mat::rm(&fa, d),
+                &mut aa,
+                false,
+                threads,
+            );
+            sgemm(
+                d,
+                p,
+                rows,
+                Mat::rm_t(&fa, d),
+                Mat::rm(&ta, p),
+                &mut ab,
+                false,
+                threads,
+            );
+            a.iter_mut().zip(&aa).for_each(|(x, v)| *x += *v as f64);
+            bmat.iter_mut().zip(&ab).for_each(|(x, v)| *x += *v as f64);
+            for r in 0..rows {
+                sf.iter_mut()
+                    .zip(&fa[r * d..][..d])
+                    .for_each(|(x, v)| *x += *v as f64);
+                st.iter_mut()
+                    .zip(&ta[r * p..][..p])
+                    .for_each(|(x, v)| *x += *v as f64);
+            }
+            start += rows;
+        }
+        let m = positions.max(1) as f64;
+        let mean_f: Vec<f64> = sf.iter().map(|v| v / m).collect();
+        let mean_t: Vec<f64> = st.iter().map(|v| v / m).collect();
+        // Covariances, then the correlation-scaled ridge system.
+        let scale: Vec<f64> = (0..d)
+            .map(|i| {
+                let var = a[i * d + i] / m - mean_f[i] * mean_f[i];
+                if var > 1e-30 {
+                    var.sqrt()
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mut cxx = DMatrix::<f64>::zeros(d, d);
+        for i in 0..d {
+            for j in 0..d {
+                let cov = a[i * d + j] / m - mean_f[i] * mean_f[j];
+                let si = if scale[i] > 0.0 { scale[i] } else { 1.0 };
+                let sj = if scale[j] > 0.0 { scale[j] } else { 1.0 };
+                cxx[(i, j)] = if scale[i] > 0.0 && scale[j] > 0.0 {
+                    cov / (si * sj)
+                } else {
+                    0.0
+                };
+            }
+            cxx[(i, i)] += 1e-3;
+        }
+        let mut cxy = DMatrix::<f64>::zeros(d, p);
+        for i in 0..d {
+            if scale[i] <= 0.0 {
+                continue;
+            }
+            for j in 0..p {
+                cxy[(i, j)] = (bmat[i * p + j] / m - mean_f[i] * mean_t[j]) / scale[i];
+            }
+        }
+        let chol = cxx.cholesky().ok_or_else(|| {
+            anyhow::anyhow!("ridge: the normal equations are not positive definite")
+        })?;
+        let sol = chol.solve(&cxy);
+        let mut wv = vec![0f64; d * p];
+        for i in 0..d {
+            if scale[i] > 0.0 {
+                for j in 0..p {
+                    wv[i * p + j] = sol[(i, j)] / scale[i];
+                }
+            }
+        }
+        Ok(Ridge {
+            mean_f,
+            mean_t,
+            w: wv,
+            d,
+            p,
+            fct,
+        })
+    }
+
+    /// Reconstructs images [n, c, H, W] from streams [n, C, h, w] (shaped like the fitted ones).
+    pub fn predict(&self, s: &Tensor, c: usize) -> Result<Tensor> {
+        let (n, ch, h, w) = s.nchw("ridge")?;
+        if 9 * ch != self.d || c * self.fct * self.fct != self.p {
+            bail!(
+                "ridge: stream shape {:?} differs from the fitted one",
+                s.shape
+            );
+        }
+        let (ih, iw) = (h * self.fct, w * self.fct);
+        let mut out = Tensor::zeros(&[n, c, ih, iw]);
+        let mut f = vec![0f32; self.d];
+        let mut y = DVector::<f64>::zeros(self.p);
+        for b in 0..n {
+            let sb = &s.data[b * ch * h * w..][..ch * h * w];
+            for i in 0..h {
+                for j in 0..w {
+                    window(sb, ch, h, w, i, j, &mut f);
+                    y.iter_mut().zip(&self.mean_t).for_each(|(v, m)| *v = *m);
+                    for (k, fv) in f.iter().enumerate() {
+                        let dv = *fv as f64 - self.mean_f[k];
+                        if dv != 0.0 {
+                            let row = &self.w[k * self.p..][..self.p];
+                            y.iter_mut().zip(row).for_each(|(v, wv)| *v += dv * wv);
+                        }
+                    }
+                    let mut o = 0;
+                    for cc in 0..c {
+                        for a in 0..self.fct {
+                            for bb in 0..self.fct {
+                                let idx =
+                                    ((b * c + cc) * ih + i * self.fct + a) * iw + j * self.fct + bb;
+                                out.data[idx] = y[o] as f32;
+                                o += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Channels of the conv decoder's hidden layers.
+const WIDTH: usize = 48;
+
+/// A small conv decoder: conv3×3 (C→48), ReLU, conv3×3 (48→48), ReLU, conv3×3 (48→c·f²), then depth-to-space
+/// by f; trained with AdamW (lr 1e-3 for the first half of the steps, then 3e-4; no weight decay) on the
+/// mean squared error, on batches drawn from the public set, inputs scaled by 1/RMS of the public streams.
+pub struct ConvDecoder {
+    c1: Conv2d,
+    c2: Conv2d,
+    c3: Conv2d,
+    r: Relu,
+    fct: usize,
+    out_c: usize,
+    input_scale: f32,
+    // Activations and gradients, reused.
+    a1: Tensor,
+    h1: Tensor,
+    a2: Tensor,
+    h2: Tensor,
+    a3: Tensor,
+    g: Tensor,
+    g2: Tensor,
+}
+
+/// [n, c·f², h, w] → [n, c, h·f, w·f] (sub-pixel rearrangement); `back` maps the other way.
+fn depth_to_space(x: &Tensor, c: usize, f: usize, out: &mut Tensor, back: bool, src: &Tensor) {
+    // When `back`, `src` is the [n, c, H, W] gradient and `out` becomes [n, c·f², h, w].
+    let (n, h, w) = if back {
+        (src.shape[0], src.shape[2] / f, src.shape[3] / f)
+    } else {
+        (x.shape[0], x.shape[2], x.shape[3])
+    };
+    let (ih, iw) = (h * f, w * f);
+    if back {
+        out.resize(&[n, c * f * f, h, w]);
+    } else {
+        out.resize(&[n, c, ih, iw]);
+    }
+    for b in 0..n {
+        for cc in 0..c {
+            for a in 0..f {
+                for bb in 0..f {
+                    let q = (cc * f + a) * f + bb;
+                    for i in 0..h {
+                        for j in 0..w {
+                            let lo = ((b * c * f * f + q) * h + i) * w + j;
+                            let hi = ((b * c + cc) * ih + i * f + a) * iw + j * f + bb;
+                            if back {
+                                out.data[lo] = src.data[hi];
+                            } else {
+                                out.data[hi] = x.data[lo];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl ConvDecoder {
+    fn new(in_c: usize, out_c: usize, fct: usize, seed: u64) -> Self {
+        let mut rng = Rng::new(seed);
+        ConvDecoder {
+            c1: Conv2d::new(in_c, WIDTH, 3, 1, 1, true, &mut rng),
+            c2: Conv2d::new(WIDTH, WIDTH, 3, 1, 1, true, &mut rng),
+            c3: Conv2d::new(WIDTH, out_c * fct * fct, 3, 1, 1, true, &mut rng),
+            r: Relu,
+            fct,
+            out_c,
+            input_scale: 1.0,
+            a1: Tensor::default(),
+            h1: Tensor::default(),
+            a2: Tensor::default(),
+            h2: Tensor::default(),
+            a3: Tensor::default(),
+            g: Tensor::default(),
+            g2: Tensor::default(),
+        }
+    }
+
+    fn forward(&mut self, x: &Tensor, out: &mut Tensor) -> Result<()> {
+        self.c1.forward(x, &mut self.a1)?;
+        self.r.forward(&self.a1, &mut self.h1);
+        self.c2.forward(&self.h1, &mut self.a2)?;
+        self.r.forward(&self.a2, &mut self.h2);
+        self.c3.forward(&self.h2, &mut self.a3)?;
+        depth_to_space(
+            &self.a3,
+            self.out_c,
+            self.fct,
+            out,
+            false,
+            &Tensor::default(),
+        );
+        Ok(())
+    }
+
+    /// dy: the gradient of the loss at the decoder's output; accumulates every parameter's gradient.
+    fn backward(&mut self, x: &Tensor, dy: &Tensor) -> Result<()> {
+        let mut g3 = Tensor::default();
+        depth_to_space(&Tensor::default(), self.out_c, self.fct, &mut g3, true, dy);
+        self.c3.backward(&self.h2, &g3, Some(&mut self.g))?;
+        self.r.backward(&self.h2, &self.g, &mut self.g2);
+        self.c2.backward(&self.h1, &self.g2, Some(&mut self.g))?;
+        self.r.backward(&self.h1, &self.g, &mut self.g2);
+        self.c1.backward(x, &self.g2, None)?;
+        Ok(())
+    }
+
+    fn params(&mut self) -> Vec<&mut asymml_core::layers::Param> {
+        let mut v = Vec::new();
+        for c in [&mut self.c1, &mut self.c2, &mut self.c3] {
+            v.push(&mut c.weight);
+            if let Some(b) = c.bias.as_mut() {
+                v.push(b);
+            }
+        }
+        v
+    }
+
+    /// Trains on public streams s: [n, C, h, w] and images [n, c, H, W] for `steps` batches.
+    pub fn fit(s: &Tensor, img: &Tensor, steps: usize, batch: usize, seed: u64) -> Result<Self> {
+        let (n, c, h, w) = s.nchw("conv decoder")?;
+        let (_, ic, ih, iw) = img.nchw("conv decoder")?;
+        let fct = factor(s, img)?;
+        let mut dec = ConvDecoder::new(c, ic, fct, seed);
+        let var = s
+            .data
+            .iter()
+            .map(|v| (*v as f64) * (*v as f64))
+            .sum::<f64>()
+            / s.len().max(1) as f64;
+        dec.input_scale = if var > 0.0 {
+            (1.0 / var.sqrt()) as f32
+        } else {
+            1.0
+        };
+        let mut opt = Optimizer::new(
+            OptimizerKind::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+            0.0,
+        );
+        let (per_s, per_i) = (c * h * w, ic * ih * iw);
+        let mut rng = Rng::new(seed ^ 0xDEC0);
+        let (mut xb, mut yb, mut dy) = (Tensor::default(), Tensor::default(), Tensor::default());
+        let batch = batch.max(1).min(n.max(1));
+        let mut order: Vec<usize> = Vec::new();
+        for step in 0..steps {
+            if order.len() < batch {
+                let mut more: Vec<usize> = (0..n).collect();
+                rng.shuffle(&mut more);
+                order.extend(more);
+            }
+            let idx: Vec<usize> = order.drain(..batch).collect();
+            let lr = if step < steps / 2 { 1e-3 } else { 3e-4 };
+            {
+                xb.resize(&[idx.len(), c, h, w]);
+                for (k, &i) in idx.iter().enumerate() {
+                    let src = &s.data[i * per_s..][..per_s];
+                    xb.data[k * per_s..][..per_s]
+                        .iter_mut()
+                        .zip(src)
+                        .for_each(|(d, v)| *d = v * dec.input_scale);
+                }
+                dec.forward(&xb, &mut yb)?;
+                dy.resize(&yb.shape);
+                let scale = 2.0 / yb.len() as f32;
+                for (k, &i) in idx.iter().enumerate() {
+                    let t = &img.data[i * per_i..][..per_i];
+                    let o = &yb.data[k * per_i..][..per_i];
+                    dy.data[k * per_i..][..per_i]
+                        .iter_mut()
+                        .zip(o.iter().zip(t))
+                        .for_each(|(g, (y, t))| *g = scale * (y - t));
+                }
+                for p in dec.params() {
+                    p.zero_grad();
+                }
+                dec.backward(&xb, &dy)?;
+                opt.begin_step();
+                for (i, p) in dec.params().into_iter().enumerate() {
+                    opt.update(i, p, lr);
+                }
+            }
+        }
+        let _ = (ih, iw);
+        Ok(dec)
+    }
+
+    /// Reconstructs images from streams shaped like the training ones.
+    pub fn predict(&mut self, s: &Tensor) -> Result<Tensor> {
+        let mut x = s.clone();
+        x.data.iter_mut().for_each(|v| *v *= self.input_scale);
+        let mut out = Tensor::default();
+        self.forward(&x, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// Peak signal-to-noise ratio (dB) of two images in [0, 1] (capped at 100 dB).
+pub fn psnr(a: &[f32], b: &[f32]) -> f64 {
+    let mse = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        / a.len().max(1) as f64;
+    if mse <= 1e-10 {
+        100.0
+    } else {
+        10.0 * (1.0 / mse).log10()
+    }
+}
+
+/// Structural similarity of two [c, h, w] images in [0, 1] (data range 1): Gaussian window of 11 (σ 1.5;
+/// smaller for images under 11 px), K1 = 0.01, K2 = 0.03, mean over the valid positions and the channels.
+pub fn ssim(a: &[f32], b: &[f32], c: usize, h: usize, w: usize) -> f64 {
+    let win = 11.min(h).min(w);
+    let win = if win % 2 == 0 { win - 1 } else { win };
+    if win == 0 {
+        return 0.0;
+    }
+    let half = (win / 2) as f64;
+    let g: Vec<f64> = (0..win)
+        .map(|i| (-((i as f64 - half).powi(2)) / (2.0 * 1.5 * 1.5)).exp())
+        .collect();
+    let gs: f64 = g.iter().sum();
+    let (c1, c2) = (0.01f64.powi(2), 0.03f64.powi(2));
+    let mut total = 0.0;
+    let mut count = 0usize;
+    for ch in 0..c {
+        let (pa, pb) = (&a[ch * h * w..][..h * w], &b[ch * h * w..][..h * w]);
+        for i in 0..=(h - win) {
+            for j in 0..=(w - win) {
+                let (mut mx, mut my, mut sxx, mut syy, mut sxy) = (0.0, 0.0, 0.0, 0.0, 0.0);
+                for u in 0..win {
+                    for v in 0..win {
+                        let wt = g[u] * g[v] / (gs * gs);
+                        let (x, y) = (
+                            pa[(i + u) * w + j + v] as f64,
+                            pb[(i + u) * w + j + v] as f64,
+                        );
+                        mx += wt * x;
+                        my += wt * y;
+                        sxx += wt * x * x;
+                        syy += wt * y * y;
+                        sxy += wt * x * y;
+                    }
+                }
+                let (vx, vy, cxy) = (sxx - mx * mx, syy - my * my, sxy - mx * my);
+                total += ((2.0 * mx * my + c1) * (2.0 * cxy + c2))
+                    / ((mx * mx + my * my + c1) * (vx + vy + c2));
+                count += 1;
+            }
+        }
+    }
+    total / count.max(1) as f64
+}
+
+/// Mean PSNR and SSIM of reconstructions against the private images (both normalised [n, c, H, W]).
+pub fn quality(recon: &Tensor, truth: &Tensor, scale: &PixelScale) -> Result<(f64, f64)> {
+    let (n, c, h, w) = truth.nchw("quality")?;
+    if recon.shape != truth.shape {
+        bail!(
+            "reconstruction shape {:?} differs from {:?}",
+            recon.shape,
+            truth.shape
+        );
+    }
+    let per = c * h * w;
+    let (mut p, mut s) = (0.0, 0.0);
+    for i in 0..n {
+        let a = scale.to_unit(&truth.data[i * per..][..per], c);
+        let b = scale.to_unit(&recon.data[i * per..][..per], c);
+        p += psnr(&a, &b);
+        s += ssim(&a, &b, c, h, w);
+    }
+    Ok((p / n.max(1) as f64, s / n.max(1) as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ssim_and_psnr_of_identical_and_different_images() {
+        let mut rng = Rng::new(3);
+        let a: Vec<f32> = (0..3 * 16 * 16).map(|_| rng.uniform()).collect();
+        assert!((ssim(&a, &a, 3, 16, 16) - 1.0).abs() < 1e-9);
+        assert_eq!(psnr(&a, &a), 100.0);
+        let b: Vec<f32> = (0..3 * 16 * 16).map(|_| rng.uniform()).collect();
+        assert!(ssim(&a, &b, 3, 16, 16) < 0.2);
+        // Uniform noise against uniform noise: MSE = 1/6, PSNR ≈ 7.8 dB.
+        assert!((psnr(&a, &b) - 7.78).abs() < 0.5, "{}", psnr(&a, &b));
+    }
+
+    #[test]
+    fn ridge_recovers_a_linear_downsampled_stream() {
+        // The stream is each 2×2 block's pixels as 4 channels (a lossless linear code): ridge inverts it.
+        let mut rng = Rng::new(5);
+        let (n, h) = (6, 8);
+        let img = Tensor::from_vec(
+            &[n, 1, 2 * h, 2 * h],
+            (0..n * 4 * h * h).map(|_| rng.normal()).collect(),
+        )
+        .unwrap();
+        let mut s = Tensor::default();
+        depth_to_space(&Tensor::default(), 1, 2, &mut s, true, &img);
+        let fit = Ridge::fit(&s, &img, 1).unwrap();
+        let rec = fit.predict(&s, 1).unwrap();
+        let err = rec
+            .data
+            .iter()
+            .zip(&img.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(err < 0.05, "{err}");
+    }
+
+    #[test]
+    fn conv_decoder_learns_to_invert_a_scaled_copy() {
+        let mut rng = Rng::new(7);
+        let n = 24;
+        let img =
+            Tensor::from_vec(&[n, 1, 8, 8], (0..n * 64).map(|_| rng.normal()).collect()).unwrap();
+        let mut s = img.clone();
+        s.data.iter_mut().for_each(|v| *v *= -3.0);
+        let mean_sq = img.data.iter().map(|v| v * v).sum::<f32>() / img.len() as f32;
+        let mut dec = ConvDecoder::fit(&s, &img, 180, 8, 1).unwrap();
+        let rec = dec.predict(&s).unwrap();
+        let mse = rec
+            .data
+            .iter()
+            .zip(&img.data)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f32>()
+            / img.len() as f32;
+        assert!(mse < 0.2 * mean_sq, "mse {mse} vs signal {mean_sq}");
+    }
+}

@@ -1,0 +1,133 @@
+//! Mutual information between the private values and a stream the accelerator sees, per image, with the
+//! paper's protocol: the pixel pairs (x, s) at the same position as 2-D samples, KSG with the local
+//! non-uniformity correction, normalised by I(X;X).
+
+use anyhow::{bail, Result};
+use asymml_core::privacy::mi::{jitter, ksg_lnc, linfoot};
+use asymml_core::rng::Rng;
+use asymml_core::Tensor;
+use serde::Serialize;
+
+/// Settings of the estimator.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct MiConfig {
+    /// Neighbours.
+    pub k: usize,
+    /// LNC threshold.
+    pub alpha: f64,
+    /// Pixel pairs per image (a seeded sample when there are more).
+    pub points: usize,
+    /// Tie-breaking jitter, as a fraction of each variable's standard deviation.
+    pub jitter: f64,
+    pub seed: u64,
+}
+
+/// Leakage of one stream, averaged over the images.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Leak {
+    /// Mean I(X;S) in nats.
+    pub mi_nats: f64,
+    /// Mean of I(X;S)/I(X;X) per image.
+    pub rel_mi: f64,
+    /// Mean Linfoot coefficient √(1 − e^(−2 I(X;S))).
+    pub linfoot: f64,
+}
+
+/// The sample positions of image `b` (the same for every stream, so that I(X;X) is reused).
+fn positions(len: usize, cfg: &MiConfig, b: usize) -> Vec<usize> {
+    if len <= cfg.points {
+        return (0..len).collect();
+    }
+    let mut rng = Rng::new(cfg.seed ^ 0x5EED ^ (b as u64).wrapping_mul(0x9E37_79B9));
+    let mut idx: Vec<usize> = (0..len).collect();
+    rng.shuffle(&mut idx);
+    idx.truncate(cfg.points);
+    idx.sort_unstable();
+    idx
+}
+
+/// The values at `pos`, in f64, with jitter of `cfg.jitter` × their standard deviation (seeded by `stream`).
+fn sample(v: &[f32], pos: &[usize], cfg: &MiConfig, stream: u64) -> Vec<f64> {
+    let mut out: Vec<f64> = pos.iter().map(|&i| v[i] as f64).collect();
+    let n = out.len().max(1) as f64;
+    let mean = out.iter().sum::<f64>() / n;
+    let std = (out.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n).sqrt();
+    let sigma = if std > 0.0 { cfg.jitter * std } else { 1e-12 };
+    jitter(
+        &mut out,
+        sigma,
+        cfg.seed ^ stream.wrapping_mul(0xA24B_AED4_963E_E407),
+    );
+    out
+}
+
+fn per_image(t: &Tensor) -> Result<(usize, usize)> {
+    let b = *t.shape.first().unwrap_or(&0);
+    if b == 0 || t.is_empty() {
+        bail!("empty stream");
+    }
+    Ok((b, t.len() / b))
+}
+
+/// Per image, I(X;X) of the private values x: [B, ...] (the normaliser of [`leak`]).
+pub fn self_information(x: &Tensor, cfg: &MiConfig) -> Result<Vec<f64>> {
+    let (b, per) = per_image(x)?;
+    (0..b)
+        .map(|i| {
+            let pos = positions(per, cfg, i);
+            let xv = &x.data[i * per..][..per];
+            let a = sample(xv, &pos, cfg, 1);
+            let c = sample(xv, &pos, cfg, 2);
+            Ok(ksg_lnc(&a, 1, &c, 1, cfg.k, cfg.alpha)?)
+        })
+        .collect()
+}
+
+/// Leakage of the stream s about x (both [B, ...] with the same size per image), normalised per image by
+/// `self_mi` (from [`self_information`]).
+pub fn leak(x: &Tensor, s: &Tensor, self_mi: &[f64], cfg: &MiConfig) -> Result<Leak> {
+    let (b, per) = per_image(x)?;
+    if s.len() != x.len() || self_mi.len() != b {
+        bail!(
+            "stream of {} values against {} private values",
+            s.len(),
+            x.len()
+        );
+    }
+    let mut out = Leak::default();
+    for (i, &self_i) in self_mi.iter().enumerate() {
+        let pos = positions(per, cfg, i);
+        let a = sample(&x.data[i * per..][..per], &pos, cfg, 1);
+        let c = sample(&s.data[i * per..][..per], &pos, cfg, 3);
+        let mi = ksg_lnc(&a, 1, &c, 1, cfg.k, cfg.alpha)?;
+        out.mi_nats += mi;
+        out.rel_mi += if self_i > 0.0 { mi / self_i } else { 0.0 };
+        out.linfoot += linfoot(mi.max(0.0));
+    }
+    let n = b as f64;
+    out.mi_nats /= n;
+    out.rel_mi /= n;
+    out.linfoot /= n;
+    Ok(out)
+}
+
+/// x: [B, C, H, W] → [B, M, H, W] holding the channel mean of x in each of the M planes (pairs the image
+/// with every channel of a first-conv output gradient of the same spatial size).
+pub fn channel_mean_repeated(x: &Tensor, m: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.nchw("privacy")?;
+    let hw = h * w;
+    let mut out = Tensor::zeros(&[b, m, h, w]);
+    for i in 0..b {
+        let mut g = vec![0f32; hw];
+        for ch in 0..c {
+            let plane = &x.data[(i * c + ch) * hw..][..hw];
+            g.iter_mut()
+                .zip(plane)
+                .for_each(|(a, v)| *a += v / c as f32);
+        }
+        for j in 0..m {
+            out.data[(i * m + j) * hw..][..hw].copy_from_slice(&g);
+        }
+    }
+    Ok(out)
+}

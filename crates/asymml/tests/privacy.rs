@@ -1,0 +1,229 @@
+//! `asymml privacy` end to end: on the 20 real CIFAR-10 images of ../shared/data (the test fails, saying so,
+//! when they are missing) and on the embedded Fashion-MNIST sample.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn asymml(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_asymml"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .expect("run asymml")
+}
+
+fn cifar_images() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/images/cifar10");
+    assert!(
+        dir.is_dir(),
+        "this test needs the 20 CIFAR-10 images of ../shared/data/images/cifar10 (missing: {})",
+        dir.display()
+    );
+    dir
+}
+
+fn report(o: &Output) -> serde_json::Value {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "asymml privacy failed: {err}");
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {err}"))
+}
+
+fn find<'a>(r: &'a serde_json::Value, stream: &str, rank: &str, nsr: f64) -> &'a serde_json::Value {
+    r["settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| {
+            s["stream"] == stream
+                && s["layer"] == 0
+                && s["rank_policy"] == rank
+                && (s["nsr"].as_f64().unwrap() - nsr).abs() < 1e-6
+        })
+        .unwrap_or_else(|| panic!("no {stream} {rank} nsr {nsr} entry"))
+}
+
+#[test]
+fn cifar_images_first_conv_leakage_attacks_and_plots() {
+    let out = tempfile::tempdir().unwrap();
+    let images = cifar_images();
+    let o = asymml(&[
+        "privacy",
+        "--images",
+        images.to_str().unwrap(),
+        "--ranks",
+        "schedule,fixed:3",
+        "--nsr",
+        "0,0.2",
+        "--layers",
+        "0",
+        "--attack-layers",
+        "0",
+        "--decoders",
+        "ridge",
+        "--kernel-sizes",
+        "1,3,5",
+        "--mi-points",
+        "1024",
+        "--json",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    let r = report(&o);
+    assert_eq!(r["images"], 20);
+    assert_eq!(r["attack_private_images"], 10);
+    assert_eq!(r["public_images"], 10);
+    // Low-rank structure of the RGB images: 3 channels, r = 1 keeps most but not all of the energy.
+    let l0 = &r["layers"][0];
+    assert_eq!(l0["in_ch"], 3);
+    assert_eq!(l0["ranks"]["schedule"], 1);
+    assert_eq!(l0["ranks"]["fixed:3"], 3);
+    let e1 = l0["energy_curve"][0].as_f64().unwrap();
+    assert!(e1 > 0.8 && e1 < 1.0, "energy kept by r = 1: {e1}");
+    // Kernel-size study: 1×1 patches have one channel (μ = 0); entropy grows with k.
+    let ks: Vec<f64> = r["kernel_study"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["entropy"].as_f64().unwrap())
+        .collect();
+    assert_eq!(ks[0], 0.0);
+    assert!(ks[1] > 0.5 && ks[2] > ks[1], "{ks:?}");
+
+    // X_U at r = 1 leaks some information; noise reduces it; at full rank nothing is sent.
+    let s0 = find(&r, "x_u", "schedule", 0.0);
+    let s2 = find(&r, "x_u", "schedule", 0.2);
+    let full = find(&r, "x_u", "fixed:3", 0.0);
+    let (m0, m2) = (
+        s0["rel_mi"].as_f64().unwrap(),
+        s2["rel_mi"].as_f64().unwrap(),
+    );
+    assert!(m0 > 0.01 && m0 < 0.3, "rel_mi at r = 1: {m0}");
+    assert!(m2 < m0, "noise did not lower the leakage: {m2} vs {m0}");
+    assert!(full["rel_mi"].as_f64().unwrap().abs() < 0.005, "{full}");
+    assert_eq!(full["energy_kept_light"].as_f64().unwrap(), 1.0);
+    let light = s0["energy_kept_light"].as_f64().unwrap();
+    assert!(light > 0.5 && light <= s0["energy_kept"].as_f64().unwrap() + 1e-9);
+    // ∇Y of the first conv: far below 2 % of I(X;X).
+    let dy = find(&r, "dy", "schedule", 0.0);
+    assert!(dy["rel_mi"].as_f64().unwrap() < 0.02, "{dy}");
+
+    // Attacks: a ridge decoder inverts X itself (the accelerator without the split) but not X_U.
+    let base = r["baselines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["input"] == "x")
+        .unwrap();
+    let clear = base["attacks"][0]["psnr_db"].as_f64().unwrap();
+    let on_xu = s0["psnr_db"].as_f64().unwrap();
+    assert!(clear > 35.0, "ridge on X: {clear} dB");
+    assert!(
+        on_xu < clear - 15.0,
+        "ridge on X_U: {on_xu} dB vs {clear} dB"
+    );
+    let ssim = s0["ssim"].as_f64().unwrap();
+    assert!((-1.0..1.0).contains(&ssim));
+
+    for f in [
+        "privacy.json",
+        "spectra.png",
+        "energy.png",
+        "kernel_entropy.png",
+        "leakage.png",
+        "attack_conv0_schedule_nsr0.png",
+        "attack_conv0_fixed_3_nsr0.2.png",
+    ] {
+        let p = out.path().join(f);
+        assert!(
+            p.metadata().map(|m| m.len() > 100).unwrap_or(false),
+            "{f} missing"
+        );
+    }
+}
+
+#[test]
+fn fashion_mnist_tradeoff_and_deeper_layers() {
+    let o = asymml(&[
+        "privacy",
+        "--samples",
+        "4",
+        "--public",
+        "64",
+        "--ranks",
+        "schedule",
+        "--nsr",
+        "0,0.1",
+        "--layers",
+        "all",
+        "--attack-layers",
+        "1",
+        "--decoders",
+        "ridge,conv",
+        "--decoder-steps",
+        "5",
+        "--kernel-sizes",
+        "3",
+        "--mi-points",
+        "512",
+        "--tradeoff",
+        "--tradeoff-train",
+        "128",
+        "--json",
+    ]);
+    let r = report(&o);
+    let layers = r["layers"].as_array().unwrap();
+    assert!(layers.len() >= 3);
+    // One grey channel: r = 1 keeps everything at the first conv, so nothing is sent there.
+    assert_eq!(layers[0]["in_ch"], 1);
+    let s = find(&r, "x_u", "schedule", 0.0);
+    assert_eq!(s["energy_kept_light"].as_f64().unwrap(), 1.0);
+    assert!(r["notes"][0]
+        .as_str()
+        .unwrap()
+        .contains("one input channel"));
+    // Every measured layer has an entry, the attacked one carries both decoders' results.
+    let settings = r["settings"].as_array().unwrap();
+    for l in 0..layers.len() {
+        assert!(settings
+            .iter()
+            .any(|s| s["layer"] == l && s["stream"] == "x_u"));
+    }
+    let attacked = settings
+        .iter()
+        .find(|s| s["layer"] == 1 && s["stream"] == "x_u" && s["nsr"] == 0.0)
+        .unwrap();
+    assert_eq!(attacked["attacks"].as_array().unwrap().len(), 2);
+    assert!(attacked["psnr_db"].as_f64().unwrap() > 0.0);
+    // The trade-off: one run per nsr with an accuracy and the first conv's leakage.
+    let t = r["tradeoff"].as_array().unwrap();
+    assert_eq!(t.len(), 2);
+    for e in t {
+        let acc = e["test_acc"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc));
+        assert_eq!(e["train_images"], 128);
+        assert!(e["rel_mi"].is_number());
+    }
+}
+
+#[test]
+fn bad_privacy_flags_fail_cleanly() {
+    for (args, needle) in [
+        (vec!["--nsr", "-1"], "--nsr"),
+        (vec!["--layers", "99"], "does not exist"),
+        (vec!["--ranks", "bogus"], "--ranks"),
+        (vec!["--decoders", "gan"], "unknown decoder"),
+        (vec!["--kernel-sizes", "4"], "odd"),
+        (vec!["--images", "/nonexistent/images"], "nonexistent"),
+    ] {
+        let mut all = vec!["privacy", "--samples", "2"];
+        all.extend(args);
+        let o = asymml(&all);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{all:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(
+            err.contains(needle),
+            "{all:?}: stderr lacks {needle}: {err}"
+        );
+    }
+}
