@@ -23,6 +23,18 @@ impl Device {
             Device::Cuda(_) => cfg!(feature = "cuda"),
         }
     }
+
+    /// An error saying so when this binary cannot use the device (a CUDA device without the `cuda` feature).
+    pub fn check_compiled_in(&self) -> Result<(), BackendError> {
+        if self.compiled_in() {
+            Ok(())
+        } else {
+            Err(BackendError::Device(format!(
+                "accelerator device {self}: this asymml binary was built without the `cuda` feature; \
+                 rebuild it with `cargo build --release --features cuda` to use a CUDA GPU"
+            )))
+        }
+    }
 }
 
 impl fmt::Display for Device {
@@ -67,10 +79,10 @@ pub fn open_backend(device: Device, threads: usize) -> Result<Box<dyn ConvBacken
         #[cfg(feature = "cuda")]
         Device::Cuda(ordinal) => Ok(Box::new(crate::cuda::CudaBackend::new(ordinal)?)),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda(_) => Err(BackendError::Device(format!(
-            "accelerator device {device}: this asymml binary was built without the `cuda` feature; \
-             rebuild it with `cargo build --release --features cuda` to use a CUDA GPU"
-        ))),
+        Device::Cuda(_) => Err(device
+            .check_compiled_in()
+            .err()
+            .unwrap_or_else(|| BackendError::Device(format!("{device}: unavailable")))),
     }
 }
 

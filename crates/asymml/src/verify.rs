@@ -86,9 +86,11 @@ pub fn run(a: VerifyArgs) -> Result<bool> {
     let logits_a = net_a.logits().clone();
 
     // Split: forward, backward, and the merged conv gradients fetched from the accelerator.
+    let device = crate::accelerator::device_flag(a.split.accelerator_device.as_deref())?;
     let (transport, _handle) = crate::accelerator::start(
         &a.split.accelerator,
         a.split.accelerator_threads.unwrap_or(threads),
+        device,
     )?;
     let mut exec = SplitExec::connect(transport, &mut net_b, KIND, WD, cfg)?;
     net_b.zero_grad();
