@@ -233,6 +233,13 @@ impl CpuBackend {
         train: bool,
     ) -> Result<Tensor, BackendError> {
         let (pool, slot) = self.parts(layer)?;
+        // An empty tensor is refused here (the conv kernel's work split divides by the batch size).
+        if x_u.shape.contains(&0) || x_u.data.is_empty() {
+            return Err(BackendError::Invalid(format!(
+                "layer {layer}: empty input {:?}",
+                x_u.shape
+            )));
+        }
         let mut y = Tensor::default();
         pool.install(|| slot.conv.forward(&x_u, &mut y))
             .map_err(|source| BackendError::Core { layer, source })?;

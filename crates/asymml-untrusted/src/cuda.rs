@@ -11,8 +11,9 @@
 //! buffers, and each operation is timed in two parts — copies and kernels — kept in [`DeviceStats`].
 //!
 //! Precision: cuDNN may use TF32 tensor cores for float32 convolutions on Ampere and later GPUs, which is 1e-3
-//! accurate, not 1e-6. The convolutions are set to `CUDNN_FMA_MATH` (plain float32) unless the environment
-//! variable `ASYMML_CUDA_TF32=1` allows TF32. The NVRTC kernels are compiled with `--fmad=false`, so they round
+//! accurate, not 1e-6. The convolutions are set to `CUDNN_FMA_MATH` (plain float32), and where cuDNN's
+//! heuristics pick an FFT algorithm (less accurate than the others) the GEMM one is used instead, unless the
+//! environment variable `ASYMML_CUDA_TF32=1` allows TF32 and any algorithm. The NVRTC kernels are compiled with `--fmad=false`, so they round
 //! exactly like the CPU code (no fused multiply-adds): the optimizer step is bit-identical to the CPU one given
 //! the same gradients.
 
@@ -21,7 +22,11 @@ use asymml_core::layers::out_size;
 use asymml_core::optim::OptimizerKind;
 use asymml_core::Tensor;
 use cudarc::cudnn::{
-    sys::{cudnnConvolutionMode_t, cudnnMathType_t, cudnnTensorFormat_t},
+    sys::{
+        cudnnConvolutionBwdDataAlgo_t as BwdDataAlgo,
+        cudnnConvolutionBwdFilterAlgo_t as BwdFilterAlgo, cudnnConvolutionFwdAlgo_t as FwdAlgo,
+        cudnnConvolutionMode_t, cudnnMathType_t, cudnnTensorFormat_t,
+    },
     ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnError,
     FilterDescriptor, TensorDescriptor,
 };
@@ -180,6 +185,37 @@ fn grow_pinned(
     Ok(())
 }
 
+/// In float32 mode, the algorithm to run instead of cuDNN's choice: a GEMM algorithm in place of an FFT one.
+fn precise_fwd(a: FwdAlgo) -> FwdAlgo {
+    match a {
+        FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_FFT
+        | FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING => {
+            FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM
+        }
+        a => a,
+    }
+}
+
+fn precise_bwd_data(a: BwdDataAlgo) -> BwdDataAlgo {
+    match a {
+        BwdDataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT
+        | BwdDataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING => {
+            BwdDataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1
+        }
+        a => a,
+    }
+}
+
+fn precise_bwd_filter(a: BwdFilterAlgo) -> BwdFilterAlgo {
+    match a {
+        BwdFilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT
+        | BwdFilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING => {
+            BwdFilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1
+        }
+        a => a,
+    }
+}
+
 /// One input shape of one layer: the cuDNN descriptors and the algorithms chosen for it (once, by cuDNN's
 /// heuristics) with their workspace sizes.
 struct Plan {
@@ -190,9 +226,9 @@ struct Plan {
     ow: usize,
     x: TensorDescriptor<f32>,
     y: TensorDescriptor<f32>,
-    fwd: (cudarc::cudnn::sys::cudnnConvolutionFwdAlgo_t, usize),
-    bwd_data: (cudarc::cudnn::sys::cudnnConvolutionBwdDataAlgo_t, usize),
-    bwd_filter: (cudarc::cudnn::sys::cudnnConvolutionBwdFilterAlgo_t, usize),
+    fwd: (FwdAlgo, usize),
+    bwd_data: (BwdDataAlgo, usize),
+    bwd_filter: (BwdFilterAlgo, usize),
 }
 
 /// One conv layer on the device.
@@ -490,6 +526,7 @@ impl CudaBackend {
     /// The plan of layer `li` for inputs of `b × C × h × w`, made (and its algorithms chosen) on first use.
     fn plan(&mut self, li: usize, b: usize, h: usize, w: usize) -> Result<usize, BackendError> {
         let cudnn = self.cudnn.clone();
+        let tf32 = self.tf32;
         let l = &mut self.layers[li];
         if let Some(i) = l.plans.iter().position(|p| (p.b, p.h, p.w) == (b, h, w)) {
             return Ok(i);
@@ -522,6 +559,7 @@ impl CudaBackend {
             let a = op
                 .pick_algorithm()
                 .map_err(dnn("choosing the forward algorithm"))?;
+            let a = if tf32 { a } else { precise_fwd(a) };
             (
                 a,
                 op.get_workspace_size(a)
@@ -538,6 +576,7 @@ impl CudaBackend {
             let a = op
                 .pick_algorithm()
                 .map_err(dnn("choosing the backward-data algorithm"))?;
+            let a = if tf32 { a } else { precise_bwd_data(a) };
             (
                 a,
                 op.get_workspace_size(a)
@@ -554,6 +593,7 @@ impl CudaBackend {
             let a = op
                 .pick_algorithm()
                 .map_err(dnn("choosing the backward-filter algorithm"))?;
+            let a = if tf32 { a } else { precise_bwd_filter(a) };
             (
                 a,
                 op.get_workspace_size(a)
@@ -1204,5 +1244,76 @@ impl ConvBackend for CudaBackend {
 
     fn stats(&self) -> Option<DeviceStats> {
         Some(self.stats)
+    }
+}
+
+/// These run on a machine with a GPU and the CUDA libraries; elsewhere they print why they are skipped (or fail,
+/// with `ASYMML_REQUIRE_GPU=1`, so that a GPU run cannot pass without testing anything).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::CpuBackend;
+    use crate::conformance::{check_against, check_refusals};
+
+    fn open() -> Option<CudaBackend> {
+        match CudaBackend::new(0) {
+            Ok(b) => {
+                eprintln!("testing {}", b.describe());
+                Some(b)
+            }
+            Err(e) => {
+                assert!(
+                    std::env::var_os("ASYMML_REQUIRE_GPU").is_none(),
+                    "ASYMML_REQUIRE_GPU is set but: {e}"
+                );
+                eprintln!("skipped (no usable GPU): {e}");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn matches_the_cpu_backend() {
+        let Some(mut gpu) = open() else { return };
+        for kind in [
+            OptimizerKind::Sgd {
+                momentum: 0.9,
+                nesterov: true,
+            },
+            OptimizerKind::Sgd {
+                momentum: 0.0,
+                nesterov: false,
+            },
+            OptimizerKind::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+        ] {
+            let mut cpu = CpuBackend::new(0).unwrap();
+            let worst = check_against(&mut cpu, &mut gpu, kind, 1e-4)
+                .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+            eprintln!("{kind:?}: largest relative difference {worst:.3e}");
+        }
+        let s = gpu.stats();
+        assert!(
+            s.bytes_up > 0 && s.bytes_down > 0 && s.kernel_s > 0.0,
+            "{s:?}"
+        );
+        eprintln!("{s:?}");
+    }
+
+    #[test]
+    fn refuses_bad_requests() {
+        let Some(mut gpu) = open() else { return };
+        check_refusals(&mut gpu).unwrap();
+    }
+
+    #[test]
+    fn device_numbers_beyond_the_machine_are_errors() {
+        let Err(e) = CudaBackend::new(4096) else {
+            panic!("cuda:4096 opened")
+        };
+        assert!(e.to_string().contains("cuda:4096"), "{e}");
     }
 }

@@ -4,6 +4,8 @@
 //! ([`backend::CpuBackend`]) and, with the `cuda` feature, `cuda:N` (`cuda::CudaBackend`: cuDNN on a GPU).
 
 pub mod backend;
+#[cfg(test)]
+mod conformance;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
