@@ -1,5 +1,6 @@
-//! The CPU backend: conv layers with their weights, the residual inputs cached for backward, and the
-//! optimizer of the conv weights, run on the service's own thread pool.
+//! The conv backends' common interface ([`ConvBackend`]) and the CPU backend: conv layers with their weights,
+//! the residual inputs cached for backward, and the optimizer of the conv weights, run on the service's own
+//! thread pool.
 
 use asymml_core::layers::Conv2d;
 use asymml_core::optim::{Optimizer, OptimizerKind};
@@ -26,6 +27,84 @@ pub enum BackendError {
     Invalid(String),
     #[error("thread pool: {0}")]
     Pool(String),
+    /// The accelerator device is missing, unusable, or failed (CUDA driver, cuDNN, NVRTC errors).
+    #[error("{0}")]
+    Device(String),
+}
+
+/// Time and bytes a device backend spent moving data and computing (the CPU backend keeps none).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DeviceStats {
+    /// Seconds spent on host↔device copies (staging through pinned buffers included).
+    pub copy_s: f64,
+    /// Seconds spent in kernels (from the first launch of an operation to the stream's completion).
+    pub kernel_s: f64,
+    /// Bytes copied host → device.
+    pub bytes_up: u64,
+    /// Bytes copied device → host.
+    pub bytes_down: u64,
+}
+
+/// The operations of the split mode's accelerator, whatever computes them. Layer numbers are the order of
+/// [`ConvBackend::register`]; every shape is checked before anything is computed, and a bad request is an
+/// error, never a panic.
+pub trait ConvBackend {
+    /// A short description of the device ("cpu", "cuda:0 (NVIDIA H100 …)").
+    fn describe(&self) -> String;
+
+    /// Registers the model's conv layers with their initial weights (and biases) and the optimizer; replaces
+    /// an earlier registration (weights, optimizer state and cached residuals).
+    fn register(
+        &mut self,
+        layers: &[ConvLayer],
+        weights: Vec<(Tensor, Option<Tensor>)>,
+        optimizer: OptimizerKind,
+        weight_decay: f32,
+    ) -> Result<(), BackendError>;
+
+    /// The layer's description.
+    fn layer(&self, layer: u32) -> Option<ConvLayer>;
+
+    /// Number of registered layers.
+    fn num_layers(&self) -> usize;
+
+    /// x_u: [B, C, H, W] → Y_U = conv(X_U, W) + b: [B, M, OH, OW]. The residual is kept for ∇W_U (and for a
+    /// shortcut conv reading it through [`ConvBackend::forward_shared`]).
+    fn forward(&mut self, layer: u32, x_u: Tensor, train: bool) -> Result<Tensor, BackendError>;
+
+    /// Forward of `layer` on the residual cached for `from` (a ResNet shortcut conv reading its block's input).
+    fn forward_shared(
+        &mut self,
+        layer: u32,
+        from: u32,
+        train: bool,
+    ) -> Result<Tensor, BackendError>;
+
+    /// dy: [B, M, OH, OW] → ∇X = conv_transpose(∇Y, W) if `need_dx`; sets the layer's gradient to
+    /// ∇W_U = corr(X_U, ∇Y) and ∇b = Σ ∇Y.
+    fn backward(
+        &mut self,
+        layer: u32,
+        dy: &Tensor,
+        need_dx: bool,
+    ) -> Result<Option<Tensor>, BackendError>;
+
+    /// Adds the trusted side's ∇W_T to the layer's weight gradient.
+    fn add_weight_grad(&mut self, layer: u32, dw_t: &Tensor) -> Result<(), BackendError>;
+
+    /// One optimizer step on every conv weight with learning rate `lr`.
+    fn step(&mut self, lr: f32) -> Result<(), BackendError>;
+
+    /// The layer's current weight and bias gradients (∇W_U + ∇W_T, ∇b).
+    fn grads(&mut self, layer: u32) -> Result<(Tensor, Option<Tensor>), BackendError>;
+
+    /// The layer's current weight and bias.
+    fn weights(&mut self, layer: u32) -> Result<(Tensor, Option<Tensor>), BackendError>;
+
+    /// Copy and kernel time and bytes moved so far (`None`: the backend keeps no such counters).
+    fn stats(&self) -> Option<DeviceStats> {
+        None
+    }
 }
 
 /// Shape description of one conv layer (public model structure).
@@ -154,6 +233,13 @@ impl CpuBackend {
         train: bool,
     ) -> Result<Tensor, BackendError> {
         let (pool, slot) = self.parts(layer)?;
+        // An empty tensor is refused here (the conv kernel's work split divides by the batch size).
+        if x_u.shape.contains(&0) || x_u.data.is_empty() {
+            return Err(BackendError::Invalid(format!(
+                "layer {layer}: empty input {:?}",
+                x_u.shape
+            )));
+        }
         let mut y = Tensor::default();
         pool.install(|| slot.conv.forward(&x_u, &mut y))
             .map_err(|source| BackendError::Core { layer, source })?;
@@ -255,5 +341,67 @@ impl CpuBackend {
             slot.conv.weight.value.clone(),
             slot.conv.bias.as_ref().map(|b| b.value.clone()),
         ))
+    }
+}
+
+impl ConvBackend for CpuBackend {
+    fn describe(&self) -> String {
+        format!("cpu ({} thread(s))", self.pool.current_num_threads())
+    }
+
+    fn register(
+        &mut self,
+        layers: &[ConvLayer],
+        weights: Vec<(Tensor, Option<Tensor>)>,
+        optimizer: OptimizerKind,
+        weight_decay: f32,
+    ) -> Result<(), BackendError> {
+        CpuBackend::register(self, layers, weights, optimizer, weight_decay)
+    }
+
+    fn layer(&self, layer: u32) -> Option<ConvLayer> {
+        CpuBackend::layer(self, layer)
+    }
+
+    fn num_layers(&self) -> usize {
+        CpuBackend::num_layers(self)
+    }
+
+    fn forward(&mut self, layer: u32, x_u: Tensor, train: bool) -> Result<Tensor, BackendError> {
+        CpuBackend::forward(self, layer, x_u, train)
+    }
+
+    fn forward_shared(
+        &mut self,
+        layer: u32,
+        from: u32,
+        train: bool,
+    ) -> Result<Tensor, BackendError> {
+        CpuBackend::forward_shared(self, layer, from, train)
+    }
+
+    fn backward(
+        &mut self,
+        layer: u32,
+        dy: &Tensor,
+        need_dx: bool,
+    ) -> Result<Option<Tensor>, BackendError> {
+        CpuBackend::backward(self, layer, dy, need_dx)
+    }
+
+    fn add_weight_grad(&mut self, layer: u32, dw_t: &Tensor) -> Result<(), BackendError> {
+        CpuBackend::add_weight_grad(self, layer, dw_t)
+    }
+
+    fn step(&mut self, lr: f32) -> Result<(), BackendError> {
+        CpuBackend::step(self, lr)
+    }
+
+    fn grads(&mut self, layer: u32) -> Result<(Tensor, Option<Tensor>), BackendError> {
+        CpuBackend::grads(self, layer)
+    }
+
+    fn weights(&mut self, layer: u32) -> Result<(Tensor, Option<Tensor>), BackendError> {
+        CpuBackend::weights(self, layer)
     }
 }

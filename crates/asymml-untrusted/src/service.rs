@@ -1,18 +1,24 @@
-//! The accelerator service: answers the trusted runtime's requests with the CPU backend. It is passive: it
-//! only ever replies, and an error in a request becomes an `Error` reply, never a crash.
+//! The accelerator service: answers the trusted runtime's requests with its conv backend (CPU or CUDA). It is
+//! passive: it only ever replies, and an error in a request becomes an `Error` reply, never a crash (a panic
+//! inside a backend included: it is caught, answered with an error, and every later request is refused).
 
-use crate::backend::{BackendError, ConvLayer, CpuBackend};
+use crate::backend::{BackendError, ConvBackend, ConvLayer, DeviceStats};
+use crate::device::{open_backend, Device};
 use asymml_core::models::{LocalExec, ModelSpec, Net, StateMut};
 use asymml_core::optim::{Optimizer, OptimizerKind};
 use asymml_core::Tensor;
 use asymml_protocol::declassify::accelerator_result;
 use asymml_protocol::{serve, OptimizerSpec, ProtocolError, Reply, Request, Transport, WireTensor};
 
-/// The service state: the conv backend (split mode), or a whole network with its optimizer (untrusted-only).
+/// The service state: the conv backend (split mode), or a whole network with its optimizer (untrusted-only,
+/// on the CPU only).
 pub struct Service {
-    backend: CpuBackend,
+    backend: Box<dyn ConvBackend>,
+    device: Device,
     net: Option<(Net, Optimizer)>,
     pool: rayon::ThreadPool,
+    /// Set when a request panicked: the backend's state is unknown, so every later request is refused.
+    failed: bool,
 }
 
 fn optimizer_of(spec: OptimizerSpec) -> (OptimizerKind, f32) {
@@ -37,17 +43,44 @@ fn wire_in(t: WireTensor, shape: &[usize]) -> Result<Tensor, BackendError> {
 }
 
 impl Service {
-    /// A service whose backend uses `threads` worker threads (0: all cores).
+    /// A service on the CPU backend with `threads` worker threads (0: all cores).
     pub fn new(threads: usize) -> Result<Self, BackendError> {
+        Self::with_device(Device::Cpu, threads)
+    }
+
+    /// A service whose split-mode convolutions run on `device`; `threads` sizes the CPU thread pool (the CPU
+    /// backend's, and the untrusted-only mode's). A CUDA device that this binary or this machine cannot use
+    /// is an error that says why.
+    pub fn with_device(device: Device, threads: usize) -> Result<Self, BackendError> {
+        let backend = open_backend(device, threads)?;
+        // The untrusted-only mode's pool; a CUDA service never uses it, so it gets one thread.
+        let pool_threads = if device == Device::Cpu { threads } else { 1 };
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
+            .num_threads(pool_threads)
             .build()
             .map_err(|e| BackendError::Pool(e.to_string()))?;
         Ok(Service {
-            backend: CpuBackend::new(threads)?,
+            backend,
+            device,
             net: None,
             pool,
+            failed: false,
         })
+    }
+
+    /// The device of the split-mode convolutions.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// A short description of the backend ("cpu (8 thread(s))", "cuda:0 (NVIDIA H100 …)").
+    pub fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// The backend's copy and kernel time and bytes moved (`None` on the CPU).
+    pub fn stats(&self) -> Option<DeviceStats> {
+        self.backend.stats()
     }
 
     fn layer(&self, layer: u32) -> Result<ConvLayer, BackendError> {
@@ -59,9 +92,23 @@ impl Service {
     /// Answers one request.
     pub fn handle(&mut self, req: Request) -> Reply {
         let what = req.describe();
-        match self.try_handle(req) {
-            Ok(r) => r,
-            Err(e) => Reply::error(format!("{what}: {e}")),
+        if self.failed {
+            return Reply::error(format!(
+                "{what}: the accelerator failed on an earlier request; restart it"
+            ));
+        }
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.try_handle(req))) {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Reply::error(format!("{what}: {e}")),
+            Err(p) => {
+                self.failed = true;
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Reply::error(format!("{what}: internal error in the accelerator: {msg}"))
+            }
         }
     }
 
@@ -166,6 +213,13 @@ impl Service {
                 state,
                 optimizer,
             } => {
+                if self.device != Device::Cpu {
+                    return Err(BackendError::Invalid(format!(
+                        "the untrusted-only mode (the whole network on the accelerator) runs on the CPU \
+                         backend only, and this accelerator uses {}; start it with --accelerator-device cpu",
+                        self.device
+                    )));
+                }
                 let spec: ModelSpec = serde_json::from_str(&spec)
                     .map_err(|e| BackendError::Invalid(format!("model spec: {e}")))?;
                 let mut net = spec

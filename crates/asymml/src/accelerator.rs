@@ -1,9 +1,10 @@
 //! Starting or reaching the untrusted accelerator: in this process (a thread; the default), a child process
 //! over a Unix socket (`process`), or a server at `tcp://HOST:PORT` / `unix:PATH` (`asymml accelerator`).
+//! A locally started accelerator computes on `--accelerator-device` (cpu, or cuda:N with the `cuda` feature).
 
 use anyhow::{bail, Context, Result};
 use asymml_protocol::{connect, Address, Listener, Transport, TransportOptions};
-use asymml_untrusted::Service;
+use asymml_untrusted::{Device, DeviceStats, Service};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,23 +26,70 @@ impl Drop for AcceleratorHandle {
     }
 }
 
+/// The device named by `--accelerator-device` (`cpu` when absent).
+pub fn device_flag(flag: Option<&str>) -> Result<Device> {
+    match flag {
+        None => Ok(Device::Cpu),
+        Some(s) => s
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("--accelerator-device: {e}")),
+    }
+}
+
+/// One line about a device backend's copies and kernels.
+pub fn stats_line(s: &DeviceStats) -> String {
+    format!(
+        "copies {:.3} s ({:.1} MB up, {:.1} MB down), kernels {:.3} s",
+        s.copy_s,
+        s.bytes_up as f64 / 1e6,
+        s.bytes_down as f64 / 1e6,
+        s.kernel_s
+    )
+}
+
 /// Starts or connects to the accelerator named by `spec` (`inproc`, `process`, `tcp://HOST:PORT`,
-/// `unix:PATH`); `threads` sizes a locally started accelerator's pool (0: all cores).
-pub fn start(spec: &str, threads: usize) -> Result<(Box<dyn Transport + Send>, AcceleratorHandle)> {
+/// `unix:PATH`); `threads` sizes a locally started accelerator's pool (0: all cores) and `device` is where a
+/// locally started accelerator computes (a remote one chooses its own device).
+pub fn start(
+    spec: &str,
+    threads: usize,
+    device: Device,
+) -> Result<(Box<dyn Transport + Send>, AcceleratorHandle)> {
     let opts = TransportOptions::default();
     match spec {
         "inproc" => {
             let (client, server) = asymml_protocol::inproc_pair();
-            let mut service =
-                Service::new(threads).context("starting the in-process accelerator")?;
+            // The service is created on its own thread (a CUDA backend stays on the thread that made it); the
+            // thread reports whether it could open its device.
+            let (tx, rx) = std::sync::mpsc::sync_channel::<std::result::Result<(), String>>(1);
             std::thread::Builder::new()
                 .name("accelerator".into())
                 .spawn(move || {
+                    let mut service = match Service::with_device(device, threads) {
+                        Ok(s) => {
+                            let _ = tx.send(Ok(()));
+                            s
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e.to_string()));
+                            return;
+                        }
+                    };
                     if let Err(e) = service.serve(server) {
                         eprintln!("accelerator: {e}");
                     }
+                    if let Some(st) = service.stats() {
+                        if std::env::var_os("ASYMML_ACCEL_STATS").is_some() {
+                            eprintln!("accelerator ({}): {}", service.describe(), stats_line(&st));
+                        }
+                    }
                 })
                 .context("starting the accelerator thread")?;
+            match rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => bail!("starting the in-process accelerator: {e}"),
+                Err(_) => bail!("starting the in-process accelerator: its thread ended"),
+            }
             Ok((
                 Box::new(client),
                 AcceleratorHandle {
@@ -57,10 +105,12 @@ pub fn start(spec: &str, threads: usize) -> Result<(Box<dyn Transport + Send>, A
                 std::process::id(),
                 unique()
             ));
+            device.check_compiled_in()?;
             let child = Command::new(exe)
                 .args(["accelerator", "--listen"])
                 .arg(format!("unix:{}", sock.display()))
                 .args(["--accelerator-threads", &threads.to_string(), "--once"])
+                .args(["--accelerator-device", &device.to_string()])
                 .stdin(Stdio::null())
                 .spawn()
                 .context("starting the accelerator process")?;
@@ -90,6 +140,13 @@ pub fn start(spec: &str, threads: usize) -> Result<(Box<dyn Transport + Send>, A
             }
         }
         other => {
+            if device != Device::Cpu {
+                bail!(
+                    "--accelerator-device {device} applies to an accelerator this command starts (--accelerator \
+                     inproc or process); a remote accelerator chooses its own with `asymml accelerator \
+                     --accelerator-device`"
+                );
+            }
             let addr: Address = other
                 .parse()
                 .map_err(|e| anyhow::anyhow!("--accelerator {other}: {e} (use inproc, process, tcp://HOST:PORT or unix:PATH)"))?;
@@ -113,22 +170,31 @@ fn unique() -> u64 {
 }
 
 /// `asymml accelerator`: serves connections on `listen`, each with its own model state on its own thread (with
-/// `once`, only the first connection, then exits).
-pub fn serve(listen: &str, threads: usize, once: bool) -> Result<()> {
+/// `once`, only the first connection, then exits); the convolutions run on `device` (`cpu`, `cuda:N`).
+pub fn serve(listen: &str, threads: usize, once: bool, device: &str) -> Result<()> {
+    let device = device_flag(Some(device))?;
     let addr: Address = if listen.contains("://") || listen.starts_with("unix:") {
         listen.parse()
     } else {
         format!("tcp://{listen}").parse()
     }
     .map_err(|e| anyhow::anyhow!("--listen {listen}: {e}"))?;
+    // A device the accelerator cannot use fails here, before it listens. (Each connection opens its own.)
+    let described = if device == Device::Cpu {
+        None
+    } else {
+        let probe = Service::with_device(device, threads)?;
+        Some(probe.describe())
+    };
     let listener = Listener::bind(&addr, TransportOptions::default())
         .with_context(|| format!("listening on {addr}"))?;
     eprintln!(
-        "asymml accelerator: listening on {} ({} thread(s) per connection)",
+        "asymml accelerator: listening on {} ({}, {} thread(s) per connection)",
         listener
             .local_address()
             .map(|a| a.to_string())
             .unwrap_or_else(|_| addr.to_string()),
+        described.unwrap_or_else(|| device.to_string()),
         if threads == 0 {
             "all".to_string()
         } else {
@@ -137,11 +203,15 @@ pub fn serve(listen: &str, threads: usize, once: bool) -> Result<()> {
     );
     let run = move |transport: Box<dyn Transport + Send>| {
         let peer = transport.peer();
-        let result = Service::new(threads)
+        let result = Service::with_device(device, threads)
             .map_err(anyhow::Error::from)
-            .and_then(|mut s| s.serve(transport).map_err(anyhow::Error::from));
+            .and_then(|mut s| {
+                s.serve(transport).map_err(anyhow::Error::from)?;
+                Ok(s.stats())
+            });
         match result {
-            Ok(()) => eprintln!("asymml accelerator: {peer} done"),
+            Ok(Some(st)) => eprintln!("asymml accelerator: {peer} done; {}", stats_line(&st)),
+            Ok(None) => eprintln!("asymml accelerator: {peer} done"),
             Err(e) => eprintln!("asymml accelerator: {peer}: {e:#}"),
         }
     };

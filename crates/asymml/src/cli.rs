@@ -59,6 +59,11 @@ pub struct SplitArgs {
     /// Threads of a locally started accelerator. [default: --threads]
     #[arg(long)]
     pub accelerator_threads: Option<usize>,
+    /// Device of a locally started accelerator's convolutions (inproc, process): cpu, cuda (= cuda:0) or
+    /// cuda:N — a GPU through cuDNN, in a binary built with `--features cuda`. A remote accelerator picks its
+    /// own with `asymml accelerator --accelerator-device`. [default: cpu]
+    #[arg(long)]
+    pub accelerator_device: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -72,6 +77,10 @@ pub struct AcceleratorArgs {
     /// Serve one connection, then exit.
     #[arg(long)]
     pub once: bool,
+    /// Device of the convolutions: cpu, cuda (= cuda:0) or cuda:N — a GPU through cuDNN, in a binary built
+    /// with `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    pub accelerator_device: String,
 }
 
 #[derive(Args, Debug)]

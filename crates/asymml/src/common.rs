@@ -209,6 +209,7 @@ pub fn attach_accelerator(
     seed: u64,
 ) -> Result<Option<crate::accelerator::AcceleratorHandle>> {
     use asymml_trusted::split::SplitExec;
+    let device = crate::accelerator::device_flag(split.accelerator_device.as_deref())?;
     match session.mode {
         asymml_trusted::Mode::TrustedOnly => Ok(None),
         asymml_trusted::Mode::Split => {
@@ -216,6 +217,7 @@ pub fn attach_accelerator(
             let (transport, handle) = crate::accelerator::start(
                 &split.accelerator,
                 split.accelerator_threads.unwrap_or(threads),
+                device,
             )?;
             let (kind, wd) = (session.config.optimizer, session.config.weight_decay);
             let exec = SplitExec::connect(transport, &mut session.net, kind, wd, cfg)?;
@@ -223,9 +225,16 @@ pub fn attach_accelerator(
             Ok(Some(handle))
         }
         asymml_trusted::Mode::UntrustedOnly => {
+            if device != asymml_untrusted::Device::Cpu {
+                bail!(
+                    "--mode untrusted-only runs the whole network on the CPU accelerator backend only; \
+                     --accelerator-device {device} is for --mode split"
+                );
+            }
             let (transport, handle) = crate::accelerator::start(
                 &split.accelerator,
                 split.accelerator_threads.unwrap_or(threads),
+                device,
             )?;
             let (kind, wd) = (session.config.optimizer, session.config.weight_decay);
             let remote = asymml_trusted::remote::RemoteClient::connect(

@@ -10,9 +10,12 @@ fn main() {
         Command::Eval(a) => asymml_cli::evaluate::run_eval(a),
         Command::Infer(a) => asymml_cli::evaluate::run_infer(a),
         Command::Bench(a) => asymml_cli::bench::run(a),
-        Command::Accelerator(a) => {
-            asymml_cli::accelerator::serve(&a.listen, a.accelerator_threads, a.once)
-        }
+        Command::Accelerator(a) => asymml_cli::accelerator::serve(
+            &a.listen,
+            a.accelerator_threads,
+            a.once,
+            &a.accelerator_device,
+        ),
         Command::Privacy(a) => asymml_cli::privacy::run(a),
         Command::Verify(a) => match asymml_cli::verify::run(a) {
             Ok(true) => Ok(()),

@@ -80,17 +80,21 @@ pub fn run(a: VerifyArgs) -> Result<bool> {
     )?;
     let labels: Vec<usize> = (0..a.batch).map(|_| rng.below(a.classes)).collect();
 
+    // The accelerator first, so that one that cannot start (a missing GPU) fails before any work.
+    let device = crate::accelerator::device_flag(a.split.accelerator_device.as_deref())?;
+    let (transport, _handle) = crate::accelerator::start(
+        &a.split.accelerator,
+        a.split.accelerator_threads.unwrap_or(threads),
+        device,
+    )?;
+    let mut exec = SplitExec::connect(transport, &mut net_b, KIND, WD, cfg)?;
+
     // Forward reference: trusted-only.
     net_a.zero_grad();
     let (loss_a, _) = net_a.forward_loss(&x, &labels, true, &mut LocalExec)?;
     let logits_a = net_a.logits().clone();
 
     // Split: forward, backward, and the merged conv gradients fetched from the accelerator.
-    let (transport, _handle) = crate::accelerator::start(
-        &a.split.accelerator,
-        a.split.accelerator_threads.unwrap_or(threads),
-    )?;
-    let mut exec = SplitExec::connect(transport, &mut net_b, KIND, WD, cfg)?;
     net_b.zero_grad();
     let (loss_b, _) = net_b.forward_loss(&x, &labels, true, &mut exec)?;
     let logits_b = net_b.logits().clone();

@@ -340,3 +340,108 @@ fn non_finite_loss_stops_with_epoch_and_step() {
         assert!(stderr(&o).contains("epoch 1, step"), "{}", stderr(&o));
     }
 }
+
+/// A failure that names CUDA: exit code 2, no panic, and without the `cuda` feature the reason that says so.
+fn fails_naming_cuda(o: &Output) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "expected exit 2, stderr: {err}");
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    assert!(
+        err.contains("CUDA") || err.contains("cuda"),
+        "no CUDA in: {err}"
+    );
+    if !cfg!(feature = "cuda") {
+        assert!(err.contains("without the `cuda` feature"), "{err}");
+    }
+}
+
+/// `--accelerator-device cuda:0` in a build without the `cuda` feature, or on a machine without a usable GPU
+/// (this one), is a clean error naming CUDA; on a GPU machine with a `cuda` build the same commands succeed
+/// (and `verify` then checks the GPU's split step against the trusted-only one). Passes in both builds.
+#[test]
+fn accelerator_device_cuda_or_a_clear_error() {
+    let vgg = [
+        "verify",
+        "--model",
+        "vgg-small",
+        "--channels",
+        "1",
+        "--input-size",
+        "28",
+        "--batch",
+        "2",
+    ];
+    // The CPU device named explicitly.
+    let o = asymml(&[&vgg[..], &["--accelerator-device", "cpu"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("OK"), "{}", stdout(&o));
+
+    let o = asymml(&[&vgg[..], &["--accelerator-device", "cuda:0"]].concat());
+    let gpu = o.status.success();
+    if gpu {
+        if !cfg!(feature = "cuda") {
+            panic!("cuda:0 worked without the cuda feature");
+        }
+        assert!(stdout(&o).contains("OK"), "{}", stdout(&o));
+    } else {
+        fails_naming_cuda(&o);
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    for accel in ["inproc", "process"] {
+        let o = quick_train(
+            &out,
+            "1",
+            &[
+                "--limit-train",
+                "64",
+                "--accelerator",
+                accel,
+                "--accelerator-device",
+                "cuda:0",
+            ],
+        );
+        if gpu {
+            assert!(o.status.success(), "{accel}: {}", stderr(&o));
+        } else {
+            fails_naming_cuda(&o);
+        }
+    }
+    if !gpu {
+        // The server refuses to start (rather than failing on each connection).
+        let o = asymml(&[
+            "accelerator",
+            "--listen",
+            "127.0.0.1:0",
+            "--once",
+            "--accelerator-device",
+            "cuda:0",
+        ]);
+        fails_naming_cuda(&o);
+    }
+    // Whatever the build: a device that does not exist, and a name that is not a device.
+    fails_naming_cuda(&asymml(
+        &[&vgg[..], &["--accelerator-device", "cuda:4096"]].concat(),
+    ));
+    fails_with(
+        &asymml(&[&vgg[..], &["--accelerator-device", "gpu0"]].concat()),
+        "unknown accelerator device 'gpu0' (use cpu, cuda or cuda:N",
+    );
+    // A remote accelerator picks its own device.
+    fails_with(
+        &asymml(
+            &[
+                &vgg[..],
+                &[
+                    "--accelerator",
+                    "tcp://127.0.0.1:9",
+                    "--accelerator-device",
+                    "cuda:0",
+                ],
+            ]
+            .concat(),
+        ),
+        "a remote accelerator chooses its own",
+    );
+}

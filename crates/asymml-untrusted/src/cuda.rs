@@ -1,0 +1,1319 @@
+//! The CUDA backend (feature `cuda`): the conv layers' weights, gradients, optimizer state and cached residuals
+//! live on one GPU between requests; cuDNN computes the convolutions (forward, backward-data, backward-filter;
+//! NCHW float32), and small kernels compiled once with NVRTC add the bias, reduce the bias gradient, add the
+//! trusted ∇W_T and apply the optimizer with `asymml_core::optim::Optimizer`'s exact update formulas.
+//!
+//! The CUDA libraries are opened at run time (cudarc's `dynamic-loading`): the driver (`libcuda.so.1`),
+//! cuDNN 9 (`libcudnn.so.9`) and NVRTC (`libnvrtc.so.13`). Each is looked for before anything is created, so a
+//! machine without them gets an error that names the missing library, not a panic.
+//!
+//! Everything runs on one CUDA stream. Host data goes up and comes down through pinned (page-locked) staging
+//! buffers, and each operation is timed in two parts — copies and kernels — kept in [`DeviceStats`].
+//!
+//! Precision: cuDNN may use TF32 tensor cores for float32 convolutions on Ampere and later GPUs, which is 1e-3
+//! accurate, not 1e-6. The convolutions are set to `CUDNN_FMA_MATH` (plain float32), and where cuDNN's
+//! heuristics pick an FFT algorithm (less accurate than the others) the GEMM one is used instead, unless the
+//! environment variable `ASYMML_CUDA_TF32=1` allows TF32 and any algorithm. The NVRTC kernels are compiled with `--fmad=false`, so they round
+//! exactly like the CPU code (no fused multiply-adds): the optimizer step is bit-identical to the CPU one given
+//! the same gradients.
+
+use crate::backend::{BackendError, ConvBackend, ConvLayer, DeviceStats};
+use asymml_core::layers::out_size;
+use asymml_core::optim::OptimizerKind;
+use asymml_core::Tensor;
+use cudarc::cudnn::{
+    sys::{
+        cudnnConvolutionBwdDataAlgo_t as BwdDataAlgo,
+        cudnnConvolutionBwdFilterAlgo_t as BwdFilterAlgo, cudnnConvolutionFwdAlgo_t as FwdAlgo,
+        cudnnConvolutionMode_t, cudnnMathType_t, cudnnTensorFormat_t,
+    },
+    ConvBackwardData, ConvBackwardFilter, ConvDescriptor, ConvForward, Cudnn, CudnnError,
+    FilterDescriptor, TensorDescriptor,
+};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig,
+    PinnedHostSlice, PushKernelArg,
+};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The element-wise kernels, compiled once per backend by NVRTC. Indices are 64-bit and every loop is
+/// grid-strided, so any tensor size works with any grid.
+const KERNELS: &str = r#"
+extern "C" __global__ void add_bias(float* y, const float* b, unsigned long long n, unsigned int m,
+                                    unsigned long long hw) {
+    unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        y[i] = y[i] + b[(i / hw) % m];
+    }
+}
+
+// db[c] = sum over the batch and the pixels of dy[:, c, :, :]; one block of 256 threads per channel.
+extern "C" __global__ void bias_grad(const float* dy, float* db, unsigned int batch, unsigned int m,
+                                     unsigned long long hw) {
+    __shared__ float part[256];
+    unsigned int c = blockIdx.x;
+    unsigned long long total = (unsigned long long)batch * hw;
+    float s = 0.0f;
+    for (unsigned long long j = threadIdx.x; j < total; j += blockDim.x) {
+        unsigned long long n = j / hw;
+        unsigned long long p = j - n * hw;
+        s += dy[(n * m + c) * hw + p];
+    }
+    part[threadIdx.x] = s;
+    __syncthreads();
+    for (unsigned int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) {
+            part[threadIdx.x] += part[threadIdx.x + k];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        db[c] = part[0];
+    }
+}
+
+extern "C" __global__ void add_into(float* g, const float* d, unsigned long long n) {
+    unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        g[i] = g[i] + d[i];
+    }
+}
+
+// torch.optim.SGD (dampening 0), as asymml_core::optim::Optimizer::update.
+extern "C" __global__ void sgd_step(float* w, const float* g, float* buf, unsigned long long n, float lr,
+                                    float wd, float momentum, int nesterov) {
+    unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        float wi = w[i];
+        float d = g[i] + wd * wi;
+        if (momentum != 0.0f) {
+            float b = momentum * buf[i] + d;
+            buf[i] = b;
+            d = nesterov ? d + momentum * b : b;
+        }
+        w[i] = wi - lr * d;
+    }
+}
+
+// torch.optim.AdamW, as asymml_core::optim::Optimizer::update; keep = 1 - lr * wd, step = lr / (1 - beta1^t),
+// bc2_sqrt = sqrt(1 - beta2^t), omb1 = 1 - beta1, omb2 = 1 - beta2 (all computed on the host in f32).
+extern "C" __global__ void adamw_step(float* w, const float* g, float* m, float* v, unsigned long long n,
+                                      float keep, float beta1, float omb1, float beta2, float omb2, float step,
+                                      float bc2_sqrt, float eps) {
+    unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        float gi = g[i];
+        float wi = w[i] * keep;
+        float mi = beta1 * m[i] + omb1 * gi;
+        float vi = beta2 * v[i] + omb2 * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        w[i] = wi - step * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    }
+}
+"#;
+
+/// Threads per block of every kernel (`bias_grad`'s shared array has this size).
+const BLOCK: u32 = 256;
+/// Most blocks of a grid-strided launch.
+const MAX_BLOCKS: usize = 1 << 16;
+/// Most cuDNN shape plans kept per layer (one per batch size and input size seen).
+const MAX_PLANS: usize = 8;
+
+fn drv(what: &'static str) -> impl Fn(DriverError) -> BackendError {
+    move |e| BackendError::Device(format!("CUDA {what}: {e}"))
+}
+
+fn dnn(what: &'static str) -> impl Fn(CudnnError) -> BackendError {
+    move |e| BackendError::Device(format!("cuDNN {what}: {e}"))
+}
+
+/// A grid-strided launch over `n` elements.
+fn grid(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(BLOCK as usize).clamp(1, MAX_BLOCKS);
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A tensor dimension as cuDNN's `int`.
+fn dim(n: usize) -> Result<i32, BackendError> {
+    i32::try_from(n)
+        .map_err(|_| BackendError::Invalid(format!("dimension {n} is too large for cuDNN")))
+}
+
+/// Makes `buf` hold at least `n` elements (contents undefined after growing).
+fn grow<T: DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    buf: &mut Option<CudaSlice<T>>,
+    n: usize,
+) -> Result<(), BackendError> {
+    if buf.as_ref().is_none_or(|b| b.len() < n) {
+        *buf = None; // free the old buffer first
+        *buf =
+            Some(unsafe { stream.alloc::<T>(n.max(1)) }.map_err(drv("allocating device memory"))?);
+    }
+    Ok(())
+}
+
+/// Makes the pinned host buffer hold at least `n` floats. `write_combined`: for uploads only (the host
+/// writes it once, sequentially; reading it on the host would be very slow).
+fn grow_pinned(
+    ctx: &Arc<CudaContext>,
+    buf: &mut Option<PinnedHostSlice<f32>>,
+    n: usize,
+    write_combined: bool,
+) -> Result<(), BackendError> {
+    if buf.as_ref().is_none_or(|b| b.len() < n) {
+        *buf = None;
+        let flags = if write_combined {
+            cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED
+        } else {
+            0
+        };
+        // Some headroom, so that a slightly larger batch does not reallocate.
+        let len = n.max(1).saturating_add(n / 8);
+        *buf = Some(
+            unsafe { ctx.alloc_pinned_with_flags::<f32>(len, flags) }
+                .map_err(drv("allocating pinned host memory"))?,
+        );
+    }
+    Ok(())
+}
+
+/// In float32 mode, the algorithm to run instead of cuDNN's choice: a GEMM algorithm in place of an FFT one.
+fn precise_fwd(a: FwdAlgo) -> FwdAlgo {
+    match a {
+        FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_FFT
+        | FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING => {
+            FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM
+        }
+        a => a,
+    }
+}
+
+fn precise_bwd_data(a: BwdDataAlgo) -> BwdDataAlgo {
+    match a {
+        BwdDataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT
+        | BwdDataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING => {
+            BwdDataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1
+        }
+        a => a,
+    }
+}
+
+fn precise_bwd_filter(a: BwdFilterAlgo) -> BwdFilterAlgo {
+    match a {
+        BwdFilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT
+        | BwdFilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING => {
+            BwdFilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1
+        }
+        a => a,
+    }
+}
+
+/// One input shape of one layer: the cuDNN descriptors and the algorithms chosen for it (once, by cuDNN's
+/// heuristics) with their workspace sizes.
+struct Plan {
+    b: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    x: TensorDescriptor<f32>,
+    y: TensorDescriptor<f32>,
+    fwd: (FwdAlgo, usize),
+    bwd_data: (BwdDataAlgo, usize),
+    bwd_filter: (BwdFilterAlgo, usize),
+}
+
+/// One conv layer on the device.
+struct Layer {
+    spec: ConvLayer,
+    w: CudaSlice<f32>,
+    b: Option<CudaSlice<f32>>,
+    dw: CudaSlice<f32>,
+    db: Option<CudaSlice<f32>>,
+    /// Optimizer state of the weight and of the bias: SGD [momentum buffer]; AdamW [m, v].
+    state_w: Vec<CudaSlice<f32>>,
+    state_b: Vec<CudaSlice<f32>>,
+    filter: FilterDescriptor<f32>,
+    conv: ConvDescriptor<f32>,
+    plans: Vec<Plan>,
+    /// The cached residual X_U (the buffer may be longer than the tensor) and its shape.
+    x: Option<CudaSlice<f32>>,
+    x_shape: Option<[usize; 4]>,
+}
+
+impl Layer {
+    fn weight_shape(&self) -> [usize; 4] {
+        let s = self.spec;
+        [s.out_ch, s.in_ch, s.k, s.k]
+    }
+}
+
+/// Buffers shared by the layers (each operation uses them only while it runs).
+#[derive(Default)]
+struct Scratch {
+    y: Option<CudaSlice<f32>>,
+    dy: Option<CudaSlice<f32>>,
+    dx: Option<CudaSlice<f32>>,
+    workspace: Option<CudaSlice<u8>>,
+    up: Option<PinnedHostSlice<f32>>,
+    down: Option<PinnedHostSlice<f32>>,
+}
+
+struct Kernels {
+    add_bias: CudaFunction,
+    bias_grad: CudaFunction,
+    add_into: CudaFunction,
+    sgd_step: CudaFunction,
+    adamw_step: CudaFunction,
+}
+
+struct OptState {
+    kind: OptimizerKind,
+    weight_decay: f32,
+    steps: u64,
+}
+
+/// The conv layers on one CUDA GPU. Not `Send`: create it on the thread that uses it.
+pub struct CudaBackend {
+    ordinal: usize,
+    description: String,
+    tf32: bool,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    cudnn: Arc<Cudnn>,
+    kernels: Kernels,
+    layers: Vec<Layer>,
+    opt: Option<OptState>,
+    registered: bool,
+    scratch: Scratch,
+    stats: DeviceStats,
+}
+
+/// Checks that the CUDA driver, cuDNN and NVRTC libraries can be opened, and that device `ordinal` exists —
+/// before anything that would panic without them.
+fn check_available(ordinal: usize) -> Result<(), BackendError> {
+    let hint = "on a machine with PyTorch's pip CUDA 13 packages, add their library folders to LD_LIBRARY_PATH \
+                (site-packages/nvidia/*/lib)";
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(BackendError::Device(format!(
+            "accelerator device cuda:{ordinal}: the CUDA driver library (libcuda.so) was not found — this machine \
+             has no NVIDIA driver, or it is not on the library path"
+        )));
+    }
+    if !unsafe { cudarc::cudnn::sys::is_culib_present() } {
+        return Err(BackendError::Device(format!(
+            "accelerator device cuda:{ordinal}: cuDNN (libcudnn.so.9) was not found; {hint}"
+        )));
+    }
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(BackendError::Device(format!(
+            "accelerator device cuda:{ordinal}: the CUDA runtime compiler NVRTC (libnvrtc.so) was not found; {hint}"
+        )));
+    }
+    let count = CudaContext::device_count().map_err(|e| {
+        BackendError::Device(format!(
+            "accelerator device cuda:{ordinal}: the CUDA driver found no usable GPU ({e})"
+        ))
+    })?;
+    if ordinal >= count.max(0) as usize {
+        return Err(BackendError::Device(format!(
+            "accelerator device cuda:{ordinal}: this machine has {count} CUDA device(s)"
+        )));
+    }
+    let v = cudarc::cudnn::result::get_version();
+    if v < 90000 {
+        return Err(BackendError::Device(format!(
+            "accelerator device cuda:{ordinal}: cuDNN {v} was found; the CUDA backend needs cuDNN 9"
+        )));
+    }
+    Ok(())
+}
+
+impl CudaBackend {
+    /// Opens CUDA device `ordinal`: checks the libraries and the device, creates a context, a stream and a
+    /// cuDNN handle, and compiles the kernels. Any failure (a panic inside the CUDA bindings included) is an
+    /// error naming CUDA.
+    pub fn new(ordinal: usize) -> Result<Self, BackendError> {
+        check_available(ordinal)?;
+        match std::panic::catch_unwind(|| Self::open(ordinal)) {
+            Ok(r) => r,
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "unknown error".into());
+                Err(BackendError::Device(format!(
+                    "accelerator device cuda:{ordinal}: the CUDA libraries failed: {msg}"
+                )))
+            }
+        }
+    }
+
+    fn open(ordinal: usize) -> Result<Self, BackendError> {
+        let ctx = CudaContext::new(ordinal).map_err(drv("creating a context"))?;
+        // One stream, so cudarc's per-buffer event tracking (for several streams) is not needed: slices
+        // created from here on carry no events.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
+        let cudnn = Cudnn::new(stream.clone()).map_err(dnn("creating a handle"))?;
+        let opts = CompileOptions {
+            fmad: Some(false),
+            prec_div: Some(true),
+            prec_sqrt: Some(true),
+            ftz: Some(false),
+            name: Some("asymml_kernels.cu".into()),
+            ..Default::default()
+        };
+        let ptx = compile_ptx_with_opts(KERNELS, opts).map_err(|e| {
+            BackendError::Device(format!("NVRTC could not compile the kernels: {e}"))
+        })?;
+        let module = ctx.load_module(ptx).map_err(|e| {
+            BackendError::Device(format!(
+                "CUDA could not load the NVRTC kernels ({e}); is the NVIDIA driver older than the NVRTC library?"
+            ))
+        })?;
+        let load = |name: &'static str| {
+            module
+                .load_function(name)
+                .map_err(|e| BackendError::Device(format!("CUDA kernel {name}: {e}")))
+        };
+        let kernels = Kernels {
+            add_bias: load("add_bias")?,
+            bias_grad: load("bias_grad")?,
+            add_into: load("add_into")?,
+            sgd_step: load("sgd_step")?,
+            adamw_step: load("adamw_step")?,
+        };
+        let tf32 = std::env::var("ASYMML_CUDA_TF32").is_ok_and(|v| v == "1");
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let cc = ctx
+            .compute_capability()
+            .map(|(a, b)| format!(", compute capability {a}.{b}"))
+            .unwrap_or_default();
+        let description = format!(
+            "cuda:{ordinal} ({name}{cc}, cuDNN {}, {} convolutions)",
+            cudarc::cudnn::result::get_version(),
+            if tf32 { "TF32" } else { "float32" }
+        );
+        Ok(CudaBackend {
+            ordinal,
+            description,
+            tf32,
+            ctx,
+            stream,
+            cudnn,
+            kernels,
+            layers: Vec::new(),
+            opt: None,
+            registered: false,
+            scratch: Scratch::default(),
+            stats: DeviceStats::default(),
+        })
+    }
+
+    /// The device number.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// Copy and kernel time and bytes moved since the backend was created.
+    pub fn stats(&self) -> DeviceStats {
+        self.stats
+    }
+
+    /// Makes this backend's context current on the calling thread.
+    fn bind(&self) -> Result<(), BackendError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(drv("binding the context"))
+    }
+
+    fn sync(&self) -> Result<(), BackendError> {
+        self.stream
+            .synchronize()
+            .map_err(drv("running the stream (an earlier kernel failed)"))
+    }
+
+    fn index(&self, layer: u32) -> Result<usize, BackendError> {
+        if !self.registered {
+            return Err(BackendError::NotRegistered);
+        }
+        let i = layer as usize;
+        if i < self.layers.len() {
+            Ok(i)
+        } else {
+            Err(BackendError::UnknownLayer(layer))
+        }
+    }
+
+    /// Copies `src` to the start of `dst` through the pinned upload buffer; the caller synchronizes.
+    fn upload(
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        up: &mut Option<PinnedHostSlice<f32>>,
+        stats: &mut DeviceStats,
+        src: &[f32],
+        dst: &mut CudaSlice<f32>,
+    ) -> Result<(), BackendError> {
+        let n = src.len();
+        if dst.len() < n {
+            return Err(BackendError::Invalid(format!(
+                "upload of {n} values into a buffer of {}",
+                dst.len()
+            )));
+        }
+        grow_pinned(ctx, up, n, true)?;
+        let host = up
+            .as_mut()
+            .expect("grown")
+            .as_mut_slice()
+            .map_err(drv("pinned upload buffer"))?;
+        host[..n].copy_from_slice(src);
+        stream
+            .memcpy_htod(&host[..n], dst)
+            .map_err(drv("copying to the device"))?;
+        stats.bytes_up += (n * 4) as u64;
+        Ok(())
+    }
+
+    /// Copies the first `n` values of `src` to a new host vector through the pinned download buffer.
+    fn download(&mut self, src: Which, layer: usize, n: usize) -> Result<Vec<f32>, BackendError> {
+        let t = Instant::now();
+        grow_pinned(&self.ctx, &mut self.scratch.down, n, false)?;
+        let buf: &CudaSlice<f32> = match src {
+            Which::Y => self.scratch.y.as_ref(),
+            Which::Dx => self.scratch.dx.as_ref(),
+            Which::W => Some(&self.layers[layer].w),
+            Which::B => self.layers[layer].b.as_ref(),
+            Which::Dw => Some(&self.layers[layer].dw),
+            Which::Db => self.layers[layer].db.as_ref(),
+        }
+        .ok_or_else(|| BackendError::Invalid("download of a missing buffer".into()))?;
+        if buf.len() < n {
+            return Err(BackendError::Invalid(format!(
+                "download of {n} values from a buffer of {}",
+                buf.len()
+            )));
+        }
+        let host = self
+            .scratch
+            .down
+            .as_mut()
+            .expect("grown")
+            .as_mut_slice()
+            .map_err(drv("pinned download buffer"))?;
+        self.stream
+            .memcpy_dtoh(&buf.slice(..n), &mut host[..n])
+            .map_err(drv("copying from the device"))?;
+        self.stream
+            .synchronize()
+            .map_err(drv("copying from the device"))?;
+        let out = host[..n].to_vec();
+        self.stats.bytes_down += (n * 4) as u64;
+        self.stats.copy_s += t.elapsed().as_secs_f64();
+        Ok(out)
+    }
+
+    /// The plan of layer `li` for inputs of `b × C × h × w`, made (and its algorithms chosen) on first use.
+    fn plan(&mut self, li: usize, b: usize, h: usize, w: usize) -> Result<usize, BackendError> {
+        let cudnn = self.cudnn.clone();
+        let tf32 = self.tf32;
+        let l = &mut self.layers[li];
+        if let Some(i) = l.plans.iter().position(|p| (p.b, p.h, p.w) == (b, h, w)) {
+            return Ok(i);
+        }
+        let s = l.spec;
+        let (Some(oh), Some(ow)) = (
+            out_size(h, s.k, s.stride, s.pad),
+            out_size(w, s.k, s.stride, s.pad),
+        ) else {
+            return Err(BackendError::Invalid(format!(
+                "conv: input {h}×{w} is smaller than the {k}×{k} kernel (padding {p})",
+                k = s.k,
+                p = s.pad
+            )));
+        };
+        let nchw = cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let x = cudnn
+            .create_4d_tensor::<f32>(nchw, [dim(b)?, dim(s.in_ch)?, dim(h)?, dim(w)?])
+            .map_err(dnn("input descriptor"))?;
+        let y = cudnn
+            .create_4d_tensor::<f32>(nchw, [dim(b)?, dim(s.out_ch)?, dim(oh)?, dim(ow)?])
+            .map_err(dnn("output descriptor"))?;
+        let fwd = {
+            let op = ConvForward {
+                conv: &l.conv,
+                x: &x,
+                w: &l.filter,
+                y: &y,
+            };
+            let a = op
+                .pick_algorithm()
+                .map_err(dnn("choosing the forward algorithm"))?;
+            let a = if tf32 { a } else { precise_fwd(a) };
+            (
+                a,
+                op.get_workspace_size(a)
+                    .map_err(dnn("forward workspace size"))?,
+            )
+        };
+        let bwd_data = {
+            let op = ConvBackwardData {
+                conv: &l.conv,
+                dx: &x,
+                w: &l.filter,
+                dy: &y,
+            };
+            let a = op
+                .pick_algorithm()
+                .map_err(dnn("choosing the backward-data algorithm"))?;
+            let a = if tf32 { a } else { precise_bwd_data(a) };
+            (
+                a,
+                op.get_workspace_size(a)
+                    .map_err(dnn("backward-data workspace size"))?,
+            )
+        };
+        let bwd_filter = {
+            let op = ConvBackwardFilter {
+                conv: &l.conv,
+                x: &x,
+                dw: &l.filter,
+                dy: &y,
+            };
+            let a = op
+                .pick_algorithm()
+                .map_err(dnn("choosing the backward-filter algorithm"))?;
+            let a = if tf32 { a } else { precise_bwd_filter(a) };
+            (
+                a,
+                op.get_workspace_size(a)
+                    .map_err(dnn("backward-filter workspace size"))?,
+            )
+        };
+        if l.plans.len() >= MAX_PLANS {
+            l.plans.remove(0);
+        }
+        l.plans.push(Plan {
+            b,
+            h,
+            w,
+            oh,
+            ow,
+            x,
+            y,
+            fwd,
+            bwd_data,
+            bwd_filter,
+        });
+        Ok(l.plans.len() - 1)
+    }
+
+    /// Y = conv(cached X_U of layer `li`, W) + b, downloaded.
+    fn conv_forward(&mut self, li: usize) -> Result<Tensor, BackendError> {
+        let [b, _, h, w] = self.layers[li]
+            .x_shape
+            .ok_or(BackendError::NoCachedInput(li as u32))?;
+        let pi = self.plan(li, b, h, w)?;
+        let m = self.layers[li].spec.out_ch;
+        let (oh, ow, ws) = {
+            let p = &self.layers[li].plans[pi];
+            (p.oh, p.ow, p.fwd.1)
+        };
+        let ny = b * m * oh * ow;
+        grow(&self.stream, &mut self.scratch.y, ny)?;
+        if ws > 0 {
+            grow(&self.stream, &mut self.scratch.workspace, ws)?;
+        }
+        let t = Instant::now();
+        {
+            let Self {
+                layers,
+                scratch,
+                kernels,
+                stream,
+                ..
+            } = self;
+            let l = &layers[li];
+            let p = &l.plans[pi];
+            let x = l.x.as_ref().ok_or(BackendError::NoCachedInput(li as u32))?;
+            let y = scratch.y.as_mut().expect("grown");
+            let op = ConvForward {
+                conv: &l.conv,
+                x: &p.x,
+                w: &l.filter,
+                y: &p.y,
+            };
+            let workspace = if ws > 0 {
+                scratch.workspace.as_mut()
+            } else {
+                None
+            };
+            unsafe { op.launch(p.fwd.0, workspace, (1.0f32, 0.0f32), x, &l.w, y) }
+                .map_err(dnn("convolution forward"))?;
+            if let Some(bias) = &l.b {
+                let (n, mm, hw) = (ny as u64, m as u32, (oh * ow) as u64);
+                let mut lb = stream.launch_builder(&kernels.add_bias);
+                lb.arg(y).arg(bias).arg(&n).arg(&mm).arg(&hw);
+                unsafe { lb.launch(grid(ny)) }.map_err(drv("bias kernel"))?;
+            }
+        }
+        self.sync()?;
+        self.stats.kernel_s += t.elapsed().as_secs_f64();
+        let data = self.download(Which::Y, li, ny)?;
+        Ok(Tensor {
+            shape: vec![b, m, oh, ow],
+            data,
+        })
+    }
+
+    /// Two distinct layers, the first shared and the second mutable.
+    fn two(layers: &mut [Layer], from: usize, to: usize) -> (&Layer, &mut Layer) {
+        if from < to {
+            let (a, b) = layers.split_at_mut(to);
+            (&a[from], &mut b[0])
+        } else {
+            let (a, b) = layers.split_at_mut(from);
+            (&b[0], &mut a[to])
+        }
+    }
+}
+
+/// A device buffer to download.
+#[derive(Clone, Copy)]
+enum Which {
+    Y,
+    Dx,
+    W,
+    B,
+    Dw,
+    Db,
+}
+
+impl ConvBackend for CudaBackend {
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+
+    fn register(
+        &mut self,
+        layers: &[ConvLayer],
+        weights: Vec<(Tensor, Option<Tensor>)>,
+        optimizer: OptimizerKind,
+        weight_decay: f32,
+    ) -> Result<(), BackendError> {
+        self.bind()?;
+        if layers.len() != weights.len() {
+            return Err(BackendError::Invalid(format!(
+                "{} layers but {} weight sets",
+                layers.len(),
+                weights.len()
+            )));
+        }
+        // Check everything before touching the device.
+        for (i, (l, (w, b))) in layers.iter().zip(&weights).enumerate() {
+            if l.in_ch == 0 || l.out_ch == 0 || l.k == 0 || l.stride == 0 {
+                return Err(BackendError::Invalid(format!(
+                    "layer {i}: channels, kernel size and stride must be positive"
+                )));
+            }
+            let ws = [l.out_ch, l.in_ch, l.k, l.k];
+            if w.shape != ws || w.data.len() != ws.iter().product::<usize>() {
+                return Err(BackendError::Invalid(format!(
+                    "layer {i}: weight shape {:?}, expected {ws:?}",
+                    w.shape
+                )));
+            }
+            match (l.bias, b) {
+                (true, Some(b)) if b.shape == [l.out_ch] && b.data.len() == l.out_ch => {}
+                (false, None) => {}
+                _ => {
+                    return Err(BackendError::Invalid(format!(
+                        "layer {i}: bias does not match the layer"
+                    )))
+                }
+            }
+        }
+        self.registered = false;
+        self.layers.clear();
+        self.opt = None;
+        let slots = match optimizer {
+            OptimizerKind::Sgd { .. } => 1,
+            OptimizerKind::AdamW { .. } => 2,
+        };
+        let t = Instant::now();
+        let nchw = cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let math = if self.tf32 {
+            cudnnMathType_t::CUDNN_DEFAULT_MATH
+        } else {
+            cudnnMathType_t::CUDNN_FMA_MATH
+        };
+        let stream = self.stream.clone();
+        let zeros = |n: usize| {
+            stream
+                .alloc_zeros::<f32>(n)
+                .map_err(drv("allocating device memory"))
+        };
+        let mut new_layers = Vec::with_capacity(layers.len());
+        for (l, (w, b)) in layers.iter().zip(weights) {
+            let wd = stream
+                .clone_htod(&w.data)
+                .map_err(drv("copying weights to the device"))?;
+            self.stats.bytes_up += (w.data.len() * 4) as u64;
+            let bd = match &b {
+                Some(b) => {
+                    self.stats.bytes_up += (b.data.len() * 4) as u64;
+                    Some(
+                        stream
+                            .clone_htod(&b.data)
+                            .map_err(drv("copying biases to the device"))?,
+                    )
+                }
+                None => None,
+            };
+            let nb = b.as_ref().map(|b| b.data.len());
+            let filter = self
+                .cudnn
+                .create_4d_filter::<f32>(
+                    nchw,
+                    [dim(l.out_ch)?, dim(l.in_ch)?, dim(l.k)?, dim(l.k)?],
+                )
+                .map_err(dnn("filter descriptor"))?;
+            let mut conv = self
+                .cudnn
+                .create_conv2d::<f32>(
+                    [dim(l.pad)?, dim(l.pad)?],
+                    [dim(l.stride)?, dim(l.stride)?],
+                    [1, 1],
+                    cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                )
+                .map_err(dnn("convolution descriptor"))?;
+            conv.set_math_type(math).map_err(dnn("math type"))?;
+            new_layers.push(Layer {
+                spec: *l,
+                dw: zeros(w.data.len())?,
+                db: nb.map(zeros).transpose()?,
+                state_w: (0..slots)
+                    .map(|_| zeros(w.data.len()))
+                    .collect::<Result<_, _>>()?,
+                state_b: match nb {
+                    Some(n) => (0..slots).map(|_| zeros(n)).collect::<Result<_, _>>()?,
+                    None => Vec::new(),
+                },
+                w: wd,
+                b: bd,
+                filter,
+                conv,
+                plans: Vec::new(),
+                x: None,
+                x_shape: None,
+            });
+        }
+        self.sync()?;
+        self.stats.copy_s += t.elapsed().as_secs_f64();
+        self.layers = new_layers;
+        self.opt = Some(OptState {
+            kind: optimizer,
+            weight_decay,
+            steps: 0,
+        });
+        self.registered = true;
+        Ok(())
+    }
+
+    fn layer(&self, layer: u32) -> Option<ConvLayer> {
+        self.layers.get(layer as usize).map(|l| l.spec)
+    }
+
+    fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn forward(&mut self, layer: u32, x_u: Tensor, _train: bool) -> Result<Tensor, BackendError> {
+        self.bind()?;
+        let li = self.index(layer)?;
+        let s = self.layers[li].spec;
+        let &[b, c, h, w] = x_u.shape.as_slice() else {
+            return Err(BackendError::Invalid(format!(
+                "conv: expected NCHW input, got {:?}",
+                x_u.shape
+            )));
+        };
+        if c != s.in_ch || b == 0 || h == 0 || w == 0 || x_u.data.len() != b * c * h * w {
+            return Err(BackendError::Invalid(format!(
+                "X_U shape {:?} ({} values) does not fit a conv with {} input channels",
+                x_u.shape,
+                x_u.data.len(),
+                s.in_ch
+            )));
+        }
+        // Plan first: a shape the conv cannot take is refused before anything is copied.
+        self.plan(li, b, h, w)?;
+        let t = Instant::now();
+        {
+            let Self {
+                layers,
+                scratch,
+                stream,
+                ctx,
+                stats,
+                ..
+            } = self;
+            let l = &mut layers[li];
+            l.x_shape = None;
+            grow(stream, &mut l.x, x_u.data.len())?;
+            Self::upload(
+                ctx,
+                stream,
+                &mut scratch.up,
+                stats,
+                &x_u.data,
+                l.x.as_mut().expect("grown"),
+            )?;
+        }
+        self.sync()?;
+        self.stats.copy_s += t.elapsed().as_secs_f64();
+        self.layers[li].x_shape = Some([b, c, h, w]);
+        self.conv_forward(li)
+    }
+
+    fn forward_shared(
+        &mut self,
+        layer: u32,
+        from: u32,
+        _train: bool,
+    ) -> Result<Tensor, BackendError> {
+        self.bind()?;
+        let li = self.index(layer)?;
+        let fi = self.index(from)?;
+        let shape = self.layers[fi]
+            .x_shape
+            .ok_or(BackendError::NoCachedInput(from))?;
+        let s = self.layers[li].spec;
+        if shape[1] != s.in_ch {
+            return Err(BackendError::Invalid(format!(
+                "layer {layer} takes {} channels but the residual cached for layer {from} has {}",
+                s.in_ch, shape[1]
+            )));
+        }
+        if li != fi {
+            let [b, _, h, w] = shape;
+            self.plan(li, b, h, w)?;
+            let n = shape.iter().product::<usize>();
+            let t = Instant::now();
+            let Self { layers, stream, .. } = self;
+            let (src, dst) = Self::two(layers, fi, li);
+            dst.x_shape = None;
+            grow(stream, &mut dst.x, n)?;
+            let src_buf = src.x.as_ref().ok_or(BackendError::NoCachedInput(from))?;
+            stream
+                .memcpy_dtod(&src_buf.slice(..n), dst.x.as_mut().expect("grown"))
+                .map_err(drv("copying the shared residual"))?;
+            dst.x_shape = Some(shape);
+            self.sync()?;
+            self.stats.kernel_s += t.elapsed().as_secs_f64();
+        }
+        self.conv_forward(li)
+    }
+
+    fn backward(
+        &mut self,
+        layer: u32,
+        dy: &Tensor,
+        need_dx: bool,
+    ) -> Result<Option<Tensor>, BackendError> {
+        self.bind()?;
+        let li = self.index(layer)?;
+        let [b, c, h, w] = self.layers[li]
+            .x_shape
+            .ok_or(BackendError::NoCachedInput(layer))?;
+        let pi = self.plan(li, b, h, w)?;
+        let s = self.layers[li].spec;
+        let (oh, ow, (_, ws_data), (_, ws_filter)) = {
+            let p = &self.layers[li].plans[pi];
+            (p.oh, p.ow, p.bwd_data, p.bwd_filter)
+        };
+        let expected = [b, s.out_ch, oh, ow];
+        let ny = expected.iter().product::<usize>();
+        if dy.shape != expected || dy.data.len() != ny {
+            return Err(BackendError::Invalid(format!(
+                "layer {layer}: ∇Y shape {:?}, expected {expected:?}",
+                dy.shape
+            )));
+        }
+        let nx = b * c * h * w;
+        let ws = if need_dx {
+            ws_data.max(ws_filter)
+        } else {
+            ws_filter
+        };
+        grow(&self.stream, &mut self.scratch.dy, ny)?;
+        if need_dx {
+            grow(&self.stream, &mut self.scratch.dx, nx)?;
+        }
+        if ws > 0 {
+            grow(&self.stream, &mut self.scratch.workspace, ws)?;
+        }
+        let t = Instant::now();
+        {
+            let Self {
+                scratch,
+                stream,
+                ctx,
+                stats,
+                ..
+            } = self;
+            Self::upload(
+                ctx,
+                stream,
+                &mut scratch.up,
+                stats,
+                &dy.data,
+                scratch.dy.as_mut().expect("grown"),
+            )?;
+        }
+        self.sync()?;
+        let t1 = Instant::now();
+        self.stats.copy_s += (t1 - t).as_secs_f64();
+        {
+            let Self {
+                layers,
+                scratch,
+                kernels,
+                stream,
+                ..
+            } = self;
+            let Layer {
+                w: weight,
+                dw,
+                db,
+                filter,
+                conv,
+                plans,
+                x,
+                ..
+            } = &mut layers[li];
+            let p = &plans[pi];
+            let x = x.as_ref().ok_or(BackendError::NoCachedInput(layer))?;
+            let dy_buf = scratch.dy.as_ref().expect("grown");
+            if need_dx {
+                let op = ConvBackwardData {
+                    conv: &*conv,
+                    dx: &p.x,
+                    w: &*filter,
+                    dy: &p.y,
+                };
+                let workspace = if ws_data > 0 {
+                    scratch.workspace.as_mut()
+                } else {
+                    None
+                };
+                let dx = scratch.dx.as_mut().expect("grown");
+                unsafe {
+                    op.launch(
+                        p.bwd_data.0,
+                        workspace,
+                        (1.0f32, 0.0f32),
+                        dx,
+                        &*weight,
+                        dy_buf,
+                    )
+                }
+                .map_err(dnn("convolution backward data"))?;
+            }
+            let op = ConvBackwardFilter {
+                conv: &*conv,
+                x: &p.x,
+                dw: &*filter,
+                dy: &p.y,
+            };
+            let workspace = if ws_filter > 0 {
+                scratch.workspace.as_mut()
+            } else {
+                None
+            };
+            unsafe { op.launch(p.bwd_filter.0, workspace, (1.0f32, 0.0f32), x, dw, dy_buf) }
+                .map_err(dnn("convolution backward filter"))?;
+            if let Some(db) = db.as_mut() {
+                let (bb, mm, hw) = (b as u32, s.out_ch as u32, (oh * ow) as u64);
+                let mut lb = stream.launch_builder(&kernels.bias_grad);
+                lb.arg(dy_buf).arg(db).arg(&bb).arg(&mm).arg(&hw);
+                let cfg = LaunchConfig {
+                    grid_dim: (mm, 1, 1),
+                    block_dim: (BLOCK, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                unsafe { lb.launch(cfg) }.map_err(drv("bias gradient kernel"))?;
+            }
+        }
+        self.sync()?;
+        self.stats.kernel_s += t1.elapsed().as_secs_f64();
+        if !need_dx {
+            return Ok(None);
+        }
+        let data = self.download(Which::Dx, li, nx)?;
+        Ok(Some(Tensor {
+            shape: vec![b, c, h, w],
+            data,
+        }))
+    }
+
+    fn add_weight_grad(&mut self, layer: u32, dw_t: &Tensor) -> Result<(), BackendError> {
+        self.bind()?;
+        let li = self.index(layer)?;
+        let ws = self.layers[li].weight_shape();
+        let n = ws.iter().product::<usize>();
+        if dw_t.shape != ws || dw_t.data.len() != n {
+            return Err(BackendError::Invalid(format!(
+                "layer {layer}: ∇W_T shape {:?}, expected {ws:?}",
+                dw_t.shape
+            )));
+        }
+        grow(&self.stream, &mut self.scratch.dy, n)?;
+        let t = Instant::now();
+        {
+            let Self {
+                scratch,
+                stream,
+                ctx,
+                stats,
+                ..
+            } = self;
+            Self::upload(
+                ctx,
+                stream,
+                &mut scratch.up,
+                stats,
+                &dw_t.data,
+                scratch.dy.as_mut().expect("grown"),
+            )?;
+        }
+        self.sync()?;
+        let t1 = Instant::now();
+        self.stats.copy_s += (t1 - t).as_secs_f64();
+        {
+            let Self {
+                layers,
+                scratch,
+                kernels,
+                stream,
+                ..
+            } = self;
+            let dw = &mut layers[li].dw;
+            let d = scratch.dy.as_ref().expect("grown");
+            let n64 = n as u64;
+            let mut lb = stream.launch_builder(&kernels.add_into);
+            lb.arg(dw).arg(d).arg(&n64);
+            unsafe { lb.launch(grid(n)) }.map_err(drv("gradient add kernel"))?;
+        }
+        self.sync()?;
+        self.stats.kernel_s += t1.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn step(&mut self, lr: f32) -> Result<(), BackendError> {
+        self.bind()?;
+        if !self.registered {
+            return Err(BackendError::NotRegistered);
+        }
+        let opt = self.opt.as_mut().ok_or(BackendError::NotRegistered)?;
+        opt.steps += 1;
+        let (kind, wd, steps) = (opt.kind, opt.weight_decay, opt.steps);
+        let t = Instant::now();
+        {
+            let Self {
+                layers,
+                kernels,
+                stream,
+                ..
+            } = self;
+            for l in layers.iter_mut() {
+                let params = [
+                    (&mut l.w, &l.dw, &mut l.state_w),
+                    // A layer without bias has no bias buffers: skipped below.
+                ];
+                let bias = match (l.b.as_mut(), l.db.as_ref()) {
+                    (Some(b), Some(db)) => Some((b, db, &mut l.state_b)),
+                    _ => None,
+                };
+                for (w, g, state) in params.into_iter().chain(bias) {
+                    let n = w.len();
+                    let n64 = n as u64;
+                    match kind {
+                        OptimizerKind::Sgd { momentum, nesterov } => {
+                            let nest = i32::from(nesterov);
+                            let buf = &mut state[0];
+                            let mut lb = stream.launch_builder(&kernels.sgd_step);
+                            lb.arg(w)
+                                .arg(g)
+                                .arg(buf)
+                                .arg(&n64)
+                                .arg(&lr)
+                                .arg(&wd)
+                                .arg(&momentum)
+                                .arg(&nest);
+                            unsafe { lb.launch(grid(n)) }.map_err(drv("SGD kernel"))?;
+                        }
+                        OptimizerKind::AdamW { beta1, beta2, eps } => {
+                            // The same f32 scalars as Optimizer::update computes.
+                            let ti = steps.max(1) as i32;
+                            let bc1 = 1.0 - beta1.powi(ti);
+                            let bc2_sqrt = (1.0 - beta2.powi(ti)).sqrt();
+                            let step = lr / bc1;
+                            let keep = 1.0 - lr * wd;
+                            let (omb1, omb2) = (1.0 - beta1, 1.0 - beta2);
+                            let (m, v) = state.split_at_mut(1);
+                            let (m, v) = (&mut m[0], &mut v[0]);
+                            let mut lb = stream.launch_builder(&kernels.adamw_step);
+                            lb.arg(w)
+                                .arg(g)
+                                .arg(m)
+                                .arg(v)
+                                .arg(&n64)
+                                .arg(&keep)
+                                .arg(&beta1)
+                                .arg(&omb1)
+                                .arg(&beta2)
+                                .arg(&omb2)
+                                .arg(&step)
+                                .arg(&bc2_sqrt)
+                                .arg(&eps);
+                            unsafe { lb.launch(grid(n)) }.map_err(drv("AdamW kernel"))?;
+                        }
+                    }
+                }
+            }
+        }
+        self.sync()?;
+        self.stats.kernel_s += t.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn grads(&mut self, layer: u32) -> Result<(Tensor, Option<Tensor>), BackendError> {
+        self.bind()?;
+        let li = self.index(layer)?;
+        let ws = self.layers[li].weight_shape();
+        let m = self.layers[li].spec.out_ch;
+        let w = self.download(Which::Dw, li, ws.iter().product())?;
+        let b = match self.layers[li].db.is_some() {
+            true => Some(Tensor {
+                shape: vec![m],
+                data: self.download(Which::Db, li, m)?,
+            }),
+            false => None,
+        };
+        Ok((
+            Tensor {
+                shape: ws.to_vec(),
+                data: w,
+            },
+            b,
+        ))
+    }
+
+    fn weights(&mut self, layer: u32) -> Result<(Tensor, Option<Tensor>), BackendError> {
+        self.bind()?;
+        let li = self.index(layer)?;
+        let ws = self.layers[li].weight_shape();
+        let m = self.layers[li].spec.out_ch;
+        let w = self.download(Which::W, li, ws.iter().product())?;
+        let b = match self.layers[li].b.is_some() {
+            true => Some(Tensor {
+                shape: vec![m],
+                data: self.download(Which::B, li, m)?,
+            }),
+            false => None,
+        };
+        Ok((
+            Tensor {
+                shape: ws.to_vec(),
+                data: w,
+            },
+            b,
+        ))
+    }
+
+    fn stats(&self) -> Option<DeviceStats> {
+        Some(self.stats)
+    }
+}
+
+/// These run on a machine with a GPU and the CUDA libraries; elsewhere they print why they are skipped (or fail,
+/// with `ASYMML_REQUIRE_GPU=1`, so that a GPU run cannot pass without testing anything).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::CpuBackend;
+    use crate::conformance::{check_against, check_refusals};
+
+    fn open() -> Option<CudaBackend> {
+        match CudaBackend::new(0) {
+            Ok(b) => {
+                eprintln!("testing {}", b.describe());
+                Some(b)
+            }
+            Err(e) => {
+                assert!(
+                    std::env::var_os("ASYMML_REQUIRE_GPU").is_none(),
+                    "ASYMML_REQUIRE_GPU is set but: {e}"
+                );
+                eprintln!("skipped (no usable GPU): {e}");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn matches_the_cpu_backend() {
+        let Some(mut gpu) = open() else { return };
+        for kind in [
+            OptimizerKind::Sgd {
+                momentum: 0.9,
+                nesterov: true,
+            },
+            OptimizerKind::Sgd {
+                momentum: 0.0,
+                nesterov: false,
+            },
+            OptimizerKind::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+        ] {
+            let mut cpu = CpuBackend::new(0).unwrap();
+            let worst = check_against(&mut cpu, &mut gpu, kind, 1e-4)
+                .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+            eprintln!("{kind:?}: largest relative difference {worst:.3e}");
+        }
+        let s = gpu.stats();
+        assert!(
+            s.bytes_up > 0 && s.bytes_down > 0 && s.kernel_s > 0.0,
+            "{s:?}"
+        );
+        eprintln!("{s:?}");
+    }
+
+    #[test]
+    fn refuses_bad_requests() {
+        let Some(mut gpu) = open() else { return };
+        check_refusals(&mut gpu).unwrap();
+    }
+
+    #[test]
+    fn device_numbers_beyond_the_machine_are_errors() {
+        let Err(e) = CudaBackend::new(4096) else {
+            panic!("cuda:4096 opened")
+        };
+        assert!(e.to_string().contains("cuda:4096"), "{e}");
+    }
+}
