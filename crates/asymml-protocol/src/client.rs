@@ -19,6 +19,7 @@ pub struct Client<T: Transport> {
     recv_buf: Vec<u8>,
     /// Descriptions of the requests sent and not yet answered, oldest first.
     pending: VecDeque<String>,
+    last_decode_s: f64,
 }
 
 impl<T: Transport> Client<T> {
@@ -68,6 +69,7 @@ impl<T: Transport> Client<T> {
             send_buf: Vec::new(),
             recv_buf: buf,
             pending: VecDeque::new(),
+            last_decode_s: 0.0,
         })
     }
 
@@ -91,12 +93,22 @@ impl<T: Transport> Client<T> {
         })?;
         self.transport
             .recv_into(&mut self.recv_buf)
-            .and_then(|_| decode_reply(&self.recv_buf, self.max_message))
+            .and_then(|_| {
+                let t0 = std::time::Instant::now();
+                let r = decode_reply(&self.recv_buf, self.max_message);
+                self.last_decode_s = t0.elapsed().as_secs_f64();
+                r
+            })
             .and_then(|r| match r {
                 Reply::Error { message } => Err(ProtocolError::Remote(message)),
                 r => Ok(r),
             })
             .map_err(|e| e.context(op))
+    }
+
+    /// Seconds the last [`Client::recv_reply`] spent decoding the reply (after the frame arrived).
+    pub fn last_decode_s(&self) -> f64 {
+        self.last_decode_s
     }
 
     /// Sends a request and waits for its reply (after the replies of requests sent before).

@@ -5,7 +5,7 @@
 //! (kind, layer, shape, finiteness) before it is used.
 
 use asymml_core::decomp::{
-    add_noise_batch, decompose_batch, BatchLowRank, RankPolicy, TrustedConv,
+    add_noise_batch, decompose_batch, light_svd_flops, BatchLowRank, RankPolicy, TrustedConv,
 };
 use asymml_core::layers::Conv2d;
 use asymml_core::models::{ConvExec, Layer, Net};
@@ -55,6 +55,30 @@ pub struct SplitStats {
     pub bytes_from_untrusted: u64,
     /// Seconds spent blocked waiting for replies (the trusted runtime's own time is the rest).
     pub wait_s: f64,
+    /// Seconds spent encoding and sending requests and decoding replies (part of the trusted runtime's time).
+    pub transfer_s: f64,
+    /// Per conv layer (by conv id).
+    pub layers: Vec<LayerStats>,
+}
+
+/// Per-conv counters of the split runtime.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LayerStats {
+    pub name: String,
+    /// The rank of the last forward.
+    pub rank: usize,
+    /// Trusted compute: decomposition, noise, Conv_T, ∇W_T, adding Y_T + Y_U (seconds).
+    pub trusted_s: f64,
+    /// Floating-point operations of the lightweight SVD and Conv_T (forward and ∇W_T).
+    pub trusted_flops: f64,
+    /// Floating-point operations the accelerator does for this layer: conv(X_U, W); ∇W_U and ∇X.
+    pub untrusted_flops: f64,
+    /// Encoding, sending and decoding (seconds).
+    pub transfer_s: f64,
+    /// Blocked waiting for replies (seconds).
+    pub wait_s: f64,
+    pub bytes_to: u64,
+    pub bytes_from: u64,
 }
 
 /// The split executor of convolutions, talking to an accelerator over `T`.
@@ -199,32 +223,76 @@ impl<T: Transport> SplitExec<T> {
         }
     }
 
+    /// Adds to the counters of conv `layer` (if any).
+    fn count_layer(&self, layer: Option<usize>, f: impl Fn(&mut LayerStats)) {
+        let n = self.layers.len();
+        self.count(|s| {
+            if s.layers.len() < n {
+                s.layers.resize_with(n, LayerStats::default);
+            }
+            if let Some(l) = layer.and_then(|l| s.layers.get_mut(l)) {
+                f(l);
+            }
+        });
+    }
+
     fn send(&mut self, req: &Request) -> Result<(), CoreError> {
         let n = req
             .tensors()
             .iter()
             .map(|(_, t)| t.payload_bytes() as u64)
             .sum::<u64>();
-        self.count(|s| s.bytes_to_untrusted += n);
-        self.client
+        let t0 = Instant::now();
+        let res = self
+            .client
             .send_request(req)
-            .map_err(|e| acc(&req.describe(), e))
+            .map_err(|e| acc(&req.describe(), e));
+        let dt = t0.elapsed().as_secs_f64();
+        self.count(|s| {
+            s.bytes_to_untrusted += n;
+            s.transfer_s += dt;
+        });
+        self.count_layer(req.layer().map(|l| l as usize), |l| {
+            l.bytes_to += n;
+            l.transfer_s += dt;
+        });
+        res
     }
 
-    fn recv(&mut self, what: &str) -> Result<asymml_protocol::Reply, CoreError> {
+    fn recv(
+        &mut self,
+        what: &str,
+        layer: Option<usize>,
+    ) -> Result<asymml_protocol::Reply, CoreError> {
         let t0 = Instant::now();
         let r = self.client.recv_reply().map_err(|e| acc(what, e))?;
-        let dt = t0.elapsed().as_secs_f64();
+        let total = t0.elapsed().as_secs_f64();
+        let decode = self.client.last_decode_s().min(total);
         let n = r
             .tensors()
             .iter()
             .map(|(_, t)| t.payload_bytes() as u64)
             .sum::<u64>();
         self.count(|s| {
-            s.wait_s += dt;
+            s.wait_s += total - decode;
+            s.transfer_s += decode;
             s.bytes_from_untrusted += n;
         });
+        self.count_layer(layer, |l| {
+            l.wait_s += total - decode;
+            l.transfer_s += decode;
+            l.bytes_from += n;
+        });
         Ok(r)
+    }
+
+    /// Adds trusted compute time since `since` (and FLOPs) to conv `id`.
+    fn trusted(&self, id: usize, since: Instant, flops: f64) {
+        let dt = since.elapsed().as_secs_f64();
+        self.count_layer(Some(id), |l| {
+            l.trusted_s += dt;
+            l.trusted_flops += flops;
+        });
     }
 
     /// The merged gradient (∇W, ∇b) of conv `id` as the accelerator holds it (for verification).
@@ -233,7 +301,7 @@ impl<T: Transport> SplitExec<T> {
         let what = format!("FetchGrads(layer {id})");
         self.send(&Request::FetchGrads { layer })?;
         let (w, b) = self
-            .recv(&what)?
+            .recv(&what, Some(id))?
             .into_weights(layer)
             .map_err(|e| acc(&what, e))?;
         let w = w
@@ -296,16 +364,17 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                         from_layer: from as u32,
                         train,
                     })?;
-                    self.tconv.forward(
-                        &conv.weight.value,
-                        conv.stride,
-                        conv.pad,
-                        &self.layers[from].lr,
-                        &mut y_t,
-                    )?;
+                    let t0 = Instant::now();
+                    let lr = &self.layers[from].lr;
+                    let f =
+                        TrustedConv::flops(&conv.weight.value.shape, conv.stride, conv.pad, lr)?;
+                    self.tconv
+                        .forward(&conv.weight.value, conv.stride, conv.pad, lr, &mut y_t)?;
                     self.layers[id].rank = self.layers[from].rank;
+                    self.trusted(id, t0, f);
                 }
                 None => {
+                    let t0 = Instant::now();
                     let st = &mut self.layers[id];
                     let r = decompose_batch(
                         x,
@@ -319,6 +388,8 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                     if self.cfg.nsr > 0.0 {
                         add_noise_batch(x, &mut st.residual, self.cfg.nsr, &mut self.rng)?;
                     }
+                    let (b, n, h, w) = x.nchw("split")?;
+                    self.trusted(id, t0, light_svd_flops(b, n, h * w, r, self.cfg.iters));
                     let req = Request::ConvForward {
                         layer,
                         x_u: declassify_residual(&self.layers[id].residual),
@@ -326,25 +397,34 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                     };
                     self.send(&req)?;
                     // The trusted convolution runs while the accelerator computes its part.
-                    self.tconv.forward(
-                        &conv.weight.value,
-                        conv.stride,
-                        conv.pad,
-                        &self.layers[id].lr,
-                        &mut y_t,
-                    )?;
+                    let t0 = Instant::now();
+                    let lr = &self.layers[id].lr;
+                    let f =
+                        TrustedConv::flops(&conv.weight.value.shape, conv.stride, conv.pad, lr)?;
+                    self.tconv
+                        .forward(&conv.weight.value, conv.stride, conv.pad, lr, &mut y_t)?;
+                    self.trusted(id, t0, f);
                     self.last_input = Some((id, input_key.0, input_key.1.clone()));
                 }
             }
             self.layers[id].used_shared = shared.is_some();
             let what = format!("ConvForward(layer {id})");
             let y_u = self
-                .recv(&what)?
+                .recv(&what, Some(id))?
                 .into_conv_output(layer)
                 .map_err(|e| acc(&what, e))?;
+            let t0 = Instant::now();
             y_u.copy_into_checked(&out_shape, y)
                 .map_err(|e| acc(&what, e))?;
             y.data.iter_mut().zip(&y_t.data).for_each(|(a, b)| *a += b);
+            let full = 2.0 * conv.macs(&x.shape) as f64;
+            let (rank, name) = (self.layers[id].rank, self.layers[id].name.clone());
+            self.trusted(id, t0, 0.0);
+            self.count_layer(Some(id), |l| {
+                l.untrusted_flops += full;
+                l.rank = rank;
+                l.name.clone_from(&name);
+            });
             Ok(())
         })();
         self.layers[id].y_t = y_t;
@@ -372,11 +452,13 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                 dy: declassify_output_grad(dy),
                 need_dx: dx.is_some(),
             })?;
+            let t0 = Instant::now();
             let st = &self.layers[id];
             let lr = match (st.used_shared, st.shared_from) {
                 (true, Some(from)) => &self.layers[from].lr,
                 _ => &st.lr,
             };
+            let f = TrustedConv::flops(&conv.weight.value.shape, conv.stride, conv.pad, lr)?;
             self.tconv.weight_grad(
                 &conv.weight.value.shape,
                 conv.stride,
@@ -385,9 +467,13 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                 dy,
                 &mut dw_t,
             )?;
+            self.trusted(id, t0, f);
+            let passes = if dx.is_some() { 2.0 } else { 1.0 };
+            let full = passes * 2.0 * conv.macs(&x.shape) as f64;
+            self.count_layer(Some(id), |l| l.untrusted_flops += full);
             let what = format!("ConvBackward(layer {id})");
             let got = self
-                .recv(&what)?
+                .recv(&what, Some(id))?
                 .into_input_grad(layer)
                 .map_err(|e| acc(&what, e))?;
             match (dx, got) {
@@ -414,7 +500,9 @@ impl<T: Transport> ConvExec for SplitExec<T> {
             };
             self.send(&req)?;
             let what = format!("WeightGradPart(layer {id})");
-            self.recv(&what)?.into_ok().map_err(|e| acc(&what, e))?;
+            self.recv(&what, Some(id))?
+                .into_ok()
+                .map_err(|e| acc(&what, e))?;
             Ok(())
         })();
         self.layers[id].dw_t = dw_t;
@@ -427,7 +515,9 @@ impl<T: Transport> ConvExec for SplitExec<T> {
 
     fn step(&mut self, lr: f32, net: &mut Net) -> Result<(), CoreError> {
         self.send(&Request::Step { lr })?;
-        self.recv("Step")?.into_ok().map_err(|e| acc("Step", e))?;
+        self.recv("Step", None)?
+            .into_ok()
+            .map_err(|e| acc("Step", e))?;
         // Refresh the trusted copies of the (public) conv weights, which the trusted convolution uses.
         let mut ids = Vec::new();
         net.visit_convs(&mut |_, c| ids.push(c.id));
@@ -437,7 +527,7 @@ impl<T: Transport> ConvExec for SplitExec<T> {
             let what = format!("FetchWeights(layer {id})");
             self.send(&Request::FetchWeights { layer })?;
             let (w, b) = self
-                .recv(&what)?
+                .recv(&what, Some(id))?
                 .into_weights(layer)
                 .map_err(|e| acc(&what, e))?;
             fetched.push((id, w, b, what));

@@ -138,6 +138,7 @@ impl CpuBackend {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("accel-{i}"))
+            .start_handler(|_| crate::thread_started())
             .build()
             .map_err(|e| BackendError::Pool(e.to_string()))?;
         Ok(CpuBackend {

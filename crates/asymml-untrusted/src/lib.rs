@@ -16,3 +16,18 @@ pub use backend::{BackendError, ConvBackend, ConvLayer, CpuBackend, DeviceStats}
 pub use cuda::CudaBackend;
 pub use device::{open_backend, Device};
 pub use service::Service;
+
+static THREAD_START: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Registers a function that every worker thread of an accelerator's pools calls when it starts (the CLI
+/// uses it to count the accelerator's memory apart from the trusted runtime's). The first call wins.
+pub fn on_thread_start(f: fn()) {
+    let _ = THREAD_START.set(f);
+}
+
+/// Called by each pool thread as it starts.
+pub(crate) fn thread_started() {
+    if let Some(f) = THREAD_START.get() {
+        f();
+    }
+}

@@ -57,6 +57,7 @@ impl Service {
         let pool_threads = if device == Device::Cpu { threads } else { 1 };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(pool_threads)
+            .start_handler(|_| crate::thread_started())
             .build()
             .map_err(|e| BackendError::Pool(e.to_string()))?;
         Ok(Service {

@@ -6,12 +6,45 @@ use anyhow::{bail, Context, Result};
 use asymml_protocol::{connect, Address, Listener, Transport, TransportOptions};
 use asymml_untrusted::{Device, DeviceStats, Service};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A running accelerator; dropping it stops a child process.
 pub struct AcceleratorHandle {
     child: Option<Child>,
     socket: Option<std::path::PathBuf>,
+    times: Option<Arc<Mutex<ServiceTimes>>>,
+}
+
+/// The in-process accelerator's compute time: every request's handling, in all and per conv layer.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceTimes {
+    pub total_s: f64,
+    pub per_layer_s: Vec<f64>,
+}
+
+impl ServiceTimes {
+    /// Seconds spent on requests about conv `layer`.
+    pub fn layer_s(&self, layer: usize) -> f64 {
+        self.per_layer_s.get(layer).copied().unwrap_or(0.0)
+    }
+
+    fn add(&mut self, layer: Option<u32>, s: f64) {
+        self.total_s += s;
+        if let Some(l) = layer.map(|l| l as usize) {
+            if self.per_layer_s.len() <= l {
+                self.per_layer_s.resize(l + 1, 0.0);
+            }
+            self.per_layer_s[l] += s;
+        }
+    }
+}
+
+impl AcceleratorHandle {
+    /// The compute-time counters of an in-process accelerator (`None` for a child process or a server).
+    pub fn times(&self) -> Option<Arc<Mutex<ServiceTimes>>> {
+        self.times.clone()
+    }
 }
 
 impl Drop for AcceleratorHandle {
@@ -62,9 +95,13 @@ pub fn start(
             // The service is created on its own thread (a CUDA backend stays on the thread that made it); the
             // thread reports whether it could open its device.
             let (tx, rx) = std::sync::mpsc::sync_channel::<std::result::Result<(), String>>(1);
+            let times = Arc::new(Mutex::new(ServiceTimes::default()));
+            let counters = times.clone();
+            asymml_untrusted::on_thread_start(crate::alloc::enter_accelerator);
             std::thread::Builder::new()
                 .name("accelerator".into())
                 .spawn(move || {
+                    crate::alloc::enter_accelerator();
                     let mut service = match Service::with_device(device, threads) {
                         Ok(s) => {
                             let _ = tx.send(Ok(()));
@@ -75,7 +112,16 @@ pub fn start(
                             return;
                         }
                     };
-                    if let Err(e) = service.serve(server) {
+                    let served = asymml_protocol::serve(server, &mut |req| {
+                        let layer = req.layer();
+                        let t0 = Instant::now();
+                        let reply = service.handle(req);
+                        if let Ok(mut t) = counters.lock() {
+                            t.add(layer, t0.elapsed().as_secs_f64());
+                        }
+                        reply
+                    });
+                    if let Err(e) = served {
                         eprintln!("accelerator: {e}");
                     }
                     if let Some(st) = service.stats() {
@@ -95,6 +141,7 @@ pub fn start(
                 AcceleratorHandle {
                     child: None,
                     socket: None,
+                    times: Some(times),
                 },
             ))
         }
@@ -117,6 +164,7 @@ pub fn start(
             let mut handle = AcceleratorHandle {
                 child: Some(child),
                 socket: Some(sock.clone()),
+                times: None,
             };
             let addr = Address::Unix(sock);
             let t0 = Instant::now();
@@ -157,6 +205,7 @@ pub fn start(
                 AcceleratorHandle {
                     child: None,
                     socket: None,
+                    times: None,
                 },
             ))
         }

@@ -1,5 +1,6 @@
-//! `asymml bench`: forward and training-step times of VGG/ResNet models, the conv kernels' GFLOP/s, and the
-//! ratio to PyTorch's times measured by `tools/bench_torch.py` on the same machine and thread count.
+//! `asymml bench`: step times of VGG/ResNet models in trusted-only, split and untrusted-only mode, where the
+//! time goes (the trusted runtime, the accelerator, the boundary), FLOPs, bytes, peak memory, a per-layer
+//! breakdown, and the ratio to PyTorch's times measured by `tools/bench_torch.py` on the same machine.
 
 use crate::cli::BenchArgs;
 use crate::common;
@@ -11,6 +12,7 @@ use asymml_core::rng::Rng;
 use asymml_core::Tensor;
 use asymml_trusted::{Mode, Session, TrainConfig};
 use serde::Serialize;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -64,35 +66,75 @@ impl ConvExec for TimedLocal {
     }
 }
 
-/// Timings of one model in one mode.
-#[derive(Serialize, Debug)]
+/// One conv layer's share of a split step (means per step).
+#[derive(Serialize, Debug, Clone, Default)]
+pub struct LayerRow {
+    pub layer: usize,
+    pub name: String,
+    pub rank: usize,
+    pub trusted_s: f64,
+    pub untrusted_s: Option<f64>,
+    pub transfer_s: f64,
+    pub wait_s: f64,
+    pub bytes_to_untrusted: f64,
+    pub bytes_from_untrusted: f64,
+    pub trusted_flops: f64,
+    pub untrusted_flops: f64,
+}
+
+/// Timings of one model, phase, mode and rank policy.
+#[derive(Serialize, Debug, Clone)]
 pub struct BenchResult {
     pub model: String,
+    /// `infer` (a forward pass in evaluation mode) or `train` (forward, loss, backward, optimizer step).
+    pub phase: String,
     pub mode: String,
-    /// The split's rank policy (empty for trusted-only).
+    /// The split's rank policy (empty otherwise).
     pub rank: String,
     pub batch: usize,
     pub input_size: usize,
-    pub threads: usize,
-    pub forward_ms_median: f64,
-    pub forward_ms_min: f64,
-    pub train_ms_median: f64,
-    pub train_ms_min: f64,
-    /// The trusted runtime's own time (wall time less the time spent waiting for the accelerator).
-    pub trusted_forward_ms_median: f64,
-    pub trusted_train_ms_median: f64,
-    /// Conv kernels' GFLOP/s (trusted-only, where every conv runs here).
-    pub conv_gflops_forward: Option<f64>,
-    pub conv_gflops_train: Option<f64>,
-    /// Tensor bytes per sample sent to / received from the accelerator in one training step.
-    pub train_bytes_to_untrusted_per_sample: f64,
-    pub train_bytes_from_untrusted_per_sample: f64,
-    /// PyTorch's median time divided by ours (> 1: we are faster), when --torch is given.
-    pub torch_forward_ratio: Option<f64>,
-    pub torch_train_ratio: Option<f64>,
+    pub trusted_threads: usize,
+    pub accelerator_threads: Option<usize>,
+    /// Wall time per step: median and minimum.
+    pub median_s: f64,
+    pub min_s: f64,
+    /// The trusted runtime's own time per step (median): wall time less the time blocked on the accelerator.
+    pub trusted_s: f64,
+    /// The accelerator's compute time per step (median; in-process accelerator only).
+    pub untrusted_s: Option<f64>,
+    /// Encoding, sending and decoding messages per step (part of `trusted_s`).
+    pub transfer_s: f64,
+    /// Blocked waiting for the accelerator per step.
+    pub wait_s: f64,
+    pub bytes_to_untrusted: f64,
+    pub bytes_from_untrusted: f64,
+    /// Convolution FLOPs per step on each side: all convs in trusted-only; the lightweight SVD and Conv_T
+    /// (trusted) and the convs of X_U (untrusted) in split; all convs on the accelerator in untrusted-only.
+    pub trusted_flops: f64,
+    pub untrusted_flops: f64,
+    /// Peak heap bytes of the trusted runtime and of the in-process accelerator during the run.
+    pub trusted_peak_bytes: Option<u64>,
+    pub accelerator_peak_bytes: Option<u64>,
+    /// Conv kernels' GFLOP/s (trusted-only).
+    pub conv_gflops: Option<f64>,
+    /// Split: trusted-only's trusted time over this one's (the paper's speedup of the TEE), trusted-only's
+    /// wall time over this one's, and this wall time over untrusted-only's.
+    pub trusted_speedup: Option<f64>,
+    pub wall_speedup: Option<f64>,
+    pub slowdown_vs_untrusted_only: Option<f64>,
+    /// Split: trusted-only's conv FLOPs over this one's trusted FLOPs (the bound on `trusted_speedup` from
+    /// arithmetic alone).
+    pub flop_bound: Option<f64>,
+    /// PyTorch's median time divided by ours (> 1: we are faster), trusted-only with --torch.
+    pub torch_ratio: Option<f64>,
+    /// Split: per conv layer.
+    pub layers: Vec<LayerRow>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     if n % 2 == 1 {
@@ -103,7 +145,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 /// PyTorch's medians (ms) per model name from tools/bench_torch.py --json.
-fn torch_times(path: &std::path::Path) -> Result<Vec<(String, f64, f64)>> {
+fn torch_times(path: &Path) -> Result<Vec<(String, f64, f64)>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let v: serde_json::Value = serde_json::from_str(&text)
@@ -121,12 +163,39 @@ fn torch_times(path: &std::path::Path) -> Result<Vec<(String, f64, f64)>> {
         .collect())
 }
 
-/// What one timed phase measured.
-struct Phase {
-    wall_ms: Vec<f64>,
-    trusted_ms: Vec<f64>,
-    gflops: Option<f64>,
-    bytes: (f64, f64),
+/// Counters read before and after each step.
+#[derive(Clone, Default)]
+struct Snapshot {
+    conv: (f64, f64),
+    split: asymml_trusted::split::SplitStats,
+    remote_wait: f64,
+    accel: Option<crate::accelerator::ServiceTimes>,
+}
+
+/// Per-step differences of the layer counters, summed over the timed steps.
+fn add_layers(sum: &mut Vec<LayerRow>, before: &Snapshot, after: &Snapshot) {
+    let layers = &after.split.layers;
+    if sum.len() < layers.len() {
+        sum.resize_with(layers.len(), LayerRow::default);
+    }
+    for (i, l) in layers.iter().enumerate() {
+        let b = before.split.layers.get(i).cloned().unwrap_or_default();
+        let row = &mut sum[i];
+        row.layer = i;
+        row.name.clone_from(&l.name);
+        row.rank = l.rank;
+        row.trusted_s += l.trusted_s - b.trusted_s;
+        row.transfer_s += l.transfer_s - b.transfer_s;
+        row.wait_s += l.wait_s - b.wait_s;
+        row.bytes_to_untrusted += (l.bytes_to - b.bytes_to) as f64;
+        row.bytes_from_untrusted += (l.bytes_from - b.bytes_from) as f64;
+        row.trusted_flops += l.trusted_flops - b.trusted_flops;
+        row.untrusted_flops += l.untrusted_flops - b.untrusted_flops;
+        if let (Some(ta), Some(tb)) = (&after.accel, &before.accel) {
+            let d = ta.layer_s(i) - tb.layer_s(i);
+            row.untrusted_s = Some(row.untrusted_s.unwrap_or(0.0) + d);
+        }
+    }
 }
 
 /// Runs `asymml bench`.
@@ -140,10 +209,40 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .iter()
         .map(|m| m.parse())
         .collect::<Result<_, _>>()?;
+    let phases: Vec<bool> = a
+        .phase
+        .iter()
+        .map(|p| match p.as_str() {
+            "infer" => Ok(false),
+            "train" => Ok(true),
+            other => bail!("--phase: unknown phase '{other}' (infer or train)"),
+        })
+        .collect::<Result<_>>()?;
+    let ranks: Vec<String> = a
+        .split
+        .rank
+        .split(',')
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty())
+        .collect();
+    for r in &ranks {
+        r.parse::<asymml_core::decomp::RankPolicy>()
+            .map_err(|e| anyhow::anyhow!("--rank: {e}"))?;
+    }
     let torch = a.torch.as_deref().map(torch_times).transpose()?;
-    let mut results = Vec::new();
+    let accel_threads = a.split.accelerator_threads.unwrap_or(threads);
+    // (mode, rank) pairs: one per rank policy in split mode.
+    let mut runs: Vec<(Mode, String)> = Vec::new();
+    for &m in &modes {
+        if m == Mode::Split {
+            runs.extend(ranks.iter().map(|r| (m, r.clone())));
+        } else {
+            runs.push((m, String::new()));
+        }
+    }
+    let mut results: Vec<BenchResult> = Vec::new();
     let pb = common::progress(
-        (a.models.len() * modes.len() * 2 * (a.warmup + a.steps)) as u64,
+        (a.models.len() * runs.len() * phases.len() * (a.warmup + a.steps)) as u64,
         "bench",
         a.json,
     );
@@ -160,39 +259,56 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 .collect(),
         };
         let labels: Vec<usize> = (0..a.batch_size).map(|i| i % a.classes).collect();
-        for &mode in &modes {
-            let config = TrainConfig {
-                optimizer: OptimizerKind::Sgd {
-                    momentum: 0.9,
-                    nesterov: false,
-                },
-                lr: 1e-3,
-                weight_decay: 5e-4,
-                schedule: LrSchedule::Constant,
-            };
-            let mut s = Session::new(spec.build(1)?, config, mode);
-            let _accel = common::attach_accelerator(&mut s, &a.split, threads, 1)?;
-            let split_stats = s.split_stats();
-            let measure = |train: bool, s: &mut Session| -> Result<Phase> {
+        for &train in &phases {
+            for (mode, rank) in &runs {
+                let mode = *mode;
+                pb.set_message(format!(
+                    "{} {} {mode} {rank}",
+                    spec.name(),
+                    if train { "train" } else { "infer" }
+                ));
+                let config = TrainConfig {
+                    optimizer: OptimizerKind::Sgd {
+                        momentum: 0.9,
+                        nesterov: false,
+                    },
+                    lr: 1e-3,
+                    weight_decay: 5e-4,
+                    schedule: LrSchedule::Constant,
+                };
+                crate::alloc::reset_peak();
+                let mut s = Session::new(spec.build(1)?, config, mode);
+                let mut split = a.split.clone();
+                split.rank = if rank.is_empty() {
+                    "schedule".into()
+                } else {
+                    rank.clone()
+                };
+                let accel = common::attach_accelerator(&mut s, &split, threads, 1)?;
+                let accel_times = accel.as_ref().and_then(|h| h.times());
+                let split_stats = s.split_stats();
                 let timer = TimedLocal::default();
                 if mode == Mode::TrustedOnly {
                     s.set_exec(Box::new(timer.clone()));
                 }
-                let read = || {
-                    split_stats
+                let read = |s: &Session| Snapshot {
+                    conv: timer.get(),
+                    split: split_stats
                         .as_ref()
                         .and_then(|st| st.lock().ok().map(|v| v.clone()))
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    remote_wait: s.remote_wait_s().unwrap_or(0.0),
+                    accel: accel_times
+                        .as_ref()
+                        .and_then(|t| t.lock().ok().map(|v| v.clone())),
                 };
-                let mut p = Phase {
-                    wall_ms: Vec::new(),
-                    trusted_ms: Vec::new(),
-                    gflops: None,
-                    bytes: (0.0, 0.0),
-                };
+                let (mut wall, mut trusted, mut untrusted) = (Vec::new(), Vec::new(), Vec::new());
+                let (mut transfer, mut wait) = (Vec::new(), Vec::new());
                 let (mut conv_s, mut conv_f) = (0.0, 0.0);
+                let (mut bytes, mut flops) = ((0.0, 0.0), (0.0, 0.0));
+                let mut layers: Vec<LayerRow> = Vec::new();
                 for i in 0..a.warmup + a.steps {
-                    let (before, sb, rb) = (timer.get(), read(), s.remote_wait_s().unwrap_or(0.0));
+                    let before = read(&s);
                     let t = Instant::now();
                     if train {
                         s.train_step(&x, &labels, 0, i)?;
@@ -200,118 +316,245 @@ pub fn run(a: BenchArgs) -> Result<()> {
                         s.predict(&x)?;
                     }
                     let dt = t.elapsed().as_secs_f64();
-                    let (after, sa, ra) = (timer.get(), read(), s.remote_wait_s().unwrap_or(0.0));
-                    if i >= a.warmup {
-                        p.wall_ms.push(dt * 1e3);
-                        p.trusted_ms
-                            .push((dt - (sa.wait_s - sb.wait_s) - (ra - rb)) * 1e3);
-                        conv_s += after.0 - before.0;
-                        conv_f += after.1 - before.1;
-                        let per = a.batch_size as f64;
-                        p.bytes = (
-                            (sa.bytes_to_untrusted - sb.bytes_to_untrusted) as f64 / per,
-                            (sa.bytes_from_untrusted - sb.bytes_from_untrusted) as f64 / per,
-                        );
-                    }
+                    let after = read(&s);
                     pb.inc(1);
+                    if i < a.warmup {
+                        continue;
+                    }
+                    let w = (after.split.wait_s - before.split.wait_s)
+                        + (after.remote_wait - before.remote_wait);
+                    wall.push(dt);
+                    trusted.push(dt - w);
+                    wait.push(w);
+                    transfer.push(after.split.transfer_s - before.split.transfer_s);
+                    if let (Some(ta), Some(tb)) = (&after.accel, &before.accel) {
+                        untrusted.push(ta.total_s - tb.total_s);
+                    }
+                    conv_s += after.conv.0 - before.conv.0;
+                    conv_f += after.conv.1 - before.conv.1;
+                    bytes = (
+                        (after.split.bytes_to_untrusted - before.split.bytes_to_untrusted) as f64,
+                        (after.split.bytes_from_untrusted - before.split.bytes_from_untrusted)
+                            as f64,
+                    );
+                    let lf = |snap: &Snapshot| {
+                        snap.split.layers.iter().fold((0.0, 0.0), |acc, l| {
+                            (acc.0 + l.trusted_flops, acc.1 + l.untrusted_flops)
+                        })
+                    };
+                    let (fa, fb) = (lf(&after), lf(&before));
+                    flops = (fa.0 - fb.0, fa.1 - fb.1);
+                    if mode == Mode::UntrustedOnly {
+                        // Every conv on the accelerator: forward, and in training ∇W and ∇X.
+                        let f = 2.0 * s.net.conv_macs(a.batch_size) as f64;
+                        flops.1 = if train { 3.0 * f } else { f };
+                    }
+                    add_layers(&mut layers, &before, &after);
                 }
-                if conv_s > 0.0 {
-                    p.gflops = Some(conv_f / conv_s / 1e9);
+                let steps = a.steps as f64;
+                for l in &mut layers {
+                    l.trusted_s /= steps;
+                    l.transfer_s /= steps;
+                    l.wait_s /= steps;
+                    l.bytes_to_untrusted /= steps;
+                    l.bytes_from_untrusted /= steps;
+                    l.trusted_flops /= steps;
+                    l.untrusted_flops /= steps;
+                    l.untrusted_s = l.untrusted_s.map(|v| v / steps);
                 }
-                Ok(p)
-            };
-            let mut fwd = measure(false, &mut s)?;
-            let mut trn = measure(true, &mut s)?;
-            let canonical = spec.name();
-            let theirs = torch.as_ref().and_then(|t| {
-                t.iter()
-                    .find(|(m, _, _)| {
-                        *m == canonical || (*m == *name && spec.style == Style::Cifar)
-                    })
-                    .map(|(_, f, tr)| (*f, *tr))
-            });
-            let (fm, tm) = (median(&mut fwd.wall_ms), median(&mut trn.wall_ms));
-            let min = |v: &[f64]| v.iter().cloned().fold(f64::INFINITY, f64::min);
-            results.push(BenchResult {
-                model: canonical,
-                mode: mode.to_string(),
-                rank: if mode == Mode::Split {
-                    a.split.rank.clone()
-                } else {
-                    String::new()
-                },
-                batch: a.batch_size,
-                input_size: size,
-                threads,
-                forward_ms_median: fm,
-                forward_ms_min: min(&fwd.wall_ms),
-                train_ms_median: tm,
-                train_ms_min: min(&trn.wall_ms),
-                trusted_forward_ms_median: median(&mut fwd.trusted_ms),
-                trusted_train_ms_median: median(&mut trn.trusted_ms),
-                conv_gflops_forward: fwd.gflops,
-                conv_gflops_train: trn.gflops,
-                train_bytes_to_untrusted_per_sample: trn.bytes.0,
-                train_bytes_from_untrusted_per_sample: trn.bytes.1,
-                torch_forward_ratio: theirs
-                    .filter(|_| mode == Mode::TrustedOnly)
-                    .map(|(f, _)| f / fm),
-                torch_train_ratio: theirs
-                    .filter(|_| mode == Mode::TrustedOnly)
-                    .map(|(_, t)| t / tm),
-            });
+                if mode == Mode::TrustedOnly {
+                    flops = (conv_f / steps, 0.0);
+                }
+                let installed = crate::alloc::installed();
+                let peak_t = crate::alloc::peak(crate::alloc::Domain::Trusted) as u64;
+                let peak_a = crate::alloc::peak(crate::alloc::Domain::Accelerator) as u64;
+                drop(s);
+                drop(accel);
+                let canonical = spec.name();
+                let theirs = torch.as_ref().and_then(|t| {
+                    t.iter()
+                        .find(|(m, _, _)| {
+                            *m == canonical || (*m == *name && spec.style == Style::Cifar)
+                        })
+                        .map(|(_, f, tr)| if train { *tr } else { *f })
+                });
+                let med = median(&mut wall.clone());
+                results.push(BenchResult {
+                    model: canonical,
+                    phase: if train { "train" } else { "infer" }.into(),
+                    mode: mode.to_string(),
+                    rank: rank.clone(),
+                    batch: a.batch_size,
+                    input_size: size,
+                    trusted_threads: threads,
+                    accelerator_threads: (mode != Mode::TrustedOnly).then_some(accel_threads),
+                    median_s: med,
+                    min_s: wall.iter().cloned().fold(f64::INFINITY, f64::min),
+                    trusted_s: median(&mut trusted),
+                    untrusted_s: (!untrusted.is_empty()).then(|| median(&mut untrusted)),
+                    transfer_s: median(&mut transfer),
+                    wait_s: median(&mut wait),
+                    bytes_to_untrusted: bytes.0,
+                    bytes_from_untrusted: bytes.1,
+                    trusted_flops: flops.0,
+                    untrusted_flops: flops.1,
+                    trusted_peak_bytes: installed.then_some(peak_t),
+                    accelerator_peak_bytes: (installed
+                        && mode != Mode::TrustedOnly
+                        && a.split.accelerator == "inproc")
+                        .then_some(peak_a),
+                    conv_gflops: (conv_s > 0.0).then(|| conv_f / conv_s / 1e9),
+                    trusted_speedup: None,
+                    wall_speedup: None,
+                    slowdown_vs_untrusted_only: None,
+                    flop_bound: None,
+                    torch_ratio: theirs
+                        .filter(|_| mode == Mode::TrustedOnly)
+                        .map(|t| t / 1e3 / med),
+                    layers,
+                });
+            }
         }
     }
     pb.finish_and_clear();
+    relate(&mut results);
+    if let Some(out) = &a.out {
+        write_outputs(out, &results)?;
+    }
     if a.json {
-        println!(
-            "{}",
-            serde_json::json!({ "threads": threads, "results": results })
-        );
+        println!("{}", serde_json::json!({ "results": results }));
         return Ok(());
     }
+    print_table(&results);
+    Ok(())
+}
+
+/// Fills the split rows' ratios against the trusted-only and untrusted-only rows of the same model and phase.
+fn relate(results: &mut [BenchResult]) {
+    let find = |rs: &[BenchResult], model: &str, phase: &str, mode: &str| {
+        rs.iter()
+            .find(|r| r.model == model && r.phase == phase && r.mode == mode)
+            .map(|r| (r.trusted_s, r.median_s, r.trusted_flops))
+    };
+    let snapshot = results.to_vec();
+    for r in results.iter_mut().filter(|r| r.mode == "split") {
+        if let Some((t, w, f)) = find(&snapshot, &r.model, &r.phase, "trusted-only") {
+            r.trusted_speedup = Some(t / r.trusted_s);
+            r.wall_speedup = Some(w / r.median_s);
+            r.flop_bound = (r.trusted_flops > 0.0).then(|| f / r.trusted_flops);
+        }
+        if let Some((_, w, _)) = find(&snapshot, &r.model, &r.phase, "untrusted-only") {
+            r.slowdown_vs_untrusted_only = Some(r.median_s / w);
+        }
+    }
+}
+
+/// bench.json, and one stacked-bar PNG per split row: trusted compute, untrusted compute and transfer per layer.
+fn write_outputs(out: &Path, results: &[BenchResult]) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let text = serde_json::to_string_pretty(&serde_json::json!({ "results": results }))?;
+    asymml_core::weights::write_atomic(&out.join("bench.json"), text.as_bytes())?;
+    for r in results.iter().filter(|r| !r.layers.is_empty()) {
+        let cats: Vec<String> = r
+            .layers
+            .iter()
+            .map(|l| format!("{} (r={})", l.layer, l.rank))
+            .collect();
+        let ms = |f: &dyn Fn(&LayerRow) -> f64| r.layers.iter().map(f).collect::<Vec<f64>>();
+        let mut series = vec![(
+            "trusted compute".to_string(),
+            ms(&|l| (l.trusted_s - l.transfer_s).max(0.0) * 1e3),
+        )];
+        if r.layers.iter().any(|l| l.untrusted_s.is_some()) {
+            series.push((
+                "untrusted compute".to_string(),
+                ms(&|l| l.untrusted_s.unwrap_or(0.0) * 1e3),
+            ));
+        }
+        series.push((
+            "transfer (encode/decode)".to_string(),
+            ms(&|l| l.transfer_s * 1e3),
+        ));
+        let file = format!(
+            "layers_{}_{}_{}.png",
+            r.model,
+            r.phase,
+            r.rank.replace([':', '.'], "_")
+        );
+        crate::plot::stacked_bars(
+            &out.join(file),
+            &format!(
+                "{} {} split ({}), batch {}: time per conv layer",
+                r.model, r.phase, r.rank, r.batch
+            ),
+            &cats,
+            &series,
+            "ms per step",
+        )?;
+    }
+    Ok(())
+}
+
+fn print_table(results: &[BenchResult]) {
     println!(
-        "{:<18} {:<13} {:>6} {:>10} {:>11} {:>10} {:>11} {:>9} {:>9} {:>12} {:>12}",
+        "{:<20} {:<6} {:<22} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}",
         "model",
+        "phase",
         "mode",
-        "batch",
-        "fwd ms",
-        "trusted fwd",
-        "train ms",
-        "trusted trn",
-        "GF/s fwd",
-        "GF/s trn",
-        "B/sample →",
-        "B/sample ←"
+        "median ms",
+        "trusted",
+        "untrust.",
+        "transfer",
+        "MB →",
+        "T GFLOP",
+        "U GFLOP",
+        "T peak MB",
+        "A peak MB"
     );
-    let opt = |v: Option<f64>| v.map_or("-".to_string(), |g| format!("{g:.1}"));
-    for r in &results {
+    let mb = |v: Option<u64>| v.map_or("-".into(), |b| format!("{:.0}", b as f64 / 1e6));
+    let ms = |v: Option<f64>| v.map_or("-".into(), |s| format!("{:.1}", s * 1e3));
+    for r in results {
         let mode = if r.rank.is_empty() {
             r.mode.clone()
         } else {
             format!("{} {}", r.mode, r.rank)
         };
         println!(
-            "{:<18} {:<13} {:>6} {:>10.1} {:>11.1} {:>10.1} {:>11.1} {:>9} {:>9} {:>12.0} {:>12.0}",
+            "{:<20} {:<6} {:<22} {:>9.1} {:>9.1} {:>9} {:>9.1} {:>8.1} {:>9.2} {:>9.2} {:>9} {:>9}",
             r.model,
+            r.phase,
             mode,
-            r.batch,
-            r.forward_ms_median,
-            r.trusted_forward_ms_median,
-            r.train_ms_median,
-            r.trusted_train_ms_median,
-            opt(r.conv_gflops_forward),
-            opt(r.conv_gflops_train),
-            r.train_bytes_to_untrusted_per_sample,
-            r.train_bytes_from_untrusted_per_sample
+            r.median_s * 1e3,
+            r.trusted_s * 1e3,
+            ms(r.untrusted_s),
+            r.transfer_s * 1e3,
+            r.bytes_to_untrusted / 1e6,
+            r.trusted_flops / 1e9,
+            r.untrusted_flops / 1e9,
+            mb(r.trusted_peak_bytes),
+            mb(r.accelerator_peak_bytes),
         );
-        if let (Some(f), Some(t)) = (r.torch_forward_ratio, r.torch_train_ratio) {
+        if let (Some(ts), Some(fb)) = (r.trusted_speedup, r.flop_bound) {
             println!(
-                "{:<18} speed vs PyTorch (its time / ours): forward {f:.2}×, training step {t:.2}×",
-                ""
+                "{:<20} {:<6} trusted runtime {ts:.2}× faster than trusted-only (FLOP bound {fb:.2}×); wall {}{}",
+                "",
+                "",
+                r.wall_speedup.map_or("-".into(), |w| format!("{w:.2}×")),
+                r.slowdown_vs_untrusted_only
+                    .map_or(String::new(), |s| format!("; {s:.2}× the untrusted-only time")),
             );
         }
+        if let Some(g) = r.conv_gflops {
+            let t = r.torch_ratio.map_or(String::new(), |t| {
+                format!("; speed vs PyTorch (its time / ours) {t:.2}×")
+            });
+            println!("{:<20} {:<6} conv kernels {g:.1} GFLOP/s{t}", "", "");
+        }
     }
-    println!("({threads} trusted thread(s); times are medians)");
-    Ok(())
+    if let Some(r) = results.first() {
+        println!(
+            "(batch {}, {} trusted thread(s); medians over the timed steps)",
+            r.batch, r.trusted_threads
+        );
+    }
 }

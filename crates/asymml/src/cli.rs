@@ -246,9 +246,14 @@ pub struct BenchArgs {
         value_delimiter = ','
     )]
     pub models: Vec<String>,
-    /// Where layers run: trusted-only, split, untrusted-only (comma-separated to time several).
-    #[arg(long, default_value = "trusted-only", value_delimiter = ',')]
+    /// Where layers run: trusted-only, split, untrusted-only (comma-separated to time several). In split mode
+    /// --rank may list several policies (e.g. schedule,asym1,asym2), each timed.
+    #[arg(long, default_value = "trusted-only,split", value_delimiter = ',')]
     pub modes: Vec<String>,
+    /// What to time: infer (a forward pass in evaluation mode), train (forward, loss, backward, optimizer
+    /// step), or both.
+    #[arg(long, default_value = "infer,train", value_delimiter = ',')]
+    pub phase: Vec<String>,
     #[command(flatten)]
     pub split: SplitArgs,
     /// Batch size.
@@ -269,9 +274,12 @@ pub struct BenchArgs {
     /// Untimed warm-up steps.
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
-    /// Worker threads. [default: all cores]
-    #[arg(long)]
+    /// Threads of the trusted runtime. [default: all cores]
+    #[arg(long, visible_alias = "trusted-threads")]
     pub threads: Option<usize>,
+    /// Folder for bench.json and the per-layer stacked-bar PNGs (one per split run).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// PyTorch's numbers from `python3 tools/bench_torch.py --json`, to print speed ratios.
     #[arg(long)]
     pub torch: Option<PathBuf>,

@@ -1,6 +1,7 @@
 //! The `asymml` command-line tool: datasets, commands, reports and plots.
 
 pub mod accelerator;
+pub mod alloc;
 pub mod bench;
 pub mod cli;
 pub mod common;

@@ -3,6 +3,9 @@
 use asymml_cli::cli::{Cli, Command};
 use clap::Parser;
 
+#[global_allocator]
+static ALLOC: asymml_cli::alloc::Counting = asymml_cli::alloc::Counting;
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {

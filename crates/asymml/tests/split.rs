@@ -254,46 +254,77 @@ fn killing_the_accelerator_mid_training_is_a_clear_error_and_resume_continues() 
 }
 
 #[test]
-fn bench_times_both_modes_and_counts_the_bytes() {
-    // ResNet inference in split mode exercises the shortcut conv's shared residual.
+fn bench_times_every_mode_and_policy_with_flops_bytes_memory_and_layers() {
+    // ResNet in split mode exercises the shortcut conv's shared residual.
+    let out = tempfile::tempdir().unwrap();
     let o = asymml(&[
         "bench",
         "--models",
         "resnet18-cifar",
         "--modes",
-        "trusted-only,split",
+        "trusted-only,split,untrusted-only",
+        "--rank",
+        "schedule,asym2",
         "--batch-size",
         "2",
         "--steps",
         "1",
         "--warmup",
         "0",
-        "--threads",
+        "--trusted-threads",
         "1",
         "--accelerator-threads",
         "1",
         "--json",
+        "--out",
+        out.path().to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let rows = v["results"].as_array().unwrap();
-    assert_eq!(rows.len(), 2);
-    assert_eq!(rows[0]["mode"], "trusted-only");
-    assert_eq!(rows[0]["train_bytes_to_untrusted_per_sample"], 0.0);
-    assert_eq!(rows[1]["mode"], "split");
-    assert!(
-        rows[1]["train_bytes_to_untrusted_per_sample"]
-            .as_f64()
-            .unwrap()
-            > 0.0
-    );
+    // 2 phases × (trusted-only, split schedule, split asym2, untrusted-only).
+    assert_eq!(rows.len(), 8);
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
     for r in rows {
-        assert!(r["train_ms_median"].as_f64().unwrap() > 0.0);
+        assert!(f(r, "median_s") > 0.0 && f(r, "min_s") <= f(r, "median_s"));
+        assert!(f(r, "trusted_s") <= f(r, "median_s") + 1e-9);
         assert!(
-            r["trusted_train_ms_median"].as_f64().unwrap()
-                <= r["train_ms_median"].as_f64().unwrap()
+            f(r, "trusted_peak_bytes") > 0.0,
+            "the counting allocator is installed"
         );
+        match r["mode"].as_str().unwrap() {
+            "trusted-only" => {
+                assert_eq!(f(r, "bytes_to_untrusted"), 0.0);
+                assert!(f(r, "trusted_flops") > 0.0 && f(r, "untrusted_flops") == 0.0);
+                assert!(r["conv_gflops"].as_f64().unwrap() > 0.0);
+            }
+            "split" => {
+                assert!(f(r, "bytes_to_untrusted") > 0.0 && f(r, "bytes_from_untrusted") > 0.0);
+                assert!(f(r, "untrusted_s") > 0.0);
+                assert!(f(r, "accelerator_peak_bytes") > 0.0);
+                // Conv_T + SVD is cheaper than every conv; the accelerator does every conv's work.
+                let bound = f(r, "flop_bound");
+                assert!(bound > 1.0, "{r}");
+                assert!(f(r, "trusted_speedup") > 0.0 && f(r, "slowdown_vs_untrusted_only") > 0.0);
+                let layers = r["layers"].as_array().unwrap();
+                assert_eq!(layers.len(), 20, "resnet18 has 20 convs");
+                let sum: f64 = layers.iter().map(|l| f(l, "trusted_flops")).sum();
+                assert!((sum - f(r, "trusted_flops")).abs() <= 1e-6 * sum);
+                assert!(layers.iter().all(|l| l["rank"].as_u64().unwrap() >= 1));
+                let png = format!(
+                    "layers_resnet18-cifar_{}_{}.png",
+                    r["phase"].as_str().unwrap(),
+                    r["rank"].as_str().unwrap()
+                );
+                assert!(out.path().join(&png).is_file(), "{png}");
+            }
+            "untrusted-only" => {
+                assert!(f(r, "untrusted_flops") > 0.0 && f(r, "untrusted_s") > 0.0);
+            }
+            m => panic!("unexpected mode {m}"),
+        }
     }
+    assert!(out.path().join("bench.json").is_file());
 }
 
 #[test]

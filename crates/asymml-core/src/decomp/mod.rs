@@ -162,6 +162,14 @@ pub fn decompose_batch(
     Ok(r)
 }
 
+/// Floating-point operations of the lightweight SVD of B samples of N × HW at rank r with `iters` rounds:
+/// the row norms (2·N·HW), then per component and round X·v and Xᵀ·u (4·N·HW), and the deflation with the
+/// norms' refresh (4·N·HW).
+pub fn light_svd_flops(b: usize, n: usize, hw: usize, r: usize, iters: usize) -> f64 {
+    let nhw = (n * hw) as f64;
+    b as f64 * (2.0 * nhw + r as f64 * (4.0 * iters.max(1) as f64 + 4.0) * nhw)
+}
+
 /// RMS √(Σ x² / len) of a slice, accumulated in f64 (0 for an empty one).
 pub fn rms(x: &[f32]) -> f32 {
     if x.is_empty() {

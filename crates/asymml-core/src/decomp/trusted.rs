@@ -99,6 +99,23 @@ impl Geo {
         }
     }
 
+    /// Multiply-adds ×2 of Conv_T for the batch (forward; the weight gradient costs the same).
+    fn flops(&self) -> f64 {
+        let (kk, p) = ((self.k * self.k) as f64, (self.oh * self.ow) as f64);
+        let (m, n, r, hw) = (
+            self.m as f64,
+            self.n as f64,
+            self.r as f64,
+            (self.h * self.w) as f64,
+        );
+        let per = if self.direct() {
+            m * kk * n * p + n * r * hw
+        } else {
+            m * kk * r * (n + p)
+        };
+        2.0 * per * self.b as f64
+    }
+
     fn pointwise(&self) -> bool {
         self.k == 1 && self.s == 1 && self.pad == 0
     }
@@ -144,6 +161,12 @@ impl TrustedConv {
     /// A trusted conv with empty scratch.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Floating-point operations of [`TrustedConv::forward`] (and of [`TrustedConv::weight_grad`], the same)
+    /// for these shapes, on the route it takes.
+    pub fn flops(w_shape: &[usize], stride: usize, pad: usize, lr: &BatchLowRank) -> Result<f64> {
+        Ok(Geo::check(w_shape, stride, pad, lr)?.flops())
     }
 
     /// w: [M, N, k, k], lr: B × (U_b [N × r], V_b [r × H·W]) → y_t: [B, M, OH, OW] = conv(U_b V_b, W) per

@@ -74,6 +74,7 @@ pub fn run(
             noise: nsr,
             accelerator: "inproc".into(),
             accelerator_threads: None,
+            accelerator_device: None,
         };
         let (mut session, _handle) =
             common::make_session(net, config, Mode::Split, &split, threads, a.seed)?;
