@@ -37,6 +37,15 @@ pub fn declassify_residual(x_u: &Tensor) -> WireTensor {
     WireTensor::copy_of(x_u)
 }
 
+/// [`declassify_residual`] taking the buffer instead of copying it (the sender gets it back after sending with
+/// [`WireTensor::reclaim_sent`]).
+pub fn declassify_residual_owned(x_u: Tensor) -> WireTensor {
+    WireTensor {
+        shape: x_u.shape,
+        data: x_u.data,
+    }
+}
+
 /// Declassifies `∇Y`, the gradient of a convolution's output (sent with `ConvBackward`).
 pub fn declassify_output_grad(dy: &Tensor) -> WireTensor {
     WireTensor::copy_of(dy)
@@ -68,7 +77,24 @@ pub fn accelerator_result(t: &Tensor) -> WireTensor {
     WireTensor::copy_of(t)
 }
 
+/// [`accelerator_result`] taking the buffer instead of copying it.
+pub fn accelerator_result_owned(t: Tensor) -> WireTensor {
+    WireTensor {
+        shape: t.shape,
+        data: t.data,
+    }
+}
+
 impl WireTensor {
+    /// The sender takes back the buffer of a tensor it sent (its own data, already encoded), to reuse it.
+    /// Not for received tensors: those go through the checked conversions.
+    pub fn reclaim_sent(self) -> Tensor {
+        Tensor {
+            shape: self.shape,
+            data: self.data,
+        }
+    }
+
     fn copy_of(t: &Tensor) -> Self {
         WireTensor {
             shape: t.shape.clone(),
@@ -154,6 +180,29 @@ impl WireTensor {
         self.check_length_and_values()?;
         out.resize(&self.shape);
         out.data.copy_from_slice(&self.data);
+        Ok(())
+    }
+
+    /// out = self + `addend` (reusing out's allocation) in one pass, after the checks of
+    /// [`into_tensor_checked`](Self::into_tensor_checked); `addend` must have the expected shape too.
+    pub fn add_into_checked(
+        &self,
+        expected_shape: &[usize],
+        addend: &Tensor,
+        out: &mut Tensor,
+    ) -> Result<()> {
+        if self.shape != expected_shape || addend.shape != expected_shape {
+            return Err(ProtocolError::Tensor(format!(
+                "wrong shape: expected {expected_shape:?}, got {:?} (adding to {:?})",
+                self.shape, addend.shape
+            )));
+        }
+        self.check_length_and_values()?;
+        out.resize(&self.shape);
+        out.data
+            .iter_mut()
+            .zip(self.data.iter().zip(&addend.data))
+            .for_each(|(o, (a, b))| *o = a + b);
         Ok(())
     }
 

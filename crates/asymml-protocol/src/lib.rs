@@ -21,8 +21,8 @@ pub use client::{serve, serve_with, Client};
 pub use codec::{decode_message, decode_reply, decode_request, encode_reply, encode_request};
 pub use declassify::{
     accelerator_result, declassify_input_untrusted_only, declassify_logit_grad,
-    declassify_output_grad, declassify_residual, declassify_weight_grad, public_weights,
-    WireTensor,
+    declassify_output_grad, declassify_residual, declassify_residual_owned, declassify_weight_grad,
+    public_weights, WireTensor,
 };
 pub use error::{ProtocolError, Result};
 pub use message::{

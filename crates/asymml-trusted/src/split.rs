@@ -13,8 +13,8 @@ use asymml_core::optim::OptimizerKind;
 use asymml_core::rng::Rng;
 use asymml_core::{CoreError, Tensor};
 use asymml_protocol::{
-    declassify_output_grad, declassify_residual, declassify_weight_grad, public_weights, Client,
-    ConvLayerSpec, OptimizerSpec, ProtocolError, Request, Transport,
+    declassify_output_grad, declassify_residual_owned, declassify_weight_grad, public_weights,
+    Client, ConvLayerSpec, OptimizerSpec, ProtocolError, Request, Transport,
 };
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -390,12 +390,17 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                     }
                     let (b, n, h, w) = x.nchw("split")?;
                     self.trusted(id, t0, light_svd_flops(b, n, h * w, r, self.cfg.iters));
+                    let residual = std::mem::take(&mut self.layers[id].residual);
                     let req = Request::ConvForward {
                         layer,
-                        x_u: declassify_residual(&self.layers[id].residual),
+                        x_u: declassify_residual_owned(residual),
                         train,
                     };
-                    self.send(&req)?;
+                    let sent = self.send(&req);
+                    if let Request::ConvForward { x_u, .. } = req {
+                        self.layers[id].residual = x_u.reclaim_sent();
+                    }
+                    sent?;
                     // The trusted convolution runs while the accelerator computes its part.
                     let t0 = Instant::now();
                     let lr = &self.layers[id].lr;
@@ -414,9 +419,8 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                 .into_conv_output(layer)
                 .map_err(|e| acc(&what, e))?;
             let t0 = Instant::now();
-            y_u.copy_into_checked(&out_shape, y)
+            y_u.add_into_checked(&out_shape, &y_t, y)
                 .map_err(|e| acc(&what, e))?;
-            y.data.iter_mut().zip(&y_t.data).for_each(|(a, b)| *a += b);
             let full = 2.0 * conv.macs(&x.shape) as f64;
             let (rank, name) = (self.layers[id].rank, self.layers[id].name.clone());
             self.trusted(id, t0, 0.0);

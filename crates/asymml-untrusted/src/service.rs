@@ -7,7 +7,7 @@ use crate::device::{open_backend, Device};
 use asymml_core::models::{LocalExec, ModelSpec, Net, StateMut};
 use asymml_core::optim::{Optimizer, OptimizerKind};
 use asymml_core::Tensor;
-use asymml_protocol::declassify::accelerator_result;
+use asymml_protocol::declassify::{accelerator_result, accelerator_result_owned};
 use asymml_protocol::{serve, OptimizerSpec, ProtocolError, Reply, Request, Transport, WireTensor};
 
 /// The service state: the conv backend (split mode), or a whole network with its optimizer (untrusted-only,
@@ -163,7 +163,7 @@ impl Service {
                 let y = self.backend.forward(layer, x, train)?;
                 Reply::ConvOutput {
                     layer,
-                    y_u: accelerator_result(&y),
+                    y_u: accelerator_result_owned(y),
                 }
             }
             Request::ConvForwardShared {
@@ -174,7 +174,7 @@ impl Service {
                 let y = self.backend.forward_shared(layer, from_layer, train)?;
                 Reply::ConvOutput {
                     layer,
-                    y_u: accelerator_result(&y),
+                    y_u: accelerator_result_owned(y),
                 }
             }
             Request::ConvBackward { layer, dy, need_dx } => {
@@ -183,7 +183,7 @@ impl Service {
                 let dx = self.backend.backward(layer, &dy, need_dx)?;
                 Reply::InputGrad {
                     layer,
-                    dx: dx.as_ref().map(accelerator_result),
+                    dx: dx.map(accelerator_result_owned),
                 }
             }
             Request::WeightGradPart { layer, dw_t } => {
