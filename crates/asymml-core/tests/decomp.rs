@@ -5,9 +5,9 @@
 mod common;
 
 use asymml_core::decomp::{
-    add_noise, add_noise_batch, decompose_batch, energy_kept, entropy_rank, exact_low_rank,
-    light_svd, light_svd_energy, light_svd_extend, rank_for_energy, rms, schedule_rank,
-    singular_values, svd_entropy, BatchLowRank, LowRank, RankPolicy, TrustedConv,
+    add_noise, add_noise_batch, decompose_batch, decompose_batch_shared, energy_kept, entropy_rank,
+    exact_low_rank, light_svd, light_svd_energy, light_svd_extend, rank_for_energy, rms,
+    schedule_rank, singular_values, svd_entropy, BatchLowRank, LowRank, RankPolicy, TrustedConv,
 };
 use asymml_core::layers::Conv2d;
 use asymml_core::rng::Rng;
@@ -41,11 +41,32 @@ fn add(a: &Tensor, b: &Tensor) -> Tensor {
 /// Decomposes x with `policy` and checks: r in [1, N], finite factors, X_T + X_U == X, and for every conv
 /// geometry (k 1/3, stride 1/2, pad 0/1) Conv_T + conv(X_U) == conv(X) and ∇W_T + ∇W(X_U) == ∇W(X).
 fn check_split(x: &Tensor, policy: RankPolicy, step: usize, iters: usize, seed: u64) -> usize {
+    check_split_with(x, policy, step, iters, seed, false)
+}
+
+/// [`check_split`] with a per-sample (`shared` false) or per-batch basis.
+fn check_split_with(
+    x: &Tensor,
+    policy: RankPolicy,
+    step: usize,
+    iters: usize,
+    seed: u64,
+    shared: bool,
+) -> usize {
     let (_, n, h, w) = x.nchw("x").unwrap();
-    let what = format!("{policy} step {step} iters {iters} x {:?}", x.shape);
+    let what = format!(
+        "{policy} step {step} iters {iters} shared {shared} x {:?}",
+        x.shape
+    );
     let mut lr = BatchLowRank::default();
     let mut xu = Tensor::default();
-    let r = decompose_batch(x, policy, step, iters, &mut lr, &mut xu).unwrap();
+    let decompose = if shared {
+        decompose_batch_shared
+    } else {
+        decompose_batch
+    };
+    let r = decompose(x, policy, step, iters, &mut lr, &mut xu).unwrap();
+    assert_eq!(lr.shared, shared);
     assert!((1..=n).contains(&r), "{what}: r = {r}");
     assert_eq!(lr.r, r);
     assert_eq!(lr.batch(), x.dim(0));
@@ -98,6 +119,41 @@ fn check_split(x: &Tensor, policy: RankPolicy, step: usize, iters: usize, seed: 
         }
     }
     r
+}
+
+#[test]
+fn shared_basis_split_is_exact_for_every_policy_and_keeps_less_energy() {
+    let mut rng = Rng::new(4);
+    let x = randn(&mut rng, &[3, 8, 6, 6], 1.0);
+    for iters in [1, 2] {
+        for (policy, step) in policies() {
+            check_split_with(&x, policy, step, iters, 20 + step as u64, true);
+        }
+    }
+    // Samples with different dominant directions: one shared basis of rank 2 keeps at most what each
+    // sample's own exact rank-2 basis keeps, and here clearly less.
+    let (n, hw) = (6, 25);
+    let mut data = Vec::new();
+    for b in 0..3 {
+        let spectrum: Vec<f64> = (0..n)
+            .map(|i| if i / 2 == b { 10.0 } else { 0.1 })
+            .collect();
+        data.extend(with_spectrum(&mut rng, n, hw, &spectrum));
+    }
+    let x = Tensor::from_vec(&[3, n, 5, 5], data).unwrap();
+    let (mut lr, mut xu) = (BatchLowRank::default(), Tensor::default());
+    decompose_batch_shared(&x, RankPolicy::Fixed(2), 0, 2, &mut lr, &mut xu).unwrap();
+    let shared = kept(&x.data, &xu.data);
+    let exact: f64 = x
+        .data
+        .chunks(n * hw)
+        .map(|xb| energy_kept(&singular_values(xb, n, hw), 2) * sum_sq(xb))
+        .sum::<f64>()
+        / sum_sq(&x.data);
+    assert!(
+        shared < exact - 0.2,
+        "shared {shared} vs per-sample exact {exact}"
+    );
 }
 
 #[test]

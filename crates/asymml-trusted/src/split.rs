@@ -5,7 +5,8 @@
 //! (kind, layer, shape, finiteness) before it is used.
 
 use asymml_core::decomp::{
-    add_noise_batch, decompose_batch, light_svd_flops, BatchLowRank, RankPolicy, TrustedConv,
+    add_noise_batch, decompose_batch, decompose_batch_shared, light_svd_flops, BatchLowRank,
+    RankPolicy, TrustedConv,
 };
 use asymml_core::layers::Conv2d;
 use asymml_core::models::{ConvExec, Layer, Net};
@@ -28,6 +29,8 @@ pub struct SplitConfig {
     /// Noise-to-signal ratio added to X_U before it leaves (0: none).
     pub nsr: f32,
     pub seed: u64,
+    /// One basis U per batch instead of per sample (see `decompose_batch_shared`).
+    pub shared_basis: bool,
 }
 
 #[derive(Default)]
@@ -376,7 +379,12 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                 None => {
                     let t0 = Instant::now();
                     let st = &mut self.layers[id];
-                    let r = decompose_batch(
+                    let decompose = if self.cfg.shared_basis {
+                        decompose_batch_shared
+                    } else {
+                        decompose_batch
+                    };
+                    let r = decompose(
                         x,
                         self.cfg.policy,
                         st.step,

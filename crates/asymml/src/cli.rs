@@ -49,6 +49,10 @@ pub struct SplitArgs {
     /// Lightweight-SVD iterations per component (1 or 2).
     #[arg(long, default_value_t = 1)]
     pub svd_iters: usize,
+    /// One basis U for the whole batch instead of one per sample: W' = Uᵀ·W is built once per batch, at the
+    /// price of less energy kept trusted at the same rank.
+    #[arg(long)]
+    pub shared_basis: bool,
     /// Noise-to-signal ratio: X_U + N(0, (NSR·rms(X))²) before it leaves the trusted runtime.
     #[arg(long, default_value_t = 0.0)]
     pub noise: f32,
@@ -337,6 +341,9 @@ pub struct PrivacyArgs {
     /// Lightweight-SVD iterations per component (1 or 2), as in training.
     #[arg(long, default_value_t = 1)]
     pub svd_iters: usize,
+    /// Decompose with one basis per batch (as `train --shared-basis`).
+    #[arg(long)]
+    pub shared_basis: bool,
     /// Conv layers whose X_U is measured (comma-separated indices, or `all`).
     #[arg(long, default_value = "all")]
     pub layers: String,

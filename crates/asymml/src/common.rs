@@ -269,5 +269,6 @@ pub fn split_config(
         iters: split.svd_iters,
         nsr: split.noise,
         seed,
+        shared_basis: split.shared_basis,
     })
 }

@@ -36,6 +36,7 @@ fn cfg(policy: &str, nsr: f32) -> SplitConfig {
         iters: 1,
         nsr,
         seed: 1,
+        shared_basis: false,
     }
 }
 

@@ -92,6 +92,32 @@ fn split_equals_trusted_only_over_a_process_and_tcp() {
 }
 
 #[test]
+fn shared_basis_split_equals_trusted_only() {
+    for model in ["vgg16", "resnet18"] {
+        for rank in ["schedule", "asym2", "fixed:3"] {
+            let o = asymml(&[
+                "verify",
+                "--model",
+                model,
+                "--batch",
+                "4",
+                "--rank",
+                rank,
+                "--shared-basis",
+                "--json",
+            ]);
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stderr)));
+            assert_eq!(o.status.code(), Some(0), "{v}");
+            assert!(
+                v["max_rel_err"].as_f64().unwrap() <= 1e-4,
+                "{model} {rank}: {v}"
+            );
+        }
+    }
+}
+
+#[test]
 fn unreachable_accelerator_is_a_clear_error() {
     let o = asymml(&[
         "verify",

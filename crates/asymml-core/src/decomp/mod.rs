@@ -36,6 +36,8 @@ pub struct BatchLowRank {
     pub w: usize,
     pub r: usize,
     pub samples: Vec<LowRank>,
+    /// Every sample has the same U (a basis shared by the batch, see [`decompose_batch_shared`]).
+    pub shared: bool,
 }
 
 impl BatchLowRank {
@@ -94,6 +96,7 @@ pub fn decompose_batch(
     out.h = h;
     out.w = w;
     out.samples.resize_with(b, LowRank::default);
+    out.shared = false;
     let fixed = |r: usize| clamp_rank(r, n);
     let r = if nhw == 0 {
         // Nothing to decompose: zero components of the clamped rank.
@@ -168,6 +171,88 @@ pub fn decompose_batch(
 pub fn light_svd_flops(b: usize, n: usize, hw: usize, r: usize, iters: usize) -> f64 {
     let nhw = (n * hw) as f64;
     b as f64 * (2.0 * nhw + r as f64 * (4.0 * iters.max(1) as f64 + 4.0) * nhw)
+}
+
+/// As [`decompose_batch`], but with one basis U (N × r) for the whole batch: the lightweight SVD of the
+/// N × B·HW matrix [X_1 … X_B] (channels × every pixel of every sample), V_b its columns of sample b. The
+/// trusted convolution then builds W' = Uᵀ·W once per batch instead of once per sample; the basis fits each
+/// sample less well, so it keeps less energy at the same r. r by `policy` on the whole batch's matrix
+/// (`Entropy`: ⌈2^μ⌉ of its exact spectrum).
+pub fn decompose_batch_shared(
+    x: &Tensor,
+    policy: RankPolicy,
+    schedule_step: usize,
+    iters: usize,
+    out: &mut BatchLowRank,
+    residual: &mut Tensor,
+) -> Result<usize> {
+    let (b, n, h, w) = x.nchw("decompose")?;
+    let hw = h * w;
+    if b * n * hw == 0 {
+        out.shared = false;
+        return decompose_batch(x, policy, schedule_step, iters, out, residual);
+    }
+    let bhw = b * hw;
+    // [B, N, HW] → [N, B·HW]
+    let mut all = vec![0f32; n * bhw];
+    all.par_chunks_mut(bhw).enumerate().for_each(|(j, row)| {
+        for s in 0..b {
+            row[s * hw..(s + 1) * hw].copy_from_slice(&x.data[(s * n + j) * hw..][..hw]);
+        }
+    });
+    let mut lr = LowRank::new(n, bhw);
+    let mut res_all = vec![0f32; n * bhw];
+    let r = match policy {
+        RankPolicy::Fixed(r) => clamp_rank(r, n),
+        RankPolicy::Schedule => clamp_rank(schedule_rank(schedule_step), n),
+        RankPolicy::Energy(e) => {
+            if !(e > 0.0 && e <= 1.0) {
+                return Err(CoreError::Invalid(format!(
+                    "decompose: energy fraction {e} is not in (0, 1]"
+                )));
+            }
+            clamp_rank(
+                svd::light_svd_energy_into(&all, n, bhw, e, n, iters, &mut lr, &mut res_all),
+                n,
+            )
+        }
+        RankPolicy::Entropy => clamp_rank(entropy_rank(&singular_values(&all, n, bhw)), n),
+    };
+    if lr.r != r {
+        svd::light_svd_into(&all, n, bhw, r, iters, &mut lr, &mut res_all);
+    }
+    out.n = n;
+    out.h = h;
+    out.w = w;
+    out.r = r;
+    out.shared = true;
+    out.samples.resize_with(b, LowRank::default);
+    for (s, sample) in out.samples.iter_mut().enumerate() {
+        sample.n = n;
+        sample.hw = hw;
+        sample.r = r;
+        sample.u.clear();
+        sample.u.extend_from_slice(&lr.u);
+        sample.v.resize(r * hw, 0.0);
+        for j in 0..r {
+            sample.v[j * hw..(j + 1) * hw].copy_from_slice(&lr.v[j * bhw + s * hw..][..hw]);
+        }
+    }
+    residual.resize(&x.shape);
+    if r == n {
+        residual.data.iter_mut().for_each(|v| *v = 0.0);
+    } else {
+        residual
+            .data
+            .par_chunks_mut(n * hw)
+            .enumerate()
+            .for_each(|(s, rb)| {
+                for j in 0..n {
+                    rb[j * hw..(j + 1) * hw].copy_from_slice(&res_all[j * bhw + s * hw..][..hw]);
+                }
+            });
+    }
+    Ok(r)
 }
 
 /// RMS √(Σ x² / len) of a slice, accumulated in f64 (0 for an empty one).

@@ -49,6 +49,8 @@ struct Geo {
     pad: usize,
     oh: usize,
     ow: usize,
+    /// One U for every sample: W' (and ∇W' → ∇W) mapped once per batch.
+    shared: bool,
 }
 
 impl Geo {
@@ -92,6 +94,7 @@ impl Geo {
                 pad,
                 oh,
                 ow,
+                shared: lr.shared,
             }),
             _ => Err(CoreError::Shape(format!(
                 "trusted conv: input {h}×{w} does not fit a {k}×{k} kernel with stride {stride}, padding {pad}"
@@ -108,12 +111,14 @@ impl Geo {
             self.r as f64,
             (self.h * self.w) as f64,
         );
-        let per = if self.direct() {
-            m * kk * n * p + n * r * hw
+        let b = self.b as f64;
+        2.0 * if self.direct() {
+            b * (m * kk * n * p + n * r * hw)
+        } else if self.shared {
+            b * m * kk * r * p + m * kk * r * n
         } else {
-            m * kk * r * (n + p)
-        };
-        2.0 * per * self.b as f64
+            b * m * kk * r * (n + p)
+        }
     }
 
     fn pointwise(&self) -> bool {
@@ -123,7 +128,13 @@ impl Geo {
     /// True when rebuilding X_T and convolving it with W costs fewer multiply-adds than going through W'.
     fn direct(&self) -> bool {
         let (kk, p) = (self.k * self.k, self.oh * self.ow);
-        let through_v = self.m * kk * self.r * (self.n + p);
+        // With a shared basis, W' costs M·kk·r·N once per batch instead of per sample.
+        let n_per = if self.shared {
+            self.n.div_ceil(self.b.max(1))
+        } else {
+            self.n
+        };
+        let through_v = self.m * kk * self.r * (n_per + p);
         let direct = self.m * kk * self.n * p + self.n * self.r * self.h * self.w;
         direct < through_v
     }
@@ -218,6 +229,44 @@ impl TrustedConv {
         // W [M, N, kk] → wt [N, M·kk], shared by every sample.
         self.wt.resize(n * m * kk, 0.0);
         permute(&w.data, &mut self.wt, m, n, kk);
+        if g.shared {
+            // W' [M × r·kk] once for the batch, then Y_b = W' · col(V_b) per sample.
+            let mut z = vec![0f32; r * m * kk];
+            let u = &lr.samples[0].u;
+            sgemm(
+                r,
+                m * kk,
+                n,
+                Mat::rm_t(u, r),
+                Mat::rm(&self.wt, m * kk),
+                &mut z,
+                false,
+                1,
+            );
+            let mut wp = vec![0f32; m * r * kk];
+            permute(&z, &mut wp, r, m, kk);
+            let wp = &wp;
+            y_t.data
+                .par_chunks_mut(per * m * p)
+                .zip(lr.samples.par_chunks(per))
+                .zip(self.scratch.par_iter_mut())
+                .for_each(|((yc, sams), sc)| {
+                    for (yb, s) in yc.chunks_mut(m * p).zip(sams) {
+                        let col = g.col(&s.v, r, &mut sc.col);
+                        sgemm(
+                            m,
+                            p,
+                            r * kk,
+                            Mat::rm(wp, r * kk),
+                            Mat::rm(col, p),
+                            yb,
+                            false,
+                            gt,
+                        );
+                    }
+                });
+            return Ok(());
+        }
         let wt = &self.wt;
         y_t.data
             .par_chunks_mut(per * m * p)
@@ -284,6 +333,7 @@ impl TrustedConv {
         }
         let (per, chunks, gt) = plan(&mut self.scratch, g.b);
         let direct = g.direct();
+        let shared = g.shared && !direct;
         dy.data
             .par_chunks(per * m * p)
             .zip(lr.samples.par_chunks(per))
@@ -291,6 +341,39 @@ impl TrustedConv {
             .for_each(|((dyc, sams), sc)| {
                 sc.dwt.clear();
                 sc.dwt.resize(n * m * kk, 0.0);
+                if shared {
+                    // Σ_b ∇W'_b [M × r·kk] over the chunk, then dwt [N × M·kk] = U · z once.
+                    sc.wp.clear();
+                    sc.wp.resize(m * r * kk, 0.0);
+                    for (dyb, s) in dyc.chunks(m * p).zip(sams) {
+                        let col = g.col(&s.v, r, &mut sc.col);
+                        sgemm(
+                            m,
+                            r * kk,
+                            p,
+                            Mat::rm(dyb, p),
+                            Mat::rm_t(col, p),
+                            &mut sc.wp,
+                            true,
+                            gt,
+                        );
+                    }
+                    sc.z.resize(r * m * kk, 0.0);
+                    permute(&sc.wp, &mut sc.z, m, r, kk);
+                    if let Some(s) = sams.first() {
+                        sgemm(
+                            n,
+                            m * kk,
+                            r,
+                            Mat::rm(&s.u, r),
+                            Mat::rm(&sc.z, m * kk),
+                            &mut sc.dwt,
+                            false,
+                            gt,
+                        );
+                    }
+                    return;
+                }
                 for (dyb, s) in dyc.chunks(m * p).zip(sams) {
                     if direct {
                         // ∇W [M × N·kk] += ∇Y_b · col(U_b V_b)ᵀ

@@ -75,6 +75,7 @@ pub fn split_streams(
     nsr: f32,
     iters: usize,
     seed: u64,
+    shared_basis: bool,
     backward: bool,
 ) -> Result<Streams> {
     let (client, server) = inproc_pair();
@@ -90,6 +91,7 @@ pub fn split_streams(
         iters,
         nsr,
         seed,
+        shared_basis,
     };
     let sgd = OptimizerKind::Sgd {
         momentum: 0.0,

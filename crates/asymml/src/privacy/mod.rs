@@ -300,6 +300,7 @@ fn streams(
     iters: usize,
     seed: u64,
     wanted: &[usize],
+    shared_basis: bool,
     backward: bool,
 ) -> Result<(BTreeMap<usize, Tensor>, Tensor, Vec<usize>)> {
     let n = x.shape[0];
@@ -317,6 +318,7 @@ fn streams(
             nsr,
             iters,
             seed ^ (bi as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            shared_basis,
             backward,
         )?;
         ranks.resize(s.ranks.len(), 0);
@@ -638,6 +640,7 @@ pub fn run(a: PrivacyArgs) -> Result<()> {
                 a.svd_iters,
                 a.seed,
                 &wanted,
+                a.shared_basis,
                 true,
             )?;
             for (l, r) in ranks.iter().enumerate() {
@@ -699,6 +702,7 @@ pub fn run(a: PrivacyArgs) -> Result<()> {
                     a.svd_iters,
                     a.seed ^ 0xA77AC,
                     &attack_layers,
+                    a.shared_basis,
                     false,
                 )?;
                 for &l in &attack_layers {

@@ -75,6 +75,7 @@ pub fn run(
             accelerator: "inproc".into(),
             accelerator_threads: None,
             accelerator_device: None,
+            shared_basis: a.shared_basis,
         };
         let (mut session, _handle) =
             common::make_session(net, config, Mode::Split, &split, threads, a.seed)?;
