@@ -6,7 +6,20 @@ use clap::Parser;
 #[global_allocator]
 static ALLOC: asymml_cli::alloc::Counting = asymml_cli::alloc::Counting;
 
+/// Keeps large blocks in the heap once freed instead of returning them to the kernel: the network's
+/// activations and the messages of every step have the same sizes, and a fresh mapping costs a page fault
+/// per 4 KiB each time.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc's allocation policy; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 fn main() {
+    keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => asymml_cli::train::run(a),
