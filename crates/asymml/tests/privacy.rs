@@ -202,6 +202,9 @@ fn fashion_mnist_tradeoff_and_deeper_layers() {
         assert!((0.0..=1.0).contains(&acc));
         assert_eq!(e["train_images"], 128);
         assert!(e["rel_mi"].is_number());
+        // Grey images: nothing leaves at the first conv, the largest leakage is deeper.
+        assert!(e["max_rel_mi"].as_f64().unwrap() >= e["rel_mi"].as_f64().unwrap());
+        assert!(e["max_rel_mi_layer"].as_u64().unwrap() >= 1);
     }
 }
 

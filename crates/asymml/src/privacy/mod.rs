@@ -783,7 +783,7 @@ pub fn run(a: PrivacyArgs) -> Result<()> {
     if spec.in_ch == 1 {
         notes.push(
             "one input channel: the first conv's input is a 1 × HW matrix of rank 1, so r = 1 keeps all of it \
-             trusted and X_U at the first conv is round-off (plus the noise)"
+             trusted and X_U at the first conv is zero (only the noise when nsr > 0)"
                 .into(),
         );
     }
@@ -847,13 +847,37 @@ pub fn run(a: PrivacyArgs) -> Result<()> {
     Ok(())
 }
 
-/// rel_mi of X_U at the first conv by (policy, nsr), for the trade-off table.
-fn settings_rel_mi(settings: &[Setting]) -> Vec<(String, f32, f64, f64)> {
-    settings
+/// Leakage of X_U by (policy, nsr) for the trade-off table: at the first conv, and the largest over the
+/// measured convs with its layer.
+fn settings_rel_mi(settings: &[Setting]) -> Vec<tradeoff::Leakage> {
+    let mut out: Vec<tradeoff::Leakage> = Vec::new();
+    for s in settings
         .iter()
-        .filter(|s| s.layer == 0 && s.stream == "x_u")
-        .map(|s| (s.rank_policy.clone(), s.nsr, s.rel_mi, s.linfoot))
-        .collect()
+        .filter(|s| s.stream == "x_u" && s.rel_mi.is_finite())
+    {
+        let i = match out
+            .iter()
+            .position(|l| l.policy == s.rank_policy && l.nsr == s.nsr)
+        {
+            Some(i) => i,
+            None => {
+                out.push(tradeoff::Leakage {
+                    policy: s.rank_policy.clone(),
+                    nsr: s.nsr,
+                    ..Default::default()
+                });
+                out.len() - 1
+            }
+        };
+        let l = &mut out[i];
+        if s.layer == 0 {
+            l.first = Some((s.rel_mi, s.linfoot));
+        }
+        if l.max.is_none_or(|(m, _)| s.rel_mi > m) {
+            l.max = Some((s.rel_mi, s.layer));
+        }
+    }
+    out
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1018,13 +1042,13 @@ fn write_plots(out: &Path, r: &Report) -> Result<()> {
         let pts: Vec<(f64, f64)> = r
             .tradeoff
             .iter()
-            .filter_map(|t| t.rel_mi.map(|m| (m, t.test_acc * 100.0)))
+            .filter_map(|t| t.max_rel_mi.map(|m| (m, t.test_acc * 100.0)))
             .collect();
         if !pts.is_empty() {
             plot::line_plot(
                 &out.join("tradeoff.png"),
-                "Test accuracy against leakage (first conv X_U), one point per nsr",
-                "relative MI I(X;X_U)/I(X;X)",
+                "Test accuracy against leakage (largest over the convs), one point per nsr",
+                "largest relative MI I(X;X_U)/I(X;X)",
                 "test accuracy (%)",
                 &[("split".to_string(), pts)],
                 false,
@@ -1123,11 +1147,13 @@ fn print_report(r: &Report, out: Option<&Path>) {
         println!("Trade-off (split training):");
         for t in &r.tradeoff {
             println!(
-                "  nsr {:<5} rank {:<9} test accuracy {:.2}%  rel_mi {}",
+                "  nsr {:<5} rank {:<9} test accuracy {:.2}%  rel_mi at conv 0 {}, largest {} (conv {})",
                 t.nsr,
                 t.rank_policy,
                 t.test_acc * 100.0,
-                fmt_opt(t.rel_mi, 4)
+                fmt_opt(t.rel_mi, 4),
+                fmt_opt(t.max_rel_mi, 4),
+                t.max_rel_mi_layer.map_or("-".into(), |l| l.to_string())
             );
         }
     }

@@ -11,6 +11,15 @@ use asymml_core::rng::Rng;
 use asymml_trusted::{Mode, TrainConfig};
 use serde::Serialize;
 
+/// Leakage of one (policy, nsr) setting: (rel_mi, Linfoot) at the first conv, (rel_mi, layer) at its worst.
+#[derive(Clone, Debug, Default)]
+pub struct Leakage {
+    pub policy: String,
+    pub nsr: f32,
+    pub first: Option<(f64, f64)>,
+    pub max: Option<(f64, usize)>,
+}
+
 /// One training run of the trade-off.
 #[derive(Clone, Debug, Serialize)]
 pub struct TradeoffEntry {
@@ -24,6 +33,9 @@ pub struct TradeoffEntry {
     /// rel_mi and Linfoot coefficient of X_U at the first conv for this policy and noise (when measured).
     pub rel_mi: Option<f64>,
     pub linfoot: Option<f64>,
+    /// The largest rel_mi of X_U over the measured convs, and that conv.
+    pub max_rel_mi: Option<f64>,
+    pub max_rel_mi_layer: Option<usize>,
     pub seconds: f64,
 }
 
@@ -32,7 +44,7 @@ pub struct TradeoffEntry {
 pub fn run(
     a: &PrivacyArgs,
     spec: &ModelSpec,
-    leakage: &[(String, f32, f64, f64)],
+    leakage: &[Leakage],
     threads: usize,
     quiet: bool,
 ) -> Result<Vec<TradeoffEntry>> {
@@ -100,7 +112,7 @@ pub fn run(
         pb.finish_and_clear();
         let lk = leakage
             .iter()
-            .find(|(p, n, _, _)| *p == a.tradeoff_rank && *n == nsr);
+            .find(|l| l.policy == a.tradeoff_rank && l.nsr == nsr);
         out.push(TradeoffEntry {
             nsr,
             rank_policy: a.tradeoff_rank.clone(),
@@ -109,8 +121,10 @@ pub fn run(
             test_images: test.len(),
             test_acc,
             test_loss,
-            rel_mi: lk.map(|l| l.2),
-            linfoot: lk.map(|l| l.3),
+            rel_mi: lk.and_then(|l| l.first.map(|f| f.0)),
+            linfoot: lk.and_then(|l| l.first.map(|f| f.1)),
+            max_rel_mi: lk.and_then(|l| l.max.map(|m| m.0)),
+            max_rel_mi_layer: lk.and_then(|l| l.max.map(|m| m.1)),
             seconds: start.elapsed().as_secs_f64(),
         });
     }
