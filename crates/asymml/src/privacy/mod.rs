@@ -955,6 +955,14 @@ fn write_attack_grid(
     grid::write_grid(path, &grid_rows)
 }
 
+/// Points (1, v_0), (2, v_1), …
+fn from_one(v: &[f64]) -> Vec<(f64, f64)> {
+    v.iter()
+        .enumerate()
+        .map(|(i, v)| ((i + 1) as f64, *v))
+        .collect()
+}
+
 fn write_plots(out: &Path, r: &Report) -> Result<()> {
     let spectra: Vec<(String, Vec<(f64, f64)>)> = r
         .layers
@@ -962,11 +970,7 @@ fn write_plots(out: &Path, r: &Report) -> Result<()> {
         .map(|l| {
             (
                 format!("conv {} ({} ch)", l.layer, l.in_ch),
-                l.spectrum
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| ((i + 1) as f64, *v))
-                    .collect(),
+                from_one(&l.spectrum),
             )
         })
         .collect();
@@ -981,16 +985,7 @@ fn write_plots(out: &Path, r: &Report) -> Result<()> {
     let energy: Vec<(String, Vec<(f64, f64)>)> = r
         .layers
         .iter()
-        .map(|l| {
-            (
-                format!("conv {}", l.layer),
-                l.energy_curve
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| ((i + 1) as f64, *v))
-                    .collect(),
-            )
-        })
+        .map(|l| (format!("conv {}", l.layer), from_one(&l.energy_curve)))
         .collect();
     plot::line_plot(
         &out.join("energy.png"),
