@@ -111,7 +111,8 @@ pub struct Work {
     d: Vec<f32>,
     /// Weight-gradient partial sums in the transform domain [16, M, C].
     pub du: Vec<f32>,
-    /// One zero-padded input plane [2·TH + 2, 2·TW + 2] (its border stays zero between channels).
+    /// One zero-padded input plane split into even and odd columns: [2, 2·TH + 2, TW + 1] (its border stays
+    /// zero between channels).
     pad: Vec<f32>,
     /// (H, W) the border of `pad` was zeroed for.
     pad_hw: (usize, usize),
@@ -126,12 +127,12 @@ simd_fn! {
 /// zero-padded input tile of tile t = ty·TW + tx, whose top-left pixel is (2ty − 1, 2tx − 1)).
 fn input_transform(x: &[f32], c: usize, h: usize, w: usize, wk: &mut Work, ld: usize, off: usize) {
     let (th, tw) = tiles(h, w);
-    let (nrows, pw) = (2 * th + 2, 2 * tw + 2);
+    let (nrows, sw) = (2 * th + 2, tw + 1);
     let q = th * tw;
-    if wk.pad_hw != (h, w) || wk.pad.len() != nrows * pw {
+    if wk.pad_hw != (h, w) || wk.pad.len() != 2 * nrows * sw {
         wk.pad_hw = (h, w);
         wk.pad.clear();
-        wk.pad.resize(nrows * pw, 0.0);
+        wk.pad.resize(2 * nrows * sw, 0.0);
     }
     // Every row of `rows` is written below (even padded rows 0..=2TH, odd 1..=2TH+1).
     wk.rows.resize(8 * (th + 1) * tw, 0.0);
@@ -139,11 +140,25 @@ fn input_transform(x: &[f32], c: usize, h: usize, w: usize, wk: &mut Work, ld: u
     let v = &mut wk.v;
     for ci in 0..c {
         let xc = &x[ci * h * w..][..h * w];
+        // Padded row p[j] = x[j − 1] split into even columns e[i] = p[2i] and odd ones o[i] = p[2i + 1]; the
+        // zero border (e[0], o[TW], e[TW] for odd W, rows 0 and H + 1..) is never written.
+        let (pe, po) = wk.pad.split_at_mut(nrows * sw);
         for (r, xr) in xc.chunks_exact(w).enumerate() {
-            wk.pad[(r + 1) * pw + 1..][..w].copy_from_slice(xr);
+            let e = &mut pe[(r + 1) * sw..][..sw];
+            let o = &mut po[(r + 1) * sw..][..sw];
+            for ((pair, o), e) in xr.chunks_exact(2).zip(o.iter_mut()).zip(e[1..].iter_mut()) {
+                *o = pair[0];
+                *e = pair[1];
+            }
+            if w % 2 == 1 {
+                o[tw - 1] = xr[w - 1];
+            }
         }
-        // Row transforms of every padded row pr: h_k[t] from p[2t..2t + 4], stored by row parity.
-        for (pr, p) in wk.pad.chunks_exact(pw).enumerate() {
+        // Row transforms of every padded row pr (d0 = e[t], d1 = o[t], d2 = e[t + 1], d3 = o[t + 1]), stored
+        // by row parity.
+        for pr in 0..nrows {
+            let e = &pe[pr * sw..][..sw];
+            let o = &po[pr * sw..][..sw];
             let at = ((pr % 2) * (th + 1) + pr / 2) * tw;
             let (h01, h23) = wk.rows.split_at_mut(4 * (th + 1) * tw);
             let (h0, h1) = h01.split_at_mut(2 * (th + 1) * tw);
@@ -154,13 +169,12 @@ fn input_transform(x: &[f32], c: usize, h: usize, w: usize, wk: &mut Work, ld: u
                 &mut h2[at..][..tw],
                 &mut h3[at..][..tw],
             );
-            let (d01, d23) = (&p[..2 * tw], &p[2..2 * tw + 2]);
+            let (e0, e1, o0, o1) = (&e[..tw], &e[1..], &o[..tw], &o[1..]);
             for t in 0..tw {
-                let (d0, d1, d2, d3) = (d01[2 * t], d01[2 * t + 1], d23[2 * t], d23[2 * t + 1]);
-                h0[t] = d0 - d2;
-                h1[t] = d1 + d2;
-                h2[t] = d2 - d1;
-                h3[t] = d1 - d3;
+                h0[t] = e0[t] - e1[t];
+                h1[t] = o0[t] + e1[t];
+                h2[t] = e1[t] - o0[t];
+                h3[t] = o0[t] - o1[t];
             }
         }
         // Column transforms: tile t of row ty uses padded rows 2ty (even ty), 2ty + 1 (odd ty),
@@ -208,28 +222,38 @@ fn output_transform(
     let (th, tw) = tiles(h, w);
     let q = th * tw;
     let ml = m * ld;
-    // s: [4 (y00, y01, y10, y11), TH·TW]
-    s.resize(4 * q, 0.0);
+    // s: [4 (y00, y01, y10, y11) + 8 (s_ak), TH·TW]
+    s.resize(12 * q, 0.0);
     for mi in 0..m {
         let b = bias.map_or(0.0, |b| b[mi]);
         let ym = &mut y[mi * h * w..][..h * w];
         let at = mi * ld + off;
-        let r: [&[f32]; 16] = std::array::from_fn(|xi| &mm[xi * ml + at..][..q]);
-        let (y00, rest) = s.split_at_mut(q);
-        let (y01, rest) = rest.split_at_mut(q);
-        let (y10, y11) = rest.split_at_mut(q);
-        for t in 0..q {
-            // s_0k = m_0k + m_1k + m_2k, s_1k = m_1k − m_2k − m_3k;
-            // y_a0 = s_a0 + s_a1 + s_a2, y_a1 = s_a1 − s_a2 − s_a3.
-            let s0: [f32; 4] = std::array::from_fn(|k| r[k][t] + r[4 + k][t] + r[8 + k][t]);
-            let s1: [f32; 4] = std::array::from_fn(|k| r[4 + k][t] - r[8 + k][t] - r[12 + k][t]);
-            y00[t] = s0[0] + s0[1] + s0[2] + b;
-            y01[t] = s0[1] - s0[2] - s0[3] + b;
-            y10[t] = s1[0] + s1[1] + s1[2] + b;
-            y11[t] = s1[1] - s1[2] - s1[3] + b;
+        let r = |xi: usize| &mm[xi * ml + at..][..q];
+        // s_0k = m_0k + m_1k + m_2k, s_1k = m_1k − m_2k − m_3k (s: [8, TH·TW] after the four outputs)
+        let (ys, sk) = s.split_at_mut(4 * q);
+        for k in 0..4 {
+            let (m0, m1, m2, m3) = (r(k), r(4 + k), r(8 + k), r(12 + k));
+            let (s0, s1) = sk[2 * k * q..][..2 * q].split_at_mut(q);
+            for t in 0..q {
+                s0[t] = m0[t] + m1[t] + m2[t];
+                s1[t] = m1[t] - m2[t] - m3[t];
+            }
         }
+        // y_a0 = s_a0 + s_a1 + s_a2 + b, y_a1 = s_a1 − s_a2 − s_a3 + b
+        for a in 0..2 {
+            let sa = |k: usize| &sk[(2 * k + a) * q..][..q];
+            let (s0, s1, s2, s3) = (sa(0), sa(1), sa(2), sa(3));
+            let (ya0, ya1) = ys[2 * a * q..][..2 * q].split_at_mut(q);
+            for t in 0..q {
+                ya0[t] = s0[t] + s1[t] + s2[t] + b;
+                ya1[t] = s1[t] - s2[t] - s3[t] + b;
+            }
+        }
+        let (y00, rest) = ys.split_at(q);
+        let (y01, rest) = rest.split_at(q);
+        let (y10, y11) = rest.split_at(q);
         for ty in 0..th {
-            for (a, (ya0, ya1)) in [(&*y00, &*y01), (&*y10, &*y11)].into_iter().enumerate() {
+            for (a, (ya0, ya1)) in [(y00, y01), (y10, y11)].into_iter().enumerate() {
                 let oy = 2 * ty + a;
                 if oy >= h {
                     break;
