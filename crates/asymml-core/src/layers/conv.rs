@@ -496,7 +496,7 @@ impl Conv2d {
 /// Fewest GEMM inner-dimension channels for which Winograd beats im2col.
 const WINO_MIN_C: usize = 8;
 /// Winograd GEMM columns (tiles) per group of images.
-const WINO_TARGET: usize = 512;
+const WINO_TARGET: usize = 128;
 
 fn add_into(dst: &mut [f32], src: &[f32]) {
     dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);

@@ -47,26 +47,6 @@ pub fn tiles(h: usize, w: usize) -> (usize, usize) {
     (h.div_ceil(2), w.div_ceil(2))
 }
 
-/// g: [3, 3] → u: [4, 4] = G g Gᵀ.
-fn transform_kernel(g: &[f32], u: &mut [f32; 16]) {
-    // t = G g: [4, 3]
-    let mut t = [0.0f32; 12];
-    for b in 0..3 {
-        let (g0, g1, g2) = (g[b], g[3 + b], g[6 + b]);
-        t[b] = g0;
-        t[3 + b] = 0.5 * (g0 + g1 + g2);
-        t[6 + b] = 0.5 * (g0 - g1 + g2);
-        t[9 + b] = g2;
-    }
-    for i in 0..4 {
-        let (t0, t1, t2) = (t[3 * i], t[3 * i + 1], t[3 * i + 2]);
-        u[4 * i] = t0;
-        u[4 * i + 1] = 0.5 * (t0 + t1 + t2);
-        u[4 * i + 2] = 0.5 * (t0 - t1 + t2);
-        u[4 * i + 3] = t2;
-    }
-}
-
 /// w: [M, C, 3, 3] → u: [M, 16, C] (forward: y = conv(x, w); U[ξ] is the M × C matrix at offset ξ·C with
 /// row stride 16·C), or with `transposed` u: [C, 16, M] holding the transforms of the flipped kernels
 /// w[m, c, 2 − i, 2 − j] (∇X = conv(∇Y, flipped wᵀ, pad 1)). Parallel over the rows of U.
@@ -81,20 +61,50 @@ pub fn transform_weights(w: &[f32], m: usize, c: usize, transposed: bool, u: &mu
 simd_fn! {
 /// Row r of U (see [`transform_weights`]): ur: [16, cols].
 fn weights_row(w: &[f32], rows: usize, cols: usize, r: usize, transposed: bool, ur: &mut [f32]) {
-    let mut tile = [0.0f32; 16];
-    let mut g = [0.0f32; 9];
-    for j in 0..cols {
-        if transposed {
-            let src = &w[(j * rows + r) * 9..][..9];
-            for (k, v) in g.iter_mut().enumerate() {
-                *v = src[8 - k];
+    const NB: usize = 64;
+    // Blocks of NB columns: kernels gathered into g: [9][NB], transformed into u: [16][NB] with the loops
+    // running across the block.
+    let mut g = [[0.0f32; NB]; 9];
+    let mut t = [[0.0f32; NB]; 12];
+    let mut u = [[0.0f32; NB]; 16];
+    for j0 in (0..cols).step_by(NB) {
+        let nb = (cols - j0).min(NB);
+        for jj in 0..nb {
+            let j = j0 + jj;
+            if transposed {
+                let src = &w[(j * rows + r) * 9..][..9];
+                for k in 0..9 {
+                    g[k][jj] = src[8 - k];
+                }
+            } else {
+                let src = &w[(r * cols + j) * 9..][..9];
+                for k in 0..9 {
+                    g[k][jj] = src[k];
+                }
             }
-        } else {
-            g.copy_from_slice(&w[(r * cols + j) * 9..][..9]);
         }
-        transform_kernel(&g, &mut tile);
-        for (xi, &v) in tile.iter().enumerate() {
-            ur[xi * cols + j] = v;
+        // t = G g: [4, 3]
+        for b in 0..3 {
+            for jj in 0..NB {
+                let (g0, g1, g2) = (g[b][jj], g[3 + b][jj], g[6 + b][jj]);
+                t[b][jj] = g0;
+                t[3 + b][jj] = 0.5 * (g0 + g1 + g2);
+                t[6 + b][jj] = 0.5 * (g0 - g1 + g2);
+                t[9 + b][jj] = g2;
+            }
+        }
+        // u = t Gᵀ: [4, 4]
+        for i in 0..4 {
+            for jj in 0..NB {
+                let (t0, t1, t2) = (t[3 * i][jj], t[3 * i + 1][jj], t[3 * i + 2][jj]);
+                u[4 * i][jj] = t0;
+                u[4 * i + 1][jj] = 0.5 * (t0 + t1 + t2);
+                u[4 * i + 2][jj] = 0.5 * (t0 - t1 + t2);
+                u[4 * i + 3][jj] = t2;
+            }
+        }
+        for (xi, uv) in u.iter().enumerate() {
+            ur[xi * cols + j0..][..nb].copy_from_slice(&uv[..nb]);
         }
     }
 }
@@ -457,28 +467,45 @@ pub fn finish_grad(parts: &[&[f32]], m: usize, c: usize, dw: &mut [f32]) {
 simd_fn! {
 /// Row mi of ∇W (see [`finish_grad`]): dwm: [C, 3, 3].
 fn grad_row(parts: &[&[f32]], mc: usize, mi: usize, c: usize, dwm: &mut [f32]) {
-    let mut x = [0.0f32; 16];
-            for ci in 0..c {
-                let at = mi * c + ci;
-                for (xi, v) in x.iter_mut().enumerate() {
-                    *v = parts.iter().map(|p| p[xi * mc + at]).sum();
-                }
-                // t = Gᵀ X: [3, 4]; Gᵀ = [[1, ½, ½, 0], [0, ½, −½, 0], [0, ½, ½, 1]]
-                let mut t = [0.0f32; 12];
-                for k in 0..4 {
-                    let (x0, x1, x2, x3) = (x[k], x[4 + k], x[8 + k], x[12 + k]);
-                    t[k] = x0 + 0.5 * (x1 + x2);
-                    t[4 + k] = 0.5 * (x1 - x2);
-                    t[8 + k] = 0.5 * (x1 + x2) + x3;
-                }
-                let out = &mut dwm[ci * 9..][..9];
-                for a in 0..3 {
-                    let (t0, t1, t2, t3) = (t[4 * a], t[4 * a + 1], t[4 * a + 2], t[4 * a + 3]);
-                    out[3 * a] += t0 + 0.5 * (t1 + t2);
-                    out[3 * a + 1] += 0.5 * (t1 - t2);
-                    out[3 * a + 2] += 0.5 * (t1 + t2) + t3;
-                }
+    const NB: usize = 64;
+    // Blocks of NB input channels: x: [16][NB] = Σ parts, t = Gᵀ X: [3, 4], o = t G: [3, 3], each loop
+    // running across the block. Gᵀ = [[1, ½, ½, 0], [0, ½, −½, 0], [0, ½, ½, 1]].
+    let mut x = [[0.0f32; NB]; 16];
+    let mut t = [[0.0f32; NB]; 12];
+    let mut o = [[0.0f32; NB]; 9];
+    for c0 in (0..c).step_by(NB) {
+        let nb = (c - c0).min(NB);
+        let at = mi * c + c0;
+        for (xi, xv) in x.iter_mut().enumerate() {
+            xv[..nb].copy_from_slice(&parts[0][xi * mc + at..][..nb]);
+            for p in &parts[1..] {
+                let src = &p[xi * mc + at..][..nb];
+                xv[..nb].iter_mut().zip(src).for_each(|(a, b)| *a += b);
             }
+        }
+        for k in 0..4 {
+            for cc in 0..NB {
+                let (x0, x1, x2, x3) = (x[k][cc], x[4 + k][cc], x[8 + k][cc], x[12 + k][cc]);
+                t[k][cc] = x0 + 0.5 * (x1 + x2);
+                t[4 + k][cc] = 0.5 * (x1 - x2);
+                t[8 + k][cc] = 0.5 * (x1 + x2) + x3;
+            }
+        }
+        for a in 0..3 {
+            for cc in 0..NB {
+                let (t0, t1, t2, t3) = (t[4 * a][cc], t[4 * a + 1][cc], t[4 * a + 2][cc], t[4 * a + 3][cc]);
+                o[3 * a][cc] = t0 + 0.5 * (t1 + t2);
+                o[3 * a + 1][cc] = 0.5 * (t1 - t2);
+                o[3 * a + 2][cc] = 0.5 * (t1 + t2) + t3;
+            }
+        }
+        for cc in 0..nb {
+            let out = &mut dwm[(c0 + cc) * 9..][..9];
+            for (k, v) in out.iter_mut().enumerate() {
+                *v += o[k][cc];
+            }
+        }
+    }
 }
 }
 
@@ -536,6 +563,8 @@ mod tests {
             (3, 8, 5, 3, 9),
             (2, 16, 8, 8, 8),
             (1, 2, 3, 11, 4),
+            (1, 70, 3, 4, 4),
+            (2, 3, 130, 5, 4),
         ] {
             let x: Vec<f32> = (0..g * c * h * w).map(|_| rng.normal()).collect();
             let wt: Vec<f32> = (0..m * c * 9).map(|_| rng.normal()).collect();
