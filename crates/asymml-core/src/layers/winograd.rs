@@ -16,9 +16,11 @@ use rayon::prelude::*;
 macro_rules! simd_fn {
     ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
         fn $name($($arg: $ty),*) {
+            // Index loops over fixed-size blocks are deliberate: they vectorise.
             #[inline(always)]
-            #[allow(clippy::too_many_arguments)]
+            #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
             fn imp($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
