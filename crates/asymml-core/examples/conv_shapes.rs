@@ -47,6 +47,7 @@ fn main() {
     let (mut tf, mut tb, mut flops) = (0.0, 0.0, 0.0);
     let (mut tcf, mut tcb) = (0.0, 0.0);
     for &(c, m, hw, k, s) in &[
+        (3, 64, 32, 3, 1),
         (64, 64, 32, 3, 1),
         (128, 128, 16, 3, 1),
         (256, 256, 8, 3, 1),
