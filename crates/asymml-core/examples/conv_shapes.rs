@@ -4,6 +4,36 @@ use asymml_core::rng::Rng;
 use asymml_core::Tensor;
 use std::time::Instant;
 
+#[repr(C)]
+struct Timespec {
+    sec: i64,
+    nsec: i64,
+}
+
+extern "C" {
+    fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+}
+
+/// CPU time of the whole process in seconds (all threads), less sensitive to other load than wall time.
+fn cpu_time() -> f64 {
+    let mut ts = Timespec { sec: 0, nsec: 0 };
+    // SAFETY: CLOCK_PROCESS_CPUTIME_ID (2) with a valid out-pointer.
+    unsafe { clock_gettime(2, &mut ts) };
+    ts.sec as f64 + ts.nsec as f64 * 1e-9
+}
+
+/// (min wall, min CPU) seconds of `reps` runs of `f`.
+fn time(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
+    let (mut w, mut c) = (f64::MAX, f64::MAX);
+    for _ in 0..reps {
+        let (t, c0) = (Instant::now(), cpu_time());
+        f();
+        w = w.min(t.elapsed().as_secs_f64());
+        c = c.min(cpu_time() - c0);
+    }
+    (w, c)
+}
+
 fn main() {
     let threads: usize = std::env::args()
         .nth(1)
@@ -15,7 +45,9 @@ fn main() {
         .ok();
     let mut rng = Rng::new(1);
     let (mut tf, mut tb, mut flops) = (0.0, 0.0, 0.0);
+    let (mut tcf, mut tcb) = (0.0, 0.0);
     for &(c, m, hw, k, s) in &[
+        (3, 64, 32, 3, 1),
         (64, 64, 32, 3, 1),
         (128, 128, 16, 3, 1),
         (256, 256, 8, 3, 1),
@@ -34,26 +66,32 @@ fn main() {
         conv.forward(&x, &mut y).unwrap();
         let dy = y.clone();
         conv.backward(&x, &dy, Some(&mut dx)).unwrap();
-        let reps = 3;
-        let t = Instant::now();
-        for _ in 0..reps {
-            conv.forward(&x, &mut y).unwrap();
-        }
-        let f = t.elapsed().as_secs_f64() / reps as f64;
-        let t = Instant::now();
-        for _ in 0..reps {
-            conv.backward(&x, &dy, Some(&mut dx)).unwrap();
-        }
-        let b = t.elapsed().as_secs_f64() / reps as f64;
+        let reps = 5;
+        let (f, fc) = time(reps, || conv.forward(&x, &mut y).unwrap());
+        let (b, bc) = time(reps, || conv.backward(&x, &dy, Some(&mut dx)).unwrap());
         let gf = 2.0 * conv.macs(&x.shape) as f64 / 1e9;
-        println!("C {c:>3} M {m:>3} {hw:>2}px k{k} s{s}: fwd {:6.1} ms {:6.1} GF/s  bwd {:6.1} ms {:6.1} GF/s", f * 1e3, gf / f, b * 1e3, 2.0 * gf / b);
+        println!(
+            "C {c:>3} M {m:>3} {hw:>2}px k{k} s{s}: fwd {:6.1} ms (cpu {:6.1}) {:6.1} GF/s  bwd {:6.1} ms (cpu {:6.1}) {:6.1} GF/s",
+            f * 1e3,
+            fc * 1e3,
+            gf / f,
+            b * 1e3,
+            bc * 1e3,
+            2.0 * gf / b
+        );
+        tcf += fc;
+        tcb += bc;
         tf += f;
         tb += b;
         flops += gf;
     }
     println!(
-        "total: fwd {:.1} GF/s, bwd {:.1} GF/s",
+        "total: fwd {:.1} ms (cpu {:.1}) {:.1} GF/s, bwd {:.1} ms (cpu {:.1}) {:.1} GF/s",
+        tf * 1e3,
+        tcf * 1e3,
         flops / tf,
+        tb * 1e3,
+        tcb * 1e3,
         2.0 * flops / tb
     );
 }

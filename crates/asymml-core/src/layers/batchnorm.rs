@@ -5,9 +5,12 @@ use crate::error::{CoreError, Result};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 
-/// BatchNorm2d over channels of an NCHW tensor: weight γ [C], bias β [C], running mean/var [C].
+/// BatchNorm2d over channels of an NCHW tensor: weight γ [C], bias β [C], running mean/var [C]; with `relu`
+/// set, BatchNorm2d followed by ReLU in one pass (backward recomputes the ReLU mask from the input).
 pub struct BatchNorm2d {
     pub channels: usize,
+    /// Apply ReLU to the output (BN+ReLU fused).
+    pub relu: bool,
     pub eps: f32,
     pub momentum: f32,
     pub weight: Param,
@@ -20,6 +23,9 @@ pub struct BatchNorm2d {
     invstd: Vec<f32>,
     /// Whether the last forward used batch statistics.
     batch_stats: bool,
+    /// Per-channel affine map of the last forward: y = x·scale + shift (before the ReLU if fused).
+    scale: Vec<f32>,
+    shift: Vec<f32>,
     /// Per-channel sums for backward.
     sum_dy: Vec<f32>,
     sum_dy_xhat: Vec<f32>,
@@ -55,6 +61,9 @@ fn channel_stats(x: &[f32], cn: usize, hw: usize) -> Vec<(f64, f64)> {
 }
 
 /// Per channel (Σ dy, Σ dy·x̂) with x̂ = (x − mean)·invstd, summed per plane in f32 and across planes in f64.
+/// With `relu` (BN+ReLU fused; scale, shift: the forward's per-channel affine map), dy is first masked by
+/// [x·scale + shift > 0].
+#[allow(clippy::too_many_arguments)]
 fn grad_sums(
     x: &[f32],
     dy: &[f32],
@@ -62,6 +71,7 @@ fn grad_sums(
     hw: usize,
     mean: &[f32],
     invstd: &[f32],
+    relu: Option<(&[f32], &[f32])>,
 ) -> Vec<(f32, f32)> {
     let planes: Vec<(f64, f64)> = x
         .par_chunks(hw)
@@ -72,9 +82,21 @@ fn grad_sums(
             let (m, k) = (mean[c], invstd[c]);
             let mut s = 0.0f32;
             let mut sx = 0.0f32;
-            for (&xv, &g) in xp.iter().zip(gp) {
-                s += g;
-                sx += g * ((xv - m) * k);
+            match relu {
+                Some((scale, shift)) => {
+                    let (a, b) = (scale[c], shift[c]);
+                    for (&xv, &g) in xp.iter().zip(gp) {
+                        let g = if xv * a + b > 0.0 { g } else { 0.0 };
+                        s += g;
+                        sx += g * ((xv - m) * k);
+                    }
+                }
+                None => {
+                    for (&xv, &g) in xp.iter().zip(gp) {
+                        s += g;
+                        sx += g * ((xv - m) * k);
+                    }
+                }
             }
             (s as f64, sx as f64)
         })
@@ -96,6 +118,7 @@ impl BatchNorm2d {
     pub fn new(channels: usize) -> Self {
         BatchNorm2d {
             channels,
+            relu: false,
             eps: 1e-5,
             momentum: 0.1,
             weight: Param::new(Tensor {
@@ -112,9 +135,17 @@ impl BatchNorm2d {
             mean: vec![],
             invstd: vec![],
             batch_stats: false,
+            scale: vec![],
+            shift: vec![],
             sum_dy: vec![],
             sum_dy_xhat: vec![],
         }
+    }
+
+    /// This BN with the following ReLU fused into it (`relu`) or not.
+    pub fn with_relu(mut self, relu: bool) -> Self {
+        self.relu = relu;
+        self
     }
 
     fn check(&self, x: &Tensor) -> Result<(usize, usize, usize)> {
@@ -165,22 +196,36 @@ impl BatchNorm2d {
                 .map(|v| 1.0 / (v + self.eps).sqrt())
                 .collect();
         }
+        self.affine();
         y.resize(&x.shape);
-        let (mean, invstd) = (&self.mean, &self.invstd);
-        let (g, bt) = (&self.weight.value.data, &self.bias.value.data);
+        let (scale, shift, relu) = (&self.scale, &self.shift, self.relu);
         y.data
             .par_chunks_mut(hw)
             .zip(x.data.par_chunks(hw))
             .enumerate()
             .for_each(|(i, (yp, xp))| {
-                let c = i % cn;
-                let scale = g[c] * invstd[c];
-                let shift = bt[c] - mean[c] * scale;
-                yp.iter_mut()
-                    .zip(xp)
-                    .for_each(|(o, &v)| *o = v * scale + shift);
+                let (a, b) = (scale[i % cn], shift[i % cn]);
+                if relu {
+                    yp.iter_mut()
+                        .zip(xp)
+                        .for_each(|(o, &v)| *o = (v * a + b).max(0.0));
+                } else {
+                    yp.iter_mut().zip(xp).for_each(|(o, &v)| *o = v * a + b);
+                }
             });
         Ok(())
+    }
+
+    /// Per-channel y = x·scale + shift of the current statistics and γ, β.
+    fn affine(&mut self) {
+        let (g, bt) = (&self.weight.value.data, &self.bias.value.data);
+        self.scale.clear();
+        self.shift.clear();
+        for c in 0..self.channels {
+            let scale = g[c] * self.invstd[c];
+            self.scale.push(scale);
+            self.shift.push(bt[c] - self.mean[c] * scale);
+        }
     }
 
     /// x: [B, C, H, W] (forward input), dy: [B, C, H, W] → dx: [B, C, H, W]; accumulates ∇γ, ∇β.
@@ -192,7 +237,8 @@ impl BatchNorm2d {
             ));
         }
         let n = (b * hw) as f64;
-        let sums = grad_sums(&x.data, &dy.data, cn, hw, &self.mean, &self.invstd);
+        let relu = self.relu.then_some((&self.scale[..], &self.shift[..]));
+        let sums = grad_sums(&x.data, &dy.data, cn, hw, &self.mean, &self.invstd, relu);
         self.sum_dy = sums.iter().map(|s| s.0).collect();
         self.sum_dy_xhat = sums.iter().map(|s| s.1).collect();
         for c in 0..cn {
@@ -204,6 +250,7 @@ impl BatchNorm2d {
         let (mean, invstd) = (&self.mean, &self.invstd);
         let (sdy, sdyx) = (&self.sum_dy, &self.sum_dy_xhat);
         let batch = self.batch_stats;
+        let (scale, shift, relu) = (&self.scale, &self.shift, self.relu);
         dx.data
             .par_chunks_mut(hw)
             .zip(x.data.par_chunks(hw).zip(dy.data.par_chunks(hw)))
@@ -211,18 +258,76 @@ impl BatchNorm2d {
             .for_each(|(i, (dxp, (xp, dyp)))| {
                 let c = i % cn;
                 let k = g[c] * invstd[c];
+                let (a, b) = (scale[c], shift[c]);
+                // dy masked by the fused ReLU
+                let mask = |xv: f32, gv: f32| {
+                    if !relu || xv * a + b > 0.0 {
+                        gv
+                    } else {
+                        0.0
+                    }
+                };
                 if batch {
                     // dx = γ·invstd·(dy − mean(dy) − x̂·mean(dy·x̂))
                     let mdy = (sdy[c] as f64 / n) as f32;
                     let mdyx = (sdyx[c] as f64 / n) as f32;
                     for ((d, &xv), &gv) in dxp.iter_mut().zip(xp).zip(dyp) {
                         let xhat = (xv - mean[c]) * invstd[c];
-                        *d = k * (gv - mdy - xhat * mdyx);
+                        *d = k * (mask(xv, gv) - mdy - xhat * mdyx);
                     }
                 } else {
-                    dxp.iter_mut().zip(dyp).for_each(|(d, &gv)| *d = k * gv);
+                    for ((d, &xv), &gv) in dxp.iter_mut().zip(xp).zip(dyp) {
+                        *d = k * mask(xv, gv);
+                    }
                 }
             });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::Relu;
+    use crate::rng::Rng;
+
+    /// BN with ReLU fused ≡ BN then ReLU, forward and backward, with batch and running statistics.
+    #[test]
+    fn fused_relu_matches_bn_then_relu() {
+        let mut rng = Rng::new(5);
+        let shape = [3, 4, 5, 3];
+        let n: usize = shape.iter().product();
+        let x = Tensor::from_vec(&shape, (0..n).map(|_| rng.normal()).collect()).unwrap();
+        let dy = Tensor::from_vec(&shape, (0..n).map(|_| rng.normal()).collect()).unwrap();
+        for train in [true, false] {
+            let mut plain = BatchNorm2d::new(4);
+            let mut fused = BatchNorm2d::new(4).with_relu(true);
+            for bn in [&mut plain, &mut fused] {
+                for (c, v) in bn.weight.value.data.iter_mut().enumerate() {
+                    *v = 0.5 + c as f32;
+                }
+                for (c, v) in bn.bias.value.data.iter_mut().enumerate() {
+                    *v = 0.3 * c as f32 - 0.5;
+                }
+            }
+            let (mut t, mut y, mut yf) = (Tensor::default(), Tensor::default(), Tensor::default());
+            plain.forward(&x, &mut t, train).unwrap();
+            Relu.forward(&t, &mut y);
+            fused.forward(&x, &mut yf, train).unwrap();
+            assert_eq!(y.data, yf.data, "forward, train {train}");
+            let (mut g, mut dx, mut dxf) =
+                (Tensor::default(), Tensor::default(), Tensor::default());
+            Relu.backward(&y, &dy, &mut g);
+            plain.backward(&x, &g, &mut dx).unwrap();
+            fused.backward(&x, &dy, &mut dxf).unwrap();
+            for (a, b) in dx.data.iter().zip(&dxf.data) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * (1.0 + a.abs()),
+                    "∇x, train {train}: {a} vs {b}"
+                );
+            }
+            assert_eq!(plain.weight.grad.data, fused.weight.grad.data);
+            assert_eq!(plain.bias.grad.data, fused.bias.grad.data);
+        }
     }
 }

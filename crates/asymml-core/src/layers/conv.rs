@@ -1,5 +1,7 @@
-//! 2-D convolution (cross-correlation, as in PyTorch) through im2col + GEMM, parallel over the batch.
+//! 2-D convolution (cross-correlation, as in PyTorch) through im2col + GEMM, parallel over the batch; 3×3
+//! stride-1 pad-1 convs use Winograd F(2×2, 3×3) for the forward pass and ∇X (∇W stays im2col + GEMM).
 
+use super::winograd;
 use super::{out_size, threads, Param};
 use crate::error::{CoreError, Result};
 use crate::gemm::{sgemm, Mat};
@@ -14,6 +16,7 @@ struct Scratch {
     dcol: Vec<f32>,
     db: Vec<f32>,
     dyg: Vec<f32>,
+    wk: winograd::Work,
 }
 
 /// How a batch is split into work (see `Conv2d::plan`).
@@ -38,6 +41,10 @@ pub struct Conv2d {
     scratch: Vec<Scratch>,
     /// Partial weight gradients of workers 1.. (worker 0 accumulates into the gradient itself).
     dw_parts: Vec<Vec<f32>>,
+    /// Use Winograd F(2×2, 3×3) where it applies (on by default; off forces im2col + GEMM).
+    pub winograd: bool,
+    /// Winograd weight transforms: [M, 16, C] for the forward pass, [C, 16, M] (flipped) for ∇X.
+    wino_u: Vec<f32>,
 }
 
 impl Conv2d {
@@ -69,6 +76,8 @@ impl Conv2d {
             id: 0,
             scratch: Vec::new(),
             dw_parts: Vec::new(),
+            winograd: true,
+            wino_u: Vec::new(),
         }
     }
 
@@ -101,6 +110,21 @@ impl Conv2d {
     /// True when the conv is a plain per-pixel matrix product (1×1, stride 1, no padding): no im2col needed.
     fn is_pointwise(&self) -> bool {
         self.k == 1 && self.stride == 1 && self.pad == 0
+    }
+
+    /// True when Winograd F(2×2, 3×3) computes this conv (3×3, stride 1, pad 1) with `c_in` input channels
+    /// (the GEMMs' inner dimension: C for the forward pass, M for ∇X).
+    /// Maps whose tiles waste too much of the 4×4 transform (2×2, 3×3, 5×3, ...) stay on im2col: Winograd
+    /// needs at least 4 tiles per image and 1.5× fewer products than the direct conv (9·H·W vs 16 per tile).
+    fn use_winograd(&self, c_in: usize, h: usize, w: usize) -> bool {
+        let (th, tw) = winograd::tiles(h, w);
+        self.winograd
+            && self.k == 3
+            && self.stride == 1
+            && self.pad == 1
+            && c_in >= WINO_MIN_C
+            && th * tw >= 4
+            && 3 * h * w >= 8 * th * tw
     }
 
     /// How to cut a batch of `b` images with `p` output pixels each into work: `per` images per worker
@@ -152,6 +176,41 @@ impl Conv2d {
         let pointwise = self.is_pointwise();
         let wt = &self.weight.value.data;
         let bias = self.bias.as_ref().map(|b| &b.value.data[..]);
+        if self.use_winograd(geo.c, geo.h, geo.w) {
+            winograd::transform_weights(wt, m, geo.c, false, &mut self.wino_u);
+            let (th, tw) = winograd::tiles(geo.h, geo.w);
+            let plan = Plan {
+                group: WINO_TARGET.div_ceil(th * tw).min(plan.per),
+                ..plan
+            };
+            let u = &self.wino_u;
+            y.data
+                .par_chunks_mut(plan.per * m * p)
+                .zip(x.data.par_chunks(plan.per * xlen))
+                .zip(self.scratch.par_iter_mut())
+                .for_each(|((yc, xc), sc)| {
+                    for (yg, xg) in yc
+                        .chunks_mut(plan.group * m * p)
+                        .zip(xc.chunks(plan.group * xlen))
+                    {
+                        let g = xg.len() / xlen;
+                        winograd::conv(
+                            xg,
+                            g,
+                            geo.c,
+                            geo.h,
+                            geo.w,
+                            m,
+                            u,
+                            yg,
+                            bias,
+                            &mut sc.wk,
+                            plan.gemm_threads,
+                        );
+                    }
+                });
+            return Ok(());
+        }
         y.data
             .par_chunks_mut(plan.per * m * p)
             .zip(x.data.par_chunks(plan.per * xlen))
@@ -231,8 +290,11 @@ impl Conv2d {
         let plan = self.plan(b, p);
         let pointwise = self.is_pointwise();
         let has_bias = self.bias.is_some();
-        let wt = &self.weight.value.data;
         let want_dx = dx.is_some();
+        if self.use_winograd(geo.c.min(m), geo.h, geo.w) {
+            return self.backward_winograd(x, dy, dx, &geo, m);
+        }
+        let wt = &self.weight.value.data;
         // Without ∇X, each worker gets a one-element dummy slice so that one code path serves both cases.
         let mut dummy = vec![0.0f32; plan.chunks];
         let (dx_data, dx_chunk): (&mut [f32], usize) = match dx {
@@ -350,6 +412,78 @@ impl Conv2d {
         Ok(())
     }
 
+    /// Backward of a Winograd conv (3×3, stride 1, pad 1; see [`Conv2d::backward`]): per group of images,
+    /// ∇W in the transform domain and ∇X = conv3×3(∇Y, flipped Wᵀ, pad 1).
+    fn backward_winograd(
+        &mut self,
+        x: &Tensor,
+        dy: &Tensor,
+        dx: Option<&mut Tensor>,
+        geo: &Geometry,
+        m: usize,
+    ) -> Result<()> {
+        let b = x.shape[0];
+        let (c, h, w) = (geo.c, geo.h, geo.w);
+        let (xlen, ylen) = (c * h * w, m * h * w);
+        let (th, tw) = winograd::tiles(h, w);
+        let plan = self.plan(b, h * w);
+        let plan = Plan {
+            group: WINO_TARGET.div_ceil(th * tw).min(plan.per),
+            ..plan
+        };
+        let has_bias = self.bias.is_some();
+        let want_dx = dx.is_some();
+        if want_dx {
+            winograd::transform_weights(&self.weight.value.data, m, c, true, &mut self.wino_u);
+        }
+        let ut = &self.wino_u;
+        let mut dummy = vec![0.0f32; plan.chunks];
+        let (dx_data, dx_chunk): (&mut [f32], usize) = match dx {
+            Some(d) => {
+                d.resize(&x.shape);
+                (&mut d.data, plan.per * xlen)
+            }
+            None => (&mut dummy, 1),
+        };
+        let gt = plan.gemm_threads;
+        x.data
+            .par_chunks(plan.per * xlen)
+            .zip(dy.data.par_chunks(plan.per * ylen))
+            .zip(self.scratch[..plan.chunks].par_iter_mut())
+            .zip(dx_data.par_chunks_mut(dx_chunk))
+            .for_each(|(((xc, dyc), sc), dxc)| {
+                if has_bias {
+                    sc.db.clear();
+                    sc.db.resize(m, 0.0);
+                    for (i, row) in dyc.chunks(h * w).enumerate() {
+                        sc.db[i % m] += row.iter().sum::<f32>();
+                    }
+                }
+                let groups = xc
+                    .chunks(plan.group * xlen)
+                    .zip(dyc.chunks(plan.group * ylen));
+                for (gi, (xg, dyg)) in groups.enumerate() {
+                    let g = xg.len() / xlen;
+                    winograd::grad_weights(xg, dyg, g, c, h, w, m, &mut sc.wk, gi > 0, gt);
+                    if want_dx {
+                        let dxg = &mut dxc[gi * plan.group * xlen..][..g * xlen];
+                        winograd::conv(dyg, g, m, h, w, c, ut, dxg, None, &mut sc.wk, gt);
+                    }
+                }
+            });
+        let parts: Vec<&[f32]> = self.scratch[..plan.chunks]
+            .iter()
+            .map(|sc| &sc.wk.du[..])
+            .collect();
+        winograd::finish_grad(&parts, m, c, &mut self.weight.grad.data);
+        for sc in &self.scratch[..plan.chunks] {
+            if let Some(bp) = self.bias.as_mut() {
+                add_into(&mut bp.grad.data, &sc.db);
+            }
+        }
+        Ok(())
+    }
+
     /// Multiply–add count of one forward pass on input shape `x` (0 if the shape does not fit).
     pub fn macs(&self, x: &[usize]) -> u64 {
         match self.out_shape(x) {
@@ -358,6 +492,11 @@ impl Conv2d {
         }
     }
 }
+
+/// Fewest GEMM inner-dimension channels for which Winograd beats im2col.
+const WINO_MIN_C: usize = 8;
+/// Winograd GEMM columns (tiles) per group of images.
+const WINO_TARGET: usize = 128;
 
 fn add_into(dst: &mut [f32], src: &[f32]) {
     dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
@@ -474,6 +613,84 @@ fn col2im(col: &[f32], g: &Geometry, dx: &mut [f32], ld: usize, off: usize) {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+        let num: f64 = a
+            .iter()
+            .zip(b)
+            .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+            .sum();
+        let den: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
+        (num / den.max(1e-300)).sqrt()
+    }
+
+    /// Winograd (forward, ∇X) against im2col + GEMM on the same conv, for shapes where it applies and
+    /// shapes where it falls back (other kernels, strides, paddings, few channels).
+    #[test]
+    fn winograd_matches_im2col() {
+        let mut rng = Rng::new(3);
+        for &(b, c, m, h, w, k, s, p) in &[
+            (1, 8, 8, 1, 1, 3, 1, 1),
+            (1, 8, 16, 5, 7, 3, 1, 1),
+            (3, 16, 8, 9, 9, 3, 1, 1),
+            (5, 12, 20, 8, 8, 3, 1, 1),
+            (4, 32, 32, 2, 2, 3, 1, 1),
+            (2, 16, 16, 4, 4, 3, 1, 1),
+            (2, 16, 16, 5, 5, 3, 1, 1),
+            (2, 64, 24, 16, 16, 3, 1, 1),
+            (2, 1, 8, 6, 6, 3, 1, 1),
+            (2, 8, 1, 6, 6, 3, 1, 1),
+            (2, 8, 8, 7, 7, 3, 2, 1),
+            (2, 8, 8, 7, 7, 3, 1, 0),
+            (2, 8, 8, 7, 7, 1, 1, 0),
+        ] {
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    let mut conv = Conv2d::new(c, m, k, s, p, true, &mut rng);
+                    for v in conv.bias.as_mut().unwrap().value.data.iter_mut() {
+                        *v = rng.normal();
+                    }
+                    let x = Tensor {
+                        shape: vec![b, c, h, w],
+                        data: (0..b * c * h * w).map(|_| rng.normal()).collect(),
+                    };
+                    let mut out = Vec::new();
+                    for wino in [true, false] {
+                        conv.winograd = wino;
+                        conv.weight.zero_grad();
+                        let mut y = Tensor::default();
+                        conv.forward(&x, &mut y).unwrap();
+                        let dy = Tensor {
+                            shape: y.shape.clone(),
+                            data: (0..y.len())
+                                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 30.0)
+                                .collect(),
+                        };
+                        let mut dx = Tensor::default();
+                        conv.backward(&x, &dy, Some(&mut dx)).unwrap();
+                        out.push((y, dx, conv.weight.grad.clone()));
+                    }
+                    let what = format!("b{b} c{c} m{m} {h}×{w} k{k} s{s} p{p} threads {threads}");
+                    let (a, r) = (&out[0], &out[1]);
+                    let e = rel_err(&a.0.data, &r.0.data);
+                    assert!(e < 1e-5, "{what}: y rel err {e}");
+                    let e = rel_err(&a.1.data, &r.1.data);
+                    assert!(e < 1e-5, "{what}: ∇X rel err {e}");
+                    let e = rel_err(&a.2.data, &r.2.data);
+                    assert!(e < 1e-5, "{what}: ∇W rel err {e}");
+                });
             }
         }
     }

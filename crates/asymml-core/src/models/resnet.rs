@@ -5,7 +5,7 @@ use super::net::{
     bn_params, bn_state, conv_params, conv_state, in_layer, ConvExec, ParamVisitor, StateMut,
 };
 use crate::error::Result;
-use crate::layers::activation::{add_inplace, add_relu_inplace, relu_backward_inplace};
+use crate::layers::activation::{add_inplace, add_relu_inplace};
 use crate::layers::{BatchNorm2d, Conv2d, Relu};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -21,7 +21,6 @@ pub struct BasicBlock {
     relu: Relu,
     // forward activations
     t1: Tensor,
-    t2: Tensor,
     t3: Tensor,
     t4: Tensor,
     s1: Tensor,
@@ -43,13 +42,12 @@ impl BasicBlock {
         });
         BasicBlock {
             conv1: Conv2d::new(in_ch, out_ch, 3, stride, 1, false, rng),
-            bn1: BatchNorm2d::new(out_ch),
+            bn1: BatchNorm2d::new(out_ch).with_relu(true),
             conv2: Conv2d::new(out_ch, out_ch, 3, 1, 1, false, rng),
             bn2: BatchNorm2d::new(out_ch),
             downsample,
             relu: Relu,
             t1: Tensor::default(),
-            t2: Tensor::default(),
             t3: Tensor::default(),
             t4: Tensor::default(),
             s1: Tensor::default(),
@@ -107,8 +105,8 @@ impl BasicBlock {
                 .map_err(|e| in_layer("downsample.0", e))?;
             b.forward(&self.s1, &mut self.s2, train)?;
         }
-        self.bn1.forward(&self.t1, &mut self.t2, train)?;
-        self.relu.forward(&self.t2, &mut self.t3);
+        // bn1 has ReLU fused
+        self.bn1.forward(&self.t1, &mut self.t3, train)?;
         exec.conv_forward(&mut self.conv2, &self.t3, &mut self.t4, train)
             .map_err(|e| in_layer("conv2", e))?;
         self.bn2.forward(&self.t4, out, train)?;
@@ -137,13 +135,11 @@ impl BasicBlock {
         exec: &mut dyn ConvExec,
     ) -> Result<()> {
         // g1 = ∇(sum before the final ReLU)
-        self.g1.copy_from(dy);
-        relu_backward_inplace(out, &mut self.g1);
+        self.relu.backward(out, dy, &mut self.g1);
         self.bn2.backward(&self.t4, &self.g1, &mut self.g2)?;
         exec.conv_backward(&mut self.conv2, &self.t3, &self.g2, Some(&mut self.g3))
             .map_err(|e| in_layer("conv2", e))?;
-        self.relu.backward(&self.t3, &self.g3, &mut self.g4);
-        self.bn1.backward(&self.t1, &self.g4, &mut self.g2)?;
+        self.bn1.backward(&self.t1, &self.g3, &mut self.g2)?;
         exec.conv_backward(&mut self.conv1, x, &self.g2, Some(dx))
             .map_err(|e| in_layer("conv1", e))?;
         match self.downsample.as_mut() {

@@ -4,7 +4,7 @@ use super::net::{Layer, Net, Node};
 use super::resnet::BasicBlock;
 use super::vgg;
 use crate::error::{CoreError, Result};
-use crate::layers::{AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Linear, MaxPool2d, Relu};
+use crate::layers::{AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Linear, MaxPool2d};
 use crate::rng::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -172,8 +172,9 @@ impl ModelSpec {
                     "conv1",
                     Layer::Conv(Conv2d::new(self.in_ch, w, 3, 1, 1, false, rng)),
                 ));
-                nodes.push(node("bn1", Layer::BatchNorm(BatchNorm2d::new(w))));
-                nodes.push(node("relu", Layer::Relu(Relu)));
+                // bn1 with the stem's ReLU fused
+                let bn1 = BatchNorm2d::new(w).with_relu(true);
+                nodes.push(node("bn1", Layer::BatchNorm(bn1)));
             }
             Style::ImageNet => {
                 nodes.push(node(

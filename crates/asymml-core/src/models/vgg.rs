@@ -24,14 +24,15 @@ pub fn config(depth: u32) -> Option<&'static [usize]> {
     })
 }
 
-/// `features.*`: conv3×3(+bias) → BN → ReLU per entry; a pool entry becomes a ReLU+MaxPool fused with the
-/// preceding ReLU (torchvision's indices are kept: conv i, bn i+1, relu i+2, pool i+3).
+/// `features.*`: conv3×3(+bias) → BN → ReLU per entry, the ReLU fused into the BN; before a pool entry the
+/// ReLU is fused into the pool instead (ReLU+MaxPool). torchvision's indices are kept: conv i, bn i+1,
+/// relu i+2, pool i+3.
 /// Widths are scaled by `width / 64`. Returns the nodes and the output channel count.
 pub fn features(cfg: &[usize], in_ch: usize, width: usize, rng: &mut Rng) -> (Vec<Node>, usize) {
     let mut nodes: Vec<Node> = Vec::new();
     let mut c = in_ch;
     let mut idx = 0;
-    for &v in cfg {
+    for (ci, &v) in cfg.iter().enumerate() {
         if v == 0 {
             // Fuse with the ReLU just pushed: replace it by a ReLU+MaxPool node named after the pool.
             let fused = matches!(nodes.last().map(|n| &n.layer), Some(Layer::Relu(_)));
@@ -49,14 +50,18 @@ pub fn features(cfg: &[usize], in_ch: usize, width: usize, rng: &mut Rng) -> (Ve
                 name: format!("features.{idx}"),
                 layer: Layer::Conv(Conv2d::new(c, out, 3, 1, 1, true, rng)),
             });
+            // features.{idx + 2}, the ReLU, is fused into the BN (or, before a pool, into the pool)
+            let before_pool = cfg.get(ci + 1) == Some(&0);
             nodes.push(Node {
                 name: format!("features.{}", idx + 1),
-                layer: Layer::BatchNorm(BatchNorm2d::new(out)),
+                layer: Layer::BatchNorm(BatchNorm2d::new(out).with_relu(!before_pool)),
             });
-            nodes.push(Node {
-                name: format!("features.{}", idx + 2),
-                layer: Layer::Relu(Relu),
-            });
+            if before_pool {
+                nodes.push(Node {
+                    name: format!("features.{}", idx + 2),
+                    layer: Layer::Relu(Relu),
+                });
+            }
             idx += 3;
             c = out;
         }
