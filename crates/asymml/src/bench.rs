@@ -106,6 +106,9 @@ pub struct BenchResult {
     pub transfer_s: f64,
     /// Blocked waiting for the accelerator per step.
     pub wait_s: f64,
+    /// Time per step during which both sides computed: trusted_s + untrusted_s − median_s (in-process
+    /// accelerator; 0 when they ran one after the other).
+    pub overlap_s: Option<f64>,
     pub bytes_to_untrusted: f64,
     pub bytes_from_untrusted: f64,
     /// Convolution FLOPs per step on each side: all convs in trusted-only; the lightweight SVD and Conv_T
@@ -394,6 +397,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     untrusted_s: (!untrusted.is_empty()).then(|| median(&mut untrusted)),
                     transfer_s: median(&mut transfer),
                     wait_s: median(&mut wait),
+                    overlap_s: (!untrusted.is_empty() && mode == Mode::Split).then(|| {
+                        (median(&mut trusted.clone()) + median(&mut untrusted.clone()) - med)
+                            .max(0.0)
+                    }),
                     bytes_to_untrusted: bytes.0,
                     bytes_from_untrusted: bytes.1,
                     trusted_flops: flops.0,
@@ -543,6 +550,14 @@ fn print_table(results: &[BenchResult]) {
                 r.slowdown_vs_untrusted_only
                     .map_or(String::new(), |s| format!("; {s:.2}× the untrusted-only time")),
             );
+            if let Some(o) = r.overlap_s {
+                println!(
+                    "{:<20} {:<6} both sides computing at once: {:.1} ms per step",
+                    "",
+                    "",
+                    o * 1e3
+                );
+            }
         }
         if let Some(g) = r.conv_gflops {
             let t = r.torch_ratio.map_or(String::new(), |t| {

@@ -327,6 +327,7 @@ fn bench_times_every_mode_and_policy_with_flops_bytes_memory_and_layers() {
             "split" => {
                 assert!(f(r, "bytes_to_untrusted") > 0.0 && f(r, "bytes_from_untrusted") > 0.0);
                 assert!(f(r, "untrusted_s") > 0.0);
+                assert!(f(r, "overlap_s") >= 0.0);
                 assert!(f(r, "accelerator_peak_bytes") > 0.0);
                 // Conv_T + SVD is cheaper than every conv; the accelerator does every conv's work.
                 let bound = f(r, "flop_bound");
