@@ -1,6 +1,6 @@
 //! BatchNorm2d: batch statistics and running averages in training, running averages in evaluation.
 
-use super::Param;
+use super::{sum8, sum8_zip, Param};
 use crate::error::{CoreError, Result};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -37,9 +37,9 @@ fn channel_stats(x: &[f32], cn: usize, hw: usize) -> Vec<(f64, f64)> {
     let planes: Vec<(f64, f64)> = x
         .par_chunks(hw)
         .map(|pl| {
-            let s: f32 = pl.iter().sum();
+            let s = sum8(pl, |v| v);
             let m = s / hw as f32;
-            let m2: f32 = pl.iter().map(|&v| (v - m) * (v - m)).sum();
+            let m2 = sum8(pl, |v| (v - m) * (v - m));
             (s as f64, m2 as f64)
         })
         .collect();
@@ -80,24 +80,20 @@ fn grad_sums(
         .map(|(i, (xp, gp))| {
             let c = i % cn;
             let (m, k) = (mean[c], invstd[c]);
-            let mut s = 0.0f32;
-            let mut sx = 0.0f32;
-            match relu {
+            let (s, sx) = match relu {
                 Some((scale, shift)) => {
                     let (a, b) = (scale[c], shift[c]);
-                    for (&xv, &g) in xp.iter().zip(gp) {
-                        let g = if xv * a + b > 0.0 { g } else { 0.0 };
-                        s += g;
-                        sx += g * ((xv - m) * k);
-                    }
+                    let g = |xv: f32, g: f32| if xv * a + b > 0.0 { g } else { 0.0 };
+                    (
+                        sum8_zip(xp, gp, g),
+                        sum8_zip(xp, gp, |xv, gv| g(xv, gv) * ((xv - m) * k)),
+                    )
                 }
-                None => {
-                    for (&xv, &g) in xp.iter().zip(gp) {
-                        s += g;
-                        sx += g * ((xv - m) * k);
-                    }
-                }
-            }
+                None => (
+                    sum8(gp, |gv| gv),
+                    sum8_zip(xp, gp, |xv, gv| gv * ((xv - m) * k)),
+                ),
+            };
             (s as f64, sx as f64)
         })
         .collect();

@@ -2,7 +2,7 @@
 //! stride-1 pad-1 convs use Winograd F(2×2, 3×3) for the forward pass and ∇X (∇W stays im2col + GEMM).
 
 use super::winograd;
-use super::{out_size, threads, Param};
+use super::{out_size, sum8, threads, Param};
 use crate::error::{CoreError, Result};
 use crate::gemm::{sgemm, Mat};
 use crate::rng::Rng;
@@ -328,7 +328,7 @@ impl Conv2d {
                     sc.db.clear();
                     sc.db.resize(m, 0.0);
                     for (i, row) in dyc.chunks(p).enumerate() {
-                        sc.db[i % m] += row.iter().sum::<f32>();
+                        sc.db[i % m] += sum8(row, |v| v);
                     }
                 }
                 let groups = xc
@@ -456,7 +456,7 @@ impl Conv2d {
                     sc.db.clear();
                     sc.db.resize(m, 0.0);
                     for (i, row) in dyc.chunks(h * w).enumerate() {
-                        sc.db[i % m] += row.iter().sum::<f32>();
+                        sc.db[i % m] += sum8(row, |v| v);
                     }
                 }
                 let groups = xc
