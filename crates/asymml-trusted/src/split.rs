@@ -41,9 +41,6 @@ struct LayerState {
     /// For a ResNet shortcut conv: the block's first conv, whose decomposition and X_U it reuses.
     shared_from: Option<usize>,
     lr: BatchLowRank,
-    residual: Tensor,
-    y_t: Tensor,
-    dw_t: Tensor,
     /// Whether the last forward reused `shared_from`'s decomposition.
     used_shared: bool,
     rank: usize,
@@ -91,6 +88,10 @@ pub struct SplitExec<T: Transport> {
     rng: Rng,
     layers: Vec<LayerState>,
     tconv: TrustedConv,
+    /// Scratch shared by every conv (each is used only within one call): X_U until it is encoded, Y_T, ∇W_T.
+    residual: Tensor,
+    y_t: Tensor,
+    dw_t: Tensor,
     /// (layer, address and shape of its input) of the last forward, to recognise a shortcut conv's input.
     last_input: Option<(usize, usize, Vec<usize>)>,
     stats: Arc<Mutex<SplitStats>>,
@@ -202,6 +203,9 @@ impl<T: Transport> SplitExec<T> {
             rng,
             layers,
             tconv: TrustedConv::new(),
+            residual: Tensor::default(),
+            y_t: Tensor::default(),
+            dw_t: Tensor::default(),
             last_input: None,
             stats: Arc::default(),
         })
@@ -357,7 +361,7 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                 .is_some_and(|(l, p, s)| *l == from && (*p, s) == (input_key.0, &input_key.1))
         });
         let layer = id as u32;
-        let mut y_t = std::mem::take(&mut self.layers[id].y_t);
+        let mut y_t = std::mem::take(&mut self.y_t);
         let res = (|| {
             match shared {
                 Some(from) => {
@@ -390,15 +394,15 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                         st.step,
                         self.cfg.iters,
                         &mut st.lr,
-                        &mut st.residual,
+                        &mut self.residual,
                     )?;
                     st.rank = r;
                     if self.cfg.nsr > 0.0 {
-                        add_noise_batch(x, &mut st.residual, self.cfg.nsr, &mut self.rng)?;
+                        add_noise_batch(x, &mut self.residual, self.cfg.nsr, &mut self.rng)?;
                     }
                     let (b, n, h, w) = x.nchw("split")?;
                     self.trusted(id, t0, light_svd_flops(b, n, h * w, r, self.cfg.iters));
-                    let residual = std::mem::take(&mut self.layers[id].residual);
+                    let residual = std::mem::take(&mut self.residual);
                     let req = Request::ConvForward {
                         layer,
                         x_u: declassify_residual_owned(residual),
@@ -406,7 +410,7 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                     };
                     let sent = self.send(&req);
                     if let Request::ConvForward { x_u, .. } = req {
-                        self.layers[id].residual = x_u.reclaim_sent();
+                        self.residual = x_u.reclaim_sent();
                     }
                     sent?;
                     // The trusted convolution runs while the accelerator computes its part.
@@ -439,7 +443,7 @@ impl<T: Transport> ConvExec for SplitExec<T> {
             });
             Ok(())
         })();
-        self.layers[id].y_t = y_t;
+        self.y_t = y_t;
         res.map_err(|e| layer_err(&self.layers[id], id, e))
     }
 
@@ -457,7 +461,7 @@ impl<T: Transport> ConvExec for SplitExec<T> {
             )));
         }
         let layer = id as u32;
-        let mut dw_t = std::mem::take(&mut self.layers[id].dw_t);
+        let mut dw_t = std::mem::take(&mut self.dw_t);
         let res = (|| {
             self.send(&Request::ConvBackward {
                 layer,
@@ -517,7 +521,7 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                 .map_err(|e| acc(&what, e))?;
             Ok(())
         })();
-        self.layers[id].dw_t = dw_t;
+        self.dw_t = dw_t;
         res.map_err(|e| layer_err(&self.layers[id], id, e))
     }
 
