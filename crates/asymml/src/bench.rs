@@ -382,6 +382,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
                         .map(|(_, f, tr)| if train { *tr } else { *f })
                 });
                 let med = median(&mut wall.clone());
+                let trusted_med = median(&mut trusted);
+                let untrusted_med = (!untrusted.is_empty()).then(|| median(&mut untrusted));
                 results.push(BenchResult {
                     model: canonical,
                     phase: if train { "train" } else { "infer" }.into(),
@@ -393,14 +395,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     accelerator_threads: (mode != Mode::TrustedOnly).then_some(accel_threads),
                     median_s: med,
                     min_s: wall.iter().cloned().fold(f64::INFINITY, f64::min),
-                    trusted_s: median(&mut trusted),
-                    untrusted_s: (!untrusted.is_empty()).then(|| median(&mut untrusted)),
+                    trusted_s: trusted_med,
+                    untrusted_s: untrusted_med,
                     transfer_s: median(&mut transfer),
                     wait_s: median(&mut wait),
-                    overlap_s: (!untrusted.is_empty() && mode == Mode::Split).then(|| {
-                        (median(&mut trusted.clone()) + median(&mut untrusted.clone()) - med)
-                            .max(0.0)
-                    }),
+                    overlap_s: untrusted_med
+                        .filter(|_| mode == Mode::Split)
+                        .map(|u| (trusted_med + u - med).max(0.0)),
                     bytes_to_untrusted: bytes.0,
                     bytes_from_untrusted: bytes.1,
                     trusted_flops: flops.0,

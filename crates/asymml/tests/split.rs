@@ -11,7 +11,12 @@ fn asymml(args: &[&str]) -> Output {
 }
 
 fn verify(model: &str, rank: &str, accel: &str) -> serde_json::Value {
-    let o = asymml(&[
+    verify_with(model, rank, accel, &[])
+}
+
+/// `asymml verify --json` with more flags: asserts exit code 0 and returns its JSON.
+fn verify_with(model: &str, rank: &str, accel: &str, more: &[&str]) -> serde_json::Value {
+    let mut args = vec![
         "verify",
         "--model",
         model,
@@ -22,7 +27,9 @@ fn verify(model: &str, rank: &str, accel: &str) -> serde_json::Value {
         "--accelerator",
         accel,
         "--json",
-    ]);
+    ];
+    args.extend_from_slice(more);
+    let o = asymml(&args);
     let out = String::from_utf8_lossy(&o.stdout);
     let v: serde_json::Value = serde_json::from_str(out.trim())
         .unwrap_or_else(|e| panic!("{e}: {out} {}", String::from_utf8_lossy(&o.stderr)));
@@ -95,20 +102,7 @@ fn split_equals_trusted_only_over_a_process_and_tcp() {
 fn shared_basis_split_equals_trusted_only() {
     for model in ["vgg16", "resnet18"] {
         for rank in ["schedule", "asym2", "fixed:3"] {
-            let o = asymml(&[
-                "verify",
-                "--model",
-                model,
-                "--batch",
-                "4",
-                "--rank",
-                rank,
-                "--shared-basis",
-                "--json",
-            ]);
-            let v: serde_json::Value = serde_json::from_slice(&o.stdout)
-                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stderr)));
-            assert_eq!(o.status.code(), Some(0), "{v}");
+            let v = verify_with(model, rank, "inproc", &["--shared-basis"]);
             assert!(
                 v["max_rel_err"].as_f64().unwrap() <= 1e-4,
                 "{model} {rank}: {v}"

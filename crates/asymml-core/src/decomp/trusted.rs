@@ -33,6 +33,9 @@ pub struct TrustedConv {
     scratch: Vec<Scratch>,
     /// W permuted to [N, M·kk] (forward), or the summed ∇W in that layout (backward).
     wt: Vec<f32>,
+    /// With a shared basis: Uᵀ·wt [r × M·kk] and W' [M × r·kk], once per batch.
+    shared_z: Vec<f32>,
+    shared_wp: Vec<f32>,
 }
 
 /// Geometry of one application: V_b is an r × H × W image, the kernel k × k.
@@ -229,72 +232,57 @@ impl TrustedConv {
         // W [M, N, kk] → wt [N, M·kk], shared by every sample.
         self.wt.resize(n * m * kk, 0.0);
         permute(&w.data, &mut self.wt, m, n, kk);
+        // With a shared basis, W' [M × r·kk] = permute(Uᵀ · wt) once for the batch.
         if g.shared {
-            // W' [M × r·kk] once for the batch, then Y_b = W' · col(V_b) per sample.
-            let mut z = vec![0f32; r * m * kk];
-            let u = &lr.samples[0].u;
+            let (u, z) = (&lr.samples[0].u, &mut self.shared_z);
+            z.resize(r * m * kk, 0.0);
             sgemm(
                 r,
                 m * kk,
                 n,
                 Mat::rm_t(u, r),
                 Mat::rm(&self.wt, m * kk),
-                &mut z,
+                z,
                 false,
                 1,
             );
-            let mut wp = vec![0f32; m * r * kk];
-            permute(&z, &mut wp, r, m, kk);
-            let wp = &wp;
-            y_t.data
-                .par_chunks_mut(per * m * p)
-                .zip(lr.samples.par_chunks(per))
-                .zip(self.scratch.par_iter_mut())
-                .for_each(|((yc, sams), sc)| {
-                    for (yb, s) in yc.chunks_mut(m * p).zip(sams) {
-                        let col = g.col(&s.v, r, &mut sc.col);
-                        sgemm(
-                            m,
-                            p,
-                            r * kk,
-                            Mat::rm(wp, r * kk),
-                            Mat::rm(col, p),
-                            yb,
-                            false,
-                            gt,
-                        );
-                    }
-                });
-            return Ok(());
+            self.shared_wp.resize(m * r * kk, 0.0);
+            permute(&self.shared_z, &mut self.shared_wp, r, m, kk);
         }
-        let wt = &self.wt;
+        let (wt, shared_wp) = (&self.wt, g.shared.then_some(&self.shared_wp));
         y_t.data
             .par_chunks_mut(per * m * p)
             .zip(lr.samples.par_chunks(per))
             .zip(self.scratch.par_iter_mut())
             .for_each(|((yc, sams), sc)| {
                 for (yb, s) in yc.chunks_mut(m * p).zip(sams) {
-                    // z [r × M·kk] = U_bᵀ · wt, then W'_b [M × r·kk].
-                    sc.z.resize(r * m * kk, 0.0);
-                    sgemm(
-                        r,
-                        m * kk,
-                        n,
-                        Mat::rm_t(&s.u, r),
-                        Mat::rm(wt, m * kk),
-                        &mut sc.z,
-                        false,
-                        gt,
-                    );
-                    sc.wp.resize(m * r * kk, 0.0);
-                    permute(&sc.z, &mut sc.wp, r, m, kk);
+                    let wp: &[f32] = match shared_wp {
+                        Some(wp) => wp,
+                        None => {
+                            // z [r × M·kk] = U_bᵀ · wt, then W'_b [M × r·kk].
+                            sc.z.resize(r * m * kk, 0.0);
+                            sgemm(
+                                r,
+                                m * kk,
+                                n,
+                                Mat::rm_t(&s.u, r),
+                                Mat::rm(wt, m * kk),
+                                &mut sc.z,
+                                false,
+                                gt,
+                            );
+                            sc.wp.resize(m * r * kk, 0.0);
+                            permute(&sc.z, &mut sc.wp, r, m, kk);
+                            &sc.wp
+                        }
+                    };
                     // Y_b [M × P] = W'_b · col(V_b)
                     let col = g.col(&s.v, r, &mut sc.col);
                     sgemm(
                         m,
                         p,
                         r * kk,
-                        Mat::rm(&sc.wp, r * kk),
+                        Mat::rm(wp, r * kk),
                         Mat::rm(col, p),
                         yb,
                         false,

@@ -288,20 +288,16 @@ pub struct ConvDecoder {
     g2: Tensor,
 }
 
-/// [n, c·f², h, w] → [n, c, h·f, w·f] (sub-pixel rearrangement); `back` maps the other way.
-fn depth_to_space(x: &Tensor, c: usize, f: usize, out: &mut Tensor, back: bool, src: &Tensor) {
-    // When `back`, `src` is the [n, c, H, W] gradient and `out` becomes [n, c·f², h, w].
-    let (n, h, w) = if back {
-        (src.shape[0], src.shape[2] / f, src.shape[3] / f)
-    } else {
-        (x.shape[0], x.shape[2], x.shape[3])
-    };
+/// Calls `each(lo, hi)` for every element: `lo` its index in [n, c·f², h, w], `hi` in [n, c, h·f, w·f].
+fn sub_pixel_pairs(
+    n: usize,
+    c: usize,
+    f: usize,
+    h: usize,
+    w: usize,
+    mut each: impl FnMut(usize, usize),
+) {
     let (ih, iw) = (h * f, w * f);
-    if back {
-        out.resize(&[n, c * f * f, h, w]);
-    } else {
-        out.resize(&[n, c, ih, iw]);
-    }
     for b in 0..n {
         for cc in 0..c {
             for a in 0..f {
@@ -309,19 +305,30 @@ fn depth_to_space(x: &Tensor, c: usize, f: usize, out: &mut Tensor, back: bool, 
                     let q = (cc * f + a) * f + bb;
                     for i in 0..h {
                         for j in 0..w {
-                            let lo = ((b * c * f * f + q) * h + i) * w + j;
-                            let hi = ((b * c + cc) * ih + i * f + a) * iw + j * f + bb;
-                            if back {
-                                out.data[lo] = src.data[hi];
-                            } else {
-                                out.data[hi] = x.data[lo];
-                            }
+                            each(
+                                ((b * c * f * f + q) * h + i) * w + j,
+                                ((b * c + cc) * ih + i * f + a) * iw + j * f + bb,
+                            );
                         }
                     }
                 }
             }
         }
     }
+}
+
+/// x: [n, c·f², h, w] → out: [n, c, h·f, w·f] (sub-pixel rearrangement).
+fn depth_to_space(x: &Tensor, c: usize, f: usize, out: &mut Tensor) {
+    let (n, h, w) = (x.shape[0], x.shape[2], x.shape[3]);
+    out.resize(&[n, c, h * f, w * f]);
+    sub_pixel_pairs(n, c, f, h, w, |lo, hi| out.data[hi] = x.data[lo]);
+}
+
+/// y: [n, c, H, W] → out: [n, c·f², H/f, W/f], the inverse of [`depth_to_space`].
+fn space_to_depth(y: &Tensor, c: usize, f: usize, out: &mut Tensor) {
+    let (n, h, w) = (y.shape[0], y.shape[2] / f, y.shape[3] / f);
+    out.resize(&[n, c * f * f, h, w]);
+    sub_pixel_pairs(n, c, f, h, w, |lo, hi| out.data[lo] = y.data[hi]);
 }
 
 impl ConvDecoder {
@@ -351,21 +358,14 @@ impl ConvDecoder {
         self.c2.forward(&self.h1, &mut self.a2)?;
         self.r.forward(&self.a2, &mut self.h2);
         self.c3.forward(&self.h2, &mut self.a3)?;
-        depth_to_space(
-            &self.a3,
-            self.out_c,
-            self.fct,
-            out,
-            false,
-            &Tensor::default(),
-        );
+        depth_to_space(&self.a3, self.out_c, self.fct, out);
         Ok(())
     }
 
     /// dy: the gradient of the loss at the decoder's output; accumulates every parameter's gradient.
     fn backward(&mut self, x: &Tensor, dy: &Tensor) -> Result<()> {
         let mut g3 = Tensor::default();
-        depth_to_space(&Tensor::default(), self.out_c, self.fct, &mut g3, true, dy);
+        space_to_depth(dy, self.out_c, self.fct, &mut g3);
         self.c3.backward(&self.h2, &g3, Some(&mut self.g))?;
         self.r.backward(&self.h2, &self.g, &mut self.g2);
         self.c2.backward(&self.h1, &self.g2, Some(&mut self.g))?;
@@ -453,7 +453,6 @@ impl ConvDecoder {
                 }
             }
         }
-        let _ = (ih, iw);
         Ok(dec)
     }
 
@@ -575,7 +574,7 @@ mod tests {
         )
         .unwrap();
         let mut s = Tensor::default();
-        depth_to_space(&Tensor::default(), 1, 2, &mut s, true, &img);
+        space_to_depth(&img, 1, 2, &mut s);
         let fit = Ridge::fit(&s, &img, 1).unwrap();
         let rec = fit.predict(&s, 1).unwrap();
         let err = rec

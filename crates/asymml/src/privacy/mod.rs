@@ -669,8 +669,8 @@ pub fn run(a: PrivacyArgs) -> Result<()> {
                 let m = dy0.shape[1];
                 if dy0.shape[2..] == x0.shape[2..] {
                     let g = leakage::channel_mean_repeated(&x0, m)?;
-                    let gs: Vec<f64> = gray_self.clone();
-                    let lk = leakage::leak(&g, &dy0, &gs, &cfg)?;
+
+                    let lk = leakage::leak(&g, &dy0, &gray_self, &cfg)?;
                     let mut st = setting(
                         0,
                         "dy",
