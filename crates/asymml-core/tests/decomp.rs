@@ -157,6 +157,20 @@ fn shared_basis_split_is_exact_for_every_policy_and_keeps_less_energy() {
 }
 
 #[test]
+fn split_is_exact_where_conv_t_takes_winograd() {
+    // r ≥ 8 channels of V on a 10×10 map, 3×3 stride 1 pad 1: conv(V_b, W'_b) goes through Winograd
+    // F(2×2, 3×3), per-sample and shared basis alike.
+    let mut rng = Rng::new(11);
+    let x = randn(&mut rng, &[2, 16, 10, 10], 1.0);
+    for r in [8, 12] {
+        for shared in [false, true] {
+            let got = check_split_with(&x, RankPolicy::Fixed(r), 0, 1, 40 + r as u64, shared);
+            assert_eq!(got, r);
+        }
+    }
+}
+
+#[test]
 fn split_is_exact_for_every_policy() {
     let mut rng = Rng::new(1);
     let x = randn(&mut rng, &[2, 8, 6, 6], 1.0);

@@ -69,6 +69,9 @@ pub struct LayerStats {
     pub rank: usize,
     /// Trusted compute: decomposition, noise, Conv_T, ∇W_T, adding Y_T + Y_U (seconds).
     pub trusted_s: f64,
+    /// Of `trusted_s`: the decomposition (lightweight SVD, X_U, noise) and adding Y_T + Y_U.
+    pub decompose_s: f64,
+    pub merge_s: f64,
     /// Floating-point operations of the lightweight SVD and Conv_T (forward and ∇W_T).
     pub trusted_flops: f64,
     /// Floating-point operations the accelerator does for this layer: conv(X_U, W); ∇W_U and ∇X.
@@ -401,6 +404,8 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                         add_noise_batch(x, &mut self.residual, self.cfg.nsr, &mut self.rng)?;
                     }
                     let (b, n, h, w) = x.nchw("split")?;
+                    let dt = t0.elapsed().as_secs_f64();
+                    self.count_layer(Some(id), |l| l.decompose_s += dt);
                     self.trusted(id, t0, light_svd_flops(b, n, h * w, r, self.cfg.iters));
                     let residual = std::mem::take(&mut self.residual);
                     let req = Request::ConvForward {
@@ -435,6 +440,8 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                 .map_err(|e| acc(&what, e))?;
             let full = 2.0 * conv.macs(&x.shape) as f64;
             let (rank, name) = (self.layers[id].rank, self.layers[id].name.clone());
+            let dt = t0.elapsed().as_secs_f64();
+            self.count_layer(Some(id), |l| l.merge_s += dt);
             self.trusted(id, t0, 0.0);
             self.count_layer(Some(id), |l| {
                 l.untrusted_flops += full;

@@ -73,6 +73,10 @@ pub struct LayerRow {
     pub name: String,
     pub rank: usize,
     pub trusted_s: f64,
+    /// Of `trusted_s`: the decomposition (lightweight SVD, residual, noise) and the merge Y_T + Y_U; the
+    /// rest is Conv_T (and ∇W_T in training).
+    pub decompose_s: f64,
+    pub merge_s: f64,
     pub untrusted_s: Option<f64>,
     pub transfer_s: f64,
     pub wait_s: f64,
@@ -80,6 +84,17 @@ pub struct LayerRow {
     pub bytes_from_untrusted: f64,
     pub trusted_flops: f64,
     pub untrusted_flops: f64,
+}
+
+/// One top-level node of the network (a layer, or a whole residual block): its time in the trusted
+/// runtime per step, waits on the accelerator included.
+#[derive(Serialize, Debug, Clone, Default)]
+pub struct NodeRow {
+    pub name: String,
+    /// conv, batchnorm, relu, maxpool, avgpool, linear, dropout, flatten, block.
+    pub kind: String,
+    pub forward_s: f64,
+    pub backward_s: f64,
 }
 
 /// Timings of one model, phase, mode and rank policy.
@@ -106,6 +121,12 @@ pub struct BenchResult {
     pub transfer_s: f64,
     /// Blocked waiting for the accelerator per step.
     pub wait_s: f64,
+    /// The trusted runtime's convolution work per step (part of `trusted_s`): the conv kernels in
+    /// trusted-only mode; decomposition, Conv_T, merging and transfer in split mode (0 in untrusted-only).
+    pub conv_s: f64,
+    /// The rest of the trusted runtime's time per step: BatchNorm, ReLU, pooling, the classifier, the loss
+    /// and the optimizer (`trusted_s − conv_s`).
+    pub other_s: f64,
     /// Time per step during which both sides computed: trusted_s + untrusted_s − median_s (in-process
     /// accelerator; 0 when they ran one after the other).
     pub overlap_s: Option<f64>,
@@ -128,10 +149,16 @@ pub struct BenchResult {
     /// Split: trusted-only's conv FLOPs over this one's trusted FLOPs (the bound on `trusted_speedup` from
     /// arithmetic alone).
     pub flop_bound: Option<f64>,
+    /// Split: the bound on `trusted_speedup` given this run's `other_s`: trusted-only's trusted time over
+    /// (`other_s` + trusted-only's `conv_s` / `flop_bound`), i.e. if the split's conv work ran at the
+    /// trusted-only convolutions' FLOP rate and transferred nothing.
+    pub time_bound: Option<f64>,
     /// PyTorch's median time divided by ours (> 1: we are faster), trusted-only with --torch.
     pub torch_ratio: Option<f64>,
     /// Split: per conv layer.
     pub layers: Vec<LayerRow>,
+    /// Every top-level node's trusted time (per step).
+    pub nodes: Vec<NodeRow>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -188,6 +215,8 @@ fn add_layers(sum: &mut Vec<LayerRow>, before: &Snapshot, after: &Snapshot) {
         row.name.clone_from(&l.name);
         row.rank = l.rank;
         row.trusted_s += l.trusted_s - b.trusted_s;
+        row.decompose_s += l.decompose_s - b.decompose_s;
+        row.merge_s += l.merge_s - b.merge_s;
         row.transfer_s += l.transfer_s - b.transfer_s;
         row.wait_s += l.wait_s - b.wait_s;
         row.bytes_to_untrusted += (l.bytes_to - b.bytes_to) as f64;
@@ -307,10 +336,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 };
                 let (mut wall, mut trusted, mut untrusted) = (Vec::new(), Vec::new(), Vec::new());
                 let (mut transfer, mut wait) = (Vec::new(), Vec::new());
+                let mut conv_own = Vec::new();
                 let (mut conv_s, mut conv_f) = (0.0, 0.0);
                 let (mut bytes, mut flops) = ((0.0, 0.0), (0.0, 0.0));
                 let mut layers: Vec<LayerRow> = Vec::new();
                 for i in 0..a.warmup + a.steps {
+                    if i == a.warmup {
+                        // Node times from here on: the timed steps only.
+                        s.net.set_profiling(true);
+                    }
                     let before = read(&s);
                     let t = Instant::now();
                     if train {
@@ -333,6 +367,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     if let (Some(ta), Some(tb)) = (&after.accel, &before.accel) {
                         untrusted.push(ta.total_s - tb.total_s);
                     }
+                    let split_conv = after.split.layers.iter().map(|l| l.trusted_s).sum::<f64>()
+                        - before.split.layers.iter().map(|l| l.trusted_s).sum::<f64>();
+                    conv_own.push(
+                        after.conv.0 - before.conv.0 + split_conv + transfer[transfer.len() - 1],
+                    );
                     conv_s += after.conv.0 - before.conv.0;
                     conv_f += after.conv.1 - before.conv.1;
                     bytes = (
@@ -357,6 +396,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 let steps = a.steps as f64;
                 for l in &mut layers {
                     l.trusted_s /= steps;
+                    l.decompose_s /= steps;
+                    l.merge_s /= steps;
                     l.transfer_s /= steps;
                     l.wait_s /= steps;
                     l.bytes_to_untrusted /= steps;
@@ -368,6 +409,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 if mode == Mode::TrustedOnly {
                     flops = (conv_f / steps, 0.0);
                 }
+                let nodes: Vec<NodeRow> = s
+                    .net
+                    .nodes
+                    .iter()
+                    .zip(s.net.node_times().unwrap_or_default())
+                    .map(|(n, t)| NodeRow {
+                        name: n.name.clone(),
+                        kind: n.layer.kind().into(),
+                        forward_s: t.forward_s / steps,
+                        backward_s: t.backward_s / steps,
+                    })
+                    .collect();
                 let installed = crate::alloc::installed();
                 let peak_t = crate::alloc::peak(crate::alloc::Domain::Trusted) as u64;
                 let peak_a = crate::alloc::peak(crate::alloc::Domain::Accelerator) as u64;
@@ -383,6 +436,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 });
                 let med = median(&mut wall.clone());
                 let trusted_med = median(&mut trusted);
+                let conv_med = median(&mut conv_own).min(trusted_med);
                 let untrusted_med = (!untrusted.is_empty()).then(|| median(&mut untrusted));
                 results.push(BenchResult {
                     model: canonical,
@@ -399,6 +453,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     untrusted_s: untrusted_med,
                     transfer_s: median(&mut transfer),
                     wait_s: median(&mut wait),
+                    conv_s: conv_med,
+                    other_s: trusted_med - conv_med,
                     overlap_s: untrusted_med
                         .filter(|_| mode == Mode::Split)
                         .map(|u| (trusted_med + u - med).max(0.0)),
@@ -416,10 +472,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
                     wall_speedup: None,
                     slowdown_vs_untrusted_only: None,
                     flop_bound: None,
+                    time_bound: None,
                     torch_ratio: theirs
                         .filter(|_| mode == Mode::TrustedOnly)
                         .map(|t| t / 1e3 / med),
                     layers,
+                    nodes,
                 });
             }
         }
@@ -442,16 +500,17 @@ fn relate(results: &mut [BenchResult]) {
     let find = |rs: &[BenchResult], model: &str, phase: &str, mode: &str| {
         rs.iter()
             .find(|r| r.model == model && r.phase == phase && r.mode == mode)
-            .map(|r| (r.trusted_s, r.median_s, r.trusted_flops))
+            .map(|r| (r.trusted_s, r.median_s, r.trusted_flops, r.conv_s))
     };
     let snapshot = results.to_vec();
     for r in results.iter_mut().filter(|r| r.mode == "split") {
-        if let Some((t, w, f)) = find(&snapshot, &r.model, &r.phase, "trusted-only") {
+        if let Some((t, w, f, c)) = find(&snapshot, &r.model, &r.phase, "trusted-only") {
             r.trusted_speedup = Some(t / r.trusted_s);
             r.wall_speedup = Some(w / r.median_s);
             r.flop_bound = (r.trusted_flops > 0.0).then(|| f / r.trusted_flops);
+            r.time_bound = r.flop_bound.map(|b| t / (r.other_s + c / b));
         }
-        if let Some((_, w, _)) = find(&snapshot, &r.model, &r.phase, "untrusted-only") {
+        if let Some((_, w, _, _)) = find(&snapshot, &r.model, &r.phase, "untrusted-only") {
             r.slowdown_vs_untrusted_only = Some(r.median_s / w);
         }
     }
@@ -505,12 +564,14 @@ fn write_outputs(out: &Path, results: &[BenchResult]) -> Result<()> {
 
 fn print_table(results: &[BenchResult]) {
     println!(
-        "{:<20} {:<6} {:<22} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}",
+        "{:<20} {:<6} {:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}",
         "model",
         "phase",
         "mode",
         "median ms",
         "trusted",
+        "T conv",
+        "T other",
         "untrust.",
         "transfer",
         "MB →",
@@ -528,12 +589,14 @@ fn print_table(results: &[BenchResult]) {
             format!("{} {}", r.mode, r.rank)
         };
         println!(
-            "{:<20} {:<6} {:<22} {:>9.1} {:>9.1} {:>9} {:>9.1} {:>8.1} {:>9.2} {:>9.2} {:>9} {:>9}",
+            "{:<20} {:<6} {:<22} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9} {:>9.1} {:>8.1} {:>9.2} {:>9.2} {:>9} {:>9}",
             r.model,
             r.phase,
             mode,
             r.median_s * 1e3,
             r.trusted_s * 1e3,
+            r.conv_s * 1e3,
+            r.other_s * 1e3,
             ms(r.untrusted_s),
             r.transfer_s * 1e3,
             r.bytes_to_untrusted / 1e6,
@@ -544,9 +607,10 @@ fn print_table(results: &[BenchResult]) {
         );
         if let (Some(ts), Some(fb)) = (r.trusted_speedup, r.flop_bound) {
             println!(
-                "{:<20} {:<6} trusted runtime {ts:.2}× faster than trusted-only (FLOP bound {fb:.2}×); wall {}{}",
+                "{:<20} {:<6} trusted runtime {ts:.2}× faster than trusted-only (FLOP bound {fb:.2}×, {} with this non-conv time); wall {}{}",
                 "",
                 "",
+                r.time_bound.map_or("-".into(), |b| format!("{b:.2}×")),
                 r.wall_speedup.map_or("-".into(), |w| format!("{w:.2}×")),
                 r.slowdown_vs_untrusted_only
                     .map_or(String::new(), |s| format!("; {s:.2}× the untrusted-only time")),

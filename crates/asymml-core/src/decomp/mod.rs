@@ -110,24 +110,55 @@ pub fn decompose_batch(
         }
         r
     } else {
-        let samples = out
-            .samples
-            .par_iter_mut()
-            .zip(residual.data.par_chunks_mut(nhw))
-            .zip(x.data.par_chunks(nhw));
+        // r components of one sample, by the cheaper of the two routes (the same result).
+        let one = |xb: &[f32], s: &mut LowRank, res: &mut [f32], r: usize| {
+            if svd::gram_pays(n, hw, r) {
+                svd::light_svd_gram_into(xb, n, hw, r, iters, s, res);
+            } else {
+                svd::light_svd_into(xb, n, hw, r, iters, s, res);
+            }
+        };
+        // (sample's factorisation, its residual, its input) in parallel.
+        macro_rules! samples {
+            () => {
+                out.samples
+                    .par_iter_mut()
+                    .zip(residual.data.par_chunks_mut(nhw))
+                    .zip(x.data.par_chunks(nhw))
+            };
+        }
         match policy {
             RankPolicy::Fixed(_) | RankPolicy::Schedule => {
                 let r = match policy {
                     RankPolicy::Fixed(r) => fixed(r),
                     _ => fixed(schedule_rank(schedule_step)),
                 };
-                samples.for_each(|((s, res), xb)| {
-                    svd::light_svd_into(xb, n, hw, r, iters, s, res);
+                samples!().for_each(|((s, res), xb)| one(xb, s, res, r));
+                r
+            }
+            RankPolicy::Energy(e) if svd::gram_pays(n, hw, n) => {
+                // Each sample's energy rank, then every sample extended to the largest.
+                let r = out
+                    .samples
+                    .par_iter_mut()
+                    .zip(x.data.par_chunks(nhw))
+                    .map(|(s, xb)| {
+                        svd::gram_start(xb, n, hw, s);
+                        let total: f64 = s.residual_energy();
+                        svd::gram_extract(s, iters, n, Some(total - e * total));
+                        s.r
+                    })
+                    .max()
+                    .unwrap_or(1);
+                let r = fixed(r);
+                samples!().for_each(|((s, res), xb)| {
+                    svd::gram_extract(s, iters, r, None);
+                    svd::gram_finish(xb, s, res);
                 });
                 r
             }
             RankPolicy::Energy(e) => {
-                let r = samples
+                let r = samples!()
                     .map(|((s, res), xb)| {
                         svd::light_svd_energy_into(xb, n, hw, e, n, iters, s, res)
                     })
@@ -148,9 +179,7 @@ pub fn decompose_batch(
                     .max()
                     .unwrap_or(1);
                 let r = fixed(r);
-                samples.for_each(|((s, res), xb)| {
-                    svd::light_svd_into(xb, n, hw, r, iters, s, res);
-                });
+                samples!().for_each(|((s, res), xb)| one(xb, s, res, r));
                 r
             }
         }

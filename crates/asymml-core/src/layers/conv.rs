@@ -112,19 +112,10 @@ impl Conv2d {
         self.k == 1 && self.stride == 1 && self.pad == 0
     }
 
-    /// True when Winograd F(2×2, 3×3) computes this conv (3×3, stride 1, pad 1) with `c_in` input channels
-    /// (the GEMMs' inner dimension: C for the forward pass, M for ∇X).
-    /// Maps whose tiles waste too much of the 4×4 transform (2×2, 3×3, 5×3, ...) stay on im2col: Winograd
-    /// needs at least 4 tiles per image and 1.5× fewer products than the direct conv (9·H·W vs 16 per tile).
+    /// True when Winograd F(2×2, 3×3) computes this conv with `c_in` input channels (the GEMMs' inner
+    /// dimension: C for the forward pass, M for ∇X); see [`winograd::suits`].
     fn use_winograd(&self, c_in: usize, h: usize, w: usize) -> bool {
-        let (th, tw) = winograd::tiles(h, w);
-        self.winograd
-            && self.k == 3
-            && self.stride == 1
-            && self.pad == 1
-            && c_in >= WINO_MIN_C
-            && th * tw >= 4
-            && 3 * h * w >= 8 * th * tw
+        self.winograd && winograd::suits(self.k, self.stride, self.pad, c_in, h, w)
     }
 
     /// How to cut a batch of `b` images with `p` output pixels each into work: `per` images per worker
@@ -493,8 +484,6 @@ impl Conv2d {
     }
 }
 
-/// Fewest GEMM inner-dimension channels for which Winograd beats im2col.
-const WINO_MIN_C: usize = 8;
 /// Winograd GEMM columns (tiles) per group of images.
 const WINO_TARGET: usize = 128;
 

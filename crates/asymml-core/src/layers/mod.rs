@@ -10,7 +10,7 @@ pub mod dropout;
 pub mod linear;
 pub mod loss;
 pub mod pool;
-mod winograd;
+pub(crate) mod winograd;
 
 pub use activation::Relu;
 pub use batchnorm::BatchNorm2d;

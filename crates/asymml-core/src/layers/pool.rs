@@ -23,6 +23,89 @@ fn pooled(h: usize, w: usize, k: usize, s: usize, p: usize, what: &str) -> Resul
     }
 }
 
+/// One plane of a max pool, any window: y and the argmax of every output (NONE where no input gets the
+/// gradient).
+fn max_general(
+    xp: &[f32],
+    (h, w): (usize, usize),
+    (k, s, p): (usize, usize, isize),
+    (oh, ow): (usize, usize),
+    relu: bool,
+    yp: &mut [f32],
+    ap: &mut [u32],
+) {
+    for oy in 0..oh {
+        for ox in 0..ow {
+            let mut best = f32::NEG_INFINITY;
+            let mut arg = NONE;
+            for ki in 0..k {
+                let iy = (oy * s + ki) as isize - p;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                for kj in 0..k {
+                    let ix = (ox * s + kj) as isize - p;
+                    if ix < 0 || ix >= w as isize {
+                        continue;
+                    }
+                    let idx = iy as usize * w + ix as usize;
+                    let v = xp[idx];
+                    if v > best || v.is_nan() {
+                        best = v;
+                        arg = idx as u32;
+                    }
+                }
+            }
+            if relu && best <= 0.0 {
+                // relu(x) is 0 over the whole window: the gradient reaches no input.
+                best = 0.0;
+                arg = NONE;
+            }
+            yp[oy * ow + ox] = best;
+            ap[oy * ow + ox] = arg;
+        }
+    }
+}
+
+/// One plane of a 2×2 stride-2 max pool (VGG's): the general loop's result — the window scanned row by
+/// row, a value taken when greater than the best so far or NaN — without bounds checks or branches on the
+/// data, which random-looking activations would mispredict.
+fn max2x2(xp: &[f32], w: usize, oh: usize, ow: usize, relu: bool, yp: &mut [f32], ap: &mut [u32]) {
+    #[inline(always)]
+    fn take(best: &mut f32, arg: &mut u32, v: f32, i: usize) {
+        let t = v > *best || v.is_nan();
+        *best = if t { v } else { *best };
+        *arg = if t { i as u32 } else { *arg };
+    }
+    for oy in 0..oh {
+        let (i0, i1) = (2 * oy * w, (2 * oy + 1) * w);
+        let (r0, r1) = (&xp[i0..i0 + 2 * ow], &xp[i1..i1 + 2 * ow]);
+        let (yr, ar) = (
+            &mut yp[oy * ow..(oy + 1) * ow],
+            &mut ap[oy * ow..(oy + 1) * ow],
+        );
+        for (ox, ((y, a), (p0, p1))) in yr
+            .iter_mut()
+            .zip(ar.iter_mut())
+            .zip(r0.chunks_exact(2).zip(r1.chunks_exact(2)))
+            .enumerate()
+        {
+            let (mut best, mut arg) = (f32::NEG_INFINITY, NONE);
+            take(&mut best, &mut arg, p0[0], i0 + 2 * ox);
+            take(&mut best, &mut arg, p0[1], i0 + 2 * ox + 1);
+            take(&mut best, &mut arg, p1[0], i1 + 2 * ox);
+            take(&mut best, &mut arg, p1[1], i1 + 2 * ox + 1);
+            if relu && best <= 0.0 {
+                // relu(x) is 0 over the whole window: the gradient reaches no input.
+                best = 0.0;
+                arg = NONE;
+            }
+            *y = best;
+            *a = arg;
+        }
+    }
+}
+
 /// MaxPool2d(k, stride, pad) with -∞ padding; with `relu` set, computes maxpool(relu(x)) in one pass
 /// (ReLU+MaxPool fused). Keeps the argmax of every output for backward.
 pub struct MaxPool2d {
@@ -65,36 +148,10 @@ impl MaxPool2d {
             .zip(self.argmax.par_chunks_mut(oh * ow))
             .zip(x.data.par_chunks(h * w))
             .for_each(|((yp, ap), xp)| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        let mut best = f32::NEG_INFINITY;
-                        let mut arg = NONE;
-                        for ki in 0..k {
-                            let iy = (oy * s + ki) as isize - p;
-                            if iy < 0 || iy >= h as isize {
-                                continue;
-                            }
-                            for kj in 0..k {
-                                let ix = (ox * s + kj) as isize - p;
-                                if ix < 0 || ix >= w as isize {
-                                    continue;
-                                }
-                                let idx = iy as usize * w + ix as usize;
-                                let v = xp[idx];
-                                if v > best || v.is_nan() {
-                                    best = v;
-                                    arg = idx as u32;
-                                }
-                            }
-                        }
-                        if relu && best <= 0.0 {
-                            // relu(x) is 0 over the whole window: the gradient reaches no input.
-                            best = 0.0;
-                            arg = NONE;
-                        }
-                        yp[oy * ow + ox] = best;
-                        ap[oy * ow + ox] = arg;
-                    }
+                if (k, s, p) == (2, 2, 0) {
+                    max2x2(xp, w, oh, ow, relu, yp, ap);
+                } else {
+                    max_general(xp, (h, w), (k, s, p), (oh, ow), relu, yp, ap);
                 }
             });
         Ok(())
@@ -259,5 +316,41 @@ impl AdaptiveAvgPool2d {
                     }
                 }
             });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max2x2_matches_the_general_loop() {
+        let mut rng = crate::rng::Rng::new(5);
+        for (h, w) in [(2, 2), (6, 7), (7, 6), (9, 11), (32, 32)] {
+            let mut x: Vec<f32> = (0..h * w).map(|_| rng.normal()).collect();
+            // Ties, NaN, ±∞ and all-negative windows.
+            x[0] = f32::NAN;
+            x[w - 1] = f32::NEG_INFINITY;
+            x[w - 2] = f32::NEG_INFINITY;
+            x[2 * w - 1] = f32::NEG_INFINITY;
+            x[2 * w - 2] = f32::NEG_INFINITY;
+            if h * w > 20 {
+                x[3] = x[2];
+                x[w + 2] = f32::INFINITY;
+                x[w + 5] = f32::NAN;
+                x[w + 4] = f32::NAN;
+            }
+            let (oh, ow) = (h / 2, w / 2);
+            for relu in [false, true] {
+                let (mut y1, mut a1) = (vec![0.0; oh * ow], vec![0; oh * ow]);
+                let (mut y2, mut a2) = (vec![0.0; oh * ow], vec![0; oh * ow]);
+                max2x2(&x, w, oh, ow, relu, &mut y1, &mut a1);
+                max_general(&x, (h, w), (2, 2, 0), (oh, ow), relu, &mut y2, &mut a2);
+                assert_eq!(a1, a2, "{h}×{w} relu {relu}");
+                for (p, q) in y1.iter().zip(&y2) {
+                    assert!(p == q || (p.is_nan() && q.is_nan()), "{h}×{w}: {p} vs {q}");
+                }
+            }
+        }
     }
 }

@@ -44,6 +44,18 @@ macro_rules! simd_fn {
 /// Number of transform positions of F(2×2, 3×3).
 pub const XI: usize = 16;
 
+/// Fewest GEMM inner-dimension channels for which Winograd beats im2col.
+pub const MIN_C: usize = 8;
+
+/// True when Winograd F(2×2, 3×3) should compute a conv: 3×3, stride 1, pad 1, with `c_in` input channels
+/// (the GEMMs' inner dimension) over an H×W map. Maps whose tiles waste too much of the 4×4 transform
+/// (2×2, 3×3, 5×3, ...) stay on im2col: Winograd needs at least 4 tiles per image and 1.5× fewer products
+/// than the direct conv (9·H·W vs 16 per tile).
+pub fn suits(k: usize, stride: usize, pad: usize, c_in: usize, h: usize, w: usize) -> bool {
+    let (th, tw) = tiles(h, w);
+    (k, stride, pad) == (3, 1, 1) && c_in >= MIN_C && th * tw >= 4 && 3 * h * w >= 8 * th * tw
+}
+
 /// Tiles of an H×W map (pad 1, stride 1, so the output is H×W too): (rows, cols) of 2×2 output tiles.
 pub fn tiles(h: usize, w: usize) -> (usize, usize) {
     (h.div_ceil(2), w.div_ceil(2))

@@ -83,6 +83,24 @@ pub enum Layer {
     Block(Box<BasicBlock>),
 }
 
+impl Layer {
+    /// The layer's kind in one lowercase word (`maxpool` also when it has a fused ReLU).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Layer::Conv(_) => "conv",
+            Layer::BatchNorm(_) => "batchnorm",
+            Layer::Relu(_) => "relu",
+            Layer::MaxPool(_) => "maxpool",
+            Layer::AvgPool(_) => "avgpool",
+            Layer::AdaptiveAvgPool(_) => "adaptiveavgpool",
+            Layer::Flatten => "flatten",
+            Layer::Linear(_) => "linear",
+            Layer::Dropout(_) => "dropout",
+            Layer::Block(_) => "block",
+        }
+    }
+}
+
 /// A layer with its torchvision name prefix (`features.3`, `layer2.1`, `fc`).
 pub struct Node {
     pub name: String,
@@ -114,6 +132,16 @@ pub struct Net {
     pub input_grad: Tensor,
     pub loss: SoftmaxCrossEntropy,
     pub rng: Rng,
+    /// Seconds spent in each node, forward and backward, accumulated while profiling is on
+    /// ([`Net::set_profiling`]).
+    node_times: Option<Vec<NodeTime>>,
+}
+
+/// Time spent in one node (see [`Net::set_profiling`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct NodeTime {
+    pub forward_s: f64,
+    pub backward_s: f64,
 }
 
 /// Calls `f` with the (name, tensor) state entries of a conv.
@@ -177,6 +205,7 @@ impl Net {
             input_grad: Tensor::default(),
             loss: SoftmaxCrossEntropy::default(),
             rng: Rng::new(seed ^ 0xD00D),
+            node_times: None,
         };
         let mut id = 0;
         net.visit_convs(&mut |_, c| {
@@ -184,6 +213,29 @@ impl Net {
             id += 1;
         });
         net
+    }
+
+    /// Turns per-node timing on (counters reset to zero) or off.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.node_times = on.then(|| vec![NodeTime::default(); self.nodes.len()]);
+    }
+
+    /// Accumulated time per node (in `nodes` order) while profiling is on.
+    pub fn node_times(&self) -> Option<&[NodeTime]> {
+        self.node_times.as_deref()
+    }
+
+    fn add_time(&mut self, i: usize, since: Option<std::time::Instant>, backward: bool) {
+        if let (Some(t), Some(times)) = (since, self.node_times.as_mut()) {
+            if let Some(nt) = times.get_mut(i) {
+                let dt = t.elapsed().as_secs_f64();
+                if backward {
+                    nt.backward_s += dt;
+                } else {
+                    nt.forward_s += dt;
+                }
+            }
+        }
     }
 
     /// Calls `f` on every conv in execution order, with its name prefix.
@@ -278,6 +330,7 @@ impl Net {
         self.acts.resize_with(n + 1, Tensor::default);
         self.acts[0].copy_from(x);
         for i in 0..n {
+            let t0 = self.node_times.is_some().then(std::time::Instant::now);
             let (before, after) = self.acts.split_at_mut(i + 1);
             let (input, out) = (&before[i], &mut after[0]);
             let node = &mut self.nodes[i];
@@ -305,6 +358,7 @@ impl Net {
                 Layer::Block(blk) => blk.forward(input, out, train, exec),
             };
             res.map_err(|e| in_layer(&node.name, e))?;
+            self.add_time(i, t0, false);
         }
         Ok(&self.acts[n])
     }
@@ -352,6 +406,7 @@ impl Net {
         let mut cur = dlogits;
         let mut prev = std::mem::take(&mut self.grad_b);
         for i in (0..n).rev() {
+            let t0 = self.node_times.is_some().then(std::time::Instant::now);
             let want_dx = i > 0 || input_grad;
             let (input, out) = (&self.acts[i], &self.acts[i + 1]);
             let node = &mut self.nodes[i];
@@ -387,6 +442,7 @@ impl Net {
                 Layer::Block(blk) => blk.backward(input, out, &cur, &mut prev, exec),
             };
             res.map_err(|e| in_layer(&node.name, e))?;
+            self.add_time(i, t0, true);
             std::mem::swap(&mut cur, &mut prev);
         }
         if input_grad {
