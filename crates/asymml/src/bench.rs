@@ -157,7 +157,7 @@ pub struct BenchResult {
     pub torch_ratio: Option<f64>,
     /// Split: per conv layer.
     pub layers: Vec<LayerRow>,
-    /// Every top-level node's trusted time (per step).
+    /// Every top-level node's trusted time (per step; empty in untrusted-only mode).
     pub nodes: Vec<NodeRow>,
 }
 
@@ -230,6 +230,34 @@ fn add_layers(sum: &mut Vec<LayerRow>, before: &Snapshot, after: &Snapshot) {
     }
 }
 
+/// The batch to time: random normal noise, or with `--images` real images repeated to fill the batch.
+fn bench_input(a: &BenchArgs, size: usize) -> Result<Tensor> {
+    let (b, c) = (a.batch_size, a.channels);
+    let per = c * size * size;
+    let Some(path) = &a.images else {
+        let mut rng = Rng::new(7);
+        return Ok(Tensor {
+            shape: vec![b, c, size, size],
+            data: (0..b * per).map(|_| rng.normal()).collect(),
+        });
+    };
+    let (mean, std) = match c {
+        3 => (vec![0.485, 0.456, 0.406], vec![0.229, 0.224, 0.225]),
+        1 => (vec![0.5], vec![0.25]),
+        _ => bail!("--images needs --channels 1 (grey) or 3 (RGB), not {c}"),
+    };
+    let files = crate::data::list_images(path)?;
+    let mut images = Vec::with_capacity(files.len().min(b));
+    for f in files.iter().take(b) {
+        images.push(crate::data::load_image(f, c, size)?);
+    }
+    let mut x = Tensor::zeros(&[b, c, size, size]);
+    for (i, dst) in x.data.chunks_mut(per).enumerate() {
+        crate::data::normalize_into(&images[i % images.len()], &mean, &std, dst);
+    }
+    Ok(x)
+}
+
 /// Runs `asymml bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
     let threads = common::init_threads(a.threads)?;
@@ -283,13 +311,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .input_size
             .unwrap_or(if name.ends_with("-imagenet") { 224 } else { 32 });
         let spec = ModelSpec::parse(name, a.channels, a.classes, size)?;
-        let mut rng = Rng::new(7);
-        let x = Tensor {
-            shape: vec![a.batch_size, a.channels, size, size],
-            data: (0..a.batch_size * a.channels * size * size)
-                .map(|_| rng.normal())
-                .collect(),
-        };
+        let x = bench_input(&a, size)?;
         let labels: Vec<usize> = (0..a.batch_size).map(|i| i % a.classes).collect();
         for &train in &phases {
             for (mode, rank) in &runs {
@@ -409,11 +431,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 if mode == Mode::TrustedOnly {
                     flops = (conv_f / steps, 0.0);
                 }
+                // (Untrusted-only runs the whole network on the accelerator: no trusted nodes.)
+                let node_times = s.net.node_times().filter(|_| mode != Mode::UntrustedOnly);
                 let nodes: Vec<NodeRow> = s
                     .net
                     .nodes
                     .iter()
-                    .zip(s.net.node_times().unwrap_or_default())
+                    .zip(node_times.unwrap_or_default())
                     .map(|(n, t)| NodeRow {
                         name: n.name.clone(),
                         kind: n.layer.kind().into(),

@@ -287,6 +287,12 @@ pub struct BenchArgs {
     /// PyTorch's numbers from `python3 tools/bench_torch.py --json`, to print speed ratios.
     #[arg(long)]
     pub torch: Option<PathBuf>,
+    /// Time on real images instead of random noise: a PNG/JPEG file or a folder of them (e.g.
+    /// ../shared/data/images/cifar10), resized and centre-cropped to the input size, normalised with the
+    /// ImageNet mean and deviation, repeated to fill the batch. The energy rank policies (asym1, asym2)
+    /// pick their ranks from the data, and noise has no low-rank structure.
+    #[arg(long)]
+    pub images: Option<PathBuf>,
     /// One JSON object on stdout.
     #[arg(long)]
     pub json: bool,

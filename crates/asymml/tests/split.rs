@@ -1,6 +1,7 @@
 //! The split runtime against trusted-only: `asymml verify` (one SGD step, every policy, every transport),
 //! and the split training loop end to end.
 
+use std::path::Path;
 use std::process::{Command, Output};
 
 fn asymml(args: &[&str]) -> Output {
@@ -308,6 +309,21 @@ fn bench_times_every_mode_and_policy_with_flops_bytes_memory_and_layers() {
     for r in rows {
         assert!(f(r, "median_s") > 0.0 && f(r, "min_s") <= f(r, "median_s"));
         assert!(f(r, "trusted_s") <= f(r, "median_s") + 1e-9);
+        // The trusted time splits into conv work and the rest; every top-level node is timed.
+        assert!((f(r, "conv_s") + f(r, "other_s") - f(r, "trusted_s")).abs() < 1e-9);
+        assert!(f(r, "conv_s") >= 0.0 && f(r, "other_s") >= 0.0);
+        let nodes = r["nodes"].as_array().unwrap();
+        if r["mode"] != "untrusted-only" {
+            assert_eq!(nodes[0]["name"], "conv1");
+            assert!(nodes.iter().any(|n| n["kind"] == "block"));
+            let node_sum: f64 = nodes
+                .iter()
+                .map(|n| f(n, "forward_s") + f(n, "backward_s"))
+                .sum();
+            assert!(node_sum > 0.0 && node_sum <= f(r, "median_s") + 1e-9, "{r}");
+        } else {
+            assert!(nodes.is_empty());
+        }
         assert!(
             f(r, "trusted_peak_bytes") > 0.0,
             "the counting allocator is installed"
@@ -326,6 +342,10 @@ fn bench_times_every_mode_and_policy_with_flops_bytes_memory_and_layers() {
                 // Conv_T + SVD is cheaper than every conv; the accelerator does every conv's work.
                 let bound = f(r, "flop_bound");
                 assert!(bound > 1.0, "{r}");
+                assert!(f(r, "time_bound") > 0.0);
+                for l in r["layers"].as_array().unwrap() {
+                    assert!(f(l, "decompose_s") + f(l, "merge_s") <= f(l, "trusted_s") + 1e-9);
+                }
                 assert!(f(r, "trusted_speedup") > 0.0 && f(r, "slowdown_vs_untrusted_only") > 0.0);
                 let layers = r["layers"].as_array().unwrap();
                 assert_eq!(layers.len(), 20, "resnet18 has 20 convs");
@@ -346,6 +366,76 @@ fn bench_times_every_mode_and_policy_with_flops_bytes_memory_and_layers() {
         }
     }
     assert!(out.path().join("bench.json").is_file());
+}
+
+#[test]
+fn bench_on_real_images_picks_low_energy_ranks() {
+    // The 20 real CIFAR-10 images of ../shared/data: asym2 keeps 80 % of the energy with few components,
+    // where random noise needs most of them.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/images/cifar10");
+    assert!(
+        dir.is_dir(),
+        "the real CIFAR-10 images are missing: expected them at {} (../shared/data beside the repository)",
+        dir.display()
+    );
+    let ranks = |images: Option<&Path>| -> Vec<u64> {
+        let mut args = vec![
+            "bench",
+            "--models",
+            "vgg11-cifar",
+            "--modes",
+            "split",
+            "--rank",
+            "asym2",
+            "--phase",
+            "infer",
+            "--batch-size",
+            "4",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--json",
+        ];
+        let d = images.map(|p| p.to_str().unwrap().to_string());
+        if let Some(d) = &d {
+            args.extend(["--images", d.as_str()]);
+        }
+        let o = asymml(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["results"][0]["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["rank"].as_u64().unwrap())
+            .collect()
+    };
+    let (real, noise) = (ranks(Some(&dir)), ranks(None));
+    assert_eq!(real.len(), 8, "vgg11 has 8 convs");
+    // The first conv sees the 3-channel image itself: natural images keep 80 % in one or two components.
+    assert!(real[0] <= 2, "{real:?}");
+    assert!(
+        real.iter().sum::<u64>() < noise.iter().sum::<u64>(),
+        "{real:?} vs {noise:?}"
+    );
+    // A path without images is an error, not a panic.
+    let empty = tempfile::tempdir().unwrap();
+    let o = asymml(&[
+        "bench",
+        "--models",
+        "vgg11-cifar",
+        "--modes",
+        "split",
+        "--steps",
+        "1",
+        "--images",
+        empty.path().to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
 }
 
 #[test]

@@ -136,27 +136,6 @@ pub fn decompose_batch(
                 samples!().for_each(|((s, res), xb)| one(xb, s, res, r));
                 r
             }
-            RankPolicy::Energy(e) if svd::gram_pays(n, hw, n) => {
-                // Each sample's energy rank, then every sample extended to the largest.
-                let r = out
-                    .samples
-                    .par_iter_mut()
-                    .zip(x.data.par_chunks(nhw))
-                    .map(|(s, xb)| {
-                        svd::gram_start(xb, n, hw, s);
-                        let total: f64 = s.residual_energy();
-                        svd::gram_extract(s, iters, n, Some(total - e * total));
-                        s.r
-                    })
-                    .max()
-                    .unwrap_or(1);
-                let r = fixed(r);
-                samples!().for_each(|((s, res), xb)| {
-                    svd::gram_extract(s, iters, r, None);
-                    svd::gram_finish(xb, s, res);
-                });
-                r
-            }
             RankPolicy::Energy(e) => {
                 let r = samples!()
                     .map(|((s, res), xb)| {

@@ -73,11 +73,6 @@ impl LowRank {
         );
     }
 
-    /// ‖X_U‖² as the extraction sees it (the sum of the residual's row norms).
-    pub(crate) fn residual_energy(&self) -> f64 {
-        self.norms.iter().sum()
-    }
-
     /// Energy ‖U V‖² of the factorisation, as Σ_j ‖u_j‖²‖v_j‖² (exact here because the columns of U are
     /// orthogonal: each component is the projection of the then residual onto u_j).
     pub fn energy(&self) -> f64 {
@@ -422,7 +417,7 @@ pub(crate) fn gram_pays(n: usize, hw: usize, r: usize) -> bool {
 
 /// Starts the Gram route on x (N × HW): G = X Xᵀ (accumulated in f32 by the matrix product, kept in f64),
 /// the row norms its diagonal; r = 0.
-pub(crate) fn gram_start(x: &[f32], n: usize, hw: usize, out: &mut LowRank) {
+fn gram_start(x: &[f32], n: usize, hw: usize, out: &mut LowRank) {
     assert_eq!(
         x.len(),
         n * hw,
@@ -449,16 +444,11 @@ pub(crate) fn gram_start(x: &[f32], n: usize, hw: usize, out: &mut LowRank) {
         .extend((0..n).map(|i| out.gram[i * n + i].max(0.0)));
 }
 
-/// As `extract`, on the Gram matrix: appends components until r = `r_max`, or with `stop = Some(t)` until
-/// r ≥ 1 and the residual energy is ≤ t.
-pub(crate) fn gram_extract(out: &mut LowRank, iters: usize, r_max: usize, stop: Option<f64>) {
+/// As `extract` without a stop, on the Gram matrix: appends components until r = `r_max`. (The energy
+/// policies stay on the deflation route: on real images their ranks are small, where it is cheaper.)
+fn gram_extract(out: &mut LowRank, iters: usize, r_max: usize) {
     let n = out.n;
     while out.r < r_max {
-        if let Some(t) = stop {
-            if out.r >= 1 && out.norms.iter().sum::<f64>() <= t {
-                break;
-            }
-        }
         let j = out.r;
         out.ut.resize((j + 1) * n, 0.0);
         out.coef.resize((j + 1) * n, 0.0);
@@ -541,7 +531,7 @@ fn gram_component(out: &mut LowRank, iters: usize) -> Option<f64> {
 }
 
 /// Ends the Gram route: V = A X, the residual X_U = X − U V, and U from Uᵀ.
-pub(crate) fn gram_finish(x: &[f32], out: &mut LowRank, residual: &mut [f32]) {
+fn gram_finish(x: &[f32], out: &mut LowRank, residual: &mut [f32]) {
     let (n, hw, r) = (out.n, out.hw, out.r);
     assert_eq!(residual.len(), n * hw, "light_svd: residual size");
     out.finish();
@@ -586,7 +576,7 @@ pub(crate) fn light_svd_gram_into(
     residual: &mut [f32],
 ) {
     gram_start(x, n, hw, out);
-    gram_extract(out, iters, r.min(n), None);
+    gram_extract(out, iters, r.min(n));
     gram_finish(x, out, residual);
 }
 
