@@ -277,7 +277,10 @@ impl<'a> Writer<'a> {
         // body <= max_message <= u32::MAX, so it fits the prefix and usize.
         let body32 = body as u32;
         buf.clear();
-        buf.reserve_exact(LEN_PREFIX + body as usize);
+        if buf.capacity() < LEN_PREFIX + body as usize {
+            // A fresh buffer: growing the old one would copy its stale bytes.
+            *buf = Vec::with_capacity(LEN_PREFIX + body as usize);
+        }
         buf.extend_from_slice(&body32.to_le_bytes());
         Ok(Writer {
             expected_end: LEN_PREFIX + body as usize,

@@ -197,10 +197,13 @@ impl Transport for InProcTransport {
         self.tx
             .send(std::mem::take(frame))
             .map_err(|_| self.closed("peer is gone, cannot send"))?;
-        // Reuse a buffer the peer is done with, if it gave one back.
-        if let Ok(mut spare) = self.spare_rx.try_recv() {
-            spare.clear();
-            *frame = spare;
+        // Reuse a buffer the peer is done with, if it gave one back: the largest, so that large frames find
+        // room without growing (and copying) a small buffer. The others are freed.
+        while let Ok(mut spare) = self.spare_rx.try_recv() {
+            if spare.capacity() > frame.capacity() {
+                spare.clear();
+                *frame = spare;
+            }
         }
         Ok(())
     }
