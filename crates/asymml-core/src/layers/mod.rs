@@ -3,6 +3,36 @@
 //!
 //! Gradients of parameters are *accumulated* into `Param::grad` (as in PyTorch); call `zero_grad` between steps.
 
+/// Defines `fn name(args)` that runs its body compiled for AVX2 + FMA when the CPU has them (the loops then
+/// vectorise 8 wide), and for the baseline target otherwise.
+macro_rules! simd_fn {
+    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$m])*
+        #[allow(clippy::too_many_arguments)]
+        fn $name($($arg: $ty),*) {
+            // Index loops over fixed-size blocks are deliberate: they vectorise.
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+            fn imp($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) {
+                    imp($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU supports the features `avx2` is compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            imp($($arg),*)
+        }
+    };
+}
+
 pub mod activation;
 pub mod batchnorm;
 pub mod conv;
