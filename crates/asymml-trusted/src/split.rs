@@ -376,8 +376,12 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                     })?;
                     let t0 = Instant::now();
                     let lr = &self.layers[from].lr;
-                    let f =
-                        TrustedConv::flops(&conv.weight.value.shape, conv.stride, conv.pad, lr)?;
+                    let f = TrustedConv::forward_flops(
+                        &conv.weight.value.shape,
+                        conv.stride,
+                        conv.pad,
+                        lr,
+                    )?;
                     self.tconv
                         .forward(&conv.weight.value, conv.stride, conv.pad, lr, &mut y_t)?;
                     self.layers[id].rank = self.layers[from].rank;
@@ -421,8 +425,12 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                     // The trusted convolution runs while the accelerator computes its part.
                     let t0 = Instant::now();
                     let lr = &self.layers[id].lr;
-                    let f =
-                        TrustedConv::flops(&conv.weight.value.shape, conv.stride, conv.pad, lr)?;
+                    let f = TrustedConv::forward_flops(
+                        &conv.weight.value.shape,
+                        conv.stride,
+                        conv.pad,
+                        lr,
+                    )?;
                     self.tconv
                         .forward(&conv.weight.value, conv.stride, conv.pad, lr, &mut y_t)?;
                     self.trusted(id, t0, f);

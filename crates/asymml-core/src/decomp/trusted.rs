@@ -9,7 +9,7 @@
 use super::BatchLowRank;
 use crate::error::{CoreError, Result};
 use crate::gemm::{sgemm, Mat};
-use crate::layers::out_size;
+use crate::layers::{out_size, winograd};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 
@@ -36,6 +36,10 @@ pub struct TrustedConv {
     /// With a shared basis: Uᵀ·wt [r × M·kk] and W' [M × r·kk], once per batch.
     shared_z: Vec<f32>,
     shared_wp: Vec<f32>,
+    /// The direct route by Winograd: X_T of the whole batch, W transformed, the transforms' buffers.
+    xt_all: Tensor,
+    wino_u: Vec<f32>,
+    wino: winograd::Work,
 }
 
 /// Geometry of one application: V_b is an r × H × W image, the kernel k × k.
@@ -105,6 +109,22 @@ impl Geo {
         }
     }
 
+    /// Multiply-adds ×2 of Conv_T's forward pass for the batch, on the route it takes (the direct route by
+    /// Winograd counted as direct-convolution FLOPs, as the trusted-only convs are).
+    fn forward_flops(&self) -> f64 {
+        if self.direct_winograd() {
+            let (kk, p) = ((self.k * self.k) as f64, (self.oh * self.ow) as f64);
+            let (m, n, r, hw) = (
+                self.m as f64,
+                self.n as f64,
+                self.r as f64,
+                (self.h * self.w) as f64,
+            );
+            return 2.0 * self.b as f64 * (m * kk * n * p + n * r * hw);
+        }
+        self.flops()
+    }
+
     /// Multiply-adds ×2 of Conv_T for the batch (forward; the weight gradient costs the same).
     fn flops(&self) -> f64 {
         let (kk, p) = ((self.k * self.k) as f64, (self.oh * self.ow) as f64);
@@ -126,6 +146,21 @@ impl Geo {
 
     fn pointwise(&self) -> bool {
         self.k == 1 && self.s == 1 && self.pad == 0
+    }
+
+    /// True when the forward pass takes the direct route by Winograd F(2×2, 3×3): the full conv of X_T
+    /// suits it (3×3, stride 1, pad 1, N ≥ 8 channels, maps of 4 tiles or more) and, at the 1.5× effective
+    /// speed-up Winograd measures over im2col here (trusted-only convs: ~150 against ~100 GFLOP/s), it costs
+    /// less than the route through W'. Deep layers of small maps: on VGG16 at 224 px, the 7×7 and 14×14
+    /// layers, where building W'_b (M·k²·r·N per sample) outweighs the conv of V_b.
+    fn direct_winograd(&self) -> bool {
+        let (kk, p) = (self.k * self.k, self.oh * self.ow);
+        if self.shared || !winograd::suits(self.k, self.s, self.pad, self.n, self.h, self.w) {
+            return false;
+        }
+        let through_v = 3 * self.m * kk * self.r * (self.n + p);
+        let direct = 2 * self.m * kk * self.n * p + 3 * self.n * self.r * self.h * self.w;
+        direct < through_v
     }
 
     /// True when rebuilding X_T and convolving it with W costs fewer multiply-adds than going through W'.
@@ -183,6 +218,17 @@ impl TrustedConv {
         Ok(Geo::check(w_shape, stride, pad, lr)?.flops())
     }
 
+    /// Floating-point operations of [`TrustedConv::forward`] on the route it takes (see `flops`; the same
+    /// except where the forward pass convolves X_T by Winograd).
+    pub fn forward_flops(
+        w_shape: &[usize],
+        stride: usize,
+        pad: usize,
+        lr: &BatchLowRank,
+    ) -> Result<f64> {
+        Ok(Geo::check(w_shape, stride, pad, lr)?.forward_flops())
+    }
+
     /// w: [M, N, k, k], lr: B × (U_b [N × r], V_b [r × H·W]) → y_t: [B, M, OH, OW] = conv(U_b V_b, W) per
     /// sample (cross-correlation with `stride` and zero `pad`), without bias: the caller adds it once to
     /// Y_T + Y_U. Cost per sample: M·k²·min(r·(N + P), N·P) (+ N·r·H·W on the direct route), P = OH·OW.
@@ -204,6 +250,26 @@ impl TrustedConv {
             return Ok(());
         }
         let (per, _, gt) = plan(&mut self.scratch, g.b);
+        if g.direct_winograd() {
+            // X_T of the batch, then the full conv by Winograd (one weight transform, GEMMs over all tiles).
+            lr.reconstruct(&mut self.xt_all);
+            winograd::transform_weights(&w.data, m, n, false, &mut self.wino_u);
+            let threads = rayon::current_num_threads();
+            winograd::conv(
+                &self.xt_all.data,
+                g.b,
+                n,
+                g.h,
+                g.w,
+                m,
+                &self.wino_u,
+                &mut y_t.data,
+                None,
+                &mut self.wino,
+                threads,
+            );
+            return Ok(());
+        }
         if g.direct() {
             // Y_b [M × P] = W [M × N·kk] · col(U_b V_b)
             let wd = &w.data;

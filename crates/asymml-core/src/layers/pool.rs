@@ -38,24 +38,13 @@ fn max_general(
         for ox in 0..ow {
             let mut best = f32::NEG_INFINITY;
             let mut arg = NONE;
-            for ki in 0..k {
-                let iy = (oy * s + ki) as isize - p;
-                if iy < 0 || iy >= h as isize {
-                    continue;
+            for_window(oy, ox, k, s, p, h, w, |idx| {
+                let v = xp[idx];
+                if v > best || v.is_nan() {
+                    best = v;
+                    arg = idx as u32;
                 }
-                for kj in 0..k {
-                    let ix = (ox * s + kj) as isize - p;
-                    if ix < 0 || ix >= w as isize {
-                        continue;
-                    }
-                    let idx = iy as usize * w + ix as usize;
-                    let v = xp[idx];
-                    if v > best || v.is_nan() {
-                        best = v;
-                        arg = idx as u32;
-                    }
-                }
-            }
+            });
             if relu && best <= 0.0 {
                 // relu(x) is 0 over the whole window: the gradient reaches no input.
                 best = 0.0;
