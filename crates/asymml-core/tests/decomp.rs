@@ -81,40 +81,11 @@ fn check_split_with(
 
     let mut rng = Rng::new(seed);
     let mut tc = TrustedConv::new();
-    let m = 5;
     for k in [1, 3] {
         for stride in [1, 2] {
             for pad in [0, 1] {
                 let geo = format!("{what} k {k} s {stride} p {pad}");
-                let mut conv = Conv2d::new(n, m, k, stride, pad, false, &mut rng);
-                let mut yt = Tensor::default();
-                if conv.out_shape(&x.shape).is_err() {
-                    // The kernel does not fit the image: both convs refuse it.
-                    assert!(tc
-                        .forward(&conv.weight.value, stride, pad, &lr, &mut yt)
-                        .is_err());
-                    continue;
-                }
-                let (mut y, mut yu) = (Tensor::default(), Tensor::default());
-                conv.forward(x, &mut y).unwrap();
-                conv.forward(&xu, &mut yu).unwrap();
-                tc.forward(&conv.weight.value, stride, pad, &lr, &mut yt)
-                    .unwrap();
-                assert!(yt.all_finite(), "{geo}: Y_T not finite");
-                assert_close(&format!("{geo}: Y_T + Y_U"), &add(&yt, &yu), &y);
-
-                let dy = randn(&mut rng, &y.shape, 1.0);
-                conv.weight.zero_grad();
-                conv.backward(x, &dy, None).unwrap();
-                let dw = conv.weight.grad.clone();
-                conv.weight.zero_grad();
-                conv.backward(&xu, &dy, None).unwrap();
-                let dwu = conv.weight.grad.clone();
-                let mut dwt = Tensor::from_vec(&[1], vec![f32::NAN]).unwrap();
-                tc.weight_grad(&conv.weight.value.shape, stride, pad, &lr, &dy, &mut dwt)
-                    .unwrap();
-                assert!(dwt.all_finite(), "{geo}: ∇W_T not finite");
-                assert_close(&format!("{geo}: ∇W_T + ∇W_U"), &add(&dwt, &dwu), &dw);
+                conv_parts_add_up(&geo, x, &xu, &lr, (5, k, stride, pad), &mut tc, &mut rng);
             }
         }
     }
@@ -154,6 +125,65 @@ fn shared_basis_split_is_exact_for_every_policy_and_keeps_less_energy() {
         shared < exact - 0.2,
         "shared {shared} vs per-sample exact {exact}"
     );
+}
+
+/// For one conv geometry (M, k, stride, pad): Conv_T + conv(X_U) == conv(X) and ∇W_T + ∇W(X_U) == ∇W(X)
+/// (both refuse a kernel that does not fit).
+fn conv_parts_add_up(
+    geo: &str,
+    x: &Tensor,
+    xu: &Tensor,
+    lr: &BatchLowRank,
+    (m, k, stride, pad): (usize, usize, usize, usize),
+    tc: &mut TrustedConv,
+    rng: &mut Rng,
+) {
+    let n = x.dim(1);
+    let mut conv = Conv2d::new(n, m, k, stride, pad, false, rng);
+    let mut yt = Tensor::default();
+    if conv.out_shape(&x.shape).is_err() {
+        assert!(tc
+            .forward(&conv.weight.value, stride, pad, lr, &mut yt)
+            .is_err());
+        return;
+    }
+    let (mut y, mut yu) = (Tensor::default(), Tensor::default());
+    conv.forward(x, &mut y).unwrap();
+    conv.forward(xu, &mut yu).unwrap();
+    tc.forward(&conv.weight.value, stride, pad, lr, &mut yt)
+        .unwrap();
+    assert!(yt.all_finite(), "{geo}: Y_T not finite");
+    assert_close(&format!("{geo}: Y_T + Y_U"), &add(&yt, &yu), &y);
+
+    let dy = randn(rng, &y.shape, 1.0);
+    conv.weight.zero_grad();
+    conv.backward(x, &dy, None).unwrap();
+    let dw = conv.weight.grad.clone();
+    conv.weight.zero_grad();
+    conv.backward(xu, &dy, None).unwrap();
+    let dwu = conv.weight.grad.clone();
+    let mut dwt = Tensor::from_vec(&[1], vec![f32::NAN]).unwrap();
+    tc.weight_grad(&conv.weight.value.shape, stride, pad, lr, &dy, &mut dwt)
+        .unwrap();
+    assert!(dwt.all_finite(), "{geo}: ∇W_T not finite");
+    assert_close(&format!("{geo}: ∇W_T + ∇W_U"), &add(&dwt, &dwu), &dw);
+}
+
+#[test]
+fn conv_t_routes_on_larger_maps_add_up() {
+    // 64 outputs over 16 channels at r = 16: the direct route (X_T rebuilt) per sample on an 8×8 output
+    // (k 3, pad 0: P = 64, no Winograd), batched on 4×4 (stride 2), and through W' at r = 4.
+    let mut rng = Rng::new(12);
+    let x = randn(&mut rng, &[2, 16, 10, 10], 1.0);
+    let mut tc = TrustedConv::new();
+    for r in [16, 4] {
+        let (mut lr, mut xu) = (BatchLowRank::default(), Tensor::default());
+        decompose_batch(&x, RankPolicy::Fixed(r), 0, 1, &mut lr, &mut xu).unwrap();
+        for (k, stride, pad) in [(3, 1, 0), (3, 2, 0), (3, 1, 1)] {
+            let geo = format!("r {r} k {k} s {stride} p {pad}");
+            conv_parts_add_up(&geo, &x, &xu, &lr, (64, k, stride, pad), &mut tc, &mut rng);
+        }
+    }
 }
 
 #[test]
