@@ -157,33 +157,15 @@ impl CpuBackend {
         optimizer: OptimizerKind,
         weight_decay: f32,
     ) -> Result<(), BackendError> {
-        if layers.len() != weights.len() {
-            return Err(BackendError::Invalid(format!(
-                "{} layers but {} weight sets",
-                layers.len(),
-                weights.len()
-            )));
-        }
+        check_registration(layers, &weights)?;
         let mut rng = Rng::new(0);
         let mut slots = Vec::with_capacity(layers.len());
         for (i, (l, (w, b))) in layers.iter().zip(weights).enumerate() {
             let mut conv = Conv2d::new(l.in_ch, l.out_ch, l.k, l.stride, l.pad, l.bias, &mut rng);
             conv.id = i;
-            if w.shape != conv.weight.value.shape {
-                return Err(BackendError::Invalid(format!(
-                    "layer {i}: weight shape {:?}, expected {:?}",
-                    w.shape, conv.weight.value.shape
-                )));
-            }
             conv.weight.value = w;
-            match (conv.bias.as_mut(), b) {
-                (Some(p), Some(b)) if b.shape == p.value.shape => p.value = b,
-                (None, None) => {}
-                _ => {
-                    return Err(BackendError::Invalid(format!(
-                        "layer {i}: bias does not match the layer"
-                    )))
-                }
+            if let (Some(p), Some(b)) = (conv.bias.as_mut(), b) {
+                p.value = b;
             }
             slots.push(Slot { conv, cached: None });
         }
@@ -343,6 +325,45 @@ impl CpuBackend {
             slot.conv.bias.as_ref().map(|b| b.value.clone()),
         ))
     }
+}
+
+/// Checks a registration before any backend uses it: one weight set per layer, positive channels, kernel
+/// size and stride, and weights (and biases, where the layer has one) of the layer's shape.
+pub(crate) fn check_registration(
+    layers: &[ConvLayer],
+    weights: &[(Tensor, Option<Tensor>)],
+) -> Result<(), BackendError> {
+    if layers.len() != weights.len() {
+        return Err(BackendError::Invalid(format!(
+            "{} layers but {} weight sets",
+            layers.len(),
+            weights.len()
+        )));
+    }
+    for (i, (l, (w, b))) in layers.iter().zip(weights).enumerate() {
+        if l.in_ch == 0 || l.out_ch == 0 || l.k == 0 || l.stride == 0 {
+            return Err(BackendError::Invalid(format!(
+                "layer {i}: channels, kernel size and stride must be positive"
+            )));
+        }
+        let ws = [l.out_ch, l.in_ch, l.k, l.k];
+        if w.shape != ws || w.data.len() != ws.iter().product::<usize>() {
+            return Err(BackendError::Invalid(format!(
+                "layer {i}: weight shape {:?}, expected {ws:?}",
+                w.shape
+            )));
+        }
+        match (l.bias, b) {
+            (true, Some(b)) if b.shape == [l.out_ch] && b.data.len() == l.out_ch => {}
+            (false, None) => {}
+            _ => {
+                return Err(BackendError::Invalid(format!(
+                    "layer {i}: bias does not match the layer"
+                )))
+            }
+        }
+    }
+    Ok(())
 }
 
 impl ConvBackend for CpuBackend {

@@ -712,37 +712,8 @@ impl ConvBackend for CudaBackend {
         weight_decay: f32,
     ) -> Result<(), BackendError> {
         self.bind()?;
-        if layers.len() != weights.len() {
-            return Err(BackendError::Invalid(format!(
-                "{} layers but {} weight sets",
-                layers.len(),
-                weights.len()
-            )));
-        }
         // Check everything before touching the device.
-        for (i, (l, (w, b))) in layers.iter().zip(&weights).enumerate() {
-            if l.in_ch == 0 || l.out_ch == 0 || l.k == 0 || l.stride == 0 {
-                return Err(BackendError::Invalid(format!(
-                    "layer {i}: channels, kernel size and stride must be positive"
-                )));
-            }
-            let ws = [l.out_ch, l.in_ch, l.k, l.k];
-            if w.shape != ws || w.data.len() != ws.iter().product::<usize>() {
-                return Err(BackendError::Invalid(format!(
-                    "layer {i}: weight shape {:?}, expected {ws:?}",
-                    w.shape
-                )));
-            }
-            match (l.bias, b) {
-                (true, Some(b)) if b.shape == [l.out_ch] && b.data.len() == l.out_ch => {}
-                (false, None) => {}
-                _ => {
-                    return Err(BackendError::Invalid(format!(
-                        "layer {i}: bias does not match the layer"
-                    )))
-                }
-            }
-        }
+        crate::backend::check_registration(layers, &weights)?;
         self.registered = false;
         self.layers.clear();
         self.opt = None;

@@ -38,6 +38,11 @@ pub struct BatchLowRank {
     pub samples: Vec<LowRank>,
     /// Every sample has the same U (a basis shared by the batch, see [`decompose_batch_shared`]).
     pub shared: bool,
+    /// Scratch of [`decompose_batch_shared`], reused across calls: the batch as one N × B·HW matrix, its
+    /// factorisation and its residual.
+    whole: Vec<f32>,
+    whole_lr: LowRank,
+    whole_res: Vec<f32>,
 }
 
 impl BatchLowRank {
@@ -57,6 +62,16 @@ impl BatchLowRank {
             .par_chunks_mut(nhw)
             .zip(self.samples.par_iter())
             .for_each(|(xb, s)| s.reconstruct(xb));
+    }
+}
+
+/// An `Energy(e)` policy needs e in (0, 1].
+fn check_energy(policy: RankPolicy) -> Result<()> {
+    match policy {
+        RankPolicy::Energy(e) if !(e > 0.0 && e <= 1.0) => Err(CoreError::Invalid(format!(
+            "decompose: energy fraction {e} is not in (0, 1]"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -83,13 +98,7 @@ pub fn decompose_batch(
     residual: &mut Tensor,
 ) -> Result<usize> {
     let (b, n, h, w) = x.nchw("decompose")?;
-    if let RankPolicy::Energy(e) = policy {
-        if !(e > 0.0 && e <= 1.0) {
-            return Err(CoreError::Invalid(format!(
-                "decompose: energy fraction {e} is not in (0, 1]"
-            )));
-        }
-    }
+    check_energy(policy)?;
     let (hw, nhw) = (h * w, n * h * w);
     residual.resize(&x.shape);
     out.n = n;
@@ -200,33 +209,33 @@ pub fn decompose_batch_shared(
         out.shared = false;
         return decompose_batch(x, policy, schedule_step, iters, out, residual);
     }
+    check_energy(policy)?;
     let bhw = b * hw;
     // [B, N, HW] → [N, B·HW]
-    let mut all = vec![0f32; n * bhw];
+    let mut all = std::mem::take(&mut out.whole);
+    let mut lr = std::mem::take(&mut out.whole_lr);
+    let mut res_all = std::mem::take(&mut out.whole_res);
+    all.resize(n * bhw, 0.0);
+    res_all.resize(n * bhw, 0.0);
     all.par_chunks_mut(bhw).enumerate().for_each(|(j, row)| {
         for s in 0..b {
             row[s * hw..(s + 1) * hw].copy_from_slice(&x.data[(s * n + j) * hw..][..hw]);
         }
     });
-    let mut lr = LowRank::new(n, bhw);
-    let mut res_all = vec![0f32; n * bhw];
-    let r = match policy {
-        RankPolicy::Fixed(r) => clamp_rank(r, n),
-        RankPolicy::Schedule => clamp_rank(schedule_rank(schedule_step), n),
+    // r, and whether the factorisation at that r is already made (the energy policy's extraction).
+    let (r, made) = match policy {
+        RankPolicy::Fixed(r) => (clamp_rank(r, n), false),
+        RankPolicy::Schedule => (clamp_rank(schedule_rank(schedule_step), n), false),
         RankPolicy::Energy(e) => {
-            if !(e > 0.0 && e <= 1.0) {
-                return Err(CoreError::Invalid(format!(
-                    "decompose: energy fraction {e} is not in (0, 1]"
-                )));
-            }
-            clamp_rank(
-                svd::light_svd_energy_into(&all, n, bhw, e, n, iters, &mut lr, &mut res_all),
-                n,
-            )
+            let r = svd::light_svd_energy_into(&all, n, bhw, e, n, iters, &mut lr, &mut res_all);
+            (clamp_rank(r, n), clamp_rank(r, n) == lr.r)
         }
-        RankPolicy::Entropy => clamp_rank(entropy_rank(&singular_values(&all, n, bhw)), n),
+        RankPolicy::Entropy => (
+            clamp_rank(entropy_rank(&singular_values(&all, n, bhw)), n),
+            false,
+        ),
     };
-    if lr.r != r {
+    if !made {
         svd::light_svd_into(&all, n, bhw, r, iters, &mut lr, &mut res_all);
     }
     out.n = n;
@@ -260,6 +269,7 @@ pub fn decompose_batch_shared(
                 }
             });
     }
+    (out.whole, out.whole_lr, out.whole_res) = (all, lr, res_all);
     Ok(r)
 }
 

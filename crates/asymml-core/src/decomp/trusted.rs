@@ -27,6 +27,48 @@ struct Scratch {
     dwt: Vec<f32>,
 }
 
+impl Scratch {
+    /// wp [M × r·kk] (+)= ∇W'_b = ∇Y_b · col(V_b)ᵀ (`accumulate`: add to wp).
+    fn add_wp_grad(
+        &mut self,
+        g: &Geo,
+        dyb: &[f32],
+        s: &super::LowRank,
+        accumulate: bool,
+        gt: usize,
+    ) {
+        let (m, r, kk, p) = (g.m, g.r, g.k * g.k, g.oh * g.ow);
+        let col = g.col(&s.v, r, &mut self.col);
+        sgemm(
+            m,
+            r * kk,
+            p,
+            Mat::rm(dyb, p),
+            Mat::rm_t(col, p),
+            &mut self.wp,
+            accumulate,
+            gt,
+        );
+    }
+
+    /// dwt [N × M·kk] (+)= U · z with z [r × M·kk] = wp [M, r, kk] permuted: ∇W'_b mapped back through U.
+    fn map_back(&mut self, g: &Geo, u: &[f32], accumulate: bool, gt: usize) {
+        let (n, m, r, kk) = (g.n, g.m, g.r, g.k * g.k);
+        self.z.resize(r * m * kk, 0.0);
+        permute(&self.wp, &mut self.z, m, r, kk);
+        sgemm(
+            n,
+            m * kk,
+            r,
+            Mat::rm(u, r),
+            Mat::rm(&self.z, m * kk),
+            &mut self.dwt,
+            accumulate,
+            gt,
+        );
+    }
+}
+
 /// Conv_T of the split: keeps its scratch (per worker, and W permuted) across calls.
 #[derive(Default)]
 pub struct TrustedConv {
@@ -453,31 +495,10 @@ impl TrustedConv {
                     sc.wp.clear();
                     sc.wp.resize(m * r * kk, 0.0);
                     for (dyb, s) in dyc.chunks(m * p).zip(sams) {
-                        let col = g.col(&s.v, r, &mut sc.col);
-                        sgemm(
-                            m,
-                            r * kk,
-                            p,
-                            Mat::rm(dyb, p),
-                            Mat::rm_t(col, p),
-                            &mut sc.wp,
-                            true,
-                            gt,
-                        );
+                        sc.add_wp_grad(&g, dyb, s, true, gt);
                     }
-                    sc.z.resize(r * m * kk, 0.0);
-                    permute(&sc.wp, &mut sc.z, m, r, kk);
                     if let Some(s) = sams.first() {
-                        sgemm(
-                            n,
-                            m * kk,
-                            r,
-                            Mat::rm(&s.u, r),
-                            Mat::rm(&sc.z, m * kk),
-                            &mut sc.dwt,
-                            false,
-                            gt,
-                        );
+                        sc.map_back(&g, &s.u, false, gt);
                     }
                     return;
                 }
@@ -498,32 +519,9 @@ impl TrustedConv {
                         );
                         continue;
                     }
-                    // ∇W'_b [M × r·kk] = ∇Y_b · col(V_b)ᵀ, then z [r × M·kk].
-                    let col = g.col(&s.v, r, &mut sc.col);
                     sc.wp.resize(m * r * kk, 0.0);
-                    sgemm(
-                        m,
-                        r * kk,
-                        p,
-                        Mat::rm(dyb, p),
-                        Mat::rm_t(col, p),
-                        &mut sc.wp,
-                        false,
-                        gt,
-                    );
-                    sc.z.resize(r * m * kk, 0.0);
-                    permute(&sc.wp, &mut sc.z, m, r, kk);
-                    // dwt [N × M·kk] += U_b · z
-                    sgemm(
-                        n,
-                        m * kk,
-                        r,
-                        Mat::rm(&s.u, r),
-                        Mat::rm(&sc.z, m * kk),
-                        &mut sc.dwt,
-                        true,
-                        gt,
-                    );
+                    sc.add_wp_grad(&g, dyb, s, false, gt);
+                    sc.map_back(&g, &s.u, true, gt);
                 }
             });
         // Sum the workers' parts, then (route through W') permute [N, M·kk] into [M, N, k, k].
