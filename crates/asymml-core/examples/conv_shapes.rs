@@ -1,5 +1,5 @@
 //! Measures Conv2d forward and backward on VGG/ResNet-CIFAR shapes at batch 32 (a tuning aid, not a test).
-use asymml_core::layers::Conv2d;
+use asymml_core::layers::{Conv2d, Conv2dConfig};
 use asymml_core::rng::Rng;
 use asymml_core::Tensor;
 use std::time::Instant;
@@ -17,7 +17,8 @@ extern "C" {
 /// CPU time of the whole process in seconds (all threads), less sensitive to other load than wall time.
 fn cpu_time() -> f64 {
     let mut ts = Timespec { sec: 0, nsec: 0 };
-    // SAFETY: CLOCK_PROCESS_CPUTIME_ID (2) with a valid out-pointer.
+    // SAFETY: `ts` is a live, writable `Timespec` (two 64-bit fields, the layout of `struct timespec` on 64-bit
+    // Linux) and clock_gettime writes nothing but it; clock 2 is CLOCK_PROCESS_CPUTIME_ID.
     unsafe { clock_gettime(2, &mut ts) };
     ts.sec as f64 + ts.nsec as f64 * 1e-9
 }
@@ -56,7 +57,17 @@ fn main() {
         (64, 128, 32, 3, 2),
         (64, 128, 32, 1, 2),
     ] {
-        let mut conv = Conv2d::new(c, m, k, s, k / 2, false, &mut rng);
+        let mut conv = Conv2d::new(
+            c,
+            m,
+            k,
+            Conv2dConfig {
+                stride: s,
+                padding: k / 2,
+                bias: false,
+            },
+            &mut rng,
+        );
         let x = Tensor {
             shape: vec![32, c, hw, hw],
             data: (0..32 * c * hw * hw).map(|_| rng.normal()).collect(),

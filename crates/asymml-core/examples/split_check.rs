@@ -1,6 +1,6 @@
 //! Checks ∇W_T + ∇W(X_U) = ∇W(X) and Y_T + conv(X_U) = conv(X) on one shape (a debugging aid).
 use asymml_core::decomp::{decompose_batch, BatchLowRank, RankPolicy, TrustedConv};
-use asymml_core::layers::Conv2d;
+use asymml_core::layers::{Conv2d, Conv2dConfig};
 use asymml_core::rng::Rng;
 use asymml_core::Tensor;
 
@@ -11,7 +11,17 @@ fn main() {
         .collect();
     let (b, n, m, hw, k, s, r) = (a[0], a[1], a[2], a[3], a[4], a[5], a[6]);
     let mut rng = Rng::new(3);
-    let mut conv = Conv2d::new(n, m, k, s, k / 2, false, &mut rng);
+    let mut conv = Conv2d::new(
+        n,
+        m,
+        k,
+        Conv2dConfig {
+            stride: s,
+            padding: k / 2,
+            bias: false,
+        },
+        &mut rng,
+    );
     let x = Tensor {
         shape: vec![b, n, hw, hw],
         data: (0..b * n * hw * hw)
@@ -25,8 +35,7 @@ fn main() {
     conv.forward(&x, &mut y).unwrap();
     conv.forward(&xu, &mut yu).unwrap();
     let mut tc = TrustedConv::new();
-    tc.forward(&conv.weight.value, s, k / 2, &lr, &mut yt)
-        .unwrap();
+    tc.forward(&conv, &lr, &mut yt).unwrap();
     let err = |a: &[f32], b: &[f32]| {
         let sc = a.iter().fold(0f32, |m, v| m.max(v.abs()));
         a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / sc
@@ -43,8 +52,7 @@ fn main() {
     conv.weight.zero_grad();
     conv.backward(&xu, &dy, None).unwrap();
     let mut dwt = Tensor::default();
-    tc.weight_grad(&conv.weight.value.shape, s, k / 2, &lr, &dy, &mut dwt)
-        .unwrap();
+    tc.weight_grad(&conv, &lr, &dy, &mut dwt).unwrap();
     let sum: Vec<f32> = conv
         .weight
         .grad

@@ -46,23 +46,38 @@ pub fn sgemm(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(c.len() >= m * n, "gemm: output too small");
+    assert!(
+        m.checked_mul(n).is_some_and(|len| len <= c.len()),
+        "gemm: output too small"
+    );
     if k == 0 {
         if !accumulate {
             c[..m * n].iter_mut().for_each(|v| *v = 0.0);
         }
         return;
     }
-    let last = |x: Mat, r: usize, cl: usize| (r - 1) * x.rs + (cl - 1) * x.cs;
-    assert!(last(a, m, k) < a.data.len(), "gemm: lhs too small");
-    assert!(last(b, k, n) < b.data.len(), "gemm: rhs too small");
+    // The index of element (r − 1, cl − 1) of `x`, the farthest the kernel reads (checked: a wrapped index
+    // would pass the asserts below and let the kernel read past the slice).
+    let inside = |x: Mat, r: usize, cl: usize| {
+        (r - 1)
+            .checked_mul(x.rs)
+            .zip((cl - 1).checked_mul(x.cs))
+            .and_then(|(i, j)| i.checked_add(j))
+            .is_some_and(|last| last < x.data.len())
+    };
+    assert!(inside(a, m, k), "gemm: lhs too small");
+    assert!(inside(b, k, n), "gemm: rhs too small");
     let par = if threads > 1 {
         Parallelism::Rayon(threads)
     } else {
         Parallelism::None
     };
-    // SAFETY: the asserts above keep every index the kernel touches inside the three slices; `c` is borrowed
-    // mutably and cannot alias `a` or `b`.
+    // SAFETY: m, n, k ≥ 1 here. The kernel writes `c` at i·n + j (column stride 1, row stride n) for i < m,
+    // j < n, all below m·n ≤ c.len(); it reads `a` at i·rs + p·cs and `b` at p·rs + j·cs for p < k, all at most
+    // the last index that `inside` checked against the slice (no arithmetic wrapped). Each stride is then at
+    // most a slice length (≤ isize::MAX) wherever it is multiplied by a non-zero index, so the `as isize` casts
+    // keep their values. `c` is a `&mut` borrow, so it cannot overlap `a` or `b`, and `read_dst` (= accumulate)
+    // only reads `c` where it writes.
     unsafe {
         gemm::gemm(
             m,

@@ -11,10 +11,9 @@ pub mod gemm;
 pub mod layers;
 pub mod models;
 pub mod optim;
-pub mod privacy;
 pub mod rng;
 pub mod tensor;
 pub mod weights;
 
-pub use error::{CoreError, Result};
+pub use error::{error_chain, CoreError, Result};
 pub use tensor::Tensor;

@@ -236,31 +236,25 @@ pub fn load_bytes(net: &mut Net, bytes: &[u8], prefix: &str) -> Result<()> {
         }
         return Err(CoreError::Weights(msg));
     }
-    let mut err = None;
-    net.visit_state(&mut |name, s| {
-        if err.is_some() {
-            return;
-        }
+    net.try_visit_state(&mut |name, s| {
         let full = format!("{prefix}{name}");
-        let Ok(v) = st.tensor(&full) else { return };
-        let r = match s {
-            StateMut::Tensor(t) => view_f32(&name, &v).and_then(|vals| {
-                if vals.iter().any(|x| !x.is_finite()) {
-                    Err(CoreError::Weights(format!(
-                        "{name}: contains NaN or infinite values"
-                    )))
-                } else {
-                    t.data.copy_from_slice(&vals);
-                    Ok(())
-                }
-            }),
-            StateMut::Counter(c) => view_int(&name, &v).map(|x| *c = x),
+        let Ok(v) = st.tensor(&full) else {
+            return Ok(());
         };
-        if let Err(e) = r {
-            err = Some(e);
+        match s {
+            StateMut::Tensor(t) => {
+                let vals = view_f32(&name, &v)?;
+                if vals.iter().any(|x| !x.is_finite()) {
+                    return Err(CoreError::Weights(format!(
+                        "{name}: contains NaN or infinite values"
+                    )));
+                }
+                t.data.copy_from_slice(&vals);
+                Ok(())
+            }
+            StateMut::Counter(c) => view_int(&name, &v).map(|x| *c = x),
         }
-    });
-    err.map_or(Ok(()), Err)
+    })
 }
 
 /// Loads weights from a file (see [`load_bytes`]).

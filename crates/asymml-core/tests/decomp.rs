@@ -7,9 +7,10 @@ mod common;
 use asymml_core::decomp::{
     add_noise, add_noise_batch, decompose_batch, decompose_batch_shared, energy_kept, entropy_rank,
     exact_low_rank, light_svd, light_svd_energy, light_svd_extend, rank_for_energy, rms,
-    schedule_rank, singular_values, svd_entropy, BatchLowRank, LowRank, RankPolicy, TrustedConv,
+    schedule_rank, singular_values, svd_entropy, BatchLowRank, EnergyStop, LowRank, RankPolicy,
+    TrustedConv,
 };
-use asymml_core::layers::Conv2d;
+use asymml_core::layers::{Conv2d, Conv2dConfig};
 use asymml_core::rng::Rng;
 use asymml_core::Tensor;
 use common::{assert_close, randn};
@@ -92,6 +93,10 @@ fn check_split_with(
     r
 }
 
+fn stop(fraction: f64, max_rank: usize) -> EnergyStop {
+    EnergyStop { fraction, max_rank }
+}
+
 #[test]
 fn shared_basis_split_is_exact_for_every_policy_and_keeps_less_energy() {
     let mut rng = Rng::new(4);
@@ -139,19 +144,26 @@ fn conv_parts_add_up(
     rng: &mut Rng,
 ) {
     let n = x.dim(1);
-    let mut conv = Conv2d::new(n, m, k, stride, pad, false, rng);
+    let mut conv = Conv2d::new(
+        n,
+        m,
+        k,
+        Conv2dConfig {
+            stride,
+            padding: pad,
+            bias: false,
+        },
+        rng,
+    );
     let mut yt = Tensor::default();
     if conv.out_shape(&x.shape).is_err() {
-        assert!(tc
-            .forward(&conv.weight.value, stride, pad, lr, &mut yt)
-            .is_err());
+        assert!(tc.forward(&conv, lr, &mut yt).is_err());
         return;
     }
     let (mut y, mut yu) = (Tensor::default(), Tensor::default());
     conv.forward(x, &mut y).unwrap();
     conv.forward(xu, &mut yu).unwrap();
-    tc.forward(&conv.weight.value, stride, pad, lr, &mut yt)
-        .unwrap();
+    tc.forward(&conv, lr, &mut yt).unwrap();
     assert!(yt.all_finite(), "{geo}: Y_T not finite");
     assert_close(&format!("{geo}: Y_T + Y_U"), &add(&yt, &yu), &y);
 
@@ -163,8 +175,7 @@ fn conv_parts_add_up(
     conv.backward(xu, &dy, None).unwrap();
     let dwu = conv.weight.grad.clone();
     let mut dwt = Tensor::from_vec(&[1], vec![f32::NAN]).unwrap();
-    tc.weight_grad(&conv.weight.value.shape, stride, pad, lr, &dy, &mut dwt)
-        .unwrap();
+    tc.weight_grad(&conv, lr, &dy, &mut dwt).unwrap();
     assert!(dwt.all_finite(), "{geo}: ∇W_T not finite");
     assert_close(&format!("{geo}: ∇W_T + ∇W_U"), &add(&dwt, &dwu), &dw);
 }
@@ -215,7 +226,7 @@ fn split_is_exact_for_every_policy() {
                     let want = x
                         .data
                         .chunks(8 * 36)
-                        .map(|xb| light_svd_energy(xb, 8, 36, e, 8, iters, &mut lr, &mut res))
+                        .map(|xb| light_svd_energy(xb, 8, 36, stop(e, 8), iters, &mut lr, &mut res))
                         .max()
                         .unwrap();
                     assert_eq!(r, want, "{policy}");
@@ -449,7 +460,7 @@ fn energy_rank_of_the_light_svd_is_close_to_the_exact_one() {
             for e in [0.5, 0.8, 0.9, 0.97] {
                 let exact = rank_for_energy(&sv, e);
                 for iters in [1, 2] {
-                    let r = light_svd_energy(&x, n, hw, e, n, iters, &mut lr, &mut res);
+                    let r = light_svd_energy(&x, n, hw, stop(e, n), iters, &mut lr, &mut res);
                     assert_eq!(r, lr.r);
                     assert!(
                         kept(&x, &res) >= e - 1e-6,
@@ -627,7 +638,7 @@ fn degenerate_inputs_stay_exact_and_finite() {
     );
     assert_eq!(res, vec![0.0; 12]);
     assert_eq!(
-        light_svd_energy(&[0.0; 12], 3, 4, 0.9, 3, 1, &mut lr, &mut res),
+        light_svd_energy(&[0.0; 12], 3, 4, stop(0.9, 3), 1, &mut lr, &mut res),
         1
     );
     exact_low_rank(&[0.0; 12], 3, 4, 2, &mut lr, &mut res);
@@ -648,22 +659,20 @@ fn degenerate_inputs_stay_exact_and_finite() {
     decompose_batch(&x, RankPolicy::Fixed(2), 0, 1, &mut lrb, &mut xu).unwrap();
     let mut tc = TrustedConv::new();
     let mut y = Tensor::default();
-    assert!(tc
-        .forward(&Tensor::zeros(&[2, 4, 3, 3]), 1, 1, &lrb, &mut y)
-        .is_err());
-    assert!(tc
-        .forward(&Tensor::zeros(&[2, 3, 5, 5]), 1, 0, &lrb, &mut y)
-        .is_err());
-    assert!(tc
-        .weight_grad(
-            &[2, 3, 3, 3],
-            1,
-            1,
-            &lrb,
-            &Tensor::zeros(&[1, 2, 3, 3]),
-            &mut y
-        )
-        .is_err());
+    let conv = |n, k, padding| {
+        let cfg = Conv2dConfig {
+            stride: 1,
+            padding,
+            bias: false,
+        };
+        Conv2d::new(n, 2, k, cfg, &mut Rng::new(0))
+    };
+    // 4 input channels for a 3-channel input; a 5×5 kernel without padding over 4×4 maps.
+    assert!(tc.forward(&conv(4, 3, 1), &lrb, &mut y).is_err());
+    assert!(tc.forward(&conv(3, 5, 0), &lrb, &mut y).is_err());
+    // ∇Y of the wrong shape (3×3 for 4×4 outputs).
+    let dy = Tensor::zeros(&[1, 2, 3, 3]);
+    assert!(tc.weight_grad(&conv(3, 3, 1), &lrb, &dy, &mut y).is_err());
 }
 
 #[test]

@@ -4,8 +4,8 @@
 mod common;
 
 use asymml_core::layers::{
-    AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, Dropout, Linear, MaxPool2d, Param, Relu,
-    SoftmaxCrossEntropy,
+    AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, Conv2dConfig, Dropout, Linear, MaxPool2d,
+    Param, Relu, SoftmaxCrossEntropy,
 };
 use asymml_core::models::{BasicBlock, LocalExec, ModelSpec, Net};
 use asymml_core::rng::Rng;
@@ -204,7 +204,17 @@ fn conv_all_geometries() {
         for stride in [1, 2] {
             for pad in [0, 1] {
                 for bias in [false, true] {
-                    let mut conv = Conv2d::new(3, 4, k, stride, pad, bias, &mut rng);
+                    let mut conv = Conv2d::new(
+                        3,
+                        4,
+                        k,
+                        Conv2dConfig {
+                            stride,
+                            padding: pad,
+                            bias,
+                        },
+                        &mut rng,
+                    );
                     randomize(&mut conv, &mut rng, 0.5);
                     let x = randn(&mut rng, &[2, 3, 5, 6], 1.0);
                     let what = format!("conv k{k} s{stride} p{pad} bias {bias}");
@@ -218,7 +228,17 @@ fn conv_all_geometries() {
 #[test]
 fn conv_uneven_batch_and_large_kernel() {
     let mut rng = Rng::new(2);
-    let mut conv = Conv2d::new(2, 3, 5, 2, 2, true, &mut rng);
+    let mut conv = Conv2d::new(
+        2,
+        3,
+        5,
+        Conv2dConfig {
+            stride: 2,
+            padding: 2,
+            bias: true,
+        },
+        &mut rng,
+    );
     randomize(&mut conv, &mut rng, 0.3);
     let x = randn(&mut rng, &[3, 2, 7, 7], 1.0);
     gradcheck("conv k5 s2 p2, batch 3", &mut conv, &x, Fd::default(), 11);
@@ -458,7 +478,17 @@ impl Op for Skewed {
 #[test]
 fn the_checker_catches_a_five_percent_error() {
     let mut rng = Rng::new(16);
-    let mut op = Skewed(Conv2d::new(3, 4, 3, 1, 1, true, &mut rng));
+    let mut op = Skewed(Conv2d::new(
+        3,
+        4,
+        3,
+        Conv2dConfig {
+            stride: 1,
+            padding: 1,
+            bias: true,
+        },
+        &mut rng,
+    ));
     let x = randn(&mut rng, &[2, 3, 5, 5], 1.0);
     for fd in [Fd::default(), composite()] {
         let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -3,7 +3,8 @@
 mod common;
 
 use asymml_core::layers::{
-    AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, Linear, MaxPool2d, Relu, SoftmaxCrossEntropy,
+    AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, Conv2dConfig, Linear, MaxPool2d, Relu,
+    SoftmaxCrossEntropy,
 };
 use asymml_core::rng::Rng;
 use asymml_core::Tensor;
@@ -34,7 +35,17 @@ fn conv_case(case: &str, stride: usize, pad: usize) {
     for threads in [1, 2, 3] {
         let name = |n: &str| format!("{case}.{n} ({threads} threads)");
         in_pool(threads, || {
-            let mut conv = Conv2d::new(c, m, k, stride, pad, has_bias, &mut Rng::new(0));
+            let mut conv = Conv2d::new(
+                c,
+                m,
+                k,
+                Conv2dConfig {
+                    stride,
+                    padding: pad,
+                    bias: has_bias,
+                },
+                &mut Rng::new(0),
+            );
             conv.weight.value = w.clone();
             if let Some(b) = conv.bias.as_mut() {
                 b.value = t("bias").clone();

@@ -402,26 +402,10 @@ fn put_f32s(buf: &mut Vec<u8>, data: &[f32]) {
     }
 }
 
-/// Reads little-endian f32 values from `bytes` (a multiple of 4 bytes long).
-fn get_f32s(bytes: &[u8]) -> Vec<f32> {
-    debug_assert_eq!(bytes.len() % 4, 0);
-    let n = bytes.len() / 4;
-    #[cfg(target_endian = "little")]
-    {
-        let mut v = Vec::<f32>::with_capacity(n);
-        // SAFETY: `v` has capacity for n f32 = bytes.len() bytes; the regions do not overlap; every bit pattern
-        // is a valid f32, so after the copy the first n elements are initialised and set_len(n) is sound.
-        unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr().cast::<u8>(), bytes.len());
-            v.set_len(n);
-        }
-        v
-    }
-    #[cfg(not(target_endian = "little"))]
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+/// Reads one little-endian f32 from each 4-byte word (one value per word, so the length is right by
+/// construction). Safe code: the compiler turns it into a plain copy on a little-endian host.
+fn get_f32s(words: &[[u8; 4]]) -> Vec<f32> {
+    words.iter().map(|&w| f32::from_le_bytes(w)).collect()
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -736,9 +720,10 @@ impl<'a> Reader<'a> {
                 available: self.remaining() as u64,
             });
         }
-        let payload = self.take(bytes as usize, field)?;
+        // `bytes` is 4 × the element count: the payload splits into exactly that many 4-byte words, none left.
+        let (words, _) = self.take(bytes as usize, field)?.as_chunks::<4>();
         let shape = dims.iter().map(|&d| d as usize).collect();
-        Ok(WireTensor::from_decoded(shape, get_f32s(payload)))
+        Ok(WireTensor::from_decoded(shape, get_f32s(words)))
     }
 
     fn opt_tensor(&mut self, field: &'static str) -> Result<Option<WireTensor>> {

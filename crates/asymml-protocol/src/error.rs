@@ -65,7 +65,7 @@ pub enum ProtocolError {
     #[error("accelerator connection timed out: {detail}")]
     Timeout { detail: String },
     /// Any other I/O failure.
-    #[error("i/o error while {context}: {source}")]
+    #[error("i/o error while {context}")]
     Io {
         context: String,
         #[source]
@@ -75,7 +75,7 @@ pub enum ProtocolError {
     #[error("bad address {address:?}: {detail}")]
     Address { address: String, detail: String },
     /// The peer answered with `Reply::Error`.
-    #[error("accelerator error: {0}")]
+    #[error("the accelerator answered: {0}")]
     Remote(String),
     /// The peer answered with a reply of the wrong kind.
     #[error("unexpected reply: expected {expected}, got {got}")]
@@ -84,7 +84,7 @@ pub enum ProtocolError {
     #[error("protocol misuse: {0}")]
     Misuse(String),
     /// An error with the operation (and layer) that met it.
-    #[error("{op}: {source}")]
+    #[error("{op}")]
     Context {
         op: String,
         #[source]

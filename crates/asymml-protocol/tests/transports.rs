@@ -8,7 +8,7 @@ use std::net::{TcpListener, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use asymml_core::Tensor;
+use asymml_core::{error_chain, Tensor};
 use asymml_protocol::codec::{decode_request, encode_reply, encode_request};
 use asymml_protocol::*;
 
@@ -118,8 +118,8 @@ fn exchange<Tr: Transport>(client: &mut Client<Tr>) {
         .unwrap();
     let e = client.call(&Request::Step { lr: -1.0 }).unwrap_err();
     assert_eq!(
-        e.to_string(),
-        "Step: accelerator error: negative learning rate -1"
+        error_chain(&e),
+        "Step: the accelerator answered: negative learning rate -1"
     );
     let (w, b) = client
         .call(&Request::FetchWeights { layer: 0 })
@@ -279,7 +279,7 @@ fn peer_closing_mid_frame_is_a_clean_error() {
     let mut client = Client::connect(TcpTransport::connect(&addr, &opts()).unwrap()).unwrap();
     let e = client.call(&forward(1)).unwrap_err();
     h.join().unwrap();
-    let s = e.to_string();
+    let s = error_chain(&e);
     assert!(e.is_closed(), "{s}");
     assert!(
         matches!(
@@ -306,7 +306,7 @@ fn peer_closing_before_replying_is_a_clean_error() {
     let mut client = Client::connect(TcpTransport::connect(&addr, &opts()).unwrap()).unwrap();
     let e = client.call(&forward(2)).unwrap_err();
     h.join().unwrap();
-    let s = e.to_string();
+    let s = error_chain(&e);
     assert!(
         s.starts_with("ConvForward(layer 2): accelerator connection closed"),
         "{s}"
@@ -336,7 +336,7 @@ fn peer_closing_before_replying_is_a_clean_error() {
     let mut client = Client::connect(c).unwrap();
     let e = client.call(&forward(3)).unwrap_err();
     h.join().unwrap();
-    let s = e.to_string();
+    let s = error_chain(&e);
     assert!(e.is_closed(), "{s}");
     assert!(
         s.starts_with("ConvForward(layer 3): accelerator connection closed"),
@@ -360,8 +360,7 @@ fn silent_peer_times_out() {
     assert!(t0.elapsed() < Duration::from_secs(3));
     assert!(matches!(e.root(), ProtocolError::Timeout { .. }), "{e}");
     assert!(
-        e.to_string()
-            .starts_with("ConvForward(layer 4): accelerator connection timed out"),
+        error_chain(&e).starts_with("ConvForward(layer 4): accelerator connection timed out"),
         "{e}"
     );
     h.join().unwrap();
@@ -620,8 +619,7 @@ fn over_max_frame_is_refused_without_allocating() {
     raw.write_all(&(3u32 << 30).to_le_bytes()).unwrap();
     let e = server.join().unwrap().unwrap_err();
     assert!(
-        e.to_string()
-            .contains("exceeds the maximum of 1048576 bytes"),
+        error_chain(&e).contains("exceeds the maximum of 1048576 bytes"),
         "{e}"
     );
 }

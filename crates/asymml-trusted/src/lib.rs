@@ -5,6 +5,8 @@
 //! baseline). The split runtime, which sends residuals to the untrusted accelerator, is built on the same
 //! [`Session`] through `asymml_core::models::ConvExec`.
 
+#![forbid(unsafe_code)]
+
 pub mod checkpoint;
 pub mod remote;
 pub mod session;

@@ -11,8 +11,9 @@ use asymml_protocol::{
 };
 use std::time::Instant;
 
-fn acc(what: &str, e: ProtocolError) -> CoreError {
-    CoreError::Accelerator(format!("{what}: {e}"))
+/// A reply to `what` that failed validation (errors of the client's own calls name their request already).
+fn bad_reply(what: &str, e: ProtocolError) -> CoreError {
+    CoreError::accelerator(e.context(what))
 }
 
 /// The network, run remotely.
@@ -44,7 +45,7 @@ impl<T: Transport + Send> RemoteClient<T> {
         optimizer: OptimizerKind,
         weight_decay: f32,
     ) -> Result<Self, CoreError> {
-        let mut client = Client::connect(transport).map_err(|e| acc("handshake", e))?;
+        let mut client = Client::connect(transport).map_err(CoreError::accelerator)?;
         let spec =
             serde_json::to_string(&net.spec).map_err(|e| CoreError::Invalid(e.to_string()))?;
         let mut state = Vec::new();
@@ -65,8 +66,9 @@ impl<T: Transport + Send> RemoteClient<T> {
                 state,
                 optimizer,
             })
-            .and_then(|r| r.into_ok())
-            .map_err(|e| acc("registering the network", e))?;
+            .map_err(CoreError::accelerator)?
+            .into_ok()
+            .map_err(|e| bad_reply("RegisterNet", e))?;
         Ok(RemoteClient {
             client,
             logits_shape: Vec::new(),
@@ -76,7 +78,7 @@ impl<T: Transport + Send> RemoteClient<T> {
 
     fn call(&mut self, req: &Request) -> Result<asymml_protocol::Reply, CoreError> {
         let t0 = Instant::now();
-        let r = self.client.call(req).map_err(|e| acc(&req.describe(), e));
+        let r = self.client.call(req).map_err(CoreError::accelerator);
         self.wait_s += t0.elapsed().as_secs_f64();
         r
     }
@@ -91,18 +93,21 @@ impl<T: Transport + Send> RemoteNet for RemoteClient<T> {
         let logits = self
             .call(&req)?
             .into_net_output()
-            .map_err(|e| acc("NetForward", e))?;
+            .map_err(|e| bad_reply("NetForward", e))?;
         let shape = logits.shape().to_vec();
         if shape.len() != 2 || shape[0] != x.shape[0] {
-            return Err(CoreError::Accelerator(format!(
-                "NetForward: logits of shape {shape:?} for a batch of {}",
-                x.shape[0]
-            )));
+            return Err(bad_reply(
+                "NetForward",
+                ProtocolError::Tensor(format!(
+                    "logits of shape {shape:?} for a batch of {}",
+                    x.shape[0]
+                )),
+            ));
         }
         self.logits_shape = shape.clone();
         logits
             .into_tensor_checked(&shape)
-            .map_err(|e| acc("NetForward", e))
+            .map_err(|e| bad_reply("NetForward", e))
     }
 
     fn backward(&mut self, dlogits: &Tensor) -> Result<(), CoreError> {
@@ -111,41 +116,40 @@ impl<T: Transport + Send> RemoteNet for RemoteClient<T> {
         };
         self.call(&req)?
             .into_ok()
-            .map_err(|e| acc("NetBackward", e))
+            .map_err(|e| bad_reply("NetBackward", e))
     }
 
     fn step(&mut self, lr: f32) -> Result<(), CoreError> {
         self.call(&Request::Step { lr })?
             .into_ok()
-            .map_err(|e| acc("Step", e))
+            .map_err(|e| bad_reply("Step", e))
     }
 
     fn sync(&mut self, net: &mut Net) -> Result<(), CoreError> {
         let entries = self
             .call(&Request::FetchState)?
             .into_state()
-            .map_err(|e| acc("FetchState", e))?;
+            .map_err(|e| bad_reply("FetchState", e))?;
         let mut map: std::collections::HashMap<String, asymml_protocol::WireTensor> =
             entries.into_iter().collect();
-        let mut err = None;
-        net.visit_state(&mut |name, s| {
-            let Some(t) = map.remove(&name) else {
-                err.get_or_insert_with(|| {
-                    CoreError::Accelerator(format!("FetchState: {name} missing"))
-                });
-                return;
-            };
+        net.try_visit_state(&mut |name, s| {
+            let what = format!("FetchState {name}");
+            let t = map.remove(&name).ok_or_else(|| {
+                bad_reply(
+                    &what,
+                    ProtocolError::Tensor("missing from the reply".into()),
+                )
+            })?;
             match s {
                 StateMut::Tensor(dst) => {
                     let shape = dst.shape.clone();
-                    if let Err(e) = t.copy_into_checked(&shape, dst) {
-                        err.get_or_insert_with(|| acc(&format!("FetchState {name}"), e));
-                    }
+                    t.copy_into_checked(&shape, dst)
+                        .map_err(|e| bad_reply(&what, e))?;
                 }
                 StateMut::Counter(c) => *c = t.data().first().copied().unwrap_or(0.0) as i64,
             }
-        });
-        err.map_or(Ok(()), Err)
+            Ok(())
+        })
     }
 
     fn wait_s(&self) -> f64 {

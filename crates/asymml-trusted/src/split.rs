@@ -38,11 +38,10 @@ struct LayerState {
     name: String,
     /// Schedule step (conv index in VGG, residual-block index in ResNet).
     step: usize,
-    /// For a ResNet shortcut conv: the block's first conv, whose decomposition and X_U it reuses.
-    shared_from: Option<usize>,
     lr: BatchLowRank,
-    /// Whether the last forward reused `shared_from`'s decomposition.
-    used_shared: bool,
+    /// The conv whose decomposition (and X_U on the accelerator) the last forward reused: a ResNet block's
+    /// first conv, for its shortcut conv.
+    shared_from: Option<usize>,
     rank: usize,
 }
 
@@ -95,13 +94,14 @@ pub struct SplitExec<T: Transport> {
     residual: Tensor,
     y_t: Tensor,
     dw_t: Tensor,
-    /// (layer, address and shape of its input) of the last forward, to recognise a shortcut conv's input.
-    last_input: Option<(usize, usize, Vec<usize>)>,
+    /// The conv whose input was decomposed last (a shortcut conv may reuse its decomposition).
+    last_decomposed: Option<usize>,
     stats: Arc<Mutex<SplitStats>>,
 }
 
-fn acc(what: &str, e: ProtocolError) -> CoreError {
-    CoreError::Accelerator(format!("{what}: {e}"))
+/// A reply to `what` that failed validation (errors of the client's own calls name their request already).
+fn bad_reply(what: &str, e: ProtocolError) -> CoreError {
+    CoreError::accelerator(e.context(what))
 }
 
 /// The wire form of an optimizer configuration.
@@ -121,35 +121,28 @@ pub(crate) fn optimizer_spec(kind: OptimizerKind, weight_decay: f32) -> Optimize
     }
 }
 
-/// Schedule steps and shortcut sources by conv id: VGG counts convs, ResNet counts residual blocks (stem 0).
-fn structure(net: &mut Net) -> Vec<(String, usize, Option<usize>)> {
+/// Schedule steps by conv id: VGG counts convs, ResNet counts residual blocks (stem 0).
+fn structure(net: &mut Net) -> Vec<(String, usize)> {
     let mut out = Vec::new();
     let mut block = 0;
     for node in &mut net.nodes {
         match &mut node.layer {
             Layer::Conv(c) => {
                 let step = if block == 0 { c.id } else { block };
-                out.push((c.id, node.name.clone(), step, None));
+                out.push((c.id, node.name.clone(), step));
             }
             Layer::Block(b) => {
                 block += 1;
-                let first = b.conv1.id;
-                let mut convs = Vec::new();
                 b.visit_convs(&node.name, &mut |name, c| {
-                    convs.push((c.id, name.to_string(), c.k))
+                    out.push((c.id, name.to_string(), block))
                 });
-                for (id, name, _) in convs {
-                    let shared =
-                        (b.downsample.as_ref().map(|(d, _)| d.id) == Some(id)).then_some(first);
-                    out.push((id, name, block, shared));
-                }
             }
             _ => {}
         }
     }
     // The stem of a ResNet is step 0; VGG convs are numbered in order.
     out.sort_by_key(|e| e.0);
-    out.into_iter().map(|(_, n, s, sh)| (n, s, sh)).collect()
+    out.into_iter().map(|(_, n, s)| (n, s)).collect()
 }
 
 impl<T: Transport> SplitExec<T> {
@@ -162,7 +155,7 @@ impl<T: Transport> SplitExec<T> {
         weight_decay: f32,
         cfg: SplitConfig,
     ) -> Result<Self, CoreError> {
-        let mut client = Client::connect(transport).map_err(|e| acc("handshake", e))?;
+        let mut client = Client::connect(transport).map_err(CoreError::accelerator)?;
         let mut specs = Vec::new();
         let mut weights = Vec::new();
         net.visit_convs(&mut |_, c| {
@@ -188,14 +181,14 @@ impl<T: Transport> SplitExec<T> {
                 weights,
                 optimizer,
             })
-            .and_then(|r| r.into_ok())
-            .map_err(|e| acc("registering the model", e))?;
+            .map_err(CoreError::accelerator)?
+            .into_ok()
+            .map_err(|e| bad_reply("Register", e))?;
         let layers = structure(net)
             .into_iter()
-            .map(|(name, step, shared_from)| LayerState {
+            .map(|(name, step)| LayerState {
                 name,
                 step,
-                shared_from,
                 ..Default::default()
             })
             .collect();
@@ -209,7 +202,7 @@ impl<T: Transport> SplitExec<T> {
             residual: Tensor::default(),
             y_t: Tensor::default(),
             dw_t: Tensor::default(),
-            last_input: None,
+            last_decomposed: None,
             stats: Arc::default(),
         })
     }
@@ -256,7 +249,7 @@ impl<T: Transport> SplitExec<T> {
         let res = self
             .client
             .send_request(req)
-            .map_err(|e| acc(&req.describe(), e));
+            .map_err(CoreError::accelerator);
         let dt = t0.elapsed().as_secs_f64();
         self.count(|s| {
             s.bytes_to_untrusted += n;
@@ -269,13 +262,9 @@ impl<T: Transport> SplitExec<T> {
         res
     }
 
-    fn recv(
-        &mut self,
-        what: &str,
-        layer: Option<usize>,
-    ) -> Result<asymml_protocol::Reply, CoreError> {
+    fn recv(&mut self, layer: Option<usize>) -> Result<asymml_protocol::Reply, CoreError> {
         let t0 = Instant::now();
-        let r = self.client.recv_reply().map_err(|e| acc(what, e))?;
+        let r = self.client.recv_reply().map_err(CoreError::accelerator)?;
         let total = t0.elapsed().as_secs_f64();
         let decode = self.client.last_decode_s().min(total);
         let n = r
@@ -311,16 +300,16 @@ impl<T: Transport> SplitExec<T> {
         let what = format!("FetchGrads(layer {id})");
         self.send(&Request::FetchGrads { layer })?;
         let (w, b) = self
-            .recv(&what, Some(id))?
+            .recv(Some(id))?
             .into_weights(layer)
-            .map_err(|e| acc(&what, e))?;
+            .map_err(|e| bad_reply(&what, e))?;
         let w = w
             .into_tensor_matching(&[None, None, None, None])
-            .map_err(|e| acc(&what, e))?;
+            .map_err(|e| bad_reply(&what, e))?;
         let b = b
             .map(|b| b.into_tensor_matching(&[None]))
             .transpose()
-            .map_err(|e| acc(&what, e))?;
+            .map_err(|e| bad_reply(&what, e))?;
         Ok((w, b))
     }
 
@@ -329,40 +318,28 @@ impl<T: Transport> SplitExec<T> {
         self.client
             .shutdown()
             .map(|_| ())
-            .map_err(|e| acc("Shutdown", e))
+            .map_err(CoreError::accelerator)
     }
 }
 
-fn layer_err(l: &LayerState, id: usize, e: CoreError) -> CoreError {
-    match e {
-        CoreError::Accelerator(m) => {
-            CoreError::Accelerator(format!("conv {} (layer {id}): {m}", l.name))
-        }
-        other => other,
-    }
-}
-
-impl<T: Transport> ConvExec for SplitExec<T> {
-    fn conv_forward(
+impl<T: Transport> SplitExec<T> {
+    /// The split forward of conv `conv.id`; with `shared: Some(from)`, conv `from`'s decomposition of the same
+    /// input (and its X_U, cached on the accelerator) is reused instead of decomposing again.
+    fn forward_split(
         &mut self,
         conv: &mut Conv2d,
         x: &Tensor,
         y: &mut Tensor,
         train: bool,
+        shared: Option<usize>,
     ) -> Result<(), CoreError> {
         let id = conv.id;
         let out_shape = conv.out_shape(&x.shape)?;
         if id >= self.layers.len() {
-            return Err(CoreError::Accelerator(format!(
+            return Err(CoreError::accelerator(format!(
                 "conv {id} was not registered"
             )));
         }
-        let input_key = (x.data.as_ptr() as usize, x.shape.clone());
-        let shared = self.layers[id].shared_from.filter(|&from| {
-            self.last_input
-                .as_ref()
-                .is_some_and(|(l, p, s)| *l == from && (*p, s) == (input_key.0, &input_key.1))
-        });
         let layer = id as u32;
         let mut y_t = std::mem::take(&mut self.y_t);
         let res = (|| {
@@ -376,14 +353,8 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                     })?;
                     let t0 = Instant::now();
                     let lr = &self.layers[from].lr;
-                    let f = TrustedConv::forward_flops(
-                        &conv.weight.value.shape,
-                        conv.stride,
-                        conv.pad,
-                        lr,
-                    )?;
-                    self.tconv
-                        .forward(&conv.weight.value, conv.stride, conv.pad, lr, &mut y_t)?;
+                    let f = TrustedConv::forward_flops(conv, lr)?;
+                    self.tconv.forward(conv, lr, &mut y_t)?;
                     self.layers[id].rank = self.layers[from].rank;
                     self.trusted(id, t0, f);
                 }
@@ -425,27 +396,21 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                     // The trusted convolution runs while the accelerator computes its part.
                     let t0 = Instant::now();
                     let lr = &self.layers[id].lr;
-                    let f = TrustedConv::forward_flops(
-                        &conv.weight.value.shape,
-                        conv.stride,
-                        conv.pad,
-                        lr,
-                    )?;
-                    self.tconv
-                        .forward(&conv.weight.value, conv.stride, conv.pad, lr, &mut y_t)?;
+                    let f = TrustedConv::forward_flops(conv, lr)?;
+                    self.tconv.forward(conv, lr, &mut y_t)?;
                     self.trusted(id, t0, f);
-                    self.last_input = Some((id, input_key.0, input_key.1.clone()));
+                    self.last_decomposed = Some(id);
                 }
             }
-            self.layers[id].used_shared = shared.is_some();
+            self.layers[id].shared_from = shared;
             let what = format!("ConvForward(layer {id})");
             let y_u = self
-                .recv(&what, Some(id))?
+                .recv(Some(id))?
                 .into_conv_output(layer)
-                .map_err(|e| acc(&what, e))?;
+                .map_err(|e| bad_reply(&what, e))?;
             let t0 = Instant::now();
             y_u.add_into_checked(&out_shape, &y_t, y)
-                .map_err(|e| acc(&what, e))?;
+                .map_err(|e| bad_reply(&what, e))?;
             let full = 2.0 * conv.macs(&x.shape) as f64;
             let (rank, name) = (self.layers[id].rank, self.layers[id].name.clone());
             let dt = t0.elapsed().as_secs_f64();
@@ -459,7 +424,32 @@ impl<T: Transport> ConvExec for SplitExec<T> {
             Ok(())
         })();
         self.y_t = y_t;
-        res.map_err(|e| layer_err(&self.layers[id], id, e))
+        res.map_err(|e: CoreError| e.at_conv(&self.layers[id].name))
+    }
+}
+
+impl<T: Transport> ConvExec for SplitExec<T> {
+    fn conv_forward(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        train: bool,
+    ) -> Result<(), CoreError> {
+        self.forward_split(conv, x, y, train, None)
+    }
+
+    fn conv_forward_same_input(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        train: bool,
+        same_input_as: usize,
+    ) -> Result<(), CoreError> {
+        // Reuse only the decomposition made just before, of this very input.
+        let shared = (self.last_decomposed == Some(same_input_as)).then_some(same_input_as);
+        self.forward_split(conv, x, y, train, shared)
     }
 
     fn conv_backward(
@@ -471,7 +461,7 @@ impl<T: Transport> ConvExec for SplitExec<T> {
     ) -> Result<(), CoreError> {
         let id = conv.id;
         if id >= self.layers.len() {
-            return Err(CoreError::Accelerator(format!(
+            return Err(CoreError::accelerator(format!(
                 "conv {id} was not registered"
             )));
         }
@@ -485,41 +475,34 @@ impl<T: Transport> ConvExec for SplitExec<T> {
             })?;
             let t0 = Instant::now();
             let st = &self.layers[id];
-            let lr = match (st.used_shared, st.shared_from) {
-                (true, Some(from)) => &self.layers[from].lr,
-                _ => &st.lr,
+            let lr = match st.shared_from {
+                Some(from) => &self.layers[from].lr,
+                None => &st.lr,
             };
-            let f = TrustedConv::flops(&conv.weight.value.shape, conv.stride, conv.pad, lr)?;
-            self.tconv.weight_grad(
-                &conv.weight.value.shape,
-                conv.stride,
-                conv.pad,
-                lr,
-                dy,
-                &mut dw_t,
-            )?;
+            let f = TrustedConv::flops(conv, lr)?;
+            self.tconv.weight_grad(conv, lr, dy, &mut dw_t)?;
             self.trusted(id, t0, f);
             let passes = if dx.is_some() { 2.0 } else { 1.0 };
             let full = passes * 2.0 * conv.macs(&x.shape) as f64;
             self.count_layer(Some(id), |l| l.untrusted_flops += full);
             let what = format!("ConvBackward(layer {id})");
             let got = self
-                .recv(&what, Some(id))?
+                .recv(Some(id))?
                 .into_input_grad(layer)
-                .map_err(|e| acc(&what, e))?;
+                .map_err(|e| bad_reply(&what, e))?;
             match (dx, got) {
                 (Some(dx), Some(g)) => g
                     .copy_into_checked(&x.shape, dx)
-                    .map_err(|e| acc(&what, e))?,
+                    .map_err(|e| bad_reply(&what, e))?,
                 (None, None) => {}
                 (Some(_), None) => {
-                    return Err(acc(
+                    return Err(bad_reply(
                         &what,
                         ProtocolError::Misuse("∇X was asked for but not sent".into()),
                     ))
                 }
                 (None, Some(_)) => {
-                    return Err(acc(
+                    return Err(bad_reply(
                         &what,
                         ProtocolError::Misuse("∇X was sent unasked".into()),
                     ))
@@ -531,13 +514,13 @@ impl<T: Transport> ConvExec for SplitExec<T> {
             };
             self.send(&req)?;
             let what = format!("WeightGradPart(layer {id})");
-            self.recv(&what, Some(id))?
+            self.recv(Some(id))?
                 .into_ok()
-                .map_err(|e| acc(&what, e))?;
+                .map_err(|e| bad_reply(&what, e))?;
             Ok(())
         })();
         self.dw_t = dw_t;
-        res.map_err(|e| layer_err(&self.layers[id], id, e))
+        res.map_err(|e: CoreError| e.at_conv(&self.layers[id].name))
     }
 
     fn owns_conv_weights(&self) -> bool {
@@ -546,51 +529,36 @@ impl<T: Transport> ConvExec for SplitExec<T> {
 
     fn step(&mut self, lr: f32, net: &mut Net) -> Result<(), CoreError> {
         self.send(&Request::Step { lr })?;
-        self.recv("Step", None)?
+        self.recv(None)?
             .into_ok()
-            .map_err(|e| acc("Step", e))?;
+            .map_err(|e| bad_reply("Step", e))?;
         // Refresh the trusted copies of the (public) conv weights, which the trusted convolution uses.
-        let mut ids = Vec::new();
-        net.visit_convs(&mut |_, c| ids.push(c.id));
-        let mut fetched = Vec::with_capacity(ids.len());
-        for id in ids {
-            let layer = id as u32;
-            let what = format!("FetchWeights(layer {id})");
+        for c in net.convs_mut() {
+            let layer = c.id as u32;
+            let what = format!("FetchWeights(layer {layer})");
             self.send(&Request::FetchWeights { layer })?;
             let (w, b) = self
-                .recv(&what, Some(id))?
+                .recv(Some(c.id))?
                 .into_weights(layer)
-                .map_err(|e| acc(&what, e))?;
-            fetched.push((id, w, b, what));
-        }
-        let mut err = None;
-        let mut it = fetched.into_iter();
-        net.visit_convs(&mut |_, c| {
-            let Some((_, w, b, what)) = it.next() else {
-                return;
-            };
-            if err.is_some() {
-                return;
-            }
+                .map_err(|e| bad_reply(&what, e))?;
             let shape = c.weight.value.shape.clone();
-            if let Err(e) = w.copy_into_checked(&shape, &mut c.weight.value) {
-                err = Some(acc(&what, e));
-            }
+            w.copy_into_checked(&shape, &mut c.weight.value)
+                .map_err(|e| bad_reply(&what, e))?;
             match (c.bias.as_mut(), b) {
                 (Some(p), Some(b)) => {
                     let shape = p.value.shape.clone();
-                    if let Err(e) = b.copy_into_checked(&shape, &mut p.value) {
-                        err = Some(acc(&what, e));
-                    }
+                    b.copy_into_checked(&shape, &mut p.value)
+                        .map_err(|e| bad_reply(&what, e))?;
                 }
                 (None, None) => {}
                 _ => {
-                    err = Some(CoreError::Accelerator(format!(
-                        "{what}: bias presence differs"
-                    )))
+                    return Err(bad_reply(
+                        &what,
+                        ProtocolError::Misuse("bias presence differs".into()),
+                    ))
                 }
             }
-        });
-        err.map_or(Ok(()), Err)
+        }
+        Ok(())
     }
 }

@@ -2,7 +2,7 @@
 //! the residual inputs cached for backward, and the optimizer of the conv weights, run on the service's own
 //! thread pool.
 
-use asymml_core::layers::Conv2d;
+use asymml_core::layers::{Conv2d, Conv2dConfig};
 use asymml_core::optim::{Optimizer, OptimizerKind};
 use asymml_core::rng::Rng;
 use asymml_core::{CoreError, Tensor};
@@ -17,7 +17,7 @@ pub enum BackendError {
     UnknownLayer(u32),
     #[error("layer {0}: backward before any forward (no cached residual)")]
     NoCachedInput(u32),
-    #[error("layer {layer}: {source}")]
+    #[error("layer {layer}")]
     Core {
         layer: u32,
         #[source]
@@ -118,6 +118,18 @@ pub struct ConvLayer {
     pub bias: bool,
 }
 
+impl ConvLayer {
+    /// The weight's shape [M, C, k, k].
+    pub fn weight_shape(&self) -> [usize; 4] {
+        [self.out_ch, self.in_ch, self.k, self.k]
+    }
+
+    /// The bias's shape [M].
+    pub fn bias_shape(&self) -> [usize; 1] {
+        [self.out_ch]
+    }
+}
+
 struct Slot {
     conv: Conv2d,
     /// The residual X_U of the last training forward (∇W_U needs it).
@@ -161,7 +173,17 @@ impl CpuBackend {
         let mut rng = Rng::new(0);
         let mut slots = Vec::with_capacity(layers.len());
         for (i, (l, (w, b))) in layers.iter().zip(weights).enumerate() {
-            let mut conv = Conv2d::new(l.in_ch, l.out_ch, l.k, l.stride, l.pad, l.bias, &mut rng);
+            let mut conv = Conv2d::new(
+                l.in_ch,
+                l.out_ch,
+                l.k,
+                Conv2dConfig {
+                    stride: l.stride,
+                    padding: l.pad,
+                    bias: l.bias,
+                },
+                &mut rng,
+            );
             conv.id = i;
             conv.weight.value = w;
             if let (Some(p), Some(b)) = (conv.bias.as_mut(), b) {
@@ -346,8 +368,9 @@ pub(crate) fn check_registration(
                 "layer {i}: channels, kernel size and stride must be positive"
             )));
         }
-        let ws = [l.out_ch, l.in_ch, l.k, l.k];
-        if w.shape != ws || w.data.len() != ws.iter().product::<usize>() {
+        let ws = l.weight_shape();
+        let count = ws.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if w.shape != ws || count != Some(w.data.len()) {
             return Err(BackendError::Invalid(format!(
                 "layer {i}: weight shape {:?}, expected {ws:?}",
                 w.shape

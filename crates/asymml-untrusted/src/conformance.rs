@@ -98,7 +98,7 @@ pub(crate) fn check_against<'a>(
     let weights: Vec<(Tensor, Option<Tensor>)> = ls
         .iter()
         .map(|l| {
-            let w = random(&[l.out_ch, l.in_ch, l.k, l.k], &mut rng);
+            let w = random(&l.weight_shape(), &mut rng);
             let b = l.bias.then(|| random(&[l.out_ch], &mut rng));
             (w, b)
         })
@@ -183,7 +183,7 @@ pub(crate) fn check_refusals(be: &mut dyn ConvBackend) -> Result<(), String> {
         .iter()
         .map(|l| {
             (
-                random(&[l.out_ch, l.in_ch, l.k, l.k], &mut rng),
+                random(&l.weight_shape(), &mut rng),
                 l.bias.then(|| random(&[l.out_ch], &mut rng)),
             )
         })

@@ -146,43 +146,81 @@ fn dim(n: usize) -> Result<i32, BackendError> {
         .map_err(|_| BackendError::Invalid(format!("dimension {n} is too large for cuDNN")))
 }
 
-/// Makes `buf` hold at least `n` elements (contents undefined after growing).
-fn grow<T: DeviceRepr>(
+/// The number of values of a tensor of `shape`, or an error where it overflows. The buffer sizes that cuDNN
+/// and the kernels rely on are computed with this, so that a wrapped product cannot undersize a buffer.
+fn count(shape: &[usize]) -> Result<usize, BackendError> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| BackendError::Invalid(format!("a tensor of shape {shape:?} is too large")))
+}
+
+/// Makes `buf` hold at least `n` elements and returns it (contents undefined after growing).
+fn grow<'a, T: DeviceRepr>(
     stream: &Arc<CudaStream>,
-    buf: &mut Option<CudaSlice<T>>,
+    buf: &'a mut Option<CudaSlice<T>>,
     n: usize,
-) -> Result<(), BackendError> {
-    if buf.as_ref().is_none_or(|b| b.len() < n) {
-        *buf = None; // free the old buffer first
-        *buf =
-            Some(unsafe { stream.alloc::<T>(n.max(1)) }.map_err(drv("allocating device memory"))?);
+) -> Result<&'a mut CudaSlice<T>, BackendError> {
+    let fit = match buf.take() {
+        Some(b) if b.len() >= n => b,
+        old => {
+            // Free the old buffer first (a stream-ordered free, after every earlier use).
+            drop(old);
+            // SAFETY: `alloc` is unsafe only because it leaves the memory uninitialised. No caller reads an
+            // element it has not written first (by an upload, a device copy, or a cuDNN/kernel output with
+            // beta = 0), and device memory only reaches Rust values as f32 (any bit pattern is valid).
+            unsafe { stream.alloc::<T>(n.max(1)) }.map_err(drv("allocating device memory"))?
+        }
+    };
+    Ok(buf.insert(fit))
+}
+
+/// Makes the pinned host buffer hold at least `n` floats and returns it. `write_combined`: for uploads only
+/// (the host writes it once, sequentially; reading it on the host would be very slow).
+fn grow_pinned<'a>(
+    ctx: &Arc<CudaContext>,
+    buf: &'a mut Option<PinnedHostSlice<f32>>,
+    n: usize,
+    write_combined: bool,
+) -> Result<&'a mut PinnedHostSlice<f32>, BackendError> {
+    let fit = match buf.take() {
+        Some(b) if b.len() >= n => b,
+        old => {
+            drop(old);
+            let flags = if write_combined {
+                cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED
+            } else {
+                0
+            };
+            // Some headroom, so that a slightly larger batch does not reallocate.
+            let len = n.max(1).saturating_add(n / 8);
+            // SAFETY: `alloc_pinned_with_flags` is unsafe only because it leaves the memory uninitialised; it
+            // holds f32 (any bit pattern is valid), `upload` writes the values before copying them up and
+            // `download` reads only the values the device copy has written.
+            unsafe { ctx.alloc_pinned_with_flags::<f32>(len, flags) }
+                .map_err(drv("allocating pinned host memory"))?
+        }
+    };
+    Ok(buf.insert(fit))
+}
+
+/// Errors unless device buffer `buf` holds at least `n` values: checked before cuDNN or a kernel is given
+/// the buffer as `n` values (they see a raw pointer and check no length).
+fn holds<T>(buf: &CudaSlice<T>, n: usize, what: &str) -> Result<(), BackendError> {
+    if buf.len() < n {
+        return Err(BackendError::Invalid(format!(
+            "the {what} buffer holds {} values, the operation needs {n}",
+            buf.len()
+        )));
     }
     Ok(())
 }
 
-/// Makes the pinned host buffer hold at least `n` floats. `write_combined`: for uploads only (the host
-/// writes it once, sequentially; reading it on the host would be very slow).
-fn grow_pinned(
-    ctx: &Arc<CudaContext>,
-    buf: &mut Option<PinnedHostSlice<f32>>,
-    n: usize,
-    write_combined: bool,
-) -> Result<(), BackendError> {
-    if buf.as_ref().is_none_or(|b| b.len() < n) {
-        *buf = None;
-        let flags = if write_combined {
-            cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED
-        } else {
-            0
-        };
-        // Some headroom, so that a slightly larger batch does not reallocate.
-        let len = n.max(1).saturating_add(n / 8);
-        *buf = Some(
-            unsafe { ctx.alloc_pinned_with_flags::<f32>(len, flags) }
-                .map_err(drv("allocating pinned host memory"))?,
-        );
-    }
-    Ok(())
+/// Waits for everything queued on `stream`.
+fn sync(stream: &CudaStream) -> Result<(), BackendError> {
+    stream
+        .synchronize()
+        .map_err(drv("running the stream (an earlier kernel failed)"))
 }
 
 /// In float32 mode, the algorithm to run instead of cuDNN's choice: a GEMM algorithm in place of an FFT one.
@@ -216,6 +254,23 @@ fn precise_bwd_filter(a: BwdFilterAlgo) -> BwdFilterAlgo {
     }
 }
 
+/// One algorithm choice of a plan (forward, backward-data or backward-filter, named `what` in errors): cuDNN's
+/// heuristic pick, replaced by `precise(pick)` unless TF32 is allowed, and its workspace size in bytes.
+fn choose_algorithm<A: Copy>(
+    what: &str,
+    tf32: bool,
+    pick: impl FnOnce() -> Result<A, CudnnError>,
+    precise: fn(A) -> A,
+    workspace_size: impl FnOnce(A) -> Result<usize, CudnnError>,
+) -> Result<(A, usize), BackendError> {
+    let a = pick()
+        .map_err(|e| BackendError::Device(format!("cuDNN choosing the {what} algorithm: {e}")))?;
+    let a = if tf32 { a } else { precise(a) };
+    let bytes = workspace_size(a)
+        .map_err(|e| BackendError::Device(format!("cuDNN {what} workspace size: {e}")))?;
+    Ok((a, bytes))
+}
+
 /// One input shape of one layer: the cuDNN descriptors and the algorithms chosen for it (once, by cuDNN's
 /// heuristics) with their workspace sizes.
 struct Plan {
@@ -224,6 +279,9 @@ struct Plan {
     w: usize,
     oh: usize,
     ow: usize,
+    /// Values of the input (b × in_ch × h × w) and of the output (b × out_ch × oh × ow), as in `x` and `y`.
+    nx: usize,
+    ny: usize,
     x: TensorDescriptor<f32>,
     y: TensorDescriptor<f32>,
     fwd: (FwdAlgo, usize),
@@ -302,17 +360,22 @@ pub struct CudaBackend {
 fn check_available(ordinal: usize) -> Result<(), BackendError> {
     let hint = "on a machine with PyTorch's pip CUDA 13 packages, add their library folders to LD_LIBRARY_PATH \
                 (site-packages/nvidia/*/lib)";
+    // SAFETY: opening a shared library runs its initialisers, which is what the unsafe `is_culib_present` asks
+    // the caller to vouch for. These are the NVIDIA libraries cudarc opens anyway to use CUDA at all; each of
+    // the three probes only opens and closes one, on this thread, before any CUDA state exists.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(BackendError::Device(format!(
             "accelerator device cuda:{ordinal}: the CUDA driver library (libcuda.so) was not found — this machine \
              has no NVIDIA driver, or it is not on the library path"
         )));
     }
+    // SAFETY: as for the driver library above.
     if !unsafe { cudarc::cudnn::sys::is_culib_present() } {
         return Err(BackendError::Device(format!(
             "accelerator device cuda:{ordinal}: cuDNN (libcudnn.so.9) was not found; {hint}"
         )));
     }
+    // SAFETY: as for the driver library above.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(BackendError::Device(format!(
             "accelerator device cuda:{ordinal}: the CUDA runtime compiler NVRTC (libnvrtc.so) was not found; {hint}"
@@ -362,6 +425,9 @@ impl CudaBackend {
         let ctx = CudaContext::new(ordinal).map_err(drv("creating a context"))?;
         // One stream, so cudarc's per-buffer event tracking (for several streams) is not needed: slices
         // created from here on carry no events.
+        // SAFETY: without events, keeping each buffer's uses ordered across streams is up to us. There is one
+        // stream: every copy, kernel and (through the handle made on it) cuDNN call of this backend, and every
+        // stream-ordered free, is queued on `stream`, so each use, write and free follows the ones before it.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(drv("creating a stream"))?;
         let cudnn = Cudnn::new(stream.clone()).map_err(dnn("creating a handle"))?;
@@ -438,9 +504,7 @@ impl CudaBackend {
     }
 
     fn sync(&self) -> Result<(), BackendError> {
-        self.stream
-            .synchronize()
-            .map_err(drv("running the stream (an earlier kernel failed)"))
+        sync(&self.stream)
     }
 
     fn index(&self, layer: u32) -> Result<usize, BackendError> {
@@ -455,7 +519,8 @@ impl CudaBackend {
         }
     }
 
-    /// Copies `src` to the start of `dst` through the pinned upload buffer; the caller synchronizes.
+    /// Copies `src` to the start of `dst` through the pinned upload buffer. The copy is asynchronous: the
+    /// caller synchronizes the stream before the next upload rewrites the pinned buffer.
     fn upload(
         ctx: &Arc<CudaContext>,
         stream: &Arc<CudaStream>,
@@ -471,10 +536,7 @@ impl CudaBackend {
                 dst.len()
             )));
         }
-        grow_pinned(ctx, up, n, true)?;
-        let host = up
-            .as_mut()
-            .expect("grown")
+        let host = grow_pinned(ctx, up, n, true)?
             .as_mut_slice()
             .map_err(drv("pinned upload buffer"))?;
         host[..n].copy_from_slice(src);
@@ -488,7 +550,9 @@ impl CudaBackend {
     /// Copies the first `n` values of `src` to a new host vector through the pinned download buffer.
     fn download(&mut self, src: Which, layer: usize, n: usize) -> Result<Vec<f32>, BackendError> {
         let t = Instant::now();
-        grow_pinned(&self.ctx, &mut self.scratch.down, n, false)?;
+        let host = grow_pinned(&self.ctx, &mut self.scratch.down, n, false)?
+            .as_mut_slice()
+            .map_err(drv("pinned download buffer"))?;
         let buf: &CudaSlice<f32> = match src {
             Which::Y => self.scratch.y.as_ref(),
             Which::Dx => self.scratch.dx.as_ref(),
@@ -498,21 +562,14 @@ impl CudaBackend {
             Which::Db => self.layers[layer].db.as_ref(),
         }
         .ok_or_else(|| BackendError::Invalid("download of a missing buffer".into()))?;
-        if buf.len() < n {
-            return Err(BackendError::Invalid(format!(
+        let src_n = buf.try_slice(..n).ok_or_else(|| {
+            BackendError::Invalid(format!(
                 "download of {n} values from a buffer of {}",
                 buf.len()
-            )));
-        }
-        let host = self
-            .scratch
-            .down
-            .as_mut()
-            .expect("grown")
-            .as_mut_slice()
-            .map_err(drv("pinned download buffer"))?;
+            ))
+        })?;
         self.stream
-            .memcpy_dtoh(&buf.slice(..n), &mut host[..n])
+            .memcpy_dtoh(&src_n, &mut host[..n])
             .map_err(drv("copying from the device"))?;
         self.stream
             .synchronize()
@@ -543,63 +600,54 @@ impl CudaBackend {
             )));
         };
         let nchw = cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let nx = count(&[b, s.in_ch, h, w])?;
+        let ny = count(&[b, s.out_ch, oh, ow])?;
         let x = cudnn
             .create_4d_tensor::<f32>(nchw, [dim(b)?, dim(s.in_ch)?, dim(h)?, dim(w)?])
             .map_err(dnn("input descriptor"))?;
         let y = cudnn
             .create_4d_tensor::<f32>(nchw, [dim(b)?, dim(s.out_ch)?, dim(oh)?, dim(ow)?])
             .map_err(dnn("output descriptor"))?;
-        let fwd = {
-            let op = ConvForward {
-                conv: &l.conv,
-                x: &x,
-                w: &l.filter,
-                y: &y,
-            };
-            let a = op
-                .pick_algorithm()
-                .map_err(dnn("choosing the forward algorithm"))?;
-            let a = if tf32 { a } else { precise_fwd(a) };
-            (
-                a,
-                op.get_workspace_size(a)
-                    .map_err(dnn("forward workspace size"))?,
-            )
+        let (conv, filter) = (&l.conv, &l.filter);
+        let op = ConvForward {
+            conv,
+            x: &x,
+            w: filter,
+            y: &y,
         };
-        let bwd_data = {
-            let op = ConvBackwardData {
-                conv: &l.conv,
-                dx: &x,
-                w: &l.filter,
-                dy: &y,
-            };
-            let a = op
-                .pick_algorithm()
-                .map_err(dnn("choosing the backward-data algorithm"))?;
-            let a = if tf32 { a } else { precise_bwd_data(a) };
-            (
-                a,
-                op.get_workspace_size(a)
-                    .map_err(dnn("backward-data workspace size"))?,
-            )
+        let fwd = choose_algorithm(
+            "forward",
+            tf32,
+            || op.pick_algorithm(),
+            precise_fwd,
+            |a| op.get_workspace_size(a),
+        )?;
+        let op = ConvBackwardData {
+            conv,
+            dx: &x,
+            w: filter,
+            dy: &y,
         };
-        let bwd_filter = {
-            let op = ConvBackwardFilter {
-                conv: &l.conv,
-                x: &x,
-                dw: &l.filter,
-                dy: &y,
-            };
-            let a = op
-                .pick_algorithm()
-                .map_err(dnn("choosing the backward-filter algorithm"))?;
-            let a = if tf32 { a } else { precise_bwd_filter(a) };
-            (
-                a,
-                op.get_workspace_size(a)
-                    .map_err(dnn("backward-filter workspace size"))?,
-            )
+        let bwd_data = choose_algorithm(
+            "backward-data",
+            tf32,
+            || op.pick_algorithm(),
+            precise_bwd_data,
+            |a| op.get_workspace_size(a),
+        )?;
+        let op = ConvBackwardFilter {
+            conv,
+            x: &x,
+            dw: filter,
+            dy: &y,
         };
+        let bwd_filter = choose_algorithm(
+            "backward-filter",
+            tf32,
+            || op.pick_algorithm(),
+            precise_bwd_filter,
+            |a| op.get_workspace_size(a),
+        )?;
         if l.plans.len() >= MAX_PLANS {
             l.plans.remove(0);
         }
@@ -609,6 +657,8 @@ impl CudaBackend {
             w,
             oh,
             ow,
+            nx,
+            ny,
             x,
             y,
             fwd,
@@ -625,17 +675,11 @@ impl CudaBackend {
             .ok_or(BackendError::NoCachedInput(li as u32))?;
         let pi = self.plan(li, b, h, w)?;
         let m = self.layers[li].spec.out_ch;
-        let (oh, ow, ws) = {
+        let (oh, ow, ny, ws) = {
             let p = &self.layers[li].plans[pi];
-            (p.oh, p.ow, p.fwd.1)
+            (p.oh, p.ow, p.ny, p.fwd.1)
         };
-        let ny = b * m * oh * ow;
-        grow(&self.stream, &mut self.scratch.y, ny)?;
-        if ws > 0 {
-            grow(&self.stream, &mut self.scratch.workspace, ws)?;
-        }
-        let t = Instant::now();
-        {
+        let t = {
             let Self {
                 layers,
                 scratch,
@@ -643,30 +687,42 @@ impl CudaBackend {
                 stream,
                 ..
             } = self;
+            let y = grow(stream, &mut scratch.y, ny)?;
+            let workspace = match ws {
+                0 => None,
+                _ => Some(grow(stream, &mut scratch.workspace, ws)?),
+            };
             let l = &layers[li];
             let p = &l.plans[pi];
             let x = l.x.as_ref().ok_or(BackendError::NoCachedInput(li as u32))?;
-            let y = scratch.y.as_mut().expect("grown");
+            holds(x, p.nx, "cached input")?;
             let op = ConvForward {
                 conv: &l.conv,
                 x: &p.x,
                 w: &l.filter,
                 y: &p.y,
             };
-            let workspace = if ws > 0 {
-                scratch.workspace.as_mut()
-            } else {
-                None
-            };
+            let t = Instant::now();
+            // SAFETY: cuDNN accesses the buffers through raw pointers as the f32 tensors its descriptors
+            // describe, and each is at least that large: `x` ≥ p.nx values (checked above), the size of `p.x`;
+            // `l.w` is the weight, exactly the size of `l.filter` (both made from one checked weight in
+            // `register`); `y` ≥ p.ny values (grown above), the size of `p.y`; the workspace, passed when the
+            // algorithm needs one, ≥ the `ws` bytes cuDNN asked for it (cudarc passes its real size). The
+            // handle runs on `stream`, after the copies that filled `x`, before the download of `y`.
             unsafe { op.launch(p.fwd.0, workspace, (1.0f32, 0.0f32), x, &l.w, y) }
                 .map_err(dnn("convolution forward"))?;
             if let Some(bias) = &l.b {
                 let (n, mm, hw) = (ny as u64, m as u32, (oh * ow) as u64);
                 let mut lb = stream.launch_builder(&kernels.add_bias);
                 lb.arg(y).arg(bias).arg(&n).arg(&mm).arg(&hw);
+                // SAFETY: the arguments match `add_bias(float* y, const float* b, u64 n, u32 m, u64 hw)` in
+                // order and type, and only `y`, passed mutably, is written. It touches y[i] for i < n = p.ny ≤
+                // y.len() and b[(i / hw) % m] with m = out_ch = the bias length (`register`); out_ch < 2³¹
+                // (`dim`), so the u32 is exact, and hw = oh·ow ≥ 1. Queued on `stream` after the convolution.
                 unsafe { lb.launch(grid(ny)) }.map_err(drv("bias kernel"))?;
             }
-        }
+            t
+        };
         self.sync()?;
         self.stats.kernel_s += t.elapsed().as_secs_f64();
         let data = self.download(Which::Y, li, ny)?;
@@ -714,6 +770,17 @@ impl ConvBackend for CudaBackend {
         self.bind()?;
         // Check everything before touching the device.
         crate::backend::check_registration(layers, &weights)?;
+        // cuDNN and the kernels take the weight as out_ch × in_ch × k × k values: make sure that product does
+        // not wrap to the length of a smaller weight.
+        for (i, (l, (w, _))) in layers.iter().zip(&weights).enumerate() {
+            if count(&[l.out_ch, l.in_ch, l.k, l.k]).ok() != Some(w.data.len()) {
+                return Err(BackendError::Invalid(format!(
+                    "layer {i}: a weight of {} values for a {:?} kernel",
+                    w.data.len(),
+                    [l.out_ch, l.in_ch, l.k, l.k]
+                )));
+            }
+        }
         self.registered = false;
         self.layers.clear();
         self.opt = None;
@@ -819,7 +886,12 @@ impl ConvBackend for CudaBackend {
                 x_u.shape
             )));
         };
-        if c != s.in_ch || b == 0 || h == 0 || w == 0 || x_u.data.len() != b * c * h * w {
+        if c != s.in_ch
+            || b == 0
+            || h == 0
+            || w == 0
+            || count(&x_u.shape).ok() != Some(x_u.data.len())
+        {
             return Err(BackendError::Invalid(format!(
                 "X_U shape {:?} ({} values) does not fit a conv with {} input channels",
                 x_u.shape,
@@ -841,15 +913,8 @@ impl ConvBackend for CudaBackend {
             } = self;
             let l = &mut layers[li];
             l.x_shape = None;
-            grow(stream, &mut l.x, x_u.data.len())?;
-            Self::upload(
-                ctx,
-                stream,
-                &mut scratch.up,
-                stats,
-                &x_u.data,
-                l.x.as_mut().expect("grown"),
-            )?;
+            let x = grow(stream, &mut l.x, x_u.data.len())?;
+            Self::upload(ctx, stream, &mut scratch.up, stats, &x_u.data, x)?;
         }
         self.sync()?;
         self.stats.copy_s += t.elapsed().as_secs_f64();
@@ -879,15 +944,19 @@ impl ConvBackend for CudaBackend {
         if li != fi {
             let [b, _, h, w] = shape;
             self.plan(li, b, h, w)?;
-            let n = shape.iter().product::<usize>();
+            let n = count(&shape)?;
             let t = Instant::now();
             let Self { layers, stream, .. } = self;
             let (src, dst) = Self::two(layers, fi, li);
             dst.x_shape = None;
-            grow(stream, &mut dst.x, n)?;
-            let src_buf = src.x.as_ref().ok_or(BackendError::NoCachedInput(from))?;
+            let dst_buf = grow(stream, &mut dst.x, n)?;
+            let src_buf = src
+                .x
+                .as_ref()
+                .and_then(|x| x.try_slice(..n))
+                .ok_or(BackendError::NoCachedInput(from))?;
             stream
-                .memcpy_dtod(&src_buf.slice(..n), dst.x.as_mut().expect("grown"))
+                .memcpy_dtod(&src_buf, dst_buf)
                 .map_err(drv("copying the shared residual"))?;
             dst.x_shape = Some(shape);
             self.sync()?;
@@ -904,136 +973,133 @@ impl ConvBackend for CudaBackend {
     ) -> Result<Option<Tensor>, BackendError> {
         self.bind()?;
         let li = self.index(layer)?;
-        let [b, c, h, w] = self.layers[li]
+        let [b, _, h, w] = self.layers[li]
             .x_shape
             .ok_or(BackendError::NoCachedInput(layer))?;
         let pi = self.plan(li, b, h, w)?;
         let s = self.layers[li].spec;
-        let (oh, ow, (_, ws_data), (_, ws_filter)) = {
+        let (oh, ow, nx, ny, (_, ws_data), (_, ws_filter)) = {
             let p = &self.layers[li].plans[pi];
-            (p.oh, p.ow, p.bwd_data, p.bwd_filter)
+            (p.oh, p.ow, p.nx, p.ny, p.bwd_data, p.bwd_filter)
         };
         let expected = [b, s.out_ch, oh, ow];
-        let ny = expected.iter().product::<usize>();
         if dy.shape != expected || dy.data.len() != ny {
             return Err(BackendError::Invalid(format!(
                 "layer {layer}: ∇Y shape {:?}, expected {expected:?}",
                 dy.shape
             )));
         }
-        let nx = b * c * h * w;
         let ws = if need_dx {
             ws_data.max(ws_filter)
         } else {
             ws_filter
         };
-        grow(&self.stream, &mut self.scratch.dy, ny)?;
-        if need_dx {
-            grow(&self.stream, &mut self.scratch.dx, nx)?;
-        }
-        if ws > 0 {
-            grow(&self.stream, &mut self.scratch.workspace, ws)?;
-        }
+        let Self {
+            layers,
+            scratch,
+            kernels,
+            stream,
+            ctx,
+            stats,
+            ..
+        } = self;
+        let dy_buf = grow(stream, &mut scratch.dy, ny)?;
+        let dx_buf = match need_dx {
+            true => Some(grow(stream, &mut scratch.dx, nx)?),
+            false => None,
+        };
+        let mut workspace = match ws {
+            0 => None,
+            _ => Some(grow(stream, &mut scratch.workspace, ws)?),
+        };
         let t = Instant::now();
-        {
-            let Self {
-                scratch,
-                stream,
-                ctx,
-                stats,
-                ..
-            } = self;
-            Self::upload(
-                ctx,
-                stream,
-                &mut scratch.up,
-                stats,
-                &dy.data,
-                scratch.dy.as_mut().expect("grown"),
-            )?;
-        }
-        self.sync()?;
+        Self::upload(ctx, stream, &mut scratch.up, stats, &dy.data, dy_buf)?;
+        sync(stream)?;
         let t1 = Instant::now();
-        self.stats.copy_s += (t1 - t).as_secs_f64();
-        {
-            let Self {
-                layers,
-                scratch,
-                kernels,
-                stream,
-                ..
-            } = self;
-            let Layer {
-                w: weight,
-                dw,
-                db,
-                filter,
-                conv,
-                plans,
-                x,
-                ..
-            } = &mut layers[li];
-            let p = &plans[pi];
-            let x = x.as_ref().ok_or(BackendError::NoCachedInput(layer))?;
-            let dy_buf = scratch.dy.as_ref().expect("grown");
-            if need_dx {
-                let op = ConvBackwardData {
-                    conv: &*conv,
-                    dx: &p.x,
-                    w: &*filter,
-                    dy: &p.y,
-                };
-                let workspace = if ws_data > 0 {
-                    scratch.workspace.as_mut()
-                } else {
-                    None
-                };
-                let dx = scratch.dx.as_mut().expect("grown");
-                unsafe {
-                    op.launch(
-                        p.bwd_data.0,
-                        workspace,
-                        (1.0f32, 0.0f32),
-                        dx,
-                        &*weight,
-                        dy_buf,
-                    )
-                }
-                .map_err(dnn("convolution backward data"))?;
-            }
-            let op = ConvBackwardFilter {
+        stats.copy_s += (t1 - t).as_secs_f64();
+        let Layer {
+            w: weight,
+            dw,
+            db,
+            filter,
+            conv,
+            plans,
+            x,
+            ..
+        } = &mut layers[li];
+        let p = &plans[pi];
+        let x = x.as_ref().ok_or(BackendError::NoCachedInput(layer))?;
+        holds(x, nx, "cached input")?;
+        let dy_buf = &*dy_buf;
+        if let Some(dx) = dx_buf {
+            let op = ConvBackwardData {
                 conv: &*conv,
-                x: &p.x,
-                dw: &*filter,
+                dx: &p.x,
+                w: &*filter,
                 dy: &p.y,
             };
-            let workspace = if ws_filter > 0 {
-                scratch.workspace.as_mut()
-            } else {
-                None
+            let workspace = match ws_data {
+                0 => None,
+                _ => workspace.as_deref_mut(),
             };
-            unsafe { op.launch(p.bwd_filter.0, workspace, (1.0f32, 0.0f32), x, dw, dy_buf) }
-                .map_err(dnn("convolution backward filter"))?;
-            if let Some(db) = db.as_mut() {
-                let (bb, mm, hw) = (b as u32, s.out_ch as u32, (oh * ow) as u64);
-                let mut lb = stream.launch_builder(&kernels.bias_grad);
-                lb.arg(dy_buf).arg(db).arg(&bb).arg(&mm).arg(&hw);
-                let cfg = LaunchConfig {
-                    grid_dim: (mm, 1, 1),
-                    block_dim: (BLOCK, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                unsafe { lb.launch(cfg) }.map_err(drv("bias gradient kernel"))?;
+            // SAFETY: cuDNN accesses the buffers through raw pointers as the f32 tensors its descriptors
+            // describe, and each is at least that large: `dx` ≥ nx values (grown above), the size of `p.x`;
+            // `weight` is exactly the size of `filter` (`register`); `dy_buf` ≥ ny values (grown above, ny
+            // uploaded), the size of `p.y`; the workspace ≥ ws ≥ ws_data bytes, what cuDNN asked for this
+            // algorithm. The handle runs on `stream`, after the upload, before the download of `dx`.
+            unsafe {
+                op.launch(
+                    p.bwd_data.0,
+                    workspace,
+                    (1.0f32, 0.0f32),
+                    dx,
+                    &*weight,
+                    dy_buf,
+                )
             }
+            .map_err(dnn("convolution backward data"))?;
         }
-        self.sync()?;
-        self.stats.kernel_s += t1.elapsed().as_secs_f64();
+        let op = ConvBackwardFilter {
+            conv: &*conv,
+            x: &p.x,
+            dw: &*filter,
+            dy: &p.y,
+        };
+        let workspace = match ws_filter {
+            0 => None,
+            _ => workspace,
+        };
+        // SAFETY: as for backward data: `x` ≥ nx values (checked above), the size of `p.x`; `dw` has the weight's
+        // size, that of `filter` (`register`); `dy_buf` ≥ ny values, the size of `p.y`; the workspace ≥ ws ≥
+        // ws_filter bytes. Queued on `stream` after the upload (and the backward-data call sharing the
+        // workspace), so the two never run at once.
+        unsafe { op.launch(p.bwd_filter.0, workspace, (1.0f32, 0.0f32), x, dw, dy_buf) }
+            .map_err(dnn("convolution backward filter"))?;
+        if let Some(db) = db.as_mut() {
+            let (bb, mm, hw) = (b as u32, s.out_ch as u32, (oh * ow) as u64);
+            let mut lb = stream.launch_builder(&kernels.bias_grad);
+            lb.arg(dy_buf).arg(db).arg(&bb).arg(&mm).arg(&hw);
+            let cfg = LaunchConfig {
+                grid_dim: (mm, 1, 1),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match `bias_grad(const float* dy, float* db, u32 batch, u32 m, u64 hw)` in
+            // order and type, and only `db`, passed mutably, is written. Block c < m (one per channel) writes
+            // db[c], inside the bias gradient of m = out_ch values (`register`), and reads dy[(n·m + c)·hw + p]
+            // for n < b, p < hw = oh·ow: below b·m·hw = ny ≤ dy_buf.len(). b and out_ch are below 2³¹ (`dim`),
+            // so the u32s are exact; the block has BLOCK = 256 threads, the size of the kernel's shared array
+            // and a power of two, as its reduction needs. Queued on `stream` after the upload.
+            unsafe { lb.launch(cfg) }.map_err(drv("bias gradient kernel"))?;
+        }
+        sync(stream)?;
+        stats.kernel_s += t1.elapsed().as_secs_f64();
         if !need_dx {
             return Ok(None);
         }
         let data = self.download(Which::Dx, li, nx)?;
         Ok(Some(Tensor {
-            shape: vec![b, c, h, w],
+            shape: vec![b, s.in_ch, h, w],
             data,
         }))
     }
@@ -1042,52 +1108,38 @@ impl ConvBackend for CudaBackend {
         self.bind()?;
         let li = self.index(layer)?;
         let ws = self.layers[li].weight_shape();
-        let n = ws.iter().product::<usize>();
+        let n = count(&ws)?;
         if dw_t.shape != ws || dw_t.data.len() != n {
             return Err(BackendError::Invalid(format!(
                 "layer {layer}: ∇W_T shape {:?}, expected {ws:?}",
                 dw_t.shape
             )));
         }
-        grow(&self.stream, &mut self.scratch.dy, n)?;
+        let Self {
+            layers,
+            scratch,
+            kernels,
+            stream,
+            ctx,
+            stats,
+            ..
+        } = self;
+        let d = grow(stream, &mut scratch.dy, n)?;
         let t = Instant::now();
-        {
-            let Self {
-                scratch,
-                stream,
-                ctx,
-                stats,
-                ..
-            } = self;
-            Self::upload(
-                ctx,
-                stream,
-                &mut scratch.up,
-                stats,
-                &dw_t.data,
-                scratch.dy.as_mut().expect("grown"),
-            )?;
-        }
-        self.sync()?;
+        Self::upload(ctx, stream, &mut scratch.up, stats, &dw_t.data, d)?;
+        sync(stream)?;
         let t1 = Instant::now();
-        self.stats.copy_s += (t1 - t).as_secs_f64();
-        {
-            let Self {
-                layers,
-                scratch,
-                kernels,
-                stream,
-                ..
-            } = self;
-            let dw = &mut layers[li].dw;
-            let d = scratch.dy.as_ref().expect("grown");
-            let n64 = n as u64;
-            let mut lb = stream.launch_builder(&kernels.add_into);
-            lb.arg(dw).arg(d).arg(&n64);
-            unsafe { lb.launch(grid(n)) }.map_err(drv("gradient add kernel"))?;
-        }
-        self.sync()?;
-        self.stats.kernel_s += t1.elapsed().as_secs_f64();
+        stats.copy_s += (t1 - t).as_secs_f64();
+        let dw = &mut layers[li].dw;
+        let n64 = n as u64;
+        let mut lb = stream.launch_builder(&kernels.add_into);
+        lb.arg(dw).arg(&*d).arg(&n64);
+        // SAFETY: the arguments match `add_into(float* g, const float* d, u64 n)` in order and type, and only
+        // `dw`, passed mutably, is written. It touches g[i] and d[i] for i < n: `dw` has the weight's n values
+        // (`register`) and `d` ≥ n (grown above, n uploaded). Queued on `stream` after the upload.
+        unsafe { lb.launch(grid(n)) }.map_err(drv("gradient add kernel"))?;
+        sync(stream)?;
+        stats.kernel_s += t1.elapsed().as_secs_f64();
         Ok(())
     }
 
@@ -1119,10 +1171,22 @@ impl ConvBackend for CudaBackend {
                 for (w, g, state) in params.into_iter().chain(bias) {
                     let n = w.len();
                     let n64 = n as u64;
+                    // The kernels take n values from each buffer: checked here, though `register` allocates
+                    // the gradient and the state like the parameter, one state buffer per optimizer slot.
+                    let mismatch = || {
+                        BackendError::Invalid(
+                            "the optimizer state does not match the parameters".into(),
+                        )
+                    };
+                    if g.len() != n || state.iter().any(|s| s.len() != n) {
+                        return Err(mismatch());
+                    }
                     match kind {
                         OptimizerKind::Sgd { momentum, nesterov } => {
                             let nest = i32::from(nesterov);
-                            let buf = &mut state[0];
+                            let [buf] = state.as_mut_slice() else {
+                                return Err(mismatch());
+                            };
                             let mut lb = stream.launch_builder(&kernels.sgd_step);
                             lb.arg(w)
                                 .arg(g)
@@ -1132,6 +1196,10 @@ impl ConvBackend for CudaBackend {
                                 .arg(&wd)
                                 .arg(&momentum)
                                 .arg(&nest);
+                            // SAFETY: the arguments match `sgd_step(float* w, const float* g, float* buf,
+                            // u64 n, float lr, float wd, float momentum, int nesterov)` in order and type, and
+                            // only `w` and `buf`, passed mutably, are written. It touches index i < n of each
+                            // buffer, all n long (checked above). Queued on `stream`, in order.
                             unsafe { lb.launch(grid(n)) }.map_err(drv("SGD kernel"))?;
                         }
                         OptimizerKind::AdamW { beta1, beta2, eps } => {
@@ -1142,8 +1210,9 @@ impl ConvBackend for CudaBackend {
                             let step = lr / bc1;
                             let keep = 1.0 - lr * wd;
                             let (omb1, omb2) = (1.0 - beta1, 1.0 - beta2);
-                            let (m, v) = state.split_at_mut(1);
-                            let (m, v) = (&mut m[0], &mut v[0]);
+                            let [m, v] = state.as_mut_slice() else {
+                                return Err(mismatch());
+                            };
                             let mut lb = stream.launch_builder(&kernels.adamw_step);
                             lb.arg(w)
                                 .arg(g)
@@ -1158,6 +1227,11 @@ impl ConvBackend for CudaBackend {
                                 .arg(&step)
                                 .arg(&bc2_sqrt)
                                 .arg(&eps);
+                            // SAFETY: the arguments match `adamw_step(float* w, const float* g, float* m,
+                            // float* v, u64 n, float keep, beta1, omb1, beta2, omb2, step, bc2_sqrt, eps)` in
+                            // order and type, and only `w`, `m` and `v`, passed mutably, are written. It
+                            // touches index i < n of each buffer, all n long (checked above). Queued on
+                            // `stream`, in order.
                             unsafe { lb.launch(grid(n)) }.map_err(drv("AdamW kernel"))?;
                         }
                     }

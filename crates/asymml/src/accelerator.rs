@@ -2,6 +2,8 @@
 //! over a Unix socket (`process`), or a server at `tcp://HOST:PORT` / `unix:PATH` (`asymml accelerator`).
 //! A locally started accelerator computes on `--accelerator-device` (cpu, or cuda:N with the `cuda` feature).
 
+use crate::cli::AcceleratorArgs;
+use crate::values::AcceleratorSpec;
 use anyhow::{bail, Context, Result};
 use asymml_protocol::{connect, Address, Listener, Transport, TransportOptions};
 use asymml_untrusted::{Device, DeviceStats, Service};
@@ -10,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A running accelerator; dropping it stops a child process.
-pub struct AcceleratorHandle {
+pub(crate) struct AcceleratorHandle {
     child: Option<Child>,
     socket: Option<std::path::PathBuf>,
     times: Option<Arc<Mutex<ServiceTimes>>>,
@@ -18,14 +20,14 @@ pub struct AcceleratorHandle {
 
 /// The in-process accelerator's compute time: every request's handling, in all and per conv layer.
 #[derive(Clone, Debug, Default)]
-pub struct ServiceTimes {
-    pub total_s: f64,
-    pub per_layer_s: Vec<f64>,
+pub(crate) struct ServiceTimes {
+    pub(crate) total_s: f64,
+    pub(crate) per_layer_s: Vec<f64>,
 }
 
 impl ServiceTimes {
     /// Seconds spent on requests about conv `layer`.
-    pub fn layer_s(&self, layer: usize) -> f64 {
+    pub(crate) fn layer_s(&self, layer: usize) -> f64 {
         self.per_layer_s.get(layer).copied().unwrap_or(0.0)
     }
 
@@ -42,7 +44,7 @@ impl ServiceTimes {
 
 impl AcceleratorHandle {
     /// The compute-time counters of an in-process accelerator (`None` for a child process or a server).
-    pub fn times(&self) -> Option<Arc<Mutex<ServiceTimes>>> {
+    pub(crate) fn times(&self) -> Option<Arc<Mutex<ServiceTimes>>> {
         self.times.clone()
     }
 }
@@ -59,18 +61,8 @@ impl Drop for AcceleratorHandle {
     }
 }
 
-/// The device named by `--accelerator-device` (`cpu` when absent).
-pub fn device_flag(flag: Option<&str>) -> Result<Device> {
-    match flag {
-        None => Ok(Device::Cpu),
-        Some(s) => s
-            .parse()
-            .map_err(|e: String| anyhow::anyhow!("--accelerator-device: {e}")),
-    }
-}
-
 /// One line about a device backend's copies and kernels.
-pub fn stats_line(s: &DeviceStats) -> String {
+pub(crate) fn stats_line(s: &DeviceStats) -> String {
     format!(
         "copies {:.3} s ({:.1} MB up, {:.1} MB down), kernels {:.3} s",
         s.copy_s,
@@ -80,136 +72,139 @@ pub fn stats_line(s: &DeviceStats) -> String {
     )
 }
 
-/// Starts or connects to the accelerator named by `spec` (`inproc`, `process`, `tcp://HOST:PORT`,
-/// `unix:PATH`); `threads` sizes a locally started accelerator's pool (0: all cores) and `device` is where a
-/// locally started accelerator computes (a remote one chooses its own device).
-pub fn start(
-    spec: &str,
-    threads: usize,
-    device: Device,
-) -> Result<(Box<dyn Transport + Send>, AcceleratorHandle)> {
-    let opts = TransportOptions::default();
+/// A transport to the accelerator, and the handle that keeps a locally started one alive.
+pub(crate) type Started = (Box<dyn Transport + Send>, AcceleratorHandle);
+
+/// Starts or connects to the accelerator `spec`; `threads` sizes a locally started accelerator's pool (0: all
+/// cores) and `device` is where a locally started accelerator computes (a remote one chooses its own device).
+pub(crate) fn start(spec: &AcceleratorSpec, threads: usize, device: Device) -> Result<Started> {
     match spec {
-        "inproc" => {
-            let (client, server) = asymml_protocol::inproc_pair();
-            // The service is created on its own thread (a CUDA backend stays on the thread that made it); the
-            // thread reports whether it could open its device.
-            let (tx, rx) = std::sync::mpsc::sync_channel::<std::result::Result<(), String>>(1);
-            let times = Arc::new(Mutex::new(ServiceTimes::default()));
-            let counters = times.clone();
-            asymml_untrusted::on_thread_start(crate::alloc::enter_accelerator);
-            std::thread::Builder::new()
-                .name("accelerator".into())
-                .spawn(move || {
-                    crate::alloc::enter_accelerator();
-                    let mut service = match Service::with_device(device, threads) {
-                        Ok(s) => {
-                            let _ = tx.send(Ok(()));
-                            s
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(e.to_string()));
-                            return;
-                        }
-                    };
-                    let served = asymml_protocol::serve(server, &mut |req| {
-                        let layer = req.layer();
-                        let t0 = Instant::now();
-                        let reply = service.handle(req);
-                        if let Ok(mut t) = counters.lock() {
-                            t.add(layer, t0.elapsed().as_secs_f64());
-                        }
-                        reply
-                    });
-                    if let Err(e) = served {
-                        eprintln!("accelerator: {e}");
-                    }
-                    if let Some(st) = service.stats() {
-                        if std::env::var_os("ASYMML_ACCEL_STATS").is_some() {
-                            eprintln!("accelerator ({}): {}", service.describe(), stats_line(&st));
-                        }
-                    }
-                })
-                .context("starting the accelerator thread")?;
-            match rx.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => bail!("starting the in-process accelerator: {e}"),
-                Err(_) => bail!("starting the in-process accelerator: its thread ended"),
-            }
-            Ok((
-                Box::new(client),
-                AcceleratorHandle {
-                    child: None,
-                    socket: None,
-                    times: Some(times),
-                },
-            ))
-        }
-        "process" => {
-            let exe = std::env::current_exe().context("locating the asymml executable")?;
-            let sock = std::env::temp_dir().join(format!(
-                "asymml-accel-{}-{}.sock",
-                std::process::id(),
-                unique()
-            ));
-            device.check_compiled_in()?;
-            let child = Command::new(exe)
-                .args(["accelerator", "--listen"])
-                .arg(format!("unix:{}", sock.display()))
-                .args(["--accelerator-threads", &threads.to_string(), "--once"])
-                .args(["--accelerator-device", &device.to_string()])
-                .stdin(Stdio::null())
-                .spawn()
-                .context("starting the accelerator process")?;
-            let mut handle = AcceleratorHandle {
-                child: Some(child),
-                socket: Some(sock.clone()),
-                times: None,
-            };
-            let addr = Address::Unix(sock);
-            let t0 = Instant::now();
-            loop {
-                match connect(&addr, &opts) {
-                    Ok(t) => return Ok((t, handle)),
-                    Err(e) if t0.elapsed() > Duration::from_secs(20) => {
-                        bail!("the accelerator process did not start listening: {e}")
-                    }
-                    Err(_) => {
-                        if let Some(status) = handle
-                            .child
-                            .as_mut()
-                            .and_then(|c| c.try_wait().ok().flatten())
-                        {
-                            bail!("the accelerator process exited at start ({status})");
-                        }
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
+        AcceleratorSpec::InProc => start_inproc(threads, device),
+        AcceleratorSpec::Process => start_process(threads, device),
+        AcceleratorSpec::Remote(addr) => connect_remote(addr, device),
+    }
+}
+
+/// The accelerator on a thread of this process, its compute time counted per request.
+fn start_inproc(threads: usize, device: Device) -> Result<Started> {
+    let (client, server) = asymml_protocol::inproc_pair();
+    // The service is created on its own thread (a CUDA backend stays on the thread that made it); the thread
+    // reports whether it could open its device.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<std::result::Result<(), String>>(1);
+    let times = Arc::new(Mutex::new(ServiceTimes::default()));
+    let counters = times.clone();
+    asymml_untrusted::on_thread_start(crate::alloc::enter_accelerator);
+    std::thread::Builder::new()
+        .name("accelerator".into())
+        .spawn(move || {
+            crate::alloc::enter_accelerator();
+            match Service::with_device(device, threads) {
+                Ok(service) => {
+                    let _ = tx.send(Ok(()));
+                    serve_inproc(service, server, &counters);
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
                 }
             }
+        })
+        .context("starting the accelerator thread")?;
+    match rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => bail!("starting the in-process accelerator: {e}"),
+        Err(_) => bail!("starting the in-process accelerator: its thread ended"),
+    }
+    let handle = AcceleratorHandle {
+        child: None,
+        socket: None,
+        times: Some(times),
+    };
+    Ok((Box::new(client), handle))
+}
+
+/// The in-process accelerator's loop: handles requests until the client hangs up, timing each.
+fn serve_inproc(mut service: Service, server: impl Transport, counters: &Mutex<ServiceTimes>) {
+    let served = asymml_protocol::serve(server, &mut |req| {
+        let layer = req.layer();
+        let t0 = Instant::now();
+        let reply = service.handle(req);
+        if let Ok(mut t) = counters.lock() {
+            t.add(layer, t0.elapsed().as_secs_f64());
         }
-        other => {
-            if device != Device::Cpu {
-                bail!(
-                    "--accelerator-device {device} applies to an accelerator this command starts (--accelerator \
-                     inproc or process); a remote accelerator chooses its own with `asymml accelerator \
-                     --accelerator-device`"
-                );
-            }
-            let addr: Address = other
-                .parse()
-                .map_err(|e| anyhow::anyhow!("--accelerator {other}: {e} (use inproc, process, tcp://HOST:PORT or unix:PATH)"))?;
-            let t = connect(&addr, &opts)
-                .with_context(|| format!("connecting to the accelerator at {addr}"))?;
-            Ok((
-                t,
-                AcceleratorHandle {
-                    child: None,
-                    socket: None,
-                    times: None,
-                },
-            ))
+        reply
+    });
+    if let Err(e) = served {
+        eprintln!("accelerator: {}", asymml_core::error_chain(&e));
+    }
+    if let Some(st) = service.stats() {
+        if std::env::var_os("ASYMML_ACCEL_STATS").is_some() {
+            eprintln!("accelerator ({}): {}", service.describe(), stats_line(&st));
         }
     }
+}
+
+/// The accelerator in a child process (`asymml accelerator --once`) listening on a fresh Unix socket.
+fn start_process(threads: usize, device: Device) -> Result<Started> {
+    let exe = std::env::current_exe().context("locating the asymml executable")?;
+    let sock = std::env::temp_dir().join(format!(
+        "asymml-accel-{}-{}.sock",
+        std::process::id(),
+        unique()
+    ));
+    device.check_compiled_in()?;
+    let child = Command::new(exe)
+        .args(["accelerator", "--listen"])
+        .arg(format!("unix:{}", sock.display()))
+        .args(["--accelerator-threads", &threads.to_string(), "--once"])
+        .args(["--accelerator-device", &device.to_string()])
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting the accelerator process")?;
+    let mut handle = AcceleratorHandle {
+        child: Some(child),
+        socket: Some(sock.clone()),
+        times: None,
+    };
+    let addr = Address::Unix(sock);
+    let opts = TransportOptions::default();
+    let t0 = Instant::now();
+    loop {
+        match connect(&addr, &opts) {
+            Ok(t) => return Ok((t, handle)),
+            Err(e) if t0.elapsed() > Duration::from_secs(20) => {
+                bail!("the accelerator process did not start listening: {e}")
+            }
+            Err(_) => {
+                if let Some(status) = handle
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    bail!("the accelerator process exited at start ({status})");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// A server started with `asymml accelerator --listen`, which picks its own device.
+fn connect_remote(addr: &Address, device: Device) -> Result<Started> {
+    if device != Device::Cpu {
+        bail!(
+            "--accelerator-device {device} applies to an accelerator this command starts (--accelerator \
+             inproc or process); a remote accelerator chooses its own with `asymml accelerator \
+             --accelerator-device`"
+        );
+    }
+    let t = connect(addr, &TransportOptions::default())
+        .with_context(|| format!("connecting to the accelerator at {addr}"))?;
+    let handle = AcceleratorHandle {
+        child: None,
+        socket: None,
+        times: None,
+    };
+    Ok((t, handle))
 }
 
 fn unique() -> u64 {
@@ -218,16 +213,11 @@ fn unique() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
-/// `asymml accelerator`: serves connections on `listen`, each with its own model state on its own thread (with
-/// `once`, only the first connection, then exits); the convolutions run on `device` (`cpu`, `cuda:N`).
-pub fn serve(listen: &str, threads: usize, once: bool, device: &str) -> Result<()> {
-    let device = device_flag(Some(device))?;
-    let addr: Address = if listen.contains("://") || listen.starts_with("unix:") {
-        listen.parse()
-    } else {
-        format!("tcp://{listen}").parse()
-    }
-    .map_err(|e| anyhow::anyhow!("--listen {listen}: {e}"))?;
+/// Runs `asymml accelerator`: serves connections on `--listen`, each with its own model state on its own
+/// thread (with `--once`, only the first connection, then exits); the convolutions run on
+/// `--accelerator-device`.
+pub fn run(a: AcceleratorArgs) -> Result<()> {
+    let (device, threads) = (a.accelerator_device, a.accelerator_threads);
     // A device the accelerator cannot use fails here, before it listens. (Each connection opens its own.)
     let described = if device == Device::Cpu {
         None
@@ -235,14 +225,14 @@ pub fn serve(listen: &str, threads: usize, once: bool, device: &str) -> Result<(
         let probe = Service::with_device(device, threads)?;
         Some(probe.describe())
     };
-    let listener = Listener::bind(&addr, TransportOptions::default())
-        .with_context(|| format!("listening on {addr}"))?;
+    let listener = Listener::bind(&a.listen, TransportOptions::default())
+        .with_context(|| format!("listening on {}", a.listen))?;
     eprintln!(
         "asymml accelerator: listening on {} ({}, {} thread(s) per connection)",
         listener
             .local_address()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| addr.to_string()),
+            .map(|addr| addr.to_string())
+            .unwrap_or_else(|_| a.listen.to_string()),
         described.unwrap_or_else(|| device.to_string()),
         if threads == 0 {
             "all".to_string()
@@ -250,29 +240,31 @@ pub fn serve(listen: &str, threads: usize, once: bool, device: &str) -> Result<(
             threads.to_string()
         }
     );
-    let run = move |transport: Box<dyn Transport + Send>| {
-        let peer = transport.peer();
-        let result = Service::with_device(device, threads)
-            .map_err(anyhow::Error::from)
-            .and_then(|mut s| {
-                s.serve(transport).map_err(anyhow::Error::from)?;
-                Ok(s.stats())
-            });
-        match result {
-            Ok(Some(st)) => eprintln!("asymml accelerator: {peer} done; {}", stats_line(&st)),
-            Ok(None) => eprintln!("asymml accelerator: {peer} done"),
-            Err(e) => eprintln!("asymml accelerator: {peer}: {e:#}"),
-        }
-    };
     loop {
         let transport = listener.accept().context("accepting a connection")?;
-        if once {
-            run(transport);
+        if a.once {
+            serve_connection(transport, device, threads);
             return Ok(());
         }
         std::thread::Builder::new()
             .name("accelerator-connection".into())
-            .spawn(move || run(transport))
+            .spawn(move || serve_connection(transport, device, threads))
             .context("starting a connection thread")?;
+    }
+}
+
+/// One connection of `asymml accelerator`, with its own service; its end is reported on stderr.
+fn serve_connection(transport: Box<dyn Transport + Send>, device: Device, threads: usize) {
+    let peer = transport.peer();
+    let result = Service::with_device(device, threads)
+        .map_err(anyhow::Error::from)
+        .and_then(|mut s| {
+            s.serve(transport).map_err(anyhow::Error::from)?;
+            Ok(s.stats())
+        });
+    match result {
+        Ok(Some(st)) => eprintln!("asymml accelerator: {peer} done; {}", stats_line(&st)),
+        Ok(None) => eprintln!("asymml accelerator: {peer} done"),
+        Err(e) => eprintln!("asymml accelerator: {peer}: {e:#}"),
     }
 }

@@ -62,43 +62,71 @@ fn add(d: usize, n: usize) {
     PEAK[d].fetch_max(now, Ordering::Relaxed);
 }
 
-// SAFETY: every block handed out is `header` bytes into a System block of `size + header` bytes with the
-// caller's alignment (the header is a multiple of it), and is given back to System with the same layout.
+// SAFETY: every block handed out is `header` bytes into a System block of `size + header` bytes aligned to the
+// header (a power of two, a multiple of the caller's alignment), whose last header byte tags the domain; it is
+// given back to System with that same layout (its size follows `realloc`, which keeps the header).
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         INSTALLED.store(true, Ordering::Relaxed);
         let h = header(&layout);
+        // No overflow: a Layout's size is at most isize::MAX − (align − 1), and h is the align or 16.
         let Ok(full) = Layout::from_size_align(layout.size() + h, h) else {
             return std::ptr::null_mut();
         };
-        let base = System.alloc(full);
+        // SAFETY: `full` has a non-zero size (h ≥ 16).
+        let base = unsafe { System.alloc(full) };
         if base.is_null() {
             return base;
         }
         let d = DOMAIN.try_with(|d| d.get()).unwrap_or(0);
-        base.add(h - 1).write(d);
+        // SAFETY: `base` points to `layout.size() + h` writable bytes with h ≥ 16, so the tag byte at h − 1 and
+        // the caller's block at h (aligned to h, hence to `layout.align()`) both lie inside it.
+        let block = unsafe {
+            base.add(h - 1).write(d);
+            base.add(h)
+        };
         add(d as usize, layout.size());
-        base.add(h)
+        block
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         let h = header(&layout);
-        let d = ptr.sub(1).read() as usize & 1;
+        // SAFETY: GlobalAlloc's contract: `ptr` came from this allocator with this `layout`, so it is h bytes
+        // into a live System block whose domain tag is at `ptr − 1`, made with the valid layout
+        // (`layout.size() + h`, h).
+        let d = unsafe { ptr.sub(1).read() } as usize & 1;
         LIVE[d].fetch_sub(layout.size(), Ordering::Relaxed);
-        let full = Layout::from_size_align_unchecked(layout.size() + h, h);
-        System.dealloc(ptr.sub(h), full);
+        // SAFETY: as just above: this gives the System block back with the layout it was made with.
+        unsafe {
+            let full = Layout::from_size_align_unchecked(layout.size() + h, h);
+            System.dealloc(ptr.sub(h), full);
+        }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let h = header(&layout);
-        let d = ptr.sub(1).read() as usize & 1;
-        let full = Layout::from_size_align_unchecked(layout.size() + h, h);
-        let base = System.realloc(ptr.sub(h), full, new_size + h);
+        // System's precondition: the new size, rounded up to h, must not overflow isize::MAX. The caller only
+        // promises it for `layout.align()`, which may be smaller than h, so check it (null: the old block stays).
+        if new_size
+            .checked_add(h)
+            .is_none_or(|n| Layout::from_size_align(n, h).is_err())
+        {
+            return std::ptr::null_mut();
+        }
+        // SAFETY: as in `dealloc`, `ptr − h` starts a live System block of layout (`layout.size() + h`, h) with
+        // its domain tag at `ptr − 1`; `new_size + h` is non-zero and valid for alignment h (checked above).
+        let (d, base) = unsafe {
+            let d = ptr.sub(1).read() as usize & 1;
+            let full = Layout::from_size_align_unchecked(layout.size() + h, h);
+            (d, System.realloc(ptr.sub(h), full, new_size + h))
+        };
         if base.is_null() {
             return base;
         }
         LIVE[d].fetch_sub(layout.size(), Ordering::Relaxed);
         add(d, new_size);
-        base.add(h)
+        // SAFETY: the new System block holds `new_size + h` bytes (the header was copied with the rest), so
+        // offset h is inside it, aligned to h.
+        unsafe { base.add(h) }
     }
 }

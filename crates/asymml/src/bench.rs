@@ -2,15 +2,21 @@
 //! time goes (the trusted runtime, the accelerator, the boundary), FLOPs, bytes, peak memory, a per-layer
 //! breakdown, and the ratio to PyTorch's times measured by `tools/bench_torch.py` on the same machine.
 
+use crate::accelerator::AcceleratorHandle;
 use crate::cli::BenchArgs;
-use crate::common;
+use crate::setup::{self, SplitSetup};
+use crate::values::{AcceleratorSpec, Phase, RankArg};
+use crate::{progress, threads};
 use anyhow::{bail, Context, Result};
+use asymml_core::decomp::RankPolicy;
 use asymml_core::layers::Conv2d;
 use asymml_core::models::{ConvExec, ModelSpec, Style};
 use asymml_core::optim::{LrSchedule, OptimizerKind};
 use asymml_core::rng::Rng;
 use asymml_core::Tensor;
+use asymml_trusted::split::SplitStats;
 use asymml_trusted::{Mode, Session, TrainConfig};
+use indicatif::ProgressBar;
 use serde::Serialize;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -68,97 +74,97 @@ impl ConvExec for TimedLocal {
 
 /// One conv layer's share of a split step (means per step).
 #[derive(Serialize, Debug, Clone, Default)]
-pub struct LayerRow {
-    pub layer: usize,
-    pub name: String,
-    pub rank: usize,
-    pub trusted_s: f64,
+pub(crate) struct LayerRow {
+    pub(crate) layer: usize,
+    pub(crate) name: String,
+    pub(crate) rank: usize,
+    pub(crate) trusted_s: f64,
     /// Of `trusted_s`: the decomposition (lightweight SVD, residual, noise) and the merge Y_T + Y_U; the
     /// rest is Conv_T (and ∇W_T in training).
-    pub decompose_s: f64,
-    pub merge_s: f64,
-    pub untrusted_s: Option<f64>,
-    pub transfer_s: f64,
-    pub wait_s: f64,
-    pub bytes_to_untrusted: f64,
-    pub bytes_from_untrusted: f64,
-    pub trusted_flops: f64,
-    pub untrusted_flops: f64,
+    pub(crate) decompose_s: f64,
+    pub(crate) merge_s: f64,
+    pub(crate) untrusted_s: Option<f64>,
+    pub(crate) transfer_s: f64,
+    pub(crate) wait_s: f64,
+    pub(crate) bytes_to_untrusted: f64,
+    pub(crate) bytes_from_untrusted: f64,
+    pub(crate) trusted_flops: f64,
+    pub(crate) untrusted_flops: f64,
 }
 
 /// One top-level node of the network (a layer, or a whole residual block): its time in the trusted
 /// runtime per step, waits on the accelerator included.
 #[derive(Serialize, Debug, Clone, Default)]
-pub struct NodeRow {
-    pub name: String,
+pub(crate) struct NodeRow {
+    pub(crate) name: String,
     /// conv, batchnorm, relu, maxpool, avgpool, linear, dropout, flatten, block.
-    pub kind: String,
-    pub forward_s: f64,
-    pub backward_s: f64,
+    pub(crate) kind: String,
+    pub(crate) forward_s: f64,
+    pub(crate) backward_s: f64,
 }
 
 /// Timings of one model, phase, mode and rank policy.
 #[derive(Serialize, Debug, Clone)]
-pub struct BenchResult {
-    pub model: String,
+pub(crate) struct BenchResult {
+    pub(crate) model: String,
     /// `infer` (a forward pass in evaluation mode) or `train` (forward, loss, backward, optimizer step).
-    pub phase: String,
-    pub mode: String,
+    pub(crate) phase: String,
+    pub(crate) mode: String,
     /// The split's rank policy (empty otherwise).
-    pub rank: String,
-    pub batch: usize,
-    pub input_size: usize,
-    pub trusted_threads: usize,
-    pub accelerator_threads: Option<usize>,
+    pub(crate) rank: String,
+    pub(crate) batch: usize,
+    pub(crate) input_size: usize,
+    pub(crate) trusted_threads: usize,
+    pub(crate) accelerator_threads: Option<usize>,
     /// Wall time per step: median and minimum.
-    pub median_s: f64,
-    pub min_s: f64,
+    pub(crate) median_s: f64,
+    pub(crate) min_s: f64,
     /// The trusted runtime's own time per step (median): wall time less the time blocked on the accelerator.
-    pub trusted_s: f64,
+    pub(crate) trusted_s: f64,
     /// The accelerator's compute time per step (median; in-process accelerator only).
-    pub untrusted_s: Option<f64>,
+    pub(crate) untrusted_s: Option<f64>,
     /// Encoding, sending and decoding messages per step (part of `trusted_s`).
-    pub transfer_s: f64,
+    pub(crate) transfer_s: f64,
     /// Blocked waiting for the accelerator per step.
-    pub wait_s: f64,
+    pub(crate) wait_s: f64,
     /// The trusted runtime's convolution work per step (part of `trusted_s`): the conv kernels in
     /// trusted-only mode; decomposition, Conv_T, merging and transfer in split mode (0 in untrusted-only).
-    pub conv_s: f64,
+    pub(crate) conv_s: f64,
     /// The rest of the trusted runtime's time per step: BatchNorm, ReLU, pooling, the classifier, the loss
     /// and the optimizer (`trusted_s − conv_s`).
-    pub other_s: f64,
+    pub(crate) other_s: f64,
     /// Time per step during which both sides computed: trusted_s + untrusted_s − median_s (in-process
     /// accelerator; 0 when they ran one after the other).
-    pub overlap_s: Option<f64>,
-    pub bytes_to_untrusted: f64,
-    pub bytes_from_untrusted: f64,
+    pub(crate) overlap_s: Option<f64>,
+    pub(crate) bytes_to_untrusted: f64,
+    pub(crate) bytes_from_untrusted: f64,
     /// Convolution FLOPs per step on each side: all convs in trusted-only; the lightweight SVD and Conv_T
     /// (trusted) and the convs of X_U (untrusted) in split; all convs on the accelerator in untrusted-only.
-    pub trusted_flops: f64,
-    pub untrusted_flops: f64,
+    pub(crate) trusted_flops: f64,
+    pub(crate) untrusted_flops: f64,
     /// Peak heap bytes of the trusted runtime and of the in-process accelerator during the run.
-    pub trusted_peak_bytes: Option<u64>,
-    pub accelerator_peak_bytes: Option<u64>,
+    pub(crate) trusted_peak_bytes: Option<u64>,
+    pub(crate) accelerator_peak_bytes: Option<u64>,
     /// Conv kernels' GFLOP/s (trusted-only).
-    pub conv_gflops: Option<f64>,
+    pub(crate) conv_gflops: Option<f64>,
     /// Split: trusted-only's trusted time over this one's (the paper's speedup of the TEE), trusted-only's
     /// wall time over this one's, and this wall time over untrusted-only's.
-    pub trusted_speedup: Option<f64>,
-    pub wall_speedup: Option<f64>,
-    pub slowdown_vs_untrusted_only: Option<f64>,
+    pub(crate) trusted_speedup: Option<f64>,
+    pub(crate) wall_speedup: Option<f64>,
+    pub(crate) slowdown_vs_untrusted_only: Option<f64>,
     /// Split: trusted-only's conv FLOPs over this one's trusted FLOPs (the bound on `trusted_speedup` from
     /// arithmetic alone).
-    pub flop_bound: Option<f64>,
+    pub(crate) flop_bound: Option<f64>,
     /// Split: the bound on `trusted_speedup` given this run's `other_s`: trusted-only's trusted time over
     /// (`other_s` + trusted-only's `conv_s` / `flop_bound`), i.e. if the split's conv work ran at the
     /// trusted-only convolutions' FLOP rate and transferred nothing.
-    pub time_bound: Option<f64>,
+    pub(crate) time_bound: Option<f64>,
     /// PyTorch's median time divided by ours (> 1: we are faster), trusted-only with --torch.
-    pub torch_ratio: Option<f64>,
+    pub(crate) torch_ratio: Option<f64>,
     /// Split: per conv layer.
-    pub layers: Vec<LayerRow>,
+    pub(crate) layers: Vec<LayerRow>,
     /// Every top-level node's trusted time (per step; empty in untrusted-only mode).
-    pub nodes: Vec<NodeRow>,
+    pub(crate) nodes: Vec<NodeRow>,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -197,7 +203,7 @@ fn torch_times(path: &Path) -> Result<Vec<(String, f64, f64)>> {
 #[derive(Clone, Default)]
 struct Snapshot {
     conv: (f64, f64),
-    split: asymml_trusted::split::SplitStats,
+    split: SplitStats,
     remote_wait: f64,
     accel: Option<crate::accelerator::ServiceTimes>,
 }
@@ -258,255 +264,387 @@ fn bench_input(a: &BenchArgs, size: usize) -> Result<Tensor> {
     Ok(x)
 }
 
-/// Runs `asymml bench`.
-pub fn run(a: BenchArgs) -> Result<()> {
-    let threads = common::init_threads(a.threads)?;
-    if a.steps == 0 || a.batch_size < 2 {
-        bail!("--steps must be ≥ 1 and --batch-size ≥ 2");
-    }
-    let modes: Vec<Mode> = a
-        .modes
-        .iter()
-        .map(|m| m.parse())
-        .collect::<Result<_, _>>()?;
-    let phases: Vec<bool> = a
-        .phase
-        .iter()
-        .map(|p| match p.as_str() {
-            "infer" => Ok(false),
-            "train" => Ok(true),
-            other => bail!("--phase: unknown phase '{other}' (infer or train)"),
-        })
-        .collect::<Result<_>>()?;
-    let ranks: Vec<String> = a
-        .split
-        .rank
-        .split(',')
-        .map(|r| r.trim().to_string())
-        .filter(|r| !r.is_empty())
-        .collect();
-    for r in &ranks {
-        r.parse::<asymml_core::decomp::RankPolicy>()
-            .map_err(|e| anyhow::anyhow!("--rank: {e}"))?;
-    }
-    let torch = a.torch.as_deref().map(torch_times).transpose()?;
-    let accel_threads = a.split.accelerator_threads.unwrap_or(threads);
-    // (mode, rank) pairs: one per rank policy in split mode.
-    let mut runs: Vec<(Mode, String)> = Vec::new();
-    for &m in &modes {
-        if m == Mode::Split {
-            runs.extend(ranks.iter().map(|r| (m, r.clone())));
-        } else {
-            runs.push((m, String::new()));
+/// What `bench` times: for every model and phase, one run per mode — in split mode, one per rank policy.
+struct Plan {
+    threads: usize,
+    accel_threads: usize,
+    /// (mode, rank policy): the policy only in split mode.
+    runs: Vec<(Mode, Option<RankArg>)>,
+    /// PyTorch's medians from `--torch`: (model, forward ms, train ms).
+    torch: Option<Vec<(String, f64, f64)>>,
+}
+
+impl Plan {
+    fn new(a: &BenchArgs, threads: usize) -> Result<Self> {
+        if a.steps == 0 || a.batch_size < 2 {
+            bail!("--steps must be ≥ 1 and --batch-size ≥ 2");
         }
-    }
-    let mut results: Vec<BenchResult> = Vec::new();
-    let pb = common::progress(
-        (a.models.len() * runs.len() * phases.len() * (a.warmup + a.steps)) as u64,
-        "bench",
-        a.json,
-    );
-    for name in &a.models {
-        let size = a
-            .input_size
-            .unwrap_or(if name.ends_with("-imagenet") { 224 } else { 32 });
-        let spec = ModelSpec::parse(name, a.channels, a.classes, size)?;
-        let x = bench_input(&a, size)?;
-        let labels: Vec<usize> = (0..a.batch_size).map(|i| i % a.classes).collect();
-        for &train in &phases {
-            for (mode, rank) in &runs {
-                let mode = *mode;
-                pb.set_message(format!(
-                    "{} {} {mode} {rank}",
-                    spec.name(),
-                    if train { "train" } else { "infer" }
-                ));
-                let config = TrainConfig {
-                    optimizer: OptimizerKind::Sgd {
-                        momentum: 0.9,
-                        nesterov: false,
-                    },
-                    lr: 1e-3,
-                    weight_decay: 5e-4,
-                    schedule: LrSchedule::Constant,
-                };
-                crate::alloc::reset_peak();
-                let mut s = Session::new(spec.build(1)?, config, mode);
-                let mut split = a.split.clone();
-                split.rank = if rank.is_empty() {
-                    "schedule".into()
-                } else {
-                    rank.clone()
-                };
-                let accel = common::attach_accelerator(&mut s, &split, threads, 1)?;
-                let accel_times = accel.as_ref().and_then(|h| h.times());
-                let split_stats = s.split_stats();
-                let timer = TimedLocal::default();
-                if mode == Mode::TrustedOnly {
-                    s.set_exec(Box::new(timer.clone()));
-                }
-                let read = |s: &Session| Snapshot {
-                    conv: timer.get(),
-                    split: split_stats
-                        .as_ref()
-                        .and_then(|st| st.lock().ok().map(|v| v.clone()))
-                        .unwrap_or_default(),
-                    remote_wait: s.remote_wait_s().unwrap_or(0.0),
-                    accel: accel_times
-                        .as_ref()
-                        .and_then(|t| t.lock().ok().map(|v| v.clone())),
-                };
-                let (mut wall, mut trusted, mut untrusted) = (Vec::new(), Vec::new(), Vec::new());
-                let (mut transfer, mut wait) = (Vec::new(), Vec::new());
-                let mut conv_own = Vec::new();
-                let (mut conv_s, mut conv_f) = (0.0, 0.0);
-                let (mut bytes, mut flops) = ((0.0, 0.0), (0.0, 0.0));
-                let mut layers: Vec<LayerRow> = Vec::new();
-                for i in 0..a.warmup + a.steps {
-                    if i == a.warmup {
-                        // Node times from here on: the timed steps only.
-                        s.net.set_profiling(true);
-                    }
-                    let before = read(&s);
-                    let t = Instant::now();
-                    if train {
-                        s.train_step(&x, &labels, 0, i)?;
-                    } else {
-                        s.predict(&x)?;
-                    }
-                    let dt = t.elapsed().as_secs_f64();
-                    let after = read(&s);
-                    pb.inc(1);
-                    if i < a.warmup {
-                        continue;
-                    }
-                    let w = (after.split.wait_s - before.split.wait_s)
-                        + (after.remote_wait - before.remote_wait);
-                    wall.push(dt);
-                    trusted.push(dt - w);
-                    wait.push(w);
-                    transfer.push(after.split.transfer_s - before.split.transfer_s);
-                    if let (Some(ta), Some(tb)) = (&after.accel, &before.accel) {
-                        untrusted.push(ta.total_s - tb.total_s);
-                    }
-                    let split_conv = after.split.layers.iter().map(|l| l.trusted_s).sum::<f64>()
-                        - before.split.layers.iter().map(|l| l.trusted_s).sum::<f64>();
-                    conv_own.push(
-                        after.conv.0 - before.conv.0 + split_conv + transfer[transfer.len() - 1],
-                    );
-                    conv_s += after.conv.0 - before.conv.0;
-                    conv_f += after.conv.1 - before.conv.1;
-                    bytes = (
-                        (after.split.bytes_to_untrusted - before.split.bytes_to_untrusted) as f64,
-                        (after.split.bytes_from_untrusted - before.split.bytes_from_untrusted)
-                            as f64,
-                    );
-                    let lf = |snap: &Snapshot| {
-                        snap.split.layers.iter().fold((0.0, 0.0), |acc, l| {
-                            (acc.0 + l.trusted_flops, acc.1 + l.untrusted_flops)
-                        })
-                    };
-                    let (fa, fb) = (lf(&after), lf(&before));
-                    flops = (fa.0 - fb.0, fa.1 - fb.1);
-                    if mode == Mode::UntrustedOnly {
-                        // Every conv on the accelerator: forward, and in training ∇W and ∇X.
-                        let f = 2.0 * s.net.conv_macs(a.batch_size) as f64;
-                        flops.1 = if train { 3.0 * f } else { f };
-                    }
-                    add_layers(&mut layers, &before, &after);
-                }
-                let steps = a.steps as f64;
-                for l in &mut layers {
-                    l.trusted_s /= steps;
-                    l.decompose_s /= steps;
-                    l.merge_s /= steps;
-                    l.transfer_s /= steps;
-                    l.wait_s /= steps;
-                    l.bytes_to_untrusted /= steps;
-                    l.bytes_from_untrusted /= steps;
-                    l.trusted_flops /= steps;
-                    l.untrusted_flops /= steps;
-                    l.untrusted_s = l.untrusted_s.map(|v| v / steps);
-                }
-                if mode == Mode::TrustedOnly {
-                    flops = (conv_f / steps, 0.0);
-                }
-                // (Untrusted-only runs the whole network on the accelerator: no trusted nodes.)
-                let node_times = s.net.node_times().filter(|_| mode != Mode::UntrustedOnly);
-                let nodes: Vec<NodeRow> = s
-                    .net
-                    .nodes
-                    .iter()
-                    .zip(node_times.unwrap_or_default())
-                    .map(|(n, t)| NodeRow {
-                        name: n.name.clone(),
-                        kind: n.layer.kind().into(),
-                        forward_s: t.forward_s / steps,
-                        backward_s: t.backward_s / steps,
-                    })
-                    .collect();
-                let installed = crate::alloc::installed();
-                let peak_t = crate::alloc::peak(crate::alloc::Domain::Trusted) as u64;
-                let peak_a = crate::alloc::peak(crate::alloc::Domain::Accelerator) as u64;
-                drop(s);
-                drop(accel);
-                let canonical = spec.name();
-                let theirs = torch.as_ref().and_then(|t| {
-                    t.iter()
-                        .find(|(m, _, _)| {
-                            *m == canonical || (*m == *name && spec.style == Style::Cifar)
-                        })
-                        .map(|(_, f, tr)| if train { *tr } else { *f })
-                });
-                let med = median(&mut wall.clone());
-                let trusted_med = median(&mut trusted);
-                let conv_med = median(&mut conv_own).min(trusted_med);
-                let untrusted_med = (!untrusted.is_empty()).then(|| median(&mut untrusted));
-                results.push(BenchResult {
-                    model: canonical,
-                    phase: if train { "train" } else { "infer" }.into(),
-                    mode: mode.to_string(),
-                    rank: rank.clone(),
-                    batch: a.batch_size,
-                    input_size: size,
-                    trusted_threads: threads,
-                    accelerator_threads: (mode != Mode::TrustedOnly).then_some(accel_threads),
-                    median_s: med,
-                    min_s: wall.iter().cloned().fold(f64::INFINITY, f64::min),
-                    trusted_s: trusted_med,
-                    untrusted_s: untrusted_med,
-                    transfer_s: median(&mut transfer),
-                    wait_s: median(&mut wait),
-                    conv_s: conv_med,
-                    other_s: trusted_med - conv_med,
-                    overlap_s: untrusted_med
-                        .filter(|_| mode == Mode::Split)
-                        .map(|u| (trusted_med + u - med).max(0.0)),
-                    bytes_to_untrusted: bytes.0,
-                    bytes_from_untrusted: bytes.1,
-                    trusted_flops: flops.0,
-                    untrusted_flops: flops.1,
-                    trusted_peak_bytes: installed.then_some(peak_t),
-                    accelerator_peak_bytes: (installed
-                        && mode != Mode::TrustedOnly
-                        && a.split.accelerator == "inproc")
-                        .then_some(peak_a),
-                    conv_gflops: (conv_s > 0.0).then(|| conv_f / conv_s / 1e9),
-                    trusted_speedup: None,
-                    wall_speedup: None,
-                    slowdown_vs_untrusted_only: None,
-                    flop_bound: None,
-                    time_bound: None,
-                    torch_ratio: theirs
-                        .filter(|_| mode == Mode::TrustedOnly)
-                        .map(|t| t / 1e3 / med),
-                    layers,
-                    nodes,
-                });
+        let torch = a.torch.as_deref().map(torch_times).transpose()?;
+        let mut runs = Vec::new();
+        for &m in &a.modes {
+            if m == Mode::Split {
+                runs.extend(a.split.rank.iter().map(|r| (m, Some(r.clone()))));
+            } else {
+                runs.push((m, None));
             }
         }
+        Ok(Plan {
+            threads,
+            accel_threads: a.split.accelerator_threads.unwrap_or(threads),
+            runs,
+            torch,
+        })
     }
-    pb.finish_and_clear();
+
+    /// Times every model, phase and run.
+    fn measure_all(&self, a: &BenchArgs) -> Result<Vec<BenchResult>> {
+        let mut results = Vec::new();
+        let pb = progress::bar(
+            (a.models.len() * self.runs.len() * a.phase.len() * (a.warmup + a.steps)) as u64,
+            "bench",
+            a.json,
+        );
+        for name in &a.models {
+            let size = a
+                .input_size
+                .unwrap_or(if name.as_str().ends_with("-imagenet") {
+                    224
+                } else {
+                    32
+                });
+            let spec = name.spec(a.channels, a.classes, size)?;
+            let x = bench_input(a, size)?;
+            let labels: Vec<usize> = (0..a.batch_size).map(|i| i % a.classes).collect();
+            for &phase in &a.phase {
+                for (mode, rank) in &self.runs {
+                    let rank_text = rank.as_ref().map_or("", |r| r.text.as_str());
+                    pb.set_message(format!(
+                        "{} {} {mode} {rank_text}",
+                        spec.name(),
+                        phase.name()
+                    ));
+                    let case = Case {
+                        spec: &spec,
+                        phase,
+                        mode: *mode,
+                        rank: rank.as_ref(),
+                        x: &x,
+                        labels: &labels,
+                    };
+                    let (samples, nodes, peaks) = self.measure(a, &case, &pb)?;
+                    let torch_ms = self.torch_ms(name.as_str(), &spec, phase);
+                    results.push(samples.result(a, self, &case, nodes, peaks, torch_ms));
+                }
+            }
+        }
+        pb.finish_and_clear();
+        Ok(results)
+    }
+
+    /// PyTorch's median for `spec` in `phase` (its rows name CIFAR models without the suffix).
+    fn torch_ms(&self, name: &str, spec: &ModelSpec, phase: Phase) -> Option<f64> {
+        let canonical = spec.name();
+        self.torch.as_ref().and_then(|t| {
+            t.iter()
+                .find(|(m, _, _)| *m == canonical || (*m == name && spec.style == Style::Cifar))
+                .map(|(_, f, tr)| match phase {
+                    Phase::Train => *tr,
+                    Phase::Infer => *f,
+                })
+        })
+    }
+
+    /// Times one case: a fresh session (and accelerator), the warm-up steps, then the timed steps.
+    fn measure(
+        &self,
+        a: &BenchArgs,
+        case: &Case<'_>,
+        pb: &ProgressBar,
+    ) -> Result<(Samples, Vec<NodeRow>, Peaks)> {
+        let config = TrainConfig {
+            optimizer: OptimizerKind::Sgd {
+                momentum: 0.9,
+                nesterov: false,
+            },
+            lr: 1e-3,
+            weight_decay: 5e-4,
+            schedule: LrSchedule::Constant,
+        };
+        crate::alloc::reset_peak();
+        let mut s = Session::new(case.spec.build(1)?, config, case.mode);
+        let policy = case.rank.map_or(RankPolicy::Schedule, |r| r.policy);
+        let split = SplitSetup::with_policy(&a.split, policy, self.threads, 1);
+        let accel = setup::attach_accelerator(&mut s, &split)?;
+        let probes = Probes::attach(&mut s, accel.as_ref(), case.mode);
+        // Untrusted-only: every conv on the accelerator, forward, and in training ∇W and ∇X.
+        let untrusted_only_flops = (case.mode == Mode::UntrustedOnly).then(|| {
+            let f = 2.0 * s.net.conv_macs(a.batch_size) as f64;
+            match case.phase {
+                Phase::Train => 3.0 * f,
+                Phase::Infer => f,
+            }
+        });
+        let mut samples = Samples::default();
+        for i in 0..a.warmup + a.steps {
+            if i == a.warmup {
+                // Node times from here on: the timed steps only.
+                s.net.set_profiling(true);
+            }
+            let before = probes.read(&s);
+            let t = Instant::now();
+            match case.phase {
+                Phase::Train => {
+                    s.train_step(case.x, case.labels, 0, i)?;
+                }
+                Phase::Infer => {
+                    s.predict(case.x)?;
+                }
+            }
+            let dt = t.elapsed().as_secs_f64();
+            let after = probes.read(&s);
+            pb.inc(1);
+            if i >= a.warmup {
+                samples.add(dt, &before, &after, untrusted_only_flops);
+            }
+        }
+        let steps = a.steps as f64;
+        samples.per_step(steps, case.mode);
+        let nodes = node_rows(&s, case.mode, steps);
+        let peaks = Peaks::read();
+        drop(s);
+        drop(accel);
+        Ok((samples, nodes, peaks))
+    }
+}
+
+/// One timed case: a model's input batch, the phase, the mode and (in split mode) the rank policy.
+struct Case<'a> {
+    spec: &'a ModelSpec,
+    phase: Phase,
+    mode: Mode,
+    rank: Option<&'a RankArg>,
+    x: &'a Tensor,
+    labels: &'a [usize],
+}
+
+/// The counters a step is measured with: the local conv timer (trusted-only), the split's statistics and the
+/// in-process accelerator's compute time.
+struct Probes {
+    timer: TimedLocal,
+    split: Option<Arc<Mutex<SplitStats>>>,
+    accel: Option<Arc<Mutex<crate::accelerator::ServiceTimes>>>,
+}
+
+impl Probes {
+    /// The session's counters; in trusted-only mode its convolutions are timed locally from now on.
+    fn attach(s: &mut Session, accel: Option<&AcceleratorHandle>, mode: Mode) -> Self {
+        let probes = Probes {
+            timer: TimedLocal::default(),
+            split: s.split_stats(),
+            accel: accel.and_then(|h| h.times()),
+        };
+        if mode == Mode::TrustedOnly {
+            s.set_exec(Box::new(probes.timer.clone()));
+        }
+        probes
+    }
+
+    fn read(&self, s: &Session) -> Snapshot {
+        Snapshot {
+            conv: self.timer.get(),
+            split: self
+                .split
+                .as_ref()
+                .and_then(|st| st.lock().ok().map(|v| v.clone()))
+                .unwrap_or_default(),
+            remote_wait: s.remote_wait_s().unwrap_or(0.0),
+            accel: self
+                .accel
+                .as_ref()
+                .and_then(|t| t.lock().ok().map(|v| v.clone())),
+        }
+    }
+}
+
+/// Peak heap bytes of the trusted runtime and of the in-process accelerator (`None` without the counting
+/// allocator).
+struct Peaks {
+    trusted: Option<u64>,
+    accelerator: Option<u64>,
+}
+
+impl Peaks {
+    fn read() -> Self {
+        let installed = crate::alloc::installed();
+        let peak = |d| installed.then(|| crate::alloc::peak(d) as u64);
+        Peaks {
+            trusted: peak(crate::alloc::Domain::Trusted),
+            accelerator: peak(crate::alloc::Domain::Accelerator),
+        }
+    }
+}
+
+/// Every top-level node's trusted time per step (none in untrusted-only mode: the whole network runs on the
+/// accelerator).
+fn node_rows(s: &Session, mode: Mode, steps: f64) -> Vec<NodeRow> {
+    let node_times = s.net.node_times().filter(|_| mode != Mode::UntrustedOnly);
+    s.net
+        .nodes
+        .iter()
+        .zip(node_times.unwrap_or_default())
+        .map(|(n, t)| NodeRow {
+            name: n.name.clone(),
+            kind: n.layer.kind().into(),
+            forward_s: t.forward_s / steps,
+            backward_s: t.backward_s / steps,
+        })
+        .collect()
+}
+
+/// The timed steps' measurements.
+#[derive(Default)]
+struct Samples {
+    wall: Vec<f64>,
+    trusted: Vec<f64>,
+    untrusted: Vec<f64>,
+    transfer: Vec<f64>,
+    wait: Vec<f64>,
+    /// The trusted runtime's conv work per step: local conv kernels, the split's trusted conv time, transfer.
+    conv_own: Vec<f64>,
+    /// Local conv kernels: seconds and FLOPs in all.
+    conv_s: f64,
+    conv_f: f64,
+    /// Bytes to and from the accelerator, and conv FLOPs on each side, of the last step.
+    bytes: (f64, f64),
+    flops: (f64, f64),
+    layers: Vec<LayerRow>,
+}
+
+impl Samples {
+    /// One timed step of `dt` seconds between two readings of the counters.
+    fn add(
+        &mut self,
+        dt: f64,
+        before: &Snapshot,
+        after: &Snapshot,
+        untrusted_only_flops: Option<f64>,
+    ) {
+        let w =
+            (after.split.wait_s - before.split.wait_s) + (after.remote_wait - before.remote_wait);
+        let transfer = after.split.transfer_s - before.split.transfer_s;
+        self.wall.push(dt);
+        self.trusted.push(dt - w);
+        self.wait.push(w);
+        self.transfer.push(transfer);
+        if let (Some(ta), Some(tb)) = (&after.accel, &before.accel) {
+            self.untrusted.push(ta.total_s - tb.total_s);
+        }
+        let split_conv = after.split.layers.iter().map(|l| l.trusted_s).sum::<f64>()
+            - before.split.layers.iter().map(|l| l.trusted_s).sum::<f64>();
+        self.conv_own
+            .push(after.conv.0 - before.conv.0 + split_conv + transfer);
+        self.conv_s += after.conv.0 - before.conv.0;
+        self.conv_f += after.conv.1 - before.conv.1;
+        self.bytes = (
+            (after.split.bytes_to_untrusted - before.split.bytes_to_untrusted) as f64,
+            (after.split.bytes_from_untrusted - before.split.bytes_from_untrusted) as f64,
+        );
+        let lf = |snap: &Snapshot| {
+            snap.split.layers.iter().fold((0.0, 0.0), |acc, l| {
+                (acc.0 + l.trusted_flops, acc.1 + l.untrusted_flops)
+            })
+        };
+        let (fa, fb) = (lf(after), lf(before));
+        self.flops = (fa.0 - fb.0, fa.1 - fb.1);
+        if let Some(f) = untrusted_only_flops {
+            self.flops.1 = f;
+        }
+        add_layers(&mut self.layers, before, after);
+    }
+
+    /// The per-layer sums as means per step; trusted-only's FLOPs are those of the local conv kernels.
+    fn per_step(&mut self, steps: f64, mode: Mode) {
+        for l in &mut self.layers {
+            l.trusted_s /= steps;
+            l.decompose_s /= steps;
+            l.merge_s /= steps;
+            l.transfer_s /= steps;
+            l.wait_s /= steps;
+            l.bytes_to_untrusted /= steps;
+            l.bytes_from_untrusted /= steps;
+            l.trusted_flops /= steps;
+            l.untrusted_flops /= steps;
+            l.untrusted_s = l.untrusted_s.map(|v| v / steps);
+        }
+        if mode == Mode::TrustedOnly {
+            self.flops = (self.conv_f / steps, 0.0);
+        }
+    }
+
+    /// The case's row: medians of the timed steps; the ratios between modes are filled by [`relate`].
+    fn result(
+        mut self,
+        a: &BenchArgs,
+        plan: &Plan,
+        case: &Case<'_>,
+        nodes: Vec<NodeRow>,
+        peaks: Peaks,
+        torch_ms: Option<f64>,
+    ) -> BenchResult {
+        let mode = case.mode;
+        let med = median(&mut self.wall.clone());
+        let trusted_med = median(&mut self.trusted);
+        let conv_med = median(&mut self.conv_own).min(trusted_med);
+        let untrusted_med = (!self.untrusted.is_empty()).then(|| median(&mut self.untrusted));
+        let local_accelerator = a.split.accelerator == AcceleratorSpec::InProc;
+        BenchResult {
+            model: case.spec.name(),
+            phase: case.phase.name().into(),
+            mode: mode.to_string(),
+            rank: case.rank.map_or(String::new(), |r| r.text.clone()),
+            batch: a.batch_size,
+            input_size: case.spec.input_size,
+            trusted_threads: plan.threads,
+            accelerator_threads: (mode != Mode::TrustedOnly).then_some(plan.accel_threads),
+            median_s: med,
+            min_s: self.wall.iter().cloned().fold(f64::INFINITY, f64::min),
+            trusted_s: trusted_med,
+            untrusted_s: untrusted_med,
+            transfer_s: median(&mut self.transfer),
+            wait_s: median(&mut self.wait),
+            conv_s: conv_med,
+            other_s: trusted_med - conv_med,
+            overlap_s: untrusted_med
+                .filter(|_| mode == Mode::Split)
+                .map(|u| (trusted_med + u - med).max(0.0)),
+            bytes_to_untrusted: self.bytes.0,
+            bytes_from_untrusted: self.bytes.1,
+            trusted_flops: self.flops.0,
+            untrusted_flops: self.flops.1,
+            trusted_peak_bytes: peaks.trusted,
+            accelerator_peak_bytes: peaks
+                .accelerator
+                .filter(|_| mode != Mode::TrustedOnly && local_accelerator),
+            conv_gflops: (self.conv_s > 0.0).then(|| self.conv_f / self.conv_s / 1e9),
+            trusted_speedup: None,
+            wall_speedup: None,
+            slowdown_vs_untrusted_only: None,
+            flop_bound: None,
+            time_bound: None,
+            torch_ratio: torch_ms
+                .filter(|_| mode == Mode::TrustedOnly)
+                .map(|t| t / 1e3 / med),
+            layers: self.layers,
+            nodes,
+        }
+    }
+}
+
+/// Runs `asymml bench`.
+pub fn run(a: BenchArgs) -> Result<()> {
+    let threads = threads::init(a.threads)?;
+    let plan = Plan::new(&a, threads)?;
+    let mut results = plan.measure_all(&a)?;
     relate(&mut results);
     if let Some(out) = &a.out {
         write_outputs(out, &results)?;

@@ -1,123 +1,54 @@
 //! `asymml eval` and `asymml infer`.
 
-use crate::cli::{CommonArgs, EvalArgs, InferArgs};
-use crate::common::{self, WeightInfo};
-use crate::data::{self, normalize_into, DatasetKind};
+use crate::batch;
+use crate::cli::{EvalArgs, InferArgs, RunArgs};
+use crate::data::{self, normalize_into, Dataset};
+use crate::setup::{self, SplitSetup};
+use crate::weightfile::{self, resolve_spec, WeightInfo};
+use crate::{progress, threads};
 use anyhow::{bail, Context, Result};
 use asymml_core::layers::loss::argmax;
-use asymml_core::models::ModelSpec;
-use asymml_core::optim::{LrSchedule, OptimizerKind};
+use asymml_core::models::{ModelSpec, Net};
 use asymml_core::Tensor;
-use asymml_trusted::{Mode, Session, TrainConfig};
+use asymml_trusted::Session;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
-/// A session for inference only (the optimizer is never used).
-fn eval_session(
-    net: asymml_core::models::Net,
-    mode: Mode,
-    split: &crate::cli::SplitArgs,
-    threads: usize,
-    seed: u64,
-) -> Result<(Session, Option<crate::accelerator::AcceleratorHandle>)> {
-    let config = TrainConfig {
-        optimizer: OptimizerKind::Sgd {
-            momentum: 0.0,
-            nesterov: false,
-        },
-        lr: 0.0,
-        weight_decay: 0.0,
-        schedule: LrSchedule::Constant,
-    };
-    common::make_session(net, config, mode, split, threads, seed)
+/// The network of `spec` with the weights read from `path`.
+fn load_net(spec: &ModelSpec, bytes: &[u8], path: &Path) -> Result<Net> {
+    let mut net = spec.build(0)?;
+    weightfile::load_into(&mut net, bytes, path)?;
+    Ok(net)
 }
 
-/// The model spec for a weight file: its metadata, else the flags. A flag that contradicts the metadata is
-/// an error rather than a silent choice.
-pub fn resolve_spec(
-    info: &WeightInfo,
-    model: Option<&str>,
-    in_ch: Option<usize>,
-    classes: Option<usize>,
-    size: Option<usize>,
-) -> Result<ModelSpec> {
-    if let Some(spec) = &info.spec {
-        if let Some(m) = model {
-            let want =
-                ModelSpec::parse(m, spec.in_ch, spec.classes, size.unwrap_or(spec.input_size))?;
-            if want.arch != spec.arch || want.style != spec.style {
-                bail!(
-                    "--model {m} contradicts the weights, which hold a {}",
-                    spec.name()
-                );
-            }
-        }
-        if let Some(s) = size.filter(|&s| s != spec.input_size) {
-            bail!(
-                "--input-size {s} contradicts the weights, trained at {} px",
-                spec.input_size
-            );
-        }
-        return Ok(spec.clone());
-    }
-    let (Some(m), Some(c), Some(k), Some(s)) = (model, in_ch, classes, size) else {
-        bail!(
-            "the weights carry no asymml metadata (e.g. a torchvision state dict): give --model, and the input \
-             channels, classes and input size"
-        );
-    };
-    Ok(ModelSpec::parse(m, c, k, s)?)
+/// An inference session in `--mode`, reaching the accelerator in split and untrusted-only mode.
+fn open_session(
+    run: &RunArgs,
+    net: Net,
+    seed: u64,
+) -> Result<(Session, Option<crate::accelerator::AcceleratorHandle>)> {
+    let split = SplitSetup::from_args(&run.split, rayon::current_num_threads(), seed)?;
+    setup::inference_session(net, run.mode, &split)
 }
 
 /// Runs `asymml eval`.
 pub fn run_eval(a: EvalArgs) -> Result<()> {
-    let CommonArgs {
-        model,
-        dataset,
-        data_dir,
-        input_size,
-        batch_size,
-        threads,
-        seed,
-        weights,
-        mode,
-        split,
-        json,
-    } = a.common;
-    common::init_threads(threads)?;
-    let mode: Mode = mode.parse()?;
-    let Some(wpath) = weights else {
+    let c = a.common;
+    threads::init(c.run.threads)?;
+    let Some(wpath) = &c.weights else {
         bail!("eval needs --weights FILE.safetensors (e.g. runs/vgg-small/model.safetensors)");
     };
-    if batch_size == 0 {
+    if c.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let (bytes, info) = common::weight_info(&wpath)?;
-    let kind: DatasetKind = dataset.parse()?;
-    let folder_size = input_size
-        .or(info.spec.as_ref().map(|s| s.input_size))
-        .unwrap_or(224);
-    let folder_ch = info.spec.as_ref().map_or(3, |s| s.in_ch);
-    let (_, test) = data::load(kind, data_dir.as_deref(), folder_ch, folder_size, seed)?;
-    let size = input_size
-        .or(info.spec.as_ref().map(|s| s.input_size))
-        .unwrap_or(test.h);
-    let spec = resolve_spec(
-        &info,
-        model.as_deref(),
-        Some(test.c),
-        Some(test.num_classes),
-        Some(size),
-    )?;
-    let test = common::fit_to(test, spec.input_size);
-    common::check_fit(&spec, &test, "test")?;
-    let mut net = spec.build(0)?;
-    common::load_weights(&mut net, &bytes, &wpath)?;
-    let threads = rayon::current_num_threads();
-    let (mut session, _accel) = eval_session(net, mode, &split, threads, seed)?;
-    let pb = common::progress(test.len() as u64, "eval", json);
-    let (loss, acc) = common::evaluate(&mut session, &test, batch_size, &pb)?;
+    let (bytes, info) = weightfile::read(wpath)?;
+    let (spec, test) = eval_data(&c.run, c.dataset, c.data_dir.as_deref(), c.seed, &info)?;
+    let net = load_net(&spec, &bytes, wpath)?;
+    let (mut session, _accel) = open_session(&c.run, net, c.seed)?;
+    let pb = progress::bar(test.len() as u64, "eval", c.run.json);
+    let (loss, acc) = batch::evaluate(&mut session, &test, c.batch_size, &pb)?;
     pb.finish_and_clear();
-    if json {
+    if c.run.json {
         println!(
             "{}",
             serde_json::json!({"test_loss": loss, "test_acc": acc, "samples": test.len()})
@@ -126,7 +57,7 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
         println!(
             "{} on {} ({} test images): loss {:.4}, accuracy {:.2}%",
             spec.name(),
-            kind,
+            c.dataset,
             test.len(),
             loss,
             acc * 100.0
@@ -135,55 +66,104 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// The model of the weights and the test split it is evaluated on, at its input size.
+fn eval_data(
+    run: &RunArgs,
+    kind: data::DatasetKind,
+    data_dir: Option<&Path>,
+    seed: u64,
+    info: &WeightInfo,
+) -> Result<(ModelSpec, Dataset)> {
+    let recorded_size = run.input_size.or(info.spec.as_ref().map(|s| s.input_size));
+    let folder_ch = info.spec.as_ref().map_or(3, |s| s.in_ch);
+    let (_, test) = data::load(
+        kind,
+        data_dir,
+        folder_ch,
+        recorded_size.unwrap_or(224),
+        seed,
+    )?;
+    let spec = resolve_spec(
+        info,
+        run.model.as_ref().map(|m| m.as_str()),
+        Some(test.c),
+        Some(test.num_classes),
+        Some(recorded_size.unwrap_or(test.h)),
+    )?;
+    let test = batch::fit_to(test, spec.input_size);
+    batch::check_fit(&spec, &test, "test")?;
+    Ok((spec, test))
+}
+
+/// How `infer` reads images for a model: the files, their normalisation, and the class names.
+struct ImageInput {
+    files: Vec<PathBuf>,
+    mean: Vec<f32>,
+    std: Vec<f32>,
+    names: Option<Vec<String>>,
+}
+
+impl ImageInput {
+    fn new(a: &InferArgs, spec: &ModelSpec, info: &WeightInfo) -> Result<Self> {
+        let (mean, std) = match (&info.mean, &info.std) {
+            (Some(m), Some(s)) if m.len() == spec.in_ch && s.len() == spec.in_ch => {
+                (m.clone(), s.clone())
+            }
+            _ if spec.in_ch == 3 => (vec![0.485, 0.456, 0.406], vec![0.229, 0.224, 0.225]),
+            _ => (vec![0.5; spec.in_ch], vec![0.25; spec.in_ch]),
+        };
+        if spec.in_ch != 1 && spec.in_ch != 3 {
+            bail!(
+                "infer reads grey (1) or RGB (3) images; the model takes {} channels",
+                spec.in_ch
+            );
+        }
+        Ok(ImageInput {
+            files: data::list_images(&a.images)?,
+            mean,
+            std,
+            names: info.class_names.clone().filter(|n| n.len() == spec.classes),
+        })
+    }
+
+    /// The images of `files`, normalised, as one batch.
+    fn batch(&self, files: &[PathBuf], spec: &ModelSpec) -> Result<Tensor> {
+        let (c, s) = (spec.in_ch, spec.input_size);
+        let mut x = Tensor::zeros(&[files.len(), c, s, s]);
+        for (f, dst) in files.iter().zip(x.data.chunks_mut(c * s * s)) {
+            let img = data::load_image(f, c, s)?;
+            normalize_into(&img, &self.mean, &self.std, dst);
+        }
+        Ok(x)
+    }
+}
+
 /// Runs `asymml infer`.
 pub fn run_infer(a: InferArgs) -> Result<()> {
-    common::init_threads(a.threads)?;
-    let mode: Mode = a.mode.parse()?;
+    threads::init(a.run.threads)?;
     if a.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let (bytes, info) = common::weight_info(&a.weights)?;
+    let (bytes, info) = weightfile::read(&a.weights)?;
     let spec = resolve_spec(
         &info,
-        a.model.as_deref(),
+        a.run.model.as_ref().map(|m| m.as_str()),
         a.channels,
         a.classes,
-        a.input_size,
+        a.run.input_size,
     )?;
-    let mut net = spec.build(0)?;
-    common::load_weights(&mut net, &bytes, &a.weights)?;
-    let (mean, std) = match (&info.mean, &info.std) {
-        (Some(m), Some(s)) if m.len() == spec.in_ch && s.len() == spec.in_ch => {
-            (m.clone(), s.clone())
-        }
-        _ if spec.in_ch == 3 => (vec![0.485, 0.456, 0.406], vec![0.229, 0.224, 0.225]),
-        _ => (vec![0.5; spec.in_ch], vec![0.25; spec.in_ch]),
-    };
-    if spec.in_ch != 1 && spec.in_ch != 3 {
-        bail!(
-            "infer reads grey (1) or RGB (3) images; the model takes {} channels",
-            spec.in_ch
-        );
-    }
-    let names = info.class_names.clone().filter(|n| n.len() == spec.classes);
-    let files = data::list_images(&a.images)?;
-    let threads = rayon::current_num_threads();
-    let (mut session, _accel) = eval_session(net, mode, &a.split, threads, 0)?;
-    let (c, s) = (spec.in_ch, spec.input_size);
-    let per = c * s * s;
-    let pb = common::progress(files.len() as u64, "infer", a.json);
+    let net = load_net(&spec, &bytes, &a.weights)?;
+    let input = ImageInput::new(&a, &spec, &info)?;
+    let (mut session, _accel) = open_session(&a.run, net, 0)?;
+    let pb = progress::bar(input.files.len() as u64, "infer", a.run.json);
     let mut out = std::io::stdout().lock();
-    for chunk in files.chunks(a.batch_size) {
-        let mut x = Tensor::zeros(&[chunk.len(), c, s, s]);
-        for (f, dst) in chunk.iter().zip(x.data.chunks_mut(per)) {
-            let img = data::load_image(f, c, s)?;
-            normalize_into(&img, &mean, &std, dst);
-        }
+    for chunk in input.files.chunks(a.batch_size) {
+        let x = input.batch(chunk, &spec)?;
         let probs = session.predict(&x).context("inference failed")?;
         for (f, p) in chunk.iter().zip(probs.data.chunks(spec.classes)) {
             let class = argmax(p);
-            let label = names.as_ref().map(|n| n[class].clone());
-            if a.json {
+            let label = input.names.as_ref().map(|n| n[class].clone());
+            if a.run.json {
                 let probs: Vec<f64> = p.iter().map(|&v| (v as f64 * 1e6).round() / 1e6).collect();
                 let obj = serde_json::json!({
                     "file": f.display().to_string(), "class": class, "label": label, "probs": probs

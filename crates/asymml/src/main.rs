@@ -11,7 +11,8 @@ static ALLOC: asymml_cli::alloc::Counting = asymml_cli::alloc::Counting;
 /// per 4 KiB each time.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes glibc's allocation policy; called before any other thread exists.
+    // SAFETY: mallopt takes two ints (libc's parameter constants and plain values) and touches no memory of
+    // ours: it only changes glibc's allocation policy. Called first thing in main, before any other thread.
     unsafe {
         libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
@@ -27,12 +28,7 @@ fn main() {
         Command::Eval(a) => asymml_cli::evaluate::run_eval(a),
         Command::Infer(a) => asymml_cli::evaluate::run_infer(a),
         Command::Bench(a) => asymml_cli::bench::run(a),
-        Command::Accelerator(a) => asymml_cli::accelerator::serve(
-            &a.listen,
-            a.accelerator_threads,
-            a.once,
-            &a.accelerator_device,
-        ),
+        Command::Accelerator(a) => asymml_cli::accelerator::run(a),
         Command::Privacy(a) => asymml_cli::privacy::run(a),
         Command::Verify(a) => match asymml_cli::verify::run(a) {
             Ok(true) => Ok(()),

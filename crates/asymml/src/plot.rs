@@ -15,6 +15,7 @@ use std::ops::Range;
 use plotters::coord::ranged1d::{
     AsRangedCoord, KeyPointHint, NoDefaultFormatting, Ranged, ValueFormatter,
 };
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -25,11 +26,11 @@ const FONT: &str = "sans-serif";
 static FONT_BYTES: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
 /// Size of the PNG written by [`training_curves`].
-pub const TRAINING_CURVES_SIZE: (u32, u32) = (1200, 500);
+pub(crate) const TRAINING_CURVES_SIZE: (u32, u32) = (1200, 500);
 /// Size of the PNG written by [`line_plot`].
-pub const LINE_PLOT_SIZE: (u32, u32) = (1000, 600);
+pub(crate) const LINE_PLOT_SIZE: (u32, u32) = (1000, 600);
 /// Height of the PNG written by [`stacked_bars`]; its width is [`stacked_bars_width`].
-pub const STACKED_BARS_HEIGHT: u32 = 650;
+pub(crate) const STACKED_BARS_HEIGHT: u32 = 650;
 
 /// Colour cycle (matplotlib's "tab10").
 const PALETTE: [RGBColor; 10] = [
@@ -50,7 +51,7 @@ const GRID_BOLD: RGBColor = RGBColor(215, 215, 215);
 
 /// Errors from the plotting functions.
 #[derive(Debug, thiserror::Error)]
-pub enum PlotError {
+pub(crate) enum PlotError {
     /// The data cannot be plotted (empty, mismatched lengths, nothing finite, ...).
     #[error("invalid plot input: {0}")]
     InvalidInput(String),
@@ -65,12 +66,12 @@ pub enum PlotError {
 /// One epoch of a training run. Accuracies are fractions in `[0, 1]`; they are
 /// plotted in percent.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct EpochPoint {
-    pub epoch: usize,
-    pub train_loss: f64,
-    pub train_acc: f64,
-    pub test_loss: f64,
-    pub test_acc: f64,
+pub(crate) struct EpochPoint {
+    pub(crate) epoch: usize,
+    pub(crate) train_loss: f64,
+    pub(crate) train_acc: f64,
+    pub(crate) test_loss: f64,
+    pub(crate) test_acc: f64,
 }
 
 type DrawResult = Result<(), Box<dyn StdError>>;
@@ -385,36 +386,7 @@ where
     mesh.draw()?;
 
     for s in series {
-        let pts = &s.points;
-        match s.marker {
-            Marker::Circle => {
-                draw_marked!(chart, pts, s.label, s.color, |c| Circle::new(
-                    (0, 0),
-                    4,
-                    c.filled()
-                ))
-            }
-            Marker::Triangle => {
-                draw_marked!(chart, pts, s.label, s.color, |c| TriangleMarker::new(
-                    (0, 0),
-                    5,
-                    c.filled()
-                ))
-            }
-            Marker::Square => {
-                draw_marked!(chart, pts, s.label, s.color, |c| Rectangle::new(
-                    [(-4, -4), (4, 4)],
-                    c.filled()
-                ))
-            }
-            Marker::Cross => {
-                draw_marked!(chart, pts, s.label, s.color, |c| Cross::new(
-                    (0, 0),
-                    4,
-                    c.stroke_width(2)
-                ))
-            }
-        }
+        draw_series(&mut chart, s)?;
     }
 
     chart
@@ -428,52 +400,93 @@ where
     Ok(())
 }
 
+/// One line + marker series of a line chart.
+fn draw_series<'a, Y: Ranged<ValueType = f64>>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<RangedCoordf64, Y>>,
+    s: &Series<'_>,
+) -> DrawResult {
+    let pts = &s.points;
+    match s.marker {
+        Marker::Circle => {
+            draw_marked!(chart, pts, s.label, s.color, |c| Circle::new(
+                (0, 0),
+                4,
+                c.filled()
+            ))
+        }
+        Marker::Triangle => {
+            draw_marked!(chart, pts, s.label, s.color, |c| TriangleMarker::new(
+                (0, 0),
+                5,
+                c.filled()
+            ))
+        }
+        Marker::Square => {
+            draw_marked!(chart, pts, s.label, s.color, |c| Rectangle::new(
+                [(-4, -4), (4, 4)],
+                c.filled()
+            ))
+        }
+        Marker::Cross => {
+            draw_marked!(chart, pts, s.label, s.color, |c| Cross::new(
+                (0, 0),
+                4,
+                c.stroke_width(2)
+            ))
+        }
+    }
+    Ok(())
+}
+
+/// The "train" and "test" series of a training-curves panel: `f` gives both values of an epoch;
+/// non-plottable values are left out.
+fn train_test_series(
+    points: &[EpochPoint],
+    f: impl Fn(&EpochPoint) -> (f64, f64),
+) -> [Series<'static>; 2] {
+    let collect = |test: bool| -> Vec<(f64, f64)> {
+        points
+            .iter()
+            .map(|p| {
+                let (train, test_v) = f(p);
+                (p.epoch as f64, if test { test_v } else { train })
+            })
+            .filter(|p| plottable(p.1))
+            .collect()
+    };
+    [
+        Series {
+            label: "train",
+            points: collect(false),
+            color: PALETTE[0],
+            marker: Marker::Circle,
+        },
+        Series {
+            label: "test",
+            points: collect(true),
+            color: PALETTE[1],
+            marker: Marker::Triangle,
+        },
+    ]
+}
+
 /// Training and test loss (left panel) and accuracy in percent (right panel)
 /// against epoch, as a 1200×500 PNG ([`TRAINING_CURVES_SIZE`]).
 ///
 /// Non-finite values (and magnitudes above 1e300) are skipped; at least one finite loss and one finite
 /// accuracy are required.
-pub fn training_curves(path: &Path, points: &[EpochPoint], title: &str) -> Result<(), PlotError> {
+pub(crate) fn training_curves(
+    path: &Path,
+    points: &[EpochPoint],
+    title: &str,
+) -> Result<(), PlotError> {
     if points.is_empty() {
         return Err(PlotError::InvalidInput(
             "training_curves: no epoch points".into(),
         ));
     }
-    let collect = |f: &dyn Fn(&EpochPoint) -> f64| -> Vec<(f64, f64)> {
-        points
-            .iter()
-            .map(|p| (p.epoch as f64, f(p)))
-            .filter(|p| plottable(p.1))
-            .collect()
-    };
-    let loss = [
-        Series {
-            label: "train",
-            points: collect(&|p| p.train_loss),
-            color: PALETTE[0],
-            marker: Marker::Circle,
-        },
-        Series {
-            label: "test",
-            points: collect(&|p| p.test_loss),
-            color: PALETTE[1],
-            marker: Marker::Triangle,
-        },
-    ];
-    let acc = [
-        Series {
-            label: "train",
-            points: collect(&|p| p.train_acc * 100.0),
-            color: PALETTE[0],
-            marker: Marker::Circle,
-        },
-        Series {
-            label: "test",
-            points: collect(&|p| p.test_acc * 100.0),
-            color: PALETTE[1],
-            marker: Marker::Triangle,
-        },
-    ];
+    let loss = train_test_series(points, |p| (p.train_loss, p.test_loss));
+    let acc = train_test_series(points, |p| (p.train_acc * 100.0, p.test_acc * 100.0));
     for (what, s) in [("loss", &loss), ("accuracy", &acc)] {
         if s.iter().all(|s| s.points.is_empty()) {
             return Err(PlotError::InvalidInput(format!(
@@ -551,7 +564,7 @@ impl ValueFormatter<f64> for CategoryAxis<'_> {
 
 /// Width in pixels of the PNG written by [`stacked_bars`] for `n_categories`
 /// bars: at least 1200, growing with the number of bars, at most 4000.
-pub fn stacked_bars_width(n_categories: usize) -> u32 {
+pub(crate) fn stacked_bars_width(n_categories: usize) -> u32 {
     let w = 330usize.saturating_add(n_categories.saturating_mul(34));
     w.clamp(1200, 4000) as u32
 }
@@ -560,13 +573,32 @@ pub fn stacked_bars_width(n_categories: usize) -> u32 {
 /// the previous ones (negative values stack downwards from zero), with a
 /// legend to the right of the plot. `series[i].1` must have one value per
 /// category. The PNG is [`stacked_bars_width`]` × `[`STACKED_BARS_HEIGHT`].
-pub fn stacked_bars(
+pub(crate) fn stacked_bars(
     path: &Path,
     title: &str,
     categories: &[String],
     series: &[(String, Vec<f64>)],
     y_label: &str,
 ) -> Result<(), PlotError> {
+    check_bars(categories, series)?;
+    let stack = Stack::of(categories.len(), series)?;
+    let layout = BarsLayout::new(categories, series);
+    render(path, || {
+        let root =
+            BitMapBackend::new(path, (layout.width, STACKED_BARS_HEIGHT)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let body = root.titled(title, (FONT, 24))?;
+        let plot_w = body.dim_in_pixel().0.saturating_sub(layout.legend_w + 20);
+        let (plot_area, legend_area) = body.split_horizontally(plot_w);
+        draw_bars(&root, &plot_area, categories, &stack, &layout, y_label)?;
+        draw_bars_legend(&legend_area, series)?;
+        root.present()?;
+        Ok(())
+    })
+}
+
+/// Checks a bar chart's input: categories, series, one plottable value per category in each.
+fn check_bars(categories: &[String], series: &[(String, Vec<f64>)]) -> Result<(), PlotError> {
     let n = categories.len();
     if n == 0 {
         return Err(PlotError::InvalidInput(
@@ -589,151 +621,187 @@ pub fn stacked_bars(
             )));
         }
     }
+    Ok(())
+}
 
-    // Stack: (category, y0, y1, series index) for every non-zero segment.
-    let mut segments = Vec::new();
-    let (mut y_min, mut y_max) = (0.0f64, 0.0f64);
-    for i in 0..n {
-        let (mut pos, mut neg) = (0.0f64, 0.0f64);
-        for (k, (_, values)) in series.iter().enumerate() {
-            let v = values[i];
-            let base = if v >= 0.0 { &mut pos } else { &mut neg };
-            let (y0, y1) = (*base, *base + v);
-            *base = y1;
-            if v != 0.0 {
-                segments.push((i, y0.min(y1), y0.max(y1), k));
+/// The stacked bars: every non-zero segment as (category, y0, y1, series index), and the y axis range.
+struct Stack {
+    segments: Vec<(usize, f64, f64, usize)>,
+    lo: f64,
+    hi: f64,
+}
+
+impl Stack {
+    fn of(n: usize, series: &[(String, Vec<f64>)]) -> Result<Self, PlotError> {
+        let mut segments = Vec::new();
+        let (mut y_min, mut y_max) = (0.0f64, 0.0f64);
+        for i in 0..n {
+            let (mut pos, mut neg) = (0.0f64, 0.0f64);
+            for (k, (_, values)) in series.iter().enumerate() {
+                let v = values[i];
+                let base = if v >= 0.0 { &mut pos } else { &mut neg };
+                let (y0, y1) = (*base, *base + v);
+                *base = y1;
+                if v != 0.0 {
+                    segments.push((i, y0.min(y1), y0.max(y1), k));
+                }
             }
+            y_max = y_max.max(pos);
+            y_min = y_min.min(neg);
         }
-        y_max = y_max.max(pos);
-        y_min = y_min.min(neg);
-    }
-    if !plottable(y_max) || !plottable(y_min) {
-        return Err(PlotError::InvalidInput(format!(
-            "stacked_bars: stacked totals exceed ±{AXIS_LIMIT:e}"
-        )));
-    }
-    let (lo, hi) = if y_max > y_min {
-        let span = y_max - y_min;
-        (
-            if y_min < 0.0 {
-                y_min - 0.05 * span
-            } else {
-                0.0
-            },
-            if y_max > 0.0 {
-                y_max + 0.05 * span
-            } else {
-                0.0
-            },
-        )
-    } else {
-        (0.0, 1.0)
-    };
-
-    let label_len = categories
-        .iter()
-        .map(|c| c.chars().count())
-        .max()
-        .unwrap_or(0);
-    let width = stacked_bars_width(n);
-    // Rotate category labels when they would not fit side by side.
-    let slot_px = f64::from(width - 330) / n as f64;
-    let rotate = label_len as f64 * 7.5 > slot_px * 0.95;
-    let x_label_area = if rotate {
-        (label_len.min(40) as u32) * 8 + 30
-    } else {
-        48
-    };
-    let legend_w = series
-        .iter()
-        .map(|(s, _)| s.chars().count())
-        .max()
-        .unwrap_or(0)
-        .min(40) as u32
-        * 9
-        + 60;
-
-    render(path, || {
-        let root = BitMapBackend::new(path, (width, STACKED_BARS_HEIGHT)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let body = root.titled(title, (FONT, 24))?;
-        let plot_w = body.dim_in_pixel().0.saturating_sub(legend_w + 20);
-        let (plot_area, legend_area) = body.split_horizontally(plot_w);
-
-        let x_coord = CategoryAxis { categories };
-        let mut chart = ChartBuilder::on(&plot_area)
-            .margin(12)
-            .x_label_area_size(x_label_area)
-            .y_label_area_size(78)
-            .build_cartesian_2d(x_coord, lo..hi)?;
-
-        let num_fmt = |v: &f64| fmt_tick(*v);
-        let no_label = |_: &f64| String::new();
-        let mut mesh = chart.configure_mesh();
-        if rotate {
-            // plotters centres rotated tick labels on the tick, so they would
-            // overlap the plot; these are drawn by hand below instead.
-            mesh.x_label_formatter(&no_label);
+        if !plottable(y_max) || !plottable(y_min) {
+            return Err(PlotError::InvalidInput(format!(
+                "stacked_bars: stacked totals exceed ±{AXIS_LIMIT:e}"
+            )));
         }
-        mesh.disable_x_mesh()
-            .label_style((FONT, 13))
-            .x_labels(n)
-            .y_label_formatter(&num_fmt)
-            .y_labels(10)
-            .y_desc(y_label)
-            .axis_desc_style((FONT, 16))
-            .light_line_style(GRID_LIGHT)
-            .bold_line_style(GRID_BOLD)
-            .draw()?;
-
-        if rotate {
-            // Read bottom-to-top, ending just below the tick.
-            let style = TextStyle::from((FONT, 13).into_font())
-                .transform(FontTransform::Rotate270)
-                .pos(Pos::new(HPos::Right, VPos::Center));
-            for (i, cat) in categories.iter().enumerate() {
-                let (x, y) = chart.backend_coord(&(i as f64, lo));
-                root.draw(&Text::new(cat.as_str(), (x, y + 8), style.clone()))?;
-            }
-        }
-
-        let half_w = 0.36;
-        chart.draw_series(segments.iter().map(|&(i, y0, y1, k)| {
-            let x = i as f64;
-            Rectangle::new(
-                [(x - half_w, y0), (x + half_w, y1)],
-                PALETTE[k % PALETTE.len()].filled(),
+        let (lo, hi) = if y_max > y_min {
+            let span = y_max - y_min;
+            (
+                if y_min < 0.0 {
+                    y_min - 0.05 * span
+                } else {
+                    0.0
+                },
+                if y_max > 0.0 {
+                    y_max + 0.05 * span
+                } else {
+                    0.0
+                },
             )
-        }))?;
-        if lo < 0.0 {
-            chart.draw_series(std::iter::once(PathElement::new(
-                vec![(-0.5, 0.0), (n as f64 - 0.5, 0.0)],
-                BLACK.stroke_width(1),
-            )))?;
-        }
+        } else {
+            (0.0, 1.0)
+        };
+        Ok(Stack { segments, lo, hi })
+    }
+}
 
-        // Legend in its own column, top-down in stacking order reversed so it
-        // reads like the bars (last series on top).
-        let font = (FONT, 14).into_font().color(&BLACK);
-        let top = 20i32;
-        for (row, (k, (name, _))) in series.iter().enumerate().rev().enumerate() {
-            let y = top + row as i32 * 24;
-            legend_area.draw(&Rectangle::new(
-                [(4, y), (20, y + 16)],
-                PALETTE[k % PALETTE.len()].filled(),
-            ))?;
-            legend_area.draw(&Text::new(name.clone(), (28, y + 1), font.clone()))?;
+/// Pixel sizes of a bar chart: the image width, the category labels (rotated when they would not fit side
+/// by side) and the legend column.
+struct BarsLayout {
+    width: u32,
+    rotate: bool,
+    x_label_area: u32,
+    legend_w: u32,
+}
+
+impl BarsLayout {
+    fn new(categories: &[String], series: &[(String, Vec<f64>)]) -> Self {
+        let n = categories.len();
+        let label_len = categories
+            .iter()
+            .map(|c| c.chars().count())
+            .max()
+            .unwrap_or(0);
+        let width = stacked_bars_width(n);
+        let slot_px = f64::from(width - 330) / n as f64;
+        let rotate = label_len as f64 * 7.5 > slot_px * 0.95;
+        let x_label_area = if rotate {
+            (label_len.min(40) as u32) * 8 + 30
+        } else {
+            48
+        };
+        let legend_w = series
+            .iter()
+            .map(|(s, _)| s.chars().count())
+            .max()
+            .unwrap_or(0)
+            .min(40) as u32
+            * 9
+            + 60;
+        BarsLayout {
+            width,
+            rotate,
+            x_label_area,
+            legend_w,
         }
-        root.present()?;
-        Ok(())
-    })
+    }
+}
+
+/// The bars, their axes and (rotated ones drawn on `root`) their category labels.
+fn draw_bars(
+    root: &Area<'_>,
+    plot_area: &Area<'_>,
+    categories: &[String],
+    stack: &Stack,
+    layout: &BarsLayout,
+    y_label: &str,
+) -> DrawResult {
+    let (n, lo) = (categories.len(), stack.lo);
+    let x_coord = CategoryAxis { categories };
+    let mut chart = ChartBuilder::on(plot_area)
+        .margin(12)
+        .x_label_area_size(layout.x_label_area)
+        .y_label_area_size(78)
+        .build_cartesian_2d(x_coord, lo..stack.hi)?;
+
+    let num_fmt = |v: &f64| fmt_tick(*v);
+    let no_label = |_: &f64| String::new();
+    let mut mesh = chart.configure_mesh();
+    if layout.rotate {
+        // plotters centres rotated tick labels on the tick, so they would
+        // overlap the plot; these are drawn by hand below instead.
+        mesh.x_label_formatter(&no_label);
+    }
+    mesh.disable_x_mesh()
+        .label_style((FONT, 13))
+        .x_labels(n)
+        .y_label_formatter(&num_fmt)
+        .y_labels(10)
+        .y_desc(y_label)
+        .axis_desc_style((FONT, 16))
+        .light_line_style(GRID_LIGHT)
+        .bold_line_style(GRID_BOLD)
+        .draw()?;
+
+    if layout.rotate {
+        // Read bottom-to-top, ending just below the tick.
+        let style = TextStyle::from((FONT, 13).into_font())
+            .transform(FontTransform::Rotate270)
+            .pos(Pos::new(HPos::Right, VPos::Center));
+        for (i, cat) in categories.iter().enumerate() {
+            let (x, y) = chart.backend_coord(&(i as f64, lo));
+            root.draw(&Text::new(cat.as_str(), (x, y + 8), style.clone()))?;
+        }
+    }
+
+    let half_w = 0.36;
+    chart.draw_series(stack.segments.iter().map(|&(i, y0, y1, k)| {
+        let x = i as f64;
+        Rectangle::new(
+            [(x - half_w, y0), (x + half_w, y1)],
+            PALETTE[k % PALETTE.len()].filled(),
+        )
+    }))?;
+    if lo < 0.0 {
+        chart.draw_series(std::iter::once(PathElement::new(
+            vec![(-0.5, 0.0), (n as f64 - 0.5, 0.0)],
+            BLACK.stroke_width(1),
+        )))?;
+    }
+    Ok(())
+}
+
+/// The bar chart's legend in its own column, top-down in stacking order reversed so it reads like the bars
+/// (last series on top).
+fn draw_bars_legend(legend_area: &Area<'_>, series: &[(String, Vec<f64>)]) -> DrawResult {
+    let font = (FONT, 14).into_font().color(&BLACK);
+    let top = 20i32;
+    for (row, (k, (name, _))) in series.iter().enumerate().rev().enumerate() {
+        let y = top + row as i32 * 24;
+        legend_area.draw(&Rectangle::new(
+            [(4, y), (20, y + 16)],
+            PALETTE[k % PALETTE.len()].filled(),
+        ))?;
+        legend_area.draw(&Text::new(name.clone(), (28, y + 1), font.clone()))?;
+    }
+    Ok(())
 }
 
 /// Lines with markers for several series of `(x, y)` points, drawn in the
 /// given order, as a [`LINE_PLOT_SIZE`] PNG. With `log_y` the y axis is
 /// logarithmic and points with `y <= 0` are skipped; non-finite points (and
 /// coordinates above 1e300 in magnitude) are always skipped. At least one plottable point is required.
-pub fn line_plot(
+pub(crate) fn line_plot(
     path: &Path,
     title: &str,
     x_label: &str,

@@ -1,13 +1,16 @@
 //! `asymml verify`: one training step in split mode and in trusted-only mode from the same weights and
 //! data, compared tensor by tensor.
 
+use crate::accelerator::AcceleratorHandle;
 use crate::cli::VerifyArgs;
-use crate::common;
+use crate::setup::SplitSetup;
+use crate::threads;
 use anyhow::{bail, Result};
 use asymml_core::models::{LocalExec, ModelSpec, Net, StateMut};
 use asymml_core::optim::{Optimizer, OptimizerKind};
 use asymml_core::rng::Rng;
 use asymml_core::Tensor;
+use asymml_protocol::Transport;
 use asymml_trusted::split::SplitExec;
 
 const LR: f32 = 0.1;
@@ -16,6 +19,9 @@ const KIND: OptimizerKind = OptimizerKind::Sgd {
     momentum: 0.9,
     nesterov: true,
 };
+
+/// A named tensor's values: a gradient, a parameter or a running statistic.
+type Named = (String, Vec<f32>);
 
 /// max |a − b| / scale, scale = max(max |a|, floor).
 fn rel_err(a: &[f32], b: &[f32], floor: f32) -> f64 {
@@ -34,7 +40,7 @@ fn rel_err(a: &[f32], b: &[f32], floor: f32) -> f64 {
     }
 }
 
-fn state(net: &mut Net) -> Vec<(String, Vec<f32>)> {
+fn state(net: &mut Net) -> Vec<Named> {
     let mut out = Vec::new();
     net.visit_state(&mut |name, s| {
         if let StateMut::Tensor(t) = s {
@@ -45,7 +51,7 @@ fn state(net: &mut Net) -> Vec<(String, Vec<f32>)> {
 }
 
 /// (name, gradient) of every parameter of the trusted-only net.
-fn grads(net: &mut Net) -> Vec<(String, Vec<f32>)> {
+fn grads(net: &mut Net) -> Vec<Named> {
     let mut out = Vec::new();
     net.visit_params(&mut |n, p| out.push((n.to_string(), p.grad.data.clone())));
     out
@@ -62,123 +68,177 @@ fn sgd_update(net: &mut Net, opt: &mut Optimizer, skip_convs: bool) {
     });
 }
 
-/// Runs `asymml verify`; returns whether the split matched within 1e-4.
-pub fn run(a: VerifyArgs) -> Result<bool> {
-    let threads = common::init_threads(a.threads)?;
-    if a.batch < 2 {
-        bail!("--batch must be at least 2 (BatchNorm needs batch statistics)");
+/// The two runs of one step: the reference (trusted-only) net, the split net with its accelerator, and the
+/// batch they train on.
+struct Case {
+    spec: ModelSpec,
+    net_ref: Net,
+    net_split: Net,
+    exec: SplitExec<Box<dyn Transport + Send>>,
+    x: Tensor,
+    labels: Vec<usize>,
+    _handle: AcceleratorHandle,
+}
+
+/// What a forward pass gives: the loss and the logits.
+struct Forward {
+    loss: f32,
+    logits: Tensor,
+}
+
+impl Case {
+    /// Both nets from the same seed, a random batch, and the accelerator — first, so that one that cannot
+    /// start (a missing GPU) fails before any work.
+    fn prepare(a: &VerifyArgs, threads: usize) -> Result<Self> {
+        if a.batch < 2 {
+            bail!("--batch must be at least 2 (BatchNorm needs batch statistics)");
+        }
+        let spec = a.model.spec(a.channels, a.classes, a.input_size)?;
+        let split = SplitSetup::from_args(&a.split, threads, a.seed)?;
+        let net_ref = spec.build(a.seed)?;
+        let mut net_split = spec.build(a.seed)?;
+        let mut rng = Rng::new(a.seed ^ 0xDA7A);
+        let n = a.batch * a.channels * a.input_size * a.input_size;
+        let x = Tensor::from_vec(
+            &[a.batch, a.channels, a.input_size, a.input_size],
+            (0..n).map(|_| rng.normal()).collect(),
+        )?;
+        let labels: Vec<usize> = (0..a.batch).map(|_| rng.below(a.classes)).collect();
+        let (transport, handle) = split.start()?;
+        let exec = SplitExec::connect(transport, &mut net_split, KIND, WD, split.config)?;
+        Ok(Case {
+            spec,
+            net_ref,
+            net_split,
+            exec,
+            x,
+            labels,
+            _handle: handle,
+        })
     }
-    let spec = ModelSpec::parse(&a.model, a.channels, a.classes, a.input_size)?;
-    let cfg = common::split_config(&a.split, a.seed)?;
-    let mut net_a = spec.build(a.seed)?;
-    let mut net_b = spec.build(a.seed)?;
-    let mut rng = Rng::new(a.seed ^ 0xDA7A);
-    let n = a.batch * a.channels * a.input_size * a.input_size;
-    let x = Tensor::from_vec(
-        &[a.batch, a.channels, a.input_size, a.input_size],
-        (0..n).map(|_| rng.normal()).collect(),
-    )?;
-    let labels: Vec<usize> = (0..a.batch).map(|_| rng.below(a.classes)).collect();
 
-    // The accelerator first, so that one that cannot start (a missing GPU) fails before any work.
-    let device = crate::accelerator::device_flag(a.split.accelerator_device.as_deref())?;
-    let (transport, _handle) = crate::accelerator::start(
-        &a.split.accelerator,
-        a.split.accelerator_threads.unwrap_or(threads),
-        device,
-    )?;
-    let mut exec = SplitExec::connect(transport, &mut net_b, KIND, WD, cfg)?;
+    /// Forward reference: trusted-only.
+    fn forward_reference(&mut self) -> Result<Forward> {
+        self.net_ref.zero_grad();
+        let (loss, _) = self
+            .net_ref
+            .forward_loss(&self.x, &self.labels, true, &mut LocalExec)?;
+        Ok(Forward {
+            loss,
+            logits: self.net_ref.logits().clone(),
+        })
+    }
 
-    // Forward reference: trusted-only.
-    net_a.zero_grad();
-    let (loss_a, _) = net_a.forward_loss(&x, &labels, true, &mut LocalExec)?;
-    let logits_a = net_a.logits().clone();
-
-    // Split: forward, backward, and the merged conv gradients fetched from the accelerator.
-    net_b.zero_grad();
-    let (loss_b, _) = net_b.forward_loss(&x, &labels, true, &mut exec)?;
-    let logits_b = net_b.logits().clone();
-    net_b.backward(&mut exec, false)?;
-    let mut grads_split = grads(&mut net_b);
-    let mut conv_ids = Vec::new();
-    net_b.visit_convs(&mut |name, c| conv_ids.push((name.to_string(), c.id, c.bias.is_some())));
-    for (name, id, has_bias) in conv_ids {
-        let (w, b) = exec.fetch_grads(id)?;
-        for (suffix, t) in [("weight", Some(w)), ("bias", b.filter(|_| has_bias))] {
-            if let Some(t) = t {
-                if let Some(g) = grads_split
-                    .iter_mut()
-                    .find(|(n, _)| *n == format!("{name}.{suffix}"))
-                {
-                    g.1 = t.data;
+    /// Split: forward, backward, and the merged conv gradients fetched from the accelerator.
+    fn split_step(&mut self) -> Result<(Forward, Vec<Named>)> {
+        let net = &mut self.net_split;
+        net.zero_grad();
+        let (loss, _) = net.forward_loss(&self.x, &self.labels, true, &mut self.exec)?;
+        let logits = net.logits().clone();
+        net.backward(&mut self.exec, false)?;
+        let mut grads_split = grads(net);
+        let mut conv_ids = Vec::new();
+        net.visit_convs(&mut |name, c| conv_ids.push((name.to_string(), c.id, c.bias.is_some())));
+        for (name, id, has_bias) in conv_ids {
+            let (w, b) = self.exec.fetch_grads(id)?;
+            for (suffix, t) in [("weight", Some(w)), ("bias", b.filter(|_| has_bias))] {
+                if let Some(t) = t {
+                    if let Some(g) = grads_split
+                        .iter_mut()
+                        .find(|(n, _)| *n == format!("{name}.{suffix}"))
+                    {
+                        g.1 = t.data;
+                    }
                 }
             }
         }
+        Ok((Forward { loss, logits }, grads_split))
     }
 
-    // Backward reference: trusted-only backward on the split run's own activations. ReLU and max-pool make
-    // the gradient discontinuous in the forward values: an f32 rounding difference (1e-7) in a forward pass
-    // flips a few on/off decisions and moves deep gradients by up to 10 % (measured here by perturbing the
-    // input by 3e-7 in a trusted-only run), so gradients are compared on the same activation pattern.
-    net_b.zero_grad();
-    net_b.backward(&mut LocalExec, false)?;
-    let grads_ref = grads(&mut net_b);
+    /// Backward reference: trusted-only backward on the split run's own activations. ReLU and max-pool make
+    /// the gradient discontinuous in the forward values: an f32 rounding difference (1e-7) in a forward pass
+    /// flips a few on/off decisions and moves deep gradients by up to 10 % (measured here by perturbing the
+    /// input by 3e-7 in a trusted-only run), so gradients are compared on the same activation pattern.
+    fn backward_reference(&mut self) -> Result<Vec<Named>> {
+        self.net_split.zero_grad();
+        self.net_split.backward(&mut LocalExec, false)?;
+        Ok(grads(&mut self.net_split))
+    }
 
-    // Update reference: the trusted-only optimizer applied to the reference gradients, from the initial
-    // weights (net_a still holds them: it only ran a forward).
+    /// The updates: the trusted-only optimizer applied to the reference gradients from the initial weights
+    /// (the reference net still holds them: it only ran a forward), and the split update — trusted parameters
+    /// here from the split gradients, conv weights on the accelerator. Returns the split's ranks.
+    fn update(mut self, grads_ref: &[Named], grads_split: &[Named]) -> Result<Updated> {
+        set_grads(&mut self.net_ref, grads_ref);
+        sgd_update(&mut self.net_ref, &mut Optimizer::new(KIND, WD), false);
+        set_grads(&mut self.net_split, grads_split);
+        sgd_update(&mut self.net_split, &mut Optimizer::new(KIND, WD), true);
+        asymml_core::models::ConvExec::step(&mut self.exec, LR, &mut self.net_split)?;
+        let ranks = self.exec.ranks();
+        self.exec.shutdown()?;
+        Ok(Updated {
+            net_ref: self.net_ref,
+            net_split: self.net_split,
+            ranks,
+        })
+    }
+}
+
+/// Both nets after the update, and the rank the split kept at each conv.
+struct Updated {
+    net_ref: Net,
+    net_split: Net,
+    ranks: Vec<(String, usize)>,
+}
+
+fn set_grads(net: &mut Net, grads: &[Named]) {
     let mut i = 0;
-    net_a.visit_params(&mut |_, p| {
-        p.grad.data.copy_from_slice(&grads_ref[i].1);
+    net.visit_params(&mut |_, p| {
+        p.grad.data.copy_from_slice(&grads[i].1);
         i += 1;
     });
-    let mut opt_a = Optimizer::new(KIND, WD);
-    sgd_update(&mut net_a, &mut opt_a, false);
-    // Split update: trusted parameters here (from the split gradients), conv weights on the accelerator.
-    let mut i = 0;
-    net_b.visit_params(&mut |_, p| {
-        p.grad.data.copy_from_slice(&grads_split[i].1);
-        i += 1;
-    });
-    let mut opt_b = Optimizer::new(KIND, WD);
-    sgd_update(&mut net_b, &mut opt_b, true);
-    asymml_core::models::ConvExec::step(&mut exec, LR, &mut net_b)?;
-    let ranks = exec.ranks();
-    exec.shutdown()?;
+}
 
-    // Compare. Gradients (weights) are measured against the tensor's largest magnitude floored at 1e-3 × the
-    // largest gradient (weight) of the model, so that tensors whose exact gradient is zero (a conv bias
-    // followed by BatchNorm) are judged against the scale of the step, not of round-off.
-    let gmax = grads_ref
+/// The largest magnitude over every tensor of a list.
+fn max_abs(tensors: &[Named]) -> f32 {
+    tensors
         .iter()
-        .flat_map(|(_, g)| g.iter())
-        .fold(0.0f32, |m, v| m.max(v.abs()));
+        .flat_map(|(_, v)| v.iter())
+        .fold(0.0f32, |m, v| m.max(v.abs()))
+}
+
+/// Relative errors of the split run against the reference: logits, loss, every gradient, every updated
+/// parameter and BatchNorm running statistic. Gradients (weights) are measured against the tensor's largest
+/// magnitude floored at 1e-3 × the largest gradient (weight) of the model, so that tensors whose exact
+/// gradient is zero (a conv bias followed by BatchNorm) are judged against the scale of the step, not of
+/// round-off.
+fn compare(
+    fwd: (&Forward, &Forward),
+    grads: (&[Named], &[Named]),
+    nets: (&mut Net, &mut Net),
+) -> Vec<(String, f64)> {
     let mut results: Vec<(String, f64)> = vec![
         (
             "logits".into(),
-            rel_err(&logits_a.data, &logits_b.data, 0.0),
+            rel_err(&fwd.0.logits.data, &fwd.1.logits.data, 0.0),
         ),
-        ("loss".into(), rel_err(&[loss_a], &[loss_b], 0.0)),
+        ("loss".into(), rel_err(&[fwd.0.loss], &[fwd.1.loss], 0.0)),
     ];
-    for ((n, ga), (_, gb)) in grads_ref.iter().zip(&grads_split) {
+    let gmax = max_abs(grads.0);
+    for ((n, ga), (_, gb)) in grads.0.iter().zip(grads.1) {
         results.push((format!("grad.{n}"), rel_err(ga, gb, 1e-3 * gmax)));
     }
-    // Updated parameters and the BatchNorm running statistics (which follow the forward values).
-    let (sa, sb) = (state(&mut net_a), state(&mut net_b));
-    let wmax = sa
-        .iter()
-        .flat_map(|(_, w)| w.iter())
-        .fold(0.0f32, |m, v| m.max(v.abs()));
+    let (sa, sb) = (state(nets.0), state(nets.1));
+    let wmax = max_abs(&sa);
     for ((n, wa), (_, wb)) in sa.iter().zip(&sb) {
         results.push((format!("updated.{n}"), rel_err(wa, wb, 1e-3 * wmax)));
     }
-    if std::env::var_os("ASYMML_VERIFY_DEBUG").is_some() {
-        let mut sorted = results.clone();
-        sorted.sort_by(|a, b| b.1.total_cmp(&a.1));
-        for (n, v) in sorted.iter().take(12) {
-            eprintln!("{v:.3e} {n}");
-        }
-    }
-    let (worst, max_rel_err) = results
+    results
+}
+
+/// The largest error and where (a NaN counts as the largest).
+fn largest(results: &[(String, f64)]) -> (String, f64) {
+    results
         .iter()
         .fold(("".to_string(), 0.0f64), |(wn, wv), (n, v)| {
             if *v > wv || v.is_nan() {
@@ -186,20 +246,55 @@ pub fn run(a: VerifyArgs) -> Result<bool> {
             } else {
                 (wn, wv)
             }
-        });
+        })
+}
+
+/// Runs `asymml verify`; returns whether the split matched within 1e-4.
+pub fn run(a: VerifyArgs) -> Result<bool> {
+    let threads = threads::init(a.threads)?;
+    let mut case = Case::prepare(&a, threads)?;
+    let spec = case.spec.clone();
+    let fwd_ref = case.forward_reference()?;
+    let (fwd_split, grads_split) = case.split_step()?;
+    let grads_ref = case.backward_reference()?;
+    let mut updated = case.update(&grads_ref, &grads_split)?;
+    let results = compare(
+        (&fwd_ref, &fwd_split),
+        (&grads_ref, &grads_split),
+        (&mut updated.net_ref, &mut updated.net_split),
+    );
+    if std::env::var_os("ASYMML_VERIFY_DEBUG").is_some() {
+        let mut sorted = results.clone();
+        sorted.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for (n, v) in sorted.iter().take(12) {
+            eprintln!("{v:.3e} {n}");
+        }
+    }
+    Ok(report(&a, &spec.name(), &updated.ranks, &results))
+}
+
+/// Prints the largest error (JSON or a line of text); returns whether it is within 1e-4.
+fn report(
+    a: &VerifyArgs,
+    model: &str,
+    ranks: &[(String, usize)],
+    results: &[(String, f64)],
+) -> bool {
+    let (worst, max_rel_err) = largest(results);
     let ok = max_rel_err <= 1e-4;
+    let rank = &a.split.rank[0];
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"model": spec.name(), "rank": a.split.rank, "max_rel_err": max_rel_err, "worst": worst})
+            serde_json::json!({"model": model, "rank": rank.text, "max_rel_err": max_rel_err, "worst": worst})
         );
     } else {
         let rs: Vec<String> = ranks.iter().map(|(_, r)| r.to_string()).collect();
         println!(
             "{} batch {} rank {} (per conv: {}): max relative error {:.3e} at {} — {}",
-            spec.name(),
+            model,
             a.batch,
-            a.split.rank,
+            rank,
             rs.join(","),
             max_rel_err,
             worst,
@@ -210,5 +305,5 @@ pub fn run(a: VerifyArgs) -> Result<bool> {
             }
         );
     }
-    Ok(ok)
+    ok
 }

@@ -6,7 +6,7 @@ use asymml_core::layers::Conv2d;
 use asymml_core::models::{ConvExec, LocalExec, ModelSpec, Net};
 use asymml_core::optim::OptimizerKind;
 use asymml_core::rng::Rng;
-use asymml_core::{CoreError, Tensor};
+use asymml_core::{error_chain, CoreError, Tensor};
 use asymml_protocol::declassify::accelerator_result;
 use asymml_protocol::{inproc_pair, serve, MessageKind, Recording, Reply, Request, Transport};
 use asymml_trusted::split::{SplitConfig, SplitExec};
@@ -173,7 +173,7 @@ fn hostile(reply: impl Fn(&Request) -> Option<Reply> + Send + 'static) -> Result
 }
 
 fn expect_err(r: Result<(), CoreError>, needles: &[&str]) {
-    let msg = r.expect_err("the bad reply was accepted").to_string();
+    let msg = error_chain(&r.expect_err("the bad reply was accepted"));
     for n in needles {
         assert!(msg.contains(n), "'{n}' missing from: {msg}");
     }
@@ -193,7 +193,7 @@ fn hostile_replies_are_refused_with_the_layer_and_the_fault() {
             }),
             _ => None,
         }),
-        &["conv conv1 (layer 0)", "wrong shape"],
+        &["(conv conv1): ConvForward(layer 0)", "wrong shape"],
     );
     // NaN / Inf values.
     expect_err(

@@ -300,11 +300,11 @@ fn bad_flags_are_clear_errors() {
     );
     fails_with(
         &asymml(&["train", "--optimizer", "rmsprop", "--out", o]),
-        "unknown optimizer",
+        "invalid value 'rmsprop' for '--optimizer",
     );
     fails_with(
         &asymml(&["train", "--schedule", "linear", "--out", o]),
-        "unknown --schedule",
+        "for '--schedule <SCHEDULE>': unknown schedule 'linear'",
     );
     fails_with(
         &asymml(&["train", "--mode", "split-ish", "--out", o]),
@@ -313,6 +313,18 @@ fn bad_flags_are_clear_errors() {
     fails_with(
         &asymml(&["train", "--batch-size", "0", "--out", o]),
         "--batch-size",
+    );
+    fails_with(
+        &asymml(&["train", "--augment", "rotate", "--out", o]),
+        "invalid value 'rotate' for '--augment",
+    );
+    fails_with(
+        &asymml(&["train", "--accelerator", "gpu", "--out", o]),
+        "use inproc, process, tcp://HOST:PORT or unix:PATH",
+    );
+    fails_with(
+        &asymml(&["train", "--rank", "schedule,asym1", "--out", o]),
+        "--rank: give one rank policy",
     );
     fails_with(&asymml(&["eval"]), "--weights");
 }

@@ -214,7 +214,10 @@ fn bad_privacy_flags_fail_cleanly() {
         (vec!["--nsr", "-1"], "--nsr"),
         (vec!["--layers", "99"], "does not exist"),
         (vec!["--ranks", "bogus"], "--ranks"),
-        (vec!["--decoders", "gan"], "unknown decoder"),
+        (vec!["--decoders", "gan"], "--decoders"),
+        (vec!["--attack-layers", "x"], "--attack-layers"),
+        (vec!["--dataset", "bogus"], "--dataset"),
+        (vec!["--tradeoff-rank", "fixed:0"], "--tradeoff-rank"),
         (vec!["--kernel-sizes", "4"], "odd"),
         (vec!["--images", "/nonexistent/images"], "nonexistent"),
     ] {

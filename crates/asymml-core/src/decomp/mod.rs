@@ -20,7 +20,15 @@ pub use exact::{
     energy_kept, entropy_rank, exact_low_rank, rank_for_energy, singular_values, svd_entropy,
 };
 pub use policy::{schedule_rank, RankPolicy, SCHEDULE_MAX_RANK};
-pub use svd::{light_svd, light_svd_energy, light_svd_extend, LowRank};
+pub use svd::{light_svd, light_svd_energy, light_svd_extend, EnergyStop, LowRank};
+
+/// Stop at energy fraction `e`, or at all `n` components.
+fn all_of(e: f64, n: usize) -> EnergyStop {
+    EnergyStop {
+        fraction: e,
+        max_rank: n,
+    }
+}
 pub use trusted::TrustedConv;
 
 use crate::error::{CoreError, Result};
@@ -148,7 +156,7 @@ pub fn decompose_batch(
             RankPolicy::Energy(e) => {
                 let r = samples!()
                     .map(|((s, res), xb)| {
-                        svd::light_svd_energy_into(xb, n, hw, e, n, iters, s, res)
+                        svd::light_svd_energy_into(xb, n, hw, all_of(e, n), iters, s, res)
                     })
                     .max()
                     .unwrap_or(1);
@@ -227,7 +235,15 @@ pub fn decompose_batch_shared(
         RankPolicy::Fixed(r) => (clamp_rank(r, n), false),
         RankPolicy::Schedule => (clamp_rank(schedule_rank(schedule_step), n), false),
         RankPolicy::Energy(e) => {
-            let r = svd::light_svd_energy_into(&all, n, bhw, e, n, iters, &mut lr, &mut res_all);
+            let r = svd::light_svd_energy_into(
+                &all,
+                n,
+                bhw,
+                all_of(e, n),
+                iters,
+                &mut lr,
+                &mut res_all,
+            );
             (clamp_rank(r, n), clamp_rank(r, n) == lr.r)
         }
         RankPolicy::Entropy => (

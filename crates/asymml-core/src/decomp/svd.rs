@@ -122,18 +122,20 @@ fn deflate_impl(y: &mut [f32], alpha: f32, x: &[f32]) -> f64 {
     dot_impl(y, y)
 }
 
+/// The portable loops compiled with AVX2. Safe functions with a target feature: calling one is unsafe unless
+/// the caller has checked the CPU for AVX2 (`super::avx2()`); their bodies assume nothing else.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f64 {
+    pub(super) fn dot(a: &[f32], b: &[f32]) -> f64 {
         super::dot_impl(a, b)
     }
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
+    pub(super) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
         super::axpy_impl(y, alpha, x)
     }
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn deflate(y: &mut [f32], alpha: f32, x: &[f32]) -> f64 {
+    pub(super) fn deflate(y: &mut [f32], alpha: f32, x: &[f32]) -> f64 {
         super::deflate_impl(y, alpha, x)
     }
 }
@@ -155,7 +157,7 @@ fn avx2() -> bool {
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f64 {
     #[cfg(target_arch = "x86_64")]
     if avx2() {
-        // SAFETY: the CPU has AVX2 (checked at run time); the kernel is the portable loop.
+        // SAFETY: `avx2::dot` needs only the AVX2 feature, which `avx2()` just detected on this CPU.
         return unsafe { avx2::dot(a, b) };
     }
     dot_impl(a, b)
@@ -170,7 +172,7 @@ pub(crate) fn sumsq(a: &[f32]) -> f64 {
 fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     if avx2() {
-        // SAFETY: as in `dot`.
+        // SAFETY: `avx2::axpy` needs only the AVX2 feature, which `avx2()` just detected on this CPU.
         return unsafe { avx2::axpy(y, alpha, x) };
     }
     axpy_impl(y, alpha, x)
@@ -180,7 +182,7 @@ fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
 fn deflate(y: &mut [f32], alpha: f32, x: &[f32]) -> f64 {
     #[cfg(target_arch = "x86_64")]
     if avx2() {
-        // SAFETY: as in `dot`.
+        // SAFETY: `avx2::deflate` needs only the AVX2 feature, which `avx2()` just detected on this CPU.
         return unsafe { avx2::deflate(y, alpha, x) };
     }
     deflate_impl(y, alpha, x)
@@ -236,33 +238,43 @@ pub(crate) fn light_svd_into(
 /// This is the lightweight SVD's energy, not the exact spectrum's: by Ky Fan's theorem a rank-r projection
 /// keeps at most the exact top-r energy, so the r found here is ≥ the exact `rank_for_energy`; in
 /// tests/decomp.rs (spectra 0.7^i and 0.9^i, E = 0.5…0.97) it is larger by at most one, with 1 or 2 rounds.
-#[allow(clippy::too_many_arguments)]
 pub fn light_svd_energy(
     x: &[f32],
     n: usize,
     hw: usize,
-    e: f64,
-    max_r: usize,
+    stop: EnergyStop,
     iters: usize,
     out: &mut LowRank,
     residual: &mut Vec<f32>,
 ) -> usize {
     residual.resize(x.len(), 0.0);
-    light_svd_energy_into(x, n, hw, e, max_r, iters, out, residual)
+    light_svd_energy_into(x, n, hw, stop, iters, out, residual)
+}
+
+/// When [`light_svd_energy`] stops: once the kept energy reaches `fraction` of ‖X‖², or at `max_rank`
+/// components.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EnergyStop {
+    /// The fraction of ‖X‖² to keep, in (0, 1].
+    pub fraction: f64,
+    /// The most components to extract (clamped to [1, N]).
+    pub max_rank: usize,
 }
 
 /// [`light_svd_energy`] into a residual slice of N·HW values.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn light_svd_energy_into(
     x: &[f32],
     n: usize,
     hw: usize,
-    e: f64,
-    max_r: usize,
+    stop: EnergyStop,
     iters: usize,
     out: &mut LowRank,
     residual: &mut [f32],
 ) -> usize {
+    let EnergyStop {
+        fraction: e,
+        max_rank: max_r,
+    } = stop;
     start(x, n, hw, out, residual);
     let total: f64 = out.norms.iter().sum();
     let stop = total - e * total;

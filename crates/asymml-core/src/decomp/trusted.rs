@@ -9,7 +9,7 @@
 use super::BatchLowRank;
 use crate::error::{CoreError, Result};
 use crate::gemm::{sgemm, Mat};
-use crate::layers::{out_size, winograd};
+use crate::layers::{out_size, winograd, Conv2d};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 
@@ -107,6 +107,11 @@ struct Geo {
 }
 
 impl Geo {
+    /// The geometry of `conv` (weight shape, stride, padding) over the decomposed input `lr`.
+    fn of(conv: &Conv2d, lr: &BatchLowRank) -> Result<Geo> {
+        Geo::check(&conv.weight.value.shape, conv.stride, conv.pad, lr)
+    }
+
     fn check(w_shape: &[usize], stride: usize, pad: usize, lr: &BatchLowRank) -> Result<Geo> {
         let &[m, n, k, k2] = w_shape else {
             return Err(CoreError::Shape(format!(
@@ -260,36 +265,26 @@ impl TrustedConv {
 
     /// Floating-point operations of [`TrustedConv::forward`] (and of [`TrustedConv::weight_grad`], the same)
     /// for these shapes, on the route it takes.
-    pub fn flops(w_shape: &[usize], stride: usize, pad: usize, lr: &BatchLowRank) -> Result<f64> {
-        Ok(Geo::check(w_shape, stride, pad, lr)?.flops())
+    pub fn flops(conv: &Conv2d, lr: &BatchLowRank) -> Result<f64> {
+        Ok(Geo::of(conv, lr)?.flops())
     }
 
     /// Floating-point operations of [`TrustedConv::forward`] on the route it takes (see `flops`; the same
     /// except where the forward pass convolves X_T by Winograd).
-    pub fn forward_flops(
-        w_shape: &[usize],
-        stride: usize,
-        pad: usize,
-        lr: &BatchLowRank,
-    ) -> Result<f64> {
-        Ok(Geo::check(w_shape, stride, pad, lr)?.forward_flops())
+    pub fn forward_flops(conv: &Conv2d, lr: &BatchLowRank) -> Result<f64> {
+        Ok(Geo::of(conv, lr)?.forward_flops())
     }
 
-    /// w: [M, N, k, k], lr: B × (U_b [N × r], V_b [r × H·W]) → y_t: [B, M, OH, OW] = conv(U_b V_b, W) per
-    /// sample (cross-correlation with `stride` and zero `pad`), without bias: the caller adds it once to
-    /// Y_T + Y_U. Cost per sample: M·k²·min(r·(N + P), N·P) (+ N·r·H·W on the direct route), P = OH·OW.
-    pub fn forward(
-        &mut self,
-        w: &Tensor,
-        stride: usize,
-        pad: usize,
-        lr: &BatchLowRank,
-        y_t: &mut Tensor,
-    ) -> Result<()> {
+    /// conv's W: [M, N, k, k], lr: B × (U_b [N × r], V_b [r × H·W]) → y_t: [B, M, OH, OW] = conv(U_b V_b, W)
+    /// per sample (cross-correlation with the conv's stride and zero padding), without bias: the caller adds
+    /// it once to Y_T + Y_U. Cost per sample: M·k²·min(r·(N + P), N·P) (+ N·r·H·W on the direct route),
+    /// P = OH·OW.
+    pub fn forward(&mut self, conv: &Conv2d, lr: &BatchLowRank, y_t: &mut Tensor) -> Result<()> {
+        let w = &conv.weight.value;
         if w.len() != w.shape.iter().product::<usize>() {
             return Err(CoreError::Shape("trusted conv: weight data/shape".into()));
         }
-        let g = Geo::check(&w.shape, stride, pad, lr)?;
+        let g = Geo::of(conv, lr)?;
         let (m, n, r, kk, p) = (g.m, g.n, g.r, g.k * g.k, g.oh * g.ow);
         y_t.resize(&[g.b, m, g.oh, g.ow]);
         if g.b == 0 || m == 0 {
@@ -301,13 +296,16 @@ impl TrustedConv {
             lr.reconstruct(&mut self.xt_all);
             winograd::transform_weights(&w.data, m, n, false, &mut self.wino_u);
             let threads = rayon::current_num_threads();
+            let shape = winograd::Group {
+                g: g.b,
+                c: n,
+                h: g.h,
+                w: g.w,
+                m,
+            };
             winograd::conv(
                 &self.xt_all.data,
-                g.b,
-                n,
-                g.h,
-                g.w,
-                m,
+                shape,
                 &self.wino_u,
                 &mut y_t.data,
                 None,
@@ -429,20 +427,18 @@ impl TrustedConv {
         Ok(())
     }
 
-    /// w_shape: [M, N, k, k], lr as in `forward`, dy: [B, M, OH, OW] → dw_t: [M, N, k, k] (overwritten) =
-    /// ∇W_T = Σ_b Σ_j' U_b[:, j'] ⊗ corr(V_b[j'], ∇Y_b): the weight gradient of conv(V_b, W'_b) w.r.t. W'_b,
-    /// mapped back through U_b. Same cost as `forward`.
-    #[allow(clippy::too_many_arguments)]
+    /// conv's W: [M, N, k, k] (only its shape is read), lr as in `forward`, dy: [B, M, OH, OW] → dw_t:
+    /// [M, N, k, k] (overwritten) = ∇W_T = Σ_b Σ_j' U_b[:, j'] ⊗ corr(V_b[j'], ∇Y_b): the weight gradient of
+    /// conv(V_b, W'_b) w.r.t. W'_b, mapped back through U_b. Same cost as `forward`.
     pub fn weight_grad(
         &mut self,
-        w_shape: &[usize],
-        stride: usize,
-        pad: usize,
+        conv: &Conv2d,
         lr: &BatchLowRank,
         dy: &Tensor,
         dw_t: &mut Tensor,
     ) -> Result<()> {
-        let g = Geo::check(w_shape, stride, pad, lr)?;
+        let w_shape = &conv.weight.value.shape[..];
+        let g = Geo::of(conv, lr)?;
         let (m, n, r, kk, p) = (g.m, g.n, g.r, g.k * g.k, g.oh * g.ow);
         let want = [g.b, m, g.oh, g.ow];
         if dy.shape != want || dy.len() != want.iter().product::<usize>() {

@@ -124,7 +124,6 @@ fn plane_dx(dxp: &mut [f32], xp: &[f32], gp: &[f32], a: f32, b: f32, relu: bool,
 /// Per channel (Σ dy, Σ dy·x̂) with x̂ = (x − mean)·invstd, summed per plane in f32 and across planes in f64.
 /// With `relu` (BN+ReLU fused; scale, shift: the forward's per-channel affine map), dy is first masked by
 /// [x·scale + shift > 0].
-#[allow(clippy::too_many_arguments)]
 fn grad_sums(
     x: &[f32],
     dy: &[f32],

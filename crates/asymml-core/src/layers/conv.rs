@@ -47,17 +47,39 @@ pub struct Conv2d {
     wino_u: Vec<f32>,
 }
 
+/// Stride, zero padding and bias of a [`Conv2d`]; the default is PyTorch's: stride 1, no padding, a bias.
+///
+/// Named fields keep stride and padding from being swapped at a call site:
+/// `Conv2dConfig { padding: 1, bias: false, ..Default::default() }`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dConfig {
+    /// Step between output pixels, in both directions.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+    /// Whether the conv has a bias (initialised to zero).
+    pub bias: bool,
+}
+
+impl Default for Conv2dConfig {
+    fn default() -> Self {
+        Conv2dConfig {
+            stride: 1,
+            padding: 0,
+            bias: true,
+        }
+    }
+}
+
 impl Conv2d {
-    /// A conv with Kaiming-normal weights (fan-out, ReLU gain, as torchvision) and zero bias.
-    pub fn new(
-        in_ch: usize,
-        out_ch: usize,
-        k: usize,
-        stride: usize,
-        pad: usize,
-        bias: bool,
-        rng: &mut Rng,
-    ) -> Self {
+    /// A `k`×`k` conv from `in_ch` to `out_ch` channels with Kaiming-normal weights (fan-out, ReLU gain, as
+    /// torchvision) and zero bias.
+    pub fn new(in_ch: usize, out_ch: usize, k: usize, cfg: Conv2dConfig, rng: &mut Rng) -> Self {
+        let Conv2dConfig {
+            stride,
+            padding: pad,
+            bias,
+        } = cfg;
         let fan_out = (out_ch * k * k) as f32;
         let std = (2.0 / fan_out).sqrt();
         let n = out_ch * in_ch * k * k;
@@ -185,19 +207,14 @@ impl Conv2d {
                         .zip(xc.chunks(plan.group * xlen))
                     {
                         let g = xg.len() / xlen;
-                        winograd::conv(
-                            xg,
+                        let shape = winograd::Group {
                             g,
-                            geo.c,
-                            geo.h,
-                            geo.w,
+                            c: geo.c,
+                            h: geo.h,
+                            w: geo.w,
                             m,
-                            u,
-                            yg,
-                            bias,
-                            &mut sc.wk,
-                            plan.gemm_threads,
-                        );
+                        };
+                        winograd::conv(xg, shape, u, yg, bias, &mut sc.wk, plan.gemm_threads);
                     }
                 });
             return Ok(());
@@ -455,10 +472,17 @@ impl Conv2d {
                     .zip(dyc.chunks(plan.group * ylen));
                 for (gi, (xg, dyg)) in groups.enumerate() {
                     let g = xg.len() / xlen;
-                    winograd::grad_weights(xg, dyg, g, c, h, w, m, &mut sc.wk, gi > 0, gt);
+                    let shape = winograd::Group { g, c, h, w, m };
+                    winograd::grad_weights(xg, dyg, shape, &mut sc.wk, gi > 0, gt);
                     if want_dx {
+                        // ∇X: the transposed conv, from M channels back to C.
                         let dxg = &mut dxc[gi * plan.group * xlen..][..g * xlen];
-                        winograd::conv(dyg, g, m, h, w, c, ut, dxg, None, &mut sc.wk, gt);
+                        let back = winograd::Group {
+                            c: m,
+                            m: c,
+                            ..shape
+                        };
+                        winograd::conv(dyg, back, ut, dxg, None, &mut sc.wk, gt);
                     }
                 }
             });
@@ -647,7 +671,17 @@ mod tests {
                     .build()
                     .unwrap();
                 pool.install(|| {
-                    let mut conv = Conv2d::new(c, m, k, s, p, true, &mut rng);
+                    let mut conv = Conv2d::new(
+                        c,
+                        m,
+                        k,
+                        Conv2dConfig {
+                            stride: s,
+                            padding: p,
+                            bias: true,
+                        },
+                        &mut rng,
+                    );
                     for v in conv.bias.as_mut().unwrap().value.data.iter_mut() {
                         *v = rng.normal();
                     }

@@ -16,15 +16,18 @@ macro_rules! simd_fn {
             fn imp($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             {
+                /// The body compiled with AVX2 and FMA: a safe function that only a caller that has checked
+                /// the CPU for both features may call (calling it is the one unsafe operation).
                 #[target_feature(enable = "avx2,fma")]
                 #[allow(clippy::too_many_arguments)]
-                unsafe fn avx2($($arg: $ty),*) {
+                fn avx2($($arg: $ty),*) {
                     imp($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
                 {
-                    // SAFETY: the CPU supports the features `avx2` is compiled for.
+                    // SAFETY: `avx2` is compiled for exactly the features `avx2` and `fma`, both detected on
+                    // this CPU just above; its body is the safe `imp`, so nothing else is assumed.
                     return unsafe { avx2($($arg),*) };
                 }
             }
@@ -44,7 +47,7 @@ pub(crate) mod winograd;
 
 pub use activation::Relu;
 pub use batchnorm::BatchNorm2d;
-pub use conv::Conv2d;
+pub use conv::{Conv2d, Conv2dConfig};
 pub use dropout::Dropout;
 pub use linear::Linear;
 pub use loss::SoftmaxCrossEntropy;

@@ -38,7 +38,7 @@ fn max_general(
         for ox in 0..ow {
             let mut best = f32::NEG_INFINITY;
             let mut arg = NONE;
-            for_window(oy, ox, k, s, p, h, w, |idx| {
+            for_window((oy, ox), (k, s, p), (h, w), |idx| {
                 let v = xp[idx];
                 if v > best || v.is_nan() {
                     best = v;
@@ -187,7 +187,7 @@ impl AvgPool2d {
                 for oy in 0..oh {
                     for ox in 0..ow {
                         let mut sum = 0.0;
-                        for_window(oy, ox, k, s, p, h, w, |idx| sum += xp[idx]);
+                        for_window((oy, ox), (k, s, p), (h, w), |idx| sum += xp[idx]);
                         yp[oy * ow + ox] = sum * inv;
                     }
                 }
@@ -210,7 +210,7 @@ impl AvgPool2d {
                 for oy in 0..oh {
                     for ox in 0..ow {
                         let g = dyp[oy * ow + ox] * inv;
-                        for_window(oy, ox, k, s, p, h, w, |idx| dxp[idx] += g);
+                        for_window((oy, ox), (k, s, p), (h, w), |idx| dxp[idx] += g);
                     }
                 }
             });
@@ -218,16 +218,11 @@ impl AvgPool2d {
 }
 
 /// Calls `f(index)` for each in-image input position of the window of output (oy, ox).
-#[allow(clippy::too_many_arguments)]
 #[inline]
 fn for_window(
-    oy: usize,
-    ox: usize,
-    k: usize,
-    s: usize,
-    p: isize,
-    h: usize,
-    w: usize,
+    (oy, ox): (usize, usize),
+    (k, s, p): (usize, usize, isize),
+    (h, w): (usize, usize),
     mut f: impl FnMut(usize),
 ) {
     for ki in 0..k {

@@ -268,22 +268,29 @@ fn output_transform(
 }
 }
 
+/// The shape of a group of images through a 3×3 stride-1 pad-1 conv: `g` images of C channels, H×W, to M
+/// channels (the same H×W).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub g: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub m: usize,
+}
+
 /// A group of `g` images x: [g, C, H, W] → y: [g, M, H, W] = conv3×3(x, w, pad 1) (+ bias), with
 /// u: [M, 16, C] from [`transform_weights`]. `threads` is passed to the GEMMs.
-#[allow(clippy::too_many_arguments)]
 pub fn conv(
     x: &[f32],
-    g: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    m: usize,
+    shape: Group,
     u: &[f32],
     y: &mut [f32],
     bias: Option<&[f32]>,
     wk: &mut Work,
     threads: usize,
 ) {
+    let Group { g, c, h, w, m } = shape;
     let (th, tw) = tiles(h, w);
     let tp = th * tw;
     let n = g * tp;
@@ -390,19 +397,15 @@ fn grad_transform(
 /// A group of `g` images x: [g, C, H, W] and their output gradients dy: [g, M, H, W] → wk.du: [16, M, C]
 /// (+)= Σ_tiles (A ∇y Aᵀ) ⊙ (Bᵀ d B), the weight gradient in the transform domain (see [`finish_grad`]);
 /// `accumulate` adds to wk.du, otherwise overwrites it.
-#[allow(clippy::too_many_arguments)]
 pub fn grad_weights(
     x: &[f32],
     dy: &[f32],
-    g: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    m: usize,
+    shape: Group,
     wk: &mut Work,
     accumulate: bool,
     threads: usize,
 ) {
+    let Group { g, c, h, w, m } = shape;
     let (th, tw) = tiles(h, w);
     let tp = th * tw;
     let n = g * tp;
@@ -557,7 +560,15 @@ mod tests {
             transform_weights(&wt, m, c, false, &mut u);
             let mut wk = Work::default();
             let mut y = vec![f32::NAN; g * m * h * w];
-            conv(&x, g, c, h, w, m, &u, &mut y, Some(&bias), &mut wk, 1);
+            conv(
+                &x,
+                Group { g, c, h, w, m },
+                &u,
+                &mut y,
+                Some(&bias),
+                &mut wk,
+                1,
+            );
             let mut want = direct(&x, g, c, h, w, m, &wt);
             for (j, v) in want.iter_mut().enumerate() {
                 *v += bias[(j / (h * w)) % m] as f64;
@@ -577,7 +588,14 @@ mod tests {
             }
             transform_weights(&wt, m, c, true, &mut u);
             let mut dx = vec![f32::NAN; g * c * h * w];
-            conv(&dy, g, m, h, w, c, &u, &mut dx, None, &mut wk, 2);
+            let transposed = Group {
+                g,
+                c: m,
+                h,
+                w,
+                m: c,
+            };
+            conv(&dy, transposed, &u, &mut dx, None, &mut wk, 2);
             let want = direct(&dy, g, m, h, w, c, &wf);
             let e = rel_err(&dx, &want);
             assert!(e < 1e-6, "transposed g{g} c{c} m{m} {h}×{w}: rel err {e}");
@@ -608,33 +626,22 @@ mod tests {
             let half = g / 2;
             let (xl, yl) = (c * h * w, m * h * w);
             let mut wk2 = Work::default();
-            grad_weights(&x, &dy, half, c, h, w, m, &mut wk, false, 1);
-            grad_weights(
-                &x[half * xl..],
-                &dy[half * yl..],
-                g - half,
+            let first = Group {
+                g: half,
                 c,
                 h,
                 w,
                 m,
-                &mut wk2,
-                false,
-                1,
-            );
+            };
+            let rest = Group {
+                g: g - half,
+                ..first
+            };
+            grad_weights(&x, &dy, first, &mut wk, false, 1);
+            grad_weights(&x[half * xl..], &dy[half * yl..], rest, &mut wk2, false, 1);
             if half > 0 {
                 // a second group into the same worker's sum
-                grad_weights(
-                    &x[half * xl..],
-                    &dy[half * yl..],
-                    g - half,
-                    c,
-                    h,
-                    w,
-                    m,
-                    &mut wk,
-                    true,
-                    2,
-                );
+                grad_weights(&x[half * xl..], &dy[half * yl..], rest, &mut wk, true, 2);
                 wk.du.iter_mut().zip(&wk2.du).for_each(|(a, b)| *a -= b);
             }
             let mut dw = vec![1.0f32; m * c * 9];

@@ -9,6 +9,8 @@ mod resnet;
 mod spec;
 mod vgg;
 
-pub use net::{ConvExec, Layer, LocalExec, Net, Node, ParamVisitor, StateMut, StateRef};
+pub use net::{
+    ConvExec, Layer, LocalExec, Net, Node, ParamVisitor, StateMut, StateRef, StateVisitor,
+};
 pub use resnet::BasicBlock;
 pub use spec::{Arch, ModelSpec, Style};

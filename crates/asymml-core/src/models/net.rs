@@ -21,6 +21,20 @@ pub trait ConvExec {
         y: &mut Tensor,
         train: bool,
     ) -> Result<()>;
+    /// As [`ConvExec::conv_forward`], for a conv that reads the very input that conv `same_input_as` read in
+    /// the call just before (a ResNet block's downsample shortcut reads the block's input, as its conv1 does):
+    /// the executor may reuse the work it did on that input. The default ignores the hint.
+    fn conv_forward_same_input(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        train: bool,
+        same_input_as: usize,
+    ) -> Result<()> {
+        let _ = same_input_as;
+        self.conv_forward(conv, x, y, train)
+    }
     /// x: [B, C, H, W], dy: [B, M, OH, OW] → dx (if asked); accumulates the conv's ∇W (and ∇b).
     fn conv_backward(
         &mut self,
@@ -145,37 +159,49 @@ pub struct NodeTime {
 }
 
 /// Calls `f` with the (name, tensor) state entries of a conv.
-pub(crate) fn conv_state(prefix: &str, c: &mut Conv2d, f: &mut dyn FnMut(String, StateMut)) {
+/// A fallible visitor of state-dict entries (see [`Net::try_visit_state`]).
+pub type StateVisitor<'a, E> = dyn FnMut(String, StateMut) -> std::result::Result<(), E> + 'a;
+
+pub(crate) fn conv_state<E>(
+    prefix: &str,
+    c: &mut Conv2d,
+    f: &mut StateVisitor<'_, E>,
+) -> std::result::Result<(), E> {
     f(
         format!("{prefix}.weight"),
         StateMut::Tensor(&mut c.weight.value),
-    );
+    )?;
     if let Some(b) = c.bias.as_mut() {
-        f(format!("{prefix}.bias"), StateMut::Tensor(&mut b.value));
+        f(format!("{prefix}.bias"), StateMut::Tensor(&mut b.value))?;
     }
+    Ok(())
 }
 
-pub(crate) fn bn_state(prefix: &str, b: &mut BatchNorm2d, f: &mut dyn FnMut(String, StateMut)) {
+pub(crate) fn bn_state<E>(
+    prefix: &str,
+    b: &mut BatchNorm2d,
+    f: &mut StateVisitor<'_, E>,
+) -> std::result::Result<(), E> {
     f(
         format!("{prefix}.weight"),
         StateMut::Tensor(&mut b.weight.value),
-    );
+    )?;
     f(
         format!("{prefix}.bias"),
         StateMut::Tensor(&mut b.bias.value),
-    );
+    )?;
     f(
         format!("{prefix}.running_mean"),
         StateMut::Tensor(&mut b.running_mean),
-    );
+    )?;
     f(
         format!("{prefix}.running_var"),
         StateMut::Tensor(&mut b.running_var),
-    );
+    )?;
     f(
         format!("{prefix}.num_batches_tracked"),
         StateMut::Counter(&mut b.num_batches_tracked),
-    );
+    )
 }
 
 /// A parameter visitor: (name, parameter, belongs to a convolution).
@@ -249,6 +275,19 @@ impl Net {
         }
     }
 
+    /// Every conv, in execution order (as [`Net::visit_convs`]), for loops that may stop at an error.
+    pub fn convs_mut(&mut self) -> Vec<&mut Conv2d> {
+        let mut out = Vec::new();
+        for node in &mut self.nodes {
+            match &mut node.layer {
+                Layer::Conv(c) => out.push(c),
+                Layer::Block(b) => out.extend(b.convs_mut()),
+                _ => {}
+            }
+        }
+        out
+    }
+
     /// Calls `f` on every trainable parameter, in the fixed order optimizers rely on (torchvision order).
     pub fn visit_params(&mut self, f: &mut dyn FnMut(&str, &mut Param)) {
         self.visit_params_tagged(&mut |n, p, _| f(n, p));
@@ -273,19 +312,32 @@ impl Net {
 
     /// Calls `f` on every state-dict entry (parameters and buffers) in torchvision's order.
     pub fn visit_state(&mut self, f: &mut dyn FnMut(String, StateMut)) {
+        let r = self.try_visit_state::<std::convert::Infallible>(&mut |name, s| {
+            f(name, s);
+            Ok(())
+        });
+        let Ok(()) = r;
+    }
+
+    /// As [`Net::visit_state`], stopping at the first error `f` returns, and returning it.
+    pub fn try_visit_state<E>(
+        &mut self,
+        f: &mut StateVisitor<'_, E>,
+    ) -> std::result::Result<(), E> {
         for node in &mut self.nodes {
             let n = &node.name;
             match &mut node.layer {
-                Layer::Conv(c) => conv_state(n, c, f),
-                Layer::BatchNorm(b) => bn_state(n, b, f),
+                Layer::Conv(c) => conv_state(n, c, f)?,
+                Layer::BatchNorm(b) => bn_state(n, b, f)?,
                 Layer::Linear(l) => {
-                    f(format!("{n}.weight"), StateMut::Tensor(&mut l.weight.value));
-                    f(format!("{n}.bias"), StateMut::Tensor(&mut l.bias.value));
+                    f(format!("{n}.weight"), StateMut::Tensor(&mut l.weight.value))?;
+                    f(format!("{n}.bias"), StateMut::Tensor(&mut l.bias.value))?;
                 }
-                Layer::Block(b) => b.visit_state(n, f),
+                Layer::Block(b) => b.try_visit_state(n, f)?,
                 _ => {}
             }
         }
+        Ok(())
     }
 
     /// (name, shape) of every state-dict entry; counters have shape [].

@@ -2,11 +2,11 @@
 //! then ReLU after the add.
 
 use super::net::{
-    bn_params, bn_state, conv_params, conv_state, in_layer, ConvExec, ParamVisitor, StateMut,
+    bn_params, bn_state, conv_params, conv_state, in_layer, ConvExec, ParamVisitor, StateVisitor,
 };
 use crate::error::Result;
 use crate::layers::activation::{add_inplace, add_relu_inplace};
-use crate::layers::{BatchNorm2d, Conv2d, Relu};
+use crate::layers::{BatchNorm2d, Conv2d, Conv2dConfig, Relu};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 
@@ -36,14 +36,44 @@ impl BasicBlock {
     pub fn new(in_ch: usize, out_ch: usize, stride: usize, rng: &mut Rng) -> Self {
         let downsample = (stride != 1 || in_ch != out_ch).then(|| {
             (
-                Conv2d::new(in_ch, out_ch, 1, stride, 0, false, rng),
+                Conv2d::new(
+                    in_ch,
+                    out_ch,
+                    1,
+                    Conv2dConfig {
+                        stride,
+                        padding: 0,
+                        bias: false,
+                    },
+                    rng,
+                ),
                 BatchNorm2d::new(out_ch),
             )
         });
         BasicBlock {
-            conv1: Conv2d::new(in_ch, out_ch, 3, stride, 1, false, rng),
+            conv1: Conv2d::new(
+                in_ch,
+                out_ch,
+                3,
+                Conv2dConfig {
+                    stride,
+                    padding: 1,
+                    bias: false,
+                },
+                rng,
+            ),
             bn1: BatchNorm2d::new(out_ch).with_relu(true),
-            conv2: Conv2d::new(out_ch, out_ch, 3, 1, 1, false, rng),
+            conv2: Conv2d::new(
+                out_ch,
+                out_ch,
+                3,
+                Conv2dConfig {
+                    stride: 1,
+                    padding: 1,
+                    bias: false,
+                },
+                rng,
+            ),
             bn2: BatchNorm2d::new(out_ch),
             downsample,
             relu: Relu,
@@ -68,6 +98,16 @@ impl BasicBlock {
         f(&format!("{prefix}.conv2"), &mut self.conv2);
     }
 
+    /// The block's convs in execution order (as [`BasicBlock::visit_convs`]).
+    pub fn convs_mut(&mut self) -> Vec<&mut Conv2d> {
+        let mut out = vec![&mut self.conv1];
+        if let Some((c, _)) = self.downsample.as_mut() {
+            out.push(c);
+        }
+        out.push(&mut self.conv2);
+        out
+    }
+
     pub fn visit_params(&mut self, prefix: &str, f: &mut ParamVisitor) {
         conv_params(&format!("{prefix}.conv1"), &mut self.conv1, f);
         bn_params(&format!("{prefix}.bn1"), &mut self.bn1, f);
@@ -79,15 +119,21 @@ impl BasicBlock {
         }
     }
 
-    pub fn visit_state(&mut self, prefix: &str, f: &mut dyn FnMut(String, StateMut)) {
-        conv_state(&format!("{prefix}.conv1"), &mut self.conv1, f);
-        bn_state(&format!("{prefix}.bn1"), &mut self.bn1, f);
-        conv_state(&format!("{prefix}.conv2"), &mut self.conv2, f);
-        bn_state(&format!("{prefix}.bn2"), &mut self.bn2, f);
+    /// The block's state-dict entries in torchvision's order, stopping at the first error of `f`.
+    pub fn try_visit_state<E>(
+        &mut self,
+        prefix: &str,
+        f: &mut StateVisitor<'_, E>,
+    ) -> std::result::Result<(), E> {
+        conv_state(&format!("{prefix}.conv1"), &mut self.conv1, f)?;
+        bn_state(&format!("{prefix}.bn1"), &mut self.bn1, f)?;
+        conv_state(&format!("{prefix}.conv2"), &mut self.conv2, f)?;
+        bn_state(&format!("{prefix}.bn2"), &mut self.bn2, f)?;
         if let Some((c, b)) = self.downsample.as_mut() {
-            conv_state(&format!("{prefix}.downsample.0"), c, f);
-            bn_state(&format!("{prefix}.downsample.1"), b, f);
+            conv_state(&format!("{prefix}.downsample.0"), c, f)?;
+            bn_state(&format!("{prefix}.downsample.1"), b, f)?;
         }
+        Ok(())
     }
 
     /// x: [B, C, H, W] → out: [B, M, H/s, W/s]; out = relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)).
@@ -101,7 +147,8 @@ impl BasicBlock {
         exec.conv_forward(&mut self.conv1, x, &mut self.t1, train)
             .map_err(|e| in_layer("conv1", e))?;
         if let Some((c, b)) = self.downsample.as_mut() {
-            exec.conv_forward(c, x, &mut self.s1, train)
+            // The shortcut reads the block input, as conv1 just did: the split runtime reuses its decomposition.
+            exec.conv_forward_same_input(c, x, &mut self.s1, train, self.conv1.id)
                 .map_err(|e| in_layer("downsample.0", e))?;
             b.forward(&self.s1, &mut self.s2, train)?;
         }

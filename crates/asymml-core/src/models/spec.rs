@@ -4,7 +4,7 @@ use super::net::{Layer, Net, Node};
 use super::resnet::BasicBlock;
 use super::vgg;
 use crate::error::{CoreError, Result};
-use crate::layers::{AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Linear, MaxPool2d};
+use crate::layers::{AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Conv2dConfig, Linear, MaxPool2d};
 use crate::rng::Rng;
 use serde::{Deserialize, Serialize};
 
@@ -170,7 +170,17 @@ impl ModelSpec {
             Style::Cifar => {
                 nodes.push(node(
                     "conv1",
-                    Layer::Conv(Conv2d::new(self.in_ch, w, 3, 1, 1, false, rng)),
+                    Layer::Conv(Conv2d::new(
+                        self.in_ch,
+                        w,
+                        3,
+                        Conv2dConfig {
+                            stride: 1,
+                            padding: 1,
+                            bias: false,
+                        },
+                        rng,
+                    )),
                 ));
                 // bn1 with the stem's ReLU fused
                 let bn1 = BatchNorm2d::new(w).with_relu(true);
@@ -179,7 +189,17 @@ impl ModelSpec {
             Style::ImageNet => {
                 nodes.push(node(
                     "conv1",
-                    Layer::Conv(Conv2d::new(self.in_ch, w, 7, 2, 3, false, rng)),
+                    Layer::Conv(Conv2d::new(
+                        self.in_ch,
+                        w,
+                        7,
+                        Conv2dConfig {
+                            stride: 2,
+                            padding: 3,
+                            bias: false,
+                        },
+                        rng,
+                    )),
                 ));
                 nodes.push(node("bn1", Layer::BatchNorm(BatchNorm2d::new(w))));
                 nodes.push(node(

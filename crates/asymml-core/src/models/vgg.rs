@@ -2,7 +2,9 @@
 
 use super::net::{Layer, Node};
 use super::spec::Style;
-use crate::layers::{AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Dropout, Linear, MaxPool2d, Relu};
+use crate::layers::{
+    AdaptiveAvgPool2d, BatchNorm2d, Conv2d, Conv2dConfig, Dropout, Linear, MaxPool2d, Relu,
+};
 use crate::rng::Rng;
 
 /// torchvision's VGG configurations: channel counts, 0 for a 2×2 max pool.
@@ -48,7 +50,17 @@ pub fn features(cfg: &[usize], in_ch: usize, width: usize, rng: &mut Rng) -> (Ve
             let out = (v * width / 64).max(1);
             nodes.push(Node {
                 name: format!("features.{idx}"),
-                layer: Layer::Conv(Conv2d::new(c, out, 3, 1, 1, true, rng)),
+                layer: Layer::Conv(Conv2d::new(
+                    c,
+                    out,
+                    3,
+                    Conv2dConfig {
+                        stride: 1,
+                        padding: 1,
+                        bias: true,
+                    },
+                    rng,
+                )),
             });
             // features.{idx + 2}, the ReLU, is fused into the BN (or, before a pool, into the pool)
             let before_pool = cfg.get(ci + 1) == Some(&0);

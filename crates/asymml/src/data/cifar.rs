@@ -21,7 +21,7 @@ const CLASSES: [&str; 10] = [
 
 /// Loads `(train, test)` from `data_batch_1.bin` … `data_batch_5.bin` (those that exist, at least one) and
 /// `test_batch.bin`, in `dir` or in its `cifar-10-batches-bin/` sub-folder.
-pub fn load_cifar10(dir: &Path) -> Result<(Dataset, Dataset)> {
+pub(crate) fn load_cifar10(dir: &Path) -> Result<(Dataset, Dataset)> {
     require_dir(dir, "CIFAR-10 folder")?;
     let sub = dir.join("cifar-10-batches-bin");
     let dir = if sub.is_dir() { sub } else { dir.to_path_buf() };

@@ -7,33 +7,33 @@ use rayon::prelude::*;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dataset {
     /// `n * c * h * w` bytes, image after image, each channel plane after plane.
-    pub images: Vec<u8>,
-    pub n: usize,
-    pub c: usize,
-    pub h: usize,
-    pub w: usize,
+    pub(crate) images: Vec<u8>,
+    pub(crate) n: usize,
+    pub(crate) c: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
     /// One label per image, each below `num_classes`.
-    pub labels: Vec<u32>,
-    pub num_classes: usize,
+    pub(crate) labels: Vec<u32>,
+    pub(crate) num_classes: usize,
     /// `num_classes` names, in label order.
-    pub class_names: Vec<String>,
+    pub(crate) class_names: Vec<String>,
     /// Per-channel normalisation constants in 0..1 units: a pixel `x` becomes `(x / 255 - mean) / std`.
-    pub mean: Vec<f32>,
-    pub std: Vec<f32>,
+    pub(crate) mean: Vec<f32>,
+    pub(crate) std: Vec<f32>,
 }
 
 /// Training-time augmentation, as torchvision's `RandomCrop(size, padding=pad)` followed by
 /// `RandomHorizontalFlip(p=0.5)` when `hflip` is set.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Augment {
+pub(crate) struct Augment {
     /// Zero padding on each side before a random crop of the original size (0: no crop).
-    pub pad: usize,
+    pub(crate) pad: usize,
     /// Mirror left-right with probability 0.5.
-    pub hflip: bool,
+    pub(crate) hflip: bool,
 }
 
 /// A seeded random permutation of `0..n`, the order of one epoch.
-pub fn epoch_order(n: usize, rng: &mut Rng) -> Vec<usize> {
+pub(crate) fn epoch_order(n: usize, rng: &mut Rng) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     rng.shuffle(&mut order);
     order
@@ -43,7 +43,7 @@ pub fn epoch_order(n: usize, rng: &mut Rng) -> Vec<usize> {
 ///
 /// # Panics
 /// If `out.len() != img.len()`, or `img.len()` is not a multiple of `mean.len()`.
-pub fn normalize_into(img: &[u8], mean: &[f32], std: &[f32], out: &mut [f32]) {
+pub(crate) fn normalize_into(img: &[u8], mean: &[f32], std: &[f32], out: &mut [f32]) {
     assert_eq!(out.len(), img.len(), "normalize_into: output length");
     assert_eq!(img.len() % mean.len(), 0, "normalize_into: channel count");
     let plane = img.len() / mean.len();
@@ -83,7 +83,7 @@ impl Dataset {
     }
 
     /// Bytes (and `f32` values in a batch) per image: `c * h * w`.
-    pub fn image_len(&self) -> usize {
+    pub(crate) fn image_len(&self) -> usize {
         self.c * self.h * self.w
     }
 
@@ -94,7 +94,7 @@ impl Dataset {
     }
 
     /// A new dataset holding the images at `indices`, in that order.
-    pub fn select(&self, indices: &[usize]) -> Dataset {
+    pub(crate) fn select(&self, indices: &[usize]) -> Dataset {
         Dataset {
             images: indices
                 .iter()
@@ -116,7 +116,7 @@ impl Dataset {
     ///
     /// # Panics
     /// If `out.len() != indices.len() * self.image_len()` or an index is out of range.
-    pub fn fill_batch(
+    pub(crate) fn fill_batch(
         &self,
         indices: &[usize],
         aug: Option<&Augment>,
@@ -182,7 +182,7 @@ impl Dataset {
 
     /// A copy with every image bilinearly resized to `size`×`size` (half-pixel centres, as PyTorch's
     /// `interpolate(mode="bilinear", align_corners=False)`), for a model whose input size differs from the data's.
-    pub fn resize_to(&self, size: usize) -> Dataset {
+    pub(crate) fn resize_to(&self, size: usize) -> Dataset {
         if (self.h, self.w) == (size, size) || self.h == 0 || self.w == 0 {
             return self.clone();
         }

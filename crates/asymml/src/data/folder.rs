@@ -31,7 +31,7 @@ const GREY_STD: f32 = 0.25;
 /// when the class has two or more) is held out as test. Class names are the sorted folder names, in label
 /// order; hidden files and folders (names starting with '.') are skipped. Normalisation: ImageNet mean/std for
 /// RGB, 0.5/0.25 for grey.
-pub fn load_folder(
+pub(crate) fn load_folder(
     dir: &Path,
     channels: usize,
     size: usize,
@@ -91,7 +91,7 @@ pub fn load_folder(
 /// Loads one image as CHW `u8`: decoded (format from its content), converted to `channels` (3: RGB, 1: luma),
 /// resized (triangle filter) so the shorter side is `size`, and centre-cropped to `size`×`size` — as
 /// torchvision's `Resize(size)` + `CenterCrop(size)`.
-pub fn load_image(path: &Path, channels: usize, size: usize) -> Result<Vec<u8>> {
+pub(crate) fn load_image(path: &Path, channels: usize, size: usize) -> Result<Vec<u8>> {
     check_shape(channels, size)?;
     let bytes = read_file(path, "image file")?;
     let bad = |msg: String| DataError::Image {
@@ -128,7 +128,7 @@ pub fn load_image(path: &Path, channels: usize, size: usize) -> Result<Vec<u8>> 
 
 /// The images to run inference on: a file is itself; a folder gives its .png/.jpg/.jpeg files (recursively,
 /// sorted), and must hold at least one.
-pub fn list_images(path: &Path) -> Result<Vec<PathBuf>> {
+pub(crate) fn list_images(path: &Path) -> Result<Vec<PathBuf>> {
     if path.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }

@@ -27,7 +27,7 @@ static EMBEDDED_LABELS: &[u8] =
 
 /// Which IDX dataset a folder holds; it decides class names and normalisation constants.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IdxKind {
+pub(crate) enum IdxKind {
     /// Digits "0".."9"; mean 0.1307, std 0.3081.
     Mnist,
     /// Ten clothing classes; mean 0.2860, std 0.3530.
@@ -53,7 +53,7 @@ impl IdxKind {
 /// Loads `(train, test)` from a folder holding `train-images-idx3-ubyte`, `train-labels-idx1-ubyte`,
 /// `t10k-images-idx3-ubyte` and `t10k-labels-idx1-ubyte`, each plain or gzipped (with or without `.gz`; gzip is
 /// recognised by its magic bytes).
-pub fn load_idx_dir(dir: &Path, kind: IdxKind) -> Result<(Dataset, Dataset)> {
+pub(crate) fn load_idx_dir(dir: &Path, kind: IdxKind) -> Result<(Dataset, Dataset)> {
     require_dir(dir, "data folder")?;
     let split = |prefix: &str| -> Result<Dataset> {
         let images = find_idx(

@@ -15,10 +15,12 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-pub use cifar::load_cifar10;
-pub use dataset::{epoch_order, normalize_into, Augment, Dataset};
-pub use folder::{list_images, load_folder, load_image};
-pub use idx::{embedded_fashion_mnist, load_idx_dir, IdxKind};
+pub(crate) use cifar::load_cifar10;
+pub use dataset::Dataset;
+pub(crate) use dataset::{epoch_order, normalize_into, Augment};
+pub(crate) use folder::{list_images, load_folder, load_image};
+pub use idx::embedded_fashion_mnist;
+pub(crate) use idx::{load_idx_dir, IdxKind};
 
 /// Everything that can go wrong while reading a dataset.
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +108,7 @@ impl DatasetKind {
     ];
 
     /// The name used on the command line.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         Self::NAMES
             .iter()
             .find(|(k, _)| *k == self)
@@ -136,7 +138,7 @@ impl FromStr for DatasetKind {
 /// Loads `(train, test)` for `kind`. Fashion-MNIST without `data_dir` is the embedded default (8,000/2,000
 /// images); every other kind needs `data_dir`. `channels_for_folder` (1 or 3), `size_for_folder` and `seed`
 /// (for the held-out split of a folder without `train/`+`test/`) are used only by [`DatasetKind::Folder`].
-pub fn load(
+pub(crate) fn load(
     kind: DatasetKind,
     data_dir: Option<&Path>,
     channels_for_folder: usize,

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Result};
 use asymml_core::gemm::{sgemm, Mat};
-use asymml_core::layers::{Conv2d, Relu};
+use asymml_core::layers::{Conv2d, Conv2dConfig, Relu};
 use asymml_core::optim::{Optimizer, OptimizerKind};
 use asymml_core::rng::Rng;
 use asymml_core::Tensor;
@@ -11,14 +11,14 @@ use nalgebra::{DMatrix, DVector};
 
 /// Normalisation of the images (per channel, 0..1 units), to turn decoder outputs back into pixels.
 #[derive(Clone, Debug)]
-pub struct PixelScale {
+pub(crate) struct PixelScale {
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
 }
 
 impl PixelScale {
     /// One normalised image [c, H, W] → pixels in [0, 1].
-    pub fn to_unit(&self, img: &[f32], c: usize) -> Vec<f32> {
+    pub(crate) fn to_unit(&self, img: &[f32], c: usize) -> Vec<f32> {
         let hw = img.len() / c.max(1);
         img.iter()
             .enumerate()
@@ -30,18 +30,53 @@ impl PixelScale {
     }
 }
 
-/// The upsampling factor from a stream's spatial size to the image's.
-fn factor(stream: &Tensor, img: &Tensor) -> Result<usize> {
-    let (_, _, h, w) = stream.nchw("attack")?;
-    let (_, _, ih, iw) = img.nchw("attack")?;
-    if h == 0 || ih % h != 0 || iw % w != 0 || ih / h != iw / w {
-        bail!("a {h}×{w} stream does not tile a {ih}×{iw} image");
+/// The shape of one image or stream: `c` planes of h × w.
+#[derive(Clone, Copy, Debug)]
+struct Chw {
+    c: usize,
+    h: usize,
+    w: usize,
+}
+
+impl Chw {
+    fn len(self) -> usize {
+        self.c * self.h * self.w
     }
-    Ok(ih / h)
+}
+
+/// A decoder's training pairs: `n` streams of shape `stream` and their images of shape `image`, each image
+/// `fct` times the stream's size.
+struct Layout {
+    n: usize,
+    stream: Chw,
+    image: Chw,
+    fct: usize,
+}
+
+impl Layout {
+    /// The layout of streams s: [n, C, h, w] and images img: [n, c, H, W]; `what` names the decoder in errors.
+    fn of(s: &Tensor, img: &Tensor, what: &str) -> Result<Layout> {
+        let (n, c, h, w) = s.nchw(what)?;
+        let (_, ic, ih, iw) = img.nchw(what)?;
+        if h == 0 || ih % h != 0 || iw % w != 0 || ih / h != iw / w {
+            bail!("a {h}×{w} stream does not tile a {ih}×{iw} image");
+        }
+        Ok(Layout {
+            n,
+            stream: Chw { c, h, w },
+            image: Chw {
+                c: ic,
+                h: ih,
+                w: iw,
+            },
+            fct: ih / h,
+        })
+    }
 }
 
 /// Features of position (i, j): the 3×3 window of every channel (zero outside), into `f` (9·C values).
-fn window(x: &[f32], c: usize, h: usize, w: usize, i: usize, j: usize, f: &mut [f32]) {
+fn window(x: &[f32], shape: Chw, (i, j): (usize, usize), f: &mut [f32]) {
+    let Chw { c, h, w } = shape;
     let mut o = 0;
     for ch in 0..c {
         let plane = &x[ch * h * w..][..h * w];
@@ -59,18 +94,9 @@ fn window(x: &[f32], c: usize, h: usize, w: usize, i: usize, j: usize, f: &mut [
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 /// The target of position (i, j): the f×f block of every image channel (c·f² values).
-fn block(
-    img: &[f32],
-    c: usize,
-    ih: usize,
-    iw: usize,
-    fct: usize,
-    i: usize,
-    j: usize,
-    t: &mut [f32],
-) {
+fn block(img: &[f32], shape: Chw, fct: usize, (i, j): (usize, usize), t: &mut [f32]) {
+    let Chw { c, h: ih, w: iw } = shape;
     let mut o = 0;
     for ch in 0..c {
         for a in 0..fct {
@@ -84,7 +110,7 @@ fn block(
 
 /// A ridge-regression decoder: each f×f image block (all channels) from the 3×3 window of the stream around
 /// the corresponding position; features standardised, λ = 1e-3 on their correlation matrix.
-pub struct Ridge {
+pub(crate) struct Ridge {
     mean_f: Vec<f64>,
     mean_t: Vec<f64>,
     /// D × P, on the raw (centred) features.
@@ -94,18 +120,35 @@ pub struct Ridge {
     fct: usize,
 }
 
-impl Ridge {
-    /// Fits on public streams s: [n, C, h, w] and their images: [n, c, H, W].
-    pub fn fit(s: &Tensor, img: &Tensor, threads: usize) -> Result<Ridge> {
-        let (n, c, h, w) = s.nchw("ridge")?;
-        let (_, ic, ih, iw) = img.nchw("ridge")?;
-        let fct = factor(s, img)?;
-        let (d, p) = (9 * c, ic * fct * fct);
+/// The sums of the ridge system over every stream position: FᵀF (D × D), FᵀT (D × P), ΣF and ΣT, for the
+/// D = 9·C window features F and the P = c·f² block targets T.
+struct Sums {
+    d: usize,
+    p: usize,
+    ff: Vec<f64>,
+    ft: Vec<f64>,
+    f: Vec<f64>,
+    t: Vec<f64>,
+    positions: usize,
+}
+
+impl Sums {
+    /// Accumulates over every position of the streams s and their images img, in chunks of 4096 positions
+    /// (f32 GEMMs, f64 sums).
+    fn accumulate(s: &Tensor, img: &Tensor, lay: &Layout, threads: usize) -> Sums {
+        let (st, im) = (lay.stream, lay.image);
+        let (d, p) = (9 * st.c, im.c * lay.fct * lay.fct);
         let rows_per_chunk = 4096usize;
-        let positions = n * h * w;
-        let mut a = vec![0f64; d * d];
-        let mut bmat = vec![0f64; d * p];
-        let (mut sf, mut st) = (vec![0f64; d], vec![0f64; p]);
+        let positions = lay.n * st.h * st.w;
+        let mut sums = Sums {
+            d,
+            p,
+            ff: vec![0f64; d * d],
+            ft: vec![0f64; d * p],
+            f: vec![0f64; d],
+            t: vec![0f64; p],
+            positions,
+        };
         let (mut fa, mut ta) = (Vec::new(), Vec::new());
         let (mut aa, mut ab) = (vec![0f32; d * d], vec![0f32; d * p]);
         let mut start = 0;
@@ -115,59 +158,51 @@ impl Ridge {
             ta.resize(rows * p, 0.0);
             for r in 0..rows {
                 let pos = start + r;
-                let (b, ij) = (pos / (h * w), pos % (h * w));
-                let (i, j) = (ij / w, ij % w);
+                let (b, ij) = (pos / (st.h * st.w), pos % (st.h * st.w));
+                let at = (ij / st.w, ij % st.w);
                 window(
-                    &s.data[b * c * h * w..][..c * h * w],
-                    c,
-                    h,
-                    w,
-                    i,
-                    j,
+                    &s.data[b * st.len()..][..st.len()],
+                    st,
+                    at,
                     &mut fa[r * d..][..d],
                 );
-                let im = &img.data[b * ic * ih * iw..][..ic * ih * iw];
-                block(im, ic, ih, iw, fct, i, j, &mut ta[r * p..][..p]);
+                let image = &img.data[b * im.len()..][..im.len()];
+                block(image, im, lay.fct, at, &mut ta[r * p..][..p]);
             }
-            sgemm(
-                d,
-                d,
-                rows,
-                Mat::rm_t(&fa, d),
-                Mat::rm(&fa, d),
-                &mut aa,
-                false,
-                threads,
-            );
-            sgemm(
-                d,
-                p,
-                rows,
-                Mat::rm_t(&fa, d),
-                Mat::rm(&ta, p),
-                &mut ab,
-                false,
-                threads,
-            );
-            a.iter_mut().zip(&aa).for_each(|(x, v)| *x += *v as f64);
-            bmat.iter_mut().zip(&ab).for_each(|(x, v)| *x += *v as f64);
+            let ft = Mat::rm_t(&fa, d);
+            sgemm(d, d, rows, ft, Mat::rm(&fa, d), &mut aa, false, threads);
+            sgemm(d, p, rows, ft, Mat::rm(&ta, p), &mut ab, false, threads);
+            sums.ff
+                .iter_mut()
+                .zip(&aa)
+                .for_each(|(x, v)| *x += *v as f64);
+            sums.ft
+                .iter_mut()
+                .zip(&ab)
+                .for_each(|(x, v)| *x += *v as f64);
             for r in 0..rows {
-                sf.iter_mut()
+                sums.f
+                    .iter_mut()
                     .zip(&fa[r * d..][..d])
                     .for_each(|(x, v)| *x += *v as f64);
-                st.iter_mut()
+                sums.t
+                    .iter_mut()
                     .zip(&ta[r * p..][..p])
                     .for_each(|(x, v)| *x += *v as f64);
             }
             start += rows;
         }
-        let m = positions.max(1) as f64;
-        let mean_f: Vec<f64> = sf.iter().map(|v| v / m).collect();
-        let mean_t: Vec<f64> = st.iter().map(|v| v / m).collect();
-        // Covariances, then the correlation-scaled ridge system.
+        sums
+    }
+
+    /// The ridge weights (D × P, on the raw centred features), from the covariances of the standardised
+    /// features; `mean_f`, `mean_t`: the means of the features and targets.
+    fn solve(&self, mean_f: &[f64], mean_t: &[f64]) -> Result<Vec<f64>> {
+        let (d, p) = (self.d, self.p);
+        let m = self.positions.max(1) as f64;
         let scale: Vec<f64> = (0..d)
             .map(|i| {
-                let var = a[i * d + i] / m - mean_f[i] * mean_f[i];
+                let var = self.ff[i * d + i] / m - mean_f[i] * mean_f[i];
                 if var > 1e-30 {
                     var.sqrt()
                 } else {
@@ -178,7 +213,7 @@ impl Ridge {
         let mut cxx = DMatrix::<f64>::zeros(d, d);
         for i in 0..d {
             for j in 0..d {
-                let cov = a[i * d + j] / m - mean_f[i] * mean_f[j];
+                let cov = self.ff[i * d + j] / m - mean_f[i] * mean_f[j];
                 let si = if scale[i] > 0.0 { scale[i] } else { 1.0 };
                 let sj = if scale[j] > 0.0 { scale[j] } else { 1.0 };
                 cxx[(i, j)] = if scale[i] > 0.0 && scale[j] > 0.0 {
@@ -190,38 +225,46 @@ impl Ridge {
             cxx[(i, i)] += 1e-3;
         }
         let mut cxy = DMatrix::<f64>::zeros(d, p);
-        for i in 0..d {
-            if scale[i] <= 0.0 {
-                continue;
-            }
+        for i in (0..d).filter(|&i| scale[i] > 0.0) {
             for j in 0..p {
-                cxy[(i, j)] = (bmat[i * p + j] / m - mean_f[i] * mean_t[j]) / scale[i];
+                cxy[(i, j)] = (self.ft[i * p + j] / m - mean_f[i] * mean_t[j]) / scale[i];
             }
         }
         let chol = cxx.cholesky().ok_or_else(|| {
             anyhow::anyhow!("ridge: the normal equations are not positive definite")
         })?;
         let sol = chol.solve(&cxy);
-        let mut wv = vec![0f64; d * p];
-        for i in 0..d {
-            if scale[i] > 0.0 {
-                for j in 0..p {
-                    wv[i * p + j] = sol[(i, j)] / scale[i];
-                }
+        let mut w = vec![0f64; d * p];
+        for i in (0..d).filter(|&i| scale[i] > 0.0) {
+            for j in 0..p {
+                w[i * p + j] = sol[(i, j)] / scale[i];
             }
         }
+        Ok(w)
+    }
+}
+
+impl Ridge {
+    /// Fits on public streams s: [n, C, h, w] and their images: [n, c, H, W].
+    pub(crate) fn fit(s: &Tensor, img: &Tensor, threads: usize) -> Result<Ridge> {
+        let lay = Layout::of(s, img, "ridge")?;
+        let sums = Sums::accumulate(s, img, &lay, threads);
+        let m = sums.positions.max(1) as f64;
+        let mean_f: Vec<f64> = sums.f.iter().map(|v| v / m).collect();
+        let mean_t: Vec<f64> = sums.t.iter().map(|v| v / m).collect();
+        let w = sums.solve(&mean_f, &mean_t)?;
         Ok(Ridge {
             mean_f,
             mean_t,
-            w: wv,
-            d,
-            p,
-            fct,
+            w,
+            d: sums.d,
+            p: sums.p,
+            fct: lay.fct,
         })
     }
 
     /// Reconstructs images [n, c, H, W] from streams [n, C, h, w] (shaped like the fitted ones).
-    pub fn predict(&self, s: &Tensor, c: usize) -> Result<Tensor> {
+    pub(crate) fn predict(&self, s: &Tensor, c: usize) -> Result<Tensor> {
         let (n, ch, h, w) = s.nchw("ridge")?;
         if 9 * ch != self.d || c * self.fct * self.fct != self.p {
             bail!(
@@ -234,10 +277,11 @@ impl Ridge {
         let mut f = vec![0f32; self.d];
         let mut y = DVector::<f64>::zeros(self.p);
         for b in 0..n {
-            let sb = &s.data[b * ch * h * w..][..ch * h * w];
+            let shape = Chw { c: ch, h, w };
+            let sb = &s.data[b * shape.len()..][..shape.len()];
             for i in 0..h {
                 for j in 0..w {
-                    window(sb, ch, h, w, i, j, &mut f);
+                    window(sb, shape, (i, j), &mut f);
                     y.iter_mut().zip(&self.mean_t).for_each(|(v, m)| *v = *m);
                     for (k, fv) in f.iter().enumerate() {
                         let dv = *fv as f64 - self.mean_f[k];
@@ -266,11 +310,17 @@ impl Ridge {
 
 /// Channels of the conv decoder's hidden layers.
 const WIDTH: usize = 48;
+/// The decoder's convs: 3×3, stride 1, padding 1 (size-preserving), with a bias.
+const DECODER_CONV: Conv2dConfig = Conv2dConfig {
+    stride: 1,
+    padding: 1,
+    bias: true,
+};
 
 /// A small conv decoder: conv3×3 (C→48), ReLU, conv3×3 (48→48), ReLU, conv3×3 (48→c·f²), then depth-to-space
 /// by f; trained with AdamW (lr 1e-3 for the first half of the steps, then 3e-4; no weight decay) on the
 /// mean squared error, on batches drawn from the public set, inputs scaled by 1/RMS of the public streams.
-pub struct ConvDecoder {
+pub(crate) struct ConvDecoder {
     c1: Conv2d,
     c2: Conv2d,
     c3: Conv2d,
@@ -335,9 +385,9 @@ impl ConvDecoder {
     fn new(in_c: usize, out_c: usize, fct: usize, seed: u64) -> Self {
         let mut rng = Rng::new(seed);
         ConvDecoder {
-            c1: Conv2d::new(in_c, WIDTH, 3, 1, 1, true, &mut rng),
-            c2: Conv2d::new(WIDTH, WIDTH, 3, 1, 1, true, &mut rng),
-            c3: Conv2d::new(WIDTH, out_c * fct * fct, 3, 1, 1, true, &mut rng),
+            c1: Conv2d::new(in_c, WIDTH, 3, DECODER_CONV, &mut rng),
+            c2: Conv2d::new(WIDTH, WIDTH, 3, DECODER_CONV, &mut rng),
+            c3: Conv2d::new(WIDTH, out_c * fct * fct, 3, DECODER_CONV, &mut rng),
             r: Relu,
             fct,
             out_c,
@@ -386,11 +436,16 @@ impl ConvDecoder {
     }
 
     /// Trains on public streams s: [n, C, h, w] and images [n, c, H, W] for `steps` batches.
-    pub fn fit(s: &Tensor, img: &Tensor, steps: usize, batch: usize, seed: u64) -> Result<Self> {
-        let (n, c, h, w) = s.nchw("conv decoder")?;
-        let (_, ic, ih, iw) = img.nchw("conv decoder")?;
-        let fct = factor(s, img)?;
-        let mut dec = ConvDecoder::new(c, ic, fct, seed);
+    pub(crate) fn fit(
+        s: &Tensor,
+        img: &Tensor,
+        steps: usize,
+        batch: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        let lay = Layout::of(s, img, "conv decoder")?;
+        let (n, Chw { c, h, w }) = (lay.n, lay.stream);
+        let mut dec = ConvDecoder::new(c, lay.image.c, lay.fct, seed);
         let var = s
             .data
             .iter()
@@ -410,7 +465,7 @@ impl ConvDecoder {
             },
             0.0,
         );
-        let (per_s, per_i) = (c * h * w, ic * ih * iw);
+        let (per_s, per_i) = (lay.stream.len(), lay.image.len());
         let mut rng = Rng::new(seed ^ 0xDEC0);
         let (mut xb, mut yb, mut dy) = (Tensor::default(), Tensor::default(), Tensor::default());
         let batch = batch.max(1).min(n.max(1));
@@ -457,7 +512,7 @@ impl ConvDecoder {
     }
 
     /// Reconstructs images from streams shaped like the training ones.
-    pub fn predict(&mut self, s: &Tensor) -> Result<Tensor> {
+    pub(crate) fn predict(&mut self, s: &Tensor) -> Result<Tensor> {
         let mut x = s.clone();
         x.data.iter_mut().for_each(|v| *v *= self.input_scale);
         let mut out = Tensor::default();
@@ -467,7 +522,7 @@ impl ConvDecoder {
 }
 
 /// Peak signal-to-noise ratio (dB) of two images in [0, 1] (capped at 100 dB).
-pub fn psnr(a: &[f32], b: &[f32]) -> f64 {
+pub(crate) fn psnr(a: &[f32], b: &[f32]) -> f64 {
     let mse = a
         .iter()
         .zip(b)
@@ -483,7 +538,7 @@ pub fn psnr(a: &[f32], b: &[f32]) -> f64 {
 
 /// Structural similarity of two [c, h, w] images in [0, 1] (data range 1): Gaussian window of 11 (σ 1.5;
 /// smaller for images under 11 px), K1 = 0.01, K2 = 0.03, mean over the valid positions and the channels.
-pub fn ssim(a: &[f32], b: &[f32], c: usize, h: usize, w: usize) -> f64 {
+pub(crate) fn ssim(a: &[f32], b: &[f32], c: usize, h: usize, w: usize) -> f64 {
     let win = 11.min(h).min(w);
     let win = if win % 2 == 0 { win - 1 } else { win };
     if win == 0 {
@@ -527,7 +582,7 @@ pub fn ssim(a: &[f32], b: &[f32], c: usize, h: usize, w: usize) -> f64 {
 }
 
 /// Mean PSNR and SSIM of reconstructions against the private images (both normalised [n, c, H, W]).
-pub fn quality(recon: &Tensor, truth: &Tensor, scale: &PixelScale) -> Result<(f64, f64)> {
+pub(crate) fn quality(recon: &Tensor, truth: &Tensor, scale: &PixelScale) -> Result<(f64, f64)> {
     let (n, c, h, w) = truth.nchw("quality")?;
     if recon.shape != truth.shape {
         bail!(

@@ -1,8 +1,9 @@
 //! The streams: each conv's input X in the trusted runtime, and what the split runtime really sends to the
-//! accelerator (X_U per conv, ∇Y of the first conv), taken from a recording of its messages.
+//! accelerator (X_U per conv, ∇Y of the first conv), taken from a recording of its messages. Images go through
+//! a fresh copy of the model in batches, as in training.
 
+use super::plan::Model;
 use anyhow::{Context, Result};
-use asymml_core::decomp::RankPolicy;
 use asymml_core::layers::Conv2d;
 use asymml_core::models::{ConvExec, Net};
 use asymml_core::optim::OptimizerKind;
@@ -10,6 +11,7 @@ use asymml_core::{CoreError, Tensor};
 use asymml_protocol::{inproc_pair, Direction, MessageKind, Recording};
 use asymml_trusted::split::{SplitConfig, SplitExec};
 use asymml_untrusted::Service;
+use std::collections::BTreeMap;
 
 /// Computes every conv locally and keeps a copy of each conv's input (by conv id).
 struct CaptureExec {
@@ -43,7 +45,7 @@ impl ConvExec for CaptureExec {
 
 /// x: [B, C, H, W] → the input of every conv (by conv id) in a training-mode forward (batch statistics, as
 /// the split runtime sees them in training).
-pub fn conv_inputs(net: &mut Net, x: &Tensor) -> Result<Vec<Tensor>> {
+fn batch_conv_inputs(net: &mut Net, x: &Tensor) -> Result<Vec<Tensor>> {
     let mut exec = CaptureExec { inputs: Vec::new() };
     net.forward(x, true, &mut exec)
         .context("forward pass of the trusted runtime")?;
@@ -54,45 +56,109 @@ pub fn conv_inputs(net: &mut Net, x: &Tensor) -> Result<Vec<Tensor>> {
         .collect())
 }
 
-/// What crossed the boundary in one training step of the split runtime.
-pub struct Streams {
-    /// X_U by conv id, as sent (noise included); empty for a conv that reads a shared residual.
-    pub x_u: Vec<Tensor>,
-    /// ∇Y of the first conv, as sent (empty when not asked).
+/// Every conv's input for the images `x` (training-mode forward, batches of `batch`).
+pub(crate) fn conv_inputs(model: &Model, x: &Tensor, batch: usize) -> Result<Vec<Tensor>> {
+    let n = x.shape[0];
+    let mut per_layer: Vec<Vec<Tensor>> = Vec::new();
+    for start in (0..n).step_by(batch) {
+        let idx: Vec<usize> = (start..(start + batch).min(n)).collect();
+        let mut net = model.net()?;
+        let inputs = batch_conv_inputs(&mut net, &rows(x, &idx))?;
+        per_layer.resize_with(inputs.len(), Vec::new);
+        for (l, t) in inputs.into_iter().enumerate() {
+            per_layer[l].push(t);
+        }
+    }
+    Ok(per_layer.iter().map(|p| concat(p)).collect())
+}
+
+/// What to record of the split runtime for a set of images.
+pub(crate) struct StreamRequest<'a> {
+    /// The split's settings; `split.seed` seeds the first batch, and each further batch gets its own seed.
+    pub split: SplitConfig,
+    /// Images per batch.
+    pub batch: usize,
+    /// The conv layers whose X_U is kept.
+    pub layers: &'a [usize],
+    /// Also run the backward pass (for ∇Y of the first conv).
+    pub backward: bool,
+}
+
+/// What crossed the boundary for a set of images, batch after batch.
+pub(crate) struct Streams {
+    /// X_U of the requested layers, as sent (noise included); empty for a conv that reads a shared residual.
+    pub x_u: BTreeMap<usize, Tensor>,
+    /// ∇Y of the first conv, as sent (empty without the backward pass).
     pub dy0: Tensor,
-    /// The rank r of each conv.
+    /// The largest rank r of every conv over the batches.
     pub ranks: Vec<usize>,
+}
+
+/// What the split runtime sent for the images `x` (with their `labels`), in batches.
+pub(crate) fn streams(
+    model: &Model,
+    x: &Tensor,
+    labels: &[usize],
+    req: &StreamRequest,
+) -> Result<Streams> {
+    let n = x.shape[0];
+    let mut x_u: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
+    let mut dy = Vec::new();
+    let mut ranks: Vec<usize> = Vec::new();
+    for (bi, start) in (0..n).step_by(req.batch).enumerate() {
+        let idx: Vec<usize> = (start..(start + req.batch).min(n)).collect();
+        let mut net = model.net()?;
+        let split = SplitConfig {
+            seed: req.split.seed ^ (bi as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            ..req.split.clone()
+        };
+        let labels = &labels[start..start + idx.len()];
+        let s = batch_streams(&mut net, &rows(x, &idx), labels, split, req.backward)?;
+        ranks.resize(s.ranks.len(), 0);
+        ranks
+            .iter_mut()
+            .zip(&s.ranks)
+            .for_each(|(a, b)| *a = (*a).max(*b));
+        for (l, t) in s.x_u.into_iter().enumerate() {
+            if req.layers.contains(&l) {
+                x_u.entry(l).or_default().push(t);
+            }
+        }
+        dy.push(s.dy0);
+    }
+    Ok(Streams {
+        x_u: x_u.into_iter().map(|(l, p)| (l, concat(&p))).collect(),
+        dy0: concat(&dy),
+        ranks,
+    })
+}
+
+/// What crossed the boundary in one training step of the split runtime.
+struct BatchStreams {
+    /// X_U by conv id, as sent (noise included); empty for a conv that reads a shared residual.
+    x_u: Vec<Tensor>,
+    /// ∇Y of the first conv, as sent (empty when not asked).
+    dy0: Tensor,
+    /// The rank r of each conv.
+    ranks: Vec<usize>,
 }
 
 /// Runs one forward (and, with `backward`, one backward) pass of the split runtime on `x`, with an in-process
 /// accelerator behind a recording transport, and returns what the recording saw leave the trusted side.
-#[allow(clippy::too_many_arguments)]
-pub fn split_streams(
+fn batch_streams(
     net: &mut Net,
     x: &Tensor,
     labels: &[usize],
-    policy: RankPolicy,
-    nsr: f32,
-    iters: usize,
-    seed: u64,
-    shared_basis: bool,
+    cfg: SplitConfig,
     backward: bool,
-) -> Result<Streams> {
+) -> Result<BatchStreams> {
     let (client, server) = inproc_pair();
     let service = std::thread::spawn(move || -> Result<()> {
-        let mut s = Service::new(1).map_err(|e| anyhow::anyhow!("accelerator: {e}"))?;
-        s.serve(server)
-            .map_err(|e| anyhow::anyhow!("accelerator: {e}"))
+        let mut s = Service::new(1).context("starting the accelerator")?;
+        s.serve(server).context("the accelerator")
     });
     let rec = Recording::new(client);
     let transcript = rec.transcript();
-    let cfg = SplitConfig {
-        policy,
-        iters,
-        nsr,
-        seed,
-        shared_basis,
-    };
     let sgd = OptimizerKind::Sgd {
         momentum: 0.0,
         nesterov: false,
@@ -133,5 +199,34 @@ pub fn split_streams(
             }
         }
     }
-    Ok(Streams { x_u, dy0, ranks })
+    Ok(BatchStreams { x_u, dy0, ranks })
+}
+
+/// Rows `idx` of a [n, ...] tensor.
+pub(crate) fn rows(t: &Tensor, idx: &[usize]) -> Tensor {
+    let n = t.shape.first().copied().unwrap_or(0);
+    let per = t.len().checked_div(n).unwrap_or(0);
+    let mut shape = t.shape.clone();
+    if let Some(s) = shape.first_mut() {
+        *s = idx.len();
+    }
+    let mut data = Vec::with_capacity(idx.len() * per);
+    for &i in idx {
+        data.extend_from_slice(&t.data[i * per..(i + 1) * per]);
+    }
+    Tensor { shape, data }
+}
+
+/// Concatenates [b, ...] tensors along the batch.
+fn concat(parts: &[Tensor]) -> Tensor {
+    let Some(first) = parts.iter().find(|t| !t.shape.is_empty()) else {
+        return Tensor::default();
+    };
+    let mut shape = first.shape.clone();
+    shape[0] = parts
+        .iter()
+        .map(|t| t.shape.first().copied().unwrap_or(0))
+        .sum();
+    let data = parts.iter().flat_map(|t| t.data.iter().copied()).collect();
+    Tensor { shape, data }
 }

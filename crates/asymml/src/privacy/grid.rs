@@ -1,13 +1,15 @@
 //! PNG grids of images: one row per private image, one column per view (the image, X_T, X_U, the
 //! reconstructions), each tile scaled up to at least 64 px.
 
+use super::attack::PixelScale;
 use anyhow::{Context, Result};
+use asymml_core::Tensor;
 use image::{Rgb, RgbImage};
 use std::path::Path;
 
 /// One tile: `c` channel planes of h × w values; 1 channel is grey, 3 are RGB; any other count is shown as
 /// the channel mean.
-pub struct Tile {
+struct Tile {
     pub c: usize,
     pub h: usize,
     pub w: usize,
@@ -59,7 +61,7 @@ impl Tile {
 }
 
 /// Writes rows of tiles as a PNG with 4 px gaps.
-pub fn write_grid(path: &Path, rows: &[Vec<Tile>]) -> Result<()> {
+fn write_grid(path: &Path, rows: &[Vec<Tile>]) -> Result<()> {
     let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
     let side = rows
         .iter()
@@ -94,4 +96,49 @@ pub fn write_grid(path: &Path, rows: &[Vec<Tile>]) -> Result<()> {
     }
     img.save(path)
         .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The image-grid PNG of one attack: per attacked image (up to 6), the image, X_T = X − X_U, X_U and each
+/// decoder's reconstruction. `images`: the attacked images, `x` and `xu`: the attacked conv's input and X_U
+/// for them.
+pub(crate) fn write_attack_grid(
+    path: &Path,
+    images: &Tensor,
+    x: &Tensor,
+    xu: &Tensor,
+    recons: &[(String, Tensor)],
+    scale: &PixelScale,
+) -> Result<()> {
+    let n = images.shape[0].min(6);
+    let tile = |t: &Tensor, i: usize, pixels: bool| -> Tile {
+        let (c, h, w) = (t.shape[1], t.shape[2], t.shape[3]);
+        let per = c * h * w;
+        let raw = &t.data[i * per..][..per];
+        Tile {
+            c,
+            h,
+            w,
+            data: if pixels {
+                scale.to_unit(raw, c)
+            } else {
+                raw.to_vec()
+            },
+            stretch: !pixels,
+        }
+    };
+    let mut grid_rows = Vec::new();
+    for i in 0..n {
+        let mut xt = x.clone();
+        xt.data.iter_mut().zip(&xu.data).for_each(|(a, b)| *a -= b);
+        let mut row = vec![
+            tile(images, i, true),
+            tile(&xt, i, xt.shape == images.shape),
+            tile(xu, i, false),
+        ];
+        for (_, r) in recons {
+            row.push(tile(r, i, true));
+        }
+        grid_rows.push(row);
+    }
+    write_grid(path, &grid_rows)
 }

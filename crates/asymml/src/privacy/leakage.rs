@@ -2,15 +2,15 @@
 //! paper's protocol: the pixel pairs (x, s) at the same position as 2-D samples, KSG with the local
 //! non-uniformity correction, normalised by I(X;X).
 
+use super::mi::{jitter, ksg_lnc, linfoot};
 use anyhow::{bail, Result};
-use asymml_core::privacy::mi::{jitter, ksg_lnc, linfoot};
 use asymml_core::rng::Rng;
 use asymml_core::Tensor;
 use serde::Serialize;
 
 /// Settings of the estimator.
 #[derive(Clone, Copy, Debug, Serialize)]
-pub struct MiConfig {
+pub(crate) struct MiConfig {
     /// Neighbours.
     pub k: usize,
     /// LNC threshold.
@@ -24,7 +24,7 @@ pub struct MiConfig {
 
 /// Leakage of one stream, averaged over the images.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
-pub struct Leak {
+pub(crate) struct Leak {
     /// Mean I(X;S) in nats.
     pub mi_nats: f64,
     /// Mean of I(X;S)/I(X;X) per image.
@@ -70,7 +70,7 @@ fn per_image(t: &Tensor) -> Result<(usize, usize)> {
 }
 
 /// Per image, I(X;X) of the private values x: [B, ...] (the normaliser of [`leak`]).
-pub fn self_information(x: &Tensor, cfg: &MiConfig) -> Result<Vec<f64>> {
+pub(crate) fn self_information(x: &Tensor, cfg: &MiConfig) -> Result<Vec<f64>> {
     let (b, per) = per_image(x)?;
     (0..b)
         .map(|i| {
@@ -85,7 +85,7 @@ pub fn self_information(x: &Tensor, cfg: &MiConfig) -> Result<Vec<f64>> {
 
 /// Leakage of the stream s about x (both [B, ...] with the same size per image), normalised per image by
 /// `self_mi` (from [`self_information`]).
-pub fn leak(x: &Tensor, s: &Tensor, self_mi: &[f64], cfg: &MiConfig) -> Result<Leak> {
+pub(crate) fn leak(x: &Tensor, s: &Tensor, self_mi: &[f64], cfg: &MiConfig) -> Result<Leak> {
     let (b, per) = per_image(x)?;
     if s.len() != x.len() || self_mi.len() != b {
         bail!(
@@ -113,7 +113,7 @@ pub fn leak(x: &Tensor, s: &Tensor, self_mi: &[f64], cfg: &MiConfig) -> Result<L
 
 /// x: [B, C, H, W] → [B, M, H, W] holding the channel mean of x in each of the M planes (pairs the image
 /// with every channel of a first-conv output gradient of the same spatial size).
-pub fn channel_mean_repeated(x: &Tensor, m: usize) -> Result<Tensor> {
+pub(crate) fn channel_mean_repeated(x: &Tensor, m: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.nchw("privacy")?;
     let hw = h * w;
     let mut out = Tensor::zeros(&[b, m, h, w]);

@@ -7,13 +7,13 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 /// The spectra of one conv layer's inputs, one per sample (exact, f64, descending).
-pub struct LayerSpectra {
+pub(crate) struct LayerSpectra {
     pub spectra: Vec<Vec<f64>>,
 }
 
 impl LayerSpectra {
     /// x: [B, N, H, W] → the singular values of each sample's N × HW matrix.
-    pub fn of(x: &Tensor) -> Self {
+    pub(crate) fn of(x: &Tensor) -> Self {
         if x.shape.len() != 4 || x.is_empty() {
             return LayerSpectra {
                 spectra: Vec::new(),
@@ -36,17 +36,17 @@ impl LayerSpectra {
     }
 
     /// Mean over samples of the optimal energy fraction kept by rank r.
-    pub fn energy_kept(&self, r: usize) -> f64 {
+    pub(crate) fn energy_kept(&self, r: usize) -> f64 {
         self.mean_of(|s| energy_kept(s, r))
     }
 
     /// Mean SVD-channel entropy μ (bits).
-    pub fn entropy(&self) -> f64 {
+    pub(crate) fn entropy(&self) -> f64 {
         self.mean_of(svd_entropy)
     }
 
     /// The largest ⌈2^μ⌉ over the samples (what the entropy policy picks for this batch).
-    pub fn entropy_rank_max(&self) -> usize {
+    pub(crate) fn entropy_rank_max(&self) -> usize {
         self.spectra
             .iter()
             .map(|s| entropy_rank(s))
@@ -55,7 +55,7 @@ impl LayerSpectra {
     }
 
     /// Mean spectrum normalised by its largest value, first `max_len` values.
-    pub fn mean_normalised(&self, max_len: usize) -> Vec<f64> {
+    pub(crate) fn mean_normalised(&self, max_len: usize) -> Vec<f64> {
         let len = self.spectra.first().map_or(0, |s| s.len()).min(max_len);
         let mut out = vec![0.0; len];
         for s in &self.spectra {
@@ -73,7 +73,7 @@ impl LayerSpectra {
     }
 
     /// Mean cumulative energy fraction kept by r = 1..=max_len.
-    pub fn energy_curve(&self, max_len: usize) -> Vec<f64> {
+    pub(crate) fn energy_curve(&self, max_len: usize) -> Vec<f64> {
         let len = self.spectra.first().map_or(0, |s| s.len()).min(max_len);
         (1..=len).map(|r| self.energy_kept(r)).collect()
     }
@@ -81,7 +81,7 @@ impl LayerSpectra {
 
 /// One row of the kernel-size study.
 #[derive(Clone, Debug, Serialize)]
-pub struct KernelEntropy {
+pub(crate) struct KernelEntropy {
     pub kernel: usize,
     /// Mean SVD entropy μ (bits) of the k² patch channels, over every image and channel plane.
     pub entropy: f64,
@@ -92,7 +92,7 @@ pub struct KernelEntropy {
 /// The entropy of the k×k patch channels: per image and channel plane (H × W), the k² × HW matrix of its
 /// zero-padded k×k patches (one row per offset in the window), its singular values, μ = −log2 Σ (s/Σs)².
 /// x: [B, C, H, W]; `k` odd.
-pub fn kernel_entropy(x: &Tensor, k: usize) -> KernelEntropy {
+pub(crate) fn kernel_entropy(x: &Tensor, k: usize) -> KernelEntropy {
     let (b, c, h, w) = match x.shape[..] {
         [b, c, h, w] => (b, c, h, w),
         _ => (0, 0, 0, 0),
@@ -136,6 +136,26 @@ pub fn kernel_entropy(x: &Tensor, k: usize) -> KernelEntropy {
         entropy,
         entropy_rank: ((entropy.exp2() * (1.0 - 1e-9)).ceil() as usize).max(1),
     }
+}
+
+/// What the lightweight SVD kept of each image: 1 − ‖X_U‖²/‖X‖², averaged over the images (NaN when the
+/// shapes differ).
+pub(crate) fn energy_kept_light(x: &Tensor, xu: &Tensor) -> f64 {
+    let n = x.shape.first().copied().unwrap_or(0);
+    if n == 0 || x.len() != xu.len() {
+        return f64::NAN;
+    }
+    let per = x.len() / n;
+    let mut total = 0.0;
+    for i in 0..n {
+        let sq = |v: &[f32]| v.iter().map(|a| (*a as f64) * (*a as f64)).sum::<f64>();
+        let (ex, eu) = (
+            sq(&x.data[i * per..][..per]),
+            sq(&xu.data[i * per..][..per]),
+        );
+        total += if ex > 0.0 { 1.0 - eu / ex } else { 1.0 };
+    }
+    total / n as f64
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
 //! The privacy–accuracy trade-off (the paper's Fig. 7): the model trained in split mode once per noise level,
 //! its test accuracy beside the leakage of the first conv's X_U at that noise level.
 
-use crate::cli::{PrivacyArgs, SplitArgs};
-use crate::common::{self, Batch};
-use crate::data::{self, epoch_order, DatasetKind};
+use super::measure::Setting;
+use super::plan::Plan;
+use crate::batch::{self, check_fit, fit_to, Batch};
+use crate::data::{self, epoch_order, Dataset};
+use crate::progress;
+use crate::setup::{self, SplitSetup};
 use anyhow::Result;
-use asymml_core::models::ModelSpec;
 use asymml_core::optim::{LrSchedule, OptimizerKind};
 use asymml_core::rng::Rng;
 use asymml_trusted::{Mode, TrainConfig};
@@ -13,7 +15,7 @@ use serde::Serialize;
 
 /// Leakage of one (policy, nsr) setting: (rel_mi, Linfoot) at the first conv, (rel_mi, layer) at its worst.
 #[derive(Clone, Debug, Default)]
-pub struct Leakage {
+pub(crate) struct Leakage {
     pub policy: String,
     pub nsr: f32,
     pub first: Option<(f64, f64)>,
@@ -22,7 +24,7 @@ pub struct Leakage {
 
 /// One training run of the trade-off.
 #[derive(Clone, Debug, Serialize)]
-pub struct TradeoffEntry {
+pub(crate) struct TradeoffEntry {
     pub nsr: f32,
     pub rank_policy: String,
     pub epochs: usize,
@@ -39,83 +41,54 @@ pub struct TradeoffEntry {
     pub seconds: f64,
 }
 
-/// Trains `spec` from the same initial weights once per `--nsr` (SGD, momentum 0.9, lr 0.05, weight decay
-/// 5e-4, cosine schedule) on the dataset's training split and evaluates it on the test split.
-pub fn run(
-    a: &PrivacyArgs,
-    spec: &ModelSpec,
-    leakage: &[Leakage],
-    threads: usize,
-    quiet: bool,
-) -> Result<Vec<TradeoffEntry>> {
-    let kind: DatasetKind = a.dataset.parse()?;
-    let (train, test) = data::load(
-        kind,
-        a.data_dir.as_deref(),
-        spec.in_ch,
-        spec.input_size,
-        a.seed,
-    )?;
-    let train = common::fit_to(train, spec.input_size);
-    let test = common::fit_to(test, spec.input_size);
-    common::check_fit(spec, &train, "training")?;
-    let train = match a.tradeoff_train {
-        Some(n) => train.select(&(0..n.min(train.len())).collect::<Vec<_>>()),
-        None => train,
-    };
-    let steps_per_epoch = train.len().div_ceil(a.batch_size) as u64;
+/// Leakage of X_U by (policy, nsr): at the first conv, and the largest over the measured convs with its layer.
+pub(crate) fn leakage_of(settings: &[Setting]) -> Vec<Leakage> {
+    let mut out: Vec<Leakage> = Vec::new();
+    for s in settings
+        .iter()
+        .filter(|s| s.stream == "x_u" && s.rel_mi.is_finite())
+    {
+        let i = match out
+            .iter()
+            .position(|l| l.policy == s.rank_policy && l.nsr == s.nsr)
+        {
+            Some(i) => i,
+            None => {
+                out.push(Leakage {
+                    policy: s.rank_policy.clone(),
+                    nsr: s.nsr,
+                    ..Default::default()
+                });
+                out.len() - 1
+            }
+        };
+        let l = &mut out[i];
+        if s.layer == 0 {
+            l.first = Some((s.rel_mi, s.linfoot));
+        }
+        if l.max.is_none_or(|(m, _)| s.rel_mi > m) {
+            l.max = Some((s.rel_mi, s.layer));
+        }
+    }
+    out
+}
+
+/// Trains the plan's model from the same initial weights once per `--nsr` (SGD, momentum 0.9, lr 0.05,
+/// weight decay 5e-4, cosine schedule) on the dataset's training split and evaluates it on the test split;
+/// `leakage` (from [`leakage_of`]) gives each run the leakage measured at its policy and noise.
+pub(crate) fn run(plan: &Plan, leakage: &[Leakage]) -> Result<Vec<TradeoffEntry>> {
+    let a = &plan.args;
+    let (train, test) = load(plan)?;
     let mut out = Vec::new();
     for &nsr in &a.nsr {
         let start = std::time::Instant::now();
-        let net = spec.build(a.seed)?;
-        let config = TrainConfig {
-            optimizer: OptimizerKind::Sgd {
-                momentum: 0.9,
-                nesterov: false,
-            },
-            lr: 0.05,
-            weight_decay: 5e-4,
-            schedule: LrSchedule::Cosine {
-                total: steps_per_epoch * a.tradeoff_epochs as u64,
-                min_lr: 0.0,
-            },
-        };
-        let split = SplitArgs {
-            rank: a.tradeoff_rank.clone(),
-            svd_iters: a.svd_iters,
-            noise: nsr,
-            accelerator: "inproc".into(),
-            accelerator_threads: None,
-            accelerator_device: None,
-            shared_basis: a.shared_basis,
-        };
-        let (mut session, _handle) =
-            common::make_session(net, config, Mode::Split, &split, threads, a.seed)?;
-        let mut rng = Rng::new(a.seed ^ 0x7EAD);
-        let mut batch = Batch::new();
-        let pb = common::progress(
-            steps_per_epoch * a.tradeoff_epochs as u64,
-            &format!("trade-off, nsr {nsr}"),
-            quiet,
-        );
-        for epoch in 0..a.tradeoff_epochs {
-            let order = epoch_order(train.len(), &mut rng);
-            for (i, idx) in order.chunks(a.batch_size).enumerate() {
-                batch.fill(&train, idx, None, &mut rng);
-                session.train_step(&batch.x, &batch.labels, epoch + 1, i)?;
-                pb.inc(1);
-            }
-        }
-        pb.finish_and_clear();
-        let pb = common::progress(test.len() as u64, "evaluating", quiet);
-        let (test_loss, test_acc) = common::evaluate(&mut session, &test, a.batch_size, &pb)?;
-        pb.finish_and_clear();
+        let (test_loss, test_acc) = train_and_evaluate(plan, nsr, &train, &test)?;
         let lk = leakage
             .iter()
-            .find(|l| l.policy == a.tradeoff_rank && l.nsr == nsr);
+            .find(|l| l.policy == a.tradeoff_rank.text && l.nsr == nsr);
         out.push(TradeoffEntry {
             nsr,
-            rank_policy: a.tradeoff_rank.clone(),
+            rank_policy: a.tradeoff_rank.text.clone(),
             epochs: a.tradeoff_epochs,
             train_images: train.len(),
             test_images: test.len(),
@@ -129,4 +102,73 @@ pub fn run(
         });
     }
     Ok(out)
+}
+
+/// The dataset's training split (its first `--tradeoff-train` images) and test split, at the model's size.
+fn load(plan: &Plan) -> Result<(Dataset, Dataset)> {
+    let (a, spec) = (&plan.args, &plan.model.spec);
+    let (train, test) = data::load(
+        a.dataset,
+        a.data_dir.as_deref(),
+        spec.in_ch,
+        spec.input_size,
+        a.seed,
+    )?;
+    let train = fit_to(train, spec.input_size);
+    let test = fit_to(test, spec.input_size);
+    check_fit(spec, &train, "training")?;
+    let train = match a.tradeoff_train {
+        Some(n) => train.select(&(0..n.min(train.len())).collect::<Vec<_>>()),
+        None => train,
+    };
+    Ok((train, test))
+}
+
+/// One trade-off run: the model trained in split mode at noise level `nsr`; its (test loss, test accuracy).
+fn train_and_evaluate(
+    plan: &Plan,
+    nsr: f32,
+    train: &Dataset,
+    test: &Dataset,
+) -> Result<(f64, f64)> {
+    let (a, quiet) = (&plan.args, plan.args.json);
+    let steps_per_epoch = train.len().div_ceil(a.batch_size) as u64;
+    let net = plan.model.spec.build(a.seed)?;
+    let config = TrainConfig {
+        optimizer: OptimizerKind::Sgd {
+            momentum: 0.9,
+            nesterov: false,
+        },
+        lr: 0.05,
+        weight_decay: 5e-4,
+        schedule: LrSchedule::Cosine {
+            total: steps_per_epoch * a.tradeoff_epochs as u64,
+            min_lr: 0.0,
+        },
+    };
+    let split = SplitSetup::inproc(
+        plan.split(a.tradeoff_rank.policy, nsr, a.seed),
+        plan.threads,
+    );
+    let (mut session, _handle) = setup::make_session(net, config, Mode::Split, &split)?;
+    let mut rng = Rng::new(a.seed ^ 0x7EAD);
+    let mut batch = Batch::new();
+    let pb = progress::bar(
+        steps_per_epoch * a.tradeoff_epochs as u64,
+        &format!("trade-off, nsr {nsr}"),
+        quiet,
+    );
+    for epoch in 0..a.tradeoff_epochs {
+        let order = epoch_order(train.len(), &mut rng);
+        for (i, idx) in order.chunks(a.batch_size).enumerate() {
+            batch.fill(train, idx, None, &mut rng);
+            session.train_step(&batch.x, &batch.labels, epoch + 1, i)?;
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    let pb = progress::bar(test.len() as u64, "evaluating", quiet);
+    let result = batch::evaluate(&mut session, test, a.batch_size, &pb)?;
+    pb.finish_and_clear();
+    Ok(result)
 }

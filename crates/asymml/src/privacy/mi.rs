@@ -40,12 +40,11 @@ use nalgebra::{DMatrix, SymmetricEigen};
 use rayon::prelude::*;
 use thiserror::Error;
 
-use crate::error::CoreError;
-use crate::rng::Rng;
+use asymml_core::rng::Rng;
 
 /// Errors of the estimators: inputs that do not describe a valid sample, or parameters out of range.
 #[derive(Debug, Clone, PartialEq, Error)]
-pub enum MiError {
+pub(crate) enum MiError {
     /// No samples at all.
     #[error("no samples")]
     Empty,
@@ -74,6 +73,13 @@ pub enum MiError {
     InvalidK { k: usize, n: usize },
     /// Fewer samples than the estimator needs.
     #[error("{n} samples are too few (at least {min} needed)")]
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "only the Gaussian reference (a test cross-check) needs it"
+        )
+    )]
     TooFewSamples { n: usize, min: usize },
     /// More samples than the kd-tree's u32 indices can address.
     #[error("{n} samples are too many (at most 2^32 - 1)")]
@@ -86,6 +92,13 @@ pub enum MiError {
     TooFewNeighbours { k: usize, d: usize },
     /// A constant variable (its correlation with anything is undefined).
     #[error("{which} is constant")]
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "only the Gaussian reference (a test cross-check) needs it"
+        )
+    )]
     ZeroVariance { which: &'static str },
     /// LNC found a neighbourhood of positive KSG volume whose points lie exactly in a lower-dimensional
     /// subspace (an exact functional relation): the correction would be infinite. Jitter the data.
@@ -99,17 +112,18 @@ pub enum MiError {
     KdTree(String),
 }
 
-impl From<MiError> for CoreError {
-    fn from(e: MiError) -> Self {
-        CoreError::Invalid(format!("mutual information: {e}"))
-    }
-}
-
 /// The two estimators of Kraskov, Stögbauer and Grassberger (2004). Variant 1 has the smaller statistical
 /// error, variant 2 the smaller bias for strong dependence (and it is the base of the LNC correction).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum KsgVariant {
+pub(crate) enum KsgVariant {
     /// I = ψ(k) + ψ(N) − ⟨ψ(n_x + 1) + ψ(n_y + 1)⟩, marginal counts strictly inside the joint k-NN distance.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "the privacy report uses KSG 2; KSG 1 is a test cross-check"
+        )
+    )]
     One,
     /// I = ψ(k) − 1/k + ψ(N) − ⟨ψ(n_x) + ψ(n_y)⟩, marginal counts within the neighbours' marginal extents.
     Two,
@@ -118,7 +132,7 @@ pub enum KsgVariant {
 /// The result of [`ksg_lnc_detailed`]: the KSG estimate and the LNC correction computed on the same
 /// neighbourhoods.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct LncEstimate {
+pub(crate) struct LncEstimate {
     /// The uncorrected KSG estimate (nats).
     pub ksg: f64,
     /// The correction −(1/N) Σ log(V̄_i/V_i) over the points with V̄_i/V_i < α (≥ 0, nats).
@@ -129,7 +143,7 @@ pub struct LncEstimate {
 
 impl LncEstimate {
     /// I_LNC = I_KSG + correction.
-    pub fn mi(&self) -> f64 {
+    pub(crate) fn mi(&self) -> f64 {
         self.ksg + self.correction
     }
 }
@@ -139,7 +153,8 @@ impl LncEstimate {
 /// `x`: n samples of `dx` values (row-major), `y`: n samples of `dy` values; `k` in 1..n (3–10 is usual;
 /// larger k lowers the variance and raises the bias). Ties (repeated values) bias the estimate: [`jitter`]
 /// discrete or rounded data first.
-pub fn ksg(
+#[cfg(test)]
+pub(crate) fn ksg(
     x: &[f64],
     dx: usize,
     y: &[f64],
@@ -162,7 +177,7 @@ pub fn ksg(
 /// neighbourhoods rarely fall below it. It grows with k (the box of more uniform points is more nearly full)
 /// and shrinks with dx + dy: 0.25 for k = 5 in two dimensions (the reference code's default), about 0.5–0.7
 /// for k = 50 in two dimensions, about 0.1–0.2 for k = 10 in four. Requires k ≥ dx + dy.
-pub fn ksg_lnc(
+pub(crate) fn ksg_lnc(
     x: &[f64],
     dx: usize,
     y: &[f64],
@@ -177,7 +192,7 @@ pub fn ksg_lnc(
 /// volume is the max-norm hypercube V = (2ε)^(dx+dy), with [`KsgVariant::Two`] the rectangle
 /// (2ε_x)^dx (2ε_y)^dy; V̄ is the volume of the box aligned with the principal axes of the point's k
 /// neighbours (centred on the point) that bounds them.
-pub fn ksg_lnc_detailed(
+pub(crate) fn ksg_lnc_detailed(
     x: &[f64],
     dx: usize,
     y: &[f64],
@@ -207,7 +222,8 @@ pub fn ksg_lnc_detailed(
 /// Gaussian (linear) mutual information of 1-D `x` and `y` from their sample correlation ρ: −½ ln(1 − ρ²).
 /// Exact for jointly Gaussian variables, a lower bound of I for any pair with that correlation; +∞ when
 /// |ρ| = 1. Needs at least 2 samples and neither variable constant.
-pub fn gaussian_mi_1d(x: &[f64], y: &[f64]) -> Result<f64, MiError> {
+#[cfg(test)]
+pub(crate) fn gaussian_mi_1d(x: &[f64], y: &[f64]) -> Result<f64, MiError> {
     let n = check_pair(x, 1, y, 1)?;
     if n < 2 {
         return Err(MiError::TooFewSamples { n, min: 2 });
@@ -234,7 +250,7 @@ pub fn gaussian_mi_1d(x: &[f64], y: &[f64]) -> Result<f64, MiError> {
 
 /// Linfoot's informational coefficient of correlation √(1 − e^(−2I)) of a mutual information `i_nats`, in
 /// [0, 1]; |ρ| for jointly Gaussian variables. Negative estimates give 0, +∞ gives 1, NaN stays NaN.
-pub fn linfoot(i_nats: f64) -> f64 {
+pub(crate) fn linfoot(i_nats: f64) -> f64 {
     if i_nats.is_nan() {
         return f64::NAN;
     }
@@ -247,7 +263,7 @@ pub fn linfoot(i_nats: f64) -> f64 {
 /// Adds independent N(0, σ²) noise to every value of `v`, deterministically from `seed` (xoshiro256**,
 /// Box–Muller in f64), to break ties before a kNN estimate. A `sigma` that is not a positive finite number
 /// leaves `v` unchanged.
-pub fn jitter(v: &mut [f64], sigma: f64, seed: u64) {
+pub(crate) fn jitter(v: &mut [f64], sigma: f64, seed: u64) {
     if !(sigma > 0.0 && sigma.is_finite()) {
         return;
     }
@@ -273,7 +289,7 @@ fn normal_pair(rng: &mut Rng) -> (f64, f64) {
 /// The digamma function ψ(x) = Γ'(x)/Γ(x): upward recurrence ψ(x) = ψ(x + 1) − 1/x to x ≥ 10, then the
 /// asymptotic series ln x − 1/(2x) − Σ B₂ₙ/(2n x²ⁿ) to x⁻¹⁰ (error < 1e-13); reflection for negative x.
 /// NaN at the poles 0, −1, −2, … and for NaN.
-pub fn digamma(x: f64) -> f64 {
+pub(crate) fn digamma(x: f64) -> f64 {
     if x.is_nan() || (x <= 0.0 && x == x.floor()) {
         return f64::NAN;
     }
@@ -1013,8 +1029,7 @@ mod tests {
         // the smallest valid problem works
         assert!(ksg(&x, 1, &y, 1, 3, KsgVariant::Two).unwrap().is_finite());
         assert!(ksg_lnc(&x, 1, &y, 1, 3, 0.5).unwrap().is_finite());
-        let e: CoreError = MiError::Empty.into();
-        assert!(e.to_string().contains("no samples"));
+        assert!(MiError::Empty.to_string().contains("no samples"));
     }
 
     /// Exact ties, including whole neighbourhoods of coincident points: finite estimates (or, for LNC, a flat

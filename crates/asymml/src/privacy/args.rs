@@ -1,0 +1,245 @@
+//! `asymml privacy`'s flags, parsed at the edge: rank policies, dataset, layer selections and decoders are
+//! typed values, so a bad one is refused by clap with the flag's name.
+
+use crate::data::DatasetKind;
+use crate::values::RankArg;
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// `asymml privacy`: what the untrusted accelerator can learn about the private images.
+#[derive(Args, Debug, Clone)]
+#[command(after_long_help = PRIVACY_HELP)]
+pub struct PrivacyArgs {
+    /// Model (see `train --help`). [default: the model recorded in --weights, else vgg-small]
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Weights of the model (model.safetensors from `asymml train`). [default: fresh weights from --seed]
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
+    /// Dataset format of --data-dir: mnist, fashion-mnist, cifar10, folder. Fashion-MNIST without
+    /// --data-dir uses the embedded sample. The private images are the first --samples of its test split;
+    /// the attacker's public images are the first --public of its training split.
+    #[arg(long, default_value = "fashion-mnist")]
+    pub dataset: DatasetKind,
+    /// Folder holding the dataset files.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Analyse these images (a PNG/JPEG file or a folder) instead of the dataset's: then, unless --data-dir
+    /// is given, the attacker's public images are every other one of them (held out from its evaluation).
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// Input size (images are resized to it). [default: the images' own size]
+    #[arg(long)]
+    pub input_size: Option<usize>,
+    /// Number of private images analysed.
+    #[arg(long, default_value_t = 20)]
+    pub samples: usize,
+    /// Number of public images the attacker trains its decoders on.
+    #[arg(long, default_value_t = 1000)]
+    pub public: usize,
+    /// Rank policies to evaluate (comma-separated; see `train --help` for the syntax).
+    #[arg(
+        long,
+        default_value = "schedule,asym1,asym2,entropy",
+        value_delimiter = ','
+    )]
+    pub ranks: Vec<RankArg>,
+    /// Noise-to-signal ratios to evaluate (comma-separated).
+    #[arg(
+        long,
+        default_value = "0,0.05,0.1,0.2",
+        value_delimiter = ',',
+        allow_negative_numbers = true
+    )]
+    pub nsr: Vec<f32>,
+    /// Lightweight-SVD iterations per component (1 or 2), as in training.
+    #[arg(long, default_value_t = 1)]
+    pub svd_iters: usize,
+    /// Decompose with one basis per batch (as `train --shared-basis`).
+    #[arg(long)]
+    pub shared_basis: bool,
+    /// Conv layers whose X_U is measured (comma-separated indices, or `all`).
+    #[arg(long, default_value = "all")]
+    pub layers: LayerSelection,
+    /// Conv layers attacked by the decoders (comma-separated indices, or `none`).
+    #[arg(long, default_value = "0,1,2")]
+    pub attack_layers: LayerSelection,
+    /// Decoders the attacker learns: ridge, conv (comma-separated), or none.
+    #[arg(long, default_value = "ridge,conv", value_delimiter = ',')]
+    pub decoders: Vec<Decoder>,
+    /// Training steps (batches of 32 public images) of each conv decoder.
+    #[arg(long, default_value_t = 300)]
+    pub decoder_steps: usize,
+    /// Neighbours k of the mutual-information estimators.
+    #[arg(long, default_value_t = 50)]
+    pub k: usize,
+    /// Threshold α of the local non-uniformity correction.
+    #[arg(long, default_value_t = 0.4)]
+    pub alpha: f64,
+    /// Pixel pairs per image given to the MI estimators (a seeded sample when the layer has more).
+    #[arg(long, default_value_t = 4096)]
+    pub mi_points: usize,
+    /// Jitter that breaks ties in I(X;X), as a fraction of the standard deviation of X.
+    #[arg(long, default_value_t = 1e-3)]
+    pub jitter: f64,
+    /// Kernel sizes of the patch-entropy study (the paper's Fig. 9).
+    #[arg(long, default_value = "1,3,5,7,9,11", value_delimiter = ',')]
+    pub kernel_sizes: Vec<usize>,
+    /// Also train the model in split mode once per --nsr and report test accuracy against leakage.
+    #[arg(long)]
+    pub tradeoff: bool,
+    /// Epochs of each trade-off training run.
+    #[arg(long, default_value_t = 1)]
+    pub tradeoff_epochs: usize,
+    /// Training images of each trade-off run. [default: the whole training split]
+    #[arg(long)]
+    pub tradeoff_train: Option<usize>,
+    /// Rank policy of the trade-off runs.
+    #[arg(long, default_value = "schedule")]
+    pub tradeoff_rank: RankArg,
+    /// Images per batch (the decomposition's batch, and training).
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Worker threads. [default: all cores]
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Seed of fresh weights, sampling and noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Folder for the PNG plots and image grids (and privacy.json).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// One JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Conv layers named on the command line: every one, or a list of indices (`none` or empty: no layer).
+/// Whether an index exists is known only once the model is built: see [`LayerSelection::resolve`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LayerSelection {
+    All,
+    /// Indices in the order given, without repeats.
+    List(Vec<usize>),
+}
+
+impl FromStr for LayerSelection {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "all" => Ok(LayerSelection::All),
+            "none" | "" => Ok(LayerSelection::List(Vec::new())),
+            list => {
+                let mut out = Vec::new();
+                for p in list.split(',') {
+                    let i: usize = p
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("'{p}' is not a layer index"))?;
+                    if !out.contains(&i) {
+                        out.push(i);
+                    }
+                }
+                Ok(LayerSelection::List(out))
+            }
+        }
+    }
+}
+
+impl LayerSelection {
+    /// The indices among the `n` conv layers of the model; `flag` names the flag in the error for an index
+    /// that does not exist.
+    pub(crate) fn resolve(&self, n: usize, flag: &str) -> anyhow::Result<Vec<usize>> {
+        match self {
+            LayerSelection::All => Ok((0..n).collect()),
+            LayerSelection::List(list) => match list.iter().find(|&&i| i >= n) {
+                Some(i) => anyhow::bail!(
+                    "{flag}: layer {i} does not exist (the model has {n} conv layers)"
+                ),
+                None => Ok(list.clone()),
+            },
+        }
+    }
+}
+
+/// A decoder the attacker learns from a stream back to the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Decoder {
+    /// Ridge regression on 3×3 windows of the stream.
+    Ridge,
+    /// A small conv decoder trained with asymml's engine.
+    Conv,
+    /// No decoder (no attack).
+    None,
+}
+
+impl Decoder {
+    /// The decoder's name in the report.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Decoder::Ridge => "ridge",
+            Decoder::Conv => "conv",
+            Decoder::None => "none",
+        }
+    }
+}
+
+const PRIVACY_HELP: &str = "\
+What is measured (every stream is taken from a recording of the messages the split runtime really sends):
+
+1. Low-rank structure, per conv layer: the singular-value spectrum of each sample's input X (channels x pixels),
+   the energy kept by each rank policy's r (exact optimum, and what the lightweight SVD kept), the SVD-channel
+   entropy mu = -log2 sum (s/sum s)^2 and ceil(2^mu), and the r each policy picks. The kernel-size study: the
+   entropy of the k x k patch channels of the images for each --kernel-sizes (the paper's Fig. 9).
+2. Mutual information, per image, between the pixel values of X and of what the accelerator sees at the same
+   position (2-D samples, KSG with the local non-uniformity correction, --k, --alpha): rel_mi = I(X;X_U)/I(X;X).
+   I(X;X) depends on the jitter that breaks ties (--jitter); the output states it, and gives beside it the
+   Linfoot coefficient sqrt(1-exp(-2 I(X;X_U))) (0: independent, 1: a function of X), which needs no
+   normalisation. Streams: X_U of each conv (--layers), for each --ranks and --nsr, and in training the
+   output gradient dY of the first conv, paired with the channel mean of the image.
+3. Reconstruction attacks: an attacker who knows the model and has --public images of the same kind simulates
+   the split on them and learns a decoder from X_U back to the image: ridge regression on 3x3 windows of X_U,
+   and a small conv decoder (3 conv layers of 48 channels, sub-pixel upsampling, Adam, MSE, --decoder-steps) trained with asymml's engine.
+   PSNR (dB) and SSIM (Gaussian window 11, sigma 1.5) on the held-out private images, beside the same
+   decoders trained on X itself (what sending X in the clear would leak) and the mean image.
+4. With --tradeoff: the model trained in split mode for each --nsr; test accuracy against leakage.
+
+--json prints one object: {\"layers\":[...],\"kernel_study\":[...],\"settings\":[{\"layer\",\"stream\",\"rank_policy\",
+\"rank\",\"nsr\",\"energy_kept\",\"entropy\",\"rel_mi\",\"linfoot\",\"psnr_db\",\"ssim\",...}],\"tradeoff\":[...]}.
+--out DIR writes privacy.json, spectra.png, energy.png, kernel_entropy.png, leakage.png, attack grids
+(attack_<layer>_<rank>_nsr<nsr>.png: X, X_T, X_U, and each decoder's reconstruction) and tradeoff.png.
+
+Examples:
+  asymml privacy --images ../shared/data/images/cifar10 --samples 20 --out privacy-cifar
+  asymml privacy --dataset fashion-mnist --data-dir ../shared/data/fashion-mnist --weights runs/vgg-small/model.safetensors --tradeoff --out privacy-fmnist";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_selections() {
+        let parse = |s: &str| s.parse::<LayerSelection>();
+        assert_eq!(
+            parse("all").unwrap().resolve(3, "--layers").unwrap(),
+            vec![0, 1, 2]
+        );
+        assert!(parse("none")
+            .unwrap()
+            .resolve(3, "--layers")
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            parse("2,0,2").unwrap().resolve(3, "--layers").unwrap(),
+            vec![2, 0]
+        );
+        let err = parse("3").unwrap().resolve(3, "--layers").unwrap_err();
+        assert!(
+            err.to_string().contains("--layers: layer 3 does not exist"),
+            "{err}"
+        );
+        assert!(parse("x").is_err());
+    }
+}

@@ -1,0 +1,351 @@
+//! `asymml privacy`'s plan: the flags checked and resolved into the images, the model and the settings to
+//! measure, before any measurement.
+
+use super::args::{Decoder, PrivacyArgs};
+use super::attack::PixelScale;
+use super::leakage::MiConfig;
+use crate::batch::{check_fit, fit_to};
+use crate::data::{self, Dataset};
+use crate::weightfile::{self, WeightInfo};
+use anyhow::{bail, Context, Result};
+use asymml_core::decomp::RankPolicy;
+use asymml_core::models::{ModelSpec, Net};
+use asymml_core::weights;
+use asymml_trusted::split::SplitConfig;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Everything `asymml privacy` measures, resolved from its flags.
+pub(crate) struct Plan {
+    pub args: PrivacyArgs,
+    /// Worker threads.
+    pub threads: usize,
+    pub data: Data,
+    pub model: Model,
+    /// Conv layers whose X_U is measured.
+    pub mi_layers: Vec<usize>,
+    /// Conv layers attacked (none without decoders, attacked images or public images).
+    pub attack_layers: Vec<usize>,
+    /// The decoders the attacker learns (`--decoders` without `none`).
+    pub decoders: Vec<Decoder>,
+    pub mi: MiConfig,
+    /// The private images' normalisation, to score reconstructions in pixels.
+    pub scale: PixelScale,
+}
+
+impl Plan {
+    /// Checks the flags, loads the images and the model, and resolves the layers and decoders. Creates the
+    /// `--out` folder.
+    pub(crate) fn resolve(args: PrivacyArgs, threads: usize) -> Result<Plan> {
+        check(&args)?;
+        let (weight_bytes, info) = match &args.weights {
+            Some(p) => {
+                let (b, i) = weightfile::read(p)?;
+                (Some(b), i)
+            }
+            None => (None, WeightInfo::default()),
+        };
+        let data = Data::load(&args, &info)?;
+        if data.private.is_empty() {
+            bail!("no images to analyse");
+        }
+        let model = Model::build(&args, &info, weight_bytes.as_deref(), &data.private)?;
+        let n_convs = model.convs.len();
+        let mi_layers = args.layers.resolve(n_convs, "--layers")?;
+        let decoders: Vec<Decoder> = args
+            .decoders
+            .iter()
+            .copied()
+            .filter(|d| *d != Decoder::None)
+            .collect();
+        let attack_layers =
+            if decoders.is_empty() || data.attacked.is_empty() || data.public.is_empty() {
+                Vec::new()
+            } else {
+                args.attack_layers.resolve(n_convs, "--attack-layers")?
+            };
+        if let Some(out) = &args.out {
+            std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        }
+        Ok(Plan {
+            mi: MiConfig {
+                k: args.k,
+                alpha: args.alpha,
+                points: args.mi_points,
+                jitter: args.jitter,
+                seed: args.seed,
+            },
+            scale: PixelScale {
+                mean: data.private.mean.clone(),
+                std: data.private.std.clone(),
+            },
+            args,
+            threads,
+            data,
+            model,
+            mi_layers,
+            attack_layers,
+            decoders,
+        })
+    }
+
+    /// The split's settings for a rank policy and noise level (the trusted runtime's training defaults).
+    pub(crate) fn split(&self, policy: RankPolicy, nsr: f32, seed: u64) -> SplitConfig {
+        SplitConfig {
+            policy,
+            iters: self.args.svd_iters,
+            nsr,
+            seed,
+            shared_basis: self.args.shared_basis,
+        }
+    }
+}
+
+/// The checks of the flags' values that their types do not make.
+fn check(a: &PrivacyArgs) -> Result<()> {
+    if a.batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    if a.samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    if !(1..=2).contains(&a.svd_iters) {
+        bail!("--svd-iters must be 1 or 2");
+    }
+    if a.k == 0 || !(a.alpha > 0.0 && a.alpha < 1.0) || a.jitter.is_nan() || a.jitter <= 0.0 {
+        bail!("--k must be at least 1, --alpha in (0, 1) and --jitter positive");
+    }
+    if a.nsr.iter().any(|v| !(v.is_finite() && *v >= 0.0)) {
+        bail!("--nsr values must be non-negative numbers");
+    }
+    for &k in &a.kernel_sizes {
+        if k == 0 || k % 2 == 0 {
+            bail!("--kernel-sizes must be odd numbers (got {k})");
+        }
+    }
+    Ok(())
+}
+
+/// The images to analyse and the attacker's public images.
+pub(crate) struct Data {
+    pub private: Dataset,
+    pub public: Dataset,
+    /// Indices into `private` of the images attacked (held out from the attacker's training).
+    pub attacked: Vec<usize>,
+    pub describe: String,
+}
+
+impl Data {
+    /// The images of `--images`, else the dataset's (normalised as the weights record, when they do).
+    fn load(a: &PrivacyArgs, info: &WeightInfo) -> Result<Data> {
+        match &a.images {
+            Some(images) => Data::from_images(a, images, info),
+            None => Data::from_dataset(a),
+        }
+    }
+
+    /// The first `--samples` of `--images`; the attacker's public images are the first `--public` of
+    /// `--data-dir`'s training split when given, else the even-numbered private images (the odd-numbered ones
+    /// are attacked).
+    fn from_images(a: &PrivacyArgs, images: &Path, info: &WeightInfo) -> Result<Data> {
+        let norm = match (&info.mean, &info.std) {
+            (Some(m), Some(s)) => Some((m.clone(), s.clone())),
+            _ => None,
+        };
+        let channels = info.spec.as_ref().map_or(3, |s| s.in_ch);
+        let classes = info.spec.as_ref().map_or(10, |s| s.classes);
+        let size = a.input_size.or(info.spec.as_ref().map(|s| s.input_size));
+        let all = images_dataset(images, channels, size, classes, norm)?;
+        let n = all.len().min(a.samples);
+        let private = all.select(&(0..n).collect::<Vec<_>>());
+        if let Some(dir) = &a.data_dir {
+            let (train, _) = data::load(a.dataset, Some(dir), channels, private.h, a.seed)?;
+            let train = fit_to(train, private.h);
+            let public = train.select(&(0..a.public.min(train.len())).collect::<Vec<_>>());
+            return Ok(Data {
+                attacked: (0..private.len()).collect(),
+                describe: format!("{} ({} images)", images.display(), private.len()),
+                private,
+                public,
+            });
+        }
+        let public = private.select(&(0..n).step_by(2).collect::<Vec<_>>());
+        Ok(Data {
+            attacked: (1..n).step_by(2).collect(),
+            describe: format!(
+                "{} ({} images; attacker trains on the even-numbered ones)",
+                images.display(),
+                private.len()
+            ),
+            private,
+            public,
+        })
+    }
+
+    /// The first `--samples` of the dataset's test split; the attacker's public images are the first
+    /// `--public` of its training split.
+    fn from_dataset(a: &PrivacyArgs) -> Result<Data> {
+        let (train, test) = data::load(a.dataset, a.data_dir.as_deref(), 3, 224, a.seed)?;
+        let (train, test) = match a.input_size {
+            Some(s) => (fit_to(train, s), fit_to(test, s)),
+            None => (train, test),
+        };
+        let private = test.select(&(0..a.samples.min(test.len())).collect::<Vec<_>>());
+        let public = train.select(&(0..a.public.min(train.len())).collect::<Vec<_>>());
+        Ok(Data {
+            attacked: (0..private.len()).collect(),
+            describe: format!(
+                "{} {} ({} test images; attacker: {} training images)",
+                a.dataset,
+                a.data_dir
+                    .as_ref()
+                    .map_or("(embedded sample)".to_string(), |d| d.display().to_string()),
+                private.len(),
+                public.len()
+            ),
+            private,
+            public,
+        })
+    }
+}
+
+/// Per-channel mean and standard deviation (0..1 units) of `n` u8 images of `c` planes of `hw` pixels.
+fn channel_stats(images: &[u8], c: usize, hw: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut mean = vec![0f32; c];
+    let mut std = vec![1f32; c];
+    for ch in 0..c {
+        let (mut s, mut s2, mut n) = (0f64, 0f64, 0f64);
+        for img in images.chunks(c * hw) {
+            for &v in &img[ch * hw..(ch + 1) * hw] {
+                let x = v as f64 / 255.0;
+                s += x;
+                s2 += x * x;
+                n += 1.0;
+            }
+        }
+        if n > 0.0 {
+            let m = s / n;
+            mean[ch] = m as f32;
+            std[ch] = ((s2 / n - m * m).max(0.0).sqrt() as f32).max(1e-3);
+        }
+    }
+    (mean, std)
+}
+
+/// The class label in a file name ending in `_<label>` (as the CIFAR-10 sample's), else 0.
+fn label_of(path: &Path, classes: usize) -> u32 {
+    path.file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.rsplit('_').next())
+        .and_then(|l| l.parse::<u32>().ok())
+        .filter(|&l| (l as usize) < classes)
+        .unwrap_or(0)
+}
+
+/// Loads the images of `--images` as a dataset (normalised with `norm`, else with their own statistics).
+fn images_dataset(
+    path: &Path,
+    channels: usize,
+    size: Option<usize>,
+    classes: usize,
+    norm: Option<(Vec<f32>, Vec<f32>)>,
+) -> Result<Dataset> {
+    let files = data::list_images(path)?;
+    let size = match size {
+        Some(s) => s,
+        None => {
+            let (w, h) = image::image_dimensions(&files[0])
+                .with_context(|| format!("reading {}", files[0].display()))?;
+            w.min(h) as usize
+        }
+    };
+    let mut images = Vec::with_capacity(files.len() * channels * size * size);
+    let mut labels = Vec::with_capacity(files.len());
+    for f in &files {
+        images.extend(data::load_image(f, channels, size)?);
+        labels.push(label_of(f, classes));
+    }
+    let (mean, std) = norm.unwrap_or_else(|| channel_stats(&images, channels, size * size));
+    Ok(Dataset {
+        images,
+        n: files.len(),
+        c: channels,
+        h: size,
+        w: size,
+        labels,
+        num_classes: classes,
+        class_names: (0..classes).map(|i| i.to_string()).collect(),
+        mean,
+        std,
+    })
+}
+
+/// The model: its spec and weights (a fresh network per run, the same weights every time), and the name and
+/// input channels of each conv.
+pub(crate) struct Model {
+    pub spec: ModelSpec,
+    /// The weights, serialised.
+    bytes: Vec<u8>,
+    seed: u64,
+    pub convs: Vec<(String, usize)>,
+}
+
+impl Model {
+    /// The model of `--model`/`--weights` for the private images: the weights' (checked against the
+    /// images), else `--model` (default vgg-small) with fresh weights from `--seed`.
+    fn build(
+        a: &PrivacyArgs,
+        info: &WeightInfo,
+        weight_bytes: Option<&[u8]>,
+        private: &Dataset,
+    ) -> Result<Model> {
+        let spec = match &info.spec {
+            Some(_) => weightfile::resolve_spec(
+                info,
+                a.model.as_deref(),
+                Some(private.c),
+                Some(private.num_classes),
+                Some(private.h),
+            )?,
+            None => ModelSpec::parse(
+                a.model.as_deref().unwrap_or("vgg-small"),
+                private.c,
+                private.num_classes.max(2),
+                private.h,
+            )?,
+        };
+        check_fit(&spec, private, "private")?;
+        let mut net = spec.build(a.seed)?;
+        if let (Some(b), Some(p)) = (weight_bytes, &a.weights) {
+            weightfile::load_into(&mut net, b, p)?;
+        }
+        let bytes = weights::serialize(&weights::state_entries(&mut net), &BTreeMap::new())?;
+        let mut convs = Vec::new();
+        net.visit_convs(&mut |name, c| convs.push((name.to_string(), c.in_ch)));
+        Ok(Model {
+            spec,
+            bytes,
+            seed: a.seed,
+            convs,
+        })
+    }
+
+    /// A fresh network with the model's weights.
+    pub(crate) fn net(&self) -> Result<Net> {
+        let mut net = self.spec.build(self.seed)?;
+        weights::load_bytes(&mut net, &self.bytes, "")?;
+        Ok(net)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_from_file_names() {
+        assert_eq!(label_of(Path::new("a/cifar10_03_7.png"), 10), 7);
+        assert_eq!(label_of(Path::new("a/cat.png"), 10), 0);
+        assert_eq!(label_of(Path::new("a/x_12.png"), 10), 0);
+    }
+}

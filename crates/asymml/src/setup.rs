@@ -1,0 +1,140 @@
+//! Setting up a session: the split configuration from the flags, the accelerator it reaches, and the
+//! registration of the model's conv layers there.
+
+use crate::accelerator::{self, AcceleratorHandle};
+use crate::cli::SplitArgs;
+use crate::values::AcceleratorSpec;
+use anyhow::{bail, Result};
+use asymml_core::decomp::RankPolicy;
+use asymml_core::models::Net;
+use asymml_core::optim::{LrSchedule, OptimizerKind};
+use asymml_trusted::remote::RemoteClient;
+use asymml_trusted::split::{SplitConfig, SplitExec};
+use asymml_trusted::{Mode, Session, TrainConfig};
+use asymml_untrusted::Device;
+
+/// The split runtime's settings, resolved from the flags: the decomposition and where the accelerator is.
+#[derive(Clone, Debug)]
+pub(crate) struct SplitSetup {
+    pub(crate) config: SplitConfig,
+    pub(crate) accelerator: AcceleratorSpec,
+    /// Threads of a locally started accelerator.
+    pub(crate) accelerator_threads: usize,
+    /// Where a locally started accelerator computes.
+    pub(crate) device: Device,
+}
+
+impl SplitSetup {
+    /// From the flags, which must name one rank policy; `threads` is the local accelerator's default.
+    pub(crate) fn from_args(a: &SplitArgs, threads: usize, seed: u64) -> Result<Self> {
+        let [rank] = a.rank.as_slice() else {
+            bail!("--rank: give one rank policy (only `asymml bench` times several)");
+        };
+        Ok(Self::with_policy(a, rank.policy, threads, seed))
+    }
+
+    /// From the flags with the rank policy `policy`.
+    pub(crate) fn with_policy(
+        a: &SplitArgs,
+        policy: RankPolicy,
+        threads: usize,
+        seed: u64,
+    ) -> Self {
+        SplitSetup {
+            config: SplitConfig {
+                policy,
+                iters: a.svd_iters,
+                nsr: a.noise,
+                seed,
+                shared_basis: a.shared_basis,
+            },
+            accelerator: a.accelerator.clone(),
+            accelerator_threads: a.accelerator_threads.unwrap_or(threads),
+            device: a.accelerator_device.unwrap_or_default(),
+        }
+    }
+
+    /// `config` with an in-process accelerator of `threads` threads on the CPU.
+    pub(crate) fn inproc(config: SplitConfig, threads: usize) -> Self {
+        SplitSetup {
+            config,
+            accelerator: AcceleratorSpec::InProc,
+            accelerator_threads: threads,
+            device: Device::Cpu,
+        }
+    }
+
+    /// Starts (or reaches) the accelerator.
+    pub(crate) fn start(
+        &self,
+    ) -> Result<(
+        Box<dyn asymml_protocol::Transport + Send>,
+        AcceleratorHandle,
+    )> {
+        accelerator::start(&self.accelerator, self.accelerator_threads, self.device)
+    }
+}
+
+/// A session in `mode`: trusted-only computes every conv here; split starts (or reaches) the accelerator,
+/// registers the conv layers and returns the handle that keeps a local accelerator alive.
+pub(crate) fn make_session(
+    net: Net,
+    config: TrainConfig,
+    mode: Mode,
+    split: &SplitSetup,
+) -> Result<(Session, Option<AcceleratorHandle>)> {
+    let mut session = Session::new(net, config, mode);
+    let handle = attach_accelerator(&mut session, split)?;
+    Ok((session, handle))
+}
+
+/// A session for inference only (the optimizer is never used).
+pub(crate) fn inference_session(
+    net: Net,
+    mode: Mode,
+    split: &SplitSetup,
+) -> Result<(Session, Option<AcceleratorHandle>)> {
+    let config = TrainConfig {
+        optimizer: OptimizerKind::Sgd {
+            momentum: 0.0,
+            nesterov: false,
+        },
+        lr: 0.0,
+        weight_decay: 0.0,
+        schedule: LrSchedule::Constant,
+    };
+    make_session(net, config, mode, split)
+}
+
+/// In split mode, starts (or reaches) the accelerator and registers the session's conv layers with their
+/// current weights (so call it after loading weights or a checkpoint); in untrusted-only mode, hands it the
+/// whole network; nothing in trusted-only mode.
+pub(crate) fn attach_accelerator(
+    session: &mut Session,
+    split: &SplitSetup,
+) -> Result<Option<AcceleratorHandle>> {
+    let (kind, wd) = (session.config.optimizer, session.config.weight_decay);
+    match session.mode {
+        Mode::TrustedOnly => Ok(None),
+        Mode::Split => {
+            let (transport, handle) = split.start()?;
+            let exec =
+                SplitExec::connect(transport, &mut session.net, kind, wd, split.config.clone())?;
+            session.set_split_exec(exec);
+            Ok(Some(handle))
+        }
+        Mode::UntrustedOnly => {
+            if split.device != Device::Cpu {
+                bail!(
+                    "--mode untrusted-only runs the whole network on the CPU accelerator backend only; \
+                     --accelerator-device {} is for --mode split",
+                    split.device
+                );
+            }
+            let (transport, handle) = split.start()?;
+            let remote = RemoteClient::connect(transport, &mut session.net, kind, wd)?;
+            session.set_remote(Box::new(remote));
+            Ok(Some(handle))
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! The worker threads of the trusted runtime's CPU kernels (rayon's global pool).
+
+use anyhow::{bail, Result};
+
+/// Builds the global rayon pool with `threads` workers (all cores when `None`); returns the pool's size.
+pub(crate) fn init(threads: Option<usize>) -> Result<usize> {
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if n == 0 {
+        bail!("--threads must be at least 1");
+    }
+    // A second call (tests) keeps the first pool; that is fine.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
+    Ok(rayon::current_num_threads())
+}
