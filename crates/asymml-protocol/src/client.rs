@@ -1,6 +1,7 @@
 //! The two ends of a conversation: [`Client`] (the trusted runtime) and [`serve`] (the accelerator).
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use crate::codec::{decode_reply, decode_request, encode_reply, encode_request};
 use crate::error::{ProtocolError, Result};
@@ -11,7 +12,7 @@ use crate::transport::Transport;
 ///
 /// Requests and replies are split ([`send_request`](Self::send_request), [`recv_reply`](Self::recv_reply)) so the
 /// trusted side can compute while the accelerator works; replies come in request order. Errors carry the request
-/// they belong to, e.g. `ConvForward(layer 3): accelerator connection closed: …`.
+/// they belong to, e.g. `ConvForward(layer 3): connection closed: …`.
 pub struct Client<T: Transport> {
     transport: T,
     max_message: u32,
@@ -161,28 +162,75 @@ pub fn serve<T: Transport>(transport: T, handler: &mut dyn FnMut(Request) -> Rep
     serve_with(transport, MAX_MESSAGE, handler)
 }
 
+/// The largest frame body accepted before the handshake (a `Hello` takes 9 bytes).
+pub const MAX_HELLO: u32 = 4096;
+
+/// Limits of the accelerator's loop ([`serve_opts`]). `None` timeouts wait forever.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// This side's largest message body after the handshake.
+    pub max_message: u32,
+    /// The largest frame body accepted before the handshake ([`MAX_HELLO`]).
+    pub max_hello: u32,
+    /// The whole `Hello` frame must arrive within this, from the start of the loop.
+    pub handshake_timeout: Option<Duration>,
+    /// After the handshake, each request frame must arrive whole within this, counted from the previous
+    /// reply (or the handshake's).
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            max_message: MAX_MESSAGE,
+            max_hello: MAX_HELLO,
+            handshake_timeout: None,
+            idle_timeout: None,
+        }
+    }
+}
+
+/// [`serve_opts`] with `max_message` as this side's largest message and no timeouts.
+pub fn serve_with<T: Transport>(
+    transport: T,
+    max_message: u32,
+    handler: &mut dyn FnMut(Request) -> Reply,
+) -> Result<()> {
+    let opts = ServeOptions {
+        max_message,
+        ..ServeOptions::default()
+    };
+    serve_opts(transport, &opts, handler)
+}
+
 /// The accelerator's loop: does the handshake, then answers every request with `handler`'s reply until
 /// `Shutdown` (answered with the handler's reply too, then `Ok(())`) or until the peer closes the connection
 /// between two messages (`Ok(())`). The handler never sees `Hello`.
 ///
-/// A malformed request is answered with `Reply::Error` naming the fault and the loop goes on; a broken connection
-/// (a close mid-frame, a frame over the maximum size, a timeout) ends it with the error. A version mismatch is
-/// answered with `Reply::Error` naming both versions and returned as [`ProtocolError::Version`].
-pub fn serve_with<T: Transport>(
+/// Before the handshake only frames of at most `opts.max_hello` bytes are read, and the `Hello` must arrive
+/// within `opts.handshake_timeout`; afterwards each request frame must arrive within `opts.idle_timeout`.
+/// A malformed request is answered with `Reply::Error` naming the fault and the loop goes on; a broken
+/// connection (a close mid-frame, a timeout) ends it with the error, and so does a frame over the maximum size
+/// (after an Error reply saying so). A version mismatch is answered with `Reply::Error` naming both versions
+/// and returned as [`ProtocolError::Version`].
+pub fn serve_opts<T: Transport>(
     mut transport: T,
-    max_message: u32,
+    opts: &ServeOptions,
     handler: &mut dyn FnMut(Request) -> Reply,
 ) -> Result<()> {
-    transport.set_max_message(max_message);
+    let max_message = opts.max_message;
     let mut buf = Vec::new();
     let mut out = Vec::new();
 
-    // Handshake.
+    // Handshake: a tiny frame, within the handshake timeout.
+    transport.set_max_message(opts.max_hello.min(max_message));
+    transport.set_frame_timeout(opts.handshake_timeout);
     match transport.recv_into(&mut buf) {
+        Ok(()) => {}
         Err(ProtocolError::Closed {
             mid_frame: false, ..
         }) => return Ok(()),
-        r => r.map_err(|e| e.context("handshake"))?,
+        Err(e) => return Err(refuse_frame(&mut transport, e, &mut out).context("handshake")),
     }
     let negotiated = match decode_request(&buf, max_message) {
         Ok(Request::Hello {
@@ -234,6 +282,7 @@ pub fn serve_with<T: Transport>(
     };
     send_reply(&mut transport, &ack, max_message, &mut out)?;
     transport.set_max_message(negotiated);
+    transport.set_frame_timeout(opts.idle_timeout);
 
     loop {
         match transport.recv_into(&mut buf) {
@@ -241,7 +290,7 @@ pub fn serve_with<T: Transport>(
             Err(ProtocolError::Closed {
                 mid_frame: false, ..
             }) => return Ok(()),
-            Err(e) => return Err(e),
+            Err(e) => return Err(refuse_frame(&mut transport, e, &mut out)),
         }
         let (reply, last) = match decode_request(&buf, negotiated) {
             Ok(Request::Hello { .. }) => (Reply::error("handshake already done"), false),
@@ -263,6 +312,19 @@ pub fn serve_with<T: Transport>(
             return Ok(());
         }
     }
+}
+
+/// The end of a conversation whose frame could not be read: a frame over the size limit is answered with an
+/// Error reply naming the limit (best effort: the connection closes next either way); `e` is returned.
+fn refuse_frame<T: Transport>(
+    transport: &mut T,
+    e: ProtocolError,
+    out: &mut Vec<u8>,
+) -> ProtocolError {
+    if let ProtocolError::TooLarge { .. } = e {
+        let _ = send_reply(transport, &Reply::error(e.to_string()), MAX_HELLO, out);
+    }
+    e
 }
 
 fn send_reply<T: Transport>(

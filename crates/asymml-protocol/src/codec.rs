@@ -502,7 +502,9 @@ fn decode_body(body: &[u8]) -> Result<Message> {
                 });
             }
             let n = r.u32("Register.weights count")? as usize;
-            let mut weights = Vec::with_capacity(n.min(r.remaining() / 2));
+            // The smallest entry is 6 bytes (a rank-0 tensor and an absent bias): the capacity reserved is at
+            // most 16× the frame (an entry is 96 bytes in memory).
+            let mut weights = Vec::with_capacity(n.min(r.remaining() / 6));
             for _ in 0..n {
                 let w = r.tensor("w")?;
                 let b = r.opt_tensor("b")?;
@@ -649,7 +651,8 @@ impl<'a> Reader<'a> {
 
     fn named_tensors(&mut self) -> Result<Vec<(String, WireTensor)>> {
         let n = self.u32("named tensors count")? as usize;
-        let mut out = Vec::with_capacity(n.min(self.remaining() / 5));
+        // The smallest entry is 9 bytes (a 4-byte name length and a rank-0 tensor).
+        let mut out = Vec::with_capacity(n.min(self.remaining() / 9));
         for _ in 0..n {
             let name = self.string("tensor name")?;
             out.push((name, self.tensor("state")?));

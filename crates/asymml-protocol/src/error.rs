@@ -59,10 +59,10 @@ pub enum ProtocolError {
     Tensor(String),
     /// The connection closed, at a frame boundary (`mid_frame == false`: the peer hung up between messages) or
     /// in the middle of a frame.
-    #[error("accelerator connection closed: {detail}")]
+    #[error("connection closed: {detail}")]
     Closed { detail: String, mid_frame: bool },
     /// A read or write timed out.
-    #[error("accelerator connection timed out: {detail}")]
+    #[error("connection timed out: {detail}")]
     Timeout { detail: String },
     /// Any other I/O failure.
     #[error("i/o error while {context}")]

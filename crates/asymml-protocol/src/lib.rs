@@ -17,7 +17,7 @@ pub mod message;
 pub mod recording;
 pub mod transport;
 
-pub use client::{serve, serve_with, Client};
+pub use client::{serve, serve_opts, serve_with, Client, ServeOptions, MAX_HELLO};
 pub use codec::{decode_message, decode_reply, decode_request, encode_reply, encode_request};
 pub use declassify::{
     accelerator_result, declassify_input_untrusted_only, declassify_logit_grad,
@@ -34,5 +34,5 @@ pub use recording::{Direction, Record, RecordedTensor, Recording, Transcript};
 pub use transport::UnixTransport;
 pub use transport::{
     connect, inproc_pair, inproc_pair_with, Address, InProcTransport, Listener, TcpTransport,
-    Transport, TransportOptions,
+    Transport, TransportOptions, READ_CHUNK,
 };

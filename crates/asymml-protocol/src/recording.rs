@@ -170,4 +170,7 @@ impl<T: Transport> Transport for Recording<T> {
     fn peer(&self) -> String {
         self.inner.peer()
     }
+    fn set_frame_timeout(&mut self, timeout: Option<std::time::Duration>) {
+        self.inner.set_frame_timeout(timeout)
+    }
 }

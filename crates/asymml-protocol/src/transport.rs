@@ -50,6 +50,14 @@ pub trait Transport {
 
     /// The peer, for messages (e.g. `tcp://127.0.0.1:7000`).
     fn peer(&self) -> String;
+
+    /// Sets the longest time one whole frame may take to arrive, counted from the start of each
+    /// [`recv_into`](Self::recv_into) (`None`: no such bound; the read timeout alone applies). A read timeout
+    /// bounds the wait for the next bytes only, so a peer sending one byte a second outlives it; this bounds
+    /// the frame. The default ignores it (a transport without a clock of its own).
+    fn set_frame_timeout(&mut self, timeout: Option<Duration>) {
+        let _ = timeout;
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for &mut T {
@@ -70,6 +78,9 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     }
     fn peer(&self) -> String {
         (**self).peer()
+    }
+    fn set_frame_timeout(&mut self, timeout: Option<Duration>) {
+        (**self).set_frame_timeout(timeout)
     }
 }
 
@@ -92,6 +103,9 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     fn peer(&self) -> String {
         (**self).peer()
     }
+    fn set_frame_timeout(&mut self, timeout: Option<Duration>) {
+        (**self).set_frame_timeout(timeout)
+    }
 }
 
 /// Settings of a transport. `None` timeouts wait forever.
@@ -103,6 +117,8 @@ pub struct TransportOptions {
     pub write_timeout: Option<Duration>,
     /// Longest wait to connect (socket transports).
     pub connect_timeout: Option<Duration>,
+    /// Longest time one whole frame may take to arrive (see [`Transport::set_frame_timeout`]).
+    pub frame_timeout: Option<Duration>,
     /// Largest body accepted before the handshake negotiates one.
     pub max_message: u32,
 }
@@ -113,16 +129,18 @@ impl Default for TransportOptions {
             read_timeout: None,
             write_timeout: None,
             connect_timeout: Some(Duration::from_secs(30)),
+            frame_timeout: None,
             max_message: MAX_MESSAGE,
         }
     }
 }
 
 impl TransportOptions {
-    /// Options with the same read and write timeout.
+    /// Options with the same read, write, connect and frame timeout.
     pub fn with_timeout(timeout: Duration) -> Self {
         TransportOptions {
             read_timeout: Some(timeout),
+            frame_timeout: Some(timeout),
             write_timeout: Some(timeout),
             connect_timeout: Some(timeout),
             ..TransportOptions::default()
@@ -149,6 +167,7 @@ pub struct InProcTransport {
     /// Buffers received back and not yet reused (at most [`SPARES`]).
     spares: Vec<Vec<u8>>,
     read_timeout: Option<Duration>,
+    frame_timeout: Option<Duration>,
     max_message: u32,
     name: &'static str,
 }
@@ -171,6 +190,7 @@ pub fn inproc_pair_with(opts: &TransportOptions) -> (InProcTransport, InProcTran
         spare_rx,
         spares: Vec::new(),
         read_timeout: opts.read_timeout,
+        frame_timeout: opts.frame_timeout,
         max_message: opts.max_message,
         name,
     };
@@ -218,7 +238,12 @@ impl Transport for InProcTransport {
     }
 
     fn recv_into(&mut self, buf: &mut Vec<u8>) -> Result<()> {
-        let frame = match self.read_timeout {
+        // A frame arrives whole here: the read and the frame timeout bound the same wait.
+        let timeout = match (self.read_timeout, self.frame_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let frame = match timeout {
             None => self
                 .rx
                 .recv()
@@ -258,16 +283,75 @@ impl Transport for InProcTransport {
     fn peer(&self) -> String {
         self.name.to_string()
     }
+
+    fn set_frame_timeout(&mut self, timeout: Option<Duration>) {
+        self.frame_timeout = timeout;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Byte streams (TCP, Unix sockets)
 
-/// Reads one frame from a byte stream into `buf`. The length prefix is checked against `max` before the body is
-/// allocated; `buf` keeps its allocation when large enough.
-fn read_frame<S: Read>(s: &mut S, buf: &mut Vec<u8>, max: u32, peer: &str) -> Result<()> {
+/// How far a frame body's buffer may grow ahead of the bytes that arrived: a length prefix alone never makes
+/// the reader allocate more than this (plus what the buffer already held).
+pub const READ_CHUNK: usize = 1 << 20;
+
+/// A byte stream whose read timeout can be changed between reads (sockets; byte slices in tests).
+trait TimedRead: Read {
+    fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+}
+
+impl TimedRead for TcpStream {
+    fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)
+    }
+}
+
+#[cfg(unix)]
+impl TimedRead for UnixStream {
+    fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)
+    }
+}
+
+#[cfg(test)]
+impl TimedRead for &[u8] {
+    fn set_timeout(&self, _: Option<Duration>) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The waits of one frame read: the socket's read timeout (for the next bytes) and the frame's deadline.
+#[derive(Clone, Copy)]
+struct Waits {
+    read_timeout: Option<Duration>,
+    frame_timeout: Option<Duration>,
+}
+
+/// Reads one frame from a byte stream into `buf`. The length prefix is checked against `max`; the body's
+/// buffer then grows as its bytes arrive, at most [`READ_CHUNK`] ahead of them (a reused `buf` keeps its
+/// allocation, and its old bytes are overwritten without zeroing). With a frame timeout the whole frame must
+/// arrive within it.
+fn read_frame<S: TimedRead>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+    max: u32,
+    peer: &str,
+    waits: Waits,
+) -> Result<()> {
+    let mut r = FrameReader {
+        deadline: waits.frame_timeout.map(|t| (Instant::now() + t, t)),
+        waits,
+        peer,
+    };
     let mut prefix = [0u8; LEN_PREFIX];
-    read_full(s, &mut prefix, peer, "the length prefix", true)?;
+    let mut got = 0;
+    while got < LEN_PREFIX {
+        match r.read_some(s, &mut prefix[got..], got == 0)? {
+            0 => return Err(r.closed(got, LEN_PREFIX, "the length prefix", got == 0)),
+            n => got += n,
+        }
+    }
     let len = u32::from_le_bytes(prefix);
     if len > max {
         return Err(ProtocolError::TooLarge {
@@ -275,48 +359,90 @@ fn read_frame<S: Read>(s: &mut S, buf: &mut Vec<u8>, max: u32, peer: &str) -> Re
             max: u64::from(max),
         });
     }
-    let total = LEN_PREFIX + len as usize;
-    // resize() without clear(): only bytes beyond the old length are zeroed.
-    buf.resize(total, 0);
+    let body = len as usize;
+    buf.truncate(LEN_PREFIX + body);
+    if buf.len() < LEN_PREFIX {
+        buf.resize(LEN_PREFIX, 0);
+    }
     buf[..LEN_PREFIX].copy_from_slice(&prefix);
-    read_full(s, &mut buf[LEN_PREFIX..], peer, "the frame body", false)
-}
-
-/// Fills `out`; tells a close at the frame boundary (nothing read, `at_boundary`) from a close mid-frame.
-fn read_full<S: Read>(
-    s: &mut S,
-    out: &mut [u8],
-    peer: &str,
-    what: &str,
-    at_boundary: bool,
-) -> Result<()> {
     let mut got = 0;
-    while got < out.len() {
-        match s.read(&mut out[got..]) {
-            Ok(0) => {
-                let clean = at_boundary && got == 0;
-                let detail = if clean {
-                    format!("{peer} closed the connection")
-                } else {
-                    format!(
-                        "{peer} closed the connection mid-frame ({got} of {} bytes of {what})",
-                        out.len()
-                    )
-                };
-                return Err(ProtocolError::Closed {
-                    detail,
-                    mid_frame: !clean,
-                });
-            }
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                let mid_frame = !(at_boundary && got == 0);
-                return Err(io_error(e, peer, &format!("reading {what}"), mid_frame));
-            }
+    while got < body {
+        let at = LEN_PREFIX + got;
+        if buf.len() <= at {
+            buf.resize(at + (body - got).min(READ_CHUNK), 0);
+        }
+        let end = buf.len();
+        match r.read_some(s, &mut buf[at..end], false)? {
+            0 => return Err(r.closed(got, body, "the frame body", false)),
+            n => got += n,
         }
     }
     Ok(())
+}
+
+/// The state of one frame read: its deadline (with the timeout it came from) and the socket read timeout.
+struct FrameReader<'a> {
+    deadline: Option<(Instant, Duration)>,
+    waits: Waits,
+    peer: &'a str,
+}
+
+impl FrameReader<'_> {
+    /// One read into `out` (0: the peer closed). `at_boundary`: nothing of the frame has arrived yet.
+    fn read_some<S: TimedRead>(
+        &mut self,
+        s: &mut S,
+        out: &mut [u8],
+        at_boundary: bool,
+    ) -> Result<usize> {
+        loop {
+            if let Some((at, t)) = self.deadline {
+                let left = at.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(self.late(t));
+                }
+                let wait = self.waits.read_timeout.map_or(left, |r| r.min(left));
+                s.set_timeout(Some(wait))
+                    .map_err(|e| setup_error(e, "setting the read timeout"))?;
+            }
+            match s.read(out) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let timed_out = matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    );
+                    if let Some((at, t)) = self.deadline {
+                        if timed_out && Instant::now() >= at {
+                            return Err(self.late(t));
+                        }
+                    }
+                    return Err(io_error(e, self.peer, "reading a frame", !at_boundary));
+                }
+            }
+        }
+    }
+
+    fn late(&self, t: Duration) -> ProtocolError {
+        ProtocolError::Timeout {
+            detail: format!("no complete frame within {t:?} ({})", self.peer),
+        }
+    }
+
+    /// The close met after `got` of `need` bytes of `what` (clean: at the frame boundary).
+    fn closed(&self, got: usize, need: usize, what: &str, clean: bool) -> ProtocolError {
+        let peer = self.peer;
+        let detail = if clean {
+            format!("{peer} closed the connection")
+        } else {
+            format!("{peer} closed the connection mid-frame ({got} of {need} bytes of {what})")
+        };
+        ProtocolError::Closed {
+            detail,
+            mid_frame: !clean,
+        }
+    }
 }
 
 fn write_frame<S: Write>(s: &mut S, frame: &[u8], peer: &str) -> Result<()> {
@@ -357,6 +483,7 @@ fn setup_error(e: io::Error, what: &str) -> ProtocolError {
 pub struct TcpTransport {
     stream: TcpStream,
     max_message: u32,
+    waits: Waits,
     peer: String,
 }
 
@@ -403,6 +530,10 @@ impl TcpTransport {
         Ok(TcpTransport {
             stream,
             max_message: opts.max_message,
+            waits: Waits {
+                read_timeout: opts.read_timeout,
+                frame_timeout: opts.frame_timeout,
+            },
             peer,
         })
     }
@@ -418,7 +549,13 @@ impl Transport for TcpTransport {
         write_frame(&mut self.stream, frame, &self.peer)
     }
     fn recv_into(&mut self, buf: &mut Vec<u8>) -> Result<()> {
-        read_frame(&mut self.stream, buf, self.max_message, &self.peer)
+        read_frame(
+            &mut self.stream,
+            buf,
+            self.max_message,
+            &self.peer,
+            self.waits,
+        )
     }
     fn max_message(&self) -> u32 {
         self.max_message
@@ -429,6 +566,12 @@ impl Transport for TcpTransport {
     fn peer(&self) -> String {
         self.peer.clone()
     }
+    fn set_frame_timeout(&mut self, timeout: Option<Duration>) {
+        self.waits.frame_timeout = timeout;
+        // A frame read under a deadline leaves a shorter socket timeout behind; without one, the read timeout
+        // applies again.
+        let _ = self.stream.set_timeout(self.waits.read_timeout);
+    }
 }
 
 /// A Unix domain socket connection.
@@ -436,6 +579,7 @@ impl Transport for TcpTransport {
 pub struct UnixTransport {
     stream: UnixStream,
     max_message: u32,
+    waits: Waits,
     peer: String,
 }
 
@@ -467,6 +611,10 @@ impl UnixTransport {
         Ok(UnixTransport {
             stream,
             max_message: opts.max_message,
+            waits: Waits {
+                read_timeout: opts.read_timeout,
+                frame_timeout: opts.frame_timeout,
+            },
             peer,
         })
     }
@@ -483,7 +631,13 @@ impl Transport for UnixTransport {
         write_frame(&mut self.stream, frame, &self.peer)
     }
     fn recv_into(&mut self, buf: &mut Vec<u8>) -> Result<()> {
-        read_frame(&mut self.stream, buf, self.max_message, &self.peer)
+        read_frame(
+            &mut self.stream,
+            buf,
+            self.max_message,
+            &self.peer,
+            self.waits,
+        )
     }
     fn max_message(&self) -> u32 {
         self.max_message
@@ -493,6 +647,12 @@ impl Transport for UnixTransport {
     }
     fn peer(&self) -> String {
         self.peer.clone()
+    }
+    fn set_frame_timeout(&mut self, timeout: Option<Duration>) {
+        self.waits.frame_timeout = timeout;
+        // A frame read under a deadline leaves a shorter socket timeout behind; without one, the read timeout
+        // applies again.
+        let _ = self.stream.set_timeout(self.waits.read_timeout);
     }
 }
 
@@ -692,6 +852,11 @@ impl Drop for Listener {
 mod tests {
     use super::*;
 
+    const NO_WAITS: Waits = Waits {
+        read_timeout: None,
+        frame_timeout: None,
+    };
+
     #[test]
     fn parses_addresses() {
         assert_eq!(
@@ -741,9 +906,24 @@ mod tests {
     }
 
     #[test]
+    fn read_frame_reads_bodies_of_many_chunks_into_a_reused_buffer() {
+        let frame = |n: usize| {
+            let mut f = (n as u32).to_le_bytes().to_vec();
+            f.extend((0..n).map(|i| (i % 251) as u8));
+            f
+        };
+        let mut buf = Vec::new();
+        for n in [2 * READ_CHUNK + 17, 5, READ_CHUNK, 0, 3 * READ_CHUNK] {
+            let f = frame(n);
+            read_frame(&mut &f[..], &mut buf, u32::MAX, "peer", NO_WAITS).unwrap();
+            assert!(buf == f, "a frame of {n} body bytes");
+        }
+    }
+
+    #[test]
     fn read_frame_tells_clean_close_from_mid_frame() {
         let mut buf = Vec::new();
-        let e = read_frame(&mut &[][..], &mut buf, 100, "peer").unwrap_err();
+        let e = read_frame(&mut &[][..], &mut buf, 100, "peer", NO_WAITS).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -754,7 +934,7 @@ mod tests {
             ),
             "{e}"
         );
-        let e = read_frame(&mut &[5u8, 0][..], &mut buf, 100, "peer").unwrap_err();
+        let e = read_frame(&mut &[5u8, 0][..], &mut buf, 100, "peer", NO_WAITS).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -765,7 +945,14 @@ mod tests {
             ),
             "{e}"
         );
-        let e = read_frame(&mut &[5u8, 0, 0, 0, 1, 2][..], &mut buf, 100, "peer").unwrap_err();
+        let e = read_frame(
+            &mut &[5u8, 0, 0, 0, 1, 2][..],
+            &mut buf,
+            100,
+            "peer",
+            NO_WAITS,
+        )
+        .unwrap_err();
         assert!(
             matches!(
                 e,
@@ -780,12 +967,25 @@ mod tests {
             e.to_string().contains("2 of 5 bytes of the frame body"),
             "{e}"
         );
-        read_frame(&mut &[2u8, 0, 0, 0, 7, 8][..], &mut buf, 100, "peer").unwrap();
+        read_frame(
+            &mut &[2u8, 0, 0, 0, 7, 8][..],
+            &mut buf,
+            100,
+            "peer",
+            NO_WAITS,
+        )
+        .unwrap();
         assert_eq!(buf, [2, 0, 0, 0, 7, 8]);
         // Over the maximum: refused from the prefix alone, the buffer is not grown.
         let mut small = Vec::new();
-        let e =
-            read_frame(&mut &[0xff, 0xff, 0xff, 0xff][..], &mut small, 100, "peer").unwrap_err();
+        let e = read_frame(
+            &mut &[0xff, 0xff, 0xff, 0xff][..],
+            &mut small,
+            100,
+            "peer",
+            NO_WAITS,
+        )
+        .unwrap_err();
         assert!(
             matches!(
                 e,

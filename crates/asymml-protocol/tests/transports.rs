@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use asymml_core::{error_chain, Tensor};
-use asymml_protocol::codec::{decode_request, encode_reply, encode_request};
+use asymml_protocol::codec::{decode_reply, decode_request, encode_reply, encode_request};
 use asymml_protocol::*;
 
 const T: Duration = Duration::from_secs(5);
@@ -292,7 +292,7 @@ fn peer_closing_mid_frame_is_a_clean_error() {
         "{s}"
     );
     assert!(
-        s.starts_with("ConvForward(layer 1): accelerator connection closed"),
+        s.starts_with("ConvForward(layer 1): connection closed"),
         "{s}"
     );
     assert!(s.contains("mid-frame"), "{s}");
@@ -308,7 +308,7 @@ fn peer_closing_before_replying_is_a_clean_error() {
     h.join().unwrap();
     let s = error_chain(&e);
     assert!(
-        s.starts_with("ConvForward(layer 2): accelerator connection closed"),
+        s.starts_with("ConvForward(layer 2): connection closed"),
         "{s}"
     );
     // Sending on the dead connection is an error too (never a panic or a hang).
@@ -339,7 +339,7 @@ fn peer_closing_before_replying_is_a_clean_error() {
     let s = error_chain(&e);
     assert!(e.is_closed(), "{s}");
     assert!(
-        s.starts_with("ConvForward(layer 3): accelerator connection closed"),
+        s.starts_with("ConvForward(layer 3): connection closed"),
         "{s}"
     );
 }
@@ -360,7 +360,7 @@ fn silent_peer_times_out() {
     assert!(t0.elapsed() < Duration::from_secs(3));
     assert!(matches!(e.root(), ProtocolError::Timeout { .. }), "{e}");
     assert!(
-        error_chain(&e).starts_with("ConvForward(layer 4): accelerator connection timed out"),
+        error_chain(&e).starts_with("ConvForward(layer 4): connection timed out"),
         "{e}"
     );
     h.join().unwrap();
@@ -604,7 +604,8 @@ fn over_max_frame_is_refused_without_allocating() {
     assert!(buf.capacity() < 1024, "allocated {} bytes", buf.capacity());
     h.join().unwrap();
 
-    // The server refuses it too, and stops (the stream cannot be resynchronised).
+    // The server refuses it too (before the handshake, anything above MAX_HELLO), says so, and stops (the
+    // stream cannot be resynchronised).
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let server = thread::spawn(move || {
@@ -616,12 +617,177 @@ fn over_max_frame_is_refused_without_allocating() {
         )
     });
     let mut raw = TcpStream::connect(&addr).unwrap();
+    raw.set_read_timeout(Some(T)).unwrap();
     raw.write_all(&(3u32 << 30).to_le_bytes()).unwrap();
     let e = server.join().unwrap().unwrap_err();
+    let chain = error_chain(&e);
+    assert!(chain.starts_with("handshake: "), "{chain}");
     assert!(
-        error_chain(&e).contains("exceeds the maximum of 1048576 bytes"),
+        chain.contains(&format!("exceeds the maximum of {MAX_HELLO} bytes")),
+        "{chain}"
+    );
+    let reply = read_raw(&mut raw);
+    match decode_reply(&reply, MAX_MESSAGE).unwrap() {
+        Reply::Error { message } => assert!(message.contains("exceeds the maximum"), "{message}"),
+        other => panic!("{}", other.describe()),
+    }
+}
+
+#[test]
+fn over_max_request_after_the_handshake_gets_an_error_reply() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let server = thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        serve_with(
+            TcpTransport::from_stream(s, &opts()).unwrap(),
+            1 << 20,
+            &mut echo,
+        )
+    });
+    let mut client = Client::connect(TcpTransport::connect(&addr, &opts()).unwrap()).unwrap();
+    client
+        .transport_mut()
+        .send(&(3u32 << 30).to_le_bytes())
+        .unwrap();
+    let mut buf = Vec::new();
+    client.transport_mut().recv_into(&mut buf).unwrap();
+    match decode_reply(&buf, MAX_MESSAGE).unwrap() {
+        Reply::Error { message } => {
+            assert!(
+                message.contains("exceeds the maximum of 1048576 bytes"),
+                "{message}"
+            )
+        }
+        other => panic!("{}", other.describe()),
+    }
+    let e = server.join().unwrap().unwrap_err();
+    assert!(matches!(e.root(), ProtocolError::TooLarge { .. }), "{e}");
+}
+
+/// A frame body's buffer grows with the bytes that arrive, not with its length prefix.
+#[test]
+fn a_huge_prefix_alone_allocates_little() {
+    let (addr, h) = raw_server(|mut s| {
+        // 1 GiB announced, 10 bytes sent, then the connection closes.
+        s.write_all(&(1u32 << 30).to_le_bytes()).unwrap();
+        s.write_all(&[7; 10]).unwrap();
+    });
+    let o = TransportOptions {
+        max_message: MAX_MESSAGE,
+        ..opts()
+    };
+    let mut client = Client::connect(TcpTransport::connect(&addr, &o).unwrap()).unwrap();
+    let t = client.transport_mut();
+    let mut buf = Vec::new();
+    let e = t.recv_into(&mut buf).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ProtocolError::Closed {
+                mid_frame: true,
+                ..
+            }
+        ),
         "{e}"
     );
+    assert!(e.to_string().contains("10 of 1073741824 bytes"), "{e}");
+    assert!(
+        buf.capacity() <= 2 * (READ_CHUNK + 4),
+        "allocated {} bytes",
+        buf.capacity()
+    );
+    h.join().unwrap();
+}
+
+/// A peer sending one byte at a time outlives a read timeout but not a frame timeout.
+#[test]
+fn a_trickling_peer_meets_the_frame_timeout() {
+    let (addr, h) = raw_server(|mut s| {
+        let _ = s.write_all(&100u32.to_le_bytes());
+        for _ in 0..100 {
+            if s.write_all(&[1]).is_err() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let o = TransportOptions {
+        read_timeout: Some(Duration::from_secs(1)),
+        frame_timeout: Some(Duration::from_millis(400)),
+        ..opts()
+    };
+    let mut client = Client::connect(TcpTransport::connect(&addr, &o).unwrap()).unwrap();
+    let t0 = Instant::now();
+    let e = client
+        .transport_mut()
+        .recv_into(&mut Vec::new())
+        .unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert!(matches!(e, ProtocolError::Timeout { .. }), "{e}");
+    assert!(e.to_string().contains("no complete frame within"), "{e}");
+    drop(client);
+    h.join().unwrap();
+}
+
+/// A connection that never says Hello is dropped after the handshake timeout, and one that goes silent after
+/// it after the idle timeout.
+#[test]
+fn serve_opts_times_out_silent_clients() {
+    let serve_one = |l: TcpListener| {
+        thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let o = ServeOptions {
+                handshake_timeout: Some(Duration::from_millis(300)),
+                idle_timeout: Some(Duration::from_millis(300)),
+                ..ServeOptions::default()
+            };
+            let t0 = Instant::now();
+            let r = serve_opts(
+                TcpTransport::from_stream(s, &TransportOptions::default()).unwrap(),
+                &o,
+                &mut echo,
+            );
+            (r, t0.elapsed())
+        })
+    };
+    // Silent before Hello (half a prefix sent).
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let server = serve_one(l);
+    let mut raw = TcpStream::connect(&addr).unwrap();
+    raw.write_all(&[9, 0]).unwrap();
+    let (r, took) = server.join().unwrap();
+    let e = r.unwrap_err();
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(matches!(e.root(), ProtocolError::Timeout { .. }), "{e}");
+    assert!(error_chain(&e).starts_with("handshake: "), "{e}");
+    drop(raw);
+
+    // Silent after the handshake.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let server = serve_one(l);
+    let client = Client::connect(TcpTransport::connect(&addr, &opts()).unwrap()).unwrap();
+    let (r, took) = server.join().unwrap();
+    let e = r.unwrap_err();
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(matches!(e.root(), ProtocolError::Timeout { .. }), "{e}");
+    drop(client);
+}
+
+/// The in-process transport's frame timeout bounds the wait for a frame like its read timeout.
+#[test]
+fn inproc_frame_timeout_bounds_the_wait() {
+    let o = TransportOptions {
+        frame_timeout: Some(Duration::from_millis(100)),
+        ..TransportOptions::default()
+    };
+    let (mut c, _s) = inproc_pair_with(&o);
+    let t0 = Instant::now();
+    let e = c.recv_into(&mut Vec::new()).unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    assert!(matches!(e, ProtocolError::Timeout { .. }), "{e}");
 }
 
 // ----- recording -------------------------------------------------------------------------------------------------

@@ -27,6 +27,16 @@ pub enum BackendError {
     Invalid(String),
     #[error("thread pool: {0}")]
     Pool(String),
+    /// Work that would take the session over its memory budget (`--max-session-bytes`); nothing was done.
+    #[error(
+        "{what} needs about {need} bytes with what the session holds, over its budget of {budget} bytes \
+         (the accelerator's --max-session-bytes)"
+    )]
+    Budget {
+        what: String,
+        need: u64,
+        budget: u64,
+    },
     /// The accelerator device is missing, unusable, or failed (CUDA driver, cuDNN, NVRTC errors).
     #[error("{0}")]
     Device(String),
@@ -107,6 +117,20 @@ pub trait ConvBackend {
     }
 }
 
+/// The largest kernel size a registration may declare (ImageNet stems use 7 or 11).
+pub const MAX_KERNEL: usize = 15;
+/// The largest stride (strides above the kernel size skip input pixels, as 1×1 stride-2 shortcuts do).
+pub const MAX_STRIDE: usize = 15;
+/// The most input or output channels of one conv.
+pub const MAX_CHANNELS: usize = 65536;
+/// The most conv layers of one registration.
+pub const MAX_LAYERS: usize = 4096;
+
+/// The product of `factors`, `None` on overflow.
+pub(crate) fn product(factors: &[u64]) -> Option<u64> {
+    factors.iter().try_fold(1u64, |a, &f| a.checked_mul(f))
+}
+
 /// Shape description of one conv layer (public model structure).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvLayer {
@@ -128,6 +152,95 @@ impl ConvLayer {
     pub fn bias_shape(&self) -> [usize; 1] {
         [self.out_ch]
     }
+
+    /// Refuses geometry outside the limits ([`MAX_KERNEL`], [`MAX_STRIDE`], [`MAX_CHANNELS`]; padding below
+    /// the kernel size): every size implied by an accepted layer is then small enough to compute with.
+    pub fn check_geometry(&self) -> Result<(), String> {
+        let l = self;
+        if l.in_ch == 0 || l.out_ch == 0 || l.k == 0 || l.stride == 0 {
+            return Err("channels, kernel size and stride must be positive".into());
+        }
+        if l.in_ch > MAX_CHANNELS || l.out_ch > MAX_CHANNELS {
+            return Err(format!(
+                "{} input and {} output channels: at most {MAX_CHANNELS} each",
+                l.in_ch, l.out_ch
+            ));
+        }
+        if l.k > MAX_KERNEL || l.stride > MAX_STRIDE {
+            return Err(format!(
+                "kernel size {} and stride {}: at most {MAX_KERNEL} and {MAX_STRIDE}",
+                l.k, l.stride
+            ));
+        }
+        if l.pad >= l.k {
+            return Err(format!(
+                "padding {} must be below the kernel size {}",
+                l.pad, l.k
+            ));
+        }
+        Ok(())
+    }
+
+    /// Number of parameters (weight and bias).
+    pub fn params(&self) -> Option<u64> {
+        let w = product(&[
+            self.out_ch as u64,
+            self.in_ch as u64,
+            self.k as u64,
+            self.k as u64,
+        ])?;
+        w.checked_add(if self.bias { self.out_ch as u64 } else { 0 })
+    }
+
+    /// The output map (OH, OW) over an `h`×`w` input, `None` when the kernel does not fit.
+    pub fn output_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        let out = |n: usize| {
+            let padded = n.checked_add(self.pad.checked_mul(2)?)?;
+            (padded >= self.k && self.stride > 0).then(|| (padded - self.k) / self.stride + 1)
+        };
+        Some((out(h)?, out(w)?))
+    }
+
+    /// An upper estimate of the bytes of work space a forward or backward pass over `x` = [B, C, H, W]
+    /// keeps with `threads` workers (im2col columns and their gradient, Winograd transforms, per-worker
+    /// weight-gradient partials); the CPU backend keeps its scratch between calls.
+    pub fn scratch_bytes(&self, x: [usize; 4], threads: usize) -> Option<u64> {
+        let [b, c, h, w] = x.map(|d| d as u64);
+        let (oh, ow) = self.output_hw(x[2], x[3])?;
+        let (m, k) = (self.out_ch as u64, self.k as u64);
+        let p = product(&[oh as u64, ow as u64])?.max(1);
+        let chunks = (threads.max(1) as u64).min(b).max(1);
+        let per = b.div_ceil(chunks);
+        // Images per GEMM: enough for ~512 columns on small maps.
+        let group = 512u64.div_ceil(p).min(per).max(1);
+        let gp = product(&[group, p])?;
+        let mut per_chunk = [
+            product(&[2, c, k, k, gp])?, // im2col columns and their gradient
+            product(&[m, gp])?,          // grouped ∇Y
+            product(&[m, c, k, k])?,     // ∇W partial
+        ]
+        .iter()
+        .try_fold(0u64, |a, &v| a.checked_add(v))?;
+        let mut shared = 0;
+        if (self.k, self.stride, self.pad) == (3, 1, 1) {
+            // Winograd F(2×2, 3×3): V, M and ∇Y transforms over the group's 2×2 tiles, ∇U partials, padded
+            // planes; the forward and flipped weight transforms.
+            let tiles = product(&[group, (oh as u64).div_ceil(2), (ow as u64).div_ceil(2)])?;
+            let planes = product(&[8, h.checked_add(2)?, w.checked_add(2)?])?;
+            let wino = [
+                product(&[16, c.checked_add(m.checked_mul(2)?)?, tiles])?,
+                product(&[16, m, c])?,
+                planes,
+            ]
+            .iter()
+            .try_fold(0u64, |a, &v| a.checked_add(v))?;
+            per_chunk = per_chunk.checked_add(wino)?;
+            shared = product(&[32, m, c])?;
+        }
+        product(&[chunks, per_chunk])?
+            .checked_add(shared)?
+            .checked_mul(4)
+    }
 }
 
 struct Slot {
@@ -138,23 +251,21 @@ struct Slot {
 
 /// Conv layers, their cached residuals and their optimizer.
 pub struct CpuBackend {
-    pool: rayon::ThreadPool,
+    /// The worker pool, made at the first registration.
+    pool: Option<rayon::ThreadPool>,
+    threads: usize,
     layers: Vec<Slot>,
     opt: Option<Optimizer>,
     registered: bool,
 }
 
 impl CpuBackend {
-    /// A backend with `threads` worker threads (0: all cores).
+    /// A backend with `threads` worker threads (0: all cores; see [`pool_threads`](crate::pool_threads)),
+    /// started at the first registration.
     pub fn new(threads: usize) -> Result<Self, BackendError> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("accel-{i}"))
-            .start_handler(|_| crate::thread_started())
-            .build()
-            .map_err(|e| BackendError::Pool(e.to_string()))?;
         Ok(CpuBackend {
-            pool,
+            pool: None,
+            threads: crate::pool_threads(threads),
             layers: Vec::new(),
             opt: None,
             registered: false,
@@ -170,6 +281,15 @@ impl CpuBackend {
         weight_decay: f32,
     ) -> Result<(), BackendError> {
         check_registration(layers, &weights)?;
+        if self.pool.is_none() {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(self.threads)
+                .thread_name(|i| format!("accel-{i}"))
+                .start_handler(|_| crate::thread_started())
+                .build()
+                .map_err(|e| BackendError::Pool(e.to_string()))?;
+            self.pool = Some(pool);
+        }
         let mut rng = Rng::new(0);
         let mut slots = Vec::with_capacity(layers.len());
         for (i, (l, (w, b))) in layers.iter().zip(weights).enumerate() {
@@ -203,14 +323,15 @@ impl CpuBackend {
 
     /// The thread pool and one layer's slot, borrowed together.
     fn parts(&mut self, layer: u32) -> Result<(&rayon::ThreadPool, &mut Slot), BackendError> {
-        if !self.registered {
-            return Err(BackendError::NotRegistered);
-        }
+        let pool = match (&self.pool, self.registered) {
+            (Some(pool), true) => pool,
+            _ => return Err(BackendError::NotRegistered),
+        };
         let slot = self
             .layers
             .get_mut(layer as usize)
             .ok_or(BackendError::UnknownLayer(layer))?;
-        Ok((&self.pool, slot))
+        Ok((pool, slot))
     }
 
     /// The layer's description.
@@ -349,8 +470,9 @@ impl CpuBackend {
     }
 }
 
-/// Checks a registration before any backend uses it: one weight set per layer, positive channels, kernel
-/// size and stride, and weights (and biases, where the layer has one) of the layer's shape.
+/// Checks a registration before any backend uses it: at most [`MAX_LAYERS`] layers, one weight set per
+/// layer, geometry within the limits ([`ConvLayer::check_geometry`]), and weights (and biases, where the
+/// layer has one) of the layer's shape.
 pub(crate) fn check_registration(
     layers: &[ConvLayer],
     weights: &[(Tensor, Option<Tensor>)],
@@ -362,12 +484,8 @@ pub(crate) fn check_registration(
             weights.len()
         )));
     }
+    check_layers(layers)?;
     for (i, (l, (w, b))) in layers.iter().zip(weights).enumerate() {
-        if l.in_ch == 0 || l.out_ch == 0 || l.k == 0 || l.stride == 0 {
-            return Err(BackendError::Invalid(format!(
-                "layer {i}: channels, kernel size and stride must be positive"
-            )));
-        }
         let ws = l.weight_shape();
         let count = ws.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         if w.shape != ws || count != Some(w.data.len()) {
@@ -389,9 +507,24 @@ pub(crate) fn check_registration(
     Ok(())
 }
 
+/// Checks the layers' count and geometry ([`MAX_LAYERS`], [`ConvLayer::check_geometry`]).
+pub(crate) fn check_layers(layers: &[ConvLayer]) -> Result<(), BackendError> {
+    if layers.len() > MAX_LAYERS {
+        return Err(BackendError::Invalid(format!(
+            "{} conv layers: at most {MAX_LAYERS}",
+            layers.len()
+        )));
+    }
+    for (i, l) in layers.iter().enumerate() {
+        l.check_geometry()
+            .map_err(|e| BackendError::Invalid(format!("layer {i}: {e}")))?;
+    }
+    Ok(())
+}
+
 impl ConvBackend for CpuBackend {
     fn describe(&self) -> String {
-        format!("cpu ({} thread(s))", self.pool.current_num_threads())
+        format!("cpu ({} thread(s))", self.threads)
     }
 
     fn register(

@@ -11,11 +11,29 @@ pub mod cuda;
 pub mod device;
 pub mod service;
 
-pub use backend::{BackendError, ConvBackend, ConvLayer, CpuBackend, DeviceStats};
+pub use backend::{
+    BackendError, ConvBackend, ConvLayer, CpuBackend, DeviceStats, MAX_CHANNELS, MAX_KERNEL,
+    MAX_LAYERS, MAX_STRIDE,
+};
 #[cfg(feature = "cuda")]
 pub use cuda::CudaBackend;
 pub use device::{open_backend, Device};
-pub use service::Service;
+pub use service::{Limits, Service};
+
+/// The most worker threads one pool of the accelerator gets, whatever is asked.
+pub const MAX_POOL_THREADS: usize = 256;
+
+/// The size of a worker pool asked for `requested` threads (0: all cores): at most the cores and at most
+/// [`MAX_POOL_THREADS`].
+pub fn pool_threads(requested: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let n = if requested == 0 {
+        cores
+    } else {
+        requested.min(cores)
+    };
+    n.clamp(1, MAX_POOL_THREADS)
+}
 
 static THREAD_START: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
 

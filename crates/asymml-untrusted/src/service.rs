@@ -1,24 +1,108 @@
 //! The accelerator service: answers the trusted runtime's requests with its conv backend (CPU or CUDA). It is
 //! passive: it only ever replies, and an error in a request becomes an `Error` reply, never a crash (a panic
 //! inside a backend included: it is caught, answered with an error, and every later request is refused).
+//!
+//! Every registration is checked against the geometry limits of [`backend`](crate::backend) and every request
+//! against its registered layer; a session's memory is kept under [`Limits::max_session_bytes`]: before work
+//! is done, the bytes it needs (its output, the input cached for backward, the work space) are added to what
+//! the session holds (weights, gradients, optimizer state, cached inputs, work space kept), and work over the
+//! budget is refused with an error reply (the session goes on). The backend and its threads are started at
+//! the first registration, not with the connection.
 
-use crate::backend::{BackendError, ConvBackend, ConvLayer, DeviceStats};
+use crate::backend::{product, BackendError, ConvBackend, ConvLayer, DeviceStats, MAX_CHANNELS};
 use crate::device::{open_backend, Device};
 use asymml_core::models::{LocalExec, ModelSpec, Net, StateMut};
 use asymml_core::optim::{Optimizer, OptimizerKind};
 use asymml_core::{error_chain, Tensor};
 use asymml_protocol::declassify::{accelerator_result, accelerator_result_owned};
 use asymml_protocol::{
-    serve, ConvLayerSpec, OptimizerSpec, ProtocolError, Reply, Request, Transport, WireTensor,
+    serve, serve_opts, ConvLayerSpec, OptimizerSpec, ProtocolError, Reply, Request, ServeOptions,
+    Transport, WireTensor,
 };
+
+/// The limits of one session (one connection).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The bytes a session may hold and use at once (an estimate made before the work; see the module doc).
+    pub max_session_bytes: u64,
+}
+
+impl Default for Limits {
+    /// 8 GiB per session.
+    fn default() -> Self {
+        Limits {
+            max_session_bytes: 8 << 30,
+        }
+    }
+}
+
+/// Bytes per parameter a registration keeps: the value, its gradient and up to two optimizer moments.
+const BYTES_PER_PARAM: u64 = 4 * 4;
+
+/// What one registered conv layer holds beyond its parameters.
+#[derive(Clone, Copy, Debug, Default)]
+struct LayerUse {
+    /// The shape of the input cached for backward (and for a shortcut conv reading it), if any.
+    cached: Option<[usize; 4]>,
+    /// The work space the layer keeps (the most any of its passes needed).
+    scratch: u64,
+}
+
+/// A conv pass, for the budget.
+#[derive(Clone, Copy)]
+enum Pass {
+    Forward,
+    Backward { need_dx: bool },
+}
+
+impl Pass {
+    fn name(self) -> &'static str {
+        match self {
+            Pass::Forward => "a conv forward pass",
+            Pass::Backward { .. } => "a conv backward pass",
+        }
+    }
+}
+
+/// The bytes a session holds, as the budget counts them.
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Parameters with gradients and optimizer state (all registered layers, or the whole network).
+    params: u64,
+    layers: Vec<LayerUse>,
+}
+
+/// Bytes of a float tensor of `shape`.
+fn tensor_bytes(shape: &[usize]) -> Option<u64> {
+    product(&shape.iter().map(|&d| d as u64).collect::<Vec<_>>())?.checked_mul(4)
+}
+
+impl Ledger {
+    /// What the session holds apart from `layer`'s cached input and work space.
+    fn held_without(&self, layer: usize) -> Option<u64> {
+        self.layers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != layer)
+            .try_fold(self.params, |a, (_, u)| {
+                let cached = u.cached.map_or(Some(0), |s| tensor_bytes(&s))?;
+                a.checked_add(cached)?.checked_add(u.scratch)
+            })
+    }
+}
 
 /// The service state: the conv backend (split mode), or a whole network with its optimizer (untrusted-only,
 /// on the CPU only).
 pub struct Service {
-    backend: Box<dyn ConvBackend>,
+    /// The conv backend, opened at the first registration (or at once by [`Service::with_device`]).
+    backend: Option<Box<dyn ConvBackend>>,
     device: Device,
+    threads: usize,
+    limits: Limits,
+    ledger: Ledger,
     net: Option<(Net, Optimizer)>,
-    pool: rayon::ThreadPool,
+    /// The untrusted-only mode's pool, made at `RegisterNet`.
+    pool: Option<rayon::ThreadPool>,
     /// Set when a request panicked: the backend's state is unknown, so every later request is refused.
     failed: bool,
 }
@@ -50,25 +134,132 @@ impl Service {
         Self::with_device(Device::Cpu, threads)
     }
 
-    /// A service whose split-mode convolutions run on `device`; `threads` sizes the CPU thread pool (the CPU
-    /// backend's, and the untrusted-only mode's). A CUDA device that this binary or this machine cannot use
-    /// is an error that says why.
+    /// A service whose split-mode convolutions run on `device`, opened now; `threads` sizes the CPU thread
+    /// pool (the CPU backend's, and the untrusted-only mode's; see [`pool_threads`](crate::pool_threads)). A
+    /// CUDA device that this binary or this machine cannot use is an error that says why. The default
+    /// [`Limits`] apply.
     pub fn with_device(device: Device, threads: usize) -> Result<Self, BackendError> {
-        let backend = open_backend(device, threads)?;
-        // The untrusted-only mode's pool; a CUDA service never uses it, so it gets one thread.
-        let pool_threads = if device == Device::Cpu { threads } else { 1 };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(pool_threads)
-            .start_handler(|_| crate::thread_started())
-            .build()
-            .map_err(|e| BackendError::Pool(e.to_string()))?;
+        let mut s = Self::with_limits(device, threads, Limits::default())?;
+        s.backend = Some(open_backend(device, threads)?);
+        Ok(s)
+    }
+
+    /// A service with `limits` whose backend (and its threads) is opened at the first registration: a
+    /// connection that never registers costs no pool and no device context. Only whether this binary can
+    /// use `device` at all is checked now.
+    pub fn with_limits(
+        device: Device,
+        threads: usize,
+        limits: Limits,
+    ) -> Result<Self, BackendError> {
+        device.check_compiled_in()?;
         Ok(Service {
-            backend,
+            backend: None,
             device,
+            threads,
+            limits,
+            ledger: Ledger::default(),
             net: None,
-            pool,
+            pool: None,
             failed: false,
         })
+    }
+
+    /// The session's limits.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The backend, opened on first use.
+    fn backend(&mut self) -> Result<&mut Box<dyn ConvBackend>, BackendError> {
+        if self.backend.is_none() {
+            self.backend = Some(open_backend(self.device, self.threads)?);
+        }
+        self.backend.as_mut().ok_or(BackendError::NotRegistered)
+    }
+
+    /// The backend of a registered model.
+    fn registered(&mut self) -> Result<&mut Box<dyn ConvBackend>, BackendError> {
+        self.backend.as_mut().ok_or(BackendError::NotRegistered)
+    }
+
+    /// Refuses `what` when the session would hold more than its budget: `need` bytes on top of everything
+    /// held apart from `layer`'s cached input and work space (`None` sizes overflowed).
+    fn admit(&self, what: &str, layer: usize, need: Option<u64>) -> Result<(), BackendError> {
+        let budget = self.limits.max_session_bytes;
+        let total = need.and_then(|n| self.ledger.held_without(layer)?.checked_add(n));
+        match total {
+            Some(t) if t <= budget => Ok(()),
+            _ => Err(BackendError::Budget {
+                what: what.to_string(),
+                need: total.unwrap_or(u64::MAX),
+                budget,
+            }),
+        }
+    }
+
+    /// Checks a conv pass of `layer` over an input of `x` = [B, C, H, W] against the layer and the budget:
+    /// the input it caches, the work space it keeps and its answer (the output [B, M, OH, OW] of a forward
+    /// pass, ∇X of a backward pass that asks for it) held twice (the tensor and its encoded reply). Returns
+    /// the layer's use after the pass and the output's shape.
+    fn plan_pass(
+        &self,
+        pass: Pass,
+        layer: u32,
+        l: &ConvLayer,
+        x: &[usize],
+    ) -> Result<(LayerUse, [usize; 4]), BackendError> {
+        let bad = |detail: String| BackendError::Invalid(format!("layer {layer}: {detail}"));
+        let x: [usize; 4] = x
+            .try_into()
+            .map_err(|_| bad(format!("input shape {x:?} is not [B, C, H, W]")))?;
+        if x[1] != l.in_ch || x[0] == 0 {
+            return Err(bad(format!(
+                "input shape {x:?} does not fit a conv with {} input channels",
+                l.in_ch
+            )));
+        }
+        let (oh, ow) = l
+            .output_hw(x[2], x[3])
+            .ok_or_else(|| bad(format!("a {}×{} kernel does not fit input {x:?}", l.k, l.k)))?;
+        let out = [x[0], l.out_ch, oh, ow];
+        let i = layer as usize;
+        let old = self.ledger.layers.get(i).copied().unwrap_or_default();
+        let scratch = l
+            .scratch_bytes(x, crate::pool_threads(self.threads))
+            .map(|s| s.max(old.scratch));
+        let answer = match pass {
+            Pass::Forward => tensor_bytes(&out),
+            Pass::Backward { need_dx: true } => tensor_bytes(&x),
+            Pass::Backward { need_dx: false } => Some(0),
+        };
+        let need = (|| {
+            tensor_bytes(&x)?
+                .checked_add(scratch?)?
+                .checked_add(answer?.checked_mul(2)?)
+        })();
+        self.admit(pass.name(), i, need)?;
+        let u = LayerUse {
+            cached: Some(x),
+            scratch: scratch.unwrap_or(0),
+        };
+        Ok((u, out))
+    }
+
+    /// The shape of the input cached for `layer`.
+    fn cached(&self, layer: u32) -> Result<[usize; 4], BackendError> {
+        self.ledger
+            .layers
+            .get(layer as usize)
+            .and_then(|u| u.cached)
+            .ok_or(BackendError::NoCachedInput(layer))
+    }
+
+    /// Records a layer's use after its pass succeeded.
+    fn record(&mut self, layer: u32, u: LayerUse) {
+        if let Some(slot) = self.ledger.layers.get_mut(layer as usize) {
+            *slot = u;
+        }
     }
 
     /// The device of the split-mode convolutions.
@@ -76,18 +267,24 @@ impl Service {
         self.device
     }
 
-    /// A short description of the backend ("cpu (8 thread(s))", "cuda:0 (NVIDIA H100 …)").
+    /// A short description of the backend ("cpu (8 thread(s))", "cuda:0 (NVIDIA H100 …)"; the device alone
+    /// before the backend is opened).
     pub fn describe(&self) -> String {
-        self.backend.describe()
+        match &self.backend {
+            Some(b) => b.describe(),
+            None => self.device.to_string(),
+        }
     }
 
-    /// The backend's copy and kernel time and bytes moved (`None` on the CPU).
+    /// The backend's copy and kernel time and bytes moved (`None` on the CPU, or before the backend opened).
     pub fn stats(&self) -> Option<DeviceStats> {
-        self.backend.stats()
+        self.backend.as_ref().and_then(|b| b.stats())
     }
 
     fn layer(&self, layer: u32) -> Result<ConvLayer, BackendError> {
         self.backend
+            .as_ref()
+            .ok_or(BackendError::NotRegistered)?
             .layer(layer)
             .ok_or(BackendError::UnknownLayer(layer))
     }
@@ -123,28 +320,35 @@ impl Service {
             Request::ConvForward { layer, x_u, train } => {
                 let l = self.layer(layer)?;
                 let shape = x_u.shape().to_vec();
-                if shape.len() != 4 || shape[1] != l.in_ch {
-                    return Err(BackendError::Invalid(format!(
-                        "X_U shape {shape:?} does not fit a conv with {} input channels",
-                        l.in_ch
-                    )));
-                }
+                let (u, _) = self.plan_pass(Pass::Forward, layer, &l, &shape)?;
                 let x = wire_in(x_u, &shape)?;
-                let y = self.backend.forward(layer, x, train)?;
+                let y = self.registered()?.forward(layer, x, train)?;
+                self.record(layer, u);
                 conv_output(layer, y)
             }
             Request::ConvForwardShared {
                 layer,
                 from_layer,
                 train,
-            } => conv_output(
-                layer,
-                self.backend.forward_shared(layer, from_layer, train)?,
-            ),
+            } => {
+                let l = self.layer(layer)?;
+                self.layer(from_layer)?;
+                let x = self.cached(from_layer)?;
+                let (u, _) = self.plan_pass(Pass::Forward, layer, &l, &x)?;
+                let y = self
+                    .registered()?
+                    .forward_shared(layer, from_layer, train)?;
+                self.record(layer, u);
+                conv_output(layer, y)
+            }
             Request::ConvBackward { layer, dy, need_dx } => {
-                let shape = dy.shape().to_vec();
-                let dy = wire_in(dy, &shape)?;
-                let dx = self.backend.backward(layer, &dy, need_dx)?;
+                let l = self.layer(layer)?;
+                let x = self.cached(layer)?;
+                // ∇Y must have the output's shape.
+                let (u, out) = self.plan_pass(Pass::Backward { need_dx }, layer, &l, &x)?;
+                let dy = wire_in(dy, &out)?;
+                let dx = self.registered()?.backward(layer, &dy, need_dx)?;
+                self.record(layer, u);
                 Reply::InputGrad {
                     layer,
                     dx: dx.map(accelerator_result_owned),
@@ -153,7 +357,7 @@ impl Service {
             Request::WeightGradPart { layer, dw_t } => {
                 let l = self.layer(layer)?;
                 let dw = wire_in(dw_t, &l.weight_shape())?;
-                self.backend.add_weight_grad(layer, &dw)?;
+                self.registered()?.add_weight_grad(layer, &dw)?;
                 Reply::Ok
             }
             Request::Step { lr } => self.step(lr)?,
@@ -165,8 +369,10 @@ impl Service {
             Request::NetForward { x, train } => self.net_forward(x, train)?,
             Request::NetBackward { dlogits } => self.net_backward(dlogits)?,
             Request::FetchState => self.fetch_state()?,
-            Request::FetchWeights { layer } => weights_reply(layer, self.backend.weights(layer)?),
-            Request::FetchGrads { layer } => weights_reply(layer, self.backend.grads(layer)?),
+            Request::FetchWeights { layer } => {
+                weights_reply(layer, self.registered()?.weights(layer)?)
+            }
+            Request::FetchGrads { layer } => weights_reply(layer, self.registered()?.grads(layer)?),
             Request::Shutdown => Reply::Ok,
         })
     }
@@ -194,6 +400,14 @@ impl Service {
                 "one weight set per layer expected".into(),
             ));
         }
+        // Geometry and memory before anything is built: the new registration replaces the old one.
+        crate::backend::check_layers(&specs)?;
+        let params = specs
+            .iter()
+            .try_fold(0u64, |a, l| a.checked_add(l.params()?))
+            .and_then(|p| p.checked_mul(BYTES_PER_PARAM));
+        self.ledger = Ledger::default();
+        self.admit("the registration", 0, params)?;
         let mut ws = Vec::with_capacity(weights.len());
         for (l, (w, b)) in specs.iter().zip(weights) {
             let w = wire_in(w, &l.weight_shape())?;
@@ -201,7 +415,11 @@ impl Service {
             ws.push((w, b));
         }
         let (kind, wd) = optimizer_of(optimizer);
-        self.backend.register(&specs, ws, kind, wd)?;
+        self.backend()?.register(&specs, ws, kind, wd)?;
+        self.ledger = Ledger {
+            params: params.unwrap_or(0),
+            layers: vec![LayerUse::default(); specs.len()],
+        };
         Ok(Reply::Ok)
     }
 
@@ -219,7 +437,7 @@ impl Service {
                     i += 1;
                 });
             }
-            None => self.backend.step(lr)?,
+            None => self.registered()?.step(lr)?,
         }
         Ok(Reply::Ok)
     }
@@ -240,6 +458,37 @@ impl Service {
         }
         let spec: ModelSpec = serde_json::from_str(spec)
             .map_err(|e| BackendError::Invalid(format!("model spec: {e}")))?;
+        // The widest layer has 8 × width channels; the state sent holds every parameter, so it sizes them.
+        if spec.in_ch > MAX_CHANNELS || spec.classes > MAX_CHANNELS || spec.width > MAX_CHANNELS / 8
+        {
+            return Err(BackendError::Invalid(format!(
+                "model spec: {} input channels, {} classes, width {}: at most {MAX_CHANNELS}, \
+                 {MAX_CHANNELS} and {}",
+                spec.in_ch,
+                spec.classes,
+                spec.width,
+                MAX_CHANNELS / 8
+            )));
+        }
+        let params = state
+            .iter()
+            .try_fold(0u64, |a, (_, t)| {
+                a.checked_add(product(
+                    &t.shape().iter().map(|&d| d as u64).collect::<Vec<_>>(),
+                )?)
+            })
+            .and_then(|p| p.checked_mul(BYTES_PER_PARAM));
+        self.ledger = Ledger::default();
+        self.net = None;
+        self.admit("the network's registration", 0, params)?;
+        if self.pool.is_none() {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(crate::pool_threads(self.threads))
+                .start_handler(|_| crate::thread_started())
+                .build()
+                .map_err(|e| BackendError::Pool(e.to_string()))?;
+            self.pool = Some(pool);
+        }
         let mut net = spec
             .build(0)
             .map_err(|source| BackendError::Core { layer: 0, source })?;
@@ -260,6 +509,7 @@ impl Service {
         })?;
         let (kind, wd) = optimizer_of(optimizer);
         self.net = Some((net, Optimizer::new(kind, wd)));
+        self.ledger.params = params.unwrap_or(0);
         Ok(Reply::Ok)
     }
 
@@ -269,8 +519,8 @@ impl Service {
         let shape = x.shape().to_vec();
         let x = wire_in(x, &shape)?;
         net.zero_grad();
-        let logits = self
-            .pool
+        let pool = self.pool.as_ref().ok_or(BackendError::NotRegistered)?;
+        let logits = pool
             .install(|| net.forward(&x, train, &mut LocalExec).cloned())
             .map_err(|source| BackendError::Core { layer: 0, source })?;
         Ok(Reply::NetOutput {
@@ -283,8 +533,8 @@ impl Service {
         let (net, _) = self.net.as_mut().ok_or(BackendError::NotRegistered)?;
         let shape = net.logits().shape.clone();
         let g = wire_in(dlogits, &shape)?;
-        self.pool
-            .install(|| net.backward_from(g, &mut LocalExec, false))
+        let pool = self.pool.as_ref().ok_or(BackendError::NotRegistered)?;
+        pool.install(|| net.backward_from(g, &mut LocalExec, false))
             .map_err(|source| BackendError::Core { layer: 0, source })?;
         Ok(Reply::Ok)
     }
@@ -310,6 +560,15 @@ impl Service {
     pub fn serve<T: Transport>(&mut self, transport: T) -> Result<(), ProtocolError> {
         serve(transport, &mut |req| self.handle(req))
     }
+
+    /// Serves one connection with the loop's limits `opts` (handshake and idle timeouts, frame sizes).
+    pub fn serve_opts<T: Transport>(
+        &mut self,
+        transport: T,
+        opts: &ServeOptions,
+    ) -> Result<(), ProtocolError> {
+        serve_opts(transport, opts, &mut |req| self.handle(req))
+    }
 }
 
 /// The reply to a conv forward: Y_U of `layer`.
@@ -326,5 +585,173 @@ fn weights_reply(layer: u32, (w, b): (Tensor, Option<Tensor>)) -> Reply {
         layer,
         w: accelerator_result(&w),
         b: b.as_ref().map(accelerator_result),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use asymml_protocol::{declassify_output_grad, declassify_residual, public_weights};
+
+    fn spec(in_ch: u32, out_ch: u32, k: u32, stride: u32, pad: u32) -> ConvLayerSpec {
+        ConvLayerSpec {
+            id: 0,
+            in_ch,
+            out_ch,
+            k,
+            stride,
+            pad,
+            bias: false,
+        }
+    }
+
+    /// A `Register` of one layer with weights of its shape (or a tiny stand-in when the shape is absurd).
+    fn register(l: ConvLayerSpec) -> Request {
+        let shape = l.weight_shape();
+        let n: usize = shape.iter().product();
+        let w = if n <= 1 << 20 {
+            Tensor::zeros(&shape)
+        } else {
+            Tensor::zeros(&[1, 1, 1, 1])
+        };
+        Request::Register {
+            layers: vec![l],
+            weights: vec![(public_weights(&w), None)],
+            optimizer: OptimizerSpec::Sgd {
+                momentum: 0.9,
+                nesterov: false,
+                weight_decay: 0.0,
+            },
+        }
+    }
+
+    fn forward(shape: &[usize]) -> Request {
+        Request::ConvForward {
+            layer: 0,
+            x_u: declassify_residual(&Tensor::zeros(shape)),
+            train: true,
+        }
+    }
+
+    fn error_of(r: Reply) -> String {
+        match r {
+            Reply::Error { message } => message,
+            other => panic!("expected an error, got {}", other.describe()),
+        }
+    }
+
+    fn service(budget: u64) -> Service {
+        Service::with_limits(
+            Device::Cpu,
+            1,
+            Limits {
+                max_session_bytes: budget,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn absurd_geometry_is_refused_before_anything_is_built() {
+        let mut s = service(1 << 30);
+        for (l, says) in [
+            (spec(1, 1, 3, 1, 1_000_000), "padding"),
+            (spec(1, 1, 3, 1, 3), "padding"),
+            (spec(1, 1_000_000, 1, 1, 0), "channels"),
+            (spec(100_000, 1, 1, 1, 0), "channels"),
+            (spec(1, 1, 16, 1, 0), "kernel size"),
+            (spec(1, 1, 3, 16, 0), "stride"),
+            (spec(1, 1, 0, 1, 0), "positive"),
+        ] {
+            let e = error_of(s.handle(register(l)));
+            assert!(e.contains(says), "{l:?}: {e}");
+        }
+        // Nothing was started for them.
+        assert_eq!(s.describe(), "cpu");
+        // A sane layer still registers and computes.
+        assert!(matches!(s.handle(register(spec(2, 4, 3, 1, 1))), Reply::Ok));
+        assert!(s.describe().starts_with("cpu ("), "{}", s.describe());
+        assert!(matches!(
+            s.handle(forward(&[1, 2, 5, 5])),
+            Reply::ConvOutput { .. }
+        ));
+    }
+
+    #[test]
+    fn work_over_the_budget_is_refused_and_the_session_goes_on() {
+        let mut s = service(1 << 20);
+        // A registration whose parameters alone exceed the budget.
+        let e = error_of(s.handle(register(spec(256, 256, 3, 1, 1))));
+        assert!(e.contains("budget of 1048576 bytes"), "{e}");
+        assert!(matches!(
+            s.handle(register(spec(1, 64, 1, 1, 0))),
+            Reply::Ok
+        ));
+        // 64 output channels of 64×64: 1 MiB of output, held twice.
+        let e = error_of(s.handle(forward(&[1, 1, 64, 64])));
+        assert!(e.contains("over its budget"), "{e}");
+        assert!(matches!(
+            s.handle(forward(&[1, 1, 8, 8])),
+            Reply::ConvOutput { .. }
+        ));
+        // Backward: ∇Y must have the output's shape.
+        let bad = Request::ConvBackward {
+            layer: 0,
+            dy: declassify_output_grad(&Tensor::zeros(&[1, 64, 4, 4])),
+            need_dx: true,
+        };
+        assert!(error_of(s.handle(bad)).contains("shape"));
+        let good = Request::ConvBackward {
+            layer: 0,
+            dy: declassify_output_grad(&Tensor::zeros(&[1, 64, 8, 8])),
+            need_dx: true,
+        };
+        assert!(matches!(
+            s.handle(good),
+            Reply::InputGrad { dx: Some(_), .. }
+        ));
+    }
+
+    #[test]
+    fn requests_are_checked_against_the_registered_layer() {
+        let mut s = service(1 << 30);
+        assert!(error_of(s.handle(forward(&[1, 2, 5, 5]))).contains("no model registered"));
+        assert!(matches!(s.handle(register(spec(2, 4, 3, 2, 0))), Reply::Ok));
+        for (shape, says) in [
+            (vec![1, 3, 5, 5], "input channels"),
+            (vec![2, 5, 5], "[B, C, H, W]"),
+            (vec![1, 2, 2, 2], "does not fit"),
+        ] {
+            let e = error_of(s.handle(forward(&shape)));
+            assert!(e.contains(says), "{shape:?}: {e}");
+        }
+        let back = Request::ConvBackward {
+            layer: 0,
+            dy: declassify_output_grad(&Tensor::zeros(&[1, 4, 2, 2])),
+            need_dx: false,
+        };
+        assert!(error_of(s.handle(back)).contains("no cached residual"));
+        let shared = Request::ConvForwardShared {
+            layer: 0,
+            from_layer: 3,
+            train: false,
+        };
+        assert!(error_of(s.handle(shared)).contains("unknown conv layer 3"));
+    }
+
+    #[test]
+    fn sizes_overflowing_u64_are_refused() {
+        let l = ConvLayer {
+            in_ch: usize::MAX,
+            out_ch: usize::MAX,
+            k: 15,
+            stride: 1,
+            pad: 0,
+            bias: true,
+        };
+        assert!(l.check_geometry().is_err());
+        assert_eq!(l.params(), None);
+        assert_eq!(l.output_hw(usize::MAX, 3), None);
+        assert_eq!(l.scratch_bytes([usize::MAX, 1, 64, 64], 4), None);
     }
 }

@@ -5,9 +5,12 @@
 use crate::cli::AcceleratorArgs;
 use crate::values::AcceleratorSpec;
 use anyhow::{bail, Context, Result};
-use asymml_protocol::{connect, Address, Listener, Transport, TransportOptions};
-use asymml_untrusted::{Device, DeviceStats, Service};
+use asymml_protocol::{
+    connect, Address, Listener, ServeOptions, Transport, TransportOptions, MAX_MESSAGE,
+};
+use asymml_untrusted::{Device, DeviceStats, Limits, Service};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -77,17 +80,34 @@ pub(crate) type Started = (Box<dyn Transport + Send>, AcceleratorHandle);
 
 /// Starts or connects to the accelerator `spec`; `threads` sizes a locally started accelerator's pool (0: all
 /// cores) and `device` is where a locally started accelerator computes (a remote one chooses its own device).
-pub(crate) fn start(spec: &AcceleratorSpec, threads: usize, device: Device) -> Result<Started> {
+/// `timeout` is the longest wait for any reply (and, over a socket, for the peer to take a request): past it
+/// the transport fails with a [`ProtocolError::Timeout`](asymml_protocol::ProtocolError::Timeout).
+pub(crate) fn start(
+    spec: &AcceleratorSpec,
+    threads: usize,
+    device: Device,
+    timeout: Duration,
+) -> Result<Started> {
     match spec {
-        AcceleratorSpec::InProc => start_inproc(threads, device),
-        AcceleratorSpec::Process => start_process(threads, device),
-        AcceleratorSpec::Remote(addr) => connect_remote(addr, device),
+        AcceleratorSpec::InProc => start_inproc(threads, device, timeout),
+        AcceleratorSpec::Process => start_process(threads, device, timeout),
+        AcceleratorSpec::Remote(addr) => connect_remote(addr, device, timeout),
     }
 }
 
-/// The accelerator on a thread of this process, its compute time counted per request.
-fn start_inproc(threads: usize, device: Device) -> Result<Started> {
-    let (client, server) = asymml_protocol::inproc_pair();
+/// The options of a socket to the accelerator: `timeout` on every read and write; connecting waits at most
+/// 30 s (or `timeout`, when shorter).
+fn client_options(timeout: Duration) -> TransportOptions {
+    let mut opts = TransportOptions::with_timeout(timeout);
+    opts.connect_timeout = Some(timeout.min(Duration::from_secs(30)));
+    opts
+}
+
+/// The accelerator on a thread of this process, its compute time counted per request; the trusted end waits
+/// at most `timeout` for each reply (the accelerator's end waits for requests without limit).
+fn start_inproc(threads: usize, device: Device, timeout: Duration) -> Result<Started> {
+    let (mut client, server) = asymml_protocol::inproc_pair();
+    client.set_read_timeout(Some(timeout));
     // The service is created on its own thread (a CUDA backend stays on the thread that made it); the thread
     // reports whether it could open its device.
     let (tx, rx) = std::sync::mpsc::sync_channel::<std::result::Result<(), String>>(1);
@@ -144,7 +164,7 @@ fn serve_inproc(mut service: Service, server: impl Transport, counters: &Mutex<S
 }
 
 /// The accelerator in a child process (`asymml accelerator --once`) listening on a fresh Unix socket.
-fn start_process(threads: usize, device: Device) -> Result<Started> {
+fn start_process(threads: usize, device: Device, timeout: Duration) -> Result<Started> {
     let exe = std::env::current_exe().context("locating the asymml executable")?;
     let sock = std::env::temp_dir().join(format!(
         "asymml-accel-{}-{}.sock",
@@ -156,6 +176,9 @@ fn start_process(threads: usize, device: Device) -> Result<Started> {
         .args(["accelerator", "--listen"])
         .arg(format!("unix:{}", sock.display()))
         .args(["--accelerator-threads", &threads.to_string(), "--once"])
+        // The child serves only this process, which kills it when done: no idle limit of its own that a
+        // long pause of the trusted side (evaluation, checkpoints) could run into.
+        .args(["--idle-timeout", "86400"])
         .args(["--accelerator-device", &device.to_string()])
         .stdin(Stdio::null())
         .spawn()
@@ -166,7 +189,7 @@ fn start_process(threads: usize, device: Device) -> Result<Started> {
         times: None,
     };
     let addr = Address::Unix(sock);
-    let opts = TransportOptions::default();
+    let opts = client_options(timeout);
     let t0 = Instant::now();
     loop {
         match connect(&addr, &opts) {
@@ -189,7 +212,7 @@ fn start_process(threads: usize, device: Device) -> Result<Started> {
 }
 
 /// A server started with `asymml accelerator --listen`, which picks its own device.
-fn connect_remote(addr: &Address, device: Device) -> Result<Started> {
+fn connect_remote(addr: &Address, device: Device, timeout: Duration) -> Result<Started> {
     if device != Device::Cpu {
         bail!(
             "--accelerator-device {device} applies to an accelerator this command starts (--accelerator \
@@ -197,7 +220,7 @@ fn connect_remote(addr: &Address, device: Device) -> Result<Started> {
              --accelerator-device`"
         );
     }
-    let t = connect(addr, &TransportOptions::default())
+    let t = connect(addr, &client_options(timeout))
         .with_context(|| format!("connecting to the accelerator at {addr}"))?;
     let handle = AcceleratorHandle {
         child: None,
@@ -215,7 +238,10 @@ fn unique() -> u64 {
 
 /// Runs `asymml accelerator`: serves connections on `--listen`, each with its own model state on its own
 /// thread (with `--once`, only the first connection, then exits); the convolutions run on
-/// `--accelerator-device`.
+/// `--accelerator-device`. At most `--max-connections` are served at once (one more is closed as it comes);
+/// each must complete its handshake within `--handshake-timeout`, send each request within
+/// `--idle-timeout`, and stay within `--max-session-bytes`. A failed `accept()` (e.g. out of file
+/// descriptors) is logged and retried after a pause that doubles from 10 ms to 1 s.
 pub fn run(a: AcceleratorArgs) -> Result<()> {
     let (device, threads) = (a.accelerator_device, a.accelerator_threads);
     // A device the accelerator cannot use fails here, before it listens. (Each connection opens its own.)
@@ -225,41 +251,128 @@ pub fn run(a: AcceleratorArgs) -> Result<()> {
         let probe = Service::with_device(device, threads)?;
         Some(probe.describe())
     };
-    let listener = Listener::bind(&a.listen, TransportOptions::default())
-        .with_context(|| format!("listening on {}", a.listen))?;
+    let opts = TransportOptions {
+        // A client that does not take its replies is dropped after the idle timeout too.
+        write_timeout: Some(a.idle_timeout),
+        ..TransportOptions::default()
+    };
+    let listener =
+        Listener::bind(&a.listen, opts).with_context(|| format!("listening on {}", a.listen))?;
     eprintln!(
-        "asymml accelerator: listening on {} ({}, {} thread(s) per connection)",
+        "asymml accelerator: listening on {} ({}, {} thread(s) per connection, at most {} connection(s), \
+         {} bytes per session)",
         listener
             .local_address()
             .map(|addr| addr.to_string())
             .unwrap_or_else(|_| a.listen.to_string()),
         described.unwrap_or_else(|| device.to_string()),
-        if threads == 0 {
-            "all".to_string()
-        } else {
-            threads.to_string()
-        }
+        asymml_untrusted::pool_threads(threads),
+        a.max_connections,
+        a.max_session_bytes
     );
+    let session = Session {
+        device,
+        threads,
+        limits: Limits {
+            max_session_bytes: a.max_session_bytes,
+        },
+        serve: ServeOptions {
+            // No frame can be larger than the session's whole budget.
+            max_message: u32::try_from(a.max_session_bytes)
+                .unwrap_or(u32::MAX)
+                .min(MAX_MESSAGE),
+            handshake_timeout: Some(a.handshake_timeout),
+            idle_timeout: Some(a.idle_timeout),
+            ..ServeOptions::default()
+        },
+    };
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut pause = ACCEPT_PAUSE_MIN;
     loop {
-        let transport = listener.accept().context("accepting a connection")?;
+        let transport = match listener.accept() {
+            Ok(t) => {
+                pause = ACCEPT_PAUSE_MIN;
+                t
+            }
+            Err(e) => {
+                eprintln!(
+                    "asymml accelerator: accepting a connection: {}; retrying in {pause:?}",
+                    asymml_core::error_chain(&e)
+                );
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(ACCEPT_PAUSE_MAX);
+                continue;
+            }
+        };
+        let Some(slot) = ConnectionSlot::take(&open, a.max_connections as usize) else {
+            eprintln!(
+                "asymml accelerator: {} refused: {} connection(s) open, the most --max-connections allows",
+                transport.peer(),
+                a.max_connections
+            );
+            continue;
+        };
         if a.once {
-            serve_connection(transport, device, threads);
+            serve_connection(transport, &session);
             return Ok(());
         }
-        std::thread::Builder::new()
+        let session = session.clone();
+        let spawned = std::thread::Builder::new()
             .name("accelerator-connection".into())
-            .spawn(move || serve_connection(transport, device, threads))
-            .context("starting a connection thread")?;
+            .spawn(move || {
+                let _slot = slot;
+                serve_connection(transport, &session)
+            });
+        if let Err(e) = spawned {
+            // The closure (with the connection and its slot) was dropped: the connection is closed.
+            eprintln!("asymml accelerator: starting a connection thread: {e}; connection closed");
+        }
     }
 }
 
-/// One connection of `asymml accelerator`, with its own service; its end is reported on stderr.
-fn serve_connection(transport: Box<dyn Transport + Send>, device: Device, threads: usize) {
+/// The first pause after a failed `accept()`; it doubles up to [`ACCEPT_PAUSE_MAX`].
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
+/// The longest pause between failed `accept()`s.
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
+/// What every connection of `asymml accelerator` is served with.
+#[derive(Clone)]
+struct Session {
+    device: Device,
+    threads: usize,
+    limits: Limits,
+    serve: ServeOptions,
+}
+
+/// One of the `--max-connections` places, given back when dropped.
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl ConnectionSlot {
+    /// A place if fewer than `max` are taken.
+    fn take(open: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| ConnectionSlot(open.clone()))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One connection of `asymml accelerator`, with its own service (its backend and threads are started at the
+/// first registration); its end is reported on stderr.
+fn serve_connection(transport: Box<dyn Transport + Send>, session: &Session) {
     let peer = transport.peer();
-    let result = Service::with_device(device, threads)
+    let result = Service::with_limits(session.device, session.threads, session.limits)
         .map_err(anyhow::Error::from)
         .and_then(|mut s| {
-            s.serve(transport).map_err(anyhow::Error::from)?;
+            s.serve_opts(transport, &session.serve)
+                .map_err(anyhow::Error::from)?;
             Ok(s.stats())
         });
     match result {

@@ -5,7 +5,7 @@
 use crate::accelerator::AcceleratorHandle;
 use crate::cli::BenchArgs;
 use crate::setup::{self, SplitSetup};
-use crate::values::{AcceleratorSpec, Phase, RankArg};
+use crate::values::{check_batch_bytes, AcceleratorSpec, ModelName, Phase, RankArg};
 use crate::{progress, threads};
 use anyhow::{bail, Context, Result};
 use asymml_core::decomp::RankPolicy;
@@ -264,6 +264,16 @@ fn bench_input(a: &BenchArgs, size: usize) -> Result<Tensor> {
     Ok(x)
 }
 
+/// The input size of `name`: `--input-size`, else 224 for -imagenet models and 32 for the others.
+fn input_size(a: &BenchArgs, name: &ModelName) -> usize {
+    a.input_size
+        .unwrap_or(if name.as_str().ends_with("-imagenet") {
+            224
+        } else {
+            32
+        })
+}
+
 /// What `bench` times: for every model and phase, one run per mode — in split mode, one per rank policy.
 struct Plan {
     threads: usize,
@@ -276,8 +286,14 @@ struct Plan {
 
 impl Plan {
     fn new(a: &BenchArgs, threads: usize) -> Result<Self> {
-        if a.steps == 0 || a.batch_size < 2 {
-            bail!("--steps must be ≥ 1 and --batch-size ≥ 2");
+        if a.batch_size < 2 {
+            bail!("--batch-size must be at least 2 (BatchNorm needs batch statistics)");
+        }
+        // Every model's batch is checked against the memory limit before any is timed.
+        for name in &a.models {
+            let size = input_size(a, name);
+            let spec = name.spec(a.channels, a.classes, size)?;
+            check_batch_bytes(a.batch_size, a.channels, spec.width, size)?;
         }
         let torch = a.torch.as_deref().map(torch_times).transpose()?;
         let mut runs = Vec::new();
@@ -305,13 +321,7 @@ impl Plan {
             a.json,
         );
         for name in &a.models {
-            let size = a
-                .input_size
-                .unwrap_or(if name.as_str().ends_with("-imagenet") {
-                    224
-                } else {
-                    32
-                });
+            let size = input_size(a, name);
             let spec = name.spec(a.channels, a.classes, size)?;
             let x = bench_input(a, size)?;
             let labels: Vec<usize> = (0..a.batch_size).map(|i| i % a.classes).collect();

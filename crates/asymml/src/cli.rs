@@ -2,15 +2,19 @@
 
 use crate::data::DatasetKind;
 pub use crate::privacy::args::PrivacyArgs;
+use crate::values::parse_size;
 use crate::values::{
-    parse_listen, parse_noise, parse_svd_iters, AcceleratorSpec, AugmentChoice, ModelName,
-    OptimizerChoice, Phase, RankArg, Schedule,
+    parse_batch_size, parse_channels, parse_classes, parse_epochs, parse_image_count,
+    parse_input_size, parse_listen, parse_lr, parse_momentum, parse_noise, parse_steps,
+    parse_svd_iters, parse_threads, parse_timeout, parse_warmup, parse_weight_decay,
+    AcceleratorSpec, AugmentChoice, ModelName, OptimizerChoice, Phase, RankArg, Schedule,
 };
 use asymml_protocol::Address;
 use asymml_trusted::Mode;
 use asymml_untrusted::Device;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -69,14 +73,19 @@ pub(crate) struct SplitArgs {
     /// tcp://HOST:PORT or unix:PATH (served by `asymml accelerator --listen`).
     #[arg(long, default_value = "inproc")]
     pub(crate) accelerator: AcceleratorSpec,
-    /// Threads of a locally started accelerator. [default: --threads]
-    #[arg(long)]
+    /// Threads of a locally started accelerator (1 to 1024). [default: --threads]
+    #[arg(long, value_parser = parse_threads)]
     pub(crate) accelerator_threads: Option<usize>,
     /// Device of a locally started accelerator's convolutions (inproc, process): cpu, cuda (= cuda:0) or
     /// cuda:N — a GPU through cuDNN, in a binary built with `--features cuda`. A remote accelerator picks its
     /// own with `asymml accelerator --accelerator-device`. [default: cpu]
     #[arg(long)]
     pub(crate) accelerator_device: Option<Device>,
+    /// Longest wait in seconds for any reply of the accelerator (and for it to take a request); past it the
+    /// command stops with an error ("timed out"), a training run keeping its last checkpoint. Above 0, at
+    /// most 1000000.
+    #[arg(long, default_value = "600", value_parser = parse_timeout)]
+    pub(crate) accelerator_timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -94,6 +103,21 @@ pub struct AcceleratorArgs {
     /// with `--features cuda`.
     #[arg(long, default_value = "cpu")]
     pub(crate) accelerator_device: Device,
+    /// Memory budget of each connection (weights, optimizer state, cached inputs, work space and replies):
+    /// bytes, or with a K, M or G suffix (powers of 1024). Work that would exceed it is refused with an error
+    /// reply naming the budget; the session goes on.
+    #[arg(long, default_value = "8G", value_parser = parse_size)]
+    pub(crate) max_session_bytes: u64,
+    /// Connections served at once; one more is closed as soon as it is accepted.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub(crate) max_connections: u32,
+    /// Seconds a new connection has to complete its handshake (its whole Hello).
+    #[arg(long, default_value = "10", value_parser = parse_timeout)]
+    pub(crate) handshake_timeout: Duration,
+    /// Seconds each request may take to arrive whole, counted from the previous reply (or the handshake); a
+    /// client silent (or slow) past it is disconnected.
+    #[arg(long, default_value = "600", value_parser = parse_timeout)]
+    pub(crate) idle_timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -101,23 +125,23 @@ pub struct VerifyArgs {
     /// Model (see `train --help`).
     #[arg(long, default_value = "vgg16")]
     pub(crate) model: ModelName,
-    /// Input size.
-    #[arg(long, default_value_t = 32)]
+    /// Input size (1 to 4096; each model has its minimum).
+    #[arg(long, default_value_t = 32, value_parser = parse_input_size)]
     pub(crate) input_size: usize,
-    /// Batch size.
-    #[arg(long, default_value_t = 4)]
+    /// Batch size (2 to 65536).
+    #[arg(long, default_value_t = 4, value_parser = parse_batch_size)]
     pub(crate) batch: usize,
-    /// Input channels.
-    #[arg(long, default_value_t = 3)]
+    /// Input channels (1 to 64).
+    #[arg(long, default_value_t = 3, value_parser = parse_channels)]
     pub(crate) channels: usize,
-    /// Classes.
-    #[arg(long, default_value_t = 10)]
+    /// Classes (2 to 100000).
+    #[arg(long, default_value_t = 10, value_parser = parse_classes)]
     pub(crate) classes: usize,
     /// Seed of the weights and data.
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
-    /// Worker threads. [default: all cores]
-    #[arg(long)]
+    /// Worker threads (1 to 1024). [default: all cores]
+    #[arg(long, value_parser = parse_threads)]
     pub(crate) threads: Option<usize>,
     #[command(flatten)]
     pub(crate) split: SplitArgs,
@@ -136,11 +160,11 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     pub(crate) model: Option<ModelName>,
     /// Input size in pixels (images are resized to it). [default: the size recorded in --weights, else (train,
-    /// eval) the data's own size; 224 for folders]
-    #[arg(long)]
+    /// eval) the data's own size; 224 for folders] (1 to 4096; each model has its minimum)
+    #[arg(long, value_parser = parse_input_size)]
     pub(crate) input_size: Option<usize>,
-    /// Worker threads for the CPU kernels. [default: all cores]
-    #[arg(long)]
+    /// Worker threads for the CPU kernels (1 to 1024). [default: all cores]
+    #[arg(long, value_parser = parse_threads)]
     pub(crate) threads: Option<usize>,
     /// Where layers run: split (AsymML: low-rank part trusted, residual on the accelerator), trusted-only
     /// (every layer in the trusted runtime) or untrusted-only (every layer on the accelerator: no privacy).
@@ -164,8 +188,8 @@ pub(crate) struct CommonArgs {
     /// Folder holding the dataset files (IDX files, CIFAR-10 binary batches, or class sub-folders).
     #[arg(long)]
     pub(crate) data_dir: Option<PathBuf>,
-    /// Images per batch.
-    #[arg(long, default_value_t = 64)]
+    /// Images per batch (1 to 65536).
+    #[arg(long, default_value_t = 64, value_parser = parse_batch_size)]
     pub(crate) batch_size: usize,
     /// Seed for weight initialisation, shuffling and augmentation.
     #[arg(long, default_value_t = 0)]
@@ -181,23 +205,23 @@ pub(crate) struct CommonArgs {
 pub struct TrainArgs {
     #[command(flatten)]
     pub(crate) common: CommonArgs,
-    /// Number of epochs (in all, when resuming).
-    #[arg(long, default_value_t = 3)]
+    /// Number of epochs (in all, when resuming; 1 to 100000).
+    #[arg(long, default_value_t = 3, value_parser = parse_epochs)]
     pub(crate) epochs: usize,
-    /// Base learning rate. [default: 0.05 for sgd, 0.001 for adamw]
-    #[arg(long)]
+    /// Base learning rate (finite, above 0). [default: 0.05 for sgd, 0.001 for adamw]
+    #[arg(long, value_parser = parse_lr)]
     pub(crate) lr: Option<f32>,
     /// Optimizer: sgd (momentum 0.9) or adamw.
     #[arg(long, default_value = "sgd")]
     pub(crate) optimizer: OptimizerChoice,
-    /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
+    /// SGD momentum, in [0, 1).
+    #[arg(long, default_value_t = 0.9, value_parser = parse_momentum)]
     pub(crate) momentum: f32,
     /// Use Nesterov momentum with SGD.
     #[arg(long)]
     pub(crate) nesterov: bool,
-    /// Weight decay. [default: 5e-4 for sgd, 0.01 for adamw]
-    #[arg(long)]
+    /// Weight decay (finite, at least 0). [default: 5e-4 for sgd, 0.01 for adamw]
+    #[arg(long, value_parser = parse_weight_decay)]
     pub(crate) weight_decay: Option<f32>,
     /// Learning-rate schedule: constant, cosine, or step:EPOCHS:GAMMA (multiply by GAMMA every EPOCHS).
     #[arg(long, default_value = "cosine")]
@@ -207,7 +231,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub(crate) augment: Option<AugmentChoice>,
     /// Use only the first N training images (quick experiments).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_image_count)]
     pub(crate) limit_train: Option<usize>,
     /// Output folder. [default: runs/<model>]
     #[arg(long)]
@@ -233,13 +257,13 @@ pub struct InferArgs {
     #[arg(long)]
     pub(crate) images: PathBuf,
     /// Number of classes, when the weights carry no metadata.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_classes)]
     pub(crate) classes: Option<usize>,
     /// Input channels (1 grey, 3 RGB), when the weights carry no metadata.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_channels)]
     pub(crate) channels: Option<usize>,
-    /// Images per batch.
-    #[arg(long, default_value_t = 32)]
+    /// Images per batch (1 to 65536).
+    #[arg(long, default_value_t = 32, value_parser = parse_batch_size)]
     pub(crate) batch_size: usize,
     #[command(flatten)]
     pub(crate) run: RunArgs,
@@ -264,26 +288,26 @@ pub struct BenchArgs {
     pub(crate) phase: Vec<Phase>,
     #[command(flatten)]
     pub(crate) split: SplitArgs,
-    /// Batch size.
-    #[arg(long, default_value_t = 32)]
+    /// Batch size (2 to 65536).
+    #[arg(long, default_value_t = 32, value_parser = parse_batch_size)]
     pub(crate) batch_size: usize,
-    /// Input size. [default: 32 for -cifar models, 224 for -imagenet]
-    #[arg(long)]
+    /// Input size (1 to 4096; each model has its minimum). [default: 32 for -cifar models, 224 for -imagenet]
+    #[arg(long, value_parser = parse_input_size)]
     pub(crate) input_size: Option<usize>,
-    /// Input channels.
-    #[arg(long, default_value_t = 3)]
+    /// Input channels (1 to 64).
+    #[arg(long, default_value_t = 3, value_parser = parse_channels)]
     pub(crate) channels: usize,
-    /// Classes.
-    #[arg(long, default_value_t = 10)]
+    /// Classes (2 to 100000).
+    #[arg(long, default_value_t = 10, value_parser = parse_classes)]
     pub(crate) classes: usize,
-    /// Timed steps (after the warm-up).
-    #[arg(long, default_value_t = 5)]
+    /// Timed steps (after the warm-up; 1 to 1000000).
+    #[arg(long, default_value_t = 5, value_parser = parse_steps)]
     pub(crate) steps: usize,
-    /// Untimed warm-up steps.
-    #[arg(long, default_value_t = 1)]
+    /// Untimed warm-up steps (0 to 1000000).
+    #[arg(long, default_value_t = 1, value_parser = parse_warmup)]
     pub(crate) warmup: usize,
-    /// Threads of the trusted runtime. [default: all cores]
-    #[arg(long, visible_alias = "trusted-threads")]
+    /// Threads of the trusted runtime (1 to 1024). [default: all cores]
+    #[arg(long, visible_alias = "trusted-threads", value_parser = parse_threads)]
     pub(crate) threads: Option<usize>,
     /// Folder for bench.json and the per-layer stacked-bar PNGs (one per split run).
     #[arg(long)]

@@ -4,6 +4,7 @@ use crate::batch;
 use crate::cli::{EvalArgs, InferArgs, RunArgs};
 use crate::data::{self, normalize_into, Dataset};
 use crate::setup::{self, SplitSetup};
+use crate::values::check_batch_bytes;
 use crate::weightfile::{self, resolve_spec, WeightInfo};
 use crate::{progress, threads};
 use anyhow::{bail, Context, Result};
@@ -38,11 +39,9 @@ pub fn run_eval(a: EvalArgs) -> Result<()> {
     let Some(wpath) = &c.weights else {
         bail!("eval needs --weights FILE.safetensors (e.g. runs/vgg-small/model.safetensors)");
     };
-    if c.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
     let (bytes, info) = weightfile::read(wpath)?;
     let (spec, test) = eval_data(&c.run, c.dataset, c.data_dir.as_deref(), c.seed, &info)?;
+    check_batch_bytes(c.batch_size, spec.in_ch, spec.width, spec.input_size)?;
     let net = load_net(&spec, &bytes, wpath)?;
     let (mut session, _accel) = open_session(&c.run, net, c.seed)?;
     let pb = progress::bar(test.len() as u64, "eval", c.run.json);
@@ -90,6 +89,7 @@ fn eval_data(
         Some(test.num_classes),
         Some(recorded_size.unwrap_or(test.h)),
     )?;
+    data::check_images_bytes(test.len(), test.c, spec.input_size)?;
     let test = batch::fit_to(test, spec.input_size);
     batch::check_fit(&spec, &test, "test")?;
     Ok((spec, test))
@@ -141,9 +141,6 @@ impl ImageInput {
 /// Runs `asymml infer`.
 pub fn run_infer(a: InferArgs) -> Result<()> {
     threads::init(a.run.threads)?;
-    if a.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
     let (bytes, info) = weightfile::read(&a.weights)?;
     let spec = resolve_spec(
         &info,
@@ -152,6 +149,7 @@ pub fn run_infer(a: InferArgs) -> Result<()> {
         a.classes,
         a.run.input_size,
     )?;
+    check_batch_bytes(a.batch_size, spec.in_ch, spec.width, spec.input_size)?;
     let net = load_net(&spec, &bytes, &a.weights)?;
     let input = ImageInput::new(&a, &spec, &info)?;
     let (mut session, _accel) = open_session(&a.run, net, 0)?;

@@ -3,7 +3,7 @@
 
 use crate::accelerator::{self, AcceleratorHandle};
 use crate::cli::SplitArgs;
-use crate::values::AcceleratorSpec;
+use crate::values::{AcceleratorSpec, DEFAULT_ACCELERATOR_TIMEOUT};
 use anyhow::{bail, Result};
 use asymml_core::decomp::RankPolicy;
 use asymml_core::models::Net;
@@ -12,6 +12,7 @@ use asymml_trusted::remote::RemoteClient;
 use asymml_trusted::split::{SplitConfig, SplitExec};
 use asymml_trusted::{Mode, Session, TrainConfig};
 use asymml_untrusted::Device;
+use std::time::Duration;
 
 /// The split runtime's settings, resolved from the flags: the decomposition and where the accelerator is.
 #[derive(Clone, Debug)]
@@ -22,6 +23,8 @@ pub(crate) struct SplitSetup {
     pub(crate) accelerator_threads: usize,
     /// Where a locally started accelerator computes.
     pub(crate) device: Device,
+    /// Longest wait for any reply of the accelerator (`--accelerator-timeout`).
+    pub(crate) timeout: Duration,
 }
 
 impl SplitSetup {
@@ -51,16 +54,19 @@ impl SplitSetup {
             accelerator: a.accelerator.clone(),
             accelerator_threads: a.accelerator_threads.unwrap_or(threads),
             device: a.accelerator_device.unwrap_or_default(),
+            timeout: a.accelerator_timeout,
         }
     }
 
-    /// `config` with an in-process accelerator of `threads` threads on the CPU.
+    /// `config` with an in-process accelerator of `threads` threads on the CPU (and the default reply
+    /// timeout).
     pub(crate) fn inproc(config: SplitConfig, threads: usize) -> Self {
         SplitSetup {
             config,
             accelerator: AcceleratorSpec::InProc,
             accelerator_threads: threads,
             device: Device::Cpu,
+            timeout: DEFAULT_ACCELERATOR_TIMEOUT,
         }
     }
 
@@ -71,7 +77,12 @@ impl SplitSetup {
         Box<dyn asymml_protocol::Transport + Send>,
         AcceleratorHandle,
     )> {
-        accelerator::start(&self.accelerator, self.accelerator_threads, self.device)
+        accelerator::start(
+            &self.accelerator,
+            self.accelerator_threads,
+            self.device,
+            self.timeout,
+        )
     }
 }
 

@@ -6,7 +6,9 @@ use crate::cli::TrainArgs;
 use crate::data::{self, epoch_order, Augment, Dataset, DatasetKind};
 use crate::plot::{self, EpochPoint};
 use crate::setup::{self, SplitSetup};
-use crate::values::{as_text, AugmentChoice, ModelName, OptimizerChoice, Schedule};
+use crate::values::{
+    as_text, check_batch_bytes, AugmentChoice, ModelName, OptimizerChoice, Schedule,
+};
 use crate::weightfile::{self, META_ARGS};
 use crate::{progress, threads};
 use anyhow::{bail, Context, Result};
@@ -116,8 +118,14 @@ impl Plan {
                 self.weight_decay.unwrap_or(0.01),
             ),
         };
-        if !(lr.is_finite() && lr > 0.0 && weight_decay.is_finite() && weight_decay >= 0.0) {
-            bail!("--lr must be positive and --weight-decay non-negative");
+        // The flags are checked where they are parsed; this guards the settings read from a checkpoint.
+        if !(lr.is_finite()
+            && lr > 0.0
+            && weight_decay.is_finite()
+            && weight_decay >= 0.0
+            && (0.0..1.0).contains(&self.momentum))
+        {
+            bail!("--lr must be positive, --weight-decay non-negative and --momentum in [0, 1)");
         }
         Ok(TrainConfig {
             optimizer,
@@ -127,7 +135,8 @@ impl Plan {
         })
     }
 
-    /// The training and test data at the model's input size, and that size.
+    /// The training and test data at the model's input size, and that size (refused before resizing when
+    /// the resized images would not fit the memory limit).
     fn load_data(&self) -> Result<(Dataset, Dataset, usize)> {
         let folder_size = self.input_size.unwrap_or(224);
         let (mut train, test) = data::load(
@@ -144,6 +153,9 @@ impl Plan {
             train = train.select(&(0..n.min(train.len())).collect::<Vec<_>>());
         }
         let size = self.input_size.unwrap_or(train.h);
+        for d in [&train, &test] {
+            data::check_images_bytes(d.len(), d.c, size)?;
+        }
         Ok((batch::fit_to(train, size), batch::fit_to(test, size), size))
     }
 }
@@ -171,9 +183,6 @@ struct Training {
 impl Training {
     /// Checks the flags, loads the data, builds (or resumes) the model and reaches the accelerator.
     fn prepare(a: &TrainArgs, threads: usize) -> Result<Self> {
-        if a.epochs == 0 {
-            bail!("--epochs must be at least 1");
-        }
         // Settings: from the flags, or from the checkpoint being resumed.
         let (plan, out_dir) = match &a.resume {
             Some(dir) => (Plan::from_checkpoint(dir)?, dir.clone()),
@@ -189,9 +198,14 @@ impl Training {
         if plan.batch_size == 0 {
             bail!("--batch-size must be at least 1");
         }
+        if let Some(size) = plan.input_size {
+            // A size the model cannot take is refused before any image is resized to it.
+            plan.model.spec(1, 2, size)?;
+        }
         let (train, test, size) = plan.load_data()?;
         let spec = plan.model.spec(train.c, train.num_classes, size)?;
         batch::check_fit(&spec, &test, "test")?;
+        check_batch_bytes(plan.batch_size, train.c, spec.width, size)?;
         let mut net = spec.build(plan.seed)?;
         if let (Some(w), None) = (&a.common.weights, &a.resume) {
             let (bytes, _) = weightfile::read(w)?;

@@ -33,7 +33,17 @@ impl FromStr for AcceleratorSpec {
             other => other
                 .parse()
                 .map(AcceleratorSpec::Remote)
-                .map_err(|e| format!("{e} (use inproc, process, tcp://HOST:PORT or unix:PATH)")),
+                .map_err(|e| match e {
+                    // The address parser's own hint names only the two address forms.
+                    asymml_protocol::ProtocolError::Address { address, .. }
+                        if !other.contains(':') =>
+                    {
+                        format!(
+                            "{address:?}: expected inproc, process, tcp://HOST:PORT or unix:PATH"
+                        )
+                    }
+                    e => e.to_string(),
+                }),
         }
     }
 }
@@ -71,6 +81,160 @@ pub(crate) fn parse_noise(s: &str) -> Result<f32, String> {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
         _ => Err("must be a non-negative number".into()),
     }
+}
+
+// ---- Limits of the numeric flags ----
+//
+// Every number on the command line is checked here, where clap reads it, against a range that is generous
+// for real use and small enough that no value can make a command allocate without bound, spawn threads
+// without bound or wait forever. The README's flag table states the same limits.
+
+/// Largest `--input-size` in pixels (the largest input a model takes).
+pub(crate) const MAX_INPUT_SIZE: usize = 4096;
+/// Largest `--threads` / `--accelerator-threads` (a fixed ceiling, whatever the machine's cores).
+pub(crate) const MAX_THREADS: usize = 1024;
+/// Largest `--batch-size`.
+pub(crate) const MAX_BATCH: usize = 65_536;
+/// Largest `--epochs` (and `privacy --tradeoff-epochs`).
+pub(crate) const MAX_EPOCHS: usize = 100_000;
+/// Largest step counts: `bench --steps` / `--warmup`, `privacy --decoder-steps`.
+pub(crate) const MAX_STEPS: usize = 1_000_000;
+/// Largest image counts: `--limit-train`, `privacy --samples` / `--public` / `--tradeoff-train` /
+/// `--mi-points`.
+pub(crate) const MAX_IMAGES: usize = 10_000_000;
+/// Largest `--channels` (verify, bench, infer).
+pub(crate) const MAX_CHANNELS: usize = 64;
+/// Largest `--classes` (verify, bench, infer).
+pub(crate) const MAX_CLASSES: usize = 100_000;
+/// `--accelerator-timeout`'s default (the flag's `default_value` says the same: 600 s).
+pub(crate) const DEFAULT_ACCELERATOR_TIMEOUT: std::time::Duration =
+    std::time::Duration::from_secs(600);
+/// Largest `--accelerator-timeout` in seconds (about 11.6 days).
+pub(crate) const MAX_TIMEOUT_S: f64 = 1e6;
+/// Largest batch of one layer's activations: batch × max(channels, first conv's width) × size² × 4 bytes,
+/// checked before any batch is allocated ([`check_batch_bytes`]).
+pub(crate) const MAX_BATCH_BYTES: u64 = 8 << 30;
+
+/// A whole number in `lo..=hi`.
+fn whole_in(s: &str, lo: usize, hi: usize) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (lo..=hi).contains(&n) => Ok(n),
+        _ => Err(format!("must be a whole number from {lo} to {hi}")),
+    }
+}
+
+/// `--input-size`: pixels per side, 1 to [`MAX_INPUT_SIZE`] (each model states its own minimum).
+pub(crate) fn parse_input_size(s: &str) -> Result<usize, String> {
+    whole_in(s, 1, MAX_INPUT_SIZE)
+}
+
+/// `--threads`, `--accelerator-threads`: 1 to [`MAX_THREADS`].
+pub(crate) fn parse_threads(s: &str) -> Result<usize, String> {
+    whole_in(s, 1, MAX_THREADS)
+}
+
+/// `--batch-size`: 1 to [`MAX_BATCH`].
+pub(crate) fn parse_batch_size(s: &str) -> Result<usize, String> {
+    whole_in(s, 1, MAX_BATCH)
+}
+
+/// `--epochs`: 1 to [`MAX_EPOCHS`].
+pub(crate) fn parse_epochs(s: &str) -> Result<usize, String> {
+    whole_in(s, 1, MAX_EPOCHS)
+}
+
+/// `bench --steps`, `privacy --decoder-steps`: 1 to [`MAX_STEPS`].
+pub(crate) fn parse_steps(s: &str) -> Result<usize, String> {
+    whole_in(s, 1, MAX_STEPS)
+}
+
+/// `bench --warmup`: 0 to [`MAX_STEPS`].
+pub(crate) fn parse_warmup(s: &str) -> Result<usize, String> {
+    whole_in(s, 0, MAX_STEPS)
+}
+
+/// An image count of at least one: 1 to [`MAX_IMAGES`].
+pub(crate) fn parse_image_count(s: &str) -> Result<usize, String> {
+    whole_in(s, 1, MAX_IMAGES)
+}
+
+/// An image count that may be zero: 0 to [`MAX_IMAGES`].
+pub(crate) fn parse_image_count0(s: &str) -> Result<usize, String> {
+    whole_in(s, 0, MAX_IMAGES)
+}
+
+/// `--channels`: 1 to [`MAX_CHANNELS`].
+pub(crate) fn parse_channels(s: &str) -> Result<usize, String> {
+    whole_in(s, 1, MAX_CHANNELS)
+}
+
+/// `--classes`: 2 to [`MAX_CLASSES`].
+pub(crate) fn parse_classes(s: &str) -> Result<usize, String> {
+    whole_in(s, 2, MAX_CLASSES)
+}
+
+/// A finite number for which `ok` holds; `rule` says which in the error.
+fn finite_where(s: &str, ok: fn(f32) -> bool, rule: &str) -> Result<f32, String> {
+    match s.trim().parse::<f32>() {
+        Ok(v) if v.is_finite() && ok(v) => Ok(v),
+        _ => Err(format!("must be {rule}")),
+    }
+}
+
+/// `--lr`: a finite positive learning rate.
+pub(crate) fn parse_lr(s: &str) -> Result<f32, String> {
+    finite_where(s, |v| v > 0.0, "a finite number above 0")
+}
+
+/// `--momentum`: in [0, 1).
+pub(crate) fn parse_momentum(s: &str) -> Result<f32, String> {
+    finite_where(
+        s,
+        |v| (0.0..1.0).contains(&v),
+        "a number from 0 up to (not including) 1",
+    )
+}
+
+/// `--weight-decay`: a finite non-negative number.
+pub(crate) fn parse_weight_decay(s: &str) -> Result<f32, String> {
+    finite_where(s, |v| v >= 0.0, "a finite number of at least 0")
+}
+
+/// `--accelerator-timeout`: seconds, finite, above 0 and at most [`MAX_TIMEOUT_S`].
+pub(crate) fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= MAX_TIMEOUT_S => {
+            Ok(std::time::Duration::from_secs_f64(v))
+        }
+        _ => Err(format!(
+            "must be a number of seconds above 0 and at most {MAX_TIMEOUT_S}"
+        )),
+    }
+}
+
+/// Refuses a batch whose largest activation — `batch` images of `channels` planes, or of the first conv's
+/// `width` output channels, of `size`×`size` f32 values — would exceed [`MAX_BATCH_BYTES`], before anything
+/// is allocated.
+pub(crate) fn check_batch_bytes(
+    batch: usize,
+    channels: usize,
+    width: usize,
+    size: usize,
+) -> anyhow::Result<()> {
+    let planes = channels.max(width);
+    let bytes = [batch, planes, size, size, 4]
+        .iter()
+        .try_fold(1u128, |acc, &n| acc.checked_mul(n as u128))
+        .unwrap_or(u128::MAX);
+    if bytes > u128::from(MAX_BATCH_BYTES) {
+        anyhow::bail!(
+            "a batch of {batch} images of {size}×{size} px needs {:.1} GiB per activation ({planes} channels), \
+             above the limit of {} GiB: use a smaller --batch-size or --input-size",
+            bytes as f64 / (1u64 << 30) as f64,
+            MAX_BATCH_BYTES >> 30
+        );
+    }
+    Ok(())
 }
 
 /// A model name (`vgg16`, `resnet18-cifar`, `vgg-small`, …), checked against the known models; the full spec
@@ -292,6 +456,32 @@ pub(crate) mod as_text {
     }
 }
 
+/// `--max-session-bytes`: a byte count, plain or with a K, M, G or T suffix (powers of 1024; a trailing `B`
+/// or `iB` is allowed: `8G`, `512MiB`, `1048576`), above 0.
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?}: expected a size in bytes above 0, e.g. 1048576, 512M or 8G");
+    let t = s.trim().to_ascii_uppercase();
+    let t = t
+        .strip_suffix("IB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(&t);
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, 'K')) => (&t[..i], 10),
+        Some((i, 'M')) => (&t[..i], 20),
+        Some((i, 'G')) => (&t[..i], 30),
+        Some((i, 'T')) => (&t[..i], 40),
+        _ => (t, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    match n.checked_mul(1 << shift) {
+        Some(v) if v > 0 => Ok(v),
+        _ => Err(bad()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,11 +513,65 @@ mod tests {
         let remote: AcceleratorSpec = "tcp://127.0.0.1:7000".parse().unwrap();
         assert_eq!(remote.to_string(), "tcp://127.0.0.1:7000");
         let e = "gpu".parse::<AcceleratorSpec>().unwrap_err();
-        assert!(e.contains("use inproc, process"), "{e}");
+        assert!(e.contains("expected inproc, process"), "{e}");
         assert_eq!(
             parse_listen("127.0.0.1:0").unwrap().to_string(),
             "tcp://127.0.0.1:0"
         );
+    }
+
+    #[test]
+    fn numbers_are_checked_at_the_edge() {
+        assert_eq!(parse_input_size("28"), Ok(28));
+        for bad in ["0", "4097", "100000", "-1", "x", ""] {
+            assert!(parse_input_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_threads("1024"), Ok(1024));
+        assert!(parse_threads("100000").unwrap_err().contains("1 to 1024"));
+        assert!(parse_threads("0").is_err());
+        assert!(parse_batch_size("0").is_err() && parse_batch_size("65537").is_err());
+        assert!(parse_epochs("0").is_err() && parse_epochs("100001").is_err());
+        assert_eq!(parse_warmup("0"), Ok(0));
+        assert!(parse_steps("0").is_err());
+        assert!(parse_classes("1").is_err() && parse_channels("65").is_err());
+        assert_eq!(parse_momentum("0"), Ok(0.0));
+        assert_eq!(parse_momentum("0.9"), Ok(0.9));
+        for bad in ["nan", "NaN", "1", "1.5", "-0.1", "inf"] {
+            assert!(parse_momentum(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_lr("1e30"), Ok(1e30));
+        for bad in ["0", "-1", "nan", "inf", "1e39"] {
+            assert!(parse_lr(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_weight_decay("0"), Ok(0.0));
+        assert!(parse_weight_decay("-1e-4").is_err() && parse_weight_decay("nan").is_err());
+    }
+
+    #[test]
+    fn timeouts_are_finite_and_positive() {
+        assert_eq!(
+            parse_timeout("600"),
+            Ok(DEFAULT_ACCELERATOR_TIMEOUT),
+            "the flag's default"
+        );
+        assert_eq!(
+            parse_timeout("0.25"),
+            Ok(std::time::Duration::from_millis(250))
+        );
+        for bad in ["0", "-1", "nan", "inf", "1e7", "x"] {
+            assert!(parse_timeout(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn batch_memory_is_bounded() {
+        // vgg16 at 224 px, batch 64: 64 × 64 × 224² × 4 B = 0.8 GiB.
+        assert!(check_batch_bytes(64, 3, 64, 224).is_ok());
+        // 4096 px, batch 64: 256 GiB for the first conv's output.
+        let e = check_batch_bytes(64, 3, 64, 4096).unwrap_err().to_string();
+        assert!(e.contains("above the limit of 8 GiB"), "{e}");
+        // No overflow on absurd values.
+        assert!(check_batch_bytes(usize::MAX, usize::MAX, 1, usize::MAX).is_err());
     }
 
     #[test]

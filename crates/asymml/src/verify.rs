@@ -5,6 +5,7 @@ use crate::accelerator::AcceleratorHandle;
 use crate::cli::VerifyArgs;
 use crate::setup::SplitSetup;
 use crate::threads;
+use crate::values::check_batch_bytes;
 use anyhow::{bail, Result};
 use asymml_core::models::{LocalExec, ModelSpec, Net, StateMut};
 use asymml_core::optim::{Optimizer, OptimizerKind};
@@ -94,6 +95,7 @@ impl Case {
             bail!("--batch must be at least 2 (BatchNorm needs batch statistics)");
         }
         let spec = a.model.spec(a.channels, a.classes, a.input_size)?;
+        check_batch_bytes(a.batch, a.channels, spec.width, a.input_size)?;
         let split = SplitSetup::from_args(&a.split, threads, a.seed)?;
         let net_ref = spec.build(a.seed)?;
         let mut net_split = spec.build(a.seed)?;

@@ -320,7 +320,7 @@ fn bad_flags_are_clear_errors() {
     );
     fails_with(
         &asymml(&["train", "--accelerator", "gpu", "--out", o]),
-        "use inproc, process, tcp://HOST:PORT or unix:PATH",
+        "\"gpu\": expected inproc, process, tcp://HOST:PORT or unix:PATH",
     );
     fails_with(
         &asymml(&["train", "--rank", "schedule,asym1", "--out", o]),
@@ -455,5 +455,198 @@ fn accelerator_device_cuda_or_a_clear_error() {
             .concat(),
         ),
         "a remote accelerator chooses its own",
+    );
+}
+
+/// The bytes of a PNG whose header claims `w`×`h` RGB pixels, followed by a bogus IDAT chunk.
+fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+    fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+        out.extend((data.len() as u32).to_be_bytes());
+        out.extend(kind);
+        out.extend(data);
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        out.extend(crc.sum().to_be_bytes());
+    }
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = w.to_be_bytes().to_vec();
+    ihdr.extend(h.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]); // 8-bit RGB, deflate, adaptive filtering, no interlace
+    chunk(&mut png, b"IHDR", &ihdr);
+    chunk(&mut png, b"IDAT", &[0x78, 0x9c, 0xde, 0xad]);
+    chunk(&mut png, b"IEND", &[]);
+    png
+}
+
+/// Absurd numbers are refused where the flags are read, naming the flag: exit 2, no panic, no allocation.
+#[test]
+fn absurd_numbers_are_refused_at_the_edge() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = dir.path().join("o");
+    let o = p(&o);
+    for (args, needle) in [
+        (
+            &["--input-size", "0"][..],
+            "for '--input-size <INPUT_SIZE>'",
+        ),
+        (&["--input-size", "100000"], "from 1 to 4096"),
+        (&["--threads", "100000"], "for '--threads <THREADS>'"),
+        (&["--accelerator-threads", "0"], "--accelerator-threads"),
+        (&["--momentum", "nan"], "for '--momentum <MOMENTUM>'"),
+        (&["--momentum", "1"], "--momentum"),
+        (&["--lr", "0"], "--lr"),
+        (&["--lr", "inf"], "--lr"),
+        (&["--weight-decay=-1"], "--weight-decay"),
+        (&["--epochs", "0"], "--epochs"),
+        (&["--batch-size", "10000000"], "--batch-size"),
+        (&["--accelerator-timeout", "0"], "--accelerator-timeout"),
+        (&["--accelerator-timeout", "nan"], "--accelerator-timeout"),
+    ] {
+        let o = asymml(&[&["train", "--out", o][..], args].concat());
+        fails_with(&o, needle);
+    }
+    for (args, needle) in [
+        (&["bench", "--steps", "0"][..], "--steps"),
+        (&["bench", "--warmup", "100000000"], "--warmup"),
+        (&["verify", "--channels", "1000"], "--channels"),
+        (&["privacy", "--samples", "0"], "--samples"),
+        (&["privacy", "--public", "100000000"], "--public"),
+    ] {
+        fails_with(&asymml(args), needle);
+    }
+    // A size the model cannot take, and one whose data would not fit in memory: clear errors, no resizing.
+    fails_with(
+        &asymml(&["train", "--input-size", "1", "--out", o]),
+        "needs an input size of at least 8 px",
+    );
+    fails_with(
+        &asymml(&["train", "--input-size", "4096", "--out", o]),
+        "above the limit of 16 GiB",
+    );
+    fails_with(
+        &asymml(&[
+            "verify",
+            "--model",
+            "vgg11",
+            "--input-size",
+            "4096",
+            "--batch",
+            "64",
+        ]),
+        "above the limit of 8 GiB",
+    );
+    assert!(!dir.path().join("o").exists(), "a refused run wrote output");
+}
+
+/// A PNG header claiming 100000×100000 pixels and a gzipped IDX that inflates far beyond its header's
+/// promise are refused before they cost memory.
+#[test]
+fn image_and_gzip_bombs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bomb = png_claiming(100_000, 100_000);
+    let images = d.join("images");
+    std::fs::create_dir(&images).unwrap();
+    std::fs::write(images.join("big.png"), &bomb).unwrap();
+    fails_with(
+        &asymml(&["privacy", "--images", p(&images), "--samples", "1"]),
+        "big.png",
+    );
+    fails_with(
+        &asymml(&[
+            "privacy",
+            "--images",
+            p(&images),
+            "--input-size",
+            "32",
+            "--samples",
+            "1",
+        ]),
+        "at most 16384×16384 px",
+    );
+    let folder = d.join("folder");
+    for class in ["a", "b"] {
+        std::fs::create_dir_all(folder.join(class)).unwrap();
+        std::fs::write(folder.join(class).join("x.png"), &bomb).unwrap();
+    }
+    fails_with(
+        &asymml(&[
+            "train",
+            "--dataset",
+            "folder",
+            "--data-dir",
+            p(&folder),
+            "--input-size",
+            "32",
+            "--out",
+            p(&d.join("o")),
+        ]),
+        "at most 16384×16384 px",
+    );
+
+    // 10 images of 28×28 promised, 64 MiB of zeros inflated.
+    let idx = d.join("idx");
+    std::fs::create_dir(&idx).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let header = [0, 0, 8, 3, 0, 0, 0, 10, 0, 0, 0, 28, 0, 0, 0, 28];
+    std::io::Write::write_all(&mut gz, &header).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..64 {
+        std::io::Write::write_all(&mut gz, &zeros).unwrap();
+    }
+    std::fs::write(idx.join("train-images-idx3-ubyte.gz"), gz.finish().unwrap()).unwrap();
+    let labels = [0, 0, 8, 1, 0, 0, 0, 10, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0];
+    for f in ["train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"] {
+        std::fs::write(idx.join(f), labels).unwrap();
+    }
+    std::fs::write(idx.join("t10k-images-idx3-ubyte"), header).unwrap();
+    fails_with(
+        &asymml(&["train", "--dataset", "mnist", "--data-dir", p(&idx)]),
+        "inflates to more than the 7856 bytes its IDX header promises",
+    );
+}
+
+/// An accelerator that accepts the connection and never answers: the command stops with "timed out" after
+/// --accelerator-timeout, and the checkpoint of the run it resumes is left as it was.
+#[test]
+fn a_silent_accelerator_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let o = quick_train(&run, "1", &["--limit-train", "64"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let checkpoint = std::fs::read(run.join("checkpoint.safetensors")).unwrap();
+
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp://{}", silent.local_addr().unwrap());
+    // Holds every connection open without reading or answering.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in silent.incoming() {
+            held.push(s);
+        }
+    });
+    let t0 = std::time::Instant::now();
+    let o = asymml(&[
+        "train",
+        "--resume",
+        p(&run),
+        "--epochs",
+        "2",
+        "--accelerator",
+        &addr,
+        "--accelerator-timeout",
+        "1",
+    ]);
+    fails_with(&o, "timed out");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(20),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        std::fs::read(run.join("checkpoint.safetensors")).unwrap(),
+        checkpoint,
+        "the checkpoint changed"
     );
 }

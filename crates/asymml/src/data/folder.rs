@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 
 use asymml_core::rng::Rng;
 use image::imageops::FilterType;
-use image::DynamicImage;
+use image::{DynamicImage, ImageReader, Limits};
 use rayon::prelude::*;
 
-use super::{io_error, read_file, require_dir, DataError, Dataset, Result};
+use super::{check_images_bytes, io_error, require_dir, DataError, Dataset, Result};
 
 const EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 /// How deep sub-folders are followed (a guard against symlink loops).
@@ -22,6 +22,49 @@ const RGB_STD: [f32; 3] = [0.229, 0.224, 0.225];
 /// For grey images there is no standard: 0.5 / 0.25 maps typical pixels to about [-2, 2].
 const GREY_MEAN: f32 = 0.5;
 const GREY_STD: f32 = 0.25;
+
+/// Largest width and height of an image that is decoded: a header claiming more is refused before decoding.
+pub(crate) const MAX_IMAGE_SIDE: u32 = 16_384;
+/// Most memory the decoder of one image may allocate (the decoded pixels included).
+pub(crate) const MAX_IMAGE_ALLOC: u64 = 512 << 20;
+
+/// A reader of the image at `path` (format from its content) under [`MAX_IMAGE_SIDE`] and
+/// [`MAX_IMAGE_ALLOC`]; the file is read as the decoder needs it.
+fn limited_reader(path: &Path) -> Result<ImageReader<std::io::BufReader<std::fs::File>>> {
+    let mut reader = ImageReader::open(path)
+        .map_err(|e| io_error(path, "image file", e))?
+        .with_guessed_format()
+        .map_err(|e| io_error(path, "image file", e))?;
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    limits.max_alloc = Some(MAX_IMAGE_ALLOC);
+    reader.limits(limits);
+    Ok(reader)
+}
+
+/// A decoding error of the image at `path`; one beyond the limits states them.
+fn image_error(path: &Path, e: image::ImageError) -> DataError {
+    let msg = match e {
+        image::ImageError::Limits(l) => format!(
+            "{l} (at most {MAX_IMAGE_SIDE}×{MAX_IMAGE_SIDE} px and {} MiB decoded)",
+            MAX_IMAGE_ALLOC >> 20
+        ),
+        e => e.to_string(),
+    };
+    DataError::Image {
+        path: path.to_path_buf(),
+        msg,
+    }
+}
+
+/// The width and height in the header of the image at `path`, without decoding it; a header above
+/// [`MAX_IMAGE_SIDE`] is an error.
+pub(crate) fn image_dimensions(path: &Path) -> Result<(u32, u32)> {
+    limited_reader(path)?
+        .into_dimensions()
+        .map_err(|e| image_error(path, e))
+}
 
 /// Loads `(train, test)` from an image folder, every image converted to `channels` (3: RGB, 1: luma) and to
 /// `size`×`size` (shorter side resized to `size`, then centre-cropped).
@@ -93,15 +136,15 @@ pub(crate) fn load_folder(
 /// torchvision's `Resize(size)` + `CenterCrop(size)`.
 pub(crate) fn load_image(path: &Path, channels: usize, size: usize) -> Result<Vec<u8>> {
     check_shape(channels, size)?;
-    let bytes = read_file(path, "image file")?;
-    let bad = |msg: String| DataError::Image {
-        path: path.to_path_buf(),
-        msg,
-    };
-    let img = image::load_from_memory(&bytes).map_err(|e| bad(e.to_string()))?;
+    let img = limited_reader(path)?
+        .decode()
+        .map_err(|e| image_error(path, e))?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w == 0 || h == 0 {
-        return Err(bad("the image has no pixels".into()));
+        return Err(DataError::Image {
+            path: path.to_path_buf(),
+            msg: "the image has no pixels".into(),
+        });
     }
     let img = match channels {
         1 => DynamicImage::ImageLuma8(img.to_luma8()),
@@ -240,6 +283,7 @@ fn decode_all(
     channels: usize,
     size: usize,
 ) -> Result<Dataset> {
+    check_images_bytes(entries.len(), channels, size)?;
     let len = channels * size * size;
     let mut images = vec![0u8; entries.len() * len];
     images

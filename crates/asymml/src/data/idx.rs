@@ -1,11 +1,15 @@
 //! IDX files (MNIST, Fashion-MNIST), plain or gzipped, and the embedded Fashion-MNIST default.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use super::{check_labels, maybe_gunzip, read_file, require_dir, DataError, Dataset, Result};
+use super::{check_labels, read_file, require_dir, DataError, Dataset, Result};
 
 const IMAGES_MAGIC: u32 = 0x0000_0803;
 const LABELS_MAGIC: u32 = 0x0000_0801;
+/// Largest IDX file (header included, after decompression) whose dimensions are accepted: 4 GiB (the
+/// MNIST training images are 47 MB).
+const MAX_IDX_BYTES: u64 = 4 << 30;
 
 const FASHION_CLASSES: [&str; 10] = [
     "T-shirt/top",
@@ -108,9 +112,9 @@ fn idx_dataset(
     labels: Vec<u8>,
     kind: IdxKind,
 ) -> Result<Dataset> {
-    let images = maybe_gunzip(images_path, images)?;
+    let images = maybe_gunzip(images_path, images, IMAGES_MAGIC, 3)?;
     let (dims, pixels) = parse_idx(images_path, &images, IMAGES_MAGIC, 3)?;
-    let labels = maybe_gunzip(labels_path, labels)?;
+    let labels = maybe_gunzip(labels_path, labels, LABELS_MAGIC, 1)?;
     let (label_dims, labels) = parse_idx(labels_path, &labels, LABELS_MAGIC, 1)?;
     let (n, h, w) = (dims[0], dims[1], dims[2]);
     if n != label_dims[0] {
@@ -144,14 +148,45 @@ fn idx_dataset(
     })
 }
 
-/// Checks an IDX header (big-endian `magic`, then `ndims` u32 dimensions) against the file size and returns the
-/// dimensions and the data after the header.
-fn parse_idx<'a>(
-    path: &Path,
-    bytes: &'a [u8],
-    magic: u32,
-    ndims: usize,
-) -> Result<(Vec<usize>, &'a [u8])> {
+/// Decompresses `bytes` if they start with the gzip magic (1f 8b); otherwise returns them as they are. The
+/// IDX header is inflated first, and then at most the bytes its dimensions promise (and one more, to tell a
+/// longer stream): a small file that would inflate to much more than it claims is refused after reading no
+/// more than the claim.
+fn maybe_gunzip(path: &Path, bytes: Vec<u8>, magic: u32, ndims: usize) -> Result<Vec<u8>> {
+    if !bytes.starts_with(&[0x1f, 0x8b]) {
+        return Ok(bytes);
+    }
+    let corrupt = |e: std::io::Error| DataError::BadFormat {
+        path: path.to_path_buf(),
+        msg: format!("corrupt or truncated gzip data: {e}"),
+    };
+    let mut gz = flate2::read::MultiGzDecoder::new(&bytes[..]);
+    let mut out = Vec::new();
+    let header = 4 * (1 + ndims);
+    (&mut gz)
+        .take(header as u64)
+        .read_to_end(&mut out)
+        .map_err(corrupt)?;
+    let (dims, expected) = idx_header(path, &out, magic, ndims)?;
+    (&mut gz)
+        .take((expected - header) as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(corrupt)?;
+    if out.len() > expected {
+        return Err(DataError::BadFormat {
+            path: path.to_path_buf(),
+            msg: format!(
+                "the gzip data inflates to more than the {expected} bytes its IDX header promises (dimensions \
+                 {dims:?})"
+            ),
+        });
+    }
+    Ok(out)
+}
+
+/// Reads an IDX header (big-endian `magic`, then `ndims` u32 dimensions) at the start of `bytes`; returns the
+/// dimensions and the size of the whole file they imply (header included), at most [`MAX_IDX_BYTES`].
+fn idx_header(path: &Path, bytes: &[u8], magic: u32, ndims: usize) -> Result<(Vec<usize>, usize)> {
     let header = 4 * (1 + ndims);
     let truncated = |expected: usize| DataError::Truncated {
         path: path.to_path_buf(),
@@ -180,16 +215,38 @@ fn parse_idx<'a>(
         return Err(truncated(header));
     }
     let dims: Vec<usize> = (1..=ndims).map(|i| word(i) as usize).collect();
+    let too_large = || DataError::BadFormat {
+        path: path.to_path_buf(),
+        msg: format!(
+            "IDX dimensions {dims:?} are too large (at most {} GiB of data)",
+            MAX_IDX_BYTES >> 30
+        ),
+    };
     let expected = dims
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
         .and_then(|body| body.checked_add(header))
-        .ok_or_else(|| DataError::BadFormat {
-            path: path.to_path_buf(),
-            msg: format!("IDX dimensions {dims:?} are too large"),
-        })?;
+        .ok_or_else(too_large)?;
+    if expected as u64 > MAX_IDX_BYTES {
+        return Err(too_large());
+    }
+    Ok((dims, expected))
+}
+
+/// Checks an IDX file's header against its size and returns the dimensions and the data after the header.
+fn parse_idx<'a>(
+    path: &Path,
+    bytes: &'a [u8],
+    magic: u32,
+    ndims: usize,
+) -> Result<(Vec<usize>, &'a [u8])> {
+    let (dims, expected) = idx_header(path, bytes, magic, ndims)?;
     match bytes.len() {
-        len if len < expected => Err(truncated(expected)),
+        len if len < expected => Err(DataError::Truncated {
+            path: path.to_path_buf(),
+            expected: expected as u64,
+            actual: len as u64,
+        }),
         len if len > expected => Err(DataError::BadFormat {
             path: path.to_path_buf(),
             msg: format!(
@@ -197,7 +254,7 @@ fn parse_idx<'a>(
                 len - expected
             ),
         }),
-        _ => Ok((dims, &bytes[header..])),
+        _ => Ok((dims, &bytes[4 * (1 + ndims)..])),
     }
 }
 
@@ -323,6 +380,54 @@ mod tests {
         );
         std::fs::write(&p, idx_bytes(LABELS_MAGIC, &[3], &[1, 2, 3, 4])).unwrap();
         assert!(err(dir.path()).contains("1 unexpected bytes"));
+    }
+
+    #[test]
+    fn gzip_is_inflated_no_further_than_the_header_promises() {
+        // 10 images of 28×28 promised (7,856 bytes), then 64 MiB of zeros: a 64 KiB bomb.
+        let path = Path::new("bomb-images-idx3-ubyte.gz");
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&idx_bytes(IMAGES_MAGIC, &[10, 28, 28], &[]))
+            .unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..64 {
+            e.write_all(&zeros).unwrap();
+        }
+        let bomb = e.finish().unwrap();
+        assert!(bomb.len() < 1 << 20, "{}", bomb.len());
+        let err = maybe_gunzip(path, bomb, IMAGES_MAGIC, 3)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("inflates to more than the 7856 bytes its IDX header promises"),
+            "{err}"
+        );
+        // Exactly the promise is read back; a wrong magic is named before the body is inflated.
+        let exact = idx_bytes(IMAGES_MAGIC, &[2, 2, 2], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(
+            maybe_gunzip(path, gz(&exact), IMAGES_MAGIC, 3).unwrap(),
+            exact
+        );
+        let err = maybe_gunzip(path, gz(&exact), LABELS_MAGIC, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("wrong IDX magic"), "{err}");
+    }
+
+    #[test]
+    fn absurd_dimensions_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write_set(dir.path());
+        // 2^32 − 1 images of 65,535² pixels: 2^64 bytes would overflow; 1000 × 65,535² is above 4 GiB.
+        for dims in [[u32::MAX, 65_535, 65_535], [1000, 65_535, 65_535]] {
+            let header = idx_bytes(IMAGES_MAGIC, &dims, &[0; 64]);
+            std::fs::write(dir.path().join("train-images-idx3-ubyte"), &header).unwrap();
+            let e = err(dir.path());
+            assert!(e.contains("too large (at most 4 GiB"), "{e}");
+            std::fs::write(dir.path().join("train-images-idx3-ubyte"), gz(&header)).unwrap();
+            let e = err(dir.path());
+            assert!(e.contains("too large (at most 4 GiB"), "{e}");
+        }
     }
 
     #[test]

@@ -11,14 +11,13 @@ mod folder;
 mod idx;
 
 use std::fmt;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 pub(crate) use cifar::load_cifar10;
 pub use dataset::Dataset;
 pub(crate) use dataset::{epoch_order, normalize_into, Augment};
-pub(crate) use folder::{list_images, load_folder, load_image};
+pub(crate) use folder::{image_dimensions, list_images, load_folder, load_image};
 pub use idx::embedded_fashion_mnist;
 pub(crate) use idx::{load_idx_dir, IdxKind};
 
@@ -86,6 +85,34 @@ pub enum DataError {
     NeedDataDir(DatasetKind),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    #[error(
+        "{n} images of {c}×{size}×{size} px need {:.1} GiB in memory, above the limit of {} GiB: use a smaller \
+         --input-size",
+        *bytes as f64 / (1u64 << 30) as f64,
+        MAX_IMAGES_BYTES >> 30
+    )]
+    TooManyBytes {
+        n: usize,
+        c: usize,
+        size: usize,
+        bytes: u128,
+    },
+}
+
+/// Most bytes of images a dataset holds in memory (`u8` pixels, after resizing to the input size).
+pub(crate) const MAX_IMAGES_BYTES: u64 = 16 << 30;
+
+/// Refuses `n` images of `c` planes of `size`×`size` bytes above [`MAX_IMAGES_BYTES`], before they are
+/// decoded or resized.
+pub(crate) fn check_images_bytes(n: usize, c: usize, size: usize) -> Result<()> {
+    let bytes = [n, c, size, size]
+        .iter()
+        .try_fold(1u128, |acc, &k| acc.checked_mul(k as u128))
+        .unwrap_or(u128::MAX);
+    if bytes > u128::from(MAX_IMAGES_BYTES) {
+        return Err(DataError::TooManyBytes { n, c, size, bytes });
+    }
+    Ok(())
 }
 
 pub type Result<T> = std::result::Result<T, DataError>;
@@ -180,21 +207,6 @@ fn read_file(path: &Path, what: &'static str) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| io_error(path, what, e))
 }
 
-/// Decompresses `bytes` if they start with the gzip magic (1f 8b); otherwise returns them as they are.
-fn maybe_gunzip(path: &Path, bytes: Vec<u8>) -> Result<Vec<u8>> {
-    if !bytes.starts_with(&[0x1f, 0x8b]) {
-        return Ok(bytes);
-    }
-    let mut out = Vec::new();
-    flate2::read::MultiGzDecoder::new(&bytes[..])
-        .read_to_end(&mut out)
-        .map_err(|e| DataError::BadFormat {
-            path: path.to_path_buf(),
-            msg: format!("corrupt or truncated gzip data: {e}"),
-        })?;
-    Ok(out)
-}
-
 /// Fails with `Missing` unless `path` is an existing directory.
 fn require_dir(path: &Path, what: &'static str) -> Result<()> {
     if path.is_dir() {
@@ -236,6 +248,17 @@ mod tests {
         );
         let e = "imagenet".parse::<DatasetKind>().unwrap_err();
         assert!(e.to_string().contains("unknown dataset 'imagenet'"), "{e}");
+    }
+
+    #[test]
+    fn images_in_memory_are_bounded() {
+        assert!(check_images_bytes(60_000, 1, 224).is_ok());
+        let e = check_images_bytes(8000, 1, 4096).unwrap_err().to_string();
+        assert!(
+            e.contains("8000 images of 1×4096×4096 px need 125.0 GiB") && e.contains("16 GiB"),
+            "{e}"
+        );
+        assert!(check_images_bytes(usize::MAX, usize::MAX, usize::MAX).is_err());
     }
 
     #[test]

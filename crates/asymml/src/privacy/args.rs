@@ -2,7 +2,10 @@
 //! typed values, so a bad one is refused by clap with the flag's name.
 
 use crate::data::DatasetKind;
-use crate::values::RankArg;
+use crate::values::{
+    parse_batch_size, parse_epochs, parse_image_count, parse_image_count0, parse_input_size,
+    parse_noise, parse_steps, parse_svd_iters, parse_threads, RankArg,
+};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -29,14 +32,14 @@ pub struct PrivacyArgs {
     /// is given, the attacker's public images are every other one of them (held out from its evaluation).
     #[arg(long)]
     pub images: Option<PathBuf>,
-    /// Input size (images are resized to it). [default: the images' own size]
-    #[arg(long)]
+    /// Input size (images are resized to it; 1 to 4096). [default: the images' own size]
+    #[arg(long, value_parser = parse_input_size)]
     pub input_size: Option<usize>,
-    /// Number of private images analysed.
-    #[arg(long, default_value_t = 20)]
+    /// Number of private images analysed (1 to 10000000).
+    #[arg(long, default_value_t = 20, value_parser = parse_image_count)]
     pub samples: usize,
-    /// Number of public images the attacker trains its decoders on.
-    #[arg(long, default_value_t = 1000)]
+    /// Number of public images the attacker trains its decoders on (0 to 10000000).
+    #[arg(long, default_value_t = 1000, value_parser = parse_image_count0)]
     pub public: usize,
     /// Rank policies to evaluate (comma-separated; see `train --help` for the syntax).
     #[arg(
@@ -50,11 +53,12 @@ pub struct PrivacyArgs {
         long,
         default_value = "0,0.05,0.1,0.2",
         value_delimiter = ',',
-        allow_negative_numbers = true
+        allow_negative_numbers = true,
+        value_parser = parse_noise
     )]
     pub nsr: Vec<f32>,
     /// Lightweight-SVD iterations per component (1 or 2), as in training.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = parse_svd_iters)]
     pub svd_iters: usize,
     /// Decompose with one basis per batch (as `train --shared-basis`).
     #[arg(long)]
@@ -68,41 +72,47 @@ pub struct PrivacyArgs {
     /// Decoders the attacker learns: ridge, conv (comma-separated), or none.
     #[arg(long, default_value = "ridge,conv", value_delimiter = ',')]
     pub decoders: Vec<Decoder>,
-    /// Training steps (batches of 32 public images) of each conv decoder.
-    #[arg(long, default_value_t = 300)]
+    /// Training steps (batches of 32 public images) of each conv decoder (1 to 1000000).
+    #[arg(long, default_value_t = 300, value_parser = parse_steps)]
     pub decoder_steps: usize,
-    /// Neighbours k of the mutual-information estimators.
-    #[arg(long, default_value_t = 50)]
+    /// Neighbours k of the mutual-information estimators (1 to 10000).
+    #[arg(long, default_value_t = 50, value_parser = parse_k)]
     pub k: usize,
-    /// Threshold α of the local non-uniformity correction.
-    #[arg(long, default_value_t = 0.4)]
+    /// Threshold α of the local non-uniformity correction, in (0, 1).
+    #[arg(long, default_value_t = 0.4, value_parser = parse_alpha)]
     pub alpha: f64,
-    /// Pixel pairs per image given to the MI estimators (a seeded sample when the layer has more).
-    #[arg(long, default_value_t = 4096)]
+    /// Pixel pairs per image given to the MI estimators (a seeded sample when the layer has more; 1 to
+    /// 10000000).
+    #[arg(long, default_value_t = 4096, value_parser = parse_image_count)]
     pub mi_points: usize,
-    /// Jitter that breaks ties in I(X;X), as a fraction of the standard deviation of X.
-    #[arg(long, default_value_t = 1e-3)]
+    /// Jitter that breaks ties in I(X;X), as a fraction of the standard deviation of X (finite, above 0).
+    #[arg(long, default_value_t = 1e-3, value_parser = parse_jitter)]
     pub jitter: f64,
-    /// Kernel sizes of the patch-entropy study (the paper's Fig. 9).
-    #[arg(long, default_value = "1,3,5,7,9,11", value_delimiter = ',')]
+    /// Kernel sizes of the patch-entropy study (the paper's Fig. 9; odd, 1 to 31).
+    #[arg(
+        long,
+        default_value = "1,3,5,7,9,11",
+        value_delimiter = ',',
+        value_parser = parse_kernel_size
+    )]
     pub kernel_sizes: Vec<usize>,
     /// Also train the model in split mode once per --nsr and report test accuracy against leakage.
     #[arg(long)]
     pub tradeoff: bool,
-    /// Epochs of each trade-off training run.
-    #[arg(long, default_value_t = 1)]
+    /// Epochs of each trade-off training run (1 to 100000).
+    #[arg(long, default_value_t = 1, value_parser = parse_epochs)]
     pub tradeoff_epochs: usize,
     /// Training images of each trade-off run. [default: the whole training split]
-    #[arg(long)]
+    #[arg(long, value_parser = parse_image_count)]
     pub tradeoff_train: Option<usize>,
     /// Rank policy of the trade-off runs.
     #[arg(long, default_value = "schedule")]
     pub tradeoff_rank: RankArg,
-    /// Images per batch (the decomposition's batch, and training).
-    #[arg(long, default_value_t = 32)]
+    /// Images per batch (the decomposition's batch, and training; 1 to 65536).
+    #[arg(long, default_value_t = 32, value_parser = parse_batch_size)]
     pub batch_size: usize,
-    /// Worker threads. [default: all cores]
-    #[arg(long)]
+    /// Worker threads (1 to 1024). [default: all cores]
+    #[arg(long, value_parser = parse_threads)]
     pub threads: Option<usize>,
     /// Seed of fresh weights, sampling and noise.
     #[arg(long, default_value_t = 0)]
@@ -113,6 +123,40 @@ pub struct PrivacyArgs {
     /// One JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--k`: neighbours of the MI estimators, 1 to 10000.
+fn parse_k(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(k @ 1..=10_000) => Ok(k),
+        _ => Err("must be a whole number from 1 to 10000".into()),
+    }
+}
+
+/// `--alpha`: in (0, 1).
+fn parse_alpha(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(a) if a > 0.0 && a < 1.0 => Ok(a),
+        _ => Err("must be a number between 0 and 1 (both excluded)".into()),
+    }
+}
+
+/// `--jitter`: finite and above 0.
+fn parse_jitter(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(j) if j.is_finite() && j > 0.0 => Ok(j),
+        _ => Err("must be a finite number above 0".into()),
+    }
+}
+
+/// `--kernel-sizes`: odd sizes from 1 to 63.
+fn parse_kernel_size(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(k @ 1..=31) if k % 2 == 1 => Ok(k),
+        _ => Err(format!(
+            "kernel sizes must be odd numbers from 1 to 31 (got '{s}')"
+        )),
+    }
 }
 
 /// Conv layers named on the command line: every one, or a list of indices (`none` or empty: no layer).

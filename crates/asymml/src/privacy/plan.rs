@@ -6,6 +6,7 @@ use super::attack::PixelScale;
 use super::leakage::MiConfig;
 use crate::batch::{check_fit, fit_to};
 use crate::data::{self, Dataset};
+use crate::values::{check_batch_bytes, MAX_INPUT_SIZE};
 use crate::weightfile::{self, WeightInfo};
 use anyhow::{bail, Context, Result};
 use asymml_core::decomp::RankPolicy;
@@ -37,7 +38,6 @@ impl Plan {
     /// Checks the flags, loads the images and the model, and resolves the layers and decoders. Creates the
     /// `--out` folder.
     pub(crate) fn resolve(args: PrivacyArgs, threads: usize) -> Result<Plan> {
-        check(&args)?;
         let (weight_bytes, info) = match &args.weights {
             Some(p) => {
                 let (b, i) = weightfile::read(p)?;
@@ -101,31 +101,6 @@ impl Plan {
     }
 }
 
-/// The checks of the flags' values that their types do not make.
-fn check(a: &PrivacyArgs) -> Result<()> {
-    if a.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
-    if a.samples == 0 {
-        bail!("--samples must be at least 1");
-    }
-    if !(1..=2).contains(&a.svd_iters) {
-        bail!("--svd-iters must be 1 or 2");
-    }
-    if a.k == 0 || !(a.alpha > 0.0 && a.alpha < 1.0) || a.jitter.is_nan() || a.jitter <= 0.0 {
-        bail!("--k must be at least 1, --alpha in (0, 1) and --jitter positive");
-    }
-    if a.nsr.iter().any(|v| !(v.is_finite() && *v >= 0.0)) {
-        bail!("--nsr values must be non-negative numbers");
-    }
-    for &k in &a.kernel_sizes {
-        if k == 0 || k % 2 == 0 {
-            bail!("--kernel-sizes must be odd numbers (got {k})");
-        }
-    }
-    Ok(())
-}
-
 /// The images to analyse and the attacker's public images.
 pub(crate) struct Data {
     pub private: Dataset,
@@ -160,6 +135,7 @@ impl Data {
         let private = all.select(&(0..n).collect::<Vec<_>>());
         if let Some(dir) = &a.data_dir {
             let (train, _) = data::load(a.dataset, Some(dir), channels, private.h, a.seed)?;
+            data::check_images_bytes(train.len(), train.c, private.h)?;
             let train = fit_to(train, private.h);
             let public = train.select(&(0..a.public.min(train.len())).collect::<Vec<_>>());
             return Ok(Data {
@@ -187,7 +163,12 @@ impl Data {
     fn from_dataset(a: &PrivacyArgs) -> Result<Data> {
         let (train, test) = data::load(a.dataset, a.data_dir.as_deref(), 3, 224, a.seed)?;
         let (train, test) = match a.input_size {
-            Some(s) => (fit_to(train, s), fit_to(test, s)),
+            Some(s) => {
+                for d in [&train, &test] {
+                    data::check_images_bytes(d.len(), d.c, s)?;
+                }
+                (fit_to(train, s), fit_to(test, s))
+            }
             None => (train, test),
         };
         let private = test.select(&(0..a.samples.min(test.len())).collect::<Vec<_>>());
@@ -254,11 +235,19 @@ fn images_dataset(
     let size = match size {
         Some(s) => s,
         None => {
-            let (w, h) = image::image_dimensions(&files[0])
-                .with_context(|| format!("reading {}", files[0].display()))?;
-            w.min(h) as usize
+            // The header only, under the decoding limits; the size must be one a model takes.
+            let (w, h) = data::image_dimensions(&files[0])?;
+            let own = w.min(h) as usize;
+            if own > MAX_INPUT_SIZE {
+                bail!(
+                    "{} is {w}×{h} px: above the largest input size ({MAX_INPUT_SIZE} px); pass --input-size",
+                    files[0].display()
+                );
+            }
+            own
         }
     };
+    data::check_images_bytes(files.len(), channels, size)?;
     let mut images = Vec::with_capacity(files.len() * channels * size * size);
     let mut labels = Vec::with_capacity(files.len());
     for f in &files {
@@ -315,6 +304,7 @@ impl Model {
             )?,
         };
         check_fit(&spec, private, "private")?;
+        check_batch_bytes(a.batch_size, spec.in_ch, spec.width, spec.input_size)?;
         let mut net = spec.build(a.seed)?;
         if let (Some(b), Some(p)) = (weight_bytes, &a.weights) {
             weightfile::load_into(&mut net, b, p)?;
