@@ -8,6 +8,10 @@ use crate::error::{ProtocolError, Result};
 use crate::message::{Reply, Request, MAX_MESSAGE, PROTOCOL_VERSION};
 use crate::transport::Transport;
 
+/// The largest reply body accepted for a request answered by `Ok` (or by an error message), and the slack
+/// allowed above a reply's tensor payload for its header.
+pub const SMALL_REPLY: u32 = 64 * 1024;
+
 /// The trusted runtime's end of a conversation with the accelerator.
 ///
 /// Requests and replies are split ([`send_request`](Self::send_request), [`recv_reply`](Self::recv_reply)) so the
@@ -18,8 +22,9 @@ pub struct Client<T: Transport> {
     max_message: u32,
     send_buf: Vec<u8>,
     recv_buf: Vec<u8>,
-    /// Descriptions of the requests sent and not yet answered, oldest first.
-    pending: VecDeque<String>,
+    /// The requests sent and not yet answered, oldest first: their description and the largest reply body
+    /// accepted for each.
+    pending: VecDeque<(String, u32)>,
     last_decode_s: f64,
 }
 
@@ -74,13 +79,38 @@ impl<T: Transport> Client<T> {
         })
     }
 
-    /// Sends a request without waiting for its reply.
+    /// Sends a request without waiting for its reply. A request answered by `Ok` accepts a reply of at most
+    /// [`SMALL_REPLY`] bytes; any other, up to the negotiated maximum (see
+    /// [`send_request_expecting`](Self::send_request_expecting) to bound it).
     pub fn send_request(&mut self, req: &Request) -> Result<()> {
+        let bound = match req {
+            Request::Register { .. }
+            | Request::RegisterNet { .. }
+            | Request::WeightGradPart { .. }
+            | Request::Step { .. }
+            | Request::NetBackward { .. }
+            | Request::Shutdown => SMALL_REPLY,
+            _ => self.max_message,
+        };
+        self.send_bounded(req, bound)
+    }
+
+    /// Sends a request whose reply carries at most `payload_bytes` bytes of tensor data: a reply frame larger
+    /// than that (plus [`SMALL_REPLY`] for its header or an error message) is refused as it arrives, before
+    /// its body is read. The trusted side knows the shape of every reply it asks for.
+    pub fn send_request_expecting(&mut self, req: &Request, payload_bytes: u64) -> Result<()> {
+        let bound = payload_bytes
+            .saturating_add(u64::from(SMALL_REPLY))
+            .min(u64::from(self.max_message)) as u32;
+        self.send_bounded(req, bound)
+    }
+
+    fn send_bounded(&mut self, req: &Request, bound: u32) -> Result<()> {
         let op = req.describe();
         encode_request(req, self.max_message, &mut self.send_buf)
             .and_then(|_| self.transport.send_vec(&mut self.send_buf))
             .map_err(|e| e.context(op.clone()))?;
-        self.pending.push_back(op);
+        self.pending.push_back((op, bound.min(self.max_message)));
         Ok(())
     }
 
@@ -89,22 +119,23 @@ impl<T: Transport> Client<T> {
     /// caller to validate (see [`Reply::into_conv_output`] and friends, and
     /// [`WireTensor::into_tensor_checked`](crate::WireTensor::into_tensor_checked)).
     pub fn recv_reply(&mut self) -> Result<Reply> {
-        let op = self.pending.pop_front().ok_or_else(|| {
+        let (op, bound) = self.pending.pop_front().ok_or_else(|| {
             ProtocolError::Misuse("recv_reply called with no request outstanding".into())
         })?;
-        self.transport
-            .recv_into(&mut self.recv_buf)
-            .and_then(|_| {
-                let t0 = std::time::Instant::now();
-                let r = decode_reply(&self.recv_buf, self.max_message);
-                self.last_decode_s = t0.elapsed().as_secs_f64();
-                r
-            })
-            .and_then(|r| match r {
-                Reply::Error { message } => Err(ProtocolError::Remote(message)),
-                r => Ok(r),
-            })
-            .map_err(|e| e.context(op))
+        self.transport.set_max_message(bound);
+        let got = self.transport.recv_into(&mut self.recv_buf);
+        self.transport.set_max_message(self.max_message);
+        got.and_then(|_| {
+            let t0 = std::time::Instant::now();
+            let r = decode_reply(&self.recv_buf, self.max_message);
+            self.last_decode_s = t0.elapsed().as_secs_f64();
+            r
+        })
+        .and_then(|r| match r {
+            Reply::Error { message } => Err(ProtocolError::Remote(message)),
+            r => Ok(r),
+        })
+        .map_err(|e| e.context(op))
     }
 
     /// Seconds the last [`Client::recv_reply`] spent decoding the reply (after the frame arrived).

@@ -17,7 +17,7 @@ pub mod message;
 pub mod recording;
 pub mod transport;
 
-pub use client::{serve, serve_opts, serve_with, Client, ServeOptions, MAX_HELLO};
+pub use client::{serve, serve_opts, serve_with, Client, ServeOptions, MAX_HELLO, SMALL_REPLY};
 pub use codec::{decode_message, decode_reply, decode_request, encode_reply, encode_request};
 pub use declassify::{
     accelerator_result, declassify_input_untrusted_only, declassify_logit_grad,

@@ -239,17 +239,20 @@ impl<T: Transport> SplitExec<T> {
         });
     }
 
-    fn send(&mut self, req: &Request) -> Result<(), CoreError> {
+    /// Sends `req`; with `reply_payload`, its reply may carry at most that many bytes of tensor data (a larger
+    /// reply is refused as it arrives).
+    fn send(&mut self, req: &Request, reply_payload: Option<u64>) -> Result<(), CoreError> {
         let n = req
             .tensors()
             .iter()
             .map(|(_, t)| t.payload_bytes() as u64)
             .sum::<u64>();
         let t0 = Instant::now();
-        let res = self
-            .client
-            .send_request(req)
-            .map_err(CoreError::accelerator);
+        let res = match reply_payload {
+            Some(bytes) => self.client.send_request_expecting(req, bytes),
+            None => self.client.send_request(req),
+        }
+        .map_err(CoreError::accelerator);
         let dt = t0.elapsed().as_secs_f64();
         self.count(|s| {
             s.bytes_to_untrusted += n;
@@ -298,7 +301,7 @@ impl<T: Transport> SplitExec<T> {
     pub fn fetch_grads(&mut self, id: usize) -> Result<(Tensor, Option<Tensor>), CoreError> {
         let layer = id as u32;
         let what = format!("FetchGrads(layer {id})");
-        self.send(&Request::FetchGrads { layer })?;
+        self.send(&Request::FetchGrads { layer }, None)?;
         let (w, b) = self
             .recv(Some(id))?
             .into_weights(layer)
@@ -341,16 +344,19 @@ impl<T: Transport> SplitExec<T> {
             )));
         }
         let layer = id as u32;
+        // The reply is Y_U of exactly this shape.
+        let y_u_bytes = 4 * out_shape.iter().product::<usize>() as u64;
         let mut y_t = std::mem::take(&mut self.y_t);
         let res = (|| {
             match shared {
                 Some(from) => {
                     // A shortcut conv: the block input was decomposed and sent for its first conv already.
-                    self.send(&Request::ConvForwardShared {
+                    let req = Request::ConvForwardShared {
                         layer,
                         from_layer: from as u32,
                         train,
-                    })?;
+                    };
+                    self.send(&req, Some(y_u_bytes))?;
                     let t0 = Instant::now();
                     let lr = &self.layers[from].lr;
                     let f = TrustedConv::forward_flops(conv, lr)?;
@@ -388,7 +394,7 @@ impl<T: Transport> SplitExec<T> {
                         x_u: declassify_residual_owned(residual),
                         train,
                     };
-                    let sent = self.send(&req);
+                    let sent = self.send(&req, Some(y_u_bytes));
                     if let Request::ConvForward { x_u, .. } = req {
                         self.residual = x_u.reclaim_sent();
                     }
@@ -468,11 +474,14 @@ impl<T: Transport> ConvExec for SplitExec<T> {
         let layer = id as u32;
         let mut dw_t = std::mem::take(&mut self.dw_t);
         let res = (|| {
-            self.send(&Request::ConvBackward {
+            // The reply is ∇X, of the input's shape, when asked for.
+            let dx_bytes = if dx.is_some() { 4 * x.len() as u64 } else { 0 };
+            let req = Request::ConvBackward {
                 layer,
                 dy: declassify_output_grad(dy),
                 need_dx: dx.is_some(),
-            })?;
+            };
+            self.send(&req, Some(dx_bytes))?;
             let t0 = Instant::now();
             let st = &self.layers[id];
             let lr = match st.shared_from {
@@ -512,7 +521,7 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                 layer,
                 dw_t: declassify_weight_grad(&dw_t),
             };
-            self.send(&req)?;
+            self.send(&req, None)?;
             let what = format!("WeightGradPart(layer {id})");
             self.recv(Some(id))?
                 .into_ok()
@@ -528,7 +537,7 @@ impl<T: Transport> ConvExec for SplitExec<T> {
     }
 
     fn step(&mut self, lr: f32, net: &mut Net) -> Result<(), CoreError> {
-        self.send(&Request::Step { lr })?;
+        self.send(&Request::Step { lr }, None)?;
         self.recv(None)?
             .into_ok()
             .map_err(|e| bad_reply("Step", e))?;
@@ -536,7 +545,8 @@ impl<T: Transport> ConvExec for SplitExec<T> {
         for c in net.convs_mut() {
             let layer = c.id as u32;
             let what = format!("FetchWeights(layer {layer})");
-            self.send(&Request::FetchWeights { layer })?;
+            let params = c.weight.value.len() + c.bias.as_ref().map_or(0, |b| b.value.len());
+            self.send(&Request::FetchWeights { layer }, Some(4 * params as u64))?;
             let (w, b) = self
                 .recv(Some(c.id))?
                 .into_weights(layer)

@@ -267,4 +267,14 @@ fn broken_frames_and_closed_connections_are_clear_errors() {
     expect_err(raw_server(Some(vec![1, 0, 0, 0])), &["layer 0"]);
     // The accelerator closes the connection instead of answering.
     expect_err(raw_server(None), &["layer 0", "closed"]);
+    // A reply prefix far above the Y_U the request asked for (here 4 × 8 × 16 × 16 values) is refused as it
+    // arrives, before any body is read or allocated.
+    let huge = (900u32 << 20).to_le_bytes().to_vec();
+    expect_err(
+        raw_server(Some(huge)),
+        &[
+            "ConvForward(layer 0)",
+            "943718400 bytes exceeds the maximum",
+        ],
+    );
 }
