@@ -6,7 +6,7 @@
 
 use asymml_core::decomp::{
     add_noise_batch, decompose_batch, decompose_batch_shared, light_svd_flops, BatchLowRank,
-    RankPolicy, TrustedConv,
+    RankPolicy, RankTable, TrustedConv,
 };
 use asymml_core::layers::Conv2d;
 use asymml_core::models::{ConvExec, Layer, Net};
@@ -31,6 +31,25 @@ pub struct SplitConfig {
     pub seed: u64,
     /// One basis U per batch instead of per sample (see `decompose_batch_shared`).
     pub shared_basis: bool,
+    /// A per-conv rank table (`--rank table:FILE`): overrides `policy` for every conv it lists; a
+    /// `"trusted"` entry runs that conv wholly in the trusted runtime.
+    pub table: Option<Arc<RankTable>>,
+    /// With `clip: Some(C)`, each sample's X_U is clipped to ℓ₂ norm C before the noise (σ = nsr·C/√d).
+    pub clip: Option<f32>,
+}
+
+impl Default for SplitConfig {
+    fn default() -> Self {
+        SplitConfig {
+            policy: RankPolicy::Schedule,
+            iters: 1,
+            nsr: 0.0,
+            seed: 0,
+            shared_basis: false,
+            table: None,
+            clip: None,
+        }
+    }
 }
 
 #[derive(Default)]

@@ -27,6 +27,7 @@ fn a_refused_conv_is_named_once_with_its_cause() {
         nsr: 0.0,
         seed: 0,
         shared_basis: false,
+        ..Default::default()
     };
     let sgd = OptimizerKind::Sgd {
         momentum: 0.9,

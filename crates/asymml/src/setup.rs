@@ -50,6 +50,7 @@ impl SplitSetup {
                 nsr: a.noise,
                 seed,
                 shared_basis: a.shared_basis,
+                ..Default::default()
             },
             accelerator: a.accelerator.clone(),
             accelerator_threads: a.accelerator_threads.unwrap_or(threads),

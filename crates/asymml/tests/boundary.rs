@@ -37,6 +37,7 @@ fn cfg(policy: &str, nsr: f32) -> SplitConfig {
         nsr,
         seed: 1,
         shared_basis: false,
+        ..Default::default()
     }
 }
 

@@ -14,6 +14,7 @@
 mod exact;
 mod policy;
 mod svd;
+mod table;
 mod trusted;
 
 pub use exact::{
@@ -21,6 +22,7 @@ pub use exact::{
 };
 pub use policy::{schedule_rank, RankPolicy, SCHEDULE_MAX_RANK};
 pub use svd::{light_svd, light_svd_energy, light_svd_extend, EnergyStop, LowRank};
+pub use table::{RankTable, TableEntry, TableRank, TrustedRoute};
 
 /// Stop at energy fraction `e`, or at all `n` components.
 fn all_of(e: f64, n: usize) -> EnergyStop {

@@ -97,6 +97,7 @@ impl Plan {
             nsr,
             seed,
             shared_basis: self.args.shared_basis,
+            ..Default::default()
         }
     }
 }
