@@ -22,6 +22,15 @@ pub enum CoreError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A result or weight of the accelerator failed the trusted runtime's integrity (Freivalds) check: it is
+    /// wrong, and was not used.
+    #[error("integrity check failed at conv {conv}: {what}")]
+    Integrity {
+        /// The conv layer (its name in the network).
+        conv: String,
+        /// The quantity (`Y_U`, `∇X`, `∇W_U`) and by how much it missed.
+        what: String,
+    },
     #[error("i/o error on {path}")]
     Io {
         path: String,

@@ -6,6 +6,7 @@
 //! There is no general autograd.
 
 pub mod decomp;
+pub mod dp;
 pub mod error;
 pub mod gemm;
 pub mod layers;

@@ -86,7 +86,7 @@ impl<T: Transport> Client<T> {
         let bound = match req {
             Request::Register { .. }
             | Request::RegisterNet { .. }
-            | Request::WeightGradPart { .. }
+            | Request::SetWeights { .. }
             | Request::Step { .. }
             | Request::NetBackward { .. }
             | Request::Shutdown => SMALL_REPLY,

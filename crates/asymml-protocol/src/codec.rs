@@ -9,19 +9,18 @@
 //! | type | message        | fields                                                                      |
 //! |------|----------------|-----------------------------------------------------------------------------|
 //! | 0x01 | Hello          | version u32, max_message u32                                                |
-//! | 0x02 | Register       | layers [id, in_ch, out_ch, k, stride, pad u32, bias bool], weights [tensor, Option tensor], optimizer |
+//! | 0x02 | Register       | layers [id, in_ch, out_ch, k, stride, pad u32, bias bool], weights [tensor, Option tensor] |
 //! | 0x03 | ConvForward    | layer u32, x_u tensor, train bool                                           |
 //! | 0x04 | ConvBackward   | layer u32, dy tensor, need_dx bool                                          |
-//! | 0x05 | WeightGradPart | layer u32, dw_t tensor                                                      |
+//! | 0x05 | SetWeights     | layer u32, w tensor, b Option tensor                                        |
 //! | 0x06 | Step           | lr f32                                                                      |
 //! | 0x07 | FetchWeights   | layer u32                                                                   |
 //! | 0x08 | Shutdown       |                                                                             |
 //! | 0x09 | ConvForwardShared | layer u32, from_layer u32, train bool                                   |
-//! | 0x0a | FetchGrads     | layer u32                                                                   |
 //! | 0x81 | HelloAck       | version u32, max_message u32                                                |
 //! | 0x82 | Ok             |                                                                             |
 //! | 0x83 | ConvOutput     | layer u32, y_u tensor                                                       |
-//! | 0x84 | InputGrad      | layer u32, dx Option tensor                                                 |
+//! | 0x84 | ConvGrads      | layer u32, dx Option tensor, dw tensor                                      |
 //! | 0x85 | Weights        | layer u32, w tensor, b Option tensor                                        |
 //! | 0x86 | Error          | message string                                                              |
 //!
@@ -60,11 +59,7 @@ pub fn encode_request(req: &Request, max_message: u32, buf: &mut Vec<u8>) -> Res
             w.u32(*version);
             w.u32(*max_message);
         }
-        Request::Register {
-            layers,
-            weights,
-            optimizer,
-        } => {
+        Request::Register { layers, weights } => {
             w.count(layers.len(), "layers")?;
             for l in layers {
                 w.u32(l.id);
@@ -80,7 +75,6 @@ pub fn encode_request(req: &Request, max_message: u32, buf: &mut Vec<u8>) -> Res
                 w.tensor(wt);
                 w.opt_tensor(b.as_ref());
             }
-            w.optimizer(optimizer);
         }
         Request::ConvForward { layer, x_u, train } => {
             w.u32(*layer);
@@ -92,9 +86,10 @@ pub fn encode_request(req: &Request, max_message: u32, buf: &mut Vec<u8>) -> Res
             w.tensor(dy);
             w.bool(*need_dx);
         }
-        Request::WeightGradPart { layer, dw_t } => {
+        Request::SetWeights { layer, w: wt, b } => {
             w.u32(*layer);
-            w.tensor(dw_t);
+            w.tensor(wt);
+            w.opt_tensor(b.as_ref());
         }
         Request::Step { lr } => w.f32(*lr),
         Request::FetchWeights { layer } => w.u32(*layer),
@@ -108,7 +103,6 @@ pub fn encode_request(req: &Request, max_message: u32, buf: &mut Vec<u8>) -> Res
             w.u32(*from_layer);
             w.bool(*train);
         }
-        Request::FetchGrads { layer } => w.u32(*layer),
         Request::RegisterNet {
             spec,
             state,
@@ -148,9 +142,10 @@ pub fn encode_reply(rep: &Reply, max_message: u32, buf: &mut Vec<u8>) -> Result<
             w.u32(*layer);
             w.tensor(y_u);
         }
-        Reply::InputGrad { layer, dx } => {
+        Reply::ConvGrads { layer, dx, dw } => {
             w.u32(*layer);
             w.opt_tensor(dx.as_ref());
+            w.tensor(dw);
         }
         Reply::Weights { layer, w: wt, b } => {
             w.u32(*layer);
@@ -175,19 +170,15 @@ pub fn request_body_len(req: &Request) -> Result<u64> {
         .sum::<Result<u64>>()?;
     let fixed: u64 = match req {
         Request::Hello { .. } => 8,
-        Request::Register {
-            layers,
-            weights,
-            optimizer,
-        } => {
+        Request::Register { layers, weights } => {
             // Per layer six u32 and a bool; per weight entry an option tag (tensors are counted above).
-            4 + 25 * layers.len() as u64 + 4 + weights.len() as u64 + opt_len(optimizer)
+            4 + 25 * layers.len() as u64 + 4 + weights.len() as u64
         }
         Request::ConvForward { .. } | Request::ConvBackward { .. } => 5,
-        Request::WeightGradPart { .. } | Request::Step { .. } | Request::FetchWeights { .. } => 4,
+        Request::SetWeights { .. } => 5,
+        Request::Step { .. } | Request::FetchWeights { .. } => 4,
         Request::Shutdown => 0,
         Request::ConvForwardShared { .. } => 9,
-        Request::FetchGrads { .. } => 4,
         Request::RegisterNet {
             spec,
             state,
@@ -211,7 +202,7 @@ pub fn reply_body_len(rep: &Reply) -> Result<u64> {
         Reply::HelloAck { .. } => 8,
         Reply::Ok => 0,
         Reply::ConvOutput { .. } => 4,
-        Reply::InputGrad { .. } => 5,
+        Reply::ConvGrads { .. } => 5,
         Reply::Weights { .. } => 5,
         Reply::Error { message } => 4 + message.len() as u64,
         Reply::NetOutput { .. } => 0,
@@ -510,12 +501,7 @@ fn decode_body(body: &[u8]) -> Result<Message> {
                 let b = r.opt_tensor("b")?;
                 weights.push((w, b));
             }
-            let optimizer = r.optimizer()?;
-            Message::Request(Request::Register {
-                layers,
-                weights,
-                optimizer,
-            })
+            Message::Request(Request::Register { layers, weights })
         }
         MessageKind::ConvForward => Message::Request(Request::ConvForward {
             layer: r.u32("ConvForward.layer")?,
@@ -527,9 +513,10 @@ fn decode_body(body: &[u8]) -> Result<Message> {
             dy: r.tensor("dy")?,
             need_dx: r.bool("ConvBackward.need_dx")?,
         }),
-        MessageKind::WeightGradPart => Message::Request(Request::WeightGradPart {
-            layer: r.u32("WeightGradPart.layer")?,
-            dw_t: r.tensor("dw_t")?,
+        MessageKind::SetWeights => Message::Request(Request::SetWeights {
+            layer: r.u32("SetWeights.layer")?,
+            w: r.tensor("w")?,
+            b: r.opt_tensor("b")?,
         }),
         MessageKind::Step => Message::Request(Request::Step {
             lr: r.f32("Step.lr")?,
@@ -542,9 +529,6 @@ fn decode_body(body: &[u8]) -> Result<Message> {
             layer: r.u32("ConvForwardShared.layer")?,
             from_layer: r.u32("ConvForwardShared.from_layer")?,
             train: r.bool("ConvForwardShared.train")?,
-        }),
-        MessageKind::FetchGrads => Message::Request(Request::FetchGrads {
-            layer: r.u32("FetchGrads.layer")?,
         }),
         MessageKind::RegisterNet => Message::Request(Request::RegisterNet {
             spec: r.string("RegisterNet.spec")?,
@@ -574,9 +558,10 @@ fn decode_body(body: &[u8]) -> Result<Message> {
             layer: r.u32("ConvOutput.layer")?,
             y_u: r.tensor("y_u")?,
         }),
-        MessageKind::InputGrad => Message::Reply(Reply::InputGrad {
-            layer: r.u32("InputGrad.layer")?,
+        MessageKind::ConvGrads => Message::Reply(Reply::ConvGrads {
+            layer: r.u32("ConvGrads.layer")?,
             dx: r.opt_tensor("dx")?,
+            dw: r.tensor("dw")?,
         }),
         MessageKind::Weights => Message::Reply(Reply::Weights {
             layer: r.u32("Weights.layer")?,

@@ -7,9 +7,9 @@
 //! |----------------------------|-------------------------------------------------------------|
 //! | [`declassify_residual`]    | the residual `X_U = X − X_T` of a convolution's input        |
 //! | [`declassify_output_grad`] | `∇Y`, the gradient of a convolution's output                 |
-//! | [`declassify_weight_grad`] | `∇W_T`, the trusted part of a convolution's weight gradient  |
+//! | [`declassify_updated_weights`] | a conv's weights after the trusted optimizer step (they carry the update, so ∇W) |
 //! | [`public_weights`]         | initial convolution weights and biases (public parameters)   |
-//! | [`accelerator_result`]     | the accelerator's own results (`Y_U`, `∇X`, its weights)     |
+//! | [`accelerator_result`]     | the accelerator's own results (`Y_U`, `∇X`, `∇W_U`, its weights) |
 //!
 //! `grep -rn declassify_` lists every leak of private data. [`accelerator_result`] is for the untrusted side,
 //! whose data is already public; the trusted runtime must never call it (a test checks for that by grep).
@@ -51,9 +51,11 @@ pub fn declassify_output_grad(dy: &Tensor) -> WireTensor {
     WireTensor::copy_of(dy)
 }
 
-/// Declassifies `∇W_T`, the trusted part of a convolution's weight gradient (sent with `WeightGradPart`).
-pub fn declassify_weight_grad(dw_t: &Tensor) -> WireTensor {
-    WireTensor::copy_of(dw_t)
+/// Declassifies a convolution's weights (or bias) after the trusted runtime's optimizer step (sent with
+/// `SetWeights`). The accelerator knew the previous weights, so it learns the update, and from it the merged
+/// gradient ∇W = ∇W_T + ∇W_U: that is what leaves.
+pub fn declassify_updated_weights(w: &Tensor) -> WireTensor {
+    WireTensor::copy_of(w)
 }
 
 /// `untrusted-only` mode (the no-privacy baseline): the raw network input leaves the trusted runtime.

@@ -6,6 +6,7 @@
 //! - [`message`]: [`Request`] and [`Reply`], the whole vocabulary of the boundary.
 //! - [`codec`]: the binary frame format; decoding is total (every malformed frame is a [`ProtocolError`]).
 //! - [`transport`]: the [`Transport`] trait and its in-process, Unix socket and TCP implementations.
+//! - [`tls`]: mutual TLS 1.3 over TCP with pinned certificates ([`TlsTransport`], [`PinnedTls`]).
 //! - [`client`]: the trusted side's [`Client`] and the accelerator's [`serve`] loop, with the handshake.
 //! - [`recording`]: a transport wrapper that records every frame, for the leakage-ledger test.
 
@@ -15,14 +16,15 @@ pub mod declassify;
 pub mod error;
 pub mod message;
 pub mod recording;
+pub mod tls;
 pub mod transport;
 
 pub use client::{serve, serve_opts, serve_with, Client, ServeOptions, MAX_HELLO, SMALL_REPLY};
 pub use codec::{decode_message, decode_reply, decode_request, encode_reply, encode_request};
 pub use declassify::{
     accelerator_result, declassify_input_untrusted_only, declassify_logit_grad,
-    declassify_output_grad, declassify_residual, declassify_residual_owned, declassify_weight_grad,
-    public_weights, WireTensor,
+    declassify_output_grad, declassify_residual, declassify_residual_owned,
+    declassify_updated_weights, public_weights, WireTensor,
 };
 pub use error::{ProtocolError, Result};
 pub use message::{
@@ -30,9 +32,10 @@ pub use message::{
     PROTOCOL_VERSION,
 };
 pub use recording::{Direction, Record, RecordedTensor, Recording, Transcript};
+pub use tls::{PinnedTls, Role, TlsTransport};
 #[cfg(unix)]
 pub use transport::UnixTransport;
 pub use transport::{
-    connect, inproc_pair, inproc_pair_with, Address, InProcTransport, Listener, TcpTransport,
-    Transport, TransportOptions, READ_CHUNK,
+    connect, connect_with, inproc_pair, inproc_pair_with, Accepted, Address, InProcTransport,
+    Listener, TcpSecurity, TcpTransport, Transport, TransportOptions, READ_CHUNK,
 };

@@ -2,15 +2,16 @@
 //!
 //! Conversation per convolution layer and batch: the trusted runtime sends `ConvForward` with the residual `X_U`
 //! and gets `ConvOutput` with `Y_U = conv(X_U, W) (+ bias)`; it sends `ConvBackward` with `∇Y` and gets
-//! `InputGrad` with `∇X = conv_transpose(∇Y, W)` (the accelerator also computes `∇W_U` from the `X_U` it cached
-//! and `∇b` from `∇Y`); it sends `WeightGradPart` with its part `∇W_T`; `Step` updates the convolution weights on
-//! the accelerator; `FetchWeights` gets them back (for checkpoints).
+//! `ConvGrads` with `∇X = conv_transpose(∇Y, W)` and `∇W_U = corr(X_U, ∇Y)` from the `X_U` the accelerator
+//! cached. The trusted runtime checks both (Freivalds), adds its own `∇W_T`, applies the optimizer to its own,
+//! authoritative copy of the weights and sends the new weights with `SetWeights`: the accelerator is never
+//! trusted to update or report them.
 
 use crate::declassify::WireTensor;
 use crate::error::{ProtocolError, Result};
 
 /// Version of the wire format; both sides must speak the same.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Default largest message body, in bytes (1 GiB). The handshake takes the minimum of both sides' values.
 pub const MAX_MESSAGE: u32 = 1 << 30;
@@ -47,7 +48,8 @@ impl ConvLayerSpec {
     }
 }
 
-/// The optimizer of the convolution weights held by the accelerator (the learning rate comes with each `Step`).
+/// The optimizer of an `untrusted-only` network held by the accelerator (the learning rate comes with each
+/// `Step`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum OptimizerSpec {
     /// SGD with momentum, optional Nesterov, L2 weight decay.
@@ -70,11 +72,10 @@ pub enum OptimizerSpec {
 pub enum Request {
     /// Opens the conversation: the protocol version and the largest message this side accepts.
     Hello { version: u32, max_message: u32 },
-    /// The convolution layers, their public initial weights (and biases, one per layer in order) and the optimizer.
+    /// The convolution layers and their public weights (and biases, one per layer in order).
     Register {
         layers: Vec<ConvLayerSpec>,
         weights: Vec<(WireTensor, Option<WireTensor>)>,
-        optimizer: OptimizerSpec,
     },
     /// `Y_U = conv(X_U, W) (+ b)`; with `train` the accelerator keeps `X_U` for the weight gradient.
     ConvForward {
@@ -82,15 +83,19 @@ pub enum Request {
         x_u: WireTensor,
         train: bool,
     },
-    /// Backward from `∇Y`: the accelerator accumulates `∇W_U`, `∇b` and returns `∇X` when `need_dx`.
+    /// Backward from `∇Y`: the accelerator returns `∇W_U` and, when `need_dx`, `∇X` (`ConvGrads`).
     ConvBackward {
         layer: u32,
         dy: WireTensor,
         need_dx: bool,
     },
-    /// The trusted part `∇W_T` of the weight gradient, added to the accelerator's `∇W_U`.
-    WeightGradPart { layer: u32, dw_t: WireTensor },
-    /// One optimizer step on every registered layer, then the gradients are cleared.
+    /// The layer's new weights (and bias), computed and owned by the trusted runtime.
+    SetWeights {
+        layer: u32,
+        w: WireTensor,
+        b: Option<WireTensor>,
+    },
+    /// `untrusted-only`: one optimizer step on the whole network, then the gradients are cleared.
     Step { lr: f32 },
     /// The current weights (and bias) of a layer.
     FetchWeights { layer: u32 },
@@ -101,8 +106,6 @@ pub enum Request {
         from_layer: u32,
         train: bool,
     },
-    /// The merged weight (and bias) gradient of a layer, answered with `Weights` (for verification).
-    FetchGrads { layer: u32 },
     /// `untrusted-only` mode (no privacy): the whole network — its spec as JSON and its state dict — and the
     /// optimizer of every parameter.
     RegisterNet {
@@ -125,13 +128,18 @@ pub enum Request {
 pub enum Reply {
     /// Accepts the handshake: the accelerator's version and the negotiated maximum message size.
     HelloAck { version: u32, max_message: u32 },
-    /// Done (Register, WeightGradPart, Step, Shutdown).
+    /// Done (Register, SetWeights, Step, Shutdown).
     Ok,
     /// `Y_U` of a `ConvForward`.
     ConvOutput { layer: u32, y_u: WireTensor },
-    /// `∇X` of a `ConvBackward` (`None` when it was not asked for).
-    InputGrad { layer: u32, dx: Option<WireTensor> },
-    /// The weights (and bias) of a layer.
+    /// `∇X` of a `ConvBackward` (`None` when it was not asked for) and `∇W_U = corr(X_U, ∇Y)`.
+    ConvGrads {
+        layer: u32,
+        dx: Option<WireTensor>,
+        dw: WireTensor,
+    },
+    /// The weights (and bias) of a layer as the accelerator holds them (`FetchWeights`; never believed by the
+    /// trusted runtime, which owns the weights).
     Weights {
         layer: u32,
         w: WireTensor,
@@ -153,12 +161,11 @@ pub enum MessageKind {
     Register,
     ConvForward,
     ConvBackward,
-    WeightGradPart,
+    SetWeights,
     Step,
     FetchWeights,
     Shutdown,
     ConvForwardShared,
-    FetchGrads,
     RegisterNet,
     NetForward,
     NetBackward,
@@ -168,24 +175,23 @@ pub enum MessageKind {
     HelloAck,
     Ok,
     ConvOutput,
-    InputGrad,
+    ConvGrads,
     Weights,
     Error,
 }
 
 impl MessageKind {
     /// Every kind, requests first.
-    pub const ALL: [MessageKind; 22] = [
+    pub const ALL: [MessageKind; 21] = [
         MessageKind::Hello,
         MessageKind::Register,
         MessageKind::ConvForward,
         MessageKind::ConvBackward,
-        MessageKind::WeightGradPart,
+        MessageKind::SetWeights,
         MessageKind::Step,
         MessageKind::FetchWeights,
         MessageKind::Shutdown,
         MessageKind::ConvForwardShared,
-        MessageKind::FetchGrads,
         MessageKind::RegisterNet,
         MessageKind::NetForward,
         MessageKind::NetBackward,
@@ -193,7 +199,7 @@ impl MessageKind {
         MessageKind::HelloAck,
         MessageKind::Ok,
         MessageKind::ConvOutput,
-        MessageKind::InputGrad,
+        MessageKind::ConvGrads,
         MessageKind::Weights,
         MessageKind::Error,
         MessageKind::NetOutput,
@@ -207,12 +213,11 @@ impl MessageKind {
             MessageKind::Register => 0x02,
             MessageKind::ConvForward => 0x03,
             MessageKind::ConvBackward => 0x04,
-            MessageKind::WeightGradPart => 0x05,
+            MessageKind::SetWeights => 0x05,
             MessageKind::Step => 0x06,
             MessageKind::FetchWeights => 0x07,
             MessageKind::Shutdown => 0x08,
             MessageKind::ConvForwardShared => 0x09,
-            MessageKind::FetchGrads => 0x0a,
             MessageKind::RegisterNet => 0x0b,
             MessageKind::NetForward => 0x0c,
             MessageKind::NetBackward => 0x0d,
@@ -222,7 +227,7 @@ impl MessageKind {
             MessageKind::HelloAck => 0x81,
             MessageKind::Ok => 0x82,
             MessageKind::ConvOutput => 0x83,
-            MessageKind::InputGrad => 0x84,
+            MessageKind::ConvGrads => 0x84,
             MessageKind::Weights => 0x85,
             MessageKind::Error => 0x86,
         }
@@ -245,12 +250,11 @@ impl MessageKind {
             MessageKind::Register => "Register",
             MessageKind::ConvForward => "ConvForward",
             MessageKind::ConvBackward => "ConvBackward",
-            MessageKind::WeightGradPart => "WeightGradPart",
+            MessageKind::SetWeights => "SetWeights",
             MessageKind::Step => "Step",
             MessageKind::FetchWeights => "FetchWeights",
             MessageKind::Shutdown => "Shutdown",
             MessageKind::ConvForwardShared => "ConvForwardShared",
-            MessageKind::FetchGrads => "FetchGrads",
             MessageKind::RegisterNet => "RegisterNet",
             MessageKind::NetForward => "NetForward",
             MessageKind::NetBackward => "NetBackward",
@@ -260,7 +264,7 @@ impl MessageKind {
             MessageKind::HelloAck => "HelloAck",
             MessageKind::Ok => "Ok",
             MessageKind::ConvOutput => "ConvOutput",
-            MessageKind::InputGrad => "InputGrad",
+            MessageKind::ConvGrads => "ConvGrads",
             MessageKind::Weights => "Weights",
             MessageKind::Error => "Error",
         }
@@ -281,12 +285,11 @@ impl Request {
             Request::Register { .. } => MessageKind::Register,
             Request::ConvForward { .. } => MessageKind::ConvForward,
             Request::ConvBackward { .. } => MessageKind::ConvBackward,
-            Request::WeightGradPart { .. } => MessageKind::WeightGradPart,
+            Request::SetWeights { .. } => MessageKind::SetWeights,
             Request::Step { .. } => MessageKind::Step,
             Request::FetchWeights { .. } => MessageKind::FetchWeights,
             Request::Shutdown => MessageKind::Shutdown,
             Request::ConvForwardShared { .. } => MessageKind::ConvForwardShared,
-            Request::FetchGrads { .. } => MessageKind::FetchGrads,
             Request::RegisterNet { .. } => MessageKind::RegisterNet,
             Request::NetForward { .. } => MessageKind::NetForward,
             Request::NetBackward { .. } => MessageKind::NetBackward,
@@ -299,10 +302,9 @@ impl Request {
         match self {
             Request::ConvForward { layer, .. }
             | Request::ConvBackward { layer, .. }
-            | Request::WeightGradPart { layer, .. }
+            | Request::SetWeights { layer, .. }
             | Request::FetchWeights { layer }
-            | Request::ConvForwardShared { layer, .. }
-            | Request::FetchGrads { layer } => Some(*layer),
+            | Request::ConvForwardShared { layer, .. } => Some(*layer),
             _ => None,
         }
     }
@@ -312,7 +314,7 @@ impl Request {
         describe(self.kind(), self.layer())
     }
 
-    /// The tensors the request carries, with their field names (`x_u`, `dy`, `dw_t`, `w`, `b`).
+    /// The tensors the request carries, with their field names (`x_u`, `dy`, `w`, `b`).
     pub fn tensors(&self) -> Vec<(&'static str, &WireTensor)> {
         match self {
             Request::Register { weights, .. } => weights
@@ -321,7 +323,9 @@ impl Request {
                 .collect(),
             Request::ConvForward { x_u, .. } => vec![("x_u", x_u)],
             Request::ConvBackward { dy, .. } => vec![("dy", dy)],
-            Request::WeightGradPart { dw_t, .. } => vec![("dw_t", dw_t)],
+            Request::SetWeights { w, b, .. } => std::iter::once(("w", w))
+                .chain(b.iter().map(|b| ("b", b)))
+                .collect(),
             Request::RegisterNet { state, .. } => state.iter().map(|(_, t)| ("state", t)).collect(),
             Request::NetForward { x, .. } => vec![("x", x)],
             Request::NetBackward { dlogits } => vec![("dlogits", dlogits)],
@@ -338,7 +342,9 @@ impl Request {
                 .collect(),
             Request::ConvForward { x_u, .. } => vec![("x_u", x_u)],
             Request::ConvBackward { dy, .. } => vec![("dy", dy)],
-            Request::WeightGradPart { dw_t, .. } => vec![("dw_t", dw_t)],
+            Request::SetWeights { w, b, .. } => std::iter::once(("w", w))
+                .chain(b.map(|b| ("b", b)))
+                .collect(),
             Request::RegisterNet { state, .. } => {
                 state.into_iter().map(|(_, t)| ("state", t)).collect()
             }
@@ -363,7 +369,7 @@ impl Reply {
             Reply::HelloAck { .. } => MessageKind::HelloAck,
             Reply::Ok => MessageKind::Ok,
             Reply::ConvOutput { .. } => MessageKind::ConvOutput,
-            Reply::InputGrad { .. } => MessageKind::InputGrad,
+            Reply::ConvGrads { .. } => MessageKind::ConvGrads,
             Reply::Weights { .. } => MessageKind::Weights,
             Reply::Error { .. } => MessageKind::Error,
             Reply::NetOutput { .. } => MessageKind::NetOutput,
@@ -375,7 +381,7 @@ impl Reply {
     pub fn layer(&self) -> Option<u32> {
         match self {
             Reply::ConvOutput { layer, .. }
-            | Reply::InputGrad { layer, .. }
+            | Reply::ConvGrads { layer, .. }
             | Reply::Weights { layer, .. } => Some(*layer),
             _ => None,
         }
@@ -386,11 +392,15 @@ impl Reply {
         describe(self.kind(), self.layer())
     }
 
-    /// The tensors the reply carries, with their field names (`y_u`, `dx`, `w`, `b`).
+    /// The tensors the reply carries, with their field names (`y_u`, `dx`, `dw`, `w`, `b`).
     pub fn tensors(&self) -> Vec<(&'static str, &WireTensor)> {
         match self {
             Reply::ConvOutput { y_u, .. } => vec![("y_u", y_u)],
-            Reply::InputGrad { dx, .. } => dx.iter().map(|d| ("dx", d)).collect(),
+            Reply::ConvGrads { dx, dw, .. } => dx
+                .iter()
+                .map(|d| ("dx", d))
+                .chain(std::iter::once(("dw", dw)))
+                .collect(),
             Reply::Weights { w, b, .. } => std::iter::once(("w", w))
                 .chain(b.iter().map(|b| ("b", b)))
                 .collect(),
@@ -404,7 +414,11 @@ impl Reply {
     pub fn into_tensors(self) -> Vec<(&'static str, WireTensor)> {
         match self {
             Reply::ConvOutput { y_u, .. } => vec![("y_u", y_u)],
-            Reply::InputGrad { dx, .. } => dx.into_iter().map(|d| ("dx", d)).collect(),
+            Reply::ConvGrads { dx, dw, .. } => dx
+                .into_iter()
+                .map(|d| ("dx", d))
+                .chain(std::iter::once(("dw", dw)))
+                .collect(),
             Reply::Weights { w, b, .. } => std::iter::once(("w", w))
                 .chain(b.map(|b| ("b", b)))
                 .collect(),
@@ -433,12 +447,12 @@ impl Reply {
         }
     }
 
-    /// `∇X` of an `InputGrad` for `layer`; an error naming what came otherwise.
-    pub fn into_input_grad(self, layer: u32) -> Result<Option<WireTensor>> {
+    /// (`∇X`, `∇W_U`) of a `ConvGrads` for `layer`; an error naming what came otherwise.
+    pub fn into_conv_grads(self, layer: u32) -> Result<(Option<WireTensor>, WireTensor)> {
         match self {
-            Reply::InputGrad { layer: l, dx } if l == layer => Ok(dx),
+            Reply::ConvGrads { layer: l, dx, dw } if l == layer => Ok((dx, dw)),
             other => Err(unexpected(
-                &describe(MessageKind::InputGrad, Some(layer)),
+                &describe(MessageKind::ConvGrads, Some(layer)),
                 other,
             )),
         }

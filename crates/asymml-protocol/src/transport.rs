@@ -3,8 +3,9 @@
 //! Every transport carries the same frames (a `u32` little-endian body length, then the body; see
 //! [`codec`](crate::codec)), so one code path serves every deployment: [`InProcTransport`] (two channels between
 //! threads of one process, the default), [`UnixTransport`] (another process on the same machine) and
-//! [`TcpTransport`] (another machine). [`Address`] parses `tcp://HOST:PORT` and `unix:PATH`; [`connect`] and
-//! [`Listener`] open the socket transports from one.
+//! [`TlsTransport`] (another machine: mutual TLS 1.3 with pinned certificates; [`TcpTransport`] is the same in
+//! plaintext, for loopback experiments). [`Address`] parses `tcp://HOST:PORT` and `unix:PATH`; [`connect_with`]
+//! and [`Listener::bind_with`] open the socket transports from one, `tcp://` secured as [`TcpSecurity`] says.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use crate::codec::LEN_PREFIX;
 use crate::error::{ProtocolError, Result};
 use crate::message::MAX_MESSAGE;
+use crate::tls::{PinnedTls, TlsTransport};
 
 /// A bidirectional carrier of frames (length prefix included).
 pub trait Transport {
@@ -297,7 +299,7 @@ impl Transport for InProcTransport {
 pub const READ_CHUNK: usize = 1 << 20;
 
 /// A byte stream whose read timeout can be changed between reads (sockets; byte slices in tests).
-trait TimedRead: Read {
+pub(crate) trait TimedRead: Read {
     fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
 }
 
@@ -323,16 +325,16 @@ impl TimedRead for &[u8] {
 
 /// The waits of one frame read: the socket's read timeout (for the next bytes) and the frame's deadline.
 #[derive(Clone, Copy)]
-struct Waits {
-    read_timeout: Option<Duration>,
-    frame_timeout: Option<Duration>,
+pub(crate) struct Waits {
+    pub(crate) read_timeout: Option<Duration>,
+    pub(crate) frame_timeout: Option<Duration>,
 }
 
 /// Reads one frame from a byte stream into `buf`. The length prefix is checked against `max`; the body's
 /// buffer then grows as its bytes arrive, at most [`READ_CHUNK`] ahead of them (a reused `buf` keeps its
 /// allocation, and its old bytes are overwritten without zeroing). With a frame timeout the whole frame must
 /// arrive within it.
-fn read_frame<S: TimedRead>(
+pub(crate) fn read_frame<S: TimedRead>(
     s: &mut S,
     buf: &mut Vec<u8>,
     max: u32,
@@ -445,13 +447,13 @@ impl FrameReader<'_> {
     }
 }
 
-fn write_frame<S: Write>(s: &mut S, frame: &[u8], peer: &str) -> Result<()> {
+pub(crate) fn write_frame<S: Write>(s: &mut S, frame: &[u8], peer: &str) -> Result<()> {
     s.write_all(frame)
         .and_then(|_| s.flush())
         .map_err(|e| io_error(e, peer, "sending a frame", true))
 }
 
-fn io_error(e: io::Error, peer: &str, doing: &str, mid_frame: bool) -> ProtocolError {
+pub(crate) fn io_error(e: io::Error, peer: &str, doing: &str, mid_frame: bool) -> ProtocolError {
     use io::ErrorKind as K;
     match e.kind() {
         K::WouldBlock | K::TimedOut => ProtocolError::Timeout {
@@ -472,7 +474,7 @@ fn io_error(e: io::Error, peer: &str, doing: &str, mid_frame: bool) -> ProtocolE
     }
 }
 
-fn setup_error(e: io::Error, what: &str) -> ProtocolError {
+pub(crate) fn setup_error(e: io::Error, what: &str) -> ProtocolError {
     ProtocolError::Io {
         context: what.to_string(),
         source: e,
@@ -488,45 +490,16 @@ pub struct TcpTransport {
 }
 
 impl TcpTransport {
-    /// Connects to `HOST:PORT` (without the `tcp://` scheme).
+    /// Connects to `HOST:PORT` (without the `tcp://` scheme). Plaintext: see [`TlsTransport`] for the
+    /// authenticated, encrypted connection.
     pub fn connect(host_port: &str, opts: &TransportOptions) -> Result<Self> {
-        let what = format!("connecting to tcp://{host_port}");
-        let addrs: Vec<SocketAddr> = host_port
-            .to_socket_addrs()
-            .map_err(|e| setup_error(e, &what))?
-            .collect();
-        let mut last = None;
-        for a in &addrs {
-            let r = match opts.connect_timeout {
-                Some(t) => TcpStream::connect_timeout(a, t),
-                None => TcpStream::connect(a),
-            };
-            match r {
-                Ok(s) => return Self::from_stream(s, opts),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(setup_error(
-            last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address")),
-            &what,
-        ))
+        Self::from_stream(tcp_connect(host_port, opts)?, opts)
     }
 
     /// Wraps a connected stream: sets TCP_NODELAY and the timeouts of `opts`.
     pub fn from_stream(stream: TcpStream, opts: &TransportOptions) -> Result<Self> {
-        let peer = stream
-            .peer_addr()
-            .map(|a| format!("tcp://{a}"))
-            .unwrap_or_else(|_| "tcp peer".to_string());
-        stream
-            .set_nodelay(true)
-            .map_err(|e| setup_error(e, "setting TCP_NODELAY"))?;
-        stream
-            .set_read_timeout(opts.read_timeout)
-            .map_err(|e| setup_error(e, "setting the read timeout"))?;
-        stream
-            .set_write_timeout(opts.write_timeout)
-            .map_err(|e| setup_error(e, "setting the write timeout"))?;
+        let peer = tcp_peer(&stream);
+        tcp_prepare(&stream, opts)?;
         Ok(TcpTransport {
             stream,
             max_message: opts.max_message,
@@ -542,6 +515,51 @@ impl TcpTransport {
     pub fn stream(&self) -> &TcpStream {
         &self.stream
     }
+}
+
+/// `tcp://ADDRESS` of the peer of `stream`.
+pub(crate) fn tcp_peer(stream: &TcpStream) -> String {
+    stream
+        .peer_addr()
+        .map(|a| format!("tcp://{a}"))
+        .unwrap_or_else(|_| "tcp peer".to_string())
+}
+
+/// Sets TCP_NODELAY and the read and write timeouts of `opts` on `stream`.
+pub(crate) fn tcp_prepare(stream: &TcpStream, opts: &TransportOptions) -> Result<()> {
+    stream
+        .set_nodelay(true)
+        .map_err(|e| setup_error(e, "setting TCP_NODELAY"))?;
+    stream
+        .set_read_timeout(opts.read_timeout)
+        .map_err(|e| setup_error(e, "setting the read timeout"))?;
+    stream
+        .set_write_timeout(opts.write_timeout)
+        .map_err(|e| setup_error(e, "setting the write timeout"))
+}
+
+/// Opens a TCP connection to `HOST:PORT`, trying each of its addresses within the connect timeout.
+pub(crate) fn tcp_connect(host_port: &str, opts: &TransportOptions) -> Result<TcpStream> {
+    let what = format!("connecting to tcp://{host_port}");
+    let addrs: Vec<SocketAddr> = host_port
+        .to_socket_addrs()
+        .map_err(|e| setup_error(e, &what))?
+        .collect();
+    let mut last = None;
+    for a in &addrs {
+        let r = match opts.connect_timeout {
+            Some(t) => TcpStream::connect_timeout(a, t),
+            None => TcpStream::connect(a),
+        };
+        match r {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(setup_error(
+        last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address")),
+        &what,
+    ))
 }
 
 impl Transport for TcpTransport {
@@ -720,14 +738,40 @@ impl fmt::Display for Address {
     }
 }
 
-/// Connects to an accelerator at `addr`.
+/// How a `tcp://` connection is secured. (Unix sockets and in-process transports are always plain: the
+/// operating system protects them.)
+#[derive(Clone, Debug)]
+pub enum TcpSecurity {
+    /// Mutual TLS 1.3: this side presents its own certificate and accepts only the peer's pinned one.
+    Tls(PinnedTls),
+    /// No encryption, no authentication: anyone on the path reads and alters every message. For loopback
+    /// experiments and tests only.
+    InsecurePlaintext,
+}
+
+/// Connects to an accelerator at `addr` (`tcp://` in plaintext: see [`connect_with`]).
 pub fn connect(addr: &Address, opts: &TransportOptions) -> Result<Box<dyn Transport + Send>> {
-    match addr {
-        Address::Tcp(hp) => Ok(Box::new(TcpTransport::connect(hp, opts)?)),
+    connect_with(addr, opts, &TcpSecurity::InsecurePlaintext)
+}
+
+/// Connects to an accelerator at `addr`, a `tcp://` one secured by `tcp`. With TLS, the handshake (and the
+/// check of the peer's pinned certificate) completes within `opts.connect_timeout`.
+pub fn connect_with(
+    addr: &Address,
+    opts: &TransportOptions,
+    tcp: &TcpSecurity,
+) -> Result<Box<dyn Transport + Send>> {
+    match (addr, tcp) {
+        (Address::Tcp(hp), TcpSecurity::Tls(tls)) => {
+            Ok(Box::new(TlsTransport::connect(hp, opts, tls)?))
+        }
+        (Address::Tcp(hp), TcpSecurity::InsecurePlaintext) => {
+            Ok(Box::new(TcpTransport::connect(hp, opts)?))
+        }
         #[cfg(unix)]
-        Address::Unix(p) => Ok(Box::new(UnixTransport::connect(p, opts)?)),
+        (Address::Unix(p), _) => Ok(Box::new(UnixTransport::connect(p, opts)?)),
         #[cfg(not(unix))]
-        Address::Unix(_) => Err(ProtocolError::Address {
+        (Address::Unix(_), _) => Err(ProtocolError::Address {
             address: addr.to_string(),
             detail: "Unix sockets are not available on this platform".into(),
         }),
@@ -738,6 +782,7 @@ pub fn connect(addr: &Address, opts: &TransportOptions) -> Result<Box<dyn Transp
 pub struct Listener {
     inner: ListenerInner,
     opts: TransportOptions,
+    tcp: TcpSecurity,
 }
 
 enum ListenerInner {
@@ -746,10 +791,52 @@ enum ListenerInner {
     Unix(UnixListener, PathBuf),
 }
 
+/// A connection accepted by a [`Listener`] and not yet ready: [`establish`](Self::establish) completes it
+/// (for TLS: the handshake, which may take up to the connect timeout, so a server calls it on the
+/// connection's own thread).
+pub struct Accepted {
+    inner: AcceptedInner,
+    opts: TransportOptions,
+    peer: String,
+}
+
+enum AcceptedInner {
+    Tcp(TcpStream),
+    Tls(TcpStream, PinnedTls),
+    #[cfg(unix)]
+    Unix(UnixStream),
+}
+
+impl Accepted {
+    /// The peer, for messages.
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// The transport, after the TLS handshake where the listener asks for TLS: the handshake, and the check
+    /// of the client's pinned certificate, must complete within the listener's connect timeout (a
+    /// [`ProtocolError::Timeout`] after it); no frame is read before it has.
+    pub fn establish(self) -> Result<Box<dyn Transport + Send>> {
+        match self.inner {
+            AcceptedInner::Tcp(s) => Ok(Box::new(TcpTransport::from_stream(s, &self.opts)?)),
+            AcceptedInner::Tls(s, tls) => Ok(Box::new(TlsTransport::accept(s, &self.opts, &tls)?)),
+            #[cfg(unix)]
+            AcceptedInner::Unix(s) => Ok(Box::new(UnixTransport::from_stream(s, &self.opts)?)),
+        }
+    }
+}
+
 impl Listener {
     /// Listens at `addr` (`tcp://HOST:0` picks a free port; see [`local_address`](Self::local_address)). A Unix
-    /// socket file is removed when the listener is dropped.
+    /// socket file is removed when the listener is dropped. `tcp://` connections are plaintext: see
+    /// [`bind_with`](Self::bind_with).
     pub fn bind(addr: &Address, opts: TransportOptions) -> Result<Self> {
+        Self::bind_with(addr, opts, TcpSecurity::InsecurePlaintext)
+    }
+
+    /// [`bind`](Self::bind) with `tcp://` connections secured by `tcp`; the TLS handshake of each connection
+    /// must complete within `opts.connect_timeout` (see [`Accepted::establish`]).
+    pub fn bind_with(addr: &Address, opts: TransportOptions, tcp: TcpSecurity) -> Result<Self> {
         let inner = match addr {
             Address::Tcp(hp) => ListenerInner::Tcp(
                 TcpListener::bind(hp.as_str())
@@ -769,7 +856,7 @@ impl Listener {
                 })
             }
         };
-        Ok(Listener { inner, opts })
+        Ok(Listener { inner, opts, tcp })
     }
 
     /// The address actually listened on (with the port chosen for `tcp://HOST:0`).
@@ -785,31 +872,57 @@ impl Listener {
         }
     }
 
-    /// Waits for the next connection.
-    pub fn accept(&self) -> Result<Box<dyn Transport + Send>> {
+    /// True when `tcp://` connections are secured by TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(
+            (&self.inner, &self.tcp),
+            (ListenerInner::Tcp(_), TcpSecurity::Tls(_))
+        )
+    }
+
+    /// Waits for the next connection and returns it before any handshake: [`Accepted::establish`] completes
+    /// it (on the connection's own thread, so that a slow handshake delays no other connection).
+    pub fn accept_pending(&self) -> Result<Accepted> {
+        let opts = self.opts.clone();
         match &self.inner {
             ListenerInner::Tcp(l) => {
                 let (s, _) = l.accept().map_err(|e| setup_error(e, "accepting"))?;
                 s.set_nonblocking(false)
                     .map_err(|e| setup_error(e, "setting the connection blocking"))?;
-                Ok(Box::new(TcpTransport::from_stream(s, &self.opts)?))
+                let peer = tcp_peer(&s);
+                let inner = match &self.tcp {
+                    TcpSecurity::Tls(tls) => AcceptedInner::Tls(s, tls.clone()),
+                    TcpSecurity::InsecurePlaintext => AcceptedInner::Tcp(s),
+                };
+                Ok(Accepted { inner, opts, peer })
             }
             #[cfg(unix)]
-            ListenerInner::Unix(l, _) => {
+            ListenerInner::Unix(l, p) => {
                 let (s, _) = l.accept().map_err(|e| setup_error(e, "accepting"))?;
                 s.set_nonblocking(false)
                     .map_err(|e| setup_error(e, "setting the connection blocking"))?;
-                Ok(Box::new(UnixTransport::from_stream(s, &self.opts)?))
+                let peer = format!("unix:{} peer", p.display());
+                Ok(Accepted {
+                    inner: AcceptedInner::Unix(s),
+                    opts,
+                    peer,
+                })
             }
         }
     }
 
-    /// Waits at most `timeout` for the next connection (a [`ProtocolError::Timeout`] after it).
+    /// Waits for the next connection (and, with TLS, completes its handshake on this thread).
+    pub fn accept(&self) -> Result<Box<dyn Transport + Send>> {
+        self.accept_pending()?.establish()
+    }
+
+    /// Waits at most `timeout` for the next connection (a [`ProtocolError::Timeout`] after it); a TLS
+    /// handshake then has the connect timeout.
     pub fn accept_timeout(&self, timeout: Duration) -> Result<Box<dyn Transport + Send>> {
         self.set_nonblocking(true)?;
         let deadline = Instant::now() + timeout;
         let r = loop {
-            match self.accept() {
+            match self.accept_pending() {
                 Err(ProtocolError::Io { source, .. })
                     if source.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline =>
                 {
@@ -826,7 +939,7 @@ impl Listener {
             }
         };
         self.set_nonblocking(false)?;
-        r
+        r?.establish()
     }
 
     fn set_nonblocking(&self, on: bool) -> Result<()> {

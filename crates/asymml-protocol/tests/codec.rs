@@ -43,21 +43,10 @@ fn all_requests() -> Vec<Request> {
                 ),
                 (public_weights(&t(&[2, 4, 1, 1], 2.0)), None),
             ],
-            optimizer: OptimizerSpec::Sgd {
-                momentum: 0.9,
-                nesterov: true,
-                weight_decay: 5e-4,
-            },
         },
         Request::Register {
             layers: vec![],
             weights: vec![],
-            optimizer: OptimizerSpec::AdamW {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.01,
-            },
         },
         Request::ConvForward {
             layer: 3,
@@ -79,9 +68,15 @@ fn all_requests() -> Vec<Request> {
             dy: declassify_output_grad(&t(&[1], 0.0)),
             need_dx: true,
         },
-        Request::WeightGradPart {
+        Request::SetWeights {
             layer: 9,
-            dw_t: declassify_weight_grad(&t(&[4, 3, 3, 3], 0.125)),
+            w: declassify_updated_weights(&t(&[4, 3, 3, 3], 0.125)),
+            b: Some(declassify_updated_weights(&t(&[4], 0.5))),
+        },
+        Request::SetWeights {
+            layer: 1,
+            w: declassify_updated_weights(&t(&[2, 4, 1, 1], 0.25)),
+            b: None,
         },
         Request::Step { lr: 0.1 },
         Request::FetchWeights { layer: 4 },
@@ -90,7 +85,6 @@ fn all_requests() -> Vec<Request> {
             from_layer: 3,
             train: true,
         },
-        Request::FetchGrads { layer: 2 },
         Request::RegisterNet {
             spec: "{\"arch\":\"VggSmall\"}".into(),
             state: vec![
@@ -133,11 +127,16 @@ fn all_replies() -> Vec<Reply> {
             layer: 3,
             y_u: accelerator_result(&t(&[2, 4, 4, 5], 7.0)),
         },
-        Reply::InputGrad {
+        Reply::ConvGrads {
             layer: 1,
             dx: Some(accelerator_result(&t(&[2, 3, 5, 5], -0.5))),
+            dw: accelerator_result(&t(&[4, 3, 3, 3], 0.25)),
         },
-        Reply::InputGrad { layer: 0, dx: None },
+        Reply::ConvGrads {
+            layer: 0,
+            dx: None,
+            dw: accelerator_result(&t(&[2, 4, 1, 1], 1.5)),
+        },
         Reply::Weights {
             layer: 2,
             w: accelerator_result(&t(&[4, 3, 3, 3], 1.0)),
@@ -276,9 +275,10 @@ fn encoding_refuses_what_cannot_be_decoded() {
         "{e}"
     );
     // Rank above the maximum.
-    let r9 = Request::WeightGradPart {
+    let r9 = Request::SetWeights {
         layer: 0,
-        dw_t: declassify_weight_grad(&Tensor::zeros(&[1; 9])),
+        w: declassify_updated_weights(&Tensor::zeros(&[1; 9])),
+        b: None,
     };
     let e = encode_request(&r9, MAX_MESSAGE, &mut buf).unwrap_err();
     assert!(matches!(e, ProtocolError::Encode(_)), "{e}");
@@ -573,8 +573,8 @@ fn bad_bools_option_tags_and_optimizer_kinds() {
         "{e}"
     );
 
-    // Register with no layers, no weights and optimizer kind 5.
-    let e = decode_request(&frame(&[0x02, 0, 0, 0, 0, 0, 0, 0, 0, 5]), MAX_MESSAGE).unwrap_err();
+    // RegisterNet with an empty spec, no state and optimizer kind 5.
+    let e = decode_request(&frame(&[0x0b, 0, 0, 0, 0, 0, 0, 0, 0, 5]), MAX_MESSAGE).unwrap_err();
     assert!(
         matches!(
             e,

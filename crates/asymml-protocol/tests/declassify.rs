@@ -16,7 +16,7 @@ fn every_declassification_copies_shape_and_values() {
     for w in [
         declassify_residual(&x),
         declassify_output_grad(&x),
-        declassify_weight_grad(&x),
+        declassify_updated_weights(&x),
         public_weights(&x),
         accelerator_result(&x),
     ] {

@@ -166,18 +166,17 @@ fn request() -> impl Strategy<Value = Request> {
         (
             prop::collection::vec(layer_spec(), 0..4),
             prop::collection::vec((tensor(), opt_tensor()), 0..4),
-            optimizer(),
         )
-            .prop_map(|(layers, weights, optimizer)| Request::Register {
-                layers,
-                weights,
-                optimizer
-            }),
+            .prop_map(|(layers, weights)| Request::Register { layers, weights }),
         (any::<u32>(), tensor(), any::<bool>())
             .prop_map(|(layer, x_u, train)| Request::ConvForward { layer, x_u, train }),
         (any::<u32>(), tensor(), any::<bool>())
             .prop_map(|(layer, dy, need_dx)| Request::ConvBackward { layer, dy, need_dx }),
-        (any::<u32>(), tensor()).prop_map(|(layer, dw_t)| Request::WeightGradPart { layer, dw_t }),
+        (any::<u32>(), tensor(), opt_tensor()).prop_map(|(layer, w, b)| Request::SetWeights {
+            layer,
+            w,
+            b
+        }),
         f32_bits().prop_map(|lr| Request::Step { lr }),
         any::<u32>().prop_map(|layer| Request::FetchWeights { layer }),
         Just(Request::Shutdown),
@@ -188,7 +187,6 @@ fn request() -> impl Strategy<Value = Request> {
                 train,
             }
         }),
-        any::<u32>().prop_map(|layer| Request::FetchGrads { layer }),
         (text(), named_tensors(), optimizer()).prop_map(|(spec, state, optimizer)| {
             Request::RegisterNet {
                 spec,
@@ -211,7 +209,11 @@ fn reply() -> impl Strategy<Value = Reply> {
         }),
         Just(Reply::Ok),
         (any::<u32>(), tensor()).prop_map(|(layer, y_u)| Reply::ConvOutput { layer, y_u }),
-        (any::<u32>(), opt_tensor()).prop_map(|(layer, dx)| Reply::InputGrad { layer, dx }),
+        (any::<u32>(), opt_tensor(), tensor()).prop_map(|(layer, dx, dw)| Reply::ConvGrads {
+            layer,
+            dx,
+            dw
+        }),
         (any::<u32>(), tensor(), opt_tensor()).prop_map(|(layer, w, b)| Reply::Weights {
             layer,
             w,
@@ -537,16 +539,10 @@ fn every_four_byte_field_set_huge_is_bounded() {
         pad: 1,
         bias: true,
     };
-    let sgd = OptimizerSpec::Sgd {
-        momentum: 0.9,
-        nesterov: false,
-        weight_decay: 0.0,
-    };
     let messages = vec![
         Message::Request(Request::Register {
             layers: vec![layer, layer],
             weights: vec![(w(&[3, 2, 3, 3]), Some(w(&[3]))), (w(&[]), None)],
-            optimizer: sgd,
         }),
         Message::Request(Request::ConvForward {
             layer: 0,
@@ -556,7 +552,11 @@ fn every_four_byte_field_set_huge_is_bounded() {
         Message::Request(Request::RegisterNet {
             spec: "{}".into(),
             state: vec![("a".into(), w(&[2, 2])), ("b".into(), w(&[]))],
-            optimizer: sgd,
+            optimizer: OptimizerSpec::Sgd {
+                momentum: 0.9,
+                nesterov: false,
+                weight_decay: 0.0,
+            },
         }),
         Message::Reply(Reply::State {
             entries: vec![("a".into(), w(&[1, 0, 2])), ("bc".into(), w(&[3]))],

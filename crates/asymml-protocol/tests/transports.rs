@@ -27,9 +27,10 @@ fn x(shape: &[usize]) -> Tensor {
 fn echo(req: Request) -> Reply {
     match req {
         Request::ConvForward { layer, x_u, .. } => Reply::ConvOutput { layer, y_u: x_u },
-        Request::ConvBackward { layer, dy, need_dx } => Reply::InputGrad {
+        Request::ConvBackward { layer, dy, need_dx } => Reply::ConvGrads {
             layer,
             dx: need_dx.then_some(dy),
+            dw: accelerator_result(&Tensor::zeros(&[2, 3, 1, 1])),
         },
         Request::FetchWeights { layer } => Reply::Weights {
             layer,
@@ -59,11 +60,6 @@ fn exchange<Tr: Transport>(client: &mut Client<Tr>) {
                 public_weights(&Tensor::zeros(&[2, 3, 1, 1])),
                 Some(public_weights(&Tensor::zeros(&[2]))),
             )],
-            optimizer: OptimizerSpec::Sgd {
-                momentum: 0.9,
-                nesterov: false,
-                weight_decay: 0.0,
-            },
         })
         .unwrap()
         .into_ok()
@@ -93,17 +89,19 @@ fn exchange<Tr: Transport>(client: &mut Client<Tr>) {
         })
         .unwrap();
     client
-        .send_request(&Request::WeightGradPart {
+        .send_request(&Request::SetWeights {
             layer: 0,
-            dw_t: declassify_weight_grad(&Tensor::zeros(&[2, 3, 1, 1])),
+            w: declassify_updated_weights(&Tensor::zeros(&[2, 3, 1, 1])),
+            b: None,
         })
         .unwrap();
     assert_eq!(client.pending(), 2);
     let dx = client
         .recv_reply()
         .unwrap()
-        .into_input_grad(0)
+        .into_conv_grads(0)
         .unwrap()
+        .0
         .unwrap();
     assert_eq!(dx.into_tensor_checked(&[4, 2, 16, 16]).unwrap(), dy);
     client.recv_reply().unwrap().into_ok().unwrap();
@@ -834,7 +832,7 @@ fn recording_keeps_what_crossed() {
             (Sent, K::ConvForward),
             (Received, K::ConvOutput),
             (Sent, K::ConvBackward),
-            (Received, K::InputGrad),
+            (Received, K::ConvGrads),
             (Sent, K::Shutdown),
             (Received, K::Ok),
         ]
@@ -851,7 +849,9 @@ fn recording_keeps_what_crossed() {
     assert_eq!(sent_tensors[1].field, "dy");
     assert_eq!(recs[2].layer, Some(5));
     assert_eq!(recs[3].tensors[0].field, "y_u");
-    assert!(recs[5].tensors.is_empty());
+    // ConvGrads without ∇X (not asked for) carries ∇W_U only.
+    assert_eq!(recs[5].tensors.len(), 1);
+    assert_eq!(recs[5].tensors[0].field, "dw");
     assert!(recs.iter().all(|r| r.error.is_none() && r.bytes >= 5));
     assert_eq!(transcript.take().len(), 8);
     assert!(transcript.is_empty());

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
+pub mod integrity;
 pub mod remote;
 pub mod session;
 pub mod split;

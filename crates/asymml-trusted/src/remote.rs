@@ -5,6 +5,7 @@
 use asymml_core::models::{Net, StateMut};
 use asymml_core::optim::OptimizerKind;
 use asymml_core::{CoreError, Tensor};
+use asymml_protocol::OptimizerSpec;
 use asymml_protocol::{
     declassify_input_untrusted_only, declassify_logit_grad, public_weights, Client, ProtocolError,
     Request, Transport,
@@ -14,6 +15,23 @@ use std::time::Instant;
 /// A reply to `what` that failed validation (errors of the client's own calls name their request already).
 fn bad_reply(what: &str, e: ProtocolError) -> CoreError {
     CoreError::accelerator(e.context(what))
+}
+
+/// The wire form of an optimizer configuration.
+pub(crate) fn optimizer_spec(kind: OptimizerKind, weight_decay: f32) -> OptimizerSpec {
+    match kind {
+        OptimizerKind::Sgd { momentum, nesterov } => OptimizerSpec::Sgd {
+            momentum,
+            nesterov,
+            weight_decay,
+        },
+        OptimizerKind::AdamW { beta1, beta2, eps } => OptimizerSpec::AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        },
+    }
 }
 
 /// The network, run remotely.
@@ -59,7 +77,7 @@ impl<T: Transport + Send> RemoteClient<T> {
             };
             state.push((name, t));
         });
-        let optimizer = crate::split::optimizer_spec(optimizer, weight_decay);
+        let optimizer = optimizer_spec(optimizer, weight_decay);
         client
             .call(&Request::RegisterNet {
                 spec,

@@ -196,17 +196,12 @@ impl Session {
         let lr = self.lr();
         self.opt.begin_step();
         let opt = &mut self.opt;
-        let skip_convs = self.exec.owns_conv_weights();
         let mut i = 0;
-        self.net.visit_params_tagged(&mut |_, p, is_conv| {
-            if !(is_conv && skip_convs) {
-                opt.update(i, p, lr);
-            }
+        self.net.visit_params(&mut |_, p| {
+            opt.update(i, p, lr);
             i += 1;
         });
-        if skip_convs {
-            self.exec.step(lr, &mut self.net)?;
-        }
+        self.exec.after_update(&mut self.net)?;
         self.step += 1;
         Ok((loss, correct))
     }

@@ -2,20 +2,23 @@
 //! part X_T = U·V and a residual X_U = X − X_T. Only X_U (and, in backward, ∇Y and ∇W_T) leaves, through the
 //! named declassification functions of `asymml-protocol`; the trusted convolution of (U, V) runs here while
 //! the accelerator computes conv(X_U, W), and the two outputs are added here. Every reply is validated
-//! (kind, layer, shape, finiteness) before it is used.
+//! (kind, layer, shape, finiteness) and, with integrity checks on (the default), checked against the trusted
+//! copy of the weights (Freivalds, see [`crate::integrity`]) before it is used. The trusted runtime owns the
+//! conv weights: the session's optimizer updates them here, and [`SplitExec`] sends the new weights to the
+//! accelerator (`SetWeights`), which is never trusted to update or report them.
 
+use crate::integrity::{Checker, IntegrityStats, Projection, DEFAULT_REPS};
 use asymml_core::decomp::{
-    add_noise_batch, decompose_batch, decompose_batch_shared, light_svd_flops, BatchLowRank,
-    RankPolicy, RankTable, TrustedConv,
+    add_noise_batch, block_svd_flops, decompose_batch_shared_with, decompose_batch_with,
+    light_svd_flops, BatchLowRank, RankPolicy, RankTable, SvdMethod, TableRank, TrustedConv,
 };
 use asymml_core::layers::Conv2d;
 use asymml_core::models::{ConvExec, Layer, Net};
-use asymml_core::optim::OptimizerKind;
 use asymml_core::rng::Rng;
 use asymml_core::{CoreError, Tensor};
 use asymml_protocol::{
-    declassify_output_grad, declassify_residual_owned, declassify_weight_grad, public_weights,
-    Client, ConvLayerSpec, OptimizerSpec, ProtocolError, Request, Transport,
+    declassify_output_grad, declassify_residual_owned, declassify_updated_weights, public_weights,
+    Client, ConvLayerSpec, ProtocolError, Request, Transport,
 };
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -24,8 +27,10 @@ use std::time::Instant;
 #[derive(Clone, Debug, PartialEq)]
 pub struct SplitConfig {
     pub policy: RankPolicy,
-    /// Lightweight-SVD iterations (1 or 2).
+    /// Lightweight-SVD iterations (1 or 2) of the paper's method (`svd: None`).
     pub iters: usize,
+    /// The decomposition (`None`: the paper's lightweight SVD with `iters` rounds).
+    pub svd: Option<SvdMethod>,
     /// Noise-to-signal ratio added to X_U before it leaves (0: none).
     pub nsr: f32,
     pub seed: u64,
@@ -36,6 +41,8 @@ pub struct SplitConfig {
     pub table: Option<Arc<RankTable>>,
     /// With `clip: Some(C)`, each sample's X_U is clipped to ℓ₂ norm C before the noise (σ = nsr·C/√d).
     pub clip: Option<f32>,
+    /// Check every result of the accelerator (Freivalds, [`crate::integrity`]) before using it.
+    pub integrity: bool,
 }
 
 impl Default for SplitConfig {
@@ -43,11 +50,13 @@ impl Default for SplitConfig {
         SplitConfig {
             policy: RankPolicy::Schedule,
             iters: 1,
+            svd: None,
             nsr: 0.0,
             seed: 0,
             shared_basis: false,
             table: None,
             clip: None,
+            integrity: true,
         }
     }
 }
@@ -62,6 +71,10 @@ struct LayerState {
     /// first conv, for its shortcut conv.
     shared_from: Option<usize>,
     rank: usize,
+    /// What the last training forward kept for the ∇W_U check of the backward.
+    proj: Projection,
+    /// The last forward ran the whole conv here (nothing of its input left): its backward runs here too.
+    trusted_route: bool,
 }
 
 /// Per-run counters: what crossed the boundary, and how long the trusted runtime waited for replies.
@@ -77,19 +90,26 @@ pub struct SplitStats {
     pub transfer_s: f64,
     /// Per conv layer (by conv id).
     pub layers: Vec<LayerStats>,
+    /// The integrity checks made (counts, failures, seconds; zero when they are off).
+    pub integrity: IntegrityStats,
 }
 
 /// Per-conv counters of the split runtime.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LayerStats {
     pub name: String,
-    /// The rank of the last forward.
+    /// The rank of the last forward (all input channels on the fully-trusted route).
     pub rank: usize,
+    /// The last forward ran the whole conv in the trusted runtime (its rank would keep every channel, or the
+    /// rank table says so): nothing of its input left.
+    pub trusted_route: bool,
     /// Trusted compute: decomposition, noise, Conv_T, ∇W_T, adding Y_T + Y_U (seconds).
     pub trusted_s: f64,
     /// Of `trusted_s`: the decomposition (lightweight SVD, X_U, noise) and adding Y_T + Y_U.
     pub decompose_s: f64,
     pub merge_s: f64,
+    /// Of `trusted_s`: the integrity checks of this layer's results.
+    pub integrity_s: f64,
     /// Floating-point operations of the lightweight SVD and Conv_T (forward and ∇W_T).
     pub trusted_flops: f64,
     /// Floating-point operations the accelerator does for this layer: conv(X_U, W); ∇W_U and ∇X.
@@ -115,29 +135,14 @@ pub struct SplitExec<T: Transport> {
     dw_t: Tensor,
     /// The conv whose input was decomposed last (a shortcut conv may reuse its decomposition).
     last_decomposed: Option<usize>,
+    /// The integrity checker (`None`: checks off).
+    checker: Option<Checker>,
     stats: Arc<Mutex<SplitStats>>,
 }
 
 /// A reply to `what` that failed validation (errors of the client's own calls name their request already).
 fn bad_reply(what: &str, e: ProtocolError) -> CoreError {
     CoreError::accelerator(e.context(what))
-}
-
-/// The wire form of an optimizer configuration.
-pub(crate) fn optimizer_spec(kind: OptimizerKind, weight_decay: f32) -> OptimizerSpec {
-    match kind {
-        OptimizerKind::Sgd { momentum, nesterov } => OptimizerSpec::Sgd {
-            momentum,
-            nesterov,
-            weight_decay,
-        },
-        OptimizerKind::AdamW { beta1, beta2, eps } => OptimizerSpec::AdamW {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        },
-    }
 }
 
 /// Schedule steps by conv id: VGG counts convs, ResNet counts residual blocks (stem 0).
@@ -165,15 +170,14 @@ fn structure(net: &mut Net) -> Vec<(String, usize)> {
 }
 
 impl<T: Transport> SplitExec<T> {
-    /// Connects (handshake), registers the network's conv layers with their current weights and the conv
-    /// optimizer, and returns the executor.
-    pub fn connect(
-        transport: T,
-        net: &mut Net,
-        optimizer: OptimizerKind,
-        weight_decay: f32,
-        cfg: SplitConfig,
-    ) -> Result<Self, CoreError> {
+    /// Connects (handshake), registers the network's conv layers with their current weights, and returns
+    /// the executor.
+    pub fn connect(transport: T, net: &mut Net, cfg: SplitConfig) -> Result<Self, CoreError> {
+        let checker = if cfg.integrity {
+            Some(Checker::new(DEFAULT_REPS)?)
+        } else {
+            None
+        };
         let mut client = Client::connect(transport).map_err(CoreError::accelerator)?;
         let mut specs = Vec::new();
         let mut weights = Vec::new();
@@ -193,12 +197,10 @@ impl<T: Transport> SplitExec<T> {
             ));
         });
         specs.sort_by_key(|s| s.id);
-        let optimizer = optimizer_spec(optimizer, weight_decay);
         client
             .call(&Request::Register {
                 layers: specs,
                 weights,
-                optimizer,
             })
             .map_err(CoreError::accelerator)?
             .into_ok()
@@ -222,6 +224,7 @@ impl<T: Transport> SplitExec<T> {
             y_t: Tensor::default(),
             dw_t: Tensor::default(),
             last_decomposed: None,
+            checker,
             stats: Arc::default(),
         })
     }
@@ -316,23 +319,26 @@ impl<T: Transport> SplitExec<T> {
         });
     }
 
-    /// The merged gradient (∇W, ∇b) of conv `id` as the accelerator holds it (for verification).
-    pub fn fetch_grads(&mut self, id: usize) -> Result<(Tensor, Option<Tensor>), CoreError> {
-        let layer = id as u32;
-        let what = format!("FetchGrads(layer {id})");
-        self.send(&Request::FetchGrads { layer }, None)?;
-        let (w, b) = self
-            .recv(Some(id))?
-            .into_weights(layer)
-            .map_err(|e| bad_reply(&what, e))?;
-        let w = w
-            .into_tensor_matching(&[None, None, None, None])
-            .map_err(|e| bad_reply(&what, e))?;
-        let b = b
-            .map(|b| b.into_tensor_matching(&[None]))
-            .transpose()
-            .map_err(|e| bad_reply(&what, e))?;
-        Ok((w, b))
+    /// Runs an integrity check (when on), timing it as trusted work of conv `id`; a failed check is an
+    /// integrity error naming the conv.
+    fn checked(
+        &mut self,
+        id: usize,
+        f: impl FnOnce(&mut Checker) -> Result<Result<(), crate::integrity::Failure>, CoreError>,
+    ) -> Result<(), CoreError> {
+        let Some(ch) = self.checker.as_mut() else {
+            return Ok(());
+        };
+        let t0 = Instant::now();
+        let res = f(ch);
+        let snapshot = ch.stats().clone();
+        let dt = t0.elapsed().as_secs_f64();
+        self.count(|s| s.integrity = snapshot);
+        self.count_layer(Some(id), |l| {
+            l.integrity_s += dt;
+            l.trusted_s += dt;
+        });
+        res?.map_err(|f| f.into_error(&self.layers[id].name))
     }
 
     /// Tells the accelerator to stop.
@@ -341,6 +347,58 @@ impl<T: Transport> SplitExec<T> {
             .shutdown()
             .map(|_| ())
             .map_err(CoreError::accelerator)
+    }
+}
+
+impl<T: Transport> SplitExec<T> {
+    /// The rank policy of conv `id` (with `n` input channels), or `None` for the fully-trusted route: a rank
+    /// table's entry when there is a table (`"trusted"`, or a rank keeping every channel), else the policy —
+    /// whose fixed or scheduled rank may keep every channel too.
+    fn layer_policy(&self, id: usize, n: usize) -> Option<RankPolicy> {
+        let policy = match self
+            .cfg
+            .table
+            .as_ref()
+            .and_then(|t| t.get(&self.layers[id].name))
+        {
+            Some(TableRank::Route(_)) => return None,
+            Some(TableRank::Rank(r)) => RankPolicy::Fixed(r),
+            None => self.cfg.policy,
+        };
+        let fixed = match policy {
+            RankPolicy::Fixed(r) => Some(r),
+            RankPolicy::Schedule => Some(asymml_core::decomp::schedule_rank(self.layers[id].step)),
+            _ => None,
+        };
+        match fixed {
+            Some(r) if r >= n => None,
+            _ => Some(policy),
+        }
+    }
+
+    /// The whole conv in the trusted runtime (nothing leaves); its backward runs here too.
+    fn forward_trusted(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        t0: Instant,
+    ) -> Result<(), CoreError> {
+        let id = conv.id;
+        conv.forward(x, y)?;
+        let st = &mut self.layers[id];
+        st.rank = conv.in_ch;
+        st.trusted_route = true;
+        st.shared_from = None;
+        self.last_decomposed = None;
+        let (rank, name) = (st.rank, st.name.clone());
+        self.trusted(id, t0, 2.0 * conv.macs(&x.shape) as f64);
+        self.count_layer(Some(id), |l| {
+            l.rank = rank;
+            l.trusted_route = true;
+            l.name.clone_from(&name);
+        });
+        Ok(())
     }
 }
 
@@ -385,28 +443,62 @@ impl<T: Transport> SplitExec<T> {
                 }
                 None => {
                     let t0 = Instant::now();
-                    let st = &mut self.layers[id];
-                    let decompose = if self.cfg.shared_basis {
-                        decompose_batch_shared
-                    } else {
-                        decompose_batch
+                    let Some(policy) = self.layer_policy(id, conv.in_ch) else {
+                        return self.forward_trusted(conv, x, y, t0);
                     };
-                    let r = decompose(
-                        x,
-                        self.cfg.policy,
-                        st.step,
-                        self.cfg.iters,
-                        &mut st.lr,
-                        &mut self.residual,
-                    )?;
+                    let st = &mut self.layers[id];
+                    let method = self.cfg.svd.unwrap_or(SvdMethod::light(self.cfg.iters));
+                    let r = if self.cfg.shared_basis {
+                        decompose_batch_shared_with(
+                            x,
+                            policy,
+                            st.step,
+                            method,
+                            &mut st.lr,
+                            &mut self.residual,
+                        )?
+                    } else {
+                        decompose_batch_with(
+                            x,
+                            policy,
+                            st.step,
+                            method,
+                            &mut st.lr,
+                            &mut self.residual,
+                        )?
+                    };
                     st.rank = r;
-                    if self.cfg.nsr > 0.0 {
-                        add_noise_batch(x, &mut self.residual, self.cfg.nsr, &mut self.rng)?;
-                    }
                     let (b, n, h, w) = x.nchw("split")?;
+                    let svd_flops = match method {
+                        SvdMethod::Light { iters } => light_svd_flops(b, n, h * w, r, iters),
+                        SvdMethod::Block(m) => block_svd_flops(b, n, h * w, r, &m),
+                    };
+                    if r >= n {
+                        // Every channel kept: X_U would be zero. Run the conv here and send nothing.
+                        self.trusted(id, t0, svd_flops);
+                        return self.forward_trusted(conv, x, y, Instant::now());
+                    }
+                    match self.cfg.clip {
+                        Some(c) => {
+                            asymml_core::dp::clip_and_noise_batch(
+                                &mut self.residual,
+                                c,
+                                self.cfg.nsr,
+                                &mut self.rng,
+                            )?;
+                        }
+                        None if self.cfg.nsr > 0.0 => {
+                            add_noise_batch(x, &mut self.residual, self.cfg.nsr, &mut self.rng)?
+                        }
+                        None => {}
+                    }
                     let dt = t0.elapsed().as_secs_f64();
-                    self.count_layer(Some(id), |l| l.decompose_s += dt);
-                    self.trusted(id, t0, light_svd_flops(b, n, h * w, r, self.cfg.iters));
+                    self.count_layer(Some(id), |l| {
+                        l.decompose_s += dt;
+                        l.trusted_route = false;
+                    });
+                    self.layers[id].trusted_route = false;
+                    self.trusted(id, t0, svd_flops);
                     let residual = std::mem::take(&mut self.residual);
                     let req = Request::ConvForward {
                         layer,
@@ -436,6 +528,29 @@ impl<T: Transport> SplitExec<T> {
             let t0 = Instant::now();
             y_u.add_into_checked(&out_shape, &y_t, y)
                 .map_err(|e| bad_reply(&what, e))?;
+            let dt = t0.elapsed().as_secs_f64();
+            // Y_U against the trusted weights, on the residual exactly as it was sent (for a shortcut conv,
+            // its block input's, still in the scratch); the merged output is not used before this passes.
+            let residual = std::mem::take(&mut self.residual);
+            let checked = self
+                .checked(id, |ch| {
+                    ch.check_forward(conv, &residual.data, &x.shape, y_u.data())
+                })
+                .and_then(|_| {
+                    if !train {
+                        return Ok(());
+                    }
+                    let mut proj = std::mem::take(&mut self.layers[id].proj);
+                    let r = self.checked(id, |ch| {
+                        ch.project_residual(&residual.data, &x.shape, &mut proj)
+                            .map(Ok)
+                    });
+                    self.layers[id].proj = proj;
+                    r
+                });
+            self.residual = residual;
+            checked?;
+            let t0 = Instant::now() - std::time::Duration::from_secs_f64(dt);
             let full = 2.0 * conv.macs(&x.shape) as f64;
             let (rank, name) = (self.layers[id].rank, self.layers[id].name.clone());
             let dt = t0.elapsed().as_secs_f64();
@@ -490,17 +605,25 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                 "conv {id} was not registered"
             )));
         }
+        if self.layers[id].trusted_route {
+            let t0 = Instant::now();
+            conv.backward(x, dy, dx)?;
+            let passes = 2.0;
+            self.trusted(id, t0, passes * 2.0 * conv.macs(&x.shape) as f64);
+            return Ok(());
+        }
         let layer = id as u32;
         let mut dw_t = std::mem::take(&mut self.dw_t);
         let res = (|| {
-            // The reply is ∇X, of the input's shape, when asked for.
+            // The reply is ∇W_U, and ∇X of the input's shape when asked for.
+            let dw_bytes = 4 * conv.weight.value.len() as u64;
             let dx_bytes = if dx.is_some() { 4 * x.len() as u64 } else { 0 };
             let req = Request::ConvBackward {
                 layer,
                 dy: declassify_output_grad(dy),
                 need_dx: dx.is_some(),
             };
-            self.send(&req, Some(dx_bytes))?;
+            self.send(&req, Some(dx_bytes + dw_bytes))?;
             let t0 = Instant::now();
             let st = &self.layers[id];
             let lr = match st.shared_from {
@@ -514,79 +637,88 @@ impl<T: Transport> ConvExec for SplitExec<T> {
             let full = passes * 2.0 * conv.macs(&x.shape) as f64;
             self.count_layer(Some(id), |l| l.untrusted_flops += full);
             let what = format!("ConvBackward(layer {id})");
-            let got = self
+            let (got_dx, dw_u) = self
                 .recv(Some(id))?
-                .into_input_grad(layer)
+                .into_conv_grads(layer)
                 .map_err(|e| bad_reply(&what, e))?;
-            match (dx, got) {
-                (Some(dx), Some(g)) => g
-                    .copy_into_checked(&x.shape, dx)
-                    .map_err(|e| bad_reply(&what, e))?,
-                (None, None) => {}
-                (Some(_), None) => {
+            let w_shape = conv.weight.value.shape.clone();
+            let dw_u = dw_u
+                .into_tensor_checked(&w_shape)
+                .map_err(|e| bad_reply(&what, e))?;
+            let got_dx = match (dx.is_some(), got_dx) {
+                (true, Some(g)) => Some(
+                    g.into_tensor_checked(&x.shape)
+                        .map_err(|e| bad_reply(&what, e))?,
+                ),
+                (false, None) => None,
+                (true, None) => {
                     return Err(bad_reply(
                         &what,
                         ProtocolError::Misuse("∇X was asked for but not sent".into()),
                     ))
                 }
-                (None, Some(_)) => {
+                (false, Some(_)) => {
                     return Err(bad_reply(
                         &what,
                         ProtocolError::Misuse("∇X was sent unasked".into()),
                     ))
                 }
-            }
-            let req = Request::WeightGradPart {
-                layer,
-                dw_t: declassify_weight_grad(&dw_t),
             };
-            self.send(&req, None)?;
-            let what = format!("WeightGradPart(layer {id})");
-            self.recv(Some(id))?
-                .into_ok()
-                .map_err(|e| bad_reply(&what, e))?;
+            // ∇X and ∇W_U against the trusted weights and the residual's projection kept by the forward.
+            let proj = std::mem::take(&mut self.layers[id].proj);
+            let checked = self.checked(id, |ch| {
+                ch.check_backward(
+                    conv,
+                    &proj,
+                    &dy.data,
+                    got_dx.as_ref().map(|t| t.data.as_slice()),
+                    &dw_u.data,
+                )
+            });
+            self.layers[id].proj = proj;
+            checked?;
+            let t0 = Instant::now();
+            if let (Some(dx), Some(g)) = (dx, got_dx) {
+                *dx = g;
+            }
+            // ∇W = ∇W_T + ∇W_U and ∇b = Σ ∇Y, accumulated into the trusted parameters.
+            let grad = &mut conv.weight.grad;
+            if grad.shape != w_shape {
+                *grad = Tensor::zeros(&w_shape);
+            }
+            grad.data
+                .iter_mut()
+                .zip(dw_t.data.iter().zip(&dw_u.data))
+                .for_each(|(g, (a, b))| *g += a + b);
+            if let Some(bias) = conv.bias.as_mut() {
+                asymml_core::layers::conv::add_bias_grad(dy, &mut bias.grad)?;
+            }
+            self.trusted(id, t0, 0.0);
             Ok(())
         })();
         self.dw_t = dw_t;
         res.map_err(|e: CoreError| e.at_conv(&self.layers[id].name))
     }
 
-    fn owns_conv_weights(&self) -> bool {
-        true
-    }
-
-    fn step(&mut self, lr: f32, net: &mut Net) -> Result<(), CoreError> {
-        self.send(&Request::Step { lr }, None)?;
-        self.recv(None)?
-            .into_ok()
-            .map_err(|e| bad_reply("Step", e))?;
-        // Refresh the trusted copies of the (public) conv weights, which the trusted convolution uses.
+    fn after_update(&mut self, net: &mut Net) -> Result<(), CoreError> {
+        // The trusted runtime's new weights, sent to the accelerator (every request first, then the replies).
+        let mut ids = Vec::new();
         for c in net.convs_mut() {
-            let layer = c.id as u32;
-            let what = format!("FetchWeights(layer {layer})");
-            let params = c.weight.value.len() + c.bias.as_ref().map_or(0, |b| b.value.len());
-            self.send(&Request::FetchWeights { layer }, Some(4 * params as u64))?;
-            let (w, b) = self
-                .recv(Some(c.id))?
-                .into_weights(layer)
-                .map_err(|e| bad_reply(&what, e))?;
-            let shape = c.weight.value.shape.clone();
-            w.copy_into_checked(&shape, &mut c.weight.value)
-                .map_err(|e| bad_reply(&what, e))?;
-            match (c.bias.as_mut(), b) {
-                (Some(p), Some(b)) => {
-                    let shape = p.value.shape.clone();
-                    b.copy_into_checked(&shape, &mut p.value)
-                        .map_err(|e| bad_reply(&what, e))?;
-                }
-                (None, None) => {}
-                _ => {
-                    return Err(bad_reply(
-                        &what,
-                        ProtocolError::Misuse("bias presence differs".into()),
-                    ))
-                }
-            }
+            let req = Request::SetWeights {
+                layer: c.id as u32,
+                w: declassify_updated_weights(&c.weight.value),
+                b: c.bias
+                    .as_ref()
+                    .map(|b| declassify_updated_weights(&b.value)),
+            };
+            self.send(&req, None)?;
+            ids.push(c.id);
+        }
+        for id in ids {
+            let what = format!("SetWeights(layer {id})");
+            self.recv(Some(id))?
+                .into_ok()
+                .map_err(|e| bad_reply(&what, e).at_conv(&self.layers[id].name))?;
         }
         Ok(())
     }

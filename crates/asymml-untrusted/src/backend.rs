@@ -1,9 +1,8 @@
 //! The conv backends' common interface ([`ConvBackend`]) and the CPU backend: conv layers with their weights,
-//! the residual inputs cached for backward, and the optimizer of the conv weights, run on the service's own
-//! thread pool.
+//! the residual inputs cached for backward, run on the service's own thread pool. The weights are the trusted
+//! runtime's: it sends them at registration and after each of its optimizer steps (`set_weights`).
 
 use asymml_core::layers::{Conv2d, Conv2dConfig};
-use asymml_core::optim::{Optimizer, OptimizerKind};
 use asymml_core::rng::Rng;
 use asymml_core::{CoreError, Tensor};
 use thiserror::Error;
@@ -62,14 +61,12 @@ pub trait ConvBackend {
     /// A short description of the device ("cpu", "cuda:0 (NVIDIA H100 …)").
     fn describe(&self) -> String;
 
-    /// Registers the model's conv layers with their initial weights (and biases) and the optimizer; replaces
-    /// an earlier registration (weights, optimizer state and cached residuals).
+    /// Registers the model's conv layers with their weights (and biases); replaces an earlier registration
+    /// (weights and cached residuals).
     fn register(
         &mut self,
         layers: &[ConvLayer],
         weights: Vec<(Tensor, Option<Tensor>)>,
-        optimizer: OptimizerKind,
-        weight_decay: f32,
     ) -> Result<(), BackendError>;
 
     /// The layer's description.
@@ -90,23 +87,17 @@ pub trait ConvBackend {
         train: bool,
     ) -> Result<Tensor, BackendError>;
 
-    /// dy: [B, M, OH, OW] → ∇X = conv_transpose(∇Y, W) if `need_dx`; sets the layer's gradient to
-    /// ∇W_U = corr(X_U, ∇Y) and ∇b = Σ ∇Y.
+    /// dy: [B, M, OH, OW] → (∇X = conv_transpose(∇Y, W) if `need_dx`, ∇W_U = corr(X_U, ∇Y)).
     fn backward(
         &mut self,
         layer: u32,
         dy: &Tensor,
         need_dx: bool,
-    ) -> Result<Option<Tensor>, BackendError>;
+    ) -> Result<(Option<Tensor>, Tensor), BackendError>;
 
-    /// Adds the trusted side's ∇W_T to the layer's weight gradient.
-    fn add_weight_grad(&mut self, layer: u32, dw_t: &Tensor) -> Result<(), BackendError>;
-
-    /// One optimizer step on every conv weight with learning rate `lr`.
-    fn step(&mut self, lr: f32) -> Result<(), BackendError>;
-
-    /// The layer's current weight and bias gradients (∇W_U + ∇W_T, ∇b).
-    fn grads(&mut self, layer: u32) -> Result<(Tensor, Option<Tensor>), BackendError>;
+    /// Replaces the layer's weight (and bias) with the trusted runtime's (shapes checked by the caller).
+    fn set_weights(&mut self, layer: u32, w: Tensor, b: Option<Tensor>)
+        -> Result<(), BackendError>;
 
     /// The layer's current weight and bias.
     fn weights(&mut self, layer: u32) -> Result<(Tensor, Option<Tensor>), BackendError>;
@@ -249,13 +240,12 @@ struct Slot {
     cached: Option<Tensor>,
 }
 
-/// Conv layers, their cached residuals and their optimizer.
+/// Conv layers and their cached residuals.
 pub struct CpuBackend {
     /// The worker pool, made at the first registration.
     pool: Option<rayon::ThreadPool>,
     threads: usize,
     layers: Vec<Slot>,
-    opt: Option<Optimizer>,
     registered: bool,
 }
 
@@ -267,18 +257,15 @@ impl CpuBackend {
             pool: None,
             threads: crate::pool_threads(threads),
             layers: Vec::new(),
-            opt: None,
             registered: false,
         })
     }
 
-    /// Registers the model's conv layers with their initial weights (and biases) and the optimizer.
+    /// Registers the model's conv layers with their weights (and biases).
     pub fn register(
         &mut self,
         layers: &[ConvLayer],
         weights: Vec<(Tensor, Option<Tensor>)>,
-        optimizer: OptimizerKind,
-        weight_decay: f32,
     ) -> Result<(), BackendError> {
         check_registration(layers, &weights)?;
         if self.pool.is_none() {
@@ -312,7 +299,6 @@ impl CpuBackend {
             slots.push(Slot { conv, cached: None });
         }
         self.layers = slots;
-        self.opt = Some(Optimizer::new(optimizer, weight_decay));
         self.registered = true;
         Ok(())
     }
@@ -390,14 +376,13 @@ impl CpuBackend {
         self.forward(layer, x_u, train)
     }
 
-    /// dy: [B, M, OH, OW] → ∇X = conv_transpose(∇Y, W) if `need_dx`; sets the layer's gradient to
-    /// ∇W_U = corr(X_U, ∇Y) and ∇b = Σ ∇Y (the trusted part ∇W_T is added by [`CpuBackend::add_weight_grad`]).
+    /// dy: [B, M, OH, OW] → (∇X = conv_transpose(∇Y, W) if `need_dx`, ∇W_U = corr(X_U, ∇Y)).
     pub fn backward(
         &mut self,
         layer: u32,
         dy: &Tensor,
         need_dx: bool,
-    ) -> Result<Option<Tensor>, BackendError> {
+    ) -> Result<(Option<Tensor>, Tensor), BackendError> {
         let (pool, slot) = self.parts(layer)?;
         let x_u = slot
             .cached
@@ -410,54 +395,29 @@ impl CpuBackend {
         let mut dx = need_dx.then(Tensor::default);
         pool.install(|| slot.conv.backward(x_u, dy, dx.as_mut()))
             .map_err(|source| BackendError::Core { layer, source })?;
-        Ok(dx)
+        Ok((dx, slot.conv.weight.grad.clone()))
     }
 
-    /// Adds the trusted side's ∇W_T to the layer's weight gradient.
-    pub fn add_weight_grad(&mut self, layer: u32, dw_t: &Tensor) -> Result<(), BackendError> {
+    /// Replaces the layer's weight (and bias) with the trusted runtime's.
+    pub fn set_weights(
+        &mut self,
+        layer: u32,
+        w: Tensor,
+        b: Option<Tensor>,
+    ) -> Result<(), BackendError> {
         let slot = self.slot(layer)?;
-        if dw_t.shape != slot.conv.weight.grad.shape {
+        if w.shape != slot.conv.weight.value.shape
+            || b.as_ref().map(|b| &b.shape) != slot.conv.bias.as_ref().map(|p| &p.value.shape)
+        {
             return Err(BackendError::Invalid(format!(
-                "layer {layer}: ∇W_T shape {:?}, expected {:?}",
-                dw_t.shape, slot.conv.weight.grad.shape
+                "layer {layer}: the new weights do not match the layer"
             )));
         }
-        slot.conv
-            .weight
-            .grad
-            .data
-            .iter_mut()
-            .zip(&dw_t.data)
-            .for_each(|(g, v)| *g += v);
-        Ok(())
-    }
-
-    /// One optimizer step on every conv weight with learning rate `lr`.
-    pub fn step(&mut self, lr: f32) -> Result<(), BackendError> {
-        if !self.registered {
-            return Err(BackendError::NotRegistered);
-        }
-        let opt = self.opt.as_mut().ok_or(BackendError::NotRegistered)?;
-        opt.begin_step();
-        let mut i = 0;
-        for slot in &mut self.layers {
-            opt.update(i, &mut slot.conv.weight, lr);
-            i += 1;
-            if let Some(b) = slot.conv.bias.as_mut() {
-                opt.update(i, b, lr);
-            }
-            i += 1;
+        slot.conv.weight.value = w;
+        if let (Some(p), Some(b)) = (slot.conv.bias.as_mut(), b) {
+            p.value = b;
         }
         Ok(())
-    }
-
-    /// The layer's current weight and bias gradients (∇W_U + ∇W_T, ∇b).
-    pub fn grads(&mut self, layer: u32) -> Result<(Tensor, Option<Tensor>), BackendError> {
-        let slot = self.slot(layer)?;
-        Ok((
-            slot.conv.weight.grad.clone(),
-            slot.conv.bias.as_ref().map(|b| b.grad.clone()),
-        ))
     }
 
     /// The layer's current weight and bias.
@@ -531,10 +491,8 @@ impl ConvBackend for CpuBackend {
         &mut self,
         layers: &[ConvLayer],
         weights: Vec<(Tensor, Option<Tensor>)>,
-        optimizer: OptimizerKind,
-        weight_decay: f32,
     ) -> Result<(), BackendError> {
-        CpuBackend::register(self, layers, weights, optimizer, weight_decay)
+        CpuBackend::register(self, layers, weights)
     }
 
     fn layer(&self, layer: u32) -> Option<ConvLayer> {
@@ -563,20 +521,17 @@ impl ConvBackend for CpuBackend {
         layer: u32,
         dy: &Tensor,
         need_dx: bool,
-    ) -> Result<Option<Tensor>, BackendError> {
+    ) -> Result<(Option<Tensor>, Tensor), BackendError> {
         CpuBackend::backward(self, layer, dy, need_dx)
     }
 
-    fn add_weight_grad(&mut self, layer: u32, dw_t: &Tensor) -> Result<(), BackendError> {
-        CpuBackend::add_weight_grad(self, layer, dw_t)
-    }
-
-    fn step(&mut self, lr: f32) -> Result<(), BackendError> {
-        CpuBackend::step(self, lr)
-    }
-
-    fn grads(&mut self, layer: u32) -> Result<(Tensor, Option<Tensor>), BackendError> {
-        CpuBackend::grads(self, layer)
+    fn set_weights(
+        &mut self,
+        layer: u32,
+        w: Tensor,
+        b: Option<Tensor>,
+    ) -> Result<(), BackendError> {
+        CpuBackend::set_weights(self, layer, w, b)
     }
 
     fn weights(&mut self, layer: u32) -> Result<(Tensor, Option<Tensor>), BackendError> {

@@ -1,7 +1,8 @@
-//! The CUDA backend (feature `cuda`): the conv layers' weights, gradients, optimizer state and cached residuals
-//! live on one GPU between requests; cuDNN computes the convolutions (forward, backward-data, backward-filter;
-//! NCHW float32), and small kernels compiled once with NVRTC add the bias, reduce the bias gradient, add the
-//! trusted ∇W_T and apply the optimizer with `asymml_core::optim::Optimizer`'s exact update formulas.
+//! The CUDA backend (feature `cuda`): the conv layers' weights and cached residuals live on one GPU between
+//! requests; cuDNN computes the convolutions (forward, backward-data, backward-filter; NCHW float32), and one
+//! small kernel compiled once with NVRTC adds the bias. The weights are the trusted runtime's: it sends them at
+//! registration and after each of its optimizer steps (`set_weights`), and gets ∇W_U = corr(X_U, ∇Y) back from
+//! each backward; no gradient or optimizer state stays on the device.
 //!
 //! The CUDA libraries are opened at run time (cudarc's `dynamic-loading`): the driver (`libcuda.so.1`),
 //! cuDNN 9 (`libcudnn.so.9`) and NVRTC (`libnvrtc.so.13`). Each is looked for before anything is created, so a
@@ -13,13 +14,11 @@
 //! Precision: cuDNN may use TF32 tensor cores for float32 convolutions on Ampere and later GPUs, which is 1e-3
 //! accurate, not 1e-6. The convolutions are set to `CUDNN_FMA_MATH` (plain float32), and where cuDNN's
 //! heuristics pick an FFT algorithm (less accurate than the others) the GEMM one is used instead, unless the
-//! environment variable `ASYMML_CUDA_TF32=1` allows TF32 and any algorithm. The NVRTC kernels are compiled with `--fmad=false`, so they round
-//! exactly like the CPU code (no fused multiply-adds): the optimizer step is bit-identical to the CPU one given
-//! the same gradients.
+//! environment variable `ASYMML_CUDA_TF32=1` allows TF32 and any algorithm. The NVRTC kernel (one float add per
+//! value) is compiled with `--fmad=false`, so it rounds exactly like the CPU code.
 
 use crate::backend::{BackendError, ConvBackend, ConvLayer, DeviceStats};
 use asymml_core::layers::out_size;
-use asymml_core::optim::OptimizerKind;
 use asymml_core::Tensor;
 use cudarc::cudnn::{
     sys::{
@@ -38,7 +37,7 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// The element-wise kernels, compiled once per backend by NVRTC. Indices are 64-bit and every loop is
+/// The element-wise kernel, compiled once per backend by NVRTC. Indices are 64-bit and the loop is
 /// grid-strided, so any tensor size works with any grid.
 const KERNELS: &str = r#"
 extern "C" __global__ void add_bias(float* y, const float* b, unsigned long long n, unsigned int m,
@@ -48,74 +47,9 @@ extern "C" __global__ void add_bias(float* y, const float* b, unsigned long long
         y[i] = y[i] + b[(i / hw) % m];
     }
 }
-
-// db[c] = sum over the batch and the pixels of dy[:, c, :, :]; one block of 256 threads per channel.
-extern "C" __global__ void bias_grad(const float* dy, float* db, unsigned int batch, unsigned int m,
-                                     unsigned long long hw) {
-    __shared__ float part[256];
-    unsigned int c = blockIdx.x;
-    unsigned long long total = (unsigned long long)batch * hw;
-    float s = 0.0f;
-    for (unsigned long long j = threadIdx.x; j < total; j += blockDim.x) {
-        unsigned long long n = j / hw;
-        unsigned long long p = j - n * hw;
-        s += dy[(n * m + c) * hw + p];
-    }
-    part[threadIdx.x] = s;
-    __syncthreads();
-    for (unsigned int k = blockDim.x / 2; k > 0; k >>= 1) {
-        if (threadIdx.x < k) {
-            part[threadIdx.x] += part[threadIdx.x + k];
-        }
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) {
-        db[c] = part[0];
-    }
-}
-
-extern "C" __global__ void add_into(float* g, const float* d, unsigned long long n) {
-    unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
-    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        g[i] = g[i] + d[i];
-    }
-}
-
-// torch.optim.SGD (dampening 0), as asymml_core::optim::Optimizer::update.
-extern "C" __global__ void sgd_step(float* w, const float* g, float* buf, unsigned long long n, float lr,
-                                    float wd, float momentum, int nesterov) {
-    unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
-    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        float wi = w[i];
-        float d = g[i] + wd * wi;
-        if (momentum != 0.0f) {
-            float b = momentum * buf[i] + d;
-            buf[i] = b;
-            d = nesterov ? d + momentum * b : b;
-        }
-        w[i] = wi - lr * d;
-    }
-}
-
-// torch.optim.AdamW, as asymml_core::optim::Optimizer::update; keep = 1 - lr * wd, step = lr / (1 - beta1^t),
-// bc2_sqrt = sqrt(1 - beta2^t), omb1 = 1 - beta1, omb2 = 1 - beta2 (all computed on the host in f32).
-extern "C" __global__ void adamw_step(float* w, const float* g, float* m, float* v, unsigned long long n,
-                                      float keep, float beta1, float omb1, float beta2, float omb2, float step,
-                                      float bc2_sqrt, float eps) {
-    unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
-    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        float gi = g[i];
-        float wi = w[i] * keep;
-        float mi = beta1 * m[i] + omb1 * gi;
-        float vi = beta2 * v[i] + omb2 * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        w[i] = wi - step * mi / (sqrtf(vi) / bc2_sqrt + eps);
-    }
-}
 "#;
 
-/// Threads per block of every kernel (`bias_grad`'s shared array has this size).
+/// Threads per block of a kernel launch.
 const BLOCK: u32 = 256;
 /// Most blocks of a grid-strided launch.
 const MAX_BLOCKS: usize = 1 << 16;
@@ -294,11 +228,6 @@ struct Layer {
     spec: ConvLayer,
     w: CudaSlice<f32>,
     b: Option<CudaSlice<f32>>,
-    dw: CudaSlice<f32>,
-    db: Option<CudaSlice<f32>>,
-    /// Optimizer state of the weight and of the bias: SGD [momentum buffer]; AdamW [m, v].
-    state_w: Vec<CudaSlice<f32>>,
-    state_b: Vec<CudaSlice<f32>>,
     filter: FilterDescriptor<f32>,
     conv: ConvDescriptor<f32>,
     plans: Vec<Plan>,
@@ -320,6 +249,8 @@ struct Scratch {
     y: Option<CudaSlice<f32>>,
     dy: Option<CudaSlice<f32>>,
     dx: Option<CudaSlice<f32>>,
+    /// ∇W_U of the last backward, downloaded at once (so no layer keeps a gradient on the device).
+    dw: Option<CudaSlice<f32>>,
     workspace: Option<CudaSlice<u8>>,
     up: Option<PinnedHostSlice<f32>>,
     down: Option<PinnedHostSlice<f32>>,
@@ -327,16 +258,6 @@ struct Scratch {
 
 struct Kernels {
     add_bias: CudaFunction,
-    bias_grad: CudaFunction,
-    add_into: CudaFunction,
-    sgd_step: CudaFunction,
-    adamw_step: CudaFunction,
-}
-
-struct OptState {
-    kind: OptimizerKind,
-    weight_decay: f32,
-    steps: u64,
 }
 
 /// The conv layers on one CUDA GPU. Not `Send`: create it on the thread that uses it.
@@ -349,7 +270,6 @@ pub struct CudaBackend {
     cudnn: Arc<Cudnn>,
     kernels: Kernels,
     layers: Vec<Layer>,
-    opt: Option<OptState>,
     registered: bool,
     scratch: Scratch,
     stats: DeviceStats,
@@ -454,10 +374,6 @@ impl CudaBackend {
         };
         let kernels = Kernels {
             add_bias: load("add_bias")?,
-            bias_grad: load("bias_grad")?,
-            add_into: load("add_into")?,
-            sgd_step: load("sgd_step")?,
-            adamw_step: load("adamw_step")?,
         };
         let tf32 = std::env::var("ASYMML_CUDA_TF32").is_ok_and(|v| v == "1");
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
@@ -479,7 +395,6 @@ impl CudaBackend {
             cudnn,
             kernels,
             layers: Vec::new(),
-            opt: None,
             registered: false,
             scratch: Scratch::default(),
             stats: DeviceStats::default(),
@@ -558,8 +473,7 @@ impl CudaBackend {
             Which::Dx => self.scratch.dx.as_ref(),
             Which::W => Some(&self.layers[layer].w),
             Which::B => self.layers[layer].b.as_ref(),
-            Which::Dw => Some(&self.layers[layer].dw),
-            Which::Db => self.layers[layer].db.as_ref(),
+            Which::Dw => self.scratch.dw.as_ref(),
         }
         .ok_or_else(|| BackendError::Invalid("download of a missing buffer".into()))?;
         let src_n = buf.try_slice(..n).ok_or_else(|| {
@@ -706,7 +620,7 @@ impl CudaBackend {
             // SAFETY: cuDNN accesses the buffers through raw pointers as the f32 tensors its descriptors
             // describe, and each is at least that large: `x` ≥ p.nx values (checked above), the size of `p.x`;
             // `l.w` is the weight, exactly the size of `l.filter` (both made from one checked weight in
-            // `register`); `y` ≥ p.ny values (grown above), the size of `p.y`; the workspace, passed when the
+            // `register`; `set_weights` only rewrites its values); `y` ≥ p.ny values (grown above), the size of `p.y`; the workspace, passed when the
             // algorithm needs one, ≥ the `ws` bytes cuDNN asked for it (cudarc passes its real size). The
             // handle runs on `stream`, after the copies that filled `x`, before the download of `y`.
             unsafe { op.launch(p.fwd.0, workspace, (1.0f32, 0.0f32), x, &l.w, y) }
@@ -717,7 +631,8 @@ impl CudaBackend {
                 lb.arg(y).arg(bias).arg(&n).arg(&mm).arg(&hw);
                 // SAFETY: the arguments match `add_bias(float* y, const float* b, u64 n, u32 m, u64 hw)` in
                 // order and type, and only `y`, passed mutably, is written. It touches y[i] for i < n = p.ny ≤
-                // y.len() and b[(i / hw) % m] with m = out_ch = the bias length (`register`); out_ch < 2³¹
+                // y.len() and b[(i / hw) % m] with m = out_ch = the bias length (allocated so in `register`,
+                // which `set_weights` only rewrites); out_ch < 2³¹
                 // (`dim`), so the u32 is exact, and hw = oh·ow ≥ 1. Queued on `stream` after the convolution.
                 unsafe { lb.launch(grid(ny)) }.map_err(drv("bias kernel"))?;
             }
@@ -752,7 +667,6 @@ enum Which {
     W,
     B,
     Dw,
-    Db,
 }
 
 impl ConvBackend for CudaBackend {
@@ -764,8 +678,6 @@ impl ConvBackend for CudaBackend {
         &mut self,
         layers: &[ConvLayer],
         weights: Vec<(Tensor, Option<Tensor>)>,
-        optimizer: OptimizerKind,
-        weight_decay: f32,
     ) -> Result<(), BackendError> {
         self.bind()?;
         // Check everything before touching the device.
@@ -783,11 +695,6 @@ impl ConvBackend for CudaBackend {
         }
         self.registered = false;
         self.layers.clear();
-        self.opt = None;
-        let slots = match optimizer {
-            OptimizerKind::Sgd { .. } => 1,
-            OptimizerKind::AdamW { .. } => 2,
-        };
         let t = Instant::now();
         let nchw = cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
         let math = if self.tf32 {
@@ -796,11 +703,6 @@ impl ConvBackend for CudaBackend {
             cudnnMathType_t::CUDNN_FMA_MATH
         };
         let stream = self.stream.clone();
-        let zeros = |n: usize| {
-            stream
-                .alloc_zeros::<f32>(n)
-                .map_err(drv("allocating device memory"))
-        };
         let mut new_layers = Vec::with_capacity(layers.len());
         for (l, (w, b)) in layers.iter().zip(weights) {
             let wd = stream
@@ -818,7 +720,6 @@ impl ConvBackend for CudaBackend {
                 }
                 None => None,
             };
-            let nb = b.as_ref().map(|b| b.data.len());
             let filter = self
                 .cudnn
                 .create_4d_filter::<f32>(
@@ -838,15 +739,6 @@ impl ConvBackend for CudaBackend {
             conv.set_math_type(math).map_err(dnn("math type"))?;
             new_layers.push(Layer {
                 spec: *l,
-                dw: zeros(w.data.len())?,
-                db: nb.map(zeros).transpose()?,
-                state_w: (0..slots)
-                    .map(|_| zeros(w.data.len()))
-                    .collect::<Result<_, _>>()?,
-                state_b: match nb {
-                    Some(n) => (0..slots).map(|_| zeros(n)).collect::<Result<_, _>>()?,
-                    None => Vec::new(),
-                },
                 w: wd,
                 b: bd,
                 filter,
@@ -859,11 +751,6 @@ impl ConvBackend for CudaBackend {
         self.sync()?;
         self.stats.copy_s += t.elapsed().as_secs_f64();
         self.layers = new_layers;
-        self.opt = Some(OptState {
-            kind: optimizer,
-            weight_decay,
-            steps: 0,
-        });
         self.registered = true;
         Ok(())
     }
@@ -970,7 +857,7 @@ impl ConvBackend for CudaBackend {
         layer: u32,
         dy: &Tensor,
         need_dx: bool,
-    ) -> Result<Option<Tensor>, BackendError> {
+    ) -> Result<(Option<Tensor>, Tensor), BackendError> {
         self.bind()?;
         let li = self.index(layer)?;
         let [b, _, h, w] = self.layers[li]
@@ -978,6 +865,8 @@ impl ConvBackend for CudaBackend {
             .ok_or(BackendError::NoCachedInput(layer))?;
         let pi = self.plan(li, b, h, w)?;
         let s = self.layers[li].spec;
+        let w_shape = self.layers[li].weight_shape();
+        let nw = count(&w_shape)?;
         let (oh, ow, nx, ny, (_, ws_data), (_, ws_filter)) = {
             let p = &self.layers[li].plans[pi];
             (p.oh, p.ow, p.nx, p.ny, p.bwd_data, p.bwd_filter)
@@ -997,7 +886,6 @@ impl ConvBackend for CudaBackend {
         let Self {
             layers,
             scratch,
-            kernels,
             stream,
             ctx,
             stats,
@@ -1008,6 +896,7 @@ impl ConvBackend for CudaBackend {
             true => Some(grow(stream, &mut scratch.dx, nx)?),
             false => None,
         };
+        let dw = grow(stream, &mut scratch.dw, nw)?;
         let mut workspace = match ws {
             0 => None,
             _ => Some(grow(stream, &mut scratch.workspace, ws)?),
@@ -1019,8 +908,6 @@ impl ConvBackend for CudaBackend {
         stats.copy_s += (t1 - t).as_secs_f64();
         let Layer {
             w: weight,
-            dw,
-            db,
             filter,
             conv,
             plans,
@@ -1044,9 +931,10 @@ impl ConvBackend for CudaBackend {
             };
             // SAFETY: cuDNN accesses the buffers through raw pointers as the f32 tensors its descriptors
             // describe, and each is at least that large: `dx` ≥ nx values (grown above), the size of `p.x`;
-            // `weight` is exactly the size of `filter` (`register`); `dy_buf` ≥ ny values (grown above, ny
-            // uploaded), the size of `p.y`; the workspace ≥ ws ≥ ws_data bytes, what cuDNN asked for this
-            // algorithm. The handle runs on `stream`, after the upload, before the download of `dx`.
+            // `weight` is exactly the size of `filter` (allocated so in `register`, which `set_weights` only
+            // rewrites); `dy_buf` ≥ ny values (grown above, ny uploaded), the size of `p.y`; the workspace ≥
+            // ws ≥ ws_data bytes, what cuDNN asked for this algorithm. The handle runs on `stream`, after the
+            // upload, before the download of `dx`.
             unsafe {
                 op.launch(
                     p.bwd_data.0,
@@ -1069,200 +957,78 @@ impl ConvBackend for CudaBackend {
             0 => None,
             _ => workspace,
         };
-        // SAFETY: as for backward data: `x` ≥ nx values (checked above), the size of `p.x`; `dw` has the weight's
-        // size, that of `filter` (`register`); `dy_buf` ≥ ny values, the size of `p.y`; the workspace ≥ ws ≥
-        // ws_filter bytes. Queued on `stream` after the upload (and the backward-data call sharing the
-        // workspace), so the two never run at once.
+        // SAFETY: as for backward data: `x` ≥ nx values (checked above), the size of `p.x`; `dw` ≥ nw values
+        // (grown above), nw being the weight's count, the size of `filter`; `dy_buf` ≥ ny values, the size of
+        // `p.y`; the workspace ≥ ws ≥ ws_filter bytes. Queued on `stream` after the upload (and the
+        // backward-data call sharing the workspace), so the two never run at once, and before the download of
+        // `dw`.
         unsafe { op.launch(p.bwd_filter.0, workspace, (1.0f32, 0.0f32), x, dw, dy_buf) }
             .map_err(dnn("convolution backward filter"))?;
-        if let Some(db) = db.as_mut() {
-            let (bb, mm, hw) = (b as u32, s.out_ch as u32, (oh * ow) as u64);
-            let mut lb = stream.launch_builder(&kernels.bias_grad);
-            lb.arg(dy_buf).arg(db).arg(&bb).arg(&mm).arg(&hw);
-            let cfg = LaunchConfig {
-                grid_dim: (mm, 1, 1),
-                block_dim: (BLOCK, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: the arguments match `bias_grad(const float* dy, float* db, u32 batch, u32 m, u64 hw)` in
-            // order and type, and only `db`, passed mutably, is written. Block c < m (one per channel) writes
-            // db[c], inside the bias gradient of m = out_ch values (`register`), and reads dy[(n·m + c)·hw + p]
-            // for n < b, p < hw = oh·ow: below b·m·hw = ny ≤ dy_buf.len(). b and out_ch are below 2³¹ (`dim`),
-            // so the u32s are exact; the block has BLOCK = 256 threads, the size of the kernel's shared array
-            // and a power of two, as its reduction needs. Queued on `stream` after the upload.
-            unsafe { lb.launch(cfg) }.map_err(drv("bias gradient kernel"))?;
-        }
         sync(stream)?;
         stats.kernel_s += t1.elapsed().as_secs_f64();
-        if !need_dx {
-            return Ok(None);
-        }
-        let data = self.download(Which::Dx, li, nx)?;
-        Ok(Some(Tensor {
-            shape: vec![b, s.in_ch, h, w],
-            data,
-        }))
+        let dx = match need_dx {
+            true => Some(Tensor {
+                shape: vec![b, s.in_ch, h, w],
+                data: self.download(Which::Dx, li, nx)?,
+            }),
+            false => None,
+        };
+        let dw = Tensor {
+            shape: w_shape.to_vec(),
+            data: self.download(Which::Dw, li, nw)?,
+        };
+        Ok((dx, dw))
     }
 
-    fn add_weight_grad(&mut self, layer: u32, dw_t: &Tensor) -> Result<(), BackendError> {
+    fn set_weights(
+        &mut self,
+        layer: u32,
+        w: Tensor,
+        b: Option<Tensor>,
+    ) -> Result<(), BackendError> {
         self.bind()?;
         let li = self.index(layer)?;
+        let s = self.layers[li].spec;
         let ws = self.layers[li].weight_shape();
-        let n = count(&ws)?;
-        if dw_t.shape != ws || dw_t.data.len() != n {
+        // Checked again here (the caller checks the shapes): the device buffers are overwritten in place, so
+        // a tensor whose values do not fill its shape is refused too — and nothing is copied unless both fit.
+        if w.shape != ws || count(&ws).ok() != Some(w.data.len()) {
             return Err(BackendError::Invalid(format!(
-                "layer {layer}: ∇W_T shape {:?}, expected {ws:?}",
-                dw_t.shape
+                "layer {layer}: weight shape {:?} ({} values), expected {ws:?}",
+                w.shape,
+                w.data.len()
             )));
         }
+        match (s.bias, &b) {
+            (true, Some(b)) if b.shape == [s.out_ch] && b.data.len() == s.out_ch => {}
+            (false, None) => {}
+            _ => {
+                return Err(BackendError::Invalid(format!(
+                    "layer {layer}: the bias does not match the layer"
+                )))
+            }
+        }
+        let t = Instant::now();
         let Self {
             layers,
             scratch,
-            kernels,
             stream,
             ctx,
             stats,
             ..
         } = self;
-        let d = grow(stream, &mut scratch.dy, n)?;
-        let t = Instant::now();
-        Self::upload(ctx, stream, &mut scratch.up, stats, &dw_t.data, d)?;
-        sync(stream)?;
-        let t1 = Instant::now();
-        stats.copy_s += (t1 - t).as_secs_f64();
-        let dw = &mut layers[li].dw;
-        let n64 = n as u64;
-        let mut lb = stream.launch_builder(&kernels.add_into);
-        lb.arg(dw).arg(&*d).arg(&n64);
-        // SAFETY: the arguments match `add_into(float* g, const float* d, u64 n)` in order and type, and only
-        // `dw`, passed mutably, is written. It touches g[i] and d[i] for i < n: `dw` has the weight's n values
-        // (`register`) and `d` ≥ n (grown above, n uploaded). Queued on `stream` after the upload.
-        unsafe { lb.launch(grid(n)) }.map_err(drv("gradient add kernel"))?;
-        sync(stream)?;
-        stats.kernel_s += t1.elapsed().as_secs_f64();
-        Ok(())
-    }
-
-    fn step(&mut self, lr: f32) -> Result<(), BackendError> {
-        self.bind()?;
-        if !self.registered {
-            return Err(BackendError::NotRegistered);
+        let l = &mut layers[li];
+        // Into the buffers made by `register` (their sizes are the layer's, which cuDNN and the bias kernel
+        // rely on); `upload` refuses a source longer than its destination.
+        Self::upload(ctx, stream, &mut scratch.up, stats, &w.data, &mut l.w)?;
+        if let (Some(dst), Some(b)) = (l.b.as_mut(), &b) {
+            // The next upload rewrites the pinned staging buffer: wait for the weight's copy first.
+            sync(stream)?;
+            Self::upload(ctx, stream, &mut scratch.up, stats, &b.data, dst)?;
         }
-        let opt = self.opt.as_mut().ok_or(BackendError::NotRegistered)?;
-        opt.steps += 1;
-        let (kind, wd, steps) = (opt.kind, opt.weight_decay, opt.steps);
-        let t = Instant::now();
-        {
-            let Self {
-                layers,
-                kernels,
-                stream,
-                ..
-            } = self;
-            for l in layers.iter_mut() {
-                let params = [
-                    (&mut l.w, &l.dw, &mut l.state_w),
-                    // A layer without bias has no bias buffers: skipped below.
-                ];
-                let bias = match (l.b.as_mut(), l.db.as_ref()) {
-                    (Some(b), Some(db)) => Some((b, db, &mut l.state_b)),
-                    _ => None,
-                };
-                for (w, g, state) in params.into_iter().chain(bias) {
-                    let n = w.len();
-                    let n64 = n as u64;
-                    // The kernels take n values from each buffer: checked here, though `register` allocates
-                    // the gradient and the state like the parameter, one state buffer per optimizer slot.
-                    let mismatch = || {
-                        BackendError::Invalid(
-                            "the optimizer state does not match the parameters".into(),
-                        )
-                    };
-                    if g.len() != n || state.iter().any(|s| s.len() != n) {
-                        return Err(mismatch());
-                    }
-                    match kind {
-                        OptimizerKind::Sgd { momentum, nesterov } => {
-                            let nest = i32::from(nesterov);
-                            let [buf] = state.as_mut_slice() else {
-                                return Err(mismatch());
-                            };
-                            let mut lb = stream.launch_builder(&kernels.sgd_step);
-                            lb.arg(w)
-                                .arg(g)
-                                .arg(buf)
-                                .arg(&n64)
-                                .arg(&lr)
-                                .arg(&wd)
-                                .arg(&momentum)
-                                .arg(&nest);
-                            // SAFETY: the arguments match `sgd_step(float* w, const float* g, float* buf,
-                            // u64 n, float lr, float wd, float momentum, int nesterov)` in order and type, and
-                            // only `w` and `buf`, passed mutably, are written. It touches index i < n of each
-                            // buffer, all n long (checked above). Queued on `stream`, in order.
-                            unsafe { lb.launch(grid(n)) }.map_err(drv("SGD kernel"))?;
-                        }
-                        OptimizerKind::AdamW { beta1, beta2, eps } => {
-                            // The same f32 scalars as Optimizer::update computes.
-                            let ti = steps.max(1) as i32;
-                            let bc1 = 1.0 - beta1.powi(ti);
-                            let bc2_sqrt = (1.0 - beta2.powi(ti)).sqrt();
-                            let step = lr / bc1;
-                            let keep = 1.0 - lr * wd;
-                            let (omb1, omb2) = (1.0 - beta1, 1.0 - beta2);
-                            let [m, v] = state.as_mut_slice() else {
-                                return Err(mismatch());
-                            };
-                            let mut lb = stream.launch_builder(&kernels.adamw_step);
-                            lb.arg(w)
-                                .arg(g)
-                                .arg(m)
-                                .arg(v)
-                                .arg(&n64)
-                                .arg(&keep)
-                                .arg(&beta1)
-                                .arg(&omb1)
-                                .arg(&beta2)
-                                .arg(&omb2)
-                                .arg(&step)
-                                .arg(&bc2_sqrt)
-                                .arg(&eps);
-                            // SAFETY: the arguments match `adamw_step(float* w, const float* g, float* m,
-                            // float* v, u64 n, float keep, beta1, omb1, beta2, omb2, step, bc2_sqrt, eps)` in
-                            // order and type, and only `w`, `m` and `v`, passed mutably, are written. It
-                            // touches index i < n of each buffer, all n long (checked above). Queued on
-                            // `stream`, in order.
-                            unsafe { lb.launch(grid(n)) }.map_err(drv("AdamW kernel"))?;
-                        }
-                    }
-                }
-            }
-        }
-        self.sync()?;
-        self.stats.kernel_s += t.elapsed().as_secs_f64();
+        sync(stream)?;
+        stats.copy_s += t.elapsed().as_secs_f64();
         Ok(())
-    }
-
-    fn grads(&mut self, layer: u32) -> Result<(Tensor, Option<Tensor>), BackendError> {
-        self.bind()?;
-        let li = self.index(layer)?;
-        let ws = self.layers[li].weight_shape();
-        let m = self.layers[li].spec.out_ch;
-        let w = self.download(Which::Dw, li, ws.iter().product())?;
-        let b = match self.layers[li].db.is_some() {
-            true => Some(Tensor {
-                shape: vec![m],
-                data: self.download(Which::Db, li, m)?,
-            }),
-            false => None,
-        };
-        Ok((
-            Tensor {
-                shape: ws.to_vec(),
-                data: w,
-            },
-            b,
-        ))
     }
 
     fn weights(&mut self, layer: u32) -> Result<(Tensor, Option<Tensor>), BackendError> {
@@ -1320,26 +1086,9 @@ mod tests {
     #[test]
     fn matches_the_cpu_backend() {
         let Some(mut gpu) = open() else { return };
-        for kind in [
-            OptimizerKind::Sgd {
-                momentum: 0.9,
-                nesterov: true,
-            },
-            OptimizerKind::Sgd {
-                momentum: 0.0,
-                nesterov: false,
-            },
-            OptimizerKind::AdamW {
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-            },
-        ] {
-            let mut cpu = CpuBackend::new(0).unwrap();
-            let worst = check_against(&mut cpu, &mut gpu, kind, 1e-4)
-                .unwrap_or_else(|e| panic!("{kind:?}: {e}"));
-            eprintln!("{kind:?}: largest relative difference {worst:.3e}");
-        }
+        let mut cpu = CpuBackend::new(0).unwrap();
+        let worst = check_against(&mut cpu, &mut gpu, 1e-4).unwrap();
+        eprintln!("largest relative difference from the CPU backend {worst:.3e}");
         let s = gpu.stats();
         assert!(
             s.bytes_up > 0 && s.bytes_down > 0 && s.kernel_s > 0.0,

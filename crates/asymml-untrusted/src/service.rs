@@ -312,11 +312,7 @@ impl Service {
     fn try_handle(&mut self, req: Request) -> Result<Reply, BackendError> {
         Ok(match req {
             Request::Hello { .. } => Reply::error("unexpected Hello"),
-            Request::Register {
-                layers,
-                weights,
-                optimizer,
-            } => self.register(&layers, weights, optimizer)?,
+            Request::Register { layers, weights } => self.register(&layers, weights)?,
             Request::ConvForward { layer, x_u, train } => {
                 let l = self.layer(layer)?;
                 let shape = x_u.shape().to_vec();
@@ -347,17 +343,27 @@ impl Service {
                 // ∇Y must have the output's shape.
                 let (u, out) = self.plan_pass(Pass::Backward { need_dx }, layer, &l, &x)?;
                 let dy = wire_in(dy, &out)?;
-                let dx = self.registered()?.backward(layer, &dy, need_dx)?;
+                let (dx, dw) = self.registered()?.backward(layer, &dy, need_dx)?;
                 self.record(layer, u);
-                Reply::InputGrad {
+                Reply::ConvGrads {
                     layer,
                     dx: dx.map(accelerator_result_owned),
+                    dw: accelerator_result_owned(dw),
                 }
             }
-            Request::WeightGradPart { layer, dw_t } => {
+            Request::SetWeights { layer, w, b } => {
                 let l = self.layer(layer)?;
-                let dw = wire_in(dw_t, &l.weight_shape())?;
-                self.registered()?.add_weight_grad(layer, &dw)?;
+                let w = wire_in(w, &l.weight_shape())?;
+                let b = match (l.bias, b) {
+                    (true, Some(b)) => Some(wire_in(b, &l.bias_shape())?),
+                    (false, None) => None,
+                    _ => {
+                        return Err(BackendError::Invalid(format!(
+                            "layer {layer}: the bias does not match the layer"
+                        )))
+                    }
+                };
+                self.registered()?.set_weights(layer, w, b)?;
                 Reply::Ok
             }
             Request::Step { lr } => self.step(lr)?,
@@ -372,17 +378,15 @@ impl Service {
             Request::FetchWeights { layer } => {
                 weights_reply(layer, self.registered()?.weights(layer)?)
             }
-            Request::FetchGrads { layer } => weights_reply(layer, self.registered()?.grads(layer)?),
             Request::Shutdown => Reply::Ok,
         })
     }
 
-    /// `Register`: the conv layers (split mode), their weights and the conv optimizer.
+    /// `Register`: the conv layers (split mode) and their weights.
     fn register(
         &mut self,
         layers: &[ConvLayerSpec],
         weights: Vec<(WireTensor, Option<WireTensor>)>,
-        optimizer: OptimizerSpec,
     ) -> Result<Reply, BackendError> {
         let specs: Vec<ConvLayer> = layers
             .iter()
@@ -414,8 +418,7 @@ impl Service {
             let b = b.map(|b| wire_in(b, &l.bias_shape())).transpose()?;
             ws.push((w, b));
         }
-        let (kind, wd) = optimizer_of(optimizer);
-        self.backend()?.register(&specs, ws, kind, wd)?;
+        self.backend()?.register(&specs, ws)?;
         self.ledger = Ledger {
             params: params.unwrap_or(0),
             layers: vec![LayerUse::default(); specs.len()],
@@ -437,7 +440,13 @@ impl Service {
                     i += 1;
                 });
             }
-            None => self.registered()?.step(lr)?,
+            None => {
+                return Err(BackendError::Invalid(
+                    "Step is for the untrusted-only network; in split mode the trusted runtime owns the \
+                     conv weights and sends them with SetWeights"
+                        .into(),
+                ))
+            }
         }
         Ok(Reply::Ok)
     }
@@ -617,11 +626,6 @@ mod tests {
         Request::Register {
             layers: vec![l],
             weights: vec![(public_weights(&w), None)],
-            optimizer: OptimizerSpec::Sgd {
-                momentum: 0.9,
-                nesterov: false,
-                weight_decay: 0.0,
-            },
         }
     }
 
@@ -708,7 +712,7 @@ mod tests {
         };
         assert!(matches!(
             s.handle(good),
-            Reply::InputGrad { dx: Some(_), .. }
+            Reply::ConvGrads { dx: Some(_), .. }
         ));
     }
 

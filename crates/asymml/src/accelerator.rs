@@ -1,14 +1,19 @@
 //! Starting or reaching the untrusted accelerator: in this process (a thread; the default), a child process
 //! over a Unix socket (`process`), or a server at `tcp://HOST:PORT` / `unix:PATH` (`asymml accelerator`).
 //! A locally started accelerator computes on `--accelerator-device` (cpu, or cuda:N with the `cuda` feature).
+//! `tcp://` is mutual TLS 1.3 with pinned certificates (`--keys DIR`, from `asymml keygen`), or, only with the
+//! loudly named `--insecure-plaintext-tcp`, plaintext; Unix sockets and in-process channels stay plain (the
+//! operating system protects them).
 
 use crate::cli::AcceleratorArgs;
 use crate::values::AcceleratorSpec;
 use anyhow::{bail, Context, Result};
 use asymml_protocol::{
-    connect, Address, Listener, ServeOptions, Transport, TransportOptions, MAX_MESSAGE,
+    connect, connect_with, Accepted, Address, Listener, PinnedTls, Role, ServeOptions, TcpSecurity,
+    Transport, TransportOptions, MAX_MESSAGE,
 };
 use asymml_untrusted::{Device, DeviceStats, Limits, Service};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -78,25 +83,91 @@ pub(crate) fn stats_line(s: &DeviceStats) -> String {
 /// A transport to the accelerator, and the handle that keeps a locally started one alive.
 pub(crate) type Started = (Box<dyn Transport + Send>, AcceleratorHandle);
 
+/// How a `tcp://` connection is secured, from the flags: `--keys DIR` or `--insecure-plaintext-tcp`.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct TcpKeys {
+    /// The key folder of `asymml keygen` (mutual TLS 1.3 with pinned certificates).
+    pub(crate) keys: Option<PathBuf>,
+    /// Plaintext, for loopback experiments (warned about on stderr).
+    pub(crate) insecure_plaintext: bool,
+}
+
+impl TcpKeys {
+    /// The security of a connection to or from `addr` for `role`: TLS with the keys of the folder, plaintext
+    /// with a warning, or an error saying how to make keys. Unix sockets are plain (the flags do not apply).
+    pub(crate) fn security(&self, addr: &Address, role: Role) -> Result<TcpSecurity> {
+        if !matches!(addr, Address::Tcp(_)) {
+            return Ok(TcpSecurity::InsecurePlaintext);
+        }
+        match (&self.keys, self.insecure_plaintext) {
+            (Some(_), true) => {
+                bail!("--keys and --insecure-plaintext-tcp exclude each other: give one")
+            }
+            (Some(dir), false) => Ok(TcpSecurity::Tls(load_keys(dir, role)?)),
+            (None, true) => {
+                let who = match role {
+                    Role::Trusted => {
+                        "the data sent to the accelerator can be read, and its results altered"
+                    }
+                    Role::Accelerator => {
+                        "anyone who reaches the port can use this accelerator, and the traffic can be read \
+                         and altered"
+                    }
+                };
+                eprintln!(
+                    "WARNING: --insecure-plaintext-tcp: {addr} is neither encrypted nor authenticated; {who} by \
+                     anyone on the path. Use it on loopback only; otherwise make keys with `asymml keygen \
+                     --out DIR` and pass --keys DIR on both sides."
+                );
+                Ok(TcpSecurity::InsecurePlaintext)
+            }
+            (None, false) => bail!(
+                "{addr} needs keys: run `asymml keygen --out DIR` once, give the {} side DIR's {}, {} and {} \
+                 and pass --keys DIR (tcp:// is mutual TLS with pinned certificates; \
+                 --insecure-plaintext-tcp turns that off for loopback experiments)",
+                role,
+                role.key_file(),
+                role.cert_file(),
+                role.peer().cert_file()
+            ),
+        }
+    }
+}
+
+/// The TLS settings of `role` from the key folder `dir`.
+fn load_keys(dir: &Path, role: Role) -> Result<PinnedTls> {
+    PinnedTls::load(dir, role).with_context(|| {
+        format!(
+            "loading the {role} side's TLS keys from {} (it needs {}, {} and {}; `asymml keygen --out DIR`              makes them)",
+            dir.display(),
+            role.key_file(),
+            role.cert_file(),
+            role.peer().cert_file()
+        )
+    })
+}
+
 /// Starts or connects to the accelerator `spec`; `threads` sizes a locally started accelerator's pool (0: all
 /// cores) and `device` is where a locally started accelerator computes (a remote one chooses its own device).
 /// `timeout` is the longest wait for any reply (and, over a socket, for the peer to take a request): past it
-/// the transport fails with a [`ProtocolError::Timeout`](asymml_protocol::ProtocolError::Timeout).
+/// the transport fails with a [`ProtocolError::Timeout`](asymml_protocol::ProtocolError::Timeout). A
+/// `tcp://` accelerator is reached as `tcp` says (TLS with pinned keys, or plaintext when asked for).
 pub(crate) fn start(
     spec: &AcceleratorSpec,
     threads: usize,
     device: Device,
     timeout: Duration,
+    tcp: &TcpKeys,
 ) -> Result<Started> {
     match spec {
         AcceleratorSpec::InProc => start_inproc(threads, device, timeout),
         AcceleratorSpec::Process => start_process(threads, device, timeout),
-        AcceleratorSpec::Remote(addr) => connect_remote(addr, device, timeout),
+        AcceleratorSpec::Remote(addr) => connect_remote(addr, device, timeout, tcp),
     }
 }
 
-/// The options of a socket to the accelerator: `timeout` on every read and write; connecting waits at most
-/// 30 s (or `timeout`, when shorter).
+/// The options of a socket to the accelerator: `timeout` on every read and write; connecting (and then the
+/// TLS handshake) waits at most 30 s (or `timeout`, when shorter).
 fn client_options(timeout: Duration) -> TransportOptions {
     let mut opts = TransportOptions::with_timeout(timeout);
     opts.connect_timeout = Some(timeout.min(Duration::from_secs(30)));
@@ -212,7 +283,12 @@ fn start_process(threads: usize, device: Device, timeout: Duration) -> Result<St
 }
 
 /// A server started with `asymml accelerator --listen`, which picks its own device.
-fn connect_remote(addr: &Address, device: Device, timeout: Duration) -> Result<Started> {
+fn connect_remote(
+    addr: &Address,
+    device: Device,
+    timeout: Duration,
+    tcp: &TcpKeys,
+) -> Result<Started> {
     if device != Device::Cpu {
         bail!(
             "--accelerator-device {device} applies to an accelerator this command starts (--accelerator \
@@ -220,7 +296,8 @@ fn connect_remote(addr: &Address, device: Device, timeout: Duration) -> Result<S
              --accelerator-device`"
         );
     }
-    let t = connect(addr, &client_options(timeout))
+    let security = tcp.security(addr, Role::Trusted)?;
+    let t = connect_with(addr, &client_options(timeout), &security)
         .with_context(|| format!("connecting to the accelerator at {addr}"))?;
     let handle = AcceleratorHandle {
         child: None,
@@ -239,9 +316,11 @@ fn unique() -> u64 {
 /// Runs `asymml accelerator`: serves connections on `--listen`, each with its own model state on its own
 /// thread (with `--once`, only the first connection, then exits); the convolutions run on
 /// `--accelerator-device`. At most `--max-connections` are served at once (one more is closed as it comes);
-/// each must complete its handshake within `--handshake-timeout`, send each request within
-/// `--idle-timeout`, and stay within `--max-session-bytes`. A failed `accept()` (e.g. out of file
-/// descriptors) is logged and retried after a pause that doubles from 10 ms to 1 s.
+/// each must complete its handshake within `--handshake-timeout` (over `tcp://`, first the TLS handshake,
+/// with the client's pinned certificate, within it, on the connection's own thread; then the Hello within
+/// it), send each request within `--idle-timeout`, and stay within `--max-session-bytes`. With `--once`, a
+/// connection refused in the TLS handshake does not count: the next one is waited for. A failed `accept()`
+/// (e.g. out of file descriptors) is logged and retried after a pause that doubles from 10 ms to 1 s.
 pub fn run(a: AcceleratorArgs) -> Result<()> {
     let (device, threads) = (a.accelerator_device, a.accelerator_threads);
     // A device the accelerator cannot use fails here, before it listens. (Each connection opens its own.)
@@ -251,16 +330,32 @@ pub fn run(a: AcceleratorArgs) -> Result<()> {
         let probe = Service::with_device(device, threads)?;
         Some(probe.describe())
     };
+    let tcp = TcpKeys {
+        keys: a.keys.clone(),
+        insecure_plaintext: a.insecure_plaintext_tcp,
+    };
+    let security = tcp.security(&a.listen, Role::Accelerator)?;
+    let secured = match &security {
+        TcpSecurity::Tls(tls) => {
+            format!("mutual TLS 1.3, client pinned to {}, ", tls.pinned_from())
+        }
+        TcpSecurity::InsecurePlaintext if matches!(a.listen, Address::Tcp(_)) => {
+            "PLAINTEXT, ".to_string()
+        }
+        TcpSecurity::InsecurePlaintext => String::new(),
+    };
     let opts = TransportOptions {
         // A client that does not take its replies is dropped after the idle timeout too.
         write_timeout: Some(a.idle_timeout),
+        // The TLS handshake of a connection.
+        connect_timeout: Some(a.handshake_timeout),
         ..TransportOptions::default()
     };
-    let listener =
-        Listener::bind(&a.listen, opts).with_context(|| format!("listening on {}", a.listen))?;
+    let listener = Listener::bind_with(&a.listen, opts, security)
+        .with_context(|| format!("listening on {}", a.listen))?;
     eprintln!(
-        "asymml accelerator: listening on {} ({}, {} thread(s) per connection, at most {} connection(s), \
-         {} bytes per session)",
+        "asymml accelerator: listening on {} ({secured}{}, {} thread(s) per connection, at most {} \
+         connection(s), {} bytes per session)",
         listener
             .local_address()
             .map(|addr| addr.to_string())
@@ -289,7 +384,7 @@ pub fn run(a: AcceleratorArgs) -> Result<()> {
     let open = Arc::new(AtomicUsize::new(0));
     let mut pause = ACCEPT_PAUSE_MIN;
     loop {
-        let transport = match listener.accept() {
+        let accepted = match listener.accept_pending() {
             Ok(t) => {
                 pause = ACCEPT_PAUSE_MIN;
                 t
@@ -307,21 +402,23 @@ pub fn run(a: AcceleratorArgs) -> Result<()> {
         let Some(slot) = ConnectionSlot::take(&open, a.max_connections as usize) else {
             eprintln!(
                 "asymml accelerator: {} refused: {} connection(s) open, the most --max-connections allows",
-                transport.peer(),
+                accepted.peer(),
                 a.max_connections
             );
             continue;
         };
         if a.once {
-            serve_connection(transport, &session);
-            return Ok(());
+            if serve_connection(accepted, &session) {
+                return Ok(());
+            }
+            continue;
         }
         let session = session.clone();
         let spawned = std::thread::Builder::new()
             .name("accelerator-connection".into())
             .spawn(move || {
                 let _slot = slot;
-                serve_connection(transport, &session)
+                serve_connection(accepted, &session);
             });
         if let Err(e) = spawned {
             // The closure (with the connection and its slot) was dropped: the connection is closed.
@@ -364,10 +461,21 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// One connection of `asymml accelerator`, with its own service (its backend and threads are started at the
-/// first registration); its end is reported on stderr.
-fn serve_connection(transport: Box<dyn Transport + Send>, session: &Session) {
-    let peer = transport.peer();
+/// One connection of `asymml accelerator`: its TLS handshake (where the listener asks for TLS), then its own
+/// service (its backend and threads are started at the first registration); its end is reported on stderr.
+/// False when the connection was refused before any message (its TLS handshake failed).
+fn serve_connection(accepted: Accepted, session: &Session) -> bool {
+    let peer = accepted.peer().to_string();
+    let transport = match accepted.establish() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "asymml accelerator: {peer} refused: {}",
+                asymml_core::error_chain(&e)
+            );
+            return false;
+        }
+    };
     let result = Service::with_limits(session.device, session.threads, session.limits)
         .map_err(anyhow::Error::from)
         .and_then(|mut s| {
@@ -380,4 +488,5 @@ fn serve_connection(transport: Box<dyn Transport + Send>, session: &Session) {
         Ok(None) => eprintln!("asymml accelerator: {peer} done"),
         Err(e) => eprintln!("asymml accelerator: {peer}: {e:#}"),
     }
+    true
 }

@@ -83,6 +83,8 @@ pub(crate) struct LayerRow {
     /// rest is Conv_T (and ∇W_T in training).
     pub(crate) decompose_s: f64,
     pub(crate) merge_s: f64,
+    /// Of `trusted_s`: the integrity checks of this layer's results (Y_U, ∇X, ∇W_U).
+    pub(crate) integrity_s: f64,
     pub(crate) untrusted_s: Option<f64>,
     pub(crate) transfer_s: f64,
     pub(crate) wait_s: f64,
@@ -133,6 +135,9 @@ pub(crate) struct BenchResult {
     /// The rest of the trusted runtime's time per step: BatchNorm, ReLU, pooling, the classifier, the loss
     /// and the optimizer (`trusted_s − conv_s`).
     pub(crate) other_s: f64,
+    /// Of `conv_s`, split mode: the integrity (Freivalds) checks of the accelerator's results per step
+    /// (median; 0 with `--integrity off` and in the other modes, whose results need no check).
+    pub(crate) integrity_s: f64,
     /// Time per step during which both sides computed: trusted_s + untrusted_s − median_s (in-process
     /// accelerator; 0 when they ran one after the other).
     pub(crate) overlap_s: Option<f64>,
@@ -223,6 +228,7 @@ fn add_layers(sum: &mut Vec<LayerRow>, before: &Snapshot, after: &Snapshot) {
         row.trusted_s += l.trusted_s - b.trusted_s;
         row.decompose_s += l.decompose_s - b.decompose_s;
         row.merge_s += l.merge_s - b.merge_s;
+        row.integrity_s += l.integrity_s - b.integrity_s;
         row.transfer_s += l.transfer_s - b.transfer_s;
         row.wait_s += l.wait_s - b.wait_s;
         row.bytes_to_untrusted += (l.bytes_to - b.bytes_to) as f64;
@@ -383,7 +389,8 @@ impl Plan {
         crate::alloc::reset_peak();
         let mut s = Session::new(case.spec.build(1)?, config, case.mode);
         let policy = case.rank.map_or(RankPolicy::Schedule, |r| r.policy);
-        let split = SplitSetup::with_policy(&a.split, policy, self.threads, 1);
+        let mut split = SplitSetup::with_policy(&a.split, policy, self.threads, 1);
+        split.config.table = case.rank.and_then(|r| r.table.clone());
         let accel = setup::attach_accelerator(&mut s, &split)?;
         let probes = Probes::attach(&mut s, accel.as_ref(), case.mode);
         // Untrusted-only: every conv on the accelerator, forward, and in training ∇W and ∇X.
@@ -521,6 +528,8 @@ struct Samples {
     wait: Vec<f64>,
     /// The trusted runtime's conv work per step: local conv kernels, the split's trusted conv time, transfer.
     conv_own: Vec<f64>,
+    /// The split's integrity checks per step (part of `conv_own`).
+    integrity: Vec<f64>,
     /// Local conv kernels: seconds and FLOPs in all.
     conv_s: f64,
     conv_f: f64,
@@ -546,6 +555,8 @@ impl Samples {
         self.trusted.push(dt - w);
         self.wait.push(w);
         self.transfer.push(transfer);
+        self.integrity
+            .push(after.split.integrity.seconds - before.split.integrity.seconds);
         if let (Some(ta), Some(tb)) = (&after.accel, &before.accel) {
             self.untrusted.push(ta.total_s - tb.total_s);
         }
@@ -578,6 +589,7 @@ impl Samples {
             l.trusted_s /= steps;
             l.decompose_s /= steps;
             l.merge_s /= steps;
+            l.integrity_s /= steps;
             l.transfer_s /= steps;
             l.wait_s /= steps;
             l.bytes_to_untrusted /= steps;
@@ -624,6 +636,7 @@ impl Samples {
             wait_s: median(&mut self.wait),
             conv_s: conv_med,
             other_s: trusted_med - conv_med,
+            integrity_s: median(&mut self.integrity),
             overlap_s: untrusted_med
                 .filter(|_| mode == Mode::Split)
                 .map(|u| (trusted_med + u - med).max(0.0)),
@@ -736,13 +749,14 @@ fn write_outputs(out: &Path, results: &[BenchResult]) -> Result<()> {
 
 fn print_table(results: &[BenchResult]) {
     println!(
-        "{:<20} {:<6} {:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}",
+        "{:<20} {:<6} {:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}",
         "model",
         "phase",
         "mode",
         "median ms",
         "trusted",
         "T conv",
+        "T check",
         "T other",
         "untrust.",
         "transfer",
@@ -761,13 +775,14 @@ fn print_table(results: &[BenchResult]) {
             format!("{} {}", r.mode, r.rank)
         };
         println!(
-            "{:<20} {:<6} {:<22} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9} {:>9.1} {:>8.1} {:>9.2} {:>9.2} {:>9} {:>9}",
+            "{:<20} {:<6} {:<22} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9} {:>9.1} {:>8.1} {:>9.2} {:>9.2} {:>9} {:>9}",
             r.model,
             r.phase,
             mode,
             r.median_s * 1e3,
             r.trusted_s * 1e3,
             r.conv_s * 1e3,
+            r.integrity_s * 1e3,
             r.other_s * 1e3,
             ms(r.untrusted_s),
             r.transfer_s * 1e3,

@@ -7,9 +7,14 @@ use crate::values::{
     parse_batch_size, parse_channels, parse_classes, parse_epochs, parse_image_count,
     parse_input_size, parse_listen, parse_lr, parse_momentum, parse_noise, parse_steps,
     parse_svd_iters, parse_threads, parse_timeout, parse_warmup, parse_weight_decay,
-    AcceleratorSpec, AugmentChoice, ModelName, OptimizerChoice, Phase, RankArg, Schedule,
+    AcceleratorSpec, AugmentChoice, ModelName, OnOff, OptimizerChoice, Phase, RankArg, Schedule,
 };
 use asymml_protocol::Address;
+
+/// `--svd`.
+fn parse_svd_method(s: &str) -> Result<asymml_core::decomp::SvdMethod, String> {
+    s.parse().map_err(|e: asymml_core::CoreError| e.to_string())
+}
 use asymml_trusted::Mode;
 use asymml_untrusted::Device;
 use clap::{Args, Parser, Subcommand};
@@ -43,6 +48,9 @@ pub enum Command {
     Bench(BenchArgs),
     /// Serve the untrusted accelerator (conv layers on residuals) for a trusted runtime elsewhere.
     Accelerator(AcceleratorArgs),
+    /// Make the key pairs and certificates of the mutual TLS between the trusted runtime and a remote
+    /// accelerator (`--keys DIR` on both sides).
+    Keygen(KeygenArgs),
     /// One training step in split mode and in trusted-only mode from the same weights and data; prints the
     /// largest relative difference (logits, loss, every gradient, every updated weight); exit 1 above 1e-4.
     Verify(VerifyArgs),
@@ -56,12 +64,20 @@ pub enum Command {
 pub(crate) struct SplitArgs {
     /// Rank policy per conv: fixed:R, schedule (1 at the first conv, doubled per conv/residual block, at most
     /// 32), energy:E (smallest r keeping ≥ E of ‖X‖²), asym1 (= energy:0.97), asym2 (= energy:0.80),
-    /// entropy (r = ⌈2^μ⌉ of the SVD-channel entropy). `bench` takes several (comma-separated), each timed.
+    /// entropy (r = ⌈2^μ⌉ of the SVD-channel entropy), table:FILE (a rank table JSON listing every conv's
+    /// rank or "trusted", e.g. from `asymml privacy --calibrate`). `bench` takes several (comma-separated),
+    /// each timed.
     #[arg(long, default_value = "schedule", value_delimiter = ',')]
     pub(crate) rank: Vec<RankArg>,
     /// Lightweight-SVD iterations per component (1 or 2).
     #[arg(long, default_value_t = 1, value_parser = parse_svd_iters)]
     pub(crate) svd_iters: usize,
+    /// The decomposition: `light` (the paper's lightweight SVD, Algorithm 1, with --svd-iters rounds per
+    /// component; the default) or `block` (a blocked subspace iteration built from matrix products, which
+    /// reads X a fixed number of times for all components: `block`, `block:Q` power steps, `block:Q:P` with P
+    /// extra columns, `block:Q:P:auto|gram|direct`). Both are exact splits; they differ in energy kept and speed.
+    #[arg(long, value_parser = parse_svd_method)]
+    pub(crate) svd: Option<asymml_core::decomp::SvdMethod>,
     /// One basis U for the whole batch instead of one per sample: W' = Uᵀ·W is built once per batch, at the
     /// price of less energy kept trusted at the same rank.
     #[arg(long)]
@@ -69,6 +85,12 @@ pub(crate) struct SplitArgs {
     /// Noise-to-signal ratio: X_U + N(0, (NSR·rms(X))²) before it leaves the trusted runtime.
     #[arg(long, default_value_t = 0.0, value_parser = parse_noise)]
     pub(crate) noise: f32,
+    /// Clip each sample's X_U (per conv, all N·H·W values) to this ℓ₂ norm C before the noise, and scale the
+    /// noise to the clip instead of rms(X): σ = NSR·C/√(N·H·W) per value. This bounds what one example can
+    /// change, so `train` reports a formal (ε, δ) (local DP of each example's residuals; see --delta).
+    /// Finite, above 0.
+    #[arg(long, value_parser = crate::privacy::accounting::parse_clip)]
+    pub(crate) clip: Option<f32>,
     /// The accelerator: inproc (a thread of this process), process (a child process over a Unix socket),
     /// tcp://HOST:PORT or unix:PATH (served by `asymml accelerator --listen`).
     #[arg(long, default_value = "inproc")]
@@ -86,6 +108,19 @@ pub(crate) struct SplitArgs {
     /// most 1000000.
     #[arg(long, default_value = "600", value_parser = parse_timeout)]
     pub(crate) accelerator_timeout: Duration,
+    /// Key folder for a tcp:// accelerator (from `asymml keygen`): this side's trusted.key and trusted.crt,
+    /// and the accelerator's accelerator.crt, the only certificate accepted (mutual TLS 1.3).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) keys: Option<PathBuf>,
+    /// Talk to a tcp:// accelerator WITHOUT encryption or authentication: anyone on the path can read the
+    /// data it is sent and alter its results. Loopback experiments only; prints a warning.
+    #[arg(long, conflicts_with = "keys")]
+    pub(crate) insecure_plaintext_tcp: bool,
+    /// Check every result of the accelerator (Y_U, ∇X, ∇W_U) against the trusted copy of the weights with
+    /// secret random projections (Freivalds) before using it; a wrong result stops the command with an
+    /// integrity error (exit code 3). `off` only to measure what the checks cost.
+    #[arg(long, default_value = "on")]
+    pub(crate) integrity: OnOff,
 }
 
 #[derive(Args, Debug)]
@@ -96,7 +131,7 @@ pub struct AcceleratorArgs {
     /// Worker threads. [default: all cores]
     #[arg(long, default_value_t = 0)]
     pub(crate) accelerator_threads: usize,
-    /// Serve one connection, then exit.
+    /// Serve one connection, then exit (a connection refused in the TLS handshake does not count).
     #[arg(long)]
     pub(crate) once: bool,
     /// Device of the convolutions: cpu, cuda (= cuda:0) or cuda:N — a GPU through cuDNN, in a binary built
@@ -118,6 +153,27 @@ pub struct AcceleratorArgs {
     /// client silent (or slow) past it is disconnected.
     #[arg(long, default_value = "600", value_parser = parse_timeout)]
     pub(crate) idle_timeout: Duration,
+    /// Key folder for tcp:// (from `asymml keygen`): this side's accelerator.key and accelerator.crt, and the
+    /// trusted runtime's trusted.crt, the only client certificate accepted (mutual TLS 1.3).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) keys: Option<PathBuf>,
+    /// Serve tcp:// WITHOUT encryption or authentication: anyone who can reach the port can use the
+    /// accelerator, and anyone on the path can read and alter the traffic. Loopback experiments only; prints
+    /// a warning.
+    #[arg(long, conflicts_with = "keys")]
+    pub(crate) insecure_plaintext_tcp: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct KeygenArgs {
+    /// Folder to write trusted.key, trusted.crt, accelerator.key and accelerator.crt into (created if
+    /// missing). Copy trusted.key, trusted.crt and accelerator.crt to the trusted machine, and
+    /// accelerator.key, accelerator.crt and trusted.crt to the accelerator's.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) out: PathBuf,
+    /// Replace existing key files (both sides then need the new ones).
+    #[arg(long)]
+    pub(crate) force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -239,6 +295,10 @@ pub struct TrainArgs {
     /// Continue the training saved in this folder (its checkpoint.safetensors) up to --epochs.
     #[arg(long)]
     pub(crate) resume: Option<PathBuf>,
+    /// δ of the (ε, δ) reported for split training with --clip and --noise, in (0, 1).
+    #[arg(long, default_value_t = crate::privacy::accounting::DEFAULT_DELTA,
+          value_parser = crate::privacy::accounting::parse_delta)]
+    pub(crate) delta: f64,
 }
 
 #[derive(Args, Debug)]

@@ -29,6 +29,7 @@ fn main() {
         Command::Infer(a) => asymml_cli::evaluate::run_infer(a),
         Command::Bench(a) => asymml_cli::bench::run(a),
         Command::Accelerator(a) => asymml_cli::accelerator::run(a),
+        Command::Keygen(a) => asymml_cli::keygen::run(a),
         Command::Privacy(a) => asymml_cli::privacy::run(a),
         Command::Verify(a) => match asymml_cli::verify::run(a) {
             Ok(true) => Ok(()),
@@ -38,6 +39,13 @@ fn main() {
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
+        if asymml_cli::is_integrity_failure(&e) {
+            eprintln!(
+                "the accelerator returned a wrong result (or the connection to it was tampered with); it was \
+                 not used, and the last checkpoint is intact"
+            );
+            std::process::exit(asymml_cli::EXIT_INTEGRITY);
+        }
         std::process::exit(2);
     }
 }

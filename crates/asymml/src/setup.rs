@@ -25,6 +25,8 @@ pub(crate) struct SplitSetup {
     pub(crate) device: Device,
     /// Longest wait for any reply of the accelerator (`--accelerator-timeout`).
     pub(crate) timeout: Duration,
+    /// How a `tcp://` accelerator is reached (`--keys`, `--insecure-plaintext-tcp`).
+    pub(crate) tcp: accelerator::TcpKeys,
 }
 
 impl SplitSetup {
@@ -33,7 +35,9 @@ impl SplitSetup {
         let [rank] = a.rank.as_slice() else {
             bail!("--rank: give one rank policy (only `asymml bench` times several)");
         };
-        Ok(Self::with_policy(a, rank.policy, threads, seed))
+        let mut s = Self::with_policy(a, rank.policy, threads, seed);
+        s.config.table = rank.table.clone();
+        Ok(s)
     }
 
     /// From the flags with the rank policy `policy`.
@@ -47,15 +51,22 @@ impl SplitSetup {
             config: SplitConfig {
                 policy,
                 iters: a.svd_iters,
+                svd: a.svd,
                 nsr: a.noise,
                 seed,
                 shared_basis: a.shared_basis,
+                clip: a.clip,
+                integrity: a.integrity.is_on(),
                 ..Default::default()
             },
             accelerator: a.accelerator.clone(),
             accelerator_threads: a.accelerator_threads.unwrap_or(threads),
             device: a.accelerator_device.unwrap_or_default(),
             timeout: a.accelerator_timeout,
+            tcp: accelerator::TcpKeys {
+                keys: a.keys.clone(),
+                insecure_plaintext: a.insecure_plaintext_tcp,
+            },
         }
     }
 
@@ -68,6 +79,7 @@ impl SplitSetup {
             accelerator_threads: threads,
             device: Device::Cpu,
             timeout: DEFAULT_ACCELERATOR_TIMEOUT,
+            tcp: accelerator::TcpKeys::default(),
         }
     }
 
@@ -83,6 +95,7 @@ impl SplitSetup {
             self.accelerator_threads,
             self.device,
             self.timeout,
+            &self.tcp,
         )
     }
 }
@@ -118,6 +131,17 @@ pub(crate) fn inference_session(
     make_session(net, config, mode, split)
 }
 
+/// With a rank table (`--rank table:FILE`): every conv of `net` is listed and every entry names one of them.
+pub(crate) fn check_table(config: &SplitConfig, net: &mut Net) -> Result<()> {
+    if let Some(t) = &config.table {
+        let mut names = Vec::new();
+        net.visit_convs(&mut |name, _| names.push(name.to_string()));
+        t.check_covers(names.iter().map(String::as_str))
+            .map_err(|e| anyhow::anyhow!("--rank table: {e}"))?;
+    }
+    Ok(())
+}
+
 /// In split mode, starts (or reaches) the accelerator and registers the session's conv layers with their
 /// current weights (so call it after loading weights or a checkpoint); in untrusted-only mode, hands it the
 /// whole network; nothing in trusted-only mode.
@@ -129,9 +153,9 @@ pub(crate) fn attach_accelerator(
     match session.mode {
         Mode::TrustedOnly => Ok(None),
         Mode::Split => {
+            check_table(&split.config, &mut session.net)?;
             let (transport, handle) = split.start()?;
-            let exec =
-                SplitExec::connect(transport, &mut session.net, kind, wd, split.config.clone())?;
+            let exec = SplitExec::connect(transport, &mut session.net, split.config.clone())?;
             session.set_split_exec(exec);
             Ok(Some(handle))
         }

@@ -5,6 +5,7 @@ use crate::batch::{self, Batch};
 use crate::cli::TrainArgs;
 use crate::data::{self, epoch_order, Augment, Dataset, DatasetKind};
 use crate::plot::{self, EpochPoint};
+use crate::privacy::accounting::{self, Accounting, ConvRelease};
 use crate::setup::{self, SplitSetup};
 use crate::values::{
     as_text, check_batch_bytes, AugmentChoice, ModelName, OptimizerChoice, Schedule,
@@ -56,6 +57,121 @@ pub(crate) struct EpochMetrics {
     test_loss: f64,
     test_acc: f64,
     seconds: f64,
+    /// Split mode with --clip/--noise: the (ε, δ) spent so far (see [`EpochPrivacy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    privacy: Option<EpochPrivacy>,
+    /// Split mode with --integrity on: the checks of the accelerator's results made so far (this run), and
+    /// how many failed (a failure stops the run, so a finished epoch has 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    integrity: Option<IntegrityCount>,
+}
+
+/// Integrity checks made and failed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct IntegrityCount {
+    checks: u64,
+    failures: u64,
+}
+
+impl IntegrityCount {
+    /// The split runtime's counters (`None` outside split mode or with the checks off).
+    fn of(session: &asymml_trusted::Session) -> Option<Self> {
+        let stats = session.split_stats()?;
+        let s = stats.lock().ok()?;
+        (s.integrity.checks > 0 || s.integrity.failures > 0).then(|| IntegrityCount {
+            checks: s.integrity.checks,
+            failures: s.integrity.failures,
+        })
+    }
+}
+
+/// The formal accounting after an epoch: local DP of each example's forward residuals X_U, composed over
+/// the convs whose X_U leaves and the epochs so far (each example is processed once per epoch, in training
+/// or in the test evaluation). `eps: null` means ε = ∞.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct EpochPrivacy {
+    eps: Option<f64>,
+    delta: f64,
+    /// Releases of one example's residual so far (releasing convs × epochs).
+    releases_per_example: u64,
+    scope: String,
+    /// Why ε is ∞, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    why_infinite: Option<String>,
+}
+
+/// What the accounting of a run needs: the convs and the mechanism's settings.
+struct RunAccounting {
+    layout: Vec<ConvRelease>,
+    clip: Option<f32>,
+    nsr: f32,
+    delta: f64,
+}
+
+impl RunAccounting {
+    /// In split mode with --clip or --noise: the convs of the session's network.
+    fn new(a: &TrainArgs, session: &mut asymml_trusted::Session) -> Result<Option<Self>> {
+        let s = &a.common.run.split;
+        if session.mode != asymml_trusted::Mode::Split || (s.clip.is_none() && s.noise == 0.0) {
+            return Ok(None);
+        }
+        let table = s.rank.first().and_then(|r| r.table.as_deref());
+        let layout = accounting::release_layout(&mut session.net, table)?;
+        Ok(Some(RunAccounting {
+            layout,
+            clip: s.clip,
+            nsr: s.noise,
+            delta: a.delta,
+        }))
+    }
+
+    /// The accounting of `epochs` epochs.
+    fn after(&self, epochs: usize) -> Result<Accounting> {
+        accounting::account(&self.layout, self.clip, self.nsr, self.delta, epochs as u64)
+    }
+
+    fn epoch(&self, epochs: usize) -> Result<EpochPrivacy> {
+        let acc = self.after(epochs)?;
+        Ok(EpochPrivacy {
+            eps: acc.total.eps,
+            delta: acc.delta,
+            releases_per_example: acc.releases,
+            scope: "local DP per example of the forward residuals X_U only; ∇Y (backward), the weights and \
+                    BatchNorm's cross-example batch statistics are not covered"
+                .into(),
+            why_infinite: acc.unbounded.map(str::to_string),
+        })
+    }
+
+    /// The closing report on stdout (text mode).
+    fn print(&self, epochs: usize, resumed: bool) -> Result<()> {
+        let acc = self.after(epochs)?;
+        println!(
+            "formal privacy accounting (local DP per example; forward X_U only — ∇Y, sent in the backward \
+             pass, is NOT covered by this noise):"
+        );
+        for l in acc.layer_lines() {
+            println!("{l}");
+        }
+        println!(
+            "  whole run: {} at δ = {} — {} release(s) of each example's residual ({} conv(s) × {} epoch(s); \
+             each example is processed once per epoch){}",
+            acc.total.text(),
+            accounting::fmt_delta(acc.delta),
+            acc.releases,
+            acc.releases_per_forward,
+            epochs,
+            if resumed {
+                "; the epochs before --resume are assumed to have used the same --clip and --noise"
+            } else {
+                ""
+            }
+        );
+        for l in acc.scope_lines() {
+            println!("{l}");
+        }
+        Ok(())
+    }
 }
 
 const CHECKPOINT: &str = "checkpoint.safetensors";
@@ -178,6 +294,8 @@ struct Training {
     start_epoch: usize,
     meta: BTreeMap<String, String>,
     history: Vec<EpochMetrics>,
+    /// The formal (ε, δ) accounting (split mode with --clip or --noise).
+    accounting: Option<RunAccounting>,
 }
 
 impl Training {
@@ -218,6 +336,7 @@ impl Training {
             .unwrap_or(AugmentChoice::default_for(plan.dataset))
             .augment(size);
         let mut session = Session::new(net, config, a.common.run.mode);
+        let accounting = RunAccounting::new(a, &mut session)?;
         let start_epoch = match &a.resume {
             Some(_) => resume(&mut session, &plan, &out_dir, steps_per_epoch, a.epochs)?,
             None => 0,
@@ -248,6 +367,7 @@ impl Training {
             start_epoch,
             meta,
             history,
+            accounting,
         })
     }
 
@@ -306,6 +426,12 @@ impl Training {
             test_loss,
             test_acc,
             seconds: t0.elapsed().as_secs_f64(),
+            privacy: self
+                .accounting
+                .as_ref()
+                .map(|acc| acc.epoch(epoch + 1))
+                .transpose()?,
+            integrity: IntegrityCount::of(&self.session),
         })
     }
 
@@ -376,7 +502,22 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let mut batch = Batch::new();
     for epoch in t.start_epoch..t.epochs {
-        let m = t.run_epoch(epoch, &mut batch, json)?;
+        let m = match t.run_epoch(epoch, &mut batch, json) {
+            Ok(m) => m,
+            Err(e) => {
+                // With --json, a failed run still ends with one machine-readable line (the error itself goes
+                // to stderr as for every command).
+                if json {
+                    let line = serde_json::json!({
+                        "error": format!("{e:#}"),
+                        "epoch": epoch + 1,
+                        "integrity": IntegrityCount::of(&t.session),
+                    });
+                    println!("{line}");
+                }
+                return Err(e);
+            }
+        };
         t.save(m.clone())?;
         print_epoch(&m, t.epochs, json)?;
     }
@@ -389,6 +530,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
                 t.out_dir.join(MODEL).display(),
                 t.out_dir.join(CURVES).display()
             );
+        }
+        if let Some(acc) = &t.accounting {
+            acc.print(t.epochs, t.resumed)?;
         }
     }
     Ok(())
@@ -411,6 +555,15 @@ fn print_epoch(m: &EpochMetrics, epochs: usize, json: bool) -> Result<()> {
             m.test_acc * 100.0,
             m.seconds
         )?;
+        if let Some(p) = &m.privacy {
+            let eps = p.eps.map_or("∞".into(), |e| format!("{e:.4e}"));
+            writeln!(
+                out,
+                "  privacy: ε = {eps} at δ = {} after {} release(s) per example (local DP of X_U; ∇Y not covered)",
+                accounting::fmt_delta(p.delta),
+                p.releases_per_example
+            )?;
+        }
     }
     out.flush()?;
     Ok(())

@@ -284,20 +284,65 @@ impl fmt::Display for ModelName {
 }
 
 /// A rank policy as written on the command line: reports show the text (`asym1`), the split uses the policy.
+/// `table:FILE` reads a rank table (one route per conv, e.g. from `asymml privacy --calibrate`); its policy is
+/// then `schedule`, used by no conv once the table is checked to cover the model
+/// ([`RankArg::check_covers`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RankArg {
     pub policy: RankPolicy,
     pub text: String,
+    /// The rank table of `table:FILE`.
+    pub table: Option<std::sync::Arc<asymml_core::decomp::RankTable>>,
 }
 
 impl FromStr for RankArg {
     type Err = asymml_core::CoreError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let text = s.trim().to_string();
+        if let Some(file) = text.strip_prefix("table:") {
+            if file.is_empty() {
+                return Err(asymml_core::CoreError::Invalid(
+                    "table:FILE needs a file (a rank table JSON, e.g. from `asymml privacy --calibrate`)"
+                        .into(),
+                ));
+            }
+            let table = asymml_core::decomp::RankTable::load(std::path::Path::new(file))?;
+            return Ok(RankArg {
+                policy: RankPolicy::Schedule,
+                text,
+                table: Some(std::sync::Arc::new(table)),
+            });
+        }
         Ok(RankArg {
-            policy: s.parse()?,
-            text: s.trim().to_string(),
+            policy: text.parse()?,
+            text,
+            table: None,
         })
+    }
+}
+
+impl RankArg {
+    /// A named policy (no table).
+    pub(crate) fn named(policy: RankPolicy) -> RankArg {
+        RankArg {
+            policy,
+            text: policy.to_string(),
+            table: None,
+        }
+    }
+
+    /// With a table: every conv of `convs` (names) is listed and every entry names one of them.
+    pub(crate) fn check_covers<'a>(
+        &self,
+        convs: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), String> {
+        match &self.table {
+            Some(t) => t
+                .check_covers(convs)
+                .map_err(|e| format!("--rank {}: {e}", self.text)),
+            None => Ok(()),
+        }
     }
 }
 
@@ -482,6 +527,20 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     }
 }
 
+/// A switch: `on` or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+impl OnOff {
+    pub fn is_on(self) -> bool {
+        self == OnOff::On
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -572,6 +631,35 @@ mod tests {
         assert!(e.contains("above the limit of 8 GiB"), "{e}");
         // No overflow on absurd values.
         assert!(check_batch_bytes(usize::MAX, usize::MAX, 1, usize::MAX).is_err());
+    }
+
+    #[test]
+    fn rank_tables_parse_and_check_the_model() {
+        let path =
+            std::env::temp_dir().join(format!("asymml-rank-table-{}.json", std::process::id()));
+        std::fs::write(
+            &path,
+            r#"{"model":"m","layers":[{"conv":"a","rank":"trusted"},{"conv":"b","rank":4}]}"#,
+        )
+        .unwrap();
+        let r: RankArg = format!("table:{}", path.display()).parse().unwrap();
+        let t = r.table.as_ref().expect("a table");
+        assert_eq!(t.layers.len(), 2);
+        assert!(r.check_covers(["a", "b"]).is_ok());
+        let err = r.check_covers(["a", "c"]).unwrap_err();
+        assert!(
+            err.contains("missing convs [\"c\"]") && err.contains("unknown convs [\"b\"]"),
+            "{err}"
+        );
+        std::fs::write(&path, r#"{"layers":[{"conv":"a","rank":0}]}"#).unwrap();
+        assert!(format!("table:{}", path.display())
+            .parse::<RankArg>()
+            .is_err());
+        std::fs::remove_file(&path).ok();
+        assert!("table:".parse::<RankArg>().is_err());
+        assert!("table:/nonexistent/t.json".parse::<RankArg>().is_err());
+        let named: RankArg = "asym2".parse().unwrap();
+        assert!(named.table.is_none() && named.check_covers(["x"]).is_ok());
     }
 
     #[test]

@@ -58,13 +58,11 @@ fn grads(net: &mut Net) -> Vec<Named> {
     out
 }
 
-fn sgd_update(net: &mut Net, opt: &mut Optimizer, skip_convs: bool) {
+fn sgd_update(net: &mut Net, opt: &mut Optimizer) {
     opt.begin_step();
     let mut i = 0;
-    net.visit_params_tagged(&mut |_, p, is_conv| {
-        if !(is_conv && skip_convs) {
-            opt.update(i, p, LR);
-        }
+    net.visit_params(&mut |_, p| {
+        opt.update(i, p, LR);
         i += 1;
     });
 }
@@ -106,8 +104,9 @@ impl Case {
             (0..n).map(|_| rng.normal()).collect(),
         )?;
         let labels: Vec<usize> = (0..a.batch).map(|_| rng.below(a.classes)).collect();
+        crate::setup::check_table(&split.config, &mut net_split)?;
         let (transport, handle) = split.start()?;
-        let exec = SplitExec::connect(transport, &mut net_split, KIND, WD, split.config)?;
+        let exec = SplitExec::connect(transport, &mut net_split, split.config)?;
         Ok(Case {
             spec,
             net_ref,
@@ -131,30 +130,15 @@ impl Case {
         })
     }
 
-    /// Split: forward, backward, and the merged conv gradients fetched from the accelerator.
+    /// Split: forward and backward; the conv gradients are the merged ∇W_T + ∇W_U the split runtime
+    /// accumulated into the trusted parameters (after checking ∇W_U).
     fn split_step(&mut self) -> Result<(Forward, Vec<Named>)> {
         let net = &mut self.net_split;
         net.zero_grad();
         let (loss, _) = net.forward_loss(&self.x, &self.labels, true, &mut self.exec)?;
         let logits = net.logits().clone();
         net.backward(&mut self.exec, false)?;
-        let mut grads_split = grads(net);
-        let mut conv_ids = Vec::new();
-        net.visit_convs(&mut |name, c| conv_ids.push((name.to_string(), c.id, c.bias.is_some())));
-        for (name, id, has_bias) in conv_ids {
-            let (w, b) = self.exec.fetch_grads(id)?;
-            for (suffix, t) in [("weight", Some(w)), ("bias", b.filter(|_| has_bias))] {
-                if let Some(t) = t {
-                    if let Some(g) = grads_split
-                        .iter_mut()
-                        .find(|(n, _)| *n == format!("{name}.{suffix}"))
-                    {
-                        g.1 = t.data;
-                    }
-                }
-            }
-        }
-        Ok((Forward { loss, logits }, grads_split))
+        Ok((Forward { loss, logits }, grads(net)))
     }
 
     /// Backward reference: trusted-only backward on the split run's own activations. ReLU and max-pool make
@@ -169,13 +153,14 @@ impl Case {
 
     /// The updates: the trusted-only optimizer applied to the reference gradients from the initial weights
     /// (the reference net still holds them: it only ran a forward), and the split update — trusted parameters
-    /// here from the split gradients, conv weights on the accelerator. Returns the split's ranks.
+    /// here (conv weights included: the trusted runtime owns them) from the split gradients, then sent to
+    /// the accelerator. Returns the split's ranks.
     fn update(mut self, grads_ref: &[Named], grads_split: &[Named]) -> Result<Updated> {
         set_grads(&mut self.net_ref, grads_ref);
-        sgd_update(&mut self.net_ref, &mut Optimizer::new(KIND, WD), false);
+        sgd_update(&mut self.net_ref, &mut Optimizer::new(KIND, WD));
         set_grads(&mut self.net_split, grads_split);
-        sgd_update(&mut self.net_split, &mut Optimizer::new(KIND, WD), true);
-        asymml_core::models::ConvExec::step(&mut self.exec, LR, &mut self.net_split)?;
+        sgd_update(&mut self.net_split, &mut Optimizer::new(KIND, WD));
+        asymml_core::models::ConvExec::after_update(&mut self.exec, &mut self.net_split)?;
         let ranks = self.exec.ranks();
         self.exec.shutdown()?;
         Ok(Updated {

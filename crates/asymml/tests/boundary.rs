@@ -4,18 +4,12 @@
 
 use asymml_core::layers::Conv2d;
 use asymml_core::models::{ConvExec, LocalExec, ModelSpec, Net};
-use asymml_core::optim::OptimizerKind;
 use asymml_core::rng::Rng;
 use asymml_core::{error_chain, CoreError, Tensor};
 use asymml_protocol::declassify::accelerator_result;
 use asymml_protocol::{inproc_pair, serve, MessageKind, Recording, Reply, Request, Transport};
 use asymml_trusted::split::{SplitConfig, SplitExec};
 use asymml_untrusted::Service;
-
-const SGD: OptimizerKind = OptimizerKind::Sgd {
-    momentum: 0.9,
-    nesterov: false,
-};
 
 fn small_resnet() -> (Net, Tensor, Vec<usize>) {
     let mut spec = ModelSpec::parse("resnet18", 3, 10, 16).unwrap();
@@ -101,11 +95,11 @@ fn transcript_of_a_split_step_holds_only_what_the_design_allows() {
         let server = std::thread::spawn(move || Service::new(1).unwrap().serve(server));
         let rec = Recording::new(client);
         let transcript = rec.transcript();
-        let mut exec = SplitExec::connect(rec, &mut net, SGD, 5e-4, cfg(policy, nsr)).unwrap();
+        let mut exec = SplitExec::connect(rec, &mut net, cfg(policy, nsr)).unwrap();
         net.zero_grad();
         net.forward_loss(&x, &labels, true, &mut exec).unwrap();
         net.backward(&mut exec, false).unwrap();
-        exec.step(0.1, &mut net).unwrap();
+        asymml_core::models::ConvExec::after_update(&mut exec, &mut net).unwrap();
         exec.shutdown().unwrap();
         server.join().unwrap().unwrap();
 
@@ -117,9 +111,7 @@ fn transcript_of_a_split_step_holds_only_what_the_design_allows() {
             MessageKind::ConvForward,
             MessageKind::ConvForwardShared,
             MessageKind::ConvBackward,
-            MessageKind::WeightGradPart,
-            MessageKind::Step,
-            MessageKind::FetchWeights,
+            MessageKind::SetWeights,
             MessageKind::Shutdown,
         ];
         let mut checked = 0;
@@ -134,7 +126,7 @@ fn transcript_of_a_split_step_holds_only_what_the_design_allows() {
                     MessageKind::Register => t.field == "w" || t.field == "b",
                     MessageKind::ConvForward => t.field == "x_u",
                     MessageKind::ConvBackward => t.field == "dy",
-                    MessageKind::WeightGradPart => t.field == "dw_t",
+                    MessageKind::SetWeights => t.field == "w" || t.field == "b",
                     _ => false,
                 };
                 assert!(field_ok, "{kind} carried a tensor in field {}", t.field);
@@ -168,7 +160,7 @@ fn hostile(reply: impl Fn(&Request) -> Option<Reply> + Send + 'static) -> Result
         });
     });
     let (mut net, x, labels) = small_resnet();
-    let mut exec = SplitExec::connect(client, &mut net, SGD, 0.0, cfg("schedule", 0.0))?;
+    let mut exec = SplitExec::connect(client, &mut net, cfg("schedule", 0.0))?;
     net.forward_loss(&x, &labels, true, &mut exec)?;
     Ok(())
 }
@@ -252,7 +244,7 @@ fn raw_server(bytes: Option<Vec<u8>>) -> Result<(), CoreError> {
         drop(server);
     });
     let (mut net, x, labels) = small_resnet();
-    let mut exec = SplitExec::connect(client, &mut net, SGD, 0.0, cfg("schedule", 0.0))?;
+    let mut exec = SplitExec::connect(client, &mut net, cfg("schedule", 0.0))?;
     net.forward_loss(&x, &labels, true, &mut exec)?;
     Ok(())
 }

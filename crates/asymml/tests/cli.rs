@@ -635,6 +635,7 @@ fn a_silent_accelerator_times_out() {
         "2",
         "--accelerator",
         &addr,
+        "--insecure-plaintext-tcp",
         "--accelerator-timeout",
         "1",
     ]);

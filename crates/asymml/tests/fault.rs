@@ -10,6 +10,8 @@
 //!   --accelerator-timeout 2`: exit code 2 with one clear error line within 30 s, never a panic, and a resumed
 //!   run's checkpoint left byte-identical.
 //!
+//! Both over plaintext TCP (`--insecure-plaintext-tcp`): the hostile peers speak the frames themselves.
+//!
 //! Every spawned process is killed when its guard drops, so a failing assertion leaves nothing behind.
 
 use std::io::{ErrorKind, Read, Write};
@@ -24,7 +26,7 @@ use std::time::{Duration, Instant};
 use asymml_core::Tensor;
 use asymml_protocol::{
     decode_reply, decode_request, encode_reply, encode_request, public_weights, ConvLayerSpec,
-    OptimizerSpec, Reply, Request, WireTensor, MAX_MESSAGE, PROTOCOL_VERSION,
+    Reply, Request, WireTensor, MAX_MESSAGE, PROTOCOL_VERSION,
 };
 
 /// The accelerator's peak resident memory under attack must stay below this (MB).
@@ -83,6 +85,8 @@ impl Server {
             "512M",
             "--max-connections",
             "8",
+            // The hostile clients speak the frames themselves (TLS is tested in tls_cli.rs).
+            "--insecure-plaintext-tcp",
         ];
         let mut command = match fd_limit {
             None => Command::new(env!("CARGO_BIN_EXE_asymml")),
@@ -405,12 +409,6 @@ fn layer(out_ch: u32, in_ch: u32, k: u32, stride: u32, pad: u32) -> ConvLayerSpe
     }
 }
 
-const SGD: OptimizerSpec = OptimizerSpec::Sgd {
-    momentum: 0.9,
-    nesterov: false,
-    weight_decay: 0.0,
-};
-
 /// A registration with absurd geometry (or one within the limits whose convolutions need absurd memory), then
 /// a `ConvForward` of a small input `x`: each request is answered (the registration may be refused), the conv
 /// that would need absurd memory is refused with an error, and the session goes on: a conv of the tiny input
@@ -429,7 +427,6 @@ fn absurd_registration(
         &Request::Register {
             layers: vec![spec],
             weights: vec![(tensor(w), None)],
-            optimizer: SGD,
         },
     );
     let forward = |x: &[usize]| Request::ConvForward {
@@ -605,7 +602,6 @@ fn hostile_clients_leave_the_accelerator_up_within_memory_and_serving() {
         s.write_all(&request_frame(&Request::Register {
             layers: vec![layer(4, 1, 3, 1, 1)],
             weights: vec![(tensor(&[4, 1, 3, 3]), None)],
-            optimizer: SGD,
         }))
         .unwrap();
         s.write_all(&conv_frame).unwrap();
@@ -629,7 +625,12 @@ fn hostile_clients_leave_the_accelerator_up_within_memory_and_serving() {
     let accel = format!("tcp://{addr}");
     let o = train(
         &dir.path().join("run"),
-        &["--accelerator", &accel, "--json"],
+        &[
+            "--accelerator",
+            &accel,
+            "--insecure-plaintext-tcp",
+            "--json",
+        ],
     )
     .out;
     let err = String::from_utf8_lossy(&o.stderr);
@@ -680,7 +681,6 @@ fn failed_accepts_are_logged_and_retried() {
         &Request::Register {
             layers: vec![layer(4, 1, 3, 1, 1)],
             weights: vec![(tensor(&[4, 1, 3, 3]), None)],
-            optimizer: SGD,
         },
     );
     assert_eq!(reg, Reply::Ok);
@@ -824,6 +824,7 @@ fn train_against(how: Misbehaviour, needles: &[&str]) -> u64 {
         &[
             "--accelerator",
             &hostile.url(),
+            "--insecure-plaintext-tcp",
             "--accelerator-timeout",
             "2",
         ],
@@ -888,6 +889,7 @@ fn a_stall_while_resuming_leaves_the_checkpoint_intact() {
         "2",
         "--accelerator",
         &hostile.url(),
+        "--insecure-plaintext-tcp",
         "--accelerator-timeout",
         "2",
     ]);

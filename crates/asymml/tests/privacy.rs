@@ -123,6 +123,21 @@ fn cifar_images_first_conv_leakage_attacks_and_plots() {
     );
     let ssim = s0["ssim"].as_f64().unwrap();
     assert!((-1.0..1.0).contains(&ssim));
+    // The structural measures: X_U at r = 1 shows the image's edges far above chance; at full rank the
+    // accelerator sees nothing, and the SSIM gain over the mean image is reported beside the attack.
+    let (edge, chance) = (
+        s0["edge_ssim"].as_f64().unwrap(),
+        s0["edge_ssim_chance"].as_f64().unwrap(),
+    );
+    assert!(
+        edge > 0.3 && edge > chance + 0.15,
+        "edge ssim {edge}, chance {chance}"
+    );
+    assert!(s0["edge_ssim_max"].as_f64().unwrap() >= edge);
+    let full_edge = full["edge_ssim"].as_f64().unwrap();
+    assert!(full_edge < 0.15, "edge ssim with nothing sent: {full_edge}");
+    let gain = s0["ssim_gain"].as_f64().unwrap();
+    assert!((-1.0..=1.0).contains(&gain), "{gain}");
 
     for f in [
         "privacy.json",
@@ -132,6 +147,7 @@ fn cifar_images_first_conv_leakage_attacks_and_plots() {
         "leakage.png",
         "attack_conv0_schedule_nsr0.png",
         "attack_conv0_fixed_3_nsr0.2.png",
+        "edges_conv0_schedule_nsr0.png",
     ] {
         let p = out.path().join(f);
         assert!(
@@ -220,6 +236,13 @@ fn bad_privacy_flags_fail_cleanly() {
         (vec!["--tradeoff-rank", "fixed:0"], "--tradeoff-rank"),
         (vec!["--kernel-sizes", "4"], "odd"),
         (vec!["--images", "/nonexistent/images"], "nonexistent"),
+        (vec!["--target", "psnr=3"], "--target"),
+        (vec!["--target", "edge-ssim"], "--target"),
+        (
+            vec!["--ranks", "table:/nonexistent/table.json"],
+            "rank table",
+        ),
+        (vec!["--ranks", "table:"], "table:FILE"),
     ] {
         let mut all = vec!["privacy", "--samples", "2"];
         all.extend(args);
@@ -230,6 +253,153 @@ fn bad_privacy_flags_fail_cleanly() {
         assert!(
             err.contains(needle),
             "{all:?}: stderr lacks {needle}: {err}"
+        );
+    }
+}
+
+/// `--calibrate` writes a rank table that `privacy` and `verify` accept as `--rank table:FILE`; a table that
+/// does not fit the model is refused with the conv names.
+#[test]
+fn calibrated_rank_table_end_to_end() {
+    let out = tempfile::tempdir().unwrap();
+    let images = cifar_images();
+    let table = out.path().join("table.json");
+    let o = asymml(&[
+        "privacy",
+        "--images",
+        images.to_str().unwrap(),
+        "--samples",
+        "8",
+        "--calibrate",
+        "--target",
+        "edge-ssim=0.3,rel-mi=0.02",
+        "--layers",
+        "0,1",
+        "--decoders",
+        "none",
+        "--nsr",
+        "0",
+        "--mi-points",
+        "512",
+        "--table-out",
+        table.to_str().unwrap(),
+        "--json",
+    ]);
+    let r = report(&o);
+    let layers = r["layers"].as_array().unwrap();
+    // The first conv: r = 1 and 2 of 3 leave the colour-difference picture, so the calibration probes both
+    // and chooses the trusted route (null) or a passing rank; every probe below the choice failed.
+    for l in &layers[..2] {
+        assert_eq!(l["calibrated"], true);
+        let probes = l["probes"].as_array().unwrap();
+        assert!(!probes.is_empty(), "{l}");
+        let chosen = l["rank"].as_u64();
+        for p in probes {
+            let r = p["rank"].as_u64().unwrap();
+            let pass = p["pass"].as_bool().unwrap();
+            let under =
+                p["edge_excess"].as_f64().unwrap() < 0.3 && p["rel_mi"].as_f64().unwrap() < 0.02;
+            assert_eq!(pass, under, "{p}");
+            match chosen {
+                Some(c) if r < c => assert!(!pass, "{l}"),
+                Some(c) if r == c => assert!(pass, "{l}"),
+                None => assert!(!pass, "{l}"),
+                _ => {}
+            }
+        }
+    }
+    assert!(layers[2..]
+        .iter()
+        .all(|l| l["calibrated"] == false && l["rank"].as_u64().unwrap() >= 1));
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&table).unwrap()).unwrap();
+    assert_eq!(t["layers"].as_array().unwrap().len(), layers.len());
+    let spec = format!("table:{}", table.display());
+
+    // privacy measures the table's setting.
+    let o = asymml(&[
+        "privacy",
+        "--images",
+        images.to_str().unwrap(),
+        "--samples",
+        "4",
+        "--ranks",
+        &spec,
+        "--nsr",
+        "0",
+        "--layers",
+        "1",
+        "--decoders",
+        "none",
+        "--mi-points",
+        "256",
+        "--kernel-sizes",
+        "3",
+        "--json",
+    ]);
+    let r = report(&o);
+    assert!(r["settings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["rank_policy"] == spec.as_str()));
+
+    // verify accepts it for the same model (vgg-small, 3 channels, 32 px).
+    let o = asymml(&[
+        "verify",
+        "--model",
+        "vgg-small",
+        "--input-size",
+        "32",
+        "--batch",
+        "2",
+        "--rank",
+        &spec,
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !err.contains("rank table"),
+        "verify refused the table: {err}"
+    );
+
+    // A table missing a conv is refused, naming it.
+    let mut bad = t.clone();
+    let missing = bad["layers"][1]["conv"].as_str().unwrap().to_string();
+    bad["layers"].as_array_mut().unwrap().remove(1);
+    let bad_path = out.path().join("bad.json");
+    std::fs::write(&bad_path, bad.to_string()).unwrap();
+    let bad_spec = format!("table:{}", bad_path.display());
+    for args in [
+        vec![
+            "privacy",
+            "--images",
+            images.to_str().unwrap(),
+            "--samples",
+            "2",
+            "--ranks",
+            &bad_spec,
+        ],
+        vec![
+            "verify",
+            "--model",
+            "vgg-small",
+            "--input-size",
+            "32",
+            "--batch",
+            "2",
+            "--rank",
+            &bad_spec,
+        ],
+    ] {
+        let o = asymml(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success(),
+            "{args:?} accepted a table without {missing}"
+        );
+        assert!(
+            err.contains("rank table") && err.contains(&missing),
+            "{args:?}: {err}"
         );
     }
 }

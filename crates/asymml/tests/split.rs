@@ -15,6 +15,17 @@ fn verify(model: &str, rank: &str, accel: &str) -> serde_json::Value {
     verify_with(model, rank, accel, &[])
 }
 
+/// Key pairs for a `tcp://` accelerator (`asymml keygen`) in a fresh folder; the folder lives as long as
+/// the returned guard.
+fn keygen() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let o = asymml(&["keygen", "--out", keys.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let keys = keys.to_str().unwrap().to_string();
+    (dir, keys)
+}
+
 /// `asymml verify --json` with more flags: asserts exit code 0 and returns its JSON.
 fn verify_with(model: &str, rank: &str, accel: &str, more: &[&str]) -> serde_json::Value {
     let mut args = vec![
@@ -62,7 +73,9 @@ fn split_equals_trusted_only_over_a_process_and_tcp() {
             );
         }
     }
-    // A TCP accelerator served by `asymml accelerator` on a free loopback port (one model state per connection).
+    // A TCP accelerator served by `asymml accelerator` on a free loopback port (one model state per connection),
+    // over mutual TLS.
+    let (_dir, keys) = keygen();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -75,6 +88,8 @@ fn split_equals_trusted_only_over_a_process_and_tcp() {
             &format!("127.0.0.1:{port}"),
             "--accelerator-threads",
             "1",
+            "--keys",
+            &keys,
         ])
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -88,7 +103,7 @@ fn split_equals_trusted_only_over_a_process_and_tcp() {
     let addr = format!("tcp://127.0.0.1:{port}");
     for model in ["vgg16", "resnet18"] {
         for rank in POLICIES {
-            let v = verify(model, rank, &addr);
+            let v = verify_with(model, rank, &addr, &["--keys", &keys]);
             assert!(
                 v["max_rel_err"].as_f64().unwrap() <= 1e-4,
                 "tcp {model} {rank}: {v}"
@@ -122,6 +137,7 @@ fn unreachable_accelerator_is_a_clear_error() {
         "4",
         "--accelerator",
         "tcp://127.0.0.1:1",
+        "--insecure-plaintext-tcp",
     ]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
@@ -164,7 +180,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn serve_accelerator(port: u16) -> std::process::Child {
+fn serve_accelerator(port: u16, keys: &str) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_asymml"))
         .args([
             "accelerator",
@@ -172,6 +188,8 @@ fn serve_accelerator(port: u16) -> std::process::Child {
             &format!("127.0.0.1:{port}"),
             "--accelerator-threads",
             "1",
+            "--keys",
+            keys,
         ])
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -182,14 +200,24 @@ fn serve_accelerator(port: u16) -> std::process::Child {
 fn killing_the_accelerator_mid_training_is_a_clear_error_and_resume_continues() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
+    let (_dir, keys) = keygen();
     let port = free_port();
-    let mut server = serve_accelerator(port);
+    let mut server = serve_accelerator(port, &keys);
     let addr = format!("tcp://127.0.0.1:{port}");
     let args = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = ["train", "--accelerator", &addr, "--epochs", "6", "--json"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut v: Vec<String> = [
+            "train",
+            "--accelerator",
+            &addr,
+            "--keys",
+            &keys,
+            "--epochs",
+            "6",
+            "--json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
@@ -236,7 +264,7 @@ fn killing_the_accelerator_mid_training_is_a_clear_error_and_resume_continues() 
 
     // A new accelerator; --resume continues from the last checkpoint to the end.
     let port = free_port();
-    let mut server = serve_accelerator(port);
+    let mut server = serve_accelerator(port, &keys);
     let addr = format!("tcp://127.0.0.1:{port}");
     let mut ok = None;
     for _ in 0..100 {
@@ -248,6 +276,8 @@ fn killing_the_accelerator_mid_training_is_a_clear_error_and_resume_continues() 
             "6",
             "--accelerator",
             &addr,
+            "--keys",
+            &keys,
             "--json",
         ]);
         if o.status.success() {

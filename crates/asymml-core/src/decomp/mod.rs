@@ -3,6 +3,8 @@
 //! convolution of X_T at cost ∝ r; the rank policies; the optional noise on X_U.
 //!
 //! - [`light_svd`] and friends: the paper's lightweight SVD (Algorithm 1), O(r·N·HW) per sample.
+//! - [`SvdMethod`], [`decompose_batch_with`]: the choice between it and the block method (randomized subspace
+//!   iteration / Gram eigendecomposition made of matrix products, see [`BlockSvd`]).
 //! - [`singular_values`], [`exact_low_rank`]: the exact reference (f64 eigendecomposition of X Xᵀ).
 //! - [`RankPolicy`], [`decompose_batch`]: one r per conv and batch, every sample decomposed in parallel.
 //! - [`TrustedConv`]: conv(U_b V_b, W) and its weight gradient through (U_b, V_b) only.
@@ -11,12 +13,14 @@
 //! The split is exact whatever the quality of the lightweight SVD: X_U is exactly what deflation left, so
 //! X_T + X_U = X up to f32 round-off and conv(X_T, W) + conv(X_U, W) = conv(X, W).
 
+mod block;
 mod exact;
 mod policy;
 mod svd;
 mod table;
 mod trusted;
 
+pub use block::{block_svd_flops, BlockRoute, BlockSvd, SvdMethod, GRAM_STEPS};
 pub use exact::{
     energy_kept, entropy_rank, exact_low_rank, rank_for_energy, singular_values, svd_entropy,
 };
@@ -288,6 +292,169 @@ pub fn decompose_batch_shared(
             });
     }
     (out.whole, out.whole_lr, out.whole_res) = (all, lr, res_all);
+    Ok(r)
+}
+
+/// [`decompose_batch`] with the SVD chosen by `method`: `Light { iters }` is exactly `decompose_batch` with
+/// those rounds; `Block(m)` fills `out` and `residual` the same way (U_b: N × r with orthogonal columns
+/// carrying the singular values, V_b: r × H·W with unit rows; residual = X − U_b V_b, exactly zero when
+/// r = N, where U_b = I and V_b = X_b) by the block method of [`BlockSvd`], parallel over samples.
+///
+/// r by `policy` as in `decompose_batch`, but from the block method's spectrum: `Energy(e)` → the largest
+/// over the batch of the smallest r whose Ritz values keep ≥ e of ‖X_b‖² (≥ the exact spectrum's
+/// [`rank_for_energy`], equal when the Ritz values have converged — always for N ≤ 64, where the
+/// eigendecomposition of X Xᵀ is exact); `Entropy` → the largest ⌈2^μ⌉ from the eigenvalues of the f32 Gram
+/// matrix. One pass: the spectrum, then r, then U and V at that r (the basis is kept between the two).
+pub fn decompose_batch_with(
+    x: &Tensor,
+    policy: RankPolicy,
+    schedule_step: usize,
+    method: SvdMethod,
+    out: &mut BatchLowRank,
+    residual: &mut Tensor,
+) -> Result<usize> {
+    let m = match method {
+        SvdMethod::Light { iters } => {
+            return decompose_batch(x, policy, schedule_step, iters, out, residual)
+        }
+        SvdMethod::Block(m) => m,
+    };
+    let (b, n, h, w) = x.nchw("decompose")?;
+    check_energy(policy)?;
+    let (hw, nhw) = (h * w, n * h * w);
+    if b * nhw == 0 {
+        // Nothing to decompose: the light path's zero components of the clamped rank.
+        return decompose_batch(x, policy, schedule_step, 1, out, residual);
+    }
+    residual.resize(&x.shape);
+    out.n = n;
+    out.h = h;
+    out.w = w;
+    out.samples.resize_with(b, LowRank::default);
+    out.shared = false;
+    macro_rules! samples {
+        () => {
+            out.samples
+                .par_iter_mut()
+                .zip(residual.data.par_chunks_mut(nhw))
+                .zip(x.data.par_chunks(nhw))
+        };
+    }
+    let fixed = |r: usize| clamp_rank(r, n);
+    let r = match policy {
+        RankPolicy::Fixed(r) => fixed(r),
+        RankPolicy::Schedule => fixed(schedule_rank(schedule_step)),
+        RankPolicy::Energy(e) => fixed(
+            samples!()
+                .map(|((s, _), xb)| {
+                    s.blk.start(&[xb]);
+                    block::energy_rank(&[xb], n, hw, e, &m, &mut s.blk, 1)
+                })
+                .max()
+                .unwrap_or(1),
+        ),
+        RankPolicy::Entropy => fixed(
+            samples!()
+                .map(|((s, _), xb)| {
+                    s.blk.start(&[xb]);
+                    block::entropy_rank(&[xb], n, hw, &mut s.blk, 1)
+                })
+                .max()
+                .unwrap_or(1),
+        ),
+    };
+    let spectrum_done = matches!(policy, RankPolicy::Energy(_) | RankPolicy::Entropy);
+    samples!().for_each(|((s, res), xb)| {
+        let xs = [xb];
+        (s.n, s.hw, s.r) = (n, hw, r);
+        if r == n {
+            block::identity(&xs, n, &mut s.u, &mut [(&mut s.v, res)]);
+            return;
+        }
+        if spectrum_done {
+            block::ensure_rank(&xs, n, hw, r, &m, &mut s.blk, 1);
+        } else {
+            s.blk.start(&xs);
+            block::basis_for_rank(&xs, n, hw, r, &m, &mut s.blk, 1);
+        }
+        block::finish(
+            &xs,
+            n,
+            hw,
+            r,
+            &mut s.blk,
+            &mut s.u,
+            &mut [(&mut s.v, res)],
+            1,
+        );
+    });
+    out.r = r;
+    Ok(r)
+}
+
+/// [`decompose_batch_shared`] with the SVD chosen by `method` (see [`decompose_batch_with`]): `Block(m)` finds
+/// one basis for the N × B·HW matrix [X_1 … X_B] without copying it (its Gram matrix is Σ_b X_b X_bᵀ), the
+/// matrix products spread over the rayon pool.
+pub fn decompose_batch_shared_with(
+    x: &Tensor,
+    policy: RankPolicy,
+    schedule_step: usize,
+    method: SvdMethod,
+    out: &mut BatchLowRank,
+    residual: &mut Tensor,
+) -> Result<usize> {
+    let m = match method {
+        SvdMethod::Light { iters } => {
+            return decompose_batch_shared(x, policy, schedule_step, iters, out, residual)
+        }
+        SvdMethod::Block(m) => m,
+    };
+    let (b, n, h, w) = x.nchw("decompose")?;
+    let (hw, nhw) = (h * w, n * h * w);
+    if b * nhw == 0 {
+        out.shared = false;
+        return decompose_batch(x, policy, schedule_step, 1, out, residual);
+    }
+    check_energy(policy)?;
+    let threads = rayon::current_num_threads();
+    let xs: Vec<&[f32]> = x.data.chunks(nhw).collect();
+    let mut lr = std::mem::take(&mut out.whole_lr);
+    lr.blk.start(&xs);
+    let fixed = |r: usize| clamp_rank(r, n);
+    let r = match policy {
+        RankPolicy::Fixed(r) => fixed(r),
+        RankPolicy::Schedule => fixed(schedule_rank(schedule_step)),
+        RankPolicy::Energy(e) => fixed(block::energy_rank(&xs, n, hw, e, &m, &mut lr.blk, threads)),
+        RankPolicy::Entropy => fixed(block::entropy_rank(&xs, n, hw, &mut lr.blk, threads)),
+    };
+    residual.resize(&x.shape);
+    out.n = n;
+    out.h = h;
+    out.w = w;
+    out.r = r;
+    out.shared = true;
+    out.samples.resize_with(b, LowRank::default);
+    {
+        let mut parts: Vec<(&mut Vec<f32>, &mut [f32])> = out
+            .samples
+            .iter_mut()
+            .zip(residual.data.chunks_mut(nhw))
+            .map(|(s, res)| (&mut s.v, res))
+            .collect();
+        if r == n {
+            block::identity(&xs, n, &mut lr.u, &mut parts);
+        } else {
+            block::ensure_rank(&xs, n, hw, r, &m, &mut lr.blk, threads);
+            block::finish(&xs, n, hw, r, &mut lr.blk, &mut lr.u, &mut parts, threads);
+        }
+    }
+    for s in &mut out.samples {
+        (s.n, s.hw, s.r) = (n, hw, r);
+        s.u.clear();
+        s.u.extend_from_slice(&lr.u);
+    }
+    (lr.n, lr.hw, lr.r) = (n, b * hw, r);
+    out.whole_lr = lr;
     Ok(r)
 }
 

@@ -23,6 +23,8 @@ pub struct LowRank {
     g32: Vec<f32>,
     gw: Vec<f64>,
     w: Vec<f64>,
+    /// Scratch of the block method (`super::block`).
+    pub(crate) blk: super::block::BlockScratch,
 }
 
 impl LowRank {

@@ -73,7 +73,7 @@ fn masked(g: f32, x: f32, a: f32, b: f32, relu: bool) -> f32 {
 simd_fn! {
 /// One plane's (Σ g, Σ g·(x − m)) with g = dy, masked by [x·a + b > 0] when `relu` (BN+ReLU fused: a, b the
 /// forward's affine map), in 8 partial sums each, into `out`.
-fn plane_grad_sums(xp: &[f32], gp: &[f32], m: f32, a: f32, b: f32, relu: bool, out: &mut [f32; 2]) {
+pub(crate) fn plane_grad_sums(xp: &[f32], gp: &[f32], m: f32, a: f32, b: f32, relu: bool, out: &mut [f32; 2]) {
     let (mut s, mut sx) = ([0f32; 8], [0f32; 8]);
     let (mut ts, mut tsx) = (0f32, 0f32);
     // Blocks of 256: the mask is applied in a loop of its own (a select inside the sums does not vectorise).
@@ -107,7 +107,7 @@ fn plane_grad_sums(xp: &[f32], gp: &[f32], m: f32, a: f32, b: f32, relu: bool, o
 
 simd_fn! {
 /// One plane of ∇X: dx = c1·g + c3·x + c2 with g = dy masked as in [`plane_grad_sums`].
-fn plane_dx(dxp: &mut [f32], xp: &[f32], gp: &[f32], a: f32, b: f32, relu: bool, c: [f32; 3]) {
+pub(crate) fn plane_dx(dxp: &mut [f32], xp: &[f32], gp: &[f32], a: f32, b: f32, relu: bool, c: [f32; 3]) {
     let [c1, c2, c3] = c;
     if relu {
         for ((d, &xv), &gv) in dxp.iter_mut().zip(xp).zip(gp) {
@@ -145,6 +145,11 @@ fn grad_sums(
             (out[0] as f64, out[1] as f64 * invstd[c] as f64)
         })
         .collect();
+    merge_planes(&planes, cn)
+}
+
+/// Per channel (Σ dy, Σ dy·x̂) from per-plane sums (planes in NCHW order), added across planes in f64.
+pub(crate) fn merge_planes(planes: &[(f64, f64)], cn: usize) -> Vec<(f32, f32)> {
     (0..cn)
         .map(|c| {
             let (mut s, mut sx) = (0.0f64, 0.0f64);
@@ -206,6 +211,30 @@ impl BatchNorm2d {
     /// x: [B, C, H, W] → y: [B, C, H, W]. `train`: normalise with batch statistics and update the running
     /// averages (unbiased variance, as PyTorch); otherwise use the running averages.
     pub fn forward(&mut self, x: &Tensor, y: &mut Tensor, train: bool) -> Result<()> {
+        let (cn, hw) = self.prepare(x, train)?;
+        y.resize(&x.shape);
+        let (scale, shift, relu) = (&self.scale, &self.shift, self.relu);
+        y.data
+            .par_chunks_mut(hw)
+            .zip(x.data.par_chunks(hw))
+            .enumerate()
+            .for_each(|(i, (yp, xp))| {
+                let (a, b) = (scale[i % cn], shift[i % cn]);
+                if relu {
+                    yp.iter_mut()
+                        .zip(xp)
+                        .for_each(|(o, &v)| *o = (v * a + b).max(0.0));
+                } else {
+                    yp.iter_mut().zip(xp).for_each(|(o, &v)| *o = v * a + b);
+                }
+            });
+        Ok(())
+    }
+
+    /// The statistics part of [`BatchNorm2d::forward`]: batch statistics (and the running averages' update)
+    /// in training, the running averages otherwise, then the per-channel affine map ([`BatchNorm2d::affine_map`]).
+    /// Returns (C, H·W).
+    pub(crate) fn prepare(&mut self, x: &Tensor, train: bool) -> Result<(usize, usize)> {
         let (b, cn, hw) = self.check(x)?;
         let n = b * hw;
         if train && n <= 1 {
@@ -241,23 +270,12 @@ impl BatchNorm2d {
                 .collect();
         }
         self.affine();
-        y.resize(&x.shape);
-        let (scale, shift, relu) = (&self.scale, &self.shift, self.relu);
-        y.data
-            .par_chunks_mut(hw)
-            .zip(x.data.par_chunks(hw))
-            .enumerate()
-            .for_each(|(i, (yp, xp))| {
-                let (a, b) = (scale[i % cn], shift[i % cn]);
-                if relu {
-                    yp.iter_mut()
-                        .zip(xp)
-                        .for_each(|(o, &v)| *o = (v * a + b).max(0.0));
-                } else {
-                    yp.iter_mut().zip(xp).for_each(|(o, &v)| *o = v * a + b);
-                }
-            });
-        Ok(())
+        Ok((cn, hw))
+    }
+
+    /// The per-channel (scale, shift) of the last forward: y = x·scale + shift (before the fused ReLU).
+    pub(crate) fn affine_map(&self) -> (&[f32], &[f32]) {
+        (&self.scale, &self.shift)
     }
 
     /// Per-channel y = x·scale + shift of the current statistics and γ, β.
@@ -283,17 +301,8 @@ impl BatchNorm2d {
         let n = (b * hw) as f64;
         let relu = self.relu.then_some((&self.scale[..], &self.shift[..]));
         let sums = grad_sums(&x.data, &dy.data, cn, hw, &self.mean, &self.invstd, relu);
-        self.sum_dy = sums.iter().map(|s| s.0).collect();
-        self.sum_dy_xhat = sums.iter().map(|s| s.1).collect();
-        for c in 0..cn {
-            self.bias.grad.data[c] += self.sum_dy[c];
-            self.weight.grad.data[c] += self.sum_dy_xhat[c];
-        }
+        let coefs = self.grad_coefs(&sums, n);
         dx.resize(&x.shape);
-        let g = &self.weight.value.data;
-        let (mean, invstd) = (&self.mean, &self.invstd);
-        let (sdy, sdyx) = (&self.sum_dy, &self.sum_dy_xhat);
-        let batch = self.batch_stats;
         let (scale, shift, relu) = (&self.scale, &self.shift, self.relu);
         dx.data
             .par_chunks_mut(hw)
@@ -301,8 +310,33 @@ impl BatchNorm2d {
             .enumerate()
             .for_each(|(i, (dxp, (xp, dyp)))| {
                 let c = i % cn;
+                plane_dx(dxp, xp, dyp, scale[c], shift[c], relu, coefs[c]);
+            });
+        Ok(())
+    }
+
+    /// The mean and 1/sqrt(var + eps) per channel of the last forward.
+    pub(crate) fn stats(&self) -> (&[f32], &[f32]) {
+        (&self.mean, &self.invstd)
+    }
+
+    /// From the per-channel (Σ g, Σ g·x̂) of the gradient g reaching the BN output (`n` values per channel):
+    /// accumulates ∇γ, ∇β and returns per channel the coefficients [c1, c2, c3] of ∇x = c1·g + c3·x + c2.
+    pub(crate) fn grad_coefs(&mut self, sums: &[(f32, f32)], n: f64) -> Vec<[f32; 3]> {
+        let cn = self.channels;
+        self.sum_dy = sums.iter().map(|s| s.0).collect();
+        self.sum_dy_xhat = sums.iter().map(|s| s.1).collect();
+        for c in 0..cn {
+            self.bias.grad.data[c] += self.sum_dy[c];
+            self.weight.grad.data[c] += self.sum_dy_xhat[c];
+        }
+        let g = &self.weight.value.data;
+        let (mean, invstd) = (&self.mean, &self.invstd);
+        let (sdy, sdyx) = (&self.sum_dy, &self.sum_dy_xhat);
+        (0..cn)
+            .map(|c| {
                 let k = g[c] * invstd[c];
-                let coef = if batch {
+                if self.batch_stats {
                     // dx = γ·invstd·(dy − mean(dy) − x̂·mean(dy·x̂)), x̂ = (x − mean)·invstd
                     let mdy = (sdy[c] as f64 / n) as f32;
                     let mdyx = (sdyx[c] as f64 / n) as f32;
@@ -310,10 +344,9 @@ impl BatchNorm2d {
                     [k, kx * mean[c] - k * mdy, -kx]
                 } else {
                     [k, 0.0, 0.0]
-                };
-                plane_dx(dxp, xp, dyp, scale[c], shift[c], relu, coef);
-            });
-        Ok(())
+                }
+            })
+            .collect()
     }
 }
 

@@ -511,6 +511,25 @@ impl Conv2d {
 /// Winograd GEMM columns (tiles) per group of images.
 const WINO_TARGET: usize = 128;
 
+/// dy: [B, M, OH, OW] → db [M] += Σ_b Σ_p ∇Y[b, m, p], summed the way [`Conv2d::backward`] sums it (each row in
+/// 8 lanes, then per image), for a conv whose backward runs elsewhere (the split runtime's bias gradient).
+pub fn add_bias_grad(dy: &Tensor, db: &mut Tensor) -> Result<()> {
+    let (_, m, oh, ow) = dy.nchw("bias gradient")?;
+    if db.shape != [m] {
+        *db = Tensor::zeros(&[m]);
+    }
+    let p = oh * ow;
+    if p == 0 {
+        return Ok(());
+    }
+    let mut part = vec![0f32; m];
+    for (i, row) in dy.data.chunks(p).enumerate() {
+        part[i % m] += sum8(row, |v| v);
+    }
+    add_into(&mut db.data, &part);
+    Ok(())
+}
+
 fn add_into(dst: &mut [f32], src: &[f32]) {
     dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
 }

@@ -6,10 +6,10 @@
 /// Defines `fn name(args)` that runs its body compiled for AVX2 + FMA when the CPU has them (the loops then
 /// vectorise 8 wide), and for the baseline target otherwise.
 macro_rules! simd_fn {
-    ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$m])*
         #[allow(clippy::too_many_arguments)]
-        fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) {
             // Index loops over fixed-size blocks are deliberate: they vectorise.
             #[inline(always)]
             #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
@@ -40,6 +40,7 @@ pub mod activation;
 pub mod batchnorm;
 pub mod conv;
 pub mod dropout;
+pub mod fused;
 pub mod linear;
 pub mod loss;
 pub mod pool;

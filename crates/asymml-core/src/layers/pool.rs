@@ -9,7 +9,14 @@ fn nchw(x: &Tensor, what: &str) -> Result<(usize, usize, usize, usize)> {
     x.nchw(what)
 }
 
-fn pooled(h: usize, w: usize, k: usize, s: usize, p: usize, what: &str) -> Result<(usize, usize)> {
+pub(crate) fn pooled(
+    h: usize,
+    w: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+    what: &str,
+) -> Result<(usize, usize)> {
     if p * 2 > k {
         return Err(CoreError::Shape(format!(
             "{what}: padding {p} exceeds half the window {k}"
@@ -103,7 +110,13 @@ pub struct MaxPool2d {
     pub pad: usize,
     pub relu: bool,
     argmax: Vec<u32>,
+    /// The fused BatchNorm→ReLU→MaxPool path's argmax: per output, the index within its window
+    /// (row-major, `ki·k + kj`), [`WINDOW_NONE`] where no input gets the gradient (see `layers::fused`).
+    pub(crate) window_arg: Vec<u8>,
 }
+
+/// `window_arg` of an output whose gradient reaches no input.
+pub(crate) const WINDOW_NONE: u8 = u8::MAX;
 
 const NONE: u32 = u32::MAX;
 
@@ -115,6 +128,7 @@ impl MaxPool2d {
             pad,
             relu,
             argmax: Vec::new(),
+            window_arg: Vec::new(),
         }
     }
 

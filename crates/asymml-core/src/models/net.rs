@@ -3,6 +3,7 @@
 use super::resnet::BasicBlock;
 use super::spec::ModelSpec;
 use crate::error::{CoreError, Result};
+use crate::layers::fused;
 use crate::layers::loss::SoftmaxCrossEntropy;
 use crate::layers::{
     AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, Dropout, Linear, MaxPool2d, Param, Relu,
@@ -44,15 +45,9 @@ pub trait ConvExec {
         dx: Option<&mut Tensor>,
     ) -> Result<()>;
 
-    /// True when the executor owns the conv weights and their optimizer (the split runtime keeps them on
-    /// the accelerator): the session then leaves conv parameters alone and calls [`ConvExec::step`].
-    fn owns_conv_weights(&self) -> bool {
-        false
-    }
-
-    /// Applies the optimizer step to the conv weights it owns with learning rate `lr`, and refreshes the
-    /// network's copies of them.
-    fn step(&mut self, _lr: f32, _net: &mut Net) -> Result<()> {
+    /// Called after the optimizer has updated every parameter of `net` (conv weights included: the trusted
+    /// runtime owns them); the split runtime sends the new conv weights to the accelerator.
+    fn after_update(&mut self, _net: &mut Net) -> Result<()> {
         Ok(())
     }
 }
@@ -149,6 +144,10 @@ pub struct Net {
     /// Seconds spent in each node, forward and backward, accumulated while profiling is on
     /// ([`Net::set_profiling`]).
     node_times: Option<Vec<NodeTime>>,
+    /// Run BatchNorm → (ReLU+)MaxPool node pairs fused ([`crate::layers::fused`]); on by default.
+    fuse: bool,
+    /// fused[i]: the last forward ran nodes i and i + 1 as one fused pass (acts[i + 1] was not written).
+    fused: Vec<bool>,
 }
 
 /// Time spent in one node (see [`Net::set_profiling`]).
@@ -232,6 +231,8 @@ impl Net {
             loss: SoftmaxCrossEntropy::default(),
             rng: Rng::new(seed ^ 0xD00D),
             node_times: None,
+            fuse: true,
+            fused: Vec::new(),
         };
         let mut id = 0;
         net.visit_convs(&mut |_, c| {
@@ -239,6 +240,26 @@ impl Net {
             id += 1;
         });
         net
+    }
+
+    /// Turns the fused execution of BatchNorm → ReLU+MaxPool node pairs on (the default) or off (each node
+    /// by itself: the reference path). Results are equal either way.
+    pub fn set_fusion(&mut self, on: bool) {
+        self.fuse = on;
+    }
+
+    /// Whether nodes i and i + 1 run fused. Pools other than 2×2 stride 2 (ResNet's 3×3 stem pool) run fused
+    /// in evaluation only: their training pass (argmax over overlapping windows) measured no faster fused.
+    fn fusable(&self, i: usize, train: bool) -> bool {
+        if !self.fuse || i + 1 >= self.nodes.len() {
+            return false;
+        }
+        match (&self.nodes[i].layer, &self.nodes[i + 1].layer) {
+            (Layer::BatchNorm(b), Layer::MaxPool(p)) => {
+                fused::can_fuse(b, p) && (!train || (p.k, p.stride, p.pad) == (2, 2, 0))
+            }
+            _ => false,
+        }
     }
 
     /// Turns per-node timing on (counters reset to zero) or off.
@@ -381,8 +402,26 @@ impl Net {
         let n = self.nodes.len();
         self.acts.resize_with(n + 1, Tensor::default);
         self.acts[0].copy_from(x);
-        for i in 0..n {
+        self.fused.clear();
+        self.fused.resize(n, false);
+        let mut i = 0;
+        while i < n {
             let t0 = self.node_times.is_some().then(std::time::Instant::now);
+            if self.fusable(i, train) {
+                // BN → ReLU+MaxPool in one pass from acts[i] to acts[i + 2]; the time goes to the BN node.
+                let (before, after) = self.acts.split_at_mut(i + 1);
+                let (lo, hi) = self.nodes.split_at_mut(i + 1);
+                if let (Layer::BatchNorm(b), Layer::MaxPool(p)) =
+                    (&mut lo[i].layer, &mut hi[0].layer)
+                {
+                    fused::bn_relu_maxpool_forward(b, p, &before[i], &mut after[1], train, train)
+                        .map_err(|e| in_layer(&lo[i].name, e))?;
+                }
+                self.fused[i] = true;
+                self.add_time(i, t0, false);
+                i += 2;
+                continue;
+            }
             let (before, after) = self.acts.split_at_mut(i + 1);
             let (input, out) = (&before[i], &mut after[0]);
             let node = &mut self.nodes[i];
@@ -411,6 +450,7 @@ impl Net {
             };
             res.map_err(|e| in_layer(&node.name, e))?;
             self.add_time(i, t0, false);
+            i += 1;
         }
         Ok(&self.acts[n])
     }
@@ -457,8 +497,25 @@ impl Net {
         }
         let mut cur = dlogits;
         let mut prev = std::mem::take(&mut self.grad_b);
-        for i in (0..n).rev() {
+        let mut i = n;
+        while i > 0 {
+            i -= 1;
             let t0 = self.node_times.is_some().then(std::time::Instant::now);
+            if i > 0 && self.fused.get(i - 1) == Some(&true) {
+                // The fused pair (i − 1, i): ∇ of the pooled output straight to ∇ of the BN input.
+                let j = i - 1;
+                let (lo, hi) = self.nodes.split_at_mut(i);
+                if let (Layer::BatchNorm(b), Layer::MaxPool(p)) =
+                    (&mut lo[j].layer, &mut hi[0].layer)
+                {
+                    fused::bn_relu_maxpool_backward(b, p, &self.acts[j], &cur, &mut prev)
+                        .map_err(|e| in_layer(&lo[j].name, e))?;
+                }
+                self.add_time(j, t0, true);
+                std::mem::swap(&mut cur, &mut prev);
+                i = j;
+                continue;
+            }
             let want_dx = i > 0 || input_grad;
             let (input, out) = (&self.acts[i], &self.acts[i + 1]);
             let node = &mut self.nodes[i];

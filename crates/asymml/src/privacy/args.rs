@@ -117,6 +117,27 @@ pub struct PrivacyArgs {
     /// Seed of fresh weights, sampling and noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Formal accounting: each sample's X_U clipped to this ℓ₂ norm C, noise σ = NSR·C/√(N·H·W) per value;
+    /// reports per conv, rank policy and --nsr the (ε, δ) of one release and of one forward pass (local DP).
+    #[arg(long, value_parser = super::accounting::parse_clip)]
+    pub clip: Option<f32>,
+    /// δ of the formal accounting (with --clip), in (0, 1).
+    #[arg(long, default_value_t = super::accounting::DEFAULT_DELTA, value_parser = super::accounting::parse_delta)]
+    pub delta: f64,
+    /// Calibrate a rank table instead of the report: per conv of --layers, the smallest rank (or the
+    /// fully-trusted route) whose X_U stays under every --target on these images, at the first --nsr.
+    /// Calibration uses only the images given (--images, or the dataset): give public images of the kind you
+    /// will protect, never the private ones. Convs outside --layers get the rank of the first --ranks policy.
+    /// Writes --table-out, read with `--rank table:FILE`.
+    #[arg(long)]
+    pub calibrate: bool,
+    /// Leakage each calibrated conv must stay under: comma-separated MEASURE=VALUE with MEASURE one of
+    /// rel-mi, linfoot, edge-ssim (edge SSIM above its chance level), ssim-gain (needs --decoders).
+    #[arg(long, default_value = "rel-mi=0.02,edge-ssim=0.1,ssim-gain=0.1")]
+    pub target: Target,
+    /// Where --calibrate writes the rank table. [default: rank_table.json in --out, else here]
+    #[arg(long)]
+    pub table_out: Option<PathBuf>,
     /// Folder for the PNG plots and image grids (and privacy.json).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -208,6 +229,67 @@ impl LayerSelection {
     }
 }
 
+/// `--target`: the largest leakage a calibrated conv may show, per measure (absent: not checked).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Target {
+    pub rel_mi: Option<f64>,
+    pub linfoot: Option<f64>,
+    pub edge_ssim: Option<f64>,
+    pub ssim_gain: Option<f64>,
+}
+
+impl FromStr for Target {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut t = Target::default();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let Some((name, value)) = part.split_once('=') else {
+                return Err(format!(
+                    "'{part}': expected MEASURE=VALUE (e.g. edge-ssim=0.3)"
+                ));
+            };
+            let v: f64 = match value.trim().parse() {
+                Ok(v) if f64::is_finite(v) && v >= 0.0 => v,
+                _ => return Err(format!("'{part}': the value must be a finite number ≥ 0")),
+            };
+            let slot = match name.trim().to_ascii_lowercase().replace('_', "-").as_str() {
+                "rel-mi" => &mut t.rel_mi,
+                "linfoot" => &mut t.linfoot,
+                "edge-ssim" => &mut t.edge_ssim,
+                "ssim-gain" => &mut t.ssim_gain,
+                other => {
+                    return Err(format!(
+                        "unknown measure '{other}' (rel-mi, linfoot, edge-ssim, ssim-gain)"
+                    ))
+                }
+            };
+            if slot.replace(v).is_some() {
+                return Err(format!("'{}' is given twice", name.trim()));
+            }
+        }
+        if t == Target::default() {
+            return Err("give at least one MEASURE=VALUE".into());
+        }
+        Ok(t)
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = [
+            ("rel-mi", self.rel_mi),
+            ("linfoot", self.linfoot),
+            ("edge-ssim", self.edge_ssim),
+            ("ssim-gain", self.ssim_gain),
+        ]
+        .iter()
+        .filter_map(|(n, v)| v.map(|v| format!("{n}={v}")))
+        .collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
 /// A decoder the attacker learns from a stream back to the image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Decoder {
@@ -248,11 +330,23 @@ What is measured (every stream is taken from a recording of the messages the spl
    and a small conv decoder (3 conv layers of 48 channels, sub-pixel upsampling, Adam, MSE, --decoder-steps) trained with asymml's engine.
    PSNR (dB) and SSIM (Gaussian window 11, sigma 1.5) on the held-out private images, beside the same
    decoders trained on X itself (what sending X in the clear would leak) and the mean image.
-4. With --tradeoff: the model trained in split mode for each --nsr; test accuracy against leakage.
+4. Structural leakage (what a person sees, which pixel-pair MI misses): edge_ssim, the SSIM of X_U's best edge
+   map (Sobel magnitude of the channels' RMS or maximum, the first principal channel, the 4 channels of largest
+   variance, and the channel mean and principal channel blurred by 1 and 2 px) against the image's at X_U's
+   resolution, with its chance level (against another image) and edge_excess = edge_ssim - chance; and
+   ssim_gain = (s - s0)/(1 - s0), the best attack's SSIM s over the mean image's s0. Judged on the grids: X_U
+   is recognisable when edge_excess >= 0.1 or ssim_gain >= 0.1 (see the README).
+5. With --tradeoff: the model trained in split mode for each --nsr; test accuracy against leakage.
+
+--calibrate: per conv of --layers, the smallest rank (ranks doubled from 1, then bisected), or the fully-trusted
+route, whose X_U stays under every --target on the given images at the first --nsr; writes a rank table JSON
+(--table-out, else rank_table.json in --out or here) for `--rank table:FILE`, and calibration.json with every
+probe in --out. It uses only the images you give it: give public images of the kind you protect.
 
 --json prints one object: {\"layers\":[...],\"kernel_study\":[...],\"settings\":[{\"layer\",\"stream\",\"rank_policy\",
-\"rank\",\"nsr\",\"energy_kept\",\"entropy\",\"rel_mi\",\"linfoot\",\"psnr_db\",\"ssim\",...}],\"tradeoff\":[...]}.
---out DIR writes privacy.json, spectra.png, energy.png, kernel_entropy.png, leakage.png, attack grids
+\"rank\",\"nsr\",\"energy_kept\",\"entropy\",\"rel_mi\",\"linfoot\",\"edge_ssim\",\"psnr_db\",\"ssim\",\"ssim_gain\",...}],\"tradeoff\":[...]}.
+--out DIR writes privacy.json, spectra.png, energy.png, kernel_entropy.png, leakage.png, edge grids
+(edges_conv<layer>_<rank>_nsr<nsr>.png: the image, its edge map, X_U's best edge map, X_U), attack grids
 (attack_<layer>_<rank>_nsr<nsr>.png: X, X_T, X_U, and each decoder's reconstruction) and tradeoff.png.
 
 Examples:
@@ -285,5 +379,29 @@ mod tests {
             "{err}"
         );
         assert!(parse("x").is_err());
+    }
+
+    #[test]
+    fn targets() {
+        let t: Target = "edge-ssim=0.2, rel_mi=0.02".parse().unwrap();
+        assert_eq!(
+            t,
+            Target {
+                rel_mi: Some(0.02),
+                edge_ssim: Some(0.2),
+                ..Default::default()
+            }
+        );
+        assert_eq!(t.to_string().parse::<Target>().unwrap(), t);
+        for bad in [
+            "",
+            "edge-ssim",
+            "edge-ssim=x",
+            "psnr=3",
+            "rel-mi=-1",
+            "rel-mi=1,rel-mi=2",
+        ] {
+            assert!(bad.parse::<Target>().is_err(), "{bad}");
+        }
     }
 }

@@ -6,7 +6,6 @@ use super::plan::Model;
 use anyhow::{Context, Result};
 use asymml_core::layers::Conv2d;
 use asymml_core::models::{ConvExec, Net};
-use asymml_core::optim::OptimizerKind;
 use asymml_core::{CoreError, Tensor};
 use asymml_protocol::{inproc_pair, Direction, MessageKind, Recording};
 use asymml_trusted::split::{SplitConfig, SplitExec};
@@ -143,6 +142,60 @@ struct BatchStreams {
     ranks: Vec<usize>,
 }
 
+/// A conv's input shape, where it was seen.
+type InputShape = Option<Vec<usize>>;
+
+/// A split executor that also notes each conv's input shape (by conv id).
+struct Shapes<E: ConvExec> {
+    inner: E,
+    trusted: Vec<InputShape>,
+}
+
+impl<E: ConvExec> Shapes<E> {
+    fn note(&mut self, conv: &Conv2d, x: &Tensor) {
+        if self.trusted.len() <= conv.id {
+            self.trusted.resize(conv.id + 1, None);
+        }
+        self.trusted[conv.id] = Some(x.shape.clone());
+    }
+}
+
+impl<E: ConvExec> ConvExec for Shapes<E> {
+    fn conv_forward(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        train: bool,
+    ) -> asymml_core::Result<()> {
+        self.note(conv, x);
+        self.inner.conv_forward(conv, x, y, train)
+    }
+
+    fn conv_forward_same_input(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        train: bool,
+        same_input_as: usize,
+    ) -> asymml_core::Result<()> {
+        self.note(conv, x);
+        self.inner
+            .conv_forward_same_input(conv, x, y, train, same_input_as)
+    }
+
+    fn conv_backward(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        dy: &Tensor,
+        dx: Option<&mut Tensor>,
+    ) -> asymml_core::Result<()> {
+        self.inner.conv_backward(conv, x, dy, dx)
+    }
+}
+
 /// Runs one forward (and, with `backward`, one backward) pass of the split runtime on `x`, with an in-process
 /// accelerator behind a recording transport, and returns what the recording saw leave the trusted side.
 fn batch_streams(
@@ -159,12 +212,13 @@ fn batch_streams(
     });
     let rec = Recording::new(client);
     let transcript = rec.transcript();
-    let sgd = OptimizerKind::Sgd {
-        momentum: 0.0,
-        nesterov: false,
-    };
-    let run = (|| -> Result<Vec<usize>> {
-        let mut exec = SplitExec::connect(rec, net, sgd, 0.0, cfg)?;
+    let run = (|| -> Result<(Vec<usize>, Vec<InputShape>)> {
+        let split = SplitExec::connect(rec, net, cfg)?;
+        let stats = split.stats();
+        let mut exec = Shapes {
+            inner: split,
+            trusted: Vec::new(),
+        };
         // Registration carries only the public weights: drop it before the step.
         transcript.take();
         net.zero_grad();
@@ -172,16 +226,39 @@ fn batch_streams(
         if backward {
             net.backward(&mut exec, false)?;
         }
-        let ranks = exec.ranks().into_iter().map(|(_, r)| r).collect();
-        exec.shutdown()?;
-        Ok(ranks)
+        let ranks = exec.inner.ranks().into_iter().map(|(_, r)| r).collect();
+        // The convs run wholly in the trusted runtime, with their input's shape: nothing of it was sent.
+        let routed = stats
+            .lock()
+            .map_err(|_| anyhow::anyhow!("split counters poisoned"))?
+            .layers
+            .iter()
+            .map(|l| l.trusted_route)
+            .collect::<Vec<_>>();
+        let trusted = exec
+            .trusted
+            .iter()
+            .enumerate()
+            .map(|(l, s)| {
+                s.clone()
+                    .filter(|_| routed.get(l).copied().unwrap_or(false))
+            })
+            .collect();
+        exec.inner.shutdown()?;
+        Ok((ranks, trusted))
     })();
     let joined = service
         .join()
         .map_err(|_| anyhow::anyhow!("the accelerator thread panicked"))?;
-    let ranks = run.context("split runtime")?;
+    let (ranks, trusted) = run.context("split runtime")?;
     joined?;
     let mut x_u = vec![Tensor::default(); ranks.len()];
+    // A conv on the fully-trusted route sent nothing: what the accelerator saw of its input is all zeros.
+    for (l, shape) in trusted.into_iter().enumerate() {
+        if let (Some(shape), Some(t)) = (shape, x_u.get_mut(l)) {
+            *t = Tensor::zeros(&shape);
+        }
+    }
     let mut dy0 = Tensor::default();
     for r in transcript.take() {
         if r.direction != Direction::Sent {

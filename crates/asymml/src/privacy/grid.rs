@@ -142,3 +142,47 @@ pub(crate) fn write_attack_grid(
     }
     write_grid(path, &grid_rows)
 }
+
+/// The edge grid of one X_U: per image (up to 6), the image, its edge map and X_U's best candidate edge map
+/// (both at X_U's resolution; see `structure.rs`), and X_U's channel mean.
+pub(crate) fn write_edge_grid(
+    path: &Path,
+    images: &Tensor,
+    xu: &Tensor,
+    scale: &PixelScale,
+) -> Result<()> {
+    let views = super::structure::edge_views(images, xu, 6)?;
+    let (c, h, w) = (images.shape[1], images.shape[2], images.shape[3]);
+    let (sc, sh, sw) = (xu.shape[1], xu.shape[2], xu.shape[3]);
+    let mut rows = Vec::new();
+    for (i, (target, best)) in views.into_iter().enumerate() {
+        let img = &images.data[i * c * h * w..][..c * h * w];
+        let s = &xu.data[i * sc * sh * sw..][..sc * sh * sw];
+        let map = |data: Vec<f32>| Tile {
+            c: 1,
+            h: sh,
+            w: sw,
+            data,
+            stretch: false,
+        };
+        rows.push(vec![
+            Tile {
+                c,
+                h,
+                w,
+                data: scale.to_unit(img, c),
+                stretch: false,
+            },
+            map(target),
+            map(best),
+            Tile {
+                c: sc,
+                h: sh,
+                w: sw,
+                data: s.to_vec(),
+                stretch: true,
+            },
+        ]);
+    }
+    write_grid(path, &rows)
+}

@@ -9,6 +9,7 @@ use super::grid;
 use super::leakage::{self, Leak};
 use super::lowrank::{self, KernelEntropy, LayerSpectra};
 use super::plan::Plan;
+use super::structure;
 use crate::data::Dataset;
 use crate::progress;
 use crate::values::RankArg;
@@ -48,6 +49,18 @@ pub(crate) struct Setting {
     /// The best attack on this stream (largest PSNR), when attacked.
     pub psnr_db: Option<f64>,
     pub ssim: Option<f64>,
+    /// The best attack's SSIM gain over the mean image, (s − s₀)/(1 − s₀) with s the largest SSIM of the
+    /// decoders and s₀ the mean image's: 0 = no better than the mean image, 1 = a perfect reconstruction.
+    pub ssim_gain: Option<f64>,
+    /// Edge SSIM of X_U (see `structure.rs`): mean over the images of the best candidate edge map's SSIM
+    /// against the image's edge map at X_U's resolution.
+    pub edge_ssim: Option<f64>,
+    /// The largest edge SSIM over the images.
+    pub edge_ssim_max: Option<f64>,
+    /// The same best-candidate score against another image's edge map (chance level).
+    pub edge_ssim_chance: Option<f64>,
+    /// edge_ssim − edge_ssim_chance: the structural measure (recognisable from 0.1).
+    pub edge_excess: Option<f64>,
     pub attacks: Vec<AttackResult>,
 }
 
@@ -82,11 +95,17 @@ pub(crate) fn measure(plan: &Plan) -> Result<Measured> {
     pb.inc(1);
     let baselines = attacker.baselines(&private, &pb)?;
     pb.inc(1);
+    let mean_ssim = baselines
+        .iter()
+        .find(|b| b.input == "mean_image")
+        .and_then(|b| b.attacks.first())
+        .map(|a| a.ssim);
     let m = Measurer {
         plan,
         private,
         attacker,
         pb,
+        mean_ssim,
     };
     let mut settings = Vec::new();
     let mut layer_ranks = vec![BTreeMap::new(); plan.model.convs.len()];
@@ -120,7 +139,7 @@ pub(crate) fn measure(plan: &Plan) -> Result<Measured> {
 }
 
 /// A dataset's images (by index) as one normalised tensor [n, c, h, w] and their labels.
-fn tensor_of(data: &Dataset, idx: &[usize]) -> (Tensor, Vec<usize>) {
+pub(super) fn tensor_of(data: &Dataset, idx: &[usize]) -> (Tensor, Vec<usize>) {
     let mut x = Tensor::zeros(&[idx.len(), data.c, data.h, data.w]);
     let mut labels = Vec::new();
     data.fill_batch(idx, None, &mut Rng::new(0), &mut x.data, &mut labels);
@@ -177,17 +196,17 @@ impl Private {
 
 /// The attacker: its public images (and their conv inputs, when it attacks), and the attacked private images
 /// its reconstructions are scored against.
-struct Attacker<'p> {
+pub(super) struct Attacker<'p> {
     plan: &'p Plan,
-    public_x: Tensor,
-    public_labels: Vec<usize>,
+    pub(super) public_x: Tensor,
+    pub(super) public_labels: Vec<usize>,
     public_inputs: Vec<Tensor>,
     truth: Tensor,
 }
 
 impl<'p> Attacker<'p> {
     /// `private_x`: all the private images.
-    fn new(plan: &'p Plan, private_x: &Tensor) -> Result<Attacker<'p>> {
+    pub(super) fn new(plan: &'p Plan, private_x: &Tensor) -> Result<Attacker<'p>> {
         let public = &plan.data.public;
         let (public_x, _) = tensor_of(public, &(0..public.len()).collect::<Vec<_>>());
         let public_inputs = if plan.attack_layers.is_empty() {
@@ -205,7 +224,7 @@ impl<'p> Attacker<'p> {
     }
 
     /// Each decoder trained on the public streams, and its reconstruction of the private ones.
-    fn decode(
+    pub(super) fn decode(
         &self,
         public_s: &Tensor,
         private_s: &Tensor,
@@ -226,7 +245,7 @@ impl<'p> Attacker<'p> {
     }
 
     /// PSNR and SSIM of each reconstruction.
-    fn score(&self, recons: &[(String, Tensor)]) -> Result<Vec<AttackResult>> {
+    pub(super) fn score(&self, recons: &[(String, Tensor)]) -> Result<Vec<AttackResult>> {
         recons
             .iter()
             .map(|(d, r)| {
@@ -260,7 +279,7 @@ impl<'p> Attacker<'p> {
         Ok(out)
     }
 
-    fn mean_image(&self) -> Result<Baseline> {
+    pub(super) fn mean_image(&self) -> Result<Baseline> {
         let n = self.public_x.shape[0];
         let per = self.public_x.len() / n.max(1);
         let mut mean = vec![0f32; per];
@@ -318,18 +337,37 @@ impl Setting {
             linfoot: lk.linfoot,
             psnr_db: None,
             ssim: None,
+            ssim_gain: None,
+            edge_ssim: None,
+            edge_ssim_max: None,
+            edge_ssim_chance: None,
+            edge_excess: None,
             attacks: Vec::new(),
         }
     }
 
-    /// Records the attacks on this setting's stream; the best one (largest PSNR) as its PSNR and SSIM.
-    fn attacked(&mut self, results: Vec<AttackResult>) {
+    /// Records the attacks on this setting's stream; the best one (largest PSNR) as its PSNR and SSIM, and
+    /// the largest SSIM's gain over the mean image's SSIM `mean_ssim`.
+    fn attacked(&mut self, results: Vec<AttackResult>, mean_ssim: Option<f64>) {
         let best = results
             .iter()
             .max_by(|x, y| x.psnr_db.total_cmp(&y.psnr_db));
         self.psnr_db = best.map(|b| b.psnr_db);
         self.ssim = best.map(|b| b.ssim);
+        let top = results.iter().map(|r| r.ssim).fold(f64::NAN, f64::max);
+        self.ssim_gain = match mean_ssim {
+            Some(m) if top.is_finite() => Some(structure::ssim_gain(top, m)),
+            _ => None,
+        };
         self.attacks = results;
+    }
+
+    /// Records the edge SSIM of this setting's stream.
+    fn edges(&mut self, e: structure::EdgeScore) {
+        self.edge_ssim = Some(e.mean);
+        self.edge_ssim_max = Some(e.max);
+        self.edge_ssim_chance = e.chance.is_finite().then_some(e.chance);
+        self.edge_excess = Some(e.excess());
     }
 }
 
@@ -339,6 +377,8 @@ struct Measurer<'p> {
     private: Private,
     attacker: Attacker<'p>,
     pb: ProgressBar,
+    /// The mean image's SSIM (the attacks' floor), when attacked.
+    mean_ssim: Option<f64>,
 }
 
 impl Measurer<'_> {
@@ -356,7 +396,7 @@ impl Measurer<'_> {
         let mut layers = plan.mi_layers.clone();
         layers.extend(plan.attack_layers.iter().copied());
         let request = StreamRequest {
-            split: plan.split(policy.policy, nsr, plan.args.seed),
+            split: plan.split(policy, nsr, plan.args.seed),
             batch: plan.args.batch_size,
             layers: &layers,
             backward: true,
@@ -374,7 +414,12 @@ impl Measurer<'_> {
             let msg = format!("{}, nsr {nsr}: MI of X_U at conv {l}", policy.text);
             self.pb.set_message(msg);
             let lk = leakage::leak(&private.inputs[l], s, &private.self_mi[&l], &plan.mi)?;
-            settings.push(self.x_u_setting(&at, l, s, &lk));
+            settings.push(self.x_u_setting(&at, l, s, &lk)?);
+            if let Some(out) = &plan.args.out {
+                let name = policy.text.replace([':', '.', '/'], "_");
+                let path = out.join(format!("edges_conv{l}_{name}_nsr{nsr}.png"));
+                grid::write_edge_grid(&path, &private.x, s, &plan.scale)?;
+            }
         }
         if let Some(st) = self.dy_setting(&at, &sent.dy0)? {
             settings.push(st);
@@ -385,13 +430,15 @@ impl Measurer<'_> {
         Ok(sent.ranks)
     }
 
-    /// The setting of X_U at conv `l`, with what the lightweight SVD kept when there is no noise.
-    fn x_u_setting(&self, at: &At, l: usize, x_u: &Tensor, lk: &Leak) -> Setting {
+    /// The setting of X_U at conv `l`, with its edge SSIM and what the lightweight SVD kept when there is no
+    /// noise.
+    fn x_u_setting(&self, at: &At, l: usize, x_u: &Tensor, lk: &Leak) -> Result<Setting> {
         let mut st = Setting::new(at, l, "x_u", &self.private.spectra[l], lk);
         if at.nsr == 0.0 {
             st.energy_kept_light = Some(lowrank::energy_kept_light(&self.private.inputs[l], x_u));
         }
-        st
+        st.edges(structure::edge_ssim(&self.private.x, x_u)?);
+        Ok(st)
     }
 
     /// The setting of ∇Y of the first conv, paired with the channel mean of the image (none when the first
@@ -426,7 +473,7 @@ impl Measurer<'_> {
         self.pb
             .set_message(format!("{}, nsr {}: attacks", at.policy, at.nsr));
         let request = StreamRequest {
-            split: plan.split(policy.policy, at.nsr, plan.args.seed ^ 0xA77AC),
+            split: plan.split(policy, at.nsr, plan.args.seed ^ 0xA77AC),
             batch: plan.args.batch_size,
             layers: &plan.attack_layers,
             backward: false,
@@ -453,13 +500,13 @@ impl Measurer<'_> {
                     && st.nsr == at.nsr
             });
             match found {
-                Some(st) => st.attacked(results),
+                Some(st) => st.attacked(results, self.mean_ssim),
                 None => {
-                    let mut st = self.x_u_setting(at, l, s, &Leak::default());
+                    let mut st = self.x_u_setting(at, l, s, &Leak::default())?;
                     st.rel_mi = f64::NAN;
                     st.mi_nats = f64::NAN;
                     st.linfoot = f64::NAN;
-                    st.attacked(results);
+                    st.attacked(results, self.mean_ssim);
                     settings.push(st);
                 }
             }
@@ -481,7 +528,7 @@ impl Measurer<'_> {
         let recons = attacker.decode(public_s, &private_s, plan.args.seed ^ l as u64)?;
         let results = attacker.score(&recons)?;
         if let Some(out) = &plan.args.out {
-            let policy = at.policy.replace([':', '.'], "_");
+            let policy = at.policy.replace([':', '.', '/'], "_");
             let path = out.join(format!("attack_conv{l}_{policy}_nsr{}.png", at.nsr));
             let x = rows(&self.private.inputs[l], &plan.data.attacked);
             grid::write_attack_grid(&path, &attacker.truth, &x, &private_s, &recons, &plan.scale)?;

@@ -6,8 +6,10 @@
 //! [`measure`] takes the streams and measures them (low-rank structure, mutual information, attacks),
 //! [`tradeoff`] trains the model once per noise level, and [`report`] writes the text, JSON and PNG output.
 
+pub(crate) mod accounting;
 pub(crate) mod args;
 mod attack;
+mod calibrate;
 mod capture;
 mod grid;
 mod leakage;
@@ -16,6 +18,7 @@ mod measure;
 mod mi;
 mod plan;
 mod report;
+mod structure;
 mod tradeoff;
 
 use anyhow::Result;
@@ -27,12 +30,16 @@ use report::Report;
 pub fn run(a: PrivacyArgs) -> Result<()> {
     let threads = crate::threads::init(a.threads)?;
     let plan = Plan::resolve(a, threads)?;
+    if plan.args.calibrate {
+        return calibrate::run(&plan);
+    }
     let measured = measure::measure(&plan)?;
     let tradeoff = if plan.args.tradeoff {
         tradeoff::run(&plan, &tradeoff::leakage_of(&measured.settings))?
     } else {
         Vec::new()
     };
-    let report = Report::new(&plan, measured, tradeoff);
+    let mut report = Report::new(&plan, measured, tradeoff);
+    report.formal_accounting = accounting::for_privacy(&plan)?;
     report.emit(plan.args.out.as_deref(), plan.args.json)
 }

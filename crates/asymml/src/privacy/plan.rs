@@ -6,7 +6,7 @@ use super::attack::PixelScale;
 use super::leakage::MiConfig;
 use crate::batch::{check_fit, fit_to};
 use crate::data::{self, Dataset};
-use crate::values::{check_batch_bytes, MAX_INPUT_SIZE};
+use crate::values::{check_batch_bytes, RankArg, MAX_INPUT_SIZE};
 use crate::weightfile::{self, WeightInfo};
 use anyhow::{bail, Context, Result};
 use asymml_core::decomp::RankPolicy;
@@ -51,6 +51,10 @@ impl Plan {
         }
         let model = Model::build(&args, &info, weight_bytes.as_deref(), &data.private)?;
         let n_convs = model.convs.len();
+        for rank in args.ranks.iter().chain([&args.tradeoff_rank]) {
+            rank.check_covers(model.convs.iter().map(|(n, _)| n.as_str()))
+                .map_err(anyhow::Error::msg)?;
+        }
         let mi_layers = args.layers.resolve(n_convs, "--layers")?;
         let decoders: Vec<Decoder> = args
             .decoders
@@ -89,14 +93,24 @@ impl Plan {
         })
     }
 
-    /// The split's settings for a rank policy and noise level (the trusted runtime's training defaults).
-    pub(crate) fn split(&self, policy: RankPolicy, nsr: f32, seed: u64) -> SplitConfig {
+    /// The split's settings for a rank policy (or table) and noise level (the trusted runtime's training
+    /// defaults).
+    pub(crate) fn split(&self, rank: &RankArg, nsr: f32, seed: u64) -> SplitConfig {
+        SplitConfig {
+            table: rank.table.clone(),
+            ..self.split_policy(rank.policy, nsr, seed)
+        }
+    }
+
+    /// The split's settings for a rank policy (no table) and noise level.
+    pub(crate) fn split_policy(&self, policy: RankPolicy, nsr: f32, seed: u64) -> SplitConfig {
         SplitConfig {
             policy,
             iters: self.args.svd_iters,
             nsr,
             seed,
             shared_basis: self.args.shared_basis,
+            clip: self.args.clip,
             ..Default::default()
         }
     }

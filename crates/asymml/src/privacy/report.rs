@@ -56,6 +56,9 @@ pub(crate) struct Report {
     baselines: Vec<Baseline>,
     tradeoff: Vec<TradeoffEntry>,
     notes: Vec<String>,
+    /// With --clip: the formal (ε, δ) accounting per rank policy and nsr (`accounting.rs`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) formal_accounting: Vec<super::accounting::PolicyAccounting>,
 }
 
 impl Report {
@@ -83,6 +86,7 @@ impl Report {
             baselines: m.baselines,
             tradeoff,
             notes,
+            formal_accounting: Vec::new(),
         }
     }
 
@@ -274,6 +278,7 @@ fn print_report(r: &Report, out: Option<&Path>) {
             );
         }
     }
+    super::accounting::print_privacy(&r.formal_accounting);
     for n in &r.notes {
         println!("note: {n}");
     }
@@ -337,12 +342,24 @@ fn print_leakage(r: &Report) {
         r.mi.estimator, r.mi.k, r.mi.alpha
     );
     println!(
-        "  {:<6} {:<5} {:<10} {:>4} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8}",
-        "stream", "conv", "rank", "r", "nsr", "energy", "rel_mi", "linfoot", "psnr_dB", "ssim"
+        "  {:<6} {:<5} {:<10} {:>4} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "stream",
+        "conv",
+        "rank",
+        "r",
+        "nsr",
+        "energy",
+        "rel_mi",
+        "linfoot",
+        "edge_ssim",
+        "edge_xs",
+        "psnr_dB",
+        "ssim",
+        "ssim_gain"
     );
     for s in &r.settings {
         println!(
-            "  {:<6} {:<5} {:<10} {:>4} {:>6} {:>8.4} {:>8.4} {:>8.4} {:>8} {:>8}",
+            "  {:<6} {:<5} {:<10} {:>4} {:>6} {:>8.4} {:>8.4} {:>8.4} {:>9} {:>8} {:>8} {:>8} {:>8}",
             s.stream,
             s.layer,
             s.rank_policy,
@@ -351,10 +368,20 @@ fn print_leakage(r: &Report) {
             s.energy_kept,
             s.rel_mi,
             s.linfoot,
+            fmt_opt(s.edge_ssim, 4),
+            fmt_opt(s.edge_excess, 4),
             fmt_opt(s.psnr_db, 2),
-            fmt_opt(s.ssim, 4)
+            fmt_opt(s.ssim, 4),
+            fmt_opt(s.ssim_gain, 4)
         );
     }
+    println!(
+        "  edge_ssim: X_U's best edge map against the image's; edge_xs: edge_ssim minus its chance level (the \
+         same against another image's map); ssim_gain: the best attack's SSIM over the mean image's, \
+         (s - s0)/(1 - s0). Recognisable: edge_xs >= {} or ssim_gain >= {} (see the README).",
+        super::structure::EDGE_SSIM_RECOGNISABLE,
+        super::structure::SSIM_GAIN_RECOGNISABLE
+    );
     for b in &r.baselines {
         for at in &b.attacks {
             println!(

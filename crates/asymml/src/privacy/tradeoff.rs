@@ -146,10 +146,7 @@ fn train_and_evaluate(
             min_lr: 0.0,
         },
     };
-    let split = SplitSetup::inproc(
-        plan.split(a.tradeoff_rank.policy, nsr, a.seed),
-        plan.threads,
-    );
+    let split = SplitSetup::inproc(plan.split(&a.tradeoff_rank, nsr, a.seed), plan.threads);
     let (mut session, _handle) = setup::make_session(net, config, Mode::Split, &split)?;
     let mut rng = Rng::new(a.seed ^ 0x7EAD);
     let mut batch = Batch::new();

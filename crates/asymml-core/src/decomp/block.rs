@@ -1,0 +1,884 @@
+//! The block decomposition: the top-r subspace of X (N × C) from matrix products instead of the lightweight
+//! SVD's per-component vector passes (Halko, Martinsson & Tropp 2011, randomized subspace iteration with a
+//! Rayleigh–Ritz step).
+//!
+//! With Q (N × l, l = r + p, orthonormal columns) an estimate of the dominant column space of X:
+//!
+//! 1. start from a Gaussian Q₀ (fixed seed: the result is a function of X), then `steps` times
+//!    Q ← orth(X Xᵀ Q), either through the N × N Gram matrix G = X Xᵀ formed once by one product (the **Gram
+//!    route**: each step then costs O(N²·l) instead of reading X) or directly as X (Xᵀ Q) (the **direct
+//!    route**: two skinny products per step, no O(N²·C) Gram); with N small the Gram route instead takes the
+//!    exact eigendecomposition of G (the **full** route, exact top-r subspace);
+//! 2. Rayleigh–Ritz: the l × l matrix T = Qᵀ X Xᵀ Q, its eigendecomposition T = W Λ Wᵀ, Q ← Q W (the Ritz
+//!    vectors, by descending Ritz value λ_j = ‖Xᵀ q_j‖², a lower bound of the j-th eigenvalue of X Xᵀ);
+//! 3. the first r Ritz vectors: V = Qᵣᵀ X (one product), s_j = ‖v_j‖, then u_j = q_j·s_j and v_j / s_j (as
+//!    `exact_low_rank`: U carries the singular values, V has unit rows), and X_U = X − U V (one product).
+//!
+//! U's columns are orthogonal, so X_T = U V is the orthogonal projection of X onto span(U) and
+//! ‖X‖² = ‖X_T‖² + ‖X_U‖² (what `LowRank::energy` assumes). X_U is formed explicitly, so the split
+//! X_T + X_U = X is exact up to f32 round-off whatever the quality of the basis.
+//!
+//! X may be a list of blocks [X_1 … X_K] (N × C each, side by side): the batch-shared basis uses the whole
+//! batch as one N × B·HW matrix without copying it (G = Σ_k X_k X_kᵀ, X Xᵀ Q = Σ_k X_k (X_kᵀ Q)).
+
+use super::svd::sumsq;
+use crate::error::CoreError;
+use crate::gemm::{sgemm, Mat};
+use crate::rng::Rng;
+use nalgebra::{DMatrix, SymmetricEigen};
+use std::fmt;
+use std::str::FromStr;
+
+/// How the block method reaches its basis (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BlockRoute {
+    /// The cheaper of the other two by the FLOP model of [`block_svd_flops`] (the direct route's skinny
+    /// products counted 1.5 times).
+    #[default]
+    Auto,
+    /// Form G = X Xᵀ once, then subspace iteration on G (or its exact eigendecomposition when N ≤ 64 or
+    /// 2·l ≥ N).
+    Gram,
+    /// Subspace iteration through X: Q ← orth(X (Xᵀ Q)), never forming G.
+    Direct,
+}
+
+impl fmt::Display for BlockRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BlockRoute::Auto => "auto",
+            BlockRoute::Gram => "gram",
+            BlockRoute::Direct => "direct",
+        })
+    }
+}
+
+/// Parameters of the block method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockSvd {
+    /// Applications of X Xᵀ before the Rayleigh–Ritz step on the direct route (≥ 1; 0 counts as 1). The Gram
+    /// route takes at least [`GRAM_STEPS`], each costing O(N²·l) only.
+    pub power: usize,
+    /// Oversampling: the basis has l = min(N, r + p) columns, p = oversample on the Gram route and
+    /// min(oversample, max(r, 2)) on the direct route (whose products over X cost ∝ l).
+    pub oversample: usize,
+    /// Gram, direct, or chosen by cost.
+    pub route: BlockRoute,
+}
+
+/// Subspace steps on the Gram route (cheap there: O(N²·l) each, X is not read).
+pub const GRAM_STEPS: usize = 6;
+
+impl Default for BlockSvd {
+    /// power 1, oversampling 8, route chosen by cost.
+    fn default() -> Self {
+        BlockSvd {
+            power: 1,
+            oversample: 8,
+            route: BlockRoute::Auto,
+        }
+    }
+}
+
+/// Which SVD the decomposition runs ([`super::decompose_batch_with`]).
+///
+/// Strings (`FromStr`, case-insensitive): `light` (= `light:1`), `light:I` (I ≥ 1 rounds of Algorithm 1),
+/// `block` (the defaults of [`BlockSvd`]), `block:Q`, `block:Q:P`, `block:Q:P:ROUTE` (Q ≥ 1 power steps,
+/// P oversampling, ROUTE `auto`, `gram` or `direct`). `Display` gives a form that parses back to the same
+/// method (`light`, `light:2`, `block`, `block:2:8:auto`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SvdMethod {
+    /// The paper's lightweight SVD (Algorithm 1) with `iters` rounds per component (1 or 2 in the paper).
+    Light { iters: usize },
+    /// The block method of this module.
+    Block(BlockSvd),
+}
+
+impl SvdMethod {
+    /// Algorithm 1 with `iters` rounds.
+    pub fn light(iters: usize) -> Self {
+        SvdMethod::Light { iters }
+    }
+    /// The block method with its defaults.
+    pub fn block() -> Self {
+        SvdMethod::Block(BlockSvd::default())
+    }
+}
+
+impl Default for SvdMethod {
+    /// `light:1`, the decomposition's historical default.
+    fn default() -> Self {
+        SvdMethod::Light { iters: 1 }
+    }
+}
+
+impl fmt::Display for SvdMethod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SvdMethod::Light { iters: 1 } => f.write_str("light"),
+            SvdMethod::Light { iters } => write!(f, "light:{iters}"),
+            SvdMethod::Block(b) if *b == BlockSvd::default() => f.write_str("block"),
+            SvdMethod::Block(b) => write!(f, "block:{}:{}:{}", b.power, b.oversample, b.route),
+        }
+    }
+}
+
+impl FromStr for SvdMethod {
+    type Err = CoreError;
+
+    fn from_str(s: &str) -> Result<Self, CoreError> {
+        let t = s.trim().to_ascii_lowercase();
+        let bad = |why: &str| {
+            CoreError::Invalid(format!(
+                "svd method {s:?}: {why} (expected light, light:I, block, block:Q, block:Q:P or block:Q:P:ROUTE)"
+            ))
+        };
+        let mut parts = t.split(':').map(str::trim);
+        let kind = parts.next().unwrap_or_default();
+        let args: Vec<&str> = parts.collect();
+        let count = |a: &str, what: &str, min: usize| -> Result<usize, CoreError> {
+            match a.parse::<usize>() {
+                Ok(v) if v >= min => Ok(v),
+                Ok(_) => Err(bad(&format!("{what} must be at least {min}"))),
+                Err(_) => Err(bad(&format!("{what} {a:?} is not a whole number"))),
+            }
+        };
+        match kind {
+            "light" => match args.as_slice() {
+                [] => Ok(SvdMethod::Light { iters: 1 }),
+                [i] => Ok(SvdMethod::Light {
+                    iters: count(i, "the number of rounds", 1)?,
+                }),
+                _ => Err(bad("light takes at most one number")),
+            },
+            "block" => {
+                let mut b = BlockSvd::default();
+                if args.len() > 3 {
+                    return Err(bad("block takes at most three arguments"));
+                }
+                if let Some(q) = args.first() {
+                    b.power = count(q, "the number of power steps", 1)?;
+                }
+                if let Some(p) = args.get(1) {
+                    b.oversample = count(p, "the oversampling", 0)?;
+                }
+                if let Some(r) = args.get(2) {
+                    b.route = match *r {
+                        "auto" => BlockRoute::Auto,
+                        "gram" => BlockRoute::Gram,
+                        "direct" => BlockRoute::Direct,
+                        _ => return Err(bad("the route must be auto, gram or direct")),
+                    };
+                }
+                Ok(SvdMethod::Block(b))
+            }
+            _ => Err(bad("unknown method")),
+        }
+    }
+}
+
+/// N up to which the Gram route takes the exact eigendecomposition of G (f64, O(N³): 0.4 ms at N = 64,
+/// 2.7 ms at 128, 19 ms at 256 on the development machine, against a few ms for the subspace steps).
+const FULL_EIG_MAX_N: usize = 64;
+
+/// The route actually taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    Full,
+    Gram,
+    Direct,
+}
+
+/// Basis columns l = min(N, r + p) for rank r on the direct route, with p = min(oversample, max(r, 2)):
+/// small ranks get fewer extra columns (the cost of its every product over X is ∝ l).
+fn columns(n: usize, r: usize, m: &BlockSvd) -> usize {
+    (r + m.oversample.min(r.max(2))).min(n)
+}
+
+/// Basis columns on the Gram route: l = min(N, r + oversample) (the extra columns cost O(N²) per step only).
+fn gram_columns(n: usize, r: usize, m: &BlockSvd) -> usize {
+    (r + m.oversample).min(n)
+}
+
+/// The Gram route's subspace steps.
+fn gram_steps(m: &BlockSvd) -> usize {
+    m.power.max(GRAM_STEPS)
+}
+
+/// FLOPs of the basis by each route for an N × C matrix and l columns: (gram incl. forming G, direct).
+fn basis_flops(n: usize, c: usize, l: usize, m: &BlockSvd) -> (f64, f64) {
+    let (n, c, l) = (n as f64, c as f64, l as f64);
+    let ortho = 4.0 * n * l * l;
+    let gram = 2.0 * n * n * c + (gram_steps(m) as f64 + 1.0) * (2.0 * n * n * l + ortho);
+    // The first step multiplies l rows of X by Xᵀ; each further one costs two products.
+    let steps = m.power.max(1) as f64;
+    let direct = 2.0 * n * l * c
+        + (steps - 1.0) * 4.0 * n * l * c
+        + steps * ortho
+        + 2.0 * n * l * c
+        + 2.0 * l * l * c;
+    (gram, direct)
+}
+
+/// The route for rank r of an N × C matrix.
+pub(crate) fn route(n: usize, c: usize, r: usize, m: &BlockSvd) -> Route {
+    let (l, lg) = (columns(n, r, m), gram_columns(n, r, m));
+    let gram = if n <= FULL_EIG_MAX_N || 2 * lg >= n {
+        Route::Full
+    } else {
+        Route::Gram
+    };
+    match m.route {
+        BlockRoute::Gram => gram,
+        BlockRoute::Direct => Route::Direct,
+        BlockRoute::Auto => {
+            let (g, d) = (basis_flops(n, c, lg, m).0, basis_flops(n, c, l, m).1);
+            // The direct route's products are skinny (l columns), which the GEMM runs at a lower rate than
+            // the square Gram product: count them 1.5 times.
+            if 1.5 * d < g {
+                Route::Direct
+            } else {
+                gram
+            }
+        }
+    }
+}
+
+/// Floating-point operations of the block method on B samples of N × HW at rank r (per-sample bases):
+/// the basis by the route `Auto`/`Gram`/`Direct` takes (forming G: 2N²·HW; the full route's
+/// eigendecomposition counted as 9·N³; the direct route's first step 2·N·HW·l, each further one 4·N·HW·l,
+/// its Ritz step 2·N·HW·l + 2·l²·HW; the orthonormalisations 4·N·l² each), then V (2·N·HW·r, or 2·l·HW·r
+/// from the direct route's Ritz product) and X_U = X − U V (2·N·HW·r). Zero at r = N (U = I, V = X).
+pub fn block_svd_flops(b: usize, n: usize, hw: usize, r: usize, m: &BlockSvd) -> f64 {
+    let r = r.min(n);
+    if n == 0 || hw == 0 || r == 0 || r == n {
+        return 0.0;
+    }
+    let l = columns(n, r, m);
+    let (g, d) = (
+        basis_flops(n, hw, gram_columns(n, r, m), m).0,
+        basis_flops(n, hw, l, m).1,
+    );
+    let nf = n as f64;
+    let (hwf, rf) = (hw as f64, r as f64);
+    let (basis, v) = match route(n, hw, r, m) {
+        Route::Full => (
+            2.0 * nf * nf * hwf + 9.0 * nf * nf * nf,
+            2.0 * nf * hwf * rf,
+        ),
+        Route::Gram => (g, 2.0 * nf * hwf * rf),
+        // V = Wᵣᵀ (Qᵀ X) from the Ritz step's product.
+        Route::Direct => (d, 2.0 * l as f64 * hwf * rf),
+    };
+    b as f64 * (basis + v + 2.0 * nf * hwf * rf)
+}
+
+/// Scratch of the block method, kept in a [`super::LowRank`] between calls and between the two phases of the
+/// energy and entropy policies (spectrum, then the factors at the batch's r).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct BlockScratch {
+    /// G = X Xᵀ (N × N), valid when `has_g`.
+    g: Vec<f32>,
+    has_g: bool,
+    /// The basis: l rows of N (orthonormal); after [`ritz`], the Ritz vectors by descending Ritz value.
+    qt: Vec<f64>,
+    q32: Vec<f32>,
+    /// Ritz values (l), descending.
+    pub(crate) ritz: Vec<f64>,
+    /// Basis size (0: no basis yet).
+    pub(crate) l: usize,
+    /// ‖X‖² (f64).
+    pub(crate) total: f64,
+    /// Products: Qᵀ A (l × N), Qᵀ X_k (l × C), T (l × l), −U (N × r).
+    yt: Vec<f32>,
+    zt: Vec<f32>,
+    t32: Vec<f32>,
+    negu: Vec<f32>,
+    /// The direct route's last zt = Q_oldᵀ X (one block) and Wᵀ (l × l, row j = the j-th Ritz vector's
+    /// coefficients), valid when `z_valid`: then V = Wᵣᵀ zt.
+    z_valid: bool,
+    wt32: Vec<f32>,
+}
+
+impl BlockScratch {
+    /// Starts on a new matrix: ‖X‖², no Gram, no basis.
+    pub(crate) fn start(&mut self, xs: &[&[f32]]) {
+        self.total = xs.iter().map(|x| sumsq(x)).sum();
+        self.has_g = false;
+        self.z_valid = false;
+        self.l = 0;
+        self.ritz.clear();
+    }
+
+    /// False when X is zero or not finite: no component is worth computing.
+    pub(crate) fn worth(&self) -> bool {
+        self.total > 0.0 && self.total.is_finite()
+    }
+}
+
+/// G ← Σ_k X_k X_kᵀ.
+fn form_gram(xs: &[&[f32]], n: usize, c: usize, s: &mut BlockScratch, threads: usize) {
+    s.g.clear();
+    s.g.resize(n * n, 0.0);
+    for (k, x) in xs.iter().enumerate() {
+        sgemm(
+            n,
+            n,
+            c,
+            Mat::rm(x, c),
+            Mat::rm_t(x, c),
+            &mut s.g,
+            k > 0,
+            threads,
+        );
+    }
+    s.has_g = true;
+}
+
+/// Σ a_i b_i with four independent accumulators (so that the loop vectorises).
+fn dot64(a: &[f64], b: &[f64]) -> f64 {
+    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    let mut acc = [0f64; 4];
+    for (x, y) in ca.zip(cb) {
+        for k in 0..4 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+}
+
+/// Rows of qt (l × n) ← an orthonormal basis of their span, by classical Gram–Schmidt twice; a row that is
+/// (numerically) in the span of the previous ones is replaced by a unit vector orthogonal to them, so the
+/// result always has l orthonormal rows (l ≤ n).
+fn orthonormalize(qt: &mut [f64], l: usize, n: usize) {
+    for j in 0..l {
+        let (done, rest) = qt.split_at_mut(j * n);
+        let v = &mut rest[..n];
+        let norm0 = dot64(v, v).sqrt();
+        let project = |v: &mut [f64]| {
+            for _ in 0..2 {
+                for qk in done.chunks_exact(n) {
+                    let c = dot64(qk, v);
+                    v.iter_mut().zip(qk).for_each(|(a, &b)| *a -= c * b);
+                }
+            }
+        };
+        project(v);
+        let mut norm = dot64(v, v).sqrt();
+        if !(norm.is_finite() && norm0.is_finite() && norm > 1e-9 * norm0 && norm > 0.0) {
+            // Replace by the standard basis vector farthest from the span (one exists since j < n).
+            for e in 0..n {
+                v.fill(0.0);
+                v[e] = 1.0;
+                project(v);
+                norm = dot64(v, v).sqrt();
+                if norm > 0.5 {
+                    break;
+                }
+            }
+        }
+        v.iter_mut().for_each(|a| *a /= norm);
+    }
+}
+
+/// q32 ← qt (the first l rows).
+fn sync32(s: &mut BlockScratch, n: usize) {
+    s.q32.clear();
+    s.q32.extend(s.qt[..s.l * n].iter().map(|&v| v as f32));
+}
+
+/// yt (l × N) ← Qᵀ A with A = G (Gram) or X Xᵀ (direct), A symmetric.
+fn apply(xs: &[&[f32]], n: usize, c: usize, s: &mut BlockScratch, gram: bool, threads: usize) {
+    let l = s.l;
+    s.yt.clear();
+    s.yt.resize(l * n, 0.0);
+    if gram {
+        sgemm(
+            l,
+            n,
+            n,
+            Mat::rm(&s.q32, n),
+            Mat::rm(&s.g, n),
+            &mut s.yt,
+            false,
+            threads,
+        );
+        return;
+    }
+    s.zt.resize(l * c, 0.0);
+    for (k, x) in xs.iter().enumerate() {
+        // Zₖ = Qᵀ X_k (l × C), then Y += Zₖ X_kᵀ.
+        sgemm(
+            l,
+            c,
+            n,
+            Mat::rm(&s.q32, n),
+            Mat::rm(x, c),
+            &mut s.zt,
+            false,
+            threads,
+        );
+        sgemm(
+            l,
+            n,
+            c,
+            Mat::rm(&s.zt, c),
+            Mat::rm_t(x, c),
+            &mut s.yt,
+            k > 0,
+            threads,
+        );
+    }
+}
+
+/// yt (l × N) ← Q₀ᵀ X Xᵀ with Q₀ the unit vectors of the l rows of X of largest norm (ties: the first), that
+/// is those rows of X times Xᵀ (summed over the blocks).
+fn apply_rows(xs: &[&[f32]], n: usize, c: usize, s: &mut BlockScratch, threads: usize) {
+    let l = s.l;
+    let mut norms = vec![0f64; n];
+    for x in xs {
+        for (nrm, row) in norms.iter_mut().zip(x.chunks_exact(c)) {
+            *nrm += sumsq(row);
+        }
+    }
+    let mut rows: Vec<usize> = (0..n).collect();
+    rows.sort_by(|&a, &b| norms[b].total_cmp(&norms[a]).then(a.cmp(&b)));
+    rows.truncate(l);
+    s.yt.clear();
+    s.yt.resize(l * n, 0.0);
+    s.zt.resize(l * c, 0.0);
+    for (k, x) in xs.iter().enumerate() {
+        for (z, &i) in s.zt.chunks_exact_mut(c).zip(&rows) {
+            z.copy_from_slice(&x[i * c..(i + 1) * c]);
+        }
+        sgemm(
+            l,
+            n,
+            c,
+            Mat::rm(&s.zt, c),
+            Mat::rm_t(x, c),
+            &mut s.yt,
+            k > 0,
+            threads,
+        );
+    }
+}
+
+/// The Rayleigh–Ritz step: T = Qᵀ A Q, Q ← Q W by descending eigenvalue of T. False if T is not finite or
+/// its eigendecomposition fails.
+fn ritz(
+    xs: &[&[f32]],
+    n: usize,
+    c: usize,
+    s: &mut BlockScratch,
+    gram: bool,
+    threads: usize,
+) -> bool {
+    let l = s.l;
+    let mut t = DMatrix::<f64>::zeros(l, l);
+    if gram {
+        apply(xs, n, c, s, true, threads);
+        let y64: Vec<f64> = s.yt.iter().map(|&v| v as f64).collect();
+        for (i, yi) in y64.chunks_exact(n).enumerate() {
+            for (j, qj) in s.qt.chunks_exact(n).take(l).enumerate() {
+                t[(i, j)] = dot64(yi, qj);
+            }
+        }
+        // Symmetrise the round-off.
+        t = (&t + t.transpose()) * 0.5;
+    } else {
+        s.t32.clear();
+        s.t32.resize(l * l, 0.0);
+        s.zt.resize(l * c, 0.0);
+        for (k, x) in xs.iter().enumerate() {
+            sgemm(
+                l,
+                c,
+                n,
+                Mat::rm(&s.q32, n),
+                Mat::rm(x, c),
+                &mut s.zt,
+                false,
+                threads,
+            );
+            sgemm(
+                l,
+                l,
+                c,
+                Mat::rm(&s.zt, c),
+                Mat::rm_t(&s.zt, c),
+                &mut s.t32,
+                k > 0,
+                threads,
+            );
+        }
+        for i in 0..l {
+            for j in 0..l {
+                t[(i, j)] = 0.5 * (s.t32[i * l + j] as f64 + s.t32[j * l + i] as f64);
+            }
+        }
+    }
+    let Some(eig) = eigen(t) else {
+        return false;
+    };
+    let mut order: Vec<usize> = (0..l).collect();
+    order.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]));
+    let mut rotated = vec![0f64; l * n];
+    for (j, &k) in order.iter().enumerate() {
+        let w = eig.eigenvectors.column(k);
+        let out = &mut rotated[j * n..(j + 1) * n];
+        for (i, qi) in s.qt.chunks_exact(n).take(l).enumerate() {
+            let wi = w[i];
+            out.iter_mut().zip(qi).for_each(|(o, &q)| *o += wi * q);
+        }
+    }
+    // (W is orthogonal to f64 round-off, so Q W keeps orthonormal rows.)
+    s.qt[..l * n].copy_from_slice(&rotated);
+    // On the direct route with one block, zt = Q_oldᵀ X is still there: V = Wᵀ zt costs r·l·C instead of
+    // r·N·C (see `finish`).
+    s.z_valid = !gram && xs.len() == 1;
+    if s.z_valid {
+        s.wt32.clear();
+        for &k in &order {
+            s.wt32
+                .extend(eig.eigenvectors.column(k).iter().map(|&v| v as f32));
+        }
+    }
+    s.ritz.clear();
+    s.ritz
+        .extend(order.iter().map(|&k| eig.eigenvalues[k].max(0.0)));
+    sync32(s, n);
+    true
+}
+
+/// The eigendecomposition of a finite symmetric matrix (None if not finite or not converged).
+fn eigen(t: DMatrix<f64>) -> Option<SymmetricEigen<f64, nalgebra::Dyn>> {
+    if !t.iter().all(|v| v.is_finite()) {
+        return None;
+    }
+    SymmetricEigen::try_new(t, f64::EPSILON, 10_000)
+}
+
+/// The full route: qt ← every eigenvector of G by descending eigenvalue (l = N). False on failure.
+fn full(n: usize, s: &mut BlockScratch) -> bool {
+    let g = DMatrix::<f64>::from_fn(n, n, |i, j| {
+        0.5 * (s.g[i * n + j] as f64 + s.g[j * n + i] as f64)
+    });
+    let Some(eig) = eigen(g) else {
+        return false;
+    };
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]));
+    s.qt.clear();
+    s.qt.resize(n * n, 0.0);
+    for (j, &k) in order.iter().enumerate() {
+        s.qt[j * n..(j + 1) * n].copy_from_slice(eig.eigenvectors.column(k).as_slice());
+    }
+    s.l = n;
+    orthonormalize(&mut s.qt, n, n);
+    s.ritz.clear();
+    s.ritz
+        .extend(order.iter().map(|&k| eig.eigenvalues[k].max(0.0)));
+    sync32(s, n);
+    true
+}
+
+/// Computes a basis of `l` Ritz vectors of X by `route` (forming G first if the route needs it and it is not
+/// there). On failure (non-finite products) leaves l = 0.
+#[allow(clippy::too_many_arguments)]
+fn basis(
+    xs: &[&[f32]],
+    n: usize,
+    c: usize,
+    l: usize,
+    route: Route,
+    m: &BlockSvd,
+    s: &mut BlockScratch,
+    threads: usize,
+) {
+    let l = l.min(n);
+    s.l = 0;
+    s.z_valid = false;
+    if l == 0 || !s.worth() {
+        return;
+    }
+    if route != Route::Direct && !s.has_g {
+        form_gram(xs, n, c, s, threads);
+    }
+    if route == Route::Full || (route == Route::Gram && 2 * l >= n) {
+        if !full(n, s) {
+            s.l = 0;
+        }
+        return;
+    }
+    let gram = route == Route::Gram;
+    let steps = if gram { gram_steps(m) } else { m.power.max(1) };
+    s.l = l;
+    let first = if gram {
+        // Gaussian start; the seed depends only on the shape, so the result is a function of X.
+        let mut rng = Rng::new(0x9e37_79b9_7f4a_7c15 ^ ((n as u64) << 32) ^ l as u64);
+        s.qt.clear();
+        s.qt.extend((0..l * n).map(|_| rng.normal() as f64));
+        orthonormalize(&mut s.qt, l, n);
+        sync32(s, n);
+        0
+    } else {
+        // Start from the l rows of largest norm (Q₀ = those unit vectors, the lightweight SVD's warm start
+        // for l components at once): the first X Xᵀ Q₀ is those rows times Xᵀ, one product.
+        apply_rows(xs, n, c, s, threads);
+        1
+    };
+    for step in 0..steps {
+        if step >= first {
+            apply(xs, n, c, s, gram, threads);
+        }
+        if !s.yt.iter().all(|v| v.is_finite()) {
+            s.l = 0;
+            return;
+        }
+        s.qt.clear();
+        s.qt.extend(s.yt.iter().map(|&v| v as f64));
+        orthonormalize(&mut s.qt, l, n);
+        sync32(s, n);
+    }
+    if !ritz(xs, n, c, s, gram, threads) {
+        s.l = 0;
+    }
+}
+
+/// The basis for a fixed rank r: l = r + p columns by the route [`route`] picks.
+pub(crate) fn basis_for_rank(
+    xs: &[&[f32]],
+    n: usize,
+    c: usize,
+    r: usize,
+    m: &BlockSvd,
+    s: &mut BlockScratch,
+    threads: usize,
+) {
+    let rt = route(n, c * xs.len(), r, m);
+    let l = if rt == Route::Direct {
+        columns(n, r, m)
+    } else {
+        gram_columns(n, r, m)
+    };
+    basis(xs, n, c, l, rt, m, s, threads);
+}
+
+/// The energy policy's rank of X: the smallest r whose first r Ritz values keep ≥ e·‖X‖², on the Gram route
+/// (G formed once) with l growing from r₀ = 8 + p (doubling, the exact eigendecomposition once 2·l ≥ N)
+/// until r ≤ l − p (or l = N). Ritz values are lower bounds of the exact eigenvalues, so this r is ≥ the exact
+/// spectrum's `rank_for_energy` (equal once the Ritz values have converged; the full route is exact up to G
+/// being accumulated in f32). Leaves the basis in `s` (at least r columns); returns r ∈ [1, N].
+pub(crate) fn energy_rank(
+    xs: &[&[f32]],
+    n: usize,
+    c: usize,
+    e: f64,
+    m: &BlockSvd,
+    s: &mut BlockScratch,
+    threads: usize,
+) -> usize {
+    if !s.worth() || n == 0 {
+        return 1;
+    }
+    let full_now = n <= FULL_EIG_MAX_N;
+    let mut l = if full_now { n } else { gram_columns(n, 8, m) };
+    loop {
+        let rt = if full_now || 2 * l >= n {
+            Route::Full
+        } else {
+            Route::Gram
+        };
+        basis(xs, n, c, l, rt, m, s, threads);
+        if s.l == 0 {
+            return n;
+        }
+        let trusted = if s.l == n {
+            n
+        } else {
+            s.l.saturating_sub(m.oversample).max(1)
+        };
+        let mut kept = 0.0;
+        for (i, &v) in s.ritz.iter().take(trusted).enumerate() {
+            kept += v;
+            if kept >= e * s.total {
+                return i + 1;
+            }
+        }
+        if s.l == n {
+            return n;
+        }
+        l = (2 * l).min(n);
+    }
+}
+
+/// The entropy policy's rank ⌈2^μ⌉ from the eigenvalues of G (every one of them: O(N³)). Leaves G in `s`.
+pub(crate) fn entropy_rank(
+    xs: &[&[f32]],
+    n: usize,
+    c: usize,
+    s: &mut BlockScratch,
+    threads: usize,
+) -> usize {
+    if !s.worth() || n == 0 {
+        return 1;
+    }
+    form_gram(xs, n, c, s, threads);
+    let g = DMatrix::<f64>::from_fn(n, n, |i, j| {
+        0.5 * (s.g[i * n + j] as f64 + s.g[j * n + i] as f64)
+    });
+    if !g.iter().all(|v| v.is_finite()) {
+        return n;
+    }
+    let sv: Vec<f64> = match SymmetricEigen::try_new(g, f64::EPSILON, 10_000) {
+        Some(eig) => eig.eigenvalues.iter().map(|&l| l.max(0.0).sqrt()).collect(),
+        None => return n,
+    };
+    let mut sv = sv;
+    sv.sort_by(|a, b| b.total_cmp(a));
+    super::exact::entropy_rank(&sv)
+}
+
+/// Makes sure `s` holds a basis of at least r columns (recomputing it on the Gram route when G is there, by
+/// [`route`] otherwise).
+pub(crate) fn ensure_rank(
+    xs: &[&[f32]],
+    n: usize,
+    c: usize,
+    r: usize,
+    m: &BlockSvd,
+    s: &mut BlockScratch,
+    threads: usize,
+) {
+    if s.l >= r.min(n) || !s.worth() {
+        return;
+    }
+    if s.has_g {
+        let l = gram_columns(n, r, m);
+        let rt = if n <= FULL_EIG_MAX_N || 2 * l >= n {
+            Route::Full
+        } else {
+            Route::Gram
+        };
+        basis(xs, n, c, l, rt, m, s, threads);
+    } else {
+        basis_for_rank(xs, n, c, r, m, s, threads);
+    }
+}
+
+/// The factors at rank r from the basis in `s`: u (N × r, column j = q_j·s_j), for each block k
+/// v_k (r × C, row j = q_jᵀ X_k / s_j with s_j² = Σ_k ‖q_jᵀ X_k‖²) and res_k = X_k − U V_k. Components past the
+/// basis, with s_j = 0, or all of them when X is zero or not finite, are zero (res_k = X_k there).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn finish(
+    xs: &[&[f32]],
+    n: usize,
+    c: usize,
+    r: usize,
+    s: &mut BlockScratch,
+    u: &mut Vec<f32>,
+    parts: &mut [(&mut Vec<f32>, &mut [f32])],
+    threads: usize,
+) {
+    u.clear();
+    u.resize(n * r, 0.0);
+    let live = r.min(s.l);
+    for ((v, res), x) in parts.iter_mut().zip(xs) {
+        v.clear();
+        v.resize(r * c, 0.0);
+        res.copy_from_slice(x);
+        if live > 0 && s.z_valid && xs.len() == 1 {
+            let l = s.l;
+            sgemm(
+                live,
+                c,
+                l,
+                Mat::rm(&s.wt32[..live * l], l),
+                Mat::rm(&s.zt[..l * c], c),
+                v,
+                false,
+                threads,
+            );
+        } else if live > 0 {
+            sgemm(
+                live,
+                c,
+                n,
+                Mat::rm(&s.q32[..live * n], n),
+                Mat::rm(x, c),
+                v,
+                false,
+                threads,
+            );
+        }
+    }
+    if live == 0 {
+        return;
+    }
+    let mut sj = vec![0f64; live];
+    for (v, _) in parts.iter() {
+        for (j, row) in v.chunks_exact(c.max(1)).take(live).enumerate() {
+            sj[j] += sumsq(row);
+        }
+    }
+    for (j, s2) in sj.iter_mut().enumerate() {
+        let sv = s2.sqrt();
+        let ok = sv > 0.0 && sv.is_finite() && (1.0 / sv).is_finite();
+        *s2 = if ok { sv } else { 0.0 };
+        for i in 0..n {
+            u[i * r + j] = if ok {
+                (s.qt[j * n + i] * sv) as f32
+            } else {
+                0.0
+            };
+        }
+    }
+    s.negu.clear();
+    s.negu.extend(u.iter().map(|&v| -v));
+    for (v, res) in parts.iter_mut() {
+        for (row, &sv) in v.chunks_exact_mut(c.max(1)).zip(&sj) {
+            if sv > 0.0 {
+                let inv = (1.0 / sv) as f32;
+                row.iter_mut().for_each(|a| *a *= inv);
+            } else {
+                row.fill(0.0);
+            }
+        }
+        sgemm(
+            n,
+            c,
+            r,
+            Mat::rm(&s.negu, r),
+            Mat::rm(v, c),
+            res,
+            true,
+            threads,
+        );
+    }
+}
+
+/// The exact factorisation at r = N: U = I, V_k = X_k, every residual zero.
+pub(crate) fn identity(
+    xs: &[&[f32]],
+    n: usize,
+    u: &mut Vec<f32>,
+    parts: &mut [(&mut Vec<f32>, &mut [f32])],
+) {
+    u.clear();
+    u.resize(n * n, 0.0);
+    for i in 0..n {
+        u[i * n + i] = 1.0;
+    }
+    for ((v, res), x) in parts.iter_mut().zip(xs) {
+        v.clear();
+        v.extend_from_slice(x);
+        res.fill(0.0);
+    }
+}

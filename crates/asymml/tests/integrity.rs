@@ -1,0 +1,416 @@
+//! Integrity against a lying accelerator: a relay between the split runtime and a real accelerator service
+//! that alters one element of Y_U, of ∇X, of ∇W_U, or of the weights the trusted runtime sends, at several
+//! magnitudes — every change above the stated threshold is caught before the value is used, in every model
+//! family — and honest runs across models, policies, thread counts and the shared basis raise no alarm.
+//!
+//! The relay is test-only code: nothing in the CLI can build it.
+
+use asymml_core::models::{ConvExec, ModelSpec, Net};
+use asymml_core::optim::{Optimizer, OptimizerKind};
+use asymml_core::rng::Rng;
+use asymml_core::{CoreError, Tensor};
+use asymml_protocol::{
+    accelerator_result, declassify_updated_weights, decode_reply, decode_request, encode_reply,
+    encode_request, inproc_pair, InProcTransport, Reply, Request, Result as PResult, Transport,
+    WireTensor, MAX_MESSAGE,
+};
+use asymml_trusted::split::{SplitConfig, SplitExec};
+use asymml_untrusted::Service;
+
+/// What the relay changes, and by how much (a multiple of the tensor's RMS).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Tamper {
+    None,
+    /// One element of Y_U (a `ConvOutput` reply).
+    Output(f32),
+    /// One element of ∇X (a `ConvGrads` reply).
+    InputGrad(f32),
+    /// One element of ∇W_U (a `ConvGrads` reply).
+    WeightGrad(f32),
+    /// One element of the new weights on their way to the accelerator (`SetWeights`): the accelerator then
+    /// computes with weights other than the trusted runtime's.
+    Weights(f32),
+}
+
+/// A client transport that passes frames on, altering the first one its `Tamper` is about at conv `layer`.
+struct Relay {
+    inner: InProcTransport,
+    tamper: Tamper,
+    layer: u32,
+    done: bool,
+}
+
+fn rms(v: &[f32]) -> f32 {
+    (v.iter().map(|a| (a * a) as f64).sum::<f64>() / v.len().max(1) as f64).sqrt() as f32
+}
+
+/// `t` with element len/3 moved by `rel` × rms(t) (at least `rel`, for an all-zero tensor).
+fn moved(t: &WireTensor, rel: f32) -> Tensor {
+    let mut data = t.data().to_vec();
+    let i = data.len() / 3;
+    data[i] += rel * rms(t.data()).max(1.0e-3);
+    Tensor::from_vec(t.shape(), data).unwrap()
+}
+
+impl Transport for Relay {
+    fn send(&mut self, frame: &[u8]) -> PResult<()> {
+        let mut v = frame.to_vec();
+        self.send_vec(&mut v)
+    }
+
+    fn send_vec(&mut self, frame: &mut Vec<u8>) -> PResult<()> {
+        if let (Tamper::Weights(rel), false) = (self.tamper, self.done) {
+            if let Ok(Request::SetWeights { layer, w, b }) = decode_request(frame, MAX_MESSAGE) {
+                if layer == self.layer {
+                    self.done = true;
+                    let req = Request::SetWeights {
+                        layer,
+                        w: declassify_updated_weights(&moved(&w, rel)),
+                        b,
+                    };
+                    encode_request(&req, MAX_MESSAGE, frame)?;
+                }
+            }
+        }
+        self.inner.send_vec(frame)
+    }
+
+    fn recv_into(&mut self, buf: &mut Vec<u8>) -> PResult<()> {
+        self.inner.recv_into(buf)?;
+        if self.done {
+            return Ok(());
+        }
+        let reply = match decode_reply(buf, MAX_MESSAGE) {
+            Ok(r) => r,
+            Err(_) => return Ok(()),
+        };
+        let altered = match (self.tamper, reply) {
+            (Tamper::Output(rel), Reply::ConvOutput { layer, y_u }) if layer == self.layer => {
+                Some(Reply::ConvOutput {
+                    layer,
+                    y_u: accelerator_result(&moved(&y_u, rel)),
+                })
+            }
+            (
+                Tamper::InputGrad(rel),
+                Reply::ConvGrads {
+                    layer,
+                    dx: Some(dx),
+                    dw,
+                },
+            ) if layer == self.layer => Some(Reply::ConvGrads {
+                layer,
+                dx: Some(accelerator_result(&moved(&dx, rel))),
+                dw,
+            }),
+            (Tamper::WeightGrad(rel), Reply::ConvGrads { layer, dx, dw })
+                if layer == self.layer =>
+            {
+                Some(Reply::ConvGrads {
+                    layer,
+                    dx,
+                    dw: accelerator_result(&moved(&dw, rel)),
+                })
+            }
+            _ => None,
+        };
+        if let Some(r) = altered {
+            self.done = true;
+            encode_reply(&r, MAX_MESSAGE, buf)?;
+        }
+        Ok(())
+    }
+
+    fn max_message(&self) -> u32 {
+        self.inner.max_message()
+    }
+
+    fn set_max_message(&mut self, max: u32) {
+        self.inner.set_max_message(max)
+    }
+
+    fn peer(&self) -> String {
+        format!("relay to {}", self.inner.peer())
+    }
+}
+
+/// A small model of each family, a batch and its labels.
+fn model(name: &str) -> (Net, Tensor, Vec<usize>) {
+    // VGG pools five times: 32 px; ResNet (CIFAR style) works at 16.
+    let size = if name.starts_with("vgg") { 32 } else { 16 };
+    let mut spec = ModelSpec::parse(name, 3, 10, size).unwrap();
+    spec.width = 8;
+    let net = spec.build(5).unwrap();
+    let mut rng = Rng::new(11);
+    let n = 4 * 3 * size * size;
+    let x = Tensor::from_vec(&[4, 3, size, size], (0..n).map(|_| rng.normal()).collect()).unwrap();
+    (net, x, vec![1, 7, 3, 3])
+}
+
+const SGD: OptimizerKind = OptimizerKind::Sgd {
+    momentum: 0.9,
+    nesterov: false,
+};
+
+/// `steps` training steps (forward, backward, the trusted optimizer, the new weights sent) through a relay
+/// that applies `tamper` at conv `layer`; returns the first error and the executor's integrity counters.
+fn run(
+    name: &str,
+    cfg: SplitConfig,
+    tamper: Tamper,
+    layer: u32,
+    steps: usize,
+) -> (
+    Result<(), CoreError>,
+    asymml_trusted::integrity::IntegrityStats,
+) {
+    let (mut net, x, labels) = model(name);
+    let (client, server) = inproc_pair();
+    let service = std::thread::spawn(move || Service::new(1).unwrap().serve(server));
+    let relay = Relay {
+        inner: client,
+        tamper,
+        layer,
+        done: false,
+    };
+    let mut exec = SplitExec::connect(relay, &mut net, cfg).unwrap();
+    let stats = exec.stats();
+    let mut opt = Optimizer::new(SGD, 5e-4);
+    let result = (|| {
+        for _ in 0..steps {
+            net.zero_grad();
+            net.forward_loss(&x, &labels, true, &mut exec)?;
+            net.backward(&mut exec, false)?;
+            opt.begin_step();
+            let mut i = 0;
+            net.visit_params(&mut |_, p| {
+                opt.update(i, p, 0.01);
+                i += 1;
+            });
+            exec.after_update(&mut net)?;
+        }
+        // One more forward: it uses the weights sent by the last update.
+        net.forward(&x, false, &mut exec)?;
+        Ok(())
+    })();
+    let _ = exec.shutdown();
+    let _ = service.join();
+    let integrity = stats.lock().unwrap().integrity.clone();
+    (result, integrity)
+}
+
+fn cfg(policy: &str, shared_basis: bool, nsr: f32) -> SplitConfig {
+    SplitConfig {
+        policy: policy.parse().unwrap(),
+        shared_basis,
+        nsr,
+        seed: 3,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn every_tampered_result_or_weight_is_caught() {
+    for name in ["vgg11", "resnet18"] {
+        for layer in [0u32, 3] {
+            for rel in [1.0f32, 0.1] {
+                for tamper in [
+                    Tamper::Output(rel),
+                    Tamper::InputGrad(rel),
+                    Tamper::WeightGrad(rel),
+                    Tamper::Weights(rel),
+                ] {
+                    // ∇X of the first conv is never asked for (the network's input needs no gradient).
+                    if layer == 0 && matches!(tamper, Tamper::InputGrad(_)) {
+                        continue;
+                    }
+                    let (res, stats) = run(name, cfg("schedule", false, 0.0), tamper, layer, 2);
+                    let err = res.expect_err(&format!("{name}: {tamper:?} at conv {layer} passed"));
+                    assert!(
+                        matches!(err, CoreError::Integrity { .. }),
+                        "{name}: {tamper:?} at conv {layer}: not an integrity error: {err}"
+                    );
+                    assert_eq!(stats.failures, 1, "{name}: {tamper:?}");
+                    eprintln!("{name} {tamper:?} conv {layer}: {err}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn honest_runs_raise_no_alarm() {
+    let mut checks = 0;
+    let mut worst: f64 = 0.0;
+    let mut thresholds = [0f64; 3];
+    for name in ["vgg11", "resnet18"] {
+        for policy in ["schedule", "asym1", "fixed:2"] {
+            for shared in [false, true] {
+                for (threads, nsr) in [(1, 0.0), (2, 0.1)] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let (res, stats) =
+                        pool.install(|| run(name, cfg(policy, shared, nsr), Tamper::None, 0, 7));
+                    res.unwrap_or_else(|e| {
+                        panic!("{name} {policy} shared {shared} threads {threads}: {e}")
+                    });
+                    assert_eq!(stats.failures, 0);
+                    checks += stats.checks;
+                    worst = worst.max(stats.worst_ratio);
+                    for (t, s) in thresholds.iter_mut().zip(stats.threshold_rel) {
+                        *t = t.max(s);
+                    }
+                }
+            }
+        }
+    }
+    eprintln!(
+        "honest: {checks} checks, no alarm; worst |difference|/tolerance {worst:.3e}; largest threshold \
+         relative to RMS: Y_U {:.3e}, ∇X {:.3e}, ∇W_U {:.3e}",
+        thresholds[0], thresholds[1], thresholds[2]
+    );
+    assert!(checks >= 10_000, "only {checks} checks");
+    assert!(worst < 1.0);
+}
+
+#[test]
+fn checks_off_believe_the_accelerator() {
+    // The control: without checks the same lie goes unnoticed (which is why they are on by default).
+    let cfg = SplitConfig {
+        integrity: false,
+        ..cfg("schedule", false, 0.0)
+    };
+    let (res, stats) = run("vgg11", cfg, Tamper::Output(1.0), 3, 1);
+    assert!(res.is_ok());
+    assert_eq!(stats.checks, 0);
+}
+
+/// The accelerator's side of a connection, lying once: the first `ConvOutput` of conv 2 has one element
+/// moved by the tensor's RMS.
+struct LyingAccelerator<T: Transport> {
+    inner: T,
+    done: bool,
+}
+
+impl<T: Transport> Transport for LyingAccelerator<T> {
+    fn send(&mut self, frame: &[u8]) -> PResult<()> {
+        let mut v = frame.to_vec();
+        self.send_vec(&mut v)
+    }
+
+    fn send_vec(&mut self, frame: &mut Vec<u8>) -> PResult<()> {
+        if !self.done {
+            if let Ok(Reply::ConvOutput { layer: 2, y_u }) = decode_reply(frame, MAX_MESSAGE) {
+                self.done = true;
+                let lie = Reply::ConvOutput {
+                    layer: 2,
+                    y_u: accelerator_result(&moved(&y_u, 1.0)),
+                };
+                encode_reply(&lie, MAX_MESSAGE, frame)?;
+            }
+        }
+        self.inner.send_vec(frame)
+    }
+
+    fn recv_into(&mut self, buf: &mut Vec<u8>) -> PResult<()> {
+        self.inner.recv_into(buf)
+    }
+
+    fn max_message(&self) -> u32 {
+        self.inner.max_message()
+    }
+
+    fn set_max_message(&mut self, max: u32) {
+        self.inner.set_max_message(max)
+    }
+
+    fn peer(&self) -> String {
+        self.inner.peer()
+    }
+}
+
+fn asymml(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_asymml"))
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .expect("run asymml")
+}
+
+#[test]
+fn train_stops_with_exit_code_3_and_keeps_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let common = [
+        "train",
+        "--limit-train",
+        "128",
+        "--batch-size",
+        "32",
+        "--threads",
+        "2",
+        "--json",
+    ];
+    let mut first = common.to_vec();
+    first.extend(["--epochs", "1", "--out", run_dir.to_str().unwrap()]);
+    let out = asymml(&first);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert!(line["integrity"]["checks"].as_u64().unwrap() > 0, "{text}");
+    assert_eq!(line["integrity"]["failures"], 0);
+    let checkpoint = run_dir.join("checkpoint.safetensors");
+    let before = std::fs::read(&checkpoint).unwrap();
+
+    // A modified accelerator over TCP, resumed against.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let t = asymml_protocol::TcpTransport::from_stream(
+            stream,
+            &asymml_protocol::TransportOptions::default(),
+        )
+        .unwrap();
+        let _ = Service::new(1).unwrap().serve(LyingAccelerator {
+            inner: t,
+            done: false,
+        });
+    });
+    let url = format!("tcp://{addr}");
+    let out = asymml(&[
+        "train",
+        "--resume",
+        run_dir.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--json",
+        "--accelerator",
+        &url,
+        "--insecure-plaintext-tcp",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("integrity check failed at conv"), "{err}");
+    assert!(err.contains("Y_U"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(line["integrity"]["failures"], 1, "{text}");
+    assert!(
+        line["error"].as_str().unwrap().contains("integrity"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read(&checkpoint).unwrap(),
+        before,
+        "the checkpoint changed"
+    );
+    let _ = server.join();
+}
