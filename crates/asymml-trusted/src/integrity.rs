@@ -300,24 +300,8 @@ impl Checker {
         for _ in 0..self.reps {
             let c = self.coefs(g.b);
             let s = self.coefs(g.m);
-            // Σ_b c_b X_U[b] and Σ_b c_b² Σ_j X_U[b, j]² in one pass over X_U.
-            let mut xc = vec![0f32; g.n * hw];
-            let mut q = vec![0f64; hw];
-            for (bi, xb) in x_u.chunks_exact(g.n * hw).enumerate() {
-                let (cb, cb2) = (c[bi] as f32, c[bi] * c[bi]);
-                for (xcj, xj) in xc.chunks_exact_mut(hw).zip(xb.chunks_exact(hw)) {
-                    for ((a, &v), qq) in xcj.iter_mut().zip(xj).zip(q.iter_mut()) {
-                        *a += cb * v;
-                        *qq += cb2 * (v as f64) * (v as f64);
-                    }
-                }
-            }
-            let mut xsq = vec![0f64; hw];
-            for xj in xc.chunks_exact(hw) {
-                xsq.iter_mut()
-                    .zip(xj)
-                    .for_each(|(a, &v)| *a += (v as f64) * (v as f64));
-            }
+            // Σ_b c_b X_U[b], Σ_b c_b² Σ_j X_U[b, j]², and Σ_j (Σ_b c_b X_U[b, j])², per pixel.
+            let (xc, q, xsq) = combine_batch(x_u, g.n, hw, &c);
             // Σ_m s_m W[m] and Σ_m s_m²‖W_m‖².
             let mut ws = vec![0f64; g.n * kk];
             let mut wn2 = 0.0;
@@ -469,24 +453,8 @@ impl Checker {
         let (hw, p, kk) = (g.hw(), g.p(), g.k * g.k);
         let c = self.coefs(g.b);
         let t = self.coefs(g.n);
-        // Σ_b c_b ∇Y[b] and Σ_b c_b² Σ_m ∇Y[b, m]² per output pixel.
-        let mut dyc = vec![0f32; g.m * p];
-        let mut e = vec![0f64; p];
-        for (bi, db) in dy.chunks_exact(g.m * p).enumerate() {
-            let (cb, cb2) = (c[bi] as f32, c[bi] * c[bi]);
-            for (dcm, dm) in dyc.chunks_exact_mut(p).zip(db.chunks_exact(p)) {
-                for ((a, &v), ee) in dcm.iter_mut().zip(dm).zip(e.iter_mut()) {
-                    *a += cb * v;
-                    *ee += cb2 * (v as f64) * (v as f64);
-                }
-            }
-        }
-        let mut dsq = vec![0f64; p];
-        for dm in dyc.chunks_exact(p) {
-            dsq.iter_mut()
-                .zip(dm)
-                .for_each(|(a, &v)| *a += (v as f64) * (v as f64));
-        }
+        // Σ_b c_b ∇Y[b], Σ_b c_b² Σ_m ∇Y[b, m]², and Σ_m (Σ_b c_b ∇Y[b, m])², per output pixel.
+        let (dyc, e, dsq) = combine_batch(dy, g.m, p, &c);
         // Σ_j t_j W[:, j] ([M, k, k]) and Σ_j t_j²‖W[:, j]‖².
         let mut wt = vec![0f64; g.m * kk];
         let mut col2 = vec![0f64; g.n];
@@ -595,6 +563,30 @@ impl Checker {
             .collect();
         self.record(Quantity::WeightGrad, &diff, &tol, rms(dw))
     }
+}
+
+/// data: [B, C, P] with coefficients c [B] → (Σ_b c_b data[b] as [C, P]; per pixel Σ_b c_b² Σ_ch data[b, ch]²;
+/// per pixel Σ_ch (Σ_b c_b data[b, ch])²), in one pass over `data`.
+fn combine_batch(data: &[f32], ch: usize, p: usize, c: &[f64]) -> (Vec<f32>, Vec<f64>, Vec<f64>) {
+    let mut comb = vec![0f32; ch * p];
+    let mut sq = vec![0f64; p];
+    for (bi, db) in data.chunks_exact(ch * p).enumerate() {
+        let (cb, cb2) = (c[bi] as f32, c[bi] * c[bi]);
+        for (cm, dm) in comb.chunks_exact_mut(p).zip(db.chunks_exact(p)) {
+            for ((a, &v), e) in cm.iter_mut().zip(dm).zip(sq.iter_mut()) {
+                *a += cb * v;
+                *e += cb2 * (v as f64) * (v as f64);
+            }
+        }
+    }
+    let mut comb_sq = vec![0f64; p];
+    for cm in comb.chunks_exact(p) {
+        comb_sq
+            .iter_mut()
+            .zip(cm)
+            .for_each(|(a, &v)| *a += (v as f64) * (v as f64));
+    }
+    (comb, sq, comb_sq)
 }
 
 /// √(Σ v² / n) (0 when empty).
