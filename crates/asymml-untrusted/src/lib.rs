@@ -1,6 +1,7 @@
-//! asymml-untrusted: the accelerator service. It holds the public conv weights and their optimizer state and
-//! computes Conv_U = conv(X_U, W), ∇X = conv_transpose(∇Y, W) and ∇W_U = corr(X_U, ∇Y) on the residuals it
-//! is sent; it never sees a private tensor. Backends, behind [`backend::ConvBackend`]: `cpu`
+//! asymml-untrusted: the accelerator service. It holds the conv weights the trusted runtime sends (at
+//! registration and after each of its optimizer steps) and computes Conv_U = conv(X_U, W),
+//! ∇X = conv_transpose(∇Y, W) and ∇W_U = corr(X_U, ∇Y) on the residuals it is sent; it never sees a private
+//! tensor. Backends, behind [`backend::ConvBackend`]: `cpu`
 //! ([`backend::CpuBackend`]) and, with the `cuda` feature, `cuda:N` (`cuda::CudaBackend`: cuDNN on a GPU).
 
 pub mod backend;

@@ -36,7 +36,8 @@ impl Default for Limits {
     }
 }
 
-/// Bytes per parameter a registration keeps: the value, its gradient and up to two optimizer moments.
+/// Bytes per parameter a registration keeps: the value, its gradient and (untrusted-only: the optimizer is
+/// here) up to two optimizer moments — counted for both modes, an upper bound in split mode.
 const BYTES_PER_PARAM: u64 = 4 * 4;
 
 /// What one registered conv layer holds beyond its parameters.
@@ -426,7 +427,8 @@ impl Service {
         Ok(Reply::Ok)
     }
 
-    /// `Step`: one optimizer step of the whole network (untrusted-only) or of the conv weights (split).
+    /// `Step`: one optimizer step of the whole network (untrusted-only); refused in split mode, where the trusted
+    /// runtime owns the conv weights.
     fn step(&mut self, lr: f32) -> Result<Reply, BackendError> {
         if !lr.is_finite() {
             return Err(BackendError::Invalid(format!("learning rate {lr}")));
