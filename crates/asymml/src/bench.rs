@@ -78,6 +78,8 @@ pub(crate) struct LayerRow {
     pub(crate) layer: usize,
     pub(crate) name: String,
     pub(crate) rank: usize,
+    /// The conv ran wholly in the trusted runtime (its rank keeps every channel, or a table says so).
+    pub(crate) trusted_route: bool,
     pub(crate) trusted_s: f64,
     /// Of `trusted_s`: the decomposition (lightweight SVD, residual, noise) and the merge Y_T + Y_U; the
     /// rest is Conv_T (and ∇W_T in training).
@@ -225,6 +227,7 @@ fn add_layers(sum: &mut Vec<LayerRow>, before: &Snapshot, after: &Snapshot) {
         row.layer = i;
         row.name.clone_from(&l.name);
         row.rank = l.rank;
+        row.trusted_route = l.trusted_route;
         row.trusted_s += l.trusted_s - b.trusted_s;
         row.decompose_s += l.decompose_s - b.decompose_s;
         row.merge_s += l.merge_s - b.merge_s;
