@@ -294,6 +294,10 @@ impl Checker {
         if x_u.len() != g.b * g.n * hw || y_u.len() != g.b * g.m * p {
             return Err(CoreError::Shape("integrity: forward sizes differ".into()));
         }
+        if g.b * g.n * hw * g.m * p == 0 {
+            // An empty tensor on either side: nothing to compare (its shape was checked on receipt).
+            return Ok(Ok(()));
+        }
         let w = &conv.weight.value.data;
         let kdot = (g.n * kk) as f64;
         let mut out = Ok(());
@@ -381,14 +385,17 @@ impl Checker {
         if x_u.len() != b * n * hw {
             return Err(CoreError::Shape("integrity: residual size differs".into()));
         }
+        // (An empty residual gives empty projections, which `chunks_exact` below must not see.)
+        let hw_or_1 = hw.max(1);
         out.shape = [b, n, h, w];
         out.reps.clear();
         for _ in 0..self.reps {
             let t = self.coefs(n);
             let mut xt = vec![0f64; b * hw];
             let mut ch2 = vec![0f64; n];
-            for (xtb, xb) in xt.chunks_exact_mut(hw).zip(x_u.chunks_exact(n * hw)) {
-                for ((&tj, c2), xj) in t.iter().zip(ch2.iter_mut()).zip(xb.chunks_exact(hw)) {
+            let per = (n * hw).max(1);
+            for (xtb, xb) in xt.chunks_exact_mut(hw_or_1).zip(x_u.chunks_exact(per)) {
+                for ((&tj, c2), xj) in t.iter().zip(ch2.iter_mut()).zip(xb.chunks_exact(hw_or_1)) {
                     let mut acc = 0f64;
                     for (a, &v) in xtb.iter_mut().zip(xj) {
                         let v = v as f64;
@@ -423,7 +430,12 @@ impl Checker {
             || dx.is_some_and(|d| d.len() != g.b * g.n * hw)
             || proj.reps.len() < self.reps
         {
-            return Err(CoreError::Shape("integrity: backward sizes differ".into()));
+            return Err(CoreError::Shape(
+                "integrity: backward sizes differ from the last training forward's".into(),
+            ));
+        }
+        if g.b * g.n * hw * g.m * p == 0 {
+            return Ok(Ok(()));
         }
         let w = &conv.weight.value.data;
         let mut out = Ok(());

@@ -529,6 +529,10 @@ impl<T: Transport> SplitExec<T> {
             y_u.add_into_checked(&out_shape, &y_t, y)
                 .map_err(|e| bad_reply(&what, e))?;
             let dt = t0.elapsed().as_secs_f64();
+            self.count_layer(Some(id), |l| {
+                l.merge_s += dt;
+                l.trusted_s += dt;
+            });
             // Y_U against the trusted weights, on the residual exactly as it was sent (for a shortcut conv,
             // its block input's, still in the scratch); the merged output is not used before this passes.
             let residual = std::mem::take(&mut self.residual);
@@ -550,12 +554,8 @@ impl<T: Transport> SplitExec<T> {
                 });
             self.residual = residual;
             checked?;
-            let t0 = Instant::now() - std::time::Duration::from_secs_f64(dt);
             let full = 2.0 * conv.macs(&x.shape) as f64;
             let (rank, name) = (self.layers[id].rank, self.layers[id].name.clone());
-            let dt = t0.elapsed().as_secs_f64();
-            self.count_layer(Some(id), |l| l.merge_s += dt);
-            self.trusted(id, t0, 0.0);
             self.count_layer(Some(id), |l| {
                 l.untrusted_flops += full;
                 l.rank = rank;
@@ -607,8 +607,8 @@ impl<T: Transport> ConvExec for SplitExec<T> {
         }
         if self.layers[id].trusted_route {
             let t0 = Instant::now();
+            let passes = if dx.is_some() { 2.0 } else { 1.0 };
             conv.backward(x, dy, dx)?;
-            let passes = 2.0;
             self.trusted(id, t0, passes * 2.0 * conv.macs(&x.shape) as f64);
             return Ok(());
         }
