@@ -5,9 +5,13 @@
 //! activations, `forward` and `backward` next to each other, buffers allocated once per shape and reused.
 //! There is no general autograd.
 
+#[macro_use]
+mod simd;
+
 pub mod decomp;
 pub mod dp;
 pub mod error;
+pub mod freivalds;
 pub mod gemm;
 pub mod layers;
 pub mod models;

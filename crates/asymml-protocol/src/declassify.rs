@@ -147,6 +147,19 @@ impl WireTensor {
         self.into_tensor_finite()
     }
 
+    /// The values, after the checks of [`into_tensor_checked`](Self::into_tensor_checked) (exact shape, length,
+    /// every value finite), without taking them out of the message.
+    pub fn checked_data(&self, expected_shape: &[usize]) -> Result<&[f32]> {
+        if self.shape != expected_shape {
+            return Err(ProtocolError::Tensor(format!(
+                "wrong shape: expected {expected_shape:?}, got {:?}",
+                self.shape
+            )));
+        }
+        self.check_length_and_values()?;
+        Ok(&self.data)
+    }
+
     /// Like [`into_tensor_checked`](Self::into_tensor_checked) with a shape pattern: `None` accepts any size in
     /// that dimension (e.g. `[None, Some(64), None, None]` for an NCHW batch of 64 channels).
     pub fn into_tensor_matching(self, pattern: &[Option<usize>]) -> Result<Tensor> {

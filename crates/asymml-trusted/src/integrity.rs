@@ -30,6 +30,10 @@
 //! each repetition when |e| > 2·τ_p; several wrong elements can cancel only for coefficient draws of
 //! vanishing probability, and each of the `reps` repetitions (2 by default) draws new coefficients.
 
+use asymml_core::freivalds::{
+    combine_pass, gather_offsets, lhs_pass, merge_lhs_pass, scatter_offsets, sum_squares,
+    weight_grad_one, Combined, Geo, Lhs,
+};
 use asymml_core::layers::Conv2d;
 use asymml_core::rng::Rng;
 use asymml_core::CoreError;
@@ -48,8 +52,6 @@ pub const KAPPA: f64 = 16.0;
 pub const MEASURED_WORST: f64 = 0.05;
 /// Repetitions per check (each with fresh coefficients).
 pub const DEFAULT_REPS: usize = 2;
-/// Input channels accumulated in f32 before a partial sum is added to the f64 total.
-const BLOCK: usize = 16;
 
 /// Counters of the checks made.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -124,74 +126,6 @@ pub struct Projection {
     reps: Vec<(Vec<f64>, Vec<f64>, f64)>,
 }
 
-/// Geometry of one conv application.
-#[derive(Clone, Copy, Debug)]
-struct Geo {
-    b: usize,
-    n: usize,
-    h: usize,
-    w: usize,
-    m: usize,
-    k: usize,
-    s: usize,
-    pad: usize,
-    oh: usize,
-    ow: usize,
-}
-
-impl Geo {
-    fn of(conv: &Conv2d, x_shape: &[usize]) -> Result<Geo, CoreError> {
-        let &[b, n, h, w] = x_shape else {
-            return Err(CoreError::Shape(format!(
-                "integrity: input {x_shape:?} is not [B, N, H, W]"
-            )));
-        };
-        let out = conv.out_shape(x_shape)?;
-        Ok(Geo {
-            b,
-            n,
-            h,
-            w,
-            m: conv.out_ch,
-            k: conv.k,
-            s: conv.stride,
-            pad: conv.pad,
-            oh: out[2],
-            ow: out[3],
-        })
-    }
-
-    fn hw(&self) -> usize {
-        self.h * self.w
-    }
-
-    fn p(&self) -> usize {
-        self.oh * self.ow
-    }
-
-    /// The output columns ox whose input column ox·s + kx − pad lies in [0, w).
-    fn cols(&self, kx: usize) -> (usize, usize) {
-        let lo = if self.pad > kx {
-            (self.pad - kx).div_ceil(self.s)
-        } else {
-            0
-        };
-        let hi = if self.w + self.pad > kx {
-            ((self.w + self.pad - kx - 1) / self.s + 1).min(self.ow)
-        } else {
-            0
-        };
-        (lo, hi.max(lo))
-    }
-
-    /// The input row of output row oy at kernel row ky, if inside.
-    fn row(&self, oy: usize, ky: usize) -> Option<usize> {
-        (oy * self.s + ky)
-            .checked_sub(self.pad)
-            .filter(|&iy| iy < self.h)
-    }
-}
-
 /// The checker: secret randomness, the number of repetitions, counters.
 pub struct Checker {
     rng: Rng,
@@ -199,6 +133,9 @@ pub struct Checker {
     stats: IntegrityStats,
     /// The largest τ of the last check (the threshold it applied is twice that).
     last_max_tol: f64,
+    /// Scratch of the passes over the big tensors (reused: no allocation once the shapes are seen).
+    comb: Combined,
+    lhs: Lhs,
 }
 
 impl Checker {
@@ -221,6 +158,8 @@ impl Checker {
             reps: reps.max(1),
             stats: IntegrityStats::default(),
             last_max_tol: 0.0,
+            comb: Combined::default(),
+            lhs: Lhs::default(),
         }
     }
 
@@ -280,74 +219,129 @@ impl Checker {
     }
 
     /// Checks `y_u` ([B, M, OH, OW]) = conv(x_u, W) + b for `conv` with the trusted copy of its weights;
-    /// `x_u` ([B, N, H, W]) is the residual exactly as it was sent.
+    /// `x_u` ([B, N, H, W]) is the residual exactly as it was sent. With `proj` (a training forward), the
+    /// same pass over `x_u` also keeps what the ∇W_U check of this conv's backward needs; with
+    /// `merge: Some((y_t, y))`, the pass over `y_u` also writes y = y_u + y_t (which the caller must not use
+    /// unless the check passes).
+    #[allow(clippy::type_complexity)]
     pub fn check_forward(
         &mut self,
         conv: &Conv2d,
         x_u: &[f32],
         x_shape: &[usize],
         y_u: &[f32],
+        proj: Option<&mut Projection>,
+        merge: Option<(&[f32], &mut [f32])>,
     ) -> Result<Result<(), Failure>, CoreError> {
         let t0 = Instant::now();
         let g = Geo::of(conv, x_shape)?;
-        let (hw, p, kk) = (g.hw(), g.p(), g.k * g.k);
-        if x_u.len() != g.b * g.n * hw || y_u.len() != g.b * g.m * p {
+        let (hw, p, kk, r) = (g.hw(), g.p(), g.k * g.k, self.reps);
+        if x_u.len() != g.b * g.n * hw
+            || y_u.len() != g.b * g.m * p
+            || merge
+                .as_ref()
+                .is_some_and(|(a, y)| a.len() != y_u.len() || y.len() != y_u.len())
+        {
             return Err(CoreError::Shape("integrity: forward sizes differ".into()));
         }
+        let c = self.coefs(r * g.b);
+        let s = self.coefs(r * g.m);
+        let t = proj.is_some().then(|| self.coefs(r * g.n));
         if g.b * g.n * hw * g.m * p == 0 {
             // An empty tensor on either side: nothing to compare (its shape was checked on receipt).
+            if let Some((a, y)) = merge {
+                y.iter_mut()
+                    .zip(y_u.iter().zip(a))
+                    .for_each(|(o, (u, t))| *o = u + t);
+            }
+            if let (Some(pr), Some(t)) = (proj, t) {
+                pr.shape = [g.b, g.n, g.h, g.w];
+                pr.reps = t
+                    .chunks_exact(g.n.max(1))
+                    .map(|tr| (tr.to_vec(), vec![0.0; g.b * hw], 0.0))
+                    .collect();
+            }
             return Ok(Ok(()));
         }
         let w = &conv.weight.value.data;
+        // Per repetition, Σ_m s_m W[m] ([N, k, k]), and the same as contraction weights [k·k, N] in f32.
+        let mut ws = vec![0f64; r * g.n * kk];
+        let mut wc = vec![0f32; r * kk * g.n];
+        for ri in 0..r {
+            let wsr = &mut ws[ri * g.n * kk..(ri + 1) * g.n * kk];
+            for (wm, &sm) in w.chunks_exact(g.n * kk).zip(&s[ri * g.m..(ri + 1) * g.m]) {
+                wsr.iter_mut()
+                    .zip(wm)
+                    .for_each(|(a, &v)| *a += sm * v as f64);
+            }
+            for (j, wj) in wsr.chunks_exact(kk).enumerate() {
+                for (o, &v) in wj.iter().enumerate() {
+                    wc[(ri * kk + o) * g.n + j] = v as f32;
+                }
+            }
+        }
+        let (mut comb, mut lhs) = (
+            std::mem::take(&mut self.comb),
+            std::mem::take(&mut self.lhs),
+        );
+        // One pass over X_U for every repetition: Σ_b c_b X_U[b] contracted with Σ_m s_m W[m] at every kernel
+        // offset, Σ_j X_U[b, j]² per sample and pixel, Σ_j (Σ_b c_b X_U[b, j])², and (training)
+        // Σ_j t_j X_U[b, j] with the channel norms.
+        combine_pass(
+            x_u,
+            g.b,
+            g.n,
+            hw,
+            r,
+            Some((&c, &wc, kk)),
+            t.as_deref(),
+            &mut comb,
+        );
+        // One pass over Y_U: Σ_b Σ_m c_b s_m Y_U[b, m] and Σ (c_b s_m Y_U[b, m])² per pixel.
+        let k: Vec<f64> = (0..r)
+            .flat_map(|ri| {
+                let (c, s) = (&c[ri * g.b..(ri + 1) * g.b], &s[ri * g.m..(ri + 1) * g.m]);
+                c.iter().flat_map(move |cb| s.iter().map(move |sm| cb * sm))
+            })
+            .collect();
+        match merge {
+            Some((y_t, y)) => merge_lhs_pass(y_u, y_t, y, g.b, g.m, p, r, &k, &mut lhs),
+            None => lhs_pass(y_u, g.b, g.m, p, r, &k, &mut lhs),
+        }
+        let y_rms = (lhs.total_sq / y_u.len() as f64).sqrt();
+        let wnorm: Vec<f64> = w.chunks_exact(g.n * kk).map(sum_squares).collect();
         let kdot = (g.n * kk) as f64;
+        let floor = 4.0 * TINY * (kdot * (g.b * g.m) as f64).sqrt();
         let mut out = Ok(());
-        for _ in 0..self.reps {
-            let c = self.coefs(g.b);
-            let s = self.coefs(g.m);
-            // Σ_b c_b X_U[b], Σ_b c_b² Σ_j X_U[b, j]², and Σ_j (Σ_b c_b X_U[b, j])², per pixel.
-            let (xc, q, xsq) = combine_batch(x_u, g.n, hw, &c);
-            // Σ_m s_m W[m] and Σ_m s_m²‖W_m‖².
-            let mut ws = vec![0f64; g.n * kk];
-            let mut wn2 = 0.0;
-            for (mi, wm) in w.chunks_exact(g.n * kk).enumerate() {
-                let sm = s[mi];
-                let mut nm = 0.0;
-                for (a, &v) in ws.iter_mut().zip(wm) {
-                    *a += sm * v as f64;
-                    nm += (v as f64) * (v as f64);
-                }
-                wn2 += sm * sm * nm;
-            }
-            let wsn = ws.iter().map(|v| v * v).sum::<f64>().sqrt();
+        for ri in 0..r {
+            let (c, s) = (&c[ri * g.b..(ri + 1) * g.b], &s[ri * g.m..(ri + 1) * g.m]);
+            // Σ_m s_m²‖W_m‖², ‖Σ_m s_m W[m]‖, and conv(Σ_b c_b X_U[b], Σ_m s_m W[m]).
+            let wn2: f64 = s.iter().zip(&wnorm).map(|(sm, n)| sm * sm * n).sum();
+            let wsr = &ws[ri * g.n * kk..(ri + 1) * g.n * kk];
+            let wsn = wsr.iter().map(|v| v * v).sum::<f64>().sqrt();
             let mut z = vec![0f64; p];
-            conv_one(&xc, &ws, &g, &mut z);
-            let pq = box_sum(&q, &g);
-            let pxc = box_sum(&xsq, &g);
-            // Σ_b Σ_m c_b s_m Y_U[b, m] and Σ (c_b s_m Y_U)² per pixel.
-            let mut lhs = vec![0f64; p];
-            let mut ysq = vec![0f64; p];
-            for (bi, yb) in y_u.chunks_exact(g.m * p).enumerate() {
-                for (mi, ym) in yb.chunks_exact(p).enumerate() {
-                    let cs = c[bi] * s[mi];
-                    for ((l, sq), &v) in lhs.iter_mut().zip(ysq.iter_mut()).zip(ym) {
-                        let t = cs * v as f64;
-                        *l += t;
-                        *sq += t * t;
-                    }
-                }
-            }
+            gather_offsets(
+                &comb.contracted[ri * kk * hw..(ri + 1) * kk * hw],
+                &g,
+                &mut z,
+            );
+            let pq = box_sum(&comb.weighted_bsq(c, hw), &g);
+            let pxc = box_sum(&comb.comb_sq[ri * hw..(ri + 1) * hw], &g);
             let bias = conv.bias.as_ref().map_or(0.0, |b| {
                 let sb: f64 = b
                     .value
                     .data
                     .iter()
-                    .zip(&s)
+                    .zip(s)
                     .map(|(&v, sm)| v as f64 * sm)
                     .sum();
                 sb * c.iter().sum::<f64>()
             });
-            let floor = 4.0 * TINY * (kdot * (g.b * g.m) as f64).sqrt();
-            let diff: Vec<f64> = (0..p).map(|i| lhs[i] - z[i] - bias).collect();
+            let (lhs_r, ysq) = (
+                &lhs.lhs[ri * p..(ri + 1) * p],
+                &lhs.sq[ri * p..(ri + 1) * p],
+            );
+            let diff: Vec<f64> = (0..p).map(|i| lhs_r[i] - z[i] - bias).collect();
             let tol: Vec<f64> = (0..p)
                 .map(|i| {
                     KAPPA
@@ -358,58 +352,25 @@ impl Checker {
                             + floor)
                 })
                 .collect();
-            if let Err(f) = self.record(Quantity::Output, &diff, &tol, rms(y_u)) {
+            if let Err(f) = self.record(Quantity::Output, &diff, &tol, y_rms) {
                 out = Err(f);
                 break;
             }
         }
+        if let (Some(pr), Some(t)) = (proj, t) {
+            pr.shape = [g.b, g.n, g.h, g.w];
+            pr.reps = (0..r)
+                .map(|ri| {
+                    let tr = t[ri * g.n..(ri + 1) * g.n].to_vec();
+                    let xt = comb.proj[ri * g.b * hw..(ri + 1) * g.b * hw].to_vec();
+                    let norm2 = tr.iter().zip(&comb.chn2).map(|(tj, n)| tj * tj * n).sum();
+                    (tr, xt, norm2)
+                })
+                .collect();
+        }
+        (self.comb, self.lhs) = (comb, lhs);
         self.stats.seconds += t0.elapsed().as_secs_f64();
         Ok(out)
-    }
-
-    /// Takes, from the residual `x_u` ([B, N, H, W]) as it is sent, what the ∇W_U check of the same conv's
-    /// backward needs (fresh t per repetition).
-    pub fn project_residual(
-        &mut self,
-        x_u: &[f32],
-        x_shape: &[usize],
-        out: &mut Projection,
-    ) -> Result<(), CoreError> {
-        let t0 = Instant::now();
-        let &[b, n, h, w] = x_shape else {
-            return Err(CoreError::Shape(format!(
-                "integrity: input {x_shape:?} is not [B, N, H, W]"
-            )));
-        };
-        let hw = h * w;
-        if x_u.len() != b * n * hw {
-            return Err(CoreError::Shape("integrity: residual size differs".into()));
-        }
-        // (An empty residual gives empty projections, which `chunks_exact` below must not see.)
-        let hw_or_1 = hw.max(1);
-        out.shape = [b, n, h, w];
-        out.reps.clear();
-        for _ in 0..self.reps {
-            let t = self.coefs(n);
-            let mut xt = vec![0f64; b * hw];
-            let mut ch2 = vec![0f64; n];
-            let per = (n * hw).max(1);
-            for (xtb, xb) in xt.chunks_exact_mut(hw_or_1).zip(x_u.chunks_exact(per)) {
-                for ((&tj, c2), xj) in t.iter().zip(ch2.iter_mut()).zip(xb.chunks_exact(hw_or_1)) {
-                    let mut acc = 0f64;
-                    for (a, &v) in xtb.iter_mut().zip(xj) {
-                        let v = v as f64;
-                        *a += tj * v;
-                        acc += v * v;
-                    }
-                    *c2 += acc;
-                }
-            }
-            let norm2 = t.iter().zip(&ch2).map(|(tj, c2)| tj * tj * c2).sum();
-            out.reps.push((t, xt, norm2));
-        }
-        self.stats.seconds += t0.elapsed().as_secs_f64();
-        Ok(())
     }
 
     /// Checks ∇X (`dx`, [B, N, H, W], when given) = conv_transposed(∇Y, W) and ∇W_U (`dw`, [M, N, k, k]) =
@@ -424,11 +385,11 @@ impl Checker {
     ) -> Result<Result<(), Failure>, CoreError> {
         let t0 = Instant::now();
         let g = Geo::of(conv, &proj.shape)?;
-        let (hw, p, kk) = (g.hw(), g.p(), g.k * g.k);
+        let (hw, p, kk, r) = (g.hw(), g.p(), g.k * g.k, self.reps);
         if dy.len() != g.b * g.m * p
             || dw.len() != g.m * g.n * kk
             || dx.is_some_and(|d| d.len() != g.b * g.n * hw)
-            || proj.reps.len() < self.reps
+            || proj.reps.len() < r
         {
             return Err(CoreError::Shape(
                 "integrity: backward sizes differ from the last training forward's".into(),
@@ -437,254 +398,134 @@ impl Checker {
         if g.b * g.n * hw * g.m * p == 0 {
             return Ok(Ok(()));
         }
+        let (mut comb, mut lhs) = (
+            std::mem::take(&mut self.comb),
+            std::mem::take(&mut self.lhs),
+        );
+        // ∇X: c over the batch, t over input channels; ∇W_U: s over output channels (t is the forward's).
+        let c = dx.map(|_| self.coefs(r * g.b));
+        let t = dx.map(|_| self.coefs(r * g.n));
+        let s = self.coefs(r * g.m);
         let w = &conv.weight.value.data;
+        // Per repetition, Σ_j t_j W[:, j] ([M, k, k]), and the same as contraction weights [k·k, M] in f32.
+        let mut wt = vec![0f64; if t.is_some() { r * g.m * kk } else { 0 }];
+        let mut wc = vec![0f32; if t.is_some() { r * kk * g.m } else { 0 }];
+        if let Some(t) = &t {
+            for ri in 0..r {
+                let wtr = &mut wt[ri * g.m * kk..(ri + 1) * g.m * kk];
+                for (wtm, wm) in wtr.chunks_exact_mut(kk).zip(w.chunks_exact(g.n * kk)) {
+                    for (&tj, wj) in t[ri * g.n..(ri + 1) * g.n].iter().zip(wm.chunks_exact(kk)) {
+                        wtm.iter_mut()
+                            .zip(wj)
+                            .for_each(|(a, &v)| *a += tj * v as f64);
+                    }
+                }
+                for (mi, wm) in wtr.chunks_exact(kk).enumerate() {
+                    for (o, &v) in wm.iter().enumerate() {
+                        wc[(ri * kk + o) * g.m + mi] = v as f32;
+                    }
+                }
+            }
+        }
+        // One pass over ∇Y for both quantities and every repetition.
+        let batch = c.as_deref().map(|c| (c, wc.as_slice(), kk));
+        combine_pass(dy, g.b, g.m, p, r, batch, Some(&s), &mut comb);
         let mut out = Ok(());
-        for rep in 0..self.reps {
-            if let Some(dx) = dx {
-                if let Err(f) = self.check_input_grad(&g, w, dy, dx) {
+        if let (Some(dx), Some(c), Some(t)) = (dx, &c, &t) {
+            let k: Vec<f64> = (0..r)
+                .flat_map(|ri| {
+                    let (c, t) = (&c[ri * g.b..(ri + 1) * g.b], &t[ri * g.n..(ri + 1) * g.n]);
+                    c.iter().flat_map(move |cb| t.iter().map(move |tj| cb * tj))
+                })
+                .collect();
+            lhs_pass(dx, g.b, g.n, hw, r, &k, &mut lhs);
+            let dx_rms = (lhs.total_sq / dx.len() as f64).sqrt();
+            // ‖W[:, j]‖² per input channel.
+            let mut col2 = vec![0f64; g.n];
+            for wm in w.chunks_exact(g.n * kk) {
+                for (c2, wj) in col2.iter_mut().zip(wm.chunks_exact(kk)) {
+                    *c2 += sum_squares(wj);
+                }
+            }
+            let kdot = ((g.m * kk) as f64 / (g.s * g.s) as f64).max(1.0);
+            let floor = 4.0 * TINY * (kdot * (g.b * g.n) as f64).sqrt();
+            for ri in 0..r {
+                let (c, t) = (&c[ri * g.b..(ri + 1) * g.b], &t[ri * g.n..(ri + 1) * g.n]);
+                // Σ_j t_j²‖W[:, j]‖², ‖Σ_j t_j W[:, j]‖, and conv_transposed(Σ_b c_b ∇Y[b], Σ_j t_j W[:, j]).
+                let wn2: f64 = t.iter().zip(&col2).map(|(tj, c2)| tj * tj * c2).sum();
+                let wtn = wt[ri * g.m * kk..(ri + 1) * g.m * kk]
+                    .iter()
+                    .map(|v| v * v)
+                    .sum::<f64>()
+                    .sqrt();
+                let mut rhs = vec![0f64; hw];
+                scatter_offsets(
+                    &comb.contracted[ri * kk * p..(ri + 1) * kk * p],
+                    &g,
+                    &mut rhs,
+                );
+                let pe = scatter_sum(&comb.weighted_bsq(c, p), &g);
+                let pd = scatter_sum(&comb.comb_sq[ri * p..(ri + 1) * p], &g);
+                let (lhs_r, xsq) = (
+                    &lhs.lhs[ri * hw..(ri + 1) * hw],
+                    &lhs.sq[ri * hw..(ri + 1) * hw],
+                );
+                let diff: Vec<f64> = (0..hw).map(|i| lhs_r[i] - rhs[i]).collect();
+                let tol: Vec<f64> = (0..hw)
+                    .map(|i| {
+                        KAPPA
+                            * U
+                            * (kdot.sqrt() * (pe[i] * wn2).sqrt()
+                                + (kdot.sqrt() + (g.b as f64).sqrt()) * pd[i].sqrt() * wtn
+                                + xsq[i].sqrt()
+                                + floor)
+                    })
+                    .collect();
+                if let Err(f) = self.record(Quantity::InputGrad, &diff, &tol, dx_rms) {
                     out = Err(f);
                     break;
                 }
             }
-            if let Err(f) = self.check_weight_grad(&g, &proj.reps[rep], dy, dw) {
-                out = Err(f);
-                break;
+        }
+        if out.is_ok() {
+            let dw_rms = (sum_squares(dw) / dw.len() as f64).sqrt();
+            let len = (g.b * p) as f64;
+            let floor = 4.0 * TINY * (len * (g.m * g.n) as f64).sqrt();
+            for ri in 0..r {
+                let s = &s[ri * g.m..(ri + 1) * g.m];
+                let (t, xt, xnorm2) = &proj.reps[ri];
+                // Σ_m s_m²‖∇Y[:, m]‖².
+                let dyn2: f64 = s.iter().zip(&comb.chn2).map(|(sm, n)| sm * sm * n).sum();
+                let dys = &comb.proj[ri * g.b * p..(ri + 1) * g.b * p];
+                let mut rhs = vec![0f64; kk];
+                weight_grad_one(dys, xt, &g, &mut rhs);
+                let mut lhs = vec![0f64; kk];
+                let mut wsq = vec![0f64; kk];
+                for (&sm, wm) in s.iter().zip(dw.chunks_exact(g.n * kk)) {
+                    for (&tj, wj) in t.iter().zip(wm.chunks_exact(kk)) {
+                        let st = sm * tj;
+                        for ((l, sq), &v) in lhs.iter_mut().zip(wsq.iter_mut()).zip(wj) {
+                            let a = st * v as f64;
+                            *l += a;
+                            *sq += a * a;
+                        }
+                    }
+                }
+                let diff: Vec<f64> = (0..kk).map(|i| lhs[i] - rhs[i]).collect();
+                let tol: Vec<f64> = (0..kk)
+                    .map(|i| {
+                        KAPPA * U * (len.sqrt() * (dyn2 * xnorm2).sqrt() + wsq[i].sqrt() + floor)
+                    })
+                    .collect();
+                if let Err(f) = self.record(Quantity::WeightGrad, &diff, &tol, dw_rms) {
+                    out = Err(f);
+                    break;
+                }
             }
         }
+        (self.comb, self.lhs) = (comb, lhs);
         self.stats.seconds += t0.elapsed().as_secs_f64();
         Ok(out)
-    }
-
-    fn check_input_grad(
-        &mut self,
-        g: &Geo,
-        w: &[f32],
-        dy: &[f32],
-        dx: &[f32],
-    ) -> Result<(), Failure> {
-        let (hw, p, kk) = (g.hw(), g.p(), g.k * g.k);
-        let c = self.coefs(g.b);
-        let t = self.coefs(g.n);
-        // Σ_b c_b ∇Y[b], Σ_b c_b² Σ_m ∇Y[b, m]², and Σ_m (Σ_b c_b ∇Y[b, m])², per output pixel.
-        let (dyc, e, dsq) = combine_batch(dy, g.m, p, &c);
-        // Σ_j t_j W[:, j] ([M, k, k]) and Σ_j t_j²‖W[:, j]‖².
-        let mut wt = vec![0f64; g.m * kk];
-        let mut col2 = vec![0f64; g.n];
-        for (mi, wm) in w.chunks_exact(g.n * kk).enumerate() {
-            for (j, wj) in wm.chunks_exact(kk).enumerate() {
-                for (o, &v) in wj.iter().enumerate() {
-                    wt[mi * kk + o] += t[j] * v as f64;
-                    col2[j] += (v as f64) * (v as f64);
-                }
-            }
-        }
-        let wn2: f64 = t.iter().zip(&col2).map(|(tj, c2)| tj * tj * c2).sum();
-        let wtn = wt.iter().map(|v| v * v).sum::<f64>().sqrt();
-        let mut rhs = vec![0f64; hw];
-        conv_transposed_one(&dyc, &wt, g, &mut rhs);
-        let pe = scatter_sum(&e, g);
-        let pd = scatter_sum(&dsq, g);
-        let mut lhs = vec![0f64; hw];
-        let mut xsq = vec![0f64; hw];
-        for (bi, xb) in dx.chunks_exact(g.n * hw).enumerate() {
-            for (j, xj) in xb.chunks_exact(hw).enumerate() {
-                let ct = c[bi] * t[j];
-                for ((l, sq), &v) in lhs.iter_mut().zip(xsq.iter_mut()).zip(xj) {
-                    let a = ct * v as f64;
-                    *l += a;
-                    *sq += a * a;
-                }
-            }
-        }
-        let kdot = ((g.m * kk) as f64 / (g.s * g.s) as f64).max(1.0);
-        let floor = 4.0 * TINY * (kdot * (g.b * g.n) as f64).sqrt();
-        let diff: Vec<f64> = (0..hw).map(|i| lhs[i] - rhs[i]).collect();
-        let tol: Vec<f64> = (0..hw)
-            .map(|i| {
-                KAPPA
-                    * U
-                    * (kdot.sqrt() * (pe[i] * wn2).sqrt()
-                        + (kdot.sqrt() + (g.b as f64).sqrt()) * pd[i].sqrt() * wtn
-                        + xsq[i].sqrt()
-                        + floor)
-            })
-            .collect();
-        self.record(Quantity::InputGrad, &diff, &tol, rms(dx))
-    }
-
-    fn check_weight_grad(
-        &mut self,
-        g: &Geo,
-        rep: &(Vec<f64>, Vec<f64>, f64),
-        dy: &[f32],
-        dw: &[f32],
-    ) -> Result<(), Failure> {
-        let (hw, p, kk) = (g.hw(), g.p(), g.k * g.k);
-        let (t, xt, xnorm2) = rep;
-        let s = self.coefs(g.m);
-        // Σ_m s_m ∇Y[b, m] ([B, P]) and Σ_m s_m²‖∇Y[:, m]‖².
-        let mut dys = vec![0f64; g.b * p];
-        let mut dyn2 = 0.0;
-        for (dsb, db) in dys.chunks_exact_mut(p).zip(dy.chunks_exact(g.m * p)) {
-            for (&sm, dm) in s.iter().zip(db.chunks_exact(p)) {
-                let mut acc = 0f64;
-                for (a, &v) in dsb.iter_mut().zip(dm) {
-                    let v = v as f64;
-                    *a += sm * v;
-                    acc += v * v;
-                }
-                dyn2 += sm * sm * acc;
-            }
-        }
-        // rhs[off] = Σ_b Σ_p dys[b, p] · xt[b, p·s + off − pad].
-        let mut rhs = vec![0f64; kk];
-        for (dsb, xtb) in dys.chunks_exact(p).zip(xt.chunks_exact(hw)) {
-            for ky in 0..g.k {
-                for kx in 0..g.k {
-                    let (lo, hi) = g.cols(kx);
-                    let mut acc = 0f64;
-                    for oy in 0..g.oh {
-                        let Some(iy) = g.row(oy, ky) else { continue };
-                        let drow = &dsb[oy * g.ow..(oy + 1) * g.ow];
-                        let xrow = &xtb[iy * g.w..(iy + 1) * g.w];
-                        for ox in lo..hi {
-                            acc += drow[ox] * xrow[ox * g.s + kx - g.pad];
-                        }
-                    }
-                    rhs[ky * g.k + kx] += acc;
-                }
-            }
-        }
-        let mut lhs = vec![0f64; kk];
-        let mut wsq = vec![0f64; kk];
-        for (mi, wm) in dw.chunks_exact(g.n * kk).enumerate() {
-            for (j, wj) in wm.chunks_exact(kk).enumerate() {
-                let st = s[mi] * t[j];
-                for ((l, sq), &v) in lhs.iter_mut().zip(wsq.iter_mut()).zip(wj) {
-                    let a = st * v as f64;
-                    *l += a;
-                    *sq += a * a;
-                }
-            }
-        }
-        let len = (g.b * p) as f64;
-        let floor = 4.0 * TINY * (len * (g.m * g.n) as f64).sqrt();
-        let diff: Vec<f64> = (0..kk).map(|i| lhs[i] - rhs[i]).collect();
-        let tol: Vec<f64> = (0..kk)
-            .map(|i| KAPPA * U * (len.sqrt() * (dyn2 * xnorm2).sqrt() + wsq[i].sqrt() + floor))
-            .collect();
-        self.record(Quantity::WeightGrad, &diff, &tol, rms(dw))
-    }
-}
-
-/// data: [B, C, P] with coefficients c [B] → (Σ_b c_b data[b] as [C, P]; per pixel Σ_b c_b² Σ_ch data[b, ch]²;
-/// per pixel Σ_ch (Σ_b c_b data[b, ch])²), in one pass over `data`.
-fn combine_batch(data: &[f32], ch: usize, p: usize, c: &[f64]) -> (Vec<f32>, Vec<f64>, Vec<f64>) {
-    let mut comb = vec![0f32; ch * p];
-    let mut sq = vec![0f64; p];
-    for (bi, db) in data.chunks_exact(ch * p).enumerate() {
-        let (cb, cb2) = (c[bi] as f32, c[bi] * c[bi]);
-        for (cm, dm) in comb.chunks_exact_mut(p).zip(db.chunks_exact(p)) {
-            for ((a, &v), e) in cm.iter_mut().zip(dm).zip(sq.iter_mut()) {
-                *a += cb * v;
-                *e += cb2 * (v as f64) * (v as f64);
-            }
-        }
-    }
-    let mut comb_sq = vec![0f64; p];
-    for cm in comb.chunks_exact(p) {
-        comb_sq
-            .iter_mut()
-            .zip(cm)
-            .for_each(|(a, &v)| *a += (v as f64) * (v as f64));
-    }
-    (comb, sq, comb_sq)
-}
-
-/// √(Σ v² / n) (0 when empty).
-fn rms(v: &[f32]) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    (v.iter().map(|&a| (a as f64) * (a as f64)).sum::<f64>() / v.len() as f64).sqrt()
-}
-
-/// z [OH·OW] += conv of xc [N, H, W] with the single output channel ws [N, k, k] (f32 partial sums over
-/// [`BLOCK`] channels, added in f64).
-fn conv_one(xc: &[f32], ws: &[f64], g: &Geo, z: &mut [f64]) {
-    let (hw, kk) = (g.hw(), g.k * g.k);
-    let mut part = vec![0f32; g.ow];
-    for oy in 0..g.oh {
-        let zrow = &mut z[oy * g.ow..(oy + 1) * g.ow];
-        for j0 in (0..g.n).step_by(BLOCK) {
-            part.iter_mut().for_each(|v| *v = 0.0);
-            for j in j0..(j0 + BLOCK).min(g.n) {
-                for ky in 0..g.k {
-                    let Some(iy) = g.row(oy, ky) else { continue };
-                    let row = &xc[j * hw + iy * g.w..j * hw + (iy + 1) * g.w];
-                    for kx in 0..g.k {
-                        let wv = ws[j * kk + ky * g.k + kx] as f32;
-                        let (lo, hi) = g.cols(kx);
-                        if lo >= hi {
-                            continue;
-                        }
-                        if g.s == 1 {
-                            let start = lo + kx - g.pad;
-                            for (a, &v) in part[lo..hi].iter_mut().zip(&row[start..start + hi - lo])
-                            {
-                                *a += wv * v;
-                            }
-                        } else {
-                            for (ox, a) in part.iter_mut().enumerate().take(hi).skip(lo) {
-                                *a += wv * row[ox * g.s + kx - g.pad];
-                            }
-                        }
-                    }
-                }
-            }
-            zrow.iter_mut()
-                .zip(&part)
-                .for_each(|(a, &v)| *a += v as f64);
-        }
-    }
-}
-
-/// rhs [H·W] += the transposed conv of dyc [M, OH, OW] with the single input channel wt [M, k, k].
-fn conv_transposed_one(dyc: &[f32], wt: &[f64], g: &Geo, rhs: &mut [f64]) {
-    let (p, kk) = (g.p(), g.k * g.k);
-    let mut part = vec![0f32; g.hw()];
-    for m0 in (0..g.m).step_by(BLOCK) {
-        part.iter_mut().for_each(|v| *v = 0.0);
-        for mi in m0..(m0 + BLOCK).min(g.m) {
-            let dm = &dyc[mi * p..(mi + 1) * p];
-            for ky in 0..g.k {
-                for kx in 0..g.k {
-                    let wv = wt[mi * kk + ky * g.k + kx] as f32;
-                    let (lo, hi) = g.cols(kx);
-                    if lo >= hi {
-                        continue;
-                    }
-                    for oy in 0..g.oh {
-                        let Some(iy) = g.row(oy, ky) else { continue };
-                        let drow = &dm[oy * g.ow..(oy + 1) * g.ow];
-                        let prow = &mut part[iy * g.w..(iy + 1) * g.w];
-                        if g.s == 1 {
-                            let start = lo + kx - g.pad;
-                            for (a, &v) in
-                                prow[start..start + hi - lo].iter_mut().zip(&drow[lo..hi])
-                            {
-                                *a += wv * v;
-                            }
-                        } else {
-                            for ox in lo..hi {
-                                prow[ox * g.s + kx - g.pad] += wv * drow[ox];
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        rhs.iter_mut().zip(&part).for_each(|(a, &v)| *a += v as f64);
     }
 }
 
@@ -790,9 +631,10 @@ mod tests {
         ] {
             let (mut conv, x, y) = setup(n, m, k, s, pad, hw);
             let mut proj = Projection::default();
-            Checker::with_seed(9, 1)
-                .project_residual(&x.data, &x.shape, &mut proj)
+            let fwd = Checker::with_seed(9, 1)
+                .check_forward(&conv, &x.data, &x.shape, &y.data, Some(&mut proj), None)
                 .unwrap();
+            assert_eq!(fwd, Ok(()), "the honest forward failed");
             let mut rng = Rng::new(3);
             let dy =
                 Tensor::from_vec(&y.shape, (0..y.len()).map(|_| rng.normal()).collect()).unwrap();
@@ -804,7 +646,7 @@ mod tests {
                 // Just above the threshold, and well above it: always caught.
                 for (factor, expect) in [(1.05, true), (4.0, true)] {
                     let fwd = |ch: &mut Checker, p| {
-                        ch.check_forward(&conv, &x.data, &x.shape, &moved(&y.data, p))
+                        ch.check_forward(&conv, &x.data, &x.shape, &moved(&y.data, p), None, None)
                             .unwrap()
                     };
                     assert_eq!(caught(seed, factor, y.len(), fwd), expect, "Y_U {factor}");

@@ -525,33 +525,39 @@ impl<T: Transport> SplitExec<T> {
                 .recv(Some(id))?
                 .into_conv_output(layer)
                 .map_err(|e| bad_reply(&what, e))?;
-            let t0 = Instant::now();
-            y_u.add_into_checked(&out_shape, &y_t, y)
-                .map_err(|e| bad_reply(&what, e))?;
-            let dt = t0.elapsed().as_secs_f64();
-            self.count_layer(Some(id), |l| {
-                l.merge_s += dt;
-                l.trusted_s += dt;
-            });
             // Y_U against the trusted weights, on the residual exactly as it was sent (for a shortcut conv,
-            // its block input's, still in the scratch); the merged output is not used before this passes.
+            // its block input's, still in the scratch). With checks on, the pass that checks Y_U also writes
+            // Y = Y_U + Y_T, and the merged output is not used before the check passes.
             let residual = std::mem::take(&mut self.residual);
-            let checked = self
-                .checked(id, |ch| {
-                    ch.check_forward(conv, &residual.data, &x.shape, y_u.data())
+            let mut proj = std::mem::take(&mut self.layers[id].proj);
+            let checked = if self.checker.is_some() {
+                let data = y_u
+                    .checked_data(&out_shape)
+                    .map_err(|e| bad_reply(&what, e));
+                data.and_then(|data| {
+                    y.resize(&out_shape);
+                    let y_out = &mut y.data;
+                    self.checked(id, |ch| {
+                        // (A training forward also keeps, from the same pass over X_U, the ∇W_U check's
+                        // projection.)
+                        let proj = train.then_some(&mut proj);
+                        let merge = Some((y_t.data.as_slice(), y_out.as_mut_slice()));
+                        ch.check_forward(conv, &residual.data, &x.shape, data, proj, merge)
+                    })
                 })
-                .and_then(|_| {
-                    if !train {
-                        return Ok(());
-                    }
-                    let mut proj = std::mem::take(&mut self.layers[id].proj);
-                    let r = self.checked(id, |ch| {
-                        ch.project_residual(&residual.data, &x.shape, &mut proj)
-                            .map(Ok)
-                    });
-                    self.layers[id].proj = proj;
-                    r
+            } else {
+                let t0 = Instant::now();
+                let r = y_u
+                    .add_into_checked(&out_shape, &y_t, y)
+                    .map_err(|e| bad_reply(&what, e));
+                let dt = t0.elapsed().as_secs_f64();
+                self.count_layer(Some(id), |l| {
+                    l.merge_s += dt;
+                    l.trusted_s += dt;
                 });
+                r
+            };
+            self.layers[id].proj = proj;
             self.residual = residual;
             checked?;
             let full = 2.0 * conv.macs(&x.shape) as f64;

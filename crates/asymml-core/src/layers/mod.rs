@@ -3,39 +3,6 @@
 //!
 //! Gradients of parameters are *accumulated* into `Param::grad` (as in PyTorch); call `zero_grad` between steps.
 
-/// Defines `fn name(args)` that runs its body compiled for AVX2 + FMA when the CPU has them (the loops then
-/// vectorise 8 wide), and for the baseline target otherwise.
-macro_rules! simd_fn {
-    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$m])*
-        #[allow(clippy::too_many_arguments)]
-        $vis fn $name($($arg: $ty),*) {
-            // Index loops over fixed-size blocks are deliberate: they vectorise.
-            #[inline(always)]
-            #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-            fn imp($($arg: $ty),*) $body
-            #[cfg(target_arch = "x86_64")]
-            {
-                /// The body compiled with AVX2 and FMA: a safe function that only a caller that has checked
-                /// the CPU for both features may call (calling it is the one unsafe operation).
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                fn avx2($($arg: $ty),*) {
-                    imp($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: `avx2` is compiled for exactly the features `avx2` and `fma`, both detected on
-                    // this CPU just above; its body is the safe `imp`, so nothing else is assumed.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            imp($($arg),*)
-        }
-    };
-}
-
 pub mod activation;
 pub mod batchnorm;
 pub mod conv;

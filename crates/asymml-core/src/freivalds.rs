@@ -1,0 +1,717 @@
+//! The kernels of the Freivalds checks that the trusted runtime makes of an accelerator's conv results
+//! (`asymml_trusted::integrity` draws the secret coefficients and decides): one pass over a big tensor per
+//! check for every repetition, with f32 partial sums over [`BLOCK`] channels added in f64, compiled for AVX2 +
+//! FMA where the CPU has them; and the one-channel convolutions the checks compare against.
+
+use crate::layers::Conv2d;
+use crate::CoreError;
+
+/// Channels (or planes) accumulated in f32 before a partial sum is added to the f64 total.
+pub const BLOCK: usize = 16;
+/// f32 accumulators a tiled pass keeps per tile of pixels (512 KiB: they stay in L2 while the tile's rows of
+/// every sample and channel stream by).
+const TILE_FLOATS: usize = 1 << 17;
+
+/// Geometry of one conv application.
+#[derive(Clone, Copy, Debug)]
+pub struct Geo {
+    pub b: usize,
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub m: usize,
+    pub k: usize,
+    pub s: usize,
+    pub pad: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl Geo {
+    pub fn of(conv: &Conv2d, x_shape: &[usize]) -> Result<Geo, CoreError> {
+        let &[b, n, h, w] = x_shape else {
+            return Err(CoreError::Shape(format!(
+                "freivalds: input {x_shape:?} is not [B, N, H, W]"
+            )));
+        };
+        let out = conv.out_shape(x_shape)?;
+        Ok(Geo {
+            b,
+            n,
+            h,
+            w,
+            m: conv.out_ch,
+            k: conv.k,
+            s: conv.stride,
+            pad: conv.pad,
+            oh: out[2],
+            ow: out[3],
+        })
+    }
+
+    pub fn hw(&self) -> usize {
+        self.h * self.w
+    }
+
+    pub fn p(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    /// The output columns ox whose input column ox·s + kx − pad lies in [0, w).
+    pub fn cols(&self, kx: usize) -> (usize, usize) {
+        let lo = if self.pad > kx {
+            (self.pad - kx).div_ceil(self.s)
+        } else {
+            0
+        };
+        let hi = if self.w + self.pad > kx {
+            ((self.w + self.pad - kx - 1) / self.s + 1).min(self.ow)
+        } else {
+            0
+        };
+        (lo, hi.max(lo))
+    }
+
+    /// The input row of output row oy at kernel row ky, if inside.
+    pub fn row(&self, oy: usize, ky: usize) -> Option<usize> {
+        (oy * self.s + ky)
+            .checked_sub(self.pad)
+            .filter(|&iy| iy < self.h)
+    }
+}
+
+/// What one pass over a tensor `data` [B, C, P] collects for R repetitions ([`combine_pass`]); kept and
+/// reused between checks (no allocation once the shapes are seen).
+#[derive(Clone, Debug, Default)]
+pub struct Combined {
+    /// With batch coefficients c ([R, B]) and contraction weights w ([R, k·k, C]): per repetition and offset
+    /// o, Σ_ch w[o, ch]·(Σ_b c_b data[b, ch]) at every pixel ([R, k·k, P]). The batch combination itself is
+    /// only ever held one tile at a time.
+    pub contracted: Vec<f64>,
+    /// With batch coefficients: Σ_ch (Σ_b c_b data[b, ch])² per repetition and pixel ([R, P]).
+    pub comb_sq: Vec<f64>,
+    /// Σ_ch data[b, ch]² per sample and pixel ([B, P]).
+    pub bsq: Vec<f64>,
+    /// With channel coefficients t ([R, C]): Σ_ch t_ch data[b, ch] per repetition ([R, B, P]).
+    pub proj: Vec<f64>,
+    /// Σ_b Σ_p data[b, ch, p]² per channel ([C]).
+    pub chn2: Vec<f64>,
+}
+
+impl Combined {
+    /// Σ_b c_b² Σ_ch data[b, ch]² per pixel, for one repetition's c ([B]).
+    pub fn weighted_bsq(&self, c: &[f64], p: usize) -> Vec<f64> {
+        let mut out = vec![0f64; p];
+        for (&cb, row) in c.iter().zip(self.bsq.chunks_exact(p.max(1))) {
+            let c2 = cb * cb;
+            out.iter_mut().zip(row).for_each(|(a, &v)| *a += c2 * v);
+        }
+        out
+    }
+}
+
+/// The left-hand sides of one check for R repetitions ([`lhs_pass`]): Σ_b Σ_ch k[b, ch]·data[b, ch] and
+/// Σ (k·data)² per pixel ([R, P] each), and Σ data² over everything.
+#[derive(Clone, Debug, Default)]
+pub struct Lhs {
+    pub lhs: Vec<f64>,
+    pub sq: Vec<f64>,
+    pub total_sq: f64,
+}
+
+/// Zeroes `v` at length `n`, reusing its allocation.
+fn zeroed<T: Copy + Default>(v: &mut Vec<T>, n: usize) {
+    v.clear();
+    v.resize(n, T::default());
+}
+
+/// Pixels per tile of a pass: `acc` f32 accumulators per pixel stay within [`TILE_FLOATS`].
+fn tile_width(acc: usize, p: usize) -> usize {
+    ((TILE_FLOATS / acc.max(1)) / 16 * 16)
+        .clamp(16, 4096)
+        .min(p)
+        .max(1)
+}
+
+simd_fn! {
+/// One pass over `data` ([B, C, P]), tile of pixels by tile, collecting [`Combined`] for `r` repetitions:
+/// the batch combinations with `batch` ([R, B]), contracted over channels with `contract` ([R, kk, C]) while
+/// the tile is in cache, and the channel projections with `chan` ([R, C]). Partial sums over [`BLOCK`]
+/// channels are taken in f32 and added in f64.
+pub fn combine_pass(
+    data: &[f32],
+    bsz: usize,
+    ch: usize,
+    p: usize,
+    r: usize,
+    batch: Option<(&[f64], &[f32], usize)>,
+    chan: Option<&[f64]>,
+    out: &mut Combined,
+) {
+    assert_eq!(data.len(), bsz * ch * p, "combine_pass: data is not [B, C, P]");
+    let kk = batch.map_or(0, |(_, _, kk)| kk);
+    if let Some((c, w, kk)) = batch {
+        assert!(c.len() == r * bsz && w.len() == r * kk * ch, "combine_pass: coefficient sizes");
+    }
+    zeroed(&mut out.contracted, r * kk * p);
+    zeroed(&mut out.comb_sq, if batch.is_some() { r * p } else { 0 });
+    zeroed(&mut out.bsq, bsz * p);
+    zeroed(&mut out.proj, if chan.is_some() { r * bsz * p } else { 0 });
+    zeroed(&mut out.chn2, ch);
+    if data.is_empty() {
+        return;
+    }
+    // Per tile of pixels, the R·C rows of the batch combination stay in L2 while every sample's rows of the
+    // tile stream by; the per-sample squares and projections, and the contraction's partial sums, in L1.
+    let tile = tile_width(if batch.is_some() { r * ch } else { 1 }, p);
+    let mut comb = vec![0f32; if batch.is_some() { r * ch * tile } else { 0 }];
+    let mut part = vec![0f32; r.max(kk) * tile];
+    let mut sq = vec![0f32; tile];
+    for p0 in (0..p).step_by(tile) {
+        let tl = tile.min(p - p0);
+        comb.iter_mut().for_each(|v| *v = 0.0);
+        for b in 0..bsz {
+            sq.iter_mut().for_each(|v| *v = 0.0);
+            for j0 in (0..ch).step_by(BLOCK) {
+                if chan.is_some() {
+                    part.iter_mut().for_each(|v| *v = 0.0);
+                }
+                for j in j0..(j0 + BLOCK).min(ch) {
+                    let x = &data[(b * ch + j) * p + p0..][..tl];
+                    if let Some((c, _, _)) = batch {
+                        for ri in 0..r {
+                            let cb = c[ri * bsz + b] as f32;
+                            let dst = &mut comb[(ri * ch + j) * tile..][..tl];
+                            dst.iter_mut().zip(x).for_each(|(a, &v)| *a += cb * v);
+                        }
+                    }
+                    if let Some(t) = chan {
+                        for ri in 0..r {
+                            let tj = t[ri * ch + j] as f32;
+                            let dst = &mut part[ri * tile..][..tl];
+                            dst.iter_mut().zip(x).for_each(|(a, &v)| *a += tj * v);
+                        }
+                    }
+                    sq.iter_mut().zip(x).for_each(|(a, &v)| *a += v * v);
+                    out.chn2[j] += sumsq_lanes(x);
+                }
+                if chan.is_some() {
+                    for ri in 0..r {
+                        let dst = &mut out.proj[(ri * bsz + b) * p + p0..][..tl];
+                        dst.iter_mut()
+                            .zip(&part[ri * tile..][..tl])
+                            .for_each(|(a, &v)| *a += v as f64);
+                    }
+                }
+            }
+            out.bsq[b * p + p0..][..tl]
+                .iter_mut()
+                .zip(&sq)
+                .for_each(|(a, &v)| *a = v as f64);
+        }
+        if let Some((_, w, kk)) = batch {
+            for ri in 0..r {
+                let dst = &mut out.comb_sq[ri * p + p0..][..tl];
+                for j in 0..ch {
+                    let src = &comb[(ri * ch + j) * tile..][..tl];
+                    dst.iter_mut()
+                        .zip(src)
+                        .for_each(|(a, &v)| *a += (v as f64) * (v as f64));
+                }
+                // Σ_ch w[o, ch]·comb[ch] for every offset o, BLOCK channels at a time in f32.
+                for j0 in (0..ch).step_by(BLOCK) {
+                    part.iter_mut().for_each(|v| *v = 0.0);
+                    for j in j0..(j0 + BLOCK).min(ch) {
+                        let src = &comb[(ri * ch + j) * tile..][..tl];
+                        for o in 0..kk {
+                            let wv = w[(ri * kk + o) * ch + j];
+                            let dst = &mut part[o * tile..][..tl];
+                            dst.iter_mut().zip(src).for_each(|(a, &v)| *a += wv * v);
+                        }
+                    }
+                    for o in 0..kk {
+                        let dst = &mut out.contracted[(ri * kk + o) * p + p0..][..tl];
+                        dst.iter_mut()
+                            .zip(&part[o * tile..][..tl])
+                            .for_each(|(a, &v)| *a += v as f64);
+                    }
+                }
+            }
+        }
+    }
+}
+}
+
+/// [`lhs_pass`], and with `merge: Some((addend, y))`, y = data + addend in the same pass.
+#[inline(always)]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn lhs_impl(
+    data: &[f32],
+    mut merge: Option<(&[f32], &mut [f32])>,
+    bsz: usize,
+    ch: usize,
+    p: usize,
+    r: usize,
+    k: &[f64],
+    out: &mut Lhs,
+) {
+    assert_eq!(data.len(), bsz * ch * p, "lhs_pass: data is not [B, C, P]");
+    assert_eq!(k.len(), r * bsz * ch, "lhs_pass: k is not [R, B, C]");
+    if let Some((addend, y)) = &merge {
+        assert!(
+            addend.len() == data.len() && y.len() == data.len(),
+            "lhs_pass: merge sizes differ"
+        );
+    }
+    zeroed(&mut out.lhs, r * p);
+    zeroed(&mut out.sq, r * p);
+    out.total_sq = 0.0;
+    if data.is_empty() {
+        return;
+    }
+    // 2R + 1 f32 accumulators per pixel, kept in L1.
+    let tile = 1024.min(p);
+    let mut part = vec![0f32; r * tile];
+    let mut psq = vec![0f32; r * tile];
+    let mut tot = vec![0f32; tile];
+    for p0 in (0..p).step_by(tile) {
+        let tl = tile.min(p - p0);
+        for b in 0..bsz {
+            for j0 in (0..ch).step_by(BLOCK) {
+                part.iter_mut().for_each(|v| *v = 0.0);
+                psq.iter_mut().for_each(|v| *v = 0.0);
+                tot.iter_mut().for_each(|v| *v = 0.0);
+                for j in j0..(j0 + BLOCK).min(ch) {
+                    let off = (b * ch + j) * p + p0;
+                    let x = &data[off..][..tl];
+                    if let Some((addend, y)) = merge.as_mut() {
+                        y[off..][..tl]
+                            .iter_mut()
+                            .zip(x.iter().zip(&addend[off..][..tl]))
+                            .for_each(|(o, (a, b))| *o = a + b);
+                    }
+                    for ri in 0..r {
+                        let kv = k[(ri * bsz + b) * ch + j] as f32;
+                        let k2 = kv * kv;
+                        let (pa, ps) = (&mut part[ri * tile..][..tl], &mut psq[ri * tile..][..tl]);
+                        for ((a, s), &v) in pa.iter_mut().zip(ps.iter_mut()).zip(x) {
+                            *a += kv * v;
+                            *s += k2 * (v * v);
+                        }
+                    }
+                    tot.iter_mut().zip(x).for_each(|(a, &v)| *a += v * v);
+                }
+                for ri in 0..r {
+                    let (l, s) = (
+                        &mut out.lhs[ri * p + p0..][..tl],
+                        &mut out.sq[ri * p + p0..][..tl],
+                    );
+                    for ((l, s), (&a, &q)) in l
+                        .iter_mut()
+                        .zip(s.iter_mut())
+                        .zip(part[ri * tile..][..tl].iter().zip(&psq[ri * tile..][..tl]))
+                    {
+                        *l += a as f64;
+                        *s += q as f64;
+                    }
+                }
+                out.total_sq += sumsq_f64_of(&tot[..tl]);
+            }
+        }
+    }
+}
+
+simd_fn! {
+/// One pass over `data` ([B, C, P]) with the coefficient products `k` ([R, B, C]), into `out` ([`Lhs`]):
+/// partial sums over [`BLOCK`] channels in f32, added in f64.
+pub fn lhs_pass(data: &[f32], bsz: usize, ch: usize, p: usize, r: usize, k: &[f64], out: &mut Lhs) {
+    lhs_impl(data, None, bsz, ch, p, r, k, out)
+}
+}
+
+simd_fn! {
+/// `y` = `data` + `addend` (all [B, C, P]) and, in the same pass, [`lhs_pass`] of `data`: the merge of a
+/// checked result with the trusted part reads the result once.
+pub fn merge_lhs_pass(
+    data: &[f32],
+    addend: &[f32],
+    y: &mut [f32],
+    bsz: usize,
+    ch: usize,
+    p: usize,
+    r: usize,
+    k: &[f64],
+    out: &mut Lhs,
+) {
+    lhs_impl(data, Some((addend, y)), bsz, ch, p, r, k, out)
+}
+}
+
+/// Σ v² in f64, from eight f32 lanes (a sum of squares loses nothing to cancellation).
+#[inline(always)]
+fn sumsq_lanes(x: &[f32]) -> f64 {
+    let mut acc = [0f32; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    let tail: f64 = it
+        .remainder()
+        .iter()
+        .map(|&v| (v as f64) * (v as f64))
+        .sum();
+    acc.iter().map(|&a| a as f64).sum::<f64>() + tail
+}
+
+/// Σ v (v ≥ 0, already squares) in f64.
+#[inline(always)]
+fn sumsq_f64_of(x: &[f32]) -> f64 {
+    let mut acc = [0f64; 4];
+    let mut it = x.chunks_exact(4);
+    for c in &mut it {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + it.remainder().iter().map(|&v| v as f64).sum::<f64>()
+}
+
+simd_fn! {
+/// Σ v² in f64.
+pub fn sum_squares(x: &[f32]) -> f64 {
+    sumsq_lanes(x)
+}
+}
+
+/// Σ a_i·b_i in f64 over four lanes (independent accumulators, so it runs at throughput, not latency).
+#[inline(always)]
+fn dot64(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0f64; 4];
+    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..4 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+simd_fn! {
+/// rhs [k·k] += per kernel offset, Σ_b Σ_p dys[b, p] · xt[b, p·s + off − pad] (dys [B, OH·OW], xt
+/// [B, H·W]): the correlation of the two projections that ∇W_U's check compares against.
+pub fn weight_grad_one(dys: &[f64], xt: &[f64], g: &Geo, rhs: &mut [f64]) {
+    let (hw, p) = (g.hw(), g.p());
+    if hw == 0 || p == 0 {
+        return;
+    }
+    for (dsb, xtb) in dys.chunks_exact(p).zip(xt.chunks_exact(hw)) {
+        for ky in 0..g.k {
+            for kx in 0..g.k {
+                let (lo, hi) = g.cols(kx);
+                if lo >= hi {
+                    continue;
+                }
+                let mut acc = 0f64;
+                for oy in 0..g.oh {
+                    let Some(iy) = g.row(oy, ky) else { continue };
+                    let drow = &dsb[oy * g.ow..(oy + 1) * g.ow];
+                    let xrow = &xtb[iy * g.w..(iy + 1) * g.w];
+                    if g.s == 1 {
+                        let start = lo + kx - g.pad;
+                        acc += dot64(&drow[lo..hi], &xrow[start..start + hi - lo]);
+                    } else {
+                        for ox in lo..hi {
+                            acc += drow[ox] * xrow[ox * g.s + kx - g.pad];
+                        }
+                    }
+                }
+                rhs[ky * g.k + kx] += acc;
+            }
+        }
+    }
+}
+}
+
+simd_fn! {
+/// z [OH·OW] += Σ over kernel offsets o of a[o] ([k·k, H·W]) at the input pixel that o maps output pixel p to:
+/// with a[o] = Σ_ch w[ch, o]·x[ch] (see [`Combined::contracted`]), the conv of x with the one output channel w.
+pub fn gather_offsets(a: &[f64], g: &Geo, z: &mut [f64]) {
+    let hw = g.hw();
+    for oy in 0..g.oh {
+        let zrow = &mut z[oy * g.ow..(oy + 1) * g.ow];
+        for ky in 0..g.k {
+            let Some(iy) = g.row(oy, ky) else { continue };
+            for kx in 0..g.k {
+                let (lo, hi) = g.cols(kx);
+                if lo >= hi {
+                    continue;
+                }
+                let row = &a[(ky * g.k + kx) * hw + iy * g.w..][..g.w];
+                if g.s == 1 {
+                    let start = lo + kx - g.pad;
+                    zrow[lo..hi]
+                        .iter_mut()
+                        .zip(&row[start..start + hi - lo])
+                        .for_each(|(z, &v)| *z += v);
+                } else {
+                    for ox in lo..hi {
+                        zrow[ox] += row[ox * g.s + kx - g.pad];
+                    }
+                }
+            }
+        }
+    }
+}
+}
+
+simd_fn! {
+/// rhs [H·W] += Σ over kernel offsets o of a[o] ([k·k, OH·OW]) scattered to the input pixel o maps each
+/// output pixel to: with a[o] = Σ_m w[m, o]·dy[m], the transposed conv of dy with the one input channel w.
+pub fn scatter_offsets(a: &[f64], g: &Geo, rhs: &mut [f64]) {
+    let p = g.p();
+    for oy in 0..g.oh {
+        for ky in 0..g.k {
+            let Some(iy) = g.row(oy, ky) else { continue };
+            for kx in 0..g.k {
+                let (lo, hi) = g.cols(kx);
+                if lo >= hi {
+                    continue;
+                }
+                let src = &a[(ky * g.k + kx) * p + oy * g.ow..][..g.ow];
+                let dst = &mut rhs[iy * g.w..(iy + 1) * g.w];
+                if g.s == 1 {
+                    let start = lo + kx - g.pad;
+                    dst[start..start + hi - lo]
+                        .iter_mut()
+                        .zip(&src[lo..hi])
+                        .for_each(|(d, &v)| *d += v);
+                } else {
+                    for ox in lo..hi {
+                        dst[ox * g.s + kx - g.pad] += src[ox];
+                    }
+                }
+            }
+        }
+    }
+}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers::Conv2dConfig;
+    use crate::rng::Rng;
+    use crate::Tensor;
+
+    fn randn(rng: &mut Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.normal()).collect()
+    }
+
+    /// `got` equals the sum of `terms` up to f32 rounding of the terms' absolute sum.
+    fn sums_to(got: f64, terms: impl Iterator<Item = f64>) -> bool {
+        let (mut sum, mut abs) = (0.0, 0.0);
+        for t in terms {
+            sum += t;
+            abs += t.abs();
+        }
+        (got - sum).abs() <= 1e-5 * abs + 1e-12
+    }
+
+    /// Every output of `combine_pass` against a direct computation (sizes not multiples of the tile or of
+    /// BLOCK, with and without each option).
+    #[test]
+    fn combine_pass_matches_a_direct_computation() {
+        let mut rng = Rng::new(5);
+        for &(bsz, ch, p, r) in &[
+            (3, 5, 7, 2),
+            (2, 37, 1100, 1),
+            (4, 17, 4097, 3),
+            (1, 1, 1, 2),
+        ] {
+            let kk = 9;
+            let data = randn(&mut rng, bsz * ch * p);
+            let c: Vec<f64> = (0..r * bsz).map(|i| 1.0 + (i % 3) as f64 * 0.25).collect();
+            let w = randn(&mut rng, r * kk * ch);
+            let t: Vec<f64> = (0..r * ch).map(|i| -1.5 + (i % 5) as f64 * 0.5).collect();
+            let mut out = Combined::default();
+            for (with_batch, with_chan) in [(true, true), (true, false), (false, true)] {
+                let batch = with_batch.then_some((c.as_slice(), w.as_slice(), kk));
+                let chan = with_chan.then_some(t.as_slice());
+                combine_pass(&data, bsz, ch, p, r, batch, chan, &mut out);
+                let x = |b: usize, j: usize, q: usize| data[(b * ch + j) * p + q] as f64;
+                for q in 0..p {
+                    for b in 0..bsz {
+                        assert!(sums_to(
+                            out.bsq[b * p + q],
+                            (0..ch).map(|j| x(b, j, q).powi(2))
+                        ));
+                    }
+                }
+                for j in 0..ch {
+                    let terms = (0..bsz)
+                        .flat_map(|b| (0..p).map(move |q| (b, q)))
+                        .map(|(b, q)| x(b, j, q).powi(2));
+                    assert!(sums_to(out.chn2[j], terms));
+                }
+                for ri in 0..r {
+                    for q in 0..p {
+                        let comb = |j: usize| -> f64 {
+                            (0..bsz).map(|b| c[ri * bsz + b] * x(b, j, q)).sum()
+                        };
+                        if with_batch {
+                            let got = out.comb_sq[ri * p + q];
+                            assert!(sums_to(got, (0..ch).map(|j| comb(j).powi(2))));
+                            for o in 0..kk {
+                                let got = out.contracted[(ri * kk + o) * p + q];
+                                let terms = (0..ch).flat_map(|j| (0..bsz).map(move |b| (j, b)));
+                                let terms = terms.map(|(j, b)| {
+                                    w[(ri * kk + o) * ch + j] as f64 * c[ri * bsz + b] * x(b, j, q)
+                                });
+                                assert!(sums_to(got, terms));
+                            }
+                        }
+                        if with_chan {
+                            for b in 0..bsz {
+                                let got = out.proj[(ri * bsz + b) * p + q];
+                                assert!(sums_to(got, (0..ch).map(|j| t[ri * ch + j] * x(b, j, q))));
+                            }
+                        }
+                    }
+                }
+                assert_eq!(out.contracted.is_empty(), !with_batch);
+                assert_eq!(out.proj.is_empty(), !with_chan);
+            }
+        }
+    }
+
+    #[test]
+    fn lhs_and_merge_passes_match_a_direct_computation() {
+        let mut rng = Rng::new(6);
+        for &(bsz, ch, p, r) in &[(2, 3, 5, 2), (3, 19, 1500, 1), (2, 33, 1025, 3)] {
+            let data = randn(&mut rng, bsz * ch * p);
+            let addend = randn(&mut rng, bsz * ch * p);
+            let k: Vec<f64> = (0..r * bsz * ch)
+                .map(|i| 1.0 - (i % 4) as f64 * 0.6)
+                .collect();
+            let mut plain = Lhs::default();
+            lhs_pass(&data, bsz, ch, p, r, &k, &mut plain);
+            let mut merged = Lhs::default();
+            let mut y = vec![0f32; data.len()];
+            merge_lhs_pass(&data, &addend, &mut y, bsz, ch, p, r, &k, &mut merged);
+            for (i, v) in y.iter().enumerate() {
+                assert_eq!(*v, data[i] + addend[i]);
+            }
+            assert_eq!(plain.lhs, merged.lhs);
+            assert_eq!(plain.sq, merged.sq);
+            for ri in 0..r {
+                for q in 0..p {
+                    let terms = || {
+                        (0..bsz)
+                            .flat_map(|b| (0..ch).map(move |j| (b, j)))
+                            .map(|(b, j)| {
+                                k[(ri * bsz + b) * ch + j] * data[(b * ch + j) * p + q] as f64
+                            })
+                    };
+                    assert!(sums_to(plain.lhs[ri * p + q], terms()));
+                    assert!(sums_to(plain.sq[ri * p + q], terms().map(|a| a * a)));
+                }
+            }
+            let total = data.iter().map(|&v| (v as f64).powi(2));
+            assert!(sums_to(plain.total_sq, total));
+        }
+    }
+
+    #[test]
+    fn offsets_give_the_one_channel_conv_and_its_transpose() {
+        let mut rng = Rng::new(8);
+        for &(n, k, stride, pad, h, w) in &[
+            (3, 3, 1, 1, 9, 7),
+            (5, 3, 2, 1, 8, 9),
+            (4, 1, 2, 0, 7, 7),
+            (2, 7, 2, 3, 11, 10),
+        ] {
+            let cfg = Conv2dConfig {
+                stride,
+                padding: pad,
+                bias: false,
+            };
+            let mut conv = Conv2d::new(n, 1, k, cfg, &mut rng);
+            let x = Tensor::from_vec(&[1, n, h, w], randn(&mut rng, n * h * w)).unwrap();
+            let mut y = Tensor::default();
+            conv.forward(&x, &mut y).unwrap();
+            let g = Geo::of(&conv, &x.shape).unwrap();
+            let kk = k * k;
+            // contracted[o, q] = Σ_j w[j, o] x[j, q] (one repetition, batch of one with c = 1).
+            let wc: Vec<f32> = (0..kk)
+                .flat_map(|o| (0..n).map(move |j| (o, j)))
+                .map(|(o, j)| conv.weight.value.data[j * kk + o])
+                .collect();
+            let mut comb = Combined::default();
+            combine_pass(
+                &x.data,
+                1,
+                n,
+                h * w,
+                1,
+                Some((&[1.0], &wc, kk)),
+                None,
+                &mut comb,
+            );
+            let mut z = vec![0f64; g.p()];
+            gather_offsets(&comb.contracted, &g, &mut z);
+            for (a, b) in z.iter().zip(&y.data) {
+                assert!((a - *b as f64).abs() < 1e-4, "{a} vs {b}");
+            }
+            // The transpose: dx = conv_transposed(dy, w) for one input channel's weights.
+            let mut conv_t = Conv2d::new(1, n, k, cfg, &mut rng);
+            let x1 = Tensor::from_vec(&[1, 1, h, w], randn(&mut rng, h * w)).unwrap();
+            let mut y1 = Tensor::default();
+            conv_t.forward(&x1, &mut y1).unwrap();
+            let dy = Tensor::from_vec(&y1.shape, randn(&mut rng, y1.len())).unwrap();
+            let mut dx = Tensor::default();
+            conv_t.backward(&x1, &dy, Some(&mut dx)).unwrap();
+            let g1 = Geo::of(&conv_t, &x1.shape).unwrap();
+            let wc1: Vec<f32> = (0..kk)
+                .flat_map(|o| (0..n).map(move |m| (o, m)))
+                .map(|(o, m)| conv_t.weight.value.data[m * kk + o])
+                .collect();
+            combine_pass(
+                &dy.data,
+                1,
+                n,
+                g1.p(),
+                1,
+                Some((&[1.0], &wc1, kk)),
+                None,
+                &mut comb,
+            );
+            let mut rhs = vec![0f64; h * w];
+            scatter_offsets(&comb.contracted, &g1, &mut rhs);
+            for (a, b) in rhs.iter().zip(&dx.data) {
+                assert!((a - *b as f64).abs() < 1e-4, "{a} vs {b}");
+            }
+            // ∇W of the one-channel conv is the correlation weight_grad_one computes (one channel each side).
+            conv_t.weight.zero_grad();
+            let dy0: Vec<f32> = dy.data[..g1.p()].to_vec();
+            let dy_one = Tensor::from_vec(&[1, 1, g1.oh, g1.ow], dy0.clone()).unwrap();
+            let mut c1 = Conv2d::new(1, 1, k, cfg, &mut rng);
+            c1.weight.zero_grad();
+            c1.backward(&x1, &dy_one, None).unwrap();
+            let dys: Vec<f64> = dy0.iter().map(|&v| v as f64).collect();
+            let xt: Vec<f64> = x1.data.iter().map(|&v| v as f64).collect();
+            let mut wg = vec![0f64; kk];
+            weight_grad_one(&dys, &xt, &Geo::of(&c1, &x1.shape).unwrap(), &mut wg);
+            for (a, b) in wg.iter().zip(&c1.weight.grad.data) {
+                assert!((a - *b as f64).abs() < 1e-3, "{a} vs {b}");
+            }
+        }
+    }
+}
