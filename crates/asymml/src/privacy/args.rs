@@ -63,6 +63,11 @@ pub struct PrivacyArgs {
     /// Decompose with one basis per batch (as `train --shared-basis`).
     #[arg(long)]
     pub shared_basis: bool,
+    /// Also record the output gradient dY of the first conv (the `dy` stream), which needs a backward pass
+    /// of the whole network for every setting: on, off, or auto (on for inputs up to 64x64 px; off above,
+    /// where that backward pass costs several times all the rest of a setting).
+    #[arg(long, value_enum, default_value_t = GradStream::Auto)]
+    pub grad_stream: GradStream,
     /// Conv layers whose X_U is measured (comma-separated indices, or `all`).
     #[arg(long, default_value = "all")]
     pub layers: LayerSelection,
@@ -72,9 +77,11 @@ pub struct PrivacyArgs {
     /// Decoders the attacker learns: ridge, conv (comma-separated), or none.
     #[arg(long, default_value = "ridge,conv", value_delimiter = ',')]
     pub decoders: Vec<Decoder>,
-    /// Training steps (batches of 32 public images) of each conv decoder (1 to 1000000).
-    #[arg(long, default_value_t = 300, value_parser = parse_steps)]
-    pub decoder_steps: usize,
+    /// Training steps of each conv decoder (1 to 1000000). [default: 300 batches of 32 whole streams for
+    /// streams up to 64x64 positions; above, 150 batches of 8 random 32x32 crops, with a decoder of 24
+    /// instead of 48 channels]
+    #[arg(long, value_parser = parse_steps)]
+    pub decoder_steps: Option<usize>,
     /// Neighbours k of the mutual-information estimators (1 to 10000).
     #[arg(long, default_value_t = 50, value_parser = parse_k)]
     pub k: usize,
@@ -108,8 +115,9 @@ pub struct PrivacyArgs {
     /// Rank policy of the trade-off runs.
     #[arg(long, default_value = "schedule")]
     pub tradeoff_rank: RankArg,
-    /// Images per batch (the decomposition's batch, and training; 1 to 65536).
-    #[arg(long, default_value_t = 32, value_parser = parse_batch_size)]
+    /// Images per batch (the decomposition's batch, and training; 1 to 65536, or auto). [default: auto,
+    /// 32 images, fewer for large inputs so that a batch holds at most 4 images of 224x224 px (memory)]
+    #[arg(long, default_value = "auto", value_parser = parse_batch_or_auto)]
     pub batch_size: usize,
     /// Worker threads (1 to 1024). [default: all cores]
     #[arg(long, value_parser = parse_threads)]
@@ -144,6 +152,24 @@ pub struct PrivacyArgs {
     /// One JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--batch-size`: a batch size, or `auto` (0, sized to the input by the plan).
+fn parse_batch_or_auto(s: &str) -> Result<usize, String> {
+    if s.trim() == "auto" {
+        Ok(0)
+    } else {
+        parse_batch_size(s)
+    }
+}
+
+/// Pixels per batch of the automatic `--batch-size` (4 images of 224 × 224).
+pub(crate) const AUTO_BATCH_PIXELS: usize = 4 * 224 * 224;
+
+/// The automatic batch size for h × w inputs: 32, or fewer so that a batch holds at most
+/// [`AUTO_BATCH_PIXELS`] pixels (at least 1).
+pub(crate) fn auto_batch(h: usize, w: usize) -> usize {
+    (AUTO_BATCH_PIXELS / (h * w).max(1)).clamp(1, 32)
 }
 
 /// `--k`: neighbours of the MI estimators, 1 to 10000.
@@ -290,6 +316,26 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// `--grad-stream`: whether the first conv's output gradient is recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GradStream {
+    /// On for inputs up to 64x64 px, off above.
+    Auto,
+    On,
+    Off,
+}
+
+impl GradStream {
+    /// Whether to record it for h × w inputs.
+    pub(crate) fn resolve(self, h: usize, w: usize) -> bool {
+        match self {
+            GradStream::On => true,
+            GradStream::Off => false,
+            GradStream::Auto => h * w <= 64 * 64,
+        }
+    }
+}
+
 /// A decoder the attacker learns from a stream back to the image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Decoder {
@@ -343,6 +389,16 @@ route, whose X_U stays under every --target on the given images at the first --n
 (--table-out, else rank_table.json in --out or here) for `--rank table:FILE`, and calibration.json with every
 probe in --out. It uses only the images you give it: give public images of the kind you protect.
 
+Scale (memory stays bounded at 224 px): images go through the network in batches (--batch-size auto: 32, or
+fewer so that a batch holds at most 4 images of 224x224 px) and only the measured convs' inputs are kept (the
+spectra of every conv are taken batch by batch); of the recorded messages only X_U of the measured convs and dY
+of the first conv are kept; the attacker's forward passes stop after the last attacked conv. Subsampling, the
+same for every setting: the ridge decoder's normal equations use at most 32768 stream positions spread evenly
+over the public images; the kernel-size study uses at most 4096 pixel positions per plane, spread evenly; the
+conv decoder trains on whole streams up to 64x64 positions (48 channels, batches of 32, 300 steps) and above
+on random 32x32 crops (24 channels, 8 crops per step, 150 steps); --grad-stream auto skips the dY stream (a
+backward pass of the whole network per setting) above 64x64 px.
+
 --json prints one object: {\"layers\":[...],\"kernel_study\":[...],\"settings\":[{\"layer\",\"stream\",\"rank_policy\",
 \"rank\",\"nsr\",\"energy_kept\",\"entropy\",\"rel_mi\",\"linfoot\",\"edge_ssim\",\"psnr_db\",\"ssim\",\"ssim_gain\",...}],\"tradeoff\":[...]}.
 --out DIR writes privacy.json, spectra.png, energy.png, kernel_entropy.png, leakage.png, edge grids
@@ -379,6 +435,19 @@ mod tests {
             "{err}"
         );
         assert!(parse("x").is_err());
+    }
+
+    #[test]
+    fn automatic_batch_size() {
+        assert_eq!(auto_batch(32, 32), 32);
+        assert_eq!(auto_batch(224, 224), 4);
+        assert_eq!(auto_batch(4096, 4096), 1);
+        assert_eq!(parse_batch_or_auto("auto"), Ok(0));
+        assert_eq!(parse_batch_or_auto("8"), Ok(8));
+        assert!(parse_batch_or_auto("0").is_err());
+        assert!(GradStream::Auto.resolve(32, 32));
+        assert!(!GradStream::Auto.resolve(224, 224));
+        assert!(GradStream::On.resolve(224, 224) && !GradStream::Off.resolve(8, 8));
     }
 
     #[test]

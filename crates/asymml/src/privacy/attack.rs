@@ -120,7 +120,11 @@ pub(crate) struct Ridge {
     fct: usize,
 }
 
-/// The sums of the ridge system over every stream position: FᵀF (D × D), FᵀT (D × P), ΣF and ΣT, for the
+/// Most stream positions in the ridge decoder's normal equations; larger training sets use this many
+/// positions spread evenly over all of them (see [`super::lowrank::spread`]).
+pub(crate) const RIDGE_MAX_POSITIONS: usize = 32768;
+
+/// The sums of the ridge system over the stream positions (at most [`RIDGE_MAX_POSITIONS`]): FᵀF (D × D), FᵀT (D × P), ΣF and ΣT, for the
 /// D = 9·C window features F and the P = c·f² block targets T.
 struct Sums {
     d: usize,
@@ -139,7 +143,8 @@ impl Sums {
         let (st, im) = (lay.stream, lay.image);
         let (d, p) = (9 * st.c, im.c * lay.fct * lay.fct);
         let rows_per_chunk = 4096usize;
-        let positions = lay.n * st.h * st.w;
+        let picked = super::lowrank::spread(lay.n * st.h * st.w, RIDGE_MAX_POSITIONS);
+        let positions = picked.len();
         let mut sums = Sums {
             d,
             p,
@@ -157,7 +162,7 @@ impl Sums {
             fa.resize(rows * d, 0.0);
             ta.resize(rows * p, 0.0);
             for r in 0..rows {
-                let pos = start + r;
+                let pos = picked[start + r];
                 let (b, ij) = (pos / (st.h * st.w), pos % (st.h * st.w));
                 let at = (ij / st.w, ij % st.w);
                 window(
@@ -308,8 +313,47 @@ impl Ridge {
     }
 }
 
-/// Channels of the conv decoder's hidden layers.
-const WIDTH: usize = 48;
+/// How a conv decoder is trained, sized to the stream: small streams (up to [`SMALL_STREAM`]² positions, as
+/// CIFAR-10's or Fashion-MNIST's) train on whole streams, 48 channels wide, in batches of 32 images for 300
+/// steps; larger ones on random [`CROP`]×[`CROP`] crops of the stream (and the image blocks under them),
+/// 24 channels wide, 8 crops per step, for 150 steps, so that a 224 px stream costs about what a 64 px one
+/// does. `--decoder-steps` overrides the steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DecoderBudget {
+    /// Channels of the hidden layers.
+    pub width: usize,
+    /// Side of the stream crops trained on (None: whole streams).
+    pub crop: Option<usize>,
+    /// Streams (or crops) per step.
+    pub batch: usize,
+    pub steps: usize,
+}
+
+/// Largest stream side trained on whole (see [`DecoderBudget`]).
+pub(crate) const SMALL_STREAM: usize = 64;
+/// Side of the crops of larger streams.
+pub(crate) const CROP: usize = 32;
+
+impl DecoderBudget {
+    /// The budget for streams of h × w positions; `steps` overrides the default steps.
+    pub(crate) fn for_stream(h: usize, w: usize, steps: Option<usize>) -> DecoderBudget {
+        if h * w <= SMALL_STREAM * SMALL_STREAM {
+            DecoderBudget {
+                width: 48,
+                crop: None,
+                batch: 32,
+                steps: steps.unwrap_or(300),
+            }
+        } else {
+            DecoderBudget {
+                width: 24,
+                crop: Some(CROP),
+                batch: 8,
+                steps: steps.unwrap_or(150),
+            }
+        }
+    }
+}
 /// The decoder's convs: 3×3, stride 1, padding 1 (size-preserving), with a bias.
 const DECODER_CONV: Conv2dConfig = Conv2dConfig {
     stride: 1,
@@ -382,12 +426,12 @@ fn space_to_depth(y: &Tensor, c: usize, f: usize, out: &mut Tensor) {
 }
 
 impl ConvDecoder {
-    fn new(in_c: usize, out_c: usize, fct: usize, seed: u64) -> Self {
+    fn new(in_c: usize, out_c: usize, fct: usize, width: usize, seed: u64) -> Self {
         let mut rng = Rng::new(seed);
         ConvDecoder {
-            c1: Conv2d::new(in_c, WIDTH, 3, DECODER_CONV, &mut rng),
-            c2: Conv2d::new(WIDTH, WIDTH, 3, DECODER_CONV, &mut rng),
-            c3: Conv2d::new(WIDTH, out_c * fct * fct, 3, DECODER_CONV, &mut rng),
+            c1: Conv2d::new(in_c, width, 3, DECODER_CONV, &mut rng),
+            c2: Conv2d::new(width, width, 3, DECODER_CONV, &mut rng),
+            c3: Conv2d::new(width, out_c * fct * fct, 3, DECODER_CONV, &mut rng),
             r: Relu,
             fct,
             out_c,
@@ -435,17 +479,13 @@ impl ConvDecoder {
         v
     }
 
-    /// Trains on public streams s: [n, C, h, w] and images [n, c, H, W] for `steps` batches.
-    pub(crate) fn fit(
-        s: &Tensor,
-        img: &Tensor,
-        steps: usize,
-        batch: usize,
-        seed: u64,
-    ) -> Result<Self> {
+    /// Trains on public streams s: [n, C, h, w] and images [n, c, H, W] as `budget` says (batches of whole
+    /// streams, or of random crops).
+    pub(crate) fn fit(s: &Tensor, img: &Tensor, budget: DecoderBudget, seed: u64) -> Result<Self> {
         let lay = Layout::of(s, img, "conv decoder")?;
         let (n, Chw { c, h, w }) = (lay.n, lay.stream);
-        let mut dec = ConvDecoder::new(c, lay.image.c, lay.fct, seed);
+        let (fct, ic) = (lay.fct, lay.image.c);
+        let mut dec = ConvDecoder::new(c, ic, fct, budget.width.max(1), seed);
         let var = s
             .data
             .iter()
@@ -465,47 +505,65 @@ impl ConvDecoder {
             },
             0.0,
         );
-        let (per_s, per_i) = (lay.stream.len(), lay.image.len());
+        // The crop (whole streams without one).
+        let (ch, cw) = match budget.crop {
+            Some(k) => (k.clamp(1, h), k.clamp(1, w)),
+            None => (h, w),
+        };
+        let (ih, iw) = (ch * fct, cw * fct);
         let mut rng = Rng::new(seed ^ 0xDEC0);
         let (mut xb, mut yb, mut dy) = (Tensor::default(), Tensor::default(), Tensor::default());
-        let batch = batch.max(1).min(n.max(1));
+        let batch = if budget.crop.is_some() {
+            budget.batch.max(1)
+        } else {
+            budget.batch.max(1).min(n.max(1))
+        };
+        let mut target = vec![0f32; batch * ic * ih * iw];
         let mut order: Vec<usize> = Vec::new();
+        let steps = budget.steps;
         for step in 0..steps {
-            if order.len() < batch {
+            while order.len() < batch {
                 let mut more: Vec<usize> = (0..n).collect();
                 rng.shuffle(&mut more);
                 order.extend(more);
             }
             let idx: Vec<usize> = order.drain(..batch).collect();
             let lr = if step < steps / 2 { 1e-3 } else { 3e-4 };
-            {
-                xb.resize(&[idx.len(), c, h, w]);
-                for (k, &i) in idx.iter().enumerate() {
-                    let src = &s.data[i * per_s..][..per_s];
-                    xb.data[k * per_s..][..per_s]
-                        .iter_mut()
-                        .zip(src)
-                        .for_each(|(d, v)| *d = v * dec.input_scale);
+            xb.resize(&[batch, c, ch, cw]);
+            for (k, &i) in idx.iter().enumerate() {
+                let (i0, j0) = (rng.below(h - ch + 1), rng.below(w - cw + 1));
+                for cc in 0..c {
+                    for a in 0..ch {
+                        let src = &s.data[((i * c + cc) * h + i0 + a) * w + j0..][..cw];
+                        let dst = &mut xb.data[((k * c + cc) * ch + a) * cw..][..cw];
+                        dst.iter_mut()
+                            .zip(src)
+                            .for_each(|(d, v)| *d = v * dec.input_scale);
+                    }
                 }
-                dec.forward(&xb, &mut yb)?;
-                dy.resize(&yb.shape);
-                let scale = 2.0 / yb.len() as f32;
-                for (k, &i) in idx.iter().enumerate() {
-                    let t = &img.data[i * per_i..][..per_i];
-                    let o = &yb.data[k * per_i..][..per_i];
-                    dy.data[k * per_i..][..per_i]
-                        .iter_mut()
-                        .zip(o.iter().zip(t))
-                        .for_each(|(g, (y, t))| *g = scale * (y - t));
+                let (bh, bw) = (lay.image.h, lay.image.w);
+                for cc in 0..ic {
+                    for a in 0..ih {
+                        let src =
+                            &img.data[((i * ic + cc) * bh + i0 * fct + a) * bw + j0 * fct..][..iw];
+                        target[((k * ic + cc) * ih + a) * iw..][..iw].copy_from_slice(src);
+                    }
                 }
-                for p in dec.params() {
-                    p.zero_grad();
-                }
-                dec.backward(&xb, &dy)?;
-                opt.begin_step();
-                for (i, p) in dec.params().into_iter().enumerate() {
-                    opt.update(i, p, lr);
-                }
+            }
+            dec.forward(&xb, &mut yb)?;
+            dy.resize(&yb.shape);
+            let scale = 2.0 / yb.len() as f32;
+            dy.data
+                .iter_mut()
+                .zip(yb.data.iter().zip(&target))
+                .for_each(|(g, (y, t))| *g = scale * (y - t));
+            for p in dec.params() {
+                p.zero_grad();
+            }
+            dec.backward(&xb, &dy)?;
+            opt.begin_step();
+            for (i, p) in dec.params().into_iter().enumerate() {
+                opt.update(i, p, lr);
             }
         }
         Ok(dec)
@@ -549,36 +607,45 @@ pub(crate) fn ssim(a: &[f32], b: &[f32], c: usize, h: usize, w: usize) -> f64 {
         .map(|i| (-((i as f64 - half).powi(2)) / (2.0 * 1.5 * 1.5)).exp())
         .collect();
     let gs: f64 = g.iter().sum();
+    let g: Vec<f64> = g.iter().map(|v| v / gs).collect();
     let (c1, c2) = (0.01f64.powi(2), 0.03f64.powi(2));
+    let (oh, ow) = (h - win + 1, w - win + 1);
     let mut total = 0.0;
-    let mut count = 0usize;
+    // The Gaussian window is separable: filter the rows, then the columns, of x, y, x², y², xy.
+    let mut rows = vec![[0f64; 5]; h * ow];
     for ch in 0..c {
         let (pa, pb) = (&a[ch * h * w..][..h * w], &b[ch * h * w..][..h * w]);
-        for i in 0..=(h - win) {
-            for j in 0..=(w - win) {
-                let (mut mx, mut my, mut sxx, mut syy, mut sxy) = (0.0, 0.0, 0.0, 0.0, 0.0);
-                for u in 0..win {
-                    for v in 0..win {
-                        let wt = g[u] * g[v] / (gs * gs);
-                        let (x, y) = (
-                            pa[(i + u) * w + j + v] as f64,
-                            pb[(i + u) * w + j + v] as f64,
-                        );
-                        mx += wt * x;
-                        my += wt * y;
-                        sxx += wt * x * x;
-                        syy += wt * y * y;
-                        sxy += wt * x * y;
+        for i in 0..h {
+            for j in 0..ow {
+                let mut acc = [0f64; 5];
+                for (v, &wt) in g.iter().enumerate() {
+                    let (x, y) = (pa[i * w + j + v] as f64, pb[i * w + j + v] as f64);
+                    acc[0] += wt * x;
+                    acc[1] += wt * y;
+                    acc[2] += wt * x * x;
+                    acc[3] += wt * y * y;
+                    acc[4] += wt * x * y;
+                }
+                rows[i * ow + j] = acc;
+            }
+        }
+        for i in 0..oh {
+            for j in 0..ow {
+                let mut m = [0f64; 5];
+                for (u, &wt) in g.iter().enumerate() {
+                    let r = &rows[(i + u) * ow + j];
+                    for k in 0..5 {
+                        m[k] += wt * r[k];
                     }
                 }
+                let [mx, my, sxx, syy, sxy] = m;
                 let (vx, vy, cxy) = (sxx - mx * mx, syy - my * my, sxy - mx * my);
                 total += ((2.0 * mx * my + c1) * (2.0 * cxy + c2))
                     / ((mx * mx + my * my + c1) * (vx + vy + c2));
-                count += 1;
             }
         }
     }
-    total / count.max(1) as f64
+    total / (c * oh * ow).max(1) as f64
 }
 
 /// Mean PSNR and SSIM of reconstructions against the private images (both normalised [n, c, H, W]).
@@ -618,6 +685,97 @@ mod tests {
         assert!((psnr(&a, &b) - 7.78).abs() < 0.5, "{}", psnr(&a, &b));
     }
 
+    /// SSIM with the 2-D window summed directly (the definition the separable [`ssim`] must match).
+    fn ssim_direct(a: &[f32], b: &[f32], c: usize, h: usize, w: usize) -> f64 {
+        let win = 11.min(h).min(w);
+        let win = if win % 2 == 0 { win - 1 } else { win };
+        let half = (win / 2) as f64;
+        let g: Vec<f64> = (0..win)
+            .map(|i| (-((i as f64 - half).powi(2)) / (2.0 * 1.5 * 1.5)).exp())
+            .collect();
+        let gs: f64 = g.iter().sum();
+        let (c1, c2) = (0.01f64.powi(2), 0.03f64.powi(2));
+        let (mut total, mut count) = (0.0, 0usize);
+        for ch in 0..c {
+            let (pa, pb) = (&a[ch * h * w..][..h * w], &b[ch * h * w..][..h * w]);
+            for i in 0..=(h - win) {
+                for j in 0..=(w - win) {
+                    let (mut mx, mut my, mut sxx, mut syy, mut sxy) = (0.0, 0.0, 0.0, 0.0, 0.0);
+                    for u in 0..win {
+                        for v in 0..win {
+                            let wt = g[u] * g[v] / (gs * gs);
+                            let x = pa[(i + u) * w + j + v] as f64;
+                            let y = pb[(i + u) * w + j + v] as f64;
+                            mx += wt * x;
+                            my += wt * y;
+                            sxx += wt * x * x;
+                            syy += wt * y * y;
+                            sxy += wt * x * y;
+                        }
+                    }
+                    let (vx, vy, cxy) = (sxx - mx * mx, syy - my * my, sxy - mx * my);
+                    total += ((2.0 * mx * my + c1) * (2.0 * cxy + c2))
+                        / ((mx * mx + my * my + c1) * (vx + vy + c2));
+                    count += 1;
+                }
+            }
+        }
+        total / count.max(1) as f64
+    }
+
+    #[test]
+    fn separable_ssim_matches_the_direct_window() {
+        let mut rng = Rng::new(11);
+        for (c, h, w) in [(3, 16, 20), (1, 7, 9), (2, 12, 12)] {
+            let a: Vec<f32> = (0..c * h * w).map(|_| rng.uniform()).collect();
+            let b: Vec<f32> = a.iter().map(|v| 0.7 * v + 0.3 * rng.uniform()).collect();
+            let (s, d) = (ssim(&a, &b, c, h, w), ssim_direct(&a, &b, c, h, w));
+            assert!((s - d).abs() < 1e-9, "{s} vs {d}");
+        }
+    }
+
+    #[test]
+    fn decoder_budget_follows_the_stream_size() {
+        let small = DecoderBudget::for_stream(32, 32, None);
+        assert_eq!((small.width, small.crop, small.steps), (48, None, 300));
+        let large = DecoderBudget::for_stream(224, 224, None);
+        assert_eq!(
+            (large.width, large.crop, large.steps),
+            (24, Some(CROP), 150)
+        );
+        assert_eq!(DecoderBudget::for_stream(224, 224, Some(7)).steps, 7);
+    }
+
+    #[test]
+    fn conv_decoder_trained_on_crops_inverts_a_scaled_copy() {
+        let mut rng = Rng::new(9);
+        let n = 6;
+        let img = Tensor::from_vec(
+            &[n, 1, 24, 24],
+            (0..n * 576).map(|_| rng.normal()).collect(),
+        )
+        .unwrap();
+        let mut s = img.clone();
+        s.data.iter_mut().for_each(|v| *v *= 2.0);
+        let budget = DecoderBudget {
+            width: 16,
+            crop: Some(8),
+            batch: 8,
+            steps: 200,
+        };
+        let mut dec = ConvDecoder::fit(&s, &img, budget, 2).unwrap();
+        let rec = dec.predict(&s).unwrap();
+        assert_eq!(rec.shape, img.shape);
+        let mse = rec
+            .data
+            .iter()
+            .zip(&img.data)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f32>()
+            / img.len() as f32;
+        assert!(mse < 0.3, "mse {mse} on unit-variance images");
+    }
+
     #[test]
     fn ridge_recovers_a_linear_downsampled_stream() {
         // The stream is each 2×2 block's pixels as 4 channels (a lossless linear code): ridge inverts it.
@@ -650,7 +808,13 @@ mod tests {
         let mut s = img.clone();
         s.data.iter_mut().for_each(|v| *v *= -3.0);
         let mean_sq = img.data.iter().map(|v| v * v).sum::<f32>() / img.len() as f32;
-        let mut dec = ConvDecoder::fit(&s, &img, 180, 8, 1).unwrap();
+        let budget = DecoderBudget {
+            width: 48,
+            crop: None,
+            batch: 8,
+            steps: 180,
+        };
+        let mut dec = ConvDecoder::fit(&s, &img, budget, 1).unwrap();
         let rec = dec.predict(&s).unwrap();
         let mse = rec
             .data

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use asymml_core::layers::Conv2d;
 use asymml_core::models::{ConvExec, Net};
 use asymml_core::{CoreError, Tensor};
+use asymml_protocol::recording::Transcript;
 use asymml_protocol::{inproc_pair, Direction, MessageKind, Recording};
 use asymml_trusted::split::{SplitConfig, SplitExec};
 use asymml_untrusted::Service;
@@ -57,15 +58,32 @@ fn batch_conv_inputs(net: &mut Net, x: &Tensor) -> Result<Vec<Tensor>> {
 
 /// Every conv's input for the images `x` (training-mode forward, batches of `batch`).
 pub(crate) fn conv_inputs(model: &Model, x: &Tensor, batch: usize) -> Result<Vec<Tensor>> {
+    conv_inputs_kept(model, x, batch, None, |_| Ok(()))
+}
+
+/// The inputs of the convs in `keep` (every conv with `None`; the others are empty tensors) for the images
+/// `x`, in batches of `batch`; `each_batch` sees every conv's input of each batch before the batch is dropped
+/// (so that per-sample measures of every layer need not hold every layer of every image).
+pub(crate) fn conv_inputs_kept(
+    model: &Model,
+    x: &Tensor,
+    batch: usize,
+    keep: Option<&[usize]>,
+    mut each_batch: impl FnMut(&[Tensor]) -> Result<()>,
+) -> Result<Vec<Tensor>> {
     let n = x.shape[0];
     let mut per_layer: Vec<Vec<Tensor>> = Vec::new();
-    for start in (0..n).step_by(batch) {
+    for start in (0..n).step_by(batch.max(1)) {
         let idx: Vec<usize> = (start..(start + batch).min(n)).collect();
-        let mut net = model.net()?;
+        let mut net = model.lease()?;
         let inputs = batch_conv_inputs(&mut net, &rows(x, &idx))?;
+        drop(net);
+        each_batch(&inputs)?;
         per_layer.resize_with(inputs.len(), Vec::new);
         for (l, t) in inputs.into_iter().enumerate() {
-            per_layer[l].push(t);
+            if keep.is_none_or(|k| k.contains(&l)) {
+                per_layer[l].push(t);
+            }
         }
     }
     Ok(per_layer.iter().map(|p| concat(p)).collect())
@@ -93,12 +111,33 @@ pub(crate) struct Streams {
     pub ranks: Vec<usize>,
 }
 
-/// What the split runtime sent for the images `x` (with their `labels`), in batches.
+/// What the split runtime sent for the images `x` (with their `labels`), in batches. A forward-only request
+/// stops each pass after the last requested conv (the later convs' ranks are then 0): see [`streams_full`].
 pub(crate) fn streams(
     model: &Model,
     x: &Tensor,
     labels: &[usize],
     req: &StreamRequest,
+) -> Result<Streams> {
+    streams_depth(model, x, labels, req, false)
+}
+
+/// As [`streams`], but every forward pass runs through the whole network (every conv's rank is known).
+pub(crate) fn streams_full(
+    model: &Model,
+    x: &Tensor,
+    labels: &[usize],
+    req: &StreamRequest,
+) -> Result<Streams> {
+    streams_depth(model, x, labels, req, true)
+}
+
+fn streams_depth(
+    model: &Model,
+    x: &Tensor,
+    labels: &[usize],
+    req: &StreamRequest,
+    full: bool,
 ) -> Result<Streams> {
     let n = x.shape[0];
     let mut x_u: BTreeMap<usize, Vec<Tensor>> = BTreeMap::new();
@@ -106,13 +145,21 @@ pub(crate) fn streams(
     let mut ranks: Vec<usize> = Vec::new();
     for (bi, start) in (0..n).step_by(req.batch).enumerate() {
         let idx: Vec<usize> = (start..(start + req.batch).min(n)).collect();
-        let mut net = model.net()?;
+        let mut net = model.lease()?;
         let split = SplitConfig {
             seed: req.split.seed ^ (bi as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             ..req.split.clone()
         };
         let labels = &labels[start..start + idx.len()];
-        let s = batch_streams(&mut net, &rows(x, &idx), labels, split, req.backward)?;
+        let s = batch_streams(
+            &mut net,
+            &rows(x, &idx),
+            labels,
+            split,
+            req.layers,
+            req.backward || full,
+            req.backward,
+        )?;
         ranks.resize(s.ranks.len(), 0);
         ranks
             .iter_mut()
@@ -145,22 +192,76 @@ struct BatchStreams {
 /// A conv's input shape, where it was seen.
 type InputShape = Option<Vec<usize>>;
 
-/// A split executor that also notes each conv's input shape (by conv id).
-struct Shapes<E: ConvExec> {
+/// What one step recorded: each conv's rank, the input shapes of the convs on the trusted route, X_U by conv
+/// id and ∇Y of the first conv.
+type Recorded = (Vec<usize>, Vec<InputShape>, Vec<Tensor>, Tensor);
+
+/// A split executor that also notes each conv's input shape (by conv id), and after each conv keeps only
+/// the recorded messages asked for (so that the transcript never holds a whole step's traffic).
+struct Shapes<'a, E: ConvExec> {
     inner: E,
     trusted: Vec<InputShape>,
+    transcript: Transcript,
+    /// The convs whose X_U is kept.
+    layers: &'a [usize],
+    /// X_U by conv id, as sent.
+    x_u: Vec<Tensor>,
+    /// ∇Y of the first conv, as sent.
+    dy0: Tensor,
+    /// Stop the forward pass (with [`STOP`]) at the first conv after this one.
+    stop_after: Option<usize>,
+    stopped: bool,
 }
 
-impl<E: ConvExec> Shapes<E> {
-    fn note(&mut self, conv: &Conv2d, x: &Tensor) {
+/// The message of the error that ends a forward pass early on purpose (see [`Shapes::stop_after`]).
+const STOP: &str = "privacy capture: the requested layers are recorded";
+
+impl<E: ConvExec> Shapes<'_, E> {
+    fn note(&mut self, conv: &Conv2d, x: &Tensor) -> asymml_core::Result<()> {
+        if self.stop_after.is_some_and(|s| conv.id > s) {
+            self.stopped = true;
+            return Err(CoreError::Invalid(STOP.into()));
+        }
         if self.trusted.len() <= conv.id {
             self.trusted.resize(conv.id + 1, None);
         }
         self.trusted[conv.id] = Some(x.shape.clone());
+        Ok(())
+    }
+
+    /// Takes what the transcript recorded since the last call and keeps X_U of the requested convs and ∇Y of
+    /// the first conv.
+    fn collect(&mut self) -> asymml_core::Result<()> {
+        for r in self.transcript.take() {
+            if r.direction != Direction::Sent {
+                continue;
+            }
+            let layer = r.layer.unwrap_or(u32::MAX) as usize;
+            for t in r.tensors {
+                let keep = match (r.kind, t.field) {
+                    (Some(MessageKind::ConvForward), "x_u") => self.layers.contains(&layer),
+                    (Some(MessageKind::ConvBackward), "dy") => layer == 0,
+                    _ => false,
+                };
+                if !keep {
+                    continue;
+                }
+                let tensor = Tensor::from_vec(&t.shape, t.data)?;
+                if r.kind == Some(MessageKind::ConvForward) {
+                    if self.x_u.len() <= layer {
+                        self.x_u.resize(layer + 1, Tensor::default());
+                    }
+                    self.x_u[layer] = tensor;
+                } else {
+                    self.dy0 = tensor;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
-impl<E: ConvExec> ConvExec for Shapes<E> {
+impl<E: ConvExec> ConvExec for Shapes<'_, E> {
     fn conv_forward(
         &mut self,
         conv: &mut Conv2d,
@@ -168,8 +269,9 @@ impl<E: ConvExec> ConvExec for Shapes<E> {
         y: &mut Tensor,
         train: bool,
     ) -> asymml_core::Result<()> {
-        self.note(conv, x);
-        self.inner.conv_forward(conv, x, y, train)
+        self.note(conv, x)?;
+        self.inner.conv_forward(conv, x, y, train)?;
+        self.collect()
     }
 
     fn conv_forward_same_input(
@@ -180,9 +282,10 @@ impl<E: ConvExec> ConvExec for Shapes<E> {
         train: bool,
         same_input_as: usize,
     ) -> asymml_core::Result<()> {
-        self.note(conv, x);
+        self.note(conv, x)?;
         self.inner
-            .conv_forward_same_input(conv, x, y, train, same_input_as)
+            .conv_forward_same_input(conv, x, y, train, same_input_as)?;
+        self.collect()
     }
 
     fn conv_backward(
@@ -192,37 +295,58 @@ impl<E: ConvExec> ConvExec for Shapes<E> {
         dy: &Tensor,
         dx: Option<&mut Tensor>,
     ) -> asymml_core::Result<()> {
-        self.inner.conv_backward(conv, x, dy, dx)
+        self.inner.conv_backward(conv, x, dy, dx)?;
+        self.collect()
     }
 }
 
 /// Runs one forward (and, with `backward`, one backward) pass of the split runtime on `x`, with an in-process
-/// accelerator behind a recording transport, and returns what the recording saw leave the trusted side.
+/// accelerator behind a recording transport, and returns what the recording saw leave the trusted side: X_U of
+/// the convs in `layers` and ∇Y of the first conv. Unless `full`, a forward-only pass stops after the last
+/// conv of `layers` (nothing later is recorded, and later convs report rank 0).
 fn batch_streams(
     net: &mut Net,
     x: &Tensor,
     labels: &[usize],
     cfg: SplitConfig,
+    layers: &[usize],
+    full: bool,
     backward: bool,
 ) -> Result<BatchStreams> {
     let (client, server) = inproc_pair();
     let service = std::thread::spawn(move || -> Result<()> {
-        let mut s = Service::new(1).context("starting the accelerator")?;
+        // All cores: the trusted side waits while the accelerator computes.
+        let mut s = Service::new(0).context("starting the accelerator")?;
         s.serve(server).context("the accelerator")
     });
     let rec = Recording::new(client);
     let transcript = rec.transcript();
-    let run = (|| -> Result<(Vec<usize>, Vec<InputShape>)> {
+    let stop_after = if full || backward {
+        None
+    } else {
+        layers.iter().copied().max()
+    };
+    let run = (|| -> Result<Recorded> {
         let split = SplitExec::connect(rec, net, cfg)?;
         let stats = split.stats();
+        // Registration carries only the public weights: drop it before the step.
+        transcript.take();
         let mut exec = Shapes {
             inner: split,
             trusted: Vec::new(),
+            transcript: transcript.clone(),
+            layers,
+            x_u: Vec::new(),
+            dy0: Tensor::default(),
+            stop_after,
+            stopped: false,
         };
-        // Registration carries only the public weights: drop it before the step.
-        transcript.take();
         net.zero_grad();
-        net.forward_loss(x, labels, true, &mut exec)?;
+        match net.forward_loss(x, labels, true, &mut exec) {
+            Ok(_) => {}
+            Err(_) if exec.stopped => {}
+            Err(e) => return Err(e.into()),
+        }
         if backward {
             net.backward(&mut exec, false)?;
         }
@@ -244,35 +368,28 @@ fn batch_streams(
                     .filter(|_| routed.get(l).copied().unwrap_or(false))
             })
             .collect();
+        exec.collect()?;
+        let (x_u, dy0) = (std::mem::take(&mut exec.x_u), std::mem::take(&mut exec.dy0));
         exec.inner.shutdown()?;
-        Ok((ranks, trusted))
+        transcript.take();
+        Ok((ranks, trusted, x_u, dy0))
     })();
     let joined = service
         .join()
         .map_err(|_| anyhow::anyhow!("the accelerator thread panicked"))?;
-    let (ranks, trusted) = run.context("split runtime")?;
+    let (ranks, trusted, sent, dy0) = run.context("split runtime")?;
     joined?;
     let mut x_u = vec![Tensor::default(); ranks.len()];
+    for (l, t) in sent.into_iter().enumerate() {
+        if let Some(slot) = x_u.get_mut(l) {
+            *slot = t;
+        }
+    }
     // A conv on the fully-trusted route sent nothing: what the accelerator saw of its input is all zeros.
     for (l, shape) in trusted.into_iter().enumerate() {
         if let (Some(shape), Some(t)) = (shape, x_u.get_mut(l)) {
-            *t = Tensor::zeros(&shape);
-        }
-    }
-    let mut dy0 = Tensor::default();
-    for r in transcript.take() {
-        if r.direction != Direction::Sent {
-            continue;
-        }
-        let layer = r.layer.unwrap_or(u32::MAX) as usize;
-        for t in r.tensors {
-            let tensor = || Tensor::from_vec(&t.shape, t.data.clone());
-            match (r.kind, t.field) {
-                (Some(MessageKind::ConvForward), "x_u") if layer < x_u.len() => {
-                    x_u[layer] = tensor()?;
-                }
-                (Some(MessageKind::ConvBackward), "dy") if layer == 0 => dy0 = tensor()?,
-                _ => {}
+            if layers.contains(&l) {
+                *t = Tensor::zeros(&shape);
             }
         }
     }

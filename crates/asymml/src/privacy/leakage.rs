@@ -33,17 +33,31 @@ pub(crate) struct Leak {
     pub linfoot: f64,
 }
 
-/// The sample positions of image `b` (the same for every stream, so that I(X;X) is reused).
+/// The sample positions of image `b` (the same for every stream, so that I(X;X) is reused): `cfg.points`
+/// distinct positions of 0..len drawn uniformly (seeded by `b`), ascending; all of them when there are fewer.
 fn positions(len: usize, cfg: &MiConfig, b: usize) -> Vec<usize> {
     if len <= cfg.points {
         return (0..len).collect();
     }
     let mut rng = Rng::new(cfg.seed ^ 0x5EED ^ (b as u64).wrapping_mul(0x9E37_79B9));
-    let mut idx: Vec<usize> = (0..len).collect();
-    rng.shuffle(&mut idx);
-    idx.truncate(cfg.points);
+    let mut idx = sample_distinct(len, cfg.points, &mut rng);
     idx.sort_unstable();
     idx
+}
+
+/// `m` distinct indices of 0..n drawn uniformly (m ≤ n): the first m steps of a Fisher–Yates shuffle of
+/// 0..n, with only the moved entries stored (O(m) time and memory however large n is).
+pub(crate) fn sample_distinct(n: usize, m: usize, rng: &mut Rng) -> Vec<usize> {
+    let mut moved: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
+    let mut out = Vec::with_capacity(m.min(n));
+    for i in 0..m.min(n) {
+        let j = i + rng.below(n - i);
+        let at_j = moved.get(&j).copied().unwrap_or(j);
+        let at_i = moved.get(&i).copied().unwrap_or(i);
+        moved.insert(j, at_i);
+        out.push(at_j);
+    }
+    out
 }
 
 /// The values at `pos`, in f64, with jitter of `cfg.jitter` × their standard deviation (seeded by `stream`).
@@ -130,4 +144,30 @@ pub(crate) fn channel_mean_repeated(x: &Tensor, m: usize) -> Result<Tensor> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distinct_samples_are_distinct_in_range_and_seeded() {
+        let draw = |seed| sample_distinct(3_000_000, 4096, &mut Rng::new(seed));
+        let a = draw(1);
+        assert_eq!(a.len(), 4096);
+        assert!(a.iter().all(|&i| i < 3_000_000));
+        let mut s = a.clone();
+        s.sort_unstable();
+        s.dedup();
+        assert_eq!(s.len(), 4096);
+        assert_eq!(a, draw(1));
+        assert_ne!(a, draw(2));
+        // m = n: a permutation.
+        let mut p = sample_distinct(50, 50, &mut Rng::new(3));
+        p.sort_unstable();
+        assert_eq!(p, (0..50).collect::<Vec<_>>());
+        // Uniform: the mean of many draws is near the middle of the range.
+        let mean = a.iter().map(|&i| i as f64).sum::<f64>() / a.len() as f64;
+        assert!((mean / 3e6 - 0.5).abs() < 0.03, "{mean}");
+    }
 }

@@ -89,8 +89,21 @@ pub(crate) struct KernelEntropy {
     pub entropy_rank: usize,
 }
 
-/// The entropy of the k×k patch channels: per image and channel plane (H × W), the k² × HW matrix of its
-/// zero-padded k×k patches (one row per offset in the window), its singular values, μ = −log2 Σ (s/Σs)².
+/// Most patch positions (columns) per plane in the kernel-size study: larger planes use this many positions
+/// spread evenly over the plane (see [`spread`]).
+pub(crate) const KERNEL_STUDY_POSITIONS: usize = 4096;
+
+/// `m` indices spread evenly over 0..n (all of them when n ≤ m), ascending.
+pub(crate) fn spread(n: usize, m: usize) -> Vec<usize> {
+    if n <= m {
+        return (0..n).collect();
+    }
+    (0..m).map(|i| i * n / m).collect()
+}
+
+/// The entropy of the k×k patch channels: per image and channel plane (H × W), the k² × P matrix of its
+/// zero-padded k×k patches (one row per offset in the window) at P = min(HW, [`KERNEL_STUDY_POSITIONS`])
+/// positions spread evenly over the plane, its singular values, μ = −log2 Σ (s/Σs)².
 /// x: [B, C, H, W]; `k` odd.
 pub(crate) fn kernel_entropy(x: &Tensor, k: usize) -> KernelEntropy {
     let (b, c, h, w) = match x.shape[..] {
@@ -100,30 +113,28 @@ pub(crate) fn kernel_entropy(x: &Tensor, k: usize) -> KernelEntropy {
     let hw = h * w;
     let pad = k / 2;
     let planes = b * c;
+    let cols = spread(hw, KERNEL_STUDY_POSITIONS);
+    let p = cols.len();
     let total: f64 = x
         .data
         .par_chunks(hw.max(1))
         .take(planes)
         .map(|plane| {
-            let mut m = vec![0f32; k * k * hw];
+            let mut m = vec![0f32; k * k * p];
             for dy in 0..k {
                 for dx in 0..k {
-                    let row = &mut m[(dy * k + dx) * hw..][..hw];
-                    for i in 0..h {
+                    let row = &mut m[(dy * k + dx) * p..][..p];
+                    for (o, &q) in row.iter_mut().zip(&cols) {
+                        let (i, j) = (q / w, q % w);
                         let si = i as isize + dy as isize - pad as isize;
-                        if si < 0 || si >= h as isize {
-                            continue;
-                        }
-                        for j in 0..w {
-                            let sj = j as isize + dx as isize - pad as isize;
-                            if sj >= 0 && sj < w as isize {
-                                row[i * w + j] = plane[si as usize * w + sj as usize];
-                            }
+                        let sj = j as isize + dx as isize - pad as isize;
+                        if si >= 0 && si < h as isize && sj >= 0 && sj < w as isize {
+                            *o = plane[si as usize * w + sj as usize];
                         }
                     }
                 }
             }
-            svd_entropy(&singular_values(&m, k * k, hw))
+            svd_entropy(&singular_values(&m, k * k, p))
         })
         .sum();
     let entropy = if planes == 0 {
@@ -174,6 +185,16 @@ mod tests {
         let e = kernel_entropy(&x, 3);
         assert!(e.entropy > 3.0 && e.entropy <= 9f64.log2() + 1e-9, "{e:?}");
         assert_eq!(e.entropy_rank, 9);
+    }
+
+    #[test]
+    fn spread_indices_cover_the_range_evenly() {
+        assert_eq!(spread(5, 10), vec![0, 1, 2, 3, 4]);
+        assert_eq!(spread(10, 5), vec![0, 2, 4, 6, 8]);
+        let s = spread(50176, 4096);
+        assert_eq!(s.len(), 4096);
+        assert!(s.windows(2).all(|w| w[1] > w[0]));
+        assert!(*s.last().unwrap() < 50176 && *s.last().unwrap() >= 50176 - 13);
     }
 
     #[test]

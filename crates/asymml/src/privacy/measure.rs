@@ -3,7 +3,7 @@
 //! it.
 
 use super::args::Decoder;
-use super::attack::{self, ConvDecoder, Ridge};
+use super::attack::{self, ConvDecoder, DecoderBudget, Ridge};
 use super::capture::{self, rows, StreamRequest};
 use super::grid;
 use super::leakage::{self, Leak};
@@ -119,23 +119,22 @@ pub(crate) fn measure(plan: &Plan) -> Result<Measured> {
         }
     }
     m.pb.finish_and_clear();
-    let inputs = &m.private.inputs;
     Ok(Measured {
-        input_sizes: inputs
-            .iter()
-            .map(|t| {
-                (
-                    t.shape.get(2).copied().unwrap_or(0),
-                    t.shape.get(3).copied().unwrap_or(0),
-                )
-            })
-            .collect(),
+        input_sizes: m.private.input_sizes,
         spectra: m.private.spectra,
         layer_ranks,
         kernel_study: m.private.kernel_study,
         settings,
         baselines,
     })
+}
+
+/// (h, w) of a [n, c, h, w] tensor ((0, 0) for another shape).
+fn spatial(t: &Tensor) -> (usize, usize) {
+    (
+        t.shape.get(2).copied().unwrap_or(0),
+        t.shape.get(3).copied().unwrap_or(0),
+    )
 }
 
 /// A dataset's images (by index) as one normalised tensor [n, c, h, w] and their labels.
@@ -151,8 +150,10 @@ struct Private {
     /// The images [n, c, h, w] and their labels.
     x: Tensor,
     labels: Vec<usize>,
-    /// Each conv's input.
+    /// Each measured conv's input (empty for the others).
     inputs: Vec<Tensor>,
+    /// (h, w) of each conv's input.
+    input_sizes: Vec<(usize, usize)>,
     spectra: Vec<LayerSpectra>,
     kernel_study: Vec<KernelEntropy>,
     /// I(X;X) per image of each measured conv's input.
@@ -166,8 +167,27 @@ impl Private {
         let data = &plan.data.private;
         let (x, labels) = tensor_of(data, &(0..data.len()).collect::<Vec<_>>());
         pb.set_message("conv inputs and spectra");
-        let inputs = capture::conv_inputs(&plan.model, &x, plan.args.batch_size)?;
-        let spectra = inputs.iter().map(LayerSpectra::of).collect();
+        // Every conv's spectra and shape batch by batch; only the measured convs' inputs are kept.
+        let mut keep = plan.mi_layers.clone();
+        keep.extend(plan.attack_layers.iter().copied());
+        let mut spectra: Vec<LayerSpectra> = Vec::new();
+        let mut input_sizes = Vec::new();
+        let inputs = capture::conv_inputs_kept(
+            &plan.model,
+            &x,
+            plan.args.batch_size,
+            Some(&keep),
+            |batch| {
+                spectra.resize_with(batch.len(), || LayerSpectra {
+                    spectra: Vec::new(),
+                });
+                input_sizes = batch.iter().map(spatial).collect();
+                for (s, t) in spectra.iter_mut().zip(batch) {
+                    s.spectra.extend(LayerSpectra::of(t).spectra);
+                }
+                Ok(())
+            },
+        )?;
         let kernel_study = plan
             .args
             .kernel_sizes
@@ -186,6 +206,7 @@ impl Private {
             x,
             labels,
             inputs,
+            input_sizes,
             spectra,
             kernel_study,
             self_mi,
@@ -212,7 +233,13 @@ impl<'p> Attacker<'p> {
         let public_inputs = if plan.attack_layers.is_empty() {
             Vec::new()
         } else {
-            capture::conv_inputs(&plan.model, &public_x, plan.args.batch_size)?
+            capture::conv_inputs_kept(
+                &plan.model,
+                &public_x,
+                plan.args.batch_size,
+                Some(&plan.attack_layers),
+                |_| Ok(()),
+            )?
         };
         Ok(Attacker {
             plan,
@@ -236,8 +263,12 @@ impl<'p> Attacker<'p> {
             let recon = match d {
                 Decoder::Ridge => Ridge::fit(public_s, target, plan.threads)?
                     .predict(private_s, plan.data.private.c)?,
-                _ => ConvDecoder::fit(public_s, target, plan.args.decoder_steps, 32, seed)?
-                    .predict(private_s)?,
+                _ => {
+                    let (h, w) = spatial(public_s);
+                    let budget = DecoderBudget::for_stream(h, w, plan.args.decoder_steps);
+                    ConvDecoder::fit(public_s, target, budget, seed)?
+                }
+                .predict(private_s)?,
             };
             out.push((d.name().to_string(), recon));
         }
@@ -399,9 +430,9 @@ impl Measurer<'_> {
             split: plan.split(policy, nsr, plan.args.seed),
             batch: plan.args.batch_size,
             layers: &layers,
-            backward: true,
+            backward: plan.grad_stream,
         };
-        let sent = capture::streams(&plan.model, &private.x, &private.labels, &request)?;
+        let sent = capture::streams_full(&plan.model, &private.x, &private.labels, &request)?;
         let at = At {
             policy: &policy.text,
             nsr,

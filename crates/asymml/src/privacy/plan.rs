@@ -32,12 +32,14 @@ pub(crate) struct Plan {
     pub mi: MiConfig,
     /// The private images' normalisation, to score reconstructions in pixels.
     pub scale: PixelScale,
+    /// Record the first conv's output gradient (a backward pass per setting; `--grad-stream`).
+    pub grad_stream: bool,
 }
 
 impl Plan {
     /// Checks the flags, loads the images and the model, and resolves the layers and decoders. Creates the
     /// `--out` folder.
-    pub(crate) fn resolve(args: PrivacyArgs, threads: usize) -> Result<Plan> {
+    pub(crate) fn resolve(mut args: PrivacyArgs, threads: usize) -> Result<Plan> {
         let (weight_bytes, info) = match &args.weights {
             Some(p) => {
                 let (b, i) = weightfile::read(p)?;
@@ -48,6 +50,9 @@ impl Plan {
         let data = Data::load(&args, &info)?;
         if data.private.is_empty() {
             bail!("no images to analyse");
+        }
+        if args.batch_size == 0 {
+            args.batch_size = super::args::auto_batch(data.private.h, data.private.w);
         }
         let model = Model::build(&args, &info, weight_bytes.as_deref(), &data.private)?;
         let n_convs = model.convs.len();
@@ -83,6 +88,7 @@ impl Plan {
                 mean: data.private.mean.clone(),
                 std: data.private.std.clone(),
             },
+            grad_stream: args.grad_stream.resolve(data.private.h, data.private.w),
             args,
             threads,
             data,
@@ -111,6 +117,8 @@ impl Plan {
             seed,
             shared_basis: self.args.shared_basis,
             clip: self.args.clip,
+            // The Freivalds checks send nothing: the recorded streams are the same without them.
+            integrity: false,
             ..Default::default()
         }
     }
@@ -288,10 +296,43 @@ fn images_dataset(
 /// input channels of each conv.
 pub(crate) struct Model {
     pub spec: ModelSpec,
-    /// The weights, serialised.
-    bytes: Vec<u8>,
+    /// The weights, serialised (None: the fresh weights of `seed`, rebuilt on demand).
+    bytes: Option<Vec<u8>>,
     seed: u64,
     pub convs: Vec<(String, usize)>,
+    /// A network with the model's weights, lent out by [`Model::lease`] (built again when absent).
+    cache: std::sync::Mutex<Option<Net>>,
+}
+
+/// A network lent by [`Model::lease`]; it goes back to the model when dropped.
+pub(crate) struct NetLease<'m> {
+    model: &'m Model,
+    net: Option<Net>,
+}
+
+impl std::ops::Deref for NetLease<'_> {
+    type Target = Net;
+    fn deref(&self) -> &Net {
+        self.net
+            .as_ref()
+            .expect("a lease holds its network until dropped")
+    }
+}
+
+impl std::ops::DerefMut for NetLease<'_> {
+    fn deref_mut(&mut self) -> &mut Net {
+        self.net
+            .as_mut()
+            .expect("a lease holds its network until dropped")
+    }
+}
+
+impl Drop for NetLease<'_> {
+    fn drop(&mut self) {
+        if let (Some(net), Ok(mut c)) = (self.net.take(), self.model.cache.lock()) {
+            *c = Some(net);
+        }
+    }
 }
 
 impl Model {
@@ -321,10 +362,17 @@ impl Model {
         check_fit(&spec, private, "private")?;
         check_batch_bytes(a.batch_size, spec.in_ch, spec.width, spec.input_size)?;
         let mut net = spec.build(a.seed)?;
-        if let (Some(b), Some(p)) = (weight_bytes, &a.weights) {
-            weightfile::load_into(&mut net, b, p)?;
-        }
-        let bytes = weights::serialize(&weights::state_entries(&mut net), &BTreeMap::new())?;
+        // Fresh weights are rebuilt from the seed for each run; loaded ones are kept serialised.
+        let bytes = match (weight_bytes, &a.weights) {
+            (Some(b), Some(p)) => {
+                weightfile::load_into(&mut net, b, p)?;
+                Some(weights::serialize(
+                    &weights::state_entries(&mut net),
+                    &BTreeMap::new(),
+                )?)
+            }
+            _ => None,
+        };
         let mut convs = Vec::new();
         net.visit_convs(&mut |name, c| convs.push((name.to_string(), c.in_ch)));
         Ok(Model {
@@ -332,13 +380,32 @@ impl Model {
             bytes,
             seed: a.seed,
             convs,
+            cache: std::sync::Mutex::new(Some(net)),
+        })
+    }
+
+    /// The model's network, reused from one run to the next: the weights never change (the capture takes
+    /// no optimiser step), a training-mode forward uses the batch's statistics, not the running ones, and
+    /// every backward starts from zeroed gradients, so a reused network records the same streams as a fresh
+    /// one without building 100+ M parameters again for every batch.
+    pub(crate) fn lease(&self) -> Result<NetLease<'_>> {
+        let cached = self.cache.lock().ok().and_then(|mut c| c.take());
+        let net = match cached {
+            Some(n) => n,
+            None => self.net()?,
+        };
+        Ok(NetLease {
+            model: self,
+            net: Some(net),
         })
     }
 
     /// A fresh network with the model's weights.
     pub(crate) fn net(&self) -> Result<Net> {
         let mut net = self.spec.build(self.seed)?;
-        weights::load_bytes(&mut net, &self.bytes, "")?;
+        if let Some(b) = &self.bytes {
+            weights::load_bytes(&mut net, b, "")?;
+        }
         Ok(net)
     }
 }
