@@ -94,7 +94,7 @@ pub struct Combined {
     pub bsq: Vec<f64>,
     /// With channel coefficients t ([R, C]): Σ_ch t_ch data[b, ch] per repetition ([R, B, P]).
     pub proj: Vec<f64>,
-    /// Σ_b Σ_p data[b, ch, p]² per channel ([C]).
+    /// With channel coefficients: Σ_b Σ_p data[b, ch, p]² per channel ([C]).
     pub chn2: Vec<f64>,
 }
 
@@ -111,12 +111,11 @@ impl Combined {
 }
 
 /// The left-hand sides of one check for R repetitions ([`lhs_pass`]): Σ_b Σ_ch k[b, ch]·data[b, ch] and
-/// Σ (k·data)² per pixel ([R, P] each), and Σ data² over everything.
+/// Σ (k·data)² per pixel ([R, P] each).
 #[derive(Clone, Debug, Default)]
 pub struct Lhs {
     pub lhs: Vec<f64>,
     pub sq: Vec<f64>,
-    pub total_sq: f64,
 }
 
 /// Zeroes `v` at length `n`, reusing its allocation.
@@ -157,7 +156,7 @@ pub fn combine_pass(
     zeroed(&mut out.comb_sq, if batch.is_some() { r * p } else { 0 });
     zeroed(&mut out.bsq, bsz * p);
     zeroed(&mut out.proj, if chan.is_some() { r * bsz * p } else { 0 });
-    zeroed(&mut out.chn2, ch);
+    zeroed(&mut out.chn2, if chan.is_some() { ch } else { 0 });
     if data.is_empty() {
         return;
     }
@@ -193,7 +192,9 @@ pub fn combine_pass(
                         }
                     }
                     sq.iter_mut().zip(x).for_each(|(a, &v)| *a += v * v);
-                    out.chn2[j] += sumsq_lanes(x);
+                    if chan.is_some() {
+                        out.chn2[j] += sumsq_lanes(x);
+                    }
                 }
                 if chan.is_some() {
                     for ri in 0..r {
@@ -265,22 +266,19 @@ fn lhs_impl(
     }
     zeroed(&mut out.lhs, r * p);
     zeroed(&mut out.sq, r * p);
-    out.total_sq = 0.0;
     if data.is_empty() {
         return;
     }
-    // 2R + 1 f32 accumulators per pixel, kept in L1.
+    // 2R f32 accumulators per pixel, kept in L1.
     let tile = 1024.min(p);
     let mut part = vec![0f32; r * tile];
     let mut psq = vec![0f32; r * tile];
-    let mut tot = vec![0f32; tile];
     for p0 in (0..p).step_by(tile) {
         let tl = tile.min(p - p0);
         for b in 0..bsz {
             for j0 in (0..ch).step_by(BLOCK) {
                 part.iter_mut().for_each(|v| *v = 0.0);
                 psq.iter_mut().for_each(|v| *v = 0.0);
-                tot.iter_mut().for_each(|v| *v = 0.0);
                 for j in j0..(j0 + BLOCK).min(ch) {
                     let off = (b * ch + j) * p + p0;
                     let x = &data[off..][..tl];
@@ -299,7 +297,6 @@ fn lhs_impl(
                             *s += k2 * (v * v);
                         }
                     }
-                    tot.iter_mut().zip(x).for_each(|(a, &v)| *a += v * v);
                 }
                 for ri in 0..r {
                     let (l, s) = (
@@ -315,7 +312,6 @@ fn lhs_impl(
                         *s += q as f64;
                     }
                 }
-                out.total_sq += sumsq_f64_of(&tot[..tl]);
             }
         }
     }
@@ -365,19 +361,6 @@ fn sumsq_lanes(x: &[f32]) -> f64 {
     acc.iter().map(|&a| a as f64).sum::<f64>() + tail
 }
 
-/// Σ v (v ≥ 0, already squares) in f64.
-#[inline(always)]
-fn sumsq_f64_of(x: &[f32]) -> f64 {
-    let mut acc = [0f64; 4];
-    let mut it = x.chunks_exact(4);
-    for c in &mut it {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += v as f64;
-        }
-    }
-    acc.iter().sum::<f64>() + it.remainder().iter().map(|&v| v as f64).sum::<f64>()
-}
-
 simd_fn! {
 /// Σ v² in f64.
 pub fn sum_squares(x: &[f32]) -> f64 {
@@ -387,7 +370,7 @@ pub fn sum_squares(x: &[f32]) -> f64 {
 
 /// Σ a_i·b_i in f64 over four lanes (independent accumulators, so it runs at throughput, not latency).
 #[inline(always)]
-fn dot64(a: &[f64], b: &[f64]) -> f64 {
+pub(crate) fn dot64(a: &[f64], b: &[f64]) -> f64 {
     let mut acc = [0f64; 4];
     let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
     let tail: f64 = ca
@@ -555,7 +538,8 @@ mod tests {
                         ));
                     }
                 }
-                for j in 0..ch {
+                assert_eq!(out.chn2.len(), if with_chan { ch } else { 0 });
+                for j in 0..out.chn2.len() {
                     let terms = (0..bsz)
                         .flat_map(|b| (0..p).map(move |q| (b, q)))
                         .map(|(b, q)| x(b, j, q).powi(2));
@@ -624,8 +608,6 @@ mod tests {
                     assert!(sums_to(plain.sq[ri * p + q], terms().map(|a| a * a)));
                 }
             }
-            let total = data.iter().map(|&v| (v as f64).powi(2));
-            assert!(sums_to(plain.total_sq, total));
         }
     }
 

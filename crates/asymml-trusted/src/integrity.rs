@@ -78,7 +78,7 @@ pub struct IntegrityStats {
     /// The largest |difference| / τ of a passed check (how close honest results come to the tolerance).
     pub worst_ratio: f64,
     /// Per quantity (Y_U, ∇X, ∇W_U), the largest detection threshold 2·max τ met, relative to the RMS of
-    /// the checked values: a single wrong element off by more than this fraction of the values' RMS is
+    /// the checked values (for Y_U and ∇X weighted by the squared coefficients, each in [1, 4)): a single wrong element off by more than this fraction of the values' RMS is
     /// always caught.
     pub threshold_rel: [f64; 3],
 }
@@ -321,12 +321,13 @@ impl Checker {
             Some((y_t, y)) => merge_lhs_pass(y_u, y_t, y, g.b, g.m, p, r, &k, &mut lhs),
             None => lhs_pass(y_u, g.b, g.m, p, r, &k, &mut lhs),
         }
-        let y_rms = (lhs.total_sq / y_u.len() as f64).sqrt();
+        // The RMS of Y_U weighted by the squared coefficients (each in [1, 4)), from the left side's squares.
+        let y_rms = weighted_rms(&lhs.sq[..p], &c[..g.b], &s[..g.m]);
         let wnorm: Vec<f64> = w.chunks_exact(g.n * kk).map(sum_squares).collect();
         let kdot = (g.n * kk) as f64;
         let floor = 4.0 * TINY * (kdot * (g.b * g.m) as f64).sqrt();
-        let own = own_rounding();
         let mut out = Ok(());
+        let mut range = None;
         for ri in 0..r {
             let (c, s) = (&c[ri * g.b..(ri + 1) * g.b], &s[ri * g.m..(ri + 1) * g.m]);
             // Σ_m s_m²‖W_m‖², ‖Σ_m s_m W[m]‖, and conv(Σ_b c_b X_U[b], Σ_m s_m W[m]).
@@ -356,16 +357,11 @@ impl Checker {
                 &lhs.sq[ri * p..(ri + 1) * p],
             );
             let diff: Vec<f64> = (0..p).map(|i| lhs_r[i] - z[i] - bias).collect();
-            let tol: Vec<f64> = (0..p)
-                .map(|i| {
-                    KAPPA
-                        * U
-                        * (kdot.sqrt() * (pq[i] * wn2).sqrt()
-                            + (kdot.sqrt() + (g.b as f64).sqrt()) * pxc[i].sqrt() * wsn
-                            + own * ysq[i].sqrt()
-                            + floor)
-                })
-                .collect();
+            let tol = tolerance(kdot, g.b, (&pq, wn2), (&pxc, wsn), ysq, floor);
+            if let Some(e) = unbounded(&tol, Quantity::Output) {
+                range = Some(e);
+                break;
+            }
             if let Err(f) = self.record(Quantity::Output, &diff, &tol, y_rms) {
                 out = Err(f);
                 break;
@@ -384,7 +380,10 @@ impl Checker {
         }
         (self.comb, self.lhs) = (comb, lhs);
         self.stats.seconds += t0.elapsed().as_secs_f64();
-        Ok(out)
+        match range {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 
     /// Checks ∇X (`dx`, [B, N, H, W], when given) = conv_transposed(∇Y, W) and ∇W_U (`dw`, [M, N, k, k]) =
@@ -445,6 +444,7 @@ impl Checker {
         let batch = c.as_deref().map(|c| (c, wc.as_slice(), kk));
         combine_pass(dy, g.b, g.m, p, r, batch, Some(&s), &mut comb);
         let mut out = Ok(());
+        let mut range = None;
         if let (Some(dx), Some(c), Some(t)) = (dx, &c, &t) {
             let k: Vec<f64> = (0..r)
                 .flat_map(|ri| {
@@ -453,7 +453,7 @@ impl Checker {
                 })
                 .collect();
             lhs_pass(dx, g.b, g.n, hw, r, &k, &mut lhs);
-            let dx_rms = (lhs.total_sq / dx.len() as f64).sqrt();
+            let dx_rms = weighted_rms(&lhs.sq[..hw], &c[..g.b], &t[..g.n]);
             // ‖W[:, j]‖² per input channel.
             let mut col2 = vec![0f64; g.n];
             for wm in w.chunks_exact(g.n * kk) {
@@ -463,7 +463,6 @@ impl Checker {
             }
             let kdot = ((g.m * kk) as f64 / (g.s * g.s) as f64).max(1.0);
             let floor = 4.0 * TINY * (kdot * (g.b * g.n) as f64).sqrt();
-            let own = own_rounding();
             for ri in 0..r {
                 let (c, t) = (&c[ri * g.b..(ri + 1) * g.b], &t[ri * g.n..(ri + 1) * g.n]);
                 // Σ_j t_j²‖W[:, j]‖², ‖Σ_j t_j W[:, j]‖, and conv_transposed(Σ_b c_b ∇Y[b], Σ_j t_j W[:, j]).
@@ -486,16 +485,11 @@ impl Checker {
                     &lhs.sq[ri * hw..(ri + 1) * hw],
                 );
                 let diff: Vec<f64> = (0..hw).map(|i| lhs_r[i] - rhs[i]).collect();
-                let tol: Vec<f64> = (0..hw)
-                    .map(|i| {
-                        KAPPA
-                            * U
-                            * (kdot.sqrt() * (pe[i] * wn2).sqrt()
-                                + (kdot.sqrt() + (g.b as f64).sqrt()) * pd[i].sqrt() * wtn
-                                + own * xsq[i].sqrt()
-                                + floor)
-                    })
-                    .collect();
+                let tol = tolerance(kdot, g.b, (&pe, wn2), (&pd, wtn), xsq, floor);
+                if let Some(e) = unbounded(&tol, Quantity::InputGrad) {
+                    range = Some(e);
+                    break;
+                }
                 if let Err(f) = self.record(Quantity::InputGrad, &diff, &tol, dx_rms) {
                     out = Err(f);
                     break;
@@ -532,6 +526,10 @@ impl Checker {
                         KAPPA * U * (len.sqrt() * (dyn2 * xnorm2).sqrt() + wsq[i].sqrt() + floor)
                     })
                     .collect();
+                if let Some(e) = unbounded(&tol, Quantity::WeightGrad) {
+                    range = Some(e);
+                    break;
+                }
                 if let Err(f) = self.record(Quantity::WeightGrad, &diff, &tol, dw_rms) {
                     out = Err(f);
                     break;
@@ -540,8 +538,57 @@ impl Checker {
         }
         (self.comb, self.lhs) = (comb, lhs);
         self.stats.seconds += t0.elapsed().as_secs_f64();
-        Ok(out)
+        match range {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
+}
+
+/// The error for a tolerance the check cannot state: the checked values are so large that sums of their
+/// squares overflow float32 (|v| above about 1e19 — a diverged run). Not an integrity failure: nothing shows
+/// that the result is wrong, but it cannot be verified either, so it is not used.
+fn unbounded(tol: &[f64], q: Quantity) -> Option<CoreError> {
+    tol.iter().any(|t| !t.is_finite()).then(|| {
+        CoreError::Invalid(format!(
+            "the values of {} are too large to verify (sums of their squares are non-finite in float32; \
+             values above about 1e19), so it was not used: the run has diverged (lower the learning rate), \
+             or the accelerator sent values out of range",
+            q.name()
+        ))
+    })
+}
+
+/// √(Σ_{b,m,p} (c_b s_m v)² / Σ_{b,m,p} (c_b s_m)²): the RMS of the checked values v weighted by their
+/// squared coefficients, from the per-position sums `sq` of one repetition's left side.
+fn weighted_rms(sq: &[f64], c: &[f64], s: &[f64]) -> f64 {
+    let w: f64 = c.iter().map(|v| v * v).sum::<f64>() * s.iter().map(|v| v * v).sum::<f64>();
+    (sq.iter().sum::<f64>() / (w * sq.len() as f64).max(f64::MIN_POSITIVE)).sqrt()
+}
+
+/// The tolerance τ at every position of a conv-shaped check (Y_U or ∇X, see the module docs): from the
+/// squared patch norms `pq` of the checked conv's input with Σ c²‖W‖² = `w2` (its honest rounding), the
+/// patch norms `pc` of the batch combination with ‖Σ s W‖ = `wc` (the check's right side), the combined
+/// squares `sq` of the checked values (the check's left side), and an absolute `floor`.
+fn tolerance(
+    kdot: f64,
+    b: usize,
+    (pq, w2): (&[f64], f64),
+    (pc, wc): (&[f64], f64),
+    sq: &[f64],
+    floor: f64,
+) -> Vec<f64> {
+    let own = own_rounding();
+    let right = kdot.sqrt() + (b as f64).sqrt();
+    pq.iter()
+        .zip(pc)
+        .zip(sq)
+        .map(|((&q, &c), &y)| {
+            KAPPA
+                * U
+                * (kdot.sqrt() * (q * w2).sqrt() + right * c.sqrt() * wc + own * y.sqrt() + floor)
+        })
+        .collect()
 }
 
 /// Per output pixel, the sum of `map` ([H·W]) over the pixel's k × k window (zero outside).

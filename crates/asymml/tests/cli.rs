@@ -347,7 +347,8 @@ fn non_finite_loss_stops_with_epoch_and_step() {
             "--out",
             p(&out),
         ]);
-        // trusted-only: the loss itself; split: the accelerator's reply is refused first (non-finite values).
+        // trusted-only: the loss itself; split: the integrity check refuses first (its sums of squares are
+        // non-finite), or the accelerator's reply (non-finite values).
         fails_with(&o, "non-finite");
         assert!(stderr(&o).contains("epoch 1, step"), "{}", stderr(&o));
     }

@@ -23,6 +23,7 @@
 
 use super::svd::sumsq;
 use crate::error::CoreError;
+use crate::freivalds::dot64;
 use crate::gemm::{sgemm, Mat};
 use crate::rng::Rng;
 use nalgebra::{DMatrix, SymmetricEigen};
@@ -333,24 +334,6 @@ fn form_gram(xs: &[&[f32]], n: usize, c: usize, s: &mut BlockScratch, threads: u
         );
     }
     s.has_g = true;
-}
-
-/// Σ a_i b_i with four independent accumulators (so that the loop vectorises).
-fn dot64(a: &[f64], b: &[f64]) -> f64 {
-    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    let mut acc = [0f64; 4];
-    for (x, y) in ca.zip(cb) {
-        for k in 0..4 {
-            acc[k] += x[k] * y[k];
-        }
-    }
-    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }
 
 /// Rows of qt (l × n) ← an orthonormal basis of their span, by classical Gram–Schmidt twice; a row that is
