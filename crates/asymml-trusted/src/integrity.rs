@@ -287,11 +287,7 @@ impl Checker {
                     .zip(wm)
                     .for_each(|(a, &v)| *a += sm * v as f64);
             }
-            for (j, wj) in wsr.chunks_exact(kk).enumerate() {
-                for (o, &v) in wj.iter().enumerate() {
-                    wc[(ri * kk + o) * g.n + j] = v as f32;
-                }
-            }
+            by_offset(wsr, kk, &mut wc[ri * kk * g.n..(ri + 1) * kk * g.n]);
         }
         let (mut comb, mut lhs) = (
             std::mem::take(&mut self.comb),
@@ -433,11 +429,7 @@ impl Checker {
                             .for_each(|(a, &v)| *a += tj * v as f64);
                     }
                 }
-                for (mi, wm) in wtr.chunks_exact(kk).enumerate() {
-                    for (o, &v) in wm.iter().enumerate() {
-                        wc[(ri * kk + o) * g.m + mi] = v as f32;
-                    }
-                }
+                by_offset(wtr, kk, &mut wc[ri * kk * g.m..(ri + 1) * kk * g.m]);
             }
         }
         // One pass over ∇Y for both quantities and every repetition.
@@ -541,6 +533,17 @@ impl Checker {
         match range {
             Some(e) => Err(e),
             None => Ok(out),
+        }
+    }
+}
+
+/// One-channel weights `w` ([C, k·k], f64) as the contraction weights `out` ([k·k, C], f32) that
+/// `combine_pass` takes.
+fn by_offset(w: &[f64], kk: usize, out: &mut [f32]) {
+    let ch = out.len() / kk.max(1);
+    for (j, wj) in w.chunks_exact(kk).enumerate() {
+        for (o, &v) in wj.iter().enumerate() {
+            out[o * ch + j] = v as f32;
         }
     }
 }
