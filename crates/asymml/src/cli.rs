@@ -8,6 +8,7 @@ use crate::values::{
     parse_input_size, parse_listen, parse_lr, parse_momentum, parse_noise, parse_steps,
     parse_svd_iters, parse_threads, parse_timeout, parse_warmup, parse_weight_decay,
     AcceleratorSpec, AugmentChoice, ModelName, OnOff, OptimizerChoice, Phase, RankArg, Schedule,
+    DEFAULT_RANK,
 };
 use asymml_protocol::Address;
 
@@ -67,7 +68,7 @@ pub(crate) struct SplitArgs {
     /// entropy (r = ⌈2^μ⌉ of the SVD-channel entropy), table:FILE (a rank table JSON listing every conv's
     /// rank or "trusted", e.g. from `asymml privacy --calibrate`). `bench` takes several (comma-separated),
     /// each timed.
-    #[arg(long, default_value = "schedule", value_delimiter = ',')]
+    #[arg(long, default_value = DEFAULT_RANK, value_delimiter = ',')]
     pub(crate) rank: Vec<RankArg>,
     /// Lightweight-SVD iterations per component (1 or 2).
     #[arg(long, default_value_t = 1, value_parser = parse_svd_iters)]

@@ -283,6 +283,9 @@ impl fmt::Display for ModelName {
     }
 }
 
+/// The rank policy `train`, `infer`, `verify` and `bench` use without `--rank`.
+pub(crate) const DEFAULT_RANK: &str = "schedule";
+
 /// A rank policy as written on the command line: reports show the text (`asym1`), the split uses the policy.
 /// `table:FILE` reads a rank table (one route per conv, e.g. from `asymml privacy --calibrate`); its policy is
 /// then `schedule`, used by no conv once the table is checked to cover the model
