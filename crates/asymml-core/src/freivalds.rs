@@ -11,6 +11,9 @@ pub const BLOCK: usize = 16;
 /// f32 accumulators a tiled pass keeps per tile of pixels (512 KiB: they stay in L2 while the tile's rows of
 /// every sample and channel stream by).
 const TILE_FLOATS: usize = 1 << 17;
+/// Floats between consecutive accumulator rows beyond the tile width, so that rows are never a multiple of
+/// 4 KiB apart (a load from an address 4 KiB from a pending store waits for it on x86).
+const PAD: usize = 16;
 
 /// Geometry of one conv application.
 #[derive(Clone, Copy, Debug)]
@@ -163,8 +166,10 @@ pub fn combine_pass(
     // Per tile of pixels, the R·C rows of the batch combination stay in L2 while every sample's rows of the
     // tile stream by; the per-sample squares and projections, and the contraction's partial sums, in L1.
     let tile = tile_width(if batch.is_some() { r * ch } else { 1 }, p);
-    let mut comb = vec![0f32; if batch.is_some() { r * ch * tile } else { 0 }];
-    let mut part = vec![0f32; r.max(kk) * tile];
+    // Accumulator rows `stride` floats apart (not a multiple of 4 KiB: see [`PAD`]).
+    let stride = tile + PAD;
+    let mut comb = vec![0f32; if batch.is_some() { r * ch * stride } else { 0 }];
+    let mut part = vec![0f32; r.max(kk) * stride];
     let mut sq = vec![0f32; tile];
     for p0 in (0..p).step_by(tile) {
         let tl = tile.min(p - p0);
@@ -180,14 +185,14 @@ pub fn combine_pass(
                     if let Some((c, _, _)) = batch {
                         for ri in 0..r {
                             let cb = c[ri * bsz + b] as f32;
-                            let dst = &mut comb[(ri * ch + j) * tile..][..tl];
+                            let dst = &mut comb[(ri * ch + j) * stride..][..tl];
                             dst.iter_mut().zip(x).for_each(|(a, &v)| *a += cb * v);
                         }
                     }
                     if let Some(t) = chan {
                         for ri in 0..r {
                             let tj = t[ri * ch + j] as f32;
-                            let dst = &mut part[ri * tile..][..tl];
+                            let dst = &mut part[ri * stride..][..tl];
                             dst.iter_mut().zip(x).for_each(|(a, &v)| *a += tj * v);
                         }
                     }
@@ -200,7 +205,7 @@ pub fn combine_pass(
                     for ri in 0..r {
                         let dst = &mut out.proj[(ri * bsz + b) * p + p0..][..tl];
                         dst.iter_mut()
-                            .zip(&part[ri * tile..][..tl])
+                            .zip(&part[ri * stride..][..tl])
                             .for_each(|(a, &v)| *a += v as f64);
                     }
                 }
@@ -214,7 +219,7 @@ pub fn combine_pass(
             for ri in 0..r {
                 let dst = &mut out.comb_sq[ri * p + p0..][..tl];
                 for j in 0..ch {
-                    let src = &comb[(ri * ch + j) * tile..][..tl];
+                    let src = &comb[(ri * ch + j) * stride..][..tl];
                     dst.iter_mut()
                         .zip(src)
                         .for_each(|(a, &v)| *a += (v as f64) * (v as f64));
@@ -223,17 +228,17 @@ pub fn combine_pass(
                 for j0 in (0..ch).step_by(BLOCK) {
                     part.iter_mut().for_each(|v| *v = 0.0);
                     for j in j0..(j0 + BLOCK).min(ch) {
-                        let src = &comb[(ri * ch + j) * tile..][..tl];
+                        let src = &comb[(ri * ch + j) * stride..][..tl];
                         for o in 0..kk {
                             let wv = w[(ri * kk + o) * ch + j];
-                            let dst = &mut part[o * tile..][..tl];
+                            let dst = &mut part[o * stride..][..tl];
                             dst.iter_mut().zip(src).for_each(|(a, &v)| *a += wv * v);
                         }
                     }
                     for o in 0..kk {
                         let dst = &mut out.contracted[(ri * kk + o) * p + p0..][..tl];
                         dst.iter_mut()
-                            .zip(&part[o * tile..][..tl])
+                            .zip(&part[o * stride..][..tl])
                             .for_each(|(a, &v)| *a += v as f64);
                     }
                 }
@@ -271,8 +276,11 @@ fn lhs_impl(
     }
     // 2R f32 accumulators per pixel, kept in L1.
     let tile = 1024.min(p);
-    let mut part = vec![0f32; r * tile];
-    let mut psq = vec![0f32; r * tile];
+    // The 2R accumulator rows `stride` floats apart: rows a multiple of 4 KiB apart would make every load
+    // of one row wait on the store to the other (4K aliasing).
+    let stride = tile + PAD;
+    let mut scratch = vec![0f32; 2 * r * stride];
+    let (part, psq) = scratch.split_at_mut(r * stride);
     for p0 in (0..p).step_by(tile) {
         let tl = tile.min(p - p0);
         for b in 0..bsz {
@@ -291,7 +299,10 @@ fn lhs_impl(
                     for ri in 0..r {
                         let kv = k[(ri * bsz + b) * ch + j] as f32;
                         let k2 = kv * kv;
-                        let (pa, ps) = (&mut part[ri * tile..][..tl], &mut psq[ri * tile..][..tl]);
+                        let (pa, ps) = (
+                            &mut part[ri * stride..][..tl],
+                            &mut psq[ri * stride..][..tl],
+                        );
                         for ((a, s), &v) in pa.iter_mut().zip(ps.iter_mut()).zip(x) {
                             *a += kv * v;
                             *s += k2 * (v * v);
@@ -303,11 +314,11 @@ fn lhs_impl(
                         &mut out.lhs[ri * p + p0..][..tl],
                         &mut out.sq[ri * p + p0..][..tl],
                     );
-                    for ((l, s), (&a, &q)) in l
-                        .iter_mut()
-                        .zip(s.iter_mut())
-                        .zip(part[ri * tile..][..tl].iter().zip(&psq[ri * tile..][..tl]))
-                    {
+                    for ((l, s), (&a, &q)) in l.iter_mut().zip(s.iter_mut()).zip(
+                        part[ri * stride..][..tl]
+                            .iter()
+                            .zip(&psq[ri * stride..][..tl]),
+                    ) {
                         *l += a as f64;
                         *s += q as f64;
                     }

@@ -119,3 +119,40 @@ fn debug_output_is_short() {
     assert!(s.len() < 120, "{s}");
     assert!(s.contains("[1000]") && s.contains("1000 values"), "{s}");
 }
+
+#[test]
+fn add_into_checked_finds_non_finite_values_in_its_own_pass() {
+    let addend = Tensor::from_vec(&[3, 7], vec![0.5; 21]).unwrap();
+    let mut out = Tensor::default();
+    wire(&[3, 7], (0..21).map(|i| i as f32).collect())
+        .add_into_checked(&[3, 7], &addend, &mut out)
+        .unwrap();
+    assert_eq!(out.data[20], 20.5);
+    for (i, bad) in [(0, f32::NAN), (13, f32::INFINITY), (20, f32::NEG_INFINITY)] {
+        let mut v = vec![1.0; 21];
+        v[i] = bad;
+        let e = wire(&[3, 7], v)
+            .add_into_checked(&[3, 7], &addend, &mut out)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("non-finite value {bad} at index {i}")),
+            "{e}"
+        );
+    }
+    // Finite values whose sum leaves float32's range.
+    let big = Tensor::from_vec(&[2], vec![f32::MAX, 0.0]).unwrap();
+    let e = wire(&[2], vec![f32::MAX, 1.0])
+        .add_into_checked(&[2], &big, &mut out)
+        .unwrap_err();
+    assert!(e.to_string().contains("beyond float32"), "{e}");
+}
+
+#[test]
+fn unscanned_data_checks_the_shape_and_length_only() {
+    let w = wire(&[2], vec![1.0, f32::NAN]);
+    assert_eq!(w.shaped_data_unscanned(&[2]).unwrap().len(), 2);
+    assert!(w.shaped_data_unscanned(&[1, 2]).is_err());
+    assert!(w.checked_data(&[2]).is_err());
+    assert!(w.into_tensor_unscanned(&[2]).unwrap().data[1].is_nan());
+}

@@ -531,8 +531,10 @@ impl<T: Transport> SplitExec<T> {
             let residual = std::mem::take(&mut self.residual);
             let mut proj = std::mem::take(&mut self.layers[id].proj);
             let checked = if self.checker.is_some() {
+                // The check's pass over Y_U also catches a NaN or infinity (its sums turn non-finite and it
+                // fails), so the values are not scanned first; a failed check names such a value instead.
                 let data = y_u
-                    .checked_data(&out_shape)
+                    .shaped_data_unscanned(&out_shape)
                     .map_err(|e| bad_reply(&what, e));
                 data.and_then(|data| {
                     y.resize(&out_shape);
@@ -543,6 +545,10 @@ impl<T: Transport> SplitExec<T> {
                         let proj = train.then_some(&mut proj);
                         let merge = Some((y_t.data.as_slice(), y_out.as_mut_slice()));
                         ch.check_forward(conv, &residual.data, &x.shape, data, proj, merge)
+                    })
+                    .map_err(|e| match y_u.checked_data(&out_shape) {
+                        Err(bad) => bad_reply(&what, bad),
+                        Ok(_) => e,
                     })
                 })
             } else {
@@ -651,10 +657,17 @@ impl<T: Transport> ConvExec for SplitExec<T> {
             let dw_u = dw_u
                 .into_tensor_checked(&w_shape)
                 .map_err(|e| bad_reply(&what, e))?;
+            // With checks on, ∇X's values are not scanned first: the check's pass over them fails on a NaN or
+            // infinity, and then names it.
+            let scanned = self.checker.is_none();
             let got_dx = match (dx.is_some(), got_dx) {
                 (true, Some(g)) => Some(
-                    g.into_tensor_checked(&x.shape)
-                        .map_err(|e| bad_reply(&what, e))?,
+                    if scanned {
+                        g.into_tensor_checked(&x.shape)
+                    } else {
+                        g.into_tensor_unscanned(&x.shape)
+                    }
+                    .map_err(|e| bad_reply(&what, e))?,
                 ),
                 (false, None) => None,
                 (true, None) => {
@@ -682,6 +695,17 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                 )
             });
             self.layers[id].proj = proj;
+            if let (Err(_), Some(g)) = (&checked, &got_dx) {
+                if let Some(v) = g.data.iter().find(|v| !v.is_finite()) {
+                    return Err(bad_reply(
+                        &what,
+                        ProtocolError::Tensor(format!(
+                            "non-finite value {v} in ∇X of shape {:?}",
+                            g.shape
+                        )),
+                    ));
+                }
+            }
             checked?;
             let t0 = Instant::now();
             if let (Some(dx), Some(g)) = (dx, got_dx) {

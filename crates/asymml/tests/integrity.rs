@@ -287,6 +287,38 @@ fn checks_off_believe_the_accelerator() {
     assert_eq!(stats.checks, 0);
 }
 
+#[test]
+fn a_non_finite_result_is_named_with_checks_on_and_off() {
+    // With checks on, Y_U's and ∇X's values are not scanned before the check: its sums turn non-finite,
+    // and the failure is then reported as the bad value it is, as the scan would have.
+    for integrity in [true, false] {
+        for tamper in [
+            Tamper::Output(f32::NAN),
+            Tamper::Output(f32::INFINITY),
+            Tamper::InputGrad(f32::NAN),
+            Tamper::InputGrad(f32::NEG_INFINITY),
+        ] {
+            let cfg = SplitConfig {
+                integrity,
+                ..cfg("schedule", false, 0.0)
+            };
+            let (res, _) = run("vgg11", cfg, tamper, 3, 1);
+            let err = res.expect_err(&format!("{tamper:?} (checks {integrity}) passed"));
+            let mut msg = err.to_string();
+            let mut src = std::error::Error::source(&err);
+            while let Some(e) = src {
+                msg = format!("{msg}: {e}");
+                src = e.source();
+            }
+            assert!(
+                msg.contains("non-finite") && msg.contains("conv"),
+                "{tamper:?} (checks {integrity}): {msg}"
+            );
+            assert!(!matches!(err, CoreError::Integrity { .. }), "{msg}");
+        }
+    }
+}
+
 /// The accelerator's side of a connection, lying once: the first `ConvOutput` of conv 2 has one element
 /// moved by the tensor's RMS.
 struct LyingAccelerator<T: Transport> {
