@@ -43,6 +43,10 @@ pub struct SplitConfig {
     pub clip: Option<f32>,
     /// Check every result of the accelerator (Freivalds, [`crate::integrity`]) before using it.
     pub integrity: bool,
+    /// With `guard: Some(F)`, every conv whose input map is at least F times the network input's side (the
+    /// image-like maps before the downsampling has gone far) runs wholly in the trusted runtime; the others
+    /// follow `policy` (the `guard` rank policy of the CLI).
+    pub guard: Option<f32>,
 }
 
 impl Default for SplitConfig {
@@ -57,6 +61,7 @@ impl Default for SplitConfig {
             table: None,
             clip: None,
             integrity: true,
+            guard: None,
         }
     }
 }
@@ -135,6 +140,8 @@ pub struct SplitExec<T: Transport> {
     dw_t: Tensor,
     /// The conv whose input was decomposed last (a shortcut conv may reuse its decomposition).
     last_decomposed: Option<usize>,
+    /// The larger side of the network's input, as the first conv (id 0) last saw it (for `guard`).
+    input_side: usize,
     /// The integrity checker (`None`: checks off).
     checker: Option<Checker>,
     stats: Arc<Mutex<SplitStats>>,
@@ -224,6 +231,7 @@ impl<T: Transport> SplitExec<T> {
             y_t: Tensor::default(),
             dw_t: Tensor::default(),
             last_decomposed: None,
+            input_side: 0,
             checker,
             stats: Arc::default(),
         })
@@ -351,10 +359,16 @@ impl<T: Transport> SplitExec<T> {
 }
 
 impl<T: Transport> SplitExec<T> {
-    /// The rank policy of conv `id` (with `n` input channels), or `None` for the fully-trusted route: a rank
+    /// The rank policy of conv `id` (with `n` input channels and an input map of larger side `side`), or
+    /// `None` for the fully-trusted route: the guard's trusted route for an image-like map, else a rank
     /// table's entry when there is a table (`"trusted"`, or a rank keeping every channel), else the policy —
     /// whose fixed or scheduled rank may keep every channel too.
-    fn layer_policy(&self, id: usize, n: usize) -> Option<RankPolicy> {
+    fn layer_policy(&self, id: usize, n: usize, side: usize) -> Option<RankPolicy> {
+        if let Some(f) = self.cfg.guard {
+            if side as f64 >= f as f64 * self.input_side as f64 {
+                return None;
+            }
+        }
         let policy = match self
             .cfg
             .table
@@ -443,7 +457,11 @@ impl<T: Transport> SplitExec<T> {
                 }
                 None => {
                     let t0 = Instant::now();
-                    let Some(policy) = self.layer_policy(id, conv.in_ch) else {
+                    if id == 0 {
+                        self.input_side = x.shape.iter().skip(2).copied().max().unwrap_or(0);
+                    }
+                    let side = x.shape.iter().skip(2).copied().max().unwrap_or(0);
+                    let Some(policy) = self.layer_policy(id, conv.in_ch, side) else {
                         return self.forward_trusted(conv, x, y, t0);
                     };
                     let st = &mut self.layers[id];

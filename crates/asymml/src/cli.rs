@@ -63,7 +63,9 @@ pub enum Command {
 /// How the split runtime decomposes and where its accelerator is.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct SplitArgs {
-    /// Rank policy per conv: fixed:R, schedule (1 at the first conv, doubled per conv/residual block, at most
+    /// Rank policy per conv: guard (the default: every conv whose input map is at least 1/8 of the image's
+    /// side runs wholly in the trusted runtime — the image-like maps, which every other policy leaks on real
+    /// photos — and the deeper ones use asym1; guard:F sets the fraction), fixed:R, schedule (1 at the first conv, doubled per conv/residual block, at most
     /// 32), energy:E (smallest r keeping ≥ E of ‖X‖²), asym1 (= energy:0.97), asym2 (= energy:0.80),
     /// entropy (r = ⌈2^μ⌉ of the SVD-channel entropy), table:FILE (a rank table JSON listing every conv's
     /// rank or "trusted", e.g. from `asymml privacy --calibrate`). `bench` takes several (comma-separated),

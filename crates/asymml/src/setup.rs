@@ -36,7 +36,7 @@ impl SplitSetup {
             bail!("--rank: give one rank policy (only `asymml bench` times several)");
         };
         let mut s = Self::with_policy(a, rank.policy, threads, seed);
-        s.config.table = rank.table.clone();
+        rank.apply(&mut s.config);
         Ok(s)
     }
 

@@ -115,8 +115,10 @@ impl RunAccounting {
         if session.mode != asymml_trusted::Mode::Split || (s.clip.is_none() && s.noise == 0.0) {
             return Ok(None);
         }
-        let table = s.rank.first().and_then(|r| r.table.as_deref());
-        let layout = accounting::release_layout(&mut session.net, table)?;
+        let rank = s.rank.first();
+        let table = rank.and_then(|r| r.table.as_deref());
+        let layout =
+            accounting::release_layout(&mut session.net, table, rank.and_then(|r| r.guard))?;
         Ok(Some(RunAccounting {
             layout,
             clip: s.clip,

@@ -283,8 +283,13 @@ impl fmt::Display for ModelName {
     }
 }
 
-/// The rank policy `train`, `infer`, `verify` and `bench` use without `--rank`.
-pub(crate) const DEFAULT_RANK: &str = "schedule";
+/// The rank policy `train`, `infer`, `verify` and `bench` use without `--rank`: the guard (see
+/// [`GUARD_SIDE`]), chosen from the privacy measurements in the README.
+pub(crate) const DEFAULT_RANK: &str = "guard";
+
+/// `guard`'s default: convs whose input map is at least this fraction of the network input's side run wholly
+/// in the trusted runtime.
+pub(crate) const GUARD_SIDE: f32 = 0.125;
 
 /// A rank policy as written on the command line: reports show the text (`asym1`), the split uses the policy.
 /// `table:FILE` reads a rank table (one route per conv, e.g. from `asymml privacy --calibrate`); its policy is
@@ -296,6 +301,9 @@ pub struct RankArg {
     pub text: String,
     /// The rank table of `table:FILE`.
     pub table: Option<std::sync::Arc<asymml_core::decomp::RankTable>>,
+    /// `guard` / `guard:F`: convs whose input map is at least F × the network input's side run wholly in the
+    /// trusted runtime, the others by `policy` (`asym1`).
+    pub guard: Option<f32>,
 }
 
 impl FromStr for RankArg {
@@ -315,12 +323,40 @@ impl FromStr for RankArg {
                 policy: RankPolicy::Schedule,
                 text,
                 table: Some(std::sync::Arc::new(table)),
+                guard: None,
             });
         }
+        let lower = text.to_ascii_lowercase();
+        if lower == "guard" || lower.starts_with("guard:") {
+            let f = match lower.strip_prefix("guard:") {
+                None => GUARD_SIDE,
+                Some(v) => match v.trim().parse::<f32>() {
+                    Ok(f) if f > 0.0 && f <= 1.0 => f,
+                    _ => {
+                        return Err(asymml_core::CoreError::Invalid(format!(
+                            "rank policy {text:?}: guard:F needs a fraction F in (0, 1] of the input's side"
+                        )))
+                    }
+                },
+            };
+            return Ok(RankArg {
+                policy: RankPolicy::ASYM1,
+                text,
+                table: None,
+                guard: Some(f),
+            });
+        }
+        let policy = text.parse::<RankPolicy>().map_err(|e| {
+            asymml_core::CoreError::Invalid(e.to_string().replace(
+                "(expected fixed:R,",
+                "(expected guard, guard:F, table:FILE, fixed:R,",
+            ))
+        })?;
         Ok(RankArg {
-            policy: text.parse()?,
+            policy,
             text,
             table: None,
+            guard: None,
         })
     }
 }
@@ -332,7 +368,15 @@ impl RankArg {
             policy,
             text: policy.to_string(),
             table: None,
+            guard: None,
         }
+    }
+
+    /// Sets the split's rank policy, table and guard from this argument.
+    pub(crate) fn apply(&self, cfg: &mut asymml_trusted::split::SplitConfig) {
+        cfg.policy = self.policy;
+        cfg.table = self.table.clone();
+        cfg.guard = self.guard;
     }
 
     /// With a table: every conv of `convs` (names) is listed and every entry names one of them.
@@ -634,6 +678,28 @@ mod tests {
         assert!(e.contains("above the limit of 8 GiB"), "{e}");
         // No overflow on absurd values.
         assert!(check_batch_bytes(usize::MAX, usize::MAX, 1, usize::MAX).is_err());
+    }
+
+    #[test]
+    fn the_guard_parses_with_its_fraction() {
+        let g: RankArg = "guard".parse().unwrap();
+        assert_eq!((g.guard, g.policy), (Some(GUARD_SIDE), RankPolicy::ASYM1));
+        let g: RankArg = "guard:0.5".parse().unwrap();
+        assert_eq!((g.guard, g.text.as_str()), (Some(0.5), "guard:0.5"));
+        assert_eq!(
+            DEFAULT_RANK.parse::<RankArg>().unwrap().guard,
+            Some(GUARD_SIDE)
+        );
+        for bad in ["guard:0", "guard:1.5", "guard:x", "guard:"] {
+            let e = bad.parse::<RankArg>().unwrap_err().to_string();
+            assert!(e.contains("guard:F needs a fraction"), "{bad}: {e}");
+        }
+        let e = "sched".parse::<RankArg>().unwrap_err().to_string();
+        assert!(
+            e.contains("expected guard, guard:F, table:FILE, fixed:R"),
+            "{e}"
+        );
+        assert!("schedule".parse::<RankArg>().unwrap().guard.is_none());
     }
 
     #[test]

@@ -375,8 +375,11 @@ fn asymml(args: &[&str]) -> std::process::Output {
 fn train_stops_with_exit_code_3_and_keeps_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
+    // The paper's schedule: under the default guard every conv of this 28 px model stays trusted.
     let common = [
         "train",
+        "--rank",
+        "schedule",
         "--limit-train",
         "128",
         "--batch-size",
@@ -420,6 +423,8 @@ fn train_stops_with_exit_code_3_and_keeps_its_checkpoint() {
         "train",
         "--resume",
         run_dir.to_str().unwrap(),
+        "--rank",
+        "schedule",
         "--epochs",
         "2",
         "--json",

@@ -515,3 +515,47 @@ fn untrusted_only_trains_exactly_like_trusted_only() {
     let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(e["test_acc"], b[1]["test_acc"]);
 }
+
+#[test]
+fn the_guard_keeps_image_like_maps_trusted() {
+    // vgg11 at 32 px: conv inputs of 32, 16, 8, 8, 4, 4, 2, 2 px. `guard:0.5` keeps the 32 and 16 px maps
+    // trusted, `guard` (1/8) everything down to 4 px; the rest is split with asym1, and nothing of a
+    // trusted conv's input leaves.
+    let o = asymml(&[
+        "bench",
+        "--models",
+        "vgg11-cifar",
+        "--rank",
+        "guard:0.5,guard",
+        "--modes",
+        "split",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--batch-size",
+        "2",
+        "--phase",
+        "infer",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for (r, trusted) in results.iter().zip([2usize, 6]) {
+        let layers = r["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 8, "{r}");
+        for (i, l) in layers.iter().enumerate() {
+            let route = l["trusted_route"].as_bool().unwrap();
+            let sent = l["bytes_to_untrusted"].as_f64().unwrap();
+            assert_eq!(route, i < trusted, "{} conv {i}: {l}", r["rank"]);
+            assert_eq!(sent == 0.0, i < trusted, "{} conv {i}: {l}", r["rank"]);
+        }
+    }
+    // Exact either way.
+    for rank in ["guard", "guard:0.5"] {
+        let v = verify("vgg16", rank, "inproc");
+        assert!(v["max_rel_err"].as_f64().unwrap() <= 1e-4, "{rank}: {v}");
+    }
+}

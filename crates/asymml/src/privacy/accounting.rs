@@ -109,16 +109,22 @@ impl ConvExec for Probe {
 }
 
 /// The convs of `net` in id order: the size of each one's residual and whether it is a release of its own.
-/// A conv routed `"trusted"` by `table` releases nothing; a conv that reuses the residual already sent for
+/// A conv routed `"trusted"` by `table`, or by `guard` (an input map at least `guard` × the input's side),
+/// releases nothing; a conv that reuses the residual already sent for
 /// another conv on the same input (a ResNet shortcut) releases nothing new. Runs one evaluation-mode
 /// forward pass of a zero image through the layers (no convolution is computed; BatchNorm statistics are
 /// not updated).
-pub(crate) fn release_layout(net: &mut Net, table: Option<&RankTable>) -> Result<Vec<ConvRelease>> {
+pub(crate) fn release_layout(
+    net: &mut Net,
+    table: Option<&RankTable>,
+    guard: Option<f32>,
+) -> Result<Vec<ConvRelease>> {
     let mut names = Vec::new();
     net.visit_convs(&mut |name, c| names.push((c.id, name.to_string())));
     names.sort_by_key(|e| e.0);
     let s = &net.spec;
     let x = Tensor::zeros(&[1, s.in_ch, s.input_size, s.input_size]);
+    let input_side = s.input_size;
     let mut probe = Probe::default();
     net.forward(&x, false, &mut probe)?;
     let mut out: Vec<ConvRelease> = Vec::new();
@@ -128,8 +134,15 @@ pub(crate) fn release_layout(net: &mut Net, table: Option<&RankTable>) -> Result
         };
         let d = shape.iter().skip(1).product::<usize>();
         let trusted = matches!(table.and_then(|t| t.get(name)), Some(TableRank::Route(_)));
+        let side = shape.iter().skip(2).copied().max().unwrap_or(0);
+        let guarded = guard.is_some_and(|f| side as f64 >= f as f64 * input_side as f64);
         let source = same.and_then(|f| out.iter().find(|c| c.layer == f));
-        let (released, why_not) = if trusted {
+        let (released, why_not) = if guarded {
+            (
+                false,
+                Some("run wholly in the trusted runtime (guard: an image-like map)".to_string()),
+            )
+        } else if trusted {
             (
                 false,
                 Some("run wholly in the trusted runtime (rank table)".to_string()),
@@ -415,7 +428,7 @@ pub(crate) fn for_privacy(plan: &super::plan::Plan) -> Result<Vec<PolicyAccounti
     let mut net = plan.model.net()?;
     let mut out = Vec::new();
     for rank in &a.ranks {
-        let layout = release_layout(&mut net, rank.table.as_deref())?;
+        let layout = release_layout(&mut net, rank.table.as_deref(), rank.guard)?;
         for &nsr in &a.nsr {
             out.push(PolicyAccounting {
                 rank_policy: rank.to_string(),
@@ -489,7 +502,7 @@ mod tests {
             .unwrap()
             .build(0)
             .unwrap();
-        release_layout(&mut net, table).unwrap()
+        release_layout(&mut net, table, None).unwrap()
     }
 
     #[test]

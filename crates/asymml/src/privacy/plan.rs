@@ -102,10 +102,9 @@ impl Plan {
     /// The split's settings for a rank policy (or table) and noise level (the trusted runtime's training
     /// defaults).
     pub(crate) fn split(&self, rank: &RankArg, nsr: f32, seed: u64) -> SplitConfig {
-        SplitConfig {
-            table: rank.table.clone(),
-            ..self.split_policy(rank.policy, nsr, seed)
-        }
+        let mut cfg = self.split_policy(rank.policy, nsr, seed);
+        rank.apply(&mut cfg);
+        cfg
     }
 
     /// The split's settings for a rank policy (no table) and noise level.
