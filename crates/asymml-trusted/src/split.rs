@@ -47,6 +47,9 @@ pub struct SplitConfig {
     /// image-like maps before the downsampling has gone far) runs wholly in the trusted runtime; the others
     /// follow `policy` (the `guard` rank policy of the CLI).
     pub guard: Option<f32>,
+    /// Measure each conv's trusted-side cost per step on both routes and take the fully-trusted one where it
+    /// is cheaper (it also leaks nothing): see [`RouteCosts`]. `false` always follows the rank policy.
+    pub auto_route: bool,
 }
 
 impl Default for SplitConfig {
@@ -62,6 +65,7 @@ impl Default for SplitConfig {
             clip: None,
             integrity: true,
             guard: None,
+            auto_route: false,
         }
     }
 }
@@ -80,6 +84,53 @@ struct LayerState {
     proj: Projection,
     /// The last forward ran the whole conv here (nothing of its input left): its backward runs here too.
     trusted_route: bool,
+    /// What each route has cost this conv per step (with `auto_route`).
+    costs: RouteCosts,
+}
+
+/// The trusted runtime's time per step (forward and, in training, backward; time blocked on the accelerator
+/// excluded) that one conv has cost on each route, for `auto_route`. Each route is tried on two steps before
+/// the routes are compared (the first step of a route pays for its buffers); then the one with the smaller
+/// least cost is taken, and every further step refines the comparison.
+#[derive(Clone, Debug, Default)]
+struct RouteCosts {
+    /// Least cost seen on the split route and on the fully-trusted route, and how many steps each.
+    split: (f64, u32),
+    trusted: (f64, u32),
+    /// The route of the step being measured (`Some(true)`: trusted), and its cost so far.
+    current: Option<bool>,
+    spent: f64,
+}
+
+impl RouteCosts {
+    /// Closes the step being measured (at the next forward of the conv).
+    fn close_step(&mut self) {
+        if let Some(trusted) = self.current.take() {
+            let (least, n) = if trusted {
+                &mut self.trusted
+            } else {
+                &mut self.split
+            };
+            *least = if *n == 0 {
+                self.spent
+            } else {
+                least.min(self.spent)
+            };
+            *n += 1;
+        }
+        self.spent = 0.0;
+    }
+
+    /// Whether the next step should take the fully-trusted route.
+    fn prefers_trusted(&self) -> bool {
+        if self.split.1 < 2 {
+            false
+        } else if self.trusted.1 < 2 {
+            true
+        } else {
+            self.trusted.0 < self.split.0
+        }
+    }
 }
 
 /// Per-run counters: what crossed the boundary, and how long the trusted runtime waited for replies.
@@ -142,6 +193,8 @@ pub struct SplitExec<T: Transport> {
     last_decomposed: Option<usize>,
     /// The larger side of the network's input, as the first conv (id 0) last saw it (for `guard`).
     input_side: usize,
+    /// Seconds blocked on replies so far (to take them out of a conv's measured cost).
+    waited_s: f64,
     /// The integrity checker (`None`: checks off).
     checker: Option<Checker>,
     stats: Arc<Mutex<SplitStats>>,
@@ -232,6 +285,7 @@ impl<T: Transport> SplitExec<T> {
             dw_t: Tensor::default(),
             last_decomposed: None,
             input_side: 0,
+            waited_s: 0.0,
             checker,
             stats: Arc::default(),
         })
@@ -300,6 +354,7 @@ impl<T: Transport> SplitExec<T> {
         let r = self.client.recv_reply().map_err(CoreError::accelerator)?;
         let total = t0.elapsed().as_secs_f64();
         let decode = self.client.last_decode_s().min(total);
+        self.waited_s += total - decode;
         let n = r
             .tensors()
             .iter()
@@ -464,6 +519,10 @@ impl<T: Transport> SplitExec<T> {
                     let Some(policy) = self.layer_policy(id, conv.in_ch, side) else {
                         return self.forward_trusted(conv, x, y, t0);
                     };
+                    if self.cfg.auto_route && self.layers[id].costs.prefers_trusted() {
+                        // Measured cheaper here than the split (and nothing leaves).
+                        return self.forward_trusted(conv, x, y, t0);
+                    }
                     let st = &mut self.layers[id];
                     let method = self.cfg.svd.unwrap_or(SvdMethod::light(self.cfg.iters));
                     let r = if self.cfg.shared_basis {
@@ -606,7 +665,7 @@ impl<T: Transport> ConvExec for SplitExec<T> {
         y: &mut Tensor,
         train: bool,
     ) -> Result<(), CoreError> {
-        self.forward_split(conv, x, y, train, None)
+        self.measured(conv.id, true, |s| s.forward_split(conv, x, y, train, None))
     }
 
     fn conv_forward_same_input(
@@ -619,10 +678,74 @@ impl<T: Transport> ConvExec for SplitExec<T> {
     ) -> Result<(), CoreError> {
         // Reuse only the decomposition made just before, of this very input.
         let shared = (self.last_decomposed == Some(same_input_as)).then_some(same_input_as);
-        self.forward_split(conv, x, y, train, shared)
+        self.measured(conv.id, true, |s| {
+            s.forward_split(conv, x, y, train, shared)
+        })
     }
 
     fn conv_backward(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        dy: &Tensor,
+        dx: Option<&mut Tensor>,
+    ) -> Result<(), CoreError> {
+        self.measured(conv.id, false, |s| s.backward_conv(conv, x, dy, dx))
+    }
+
+    fn after_update(&mut self, net: &mut Net) -> Result<(), CoreError> {
+        // The trusted runtime's new weights, sent to the accelerator (every request first, then the replies).
+        let mut ids = Vec::new();
+        for c in net.convs_mut() {
+            let req = Request::SetWeights {
+                layer: c.id as u32,
+                w: declassify_updated_weights(&c.weight.value),
+                b: c.bias
+                    .as_ref()
+                    .map(|b| declassify_updated_weights(&b.value)),
+            };
+            self.send(&req, None)?;
+            ids.push(c.id);
+        }
+        for id in ids {
+            let what = format!("SetWeights(layer {id})");
+            self.recv(Some(id))?
+                .into_ok()
+                .map_err(|e| bad_reply(&what, e).at_conv(&self.layers[id].name))?;
+        }
+        Ok(())
+    }
+}
+
+impl<T: Transport> SplitExec<T> {
+    /// Runs `f` (a forward when `forward`, else a backward of conv `id`), adding the trusted runtime's time
+    /// in it — less the time blocked on the accelerator — to the conv's cost on the route it takes; a forward
+    /// first closes the previous step's measurement.
+    fn measured(
+        &mut self,
+        id: usize,
+        forward: bool,
+        f: impl FnOnce(&mut Self) -> Result<(), CoreError>,
+    ) -> Result<(), CoreError> {
+        if forward {
+            if let Some(l) = self.layers.get_mut(id) {
+                l.costs.close_step();
+            }
+        }
+        let (t0, w0) = (Instant::now(), self.waited_s);
+        let res = f(self);
+        let cost = t0.elapsed().as_secs_f64() - (self.waited_s - w0);
+        if let Some(l) = self.layers.get_mut(id) {
+            if forward {
+                l.costs.current = Some(l.trusted_route);
+            }
+            l.costs.spent += cost.max(0.0);
+        }
+        res
+    }
+
+    /// The backward of conv `conv.id` on the route its forward took.
+    fn backward_conv(
         &mut self,
         conv: &mut Conv2d,
         x: &Tensor,
@@ -747,27 +870,42 @@ impl<T: Transport> ConvExec for SplitExec<T> {
         self.dw_t = dw_t;
         res.map_err(|e: CoreError| e.at_conv(&self.layers[id].name))
     }
+}
 
-    fn after_update(&mut self, net: &mut Net) -> Result<(), CoreError> {
-        // The trusted runtime's new weights, sent to the accelerator (every request first, then the replies).
-        let mut ids = Vec::new();
-        for c in net.convs_mut() {
-            let req = Request::SetWeights {
-                layer: c.id as u32,
-                w: declassify_updated_weights(&c.weight.value),
-                b: c.bias
-                    .as_ref()
-                    .map(|b| declassify_updated_weights(&b.value)),
-            };
-            self.send(&req, None)?;
-            ids.push(c.id);
+#[cfg(test)]
+mod tests {
+    use super::RouteCosts;
+
+    /// Drives `c` through steps of the given route and cost.
+    fn step(c: &mut RouteCosts, trusted: bool, cost: f64) {
+        c.close_step();
+        c.current = Some(trusted);
+        c.spent = cost;
+    }
+
+    #[test]
+    fn routes_are_tried_twice_each_then_the_cheaper_is_taken() {
+        let mut c = RouteCosts::default();
+        // Two split steps (the first one pays for its buffers), then two trusted ones.
+        for (i, cost) in [5.0, 2.0].into_iter().enumerate() {
+            assert!(!c.prefers_trusted(), "split step {i}");
+            step(&mut c, false, cost);
         }
-        for id in ids {
-            let what = format!("SetWeights(layer {id})");
-            self.recv(Some(id))?
-                .into_ok()
-                .map_err(|e| bad_reply(&what, e).at_conv(&self.layers[id].name))?;
+        c.close_step();
+        for cost in [3.0, 2.5] {
+            assert!(c.prefers_trusted());
+            step(&mut c, true, cost);
         }
-        Ok(())
+        c.close_step();
+        // Least costs: split 2.0, trusted 2.5: the split stays.
+        assert_eq!((c.split, c.trusted), ((2.0, 2), (2.5, 2)));
+        assert!(!c.prefers_trusted());
+        // A cheaper trusted step seen later (e.g. after the split's rank grew) is not forgotten.
+        step(&mut c, true, 1.0);
+        c.close_step();
+        assert!(c.prefers_trusted());
+        // Closing twice counts a step once.
+        c.close_step();
+        assert_eq!(c.trusted.1, 3);
     }
 }

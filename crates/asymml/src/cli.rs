@@ -7,8 +7,8 @@ use crate::values::{
     parse_batch_size, parse_channels, parse_classes, parse_epochs, parse_image_count,
     parse_input_size, parse_listen, parse_lr, parse_momentum, parse_noise, parse_steps,
     parse_svd_iters, parse_threads, parse_timeout, parse_warmup, parse_weight_decay,
-    AcceleratorSpec, AugmentChoice, ModelName, OnOff, OptimizerChoice, Phase, RankArg, Schedule,
-    DEFAULT_RANK,
+    AcceleratorSpec, AugmentChoice, ModelName, OnOff, OptimizerChoice, Phase, RankArg, RouteChoice,
+    Schedule, DEFAULT_RANK,
 };
 use asymml_protocol::Address;
 
@@ -124,6 +124,12 @@ pub(crate) struct SplitArgs {
     /// integrity error (exit code 3). `off` only to measure what the checks cost.
     #[arg(long, default_value = "on")]
     pub(crate) integrity: OnOff,
+    /// Where a conv that the rank policy splits runs: `auto` measures the trusted runtime's time per step for
+    /// each conv on both routes — split, and wholly in the trusted runtime — over its first steps (two each)
+    /// and then takes the cheaper one, so no conv costs more than it would trusted-only (and the trusted
+    /// route leaks nothing); `split` always splits as the policy says (to measure or study the split itself).
+    #[arg(long, value_enum, default_value_t = RouteChoice::Auto)]
+    pub(crate) route: RouteChoice,
 }
 
 #[derive(Args, Debug)]

@@ -57,6 +57,7 @@ impl SplitSetup {
                 shared_basis: a.shared_basis,
                 clip: a.clip,
                 integrity: a.integrity.is_on(),
+                auto_route: a.route == crate::values::RouteChoice::Auto,
                 ..Default::default()
             },
             accelerator: a.accelerator.clone(),

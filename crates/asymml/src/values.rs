@@ -574,6 +574,16 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     }
 }
 
+/// `--route`: where a conv the rank policy would split runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteChoice {
+    /// Measured per conv: the split or the whole conv in the trusted runtime, whichever costs it less.
+    Auto,
+    /// Always as the rank policy says.
+    Split,
+}
+
 /// A switch: `on` or `off`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

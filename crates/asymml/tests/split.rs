@@ -559,3 +559,49 @@ fn the_guard_keeps_image_like_maps_trusted() {
         assert!(v["max_rel_err"].as_f64().unwrap() <= 1e-4, "{rank}: {v}");
     }
 }
+
+#[test]
+fn auto_route_takes_the_trusted_route_where_the_split_costs_more() {
+    // fixed:60 keeps 60 of 64+ channels: the decomposition and Conv_T cost more than the whole conv, so after
+    // two steps on each route every conv runs trusted; `--route split` keeps them split.
+    let run = |route: &str| {
+        let o = asymml(&[
+            "bench",
+            "--models",
+            "vgg11-cifar",
+            "--rank",
+            "fixed:60",
+            "--modes",
+            "split",
+            "--route",
+            route,
+            "--steps",
+            "1",
+            "--warmup",
+            "4",
+            "--batch-size",
+            "2",
+            "--phase",
+            "train",
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v["results"][0]["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["trusted_route"].as_bool().unwrap())
+            .collect::<Vec<_>>()
+    };
+    // Conv 0 has 3 input channels: fixed:60 keeps them all (the policy's own trusted route).
+    let auto = run("auto");
+    assert!(auto.iter().all(|&t| t), "{auto:?}");
+    let split = run("split");
+    assert!(split[0] && split[1..].iter().all(|&t| !t), "{split:?}");
+    // Exact on either route.
+    for route in ["auto", "split"] {
+        let v = verify_with("vgg11", "fixed:60", "inproc", &["--route", route]);
+        assert!(v["max_rel_err"].as_f64().unwrap() <= 1e-4, "{route}: {v}");
+    }
+}
