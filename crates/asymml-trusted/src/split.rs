@@ -88,6 +88,10 @@ struct LayerState {
     costs: RouteCosts,
 }
 
+/// Steps `auto_route` spends trying the routes (two each) before it compares them: a benchmark of the settled
+/// route runs these first, untimed.
+pub const ROUTE_PROBE_STEPS: usize = 4;
+
 /// The trusted runtime's time per step (forward and, in training, backward; time blocked on the accelerator
 /// excluded) that one conv has cost on each route, for `auto_route`. Each route is tried on two steps before
 /// the routes are compared (the first step of a route pays for its buffers); then the one with the smaller

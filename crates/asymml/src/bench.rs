@@ -349,6 +349,7 @@ impl Plan {
                         rank: rank.as_ref(),
                         x: &x,
                         labels: &labels,
+                        net: None,
                     };
                     let (samples, nodes, peaks) = self.measure(a, &case, &pb)?;
                     let torch_ms = self.torch_ms(name.as_str(), &spec, phase);
@@ -390,10 +391,16 @@ impl Plan {
             schedule: LrSchedule::Constant,
         };
         crate::alloc::reset_peak();
-        let mut s = Session::new(case.spec.build(1)?, config, case.mode);
+        let net = match case.net {
+            Some(build) => build()?,
+            None => case.spec.build(1)?,
+        };
+        let mut s = Session::new(net, config, case.mode);
         let policy = case.rank.map_or(RankPolicy::Schedule, |r| r.policy);
         let mut split = SplitSetup::with_policy(&a.split, policy, self.threads, 1);
-        split.config.table = case.rank.and_then(|r| r.table.clone());
+        if let Some(r) = case.rank {
+            r.apply(&mut split.config);
+        }
         let accel = setup::attach_accelerator(&mut s, &split)?;
         let probes = Probes::attach(&mut s, accel.as_ref(), case.mode);
         // Untrusted-only: every conv on the accelerator, forward, and in training ∇W and ∇X.
@@ -405,8 +412,16 @@ impl Plan {
             }
         });
         let mut samples = Samples::default();
-        for i in 0..a.warmup + a.steps {
-            if i == a.warmup {
+        // With `--route auto`, the steps that try both routes of every conv come first, untimed (and not
+        // counted by the progress bar): the timed steps show the route it settles on.
+        let probe = if case.mode == Mode::Split && split.config.auto_route {
+            asymml_trusted::split::ROUTE_PROBE_STEPS
+        } else {
+            0
+        };
+        let warmup = a.warmup + probe;
+        for i in 0..warmup + a.steps {
+            if i == warmup {
                 // Node times from here on: the timed steps only.
                 s.net.set_profiling(true);
             }
@@ -422,8 +437,10 @@ impl Plan {
             }
             let dt = t.elapsed().as_secs_f64();
             let after = probes.read(&s);
-            pb.inc(1);
-            if i >= a.warmup {
+            if i >= probe {
+                pb.inc(1);
+            }
+            if i >= warmup {
                 samples.add(dt, &before, &after, untrusted_only_flops);
             }
         }
@@ -445,7 +462,12 @@ struct Case<'a> {
     rank: Option<&'a RankArg>,
     x: &'a Tensor,
     labels: &'a [usize],
+    /// Builds the network to time (`privacy --frontier`: the privacy run's weights); `None`: fresh weights.
+    net: Option<NetBuilder<'a>>,
 }
+
+/// Builds the network a case is timed on.
+pub(crate) type NetBuilder<'a> = &'a dyn Fn() -> Result<asymml_core::models::Net>;
 
 /// The counters a step is measured with: the local conv timer (trusted-only), the split's statistics and the
 /// in-process accelerator's compute time.
@@ -681,6 +703,60 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     print_table(&results);
     Ok(())
+}
+
+/// Times `a`'s modes (in split mode each of its rank policies) in each of its phases on the batch `x` of the
+/// caller's images, with the networks of `net`, and fills the split rows' ratios (`privacy --frontier`).
+/// `a.models`, `a.images` and `a.input_size` are not read: the model is `spec` and the batch `x`, whose size
+/// must be `a.batch_size`. Run it inside a rayon pool of `threads` threads: the trusted runtime's kernels use
+/// the current pool.
+pub(crate) fn time_batch(
+    a: &BenchArgs,
+    spec: &ModelSpec,
+    x: &Tensor,
+    net: NetBuilder<'_>,
+    threads: usize,
+) -> Result<Vec<BenchResult>> {
+    if x.shape.first() != Some(&a.batch_size) {
+        bail!(
+            "bench: the batch holds {:?} images, not --batch-size {}",
+            x.shape.first(),
+            a.batch_size
+        );
+    }
+    check_batch_bytes(a.batch_size, spec.in_ch, spec.width, spec.input_size)?;
+    let plan = Plan::new(a, threads)?;
+    let labels: Vec<usize> = (0..a.batch_size).map(|i| i % spec.classes).collect();
+    let pb = progress::bar(
+        (plan.runs.len() * a.phase.len() * (a.warmup + a.steps)) as u64,
+        "bench",
+        a.json,
+    );
+    let mut results = Vec::new();
+    for &phase in &a.phase {
+        for (mode, rank) in &plan.runs {
+            pb.set_message(format!(
+                "{} {} {mode} {}",
+                spec.name(),
+                phase.name(),
+                rank.as_ref().map_or("", |r| r.text.as_str())
+            ));
+            let case = Case {
+                spec,
+                phase,
+                mode: *mode,
+                rank: rank.as_ref(),
+                x,
+                labels: &labels,
+                net: Some(net),
+            };
+            let (samples, nodes, peaks) = plan.measure(a, &case, &pb)?;
+            results.push(samples.result(a, &plan, &case, nodes, peaks, None));
+        }
+    }
+    pb.finish_and_clear();
+    relate(&mut results);
+    Ok(results)
 }
 
 /// Fills the split rows' ratios against the trusted-only and untrusted-only rows of the same model and phase.

@@ -146,6 +146,25 @@ pub struct PrivacyArgs {
     /// Where --calibrate writes the rank table. [default: rank_table.json in --out, else here]
     #[arg(long)]
     pub table_out: Option<PathBuf>,
+    /// The privacy–speed frontier: per rank policy (--ranks, plus the default policy of `train`, `infer` and
+    /// `bench`) the trusted runtime's speedup over trusted-only, timed here like `asymml bench` (inference, on
+    /// these images and this model, batch --batch-size or 8 when auto, one warm-up and --frontier-steps timed
+    /// steps, --frontier-threads on each side), beside each --nsr's worst leakage over the measured convs,
+    /// whether it hides the images and the accuracy cost of --tradeoff; writes frontier.png (and the timing,
+    /// frontier_bench.json) with --out.
+    #[arg(long, conflicts_with = "calibrate")]
+    pub frontier: bool,
+    /// Take the frontier's speedups from this bench.json (`asymml bench --json` or --out) instead of timing:
+    /// it needs an inference row in trusted-only mode and one in split mode per rank policy, for this model
+    /// and input size.
+    #[arg(long, requires = "frontier", value_name = "FILE")]
+    pub frontier_bench: Option<PathBuf>,
+    /// Threads of the trusted runtime and of the in-process accelerator in the frontier's timing (1 to 1024).
+    #[arg(long, default_value_t = 1, value_parser = parse_threads)]
+    pub frontier_threads: usize,
+    /// Timed steps of the frontier's timing, after one warm-up step (1 to 1000000).
+    #[arg(long, default_value_t = 2, value_parser = parse_steps)]
+    pub frontier_steps: usize,
     /// Folder for the PNG plots and image grids (and privacy.json).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -384,6 +403,14 @@ What is measured (every stream is taken from a recording of the messages the spl
    is recognisable when edge_excess >= 0.1 or ssim_gain >= 0.1 (see the README).
 5. With --tradeoff: the model trained in split mode for each --nsr; test accuracy against leakage.
 
+--frontier: the privacy-speed frontier. Per rank policy (--ranks and the default policy) and --nsr: the trusted
+runtime's speedup over trusted-only (timed as `asymml bench` does, inference, or read from --frontier-bench), the
+worst leakage over the measured convs (rel_mi, edge_excess, ssim_gain, the best attack's SSIM and PSNR), whether
+it hides the images (edge_excess < 0.1, ssim_gain < 0.1, rel_mi <= 2 %), the accuracy cost of --tradeoff's run
+at that noise level, and whether no other point is both faster and less leaky (the Pareto set). --out adds
+frontier.png (speedup against max(edge_excess, ssim_gain)) and, when timed, frontier_bench.json (the timing in
+bench.json's format, for --frontier-bench).
+
 --calibrate: per conv of --layers, the smallest rank (ranks doubled from 1, then bisected), or the fully-trusted
 route, whose X_U stays under every --target on the given images at the first --nsr; writes a rank table JSON
 (--table-out, else rank_table.json in --out or here) for `--rank table:FILE`, and calibration.json with every
@@ -400,10 +427,10 @@ on random 32x32 crops (24 channels, 8 crops per step, 150 steps); --grad-stream 
 backward pass of the whole network per setting) above 64x64 px.
 
 --json prints one object: {\"layers\":[...],\"kernel_study\":[...],\"settings\":[{\"layer\",\"stream\",\"rank_policy\",
-\"rank\",\"nsr\",\"energy_kept\",\"entropy\",\"rel_mi\",\"linfoot\",\"edge_ssim\",\"psnr_db\",\"ssim\",\"ssim_gain\",...}],\"tradeoff\":[...]}.
+\"rank\",\"nsr\",\"energy_kept\",\"entropy\",\"rel_mi\",\"linfoot\",\"edge_ssim\",\"psnr_db\",\"ssim\",\"ssim_gain\",...}],\"tradeoff\":[...],\"frontier\":[...] (with --frontier)}.
 --out DIR writes privacy.json, spectra.png, energy.png, kernel_entropy.png, leakage.png, edge grids
 (edges_conv<layer>_<rank>_nsr<nsr>.png: the image, its edge map, X_U's best edge map, X_U), attack grids
-(attack_<layer>_<rank>_nsr<nsr>.png: X, X_T, X_U, and each decoder's reconstruction) and tradeoff.png.
+(attack_<layer>_<rank>_nsr<nsr>.png: X, X_T, X_U, and each decoder's reconstruction), tradeoff.png and frontier.png (--frontier).
 
 Examples:
   asymml privacy --images ../shared/data/images/cifar10 --samples 20 --out privacy-cifar

@@ -523,6 +523,19 @@ impl Measurer<'_> {
             if ps.is_empty() || s.is_empty() {
                 continue;
             }
+            if ps.data.iter().chain(&s.data).all(|&v| v == 0.0) {
+                // Nothing was sent (the conv ran wholly in the trusted runtime): there is nothing to attack,
+                // and a decoder fed zeros would only learn a constant guess — no gain by definition.
+                if let Some(st) = settings.iter_mut().find(|st| {
+                    st.layer == l
+                        && st.stream == "x_u"
+                        && st.rank_policy == at.policy
+                        && st.nsr == at.nsr
+                }) {
+                    st.ssim_gain = Some(0.0);
+                }
+                continue;
+            }
             let results = self.attack(at, l, ps, s)?;
             let found = settings.iter_mut().find(|st| {
                 st.layer == l

@@ -59,6 +59,10 @@ pub(crate) struct Report {
     /// With --clip: the formal (ε, δ) accounting per rank policy and nsr (`accounting.rs`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub(crate) formal_accounting: Vec<super::accounting::PolicyAccounting>,
+    /// With --frontier: per rank policy and nsr, the trusted runtime's speedup beside the worst leakage
+    /// (`frontier.rs`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) frontier: Vec<super::frontier::FrontierEntry>,
 }
 
 impl Report {
@@ -87,6 +91,7 @@ impl Report {
             tradeoff,
             notes,
             formal_accounting: Vec::new(),
+            frontier: Vec::new(),
         }
     }
 
@@ -158,8 +163,8 @@ fn from_one(v: &[f64]) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// spectra.png, energy.png, kernel_entropy.png, leakage.png and tradeoff.png (the last three when there is
-/// something to plot).
+/// spectra.png, energy.png, kernel_entropy.png, leakage.png, tradeoff.png and frontier.png (the last four when
+/// there is something to plot).
 fn write_plots(out: &Path, r: &Report) -> Result<()> {
     let spectra: Vec<(String, Vec<(f64, f64)>)> = r
         .layers
@@ -208,6 +213,9 @@ fn write_plots(out: &Path, r: &Report) -> Result<()> {
         )?;
     }
     write_leakage_plot(out, &r.settings)?;
+    if !r.frontier.is_empty() {
+        super::frontier::plot(&out.join("frontier.png"), &r.frontier, &r.model)?;
+    }
     let pts: Vec<(f64, f64)> = r
         .tradeoff
         .iter()
@@ -277,6 +285,10 @@ fn print_report(r: &Report, out: Option<&Path>) {
                 t.max_rel_mi_layer.map_or("-".into(), |l| l.to_string())
             );
         }
+    }
+    if !r.frontier.is_empty() {
+        println!();
+        super::frontier::print(&r.frontier);
     }
     super::accounting::print_privacy(&r.formal_accounting);
     for n in &r.notes {
