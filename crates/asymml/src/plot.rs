@@ -22,7 +22,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::{register_font, FontStyle};
 
 /// Font family name the bundled font is registered under.
-const FONT: &str = "sans-serif";
+pub(crate) const FONT: &str = "sans-serif";
 static FONT_BYTES: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
 /// Size of the PNG written by [`training_curves`].
@@ -33,7 +33,7 @@ pub(crate) const LINE_PLOT_SIZE: (u32, u32) = (1000, 600);
 pub(crate) const STACKED_BARS_HEIGHT: u32 = 650;
 
 /// Colour cycle (matplotlib's "tab10").
-const PALETTE: [RGBColor; 10] = [
+pub(crate) const PALETTE: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
@@ -77,7 +77,8 @@ pub(crate) struct EpochPoint {
 type DrawResult = Result<(), Box<dyn StdError>>;
 type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
 
-fn ensure_font() -> Result<(), PlotError> {
+/// Registers the bundled font (once) under [`FONT`].
+pub(crate) fn ensure_font() -> Result<(), PlotError> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED.get_or_init(|| register_font(FONT, FontStyle::Normal, FONT_BYTES).is_ok());
     if ok {

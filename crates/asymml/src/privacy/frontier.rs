@@ -578,44 +578,19 @@ pub(crate) fn plot(path: &Path, entries: &[FrontierEntry], model: &str) -> Resul
 /// The frontier plot, drawn with plotters and the bundled font (as `crate::plot`).
 mod draw {
     use super::FrontierEntry;
+    use crate::plot::{ensure_font, FONT, PALETTE};
     use plotters::prelude::*;
-    use plotters::style::{register_font, FontStyle};
     use std::panic::{catch_unwind, AssertUnwindSafe};
     use std::path::Path;
-    use std::sync::OnceLock;
 
-    const FONT: &str = "sans-serif";
-    static FONT_BYTES: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
     const SIZE: (u32, u32) = (1100, 700);
-    /// matplotlib's "tab10", as `crate::plot`.
-    const PALETTE: [RGBColor; 10] = [
-        RGBColor(31, 119, 180),
-        RGBColor(255, 127, 14),
-        RGBColor(44, 160, 44),
-        RGBColor(214, 39, 40),
-        RGBColor(148, 103, 189),
-        RGBColor(140, 86, 75),
-        RGBColor(227, 119, 194),
-        RGBColor(127, 127, 127),
-        RGBColor(188, 189, 34),
-        RGBColor(23, 190, 207),
-    ];
     const THRESHOLD: f64 = super::EDGE_SSIM_RECOGNISABLE;
 
     type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
-    fn ensure_font() -> Result<(), String> {
-        static OK: OnceLock<bool> = OnceLock::new();
-        if *OK.get_or_init(|| register_font(FONT, FontStyle::Normal, FONT_BYTES).is_ok()) {
-            Ok(())
-        } else {
-            Err("the bundled plot font could not be loaded".into())
-        }
-    }
-
     /// Draws the plot; drawing errors and (defensively) a panic inside plotters become an error.
     pub(super) fn frontier(path: &Path, pts: &[&FrontierEntry], title: &str) -> Result<(), String> {
-        ensure_font()?;
+        ensure_font().map_err(|e| e.to_string())?;
         match catch_unwind(AssertUnwindSafe(|| draw(path, pts, title))) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
