@@ -248,6 +248,145 @@ pub fn combine_pass(
 }
 }
 
+/// The left-hand sides of two repetitions ([`lhs_impl`] with R = 2) in AVX2 registers: per 8 pixels, the four
+/// f32 sums (Σ k·x and Σ k²·x² per repetition) run over a block of [`BLOCK`] channels before they are added in
+/// f64 — a load and five multiply-adds per 8 values instead of keeping the sums in memory.
+#[cfg(target_arch = "x86_64")]
+mod lhs_x86 {
+    use super::BLOCK;
+    use std::arch::x86_64::*;
+
+    /// Adds `lhs` and `sq` ([2, P] each) for `data` ([B, C, P]) with the coefficients `k` ([2, B, C]) and
+    /// with `merge: Some((addend, y))` writes y = data + addend; false (nothing done) without AVX2 and FMA.
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    pub(super) fn lhs_r2(
+        data: &[f32],
+        merge: Option<(&[f32], &mut [f32])>,
+        bsz: usize,
+        ch: usize,
+        p: usize,
+        k: &[f64],
+        lhs: &mut [f64],
+        sq: &mut [f64],
+    ) -> bool {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return false;
+        }
+        assert!(
+            data.len() == bsz * ch * p
+                && k.len() == 2 * bsz * ch
+                && lhs.len() == 2 * p
+                && sq.len() == 2 * p
+                && merge
+                    .as_ref()
+                    .is_none_or(|(a, y)| a.len() == data.len() && y.len() == data.len()),
+            "lhs_r2: sizes"
+        );
+        // Per (sample, channel): k and k² of both repetitions, in f32.
+        let kf: Vec<[f32; 4]> = (0..bsz * ch)
+            .map(|i| {
+                let (a, b) = (k[i] as f32, k[bsz * ch + i] as f32);
+                [a, a * a, b, b * b]
+            })
+            .collect();
+        let (addend, mut y) = match merge {
+            Some((a, y)) => (Some(a), Some(y)),
+            None => (None, None),
+        };
+        // SAFETY: AVX2 and FMA were detected above; `main`'s pointer arithmetic stays inside the slices whose
+        // lengths were asserted above (see its comment).
+        unsafe { main(data, addend, y.as_deref_mut(), bsz, ch, p, &kf, lhs, sq) };
+        // The last p mod 8 pixels, in f64.
+        let p8 = p / 8 * 8;
+        for b in 0..bsz {
+            for j in 0..ch {
+                let kv = kf[b * ch + j];
+                for i in p8..p {
+                    let off = (b * ch + j) * p + i;
+                    let x = data[off];
+                    if let (Some(a), Some(y)) = (addend, y.as_deref_mut()) {
+                        y[off] = x + a[off];
+                    }
+                    let (x64, xx) = (x as f64, (x as f64) * (x as f64));
+                    lhs[i] += kv[0] as f64 * x64;
+                    sq[i] += kv[1] as f64 * xx;
+                    lhs[p + i] += kv[2] as f64 * x64;
+                    sq[p + i] += kv[3] as f64 * xx;
+                }
+            }
+        }
+        true
+    }
+
+    /// The first p − p mod 8 pixels. Every vector access is at `(b·C + j)·P + p0 + v` with p0 + v + 8 ≤ P, so
+    /// inside `data` (and `addend`, `y`: the same length); the f64 rows at `p0 + v` and `P + p0 + v`, 8 wide,
+    /// inside `lhs` and `sq` ([2, P]).
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn main(
+        data: &[f32],
+        addend: Option<&[f32]>,
+        mut y: Option<&mut [f32]>,
+        bsz: usize,
+        ch: usize,
+        p: usize,
+        kf: &[[f32; 4]],
+        lhs: &mut [f64],
+        sq: &mut [f64],
+    ) {
+        const TILE: usize = 1024;
+        let p8 = p / 8 * 8;
+        let d = data.as_ptr();
+        for p0 in (0..p8).step_by(TILE) {
+            let tl = TILE.min(p8 - p0);
+            for b in 0..bsz {
+                for j0 in (0..ch).step_by(BLOCK) {
+                    let j1 = (j0 + BLOCK).min(ch);
+                    if let (Some(a), Some(y)) = (addend, y.as_deref_mut()) {
+                        // The merge, row by row (contiguous), leaving the rows in cache for the sums below.
+                        for j in j0..j1 {
+                            let off = (b * ch + j) * p + p0;
+                            y[off..off + tl]
+                                .iter_mut()
+                                .zip(data[off..off + tl].iter().zip(&a[off..off + tl]))
+                                .for_each(|(o, (x, a))| *o = x + a);
+                        }
+                    }
+                    for v in (0..tl).step_by(8) {
+                        let mut acc = [_mm256_setzero_ps(); 4];
+                        for j in j0..j1 {
+                            let off = (b * ch + j) * p + p0 + v;
+                            // SAFETY: off + 8 ≤ (b·C + j + 1)·P ≤ data.len() (see the function's comment).
+                            let x = unsafe { _mm256_loadu_ps(d.add(off)) };
+                            let kv = &kf[b * ch + j];
+                            let xx = _mm256_mul_ps(x, x);
+                            acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(kv[0]), x, acc[0]);
+                            acc[1] = _mm256_fmadd_ps(_mm256_set1_ps(kv[1]), xx, acc[1]);
+                            acc[2] = _mm256_fmadd_ps(_mm256_set1_ps(kv[2]), x, acc[2]);
+                            acc[3] = _mm256_fmadd_ps(_mm256_set1_ps(kv[3]), xx, acc[3]);
+                        }
+                        for (q, a) in acc.into_iter().enumerate() {
+                            let row = (q / 2) * p + p0 + v;
+                            let dst = if q % 2 == 0 { &mut *lhs } else { &mut *sq };
+                            let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(a));
+                            let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(a));
+                            // SAFETY: row + 8 ≤ P + p8 ≤ 2P = dst.len().
+                            unsafe {
+                                let o = dst.as_mut_ptr().add(row);
+                                _mm256_storeu_pd(o, _mm256_add_pd(_mm256_loadu_pd(o), lo));
+                                _mm256_storeu_pd(
+                                    o.add(4),
+                                    _mm256_add_pd(_mm256_loadu_pd(o.add(4)), hi),
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// [`lhs_pass`], and with `merge: Some((addend, y))`, y = data + addend in the same pass.
 #[inline(always)]
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
@@ -273,6 +412,13 @@ fn lhs_impl(
     zeroed(&mut out.sq, r * p);
     if data.is_empty() {
         return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if r == 2 {
+        let m = merge.as_mut().map(|(a, y)| (*a, &mut **y));
+        if lhs_x86::lhs_r2(data, m, bsz, ch, p, k, &mut out.lhs, &mut out.sq) {
+            return;
+        }
     }
     // 2R f32 accumulators per pixel, kept in L1.
     let tile = 1024.min(p);
