@@ -500,7 +500,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let json = a.common.run.json;
     let mut t = Training::prepare(&a, threads)?;
     if !json {
-        eprintln!("{}", t.banner(threads));
+        let mut banner = t.banner(threads);
+        if t.session.mode == asymml_trusted::Mode::Split {
+            // Which rank policy splits the convs (the default `guard` keeps image-like maps trusted).
+            if let Some(rank) = a.common.run.split.rank.first() {
+                banner.push_str(&format!(", --rank {rank}"));
+            }
+        }
+        eprintln!("{banner}");
     }
     let mut batch = Batch::new();
     for epoch in t.start_epoch..t.epochs {
