@@ -74,7 +74,7 @@ pub(crate) struct EpochPoint {
     pub(crate) test_acc: f64,
 }
 
-type DrawResult = Result<(), Box<dyn StdError>>;
+pub(crate) type DrawResult = Result<(), Box<dyn StdError>>;
 type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
 
 /// Registers the bundled font (once) under [`FONT`].
@@ -90,7 +90,7 @@ pub(crate) fn ensure_font() -> Result<(), PlotError> {
 
 /// Runs a drawing closure, turning both drawing errors and (defensively) any
 /// panic inside plotters into [`PlotError::Drawing`].
-fn render(path: &Path, draw: impl FnOnce() -> DrawResult) -> Result<(), PlotError> {
+pub(crate) fn render(path: &Path, draw: impl FnOnce() -> DrawResult) -> Result<(), PlotError> {
     ensure_font()?;
     let drawing = |message: String| PlotError::Drawing {
         path: path.to_path_buf(),
@@ -158,11 +158,16 @@ fn plottable(v: f64) -> bool {
 /// range is widened so plotters gets a non-empty axis. The result stays
 /// within `±AXIS_LIMIT`.
 fn padded(lo: f64, hi: f64, frac: f64) -> (f64, f64) {
+    padded_by(lo, hi, frac, frac)
+}
+
+/// [`padded`] with a different fraction below (`frac_lo`) and above (`frac_hi`).
+pub(crate) fn padded_by(lo: f64, hi: f64, frac_lo: f64, frac_hi: f64) -> (f64, f64) {
     let lo = lo.clamp(-AXIS_LIMIT, AXIS_LIMIT);
     let hi = hi.clamp(-AXIS_LIMIT, AXIS_LIMIT);
     let span = hi - lo;
     let (a, b) = if span > 0.0 {
-        (lo - span * frac, hi + span * frac)
+        (lo - span * frac_lo, hi + span * frac_hi)
     } else {
         let d = if lo.abs() > 1e-12 {
             lo.abs() * 0.1

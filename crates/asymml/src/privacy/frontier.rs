@@ -572,45 +572,26 @@ pub(crate) fn plot(path: &Path, entries: &[FrontierEntry], model: &str) -> Resul
         ),
         None => format!("Privacy–speed frontier: {model}"),
     };
-    draw::frontier(path, &pts, &title).map_err(|e| anyhow!("drawing {}: {e}", path.display()))
+    Ok(draw::frontier(path, &pts, &title)?)
 }
 
 /// The frontier plot, drawn with plotters and the bundled font (as `crate::plot`).
 mod draw {
     use super::FrontierEntry;
-    use crate::plot::{ensure_font, FONT, PALETTE};
+    use crate::plot::{padded_by as padded, render, DrawResult, PlotError, FONT, PALETTE};
     use plotters::prelude::*;
-    use std::panic::{catch_unwind, AssertUnwindSafe};
     use std::path::Path;
 
     const SIZE: (u32, u32) = (1100, 700);
     const THRESHOLD: f64 = super::EDGE_SSIM_RECOGNISABLE;
 
-    type DrawResult = Result<(), Box<dyn std::error::Error>>;
-
     /// Draws the plot; drawing errors and (defensively) a panic inside plotters become an error.
-    pub(super) fn frontier(path: &Path, pts: &[&FrontierEntry], title: &str) -> Result<(), String> {
-        ensure_font().map_err(|e| e.to_string())?;
-        match catch_unwind(AssertUnwindSafe(|| draw(path, pts, title))) {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("the plotting backend panicked".into()),
-        }
-    }
-
-    /// `[lo, hi]` widened by `pad` of its span on each side (a degenerate one by ±10 %, or ±1 at 0).
-    fn padded(lo: f64, hi: f64, pad_lo: f64, pad_hi: f64) -> (f64, f64) {
-        let span = hi - lo;
-        if span > 0.0 {
-            (lo - span * pad_lo, hi + span * pad_hi)
-        } else {
-            let d = if lo.abs() > 1e-12 {
-                lo.abs() * 0.1
-            } else {
-                1.0
-            };
-            (lo - d, hi + d)
-        }
+    pub(super) fn frontier(
+        path: &Path,
+        pts: &[&FrontierEntry],
+        title: &str,
+    ) -> Result<(), PlotError> {
+        render(path, || draw(path, pts, title))
     }
 
     fn draw(path: &Path, pts: &[&FrontierEntry], title: &str) -> DrawResult {
