@@ -1,4 +1,5 @@
-//! Measures Conv2d forward and backward on VGG/ResNet-CIFAR shapes at batch 32 (a tuning aid, not a test).
+//! Measures Conv2d forward and backward on VGG/ResNet-CIFAR shapes at batch 32, or with `224` as the second
+//! argument on VGG16-224's conv shapes at batch 4 (a tuning aid, not a test). Usage: conv_shapes [THREADS] [224].
 use asymml_core::layers::{Conv2d, Conv2dConfig};
 use asymml_core::rng::Rng;
 use asymml_core::Tensor;
@@ -44,10 +45,11 @@ fn main() {
         .num_threads(threads)
         .build_global()
         .ok();
+    let big = std::env::args().nth(2).as_deref() == Some("224");
     let mut rng = Rng::new(1);
     let (mut tf, mut tb, mut flops) = (0.0, 0.0, 0.0);
     let (mut tcf, mut tcb) = (0.0, 0.0);
-    for &(c, m, hw, k, s) in &[
+    let cifar: &[(usize, usize, usize, usize, usize)] = &[
         (3, 64, 32, 3, 1),
         (64, 64, 32, 3, 1),
         (128, 128, 16, 3, 1),
@@ -56,7 +58,20 @@ fn main() {
         (512, 512, 2, 3, 1),
         (64, 128, 32, 3, 2),
         (64, 128, 32, 1, 2),
-    ] {
+    ];
+    let vgg224: &[(usize, usize, usize, usize, usize)] = &[
+        (3, 64, 224, 3, 1),
+        (64, 64, 224, 3, 1),
+        (64, 128, 112, 3, 1),
+        (128, 128, 112, 3, 1),
+        (128, 256, 56, 3, 1),
+        (256, 256, 56, 3, 1),
+        (256, 512, 28, 3, 1),
+        (512, 512, 28, 3, 1),
+        (512, 512, 14, 3, 1),
+    ];
+    let (shapes, batch) = if big { (vgg224, 4) } else { (cifar, 32) };
+    for &(c, m, hw, k, s) in shapes {
         let mut conv = Conv2d::new(
             c,
             m,
@@ -69,8 +84,8 @@ fn main() {
             &mut rng,
         );
         let x = Tensor {
-            shape: vec![32, c, hw, hw],
-            data: (0..32 * c * hw * hw).map(|_| rng.normal()).collect(),
+            shape: vec![batch, c, hw, hw],
+            data: (0..batch * c * hw * hw).map(|_| rng.normal()).collect(),
         };
         let mut y = Tensor::default();
         let mut dx = Tensor::default();
@@ -82,7 +97,7 @@ fn main() {
         let (b, bc) = time(reps, || conv.backward(&x, &dy, Some(&mut dx)).unwrap());
         let gf = 2.0 * conv.macs(&x.shape) as f64 / 1e9;
         println!(
-            "C {c:>3} M {m:>3} {hw:>2}px k{k} s{s}: fwd {:6.1} ms (cpu {:6.1}) {:6.1} GF/s  bwd {:6.1} ms (cpu {:6.1}) {:6.1} GF/s",
+            "C {c:>3} M {m:>3} {hw:>3}px k{k} s{s}: fwd {:6.1} ms (cpu {:6.1}) {:6.1} GF/s  bwd {:6.1} ms (cpu {:6.1}) {:6.1} GF/s",
             f * 1e3,
             fc * 1e3,
             gf / f,

@@ -89,6 +89,29 @@ unsafe impl GlobalAlloc for Counting {
         block
     }
 
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        INSTALLED.store(true, Ordering::Relaxed);
+        let h = header(&layout);
+        let Ok(full) = Layout::from_size_align(layout.size() + h, h) else {
+            return std::ptr::null_mut();
+        };
+        // System's zeroed allocation (calloc): fresh pages are zero already and stay untouched — a zero
+        // gradient or buffer that is never written costs no resident memory.
+        // SAFETY: `full` has a non-zero size (h ≥ 16).
+        let base = unsafe { System.alloc_zeroed(full) };
+        if base.is_null() {
+            return base;
+        }
+        let d = DOMAIN.try_with(|d| d.get()).unwrap_or(0);
+        // SAFETY: as in `alloc`: the tag byte at h − 1 and the caller's block at h lie inside the block.
+        let block = unsafe {
+            base.add(h - 1).write(d);
+            base.add(h)
+        };
+        add(d as usize, layout.size());
+        block
+    }
+
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         let h = header(&layout);
         // SAFETY: GlobalAlloc's contract: `ptr` came from this allocator with this `layout`, so it is h bytes

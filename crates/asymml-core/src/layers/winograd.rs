@@ -10,6 +10,7 @@
 
 use crate::gemm::{sgemm, Mat};
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Number of transform positions of F(2×2, 3×3).
 pub const XI: usize = 16;
@@ -117,12 +118,25 @@ pub struct Work {
 }
 
 simd_fn! {
-/// x: [C, H, W] → columns `off..off + TH·TW` of v: [16, C, ld] (V[ξ][c][t] = (Bᵀ d_t B)[ξ], d_t the 4×4
-/// zero-padded input tile of tile t = ty·TW + tx, whose top-left pixel is (2ty − 1, 2tx − 1)).
-fn input_transform(x: &[f32], c: usize, h: usize, w: usize, wk: &mut Work, ld: usize, off: usize) {
+/// x: [C, H, W], tile rows `band` → columns `off..off + |band|·TW` of v: [16, C, ld] (V[ξ][c][t] =
+/// (Bᵀ d_t B)[ξ], d_t the 4×4 zero-padded input tile of tile t = (ty − band.start)·TW + tx, whose top-left
+/// pixel is (2ty − 1, 2tx − 1)).
+fn input_transform(
+    x: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    wk: &mut Work,
+    ld: usize,
+    off: usize,
+    band: Range<usize>,
+) {
     let (th, tw) = tiles(h, w);
     let (nrows, sw) = (2 * th + 2, tw + 1);
-    let q = th * tw;
+    let q = band.len() * tw;
+    // Padded rows 2·band.start ..= 2·band.end + 1 are read: image rows 2·band.start − 1 .. 2·band.end + 1.
+    let (pr0, pr1) = (2 * band.start, 2 * band.end + 2);
+    let (r0, r1) = (pr0.saturating_sub(1), (pr1 - 1).min(h));
     if wk.pad_hw != (h, w) || wk.pad.len() != 2 * nrows * sw {
         wk.pad_hw = (h, w);
         wk.pad.clear();
@@ -137,7 +151,7 @@ fn input_transform(x: &[f32], c: usize, h: usize, w: usize, wk: &mut Work, ld: u
         // Padded row p[j] = x[j − 1] split into even columns e[i] = p[2i] and odd ones o[i] = p[2i + 1]; the
         // zero border (e[0], o[TW], e[TW] for odd W, rows 0 and H + 1..) is never written.
         let (pe, po) = wk.pad.split_at_mut(nrows * sw);
-        for (r, xr) in xc.chunks_exact(w).enumerate() {
+        for (r, xr) in xc.chunks_exact(w).enumerate().take(r1).skip(r0) {
             let e = &mut pe[(r + 1) * sw..][..sw];
             let o = &mut po[(r + 1) * sw..][..sw];
             for ((pair, o), e) in xr.chunks_exact(2).zip(o.iter_mut()).zip(e[1..].iter_mut()) {
@@ -150,7 +164,7 @@ fn input_transform(x: &[f32], c: usize, h: usize, w: usize, wk: &mut Work, ld: u
         }
         // Row transforms of every padded row pr (d0 = e[t], d1 = o[t], d2 = e[t + 1], d3 = o[t + 1]), stored
         // by row parity.
-        for pr in 0..nrows {
+        for pr in pr0..pr1 {
             let e = &pe[pr * sw..][..sw];
             let o = &po[pr * sw..][..sw];
             let at = ((pr % 2) * (th + 1) + pr / 2) * tw;
@@ -176,7 +190,9 @@ fn input_transform(x: &[f32], c: usize, h: usize, w: usize, wk: &mut Work, ld: u
         for k in 0..4 {
             let hk = &wk.rows[k * 2 * (th + 1) * tw..][..2 * (th + 1) * tw];
             let (ev, od) = hk.split_at((th + 1) * tw);
-            let (r0, r1, r2, r3) = (&ev[..q], &od[..q], &ev[tw..tw + q], &od[tw..tw + q]);
+            let b0 = band.start * tw;
+            let (r0, r1) = (&ev[b0..b0 + q], &od[b0..b0 + q]);
+            let (r2, r3) = (&ev[b0 + tw..b0 + tw + q], &od[b0 + tw..b0 + tw + q]);
             let at = ci * ld + off;
             let v0 = &mut v[k * cl + at..][..q];
             for t in 0..q {
@@ -200,8 +216,8 @@ fn input_transform(x: &[f32], c: usize, h: usize, w: usize, wk: &mut Work, ld: u
 }
 
 simd_fn! {
-/// Columns `off..off + TH·TW` of mm: [16, M, ld] → y: [M, H, W] = Aᵀ M A per tile (cropped at odd edges),
-/// plus `bias` [M] if given.
+/// Columns `off..off + |band|·TW` of mm: [16, M, ld] → the output rows of tile rows `band` of y: [M, H, W] =
+/// Aᵀ M A per tile (cropped at odd edges), plus `bias` [M] if given.
 fn output_transform(
     mm: &[f32],
     m: usize,
@@ -209,12 +225,13 @@ fn output_transform(
     w: usize,
     ld: usize,
     off: usize,
+    band: Range<usize>,
     y: &mut [f32],
     bias: Option<&[f32]>,
     s: &mut Vec<f32>,
 ) {
-    let (th, tw) = tiles(h, w);
-    let q = th * tw;
+    let tw = tiles(h, w).1;
+    let q = band.len() * tw;
     let ml = m * ld;
     // s: [4 (y00, y01, y10, y11) + 8 (s_ak), TH·TW]
     s.resize(12 * q, 0.0);
@@ -246,13 +263,14 @@ fn output_transform(
         let (y00, rest) = ys.split_at(q);
         let (y01, rest) = rest.split_at(q);
         let (y10, y11) = rest.split_at(q);
-        for ty in 0..th {
+        for ty in band.clone() {
+            let lt = ty - band.start;
             for (a, (ya0, ya1)) in [(y00, y01), (y10, y11)].into_iter().enumerate() {
                 let oy = 2 * ty + a;
                 if oy >= h {
                     break;
                 }
-                let (ya0, ya1) = (&ya0[ty * tw..][..tw], &ya1[ty * tw..][..tw]);
+                let (ya0, ya1) = (&ya0[lt * tw..][..tw], &ya1[lt * tw..][..tw]);
                 let out = &mut ym[oy * w..][..w];
                 let (pairs, tail) = out.split_at_mut(w / 2 * 2);
                 for ((p, &v0), &v1) in pairs.chunks_exact_mut(2).zip(ya0).zip(ya1) {
@@ -292,35 +310,34 @@ pub fn conv(
 ) {
     let Group { g, c, h, w, m } = shape;
     let (th, tw) = tiles(h, w);
-    let tp = th * tw;
-    let n = g * tp;
-    wk.v.resize(XI * c * n, 0.0);
-    wk.m.resize(XI * m * n, 0.0);
-    let xlen = c * h * w;
-    {
+    let (xlen, ylen) = (c * h * w, m * h * w);
+    for band in bands(g, th, tw) {
+        let tp = band.len() * tw;
+        let n = g * tp;
+        wk.v.resize(XI * c * n, 0.0);
+        wk.m.resize(XI * m * n, 0.0);
         for i in 0..g {
-            input_transform(&x[i * xlen..][..xlen], c, h, w, wk, n, i * tp);
+            let xi = &x[i * xlen..][..xlen];
+            input_transform(xi, c, h, w, wk, n, i * tp, band.clone());
         }
-    }
-    for xi in 0..XI {
-        sgemm(
-            m,
-            n,
-            c,
-            Mat {
-                data: &u[xi * c..],
-                rs: XI * c,
-                cs: 1,
-            },
-            Mat::rm(&wk.v[xi * c * n..][..c * n], n),
-            &mut wk.m[xi * m * n..][..m * n],
-            false,
-            threads,
-        );
-    }
-    let ylen = m * h * w;
-    {
+        for xi in 0..XI {
+            sgemm(
+                m,
+                n,
+                c,
+                Mat {
+                    data: &u[xi * c..],
+                    rs: XI * c,
+                    cs: 1,
+                },
+                Mat::rm(&wk.v[xi * c * n..][..c * n], n),
+                &mut wk.m[xi * m * n..][..m * n],
+                false,
+                threads,
+            );
+        }
         for i in 0..g {
+            let yi = &mut y[i * ylen..][..ylen];
             output_transform(
                 &wk.m,
                 m,
@@ -328,7 +345,8 @@ pub fn conv(
                 w,
                 n,
                 i * tp,
-                &mut y[i * ylen..][..ylen],
+                band.clone(),
+                yi,
                 bias,
                 &mut wk.planes,
             );
@@ -336,9 +354,26 @@ pub fn conv(
     }
 }
 
+/// Most tiles a band of one image holds: the transform buffers of a large map (V and M: 16·(C + M)
+/// floats per tile) are taken a band of tile rows at a time, so that they stay a few MB whatever the map's
+/// size instead of 100 MB for one 224×224 image of 64 channels.
+const BAND_TILES: usize = 512;
+
+/// The bands of tile rows a group of `g` images of TH×TW tiles is transformed in: every row at once for a
+/// group of several (small) images, else bands of at most [`BAND_TILES`] tiles (at least one row).
+fn bands(g: usize, th: usize, tw: usize) -> impl Iterator<Item = Range<usize>> {
+    let rows = if g > 1 {
+        th.max(1)
+    } else {
+        (BAND_TILES / tw.max(1)).clamp(1, th.max(1))
+    };
+    (0..th).step_by(rows).map(move |r| r..(r + rows).min(th))
+}
+
 simd_fn! {
-/// dy: [M, H, W] → columns `off..off + TH·TW` of d: [16, M, ld] (D[ξ][m][t] = (A ∇y_t Aᵀ)[ξ] with ∇y_t the
-/// 2×2 output-gradient tile t, zero outside the map; A = [[1, 0], [1, 1], [1, −1], [0, −1]]).
+/// dy: [M, H, W], tile rows `band` → columns `off..off + |band|·TW` of d: [16, M, ld] (D[ξ][m][t] =
+/// (A ∇y_t Aᵀ)[ξ] with ∇y_t the 2×2 output-gradient tile t, zero outside the map;
+/// A = [[1, 0], [1, 1], [1, −1], [0, −1]]).
 fn grad_transform(
     dy: &[f32],
     m: usize,
@@ -347,10 +382,11 @@ fn grad_transform(
     d: &mut [f32],
     ld: usize,
     off: usize,
+    band: Range<usize>,
     s: &mut Vec<f32>,
 ) {
-    let (th, tw) = tiles(h, w);
-    let q = th * tw;
+    let tw = tiles(h, w).1;
+    let q = band.len() * tw;
     let ml = m * ld;
     // s: [4 (a, b, c, e), TH·TW]: a = ∇y[2ty][2tx], b = ∇y[2ty][2tx + 1], c = ∇y[2ty + 1][2tx],
     // e = ∇y[2ty + 1][2tx + 1] (zero past the edges: those entries are never written below)
@@ -358,8 +394,9 @@ fn grad_transform(
     s.resize(4 * q, 0.0);
     for mi in 0..m {
         let dm = &dy[mi * h * w..][..h * w];
-        for (y, row) in dm.chunks_exact(w).enumerate() {
-            let at = (2 * (y % 2)) * q + (y / 2) * tw;
+        let rows = dm.chunks_exact(w).enumerate();
+        for (y, row) in rows.take((2 * band.end).min(h)).skip(2 * band.start) {
+            let at = (2 * (y % 2)) * q + (y / 2 - band.start) * tw;
             let (ev, od) = s[at..].split_at_mut(q);
             let (ev, od) = (&mut ev[..tw], &mut od[..tw]);
             for ((pair, e), o) in row.chunks_exact(2).zip(ev.iter_mut()).zip(od.iter_mut()) {
@@ -407,38 +444,33 @@ pub fn grad_weights(
 ) {
     let Group { g, c, h, w, m } = shape;
     let (th, tw) = tiles(h, w);
-    let tp = th * tw;
-    let n = g * tp;
-    wk.v.resize(XI * c * n, 0.0);
-    wk.d.resize(XI * m * n, 0.0);
     wk.du.resize(XI * m * c, 0.0);
     let (xlen, ylen) = (c * h * w, m * h * w);
-    {
+    for band in bands(g, th, tw) {
+        let tp = band.len() * tw;
+        let n = g * tp;
+        wk.v.resize(XI * c * n, 0.0);
+        wk.d.resize(XI * m * n, 0.0);
         for i in 0..g {
-            input_transform(&x[i * xlen..][..xlen], c, h, w, wk, n, i * tp);
-            grad_transform(
-                &dy[i * ylen..][..ylen],
+            let (xi, dyi) = (&x[i * xlen..][..xlen], &dy[i * ylen..][..ylen]);
+            input_transform(xi, c, h, w, wk, n, i * tp, band.clone());
+            let (d, planes) = (&mut wk.d, &mut wk.planes);
+            grad_transform(dyi, m, h, w, d, n, i * tp, band.clone(), planes);
+        }
+        // The first band overwrites ∇U unless asked to accumulate; every later band adds to it.
+        let add = accumulate || band.start > 0;
+        for xi in 0..XI {
+            sgemm(
                 m,
-                h,
-                w,
-                &mut wk.d,
+                c,
                 n,
-                i * tp,
-                &mut wk.planes,
+                Mat::rm(&wk.d[xi * m * n..][..m * n], n),
+                Mat::rm_t(&wk.v[xi * c * n..][..c * n], n),
+                &mut wk.du[xi * m * c..][..m * c],
+                add,
+                threads,
             );
         }
-    }
-    for xi in 0..XI {
-        sgemm(
-            m,
-            c,
-            n,
-            Mat::rm(&wk.d[xi * m * n..][..m * n], n),
-            Mat::rm_t(&wk.v[xi * c * n..][..c * n], n),
-            &mut wk.du[xi * m * c..][..m * c],
-            accumulate,
-            threads,
-        );
     }
 }
 
@@ -552,6 +584,10 @@ mod tests {
             (1, 2, 3, 11, 4),
             (1, 70, 3, 4, 4),
             (2, 3, 130, 5, 4),
+            // One image of more than BAND_TILES tiles: transformed in bands of tile rows (the last one
+            // shorter, odd edges included).
+            (1, 3, 2, 101, 99),
+            (1, 2, 3, 100, 100),
         ] {
             let x: Vec<f32> = (0..g * c * h * w).map(|_| rng.normal()).collect();
             let wt: Vec<f32> = (0..m * c * 9).map(|_| rng.normal()).collect();
