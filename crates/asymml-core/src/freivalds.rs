@@ -135,11 +135,11 @@ fn tile_width(acc: usize, p: usize) -> usize {
         .max(1)
 }
 
-simd_fn! {
 /// One pass over `data` ([B, C, P]), tile of pixels by tile, collecting [`Combined`] for `r` repetitions:
 /// the batch combinations with `batch` ([R, B]), contracted over channels with `contract` ([R, kk, C]) while
 /// the tile is in cache, and the channel projections with `chan` ([R, C]). Partial sums over [`BLOCK`]
-/// channels are taken in f32 and added in f64.
+/// channels are taken in f32 and added in f64. Two repetitions run in AVX2 registers where the CPU has them.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub fn combine_pass(
     data: &[f32],
     bsz: usize,
@@ -149,6 +149,27 @@ pub fn combine_pass(
     batch: Option<(&[f64], &[f32], usize)>,
     chan: Option<&[f64]>,
     out: &mut Combined,
+) {
+    combine_with(data, bsz, ch, p, r, batch, chan, out, true)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[path = "freivalds_combine_x86.rs"]
+mod combine_x86;
+
+simd_fn! {
+/// [`combine_pass`]; with `fast`, two repetitions go to the AVX2 kernel when the CPU has it (without, the
+/// generic loops run: the tests compare both).
+fn combine_with(
+    data: &[f32],
+    bsz: usize,
+    ch: usize,
+    p: usize,
+    r: usize,
+    batch: Option<(&[f64], &[f32], usize)>,
+    chan: Option<&[f64]>,
+    out: &mut Combined,
+    fast: bool,
 ) {
     assert_eq!(data.len(), bsz * ch * p, "combine_pass: data is not [B, C, P]");
     let kk = batch.map_or(0, |(_, _, kk)| kk);
@@ -166,6 +187,12 @@ pub fn combine_pass(
     // Per tile of pixels, the R·C rows of the batch combination stay in L2 while every sample's rows of the
     // tile stream by; the per-sample squares and projections, and the contraction's partial sums, in L1.
     let tile = tile_width(if batch.is_some() { r * ch } else { 1 }, p);
+    #[cfg(target_arch = "x86_64")]
+    if fast && r == 2 && combine_x86::combine_r2(data, bsz, ch, p, batch, chan, tile, out) {
+        return;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = fast;
     // Accumulator rows `stride` floats apart (not a multiple of 4 KiB: see [`PAD`]).
     let stride = tile + PAD;
     let mut comb = vec![0f32; if batch.is_some() { r * ch * stride } else { 0 }];
@@ -670,13 +697,20 @@ mod tests {
     #[test]
     fn combine_pass_matches_a_direct_computation() {
         let mut rng = Rng::new(5);
-        for &(bsz, ch, p, r) in &[
-            (3, 5, 7, 2),
-            (2, 37, 1100, 1),
-            (4, 17, 4097, 3),
-            (1, 1, 1, 2),
+        for &(bsz, ch, p, r, kk, fast) in &[
+            (3, 5, 7, 2, 9, true),
+            (3, 5, 7, 2, 9, false),
+            (2, 37, 1100, 1, 9, true),
+            (4, 17, 4097, 3, 9, true),
+            (1, 1, 1, 2, 9, true),
+            // Two repetitions (the AVX2 kernel where the CPU has it, and the generic loops): odd batches,
+            // channels past a block, pixels past a vector and a tile, 1×1, 3×3 and 5×5 kernels.
+            (5, 33, 1037, 2, 9, true),
+            (5, 33, 1037, 2, 9, false),
+            (8, 64, 600, 2, 1, true),
+            (2, 20, 4100, 2, 25, true),
+            (1, 3, 13, 2, 25, false),
         ] {
-            let kk = 9;
             let data = randn(&mut rng, bsz * ch * p);
             let c: Vec<f64> = (0..r * bsz).map(|i| 1.0 + (i % 3) as f64 * 0.25).collect();
             let w = randn(&mut rng, r * kk * ch);
@@ -685,7 +719,7 @@ mod tests {
             for (with_batch, with_chan) in [(true, true), (true, false), (false, true)] {
                 let batch = with_batch.then_some((c.as_slice(), w.as_slice(), kk));
                 let chan = with_chan.then_some(t.as_slice());
-                combine_pass(&data, bsz, ch, p, r, batch, chan, &mut out);
+                combine_with(&data, bsz, ch, p, r, batch, chan, &mut out, fast);
                 let x = |b: usize, j: usize, q: usize| data[(b * ch + j) * p + q] as f64;
                 for q in 0..p {
                     for b in 0..bsz {
