@@ -356,7 +356,9 @@ pub fn conv(
 
 /// Most tiles a band of one image holds: the transform buffers of a large map (V and M: 16·(C + M)
 /// floats per tile) are taken a band of tile rows at a time, so that they stay a few MB whatever the map's
-/// size instead of 100 MB for one 224×224 image of 64 channels.
+/// size instead of 100 MB for one 224×224 image of 64 channels, and stay in cache between the transforms and
+/// the GEMMs (VGG16's convs at 224 px, batch 4, 2 threads: forward 347 → 274 ms, backward 686 → 567 ms
+/// against whole-image transforms; `cargo run --release -p asymml-core --example conv_shapes -- 2 224`).
 const BAND_TILES: usize = 512;
 
 /// The bands of tile rows a group of `g` images of TH×TW tiles is transformed in: every row at once for a
