@@ -572,6 +572,113 @@ pub(crate) fn dot64(a: &[f64], b: &[f64]) -> f64 {
 }
 
 simd_fn! {
+/// out ([R, cols], f64) += Σ_m coef[ri, m]·rows[m] for the `r` repetitions' coefficients `coef` ([R, M]) and
+/// `rows` ([M, cols], f32): one read of the rows for every repetition, in blocks of columns whose sums stay in
+/// L1.
+pub fn combine_rows(rows: &[f32], m: usize, cols: usize, coef: &[f64], r: usize, out: &mut [f64]) {
+    const COLS: usize = 512;
+    assert!(
+        rows.len() == m * cols && coef.len() == r * m && out.len() == r * cols,
+        "combine_rows: sizes"
+    );
+    for c0 in (0..cols).step_by(COLS) {
+        let cl = COLS.min(cols - c0);
+        for (mi, row) in rows.chunks_exact(cols).enumerate() {
+            let row = &row[c0..c0 + cl];
+            for ri in 0..r {
+                let cm = coef[ri * m + mi];
+                out[ri * cols + c0..][..cl]
+                    .iter_mut()
+                    .zip(row)
+                    .for_each(|(a, &v)| *a += cm * v as f64);
+            }
+        }
+    }
+}
+}
+
+simd_fn! {
+/// out ([cols], f64) += Σ over the rows of `rows` ([M, cols], f32) of their squares.
+pub fn column_squares(rows: &[f32], cols: usize, out: &mut [f64]) {
+    assert!(out.len() == cols && rows.len().is_multiple_of(cols.max(1)), "column_squares: sizes");
+    for row in rows.chunks_exact(cols.max(1)) {
+        out.iter_mut()
+            .zip(row)
+            .for_each(|(a, &v)| *a += (v as f64) * (v as f64));
+    }
+}
+}
+
+/// out[o] += Σ_j tk[j·kk + o]·f(row[j·kk + o]) for every offset o < kk, in f64, with f(x) = x, or x² with
+/// `square`: a weighted sum over the rows j of a [J, kk] matrix, computed as sums with a period of 4·kk so that
+/// they vectorise (a loop over each row's kk values does not). `tk` holds each row's weight repeated kk times.
+pub fn period_dot(row: &[f32], tk: &[f64], kk: usize, square: bool, out: &mut [f64]) {
+    assert!(
+        row.len() == tk.len() && kk >= 1 && row.len().is_multiple_of(kk) && out.len() == kk,
+        "period_dot: sizes"
+    );
+    match kk {
+        9 => period_dot_9(row, tk, square, out),
+        1 => period_dot_1(row, tk, square, out),
+        _ => {
+            for (r, t) in row.chunks_exact(kk).zip(tk.chunks_exact(kk)) {
+                for ((o, &v), &tv) in out.iter_mut().zip(r).zip(t) {
+                    let v = v as f64;
+                    *o += tv * if square { v * v } else { v };
+                }
+            }
+        }
+    }
+}
+
+simd_fn! {
+/// [`period_dot`] for 3×3 kernels.
+fn period_dot_9(row: &[f32], tk: &[f64], square: bool, out: &mut [f64]) {
+    period_dot_k::<9, 36>(row, tk, square, out)
+}
+}
+
+simd_fn! {
+/// [`period_dot`] for 1×1 kernels.
+fn period_dot_1(row: &[f32], tk: &[f64], square: bool, out: &mut [f64]) {
+    period_dot_k::<1, 4>(row, tk, square, out)
+}
+}
+
+/// [`period_dot`] for kk = K, with P = 4·K sums in flight.
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+fn period_dot_k<const K: usize, const P: usize>(
+    row: &[f32],
+    tk: &[f64],
+    square: bool,
+    out: &mut [f64],
+) {
+    let mut acc = [0f64; P];
+    let (rc, tc) = (row.chunks_exact(P), tk.chunks_exact(P));
+    let (rr, tr) = (rc.remainder(), tc.remainder());
+    for (r, t) in rc.zip(tc) {
+        if square {
+            for q in 0..P {
+                let v = r[q] as f64;
+                acc[q] += t[q] * (v * v);
+            }
+        } else {
+            for q in 0..P {
+                acc[q] += t[q] * r[q] as f64;
+            }
+        }
+    }
+    for (q, (&v, &t)) in rr.iter().zip(tr).enumerate() {
+        let v = v as f64;
+        acc[q] += t * if square { v * v } else { v };
+    }
+    for (q, a) in acc.iter().enumerate() {
+        out[q % K] += a;
+    }
+}
+
+simd_fn! {
 /// rhs [k·k] += per kernel offset, Σ_b Σ_p dys[b, p] · xt[b, p·s + off − pad] (dys [B, OH·OW], xt
 /// [B, H·W]): the correlation of the two projections that ∇W_U's check compares against.
 pub fn weight_grad_one(dys: &[f64], xt: &[f64], g: &Geo, rhs: &mut [f64]) {
@@ -763,6 +870,46 @@ mod tests {
                 }
                 assert_eq!(out.contracted.is_empty(), !with_batch);
                 assert_eq!(out.proj.is_empty(), !with_chan);
+            }
+        }
+    }
+
+    #[test]
+    fn weight_side_sums_match_a_direct_computation() {
+        let mut rng = Rng::new(9);
+        for &(m, n, kk) in &[(3, 5, 9), (4, 7, 1), (2, 3, 4), (5, 6, 25), (1, 1, 9)] {
+            let cols = n * kk;
+            let w = randn(&mut rng, m * cols);
+            let t: Vec<f64> = (0..n).map(|j| 0.5 + j as f64 * 0.37).collect();
+            let tk: Vec<f64> = t.iter().flat_map(|&v| std::iter::repeat_n(v, kk)).collect();
+            for row in w.chunks_exact(cols) {
+                for square in [false, true] {
+                    let mut got = vec![0.25f64; kk];
+                    period_dot(row, &tk, kk, square, &mut got);
+                    for o in 0..kk {
+                        let terms = (0..n).map(|j| {
+                            let v = row[j * kk + o] as f64;
+                            tk[j * kk + o] * if square { v * v } else { v }
+                        });
+                        assert!(sums_to(got[o] - 0.25, terms), "period_dot m{m} n{n} kk{kk}");
+                    }
+                }
+            }
+            let r = 2;
+            let coef: Vec<f64> = (0..r * m).map(|i| 1.0 + i as f64 * 0.5).collect();
+            let mut out = vec![0f64; r * cols];
+            combine_rows(&w, m, cols, &coef, r, &mut out);
+            let mut sq = vec![0f64; cols];
+            column_squares(&w, cols, &mut sq);
+            for i in 0..cols {
+                for ri in 0..r {
+                    let terms = (0..m).map(|mi| coef[ri * m + mi] * w[mi * cols + i] as f64);
+                    assert!(sums_to(out[ri * cols + i], terms));
+                }
+                assert!(sums_to(
+                    sq[i],
+                    (0..m).map(|mi| (w[mi * cols + i] as f64).powi(2))
+                ));
             }
         }
     }

@@ -71,9 +71,7 @@ pub(super) fn combine_r2(
         // SAFETY: AVX2 and FMA were detected above; the sizes the kernels index by were asserted above and
         // the scratch rows are `stride` ≥ tl floats apart (see each kernel's comment).
         unsafe {
-            if want.batch {
-                s.comb.iter_mut().for_each(|v| *v = 0.0);
-            }
+            // The batch combination needs no zeroing: the first pair of samples writes it.
             for b0 in (0..bsz).step_by(2) {
                 samples(data, dims, want, (p0, tl), b0, &cf, &tf, &mut s, out);
             }
@@ -193,8 +191,8 @@ unsafe fn samples(
                     if want.batch {
                         for (ri, at) in [(0, j), (1, ch + j)] {
                             let cp = s.comb.as_mut_ptr().add(at * stride + v);
-                            let acc =
-                                _mm256_fmadd_ps(_mm256_set1_ps(ca[ri]), xa, _mm256_loadu_ps(cp));
+                            let old = if b0 == 0 { zero } else { _mm256_loadu_ps(cp) };
+                            let acc = _mm256_fmadd_ps(_mm256_set1_ps(ca[ri]), xa, old);
                             let acc = _mm256_fmadd_ps(_mm256_set1_ps(cb[ri]), xb, acc);
                             _mm256_storeu_ps(cp, acc);
                         }
@@ -229,8 +227,14 @@ unsafe fn samples(
                     s.chn[8 * j] += xa * xa + xb * xb;
                 }
                 if want.batch {
-                    s.comb[j * stride + v] += ca[0] * xa + cb[0] * xb;
-                    s.comb[(ch + j) * stride + v] += ca[1] * xa + cb[1] * xb;
+                    for (ri, at) in [(0, j), (1, ch + j)] {
+                        let old = if b0 == 0 {
+                            0.0
+                        } else {
+                            s.comb[at * stride + v]
+                        };
+                        s.comb[at * stride + v] = old + (ca[ri] * xa + cb[ri] * xb);
+                    }
                 }
             }
             if want.chan {

@@ -38,8 +38,8 @@
 //! vanishing probability, and each of the `reps` repetitions (2 by default) draws new coefficients.
 
 use asymml_core::freivalds::{
-    combine_pass, gather_offsets, lhs_pass, merge_lhs_pass, scatter_offsets, sum_squares,
-    weight_grad_one, Combined, Geo, Lhs, BLOCK,
+    column_squares, combine_pass, combine_rows, gather_offsets, lhs_pass, merge_lhs_pass,
+    period_dot, scatter_offsets, sum_squares, weight_grad_one, Combined, Geo, Lhs, BLOCK,
 };
 use asymml_core::layers::Conv2d;
 use asymml_core::rng::Rng;
@@ -279,14 +279,10 @@ impl Checker {
         let w = &conv.weight.value.data;
         // Per repetition, Σ_m s_m W[m] ([N, k, k]), and the same as contraction weights [k·k, N] in f32.
         let mut ws = vec![0f64; r * g.n * kk];
+        combine_rows(w, g.m, g.n * kk, &s, r, &mut ws);
         let mut wc = vec![0f32; r * kk * g.n];
         for ri in 0..r {
-            let wsr = &mut ws[ri * g.n * kk..(ri + 1) * g.n * kk];
-            for (wm, &sm) in w.chunks_exact(g.n * kk).zip(&s[ri * g.m..(ri + 1) * g.m]) {
-                wsr.iter_mut()
-                    .zip(wm)
-                    .for_each(|(a, &v)| *a += sm * v as f64);
-            }
+            let wsr = &ws[ri * g.n * kk..(ri + 1) * g.n * kk];
             by_offset(wsr, kk, &mut wc[ri * kk * g.n..(ri + 1) * kk * g.n]);
         }
         let (mut comb, mut lhs) = (
@@ -421,13 +417,10 @@ impl Checker {
         let mut wc = vec![0f32; if t.is_some() { r * kk * g.m } else { 0 }];
         if let Some(t) = &t {
             for ri in 0..r {
+                let tk = repeated(&t[ri * g.n..(ri + 1) * g.n], kk);
                 let wtr = &mut wt[ri * g.m * kk..(ri + 1) * g.m * kk];
                 for (wtm, wm) in wtr.chunks_exact_mut(kk).zip(w.chunks_exact(g.n * kk)) {
-                    for (&tj, wj) in t[ri * g.n..(ri + 1) * g.n].iter().zip(wm.chunks_exact(kk)) {
-                        wtm.iter_mut()
-                            .zip(wj)
-                            .for_each(|(a, &v)| *a += tj * v as f64);
-                    }
+                    period_dot(wm, &tk, kk, false, wtm);
                 }
                 by_offset(wtr, kk, &mut wc[ri * kk * g.m..(ri + 1) * kk * g.m]);
             }
@@ -446,13 +439,10 @@ impl Checker {
                 .collect();
             lhs_pass(dx, g.b, g.n, hw, r, &k, &mut lhs);
             let dx_rms = weighted_rms(&lhs.sq[..hw], &c[..g.b], &t[..g.n]);
-            // ‖W[:, j]‖² per input channel.
-            let mut col2 = vec![0f64; g.n];
-            for wm in w.chunks_exact(g.n * kk) {
-                for (c2, wj) in col2.iter_mut().zip(wm.chunks_exact(kk)) {
-                    *c2 += sum_squares(wj);
-                }
-            }
+            // ‖W[:, j]‖² per input channel: the squares summed over the rows m, then over each kernel.
+            let mut sq = vec![0f64; g.n * kk];
+            column_squares(w, g.n * kk, &mut sq);
+            let col2: Vec<f64> = sq.chunks_exact(kk).map(|c| c.iter().sum()).collect();
             let kdot = ((g.m * kk) as f64 / (g.s * g.s) as f64).max(1.0);
             let floor = 4.0 * TINY * (kdot * (g.b * g.n) as f64).sqrt();
             for ri in 0..r {
@@ -500,17 +490,22 @@ impl Checker {
                 let dys = &comb.proj[ri * g.b * p..(ri + 1) * g.b * p];
                 let mut rhs = vec![0f64; kk];
                 weight_grad_one(dys, xt, &g, &mut rhs);
+                // Σ_m s_m Σ_j t_j ∇W[m, j] and Σ_m s_m² Σ_j t_j² ∇W[m, j]² per kernel offset.
+                let (tk, tk2) = (
+                    repeated(t, kk),
+                    repeated(&t.iter().map(|v| v * v).collect::<Vec<_>>(), kk),
+                );
                 let mut lhs = vec![0f64; kk];
                 let mut wsq = vec![0f64; kk];
+                let (mut one, mut one2) = (vec![0f64; kk], vec![0f64; kk]);
                 for (&sm, wm) in s.iter().zip(dw.chunks_exact(g.n * kk)) {
-                    for (&tj, wj) in t.iter().zip(wm.chunks_exact(kk)) {
-                        let st = sm * tj;
-                        for ((l, sq), &v) in lhs.iter_mut().zip(wsq.iter_mut()).zip(wj) {
-                            let a = st * v as f64;
-                            *l += a;
-                            *sq += a * a;
-                        }
-                    }
+                    one.iter_mut().chain(one2.iter_mut()).for_each(|v| *v = 0.0);
+                    period_dot(wm, &tk, kk, false, &mut one);
+                    period_dot(wm, &tk2, kk, true, &mut one2);
+                    lhs.iter_mut().zip(&one).for_each(|(l, v)| *l += sm * v);
+                    wsq.iter_mut()
+                        .zip(&one2)
+                        .for_each(|(q, v)| *q += sm * sm * v);
                 }
                 let diff: Vec<f64> = (0..kk).map(|i| lhs[i] - rhs[i]).collect();
                 let tol: Vec<f64> = (0..kk)
@@ -535,6 +530,11 @@ impl Checker {
             None => Ok(out),
         }
     }
+}
+
+/// Each value of `v` repeated `k` times.
+fn repeated(v: &[f64], k: usize) -> Vec<f64> {
+    v.iter().flat_map(|&x| std::iter::repeat_n(x, k)).collect()
 }
 
 /// One-channel weights `w` ([C, k·k], f64) as the contraction weights `out` ([k·k, C], f32) that
