@@ -269,6 +269,8 @@ impl<T: Transport> SplitExec<T> {
             .map_err(CoreError::accelerator)?
             .into_ok()
             .map_err(|e| bad_reply("Register", e))?;
+        // The registration frame held every conv's weights (59 MB for VGG16): not a size to keep.
+        client.release_buffers();
         let layers = structure(net)
             .into_iter()
             .map(|(name, step)| LayerState {
