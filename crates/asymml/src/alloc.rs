@@ -62,54 +62,48 @@ fn add(d: usize, n: usize) {
     PEAK[d].fetch_max(now, Ordering::Relaxed);
 }
 
+/// A block for `layout` from `system` (System's `alloc` or `alloc_zeroed`), `header` bytes into a System block
+/// whose last header byte tags the calling thread's domain, counted to that domain; null if System fails.
+///
+/// # Safety
+/// `system` must be one of System's allocation functions (it is given a valid, non-zero-sized layout).
+unsafe fn tagged(layout: Layout, system: unsafe fn(&System, Layout) -> *mut u8) -> *mut u8 {
+    INSTALLED.store(true, Ordering::Relaxed);
+    let h = header(&layout);
+    // No overflow: a Layout's size is at most isize::MAX − (align − 1), and h is the align or 16.
+    let Ok(full) = Layout::from_size_align(layout.size() + h, h) else {
+        return std::ptr::null_mut();
+    };
+    // SAFETY: `full` has a non-zero size (h ≥ 16), and `system` is System's (the caller's contract).
+    let base = unsafe { system(&System, full) };
+    if base.is_null() {
+        return base;
+    }
+    let d = DOMAIN.try_with(|d| d.get()).unwrap_or(0);
+    // SAFETY: `base` points to `layout.size() + h` writable bytes with h ≥ 16, so the tag byte at h − 1 and
+    // the caller's block at h (aligned to h, hence to `layout.align()`) both lie inside it.
+    let block = unsafe {
+        base.add(h - 1).write(d);
+        base.add(h)
+    };
+    add(d as usize, layout.size());
+    block
+}
+
 // SAFETY: every block handed out is `header` bytes into a System block of `size + header` bytes aligned to the
 // header (a power of two, a multiple of the caller's alignment), whose last header byte tags the domain; it is
 // given back to System with that same layout (its size follows `realloc`, which keeps the header).
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        INSTALLED.store(true, Ordering::Relaxed);
-        let h = header(&layout);
-        // No overflow: a Layout's size is at most isize::MAX − (align − 1), and h is the align or 16.
-        let Ok(full) = Layout::from_size_align(layout.size() + h, h) else {
-            return std::ptr::null_mut();
-        };
-        // SAFETY: `full` has a non-zero size (h ≥ 16).
-        let base = unsafe { System.alloc(full) };
-        if base.is_null() {
-            return base;
-        }
-        let d = DOMAIN.try_with(|d| d.get()).unwrap_or(0);
-        // SAFETY: `base` points to `layout.size() + h` writable bytes with h ≥ 16, so the tag byte at h − 1 and
-        // the caller's block at h (aligned to h, hence to `layout.align()`) both lie inside it.
-        let block = unsafe {
-            base.add(h - 1).write(d);
-            base.add(h)
-        };
-        add(d as usize, layout.size());
-        block
+        // SAFETY: System's `alloc` is a valid system allocation for `tagged`.
+        unsafe { tagged(layout, <System as GlobalAlloc>::alloc) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        INSTALLED.store(true, Ordering::Relaxed);
-        let h = header(&layout);
-        let Ok(full) = Layout::from_size_align(layout.size() + h, h) else {
-            return std::ptr::null_mut();
-        };
         // System's zeroed allocation (calloc): fresh pages are zero already and stay untouched — a zero
         // gradient or buffer that is never written costs no resident memory.
-        // SAFETY: `full` has a non-zero size (h ≥ 16).
-        let base = unsafe { System.alloc_zeroed(full) };
-        if base.is_null() {
-            return base;
-        }
-        let d = DOMAIN.try_with(|d| d.get()).unwrap_or(0);
-        // SAFETY: as in `alloc`: the tag byte at h − 1 and the caller's block at h lie inside the block.
-        let block = unsafe {
-            base.add(h - 1).write(d);
-            base.add(h)
-        };
-        add(d as usize, layout.size());
-        block
+        // SAFETY: System's `alloc_zeroed` is a valid system allocation for `tagged`.
+        unsafe { tagged(layout, <System as GlobalAlloc>::alloc_zeroed) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
