@@ -2,23 +2,10 @@
 //! never a panic) on bad input.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn asymml(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_asymml"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .expect("run asymml")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{asymml, stderr, stdout};
 
 /// Asserts a clean failure: exit code 2, an error line containing `needle`, no panic.
 fn fails_with(o: &Output, needle: &str) {

@@ -17,6 +17,9 @@ use asymml_protocol::{
 use asymml_trusted::split::{SplitConfig, SplitExec};
 use asymml_untrusted::Service;
 
+mod common;
+use common::asymml;
+
 /// What the relay changes, and by how much (a multiple of the tensor's RMS).
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Tamper {
@@ -361,14 +364,6 @@ impl<T: Transport> Transport for LyingAccelerator<T> {
     fn peer(&self) -> String {
         self.inner.peer()
     }
-}
-
-fn asymml(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_asymml"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .expect("run asymml")
 }
 
 #[test]

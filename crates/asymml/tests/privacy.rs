@@ -2,15 +2,10 @@
 //! when they are missing) and on the embedded Fashion-MNIST sample.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn asymml(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_asymml"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .expect("run asymml")
-}
+mod common;
+use common::asymml;
 
 fn cifar_images() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/images/cifar10");

@@ -3,15 +3,9 @@
 //! module, frontier.png; and the speedups read from a bench.json instead, with a clear error for a missing row.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-fn asymml(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_asymml"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .expect("run asymml")
-}
+mod common;
+use common::asymml;
 
 /// Tiny privacy settings: 4 private and 8 public images, two convs measured, the second attacked by ridge.
 const TINY: &[&str] = &[

@@ -12,17 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-fn asymml(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_asymml"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "2")
-        .output()
-        .expect("run asymml")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod common;
+use common::{asymml, stderr};
 
 /// Asserts that `asymml verify` ran its step against the accelerator to the end: its JSON report on stdout
 /// and exit code 0 (or 1: the step ran, and its numbers are tests/split.rs's concern), no error.
