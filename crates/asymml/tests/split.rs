@@ -569,7 +569,10 @@ fn the_guard_keeps_image_like_maps_trusted() {
 #[test]
 fn auto_route_takes_the_trusted_route_where_the_split_costs_more() {
     // fixed:60 keeps 60 of 64+ channels: the decomposition and Conv_T cost more than the whole conv, so after
-    // two steps on each route every conv runs trusted; `--route split` keeps them split.
+    // two steps on each route the convs run trusted; `--route split` keeps them split. The choice comes from
+    // measured times (its rule is unit-tested in asymml-trusted with given costs): here, where other tests
+    // load the machine, one conv's probe can be preempted, so most convs — not every one — must go trusted,
+    // and every conv must get no reply exactly when it reports the trusted route.
     let run = |route: &str| {
         let o = asymml(&[
             "bench",
@@ -593,16 +596,22 @@ fn auto_route_takes_the_trusted_route_where_the_split_costs_more() {
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        v["results"][0]["layers"]
-            .as_array()
-            .unwrap()
+        let layers = v["results"][0]["layers"].as_array().unwrap().clone();
+        for l in &layers {
+            // A trusted conv gets nothing back (it only sends its updated weights in training).
+            let trusted = l["trusted_route"].as_bool().unwrap();
+            let got = l["bytes_from_untrusted"].as_f64().unwrap();
+            assert_eq!(trusted, got == 0.0, "{route}: {l}");
+        }
+        layers
             .iter()
             .map(|l| l["trusted_route"].as_bool().unwrap())
             .collect::<Vec<_>>()
     };
     // Conv 0 has 3 input channels: fixed:60 keeps them all (the policy's own trusted route).
     let auto = run("auto");
-    assert!(auto.iter().all(|&t| t), "{auto:?}");
+    let trusted = auto.iter().filter(|&&t| t).count();
+    assert!(auto[0] && 2 * trusted > auto.len(), "{auto:?}");
     let split = run("split");
     assert!(split[0] && split[1..].iter().all(|&t| !t), "{split:?}");
     // Exact on either route.
