@@ -54,13 +54,14 @@ fn main() {
     });
     let chn = best(|| combine_pass(&data, b, c, p, r, None, Some(&t), &mut comb));
     let lh = best(|| lhs_pass(&data, b, c, p, r, &k, &mut lhs));
-    let mut y = vec![0f32; data.len()];
-    let mg = best(|| merge_lhs_pass(&data, &copy, &mut y, b, c, p, r, &k, &mut lhs));
+    let mut y = data.clone();
+    let mg = best(|| merge_lhs_pass(&mut y, &copy, b, c, p, r, &k, &mut lhs));
     let ad = best(|| {
         y.iter_mut()
             .zip(data.iter().zip(&copy))
             .for_each(|(o, (a, b))| *o = a + b)
     });
+    let ip = best(|| y.iter_mut().zip(&copy).for_each(|(o, a)| *o += a));
     let mut tiled = |tile: usize| {
         best(|| {
             for p0 in (0..p).step_by(tile) {
@@ -120,8 +121,9 @@ fn main() {
         ("combine (training fwd)", trn),
         ("combine (chan only)", chn),
         ("lhs", lh),
-        ("merge + lhs", mg),
+        ("merge + lhs (in place)", mg),
         ("merge alone", ad),
+        ("add in place", ip),
     ] {
         println!("{name:24} {:7.2} ms  {:5.2} GB/s", t * 1e3, gb / t);
     }

@@ -275,7 +275,7 @@ fn combine_with(
 }
 }
 
-/// The left-hand sides of two repetitions ([`lhs_impl`] with R = 2) in AVX2 registers: per 8 pixels, the four
+/// The left-hand sides of two repetitions ([`lhs_pass`] with R = 2) in AVX2 registers: per 8 pixels, the four
 /// f32 sums (Σ k·x and Σ k²·x² per repetition) run over a block of [`BLOCK`] channels before they are added in
 /// f64 — a load and five multiply-adds per 8 values instead of keeping the sums in memory.
 #[cfg(target_arch = "x86_64")]
@@ -283,12 +283,18 @@ mod lhs_x86 {
     use super::BLOCK;
     use std::arch::x86_64::*;
 
-    /// Adds `lhs` and `sq` ([2, P] each) for `data` ([B, C, P]) with the coefficients `k` ([2, B, C]) and
-    /// with `merge: Some((addend, y))` writes y = data + addend; false (nothing done) without AVX2 and FMA.
-    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
-    pub(super) fn lhs_r2(
-        data: &[f32],
-        merge: Option<(&[f32], &mut [f32])>,
+    /// Adds `lhs` and `sq` ([2, P] each) for the `len` values at `data` ([B, C, P]) with the coefficients `k`
+    /// ([2, B, C]); with `addend` (`len` values), also adds it to the values in place, after reading them.
+    /// False (nothing done) without AVX2 and FMA.
+    ///
+    /// # Safety
+    /// `data` points to `len` = B·C·P initialised values, valid for reads, and for writes when `addend` is
+    /// given; nothing else reads or writes them meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn lhs_r2(
+        data: *mut f32,
+        len: usize,
+        addend: Option<&[f32]>,
         bsz: usize,
         ch: usize,
         p: usize,
@@ -300,13 +306,11 @@ mod lhs_x86 {
             return false;
         }
         assert!(
-            data.len() == bsz * ch * p
+            len == bsz * ch * p
                 && k.len() == 2 * bsz * ch
                 && lhs.len() == 2 * p
                 && sq.len() == 2 * p
-                && merge
-                    .as_ref()
-                    .is_none_or(|(a, y)| a.len() == data.len() && y.len() == data.len()),
+                && addend.is_none_or(|a| a.len() == len),
             "lhs_r2: sizes"
         );
         // Per (sample, channel): k and k² of both repetitions, in f32.
@@ -316,13 +320,9 @@ mod lhs_x86 {
                 [a, a * a, b, b * b]
             })
             .collect();
-        let (addend, mut y) = match merge {
-            Some((a, y)) => (Some(a), Some(y)),
-            None => (None, None),
-        };
-        // SAFETY: AVX2 and FMA were detected above; `main`'s pointer arithmetic stays inside the slices whose
-        // lengths were asserted above (see its comment).
-        unsafe { main(data, addend, y.as_deref_mut(), bsz, ch, p, &kf, lhs, sq) };
+        // SAFETY: AVX2 and FMA were detected above; `main`'s pointer arithmetic stays inside the `len` values
+        // (see its comment), which the caller vouches for.
+        unsafe { main(data, addend, bsz, ch, p, &kf, lhs, sq) };
         // The last p mod 8 pixels, in f64.
         let p8 = p / 8 * 8;
         for b in 0..bsz {
@@ -330,9 +330,11 @@ mod lhs_x86 {
                 let kv = kf[b * ch + j];
                 for i in p8..p {
                     let off = (b * ch + j) * p + i;
-                    let x = data[off];
-                    if let (Some(a), Some(y)) = (addend, y.as_deref_mut()) {
-                        y[off] = x + a[off];
+                    // SAFETY: off < B·C·P = len.
+                    let x = unsafe { *data.add(off) };
+                    if let Some(a) = addend {
+                        // SAFETY: as above; the caller allows writes when `addend` is given.
+                        unsafe { *data.add(off) = x + a[off] };
                     }
                     let (x64, xx) = (x as f64, (x as f64) * (x as f64));
                     lhs[i] += kv[0] as f64 * x64;
@@ -346,14 +348,13 @@ mod lhs_x86 {
     }
 
     /// The first p − p mod 8 pixels. Every vector access is at `(b·C + j)·P + p0 + v` with p0 + v + 8 ≤ P, so
-    /// inside `data` (and `addend`, `y`: the same length); the f64 rows at `p0 + v` and `P + p0 + v`, 8 wide,
-    /// inside `lhs` and `sq` ([2, P]).
+    /// inside the B·C·P values at `d` (and `addend`: the same length); the f64 rows at `p0 + v` and
+    /// `P + p0 + v`, 8 wide, inside `lhs` and `sq` ([2, P]).
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn main(
-        data: &[f32],
+        d: *mut f32,
         addend: Option<&[f32]>,
-        mut y: Option<&mut [f32]>,
         bsz: usize,
         ch: usize,
         p: usize,
@@ -363,27 +364,16 @@ mod lhs_x86 {
     ) {
         const TILE: usize = 1024;
         let p8 = p / 8 * 8;
-        let d = data.as_ptr();
         for p0 in (0..p8).step_by(TILE) {
             let tl = TILE.min(p8 - p0);
             for b in 0..bsz {
                 for j0 in (0..ch).step_by(BLOCK) {
                     let j1 = (j0 + BLOCK).min(ch);
-                    if let (Some(a), Some(y)) = (addend, y.as_deref_mut()) {
-                        // The merge, row by row (contiguous), leaving the rows in cache for the sums below.
-                        for j in j0..j1 {
-                            let off = (b * ch + j) * p + p0;
-                            y[off..off + tl]
-                                .iter_mut()
-                                .zip(data[off..off + tl].iter().zip(&a[off..off + tl]))
-                                .for_each(|(o, (x, a))| *o = x + a);
-                        }
-                    }
                     for v in (0..tl).step_by(8) {
                         let mut acc = [_mm256_setzero_ps(); 4];
                         for j in j0..j1 {
                             let off = (b * ch + j) * p + p0 + v;
-                            // SAFETY: off + 8 ≤ (b·C + j + 1)·P ≤ data.len() (see the function's comment).
+                            // SAFETY: off + 8 ≤ (b·C + j + 1)·P ≤ B·C·P (see the function's comment).
                             let x = unsafe { _mm256_loadu_ps(d.add(off)) };
                             let kv = &kf[b * ch + j];
                             let xx = _mm256_mul_ps(x, x);
@@ -408,45 +398,38 @@ mod lhs_x86 {
                             }
                         }
                     }
+                    if let Some(a) = addend {
+                        // The merge, row by row, once the sums have read the block's rows (now in cache).
+                        for j in j0..j1 {
+                            let off = (b * ch + j) * p + p0;
+                            for v in (0..tl).step_by(8) {
+                                // SAFETY: off + v + 8 ≤ (b·C + j + 1)·P ≤ B·C·P, in `d` and in `addend` (the
+                                // same length); writes to `d` are allowed when `addend` is given.
+                                unsafe {
+                                    let x = _mm256_loadu_ps(d.add(off + v));
+                                    let y =
+                                        _mm256_add_ps(x, _mm256_loadu_ps(a.as_ptr().add(off + v)));
+                                    _mm256_storeu_ps(d.add(off + v), y);
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }
     }
 }
 
-/// [`lhs_pass`], and with `merge: Some((addend, y))`, y = data + addend in the same pass.
-#[inline(always)]
-#[allow(clippy::too_many_arguments, clippy::type_complexity)]
-fn lhs_impl(
-    data: &[f32],
-    mut merge: Option<(&[f32], &mut [f32])>,
-    bsz: usize,
-    ch: usize,
-    p: usize,
-    r: usize,
-    k: &[f64],
-    out: &mut Lhs,
-) {
-    assert_eq!(data.len(), bsz * ch * p, "lhs_pass: data is not [B, C, P]");
+/// Checks [`lhs_pass`]'s sizes and zeroes its output.
+fn lhs_start(len: usize, bsz: usize, ch: usize, p: usize, r: usize, k: &[f64], out: &mut Lhs) {
+    assert_eq!(len, bsz * ch * p, "lhs_pass: data is not [B, C, P]");
     assert_eq!(k.len(), r * bsz * ch, "lhs_pass: k is not [R, B, C]");
-    if let Some((addend, y)) = &merge {
-        assert!(
-            addend.len() == data.len() && y.len() == data.len(),
-            "lhs_pass: merge sizes differ"
-        );
-    }
     zeroed(&mut out.lhs, r * p);
     zeroed(&mut out.sq, r * p);
-    if data.is_empty() {
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if r == 2 {
-        let m = merge.as_mut().map(|(a, y)| (*a, &mut **y));
-        if lhs_x86::lhs_r2(data, m, bsz, ch, p, k, &mut out.lhs, &mut out.sq) {
-            return;
-        }
-    }
+}
+
+/// [`lhs_pass`] in portable loops (any R; the tests compare it with the AVX2 kernel).
+fn lhs_generic(data: &[f32], bsz: usize, ch: usize, p: usize, r: usize, k: &[f64], out: &mut Lhs) {
     // 2R f32 accumulators per pixel, kept in L1.
     let tile = 1024.min(p);
     // The 2R accumulator rows `stride` floats apart: rows a multiple of 4 KiB apart would make every load
@@ -454,21 +437,14 @@ fn lhs_impl(
     let stride = tile + PAD;
     let mut scratch = vec![0f32; 2 * r * stride];
     let (part, psq) = scratch.split_at_mut(r * stride);
-    for p0 in (0..p).step_by(tile) {
+    for p0 in (0..p).step_by(tile.max(1)) {
         let tl = tile.min(p - p0);
         for b in 0..bsz {
             for j0 in (0..ch).step_by(BLOCK) {
                 part.iter_mut().for_each(|v| *v = 0.0);
                 psq.iter_mut().for_each(|v| *v = 0.0);
                 for j in j0..(j0 + BLOCK).min(ch) {
-                    let off = (b * ch + j) * p + p0;
-                    let x = &data[off..][..tl];
-                    if let Some((addend, y)) = merge.as_mut() {
-                        y[off..][..tl]
-                            .iter_mut()
-                            .zip(x.iter().zip(&addend[off..][..tl]))
-                            .for_each(|(o, (a, b))| *o = a + b);
-                    }
+                    let x = &data[(b * ch + j) * p + p0..][..tl];
                     for ri in 0..r {
                         let kv = k[(ri * bsz + b) * ch + j] as f32;
                         let k2 = kv * kv;
@@ -505,17 +481,27 @@ simd_fn! {
 /// One pass over `data` ([B, C, P]) with the coefficient products `k` ([R, B, C]), into `out` ([`Lhs`]):
 /// partial sums over [`BLOCK`] channels in f32, added in f64.
 pub fn lhs_pass(data: &[f32], bsz: usize, ch: usize, p: usize, r: usize, k: &[f64], out: &mut Lhs) {
-    lhs_impl(data, None, bsz, ch, p, r, k, out)
+    lhs_start(data.len(), bsz, ch, p, r, k, out);
+    #[cfg(target_arch = "x86_64")]
+    if r == 2 && !data.is_empty() {
+        // SAFETY: `data` is a live shared slice of `data.len()` values, only read (no addend).
+        let done = unsafe {
+            lhs_x86::lhs_r2(data.as_ptr().cast_mut(), data.len(), None, bsz, ch, p, k, &mut out.lhs, &mut out.sq)
+        };
+        if done {
+            return;
+        }
+    }
+    lhs_generic(data, bsz, ch, p, r, k, out)
 }
 }
 
 simd_fn! {
-/// `y` = `data` + `addend` (all [B, C, P]) and, in the same pass, [`lhs_pass`] of `data`: the merge of a
-/// checked result with the trusted part reads the result once.
+/// [`lhs_pass`] of `data` ([B, C, P]) and, in the same pass, `data` += `addend`: the merge of a checked result
+/// with the trusted part, in the result's own buffer (the sums see the values as they came).
 pub fn merge_lhs_pass(
-    data: &[f32],
+    data: &mut [f32],
     addend: &[f32],
-    y: &mut [f32],
     bsz: usize,
     ch: usize,
     p: usize,
@@ -523,7 +509,20 @@ pub fn merge_lhs_pass(
     k: &[f64],
     out: &mut Lhs,
 ) {
-    lhs_impl(data, Some((addend, y)), bsz, ch, p, r, k, out)
+    lhs_start(data.len(), bsz, ch, p, r, k, out);
+    assert_eq!(addend.len(), data.len(), "merge_lhs_pass: addend's size");
+    #[cfg(target_arch = "x86_64")]
+    if r == 2 && !data.is_empty() {
+        // SAFETY: `data` is an exclusive slice of `data.len()` values, read and written only by the kernel.
+        let done = unsafe {
+            lhs_x86::lhs_r2(data.as_mut_ptr(), data.len(), Some(addend), bsz, ch, p, k, &mut out.lhs, &mut out.sq)
+        };
+        if done {
+            return;
+        }
+    }
+    lhs_generic(data, bsz, ch, p, r, k, out);
+    data.iter_mut().zip(addend).for_each(|(v, a)| *v += a);
 }
 }
 
@@ -917,7 +916,12 @@ mod tests {
     #[test]
     fn lhs_and_merge_passes_match_a_direct_computation() {
         let mut rng = Rng::new(6);
-        for &(bsz, ch, p, r) in &[(2, 3, 5, 2), (3, 19, 1500, 1), (2, 33, 1025, 3)] {
+        for &(bsz, ch, p, r) in &[
+            (2, 3, 5, 2),
+            (3, 19, 1500, 1),
+            (2, 33, 1025, 3),
+            (3, 19, 1501, 2),
+        ] {
             let data = randn(&mut rng, bsz * ch * p);
             let addend = randn(&mut rng, bsz * ch * p);
             let k: Vec<f64> = (0..r * bsz * ch)
@@ -926,13 +930,20 @@ mod tests {
             let mut plain = Lhs::default();
             lhs_pass(&data, bsz, ch, p, r, &k, &mut plain);
             let mut merged = Lhs::default();
-            let mut y = vec![0f32; data.len()];
-            merge_lhs_pass(&data, &addend, &mut y, bsz, ch, p, r, &k, &mut merged);
+            let mut y = data.clone();
+            merge_lhs_pass(&mut y, &addend, bsz, ch, p, r, &k, &mut merged);
             for (i, v) in y.iter().enumerate() {
                 assert_eq!(*v, data[i] + addend[i]);
             }
             assert_eq!(plain.lhs, merged.lhs);
             assert_eq!(plain.sq, merged.sq);
+            // The portable loops round the same way as the AVX2 kernel (f32 sums over BLOCK channels).
+            let mut generic = Lhs::default();
+            lhs_start(data.len(), bsz, ch, p, r, &k, &mut generic);
+            lhs_generic(&data, bsz, ch, p, r, &k, &mut generic);
+            for (a, b) in generic.lhs.iter().zip(&plain.lhs) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+            }
             for ri in 0..r {
                 for q in 0..p {
                     let terms = || {

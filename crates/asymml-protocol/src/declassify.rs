@@ -198,14 +198,9 @@ impl WireTensor {
         Ok(())
     }
 
-    /// out = self + `addend` (reusing out's allocation) in one pass, after the checks of
-    /// [`into_tensor_checked`](Self::into_tensor_checked); `addend` must have the expected shape too.
-    pub fn add_into_checked(
-        &self,
-        expected_shape: &[usize],
-        addend: &Tensor,
-        out: &mut Tensor,
-    ) -> Result<()> {
+    /// self + `addend`, added into the message's own values (no second buffer) in one pass, after the checks
+    /// of [`into_tensor_checked`](Self::into_tensor_checked); `addend` must have the expected shape too.
+    pub fn into_sum_checked(mut self, expected_shape: &[usize], addend: &Tensor) -> Result<Tensor> {
         if self.shape != expected_shape || addend.shape != expected_shape {
             return Err(ProtocolError::Tensor(format!(
                 "wrong shape: expected {expected_shape:?}, got {:?} (adding to {:?})",
@@ -213,29 +208,41 @@ impl WireTensor {
             )));
         }
         self.check_length()?;
-        out.resize(&self.shape);
-        // The values are checked in the pass that adds them: a sum is finite when both terms are (the addend
-        // is the caller's), so only a non-finite sum sends us back to name the culprit.
-        let mut witness = [0f32; 8];
-        for ((o, a), b) in out
+        // The values are checked in the pass that adds them, a block at a time while the block is in L1:
+        // first that the block's values are finite, then that their sums are (the addend is the caller's).
+        const BLOCK: usize = 4096;
+        for (bi, (v, a)) in self
             .data
-            .chunks_mut(8)
-            .zip(self.data.chunks(8))
-            .zip(addend.data.chunks(8))
+            .chunks_mut(BLOCK)
+            .zip(addend.data.chunks(BLOCK))
+            .enumerate()
         {
-            for (((o, &a), &b), w) in o.iter_mut().zip(a).zip(b).zip(witness.iter_mut()) {
-                *o = a + b;
-                *w += *o * 0.0;
+            if let Some(i) = first_non_finite(v) {
+                return Err(ProtocolError::Tensor(format!(
+                    "non-finite value {} at index {} of a tensor of shape {:?}",
+                    v[i],
+                    bi * BLOCK + i,
+                    self.shape
+                )));
+            }
+            let mut witness = [0f32; 8];
+            for (o, a) in v.chunks_mut(8).zip(a.chunks(8)) {
+                for ((o, &a), w) in o.iter_mut().zip(a).zip(witness.iter_mut()) {
+                    *o += a;
+                    *w += *o * 0.0;
+                }
+            }
+            if witness.iter().any(|w| *w != 0.0) {
+                return Err(ProtocolError::Tensor(format!(
+                    "adding the tensor of shape {:?} to the trusted part gives values beyond float32's range",
+                    self.shape
+                )));
             }
         }
-        if witness.iter().all(|w| *w == 0.0) {
-            return Ok(());
-        }
-        self.check_values()?;
-        Err(ProtocolError::Tensor(format!(
-            "adding the tensor of shape {:?} to the trusted part gives values beyond float32's range",
-            self.shape
-        )))
+        Ok(Tensor {
+            shape: self.shape,
+            data: self.data,
+        })
     }
 
     /// The values, after checking the shape and the length but **not** that every value is finite: for a

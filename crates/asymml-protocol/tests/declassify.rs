@@ -121,18 +121,18 @@ fn debug_output_is_short() {
 }
 
 #[test]
-fn add_into_checked_finds_non_finite_values_in_its_own_pass() {
+fn into_sum_checked_finds_non_finite_values_in_its_own_pass() {
     let addend = Tensor::from_vec(&[3, 7], vec![0.5; 21]).unwrap();
-    let mut out = Tensor::default();
-    wire(&[3, 7], (0..21).map(|i| i as f32).collect())
-        .add_into_checked(&[3, 7], &addend, &mut out)
+    let out = wire(&[3, 7], (0..21).map(|i| i as f32).collect())
+        .into_sum_checked(&[3, 7], &addend)
         .unwrap();
+    assert_eq!(out.shape, vec![3, 7]);
     assert_eq!(out.data[20], 20.5);
     for (i, bad) in [(0, f32::NAN), (13, f32::INFINITY), (20, f32::NEG_INFINITY)] {
         let mut v = vec![1.0; 21];
         v[i] = bad;
         let e = wire(&[3, 7], v)
-            .add_into_checked(&[3, 7], &addend, &mut out)
+            .into_sum_checked(&[3, 7], &addend)
             .unwrap_err();
         assert!(
             e.to_string()
@@ -140,12 +140,23 @@ fn add_into_checked_finds_non_finite_values_in_its_own_pass() {
             "{e}"
         );
     }
+    // Past the first block of the pass: the index is the tensor's.
+    let mut v = vec![1.0; 10_000];
+    v[9_001] = f32::NAN;
+    let e = wire(&[10_000], v)
+        .into_sum_checked(&[10_000], &Tensor::zeros(&[10_000]))
+        .unwrap_err();
+    assert!(e.to_string().contains("at index 9001"), "{e}");
     // Finite values whose sum leaves float32's range.
     let big = Tensor::from_vec(&[2], vec![f32::MAX, 0.0]).unwrap();
     let e = wire(&[2], vec![f32::MAX, 1.0])
-        .add_into_checked(&[2], &big, &mut out)
+        .into_sum_checked(&[2], &big)
         .unwrap_err();
     assert!(e.to_string().contains("beyond float32"), "{e}");
+    // A wrong shape on either side.
+    assert!(wire(&[2], vec![1.0, 2.0])
+        .into_sum_checked(&[1, 2], &big)
+        .is_err());
 }
 
 #[test]

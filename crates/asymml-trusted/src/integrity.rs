@@ -234,26 +234,23 @@ impl Checker {
     /// Checks `y_u` ([B, M, OH, OW]) = conv(x_u, W) + b for `conv` with the trusted copy of its weights;
     /// `x_u` ([B, N, H, W]) is the residual exactly as it was sent. With `proj` (a training forward), the
     /// same pass over `x_u` also keeps what the ∇W_U check of this conv's backward needs; with
-    /// `merge: Some((y_t, y))`, the pass over `y_u` also writes y = y_u + y_t (which the caller must not use
-    /// unless the check passes).
-    #[allow(clippy::type_complexity)]
+    /// `merge: Some(y_t)`, the pass over `y_u` also adds y_t to it in place, after reading it (the caller must
+    /// not use the sum unless the check passes). Without, `y_u` is only read.
     pub fn check_forward(
         &mut self,
         conv: &Conv2d,
         x_u: &[f32],
         x_shape: &[usize],
-        y_u: &[f32],
+        y_u: &mut [f32],
         proj: Option<&mut Projection>,
-        merge: Option<(&[f32], &mut [f32])>,
+        merge: Option<&[f32]>,
     ) -> Result<Result<(), Failure>, CoreError> {
         let t0 = Instant::now();
         let g = Geo::of(conv, x_shape)?;
         let (hw, p, kk, r) = (g.hw(), g.p(), g.k * g.k, self.reps);
         if x_u.len() != g.b * g.n * hw
             || y_u.len() != g.b * g.m * p
-            || merge
-                .as_ref()
-                .is_some_and(|(a, y)| a.len() != y_u.len() || y.len() != y_u.len())
+            || merge.as_ref().is_some_and(|a| a.len() != y_u.len())
         {
             return Err(CoreError::Shape("integrity: forward sizes differ".into()));
         }
@@ -262,10 +259,8 @@ impl Checker {
         let t = proj.is_some().then(|| self.coefs(r * g.n));
         if g.b * g.n * hw * g.m * p == 0 {
             // An empty tensor on either side: nothing to compare (its shape was checked on receipt).
-            if let Some((a, y)) = merge {
-                y.iter_mut()
-                    .zip(y_u.iter().zip(a))
-                    .for_each(|(o, (u, t))| *o = u + t);
+            if let Some(a) = merge {
+                y_u.iter_mut().zip(a).for_each(|(o, t)| *o += t);
             }
             if let (Some(pr), Some(t)) = (proj, t) {
                 pr.shape = [g.b, g.n, g.h, g.w];
@@ -310,7 +305,7 @@ impl Checker {
             })
             .collect();
         match merge {
-            Some((y_t, y)) => merge_lhs_pass(y_u, y_t, y, g.b, g.m, p, r, &k, &mut lhs),
+            Some(y_t) => merge_lhs_pass(y_u, y_t, g.b, g.m, p, r, &k, &mut lhs),
             None => lhs_pass(y_u, g.b, g.m, p, r, &k, &mut lhs),
         }
         // The RMS of Y_U weighted by the squared coefficients (each in [1, 4)), from the left side's squares.
@@ -416,12 +411,15 @@ impl Checker {
         let mut wt = vec![0f64; if t.is_some() { r * g.m * kk } else { 0 }];
         let mut wc = vec![0f32; if t.is_some() { r * kk * g.m } else { 0 }];
         if let Some(t) = &t {
-            for ri in 0..r {
-                let tk = repeated(&t[ri * g.n..(ri + 1) * g.n], kk);
-                let wtr = &mut wt[ri * g.m * kk..(ri + 1) * g.m * kk];
-                for (wtm, wm) in wtr.chunks_exact_mut(kk).zip(w.chunks_exact(g.n * kk)) {
-                    period_dot(wm, &tk, kk, false, wtm);
+            // Each row of W is read once (from L1 for the second repetition).
+            let tks: Vec<Vec<f64>> = t.chunks_exact(g.n).map(|tr| repeated(tr, kk)).collect();
+            for (mi, wm) in w.chunks_exact(g.n * kk).enumerate() {
+                for (ri, tk) in tks.iter().enumerate() {
+                    period_dot(wm, tk, kk, false, &mut wt[(ri * g.m + mi) * kk..][..kk]);
                 }
+            }
+            for ri in 0..r {
+                let wtr = &wt[ri * g.m * kk..(ri + 1) * g.m * kk];
                 by_offset(wtr, kk, &mut wc[ri * kk * g.m..(ri + 1) * kk * g.m]);
             }
         }
@@ -482,6 +480,12 @@ impl Checker {
             let dw_rms = (sum_squares(dw) / dw.len() as f64).sqrt();
             let len = (g.b * p) as f64;
             let floor = 4.0 * TINY * (len * (g.m * g.n) as f64).sqrt();
+            // One read of ∇W_U for every repetition: Σ_m s_m ∇W_U[m] ([R, N·k·k]), and Σ_m ∇W_U[m]² per column
+            // (the left side's rounding is bounded with s_m² < 4, so the squares are shared by the repetitions).
+            let mut sdw = vec![0f64; r * g.n * kk];
+            combine_rows(dw, g.m, g.n * kk, &s, r, &mut sdw);
+            let mut dsq = vec![0f64; g.n * kk];
+            column_squares(dw, g.n * kk, &mut dsq);
             for ri in 0..r {
                 let s = &s[ri * g.m..(ri + 1) * g.m];
                 let (t, xt, xnorm2) = &proj.reps[ri];
@@ -490,22 +494,17 @@ impl Checker {
                 let dys = &comb.proj[ri * g.b * p..(ri + 1) * g.b * p];
                 let mut rhs = vec![0f64; kk];
                 weight_grad_one(dys, xt, &g, &mut rhs);
-                // Σ_m s_m Σ_j t_j ∇W[m, j] and Σ_m s_m² Σ_j t_j² ∇W[m, j]² per kernel offset.
-                let (tk, tk2) = (
-                    repeated(t, kk),
-                    repeated(&t.iter().map(|v| v * v).collect::<Vec<_>>(), kk),
-                );
+                // Σ_j t_j Σ_m s_m ∇W[m, j] and 4·Σ_j t_j² Σ_m ∇W[m, j]² ≥ Σ_m s_m² Σ_j t_j² ∇W[m, j]² per offset.
                 let mut lhs = vec![0f64; kk];
                 let mut wsq = vec![0f64; kk];
-                let (mut one, mut one2) = (vec![0f64; kk], vec![0f64; kk]);
-                for (&sm, wm) in s.iter().zip(dw.chunks_exact(g.n * kk)) {
-                    one.iter_mut().chain(one2.iter_mut()).for_each(|v| *v = 0.0);
-                    period_dot(wm, &tk, kk, false, &mut one);
-                    period_dot(wm, &tk2, kk, true, &mut one2);
-                    lhs.iter_mut().zip(&one).for_each(|(l, v)| *l += sm * v);
-                    wsq.iter_mut()
-                        .zip(&one2)
-                        .for_each(|(q, v)| *q += sm * sm * v);
+                let sdw = &sdw[ri * g.n * kk..(ri + 1) * g.n * kk];
+                for ((&tj, row), sq) in t.iter().zip(sdw.chunks_exact(kk)).zip(dsq.chunks_exact(kk))
+                {
+                    let tj2 = 4.0 * tj * tj;
+                    for o in 0..kk {
+                        lhs[o] += tj * row[o];
+                        wsq[o] += tj2 * sq[o];
+                    }
                 }
                 let diff: Vec<f64> = (0..kk).map(|i| lhs[i] - rhs[i]).collect();
                 let tol: Vec<f64> = (0..kk)
@@ -697,7 +696,14 @@ mod tests {
             let (mut conv, x, y) = setup(n, m, k, s, pad, hw);
             let mut proj = Projection::default();
             let fwd = Checker::with_seed(9, 1)
-                .check_forward(&conv, &x.data, &x.shape, &y.data, Some(&mut proj), None)
+                .check_forward(
+                    &conv,
+                    &x.data,
+                    &x.shape,
+                    &mut y.data.clone(),
+                    Some(&mut proj),
+                    None,
+                )
                 .unwrap();
             assert_eq!(fwd, Ok(()), "the honest forward failed");
             let mut rng = Rng::new(3);
@@ -711,8 +717,15 @@ mod tests {
                 // Just above the threshold, and well above it: always caught.
                 for (factor, expect) in [(1.05, true), (4.0, true)] {
                     let fwd = |ch: &mut Checker, p| {
-                        ch.check_forward(&conv, &x.data, &x.shape, &moved(&y.data, p), None, None)
-                            .unwrap()
+                        ch.check_forward(
+                            &conv,
+                            &x.data,
+                            &x.shape,
+                            &mut moved(&y.data, p),
+                            None,
+                            None,
+                        )
+                        .unwrap()
                     };
                     assert_eq!(caught(seed, factor, y.len(), fwd), expect, "Y_U {factor}");
                     let bwd_dx = |ch: &mut Checker, p| {

@@ -609,35 +609,45 @@ impl<T: Transport> SplitExec<T> {
                 .into_conv_output(layer)
                 .map_err(|e| bad_reply(&what, e))?;
             // Y_U against the trusted weights, on the residual exactly as it was sent (for a shortcut conv,
-            // its block input's, still in the scratch). With checks on, the pass that checks Y_U also writes
-            // Y = Y_U + Y_T, and the merged output is not used before the check passes.
+            // its block input's, still in the scratch). Y = Y_U + Y_T is added into the received values (no
+            // second buffer); with checks on, by the pass that checks Y_U, and the sum is not used before the
+            // check passes.
             let residual = std::mem::take(&mut self.residual);
             let mut proj = std::mem::take(&mut self.layers[id].proj);
             let checked = if self.checker.is_some() {
                 // The check's pass over Y_U also catches a NaN or infinity (its sums turn non-finite and it
                 // fails), so the values are not scanned first; a failed check names such a value instead.
-                let data = y_u
-                    .shaped_data_unscanned(&out_shape)
+                let got = y_u
+                    .into_tensor_unscanned(&out_shape)
                     .map_err(|e| bad_reply(&what, e));
-                data.and_then(|data| {
-                    y.resize(&out_shape);
-                    let y_out = &mut y.data;
+                got.and_then(|mut got| {
                     self.checked(id, |ch| {
                         // (A training forward also keeps, from the same pass over X_U, the ∇W_U check's
                         // projection.)
                         let proj = train.then_some(&mut proj);
-                        let merge = Some((y_t.data.as_slice(), y_out.as_mut_slice()));
-                        ch.check_forward(conv, &residual.data, &x.shape, data, proj, merge)
+                        let merge = Some(y_t.data.as_slice());
+                        ch.check_forward(conv, &residual.data, &x.shape, &mut got.data, proj, merge)
                     })
-                    .map_err(|e| match y_u.checked_data(&out_shape) {
-                        Err(bad) => bad_reply(&what, bad),
-                        Ok(_) => e,
-                    })
+                    .map_err(|e| {
+                        match got.data.iter().find(|v| !v.is_finite()) {
+                            Some(v) => bad_reply(
+                                &what,
+                                ProtocolError::Tensor(format!(
+                                    "non-finite value {v} in Y_U (after adding Y_T) of shape {:?}",
+                                    got.shape
+                                )),
+                            ),
+                            None => e,
+                        }
+                    })?;
+                    *y = got;
+                    Ok(())
                 })
             } else {
                 let t0 = Instant::now();
                 let r = y_u
-                    .add_into_checked(&out_shape, &y_t, y)
+                    .into_sum_checked(&out_shape, &y_t)
+                    .map(|sum| *y = sum)
                     .map_err(|e| bad_reply(&what, e));
                 let dt = t0.elapsed().as_secs_f64();
                 self.count_layer(Some(id), |l| {
