@@ -72,7 +72,9 @@ pub enum OptimizerSpec {
 pub enum Request {
     /// Opens the conversation: the protocol version and the largest message this side accepts.
     Hello { version: u32, max_message: u32 },
-    /// The convolution layers and their public weights (and biases, one per layer in order).
+    /// The convolution layers and their public weights (and biases, one per layer in order). With no
+    /// weights at all, every layer starts at zero and its weights follow with `SetWeights`, one layer per
+    /// message (what the trusted runtime does: no message then holds more than one layer's weights).
     Register {
         layers: Vec<ConvLayerSpec>,
         weights: Vec<(WireTensor, Option<WireTensor>)>,

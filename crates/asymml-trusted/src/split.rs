@@ -244,7 +244,6 @@ impl<T: Transport> SplitExec<T> {
         };
         let mut client = Client::connect(transport).map_err(CoreError::accelerator)?;
         let mut specs = Vec::new();
-        let mut weights = Vec::new();
         net.visit_convs(&mut |_, c| {
             specs.push(ConvLayerSpec {
                 id: c.id as u32,
@@ -255,21 +254,34 @@ impl<T: Transport> SplitExec<T> {
                 pad: c.pad as u32,
                 bias: c.bias.is_some(),
             });
-            weights.push((
-                public_weights(&c.weight.value),
-                c.bias.as_ref().map(|b| public_weights(&b.value)),
-            ));
         });
         specs.sort_by_key(|s| s.id);
         client
             .call(&Request::Register {
                 layers: specs,
-                weights,
+                weights: Vec::new(),
             })
             .map_err(CoreError::accelerator)?
             .into_ok()
             .map_err(|e| bad_reply("Register", e))?;
-        // The registration frame held every conv's weights (59 MB for VGG16): not a size to keep.
+        // The weights follow one layer per message, so no copy or frame ever holds more than one layer's
+        // (all of VGG16's at once would be 59 MB, twice: the request and its frame).
+        let mut sent = Ok(());
+        net.visit_convs(&mut |_, c| {
+            if sent.is_err() {
+                return;
+            }
+            let req = Request::SetWeights {
+                layer: c.id as u32,
+                w: public_weights(&c.weight.value),
+                b: c.bias.as_ref().map(|b| public_weights(&b.value)),
+            };
+            sent = client
+                .call(&req)
+                .map_err(CoreError::accelerator)
+                .and_then(|r| r.into_ok().map_err(|e| bad_reply("SetWeights", e)));
+        });
+        sent?;
         client.release_buffers();
         let layers = structure(net)
             .into_iter()

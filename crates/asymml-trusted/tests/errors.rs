@@ -11,10 +11,10 @@ use asymml_trusted::split::{SplitConfig, SplitExec};
 #[test]
 fn a_refused_conv_is_named_once_with_its_cause() {
     let (ours, theirs) = inproc_pair();
-    // An accelerator that accepts the registration and refuses every conv.
+    // An accelerator that accepts the registration and the weights and refuses every conv.
     let server = std::thread::spawn(move || {
         serve(theirs, &mut |req| match req {
-            Request::Register { .. } | Request::Shutdown => Reply::Ok,
+            Request::Register { .. } | Request::SetWeights { .. } | Request::Shutdown => Reply::Ok,
             _ => Reply::error("out of memory for this layer"),
         })
     });

@@ -400,9 +400,9 @@ impl Service {
                 bias: l.bias,
             })
             .collect();
-        if layers.len() != weights.len() {
+        if !weights.is_empty() && layers.len() != weights.len() {
             return Err(BackendError::Invalid(
-                "one weight set per layer expected".into(),
+                "one weight set per layer expected (or none: zeros until SetWeights)".into(),
             ));
         }
         // Geometry and memory before anything is built: the new registration replaces the old one.
@@ -413,7 +413,14 @@ impl Service {
             .and_then(|p| p.checked_mul(BYTES_PER_PARAM));
         self.ledger = Ledger::default();
         self.admit("the registration", 0, params)?;
-        let mut ws = Vec::with_capacity(weights.len());
+        let mut ws = Vec::with_capacity(specs.len());
+        if weights.is_empty() {
+            // Zeros until the trusted runtime sends each layer's weights (SetWeights), one layer per message.
+            for l in &specs {
+                let b = l.bias.then(|| Tensor::zeros(&l.bias_shape()));
+                ws.push((Tensor::zeros(&l.weight_shape()), b));
+            }
+        }
         for (l, (w, b)) in specs.iter().zip(weights) {
             let w = wire_in(w, &l.weight_shape())?;
             let b = b.map(|b| wire_in(b, &l.bias_shape())).transpose()?;
@@ -681,6 +688,47 @@ mod tests {
             s.handle(forward(&[1, 2, 5, 5])),
             Reply::ConvOutput { .. }
         ));
+    }
+
+    #[test]
+    fn a_registration_without_weights_holds_zeros_until_set_weights() {
+        let mut s = service(1 << 30);
+        let l = spec(2, 3, 1, 1, 0);
+        let no_weights = Request::Register {
+            layers: vec![l],
+            weights: Vec::new(),
+        };
+        assert!(matches!(s.handle(no_weights), Reply::Ok));
+        let ones = |s: &mut Service| {
+            let x = Tensor::from_vec(&[1, 2, 2, 2], vec![1.0; 8]).unwrap();
+            let req = Request::ConvForward {
+                layer: 0,
+                x_u: declassify_residual(&x),
+                train: false,
+            };
+            match s.handle(req) {
+                Reply::ConvOutput { y_u, .. } => y_u.checked_data(&[1, 3, 2, 2]).unwrap().to_vec(),
+                other => panic!("expected an output, got {}", other.describe()),
+            }
+        };
+        assert!(ones(&mut s).iter().all(|&v| v == 0.0));
+        let w = Tensor::from_vec(&[3, 2, 1, 1], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+        let set = Request::SetWeights {
+            layer: 0,
+            w: public_weights(&w),
+            b: None,
+        };
+        assert!(matches!(s.handle(set), Reply::Ok));
+        assert_eq!(
+            ones(&mut s),
+            [3.0, 3.0, 3.0, 3.0, 7.0, 7.0, 7.0, 7.0, 11.0, 11.0, 11.0, 11.0]
+        );
+        // Some weights but not one set per layer is still refused.
+        let two = Request::Register {
+            layers: vec![l, ConvLayerSpec { id: 1, ..l }],
+            weights: vec![(public_weights(&Tensor::zeros(&[3, 2, 1, 1])), None)],
+        };
+        assert!(error_of(s.handle(two)).contains("one weight set per layer"));
     }
 
     #[test]

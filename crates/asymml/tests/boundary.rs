@@ -150,12 +150,12 @@ fn transcript_of_a_split_step_holds_only_what_the_design_allows() {
     }
 }
 
-/// Runs a fake accelerator answering Register with Ok and everything else with `reply(request)`.
+/// Runs a fake accelerator answering Register and SetWeights with Ok and everything else with `reply(request)`.
 fn hostile(reply: impl Fn(&Request) -> Option<Reply> + Send + 'static) -> Result<(), CoreError> {
     let (client, server) = inproc_pair();
     std::thread::spawn(move || {
         let _ = serve(server, &mut |req| match req {
-            Request::Register { .. } => Reply::Ok,
+            Request::Register { .. } | Request::SetWeights { .. } => Reply::Ok,
             other => reply(&other).unwrap_or_else(|| Reply::error("refused")),
         });
     });
@@ -214,29 +214,29 @@ fn hostile_replies_are_refused_with_the_layer_and_the_fault() {
     expect_err(hostile(|_| None), &["layer 0", "refused"]);
 }
 
-/// A fake accelerator that answers the handshake and Register, then writes `bytes` raw (or closes).
+/// A fake accelerator that answers the handshake, Register and SetWeights, then writes `bytes` raw (or closes).
 fn raw_server(bytes: Option<Vec<u8>>) -> Result<(), CoreError> {
     let (client, mut server) = inproc_pair();
     std::thread::spawn(move || {
-        // Handshake and Register through `serve` would keep the connection; answer them by hand instead.
+        // Handshake, Register and the weights (one SetWeights per conv) through `serve` would keep the
+        // connection; answer them by hand instead, up to the first ConvForward.
         let mut buf = Vec::new();
         let mut out = Vec::new();
-        for _ in 0..2 {
+        loop {
             if server.recv_into(&mut buf).is_err() {
                 return;
             }
-            let req = asymml_protocol::decode_request(&buf, u32::MAX).unwrap();
-            let rep = match req {
+            let rep = match asymml_protocol::decode_request(&buf, u32::MAX).unwrap() {
                 Request::Hello { .. } => Reply::HelloAck {
                     version: asymml_protocol::PROTOCOL_VERSION,
                     max_message: 1 << 30,
                 },
+                Request::ConvForward { .. } => break,
                 _ => Reply::Ok,
             };
             asymml_protocol::encode_reply(&rep, 1 << 30, &mut out).unwrap();
             server.send(&out).unwrap();
         }
-        let _ = server.recv_into(&mut buf);
         if let Some(b) = bytes {
             let _ = server.send(&b);
             let _ = server.recv_into(&mut buf);
