@@ -208,8 +208,10 @@ impl WireTensor {
             )));
         }
         self.check_length()?;
-        // The values are checked in the pass that adds them, a block at a time while the block is in L1:
-        // first that the block's values are finite, then that their sums are (the addend is the caller's).
+        // The values are checked in the pass that adds them, branch-free so that it vectorises: `v · 0` is NaN
+        // exactly when v is not finite, and a lane's witness keeps it. One witness for the received values,
+        // one for the sums (finite terms can still overflow); only a failed block is looked at again, to name
+        // the value (a NaN or infinity stays one when the finite addend is added to it).
         const BLOCK: usize = 4096;
         for (bi, (v, a)) in self
             .data
@@ -217,27 +219,38 @@ impl WireTensor {
             .zip(addend.data.chunks(BLOCK))
             .enumerate()
         {
-            if let Some(i) = first_non_finite(v) {
-                return Err(ProtocolError::Tensor(format!(
-                    "non-finite value {} at index {} of a tensor of shape {:?}",
-                    v[i],
-                    bi * BLOCK + i,
-                    self.shape
-                )));
-            }
-            let mut witness = [0f32; 8];
-            for (o, a) in v.chunks_mut(8).zip(a.chunks(8)) {
-                for ((o, &a), w) in o.iter_mut().zip(a).zip(witness.iter_mut()) {
-                    *o += a;
-                    *w += *o * 0.0;
+            let mut got = [0f32; 8];
+            let mut sum = [0f32; 8];
+            let mut vs = v.chunks_exact_mut(8);
+            let mut as_ = a.chunks_exact(8);
+            for (o, a) in (&mut vs).zip(&mut as_) {
+                for i in 0..8 {
+                    got[i] += o[i] * 0.0;
+                    o[i] += a[i];
+                    sum[i] += o[i] * 0.0;
                 }
             }
-            if witness.iter().any(|w| *w != 0.0) {
+            for (o, a) in vs.into_remainder().iter_mut().zip(as_.remainder()) {
+                got[0] += *o * 0.0;
+                *o += a;
+                sum[0] += *o * 0.0;
+            }
+            if sum.iter().all(|w| *w == 0.0) {
+                continue;
+            }
+            if got.iter().all(|w| *w == 0.0) {
                 return Err(ProtocolError::Tensor(format!(
                     "adding the tensor of shape {:?} to the trusted part gives values beyond float32's range",
                     self.shape
                 )));
             }
+            let i = first_non_finite(v).unwrap_or(0);
+            return Err(ProtocolError::Tensor(format!(
+                "non-finite value {} at index {} of a tensor of shape {:?}",
+                v[i],
+                bi * BLOCK + i,
+                self.shape
+            )));
         }
         Ok(Tensor {
             shape: self.shape,
@@ -316,15 +329,21 @@ impl WireTensor {
 
 /// Index of the first NaN or infinity, scanning in vectorisable blocks.
 fn first_non_finite(data: &[f32]) -> Option<usize> {
-    const EXP: u32 = 0x7f80_0000;
     const BLOCK: usize = 1024;
     for (b, chunk) in data.chunks(BLOCK).enumerate() {
-        // A value is non-finite when all its exponent bits are set; OR-ing a per-value flag keeps the loop
-        // branch-free so it vectorises.
-        let bad = chunk
-            .iter()
-            .fold(0u32, |acc, v| acc | u32::from(v.to_bits() & EXP == EXP));
-        if bad != 0 {
+        // `v · 0` is NaN exactly when v is not finite; a lane's sum keeps it, and the loop has no branch, so
+        // it vectorises. Only a failed block is searched.
+        let mut w = [0f32; 8];
+        let mut lanes = chunk.chunks_exact(8);
+        for v in &mut lanes {
+            for i in 0..8 {
+                w[i] += v[i] * 0.0;
+            }
+        }
+        for v in lanes.remainder() {
+            w[0] += v * 0.0;
+        }
+        if w.iter().any(|w| *w != 0.0) {
             let i = chunk.iter().position(|v| !v.is_finite()).unwrap_or(0);
             return Some(b * BLOCK + i);
         }
