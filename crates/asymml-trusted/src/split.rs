@@ -189,9 +189,9 @@ pub struct SplitExec<T: Transport> {
     rng: Rng,
     layers: Vec<LayerState>,
     tconv: TrustedConv,
-    /// Scratch shared by every conv (each is used only within one call): X_U until it is encoded, Y_T, ∇W_T.
+    /// Scratch shared by every conv (each is used only within one call): X_U until it is encoded, ∇W_T. (Y_T
+    /// is computed into the conv's output, whose buffer the received Y_U then replaces: Y = Y_U + Y_T.)
     residual: Tensor,
-    y_t: Tensor,
     dw_t: Tensor,
     /// The conv whose input was decomposed last (a shortcut conv may reuse its decomposition).
     last_decomposed: Option<usize>,
@@ -299,7 +299,6 @@ impl<T: Transport> SplitExec<T> {
             layers,
             tconv: TrustedConv::new(),
             residual: Tensor::default(),
-            y_t: Tensor::default(),
             dw_t: Tensor::default(),
             last_decomposed: None,
             input_side: 0,
@@ -510,7 +509,6 @@ impl<T: Transport> SplitExec<T> {
         let layer = id as u32;
         // The reply is Y_U of exactly this shape.
         let y_u_bytes = 4 * out_shape.iter().product::<usize>() as u64;
-        let mut y_t = std::mem::take(&mut self.y_t);
         let res = (|| {
             match shared {
                 Some(from) => {
@@ -524,7 +522,7 @@ impl<T: Transport> SplitExec<T> {
                     let t0 = Instant::now();
                     let lr = &self.layers[from].lr;
                     let f = TrustedConv::forward_flops(conv, lr)?;
-                    self.tconv.forward(conv, lr, &mut y_t)?;
+                    self.tconv.forward(conv, lr, y)?;
                     self.layers[id].rank = self.layers[from].rank;
                     self.trusted(id, t0, f);
                 }
@@ -609,7 +607,7 @@ impl<T: Transport> SplitExec<T> {
                     let t0 = Instant::now();
                     let lr = &self.layers[id].lr;
                     let f = TrustedConv::forward_flops(conv, lr)?;
-                    self.tconv.forward(conv, lr, &mut y_t)?;
+                    self.tconv.forward(conv, lr, y)?;
                     self.trusted(id, t0, f);
                     self.last_decomposed = Some(id);
                 }
@@ -637,7 +635,7 @@ impl<T: Transport> SplitExec<T> {
                         // (A training forward also keeps, from the same pass over X_U, the ∇W_U check's
                         // projection.)
                         let proj = train.then_some(&mut proj);
-                        let merge = Some(y_t.data.as_slice());
+                        let merge = Some(y.data.as_slice());
                         ch.check_forward(conv, &residual.data, &x.shape, &mut got.data, proj, merge)
                     })
                     .map_err(|e| {
@@ -658,7 +656,7 @@ impl<T: Transport> SplitExec<T> {
             } else {
                 let t0 = Instant::now();
                 let r = y_u
-                    .into_sum_checked(&out_shape, &y_t)
+                    .into_sum_checked(&out_shape, y)
                     .map(|sum| *y = sum)
                     .map_err(|e| bad_reply(&what, e));
                 let dt = t0.elapsed().as_secs_f64();
@@ -680,7 +678,6 @@ impl<T: Transport> SplitExec<T> {
             });
             Ok(())
         })();
-        self.y_t = y_t;
         res.map_err(|e: CoreError| e.at_conv(&self.layers[id].name))
     }
 }
