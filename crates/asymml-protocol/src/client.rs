@@ -138,11 +138,13 @@ impl<T: Transport> Client<T> {
         .map_err(|e| e.context(op))
     }
 
-    /// Gives back the frame buffers (they grow again to the next messages' size): after a message far larger
-    /// than the ones that follow (the weights at registration), so that its size is not kept for good.
+    /// Gives back the frame buffers, the client's and those the transport keeps for reuse (they grow again to
+    /// the next messages' size): after messages far larger than the ones that follow (the weights at
+    /// registration), so that their size is not kept for good.
     pub fn release_buffers(&mut self) {
         self.send_buf = Vec::new();
         self.recv_buf = Vec::new();
+        self.transport.release_buffers();
     }
 
     /// Seconds the last [`Client::recv_reply`] spent decoding the reply (after the frame arrived).

@@ -159,6 +159,10 @@ impl<T: Transport> Transport for Recording<T> {
         Ok(())
     }
 
+    fn release_buffers(&mut self) {
+        self.inner.release_buffers()
+    }
+
     fn max_message(&self) -> u32 {
         self.inner.max_message()
     }

@@ -60,9 +60,17 @@ pub trait Transport {
     fn set_frame_timeout(&mut self, timeout: Option<Duration>) {
         let _ = timeout;
     }
+
+    /// Drops the frame buffers the transport keeps for reuse (see [`Client::release_buffers`]
+    /// (crate::Client::release_buffers)); they grow again to the size of the frames that follow. The default
+    /// keeps none.
+    fn release_buffers(&mut self) {}
 }
 
 impl<T: Transport + ?Sized> Transport for &mut T {
+    fn release_buffers(&mut self) {
+        (**self).release_buffers()
+    }
     fn send(&mut self, frame: &[u8]) -> Result<()> {
         (**self).send(frame)
     }
@@ -87,6 +95,9 @@ impl<T: Transport + ?Sized> Transport for &mut T {
 }
 
 impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn release_buffers(&mut self) {
+        (**self).release_buffers()
+    }
     fn send(&mut self, frame: &[u8]) -> Result<()> {
         (**self).send(frame)
     }
@@ -168,6 +179,9 @@ pub struct InProcTransport {
     spare_rx: Receiver<Vec<u8>>,
     /// Buffers received back and not yet reused (at most [`SPARES`]).
     spares: Vec<Vec<u8>>,
+    /// The longest frame sent since the last [`Transport::release_buffers`]: a buffer given back that is more
+    /// than twice as large is dropped, not kept (the frames of a registration are not a size to keep).
+    recent_max: usize,
     read_timeout: Option<Duration>,
     frame_timeout: Option<Duration>,
     max_message: u32,
@@ -191,6 +205,7 @@ pub fn inproc_pair_with(opts: &TransportOptions) -> (InProcTransport, InProcTran
         spare_tx,
         spare_rx,
         spares: Vec::new(),
+        recent_max: 0,
         read_timeout: opts.read_timeout,
         frame_timeout: opts.frame_timeout,
         max_message: opts.max_message,
@@ -222,13 +237,16 @@ impl Transport for InProcTransport {
     }
 
     fn send_vec(&mut self, frame: &mut Vec<u8>) -> Result<()> {
+        self.recent_max = self.recent_max.max(frame.len());
         self.tx
             .send(std::mem::take(frame))
             .map_err(|_| self.closed("peer is gone, cannot send"))?;
         // Reuse a buffer the peer is done with: keep the few largest it gave back, and encode the next frame
         // into the largest, so that a large frame finds room even when the peer has not yet returned the
         // buffer of the last one (a fresh 100 MB buffer cost up to 0.3 s in page faults and copies).
-        self.spares.extend(self.spare_rx.try_iter());
+        let keep = 2 * self.recent_max;
+        self.spares
+            .extend(self.spare_rx.try_iter().filter(|b| b.capacity() <= keep));
         self.spares.sort_by_key(|b| std::cmp::Reverse(b.capacity()));
         self.spares.truncate(SPARES);
         if !self.spares.is_empty() {
@@ -272,6 +290,12 @@ impl Transport for InProcTransport {
             let _ = self.spare_tx.send(done);
         }
         Ok(())
+    }
+
+    fn release_buffers(&mut self) {
+        self.spares = Vec::new();
+        self.spare_rx.try_iter().for_each(drop);
+        self.recent_max = 0;
     }
 
     fn max_message(&self) -> u32 {

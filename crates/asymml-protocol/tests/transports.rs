@@ -867,3 +867,38 @@ fn recording_notes_undecodable_frames() {
     assert_eq!(r.kind, None);
     assert_eq!(r.error.as_deref(), Some("unknown message type byte 0x55"));
 }
+
+/// A frame of `len` bytes whose length prefix says so.
+fn raw_frame(len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    f[..4].copy_from_slice(&((len - 4) as u32).to_le_bytes());
+    f
+}
+
+#[test]
+fn inproc_reuses_the_peers_buffers_but_drops_released_large_ones() {
+    const BIG: usize = 1 << 20;
+    // Sends `frames`, each received by the peer; returns the capacity of the buffer the last send left in hand
+    // (the reused buffer the peer gave back, or an empty one).
+    let run = |release_after_first: bool| {
+        let (mut a, mut b) = inproc_pair();
+        let mut buf = Vec::new();
+        for (i, len) in [BIG, 64, 64].into_iter().enumerate() {
+            let mut f = raw_frame(len);
+            a.send_vec(&mut f).unwrap();
+            b.recv_into(&mut buf).unwrap();
+            assert_eq!(buf.len(), len);
+            if i == 0 && release_after_first {
+                a.release_buffers();
+            }
+            if i == 2 {
+                return f.capacity();
+            }
+        }
+        unreachable!()
+    };
+    // Kept: the large buffer comes back for the next frame (no fresh allocation).
+    assert!(run(false) >= BIG);
+    // Released: once the frames that follow are small, the large buffer the peer gives back is dropped.
+    assert!(run(true) < BIG);
+}
