@@ -640,3 +640,47 @@ fn flop_counts() {
     assert!(block_svd_flops(1, 64, 3136, 2, &gram) >= 2.0 * 64.0 * 64.0 * 3136.0);
     assert!(block_svd_flops(1, 64, 3136, 2, &m) < block_svd_flops(1, 64, 3136, 2, &gram));
 }
+
+#[test]
+fn a_range_of_samples_decomposes_as_a_batch_of_those_samples() {
+    // What a micro-batched forward decomposes: samples 2..5 of a batch of 6, against a batch holding only them.
+    let mut rng = Rng::new(21);
+    let x = randn(&mut rng, &[6, 8, 5, 5], 1.0);
+    let per = 8 * 25;
+    let part = Tensor::from_vec(&[3, 8, 5, 5], x.data[2 * per..5 * per].to_vec()).unwrap();
+    for method in [SvdMethod::light(1), SvdMethod::block()] {
+        for policy in [RankPolicy::Fixed(3), RankPolicy::Energy(0.9)] {
+            let (mut lr_a, mut res_a) = (BatchLowRank::default(), Tensor::default());
+            let (mut lr_b, mut res_b) = (BatchLowRank::default(), Tensor::default());
+            let ra = asymml_core::decomp::decompose_samples_with(
+                &x,
+                2..5,
+                policy,
+                0,
+                method,
+                &mut lr_a,
+                &mut res_a,
+            )
+            .unwrap();
+            let rb = decompose_batch_with(&part, policy, 0, method, &mut lr_b, &mut res_b).unwrap();
+            assert_eq!(ra, rb, "{method} {policy:?}");
+            assert_eq!(res_a.shape, vec![3, 8, 5, 5]);
+            assert_eq!(res_a.data, res_b.data, "{method} {policy:?}");
+            assert_eq!(lr_a.samples.len(), 3);
+        }
+    }
+    // An empty or out-of-range part is an error, not a panic.
+    let (mut lr, mut res) = (BatchLowRank::default(), Tensor::default());
+    for bad in [3..3, 4..7] {
+        let r = asymml_core::decomp::decompose_samples_with(
+            &x,
+            bad,
+            RankPolicy::Fixed(2),
+            0,
+            SvdMethod::light(1),
+            &mut lr,
+            &mut res,
+        );
+        assert!(r.is_err());
+    }
+}

@@ -17,6 +17,7 @@
 //! | 0x07 | FetchWeights   | layer u32                                                                   |
 //! | 0x08 | Shutdown       |                                                                             |
 //! | 0x09 | ConvForwardShared | layer u32, from_layer u32, train bool                                   |
+//! | 0x0f | ConvForwardPart | layer u32, first u32, batch u32, x_u tensor, train bool                   |
 //! | 0x81 | HelloAck       | version u32, max_message u32                                                |
 //! | 0x82 | Ok             |                                                                             |
 //! | 0x83 | ConvOutput     | layer u32, y_u tensor                                                       |
@@ -78,6 +79,19 @@ pub fn encode_request(req: &Request, max_message: u32, buf: &mut Vec<u8>) -> Res
         }
         Request::ConvForward { layer, x_u, train } => {
             w.u32(*layer);
+            w.tensor(x_u);
+            w.bool(*train);
+        }
+        Request::ConvForwardPart {
+            layer,
+            first,
+            batch,
+            x_u,
+            train,
+        } => {
+            w.u32(*layer);
+            w.u32(*first);
+            w.u32(*batch);
             w.tensor(x_u);
             w.bool(*train);
         }
@@ -175,6 +189,7 @@ pub fn request_body_len(req: &Request) -> Result<u64> {
             4 + 25 * layers.len() as u64 + 4 + weights.len() as u64
         }
         Request::ConvForward { .. } | Request::ConvBackward { .. } => 5,
+        Request::ConvForwardPart { .. } => 13,
         Request::SetWeights { .. } => 5,
         Request::Step { .. } | Request::FetchWeights { .. } => 4,
         Request::Shutdown => 0,
@@ -507,6 +522,13 @@ fn decode_body(body: &[u8]) -> Result<Message> {
             layer: r.u32("ConvForward.layer")?,
             x_u: r.tensor("x_u")?,
             train: r.bool("ConvForward.train")?,
+        }),
+        MessageKind::ConvForwardPart => Message::Request(Request::ConvForwardPart {
+            layer: r.u32("ConvForwardPart.layer")?,
+            first: r.u32("ConvForwardPart.first")?,
+            batch: r.u32("ConvForwardPart.batch")?,
+            x_u: r.tensor("x_u")?,
+            train: r.bool("ConvForwardPart.train")?,
         }),
         MessageKind::ConvBackward => Message::Request(Request::ConvBackward {
             layer: r.u32("ConvBackward.layer")?,

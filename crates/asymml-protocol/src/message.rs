@@ -85,6 +85,17 @@ pub enum Request {
         x_u: WireTensor,
         train: bool,
     },
+    /// One part of a batch's `ConvForward` (micro-batch pipelining): `x_u` holds samples `first ..
+    /// first + x_u.shape[0]` of a batch of `batch` samples. Parts come in order and without gaps; the
+    /// accelerator answers each with `ConvOutput` (`Y_U` of those samples) and, once the last has come, holds
+    /// the whole batch's `X_U` as a `ConvForward` of it would (for the backward and a shortcut conv).
+    ConvForwardPart {
+        layer: u32,
+        first: u32,
+        batch: u32,
+        x_u: WireTensor,
+        train: bool,
+    },
     /// Backward from `∇Y`: the accelerator returns `∇W_U` and, when `need_dx`, `∇X` (`ConvGrads`).
     ConvBackward {
         layer: u32,
@@ -162,6 +173,7 @@ pub enum MessageKind {
     Hello,
     Register,
     ConvForward,
+    ConvForwardPart,
     ConvBackward,
     SetWeights,
     Step,
@@ -184,10 +196,11 @@ pub enum MessageKind {
 
 impl MessageKind {
     /// Every kind, requests first.
-    pub const ALL: [MessageKind; 21] = [
+    pub const ALL: [MessageKind; 22] = [
         MessageKind::Hello,
         MessageKind::Register,
         MessageKind::ConvForward,
+        MessageKind::ConvForwardPart,
         MessageKind::ConvBackward,
         MessageKind::SetWeights,
         MessageKind::Step,
@@ -224,6 +237,7 @@ impl MessageKind {
             MessageKind::NetForward => 0x0c,
             MessageKind::NetBackward => 0x0d,
             MessageKind::FetchState => 0x0e,
+            MessageKind::ConvForwardPart => 0x0f,
             MessageKind::NetOutput => 0x87,
             MessageKind::State => 0x88,
             MessageKind::HelloAck => 0x81,
@@ -251,6 +265,7 @@ impl MessageKind {
             MessageKind::Hello => "Hello",
             MessageKind::Register => "Register",
             MessageKind::ConvForward => "ConvForward",
+            MessageKind::ConvForwardPart => "ConvForwardPart",
             MessageKind::ConvBackward => "ConvBackward",
             MessageKind::SetWeights => "SetWeights",
             MessageKind::Step => "Step",
@@ -286,6 +301,7 @@ impl Request {
             Request::Hello { .. } => MessageKind::Hello,
             Request::Register { .. } => MessageKind::Register,
             Request::ConvForward { .. } => MessageKind::ConvForward,
+            Request::ConvForwardPart { .. } => MessageKind::ConvForwardPart,
             Request::ConvBackward { .. } => MessageKind::ConvBackward,
             Request::SetWeights { .. } => MessageKind::SetWeights,
             Request::Step { .. } => MessageKind::Step,
@@ -303,6 +319,7 @@ impl Request {
     pub fn layer(&self) -> Option<u32> {
         match self {
             Request::ConvForward { layer, .. }
+            | Request::ConvForwardPart { layer, .. }
             | Request::ConvBackward { layer, .. }
             | Request::SetWeights { layer, .. }
             | Request::FetchWeights { layer }
@@ -323,7 +340,9 @@ impl Request {
                 .iter()
                 .flat_map(|(w, b)| std::iter::once(("w", w)).chain(b.iter().map(|b| ("b", b))))
                 .collect(),
-            Request::ConvForward { x_u, .. } => vec![("x_u", x_u)],
+            Request::ConvForward { x_u, .. } | Request::ConvForwardPart { x_u, .. } => {
+                vec![("x_u", x_u)]
+            }
             Request::ConvBackward { dy, .. } => vec![("dy", dy)],
             Request::SetWeights { w, b, .. } => std::iter::once(("w", w))
                 .chain(b.iter().map(|b| ("b", b)))
@@ -342,7 +361,9 @@ impl Request {
                 .into_iter()
                 .flat_map(|(w, b)| std::iter::once(("w", w)).chain(b.map(|b| ("b", b))))
                 .collect(),
-            Request::ConvForward { x_u, .. } => vec![("x_u", x_u)],
+            Request::ConvForward { x_u, .. } | Request::ConvForwardPart { x_u, .. } => {
+                vec![("x_u", x_u)]
+            }
             Request::ConvBackward { dy, .. } => vec![("dy", dy)],
             Request::SetWeights { w, b, .. } => std::iter::once(("w", w))
                 .chain(b.map(|b| ("b", b)))

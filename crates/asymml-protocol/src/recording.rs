@@ -163,6 +163,10 @@ impl<T: Transport> Transport for Recording<T> {
         self.inner.release_buffers()
     }
 
+    fn queues_frames(&self) -> bool {
+        self.inner.queues_frames()
+    }
+
     fn max_message(&self) -> u32 {
         self.inner.max_message()
     }

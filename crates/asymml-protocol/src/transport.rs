@@ -65,11 +65,22 @@ pub trait Transport {
     /// (crate::Client::release_buffers)); they grow again to the size of the frames that follow. The default
     /// keeps none.
     fn release_buffers(&mut self) {}
+
+    /// True when a send never waits for the peer to read (frames queue without bound): then several requests
+    /// may be outstanding while the peer writes its replies. A byte stream is not such a transport: with
+    /// both sides writing more than the socket buffers hold and neither reading, both would wait for good, so
+    /// over one the trusted runtime keeps one request outstanding. The default says no.
+    fn queues_frames(&self) -> bool {
+        false
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for &mut T {
     fn release_buffers(&mut self) {
         (**self).release_buffers()
+    }
+    fn queues_frames(&self) -> bool {
+        (**self).queues_frames()
     }
     fn send(&mut self, frame: &[u8]) -> Result<()> {
         (**self).send(frame)
@@ -97,6 +108,9 @@ impl<T: Transport + ?Sized> Transport for &mut T {
 impl<T: Transport + ?Sized> Transport for Box<T> {
     fn release_buffers(&mut self) {
         (**self).release_buffers()
+    }
+    fn queues_frames(&self) -> bool {
+        (**self).queues_frames()
     }
     fn send(&mut self, frame: &[u8]) -> Result<()> {
         (**self).send(frame)
@@ -290,6 +304,11 @@ impl Transport for InProcTransport {
             let _ = self.spare_tx.send(done);
         }
         Ok(())
+    }
+
+    fn queues_frames(&self) -> bool {
+        // Unbounded channels.
+        true
     }
 
     fn release_buffers(&mut self) {

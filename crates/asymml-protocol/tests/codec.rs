@@ -85,6 +85,13 @@ fn all_requests() -> Vec<Request> {
             from_layer: 3,
             train: true,
         },
+        Request::ConvForwardPart {
+            layer: 2,
+            first: 3,
+            batch: 8,
+            x_u: declassify_residual(&t(&[2, 4, 3, 3], 1.5)),
+            train: true,
+        },
         Request::RegisterNet {
             spec: "{\"arch\":\"VggSmall\"}".into(),
             state: vec![
@@ -397,7 +404,7 @@ fn truncation_names_the_field() {
 
 #[test]
 fn unknown_type_bytes() {
-    for b in [0x00u8, 0x0f, 0x42, 0x7f, 0x80, 0x89, 0xff] {
+    for b in [0x00u8, 0x10, 0x42, 0x7f, 0x80, 0x89, 0xff] {
         let e = decode_message(&frame(&[b, 0, 0]), MAX_MESSAGE).unwrap_err();
         assert!(
             matches!(e, ProtocolError::UnknownType { byte, .. } if byte == b),

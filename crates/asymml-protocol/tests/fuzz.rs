@@ -170,6 +170,22 @@ fn request() -> impl Strategy<Value = Request> {
             .prop_map(|(layers, weights)| Request::Register { layers, weights }),
         (any::<u32>(), tensor(), any::<bool>())
             .prop_map(|(layer, x_u, train)| Request::ConvForward { layer, x_u, train }),
+        (
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            tensor(),
+            any::<bool>()
+        )
+            .prop_map(
+                |(layer, first, batch, x_u, train)| Request::ConvForwardPart {
+                    layer,
+                    first,
+                    batch,
+                    x_u,
+                    train
+                }
+            ),
         (any::<u32>(), tensor(), any::<bool>())
             .prop_map(|(layer, dy, need_dx)| Request::ConvBackward { layer, dy, need_dx }),
         (any::<u32>(), tensor(), opt_tensor()).prop_map(|(layer, w, b)| Request::SetWeights {

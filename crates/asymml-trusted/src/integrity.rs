@@ -139,6 +139,21 @@ pub struct Projection {
     reps: Vec<(Vec<f64>, Vec<f64>, f64)>,
 }
 
+impl Projection {
+    /// An empty projection of a batch of `shape` for coefficients `t` (r repetitions of N), filled part by
+    /// part by the forward check.
+    fn start(&mut self, shape: [usize; 4], t: &[f64], r: usize) {
+        let (n, hw) = (shape[1], shape[2] * shape[3]);
+        self.shape = shape;
+        self.reps = (0..r)
+            .map(|ri| {
+                let tr = t[ri * n..(ri + 1) * n].to_vec();
+                (tr, vec![0.0; shape[0] * hw], 0.0)
+            })
+            .collect();
+    }
+}
+
 /// The checker: secret randomness, the number of repetitions, counters.
 pub struct Checker {
     rng: Rng,
@@ -149,6 +164,40 @@ pub struct Checker {
     /// Scratch of the passes over the big tensors (reused: no allocation once the shapes are seen).
     comb: Combined,
     lhs: Lhs,
+    /// The weight side of the last forward check, for the next part of the same batch.
+    weight_side: Option<WeightSide>,
+}
+
+/// The weight side of a forward check: s over output channels, per repetition Σ_m s_m W[m] ([N, k, k]) in
+/// f64 and as contraction weights ([k·k, N]) in f32, and every output channel's ‖W_m‖². `key`: the conv, its
+/// weight buffer and the repetitions it was made for.
+struct WeightSide {
+    key: (usize, usize, usize, usize),
+    s: Vec<f64>,
+    ws: Vec<f64>,
+    wc: Vec<f32>,
+    wnorm: Vec<f64>,
+}
+
+impl WeightSide {
+    fn new(key: (usize, usize, usize, usize), s: Vec<f64>, w: &[f32], g: &Geo, r: usize) -> Self {
+        let kk = g.k * g.k;
+        let mut ws = vec![0f64; r * g.n * kk];
+        combine_rows(w, g.m, g.n * kk, &s, r, &mut ws);
+        let mut wc = vec![0f32; r * kk * g.n];
+        for ri in 0..r {
+            let wsr = &ws[ri * g.n * kk..(ri + 1) * g.n * kk];
+            by_offset(wsr, kk, &mut wc[ri * kk * g.n..(ri + 1) * kk * g.n]);
+        }
+        let wnorm = w.chunks_exact((g.n * kk).max(1)).map(sum_squares).collect();
+        WeightSide {
+            key,
+            s,
+            ws,
+            wc,
+            wnorm,
+        }
+    }
 }
 
 impl Checker {
@@ -173,6 +222,7 @@ impl Checker {
             last_max_tol: 0.0,
             comb: Combined::default(),
             lhs: Lhs::default(),
+            weight_side: None,
         }
     }
 
@@ -245,8 +295,33 @@ impl Checker {
         proj: Option<&mut Projection>,
         merge: Option<&[f32]>,
     ) -> Result<Result<(), Failure>, CoreError> {
+        let b = x_shape.first().copied().unwrap_or(0);
+        self.check_forward_part(conv, x_u, x_shape, y_u, proj, merge, (0, b))
+    }
+
+    /// [`check_forward`](Self::check_forward) of one part of a micro-batched forward: `x_u` and `y_u` hold
+    /// samples `first .. first + B` (B = x_shape[0]) of a batch of `batch`. The check is the part's own; the
+    /// projection for the ∇W_U check is the whole batch's, built part by part (from the first part, which
+    /// draws its secret coefficients, to the last; parts come in order).
+    #[allow(clippy::too_many_arguments)]
+    pub fn check_forward_part(
+        &mut self,
+        conv: &Conv2d,
+        x_u: &[f32],
+        x_shape: &[usize],
+        y_u: &mut [f32],
+        proj: Option<&mut Projection>,
+        merge: Option<&[f32]>,
+        (first, batch): (usize, usize),
+    ) -> Result<Result<(), Failure>, CoreError> {
         let t0 = Instant::now();
         let g = Geo::of(conv, x_shape)?;
+        if first + g.b > batch {
+            return Err(CoreError::Shape(format!(
+                "integrity: samples {first}..{} of a batch of {batch}",
+                first + g.b
+            )));
+        }
         let (hw, p, kk, r) = (g.hw(), g.p(), g.k * g.k, self.reps);
         if x_u.len() != g.b * g.n * hw
             || y_u.len() != g.b * g.m * p
@@ -255,31 +330,47 @@ impl Checker {
             return Err(CoreError::Shape("integrity: forward sizes differ".into()));
         }
         let c = self.coefs(r * g.b);
-        let s = self.coefs(r * g.m);
-        let t = proj.is_some().then(|| self.coefs(r * g.n));
+        // The weight side (from secret coefficients s over output channels): drawn at a batch's first part and
+        // kept for its other parts, as one check of the whole batch would use one s for every sample.
+        let w = &conv.weight.value.data;
+        let key = (conv.id, w.as_ptr() as usize, w.len(), r);
+        let side = match self.weight_side.take() {
+            Some(ws) if first > 0 && ws.key == key => ws,
+            _ => {
+                let s = self.coefs(r * g.m);
+                WeightSide::new(key, s, w, &g, r)
+            }
+        };
+        // The ∇W_U check's coefficients over input channels: drawn at the first part, the same for the others.
+        let whole = [batch, g.n, g.h, g.w];
+        let t = match &proj {
+            None => None,
+            Some(_) if first == 0 => Some(self.coefs(r * g.n)),
+            Some(pr) if pr.shape == whole && pr.reps.len() == r => Some(
+                pr.reps
+                    .iter()
+                    .flat_map(|(t, _, _)| t.iter().copied())
+                    .collect(),
+            ),
+            Some(_) => {
+                return Err(CoreError::Shape(
+                    "integrity: a part of a batch whose first part was not checked".into(),
+                ))
+            }
+        };
         if g.b * g.n * hw * g.m * p == 0 {
             // An empty tensor on either side: nothing to compare (its shape was checked on receipt).
             if let Some(a) = merge {
                 y_u.iter_mut().zip(a).for_each(|(o, t)| *o += t);
             }
             if let (Some(pr), Some(t)) = (proj, t) {
-                pr.shape = [g.b, g.n, g.h, g.w];
-                pr.reps = t
-                    .chunks_exact(g.n.max(1))
-                    .map(|tr| (tr.to_vec(), vec![0.0; g.b * hw], 0.0))
-                    .collect();
+                if first == 0 {
+                    pr.start(whole, &t, r);
+                }
             }
             return Ok(Ok(()));
         }
-        let w = &conv.weight.value.data;
-        // Per repetition, Σ_m s_m W[m] ([N, k, k]), and the same as contraction weights [k·k, N] in f32.
-        let mut ws = vec![0f64; r * g.n * kk];
-        combine_rows(w, g.m, g.n * kk, &s, r, &mut ws);
-        let mut wc = vec![0f32; r * kk * g.n];
-        for ri in 0..r {
-            let wsr = &ws[ri * g.n * kk..(ri + 1) * g.n * kk];
-            by_offset(wsr, kk, &mut wc[ri * kk * g.n..(ri + 1) * kk * g.n]);
-        }
+        let (s, ws, wc, wnorm) = (&side.s, &side.ws, &side.wc, &side.wnorm);
         let (mut comb, mut lhs) = (
             std::mem::take(&mut self.comb),
             std::mem::take(&mut self.lhs),
@@ -293,7 +384,7 @@ impl Checker {
             g.n,
             hw,
             r,
-            Some((&c, &wc, kk)),
+            Some((&c, wc, kk)),
             t.as_deref(),
             &mut comb,
         );
@@ -310,7 +401,6 @@ impl Checker {
         }
         // The RMS of Y_U weighted by the squared coefficients (each in [1, 4)), from the left side's squares.
         let y_rms = weighted_rms(&lhs.sq[..p], &c[..g.b], &s[..g.m]);
-        let wnorm: Vec<f64> = w.chunks_exact(g.n * kk).map(sum_squares).collect();
         let kdot = (g.n * kk) as f64;
         let floor = 4.0 * TINY * (kdot * (g.b * g.m) as f64).sqrt();
         let mut out = Ok(());
@@ -318,7 +408,7 @@ impl Checker {
         for ri in 0..r {
             let (c, s) = (&c[ri * g.b..(ri + 1) * g.b], &s[ri * g.m..(ri + 1) * g.m]);
             // Σ_m s_m²‖W_m‖², ‖Σ_m s_m W[m]‖, and conv(Σ_b c_b X_U[b], Σ_m s_m W[m]).
-            let wn2: f64 = s.iter().zip(&wnorm).map(|(sm, n)| sm * sm * n).sum();
+            let wn2: f64 = s.iter().zip(wnorm).map(|(sm, n)| sm * sm * n).sum();
             let wsr = &ws[ri * g.n * kk..(ri + 1) * g.n * kk];
             let wsn = wsr.iter().map(|v| v * v).sum::<f64>().sqrt();
             let mut z = vec![0f64; p];
@@ -355,17 +445,21 @@ impl Checker {
             }
         }
         if let (Some(pr), Some(t)) = (proj, t) {
-            pr.shape = [g.b, g.n, g.h, g.w];
-            pr.reps = (0..r)
-                .map(|ri| {
-                    let tr = t[ri * g.n..(ri + 1) * g.n].to_vec();
-                    let xt = comb.proj[ri * g.b * hw..(ri + 1) * g.b * hw].to_vec();
-                    let norm2 = tr.iter().zip(&comb.chn2).map(|(tj, n)| tj * tj * n).sum();
-                    (tr, xt, norm2)
-                })
-                .collect();
+            if first == 0 {
+                pr.start(whole, &t, r);
+            }
+            for (ri, (tr, xt, norm2)) in pr.reps.iter_mut().enumerate() {
+                xt[first * hw..(first + g.b) * hw]
+                    .copy_from_slice(&comb.proj[ri * g.b * hw..(ri + 1) * g.b * hw]);
+                *norm2 += tr
+                    .iter()
+                    .zip(&comb.chn2)
+                    .map(|(tj, n)| tj * tj * n)
+                    .sum::<f64>();
+            }
         }
         (self.comb, self.lhs) = (comb, lhs);
+        self.weight_side = Some(side);
         self.stats.seconds += t0.elapsed().as_secs_f64();
         match range {
             Some(e) => Err(e),

@@ -7,6 +7,8 @@
 //! conv weights: the session's optimizer updates them here, and [`SplitExec`] sends the new weights to the
 //! accelerator (`SetWeights`), which is never trusted to update or report them.
 
+mod pipeline;
+
 use crate::integrity::{Checker, IntegrityStats, Projection, DEFAULT_REPS};
 use asymml_core::decomp::{
     add_noise_batch, block_svd_flops, decompose_batch_shared_with, decompose_batch_with,
@@ -50,6 +52,10 @@ pub struct SplitConfig {
     /// Measure each conv's trusted-side cost per step on both routes and take the fully-trusted one where it
     /// is cheaper (it also leaks nothing): see [`RouteCosts`]. `false` always follows the rank policy.
     pub auto_route: bool,
+    /// Micro-batch pipelining: each split conv's forward cuts the batch into this many parts of consecutive
+    /// samples (at most one per sample), so that the accelerator convolves one part while the trusted runtime
+    /// decomposes the next (1: the whole batch at once; ignored with `shared_basis`).
+    pub micro_batches: usize,
 }
 
 impl Default for SplitConfig {
@@ -66,6 +72,7 @@ impl Default for SplitConfig {
             integrity: true,
             guard: None,
             auto_route: false,
+            micro_batches: 1,
         }
     }
 }
@@ -86,6 +93,10 @@ struct LayerState {
     trusted_route: bool,
     /// What each route has cost this conv per step (with `auto_route`).
     costs: RouteCosts,
+    /// The last forward ran in parts (`micro_batches`): `parts` holds their factorisations and residuals
+    /// (`lr` is then unused).
+    micro: bool,
+    parts: Vec<pipeline::Part>,
 }
 
 /// Steps `auto_route` spends trying the routes (two each) before it compares them: a benchmark of the settled
@@ -193,6 +204,8 @@ pub struct SplitExec<T: Transport> {
     /// is computed into the conv's output, whose buffer the received Y_U then replaces: Y = Y_U + Y_T.)
     residual: Tensor,
     dw_t: Tensor,
+    /// ∇Y of one part, for ∇W_T of a conv whose forward ran in parts.
+    dy_part: Tensor,
     /// The conv whose input was decomposed last (a shortcut conv may reuse its decomposition).
     last_decomposed: Option<usize>,
     /// The larger side of the network's input, as the first conv (id 0) last saw it (for `guard`).
@@ -300,6 +313,7 @@ impl<T: Transport> SplitExec<T> {
             tconv: TrustedConv::new(),
             residual: Tensor::default(),
             dw_t: Tensor::default(),
+            dy_part: Tensor::default(),
             last_decomposed: None,
             input_side: 0,
             waited_s: 0.0,
@@ -475,6 +489,7 @@ impl<T: Transport> SplitExec<T> {
         let st = &mut self.layers[id];
         st.rank = conv.in_ch;
         st.trusted_route = true;
+        st.micro = false;
         st.shared_from = None;
         self.last_decomposed = None;
         let (rank, name) = (st.rank, st.name.clone());
@@ -511,6 +526,9 @@ impl<T: Transport> SplitExec<T> {
         let y_u_bytes = 4 * out_shape.iter().product::<usize>() as u64;
         let res = (|| {
             match shared {
+                Some(from) if self.layers[from].micro => {
+                    return self.forward_shared_parts(conv, x, y, train, from);
+                }
                 Some(from) => {
                     // A shortcut conv: the block input was decomposed and sent for its first conv already.
                     let req = Request::ConvForwardShared {
@@ -539,8 +557,12 @@ impl<T: Transport> SplitExec<T> {
                         // Measured cheaper here than the split (and nothing leaves).
                         return self.forward_trusted(conv, x, y, t0);
                     }
-                    let st = &mut self.layers[id];
                     let method = self.cfg.svd.unwrap_or(SvdMethod::light(self.cfg.iters));
+                    if self.parts_for(x.shape[0]) > 1 {
+                        return self.forward_parts(conv, x, y, train, policy, method);
+                    }
+                    let st = &mut self.layers[id];
+                    st.micro = false;
                     let r = if self.cfg.shared_basis {
                         decompose_batch_shared_with(
                             x,
@@ -638,18 +660,7 @@ impl<T: Transport> SplitExec<T> {
                         let merge = Some(y.data.as_slice());
                         ch.check_forward(conv, &residual.data, &x.shape, &mut got.data, proj, merge)
                     })
-                    .map_err(|e| {
-                        match got.data.iter().find(|v| !v.is_finite()) {
-                            Some(v) => bad_reply(
-                                &what,
-                                ProtocolError::Tensor(format!(
-                                    "non-finite value {v} in Y_U (after adding Y_T) of shape {:?}",
-                                    got.shape
-                                )),
-                            ),
-                            None => e,
-                        }
-                    })?;
+                    .map_err(|e| pipeline::name_non_finite(&what, &got, e))?;
                     *y = got;
                     Ok(())
                 })
@@ -803,13 +814,14 @@ impl<T: Transport> SplitExec<T> {
             };
             self.send(&req, Some(dx_bytes + dw_bytes))?;
             let t0 = Instant::now();
-            let st = &self.layers[id];
-            let lr = match st.shared_from {
-                Some(from) => &self.layers[from].lr,
-                None => &st.lr,
+            let owner = self.layers[id].shared_from.unwrap_or(id);
+            let f = if self.layers[owner].micro {
+                self.weight_grad_parts(conv, owner, dy, &mut dw_t)?
+            } else {
+                let lr = &self.layers[owner].lr;
+                self.tconv.weight_grad(conv, lr, dy, &mut dw_t)?;
+                TrustedConv::flops(conv, lr)?
             };
-            let f = TrustedConv::flops(conv, lr)?;
-            self.tconv.weight_grad(conv, lr, dy, &mut dw_t)?;
             self.trusted(id, t0, f);
             let passes = if dx.is_some() { 2.0 } else { 1.0 };
             let full = passes * 2.0 * conv.macs(&x.shape) as f64;

@@ -87,6 +87,18 @@ pub trait ConvBackend {
         train: bool,
     ) -> Result<Tensor, BackendError>;
 
+    /// Replaces the residual cached for `layer` with `x_u` ([B, C, H, W], C the layer's input channels): the
+    /// whole batch's X_U assembled from the parts of a micro-batched forward, each of which [`forward`]
+    /// (Self::forward) cached alone.
+    fn set_cached(&mut self, layer: u32, x_u: Tensor) -> Result<(), BackendError>;
+
+    /// Takes the residual cached for `layer` out of the backend, if it keeps it in host memory (its buffer is
+    /// then reused to assemble the next batch's parts); the default keeps it and gives `None`.
+    fn take_cached(&mut self, layer: u32) -> Option<Tensor> {
+        let _ = layer;
+        None
+    }
+
     /// dy: [B, M, OH, OW] → (∇X = conv_transpose(∇Y, W) if `need_dx`, ∇W_U = corr(X_U, ∇Y)).
     fn backward(
         &mut self,
@@ -376,6 +388,19 @@ impl CpuBackend {
         self.forward(layer, x_u, train)
     }
 
+    /// Replaces the residual cached for `layer` (see [`ConvBackend::set_cached`]).
+    pub fn set_cached(&mut self, layer: u32, x_u: Tensor) -> Result<(), BackendError> {
+        let slot = self.slot(layer)?;
+        if x_u.shape.len() != 4 || x_u.shape[1] != slot.conv.in_ch {
+            return Err(BackendError::Invalid(format!(
+                "layer {layer}: residual shape {:?} does not fit a conv with {} input channels",
+                x_u.shape, slot.conv.in_ch
+            )));
+        }
+        slot.cached = Some(x_u);
+        Ok(())
+    }
+
     /// dy: [B, M, OH, OW] → (∇X = conv_transpose(∇Y, W) if `need_dx`, ∇W_U = corr(X_U, ∇Y)).
     pub fn backward(
         &mut self,
@@ -514,6 +539,14 @@ impl ConvBackend for CpuBackend {
         train: bool,
     ) -> Result<Tensor, BackendError> {
         CpuBackend::forward_shared(self, layer, from, train)
+    }
+
+    fn set_cached(&mut self, layer: u32, x_u: Tensor) -> Result<(), BackendError> {
+        CpuBackend::set_cached(self, layer, x_u)
+    }
+
+    fn take_cached(&mut self, layer: u32) -> Option<Tensor> {
+        self.slot(layer).ok().and_then(|s| s.cached.take())
     }
 
     fn backward(

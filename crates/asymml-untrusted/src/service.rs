@@ -106,6 +106,9 @@ pub struct Service {
     pool: Option<rayon::ThreadPool>,
     /// Set when a request panicked: the backend's state is unknown, so every later request is refused.
     failed: bool,
+    /// Per layer, the batch being assembled from `ConvForwardPart`s: the whole batch's X_U (its shape is the
+    /// batch's) and the samples received so far.
+    parts: Vec<Option<(Tensor, usize)>>,
 }
 
 fn optimizer_of(spec: OptimizerSpec) -> (OptimizerKind, f32) {
@@ -163,6 +166,7 @@ impl Service {
             net: None,
             pool: None,
             failed: false,
+            parts: Vec::new(),
         })
     }
 
@@ -315,6 +319,7 @@ impl Service {
             Request::Hello { .. } => Reply::error("unexpected Hello"),
             Request::Register { layers, weights } => self.register(&layers, weights)?,
             Request::ConvForward { layer, x_u, train } => {
+                self.drop_parts(layer);
                 let l = self.layer(layer)?;
                 let shape = x_u.shape().to_vec();
                 let (u, _) = self.plan_pass(Pass::Forward, layer, &l, &shape)?;
@@ -323,6 +328,13 @@ impl Service {
                 self.record(layer, u);
                 conv_output(layer, y)
             }
+            Request::ConvForwardPart {
+                layer,
+                first,
+                batch,
+                x_u,
+                train,
+            } => self.forward_part(layer, first, batch, x_u, train)?,
             Request::ConvForwardShared {
                 layer,
                 from_layer,
@@ -383,6 +395,88 @@ impl Service {
         })
     }
 
+    /// Forgets a batch being assembled for `layer` (a whole-batch forward replaces it).
+    fn drop_parts(&mut self, layer: u32) {
+        if let Some(p) = self.parts.get_mut(layer as usize) {
+            *p = None;
+        }
+    }
+
+    /// `ConvForwardPart`: Y_U of samples `first ..` of a batch of `batch`, the part added to the batch's X_U,
+    /// which the backend caches once the last part came. Parts must come in order and without gaps; the budget
+    /// counts the whole batch's X_U from the first part on.
+    fn forward_part(
+        &mut self,
+        layer: u32,
+        first: u32,
+        batch: u32,
+        x_u: WireTensor,
+        train: bool,
+    ) -> Result<Reply, BackendError> {
+        let l = self.layer(layer)?;
+        let bad = |detail: String| BackendError::Invalid(format!("layer {layer}: {detail}"));
+        let shape = x_u.shape().to_vec();
+        let &[pb, c, h, w] = shape.as_slice() else {
+            return Err(bad(format!("input shape {shape:?} is not [B, C, H, W]")));
+        };
+        let (first, batch) = (first as usize, batch as usize);
+        if pb == 0 || first.checked_add(pb).is_none_or(|end| end > batch) {
+            return Err(bad(format!(
+                "a part of {pb} sample(s) from sample {first} does not fit a batch of {batch}"
+            )));
+        }
+        let full = [batch, c, h, w];
+        let i = layer as usize;
+        if self.parts.len() <= i {
+            self.parts.resize_with(i + 1, || None);
+        }
+        let received = match &self.parts[i] {
+            _ if first == 0 => 0,
+            Some((t, n)) if t.shape == full => *n,
+            Some((t, _)) => {
+                return Err(bad(format!(
+                    "a part of shape {shape:?} does not belong to the batch of shape {:?} being received",
+                    t.shape
+                )))
+            }
+            None => return Err(bad(format!("a part from sample {first} came before sample 0"))),
+        };
+        if first != received {
+            return Err(bad(format!(
+                "the part from sample {first} does not follow the {received} sample(s) received"
+            )));
+        }
+        // The whole batch's X_U is what the layer will cache.
+        let (u, _) = self.plan_pass(Pass::Forward, layer, &l, &full)?;
+        let x = wire_in(x_u, &shape)?;
+        if first == 0 {
+            // The buffer of the last batch's X_U, if the backend gives it back, else a new one.
+            let mut t = self.registered()?.take_cached(layer).unwrap_or_default();
+            t.resize(&full);
+            self.parts[i] = Some((t, 0));
+        }
+        let per = c * h * w;
+        if let Some((t, n)) = self.parts[i].as_mut() {
+            t.data[first * per..(first + pb) * per].copy_from_slice(&x.data);
+            *n += pb;
+        }
+        let y = self.registered()?.forward(layer, x, train);
+        let y = match y {
+            Ok(y) => y,
+            Err(e) => {
+                self.parts[i] = None;
+                return Err(e);
+            }
+        };
+        if matches!(&self.parts[i], Some((_, n)) if *n == batch) {
+            if let Some((t, _)) = self.parts[i].take() {
+                self.registered()?.set_cached(layer, t)?;
+            }
+        }
+        self.record(layer, u);
+        Ok(conv_output(layer, y))
+    }
+
     /// `Register`: the conv layers (split mode) and their weights.
     fn register(
         &mut self,
@@ -427,6 +521,7 @@ impl Service {
             ws.push((w, b));
         }
         self.backend()?.register(&specs, ws)?;
+        self.parts.clear();
         self.ledger = Ledger {
             params: params.unwrap_or(0),
             layers: vec![LayerUse::default(); specs.len()],
@@ -662,6 +757,100 @@ mod tests {
             },
         )
         .unwrap()
+    }
+
+    #[test]
+    fn parts_of_a_batch_give_the_whole_batch_s_outputs_and_backward() {
+        let mut rng = asymml_core::rng::Rng::new(4);
+        let mut t = |shape: &[usize]| {
+            let n = shape.iter().product();
+            Tensor::from_vec(shape, (0..n).map(|_| rng.normal()).collect()).unwrap()
+        };
+        let l = spec(3, 4, 3, 1, 1);
+        let (w, x, dy) = (t(&l.weight_shape()), t(&[5, 3, 6, 6]), t(&[5, 4, 6, 6]));
+        let reg = Request::Register {
+            layers: vec![l],
+            weights: vec![(public_weights(&w), None)],
+        };
+        let per = 3 * 36;
+        let part = |a: usize, b: usize| Request::ConvForwardPart {
+            layer: 0,
+            first: a as u32,
+            batch: 5,
+            x_u: declassify_residual(
+                &Tensor::from_vec(&[b - a, 3, 6, 6], x.data[a * per..b * per].to_vec()).unwrap(),
+            ),
+            train: true,
+        };
+        let backward = Request::ConvBackward {
+            layer: 0,
+            dy: declassify_output_grad(&dy),
+            need_dx: true,
+        };
+        let out = |r: Reply| r.into_conv_output(0).unwrap().data().to_vec();
+        // The whole batch at once.
+        let mut whole = Service::new(1).unwrap();
+        assert_eq!(whole.handle(reg.clone()), Reply::Ok);
+        let y = out(whole.handle(Request::ConvForward {
+            layer: 0,
+            x_u: declassify_residual(&x),
+            train: true,
+        }));
+        let grads = whole.handle(backward.clone());
+        // In parts, twice (the second batch reuses the first's buffer).
+        let mut parts = Service::new(1).unwrap();
+        assert_eq!(parts.handle(reg), Reply::Ok);
+        for _ in 0..2 {
+            let mut got = Vec::new();
+            for (a, b) in [(0, 2), (2, 3), (3, 5)] {
+                got.extend(out(parts.handle(part(a, b))));
+            }
+            assert_eq!(got, y);
+            assert_eq!(parts.handle(backward.clone()), grads);
+        }
+        // Out of order, with a gap, past the batch, or of another shape: refused, and the session goes on.
+        for (bad, needle) in [
+            (vec![part(2, 3)], "came before sample 0"),
+            (
+                vec![part(0, 2), part(3, 5)],
+                "does not follow the 2 sample(s)",
+            ),
+            (
+                vec![part(0, 2), part(2, 3), part(2, 3)],
+                "does not follow the 3 sample(s)",
+            ),
+        ] {
+            let n = bad.len();
+            for (i, req) in bad.into_iter().enumerate() {
+                let r = parts.handle(req);
+                if i + 1 == n {
+                    assert!(error_of(r).contains(needle), "{needle}");
+                }
+            }
+        }
+        let past = Request::ConvForwardPart {
+            layer: 0,
+            first: 4,
+            batch: 5,
+            x_u: declassify_residual(&Tensor::zeros(&[2, 3, 6, 6])),
+            train: false,
+        };
+        assert!(error_of(parts.handle(past)).contains("does not fit a batch of 5"));
+        let _ = parts.handle(part(0, 2));
+        let other = Request::ConvForwardPart {
+            layer: 0,
+            first: 2,
+            batch: 5,
+            x_u: declassify_residual(&Tensor::zeros(&[1, 3, 7, 7])),
+            train: false,
+        };
+        assert!(error_of(parts.handle(other)).contains("does not belong to the batch"));
+        // Sample 0 starts a new batch.
+        let mut got = Vec::new();
+        for (a, b) in [(0, 2), (2, 3), (3, 5)] {
+            got.extend(out(parts.handle(part(a, b))));
+        }
+        assert_eq!(got, y);
     }
 
     #[test]

@@ -58,6 +58,7 @@ impl SplitSetup {
                 clip: a.clip,
                 integrity: a.integrity.is_on(),
                 auto_route: a.route == crate::values::RouteChoice::Auto,
+                micro_batches: usize::from(a.micro_batches),
                 ..Default::default()
             },
             accelerator: a.accelerator.clone(),

@@ -83,7 +83,13 @@ fn correlation(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn transcript_of_a_split_step_holds_only_what_the_design_allows() {
-    for (policy, nsr) in [("schedule", 0.0), ("asym1", 0.0), ("fixed:1", 0.1)] {
+    for (policy, nsr, micro) in [
+        ("schedule", 0.0, 1),
+        ("asym1", 0.0, 1),
+        ("fixed:1", 0.1, 1),
+        ("schedule", 0.0, 3),
+        ("asym1", 0.1, 2),
+    ] {
         let (mut net, x, labels) = small_resnet();
         // The private activations, from a trusted-only forward of the same net.
         let (mut twin, _, _) = small_resnet();
@@ -95,7 +101,11 @@ fn transcript_of_a_split_step_holds_only_what_the_design_allows() {
         let server = std::thread::spawn(move || Service::new(1).unwrap().serve(server));
         let rec = Recording::new(client);
         let transcript = rec.transcript();
-        let mut exec = SplitExec::connect(rec, &mut net, cfg(policy, nsr)).unwrap();
+        let config = SplitConfig {
+            micro_batches: micro,
+            ..cfg(policy, nsr)
+        };
+        let mut exec = SplitExec::connect(rec, &mut net, config).unwrap();
         net.zero_grad();
         net.forward_loss(&x, &labels, true, &mut exec).unwrap();
         net.backward(&mut exec, false).unwrap();
@@ -109,6 +119,7 @@ fn transcript_of_a_split_step_holds_only_what_the_design_allows() {
             MessageKind::Hello,
             MessageKind::Register,
             MessageKind::ConvForward,
+            MessageKind::ConvForwardPart,
             MessageKind::ConvForwardShared,
             MessageKind::ConvBackward,
             MessageKind::SetWeights,
@@ -124,7 +135,7 @@ fn transcript_of_a_split_step_holds_only_what_the_design_allows() {
             for t in &r.tensors {
                 let field_ok = match kind {
                     MessageKind::Register => t.field == "w" || t.field == "b",
-                    MessageKind::ConvForward => t.field == "x_u",
+                    MessageKind::ConvForward | MessageKind::ConvForwardPart => t.field == "x_u",
                     MessageKind::ConvBackward => t.field == "dy",
                     MessageKind::SetWeights => t.field == "w" || t.field == "b",
                     _ => false,
@@ -147,6 +158,19 @@ fn transcript_of_a_split_step_holds_only_what_the_design_allows() {
             }
         }
         assert!(checked > 0, "no payload was compared");
+        // A pipelined forward sends its parts, and only them.
+        let sent = |k| {
+            records
+                .iter()
+                .filter(|r| r.direction == asymml_protocol::Direction::Sent && r.kind == Some(k))
+                .count()
+        };
+        if micro > 1 {
+            assert!(sent(MessageKind::ConvForwardPart) > 0, "{policy}: no parts");
+            assert_eq!(sent(MessageKind::ConvForward), 0, "{policy}: a whole batch");
+        } else {
+            assert_eq!(sent(MessageKind::ConvForwardPart), 0);
+        }
     }
 }
 

@@ -135,6 +135,10 @@ impl Transport for Relay {
     fn peer(&self) -> String {
         format!("relay to {}", self.inner.peer())
     }
+
+    fn queues_frames(&self) -> bool {
+        self.inner.queues_frames()
+    }
 }
 
 /// A small model of each family, a batch and its labels.
@@ -276,6 +280,40 @@ fn honest_runs_raise_no_alarm() {
     );
     assert!(checks >= 10_000, "only {checks} checks");
     assert!(worst < 1.0);
+}
+
+#[test]
+fn micro_batched_forwards_are_checked_part_by_part() {
+    // Each part of a pipelined forward is its own check, and the ∇W_U check of the backward uses the
+    // projection assembled from every part's: a lie in any of them is caught, and honest runs pass.
+    let micro = |policy| SplitConfig {
+        micro_batches: 3,
+        ..cfg(policy, false, 0.0)
+    };
+    for name in ["vgg11", "resnet18"] {
+        for policy in ["schedule", "asym1"] {
+            let (res, stats) = run(name, micro(policy), Tamper::None, 0, 3);
+            res.unwrap_or_else(|e| panic!("{name} {policy}: {e}"));
+            assert_eq!(stats.failures, 0);
+            assert!(stats.checks > 0);
+            assert!(stats.worst_ratio < 1.0);
+        }
+        for (layer, tamper) in [
+            (0, Tamper::Output(0.1)),
+            (3, Tamper::Output(0.1)),
+            (3, Tamper::InputGrad(0.1)),
+            (3, Tamper::WeightGrad(0.1)),
+            (0, Tamper::WeightGrad(0.1)),
+        ] {
+            let (res, stats) = run(name, micro("schedule"), tamper, layer, 2);
+            let err = res.expect_err(&format!("{name}: {tamper:?} at conv {layer} passed"));
+            assert!(
+                matches!(err, CoreError::Integrity { .. }),
+                "{name}: {tamper:?} at conv {layer}: {err}"
+            );
+            assert_eq!(stats.failures, 1);
+        }
+    }
 }
 
 #[test]

@@ -115,6 +115,34 @@ fn split_equals_trusted_only_over_a_process_and_tcp() {
 }
 
 #[test]
+fn micro_batched_split_equals_trusted_only() {
+    // In-process every part is sent at once; over a child process's Unix socket one part is outstanding at
+    // a time. Batch 4 in 3 parts (2 + 1 + 1 samples); the energy policy chooses a rank per part.
+    for (accel, model, rank, integrity) in [
+        ("inproc", "vgg16", "schedule", "on"),
+        ("inproc", "vgg16", "asym1", "off"),
+        ("inproc", "resnet18", "asym1", "on"),
+        ("inproc", "resnet18", "fixed:3", "off"),
+        ("process", "vgg16", "asym1", "on"),
+        ("process", "resnet18", "schedule", "on"),
+    ] {
+        let more = [
+            "--micro-batches",
+            "3",
+            "--route",
+            "split",
+            "--integrity",
+            integrity,
+        ];
+        let v = verify_with(model, rank, accel, &more);
+        assert!(
+            v["max_rel_err"].as_f64().unwrap() <= 1e-4,
+            "{accel} {model} {rank} integrity {integrity}: {v}"
+        );
+    }
+}
+
+#[test]
 fn shared_basis_split_equals_trusted_only() {
     for model in ["vgg16", "resnet18"] {
         for rank in ["schedule", "asym2", "fixed:3"] {

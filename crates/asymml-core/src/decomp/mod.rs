@@ -41,6 +41,38 @@ use crate::error::{CoreError, Result};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
+use std::ops::Range;
+
+/// A batch [B, N, H, W] borrowed from a tensor: all of it or a range of its samples.
+#[derive(Clone, Copy)]
+struct Batch<'a> {
+    data: &'a [f32],
+    shape: [usize; 4],
+}
+
+impl<'a> Batch<'a> {
+    fn of(x: &'a Tensor) -> Result<Self> {
+        let (b, n, h, w) = x.nchw("decompose")?;
+        Ok(Batch {
+            data: &x.data,
+            shape: [b, n, h, w],
+        })
+    }
+
+    fn samples(x: &'a Tensor, samples: Range<usize>) -> Result<Self> {
+        let (b, n, h, w) = x.nchw("decompose")?;
+        if samples.start >= samples.end || samples.end > b {
+            return Err(CoreError::Shape(format!(
+                "decompose: samples {samples:?} of a batch of {b}"
+            )));
+        }
+        let per = n * h * w;
+        Ok(Batch {
+            data: &x.data[samples.start * per..samples.end * per],
+            shape: [samples.len(), n, h, w],
+        })
+    }
+}
 
 /// The factorisations of one batch: every sample b has U_b (N × r) and V_b (r × H·W) with the same r.
 #[derive(Clone, Debug, Default)]
@@ -111,7 +143,19 @@ pub fn decompose_batch(
     out: &mut BatchLowRank,
     residual: &mut Tensor,
 ) -> Result<usize> {
-    let (b, n, h, w) = x.nchw("decompose")?;
+    decompose_light(Batch::of(x)?, policy, schedule_step, iters, out, residual)
+}
+
+/// [`decompose_batch`] of a borrowed batch.
+fn decompose_light(
+    x: Batch<'_>,
+    policy: RankPolicy,
+    schedule_step: usize,
+    iters: usize,
+    out: &mut BatchLowRank,
+    residual: &mut Tensor,
+) -> Result<usize> {
+    let [b, n, h, w] = x.shape;
     check_energy(policy)?;
     let (hw, nhw) = (h * w, n * h * w);
     residual.resize(&x.shape);
@@ -313,18 +357,46 @@ pub fn decompose_batch_with(
     out: &mut BatchLowRank,
     residual: &mut Tensor,
 ) -> Result<usize> {
+    decompose_block(Batch::of(x)?, policy, schedule_step, method, out, residual)
+}
+
+/// [`decompose_batch_with`] of samples `samples` of x ([B, N, H, W]) only: `out` and `residual` then hold
+/// those samples' factorisations and residual ([len, N, H, W]), r chosen by the policy over them alone (a
+/// micro-batch of a pipelined forward).
+pub fn decompose_samples_with(
+    x: &Tensor,
+    samples: Range<usize>,
+    policy: RankPolicy,
+    schedule_step: usize,
+    method: SvdMethod,
+    out: &mut BatchLowRank,
+    residual: &mut Tensor,
+) -> Result<usize> {
+    let part = Batch::samples(x, samples)?;
+    decompose_block(part, policy, schedule_step, method, out, residual)
+}
+
+/// [`decompose_batch_with`] of a borrowed batch.
+fn decompose_block(
+    x: Batch<'_>,
+    policy: RankPolicy,
+    schedule_step: usize,
+    method: SvdMethod,
+    out: &mut BatchLowRank,
+    residual: &mut Tensor,
+) -> Result<usize> {
     let m = match method {
         SvdMethod::Light { iters } => {
-            return decompose_batch(x, policy, schedule_step, iters, out, residual)
+            return decompose_light(x, policy, schedule_step, iters, out, residual)
         }
         SvdMethod::Block(m) => m,
     };
-    let (b, n, h, w) = x.nchw("decompose")?;
+    let [b, n, h, w] = x.shape;
     check_energy(policy)?;
     let (hw, nhw) = (h * w, n * h * w);
     if b * nhw == 0 {
         // Nothing to decompose: the light path's zero components of the clamped rank.
-        return decompose_batch(x, policy, schedule_step, 1, out, residual);
+        return decompose_light(x, policy, schedule_step, 1, out, residual);
     }
     residual.resize(&x.shape);
     out.n = n;
@@ -486,11 +558,24 @@ pub fn add_noise_batch(x: &Tensor, x_u: &mut Tensor, nsr: f32, rng: &mut Rng) ->
             x_u.shape, x.shape
         )));
     }
-    let per = x.len() / x.shape[0].max(1);
+    add_noise_samples(&x.data, x_u, nsr, rng)
+}
+
+/// [`add_noise_batch`] with the layer input's samples given as values: `x` holds as many values as x_u, in
+/// the same layout (the samples of a micro-batch).
+pub fn add_noise_samples(x: &[f32], x_u: &mut Tensor, nsr: f32, rng: &mut Rng) -> Result<()> {
+    if x.len() != x_u.len() || x_u.shape.is_empty() {
+        return Err(CoreError::Shape(format!(
+            "noise: a residual of shape {:?} for {} input values",
+            x_u.shape,
+            x.len()
+        )));
+    }
+    let per = x.len() / x_u.shape[0].max(1);
     if per == 0 {
         return Ok(());
     }
-    for (xb, ub) in x.data.chunks(per).zip(x_u.data.chunks_mut(per)) {
+    for (xb, ub) in x.chunks(per).zip(x_u.data.chunks_mut(per)) {
         add_noise(ub, nsr, rms(xb), rng);
     }
     Ok(())

@@ -1,0 +1,473 @@
+//! Micro-batch pipelining of a split conv's forward (`SplitConfig::micro_batches`): the batch is cut into
+//! parts of consecutive samples, and while the accelerator convolves part k's X_U the trusted runtime
+//! decomposes part k + 1 and computes part k's Conv_T. Each part is its own `ConvForwardPart` and its own
+//! integrity check; the accelerator assembles the whole batch's X_U for the backward (and for a shortcut conv
+//! reading the same input), so the backward is the whole batch's as before, its ∇W_T summed over the parts.
+//!
+//! How many parts may be outstanding depends on the transport: over one that queues frames (in-process) every
+//! part is sent as soon as it is decomposed; over a byte stream one at a time (the next part's decomposition
+//! still overlaps the accelerator's work), since both sides writing more than the socket buffers hold while
+//! neither reads would wait for good.
+
+use super::{bad_reply, SplitExec};
+use asymml_core::decomp::{
+    add_noise_samples, block_svd_flops, decompose_samples_with, light_svd_flops, BatchLowRank,
+    RankPolicy, SvdMethod, TrustedConv,
+};
+use asymml_core::layers::Conv2d;
+use asymml_core::{CoreError, Tensor};
+use asymml_protocol::{declassify_residual_owned, ProtocolError, Request, Transport, WireTensor};
+use std::ops::Range;
+use std::time::Instant;
+
+/// One part of a micro-batched forward: its samples, their factorisation, their residual X_U (as sent) and
+/// their Y_T.
+#[derive(Debug, Default)]
+pub(super) struct Part {
+    pub(super) samples: Range<usize>,
+    pub(super) lr: BatchLowRank,
+    pub(super) res: Tensor,
+    y_t: Tensor,
+}
+
+/// `b` samples cut into `parts` ranges of consecutive samples whose sizes differ by at most one.
+pub(super) fn part_ranges(b: usize, parts: usize) -> Vec<Range<usize>> {
+    let parts = parts.clamp(1, b.max(1));
+    let (base, extra) = (b / parts, b % parts);
+    let mut start = 0;
+    (0..parts)
+        .map(|k| {
+            let len = base + usize::from(k < extra);
+            let r = start..start + len;
+            start += len;
+            r
+        })
+        .collect()
+}
+
+/// `what` failed on `got`: names a NaN or infinity in it when there is one (the check's sums fail on them).
+pub(super) fn name_non_finite(what: &str, got: &Tensor, e: CoreError) -> CoreError {
+    match got.data.iter().find(|v| !v.is_finite()) {
+        Some(v) => bad_reply(
+            what,
+            ProtocolError::Tensor(format!(
+                "non-finite value {v} in Y_U (after adding Y_T) of shape {:?}",
+                got.shape
+            )),
+        ),
+        None => e,
+    }
+}
+
+impl<T: Transport> SplitExec<T> {
+    /// The number of parts conv `id`'s forward of a batch of `b` samples is cut into (1: not micro-batched).
+    pub(super) fn parts_for(&self, b: usize) -> usize {
+        if self.cfg.shared_basis {
+            // One basis for the whole batch: its decomposition cannot start before the last sample.
+            return 1;
+        }
+        self.cfg.micro_batches.clamp(1, b.max(1))
+    }
+
+    /// The split forward of conv `conv.id` in parts (see the module documentation); `t0` is when the conv's
+    /// trusted work began.
+    pub(super) fn forward_parts(
+        &mut self,
+        conv: &Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        train: bool,
+        policy: RankPolicy,
+        method: SvdMethod,
+    ) -> Result<(), CoreError> {
+        let id = conv.id;
+        let b = x.shape[0];
+        let out_shape = conv.out_shape(&x.shape)?;
+        let mut parts = std::mem::take(&mut self.layers[id].parts);
+        let ranges = part_ranges(b, self.parts_for(b));
+        parts.resize_with(ranges.len(), Part::default);
+        for (p, r) in parts.iter_mut().zip(ranges) {
+            p.samples = r;
+        }
+        let mut proj = std::mem::take(&mut self.layers[id].proj);
+        y.resize(&out_shape);
+        let res = self.run_parts(conv, x, y, train, policy, method, &mut parts, &mut proj);
+        self.layers[id].parts = parts;
+        self.layers[id].proj = proj;
+        self.layers[id].micro = true;
+        self.layers[id].shared_from = None;
+        self.layers[id].trusted_route = false;
+        self.last_decomposed = Some(id);
+        res?;
+        let full = 2.0 * conv.macs(&x.shape) as f64;
+        let (rank, name) = (self.layers[id].rank, self.layers[id].name.clone());
+        self.count_layer(Some(id), |l| {
+            l.untrusted_flops += full;
+            l.rank = rank;
+            l.trusted_route = false;
+            l.name.clone_from(&name);
+        });
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_parts(
+        &mut self,
+        conv: &Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        train: bool,
+        policy: RankPolicy,
+        method: SvdMethod,
+        parts: &mut [Part],
+        proj: &mut crate::integrity::Projection,
+    ) -> Result<(), CoreError> {
+        let id = conv.id;
+        let n = parts.len();
+        let window = if self.client.transport().queues_frames() {
+            n
+        } else {
+            1
+        };
+        let (mut decomposed, mut sent) = (0, 0);
+        let mut rank = 0;
+        // Sends the parts the window allows, decomposing each first where that is not done yet.
+        macro_rules! fill {
+            ($k:expr) => {
+                while sent < n && sent - $k < window {
+                    if decomposed == sent {
+                        rank = rank.max(self.decompose_part(
+                            x,
+                            id,
+                            &mut parts[sent],
+                            policy,
+                            method,
+                        )?);
+                        decomposed += 1;
+                    }
+                    self.send_part(id, x.shape[0], train, &mut parts[sent], conv)?;
+                    sent += 1;
+                }
+            };
+        }
+        for k in 0..n {
+            fill!(k);
+            if decomposed < n {
+                // The next part's decomposition overlaps the accelerator's work on the parts sent.
+                rank =
+                    rank.max(self.decompose_part(x, id, &mut parts[decomposed], policy, method)?);
+                decomposed += 1;
+            }
+            self.layers[id].rank = rank;
+            let t0 = Instant::now();
+            let p = &mut parts[k];
+            let f = TrustedConv::forward_flops(conv, &p.lr)?;
+            self.tconv.forward(conv, &p.lr, &mut p.y_t)?;
+            self.trusted(id, t0, f);
+            let what = format!(
+                "ConvForwardPart(layer {id}, samples {}..{})",
+                p.samples.start, p.samples.end
+            );
+            let y_u = self
+                .recv(Some(id))?
+                .into_conv_output(id as u32)
+                .map_err(|e| bad_reply(&what, e))?;
+            // The accelerator can start on the next part while this one is merged.
+            fill!(k + 1);
+            let p = &parts[k];
+            let got = self.merge_part(
+                conv,
+                p,
+                &p.res,
+                y_u,
+                &what,
+                train.then_some(&mut *proj),
+                x.shape[0],
+            )?;
+            let per_sample = got.len() / p.samples.len();
+            y.data[p.samples.start * per_sample..][..got.len()].copy_from_slice(&got.data);
+        }
+        Ok(())
+    }
+
+    /// Decomposes `part`'s samples of x (and adds the noise or clipping the config asks for); returns the
+    /// rank.
+    fn decompose_part(
+        &mut self,
+        x: &Tensor,
+        id: usize,
+        part: &mut Part,
+        policy: RankPolicy,
+        method: SvdMethod,
+    ) -> Result<usize, CoreError> {
+        let t0 = Instant::now();
+        let step = self.layers[id].step;
+        let samples = part.samples.clone();
+        let r = decompose_samples_with(
+            x,
+            samples.clone(),
+            policy,
+            step,
+            method,
+            &mut part.lr,
+            &mut part.res,
+        )?;
+        match self.cfg.clip {
+            Some(c) => {
+                asymml_core::dp::clip_and_noise_batch(
+                    &mut part.res,
+                    c,
+                    self.cfg.nsr,
+                    &mut self.rng,
+                )?;
+            }
+            None if self.cfg.nsr > 0.0 => {
+                let per = x.len() / x.shape[0];
+                let xs = &x.data[samples.start * per..samples.end * per];
+                add_noise_samples(xs, &mut part.res, self.cfg.nsr, &mut self.rng)?;
+            }
+            None => {}
+        }
+        let (pb, n, h, w) = part.res.nchw("split")?;
+        let flops = match method {
+            SvdMethod::Light { iters } => light_svd_flops(pb, n, h * w, r, iters),
+            SvdMethod::Block(m) => block_svd_flops(pb, n, h * w, r, &m),
+        };
+        let dt = t0.elapsed().as_secs_f64();
+        self.count_layer(Some(id), |l| l.decompose_s += dt);
+        self.trusted(id, t0, flops);
+        Ok(r)
+    }
+
+    /// Sends `part`'s X_U (the buffer comes back for the check and the next step).
+    fn send_part(
+        &mut self,
+        id: usize,
+        batch: usize,
+        train: bool,
+        part: &mut Part,
+        conv: &Conv2d,
+    ) -> Result<(), CoreError> {
+        let too_big = |v: usize| {
+            u32::try_from(v).map_err(|_| CoreError::Invalid(format!("a batch of {v} samples")))
+        };
+        let out = conv.out_shape(&part.res.shape)?;
+        let y_u_bytes = 4 * out.iter().product::<usize>() as u64;
+        let req = Request::ConvForwardPart {
+            layer: id as u32,
+            first: too_big(part.samples.start)?,
+            batch: too_big(batch)?,
+            x_u: declassify_residual_owned(std::mem::take(&mut part.res)),
+            train,
+        };
+        let sent = self.send(&req, Some(y_u_bytes));
+        if let Request::ConvForwardPart { x_u, .. } = req {
+            part.res = x_u.reclaim_sent();
+        }
+        sent
+    }
+
+    /// Y_U of `part` (its samples of a batch of `batch`) checked against `res` (the residual it was computed
+    /// on) and added to the part's Y_T: Y_U + Y_T of the part's samples.
+    #[allow(clippy::too_many_arguments)]
+    fn merge_part(
+        &mut self,
+        conv: &Conv2d,
+        part: &Part,
+        res: &Tensor,
+        y_u: WireTensor,
+        what: &str,
+        proj: Option<&mut crate::integrity::Projection>,
+        batch: usize,
+    ) -> Result<Tensor, CoreError> {
+        let id = conv.id;
+        let out_shape = part.y_t.shape.clone();
+        if self.checker.is_some() {
+            // The check's pass over Y_U also catches a NaN or infinity (see `forward_split`).
+            let mut got = y_u
+                .into_tensor_unscanned(&out_shape)
+                .map_err(|e| bad_reply(what, e))?;
+            let first = part.samples.start;
+            self.checked(id, |ch| {
+                let merge = Some(part.y_t.data.as_slice());
+                let whole = (first, batch);
+                ch.check_forward_part(
+                    conv,
+                    &res.data,
+                    &res.shape,
+                    &mut got.data,
+                    proj,
+                    merge,
+                    whole,
+                )
+            })
+            .map_err(|e| name_non_finite(what, &got, e))?;
+            Ok(got)
+        } else {
+            let t0 = Instant::now();
+            let r = y_u
+                .into_sum_checked(&out_shape, &part.y_t)
+                .map_err(|e| bad_reply(what, e));
+            let dt = t0.elapsed().as_secs_f64();
+            self.count_layer(Some(id), |l| {
+                l.merge_s += dt;
+                l.trusted_s += dt;
+            });
+            r
+        }
+    }
+
+    /// The forward of a shortcut conv reading the input of conv `from`, whose forward ran in parts: Y_T and
+    /// the checks part by part against `from`'s residuals, Y_U (the accelerator's, on the whole batch's X_U it
+    /// assembled) in one reply.
+    pub(super) fn forward_shared_parts(
+        &mut self,
+        conv: &Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        train: bool,
+        from: usize,
+    ) -> Result<(), CoreError> {
+        let id = conv.id;
+        let out_shape = conv.out_shape(&x.shape)?;
+        let y_u_bytes = 4 * out_shape.iter().product::<usize>() as u64;
+        let req = Request::ConvForwardShared {
+            layer: id as u32,
+            from_layer: from as u32,
+            train,
+        };
+        self.send(&req, Some(y_u_bytes))?;
+        let src = std::mem::take(&mut self.layers[from].parts);
+        let mut mine = std::mem::take(&mut self.layers[id].parts);
+        let mut proj = std::mem::take(&mut self.layers[id].proj);
+        let res = (|| {
+            mine.resize_with(src.len(), Part::default);
+            let t0 = Instant::now();
+            let mut f = 0.0;
+            for (m, s) in mine.iter_mut().zip(&src) {
+                m.samples = s.samples.clone();
+                f += TrustedConv::forward_flops(conv, &s.lr)?;
+                self.tconv.forward(conv, &s.lr, &mut m.y_t)?;
+            }
+            self.trusted(id, t0, f);
+            let what = format!("ConvForwardShared(layer {id})");
+            let y_u = self
+                .recv(Some(id))?
+                .into_conv_output(id as u32)
+                .map_err(|e| bad_reply(&what, e))?;
+            let mut got = y_u
+                .into_tensor_unscanned(&out_shape)
+                .map_err(|e| bad_reply(&what, e))?;
+            let per = out_shape[1..].iter().product::<usize>();
+            let b = x.shape[0];
+            for (m, s) in mine.iter().zip(&src) {
+                let slice = &mut got.data[m.samples.start * per..m.samples.end * per];
+                if self.checker.is_some() {
+                    let first = m.samples.start;
+                    let p = train.then_some(&mut proj);
+                    self.checked(id, |ch| {
+                        let merge = Some(m.y_t.data.as_slice());
+                        let sh = &s.res.shape;
+                        ch.check_forward_part(conv, &s.res.data, sh, slice, p, merge, (first, b))
+                    })
+                    .map_err(|e| name_non_finite(&what, &got, e))?;
+                } else {
+                    if let Some(v) = slice.iter().find(|v| !v.is_finite()) {
+                        return Err(bad_reply(
+                            &what,
+                            ProtocolError::Tensor(format!("non-finite value {v} in Y_U")),
+                        ));
+                    }
+                    slice.iter_mut().zip(&m.y_t.data).for_each(|(o, t)| *o += t);
+                }
+            }
+            *y = got;
+            Ok(())
+        })();
+        self.layers[from].parts = src;
+        self.layers[id].parts = mine;
+        self.layers[id].proj = proj;
+        self.layers[id].shared_from = Some(from);
+        self.layers[id].micro = false;
+        self.layers[id].trusted_route = false;
+        res?;
+        let full = 2.0 * conv.macs(&x.shape) as f64;
+        let (rank, name) = (self.layers[from].rank, self.layers[id].name.clone());
+        self.layers[id].rank = rank;
+        self.count_layer(Some(id), |l| {
+            l.untrusted_flops += full;
+            l.rank = rank;
+            l.trusted_route = false;
+            l.name.clone_from(&name);
+        });
+        Ok(())
+    }
+
+    /// ∇W_T of a conv whose input was decomposed in parts (its own, or `from`'s for a shortcut conv): the sum
+    /// over the parts of each part's ∇W_T against its samples of ∇Y. Returns the FLOPs.
+    pub(super) fn weight_grad_parts(
+        &mut self,
+        conv: &Conv2d,
+        owner: usize,
+        dy: &Tensor,
+        dw_t: &mut Tensor,
+    ) -> Result<f64, CoreError> {
+        let parts = std::mem::take(&mut self.layers[owner].parts);
+        let mut dy_k = std::mem::take(&mut self.dy_part);
+        let mut dw_k = Tensor::default();
+        let res = (|| {
+            let b = dy.shape.first().copied().unwrap_or(0);
+            let per = dy.len().checked_div(b).unwrap_or(0);
+            let mut shape = dy.shape.clone();
+            let mut flops = 0.0;
+            dw_t.resize_zero(&conv.weight.value.shape);
+            for p in &parts {
+                if p.samples.end > b {
+                    return Err(CoreError::Shape(format!(
+                        "split backward: ∇Y of {b} samples for a forward of {} or more",
+                        p.samples.end
+                    )));
+                }
+                shape[0] = p.samples.len();
+                dy_k.resize(&shape);
+                dy_k.data
+                    .copy_from_slice(&dy.data[p.samples.start * per..p.samples.end * per]);
+                flops += TrustedConv::flops(conv, &p.lr)?;
+                self.tconv.weight_grad(conv, &p.lr, &dy_k, &mut dw_k)?;
+                dw_t.data
+                    .iter_mut()
+                    .zip(&dw_k.data)
+                    .for_each(|(a, v)| *a += v);
+            }
+            Ok(flops)
+        })();
+        self.layers[owner].parts = parts;
+        self.dy_part = dy_k;
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::part_ranges;
+
+    #[test]
+    fn parts_cover_the_batch_in_order_with_sizes_within_one() {
+        for b in 1..20 {
+            for m in 1..10 {
+                let r = part_ranges(b, m);
+                assert_eq!(r.len(), m.min(b));
+                assert_eq!(r[0].start, 0);
+                assert_eq!(r.last().unwrap().end, b);
+                for w in r.windows(2) {
+                    assert_eq!(w[0].end, w[1].start);
+                }
+                let (lo, hi) = (
+                    r.iter().map(|x| x.len()).min().unwrap(),
+                    r.iter().map(|x| x.len()).max().unwrap(),
+                );
+                assert!(lo >= 1 && hi - lo <= 1, "b {b} m {m}: {r:?}");
+            }
+        }
+    }
+}
