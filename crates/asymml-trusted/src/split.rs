@@ -206,6 +206,8 @@ pub struct SplitExec<T: Transport> {
     dw_t: Tensor,
     /// ∇Y of one part, for ∇W_T of a conv whose forward ran in parts.
     dy_part: Tensor,
+    /// The buffers of a micro-batched forward's parts (shared by every conv).
+    part_bufs: Vec<pipeline::PartBufs>,
     /// The conv whose input was decomposed last (a shortcut conv may reuse its decomposition).
     last_decomposed: Option<usize>,
     /// The larger side of the network's input, as the first conv (id 0) last saw it (for `guard`).
@@ -314,6 +316,7 @@ impl<T: Transport> SplitExec<T> {
             residual: Tensor::default(),
             dw_t: Tensor::default(),
             dy_part: Tensor::default(),
+            part_bufs: Vec::new(),
             last_decomposed: None,
             input_side: 0,
             waited_s: 0.0,

@@ -20,13 +20,19 @@ use asymml_protocol::{declassify_residual_owned, ProtocolError, Request, Transpo
 use std::ops::Range;
 use std::time::Instant;
 
-/// One part of a micro-batched forward: its samples, their factorisation, their residual X_U (as sent) and
-/// their Y_T.
+/// One part of a micro-batched forward, kept by its conv for the backward: its samples and their
+/// factorisation.
 #[derive(Debug, Default)]
 pub(super) struct Part {
     pub(super) samples: Range<usize>,
     pub(super) lr: BatchLowRank,
-    pub(super) res: Tensor,
+}
+
+/// The buffers of one part, shared by every conv (a conv's forward uses them; a shortcut conv right after
+/// reads its block input's residuals from them): the residual X_U as sent, and Y_T.
+#[derive(Debug, Default)]
+pub(super) struct PartBufs {
+    res: Tensor,
     y_t: Tensor,
 }
 
@@ -69,8 +75,7 @@ impl<T: Transport> SplitExec<T> {
         self.cfg.micro_batches.clamp(1, b.max(1))
     }
 
-    /// The split forward of conv `conv.id` in parts (see the module documentation); `t0` is when the conv's
-    /// trusted work began.
+    /// The split forward of conv `conv.id` in parts (see the module documentation).
     pub(super) fn forward_parts(
         &mut self,
         conv: &Conv2d,
@@ -90,8 +95,12 @@ impl<T: Transport> SplitExec<T> {
             p.samples = r;
         }
         let mut proj = std::mem::take(&mut self.layers[id].proj);
+        let mut bufs = std::mem::take(&mut self.part_bufs);
+        bufs.resize_with(bufs.len().max(parts.len()), PartBufs::default);
         y.resize(&out_shape);
-        let res = self.run_parts(conv, x, y, train, policy, method, &mut parts, &mut proj);
+        let how = (train, policy, method);
+        let res = self.run_parts(conv, x, y, how, &mut parts, &mut bufs, &mut proj);
+        self.part_bufs = bufs;
         self.layers[id].parts = parts;
         self.layers[id].proj = proj;
         self.layers[id].micro = true;
@@ -110,16 +119,26 @@ impl<T: Transport> SplitExec<T> {
         Ok(())
     }
 
+    /// Decomposes part `k` into its factorisation and residual buffer; returns the rank.
+    fn decompose_into(
+        &mut self,
+        x: &Tensor,
+        id: usize,
+        (part, bufs): (&mut Part, &mut PartBufs),
+        (policy, method): (RankPolicy, SvdMethod),
+    ) -> Result<usize, CoreError> {
+        self.decompose_part(x, id, part, &mut bufs.res, policy, method)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn run_parts(
         &mut self,
         conv: &Conv2d,
         x: &Tensor,
         y: &mut Tensor,
-        train: bool,
-        policy: RankPolicy,
-        method: SvdMethod,
+        (train, policy, method): (bool, RankPolicy, SvdMethod),
         parts: &mut [Part],
+        bufs: &mut [PartBufs],
         proj: &mut crate::integrity::Projection,
     ) -> Result<(), CoreError> {
         let id = conv.id;
@@ -131,21 +150,18 @@ impl<T: Transport> SplitExec<T> {
         };
         let (mut decomposed, mut sent) = (0, 0);
         let mut rank = 0;
+        let how = (policy, method);
         // Sends the parts the window allows, decomposing each first where that is not done yet.
         macro_rules! fill {
             ($k:expr) => {
                 while sent < n && sent - $k < window {
                     if decomposed == sent {
-                        rank = rank.max(self.decompose_part(
-                            x,
-                            id,
-                            &mut parts[sent],
-                            policy,
-                            method,
-                        )?);
+                        let pb = (&mut parts[sent], &mut bufs[sent]);
+                        rank = rank.max(self.decompose_into(x, id, pb, how)?);
                         decomposed += 1;
                     }
-                    self.send_part(id, x.shape[0], train, &mut parts[sent], conv)?;
+                    let (p, b) = (&parts[sent], &mut bufs[sent]);
+                    self.send_part(id, x.shape[0], train, &p.samples, &mut b.res, conv)?;
                     sent += 1;
                 }
             };
@@ -154,15 +170,15 @@ impl<T: Transport> SplitExec<T> {
             fill!(k);
             if decomposed < n {
                 // The next part's decomposition overlaps the accelerator's work on the parts sent.
-                rank =
-                    rank.max(self.decompose_part(x, id, &mut parts[decomposed], policy, method)?);
+                let pb = (&mut parts[decomposed], &mut bufs[decomposed]);
+                rank = rank.max(self.decompose_into(x, id, pb, how)?);
                 decomposed += 1;
             }
             self.layers[id].rank = rank;
             let t0 = Instant::now();
-            let p = &mut parts[k];
+            let p = &parts[k];
             let f = TrustedConv::forward_flops(conv, &p.lr)?;
-            self.tconv.forward(conv, &p.lr, &mut p.y_t)?;
+            self.tconv.forward(conv, &p.lr, &mut bufs[k].y_t)?;
             self.trusted(id, t0, f);
             let what = format!(
                 "ConvForwardPart(layer {id}, samples {}..{})",
@@ -174,61 +190,43 @@ impl<T: Transport> SplitExec<T> {
                 .map_err(|e| bad_reply(&what, e))?;
             // The accelerator can start on the next part while this one is merged.
             fill!(k + 1);
-            let p = &parts[k];
-            let got = self.merge_part(
-                conv,
-                p,
-                &p.res,
-                y_u,
-                &what,
-                train.then_some(&mut *proj),
-                x.shape[0],
-            )?;
-            let per_sample = got.len() / p.samples.len();
-            y.data[p.samples.start * per_sample..][..got.len()].copy_from_slice(&got.data);
+            let samples = parts[k].samples.clone();
+            let p = train.then_some(&mut *proj);
+            let got = self.merge_part(conv, &samples, &bufs[k], y_u, &what, p, x.shape[0])?;
+            let per_sample = got.len() / samples.len();
+            y.data[samples.start * per_sample..][..got.len()].copy_from_slice(&got.data);
         }
         Ok(())
     }
 
-    /// Decomposes `part`'s samples of x (and adds the noise or clipping the config asks for); returns the
-    /// rank.
+    /// Decomposes `part`'s samples of x into its factorisation and `res` (and adds the noise or clipping the
+    /// config asks for); returns the rank.
     fn decompose_part(
         &mut self,
         x: &Tensor,
         id: usize,
         part: &mut Part,
+        res: &mut Tensor,
         policy: RankPolicy,
         method: SvdMethod,
     ) -> Result<usize, CoreError> {
         let t0 = Instant::now();
         let step = self.layers[id].step;
         let samples = part.samples.clone();
-        let r = decompose_samples_with(
-            x,
-            samples.clone(),
-            policy,
-            step,
-            method,
-            &mut part.lr,
-            &mut part.res,
-        )?;
+        let r =
+            decompose_samples_with(x, samples.clone(), policy, step, method, &mut part.lr, res)?;
         match self.cfg.clip {
             Some(c) => {
-                asymml_core::dp::clip_and_noise_batch(
-                    &mut part.res,
-                    c,
-                    self.cfg.nsr,
-                    &mut self.rng,
-                )?;
+                asymml_core::dp::clip_and_noise_batch(res, c, self.cfg.nsr, &mut self.rng)?;
             }
             None if self.cfg.nsr > 0.0 => {
                 let per = x.len() / x.shape[0];
                 let xs = &x.data[samples.start * per..samples.end * per];
-                add_noise_samples(xs, &mut part.res, self.cfg.nsr, &mut self.rng)?;
+                add_noise_samples(xs, res, self.cfg.nsr, &mut self.rng)?;
             }
             None => {}
         }
-        let (pb, n, h, w) = part.res.nchw("split")?;
+        let (pb, n, h, w) = res.nchw("split")?;
         let flops = match method {
             SvdMethod::Light { iters } => light_svd_flops(pb, n, h * w, r, iters),
             SvdMethod::Block(m) => block_svd_flops(pb, n, h * w, r, &m),
@@ -239,57 +237,59 @@ impl<T: Transport> SplitExec<T> {
         Ok(r)
     }
 
-    /// Sends `part`'s X_U (the buffer comes back for the check and the next step).
+    /// Sends the X_U of `samples` (the buffer comes back for the check and the next step).
     fn send_part(
         &mut self,
         id: usize,
         batch: usize,
         train: bool,
-        part: &mut Part,
+        samples: &Range<usize>,
+        res: &mut Tensor,
         conv: &Conv2d,
     ) -> Result<(), CoreError> {
         let too_big = |v: usize| {
             u32::try_from(v).map_err(|_| CoreError::Invalid(format!("a batch of {v} samples")))
         };
-        let out = conv.out_shape(&part.res.shape)?;
+        let out = conv.out_shape(&res.shape)?;
         let y_u_bytes = 4 * out.iter().product::<usize>() as u64;
         let req = Request::ConvForwardPart {
             layer: id as u32,
-            first: too_big(part.samples.start)?,
+            first: too_big(samples.start)?,
             batch: too_big(batch)?,
-            x_u: declassify_residual_owned(std::mem::take(&mut part.res)),
+            x_u: declassify_residual_owned(std::mem::take(res)),
             train,
         };
         let sent = self.send(&req, Some(y_u_bytes));
         if let Request::ConvForwardPart { x_u, .. } = req {
-            part.res = x_u.reclaim_sent();
+            *res = x_u.reclaim_sent();
         }
         sent
     }
 
-    /// Y_U of `part` (its samples of a batch of `batch`) checked against `res` (the residual it was computed
-    /// on) and added to the part's Y_T: Y_U + Y_T of the part's samples.
+    /// Y_U of `samples` (of a batch of `batch`) checked against the residual it was computed on and added to
+    /// their Y_T (both in `bufs`): Y_U + Y_T of those samples.
     #[allow(clippy::too_many_arguments)]
     fn merge_part(
         &mut self,
         conv: &Conv2d,
-        part: &Part,
-        res: &Tensor,
+        samples: &Range<usize>,
+        bufs: &PartBufs,
         y_u: WireTensor,
         what: &str,
         proj: Option<&mut crate::integrity::Projection>,
         batch: usize,
     ) -> Result<Tensor, CoreError> {
         let id = conv.id;
-        let out_shape = part.y_t.shape.clone();
+        let (res, y_t) = (&bufs.res, &bufs.y_t);
+        let out_shape = y_t.shape.clone();
         if self.checker.is_some() {
             // The check's pass over Y_U also catches a NaN or infinity (see `forward_split`).
             let mut got = y_u
                 .into_tensor_unscanned(&out_shape)
                 .map_err(|e| bad_reply(what, e))?;
-            let first = part.samples.start;
+            let first = samples.start;
             self.checked(id, |ch| {
-                let merge = Some(part.y_t.data.as_slice());
+                let merge = Some(y_t.data.as_slice());
                 let whole = (first, batch);
                 ch.check_forward_part(
                     conv,
@@ -306,7 +306,7 @@ impl<T: Transport> SplitExec<T> {
         } else {
             let t0 = Instant::now();
             let r = y_u
-                .into_sum_checked(&out_shape, &part.y_t)
+                .into_sum_checked(&out_shape, y_t)
                 .map_err(|e| bad_reply(what, e));
             let dt = t0.elapsed().as_secs_f64();
             self.count_layer(Some(id), |l| {
@@ -317,9 +317,9 @@ impl<T: Transport> SplitExec<T> {
         }
     }
 
-    /// The forward of a shortcut conv reading the input of conv `from`, whose forward ran in parts: Y_T and
-    /// the checks part by part against `from`'s residuals, Y_U (the accelerator's, on the whole batch's X_U it
-    /// assembled) in one reply.
+    /// The forward of a shortcut conv reading the input of conv `from`, whose forward ran in parts (just
+    /// before: the part buffers still hold its residuals): Y_T and the checks part by part, Y_U (the
+    /// accelerator's, on the whole batch's X_U it assembled) in one reply.
     pub(super) fn forward_shared_parts(
         &mut self,
         conv: &Conv2d,
@@ -338,16 +338,20 @@ impl<T: Transport> SplitExec<T> {
         };
         self.send(&req, Some(y_u_bytes))?;
         let src = std::mem::take(&mut self.layers[from].parts);
-        let mut mine = std::mem::take(&mut self.layers[id].parts);
+        let mut bufs = std::mem::take(&mut self.part_bufs);
         let mut proj = std::mem::take(&mut self.layers[id].proj);
         let res = (|| {
-            mine.resize_with(src.len(), Part::default);
+            if bufs.len() < src.len() {
+                return Err(CoreError::Invalid(format!(
+                    "conv {id}: the residuals of conv {from}'s parts are gone"
+                )));
+            }
+            // Y_T per part, into the part buffers' Y_T (conv `from`'s is no longer needed; its residuals are).
             let t0 = Instant::now();
             let mut f = 0.0;
-            for (m, s) in mine.iter_mut().zip(&src) {
-                m.samples = s.samples.clone();
+            for (s, b) in src.iter().zip(bufs.iter_mut()) {
                 f += TrustedConv::forward_flops(conv, &s.lr)?;
-                self.tconv.forward(conv, &s.lr, &mut m.y_t)?;
+                self.tconv.forward(conv, &s.lr, &mut b.y_t)?;
             }
             self.trusted(id, t0, f);
             let what = format!("ConvForwardShared(layer {id})");
@@ -360,15 +364,15 @@ impl<T: Transport> SplitExec<T> {
                 .map_err(|e| bad_reply(&what, e))?;
             let per = out_shape[1..].iter().product::<usize>();
             let b = x.shape[0];
-            for (m, s) in mine.iter().zip(&src) {
-                let slice = &mut got.data[m.samples.start * per..m.samples.end * per];
+            for (s, pb) in src.iter().zip(bufs.iter()) {
+                let slice = &mut got.data[s.samples.start * per..s.samples.end * per];
                 if self.checker.is_some() {
-                    let first = m.samples.start;
+                    let first = s.samples.start;
                     let p = train.then_some(&mut proj);
                     self.checked(id, |ch| {
-                        let merge = Some(m.y_t.data.as_slice());
-                        let sh = &s.res.shape;
-                        ch.check_forward_part(conv, &s.res.data, sh, slice, p, merge, (first, b))
+                        let merge = Some(pb.y_t.data.as_slice());
+                        let sh = &pb.res.shape;
+                        ch.check_forward_part(conv, &pb.res.data, sh, slice, p, merge, (first, b))
                     })
                     .map_err(|e| name_non_finite(&what, &got, e))?;
                 } else {
@@ -378,14 +382,18 @@ impl<T: Transport> SplitExec<T> {
                             ProtocolError::Tensor(format!("non-finite value {v} in Y_U")),
                         ));
                     }
-                    slice.iter_mut().zip(&m.y_t.data).for_each(|(o, t)| *o += t);
+                    slice
+                        .iter_mut()
+                        .zip(&pb.y_t.data)
+                        .for_each(|(o, t)| *o += t);
                 }
             }
             *y = got;
             Ok(())
         })();
         self.layers[from].parts = src;
-        self.layers[id].parts = mine;
+        self.part_bufs = bufs;
+        self.layers[id].parts.clear();
         self.layers[id].proj = proj;
         self.layers[id].shared_from = Some(from);
         self.layers[id].micro = false;
