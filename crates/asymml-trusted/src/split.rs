@@ -407,6 +407,20 @@ impl<T: Transport> SplitExec<T> {
         Ok(r)
     }
 
+    /// Counts a split forward of `conv` on an input of `x_shape` (the accelerator's FLOPs, the rank, the
+    /// route).
+    fn count_split_forward(&self, conv: &Conv2d, x_shape: &[usize]) {
+        let full = 2.0 * conv.macs(x_shape) as f64;
+        let st = &self.layers[conv.id];
+        let (rank, name) = (st.rank, st.name.clone());
+        self.count_layer(Some(conv.id), |l| {
+            l.untrusted_flops += full;
+            l.rank = rank;
+            l.trusted_route = false;
+            l.name.clone_from(&name);
+        });
+    }
+
     /// Adds trusted compute time since `since` (and FLOPs) to conv `id`.
     fn trusted(&self, id: usize, since: Instant, flops: f64) {
         let dt = since.elapsed().as_secs_f64();
@@ -683,13 +697,7 @@ impl<T: Transport> SplitExec<T> {
             self.layers[id].proj = proj;
             self.residual = residual;
             checked?;
-            let full = 2.0 * conv.macs(&x.shape) as f64;
-            let (rank, name) = (self.layers[id].rank, self.layers[id].name.clone());
-            self.count_layer(Some(id), |l| {
-                l.untrusted_flops += full;
-                l.rank = rank;
-                l.name.clone_from(&name);
-            });
+            self.count_split_forward(conv, &x.shape);
             Ok(())
         })();
         res.map_err(|e: CoreError| e.at_conv(&self.layers[id].name))

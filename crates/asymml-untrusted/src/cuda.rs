@@ -764,6 +764,13 @@ impl ConvBackend for CudaBackend {
     }
 
     fn forward(&mut self, layer: u32, x_u: Tensor, _train: bool) -> Result<Tensor, BackendError> {
+        // Checked, planned and uploaded as the layer's cached residual, then convolved from there.
+        self.set_cached(layer, x_u)?;
+        let li = self.index(layer)?;
+        self.conv_forward(li)
+    }
+
+    fn set_cached(&mut self, layer: u32, x_u: Tensor) -> Result<(), BackendError> {
         self.bind()?;
         let li = self.index(layer)?;
         let s = self.layers[li].spec;
@@ -787,46 +794,6 @@ impl ConvBackend for CudaBackend {
             )));
         }
         // Plan first: a shape the conv cannot take is refused before anything is copied.
-        self.plan(li, b, h, w)?;
-        let t = Instant::now();
-        {
-            let Self {
-                layers,
-                scratch,
-                stream,
-                ctx,
-                stats,
-                ..
-            } = self;
-            let l = &mut layers[li];
-            l.x_shape = None;
-            let x = grow(stream, &mut l.x, x_u.data.len())?;
-            Self::upload(ctx, stream, &mut scratch.up, stats, &x_u.data, x)?;
-        }
-        self.sync()?;
-        self.stats.copy_s += t.elapsed().as_secs_f64();
-        self.layers[li].x_shape = Some([b, c, h, w]);
-        self.conv_forward(li)
-    }
-
-    fn set_cached(&mut self, layer: u32, x_u: Tensor) -> Result<(), BackendError> {
-        self.bind()?;
-        let li = self.index(layer)?;
-        let s = self.layers[li].spec;
-        let &[b, c, h, w] = x_u.shape.as_slice() else {
-            return Err(BackendError::Invalid(format!(
-                "layer {layer}: expected an NCHW residual, got {:?}",
-                x_u.shape
-            )));
-        };
-        if c != s.in_ch || b * h * w == 0 || count(&x_u.shape).ok() != Some(x_u.data.len()) {
-            return Err(BackendError::Invalid(format!(
-                "layer {layer}: residual shape {:?} does not fit a conv with {} input channels",
-                x_u.shape, s.in_ch
-            )));
-        }
-        // Planned now so that a shape the conv cannot take is refused before the copy (the backward plans
-        // the same shape).
         self.plan(li, b, h, w)?;
         let t = Instant::now();
         {

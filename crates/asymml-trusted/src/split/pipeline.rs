@@ -108,14 +108,7 @@ impl<T: Transport> SplitExec<T> {
         self.layers[id].trusted_route = false;
         self.last_decomposed = Some(id);
         res?;
-        let full = 2.0 * conv.macs(&x.shape) as f64;
-        let (rank, name) = (self.layers[id].rank, self.layers[id].name.clone());
-        self.count_layer(Some(id), |l| {
-            l.untrusted_flops += full;
-            l.rank = rank;
-            l.trusted_route = false;
-            l.name.clone_from(&name);
-        });
+        self.count_split_forward(conv, &x.shape);
         Ok(())
     }
 
@@ -399,15 +392,8 @@ impl<T: Transport> SplitExec<T> {
         self.layers[id].micro = false;
         self.layers[id].trusted_route = false;
         res?;
-        let full = 2.0 * conv.macs(&x.shape) as f64;
-        let (rank, name) = (self.layers[from].rank, self.layers[id].name.clone());
-        self.layers[id].rank = rank;
-        self.count_layer(Some(id), |l| {
-            l.untrusted_flops += full;
-            l.rank = rank;
-            l.trusted_route = false;
-            l.name.clone_from(&name);
-        });
+        self.layers[id].rank = self.layers[from].rank;
+        self.count_split_forward(conv, &x.shape);
         Ok(())
     }
 
