@@ -116,6 +116,8 @@ pub(crate) struct BenchResult {
     pub(crate) mode: String,
     /// The split's rank policy (empty otherwise).
     pub(crate) rank: String,
+    /// The split's parts per batch in each conv's forward (`--micro-batches`; 1 otherwise).
+    pub(crate) micro_batches: usize,
     pub(crate) batch: usize,
     pub(crate) input_size: usize,
     pub(crate) trusted_threads: usize,
@@ -649,6 +651,11 @@ impl Samples {
             phase: case.phase.name().into(),
             mode: mode.to_string(),
             rank: case.rank.map_or(String::new(), |r| r.text.clone()),
+            micro_batches: if mode == Mode::Split && !a.split.shared_basis {
+                usize::from(a.split.micro_batches).min(a.batch_size)
+            } else {
+                1
+            },
             batch: a.batch_size,
             input_size: case.spec.input_size,
             trusted_threads: plan.threads,
