@@ -210,6 +210,8 @@ pub struct SplitExec<T: Transport> {
     part_bufs: Vec<pipeline::PartBufs>,
     /// The conv whose input was decomposed last (a shortcut conv may reuse its decomposition).
     last_decomposed: Option<usize>,
+    /// Some conv ran split since the first conv's last forward (else the split's scratch is let go there).
+    split_in_step: bool,
     /// The larger side of the network's input, as the first conv (id 0) last saw it (for `guard`).
     input_side: usize,
     /// Seconds blocked on replies so far (to take them out of a conv's measured cost).
@@ -318,6 +320,7 @@ impl<T: Transport> SplitExec<T> {
             dy_part: Tensor::default(),
             part_bufs: Vec::new(),
             last_decomposed: None,
+            split_in_step: false,
             input_side: 0,
             waited_s: 0.0,
             checker,
@@ -407,9 +410,29 @@ impl<T: Transport> SplitExec<T> {
         Ok(r)
     }
 
+    /// Drops the buffers the split route keeps between convs and steps (and the frame buffers).
+    fn release_scratch(&mut self) {
+        self.residual = Tensor::default();
+        self.dw_t = Tensor::default();
+        self.dy_part = Tensor::default();
+        self.part_bufs = Vec::new();
+        self.tconv = TrustedConv::new();
+        self.client.release_buffers();
+    }
+
+    /// The accelerator's answer to the `SetWeights` of conv `id`.
+    fn weights_set(&mut self, id: Option<usize>) -> Result<(), CoreError> {
+        let Some(id) = id else { return Ok(()) };
+        let what = format!("SetWeights(layer {id})");
+        self.recv(Some(id))?
+            .into_ok()
+            .map_err(|e| bad_reply(&what, e).at_conv(&self.layers[id].name))
+    }
+
     /// Counts a split forward of `conv` on an input of `x_shape` (the accelerator's FLOPs, the rank, the
     /// route).
-    fn count_split_forward(&self, conv: &Conv2d, x_shape: &[usize]) {
+    fn count_split_forward(&mut self, conv: &Conv2d, x_shape: &[usize]) {
+        self.split_in_step = true;
         let full = 2.0 * conv.macs(x_shape) as f64;
         let st = &self.layers[conv.id];
         let (rank, name) = (st.rank, st.name.clone());
@@ -508,6 +531,10 @@ impl<T: Transport> SplitExec<T> {
         st.trusted_route = true;
         st.micro = false;
         st.shared_from = None;
+        // The split route's state of this conv is not needed on this route (its backward runs here too).
+        st.lr = BatchLowRank::default();
+        st.parts = Vec::new();
+        st.proj = Projection::default();
         self.last_decomposed = None;
         let (rank, name) = (st.rank, st.name.clone());
         self.trusted(id, t0, 2.0 * conv.macs(&x.shape) as f64);
@@ -565,6 +592,12 @@ impl<T: Transport> SplitExec<T> {
                     let t0 = Instant::now();
                     if id == 0 {
                         self.input_side = x.shape.iter().skip(2).copied().max().unwrap_or(0);
+                        if !std::mem::take(&mut self.split_in_step) {
+                            // No conv ran split in the last step (every one took the trusted route): the
+                            // split's buffers are let go, so that they cost no memory (they grow again if a
+                            // conv splits).
+                            self.release_scratch();
+                        }
                     }
                     let side = x.shape.iter().skip(2).copied().max().unwrap_or(0);
                     let Some(policy) = self.layer_policy(id, conv.in_ch, side) else {
@@ -741,9 +774,14 @@ impl<T: Transport> ConvExec for SplitExec<T> {
     }
 
     fn after_update(&mut self, net: &mut Net) -> Result<(), CoreError> {
-        // The trusted runtime's new weights, sent to the accelerator (every request first, then the replies).
-        let mut ids = Vec::new();
+        // The trusted runtime's new weights, sent to the accelerator, at most two layers' requests outstanding:
+        // the next is on its way while one is applied, and the frames in flight never hold every layer's
+        // weights at once (VGG16's are 59 MB).
+        let mut pending = std::collections::VecDeque::new();
         for c in net.convs_mut() {
+            if pending.len() >= 2 {
+                self.weights_set(pending.pop_front())?;
+            }
             let req = Request::SetWeights {
                 layer: c.id as u32,
                 w: declassify_updated_weights(&c.weight.value),
@@ -752,13 +790,10 @@ impl<T: Transport> ConvExec for SplitExec<T> {
                     .map(|b| declassify_updated_weights(&b.value)),
             };
             self.send(&req, None)?;
-            ids.push(c.id);
+            pending.push_back(c.id);
         }
-        for id in ids {
-            let what = format!("SetWeights(layer {id})");
-            self.recv(Some(id))?
-                .into_ok()
-                .map_err(|e| bad_reply(&what, e).at_conv(&self.layers[id].name))?;
+        while let Some(id) = pending.pop_front() {
+            self.weights_set(Some(id))?;
         }
         Ok(())
     }
