@@ -93,9 +93,8 @@ struct LayerState {
     trusted_route: bool,
     /// What each route has cost this conv per step (with `auto_route`).
     costs: RouteCosts,
-    /// The last forward ran in parts (`micro_batches`): `parts` holds their factorisations and residuals
-    /// (`lr` is then unused).
-    micro: bool,
+    /// The parts of the last forward when it ran in parts (`micro_batches`; `lr` is then unused), with their
+    /// factorisations; empty otherwise.
     parts: Vec<pipeline::Part>,
 }
 
@@ -204,8 +203,9 @@ pub struct SplitExec<T: Transport> {
     /// is computed into the conv's output, whose buffer the received Y_U then replaces: Y = Y_U + Y_T.)
     residual: Tensor,
     dw_t: Tensor,
-    /// ∇Y of one part, for ∇W_T of a conv whose forward ran in parts.
+    /// ∇Y of one part and its ∇W_T, for ∇W_T of a conv whose forward ran in parts.
     dy_part: Tensor,
+    dw_part: Tensor,
     /// The buffers of a micro-batched forward's parts (shared by every conv).
     part_bufs: Vec<pipeline::PartBufs>,
     /// The conv whose input was decomposed last (a shortcut conv may reuse its decomposition).
@@ -318,6 +318,7 @@ impl<T: Transport> SplitExec<T> {
             residual: Tensor::default(),
             dw_t: Tensor::default(),
             dy_part: Tensor::default(),
+            dw_part: Tensor::default(),
             part_bufs: Vec::new(),
             last_decomposed: None,
             split_in_step: false,
@@ -415,6 +416,7 @@ impl<T: Transport> SplitExec<T> {
         self.residual = Tensor::default();
         self.dw_t = Tensor::default();
         self.dy_part = Tensor::default();
+        self.dw_part = Tensor::default();
         self.part_bufs = Vec::new();
         self.tconv = TrustedConv::new();
         self.client.release_buffers();
@@ -529,7 +531,6 @@ impl<T: Transport> SplitExec<T> {
         let st = &mut self.layers[id];
         st.rank = conv.in_ch;
         st.trusted_route = true;
-        st.micro = false;
         st.shared_from = None;
         // The split route's state of this conv is not needed on this route (its backward runs here too).
         st.lr = BatchLowRank::default();
@@ -570,7 +571,7 @@ impl<T: Transport> SplitExec<T> {
         let y_u_bytes = 4 * out_shape.iter().product::<usize>() as u64;
         let res = (|| {
             match shared {
-                Some(from) if self.layers[from].micro => {
+                Some(from) if !self.layers[from].parts.is_empty() => {
                     return self.forward_shared_parts(conv, x, y, train, from);
                 }
                 Some(from) => {
@@ -612,7 +613,7 @@ impl<T: Transport> SplitExec<T> {
                         return self.forward_parts(conv, x, y, train, policy, method);
                     }
                     let st = &mut self.layers[id];
-                    st.micro = false;
+                    st.parts.clear();
                     let r = if self.cfg.shared_basis {
                         decompose_batch_shared_with(
                             x,
@@ -861,7 +862,7 @@ impl<T: Transport> SplitExec<T> {
             self.send(&req, Some(dx_bytes + dw_bytes))?;
             let t0 = Instant::now();
             let owner = self.layers[id].shared_from.unwrap_or(id);
-            let f = if self.layers[owner].micro {
+            let f = if !self.layers[owner].parts.is_empty() {
                 self.weight_grad_parts(conv, owner, dy, &mut dw_t)?
             } else {
                 let lr = &self.layers[owner].lr;

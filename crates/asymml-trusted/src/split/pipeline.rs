@@ -103,24 +103,12 @@ impl<T: Transport> SplitExec<T> {
         self.part_bufs = bufs;
         self.layers[id].parts = parts;
         self.layers[id].proj = proj;
-        self.layers[id].micro = true;
         self.layers[id].shared_from = None;
         self.layers[id].trusted_route = false;
         self.last_decomposed = Some(id);
         res?;
         self.count_split_forward(conv, &x.shape);
         Ok(())
-    }
-
-    /// Decomposes part `k` into its factorisation and residual buffer; returns the rank.
-    fn decompose_into(
-        &mut self,
-        x: &Tensor,
-        id: usize,
-        (part, bufs): (&mut Part, &mut PartBufs),
-        (policy, method): (RankPolicy, SvdMethod),
-    ) -> Result<usize, CoreError> {
-        self.decompose_part(x, id, part, &mut bufs.res, policy, method)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -150,7 +138,7 @@ impl<T: Transport> SplitExec<T> {
                 while sent < n && sent - $k < window {
                     if decomposed == sent {
                         let pb = (&mut parts[sent], &mut bufs[sent]);
-                        rank = rank.max(self.decompose_into(x, id, pb, how)?);
+                        rank = rank.max(self.decompose_part(x, id, pb, how)?);
                         decomposed += 1;
                     }
                     let (p, b) = (&parts[sent], &mut bufs[sent]);
@@ -164,7 +152,7 @@ impl<T: Transport> SplitExec<T> {
             if decomposed < n {
                 // The next part's decomposition overlaps the accelerator's work on the parts sent.
                 let pb = (&mut parts[decomposed], &mut bufs[decomposed]);
-                rank = rank.max(self.decompose_into(x, id, pb, how)?);
+                rank = rank.max(self.decompose_part(x, id, pb, how)?);
                 decomposed += 1;
             }
             self.layers[id].rank = rank;
@@ -192,17 +180,16 @@ impl<T: Transport> SplitExec<T> {
         Ok(())
     }
 
-    /// Decomposes `part`'s samples of x into its factorisation and `res` (and adds the noise or clipping the
-    /// config asks for); returns the rank.
+    /// Decomposes `part`'s samples of x into its factorisation and its residual buffer (and adds the noise or
+    /// clipping the config asks for); returns the rank.
     fn decompose_part(
         &mut self,
         x: &Tensor,
         id: usize,
-        part: &mut Part,
-        res: &mut Tensor,
-        policy: RankPolicy,
-        method: SvdMethod,
+        (part, bufs): (&mut Part, &mut PartBufs),
+        (policy, method): (RankPolicy, SvdMethod),
     ) -> Result<usize, CoreError> {
+        let res = &mut bufs.res;
         let t0 = Instant::now();
         let step = self.layers[id].step;
         let samples = part.samples.clone();
@@ -389,7 +376,6 @@ impl<T: Transport> SplitExec<T> {
         self.layers[id].parts.clear();
         self.layers[id].proj = proj;
         self.layers[id].shared_from = Some(from);
-        self.layers[id].micro = false;
         self.layers[id].trusted_route = false;
         res?;
         self.layers[id].rank = self.layers[from].rank;
@@ -408,7 +394,7 @@ impl<T: Transport> SplitExec<T> {
     ) -> Result<f64, CoreError> {
         let parts = std::mem::take(&mut self.layers[owner].parts);
         let mut dy_k = std::mem::take(&mut self.dy_part);
-        let mut dw_k = Tensor::default();
+        let mut dw_k = std::mem::take(&mut self.dw_part);
         let res = (|| {
             let b = dy.shape.first().copied().unwrap_or(0);
             let per = dy.len().checked_div(b).unwrap_or(0);
@@ -437,6 +423,7 @@ impl<T: Transport> SplitExec<T> {
         })();
         self.layers[owner].parts = parts;
         self.dy_part = dy_k;
+        self.dw_part = dw_k;
         res
     }
 }
