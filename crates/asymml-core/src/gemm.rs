@@ -43,16 +43,39 @@ pub fn sgemm(
     accumulate: bool,
     threads: usize,
 ) {
+    sgemm_ld(m, n, k, a, b, c, n, accumulate, threads);
+}
+
+#[allow(clippy::too_many_arguments)]
+/// As [`sgemm`], with `c`'s row stride `ldc ≥ n`: the product fills columns 0..n of m rows of a wider
+/// row-major matrix (a block of its columns).
+pub fn sgemm_ld(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    threads: usize,
+) {
     if m == 0 || n == 0 {
         return;
     }
+    assert!(ldc >= n, "gemm: output row stride below its width");
     assert!(
-        m.checked_mul(n).is_some_and(|len| len <= c.len()),
+        (m - 1)
+            .checked_mul(ldc)
+            .and_then(|i| i.checked_add(n))
+            .is_some_and(|len| len <= c.len()),
         "gemm: output too small"
     );
     if k == 0 {
         if !accumulate {
-            c[..m * n].iter_mut().for_each(|v| *v = 0.0);
+            c.chunks_mut(ldc)
+                .take(m)
+                .for_each(|row| row[..n].iter_mut().for_each(|v| *v = 0.0));
         }
         return;
     }
@@ -72,8 +95,8 @@ pub fn sgemm(
     } else {
         Parallelism::None
     };
-    // SAFETY: m, n, k ≥ 1 here. The kernel writes `c` at i·n + j (column stride 1, row stride n) for i < m,
-    // j < n, all below m·n ≤ c.len(); it reads `a` at i·rs + p·cs and `b` at p·rs + j·cs for p < k, all at most
+    // SAFETY: m, n, k ≥ 1 here. The kernel writes `c` at i·ldc + j (column stride 1, row stride ldc) for
+    // i < m, j < n, all below (m − 1)·ldc + n ≤ c.len() (checked without overflow); it reads `a` at i·rs + p·cs and `b` at p·rs + j·cs for p < k, all at most
     // the last index that `inside` checked against the slice (no arithmetic wrapped). Each stride is then at
     // most a slice length (≤ isize::MAX) wherever it is multiplied by a non-zero index, so the `as isize` casts
     // keep their values. `c` is a `&mut` borrow, so it cannot overlap `a` or `b`, and `read_dst` (= accumulate)
@@ -85,7 +108,7 @@ pub fn sgemm(
             k,
             c.as_mut_ptr(),
             1,
-            n as isize,
+            ldc as isize,
             accumulate,
             a.data.as_ptr(),
             a.cs as isize,
@@ -138,6 +161,32 @@ mod tests {
                 sgemm(m, n, k, am, bm, &mut c, true, threads);
                 let twice: Vec<f32> = want.iter().map(|v| 2.0 * v).collect();
                 assert_eq!(c, twice);
+            }
+        }
+    }
+
+    #[test]
+    fn a_block_of_columns_lands_in_a_wider_output() {
+        let (m, n, k, ldc) = (5, 7, 3, 11);
+        let a: Vec<f32> = (0..m * k).map(|i| i as f32 - 4.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32).collect();
+        let want = naive(m, n, k, Mat::rm(&a, k), Mat::rm(&b, n));
+        let mut c = vec![-1.0; (m - 1) * ldc + n];
+        sgemm_ld(
+            m,
+            n,
+            k,
+            Mat::rm(&a, k),
+            Mat::rm(&b, n),
+            &mut c,
+            ldc,
+            false,
+            1,
+        );
+        for i in 0..m {
+            assert_eq!(&c[i * ldc..][..n], &want[i * n..][..n]);
+            if i + 1 < m {
+                assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|&v| v == -1.0));
             }
         }
     }

@@ -198,6 +198,29 @@ fn conv_t_routes_on_larger_maps_add_up() {
 }
 
 #[test]
+fn conv_t_through_w_prime_by_winograd_and_in_column_blocks_adds_up() {
+    // Through W' with r ≥ 8 on a 3×3 stride-1 pad-1 conv: the conv of V_b runs by Winograd (per-sample and
+    // batch-shared W'). With r = 2 on a 48×48 map (P = 2304 output pixels) the im2col product runs in
+    // blocks of columns, the last one partial.
+    let mut rng = Rng::new(21);
+    let mut tc = TrustedConv::new();
+    for (n, side, r, m) in [(32, 12, 8, 16), (8, 48, 2, 6)] {
+        let x = randn(&mut rng, &[2, n, side, side], 1.0);
+        for shared in [false, true] {
+            let (mut lr, mut xu) = (BatchLowRank::default(), Tensor::default());
+            if shared {
+                decompose_batch_shared(&x, RankPolicy::Fixed(r), 0, 1, &mut lr, &mut xu).unwrap();
+            } else {
+                decompose_batch(&x, RankPolicy::Fixed(r), 0, 1, &mut lr, &mut xu).unwrap();
+            }
+            assert_eq!(lr.r, r);
+            let geo = format!("N {n} {side}² r {r} shared {shared}");
+            conv_parts_add_up(&geo, &x, &xu, &lr, (m, 3, 1, 1), &mut tc, &mut rng);
+        }
+    }
+}
+
+#[test]
 fn split_is_exact_where_conv_t_rebuilds_x_t_for_winograd() {
     // 64 channels on a 6×6 map at r = 48, 3×3 stride 1 pad 1: building W'_b would cost more than the full
     // conv of X_T by Winograd F(2×2, 3×3), so the forward pass takes that route (the weight gradient and

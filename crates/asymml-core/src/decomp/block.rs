@@ -24,7 +24,7 @@
 use super::svd::sumsq;
 use crate::error::CoreError;
 use crate::freivalds::dot64;
-use crate::gemm::{sgemm, Mat};
+use crate::gemm::{sgemm, sgemm_ld, Mat};
 use crate::rng::Rng;
 use nalgebra::{DMatrix, SymmetricEigen};
 use std::fmt;
@@ -290,6 +290,8 @@ pub(crate) struct BlockScratch {
     pub(crate) l: usize,
     /// ‖X‖² (f64).
     pub(crate) total: f64,
+    /// Squared norms of X's N rows (summed over the blocks), from the same pass as `total`.
+    norms: Vec<f64>,
     /// Products: Qᵀ A (l × N), Qᵀ X_k (l × C), T (l × l), −U (N × r).
     yt: Vec<f32>,
     zt: Vec<f32>,
@@ -302,9 +304,17 @@ pub(crate) struct BlockScratch {
 }
 
 impl BlockScratch {
-    /// Starts on a new matrix: ‖X‖², no Gram, no basis.
-    pub(crate) fn start(&mut self, xs: &[&[f32]]) {
-        self.total = xs.iter().map(|x| sumsq(x)).sum();
+    /// Starts on a new matrix of `n` rows: ‖X‖² and its rows' squared norms (one pass), no Gram, no basis.
+    pub(crate) fn start(&mut self, xs: &[&[f32]], n: usize) {
+        self.norms.clear();
+        self.norms.resize(n, 0.0);
+        for x in xs {
+            let c = x.len().checked_div(n).unwrap_or(0).max(1);
+            for (nrm, row) in self.norms.iter_mut().zip(x.chunks_exact(c)) {
+                *nrm += sumsq(row);
+            }
+        }
+        self.total = self.norms.iter().sum();
         self.has_g = false;
         self.z_valid = false;
         self.l = 0;
@@ -424,12 +434,8 @@ fn apply(xs: &[&[f32]], n: usize, c: usize, s: &mut BlockScratch, gram: bool, th
 /// is those rows of X times Xᵀ (summed over the blocks).
 fn apply_rows(xs: &[&[f32]], n: usize, c: usize, s: &mut BlockScratch, threads: usize) {
     let l = s.l;
-    let mut norms = vec![0f64; n];
-    for x in xs {
-        for (nrm, row) in norms.iter_mut().zip(x.chunks_exact(c)) {
-            *nrm += sumsq(row);
-        }
-    }
+    // (The rows' norms are those `start` took.)
+    let norms = &s.norms;
     let mut rows: Vec<usize> = (0..n).collect();
     rows.sort_by(|&a, &b| norms[b].total_cmp(&norms[a]).then(a.cmp(&b)));
     rows.truncate(l);
@@ -773,11 +779,18 @@ pub(crate) fn finish(
     u.clear();
     u.resize(n * r, 0.0);
     let live = r.min(s.l);
-    for ((v, res), x) in parts.iter_mut().zip(xs) {
+    for (v, _) in parts.iter_mut() {
         v.clear();
         v.resize(r * c, 0.0);
-        res.copy_from_slice(x);
-        if live > 0 && s.z_valid && xs.len() == 1 {
+    }
+    if live == 0 {
+        for ((_, res), x) in parts.iter_mut().zip(xs) {
+            res.copy_from_slice(x);
+        }
+        return;
+    }
+    for ((v, _), x) in parts.iter_mut().zip(xs) {
+        if s.z_valid && xs.len() == 1 {
             let l = s.l;
             sgemm(
                 live,
@@ -789,7 +802,7 @@ pub(crate) fn finish(
                 false,
                 threads,
             );
-        } else if live > 0 {
+        } else {
             sgemm(
                 live,
                 c,
@@ -801,9 +814,6 @@ pub(crate) fn finish(
                 threads,
             );
         }
-    }
-    if live == 0 {
-        return;
     }
     let mut sj = vec![0f64; live];
     for (v, _) in parts.iter() {
@@ -825,7 +835,10 @@ pub(crate) fn finish(
     }
     s.negu.clear();
     s.negu.extend(u.iter().map(|&v| -v));
-    for (v, res) in parts.iter_mut() {
+    // Columns per block of the residual: X_k's block copied, then − U V added while it is in cache (one
+    // pass over X and X_U instead of a copy and a product over the whole of them).
+    let cb = (RES_BLOCK_FLOATS / n.max(1)).clamp(64, c.max(64));
+    for ((v, res), x) in parts.iter_mut().zip(xs) {
         for (row, &sv) in v.chunks_exact_mut(c.max(1)).zip(&sj) {
             if sv > 0.0 {
                 let inv = (1.0 / sv) as f32;
@@ -834,18 +847,32 @@ pub(crate) fn finish(
                 row.fill(0.0);
             }
         }
-        sgemm(
-            n,
-            c,
-            r,
-            Mat::rm(&s.negu, r),
-            Mat::rm(v, c),
-            res,
-            true,
-            threads,
-        );
+        for j0 in (0..c).step_by(cb) {
+            let w = cb.min(c - j0);
+            for (rrow, xrow) in res.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+                rrow[j0..j0 + w].copy_from_slice(&xrow[j0..j0 + w]);
+            }
+            sgemm_ld(
+                n,
+                w,
+                r,
+                Mat::rm(&s.negu, r),
+                Mat {
+                    data: &v[j0..],
+                    rs: c,
+                    cs: 1,
+                },
+                &mut res[j0..],
+                c,
+                true,
+                threads,
+            );
+        }
     }
 }
+
+/// Floats of X_U per block of `finish`'s residual pass (256 KB).
+const RES_BLOCK_FLOATS: usize = 1 << 16;
 
 /// The exact factorisation at r = N: U = I, V_k = X_k, every residual zero.
 pub(crate) fn identity(

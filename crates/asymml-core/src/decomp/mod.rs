@@ -419,7 +419,7 @@ fn decompose_block(
         RankPolicy::Energy(e) => fixed(
             samples!()
                 .map(|((s, _), xb)| {
-                    s.blk.start(&[xb]);
+                    s.blk.start(&[xb], n);
                     block::energy_rank(&[xb], n, hw, e, &m, &mut s.blk, 1)
                 })
                 .max()
@@ -428,7 +428,7 @@ fn decompose_block(
         RankPolicy::Entropy => fixed(
             samples!()
                 .map(|((s, _), xb)| {
-                    s.blk.start(&[xb]);
+                    s.blk.start(&[xb], n);
                     block::entropy_rank(&[xb], n, hw, &mut s.blk, 1)
                 })
                 .max()
@@ -446,7 +446,7 @@ fn decompose_block(
         if spectrum_done {
             block::ensure_rank(&xs, n, hw, r, &m, &mut s.blk, 1);
         } else {
-            s.blk.start(&xs);
+            s.blk.start(&xs, n);
             block::basis_for_rank(&xs, n, hw, r, &m, &mut s.blk, 1);
         }
         block::finish(
@@ -491,7 +491,7 @@ pub fn decompose_batch_shared_with(
     let threads = rayon::current_num_threads();
     let xs: Vec<&[f32]> = x.data.chunks(nhw).collect();
     let mut lr = std::mem::take(&mut out.whole_lr);
-    lr.blk.start(&xs);
+    lr.blk.start(&xs, n);
     let fixed = |r: usize| clamp_rank(r, n);
     let r = match policy {
         RankPolicy::Fixed(r) => fixed(r),

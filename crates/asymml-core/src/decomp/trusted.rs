@@ -8,7 +8,7 @@
 
 use super::BatchLowRank;
 use crate::error::{CoreError, Result};
-use crate::gemm::{sgemm, Mat};
+use crate::gemm::{sgemm, sgemm_ld, Mat};
 use crate::layers::{out_size, winograd, Conv2d};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -25,6 +25,9 @@ struct Scratch {
     wp: Vec<f32>,
     /// This worker's part of ∇W_T: [N, M·kk] (Σ_b U_b · ∇W'_b) or, on the direct route, [M, N·kk].
     dwt: Vec<f32>,
+    /// W'_b transformed for Winograd [M, 16, r], and the transforms' buffers (the conv of V_b by Winograd).
+    wino_u: Vec<f32>,
+    wino: winograd::Work,
 }
 
 impl Scratch {
@@ -73,11 +76,15 @@ impl Scratch {
 #[derive(Default)]
 pub struct TrustedConv {
     scratch: Vec<Scratch>,
-    /// W permuted to [N, M·kk] (forward), or the summed ∇W in that layout (backward).
+    /// The summed ∇W as [N, M·kk] (backward).
     wt: Vec<f32>,
+    /// W as [M·kk, N] (forward): W'_b in the layout [M, kk, r] is then one GEMM with U_b.
+    wk: Vec<f32>,
     /// With a shared basis: Uᵀ·wt [r × M·kk] and W' [M × r·kk], once per batch.
     shared_z: Vec<f32>,
     shared_wp: Vec<f32>,
+    /// With a shared basis and the conv of V by Winograd: W' transformed, once per batch.
+    shared_wino_u: Vec<f32>,
     /// The direct route by Winograd: X_T of the whole batch, W transformed, the transforms' buffers.
     xt_all: Tensor,
     wino_u: Vec<f32>,
@@ -86,6 +93,19 @@ pub struct TrustedConv {
     /// [M × B·P], and ∇Y gathered the same way.
     col_all: Vec<f32>,
     out_all: Vec<f32>,
+}
+
+/// How [`TrustedConv::forward`] computes conv(U_b V_b, W) (see [`Geo::forward_route`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fwd {
+    /// X_T of the batch rebuilt, then the full conv by Winograd.
+    DirectWinograd,
+    /// X_T rebuilt, the full conv by im2col, one GEMM over the batch's columns (small maps).
+    DirectBatched,
+    /// X_T rebuilt per sample, the full conv by im2col.
+    Direct,
+    /// W'_b = W ×_channels U_b, then the conv of V_b by W'_b (by Winograd or im2col).
+    ThroughV { winograd: bool },
 }
 
 /// Geometry of one application: V_b is an r × H × W image, the kernel k × k.
@@ -163,21 +183,16 @@ impl Geo {
     /// Multiply-adds ×2 of Conv_T's forward pass for the batch, on the route it takes (the direct route by
     /// Winograd counted as direct-convolution FLOPs, as the trusted-only convs are).
     fn forward_flops(&self) -> f64 {
-        if self.direct_winograd() {
-            let (kk, p) = ((self.k * self.k) as f64, (self.oh * self.ow) as f64);
-            let (m, n, r, hw) = (
-                self.m as f64,
-                self.n as f64,
-                self.r as f64,
-                (self.h * self.w) as f64,
-            );
-            return 2.0 * self.b as f64 * (m * kk * n * p + n * r * hw);
-        }
-        self.flops()
+        self.flops_on(!matches!(self.forward_route(), Fwd::ThroughV { .. }))
     }
 
     /// Multiply-adds ×2 of Conv_T for the batch (forward; the weight gradient costs the same).
     fn flops(&self) -> f64 {
+        self.flops_on(self.direct())
+    }
+
+    /// Multiply-adds ×2 of Conv_T for the batch on the direct route (`direct`) or through W'.
+    fn flops_on(&self, direct: bool) -> f64 {
         let (kk, p) = ((self.k * self.k) as f64, (self.oh * self.ow) as f64);
         let (m, n, r, hw) = (
             self.m as f64,
@@ -186,7 +201,7 @@ impl Geo {
             (self.h * self.w) as f64,
         );
         let b = self.b as f64;
-        2.0 * if self.direct() {
+        2.0 * if direct {
             b * (m * kk * n * p + n * r * hw)
         } else if self.shared {
             b * m * kk * r * p + m * kk * r * n
@@ -199,19 +214,40 @@ impl Geo {
         self.k == 1 && self.s == 1 && self.pad == 0
     }
 
-    /// True when the forward pass takes the direct route by Winograd F(2×2, 3×3): the full conv of X_T
-    /// suits it (3×3, stride 1, pad 1, N ≥ 8 channels, maps of 4 tiles or more) and, at the 1.5× effective
-    /// speed-up Winograd measures over im2col here (trusted-only convs: ~150 against ~100 GFLOP/s), it costs
-    /// less than the route through W'. Deep layers of small maps: on VGG16 at 224 px, the 7×7 and 14×14
-    /// layers, where building W'_b (M·k²·r·N per sample) outweighs the conv of V_b.
-    fn direct_winograd(&self) -> bool {
+    /// True when the conv of V_b (r channels) by W'_b suits Winograd F(2×2, 3×3) (r ≥ 8 channels).
+    fn v_winograd(&self) -> bool {
+        winograd::suits(self.k, self.s, self.pad, self.r, self.h, self.w)
+    }
+
+    /// The forward pass's route. Costs are weighed as multiply-adds at the speeds measured here: GEMMs over
+    /// im2col columns count 3 per multiply-add, Winograd's transform-domain GEMMs (1.5× faster in effect:
+    /// trusted-only convs ~150 against ~100 GFLOP/s) 2. Through W': building W'_b (M·k²·r·N per sample, once
+    /// per batch with a shared basis) and the conv of V_b (M·k²·r·P, by Winograd where it suits); directly:
+    /// rebuilding X_T (N·r·H·W) and the full conv (M·k²·N·P, by Winograd where it suits). Deep layers of
+    /// small maps (VGG16 at 224 px, 7×7 and 14×14) go direct: there W'_b costs more than the conv itself.
+    fn forward_route(&self) -> Fwd {
         let (kk, p) = (self.k * self.k, self.oh * self.ow);
-        if self.shared || !winograd::suits(self.k, self.s, self.pad, self.n, self.h, self.w) {
-            return false;
+        let n_per = if self.shared {
+            self.n.div_ceil(self.b.max(1))
+        } else {
+            self.n
+        };
+        let v_wino = self.v_winograd();
+        let through_v = 3 * self.m * kk * self.r * n_per
+            + if v_wino { 2 } else { 3 } * self.m * kk * self.r * p;
+        let rebuild = 3 * self.n * self.r * self.h * self.w;
+        if !self.shared && winograd::suits(self.k, self.s, self.pad, self.n, self.h, self.w) {
+            if 2 * self.m * kk * self.n * p + rebuild < through_v {
+                return Fwd::DirectWinograd;
+            }
+        } else if 3 * self.m * kk * self.n * p + rebuild < through_v {
+            return if p < BATCHED_P {
+                Fwd::DirectBatched
+            } else {
+                Fwd::Direct
+            };
         }
-        let through_v = 3 * self.m * kk * self.r * (self.n + p);
-        let direct = 2 * self.m * kk * self.n * p + 3 * self.n * self.r * self.h * self.w;
-        direct < through_v
+        Fwd::ThroughV { winograd: v_wino }
     }
 
     /// True when rebuilding X_T and convolving it with W costs fewer multiply-adds than going through W'.
@@ -291,7 +327,8 @@ impl TrustedConv {
             return Ok(());
         }
         let (per, _, gt) = plan(&mut self.scratch, g.b);
-        if g.direct_winograd() {
+        let route = g.forward_route();
+        if route == Fwd::DirectWinograd {
             // X_T of the batch, then the full conv by Winograd (one weight transform, GEMMs over all tiles).
             lr.reconstruct(&mut self.xt_all);
             winograd::transform_weights(&w.data, m, n, false, &mut self.wino_u);
@@ -314,7 +351,7 @@ impl TrustedConv {
             );
             return Ok(());
         }
-        if g.direct() && p < BATCHED_P {
+        if route == Fwd::DirectBatched {
             // Small maps: one GEMM over the batch's columns, Y [M × B·P] = W · [col(X_T,1) … col(X_T,B)].
             self.batched_cols(&g, lr);
             let (ck, bp) = (n * kk, g.b * p);
@@ -338,7 +375,7 @@ impl TrustedConv {
             }
             return Ok(());
         }
-        if g.direct() {
+        if route == Fwd::Direct {
             // Y_b [M × P] = W [M × N·kk] · col(U_b V_b)
             let wd = &w.data;
             y_t.data
@@ -363,65 +400,76 @@ impl TrustedConv {
                 });
             return Ok(());
         }
-        // W [M, N, kk] → wt [N, M·kk], shared by every sample.
-        self.wt.resize(n * m * kk, 0.0);
-        permute(&w.data, &mut self.wt, m, n, kk);
-        // With a shared basis, W' [M × r·kk] = permute(Uᵀ · wt) once for the batch.
-        if g.shared {
-            let (u, z) = (&lr.samples[0].u, &mut self.shared_z);
-            z.resize(r * m * kk, 0.0);
-            sgemm(
-                r,
-                m * kk,
-                n,
-                Mat::rm_t(u, r),
-                Mat::rm(&self.wt, m * kk),
-                z,
-                false,
-                1,
-            );
-            self.shared_wp.resize(m * r * kk, 0.0);
-            permute(&self.shared_z, &mut self.shared_wp, r, m, kk);
+        let Fwd::ThroughV { winograd: wino } = route else {
+            unreachable!("every other route returned above")
+        };
+        // W [M, N, kk] → wk [M·kk, N], shared by every sample.
+        self.wk.resize(m * kk * n, 0.0);
+        for (wm, km) in w.data.chunks(n * kk).zip(self.wk.chunks_mut(kk * n)) {
+            transpose(wm, km, n, kk);
         }
-        let (wt, shared_wp) = (&self.wt, g.shared.then_some(&self.shared_wp));
+        // With a shared basis, W' [M × r·kk] once for the batch (and its Winograd transform).
+        if g.shared {
+            let u = &lr.samples[0].u;
+            self.shared_wp.resize(m * r * kk, 0.0);
+            w_prime(&self.wk, u, &g, &mut self.shared_z, &mut self.shared_wp, 1);
+            if wino {
+                winograd::transform_weights(&self.shared_wp, m, r, false, &mut self.shared_wino_u);
+            }
+        }
+        let wk = &self.wk;
+        let shared = g.shared.then_some((&self.shared_wp, &self.shared_wino_u));
         y_t.data
             .par_chunks_mut(per * m * p)
             .zip(lr.samples.par_chunks(per))
             .zip(self.scratch.par_iter_mut())
             .for_each(|((yc, sams), sc)| {
                 for (yb, s) in yc.chunks_mut(m * p).zip(sams) {
-                    let wp: &[f32] = match shared_wp {
-                        Some(wp) => wp,
+                    let (wp, wino_u): (&[f32], &[f32]) = match shared {
+                        Some((wp, u)) => (wp, u),
                         None => {
-                            // z [r × M·kk] = U_bᵀ · wt, then W'_b [M × r·kk].
-                            sc.z.resize(r * m * kk, 0.0);
-                            sgemm(
-                                r,
-                                m * kk,
-                                n,
-                                Mat::rm_t(&s.u, r),
-                                Mat::rm(wt, m * kk),
-                                &mut sc.z,
-                                false,
-                                gt,
-                            );
                             sc.wp.resize(m * r * kk, 0.0);
-                            permute(&sc.z, &mut sc.wp, r, m, kk);
-                            &sc.wp
+                            w_prime(wk, &s.u, &g, &mut sc.z, &mut sc.wp, gt);
+                            if wino {
+                                winograd::transform_weights(&sc.wp, m, r, false, &mut sc.wino_u);
+                            }
+                            (&sc.wp, &sc.wino_u)
                         }
                     };
-                    // Y_b [M × P] = W'_b · col(V_b)
+                    if wino {
+                        // Y_b = conv3×3(V_b, W'_b) by Winograd.
+                        let shape = winograd::Group {
+                            g: 1,
+                            c: r,
+                            h: g.h,
+                            w: g.w,
+                            m,
+                        };
+                        winograd::conv(&s.v, shape, wino_u, yb, None, &mut sc.wino, gt);
+                        continue;
+                    }
+                    // Y_b [M × P] = W'_b · col(V_b), a block of columns at a time: with r·kk small the
+                    // product is bound by writing Y, which stays in cache per block (VGG16 at 224 px, 64
+                    // channels, r = 2: 19 → 60 GFLOP/s).
                     let col = g.col(&s.v, r, &mut sc.col);
-                    sgemm(
-                        m,
-                        p,
-                        r * kk,
-                        Mat::rm(wp, r * kk),
-                        Mat::rm(col, p),
-                        yb,
-                        false,
-                        gt,
-                    );
+                    for j0 in (0..p).step_by(COL_BLOCK) {
+                        let nb = COL_BLOCK.min(p - j0);
+                        sgemm_ld(
+                            m,
+                            nb,
+                            r * kk,
+                            Mat::rm(wp, r * kk),
+                            Mat {
+                                data: &col[j0..],
+                                rs: p,
+                                cs: 1,
+                            },
+                            &mut yb[j0..],
+                            p,
+                            false,
+                            gt,
+                        );
+                    }
                 }
             });
         Ok(())
@@ -536,6 +584,9 @@ impl TrustedConv {
     }
 }
 
+/// Output columns per GEMM of the conv of V_b through W' (see `forward`).
+const COL_BLOCK: usize = 2048;
+
 /// Maps with fewer output pixels than this take the direct route with one GEMM for the whole batch: per
 /// sample, a GEMM with P columns runs far below speed (VGG16 at 32 px, batch 8, 2×2 maps: Conv_T took
 /// 6.5–7.7 ms per layer, the trusted-only conv of the same FLOPs 2 ms; batched, 3.5–4.5 ms on a loaded
@@ -556,6 +607,26 @@ impl TrustedConv {
             for (k, row) in col.chunks(p).enumerate() {
                 self.col_all[k * bp + b * p..][..p].copy_from_slice(row);
             }
+        }
+    }
+}
+
+/// wp [M, r, kk] ← W'_b = W ×_channels U_b, from wk: W as [M·kk, N] and u: U_b [N × r], by one GEMM
+/// z [M·kk × r] = wk · U_b (tall and skinny: twice the speed of Uᵀ · W here) and a transpose per output channel.
+fn w_prime(wk: &[f32], u: &[f32], g: &Geo, z: &mut Vec<f32>, wp: &mut [f32], gt: usize) {
+    let (m, n, r, kk) = (g.m, g.n, g.r, g.k * g.k);
+    z.resize(m * kk * r, 0.0);
+    sgemm(m * kk, r, n, Mat::rm(wk, n), Mat::rm(u, r), z, false, gt);
+    for (zm, wm) in z.chunks(kk * r).zip(wp.chunks_mut(r * kk)) {
+        transpose(zm, wm, kk, r);
+    }
+}
+
+/// a: [R, C] → t: [C, R].
+fn transpose(a: &[f32], t: &mut [f32], rows: usize, cols: usize) {
+    for (i, row) in a.chunks(cols).take(rows).enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            t[j * rows + i] = *v;
         }
     }
 }

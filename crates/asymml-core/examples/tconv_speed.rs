@@ -1,0 +1,78 @@
+//! Times Conv_T (TrustedConv::forward) against the full conv on VGG16-224 shapes (a tuning aid).
+use asymml_core::decomp::{decompose_batch, BatchLowRank, RankPolicy, TrustedConv};
+use asymml_core::layers::{Conv2d, Conv2dConfig};
+use asymml_core::rng::Rng;
+use asymml_core::Tensor;
+use std::time::Instant;
+
+fn main() {
+    let shapes = [
+        (64, 64, 224, 2),
+        (64, 128, 112, 4),
+        (128, 128, 112, 8),
+        (128, 256, 56, 16),
+        (256, 256, 56, 32),
+        (256, 512, 28, 32),
+        (512, 512, 28, 32),
+        (512, 512, 14, 32),
+    ];
+    let b = 8;
+    let only: Option<usize> = std::env::args().nth(1).and_then(|a| a.parse().ok());
+    for (i, &(n, m, hw, r)) in shapes.iter().enumerate() {
+        if only.is_some_and(|o| o != i) {
+            continue;
+        }
+        let mut rng = Rng::new(3);
+        let mut conv = Conv2d::new(
+            n,
+            m,
+            3,
+            Conv2dConfig {
+                stride: 1,
+                padding: 1,
+                bias: false,
+            },
+            &mut rng,
+        );
+        let x = Tensor {
+            shape: vec![b, n, hw, hw],
+            data: (0..b * n * hw * hw)
+                .map(|_| rng.normal().max(0.0))
+                .collect(),
+        };
+        let mut lr = BatchLowRank::default();
+        let mut xu = Tensor::default();
+        decompose_batch(&x, RankPolicy::Fixed(r), 0, 1, &mut lr, &mut xu).unwrap();
+        let mut y = Tensor::default();
+        let mut tc = TrustedConv::new();
+        let best = |f: &mut dyn FnMut()| {
+            let mut b = f64::MAX;
+            for _ in 0..if only.is_some() { 30 } else { 3 } {
+                let t = Instant::now();
+                f();
+                b = b.min(t.elapsed().as_secs_f64());
+            }
+            b
+        };
+        let tt = best(&mut || tc.forward(&conv, &lr, &mut y).unwrap());
+        let fl = TrustedConv::forward_flops(&conv, &lr).unwrap();
+        let tf = best(&mut || conv.forward(&x, &mut y).unwrap());
+        let mut cr = Conv2d::new(
+            r,
+            m,
+            3,
+            Conv2dConfig {
+                stride: 1,
+                padding: 1,
+                bias: false,
+            },
+            &mut rng,
+        );
+        let xr = Tensor {
+            shape: vec![b, r, hw, hw],
+            data: (0..b * r * hw * hw).map(|_| rng.normal()).collect(),
+        };
+        let tr = best(&mut || cr.forward(&xr, &mut y).unwrap());
+        println!("N{n} M{m} {hw}² r{r}: Conv_T {:.1} ms ({:.1} GFLOP/s), full {:.1} ms, full conv of r channels {:.1} ms", tt * 1e3, fl / tt / 1e9, tf * 1e3, tr * 1e3);
+    }
+}
