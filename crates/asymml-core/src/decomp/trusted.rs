@@ -25,6 +25,10 @@ struct Scratch {
     wp: Vec<f32>,
     /// This worker's part of ∇W_T: [N, M·kk] (Σ_b U_b · ∇W'_b) or, on the direct route, [M, N·kk].
     dwt: Vec<f32>,
+    /// Backward through W': z_b [r × M·kk] of the chunk's samples stacked, and their U_b side by side
+    /// [N × nb·r].
+    zall: Vec<f32>,
+    ucat: Vec<f32>,
     /// W'_b transformed for Winograd [M, 16, r], and the transforms' buffers (the conv of V_b by Winograd).
     wino_u: Vec<f32>,
     wino: winograd::Work,
@@ -546,26 +550,48 @@ impl TrustedConv {
                     }
                     return;
                 }
-                for (dyb, s) in dyc.chunks(m * p).zip(sams) {
-                    if direct {
-                        // ∇W [M × N·kk] += ∇Y_b · col(U_b V_b)ᵀ
-                        rebuild(s, &mut sc.xt);
-                        let col = g.col(&sc.xt, n, &mut sc.col);
-                        sgemm(
-                            m,
-                            n * kk,
-                            p,
-                            Mat::rm(dyb, p),
-                            Mat::rm_t(col, p),
-                            &mut sc.dwt,
-                            true,
-                            gt,
-                        );
-                        continue;
+                if !direct {
+                    // dwt [N × M·kk] = Σ_b U_b · z_b as one product over the chunk's samples:
+                    // [U_1 … U_nb] [N × nb·r] · [z_1; …; z_nb] [nb·r × M·kk] (one pass over dwt instead of one
+                    // rank-r update of it per sample).
+                    let nb = sams.len();
+                    let zl = r * m * kk;
+                    sc.zall.resize(nb * zl, 0.0);
+                    sc.ucat.resize(n * nb * r, 0.0);
+                    for (bi, (dyb, s)) in dyc.chunks(m * p).zip(sams).enumerate() {
+                        sc.wp.resize(m * r * kk, 0.0);
+                        sc.add_wp_grad(&g, dyb, s, false, gt);
+                        permute(&sc.wp, &mut sc.zall[bi * zl..][..zl], m, r, kk);
+                        for (dst, src) in sc.ucat.chunks_mut(nb * r).zip(s.u.chunks(r)) {
+                            dst[bi * r..][..r].copy_from_slice(src);
+                        }
                     }
-                    sc.wp.resize(m * r * kk, 0.0);
-                    sc.add_wp_grad(&g, dyb, s, false, gt);
-                    sc.map_back(&g, &s.u, true, gt);
+                    sgemm(
+                        n,
+                        m * kk,
+                        nb * r,
+                        Mat::rm(&sc.ucat, nb * r),
+                        Mat::rm(&sc.zall, m * kk),
+                        &mut sc.dwt,
+                        false,
+                        gt,
+                    );
+                    return;
+                }
+                for (dyb, s) in dyc.chunks(m * p).zip(sams) {
+                    // ∇W [M × N·kk] += ∇Y_b · col(U_b V_b)ᵀ
+                    rebuild(s, &mut sc.xt);
+                    let col = g.col(&sc.xt, n, &mut sc.col);
+                    sgemm(
+                        m,
+                        n * kk,
+                        p,
+                        Mat::rm(dyb, p),
+                        Mat::rm_t(col, p),
+                        &mut sc.dwt,
+                        true,
+                        gt,
+                    );
                 }
             });
         // Sum the workers' parts, then (route through W') permute [N, M·kk] into [M, N, k, k].
