@@ -1,4 +1,8 @@
-//! Times Conv_T (TrustedConv::forward) against the full conv on VGG16-224 shapes (a tuning aid).
+//! Times Conv_T (`TrustedConv::forward`, batch 8) on the shapes of VGG16's convs at 224 px with the schedule's
+//! ranks, beside the full conv of X and the full conv of an r-channel input (a tuning aid, not a test; random
+//! data: the timing does not depend on it). An argument times one shape only, 30 times.
+//!
+//!     RAYON_NUM_THREADS=1 cargo run --release -p asymml-core --example tconv_speed [-- INDEX]
 use asymml_core::decomp::{decompose_batch, BatchLowRank, RankPolicy, TrustedConv};
 use asymml_core::layers::{Conv2d, Conv2dConfig};
 use asymml_core::rng::Rng;
