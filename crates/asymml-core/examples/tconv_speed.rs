@@ -9,6 +9,16 @@ use asymml_core::rng::Rng;
 use asymml_core::Tensor;
 use std::time::Instant;
 
+/// A 3×3 stride-1 pad-1 conv from `n` to `m` channels, without bias.
+fn conv3(n: usize, m: usize, rng: &mut Rng) -> Conv2d {
+    let cfg = Conv2dConfig {
+        stride: 1,
+        padding: 1,
+        bias: false,
+    };
+    Conv2d::new(n, m, 3, cfg, rng)
+}
+
 fn main() {
     let shapes = [
         (64, 64, 224, 2),
@@ -27,17 +37,7 @@ fn main() {
             continue;
         }
         let mut rng = Rng::new(3);
-        let mut conv = Conv2d::new(
-            n,
-            m,
-            3,
-            Conv2dConfig {
-                stride: 1,
-                padding: 1,
-                bias: false,
-            },
-            &mut rng,
-        );
+        let mut conv = conv3(n, m, &mut rng);
         let x = Tensor {
             shape: vec![b, n, hw, hw],
             data: (0..b * n * hw * hw)
@@ -61,17 +61,7 @@ fn main() {
         let tt = best(&mut || tc.forward(&conv, &lr, &mut y).unwrap());
         let fl = TrustedConv::forward_flops(&conv, &lr).unwrap();
         let tf = best(&mut || conv.forward(&x, &mut y).unwrap());
-        let mut cr = Conv2d::new(
-            r,
-            m,
-            3,
-            Conv2dConfig {
-                stride: 1,
-                padding: 1,
-                bias: false,
-            },
-            &mut rng,
-        );
+        let mut cr = conv3(r, m, &mut rng);
         let xr = Tensor {
             shape: vec![b, r, hw, hw],
             data: (0..b * r * hw * hw).map(|_| rng.normal()).collect(),

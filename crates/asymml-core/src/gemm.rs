@@ -20,6 +20,14 @@ impl<'a> Mat<'a> {
             cs: 1,
         }
     }
+    /// The columns from `j0` on of a row-major matrix with row stride `rs` (a block of its columns).
+    pub fn rm_from(data: &'a [f32], rs: usize, j0: usize) -> Self {
+        Mat {
+            data: &data[j0..],
+            rs,
+            cs: 1,
+        }
+    }
     /// The transpose of a row-major `rows × cols` matrix, seen as `cols × rows`.
     pub fn rm_t(data: &'a [f32], cols: usize) -> Self {
         Mat {

@@ -857,11 +857,7 @@ pub(crate) fn finish(
                 w,
                 r,
                 Mat::rm(&s.negu, r),
-                Mat {
-                    data: &v[j0..],
-                    rs: c,
-                    cs: 1,
-                },
+                Mat::rm_from(v, c, j0),
                 &mut res[j0..],
                 c,
                 true,

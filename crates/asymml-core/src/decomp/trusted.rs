@@ -84,7 +84,7 @@ pub struct TrustedConv {
     wt: Vec<f32>,
     /// W as [M·kk, N] (forward): W'_b in the layout [M, kk, r] is then one GEMM with U_b.
     wk: Vec<f32>,
-    /// With a shared basis: Uᵀ·wt [r × M·kk] and W' [M × r·kk], once per batch.
+    /// With a shared basis: wk·U [M·kk × r] and W' [M × r·kk], once per batch.
     shared_z: Vec<f32>,
     shared_wp: Vec<f32>,
     /// With a shared basis and the conv of V by Winograd: W' transformed, once per batch.
@@ -463,11 +463,7 @@ impl TrustedConv {
                             nb,
                             r * kk,
                             Mat::rm(wp, r * kk),
-                            Mat {
-                                data: &col[j0..],
-                                rs: p,
-                                cs: 1,
-                            },
+                            Mat::rm_from(col, p, j0),
                             &mut yb[j0..],
                             p,
                             false,

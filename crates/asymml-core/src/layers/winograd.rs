@@ -325,11 +325,7 @@ pub fn conv(
                 m,
                 n,
                 c,
-                Mat {
-                    data: &u[xi * c..],
-                    rs: XI * c,
-                    cs: 1,
-                },
+                Mat::rm_from(u, XI * c, xi * c),
                 Mat::rm(&wk.v[xi * c * n..][..c * n], n),
                 &mut wk.m[xi * m * n..][..m * n],
                 false,
