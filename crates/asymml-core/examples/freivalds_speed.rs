@@ -1,6 +1,8 @@
 //! Times the Freivalds passes on one big tensor against a plain read of it (a profiling aid):
 //! `cargo run --release --example freivalds_speed -- B C P`.
-use asymml_core::freivalds::{combine_pass, lhs_pass, merge_lhs_pass, sum_squares, Combined, Lhs};
+use asymml_core::freivalds::{
+    combine_pass, lhs_pass, merge_into_lhs_pass, merge_lhs_pass, sum_squares, Combined, Lhs,
+};
 use std::time::Instant;
 
 fn best(mut f: impl FnMut()) -> f64 {
@@ -56,6 +58,13 @@ fn main() {
     let lh = best(|| lhs_pass(&data, b, c, p, r, &k, &mut lhs));
     let mut y = data.clone();
     let mg = best(|| merge_lhs_pass(&mut y, &copy, b, c, p, r, &k, &mut lhs));
+    // As received: little-endian words two bytes past 4-alignment in a frame, merged into a separate buffer.
+    let mut frame = vec![0u8; 2 + 4 * data.len()];
+    for (w, v) in frame[2..].chunks_exact_mut(4).zip(&data) {
+        w.copy_from_slice(&v.to_le_bytes());
+    }
+    let (words, _) = frame[2..].as_chunks::<4>();
+    let mi = best(|| merge_into_lhs_pass(words, &mut y, b, c, p, r, &k, &mut lhs));
     let ad = best(|| {
         y.iter_mut()
             .zip(data.iter().zip(&copy))
@@ -122,6 +131,7 @@ fn main() {
         ("combine (chan only)", chn),
         ("lhs", lh),
         ("merge + lhs (in place)", mg),
+        ("merge + lhs (from frame)", mi),
         ("merge alone", ad),
         ("add in place", ip),
     ] {

@@ -283,18 +283,30 @@ mod lhs_x86 {
     use super::BLOCK;
     use std::arch::x86_64::*;
 
+    /// What the pass does with the values besides its sums.
+    #[derive(Clone, Copy)]
+    pub(super) enum Merge<'a> {
+        /// Nothing: the values are only read.
+        No,
+        /// Adds this (as many values) to the values in place, after reading them.
+        InPlace(&'a [f32]),
+        /// Adds the values into the `len` f32 at this pointer (aligned, apart from the values).
+        Into(*mut f32),
+    }
+
     /// Adds `lhs` and `sq` ([2, P] each) for the `len` values at `data` ([B, C, P]) with the coefficients `k`
-    /// ([2, B, C]); with `addend` (`len` values), also adds it to the values in place, after reading them.
-    /// False (nothing done) without AVX2 and FMA.
+    /// ([2, B, C]), and merges them as `merge` says. False (nothing done) without AVX2 and FMA.
     ///
     /// # Safety
-    /// `data` points to `len` = B·C·P initialised values, valid for reads, and for writes when `addend` is
-    /// given; nothing else reads or writes them meanwhile.
+    /// `data` points to `len` = B·C·P initialised values, valid for reads (aligned to 4 unless `merge` is
+    /// `Into`: then they may lie anywhere), and for writes with `InPlace`; with `Into`, its pointer is to `len`
+    /// initialised, aligned values valid for reads and writes, not overlapping `data`; nothing else reads or
+    /// writes either meanwhile.
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn lhs_r2(
         data: *mut f32,
         len: usize,
-        addend: Option<&[f32]>,
+        merge: Merge<'_>,
         bsz: usize,
         ch: usize,
         p: usize,
@@ -310,7 +322,7 @@ mod lhs_x86 {
                 && k.len() == 2 * bsz * ch
                 && lhs.len() == 2 * p
                 && sq.len() == 2 * p
-                && addend.is_none_or(|a| a.len() == len),
+                && !matches!(merge, Merge::InPlace(a) if a.len() != len),
             "lhs_r2: sizes"
         );
         // Per (sample, channel): k and k² of both repetitions, in f32.
@@ -322,7 +334,7 @@ mod lhs_x86 {
             .collect();
         // SAFETY: AVX2 and FMA were detected above; `main`'s pointer arithmetic stays inside the `len` values
         // (see its comment), which the caller vouches for.
-        unsafe { main(data, addend, bsz, ch, p, &kf, lhs, sq) };
+        unsafe { main(data, merge, bsz, ch, p, &kf, lhs, sq) };
         // The last p mod 8 pixels, in f64.
         let p8 = p / 8 * 8;
         for b in 0..bsz {
@@ -330,11 +342,14 @@ mod lhs_x86 {
                 let kv = kf[b * ch + j];
                 for i in p8..p {
                     let off = (b * ch + j) * p + i;
-                    // SAFETY: off < B·C·P = len.
-                    let x = unsafe { *data.add(off) };
-                    if let Some(a) = addend {
-                        // SAFETY: as above; the caller allows writes when `addend` is given.
-                        unsafe { *data.add(off) = x + a[off] };
+                    // SAFETY: off < B·C·P = len (read unaligned: with `Into` the values may lie anywhere).
+                    let x = unsafe { data.add(off).read_unaligned() };
+                    match merge {
+                        // SAFETY: as above; the caller allows writes with `InPlace`.
+                        Merge::InPlace(a) => unsafe { *data.add(off) = x + a[off] },
+                        // SAFETY: `dst` holds `len` aligned values apart from `data` (the caller's contract).
+                        Merge::Into(dst) => unsafe { *dst.add(off) += x },
+                        Merge::No => {}
                     }
                     let (x64, xx) = (x as f64, (x as f64) * (x as f64));
                     lhs[i] += kv[0] as f64 * x64;
@@ -354,7 +369,7 @@ mod lhs_x86 {
     #[allow(clippy::too_many_arguments)]
     unsafe fn main(
         d: *mut f32,
-        addend: Option<&[f32]>,
+        merge: Merge<'_>,
         bsz: usize,
         ch: usize,
         p: usize,
@@ -375,6 +390,15 @@ mod lhs_x86 {
                             let off = (b * ch + j) * p + p0 + v;
                             // SAFETY: off + 8 ≤ (b·C + j + 1)·P ≤ B·C·P (see the function's comment).
                             let x = unsafe { _mm256_loadu_ps(d.add(off)) };
+                            if let Merge::Into(dst) = merge {
+                                // The sum takes the very value the check's sums take: one read of each
+                                // received value (its frame may be memory the accelerator can still write).
+                                // SAFETY: the destination holds `len` values too (the caller's contract).
+                                unsafe {
+                                    let o = dst.add(off);
+                                    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), x));
+                                }
+                            }
                             let kv = &kf[b * ch + j];
                             let xx = _mm256_mul_ps(x, x);
                             acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(kv[0]), x, acc[0]);
@@ -398,19 +422,17 @@ mod lhs_x86 {
                             }
                         }
                     }
-                    if let Some(a) = addend {
-                        // The merge, row by row, once the sums have read the block's rows (now in cache).
-                        for j in j0..j1 {
-                            let off = (b * ch + j) * p + p0;
-                            for v in (0..tl).step_by(8) {
-                                // SAFETY: off + v + 8 ≤ (b·C + j + 1)·P ≤ B·C·P, in `d` and in `addend` (the
-                                // same length); writes to `d` are allowed when `addend` is given.
-                                unsafe {
-                                    let x = _mm256_loadu_ps(d.add(off + v));
-                                    let y =
-                                        _mm256_add_ps(x, _mm256_loadu_ps(a.as_ptr().add(off + v)));
-                                    _mm256_storeu_ps(d.add(off + v), y);
-                                }
+                    // The in-place merge, row by row, once the sums have read the block's rows (now in cache).
+                    let Merge::InPlace(a) = merge else { continue };
+                    for j in j0..j1 {
+                        let off = (b * ch + j) * p + p0;
+                        for v in (0..tl).step_by(8) {
+                            // SAFETY: off + v + 8 ≤ (b·C + j + 1)·P ≤ B·C·P, in `d` and in `addend` (the
+                            // same length); writes to `d` are allowed with `InPlace`.
+                            unsafe {
+                                let x = _mm256_loadu_ps(d.add(off + v));
+                                let y = _mm256_add_ps(x, _mm256_loadu_ps(a.as_ptr().add(off + v)));
+                                _mm256_storeu_ps(d.add(off + v), y);
                             }
                         }
                     }
@@ -486,7 +508,7 @@ pub fn lhs_pass(data: &[f32], bsz: usize, ch: usize, p: usize, r: usize, k: &[f6
     if r == 2 && !data.is_empty() {
         // SAFETY: `data` is a live shared slice of `data.len()` values, only read (no addend).
         let done = unsafe {
-            lhs_x86::lhs_r2(data.as_ptr().cast_mut(), data.len(), None, bsz, ch, p, k, &mut out.lhs, &mut out.sq)
+            lhs_x86::lhs_r2(data.as_ptr().cast_mut(), data.len(), lhs_x86::Merge::No, bsz, ch, p, k, &mut out.lhs, &mut out.sq)
         };
         if done {
             return;
@@ -515,7 +537,7 @@ pub fn merge_lhs_pass(
     if r == 2 && !data.is_empty() {
         // SAFETY: `data` is an exclusive slice of `data.len()` values, read and written only by the kernel.
         let done = unsafe {
-            lhs_x86::lhs_r2(data.as_mut_ptr(), data.len(), Some(addend), bsz, ch, p, k, &mut out.lhs, &mut out.sq)
+            lhs_x86::lhs_r2(data.as_mut_ptr(), data.len(), lhs_x86::Merge::InPlace(addend), bsz, ch, p, k, &mut out.lhs, &mut out.sq)
         };
         if done {
             return;
@@ -523,6 +545,41 @@ pub fn merge_lhs_pass(
     }
     lhs_generic(data, bsz, ch, p, r, k, out);
     data.iter_mut().zip(addend).for_each(|(v, a)| *v += a);
+}
+}
+
+simd_fn! {
+/// [`lhs_pass`] of received values `src` ([B, C, P] little-endian f32 words, as a frame holds them: any
+/// alignment) and, in the same pass, `dst` += them: the merge of a checked result into the trusted part's own
+/// buffer, with no copy of the received values. Each value is read once, and that one reading feeds both the
+/// check's sums and the merge: a frame the accelerator could still write cannot show the check one value and
+/// the sum another.
+pub fn merge_into_lhs_pass(
+    src: &[[u8; 4]],
+    dst: &mut [f32],
+    bsz: usize,
+    ch: usize,
+    p: usize,
+    r: usize,
+    k: &[f64],
+    out: &mut Lhs,
+) {
+    lhs_start(src.len(), bsz, ch, p, r, k, out);
+    assert_eq!(dst.len(), src.len(), "merge_into_lhs_pass: destination's size");
+    #[cfg(target_arch = "x86_64")]
+    if r == 2 && !src.is_empty() {
+        // SAFETY: `src` is a live shared slice of `src.len()` words, only read (x86-64 is little-endian, so each
+        // word is its f32; unaligned reads); `dst` an exclusive slice of as many f32, apart from it.
+        let done = unsafe {
+            lhs_x86::lhs_r2(src.as_ptr().cast::<f32>().cast_mut(), src.len(), lhs_x86::Merge::Into(dst.as_mut_ptr()), bsz, ch, p, k, &mut out.lhs, &mut out.sq)
+        };
+        if done {
+            return;
+        }
+    }
+    let values: Vec<f32> = src.iter().map(|w| f32::from_le_bytes(*w)).collect();
+    lhs_generic(&values, bsz, ch, p, r, k, out);
+    dst.iter_mut().zip(&values).for_each(|(d, v)| *d += v);
 }
 }
 
@@ -937,6 +994,18 @@ mod tests {
             }
             assert_eq!(plain.lhs, merged.lhs);
             assert_eq!(plain.sq, merged.sq);
+            // The values as a frame holds them, one byte off 4-alignment, merged into the addend's buffer.
+            let mut frame = vec![0u8; 1 + 4 * data.len()];
+            for (w, v) in frame[1..].chunks_exact_mut(4).zip(&data) {
+                w.copy_from_slice(&v.to_le_bytes());
+            }
+            let (words, _) = frame[1..].as_chunks::<4>();
+            let mut into = Lhs::default();
+            let mut dst = addend.clone();
+            merge_into_lhs_pass(words, &mut dst, bsz, ch, p, r, &k, &mut into);
+            assert_eq!(dst, y);
+            assert_eq!(plain.lhs, into.lhs);
+            assert_eq!(plain.sq, into.sq);
             // The portable loops round the same way as the AVX2 kernel (f32 sums over BLOCK channels).
             let mut generic = Lhs::default();
             lhs_start(data.len(), bsz, ch, p, r, &k, &mut generic);

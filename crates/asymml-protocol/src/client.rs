@@ -3,14 +3,38 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use crate::codec::{decode_reply, decode_request, encode_reply, encode_request};
+use crate::codec::{
+    decode_conv_output_view, decode_reply, decode_request, encode_reply, encode_request,
+};
+use crate::declassify::ReceivedTensor;
 use crate::error::{ProtocolError, Result};
+use crate::frames::framing;
 use crate::message::{Reply, Request, MAX_MESSAGE, PROTOCOL_VERSION};
 use crate::transport::Transport;
 
 /// The largest reply body accepted for a request answered by `Ok` (or by an error message), and the slack
 /// allowed above a reply's tensor payload for its header.
 pub const SMALL_REPLY: u32 = 64 * 1024;
+
+/// A received `ConvOutput` reply, kept whole in its frame buffer (see [`Client::recv_conv_output`]).
+pub struct ConvOutputFrame {
+    buf: Vec<u8>,
+    shape: Vec<usize>,
+    /// Where `Y_U`'s values start in `buf`.
+    start: usize,
+}
+
+impl ConvOutputFrame {
+    /// `Y_U`, read in place.
+    pub fn y_u(&self) -> ReceivedTensor<'_> {
+        let (words, _) = self
+            .buf
+            .get(self.start..)
+            .unwrap_or_default()
+            .as_chunks::<4>();
+        ReceivedTensor::from_frame(self.shape.clone(), words)
+    }
+}
 
 /// The trusted runtime's end of a conversation with the accelerator.
 ///
@@ -107,9 +131,11 @@ impl<T: Transport> Client<T> {
 
     fn send_bounded(&mut self, req: &Request, bound: u32) -> Result<()> {
         let op = req.describe();
-        encode_request(req, self.max_message, &mut self.send_buf)
-            .and_then(|_| self.transport.send_vec(&mut self.send_buf))
-            .map_err(|e| e.context(op.clone()))?;
+        framing(|| {
+            encode_request(req, self.max_message, &mut self.send_buf)
+                .and_then(|_| self.transport.send_vec(&mut self.send_buf))
+        })
+        .map_err(|e| e.context(op.clone()))?;
         self.pending.push_back((op, bound.min(self.max_message)));
         Ok(())
     }
@@ -123,7 +149,7 @@ impl<T: Transport> Client<T> {
             ProtocolError::Misuse("recv_reply called with no request outstanding".into())
         })?;
         self.transport.set_max_message(bound);
-        let got = self.transport.recv_into(&mut self.recv_buf);
+        let got = framing(|| self.transport.recv_into(&mut self.recv_buf));
         self.transport.set_max_message(self.max_message);
         got.and_then(|_| {
             let t0 = std::time::Instant::now();
@@ -136,6 +162,54 @@ impl<T: Transport> Client<T> {
             r => Ok(r),
         })
         .map_err(|e| e.context(op))
+    }
+
+    /// Receives the reply to the oldest unanswered request, which must be a `ConvOutput` for `layer`, without
+    /// copying `Y_U` out of the frame: the caller reads it in place ([`ConvOutputFrame::y_u`]) and then gives
+    /// the frame back ([`reuse_frame`](Self::reuse_frame)). Any other reply is an error naming what came
+    /// (`Reply::Error` as [`ProtocolError::Remote`]), with the request as context.
+    pub fn recv_conv_output(&mut self, layer: u32) -> Result<ConvOutputFrame> {
+        let (op, bound) = self.pending.pop_front().ok_or_else(|| {
+            ProtocolError::Misuse("recv_conv_output called with no request outstanding".into())
+        })?;
+        self.transport.set_max_message(bound);
+        let got = framing(|| self.transport.recv_into(&mut self.recv_buf));
+        self.transport.set_max_message(self.max_message);
+        self.last_decode_s = 0.0;
+        let max = self.max_message;
+        let found = got.and_then(|_| {
+            let base = self.recv_buf.as_ptr() as usize;
+            Ok(match decode_conv_output_view(&self.recv_buf, max)? {
+                Some((l, y_u)) if l == layer => Some((y_u.shape().to_vec(), y_u.address() - base)),
+                _ => None,
+            })
+        });
+        match found {
+            Ok(Some((shape, start))) => Ok(ConvOutputFrame {
+                buf: std::mem::take(&mut self.recv_buf),
+                shape,
+                start,
+            }),
+            // Another reply: decoded whole, to say what it was.
+            Ok(None) => {
+                match decode_reply(&self.recv_buf, max).and_then(|r| r.into_conv_output(layer)) {
+                    Ok(_) => Err(ProtocolError::Misuse(format!(
+                        "a ConvOutput for layer {layer} was not recognised"
+                    ))),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+        .map_err(|e| e.context(op))
+    }
+
+    /// Takes back the buffer of a frame from [`recv_conv_output`](Self::recv_conv_output): the next reply is
+    /// received into it (no fresh allocation, no page faults).
+    pub fn reuse_frame(&mut self, frame: ConvOutputFrame) {
+        if frame.buf.capacity() > self.recv_buf.capacity() {
+            self.recv_buf = frame.buf;
+        }
     }
 
     /// Gives back the frame buffers, the client's and those the transport keeps for reuse (they grow again to
@@ -325,7 +399,7 @@ pub fn serve_opts<T: Transport>(
     transport.set_frame_timeout(opts.idle_timeout);
 
     loop {
-        match transport.recv_into(&mut buf) {
+        match framing(|| transport.recv_into(&mut buf)) {
             Ok(()) => {}
             Err(ProtocolError::Closed {
                 mid_frame: false, ..
@@ -338,16 +412,18 @@ pub fn serve_opts<T: Transport>(
             Ok(req) => (handler(req), false),
             Err(e) => (Reply::error(format!("malformed request: {e}")), false),
         };
-        if let Err(e) = encode_reply(&reply, negotiated, &mut out) {
-            let kind = reply.describe();
-            drop(reply);
-            encode_reply(
-                &Reply::error(format!("the {kind} reply cannot be sent: {e}")),
-                negotiated,
-                &mut out,
-            )?;
-        }
-        transport.send_vec(&mut out)?;
+        framing(|| {
+            if let Err(e) = encode_reply(&reply, negotiated, &mut out) {
+                let kind = reply.describe();
+                drop(reply);
+                encode_reply(
+                    &Reply::error(format!("the {kind} reply cannot be sent: {e}")),
+                    negotiated,
+                    &mut out,
+                )?;
+            }
+            transport.send_vec(&mut out)
+        })?;
         if last {
             return Ok(());
         }

@@ -31,7 +31,7 @@
 //! Decoding is total: every malformed input gives a [`ProtocolError`] naming the fault, and no allocation is
 //! larger than the bytes that justify it.
 
-use crate::declassify::WireTensor;
+use crate::declassify::{ReceivedTensor, WireTensor};
 use crate::error::{ProtocolError, Result};
 use crate::message::{
     ConvLayerSpec, Message, MessageKind, OptimizerSpec, Reply, Request, MAX_RANK,
@@ -481,6 +481,29 @@ fn decode_family(frame: &[u8], max_message: u32, want_request: Option<bool>) -> 
     decode_body(body)
 }
 
+/// A `ConvOutput` reply frame (length prefix included) decoded without copying its values: the layer and `Y_U`
+/// as a view of the frame. `Ok(None)` when the frame holds another reply (for [`decode_reply`] to decode, and
+/// the caller to refuse); any malformed `ConvOutput` is the same error [`decode_reply`] gives.
+pub fn decode_conv_output_view(
+    frame: &[u8],
+    max_message: u32,
+) -> Result<Option<(u32, ReceivedTensor<'_>)>> {
+    let body = frame_body(frame, max_message)?;
+    if body.first() != Some(&MessageKind::ConvOutput.code()) {
+        return Ok(None);
+    }
+    let mut r = Reader { buf: body, pos: 1 };
+    let layer = r.u32("ConvOutput.layer")?;
+    let (shape, words) = r.tensor_words("y_u")?;
+    if r.remaining() != 0 {
+        return Err(ProtocolError::TrailingBytes {
+            count: r.remaining(),
+            message: MessageKind::ConvOutput.name(),
+        });
+    }
+    Ok(Some((layer, ReceivedTensor::from_frame(shape, words))))
+}
+
 fn decode_body(body: &[u8]) -> Result<Message> {
     let mut r = Reader { buf: body, pos: 0 };
     let code = r.u8("message type")?;
@@ -702,6 +725,13 @@ impl<'a> Reader<'a> {
     }
 
     fn tensor(&mut self, field: &'static str) -> Result<WireTensor> {
+        let (shape, words) = self.tensor_words(field)?;
+        Ok(WireTensor::from_decoded(shape, get_f32s(words)))
+    }
+
+    /// A tensor's shape and its values as the frame holds them (little-endian words), checked against the
+    /// bytes present.
+    fn tensor_words(&mut self, field: &'static str) -> Result<(Vec<usize>, &'a [[u8; 4]])> {
         let rank = self.u8(field)? as usize;
         if rank > MAX_RANK {
             return Err(ProtocolError::Rank {
@@ -733,7 +763,7 @@ impl<'a> Reader<'a> {
         // `bytes` is 4 × the element count: the payload splits into exactly that many 4-byte words, none left.
         let (words, _) = self.take(bytes as usize, field)?.as_chunks::<4>();
         let shape = dims.iter().map(|&d| d as usize).collect();
-        Ok(WireTensor::from_decoded(shape, get_f32s(words)))
+        Ok((shape, words))
     }
 
     fn opt_tensor(&mut self, field: &'static str) -> Result<Option<WireTensor>> {

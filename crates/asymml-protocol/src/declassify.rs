@@ -208,50 +208,7 @@ impl WireTensor {
             )));
         }
         self.check_length()?;
-        // The values are checked in the pass that adds them, branch-free so that it vectorises: `v · 0` is NaN
-        // exactly when v is not finite, and a lane's witness keeps it. One witness for the received values,
-        // one for the sums (finite terms can still overflow); only a failed block is looked at again, to name
-        // the value (a NaN or infinity stays one when the finite addend is added to it).
-        const BLOCK: usize = 4096;
-        for (bi, (v, a)) in self
-            .data
-            .chunks_mut(BLOCK)
-            .zip(addend.data.chunks(BLOCK))
-            .enumerate()
-        {
-            let mut got = [0f32; 8];
-            let mut sum = [0f32; 8];
-            let mut vs = v.chunks_exact_mut(8);
-            let mut as_ = a.chunks_exact(8);
-            for (o, a) in (&mut vs).zip(&mut as_) {
-                for i in 0..8 {
-                    got[i] += o[i] * 0.0;
-                    o[i] += a[i];
-                    sum[i] += o[i] * 0.0;
-                }
-            }
-            for (o, a) in vs.into_remainder().iter_mut().zip(as_.remainder()) {
-                got[0] += *o * 0.0;
-                *o += a;
-                sum[0] += *o * 0.0;
-            }
-            if sum.iter().all(|w| *w == 0.0) {
-                continue;
-            }
-            if got.iter().all(|w| *w == 0.0) {
-                return Err(ProtocolError::Tensor(format!(
-                    "adding the tensor of shape {:?} to the trusted part gives values beyond float32's range",
-                    self.shape
-                )));
-            }
-            let i = first_non_finite(v).unwrap_or(0);
-            return Err(ProtocolError::Tensor(format!(
-                "non-finite value {} at index {} of a tensor of shape {:?}",
-                v[i],
-                bi * BLOCK + i,
-                self.shape
-            )));
-        }
+        checked_sum::<f32, true>(&mut self.data, &addend.data, &self.shape)?;
         Ok(Tensor {
             shape: self.shape,
             data: self.data,
@@ -324,6 +281,140 @@ impl WireTensor {
             )));
         }
         Ok(())
+    }
+}
+
+/// A received value as it is held: an f32, or its little-endian bytes in a frame.
+trait Word: Copy {
+    fn value(self) -> f32;
+}
+
+impl Word for f32 {
+    #[inline(always)]
+    fn value(self) -> f32 {
+        self
+    }
+}
+
+impl Word for [u8; 4] {
+    #[inline(always)]
+    fn value(self) -> f32 {
+        f32::from_le_bytes(self)
+    }
+}
+
+/// `dst` += `src` elementwise (same lengths), refusing a non-finite value: with `RECEIVED_IN_DST` the received
+/// values are `dst`'s (and `src` the trusted addend), else `src`'s. The values are checked in the pass that adds
+/// them, branch-free so that it vectorises: `v · 0` is NaN exactly when v is not finite, and a lane's witness
+/// keeps it. One witness for the received values, one for the sums (finite terms can still overflow); only a
+/// failed block is looked at again, to name the value (a NaN or infinity stays one when a finite addend is
+/// added to it).
+fn checked_sum<W: Word, const RECEIVED_IN_DST: bool>(
+    dst: &mut [f32],
+    src: &[W],
+    shape: &[usize],
+) -> Result<()> {
+    const BLOCK: usize = 4096;
+    for (bi, (v, a)) in dst.chunks_mut(BLOCK).zip(src.chunks(BLOCK)).enumerate() {
+        let mut got = [0f32; 8];
+        let mut sum = [0f32; 8];
+        let mut vs = v.chunks_exact_mut(8);
+        let mut as_ = a.chunks_exact(8);
+        for (o, a) in (&mut vs).zip(&mut as_) {
+            for i in 0..8 {
+                let add = a[i].value();
+                got[i] += if RECEIVED_IN_DST { o[i] } else { add } * 0.0;
+                o[i] += add;
+                sum[i] += o[i] * 0.0;
+            }
+        }
+        for (o, a) in vs.into_remainder().iter_mut().zip(as_.remainder()) {
+            let add = a.value();
+            got[0] += if RECEIVED_IN_DST { *o } else { add } * 0.0;
+            *o += add;
+            sum[0] += *o * 0.0;
+        }
+        if sum.iter().all(|w| *w == 0.0) {
+            continue;
+        }
+        if got.iter().all(|w| *w == 0.0) {
+            return Err(ProtocolError::Tensor(format!(
+                "adding the tensor of shape {shape:?} to the trusted part gives values beyond float32's range"
+            )));
+        }
+        let (i, bad) = if RECEIVED_IN_DST {
+            let i = first_non_finite(v).unwrap_or(0);
+            (i, v[i])
+        } else {
+            let i = a.iter().position(|w| !w.value().is_finite()).unwrap_or(0);
+            (i, a[i].value())
+        };
+        return Err(ProtocolError::Tensor(format!(
+            "non-finite value {bad} at index {} of a tensor of shape {shape:?}",
+            bi * BLOCK + i
+        )));
+    }
+    Ok(())
+}
+
+/// A tensor of a received reply, read where it lies in the frame (no copy): its shape and its values as
+/// little-endian f32 words. Built only by the decoder ([`decode_conv_output_view`](crate::codec::decode_conv_output_view));
+/// the receiver checks its shape and consumes the values in its own pass ([`add_into_checked`](Self::add_into_checked),
+/// or the trusted runtime's integrity check).
+pub struct ReceivedTensor<'a> {
+    shape: Vec<usize>,
+    words: &'a [[u8; 4]],
+}
+
+impl<'a> ReceivedTensor<'a> {
+    /// Built by the decoder from validated parts (`words.len()` is the product of `shape`).
+    pub(crate) fn from_frame(shape: Vec<usize>, words: &'a [[u8; 4]]) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), words.len());
+        ReceivedTensor { shape, words }
+    }
+
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The address of the first value (to find it again in the frame).
+    pub(crate) fn address(&self) -> usize {
+        self.words.as_ptr() as usize
+    }
+
+    /// The values' words after checking that the shape is exactly `expected_shape`, but **not** that every
+    /// value is finite: for a caller whose own pass over every value fails on a NaN or infinity, and then
+    /// names it with [`first_non_finite`](Self::first_non_finite).
+    pub fn words_unscanned(&self, expected_shape: &[usize]) -> Result<&'a [[u8; 4]]> {
+        if self.shape != expected_shape {
+            return Err(ProtocolError::Tensor(format!(
+                "wrong shape: expected {expected_shape:?}, got {:?}",
+                self.shape
+            )));
+        }
+        Ok(self.words)
+    }
+
+    /// `out` += the values, in one pass that also refuses a non-finite value (or sum), after checking that the
+    /// shape is exactly `expected_shape`, and `out`'s too.
+    pub fn add_into_checked(&self, expected_shape: &[usize], out: &mut Tensor) -> Result<()> {
+        if self.shape != expected_shape || out.shape != expected_shape {
+            return Err(ProtocolError::Tensor(format!(
+                "wrong shape: expected {expected_shape:?}, got {:?} (adding to {:?})",
+                self.shape, out.shape
+            )));
+        }
+        checked_sum::<[u8; 4], false>(&mut out.data, self.words, &self.shape)
+    }
+
+    /// The index and value of the first NaN or infinity, if any.
+    pub fn first_non_finite(&self) -> Option<(usize, f32)> {
+        self.words
+            .iter()
+            .map(|w| w.value())
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
     }
 }
 

@@ -8,25 +8,33 @@
 //! - [`transport`]: the [`Transport`] trait and its in-process, Unix socket and TCP implementations.
 //! - [`tls`]: mutual TLS 1.3 over TCP with pinned certificates ([`TlsTransport`], [`PinnedTls`]).
 //! - [`client`]: the trusted side's [`Client`] and the accelerator's [`serve`] loop, with the handshake.
+//! - [`frames`]: a hook to account the memory of frame buffers apart (in a TEE they are untrusted memory).
 //! - [`recording`]: a transport wrapper that records every frame, for the leakage-ledger test.
 
 pub mod client;
 pub mod codec;
 pub mod declassify;
 pub mod error;
+pub mod frames;
 pub mod message;
 pub mod recording;
 pub mod tls;
 pub mod transport;
 
-pub use client::{serve, serve_opts, serve_with, Client, ServeOptions, MAX_HELLO, SMALL_REPLY};
-pub use codec::{decode_message, decode_reply, decode_request, encode_reply, encode_request};
+pub use client::{
+    serve, serve_opts, serve_with, Client, ConvOutputFrame, ServeOptions, MAX_HELLO, SMALL_REPLY,
+};
+pub use codec::{
+    decode_conv_output_view, decode_message, decode_reply, decode_request, encode_reply,
+    encode_request,
+};
 pub use declassify::{
     accelerator_result, declassify_input_untrusted_only, declassify_logit_grad,
     declassify_output_grad, declassify_residual, declassify_residual_owned,
-    declassify_updated_weights, public_weights, WireTensor,
+    declassify_updated_weights, public_weights, ReceivedTensor, WireTensor,
 };
 pub use error::{ProtocolError, Result};
+pub use frames::set_frame_hook;
 pub use message::{
     ConvLayerSpec, Message, MessageKind, OptimizerSpec, Reply, Request, MAX_MESSAGE, MAX_RANK,
     PROTOCOL_VERSION,

@@ -159,6 +159,138 @@ fn into_sum_checked_finds_non_finite_values_in_its_own_pass() {
         .is_err());
 }
 
+/// A `ConvOutput` frame for `layer` holding `y`.
+fn conv_output_frame(layer: u32, y: WireTensor) -> Vec<u8> {
+    let mut buf = Vec::new();
+    encode_reply(&Reply::ConvOutput { layer, y_u: y }, MAX_MESSAGE, &mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn a_conv_output_is_read_in_its_frame_and_added_with_the_same_checks() {
+    let frame = conv_output_frame(
+        7,
+        accelerator_result(
+            &Tensor::from_vec(&[3, 7], (0..21).map(|i| i as f32).collect()).unwrap(),
+        ),
+    );
+    let (layer, y_u) = decode_conv_output_view(&frame, MAX_MESSAGE)
+        .unwrap()
+        .unwrap();
+    assert_eq!((layer, y_u.shape()), (7, &[3usize, 7][..]));
+    assert_eq!(y_u.words_unscanned(&[3, 7]).unwrap().len(), 21);
+    assert!(y_u.words_unscanned(&[21]).is_err());
+    let mut out = Tensor::from_vec(&[3, 7], vec![0.5; 21]).unwrap();
+    y_u.add_into_checked(&[3, 7], &mut out).unwrap();
+    assert_eq!(out.data[20], 20.5);
+    assert_eq!(y_u.first_non_finite(), None);
+    // The same refusals as `into_sum_checked`, naming the received value.
+    for (i, bad) in [(0, f32::NAN), (13, f32::INFINITY), (20, f32::NEG_INFINITY)] {
+        let mut v = vec![1.0; 21];
+        v[i] = bad;
+        let frame = conv_output_frame(
+            7,
+            accelerator_result(&Tensor::from_vec(&[3, 7], v).unwrap()),
+        );
+        let (_, y_u) = decode_conv_output_view(&frame, MAX_MESSAGE)
+            .unwrap()
+            .unwrap();
+        assert_eq!(y_u.first_non_finite().map(|(j, _)| j), Some(i));
+        let mut out = Tensor::from_vec(&[3, 7], vec![0.5; 21]).unwrap();
+        let e = y_u.add_into_checked(&[3, 7], &mut out).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&format!("non-finite value {bad} at index {i}")),
+            "{e}"
+        );
+    }
+    let frame = conv_output_frame(
+        1,
+        accelerator_result(&Tensor::from_vec(&[2], vec![f32::MAX, 1.0]).unwrap()),
+    );
+    let (_, y_u) = decode_conv_output_view(&frame, MAX_MESSAGE)
+        .unwrap()
+        .unwrap();
+    let mut big = Tensor::from_vec(&[2], vec![f32::MAX, 0.0]).unwrap();
+    let e = y_u.add_into_checked(&[2], &mut big).unwrap_err();
+    assert!(e.to_string().contains("beyond float32"), "{e}");
+    // The destination's shape is checked too.
+    let mut wrong = Tensor::zeros(&[1, 2]);
+    assert!(y_u.add_into_checked(&[2], &mut wrong).is_err());
+    // Another reply is not a view; a malformed ConvOutput is the error the full decoder gives.
+    let mut ok = Vec::new();
+    encode_reply(&Reply::Ok, MAX_MESSAGE, &mut ok).unwrap();
+    assert!(decode_conv_output_view(&ok, MAX_MESSAGE).unwrap().is_none());
+    let mut cut = frame.clone();
+    cut.pop();
+    let len = (cut.len() - 4) as u32;
+    cut[..4].copy_from_slice(&len.to_le_bytes());
+    let (a, b) = (
+        decode_conv_output_view(&cut, MAX_MESSAGE).err().unwrap(),
+        decode_reply(&cut, MAX_MESSAGE).unwrap_err(),
+    );
+    assert_eq!(a.to_string(), b.to_string());
+    let mut longer = frame.clone();
+    longer.push(0);
+    let len = (longer.len() - 4) as u32;
+    longer[..4].copy_from_slice(&len.to_le_bytes());
+    assert!(decode_conv_output_view(&longer, MAX_MESSAGE).is_err());
+}
+
+#[test]
+fn the_client_receives_a_conv_output_in_place_and_refuses_any_other_reply() {
+    let (a, b) = inproc_pair();
+    let server = std::thread::spawn(move || {
+        let mut n = 0;
+        serve(b, &mut |req| {
+            n += 1;
+            match (n, req) {
+                (2, Request::ConvForward { layer, x_u, .. }) => Reply::ConvOutput {
+                    layer,
+                    y_u: accelerator_result(
+                        &Tensor::from_vec(x_u.shape(), x_u.data().to_vec()).unwrap(),
+                    ),
+                },
+                (3, _) => Reply::ConvOutput {
+                    layer: 9,
+                    y_u: accelerator_result(&Tensor::zeros(&[1])),
+                },
+                (4, _) => Reply::error("out of memory"),
+                _ => Reply::Ok,
+            }
+        })
+    });
+    let mut c = Client::connect(a).unwrap();
+    c.call(&Request::Step { lr: 0.1 }).unwrap();
+    let x = Tensor::from_vec(&[1, 2, 1, 2], vec![1.0, 2.0, 3.0, 4.0]).unwrap();
+    let fwd = || Request::ConvForward {
+        layer: 3,
+        x_u: declassify_residual(&x),
+        train: false,
+    };
+    c.send_request(&fwd()).unwrap();
+    let frame = c.recv_conv_output(3).unwrap();
+    let mut y = Tensor::zeros(&[1, 2, 1, 2]);
+    frame.y_u().add_into_checked(&[1, 2, 1, 2], &mut y).unwrap();
+    assert_eq!(y.data, x.data);
+    c.reuse_frame(frame);
+    // Another layer's output, then the accelerator's error: both refused, naming the request.
+    c.send_request(&fwd()).unwrap();
+    let e = c.recv_conv_output(3).err().unwrap();
+    let (op, root) = (e.to_string(), e.root().to_string());
+    assert!(
+        op.contains("ConvForward(layer 3)") && root.contains("layer 9"),
+        "{op}: {root}"
+    );
+    c.send_request(&fwd()).unwrap();
+    let e = c.recv_conv_output(3).err().unwrap();
+    assert!(e.root().to_string().contains("out of memory"), "{e}");
+    assert!(c.recv_conv_output(3).is_err(), "nothing outstanding");
+    c.send_request(&Request::Shutdown).unwrap();
+    drop(c);
+    let _ = server.join();
+}
+
 #[test]
 fn unscanned_data_checks_the_shape_and_length_only() {
     let w = wire(&[2], vec![1.0, f32::NAN]);

@@ -38,8 +38,9 @@
 //! vanishing probability, and each of the `reps` repetitions (2 by default) draws new coefficients.
 
 use asymml_core::freivalds::{
-    column_squares, combine_pass, combine_rows, gather_offsets, lhs_pass, merge_lhs_pass,
-    period_dot, scatter_offsets, sum_squares, weight_grad_one, Combined, Geo, Lhs, BLOCK,
+    column_squares, combine_pass, combine_rows, gather_offsets, lhs_pass, merge_into_lhs_pass,
+    merge_lhs_pass, period_dot, scatter_offsets, sum_squares, weight_grad_one, Combined, Geo, Lhs,
+    BLOCK,
 };
 use asymml_core::layers::Conv2d;
 use asymml_core::rng::Rng;
@@ -312,6 +313,38 @@ impl Checker {
         y_u: &mut [f32],
         proj: Option<&mut Projection>,
         merge: Option<&[f32]>,
+        part: (usize, usize),
+    ) -> Result<Result<(), Failure>, CoreError> {
+        let ys = match merge {
+            Some(y_t) => YSide::MergeInPlace(y_u, y_t),
+            None => YSide::Read(y_u),
+        };
+        self.check_forward_side(conv, x_u, x_shape, ys, proj, part)
+    }
+
+    /// [`check_forward`](Self::check_forward) of `Y_U` as received (little-endian words in its frame, read in
+    /// place), adding it into `y` (which holds Y_T, and then Y = Y_T + Y_U) in the check's pass over it. `y`
+    /// must not be used if the check fails.
+    pub fn check_forward_into(
+        &mut self,
+        conv: &Conv2d,
+        x_u: &[f32],
+        x_shape: &[usize],
+        y_u: &[[u8; 4]],
+        proj: Option<&mut Projection>,
+        y: &mut [f32],
+    ) -> Result<Result<(), Failure>, CoreError> {
+        let b = x_shape.first().copied().unwrap_or(0);
+        self.check_forward_side(conv, x_u, x_shape, YSide::MergeInto(y_u, y), proj, (0, b))
+    }
+
+    fn check_forward_side(
+        &mut self,
+        conv: &Conv2d,
+        x_u: &[f32],
+        x_shape: &[usize],
+        ys: YSide<'_>,
+        proj: Option<&mut Projection>,
         (first, batch): (usize, usize),
     ) -> Result<Result<(), Failure>, CoreError> {
         let t0 = Instant::now();
@@ -323,10 +356,7 @@ impl Checker {
             )));
         }
         let (hw, p, kk, r) = (g.hw(), g.p(), g.k * g.k, self.reps);
-        if x_u.len() != g.b * g.n * hw
-            || y_u.len() != g.b * g.m * p
-            || merge.as_ref().is_some_and(|a| a.len() != y_u.len())
-        {
+        if x_u.len() != g.b * g.n * hw || !ys.sizes_are(g.b * g.m * p) {
             return Err(CoreError::Shape("integrity: forward sizes differ".into()));
         }
         let c = self.coefs(r * g.b);
@@ -360,9 +390,7 @@ impl Checker {
         };
         if g.b * g.n * hw * g.m * p == 0 {
             // An empty tensor on either side: nothing to compare (its shape was checked on receipt).
-            if let Some(a) = merge {
-                y_u.iter_mut().zip(a).for_each(|(o, t)| *o += t);
-            }
+            ys.merge_only();
             if let (Some(pr), Some(t)) = (proj, t) {
                 if first == 0 {
                     pr.start(whole, &t, r);
@@ -395,9 +423,10 @@ impl Checker {
                 c.iter().flat_map(move |cb| s.iter().map(move |sm| cb * sm))
             })
             .collect();
-        match merge {
-            Some(y_t) => merge_lhs_pass(y_u, y_t, g.b, g.m, p, r, &k, &mut lhs),
-            None => lhs_pass(y_u, g.b, g.m, p, r, &k, &mut lhs),
+        match ys {
+            YSide::MergeInPlace(y_u, y_t) => merge_lhs_pass(y_u, y_t, g.b, g.m, p, r, &k, &mut lhs),
+            YSide::MergeInto(y_u, y) => merge_into_lhs_pass(y_u, y, g.b, g.m, p, r, &k, &mut lhs),
+            YSide::Read(y_u) => lhs_pass(y_u, g.b, g.m, p, r, &k, &mut lhs),
         }
         // The RMS of Y_U weighted by the squared coefficients (each in [1, 4)), from the left side's squares.
         let y_rms = weighted_rms(&lhs.sq[..p], &c[..g.b], &s[..g.m]);
@@ -626,6 +655,38 @@ impl Checker {
 }
 
 /// Each value of `v` repeated `k` times.
+/// The forward check's `Y_U`, and where the merge Y = Y_T + Y_U goes (in the check's pass over it).
+enum YSide<'a> {
+    /// Only read.
+    Read(&'a [f32]),
+    /// Y_T (the second) is added into the received values.
+    MergeInPlace(&'a mut [f32], &'a [f32]),
+    /// The received values, as words of their frame, are added into Y_T's buffer.
+    MergeInto(&'a [[u8; 4]], &'a mut [f32]),
+}
+
+impl YSide<'_> {
+    fn sizes_are(&self, n: usize) -> bool {
+        match self {
+            YSide::Read(y) => y.len() == n,
+            YSide::MergeInPlace(y, t) => y.len() == n && t.len() == n,
+            YSide::MergeInto(y, t) => y.len() == n && t.len() == n,
+        }
+    }
+
+    /// The merge alone (no values to check).
+    fn merge_only(self) {
+        match self {
+            YSide::Read(_) => {}
+            YSide::MergeInPlace(y, t) => y.iter_mut().zip(t).for_each(|(o, t)| *o += t),
+            YSide::MergeInto(y, t) => t
+                .iter_mut()
+                .zip(y)
+                .for_each(|(o, w)| *o += f32::from_le_bytes(*w)),
+        }
+    }
+}
+
 fn repeated(v: &[f64], k: usize) -> Vec<f64> {
     v.iter().flat_map(|&x| std::iter::repeat_n(x, k)).collect()
 }
@@ -822,6 +883,24 @@ mod tests {
                         .unwrap()
                     };
                     assert_eq!(caught(seed, factor, y.len(), fwd), expect, "Y_U {factor}");
+                    // Y_U read from its frame's words and added into Y_T's buffer in the check's pass.
+                    let y_t: Vec<f32> = (0..y.len()).map(|i| (i % 5) as f32 * 0.25).collect();
+                    let fwd_into = |ch: &mut Checker, p: Option<(usize, f32)>| {
+                        let got = moved(&y.data, p);
+                        let words: Vec<[u8; 4]> = got.iter().map(|v| v.to_le_bytes()).collect();
+                        let mut out = y_t.clone();
+                        let r = ch
+                            .check_forward_into(&conv, &x.data, &x.shape, &words, None, &mut out)
+                            .unwrap();
+                        let sums = got.iter().zip(&y_t).map(|(a, b)| a + b);
+                        assert!(out.iter().copied().eq(sums), "the merge");
+                        r
+                    };
+                    assert_eq!(
+                        caught(seed, factor, y.len(), fwd_into),
+                        expect,
+                        "Y_U from its frame {factor}"
+                    );
                     let bwd_dx = |ch: &mut Checker, p| {
                         let bad = moved(&dx.data, p);
                         let r = ch.check_backward(&conv, &proj, &dy.data, Some(&bad), &dw);

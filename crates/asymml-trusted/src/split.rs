@@ -20,7 +20,7 @@ use asymml_core::rng::Rng;
 use asymml_core::{CoreError, Tensor};
 use asymml_protocol::{
     declassify_output_grad, declassify_residual_owned, declassify_updated_weights, public_weights,
-    Client, ConvLayerSpec, ProtocolError, Request, Transport,
+    Client, ConvLayerSpec, ConvOutputFrame, ProtocolError, Request, Transport,
 };
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -687,54 +687,88 @@ impl<T: Transport> SplitExec<T> {
             }
             self.layers[id].shared_from = shared;
             let what = format!("ConvForward(layer {id})");
-            let y_u = self
-                .recv(Some(id))?
-                .into_conv_output(layer)
-                .map_err(|e| bad_reply(&what, e))?;
-            // Y_U against the trusted weights, on the residual exactly as it was sent (for a shortcut conv,
-            // its block input's, still in the scratch). Y = Y_U + Y_T is added into the received values (no
-            // second buffer); with checks on, by the pass that checks Y_U, and the sum is not used before the
-            // check passes.
-            let residual = std::mem::take(&mut self.residual);
-            let mut proj = std::mem::take(&mut self.layers[id].proj);
-            let checked = if self.checker.is_some() {
-                // The check's pass over Y_U also catches a NaN or infinity (its sums turn non-finite and it
-                // fails), so the values are not scanned first; a failed check names such a value instead.
-                let got = y_u
-                    .into_tensor_unscanned(&out_shape)
-                    .map_err(|e| bad_reply(&what, e));
-                got.and_then(|mut got| {
-                    self.checked(id, |ch| {
-                        // (A training forward also keeps, from the same pass over X_U, the ∇W_U check's
-                        // projection.)
-                        let proj = train.then_some(&mut proj);
-                        let merge = Some(y.data.as_slice());
-                        ch.check_forward(conv, &residual.data, &x.shape, &mut got.data, proj, merge)
-                    })
-                    .map_err(|e| pipeline::name_non_finite(&what, &got, e))?;
-                    *y = got;
-                    Ok(())
-                })
-            } else {
-                let t0 = Instant::now();
-                let r = y_u
-                    .into_sum_checked(&out_shape, y)
-                    .map(|sum| *y = sum)
-                    .map_err(|e| bad_reply(&what, e));
-                let dt = t0.elapsed().as_secs_f64();
-                self.count_layer(Some(id), |l| {
-                    l.merge_s += dt;
-                    l.trusted_s += dt;
-                });
-                r
-            };
-            self.layers[id].proj = proj;
-            self.residual = residual;
-            checked?;
+            let frame = self.recv_conv_output(id)?;
+            let merged = self.merge_received(conv, &frame, x, y, train, &what);
+            debug_assert_eq!(y.shape, out_shape);
+            self.client.reuse_frame(frame);
+            merged?;
             self.count_split_forward(conv, &x.shape);
             Ok(())
         })();
         res.map_err(|e: CoreError| e.at_conv(&self.layers[id].name))
+    }
+}
+
+impl<T: Transport> SplitExec<T> {
+    /// The accelerator's `ConvOutput` for conv `id`, kept in its frame (Y_U is read there, not copied out).
+    fn recv_conv_output(&mut self, id: usize) -> Result<ConvOutputFrame, CoreError> {
+        let t0 = Instant::now();
+        let frame = self
+            .client
+            .recv_conv_output(id as u32)
+            .map_err(CoreError::accelerator)?;
+        let waited = t0.elapsed().as_secs_f64();
+        self.waited_s += waited;
+        let n = 4 * frame.y_u().shape().iter().product::<usize>() as u64;
+        self.count(|s| {
+            s.wait_s += waited;
+            s.bytes_from_untrusted += n;
+        });
+        self.count_layer(Some(id), |l| {
+            l.wait_s += waited;
+            l.bytes_from += n;
+        });
+        Ok(frame)
+    }
+
+    /// Y = Y_T + Y_U into `y` (which holds Y_T), Y_U read from its frame in the pass that checks it against the
+    /// trusted weights on the residual exactly as it was sent (for a shortcut conv, its block input's, still in
+    /// the scratch) — with checks on; else in a pass that refuses non-finite values. `y` is not to be used
+    /// when this fails.
+    fn merge_received(
+        &mut self,
+        conv: &Conv2d,
+        frame: &ConvOutputFrame,
+        x: &Tensor,
+        y: &mut Tensor,
+        train: bool,
+        what: &str,
+    ) -> Result<(), CoreError> {
+        let id = conv.id;
+        let y_u = frame.y_u();
+        let out_shape = y.shape.clone();
+        if self.checker.is_none() {
+            let t0 = Instant::now();
+            let r = y_u
+                .add_into_checked(&out_shape, y)
+                .map_err(|e| bad_reply(what, e));
+            let dt = t0.elapsed().as_secs_f64();
+            self.count_layer(Some(id), |l| {
+                l.merge_s += dt;
+                l.trusted_s += dt;
+            });
+            return r;
+        }
+        let words = y_u
+            .words_unscanned(&out_shape)
+            .map_err(|e| bad_reply(what, e))?;
+        let residual = std::mem::take(&mut self.residual);
+        let mut proj = std::mem::take(&mut self.layers[id].proj);
+        // The check's pass over Y_U also catches a NaN or infinity (its sums turn non-finite and it fails), so
+        // the values are not scanned first; a failed check names such a value instead. (A training forward
+        // also keeps, from the same pass over X_U, the ∇W_U check's projection.)
+        let checked = self
+            .checked(id, |ch| {
+                let proj = train.then_some(&mut proj);
+                ch.check_forward_into(conv, &residual.data, &x.shape, words, proj, &mut y.data)
+            })
+            .map_err(|e| {
+                let found = y_u.first_non_finite().map(|(_, v)| v);
+                pipeline::name_found(what, found, &out_shape, "Y_U", e)
+            });
+        self.layers[id].proj = proj;
+        self.residual = residual;
+        checked
     }
 }
 

@@ -1,7 +1,9 @@
 //! A counting global allocator: live and peak heap bytes per domain — the trusted runtime (every thread by
-//! default) and the in-process accelerator (its threads call [`enter_accelerator`]). Each block carries its
-//! domain in a header, so a block freed by another thread (a tensor handed across the boundary) is debited
-//! to the domain that allocated it. The `asymml` binary installs it; `asymml bench` reports the peaks.
+//! default), the in-process accelerator (its threads call [`enter_accelerator`]) and the frames that cross the
+//! boundary (allocated inside [`frame_hook`]'s calls, which the protocol makes around every frame buffer: in a
+//! TEE they are untrusted memory, not the trusted runtime's). Each block carries its domain in a header, so a
+//! block freed by another thread (a tensor handed across the boundary) is debited to the domain that
+//! allocated it. The `asymml` binary installs it; `asymml bench` reports the peaks.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -12,19 +14,43 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 pub enum Domain {
     Trusted = 0,
     Accelerator = 1,
+    /// Frame buffers, of either side.
+    Frames = 2,
 }
+
+const DOMAINS: usize = 3;
 
 thread_local! {
     static DOMAIN: Cell<u8> = const { Cell::new(0) };
+    /// The thread's domain before [`frame_hook`]'s `true`.
+    static SAVED: Cell<u8> = const { Cell::new(0) };
 }
 
-static LIVE: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
-static PEAK: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+static LIVE: [AtomicUsize; DOMAINS] = [const { AtomicUsize::new(0) }; DOMAINS];
+static PEAK: [AtomicUsize; DOMAINS] = [const { AtomicUsize::new(0) }; DOMAINS];
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// Marks the calling thread as the accelerator's: what it allocates from now on counts there.
 pub fn enter_accelerator() {
     DOMAIN.with(|d| d.set(Domain::Accelerator as u8));
+}
+
+/// The protocol's frame hook (see `asymml_protocol::set_frame_hook`): `true` counts what the calling thread
+/// allocates next to [`Domain::Frames`], `false` goes back to its domain before.
+pub fn frame_hook(enter: bool) {
+    let _ = DOMAIN.try_with(|d| {
+        if enter {
+            let _ = SAVED.try_with(|s| s.set(d.get()));
+            d.set(Domain::Frames as u8);
+        } else {
+            d.set(SAVED.try_with(|s| s.get()).unwrap_or(0));
+        }
+    });
+}
+
+/// Domain index of a block's tag byte.
+fn domain_of(tag: u8) -> usize {
+    (tag as usize).min(DOMAINS - 1)
 }
 
 /// Whether the counting allocator is the global allocator of this process (false in library tests).
@@ -44,7 +70,7 @@ pub fn peak(d: Domain) -> usize {
 
 /// Sets each domain's peak to its live bytes.
 pub fn reset_peak() {
-    for d in 0..2 {
+    for d in 0..DOMAINS {
         PEAK[d].store(LIVE[d].load(Ordering::Relaxed), Ordering::Relaxed);
     }
 }
@@ -86,7 +112,7 @@ unsafe fn tagged(layout: Layout, system: unsafe fn(&System, Layout) -> *mut u8) 
         base.add(h - 1).write(d);
         base.add(h)
     };
-    add(d as usize, layout.size());
+    add(domain_of(d), layout.size());
     block
 }
 
@@ -111,7 +137,7 @@ unsafe impl GlobalAlloc for Counting {
         // SAFETY: GlobalAlloc's contract: `ptr` came from this allocator with this `layout`, so it is h bytes
         // into a live System block whose domain tag is at `ptr − 1`, made with the valid layout
         // (`layout.size() + h`, h).
-        let d = unsafe { ptr.sub(1).read() } as usize & 1;
+        let d = domain_of(unsafe { ptr.sub(1).read() });
         LIVE[d].fetch_sub(layout.size(), Ordering::Relaxed);
         // SAFETY: as just above: this gives the System block back with the layout it was made with.
         unsafe {
@@ -133,7 +159,7 @@ unsafe impl GlobalAlloc for Counting {
         // SAFETY: as in `dealloc`, `ptr − h` starts a live System block of layout (`layout.size() + h`, h) with
         // its domain tag at `ptr − 1`; `new_size + h` is non-zero and valid for alignment h (checked above).
         let (d, base) = unsafe {
-            let d = ptr.sub(1).read() as usize & 1;
+            let d = domain_of(ptr.sub(1).read());
             let full = Layout::from_size_align_unchecked(layout.size() + h, h);
             (d, System.realloc(ptr.sub(h), full, new_size + h))
         };

@@ -151,9 +151,11 @@ pub(crate) struct BenchResult {
     /// (trusted) and the convs of X_U (untrusted) in split; all convs on the accelerator in untrusted-only.
     pub(crate) trusted_flops: f64,
     pub(crate) untrusted_flops: f64,
-    /// Peak heap bytes of the trusted runtime and of the in-process accelerator during the run.
+    /// Peak heap bytes of the trusted runtime and of the in-process accelerator during the run. The frames
+    /// that cross the boundary are counted apart (in a TEE they are untrusted memory): `frames_peak_bytes`.
     pub(crate) trusted_peak_bytes: Option<u64>,
     pub(crate) accelerator_peak_bytes: Option<u64>,
+    pub(crate) frames_peak_bytes: Option<u64>,
     /// Conv kernels' GFLOP/s (trusted-only).
     pub(crate) conv_gflops: Option<f64>,
     /// Split: trusted-only's trusted time over this one's (the paper's speedup of the TEE), trusted-only's
@@ -326,41 +328,98 @@ impl Plan {
     /// Times every model, phase and run.
     fn measure_all(&self, a: &BenchArgs) -> Result<Vec<BenchResult>> {
         let mut results = Vec::new();
-        let pb = progress::bar(
-            (a.models.len() * self.runs.len() * a.phase.len() * (a.warmup + a.steps)) as u64,
-            "bench",
-            a.json,
-        );
+        let pb = self.bar(a, a.models.len());
         for name in &a.models {
             let size = input_size(a, name);
             let spec = name.spec(a.channels, a.classes, size)?;
             let x = bench_input(a, size)?;
             let labels: Vec<usize> = (0..a.batch_size).map(|i| i % a.classes).collect();
             for &phase in &a.phase {
-                for (mode, rank) in &self.runs {
-                    let rank_text = rank.as_ref().map_or("", |r| r.text.as_str());
-                    pb.set_message(format!(
-                        "{} {} {mode} {rank_text}",
-                        spec.name(),
-                        phase.name()
-                    ));
-                    let case = Case {
-                        spec: &spec,
-                        phase,
-                        mode: *mode,
-                        rank: rank.as_ref(),
-                        x: &x,
-                        labels: &labels,
-                        net: None,
-                    };
-                    let (samples, nodes, peaks) = self.measure(a, &case, &pb)?;
-                    let torch_ms = self.torch_ms(name.as_str(), &spec, phase);
-                    results.push(samples.result(a, self, &case, nodes, peaks, torch_ms));
-                }
+                let cases = self.cases(&spec, phase, &x, &labels, None);
+                let torch_ms = self.torch_ms(name.as_str(), &spec, phase);
+                results.extend(self.measure_rounds(a, &cases, &pb, torch_ms)?);
             }
         }
         pb.finish_and_clear();
         Ok(results)
+    }
+
+    /// The progress bar of `models` models' runs, phases, rounds and steps.
+    fn bar(&self, a: &BenchArgs, models: usize) -> ProgressBar {
+        let steps = models * self.runs.len() * a.phase.len() * a.repeat * (a.warmup + a.steps);
+        progress::bar(steps as u64, "bench", a.json)
+    }
+
+    /// One case per run of the plan, for `spec` in `phase`.
+    fn cases<'a>(
+        &'a self,
+        spec: &'a ModelSpec,
+        phase: Phase,
+        x: &'a Tensor,
+        labels: &'a [usize],
+        net: Option<NetBuilder<'a>>,
+    ) -> Vec<Case<'a>> {
+        self.runs
+            .iter()
+            .map(|(mode, rank)| Case {
+                spec,
+                phase,
+                mode: *mode,
+                rank: rank.as_ref(),
+                x,
+                labels,
+                net,
+            })
+            .collect()
+    }
+
+    /// Times `cases` (one model and phase) in `a.repeat` rounds, each round timing every case in turn, and gives
+    /// each case's row over all its rounds' steps (peak memory: the largest of its rounds).
+    fn measure_rounds(
+        &self,
+        a: &BenchArgs,
+        cases: &[Case<'_>],
+        pb: &ProgressBar,
+        torch_ms: Option<f64>,
+    ) -> Result<Vec<BenchResult>> {
+        let mut acc: Vec<(Samples, Vec<NodeRow>, Peaks)> = Vec::new();
+        for round in 0..a.repeat {
+            for (i, case) in cases.iter().enumerate() {
+                let rank_text = case.rank.map_or("", |r| r.text.as_str());
+                let of = if a.repeat > 1 {
+                    format!(" (round {}/{})", round + 1, a.repeat)
+                } else {
+                    String::new()
+                };
+                pb.set_message(format!(
+                    "{} {} {} {rank_text}{of}",
+                    case.spec.name(),
+                    case.phase.name(),
+                    case.mode
+                ));
+                if acc.len() <= i {
+                    acc.push((Samples::default(), Vec::new(), Peaks::none()));
+                }
+                let (samples, nodes, peaks) = &mut acc[i];
+                let (n, p) = self.measure(a, case, pb, samples)?;
+                add_nodes(nodes, n);
+                peaks.keep_larger(p);
+            }
+        }
+        let steps = (a.steps * a.repeat) as f64;
+        Ok(cases
+            .iter()
+            .zip(acc)
+            .map(|(case, (mut samples, mut nodes, peaks))| {
+                samples.per_step(steps, case.mode);
+                for n in &mut nodes {
+                    n.forward_s /= steps;
+                    n.backward_s /= steps;
+                }
+                let torch = torch_ms.filter(|_| case.net.is_none());
+                samples.result(a, self, case, nodes, peaks, torch)
+            })
+            .collect())
     }
 
     /// PyTorch's median for `spec` in `phase` (its rows name CIFAR models without the suffix).
@@ -376,13 +435,15 @@ impl Plan {
         })
     }
 
-    /// Times one case: a fresh session (and accelerator), the warm-up steps, then the timed steps.
+    /// Times one case: a fresh session (and accelerator), the warm-up steps, then the timed steps, added to
+    /// `samples`; gives the nodes' times summed over the timed steps, and the peaks.
     fn measure(
         &self,
         a: &BenchArgs,
         case: &Case<'_>,
         pb: &ProgressBar,
-    ) -> Result<(Samples, Vec<NodeRow>, Peaks)> {
+        samples: &mut Samples,
+    ) -> Result<(Vec<NodeRow>, Peaks)> {
         let config = TrainConfig {
             optimizer: OptimizerKind::Sgd {
                 momentum: 0.9,
@@ -413,7 +474,6 @@ impl Plan {
                 Phase::Infer => f,
             }
         });
-        let mut samples = Samples::default();
         // With `--route auto`, the steps that try both routes of every conv come first, untimed (and not
         // counted by the progress bar): the timed steps show the route it settles on.
         let probe = if case.mode == Mode::Split && split.config.auto_route {
@@ -446,13 +506,11 @@ impl Plan {
                 samples.add(dt, &before, &after, untrusted_only_flops);
             }
         }
-        let steps = a.steps as f64;
-        samples.per_step(steps, case.mode);
-        let nodes = node_rows(&s, case.mode, steps);
+        let nodes = node_rows(&s, case.mode);
         let peaks = Peaks::read();
         drop(s);
         drop(accel);
-        Ok((samples, nodes, peaks))
+        Ok((nodes, peaks))
     }
 }
 
@@ -515,22 +573,52 @@ impl Probes {
 struct Peaks {
     trusted: Option<u64>,
     accelerator: Option<u64>,
+    frames: Option<u64>,
 }
 
 impl Peaks {
+    fn none() -> Self {
+        Peaks {
+            trusted: None,
+            accelerator: None,
+            frames: None,
+        }
+    }
+
+    /// Keeps, per side, the larger of these peaks and `other`'s.
+    fn keep_larger(&mut self, other: Peaks) {
+        let max = |a: Option<u64>, b: Option<u64>| a.max(b);
+        self.trusted = max(self.trusted, other.trusted);
+        self.accelerator = max(self.accelerator, other.accelerator);
+        self.frames = max(self.frames, other.frames);
+    }
+
     fn read() -> Self {
         let installed = crate::alloc::installed();
         let peak = |d| installed.then(|| crate::alloc::peak(d) as u64);
         Peaks {
             trusted: peak(crate::alloc::Domain::Trusted),
             accelerator: peak(crate::alloc::Domain::Accelerator),
+            frames: peak(crate::alloc::Domain::Frames),
         }
     }
 }
 
-/// Every top-level node's trusted time per step (none in untrusted-only mode: the whole network runs on the
-/// accelerator).
-fn node_rows(s: &Session, mode: Mode, steps: f64) -> Vec<NodeRow> {
+/// Adds a round's node times to those of the rounds before (the same nodes, in order).
+fn add_nodes(acc: &mut Vec<NodeRow>, round: Vec<NodeRow>) {
+    if acc.is_empty() {
+        *acc = round;
+        return;
+    }
+    for (a, r) in acc.iter_mut().zip(round) {
+        a.forward_s += r.forward_s;
+        a.backward_s += r.backward_s;
+    }
+}
+
+/// Every top-level node's trusted time summed over the timed steps (none in untrusted-only mode: the whole
+/// network runs on the accelerator).
+fn node_rows(s: &Session, mode: Mode) -> Vec<NodeRow> {
     let node_times = s.net.node_times().filter(|_| mode != Mode::UntrustedOnly);
     s.net
         .nodes
@@ -539,8 +627,8 @@ fn node_rows(s: &Session, mode: Mode, steps: f64) -> Vec<NodeRow> {
         .map(|(n, t)| NodeRow {
             name: n.name.clone(),
             kind: n.layer.kind().into(),
-            forward_s: t.forward_s / steps,
-            backward_s: t.backward_s / steps,
+            forward_s: t.forward_s,
+            backward_s: t.backward_s,
         })
         .collect()
 }
@@ -680,6 +768,7 @@ impl Samples {
             accelerator_peak_bytes: peaks
                 .accelerator
                 .filter(|_| mode != Mode::TrustedOnly && local_accelerator),
+            frames_peak_bytes: peaks.frames.filter(|_| mode != Mode::TrustedOnly),
             conv_gflops: (self.conv_s > 0.0).then(|| self.conv_f / self.conv_s / 1e9),
             trusted_speedup: None,
             wall_speedup: None,
@@ -734,32 +823,11 @@ pub(crate) fn time_batch(
     check_batch_bytes(a.batch_size, spec.in_ch, spec.width, spec.input_size)?;
     let plan = Plan::new(a, threads)?;
     let labels: Vec<usize> = (0..a.batch_size).map(|i| i % spec.classes).collect();
-    let pb = progress::bar(
-        (plan.runs.len() * a.phase.len() * (a.warmup + a.steps)) as u64,
-        "bench",
-        a.json,
-    );
+    let pb = plan.bar(a, 1);
     let mut results = Vec::new();
     for &phase in &a.phase {
-        for (mode, rank) in &plan.runs {
-            pb.set_message(format!(
-                "{} {} {mode} {}",
-                spec.name(),
-                phase.name(),
-                rank.as_ref().map_or("", |r| r.text.as_str())
-            ));
-            let case = Case {
-                spec,
-                phase,
-                mode: *mode,
-                rank: rank.as_ref(),
-                x,
-                labels: &labels,
-                net: Some(net),
-            };
-            let (samples, nodes, peaks) = plan.measure(a, &case, &pb)?;
-            results.push(samples.result(a, &plan, &case, nodes, peaks, None));
-        }
+        let cases = plan.cases(spec, phase, x, &labels, Some(net));
+        results.extend(plan.measure_rounds(a, &cases, &pb, None)?);
     }
     pb.finish_and_clear();
     relate(&mut results);
@@ -835,7 +903,7 @@ fn write_outputs(out: &Path, results: &[BenchResult]) -> Result<()> {
 
 fn print_table(results: &[BenchResult]) {
     println!(
-        "{:<20} {:<6} {:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}",
+        "{:<20} {:<6} {:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "model",
         "phase",
         "mode",
@@ -850,7 +918,8 @@ fn print_table(results: &[BenchResult]) {
         "T GFLOP",
         "U GFLOP",
         "T peak MB",
-        "A peak MB"
+        "A peak MB",
+        "F peak MB"
     );
     let mb = |v: Option<u64>| v.map_or("-".into(), |b| format!("{:.0}", b as f64 / 1e6));
     let ms = |v: Option<f64>| v.map_or("-".into(), |s| format!("{:.1}", s * 1e3));
@@ -861,7 +930,7 @@ fn print_table(results: &[BenchResult]) {
             format!("{} {}", r.mode, r.rank)
         };
         println!(
-            "{:<20} {:<6} {:<22} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9} {:>9.1} {:>8.1} {:>9.2} {:>9.2} {:>9} {:>9}",
+            "{:<20} {:<6} {:<22} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9} {:>9.1} {:>8.1} {:>9.2} {:>9.2} {:>9} {:>9} {:>9}",
             r.model,
             r.phase,
             mode,
@@ -877,6 +946,7 @@ fn print_table(results: &[BenchResult]) {
             r.untrusted_flops / 1e9,
             mb(r.trusted_peak_bytes),
             mb(r.accelerator_peak_bytes),
+            mb(r.frames_peak_bytes),
         );
         if let (Some(ts), Some(fb)) = (r.trusted_speedup, r.flop_bound) {
             println!(

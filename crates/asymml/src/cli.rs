@@ -5,8 +5,8 @@ pub use crate::privacy::args::PrivacyArgs;
 use crate::values::parse_size;
 use crate::values::{
     parse_batch_size, parse_channels, parse_classes, parse_epochs, parse_image_count,
-    parse_input_size, parse_listen, parse_lr, parse_momentum, parse_noise, parse_steps,
-    parse_svd_iters, parse_threads, parse_timeout, parse_warmup, parse_weight_decay,
+    parse_input_size, parse_listen, parse_lr, parse_momentum, parse_noise, parse_repeat,
+    parse_steps, parse_svd_iters, parse_threads, parse_timeout, parse_warmup, parse_weight_decay,
     AcceleratorSpec, AugmentChoice, ModelName, OnOff, OptimizerChoice, Phase, RankArg, RouteChoice,
     Schedule, DEFAULT_RANK,
 };
@@ -383,6 +383,12 @@ pub struct BenchArgs {
     /// Untimed warm-up steps (0 to 1000000).
     #[arg(long, default_value_t = 1, value_parser = parse_warmup)]
     pub(crate) warmup: usize,
+    /// Rounds (1 to 1000): the runs of each model and phase are timed this many times in turn (A B C A B C …),
+    /// each round with a fresh session and its own warm-up, and every row takes its medians over all rounds'
+    /// timed steps. On a noisy machine a slow spell then falls on every run alike instead of on one, so the
+    /// ratios between runs (split against trusted-only) are fairer
+    #[arg(long, default_value_t = 1, value_parser = parse_repeat)]
+    pub(crate) repeat: usize,
     /// Threads of the trusted runtime (1 to 1024). [default: all cores]
     #[arg(long, visible_alias = "trusted-threads", value_parser = parse_threads)]
     pub(crate) threads: Option<usize>,

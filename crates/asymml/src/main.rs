@@ -22,6 +22,8 @@ fn keep_freed_memory() {
 
 fn main() {
     keep_freed_memory();
+    // Frame buffers are counted apart from the trusted runtime's memory (in a TEE they are untrusted memory).
+    asymml_protocol::set_frame_hook(asymml_cli::alloc::frame_hook);
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => asymml_cli::train::run(a),

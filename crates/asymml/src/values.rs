@@ -153,6 +153,11 @@ pub(crate) fn parse_warmup(s: &str) -> Result<usize, String> {
     whole_in(s, 0, MAX_STEPS)
 }
 
+/// `bench --repeat`: 1 to 1000 rounds.
+pub(crate) fn parse_repeat(s: &str) -> Result<usize, String> {
+    whole_in(s, 1, 1000)
+}
+
 /// An image count of at least one: 1 to [`MAX_IMAGES`].
 pub(crate) fn parse_image_count(s: &str) -> Result<usize, String> {
     whole_in(s, 1, MAX_IMAGES)
@@ -649,6 +654,8 @@ mod tests {
         assert!(parse_epochs("0").is_err() && parse_epochs("100001").is_err());
         assert_eq!(parse_warmup("0"), Ok(0));
         assert!(parse_steps("0").is_err());
+        assert!(parse_repeat("0").is_err() && parse_repeat("1001").is_err());
+        assert_eq!(parse_repeat("3"), Ok(3));
         assert!(parse_classes("1").is_err() && parse_channels("65").is_err());
         assert_eq!(parse_momentum("0"), Ok(0.0));
         assert_eq!(parse_momentum("0.9"), Ok(0.9));

@@ -404,6 +404,8 @@ fn bench_times_every_mode_and_policy_with_flops_bytes_memory_and_layers() {
                 assert!(f(r, "untrusted_s") > 0.0);
                 assert!(f(r, "overlap_s") >= 0.0);
                 assert!(f(r, "accelerator_peak_bytes") > 0.0);
+                // The frames, counted apart, hold at least one X_U.
+                assert!(f(r, "frames_peak_bytes") > 0.0, "{r}");
                 // Conv_T + SVD is cheaper than every conv; the accelerator does every conv's work.
                 let bound = f(r, "flop_bound");
                 assert!(bound > 1.0, "{r}");

@@ -53,12 +53,23 @@ pub(super) fn part_ranges(b: usize, parts: usize) -> Vec<Range<usize>> {
 
 /// `what` failed on `got`: names a NaN or infinity in it when there is one (the check's sums fail on them).
 pub(super) fn name_non_finite(what: &str, got: &Tensor, e: CoreError) -> CoreError {
-    match got.data.iter().find(|v| !v.is_finite()) {
+    let found = got.data.iter().copied().find(|v| !v.is_finite());
+    name_found(what, found, &got.shape, "Y_U (after adding Y_T)", e)
+}
+
+/// `what` failed: names `found`, a NaN or infinity of `in_what` (of `shape`), when there is one.
+pub(super) fn name_found(
+    what: &str,
+    found: Option<f32>,
+    shape: &[usize],
+    in_what: &str,
+    e: CoreError,
+) -> CoreError {
+    match found {
         Some(v) => bad_reply(
             what,
             ProtocolError::Tensor(format!(
-                "non-finite value {v} in Y_U (after adding Y_T) of shape {:?}",
-                got.shape
+                "non-finite value {v} in {in_what} of shape {shape:?}"
             )),
         ),
         None => e,
