@@ -4,7 +4,8 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use crate::codec::{
-    decode_conv_output_view, decode_reply, decode_request, encode_reply, encode_request,
+    decode_conv_grads_view, decode_conv_output_view, decode_reply, decode_request, encode_reply,
+    encode_request,
 };
 use crate::declassify::ReceivedTensor;
 use crate::error::{ProtocolError, Result};
@@ -33,6 +34,30 @@ impl ConvOutputFrame {
             .unwrap_or_default()
             .as_chunks::<4>();
         ReceivedTensor::from_frame(self.shape.clone(), words)
+    }
+}
+
+/// A received `ConvGrads` reply, kept whole in its frame buffer (see [`Client::recv_conv_grads`]).
+pub struct ConvGradsFrame {
+    buf: Vec<u8>,
+    max: u32,
+}
+
+impl ConvGradsFrame {
+    /// Bytes of tensor data the reply holds.
+    pub fn payload_bytes(&self) -> u64 {
+        self.grads().map_or(0, |(dx, dw)| {
+            let n = |t: &ReceivedTensor<'_>| 4 * t.shape().iter().product::<usize>() as u64;
+            dx.as_ref().map_or(0, n) + n(&dw)
+        })
+    }
+
+    /// (`∇X` when sent, `∇W_U`), read in place.
+    pub fn grads(&self) -> Result<(Option<ReceivedTensor<'_>>, ReceivedTensor<'_>)> {
+        match decode_conv_grads_view(&self.buf, self.max)? {
+            Some((_, dx, dw)) => Ok((dx, dw)),
+            None => Err(ProtocolError::Misuse("not a ConvGrads frame".into())),
+        }
     }
 }
 
@@ -204,11 +229,53 @@ impl<T: Transport> Client<T> {
         .map_err(|e| e.context(op))
     }
 
+    /// Receives the reply to the oldest unanswered request, which must be a `ConvGrads` for `layer`, without
+    /// copying its tensors out of the frame ([`ConvGradsFrame::grads`]); otherwise as
+    /// [`recv_conv_output`](Self::recv_conv_output).
+    pub fn recv_conv_grads(&mut self, layer: u32) -> Result<ConvGradsFrame> {
+        let (op, bound) = self.pending.pop_front().ok_or_else(|| {
+            ProtocolError::Misuse("recv_conv_grads called with no request outstanding".into())
+        })?;
+        self.transport.set_max_message(bound);
+        let got = framing(|| self.transport.recv_into(&mut self.recv_buf));
+        self.transport.set_max_message(self.max_message);
+        self.last_decode_s = 0.0;
+        let max = self.max_message;
+        let found = got.and_then(|_| {
+            Ok(matches!(decode_conv_grads_view(&self.recv_buf, max)?, Some((l, _, _)) if l == layer))
+        });
+        match found {
+            Ok(true) => Ok(ConvGradsFrame {
+                buf: std::mem::take(&mut self.recv_buf),
+                max,
+            }),
+            Ok(false) => {
+                match decode_reply(&self.recv_buf, max).and_then(|r| r.into_conv_grads(layer)) {
+                    Ok(_) => Err(ProtocolError::Misuse(format!(
+                        "a ConvGrads for layer {layer} was not recognised"
+                    ))),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+        .map_err(|e| e.context(op))
+    }
+
     /// Takes back the buffer of a frame from [`recv_conv_output`](Self::recv_conv_output): the next reply is
     /// received into it (no fresh allocation, no page faults).
     pub fn reuse_frame(&mut self, frame: ConvOutputFrame) {
-        if frame.buf.capacity() > self.recv_buf.capacity() {
-            self.recv_buf = frame.buf;
+        self.reuse_buffer(frame.buf);
+    }
+
+    /// Takes back the buffer of a frame from [`recv_conv_grads`](Self::recv_conv_grads).
+    pub fn reuse_grads_frame(&mut self, frame: ConvGradsFrame) {
+        self.reuse_buffer(frame.buf);
+    }
+
+    fn reuse_buffer(&mut self, buf: Vec<u8>) {
+        if buf.capacity() > self.recv_buf.capacity() {
+            self.recv_buf = buf;
         }
     }
 

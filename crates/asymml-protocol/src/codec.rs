@@ -504,6 +504,42 @@ pub fn decode_conv_output_view(
     Ok(Some((layer, ReceivedTensor::from_frame(shape, words))))
 }
 
+/// A `ConvGrads` reply frame decoded without copying its values: the layer, `∇X` (when sent) and `∇W_U` as
+/// views of the frame. `Ok(None)` when the frame holds another reply, as for [`decode_conv_output_view`].
+#[allow(clippy::type_complexity)]
+pub fn decode_conv_grads_view(
+    frame: &[u8],
+    max_message: u32,
+) -> Result<Option<(u32, Option<ReceivedTensor<'_>>, ReceivedTensor<'_>)>> {
+    let body = frame_body(frame, max_message)?;
+    if body.first() != Some(&MessageKind::ConvGrads.code()) {
+        return Ok(None);
+    }
+    let mut r = Reader { buf: body, pos: 1 };
+    let layer = r.u32("ConvGrads.layer")?;
+    let dx = match r.u8("dx")? {
+        0 => None,
+        1 => {
+            let (shape, words) = r.tensor_words("dx")?;
+            Some(ReceivedTensor::from_frame(shape, words))
+        }
+        b => {
+            return Err(ProtocolError::InvalidValue {
+                what: "dx",
+                detail: format!("option tag {b} (expected 0 or 1)"),
+            })
+        }
+    };
+    let (shape, words) = r.tensor_words("dw")?;
+    if r.remaining() != 0 {
+        return Err(ProtocolError::TrailingBytes {
+            count: r.remaining(),
+            message: MessageKind::ConvGrads.name(),
+        });
+    }
+    Ok(Some((layer, dx, ReceivedTensor::from_frame(shape, words))))
+}
+
 fn decode_body(body: &[u8]) -> Result<Message> {
     let mut r = Reader { buf: body, pos: 0 };
     let code = r.u8("message type")?;

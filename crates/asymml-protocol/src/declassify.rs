@@ -7,7 +7,7 @@
 //! |----------------------------|-------------------------------------------------------------|
 //! | [`declassify_residual`]    | the residual `X_U = X − X_T` of a convolution's input        |
 //! | [`declassify_output_grad`] | `∇Y`, the gradient of a convolution's output                 |
-//! | [`declassify_updated_weights`] | a conv's weights after the trusted optimizer step (they carry the update, so ∇W) |
+//! | [`declassify_updated_weights`] (`_owned`) | a conv's weights after the trusted optimizer step (they carry the update, so ∇W) |
 //! | [`public_weights`]         | initial convolution weights and biases (public parameters)   |
 //! | [`accelerator_result`]     | the accelerator's own results (`Y_U`, `∇X`, `∇W_U`, its weights) |
 //!
@@ -56,6 +56,15 @@ pub fn declassify_output_grad(dy: &Tensor) -> WireTensor {
 /// gradient ∇W = ∇W_T + ∇W_U: that is what leaves.
 pub fn declassify_updated_weights(w: &Tensor) -> WireTensor {
     WireTensor::copy_of(w)
+}
+
+/// [`declassify_updated_weights`] taking the buffer instead of copying it (the sender gets it back after sending
+/// with [`WireTensor::reclaim_sent`]).
+pub fn declassify_updated_weights_owned(w: Tensor) -> WireTensor {
+    WireTensor {
+        shape: w.shape,
+        data: w.data,
+    }
 }
 
 /// `untrusted-only` mode (the no-privacy baseline): the raw network input leaves the trusted runtime.
@@ -406,6 +415,27 @@ impl<'a> ReceivedTensor<'a> {
             )));
         }
         checked_sum::<[u8; 4], false>(&mut out.data, self.words, &self.shape)
+    }
+
+    /// Copies the values into `out` (resized to the shape, reusing its allocation) after checking that the
+    /// shape is exactly `expected_shape`; with `scan`, also that every value is finite (without: for a caller
+    /// whose own pass over the copy fails on a NaN or infinity). Each value is read once.
+    pub fn copy_into(&self, expected_shape: &[usize], out: &mut Tensor, scan: bool) -> Result<()> {
+        let words = self.words_unscanned(expected_shape)?;
+        out.resize(expected_shape);
+        out.data
+            .iter_mut()
+            .zip(words)
+            .for_each(|(o, w)| *o = w.value());
+        if scan {
+            if let Some(i) = first_non_finite(&out.data) {
+                return Err(ProtocolError::Tensor(format!(
+                    "non-finite value {} at index {i} of a tensor of shape {:?}",
+                    out.data[i], self.shape
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The index and value of the first NaN or infinity, if any.

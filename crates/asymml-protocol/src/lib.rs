@@ -22,16 +22,18 @@ pub mod tls;
 pub mod transport;
 
 pub use client::{
-    serve, serve_opts, serve_with, Client, ConvOutputFrame, ServeOptions, MAX_HELLO, SMALL_REPLY,
+    serve, serve_opts, serve_with, Client, ConvGradsFrame, ConvOutputFrame, ServeOptions,
+    MAX_HELLO, SMALL_REPLY,
 };
 pub use codec::{
-    decode_conv_output_view, decode_message, decode_reply, decode_request, encode_reply,
-    encode_request,
+    decode_conv_grads_view, decode_conv_output_view, decode_message, decode_reply, decode_request,
+    encode_reply, encode_request,
 };
 pub use declassify::{
     accelerator_result, declassify_input_untrusted_only, declassify_logit_grad,
     declassify_output_grad, declassify_residual, declassify_residual_owned,
-    declassify_updated_weights, public_weights, ReceivedTensor, WireTensor,
+    declassify_updated_weights, declassify_updated_weights_owned, public_weights, ReceivedTensor,
+    WireTensor,
 };
 pub use error::{ProtocolError, Result};
 pub use frames::set_frame_hook;

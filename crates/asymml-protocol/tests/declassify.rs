@@ -292,6 +292,67 @@ fn the_client_receives_a_conv_output_in_place_and_refuses_any_other_reply() {
 }
 
 #[test]
+fn the_client_receives_conv_grads_in_place_and_copies_them_into_kept_buffers() {
+    let (a, b) = inproc_pair();
+    let server = std::thread::spawn(move || {
+        serve(b, &mut |req| match req {
+            Request::ConvBackward { layer, dy, need_dx } => Reply::ConvGrads {
+                layer,
+                dx: need_dx.then(|| {
+                    accelerator_result(
+                        &Tensor::from_vec(dy.shape(), vec![f32::NAN; dy.len()]).unwrap(),
+                    )
+                }),
+                dw: accelerator_result(&Tensor::from_vec(&[2, 1], vec![1.5, -2.0]).unwrap()),
+            },
+            _ => Reply::Ok,
+        })
+    });
+    let mut c = Client::connect(a).unwrap();
+    let dy = Tensor::from_vec(&[1, 3], vec![1.0, 2.0, 3.0]).unwrap();
+    for need_dx in [false, true] {
+        c.send_request(&Request::ConvBackward {
+            layer: 4,
+            dy: declassify_output_grad(&dy),
+            need_dx,
+        })
+        .unwrap();
+        let frame = c.recv_conv_grads(4).unwrap();
+        assert_eq!(frame.payload_bytes(), if need_dx { 20 } else { 8 });
+        let (dx, dw) = frame.grads().unwrap();
+        let mut kept = Tensor::zeros(&[5]);
+        dw.copy_into(&[2, 1], &mut kept, true).unwrap();
+        assert_eq!(
+            (kept.shape.as_slice(), kept.data.as_slice()),
+            (&[2usize, 1][..], &[1.5f32, -2.0][..])
+        );
+        assert!(
+            dw.copy_into(&[1, 2], &mut kept, true).is_err(),
+            "the shape is checked"
+        );
+        assert_eq!(dx.is_some(), need_dx);
+        if let Some(dx) = dx {
+            let mut out = Tensor::default();
+            // Unscanned: copied as they came (the caller's check fails on them); scanned: refused.
+            dx.copy_into(&[1, 3], &mut out, false).unwrap();
+            assert!(out.data.iter().all(|v| v.is_nan()));
+            let e = dx.copy_into(&[1, 3], &mut out, true).unwrap_err();
+            assert!(
+                e.to_string().contains("non-finite value NaN at index 0"),
+                "{e}"
+            );
+        }
+        c.reuse_grads_frame(frame);
+    }
+    // Another reply (an Ok to a Step) is refused.
+    c.send_request(&Request::Step { lr: 0.1 }).unwrap();
+    assert!(c.recv_conv_grads(4).is_err());
+    c.send_request(&Request::Shutdown).unwrap();
+    drop(c);
+    let _ = server.join();
+}
+
+#[test]
 fn unscanned_data_checks_the_shape_and_length_only() {
     let w = wire(&[2], vec![1.0, f32::NAN]);
     assert_eq!(w.shaped_data_unscanned(&[2]).unwrap().len(), 2);

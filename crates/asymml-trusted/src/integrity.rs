@@ -227,6 +227,14 @@ impl Checker {
         }
     }
 
+    /// Lets go of the scratch of the passes (it grows again at the next check).
+    pub fn release_buffers(&mut self) {
+        self.comb = Combined::default();
+        self.lhs = Lhs::default();
+        self.weight_side = None;
+    }
+
+    /// The checks made so far.
     pub fn stats(&self) -> &IntegrityStats {
         &self.stats
     }

@@ -19,8 +19,9 @@ use asymml_core::models::{ConvExec, Layer, Net};
 use asymml_core::rng::Rng;
 use asymml_core::{CoreError, Tensor};
 use asymml_protocol::{
-    declassify_output_grad, declassify_residual_owned, declassify_updated_weights, public_weights,
-    Client, ConvLayerSpec, ConvOutputFrame, ProtocolError, Request, Transport,
+    declassify_output_grad, declassify_residual_owned, declassify_updated_weights,
+    declassify_updated_weights_owned, public_weights, Client, ConvGradsFrame, ConvLayerSpec,
+    ConvOutputFrame, ProtocolError, Request, Transport,
 };
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -206,6 +207,8 @@ pub struct SplitExec<T: Transport> {
     /// ∇Y of one part and its ∇W_T, for ∇W_T of a conv whose forward ran in parts.
     dy_part: Tensor,
     dw_part: Tensor,
+    /// ∇W_U as received (a conv's weight size), kept between convs.
+    dw_u: Tensor,
     /// The buffers of a micro-batched forward's parts (shared by every conv).
     part_bufs: Vec<pipeline::PartBufs>,
     /// The conv whose input was decomposed last (a shortcut conv may reuse its decomposition).
@@ -319,6 +322,7 @@ impl<T: Transport> SplitExec<T> {
             dw_t: Tensor::default(),
             dy_part: Tensor::default(),
             dw_part: Tensor::default(),
+            dw_u: Tensor::default(),
             part_bufs: Vec::new(),
             last_decomposed: None,
             split_in_step: false,
@@ -417,8 +421,19 @@ impl<T: Transport> SplitExec<T> {
         self.dw_t = Tensor::default();
         self.dy_part = Tensor::default();
         self.dw_part = Tensor::default();
+        self.dw_u = Tensor::default();
         self.part_bufs = Vec::new();
         self.tconv = TrustedConv::new();
+        // The last step's factorisations and projections (a step's own are made in it, before their use).
+        for l in &mut self.layers {
+            l.lr = BatchLowRank::default();
+            l.parts = Vec::new();
+            l.proj = Projection::default();
+        }
+        self.last_decomposed = None;
+        if let Some(ch) = self.checker.as_mut() {
+            ch.release_buffers();
+        }
         self.client.release_buffers();
     }
 
@@ -518,16 +533,34 @@ impl<T: Transport> SplitExec<T> {
         }
     }
 
+    /// In the last step in which `auto_route` tries the trusted route (the split was tried first), a conv lets
+    /// go of its own buffers after their last use in the step: the route may turn out to be the split, and then
+    /// the trusted runtime would hold both routes' buffers at once. (The first trial step keeps them, so that the
+    /// second is measured without their allocation; once settled on the trusted route they are kept.)
+    fn release_if_trying(&self, conv: &mut Conv2d) {
+        let trying = self.layers.get(conv.id).is_some_and(|l| {
+            let (split, trusted) = (l.costs.split.1, l.costs.trusted.1);
+            self.cfg.auto_route && split >= 2 && trusted == 1
+        });
+        if trying {
+            conv.release_buffers();
+        }
+    }
+
     /// The whole conv in the trusted runtime (nothing leaves); its backward runs here too.
     fn forward_trusted(
         &mut self,
         conv: &mut Conv2d,
         x: &Tensor,
         y: &mut Tensor,
+        train: bool,
         t0: Instant,
     ) -> Result<(), CoreError> {
         let id = conv.id;
         conv.forward(x, y)?;
+        if !train {
+            self.release_if_trying(conv);
+        }
         let st = &mut self.layers[id];
         st.rank = conv.in_ch;
         st.trusted_route = true;
@@ -572,9 +605,11 @@ impl<T: Transport> SplitExec<T> {
         let res = (|| {
             match shared {
                 Some(from) if !self.layers[from].parts.is_empty() => {
+                    conv.release_buffers();
                     return self.forward_shared_parts(conv, x, y, train, from);
                 }
                 Some(from) => {
+                    conv.release_buffers();
                     // A shortcut conv: the block input was decomposed and sent for its first conv already.
                     let req = Request::ConvForwardShared {
                         layer,
@@ -593,21 +628,31 @@ impl<T: Transport> SplitExec<T> {
                     let t0 = Instant::now();
                     if id == 0 {
                         self.input_side = x.shape.iter().skip(2).copied().max().unwrap_or(0);
-                        if !std::mem::take(&mut self.split_in_step) {
-                            // No conv ran split in the last step (every one took the trusted route): the
-                            // split's buffers are let go, so that they cost no memory (they grow again if a
-                            // conv splits).
+                        // Every conv measured cheaper on the trusted route, or trying it in this step.
+                        let all_trusted_next = self.cfg.auto_route
+                            && self.layers.iter().all(|l| {
+                                let mut c = l.costs.clone();
+                                c.close_step();
+                                c.prefers_trusted()
+                            });
+                        if !std::mem::take(&mut self.split_in_step) || all_trusted_next {
+                            // No conv ran split in the last step (every one took the trusted route), or none
+                            // will in this one: the split's buffers are let go, so that they cost no memory
+                            // while the convs' own buffers grow (they grow again if a conv splits).
                             self.release_scratch();
                         }
                     }
                     let side = x.shape.iter().skip(2).copied().max().unwrap_or(0);
                     let Some(policy) = self.layer_policy(id, conv.in_ch, side) else {
-                        return self.forward_trusted(conv, x, y, t0);
+                        return self.forward_trusted(conv, x, y, train, t0);
                     };
                     if self.cfg.auto_route && self.layers[id].costs.prefers_trusted() {
                         // Measured cheaper here than the split (and nothing leaves).
-                        return self.forward_trusted(conv, x, y, t0);
+                        return self.forward_trusted(conv, x, y, train, t0);
                     }
+                    // On the split route the conv's own buffers (from steps on the trusted route) are not
+                    // used: they are let go, so that the trusted runtime does not hold both routes' memory.
+                    conv.release_buffers();
                     let method = self.cfg.svd.unwrap_or(SvdMethod::light(self.cfg.iters));
                     if self.parts_for(x.shape[0]) > 1 {
                         return self.forward_parts(conv, x, y, train, policy, method);
@@ -642,7 +687,7 @@ impl<T: Transport> SplitExec<T> {
                     if r >= n {
                         // Every channel kept: X_U would be zero. Run the conv here and send nothing.
                         self.trusted(id, t0, svd_flops);
-                        return self.forward_trusted(conv, x, y, Instant::now());
+                        return self.forward_trusted(conv, x, y, train, Instant::now());
                     }
                     match self.cfg.clip {
                         Some(c) => {
@@ -707,18 +752,33 @@ impl<T: Transport> SplitExec<T> {
             .client
             .recv_conv_output(id as u32)
             .map_err(CoreError::accelerator)?;
-        let waited = t0.elapsed().as_secs_f64();
-        self.waited_s += waited;
         let n = 4 * frame.y_u().shape().iter().product::<usize>() as u64;
+        self.count_received(id, t0.elapsed().as_secs_f64(), n);
+        Ok(frame)
+    }
+
+    /// The accelerator's `ConvGrads` for conv `id`, kept in its frame.
+    fn recv_conv_grads(&mut self, id: usize) -> Result<ConvGradsFrame, CoreError> {
+        let t0 = Instant::now();
+        let frame = self
+            .client
+            .recv_conv_grads(id as u32)
+            .map_err(CoreError::accelerator)?;
+        self.count_received(id, t0.elapsed().as_secs_f64(), frame.payload_bytes());
+        Ok(frame)
+    }
+
+    /// Counts a reply of `bytes` bytes of tensor data for conv `id`, waited for `waited` seconds.
+    fn count_received(&mut self, id: usize, waited: f64, bytes: u64) {
+        self.waited_s += waited;
         self.count(|s| {
             s.wait_s += waited;
-            s.bytes_from_untrusted += n;
+            s.bytes_from_untrusted += bytes;
         });
         self.count_layer(Some(id), |l| {
             l.wait_s += waited;
-            l.bytes_from += n;
+            l.bytes_from += bytes;
         });
-        Ok(frame)
     }
 
     /// Y = Y_T + Y_U into `y` (which holds Y_T), Y_U read from its frame in the pass that checks it against the
@@ -817,14 +877,19 @@ impl<T: Transport> ConvExec for SplitExec<T> {
             if pending.len() >= 2 {
                 self.weights_set(pending.pop_front())?;
             }
+            // The weights' own buffer is lent to the request and taken back once encoded (no copy).
             let req = Request::SetWeights {
                 layer: c.id as u32,
-                w: declassify_updated_weights(&c.weight.value),
+                w: declassify_updated_weights_owned(std::mem::take(&mut c.weight.value)),
                 b: c.bias
                     .as_ref()
                     .map(|b| declassify_updated_weights(&b.value)),
             };
-            self.send(&req, None)?;
+            let sent = self.send(&req, None);
+            if let Request::SetWeights { w, .. } = req {
+                c.weight.value = w.reclaim_sent();
+            }
+            sent?;
             pending.push_back(c.id);
         }
         while let Some(id) = pending.pop_front() {
@@ -879,6 +944,7 @@ impl<T: Transport> SplitExec<T> {
             let t0 = Instant::now();
             let passes = if dx.is_some() { 2.0 } else { 1.0 };
             conv.backward(x, dy, dx)?;
+            self.release_if_trying(conv);
             self.trusted(id, t0, passes * 2.0 * conv.macs(&x.shape) as f64);
             return Ok(());
         }
@@ -893,7 +959,10 @@ impl<T: Transport> SplitExec<T> {
                 dy: declassify_output_grad(dy),
                 need_dx: dx.is_some(),
             };
-            self.send(&req, Some(dx_bytes + dw_bytes))?;
+            let sent = self.send(&req, Some(dx_bytes + dw_bytes));
+            // ∇Y's copy is in the frame now: let it go before the reply's values are taken.
+            drop(req);
+            sent?;
             let t0 = Instant::now();
             let owner = self.layers[id].shared_from.unwrap_or(id);
             let f = if !self.layers[owner].parts.is_empty() {
@@ -908,40 +977,30 @@ impl<T: Transport> SplitExec<T> {
             let full = passes * 2.0 * conv.macs(&x.shape) as f64;
             self.count_layer(Some(id), |l| l.untrusted_flops += full);
             let what = format!("ConvBackward(layer {id})");
-            let (got_dx, dw_u) = self
-                .recv(Some(id))?
-                .into_conv_grads(layer)
-                .map_err(|e| bad_reply(&what, e))?;
-            let w_shape = conv.weight.value.shape.clone();
-            let dw_u = dw_u
-                .into_tensor_checked(&w_shape)
-                .map_err(|e| bad_reply(&what, e))?;
+            let frame = self.recv_conv_grads(id)?;
+            // ∇X straight into the caller's buffer and ∇W_U into a kept one, each value read once from the frame.
             // With checks on, ∇X's values are not scanned first: the check's pass over them fails on a NaN or
-            // infinity, and then names it.
+            // infinity, and then names it. (`dx` is not to be used when this fails.)
+            let w_shape = conv.weight.value.shape.clone();
             let scanned = self.checker.is_none();
-            let got_dx = match (dx.is_some(), got_dx) {
-                (true, Some(g)) => Some(
-                    if scanned {
-                        g.into_tensor_checked(&x.shape)
-                    } else {
-                        g.into_tensor_unscanned(&x.shape)
-                    }
-                    .map_err(|e| bad_reply(&what, e))?,
-                ),
-                (false, None) => None,
-                (true, None) => {
-                    return Err(bad_reply(
-                        &what,
-                        ProtocolError::Misuse("∇X was asked for but not sent".into()),
-                    ))
+            let mut dx = dx;
+            let mut dw_u = std::mem::take(&mut self.dw_u);
+            let copied = frame.grads().and_then(|(got_dx, got_dw)| {
+                got_dw.copy_into(&w_shape, &mut dw_u, true)?;
+                match (dx.as_deref_mut(), got_dx) {
+                    (Some(d), Some(g)) => g.copy_into(&x.shape, d, scanned),
+                    (None, None) => Ok(()),
+                    (Some(_), None) => Err(ProtocolError::Misuse(
+                        "∇X was asked for but not sent".into(),
+                    )),
+                    (None, Some(_)) => Err(ProtocolError::Misuse("∇X was sent unasked".into())),
                 }
-                (false, Some(_)) => {
-                    return Err(bad_reply(
-                        &what,
-                        ProtocolError::Misuse("∇X was sent unasked".into()),
-                    ))
-                }
-            };
+            });
+            self.client.reuse_grads_frame(frame);
+            if let Err(e) = copied {
+                self.dw_u = dw_u;
+                return Err(bad_reply(&what, e));
+            }
             // ∇X and ∇W_U against the trusted weights and the residual's projection kept by the forward.
             let proj = std::mem::take(&mut self.layers[id].proj);
             let checked = self.checked(id, |ch| {
@@ -949,13 +1008,14 @@ impl<T: Transport> SplitExec<T> {
                     conv,
                     &proj,
                     &dy.data,
-                    got_dx.as_ref().map(|t| t.data.as_slice()),
+                    dx.as_deref().map(|t| t.data.as_slice()),
                     &dw_u.data,
                 )
             });
             self.layers[id].proj = proj;
-            if let (Err(_), Some(g)) = (&checked, &got_dx) {
+            if let (Err(_), Some(g)) = (&checked, dx.as_deref()) {
                 if let Some(v) = g.data.iter().find(|v| !v.is_finite()) {
+                    self.dw_u = dw_u;
                     return Err(bad_reply(
                         &what,
                         ProtocolError::Tensor(format!(
@@ -965,11 +1025,11 @@ impl<T: Transport> SplitExec<T> {
                     ));
                 }
             }
-            checked?;
-            let t0 = Instant::now();
-            if let (Some(dx), Some(g)) = (dx, got_dx) {
-                *dx = g;
+            if let Err(e) = checked {
+                self.dw_u = dw_u;
+                return Err(e);
             }
+            let t0 = Instant::now();
             // ∇W = ∇W_T + ∇W_U and ∇b = Σ ∇Y, accumulated into the trusted parameters.
             let grad = &mut conv.weight.grad;
             if grad.shape != w_shape {
@@ -979,6 +1039,7 @@ impl<T: Transport> SplitExec<T> {
                 .iter_mut()
                 .zip(dw_t.data.iter().zip(&dw_u.data))
                 .for_each(|(g, (a, b))| *g += a + b);
+            self.dw_u = dw_u;
             if let Some(bias) = conv.bias.as_mut() {
                 asymml_core::layers::conv::add_bias_grad(dy, &mut bias.grad)?;
             }

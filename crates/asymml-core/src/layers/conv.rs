@@ -143,6 +143,15 @@ impl Conv2d {
     /// How to cut a batch of `b` images with `p` output pixels each into work: `per` images per worker
     /// chunk, `group` images per GEMM (so that GEMMs have at least ~`TARGET` columns when the maps are small),
     /// and the GEMM's own thread count.
+    /// Lets go of the buffers the conv's own forward and backward keep between calls (its im2col and Winograd
+    /// scratch, the weight transforms, the workers' partial gradients); they grow again at the next call. For
+    /// an executor that computes this conv another way from now on (the split route).
+    pub fn release_buffers(&mut self) {
+        self.scratch = Vec::new();
+        self.dw_parts = Vec::new();
+        self.wino_u = Vec::new();
+    }
+
     fn plan(&mut self, b: usize, p: usize) -> Plan {
         // Measured on VGG16/ResNet18-CIFAR at batch 32 (examples/conv_shapes.rs): 384–768 columns do
         // equally well; without grouping the 4×4 and 2×2 maps ran 2–3× slower.
