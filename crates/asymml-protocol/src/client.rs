@@ -170,23 +170,41 @@ impl<T: Transport> Client<T> {
     /// caller to validate (see [`Reply::into_conv_output`] and friends, and
     /// [`WireTensor::into_tensor_checked`](crate::WireTensor::into_tensor_checked)).
     pub fn recv_reply(&mut self) -> Result<Reply> {
-        let (op, bound) = self.pending.pop_front().ok_or_else(|| {
-            ProtocolError::Misuse("recv_reply called with no request outstanding".into())
-        })?;
-        self.transport.set_max_message(bound);
-        let got = framing(|| self.transport.recv_into(&mut self.recv_buf));
-        self.transport.set_max_message(self.max_message);
-        got.and_then(|_| {
-            let t0 = std::time::Instant::now();
-            let r = decode_reply(&self.recv_buf, self.max_message);
-            self.last_decode_s = t0.elapsed().as_secs_f64();
-            r
-        })
-        .and_then(|r| match r {
+        let op = self.recv_frame("recv_reply")?;
+        let t0 = std::time::Instant::now();
+        let r = decode_reply(&self.recv_buf, self.max_message);
+        self.last_decode_s = t0.elapsed().as_secs_f64();
+        r.and_then(|r| match r {
             Reply::Error { message } => Err(ProtocolError::Remote(message)),
             r => Ok(r),
         })
         .map_err(|e| e.context(op))
+    }
+
+    /// Receives the next frame into the receive buffer, bounded by what its request accepts; gives the request's
+    /// description (errors carry it as context).
+    fn recv_frame(&mut self, caller: &str) -> Result<String> {
+        let (op, bound) = self.pending.pop_front().ok_or_else(|| {
+            ProtocolError::Misuse(format!("{caller} called with no request outstanding"))
+        })?;
+        self.transport.set_max_message(bound);
+        let got = framing(|| self.transport.recv_into(&mut self.recv_buf));
+        self.transport.set_max_message(self.max_message);
+        self.last_decode_s = 0.0;
+        got.map_err(|e| e.context(op.clone()))?;
+        Ok(op)
+    }
+
+    /// A reply that is not the one expected: decoded whole, to say what it was.
+    fn refuse_other(
+        &self,
+        expected: &str,
+        check: impl FnOnce(Reply) -> Result<()>,
+    ) -> ProtocolError {
+        match decode_reply(&self.recv_buf, self.max_message).and_then(check) {
+            Ok(()) => ProtocolError::Misuse(format!("a {expected} was not recognised")),
+            Err(e) => e,
+        }
     }
 
     /// Receives the reply to the oldest unanswered request, which must be a `ConvOutput` for `layer`, without
@@ -194,72 +212,45 @@ impl<T: Transport> Client<T> {
     /// the frame back ([`reuse_frame`](Self::reuse_frame)). Any other reply is an error naming what came
     /// (`Reply::Error` as [`ProtocolError::Remote`]), with the request as context.
     pub fn recv_conv_output(&mut self, layer: u32) -> Result<ConvOutputFrame> {
-        let (op, bound) = self.pending.pop_front().ok_or_else(|| {
-            ProtocolError::Misuse("recv_conv_output called with no request outstanding".into())
-        })?;
-        self.transport.set_max_message(bound);
-        let got = framing(|| self.transport.recv_into(&mut self.recv_buf));
-        self.transport.set_max_message(self.max_message);
-        self.last_decode_s = 0.0;
-        let max = self.max_message;
-        let found = got.and_then(|_| {
-            let base = self.recv_buf.as_ptr() as usize;
-            Ok(match decode_conv_output_view(&self.recv_buf, max)? {
-                Some((l, y_u)) if l == layer => Some((y_u.shape().to_vec(), y_u.address() - base)),
-                _ => None,
-            })
-        });
-        match found {
-            Ok(Some((shape, start))) => Ok(ConvOutputFrame {
-                buf: std::mem::take(&mut self.recv_buf),
-                shape,
-                start,
-            }),
-            // Another reply: decoded whole, to say what it was.
-            Ok(None) => {
-                match decode_reply(&self.recv_buf, max).and_then(|r| r.into_conv_output(layer)) {
-                    Ok(_) => Err(ProtocolError::Misuse(format!(
-                        "a ConvOutput for layer {layer} was not recognised"
-                    ))),
-                    Err(e) => Err(e),
-                }
-            }
+        let op = self.recv_frame("recv_conv_output")?;
+        let base = self.recv_buf.as_ptr() as usize;
+        let found = match decode_conv_output_view(&self.recv_buf, self.max_message) {
+            Ok(Some((l, y_u))) if l == layer => Ok((y_u.shape().to_vec(), y_u.address() - base)),
+            Ok(_) => Err(
+                self.refuse_other(&format!("ConvOutput for layer {layer}"), |r| {
+                    r.into_conv_output(layer).map(drop)
+                }),
+            ),
             Err(e) => Err(e),
-        }
-        .map_err(|e| e.context(op))
+        };
+        let (shape, start) = found.map_err(|e| e.context(op))?;
+        Ok(ConvOutputFrame {
+            buf: std::mem::take(&mut self.recv_buf),
+            shape,
+            start,
+        })
     }
 
     /// Receives the reply to the oldest unanswered request, which must be a `ConvGrads` for `layer`, without
     /// copying its tensors out of the frame ([`ConvGradsFrame::grads`]); otherwise as
     /// [`recv_conv_output`](Self::recv_conv_output).
     pub fn recv_conv_grads(&mut self, layer: u32) -> Result<ConvGradsFrame> {
-        let (op, bound) = self.pending.pop_front().ok_or_else(|| {
-            ProtocolError::Misuse("recv_conv_grads called with no request outstanding".into())
-        })?;
-        self.transport.set_max_message(bound);
-        let got = framing(|| self.transport.recv_into(&mut self.recv_buf));
-        self.transport.set_max_message(self.max_message);
-        self.last_decode_s = 0.0;
+        let op = self.recv_frame("recv_conv_grads")?;
         let max = self.max_message;
-        let found = got.and_then(|_| {
-            Ok(matches!(decode_conv_grads_view(&self.recv_buf, max)?, Some((l, _, _)) if l == layer))
-        });
-        match found {
-            Ok(true) => Ok(ConvGradsFrame {
-                buf: std::mem::take(&mut self.recv_buf),
-                max,
-            }),
-            Ok(false) => {
-                match decode_reply(&self.recv_buf, max).and_then(|r| r.into_conv_grads(layer)) {
-                    Ok(_) => Err(ProtocolError::Misuse(format!(
-                        "a ConvGrads for layer {layer} was not recognised"
-                    ))),
-                    Err(e) => Err(e),
-                }
-            }
+        let found = match decode_conv_grads_view(&self.recv_buf, max) {
+            Ok(Some((l, _, _))) if l == layer => Ok(()),
+            Ok(_) => Err(
+                self.refuse_other(&format!("ConvGrads for layer {layer}"), |r| {
+                    r.into_conv_grads(layer).map(drop)
+                }),
+            ),
             Err(e) => Err(e),
-        }
-        .map_err(|e| e.context(op))
+        };
+        found.map_err(|e| e.context(op))?;
+        Ok(ConvGradsFrame {
+            buf: std::mem::take(&mut self.recv_buf),
+            max,
+        })
     }
 
     /// Takes back the buffer of a frame from [`recv_conv_output`](Self::recv_conv_output): the next reply is
