@@ -97,6 +97,13 @@ struct LayerState {
     /// The parts of the last forward when it ran in parts (`micro_batches`; `lr` is then unused), with their
     /// factorisations; empty otherwise.
     parts: Vec<pipeline::Part>,
+    /// The accelerator holds older weights than the trusted runtime: the conv took the fully-trusted route
+    /// in the step of the last update, so its new weights were kept back until it next splits.
+    stale_weights: bool,
+    /// The last forward decomposed the input and kept every channel (an energy policy's rank), then ran the
+    /// conv here: for `auto_route` that step cost what the rank policy's route costs (decomposition included),
+    /// so it counts as a step of the split route, and the plain trusted route is tried against it.
+    kept_all: bool,
 }
 
 /// Steps `auto_route` spends trying the routes (two each) before it compares them: a benchmark of the settled
@@ -450,6 +457,7 @@ impl<T: Transport> SplitExec<T> {
     /// route).
     fn count_split_forward(&mut self, conv: &Conv2d, x_shape: &[usize]) {
         self.split_in_step = true;
+        self.layers[conv.id].trusted_route = false;
         let full = 2.0 * conv.macs(x_shape) as f64;
         let st = &self.layers[conv.id];
         let (rank, name) = (st.rank, st.name.clone());
@@ -605,11 +613,11 @@ impl<T: Transport> SplitExec<T> {
         let res = (|| {
             match shared {
                 Some(from) if !self.layers[from].parts.is_empty() => {
-                    conv.release_buffers();
+                    self.leave_trusted_route(conv)?;
                     return self.forward_shared_parts(conv, x, y, train, from);
                 }
                 Some(from) => {
-                    conv.release_buffers();
+                    self.leave_trusted_route(conv)?;
                     // A shortcut conv: the block input was decomposed and sent for its first conv already.
                     let req = Request::ConvForwardShared {
                         layer,
@@ -650,11 +658,9 @@ impl<T: Transport> SplitExec<T> {
                         // Measured cheaper here than the split (and nothing leaves).
                         return self.forward_trusted(conv, x, y, train, t0);
                     }
-                    // On the split route the conv's own buffers (from steps on the trusted route) are not
-                    // used: they are let go, so that the trusted runtime does not hold both routes' memory.
-                    conv.release_buffers();
                     let method = self.cfg.svd.unwrap_or(SvdMethod::light(self.cfg.iters));
                     if self.parts_for(x.shape[0]) > 1 {
+                        self.leave_trusted_route(conv)?;
                         return self.forward_parts(conv, x, y, train, policy, method);
                     }
                     let st = &mut self.layers[id];
@@ -687,8 +693,10 @@ impl<T: Transport> SplitExec<T> {
                     if r >= n {
                         // Every channel kept: X_U would be zero. Run the conv here and send nothing.
                         self.trusted(id, t0, svd_flops);
+                        self.layers[id].kept_all = true;
                         return self.forward_trusted(conv, x, y, train, Instant::now());
                     }
+                    self.leave_trusted_route(conv)?;
                     match self.cfg.clip {
                         Some(c) => {
                             asymml_core::dp::clip_and_noise_batch(
@@ -869,31 +877,61 @@ impl<T: Transport> ConvExec for SplitExec<T> {
     }
 
     fn after_update(&mut self, net: &mut Net) -> Result<(), CoreError> {
-        // The trusted runtime's new weights, sent to the accelerator, at most two layers' requests outstanding:
-        // the next is on its way while one is applied, and the frames in flight never hold every layer's
-        // weights at once (VGG16's are 59 MB).
+        // The trusted runtime's new weights go to the accelerator only for the convs that ran split in this
+        // step (they will most likely split in the next one); a conv on the fully-trusted route keeps its update
+        // here — the accelerator does not need it, and it carries ∇W — until it next splits
+        // (`leave_trusted_route`). At most two layers' requests are outstanding: the next is on its way while
+        // one is applied, and the frames in flight never hold every layer's weights at once.
         let mut pending = std::collections::VecDeque::new();
         for c in net.convs_mut() {
+            if self.layers.get(c.id).is_some_and(|l| l.trusted_route) {
+                self.layers[c.id].stale_weights = true;
+                continue;
+            }
             if pending.len() >= 2 {
                 self.weights_set(pending.pop_front())?;
             }
-            // The weights' own buffer is lent to the request and taken back once encoded (no copy).
-            let req = Request::SetWeights {
-                layer: c.id as u32,
-                w: declassify_updated_weights_owned(std::mem::take(&mut c.weight.value)),
-                b: c.bias
-                    .as_ref()
-                    .map(|b| declassify_updated_weights(&b.value)),
-            };
-            let sent = self.send(&req, None);
-            if let Request::SetWeights { w, .. } = req {
-                c.weight.value = w.reclaim_sent();
-            }
-            sent?;
+            self.send_weights(c)?;
             pending.push_back(c.id);
         }
         while let Some(id) = pending.pop_front() {
             self.weights_set(Some(id))?;
+        }
+        Ok(())
+    }
+}
+
+impl<T: Transport> SplitExec<T> {
+    /// Sends conv `c`'s trusted weights (`SetWeights`); the weights' own buffer is lent to the request and taken
+    /// back once encoded (no copy). The accelerator's answer is for [`Self::weights_set`].
+    fn send_weights(&mut self, c: &mut Conv2d) -> Result<(), CoreError> {
+        let req = Request::SetWeights {
+            layer: c.id as u32,
+            w: declassify_updated_weights_owned(std::mem::take(&mut c.weight.value)),
+            b: c.bias
+                .as_ref()
+                .map(|b| declassify_updated_weights(&b.value)),
+        };
+        let sent = self.send(&req, None);
+        if let Request::SetWeights { w, .. } = req {
+            c.weight.value = w.reclaim_sent();
+        }
+        if sent.is_ok() {
+            if let Some(l) = self.layers.get_mut(c.id) {
+                l.stale_weights = false;
+            }
+        }
+        sent
+    }
+
+    /// Before conv `c` splits: its own buffers (from steps on the trusted route) are let go, so that the trusted
+    /// runtime does not hold both routes' memory, and the weights kept back while it took the trusted route are
+    /// sent now.
+    fn leave_trusted_route(&mut self, c: &mut Conv2d) -> Result<(), CoreError> {
+        c.release_buffers();
+        if self.layers.get(c.id).is_some_and(|l| l.stale_weights) {
+            self.send_weights(c)?;
+            self.weights_set(Some(c.id))?;
         }
         Ok(())
     }
@@ -919,7 +957,7 @@ impl<T: Transport> SplitExec<T> {
         let cost = t0.elapsed().as_secs_f64() - (self.waited_s - w0);
         if let Some(l) = self.layers.get_mut(id) {
             if forward {
-                l.costs.current = Some(l.trusted_route);
+                l.costs.current = Some(l.trusted_route && !std::mem::take(&mut l.kept_all));
             }
             l.costs.spent += cost.max(0.0);
         }

@@ -5,6 +5,7 @@
 //!
 //! The relay is test-only code: nothing in the CLI can build it.
 
+use asymml_core::decomp::RankPolicy;
 use asymml_core::models::{ConvExec, ModelSpec, Net};
 use asymml_core::optim::{Optimizer, OptimizerKind};
 use asymml_core::rng::Rng;
@@ -243,6 +244,63 @@ fn every_tampered_result_or_weight_is_caught() {
             }
         }
     }
+}
+
+#[test]
+fn a_conv_back_from_the_trusted_route_gets_its_new_weights_before_it_splits() {
+    // Energy 0.9999 at conv 0 (3 input channels): a noise batch keeps every channel (the conv runs wholly in
+    // the trusted runtime), a batch whose channels are multiples of one map keeps one (the conv splits). A
+    // conv on the trusted route keeps its updated weights here — nothing of it is sent — and sends them when it
+    // next splits: with checks on, a split forward on the accelerator's older weights would fail its check.
+    let (mut net, noise, labels) = model("vgg11");
+    let map: Vec<f32> = noise.data[..noise.data.len() / 3].to_vec();
+    let mut low = noise.clone();
+    let plane = 32 * 32;
+    for (i, v) in low.data.iter_mut().enumerate() {
+        let (sample, c, p) = (i / (3 * plane), (i / plane) % 3, i % plane);
+        *v = (c as f32 + 1.0) * map[sample * plane + p];
+    }
+    let (client, server) = inproc_pair();
+    let service = std::thread::spawn(move || Service::new(1).unwrap().serve(server));
+    let cfg = SplitConfig {
+        policy: RankPolicy::Energy(0.9999),
+        ..cfg("schedule", false, 0.0)
+    };
+    let mut exec = SplitExec::connect(client, &mut net, cfg).unwrap();
+    let stats = exec.stats();
+    let conv0 = |s: &asymml_trusted::split::SplitStats| {
+        s.layers
+            .first()
+            .map_or((false, 0), |l| (l.trusted_route, l.bytes_to))
+    };
+    let mut opt = Optimizer::new(SGD, 5e-4);
+    let mut routes = Vec::new();
+    for step in 0..5 {
+        let x = if step % 2 == 0 { &noise } else { &low };
+        let sent_before = conv0(&stats.lock().unwrap()).1;
+        net.zero_grad();
+        net.forward_loss(x, &labels, true, &mut exec).unwrap();
+        net.backward(&mut exec, false).unwrap();
+        opt.begin_step();
+        let mut i = 0;
+        net.visit_params(&mut |_, p| {
+            opt.update(i, p, 0.05);
+            i += 1;
+        });
+        exec.after_update(&mut net).unwrap();
+        let (trusted, sent) = conv0(&stats.lock().unwrap());
+        // On the trusted route nothing of conv 0 was sent in the step, not even its new weights.
+        assert_eq!(trusted, sent == sent_before, "step {step}");
+        routes.push(trusted);
+    }
+    assert_eq!(routes, [true, false, true, false, true]);
+    // The split forward after a trusted step checked out against the trusted weights.
+    net.forward(&low, false, &mut exec).unwrap();
+    let integrity = stats.lock().unwrap().integrity.clone();
+    assert_eq!(integrity.failures, 0);
+    assert!(integrity.checks > 0);
+    exec.shutdown().unwrap();
+    service.join().unwrap().unwrap();
 }
 
 #[test]

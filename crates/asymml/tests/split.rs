@@ -633,10 +633,12 @@ fn auto_route_takes_the_trusted_route_where_the_split_costs_more() {
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         let layers = v["results"][0]["layers"].as_array().unwrap().clone();
         for l in &layers {
-            // A trusted conv gets nothing back (it only sends its updated weights in training).
+            // A trusted conv gets nothing back and sends nothing, not even its updated weights.
             let trusted = l["trusted_route"].as_bool().unwrap();
             let got = l["bytes_from_untrusted"].as_f64().unwrap();
+            let sent = l["bytes_to_untrusted"].as_f64().unwrap();
             assert_eq!(trusted, got == 0.0, "{route}: {l}");
+            assert_eq!(trusted, sent == 0.0, "{route}: {l}");
         }
         layers
             .iter()
