@@ -116,6 +116,8 @@ pub(crate) struct BenchResult {
     pub(crate) mode: String,
     /// The split's rank policy (empty otherwise).
     pub(crate) rank: String,
+    /// The split's decomposition (`--svd`: `block`, `light`, …; empty otherwise).
+    pub(crate) svd: String,
     /// The split's parts per batch in each conv's forward (`--micro-batches`; 1 otherwise).
     pub(crate) micro_batches: usize,
     pub(crate) batch: usize,
@@ -460,7 +462,7 @@ impl Plan {
         };
         let mut s = Session::new(net, config, case.mode);
         let policy = case.rank.map_or(RankPolicy::Schedule, |r| r.policy);
-        let mut split = SplitSetup::with_policy(&a.split, policy, self.threads, 1);
+        let mut split = SplitSetup::with_policy(&a.split, policy, self.threads, 1)?;
         if let Some(r) = case.rank {
             r.apply(&mut split.config);
         }
@@ -739,6 +741,13 @@ impl Samples {
             phase: case.phase.name().into(),
             mode: mode.to_string(),
             rank: case.rank.map_or(String::new(), |r| r.text.clone()),
+            svd: if mode == Mode::Split {
+                crate::values::svd_method(a.split.svd, a.split.svd_iters)
+                    .map(|m| m.to_string())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            },
             micro_batches: if mode == Mode::Split && !a.split.shared_basis {
                 usize::from(a.split.micro_batches).min(a.batch_size)
             } else {
@@ -975,8 +984,12 @@ fn print_table(results: &[BenchResult]) {
         }
     }
     if let Some(r) = results.first() {
+        let svd = results
+            .iter()
+            .find(|r| !r.svd.is_empty())
+            .map_or(String::new(), |r| format!(", the split's decomposition --svd {}", r.svd));
         println!(
-            "(batch {}, {} trusted thread(s); medians over the timed steps)",
+            "(batch {}, {} trusted thread(s){svd}; medians over the timed steps)",
             r.batch, r.trusted_threads
         );
     }

@@ -35,7 +35,7 @@ impl SplitSetup {
         let [rank] = a.rank.as_slice() else {
             bail!("--rank: give one rank policy (only `asymml bench` times several)");
         };
-        let mut s = Self::with_policy(a, rank.policy, threads, seed);
+        let mut s = Self::with_policy(a, rank.policy, threads, seed)?;
         rank.apply(&mut s.config);
         Ok(s)
     }
@@ -46,12 +46,13 @@ impl SplitSetup {
         policy: RankPolicy,
         threads: usize,
         seed: u64,
-    ) -> Self {
-        SplitSetup {
+    ) -> Result<Self> {
+        let svd = crate::values::svd_method(a.svd, a.svd_iters).map_err(anyhow::Error::msg)?;
+        Ok(SplitSetup {
             config: SplitConfig {
                 policy,
-                iters: a.svd_iters,
-                svd: a.svd,
+                iters: a.svd_iters.unwrap_or(1),
+                svd: Some(svd),
                 nsr: a.noise,
                 seed,
                 shared_basis: a.shared_basis,
@@ -69,7 +70,7 @@ impl SplitSetup {
                 keys: a.keys.clone(),
                 insecure_plaintext: a.insecure_plaintext_tcp,
             },
-        }
+        })
     }
 
     /// `config` with an in-process accelerator of `threads` threads on the CPU (and the default reply

@@ -503,8 +503,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let mut banner = t.banner(threads);
         if t.session.mode == asymml_trusted::Mode::Split {
             // Which rank policy splits the convs (the default `guard` keeps image-like maps trusted).
-            if let Some(rank) = a.common.run.split.rank.first() {
+            let split = &a.common.run.split;
+            if let Some(rank) = split.rank.first() {
                 banner.push_str(&format!(", --rank {rank}"));
+            }
+            if let Ok(svd) = crate::values::svd_method(split.svd, split.svd_iters) {
+                banner.push_str(&format!(", --svd {svd}"));
             }
         }
         eprintln!("{banner}");

@@ -3,7 +3,7 @@
 //! private: its types are public only so that they may appear in the public argument structs.)
 
 use crate::data::{Augment, DatasetKind};
-use asymml_core::decomp::RankPolicy;
+use asymml_core::decomp::{RankPolicy, SvdMethod};
 use asymml_core::models::ModelSpec;
 use asymml_core::optim::LrSchedule;
 use asymml_protocol::Address;
@@ -64,6 +64,25 @@ pub(crate) fn parse_listen(s: &str) -> Result<Address, asymml_protocol::Protocol
         s.parse()
     } else {
         format!("tcp://{s}").parse()
+    }
+}
+
+/// `--svd`: a decomposition method (`light`, `light:I`, `block`, `block:Q[:P[:ROUTE]]`).
+pub(crate) fn parse_svd_method(s: &str) -> Result<SvdMethod, String> {
+    s.parse().map_err(|e: asymml_core::CoreError| e.to_string())
+}
+
+/// The decomposition `--svd` and `--svd-iters` ask for: the block SVD unless `--svd light` is given or
+/// `--svd-iters` (which counts the light method's rounds) is; `--svd-iters` with a block method is refused.
+pub(crate) fn svd_method(svd: Option<SvdMethod>, iters: Option<usize>) -> Result<SvdMethod, String> {
+    match (svd, iters) {
+        (None, None) => Ok(SvdMethod::block()),
+        (None | Some(SvdMethod::Light { .. }), Some(i)) => Ok(SvdMethod::light(i)),
+        (Some(m), None) => Ok(m),
+        (Some(SvdMethod::Block(_)), Some(_)) => Err(
+            "--svd-iters counts the rounds of --svd light; the block SVD takes its power steps as block:Q"
+                .into(),
+        ),
     }
 }
 
@@ -606,6 +625,21 @@ impl OnOff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_block_svd_is_the_default_and_svd_iters_means_the_light_one() {
+        let light = |i| Ok(SvdMethod::light(i));
+        assert_eq!(svd_method(None, None), Ok(SvdMethod::block()));
+        assert_eq!(svd_method(None, Some(2)), light(2));
+        assert_eq!(svd_method(Some(SvdMethod::light(1)), Some(2)), light(2));
+        assert_eq!(svd_method(Some(SvdMethod::light(2)), None), light(2));
+        let b: SvdMethod = "block:2".parse().unwrap();
+        assert_eq!(svd_method(Some(b), None), Ok(b));
+        assert!(svd_method(Some(b), Some(1))
+            .unwrap_err()
+            .contains("--svd light"));
+        assert!(parse_svd_method("lite").unwrap_err().contains("unknown method"));
+    }
 
     #[test]
     fn schedules_parse_and_print_back() {

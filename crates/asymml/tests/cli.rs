@@ -313,6 +313,14 @@ fn bad_flags_are_clear_errors() {
         &asymml(&["train", "--rank", "schedule,asym1", "--out", o]),
         "--rank: give one rank policy",
     );
+    fails_with(
+        &asymml(&["train", "--svd", "block", "--svd-iters", "2", "--out", o]),
+        "--svd-iters counts the rounds of --svd light",
+    );
+    fails_with(
+        &asymml(&["train", "--svd", "lite", "--out", o]),
+        "unknown method",
+    );
     fails_with(&asymml(&["eval"]), "--weights");
 }
 

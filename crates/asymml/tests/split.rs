@@ -398,8 +398,9 @@ fn bench_times_every_mode_and_policy_with_flops_bytes_memory_and_layers() {
                 assert!(r["conv_gflops"].as_f64().unwrap() > 0.0);
             }
             "split" => {
-                // Pipelined: one sample per part.
+                // Pipelined: one sample per part; the block SVD unless --svd says otherwise.
                 assert_eq!(r["micro_batches"], 2);
+                assert_eq!(r["svd"], "block");
                 assert!(f(r, "bytes_to_untrusted") > 0.0 && f(r, "bytes_from_untrusted") > 0.0);
                 assert!(f(r, "untrusted_s") > 0.0);
                 assert!(f(r, "overlap_s") >= 0.0);

@@ -4,7 +4,7 @@
 use crate::data::DatasetKind;
 use crate::values::{
     parse_batch_size, parse_epochs, parse_image_count, parse_image_count0, parse_input_size,
-    parse_noise, parse_steps, parse_svd_iters, parse_threads, RankArg,
+    parse_noise, parse_steps, parse_svd_iters, parse_svd_method, parse_threads, RankArg,
 };
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
@@ -57,9 +57,13 @@ pub struct PrivacyArgs {
         value_parser = parse_noise
     )]
     pub nsr: Vec<f32>,
-    /// Lightweight-SVD iterations per component (1 or 2), as in training.
-    #[arg(long, default_value_t = 1, value_parser = parse_svd_iters)]
-    pub svd_iters: usize,
+    /// Rounds per component of the paper's lightweight SVD (1 or 2), as in training; implies --svd light.
+    #[arg(long, value_parser = parse_svd_iters)]
+    pub svd_iters: Option<usize>,
+    /// The decomposition, as in training: `block` (the default; `block:Q[:P[:ROUTE]]`) or `light` (the
+    /// paper's Algorithm 1; `light:I`). The streams, ranks and energies measured are those it gives.
+    #[arg(long, value_parser = parse_svd_method)]
+    pub svd: Option<asymml_core::decomp::SvdMethod>,
     /// Decompose with one basis per batch (as `train --shared-basis`).
     #[arg(long)]
     pub shared_basis: bool,

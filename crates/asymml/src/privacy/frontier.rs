@@ -176,6 +176,7 @@ fn time(plan: &Plan, policies: &[Policy], batch: usize) -> Result<Vec<Value>> {
     b.input_size = Some(spec.input_size);
     b.split.rank = policies.iter().map(|p| p.rank.clone()).collect();
     b.split.svd_iters = a.svd_iters;
+    b.split.svd = a.svd;
     b.split.shared_basis = a.shared_basis;
     b.split.noise = a.nsr.iter().copied().fold(0.0, f32::max);
     b.split.clip = a.clip;

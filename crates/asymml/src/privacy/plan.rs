@@ -47,6 +47,7 @@ impl Plan {
             }
             None => (None, WeightInfo::default()),
         };
+        args.svd = Some(crate::values::svd_method(args.svd, args.svd_iters).map_err(anyhow::Error::msg)?);
         let data = Data::load(&args, &info)?;
         if data.private.is_empty() {
             bail!("no images to analyse");
@@ -111,7 +112,8 @@ impl Plan {
     pub(crate) fn split_policy(&self, policy: RankPolicy, nsr: f32, seed: u64) -> SplitConfig {
         SplitConfig {
             policy,
-            iters: self.args.svd_iters,
+            iters: self.args.svd_iters.unwrap_or(1),
+            svd: self.args.svd,
             nsr,
             seed,
             shared_basis: self.args.shared_basis,
