@@ -987,7 +987,9 @@ fn print_table(results: &[BenchResult]) {
         let svd = results
             .iter()
             .find(|r| !r.svd.is_empty())
-            .map_or(String::new(), |r| format!(", the split's decomposition --svd {}", r.svd));
+            .map_or(String::new(), |r| {
+                format!(", the split's decomposition --svd {}", r.svd)
+            });
         println!(
             "(batch {}, {} trusted thread(s){svd}; medians over the timed steps)",
             r.batch, r.trusted_threads

@@ -6,9 +6,9 @@ use crate::values::parse_size;
 use crate::values::{
     parse_batch_size, parse_channels, parse_classes, parse_epochs, parse_image_count,
     parse_input_size, parse_listen, parse_lr, parse_momentum, parse_noise, parse_repeat,
-    parse_steps, parse_svd_iters, parse_svd_method, parse_threads, parse_timeout, parse_warmup, parse_weight_decay,
-    AcceleratorSpec, AugmentChoice, ModelName, OnOff, OptimizerChoice, Phase, RankArg, RouteChoice,
-    Schedule, DEFAULT_RANK,
+    parse_steps, parse_svd_iters, parse_svd_method, parse_threads, parse_timeout, parse_warmup,
+    parse_weight_decay, AcceleratorSpec, AugmentChoice, ModelName, OnOff, OptimizerChoice, Phase,
+    RankArg, RouteChoice, Schedule, DEFAULT_RANK,
 };
 use asymml_protocol::Address;
 

@@ -74,7 +74,10 @@ pub(crate) fn parse_svd_method(s: &str) -> Result<SvdMethod, String> {
 
 /// The decomposition `--svd` and `--svd-iters` ask for: the block SVD unless `--svd light` is given or
 /// `--svd-iters` (which counts the light method's rounds) is; `--svd-iters` with a block method is refused.
-pub(crate) fn svd_method(svd: Option<SvdMethod>, iters: Option<usize>) -> Result<SvdMethod, String> {
+pub(crate) fn svd_method(
+    svd: Option<SvdMethod>,
+    iters: Option<usize>,
+) -> Result<SvdMethod, String> {
     match (svd, iters) {
         (None, None) => Ok(SvdMethod::block()),
         (None | Some(SvdMethod::Light { .. }), Some(i)) => Ok(SvdMethod::light(i)),
@@ -638,7 +641,9 @@ mod tests {
         assert!(svd_method(Some(b), Some(1))
             .unwrap_err()
             .contains("--svd light"));
-        assert!(parse_svd_method("lite").unwrap_err().contains("unknown method"));
+        assert!(parse_svd_method("lite")
+            .unwrap_err()
+            .contains("unknown method"));
     }
 
     #[test]

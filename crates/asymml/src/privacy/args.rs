@@ -385,7 +385,7 @@ const PRIVACY_HELP: &str = "\
 What is measured (every stream is taken from a recording of the messages the split runtime really sends):
 
 1. Low-rank structure, per conv layer: the singular-value spectrum of each sample's input X (channels x pixels),
-   the energy kept by each rank policy's r (exact optimum, and what the lightweight SVD kept), the SVD-channel
+   the energy kept by each rank policy's r (exact optimum, and what the decomposition of --svd kept), the SVD-channel
    entropy mu = -log2 sum (s/sum s)^2 and ceil(2^mu), and the r each policy picks. The kernel-size study: the
    entropy of the k x k patch channels of the images for each --kernel-sizes (the paper's Fig. 9).
 2. Mutual information, per image, between the pixel values of X and of what the accelerator sees at the same

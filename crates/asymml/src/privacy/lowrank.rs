@@ -149,7 +149,7 @@ pub(crate) fn kernel_entropy(x: &Tensor, k: usize) -> KernelEntropy {
     }
 }
 
-/// What the lightweight SVD kept of each image: 1 − ‖X_U‖²/‖X‖², averaged over the images (NaN when the
+/// What the split's decomposition kept of each image: 1 − ‖X_U‖²/‖X‖², averaged over the images (NaN when the
 /// shapes differ).
 pub(crate) fn energy_kept_light(x: &Tensor, xu: &Tensor) -> f64 {
     let n = x.shape.first().copied().unwrap_or(0);

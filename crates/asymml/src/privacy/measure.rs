@@ -39,7 +39,8 @@ pub(crate) struct Setting {
     pub nsr: f32,
     /// Mean optimal energy fraction of X kept trusted by this rank (exact spectra).
     pub energy_kept: f64,
-    /// What the lightweight SVD kept: 1 − ‖X_U‖²/‖X‖² (without noise; absent when nsr > 0).
+    /// What the split's decomposition (`--svd`; the field keeps its first name) kept: 1 − ‖X_U‖²/‖X‖² (without
+    /// noise; absent when nsr > 0).
     pub energy_kept_light: Option<f64>,
     /// Mean SVD-channel entropy μ of the layer's input (bits).
     pub entropy: f64,

@@ -47,7 +47,8 @@ impl Plan {
             }
             None => (None, WeightInfo::default()),
         };
-        args.svd = Some(crate::values::svd_method(args.svd, args.svd_iters).map_err(anyhow::Error::msg)?);
+        args.svd =
+            Some(crate::values::svd_method(args.svd, args.svd_iters).map_err(anyhow::Error::msg)?);
         let data = Data::load(&args, &info)?;
         if data.private.is_empty() {
             bail!("no images to analyse");
