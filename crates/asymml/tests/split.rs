@@ -241,6 +241,13 @@ fn killing_the_accelerator_mid_training_is_a_clear_error_and_resume_continues() 
             &keys,
             "--epochs",
             "6",
+            // A policy that splits, on the split route: under the default guard every conv of a 28 px model
+            // runs trusted, and so may the auto route's choice; the accelerator is then not needed after the
+            // connection, and a kill goes unnoticed.
+            "--rank",
+            "schedule",
+            "--route",
+            "split",
             "--json",
         ]
         .iter()
@@ -487,8 +494,10 @@ fn bench_on_real_images_picks_low_energy_ranks() {
     assert_eq!(real.len(), 8, "vgg11 has 8 convs");
     // The first conv sees the 3-channel image itself: natural images keep 80 % in one or two components.
     assert!(real[0] <= 2, "{real:?}");
+    // So do the maps of at least half the image's side. (Deeper, after random convs, ReLU and pooling, noise
+    // too is mostly its non-negative mean, one component.)
     assert!(
-        real.iter().sum::<u64>() < noise.iter().sum::<u64>(),
+        real[..2].iter().sum::<u64>() < noise[..2].iter().sum::<u64>(),
         "{real:?} vs {noise:?}"
     );
     // A path without images is an error, not a panic.
