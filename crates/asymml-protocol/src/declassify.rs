@@ -408,13 +408,26 @@ impl<'a> ReceivedTensor<'a> {
     /// `out` += the values, in one pass that also refuses a non-finite value (or sum), after checking that the
     /// shape is exactly `expected_shape`, and `out`'s too.
     pub fn add_into_checked(&self, expected_shape: &[usize], out: &mut Tensor) -> Result<()> {
-        if self.shape != expected_shape || out.shape != expected_shape {
+        if out.shape != expected_shape {
             return Err(ProtocolError::Tensor(format!(
                 "wrong shape: expected {expected_shape:?}, got {:?} (adding to {:?})",
                 self.shape, out.shape
             )));
         }
-        checked_sum::<[u8; 4], false>(&mut out.data, self.words, &self.shape)
+        self.add_into_slice_checked(expected_shape, &mut out.data)
+    }
+
+    /// [`add_into_checked`](Self::add_into_checked) into a slice of exactly the values' length (e.g. some
+    /// samples' rows of a larger tensor).
+    pub fn add_into_slice_checked(&self, expected_shape: &[usize], out: &mut [f32]) -> Result<()> {
+        if self.shape != expected_shape || out.len() != self.words.len() {
+            return Err(ProtocolError::Tensor(format!(
+                "wrong shape: expected {expected_shape:?}, got {:?} (adding to {} values)",
+                self.shape,
+                out.len()
+            )));
+        }
+        checked_sum::<[u8; 4], false>(out, self.words, &self.shape)
     }
 
     /// Copies the values into `out` (resized to the shape, reusing its allocation) after checking that the

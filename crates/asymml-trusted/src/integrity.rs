@@ -343,7 +343,24 @@ impl Checker {
         y: &mut [f32],
     ) -> Result<Result<(), Failure>, CoreError> {
         let b = x_shape.first().copied().unwrap_or(0);
-        self.check_forward_side(conv, x_u, x_shape, YSide::MergeInto(y_u, y), proj, (0, b))
+        self.check_forward_part_into(conv, x_u, x_shape, y_u, proj, y, (0, b))
+    }
+
+    /// [`check_forward_into`](Self::check_forward_into) of one part of a micro-batched forward (samples
+    /// `first .. first + B` of a batch of `batch`, as [`check_forward_part`](Self::check_forward_part)); `y`
+    /// holds those samples' Y_T, and then their Y.
+    #[allow(clippy::too_many_arguments)]
+    pub fn check_forward_part_into(
+        &mut self,
+        conv: &Conv2d,
+        x_u: &[f32],
+        x_shape: &[usize],
+        y_u: &[[u8; 4]],
+        proj: Option<&mut Projection>,
+        y: &mut [f32],
+        part: (usize, usize),
+    ) -> Result<Result<(), Failure>, CoreError> {
+        self.check_forward_side(conv, x_u, x_shape, YSide::MergeInto(y_u, y), proj, part)
     }
 
     fn check_forward_side(

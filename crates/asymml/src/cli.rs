@@ -83,11 +83,12 @@ pub(crate) struct SplitArgs {
     #[arg(long)]
     pub(crate) shared_basis: bool,
     /// Micro-batch pipelining (1 to 1024): each split conv's forward cuts the batch into this many parts of
-    /// consecutive samples (at most one per sample), so that the accelerator convolves one part while the
-    /// trusted runtime decomposes the next and computes its own part — the two sides overlap in time. The
-    /// results are the same as with the whole batch (each part is checked on its own). With an in-process
-    /// accelerator every part is sent as soon as it is ready; over a socket one part is outstanding at a
-    /// time. Ignored with --shared-basis. 1: the whole batch at once.
+    /// consecutive samples (at most one per sample; the first and last about half the size of the others),
+    /// so that the accelerator convolves one part while the trusted runtime decomposes the next and computes
+    /// its own part — the two sides overlap in time. The results are the same as with the whole batch (each
+    /// part is checked on its own). With an in-process accelerator every part is sent as soon as it is ready;
+    /// over a socket one part is outstanding at a time. Ignored with --shared-basis. 1: the whole batch at
+    /// once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub(crate) micro_batches: u16,
     /// Noise-to-signal ratio: X_U + N(0, (NSR·rms(X))²) before it leaves the trusted runtime.

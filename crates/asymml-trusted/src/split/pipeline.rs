@@ -16,7 +16,9 @@ use asymml_core::decomp::{
 };
 use asymml_core::layers::Conv2d;
 use asymml_core::{CoreError, Tensor};
-use asymml_protocol::{declassify_residual_owned, ProtocolError, Request, Transport, WireTensor};
+use asymml_protocol::{
+    declassify_residual_owned, ConvOutputFrame, ProtocolError, ReceivedTensor, Request, Transport,
+};
 use std::ops::Range;
 use std::time::Instant;
 
@@ -36,25 +38,36 @@ pub(super) struct PartBufs {
     y_t: Tensor,
 }
 
-/// `b` samples cut into `parts` ranges of consecutive samples whose sizes differ by at most one.
+/// `b` samples cut into `parts` ranges of consecutive samples (each at least one), the first and the last
+/// about half the size of the others: at a conv's start the accelerator waits for the first part's
+/// decomposition, and at its end the trusted runtime for the last part's result, while in between each side
+/// works on one part as the other works on the next.
 pub(super) fn part_ranges(b: usize, parts: usize) -> Vec<Range<usize>> {
     let parts = parts.clamp(1, b.max(1));
-    let (base, extra) = (b / parts, b % parts);
-    let mut start = 0;
-    (0..parts)
-        .map(|k| {
-            let len = base + usize::from(k < extra);
-            let r = start..start + len;
-            start += len;
-            r
-        })
-        .collect()
-}
-
-/// `what` failed on `got`: names a NaN or infinity in it when there is one (the check's sums fail on them).
-pub(super) fn name_non_finite(what: &str, got: &Tensor, e: CoreError) -> CoreError {
-    let found = got.data.iter().copied().find(|v| !v.is_finite());
-    name_found(what, found, &got.shape, "Y_U (after adding Y_T)", e)
+    // Weights ½, 1, …, 1, ½ (two parts: ½, ½), summing to parts − 1 (to 1 for one part).
+    let total = (parts.max(2) - 1) as f64;
+    let weight = |k: usize| {
+        if parts > 1 && (k == 0 || k + 1 == parts) {
+            0.5
+        } else {
+            1.0
+        }
+    };
+    let mut out = Vec::with_capacity(parts);
+    let (mut start, mut cum) = (0usize, 0.0f64);
+    for k in 0..parts {
+        cum += weight(k);
+        // Round the cumulative boundary; leave at least one sample to this part and to each one after it.
+        let ideal = (b as f64 * cum / total).round() as usize;
+        let end = if k + 1 == parts {
+            b
+        } else {
+            ideal.clamp(start + 1, b - (parts - 1 - k))
+        };
+        out.push(start..end);
+        start = end;
+    }
+    out
 }
 
 /// `what` failed: names `found`, a NaN or infinity of `in_what` (of `shape`), when there is one.
@@ -176,17 +189,17 @@ impl<T: Transport> SplitExec<T> {
                 "ConvForwardPart(layer {id}, samples {}..{})",
                 p.samples.start, p.samples.end
             );
-            let y_u = self
-                .recv(Some(id))?
-                .into_conv_output(id as u32)
-                .map_err(|e| bad_reply(&what, e))?;
+            let frame = self.recv_conv_output(id)?;
             // The accelerator can start on the next part while this one is merged.
             fill!(k + 1);
             let samples = parts[k].samples.clone();
+            let per_sample = y.len() / x.shape[0];
+            let rows = &mut y.data[samples.start * per_sample..samples.end * per_sample];
             let p = train.then_some(&mut *proj);
-            let got = self.merge_part(conv, &samples, &bufs[k], y_u, &what, p, x.shape[0])?;
-            let per_sample = got.len() / samples.len();
-            y.data[samples.start * per_sample..][..got.len()].copy_from_slice(&got.data);
+            let whole = (samples.start, x.shape[0]);
+            let merged = self.merge_part(conv, &bufs[k], &frame.y_u(), &what, p, whole, rows);
+            self.client.reuse_frame(frame);
+            merged?;
         }
         Ok(())
     }
@@ -257,55 +270,56 @@ impl<T: Transport> SplitExec<T> {
         sent
     }
 
-    /// Y_U of `samples` (of a batch of `batch`) checked against the residual it was computed on and added to
-    /// their Y_T (both in `bufs`): Y_U + Y_T of those samples.
+    /// Y = Y_T + Y_U of one part (samples `first ..` of a batch of `batch`) into `rows`, those samples' rows of
+    /// the conv's output: Y_T (in `bufs`) is copied there, and Y_U, read where it lies in its reply frame, is
+    /// added in the pass that checks it against the residual it was computed on (also in `bufs`) — with checks
+    /// on; else in a pass that refuses non-finite values. `rows` are not to be used when this fails.
     #[allow(clippy::too_many_arguments)]
     fn merge_part(
         &mut self,
         conv: &Conv2d,
-        samples: &Range<usize>,
         bufs: &PartBufs,
-        y_u: WireTensor,
+        y_u: &ReceivedTensor<'_>,
         what: &str,
         proj: Option<&mut crate::integrity::Projection>,
-        batch: usize,
-    ) -> Result<Tensor, CoreError> {
+        (first, batch): (usize, usize),
+        rows: &mut [f32],
+    ) -> Result<(), CoreError> {
         let id = conv.id;
         let (res, y_t) = (&bufs.res, &bufs.y_t);
-        let out_shape = y_t.shape.clone();
-        if self.checker.is_some() {
-            // The check's pass over Y_U also catches a NaN or infinity (see `forward_split`).
-            let mut got = y_u
-                .into_tensor_unscanned(&out_shape)
-                .map_err(|e| bad_reply(what, e))?;
-            let first = samples.start;
-            self.checked(id, |ch| {
-                let merge = Some(y_t.data.as_slice());
-                let whole = (first, batch);
-                ch.check_forward_part(
-                    conv,
-                    &res.data,
-                    &res.shape,
-                    &mut got.data,
-                    proj,
-                    merge,
-                    whole,
-                )
-            })
-            .map_err(|e| name_non_finite(what, &got, e))?;
-            Ok(got)
-        } else {
-            let t0 = Instant::now();
+        if rows.len() != y_t.len() {
+            return Err(CoreError::Shape(format!(
+                "{what}: {} output values for a Y_T of shape {:?}",
+                rows.len(),
+                y_t.shape
+            )));
+        }
+        let t0 = Instant::now();
+        rows.copy_from_slice(&y_t.data);
+        if self.checker.is_none() {
             let r = y_u
-                .into_sum_checked(&out_shape, y_t)
+                .add_into_slice_checked(&y_t.shape, rows)
                 .map_err(|e| bad_reply(what, e));
             let dt = t0.elapsed().as_secs_f64();
             self.count_layer(Some(id), |l| {
                 l.merge_s += dt;
                 l.trusted_s += dt;
             });
-            r
+            return r;
         }
+        self.trusted(id, t0, 0.0);
+        let words = y_u
+            .words_unscanned(&y_t.shape)
+            .map_err(|e| bad_reply(what, e))?;
+        // The check's pass over Y_U also catches a NaN or infinity (see `forward_split`).
+        self.checked(id, |ch| {
+            let part = (first, batch);
+            ch.check_forward_part_into(conv, &res.data, &res.shape, words, proj, rows, part)
+        })
+        .map_err(|e| {
+            let found = y_u.first_non_finite().map(|(_, v)| v);
+            name_found(what, found, &y_t.shape, "Y_U", e)
+        })
     }
 
     /// The forward of a shortcut conv reading the input of conv `from`, whose forward ran in parts (just
@@ -346,41 +360,12 @@ impl<T: Transport> SplitExec<T> {
             }
             self.trusted(id, t0, f);
             let what = format!("ConvForwardShared(layer {id})");
-            let y_u = self
-                .recv(Some(id))?
-                .into_conv_output(id as u32)
-                .map_err(|e| bad_reply(&what, e))?;
-            let mut got = y_u
-                .into_tensor_unscanned(&out_shape)
-                .map_err(|e| bad_reply(&what, e))?;
-            let per = out_shape[1..].iter().product::<usize>();
-            let b = x.shape[0];
-            for (s, pb) in src.iter().zip(bufs.iter()) {
-                let slice = &mut got.data[s.samples.start * per..s.samples.end * per];
-                if self.checker.is_some() {
-                    let first = s.samples.start;
-                    let p = train.then_some(&mut proj);
-                    self.checked(id, |ch| {
-                        let merge = Some(pb.y_t.data.as_slice());
-                        let sh = &pb.res.shape;
-                        ch.check_forward_part(conv, &pb.res.data, sh, slice, p, merge, (first, b))
-                    })
-                    .map_err(|e| name_non_finite(&what, &got, e))?;
-                } else {
-                    if let Some(v) = slice.iter().find(|v| !v.is_finite()) {
-                        return Err(bad_reply(
-                            &what,
-                            ProtocolError::Tensor(format!("non-finite value {v} in Y_U")),
-                        ));
-                    }
-                    slice
-                        .iter_mut()
-                        .zip(&pb.y_t.data)
-                        .for_each(|(o, t)| *o += t);
-                }
-            }
-            *y = got;
-            Ok(())
+            let frame = self.recv_conv_output(id)?;
+            let p = train.then_some(&mut proj);
+            let got = (&frame, out_shape.as_slice());
+            let merged = self.merge_parts(conv, (&src, &bufs[..src.len()]), got, y, p, &what);
+            self.client.reuse_frame(frame);
+            merged
         })();
         self.layers[from].parts = src;
         self.part_bufs = bufs;
@@ -391,6 +376,78 @@ impl<T: Transport> SplitExec<T> {
         res?;
         self.layers[id].rank = self.layers[from].rank;
         self.count_split_forward(conv, &x.shape);
+        Ok(())
+    }
+
+    /// Y = Y_T + Y_U of a whole batch decomposed in `parts` into `y` (of `out_shape`, which the reply must
+    /// have): every part's Y_T (in its buffers) is
+    /// copied into its samples' rows, and Y_U — one reply for the batch, read where it lies in its frame — is
+    /// added in each part's check (against the part's residual), with checks on; else in one pass that refuses
+    /// non-finite values. `y` is not to be used when this fails.
+    fn merge_parts(
+        &mut self,
+        conv: &Conv2d,
+        (parts, bufs): (&[Part], &[PartBufs]),
+        (frame, out_shape): (&ConvOutputFrame, &[usize]),
+        y: &mut Tensor,
+        mut proj: Option<&mut crate::integrity::Projection>,
+        what: &str,
+    ) -> Result<(), CoreError> {
+        let id = conv.id;
+        let y_u = frame.y_u();
+        let b = parts.last().map_or(0, |p| p.samples.end);
+        let per = out_shape.iter().skip(1).product::<usize>();
+        let t0 = Instant::now();
+        y.resize(out_shape);
+        for (p, pb) in parts.iter().zip(bufs) {
+            let rows = y.data.get_mut(p.samples.start * per..p.samples.end * per);
+            match rows {
+                Some(rows) if rows.len() == pb.y_t.len() => rows.copy_from_slice(&pb.y_t.data),
+                _ => {
+                    return Err(bad_reply(
+                        what,
+                        ProtocolError::Tensor(format!(
+                            "Y_U of shape {out_shape:?} for samples {:?} with a Y_T of shape {:?}",
+                            p.samples, pb.y_t.shape
+                        )),
+                    ))
+                }
+            }
+        }
+        if out_shape.first() != Some(&b) {
+            return Err(bad_reply(
+                what,
+                ProtocolError::Tensor(format!("Y_U of shape {out_shape:?} for {b} samples")),
+            ));
+        }
+        if self.checker.is_none() {
+            let r = y_u
+                .add_into_checked(out_shape, y)
+                .map_err(|e| bad_reply(what, e));
+            let dt = t0.elapsed().as_secs_f64();
+            self.count_layer(Some(id), |l| {
+                l.merge_s += dt;
+                l.trusted_s += dt;
+            });
+            return r;
+        }
+        self.trusted(id, t0, 0.0);
+        let words = y_u
+            .words_unscanned(out_shape)
+            .map_err(|e| bad_reply(what, e))?;
+        for (p, pb) in parts.iter().zip(bufs) {
+            let range = p.samples.start * per..p.samples.end * per;
+            let (w, rows) = (&words[range.clone()], &mut y.data[range]);
+            let part = (p.samples.start, b);
+            let pr = proj.as_deref_mut();
+            self.checked(id, |ch| {
+                ch.check_forward_part_into(conv, &pb.res.data, &pb.res.shape, w, pr, rows, part)
+            })
+            .map_err(|e| {
+                let found = y_u.first_non_finite().map(|(_, v)| v);
+                name_found(what, found, out_shape, "Y_U", e)
+            })?;
+        }
         Ok(())
     }
 
@@ -444,22 +501,35 @@ mod tests {
     use super::part_ranges;
 
     #[test]
-    fn parts_cover_the_batch_in_order_with_sizes_within_one() {
-        for b in 1..20 {
-            for m in 1..10 {
+    fn parts_cover_the_batch_in_order_with_the_ends_half_the_size() {
+        for b in 1..40 {
+            for m in 1..12 {
                 let r = part_ranges(b, m);
-                assert_eq!(r.len(), m.min(b));
+                let n = m.min(b);
+                assert_eq!(r.len(), n);
                 assert_eq!(r[0].start, 0);
                 assert_eq!(r.last().unwrap().end, b);
                 for w in r.windows(2) {
                     assert_eq!(w[0].end, w[1].start);
                 }
-                let (lo, hi) = (
-                    r.iter().map(|x| x.len()).min().unwrap(),
-                    r.iter().map(|x| x.len()).max().unwrap(),
-                );
-                assert!(lo >= 1 && hi - lo <= 1, "b {b} m {m}: {r:?}");
+                let lens: Vec<usize> = r.iter().map(|x| x.len()).collect();
+                assert!(lens.iter().all(|&l| l >= 1), "b {b} m {m}: {lens:?}");
+                if n >= 3 {
+                    // The middle parts within one of each other (rounding), and the ends no larger than them.
+                    let mid = &lens[1..n - 1];
+                    let (lo, hi) = (*mid.iter().min().unwrap(), *mid.iter().max().unwrap());
+                    assert!(hi - lo <= 1, "b {b} m {m}: {lens:?}");
+                    assert!(lens[0] <= lo && lens[n - 1] <= lo, "b {b} m {m}: {lens:?}");
+                } else {
+                    assert!(lens[0].abs_diff(lens[n - 1]) <= 1, "b {b} m {m}: {lens:?}");
+                }
             }
         }
+        assert_eq!(part_ranges(8, 4), [0..1, 1..4, 4..7, 7..8]);
+        assert_eq!(part_ranges(8, 2), [0..4, 4..8]);
+        assert_eq!(
+            part_ranges(32, 8),
+            [0..2, 2..7, 7..11, 11..16, 16..21, 21..25, 25..30, 30..32]
+        );
     }
 }
