@@ -478,6 +478,15 @@ impl<T: Transport> SplitExec<T> {
         });
     }
 
+    /// Counts the time since `t0` as conv `id`'s merge of Y_T and Y_U (trusted work).
+    fn count_merge(&self, id: usize, t0: Instant) {
+        let dt = t0.elapsed().as_secs_f64();
+        self.count_layer(Some(id), |l| {
+            l.merge_s += dt;
+            l.trusted_s += dt;
+        });
+    }
+
     /// Runs an integrity check (when on), timing it as trusted work of conv `id`; a failed check is an
     /// integrity error naming the conv.
     fn checked(
@@ -810,11 +819,7 @@ impl<T: Transport> SplitExec<T> {
             let r = y_u
                 .add_into_checked(&out_shape, y)
                 .map_err(|e| bad_reply(what, e));
-            let dt = t0.elapsed().as_secs_f64();
-            self.count_layer(Some(id), |l| {
-                l.merge_s += dt;
-                l.trusted_s += dt;
-            });
+            self.count_merge(id, t0);
             return r;
         }
         let words = y_u

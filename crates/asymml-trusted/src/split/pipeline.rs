@@ -300,11 +300,7 @@ impl<T: Transport> SplitExec<T> {
             let r = y_u
                 .add_into_slice_checked(&y_t.shape, rows)
                 .map_err(|e| bad_reply(what, e));
-            let dt = t0.elapsed().as_secs_f64();
-            self.count_layer(Some(id), |l| {
-                l.merge_s += dt;
-                l.trusted_s += dt;
-            });
+            self.count_merge(id, t0);
             return r;
         }
         self.trusted(id, t0, 0.0);
@@ -424,11 +420,7 @@ impl<T: Transport> SplitExec<T> {
             let r = y_u
                 .add_into_checked(out_shape, y)
                 .map_err(|e| bad_reply(what, e));
-            let dt = t0.elapsed().as_secs_f64();
-            self.count_layer(Some(id), |l| {
-                l.merge_s += dt;
-                l.trusted_s += dt;
-            });
+            self.count_merge(id, t0);
             return r;
         }
         self.trusted(id, t0, 0.0);
