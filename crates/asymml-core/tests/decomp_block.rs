@@ -130,6 +130,8 @@ fn check(
     .unwrap();
     assert!((1..=n).contains(&r), "{what}: r = {r}");
     assert_eq!((lr.r, lr.batch(), lr.shared), (r, b, shared), "{what}");
+    // A layer keeps its factors until its backward, not the decomposition's O(N²) scratch per sample.
+    assert_eq!(lr.scratch_bytes(), 0, "{what}: scratch kept");
     for s in &lr.samples {
         assert_eq!((s.n, s.hw, s.r), (n, h * w, r), "{what}");
         assert_eq!((s.u.len(), s.v.len()), (n * r, r * h * w), "{what}");
@@ -566,6 +568,8 @@ fn light_through_the_method_api_is_unchanged() {
                 }
                 assert_eq!(a.r, b.r);
                 assert_eq!(ra.data, rb.data);
+                // Neither keeps the Gram route's N × N scratch (nor the shared basis's copies of X).
+                assert_eq!((a.scratch_bytes(), b.scratch_bytes()), (0, 0));
                 for (p, q) in a.samples.iter().zip(&b.samples) {
                     assert_eq!((&p.u, &p.v), (&q.u, &q.v));
                 }

@@ -321,6 +321,25 @@ impl BlockScratch {
         self.ritz.clear();
     }
 
+    /// Lets go of one decomposition's buffers (G, the basis, the products): called once the factors are made,
+    /// so that a layer's factorisation does not keep O(N² + l·C) scratch per sample until its next step
+    /// (every split layer's at once, in the trusted runtime's peak). The next decomposition regrows them.
+    pub(crate) fn release(&mut self) {
+        *self = BlockScratch::default();
+    }
+
+    /// Bytes held by the buffers.
+    pub(crate) fn bytes(&self) -> usize {
+        8 * (self.qt.capacity() + self.ritz.capacity() + self.norms.capacity())
+            + 4 * (self.g.capacity()
+                + self.q32.capacity()
+                + self.yt.capacity()
+                + self.zt.capacity()
+                + self.t32.capacity()
+                + self.negu.capacity()
+                + self.wt32.capacity())
+    }
+
     /// False when X is zero or not finite: no component is worth computing.
     pub(crate) fn worth(&self) -> bool {
         self.total > 0.0 && self.total.is_finite()

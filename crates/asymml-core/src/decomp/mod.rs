@@ -84,17 +84,24 @@ pub struct BatchLowRank {
     pub samples: Vec<LowRank>,
     /// Every sample has the same U (a basis shared by the batch, see [`decompose_batch_shared`]).
     pub shared: bool,
-    /// Scratch of [`decompose_batch_shared`], reused across calls: the batch as one N × B·HW matrix, its
-    /// factorisation and its residual.
-    whole: Vec<f32>,
+    /// The batch-shared basis's factorisation of the batch as one N × B·HW matrix.
     whole_lr: LowRank,
-    whole_res: Vec<f32>,
 }
 
 impl BatchLowRank {
     /// Number of samples B.
     pub fn batch(&self) -> usize {
         self.samples.len()
+    }
+
+    /// Bytes of decomposition scratch these factorisations still hold (0 once a decomposition has returned:
+    /// only U and V are kept between a conv's forward and its backward).
+    pub fn scratch_bytes(&self) -> usize {
+        self.samples
+            .iter()
+            .chain(std::iter::once(&self.whole_lr))
+            .map(LowRank::scratch_bytes)
+            .sum()
     }
 
     /// x_t: [B, N, H, W] ← U_b V_b per sample (the trusted part X_T).
@@ -236,6 +243,7 @@ fn decompose_light(
         // image carries about 1 % of I(X;X)).
         residual.data.iter_mut().for_each(|v| *v = 0.0);
     }
+    out.samples.iter_mut().for_each(LowRank::release_scratch);
     out.r = r;
     Ok(r)
 }
@@ -270,11 +278,11 @@ pub fn decompose_batch_shared(
     check_energy(policy)?;
     let bhw = b * hw;
     // [B, N, HW] → [N, B·HW]
-    let mut all = std::mem::take(&mut out.whole);
+    // The batch as one matrix, and its residual: scratch of this call only (two copies of X, let go at its
+    // end rather than held by the layer until its next step).
+    let mut all = vec![0f32; n * bhw];
     let mut lr = std::mem::take(&mut out.whole_lr);
-    let mut res_all = std::mem::take(&mut out.whole_res);
-    all.resize(n * bhw, 0.0);
-    res_all.resize(n * bhw, 0.0);
+    let mut res_all = vec![0f32; n * bhw];
     all.par_chunks_mut(bhw).enumerate().for_each(|(j, row)| {
         for s in 0..b {
             row[s * hw..(s + 1) * hw].copy_from_slice(&x.data[(s * n + j) * hw..][..hw]);
@@ -335,7 +343,8 @@ pub fn decompose_batch_shared(
                 }
             });
     }
-    (out.whole, out.whole_lr, out.whole_res) = (all, lr, res_all);
+    lr.release_scratch();
+    out.whole_lr = lr;
     Ok(r)
 }
 
@@ -441,6 +450,7 @@ fn decompose_block(
         (s.n, s.hw, s.r) = (n, hw, r);
         if r == n {
             block::identity(&xs, n, &mut s.u, &mut [(&mut s.v, res)]);
+            s.release_scratch();
             return;
         }
         if spectrum_done {
@@ -459,6 +469,7 @@ fn decompose_block(
             &mut [(&mut s.v, res)],
             1,
         );
+        s.release_scratch();
     });
     out.r = r;
     Ok(r)
@@ -519,6 +530,7 @@ pub fn decompose_batch_shared_with(
             block::ensure_rank(&xs, n, hw, r, &m, &mut lr.blk, threads);
             block::finish(&xs, n, hw, r, &mut lr.blk, &mut lr.u, &mut parts, threads);
         }
+        lr.release_scratch();
     }
     for s in &mut out.samples {
         (s.n, s.hw, s.r) = (n, hw, r);

@@ -47,6 +47,25 @@ impl LowRank {
         self.ut.clear();
     }
 
+    /// Lets go of the scratch of the decomposition that made these factors (the Gram route's N × N matrices,
+    /// the block method's basis and products), keeping U and V: a layer's factorisation then holds no
+    /// O(N²) scratch per sample until its next step. The next decomposition regrows it.
+    pub(crate) fn release_scratch(&mut self) {
+        self.gram = Vec::new();
+        self.coef = Vec::new();
+        self.g32 = Vec::new();
+        self.gw = Vec::new();
+        self.w = Vec::new();
+        self.blk.release();
+    }
+
+    /// Bytes of decomposition scratch held (see [`LowRank::release_scratch`]).
+    pub fn scratch_bytes(&self) -> usize {
+        8 * (self.gram.capacity() + self.coef.capacity() + self.gw.capacity() + self.w.capacity())
+            + 4 * self.g32.capacity()
+            + self.blk.bytes()
+    }
+
     /// Writes `u` (N × r) from `ut` (r × N).
     fn finish(&mut self) {
         let (n, r) = (self.n, self.r);
