@@ -699,8 +699,14 @@ impl<T: Transport> SplitExec<T> {
                         SvdMethod::Light { iters } => light_svd_flops(b, n, h * w, r, iters),
                         SvdMethod::Block(m) => block_svd_flops(b, n, h * w, r, &m),
                     };
-                    if r >= n {
-                        // Every channel kept: X_U would be zero. Run the conv here and send nothing.
+                    // Every channel kept: X_U would be zero. Or, choosing the route, a rank at which Conv_T
+                    // would convolve all of X_T's channels: the split's trusted side would cost more than the
+                    // whole conv. Either way the conv runs here and nothing is sent (the step counts as a split
+                    // step for the route's measurement, so the next tries the trusted route undecomposed).
+                    if r >= n
+                        || (self.cfg.auto_route
+                            && TrustedConv::convolves_every_channel(conv, &self.layers[id].lr)?)
+                    {
                         self.trusted(id, t0, svd_flops);
                         self.layers[id].kept_all = true;
                         return self.forward_trusted(conv, x, y, train, Instant::now());

@@ -315,6 +315,16 @@ impl TrustedConv {
         Ok(Geo::of(conv, lr)?.forward_flops())
     }
 
+    /// Whether [`TrustedConv::forward`] would rebuild X_T and convolve all N of its channels (rank r too high
+    /// for these shapes to go through V): the split's trusted side then costs a whole conv plus the
+    /// decomposition, more than the conv run wholly in the trusted runtime.
+    pub fn convolves_every_channel(conv: &Conv2d, lr: &BatchLowRank) -> Result<bool> {
+        Ok(!matches!(
+            Geo::of(conv, lr)?.forward_route(),
+            Fwd::ThroughV { .. }
+        ))
+    }
+
     /// conv's W: [M, N, k, k], lr: B × (U_b [N × r], V_b [r × H·W]) → y_t: [B, M, OH, OW] = conv(U_b V_b, W)
     /// per sample (cross-correlation with the conv's stride and zero padding), without bias: the caller adds
     /// it once to Y_T + Y_U. Cost per sample: M·k²·min(r·(N + P), N·P) (+ N·r·H·W on the direct route),
