@@ -104,16 +104,29 @@ struct LayerState {
     /// conv here: for `auto_route` that step cost what the rank policy's route costs (decomposition included),
     /// so it counts as a step of the split route, and the plain trusted route is tried against it.
     kept_all: bool,
+    /// The last forward ran here because the rank policy says so (the guard's image-like map, or a rank
+    /// table's `"trusted"`): the next will too, whatever the route costs.
+    policy_trusted: bool,
 }
 
-/// Steps `auto_route` spends trying the routes (two each) before it compares them: a benchmark of the settled
-/// route runs these first, untimed.
-pub const ROUTE_PROBE_STEPS: usize = 4;
+/// Steps `auto_route` tries each route before it compares them (the first step of a route pays for its
+/// buffers, so the least cost of the others is what counts).
+const ROUTE_TRIALS: u32 = 3;
+
+/// Steps `auto_route` spends trying the routes ([`ROUTE_TRIALS`] each) before it compares them: a benchmark of
+/// the settled route runs these first, untimed.
+pub const ROUTE_PROBE_STEPS: usize = 2 * ROUTE_TRIALS as usize;
+
+/// From this step count on, `auto_route` tries the route it did not take again on two steps each time the
+/// count reaches a power of two (64 and 65, 128 and 129, …): a comparison made on a few noisy trial steps is
+/// not final, and the route taken keeps lowering its least cost while the other's is not measured.
+const ROUTE_RETRY_FROM: u32 = 64;
 
 /// The trusted runtime's time per step (forward and, in training, backward; time blocked on the accelerator
-/// excluded) that one conv has cost on each route, for `auto_route`. Each route is tried on two steps before
-/// the routes are compared (the first step of a route pays for its buffers); then the one with the smaller
-/// least cost is taken, and every further step refines the comparison.
+/// excluded) that one conv has cost on each route, for `auto_route`. Each route is tried on
+/// [`ROUTE_TRIALS`] steps before the routes are compared; then the one with the smaller least cost is taken,
+/// every further step refines the comparison, and the other route is tried again now and then (see
+/// [`ROUTE_RETRY_FROM`]).
 #[derive(Clone, Debug, Default)]
 struct RouteCosts {
     /// Least cost seen on the split route and on the fully-trusted route, and how many steps each.
@@ -122,6 +135,8 @@ struct RouteCosts {
     /// The route of the step being measured (`Some(true)`: trusted), and its cost so far.
     current: Option<bool>,
     spent: f64,
+    /// The route of the last step closed.
+    last: Option<bool>,
 }
 
 impl RouteCosts {
@@ -139,19 +154,49 @@ impl RouteCosts {
                 least.min(self.spent)
             };
             *n += 1;
+            self.last = Some(trusted);
         }
         self.spent = 0.0;
     }
 
+    /// Steps closed so far, both routes.
+    fn steps(&self) -> u32 {
+        self.split.1 + self.trusted.1
+    }
+
+    /// The next step is the second of a retry of the route not taken (see [`ROUTE_RETRY_FROM`]).
+    fn retry_second_step(&self) -> bool {
+        let before = self.steps().wrapping_sub(1);
+        before >= ROUTE_RETRY_FROM && before.is_power_of_two()
+    }
+
     /// Whether the next step should take the fully-trusted route.
     fn prefers_trusted(&self) -> bool {
-        if self.split.1 < 2 {
-            false
-        } else if self.trusted.1 < 2 {
-            true
-        } else {
-            self.trusted.0 < self.split.0
+        let (split, trusted) = (self.split.1, self.trusted.1);
+        if split < ROUTE_TRIALS {
+            return false;
         }
+        if trusted < ROUTE_TRIALS {
+            return true;
+        }
+        let trusted_cheaper = self.trusted.0 < self.split.0;
+        let total = self.steps();
+        if total >= ROUTE_RETRY_FROM && total.is_power_of_two() {
+            // Try the other route again (its first step pays for its buffers, so it gets a second).
+            return !trusted_cheaper;
+        }
+        if self.retry_second_step() {
+            return self.last == Some(true);
+        }
+        trusted_cheaper
+    }
+
+    /// The next step, if it takes the trusted route, is the last of a trial of it (the first trials, or the
+    /// second step of a retry): the route may then turn out to be the split.
+    fn last_trusted_trial(&self) -> bool {
+        let (split, trusted) = (self.split.1, self.trusted.1);
+        (split >= ROUTE_TRIALS && trusted == ROUTE_TRIALS - 1)
+            || (trusted >= ROUTE_TRIALS && self.retry_second_step() && self.last == Some(true))
     }
 }
 
@@ -550,15 +595,16 @@ impl<T: Transport> SplitExec<T> {
         }
     }
 
-    /// In the last step in which `auto_route` tries the trusted route (the split was tried first), a conv lets
-    /// go of its own buffers after their last use in the step: the route may turn out to be the split, and then
-    /// the trusted runtime would hold both routes' buffers at once. (The first trial step keeps them, so that the
-    /// second is measured without their allocation; once settled on the trusted route they are kept.)
+    /// In the last step in which `auto_route` tries the trusted route (the split was tried first, or is the route
+    /// taken), a conv lets go of its own buffers after their last use in the step: the route may turn out to be
+    /// the split, and then the trusted runtime would hold both routes' buffers at once. (The earlier trial steps
+    /// keep them, so that the next is measured without their allocation; once settled on the trusted route they
+    /// are kept.)
     fn release_if_trying(&self, conv: &mut Conv2d) {
-        let trying = self.layers.get(conv.id).is_some_and(|l| {
-            let (split, trusted) = (l.costs.split.1, l.costs.trusted.1);
-            self.cfg.auto_route && split >= 2 && trusted == 1
-        });
+        let trying = self
+            .layers
+            .get(conv.id)
+            .is_some_and(|l| self.cfg.auto_route && l.costs.last_trusted_trial());
         if trying {
             conv.release_buffers();
         }
@@ -645,13 +691,15 @@ impl<T: Transport> SplitExec<T> {
                     let t0 = Instant::now();
                     if id == 0 {
                         self.input_side = x.shape.iter().skip(2).copied().max().unwrap_or(0);
-                        // Every conv measured cheaper on the trusted route, or trying it in this step.
-                        let all_trusted_next = self.cfg.auto_route
-                            && self.layers.iter().all(|l| {
+                        // Every conv kept on the trusted route by the rank policy, measured cheaper there, or trying it
+                        // in this step.
+                        let all_trusted_next = self.layers.iter().all(|l| {
+                            l.policy_trusted || {
                                 let mut c = l.costs.clone();
                                 c.close_step();
-                                c.prefers_trusted()
-                            });
+                                self.cfg.auto_route && c.prefers_trusted()
+                            }
+                        });
                         if !std::mem::take(&mut self.split_in_step) || all_trusted_next {
                             // No conv ran split in the last step (every one took the trusted route), or none
                             // will in this one: the split's buffers are let go, so that they cost no memory
@@ -660,7 +708,9 @@ impl<T: Transport> SplitExec<T> {
                         }
                     }
                     let side = x.shape.iter().skip(2).copied().max().unwrap_or(0);
-                    let Some(policy) = self.layer_policy(id, conv.in_ch, side) else {
+                    let policy = self.layer_policy(id, conv.in_ch, side);
+                    self.layers[id].policy_trusted = policy.is_none();
+                    let Some(policy) = policy else {
                         return self.forward_trusted(conv, x, y, train, t0);
                     };
                     if self.cfg.auto_route && self.layers[id].costs.prefers_trusted() {
@@ -1102,7 +1152,7 @@ impl<T: Transport> SplitExec<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::RouteCosts;
+    use super::{RouteCosts, ROUTE_PROBE_STEPS};
 
     /// Drives `c` through steps of the given route and cost.
     fn step(c: &mut RouteCosts, trusted: bool, cost: f64) {
@@ -1112,28 +1162,86 @@ mod tests {
     }
 
     #[test]
-    fn routes_are_tried_twice_each_then_the_cheaper_is_taken() {
+    fn routes_are_tried_three_times_each_then_the_cheaper_is_taken() {
         let mut c = RouteCosts::default();
-        // Two split steps (the first one pays for its buffers), then two trusted ones.
-        for (i, cost) in [5.0, 2.0].into_iter().enumerate() {
+        // Three split steps (the first one pays for its buffers), then three trusted ones.
+        for (i, cost) in [5.0, 2.0, 2.2].into_iter().enumerate() {
+            c.close_step();
             assert!(!c.prefers_trusted(), "split step {i}");
             step(&mut c, false, cost);
         }
-        c.close_step();
-        for cost in [3.0, 2.5] {
+        for (i, cost) in [3.0, 2.5, 2.6].into_iter().enumerate() {
+            c.close_step();
             assert!(c.prefers_trusted());
+            // Only the last trusted trial lets go of the conv's buffers.
+            assert_eq!(c.last_trusted_trial(), i == 2, "trusted trial {i}");
             step(&mut c, true, cost);
         }
         c.close_step();
         // Least costs: split 2.0, trusted 2.5: the split stays.
-        assert_eq!((c.split, c.trusted), ((2.0, 2), (2.5, 2)));
+        assert_eq!((c.split, c.trusted), ((2.0, 3), (2.5, 3)));
+        assert_eq!(ROUTE_PROBE_STEPS, 6);
         assert!(!c.prefers_trusted());
         // A cheaper trusted step seen later (e.g. after the split's rank grew) is not forgotten.
         step(&mut c, true, 1.0);
         c.close_step();
         assert!(c.prefers_trusted());
+        assert!(!c.last_trusted_trial(), "the route taken keeps its buffers");
         // Closing twice counts a step once.
         c.close_step();
-        assert_eq!(c.trusted.1, 3);
+        assert_eq!(c.trusted.1, 4);
+    }
+
+    /// Runs steps `steps` (by index) at the given cost per route; the steps (index, trusted) it took.
+    fn run(
+        c: &mut RouteCosts,
+        steps: std::ops::Range<u32>,
+        split: f64,
+        trusted: f64,
+    ) -> Vec<(u32, bool)> {
+        let mut taken = Vec::new();
+        for i in steps {
+            c.close_step();
+            assert_eq!(c.steps(), i);
+            let t = c.prefers_trusted();
+            taken.push((i, t));
+            step(c, t, if t { trusted } else { split });
+        }
+        taken
+    }
+
+    #[test]
+    fn the_route_not_taken_is_tried_again_at_powers_of_two() {
+        let mut c = RouteCosts::default();
+        // Trials: a slow spell of the machine makes the split look dearer than it is (3.1, against 2.0).
+        run(&mut c, 0..3, 3.1, 0.0);
+        run(&mut c, 3..6, 0.0, 3.0);
+        // Settled on the trusted route until step 64; then the split is tried on two steps, its true cost
+        // (2.0) is seen, and it is taken from then on.
+        let taken = run(&mut c, 6..100, 2.0, 3.0);
+        let split_steps: Vec<u32> = taken.iter().filter(|s| !s.1).map(|s| s.0).collect();
+        assert_eq!(split_steps, (64..100).collect::<Vec<_>>());
+        // Now the trusted route is tried at 128 and 129, and at 256 and 257, and the second step of each try
+        // lets go of the conv's buffers (the route may be the split again).
+        let mut tried = Vec::new();
+        for i in 100..300 {
+            c.close_step();
+            let t = c.prefers_trusted();
+            if t {
+                tried.push((i, c.last_trusted_trial()));
+            }
+            step(&mut c, t, if t { 3.0 } else { 2.0 });
+        }
+        assert_eq!(
+            tried,
+            [(128, false), (129, true), (256, false), (257, true)]
+        );
+        // Where the retried route is cheaper after all, it is kept.
+        let mut c = RouteCosts::default();
+        run(&mut c, 0..3, 2.0, 0.0);
+        run(&mut c, 3..6, 0.0, 3.0);
+        let taken = run(&mut c, 6..80, 2.0, 1.0);
+        assert!(taken.iter().all(|s| !s.1 || s.0 >= 64), "{taken:?}");
+        assert!(taken.iter().filter(|s| s.0 >= 64).all(|s| s.1), "{taken:?}");
     }
 }

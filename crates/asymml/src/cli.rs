@@ -131,9 +131,11 @@ pub(crate) struct SplitArgs {
     #[arg(long, default_value = "on")]
     pub(crate) integrity: OnOff,
     /// Where a conv that the rank policy splits runs: `auto` measures the trusted runtime's time per step for
-    /// each conv on both routes — split, and wholly in the trusted runtime — over its first steps (two each)
-    /// and then takes the cheaper one, so no conv costs more than it would trusted-only (and the trusted
-    /// route leaks nothing); `split` always splits as the policy says (to measure or study the split itself).
+    /// each conv on both routes — split, and wholly in the trusted runtime — over its first steps (three
+    /// each) and then takes the cheaper one, so no conv costs more than it would trusted-only (and the
+    /// trusted route leaks nothing); the other route is tried again on two steps at steps 64, 128, 256, …, so
+    /// one slow trial does not decide for good. `split` always splits as the policy says (to measure or study
+    /// the split itself).
     #[arg(long, value_enum, default_value_t = RouteChoice::Auto)]
     pub(crate) route: RouteChoice,
 }
