@@ -643,6 +643,10 @@ fn flop_counts() {
     };
     assert!(block_svd_flops(1, 64, 3136, 2, &gram) >= 2.0 * 64.0 * 64.0 * 3136.0);
     assert!(block_svd_flops(1, 64, 3136, 2, &m) < block_svd_flops(1, 64, 3136, 2, &gram));
+    // A 4 × 4 map of 512 channels takes the thin route: Xᵀ X (16 × 16), far less than G (512 × 512).
+    let thin = block_svd_flops(1, 512, 16, 8, &m);
+    assert!(thin >= 4.0 * 512.0 * 16.0 * 8.0);
+    assert!(thin < 2.0 * 512.0 * 512.0 * 16.0 / 4.0);
 }
 
 #[test]
@@ -686,5 +690,51 @@ fn a_range_of_samples_decomposes_as_a_batch_of_those_samples() {
             &mut res,
         );
         assert!(r.is_err());
+    }
+}
+
+#[test]
+fn small_maps_of_many_channels_are_decomposed_exactly_through_the_thin_gram() {
+    // C = H·W ≤ N/2 (VGG's and ResNet's last convs at 32 px: 4 × 4 or 2 × 2 maps of 512 channels): the
+    // block method takes the exact SVD through Xᵀ X (C × C). Every fixed rank keeps the exact SVD's energy,
+    // ranks past C keep all of it, and the energy policies' ranks are the exact spectrum's — on random
+    // samples, a rank-2 sample and a zero sample in one batch.
+    let mut rng = Rng::new(21);
+    for (n, (h, w)) in [(128, (4, 4)), (64, (2, 2)), (16, (1, 2)), (40, (4, 5))] {
+        let hw = h * w;
+        let mut x = randn(&mut rng, &[4, n, h, w], 1.0);
+        let low = with_spectrum(&mut rng, n, hw, &[3.0, 1.0]);
+        x.data[n * hw..2 * n * hw].copy_from_slice(&low);
+        x.data[3 * n * hw..].fill(0.0);
+        for route in ROUTES {
+            for r in [1, 2, hw / 2, hw, hw + 3] {
+                let (lr, xu) = check(&x, RankPolicy::Fixed(r), 0, block(route), false);
+                assert_eq!(lr.r, r.min(n));
+                for (b, xb) in x.data.chunks(n * hw).enumerate() {
+                    let total = sum_sq(xb);
+                    if total == 0.0 {
+                        assert!(xu.data[b * n * hw..][..n * hw].iter().all(|&v| v == 0.0));
+                        continue;
+                    }
+                    let exact = energy_kept(&singular_values(xb, n, hw), r);
+                    let got = kept(xb, &xu.data[b * n * hw..(b + 1) * n * hw]);
+                    assert!(
+                        (got - exact).abs() < 1e-5,
+                        "N {n} {h}×{w} r {r} {route} sample {b}: kept {got}, exact {exact}"
+                    );
+                }
+            }
+            for e in [0.5, 0.8, 0.97] {
+                let want = x
+                    .data
+                    .chunks(n * hw)
+                    .filter(|xb| sum_sq(xb) > 0.0)
+                    .map(|xb| rank_for_energy(&singular_values(xb, n, hw), e))
+                    .max()
+                    .unwrap();
+                let (lr, _) = check(&x, RankPolicy::Energy(e), 0, block(route), false);
+                assert_eq!(lr.r, want, "N {n} {h}×{w} E {e} {route}: rank");
+            }
+        }
     }
 }

@@ -262,6 +262,11 @@ pub fn block_svd_flops(b: usize, n: usize, hw: usize, r: usize, m: &BlockSvd) ->
     );
     let nf = n as f64;
     let (hwf, rf) = (hw as f64, r as f64);
+    if thin_suits(&[&[]], n, hw) {
+        // K = Xᵀ X, its eigendecomposition, Wᵀ Xᵀ; then V = Qᵀ X.
+        let basis = 4.0 * nf * hwf * hwf + 9.0 * hwf * hwf * hwf;
+        return b as f64 * (basis + 4.0 * nf * hwf * rf);
+    }
     let (basis, v) = match route(n, hw, r, m) {
         Route::Full => (
             2.0 * nf * nf * hwf + 9.0 * nf * nf * nf,
@@ -301,6 +306,9 @@ pub(crate) struct BlockScratch {
     /// coefficients), valid when `z_valid`: then V = Wᵣᵀ zt.
     z_valid: bool,
     wt32: Vec<f32>,
+    /// The basis holds every component of X with a nonzero singular value (the thin route): no rank needs
+    /// more columns than `l`.
+    complete: bool,
 }
 
 impl BlockScratch {
@@ -317,6 +325,7 @@ impl BlockScratch {
         self.total = self.norms.iter().sum();
         self.has_g = false;
         self.z_valid = false;
+        self.complete = false;
         self.l = 0;
         self.ritz.clear();
     }
@@ -573,6 +582,78 @@ fn eigen(t: DMatrix<f64>) -> Option<SymmetricEigen<f64, nalgebra::Dyn>> {
     SymmetricEigen::try_new(t, f64::EPSILON, 10_000)
 }
 
+/// Whether the thin route suits X (one block of C columns, N rows): at most half as many columns as rows and
+/// few enough for an exact C × C eigendecomposition ([`FULL_EIG_MAX_N`]) — small maps of many channels (VGG's
+/// and ResNet's last convs at 32 px: 4 × 4 or 2 × 2 maps of 512 channels), where X Xᵀ (N × N) and its
+/// eigendecomposition would cost far more than X itself.
+fn thin_suits(xs: &[&[f32]], n: usize, c: usize) -> bool {
+    xs.len() == 1 && c > 0 && 2 * c <= n && c <= FULL_EIG_MAX_N
+}
+
+/// The thin route: the exact SVD of X [N × C] from K = Xᵀ X (C × C) = W Λ Wᵀ: qt ← q_j = X w_j / √λ_j by
+/// descending λ_j (l = C; re-orthonormalised in f64, so a null direction becomes some unit vector orthogonal
+/// to the rest: a zero component), Ritz values ← λ (exact up to K's f32 accumulation, as G's on the Gram
+/// route). False on failure.
+fn thin(x: &[f32], n: usize, c: usize, s: &mut BlockScratch, threads: usize) -> bool {
+    s.t32.clear();
+    s.t32.resize(c * c, 0.0);
+    sgemm(
+        c,
+        c,
+        n,
+        Mat::rm_t(x, c),
+        Mat::rm(x, c),
+        &mut s.t32,
+        false,
+        threads,
+    );
+    let k = DMatrix::<f64>::from_fn(c, c, |i, j| {
+        0.5 * (s.t32[i * c + j] as f64 + s.t32[j * c + i] as f64)
+    });
+    let Some(eig) = eigen(k) else {
+        return false;
+    };
+    let mut order: Vec<usize> = (0..c).collect();
+    order.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]));
+    // Wᵀ by descending λ (row j = w_j), then Wᵀ Xᵀ (C × N): row j = (X w_j)ᵀ.
+    s.wt32.clear();
+    for &kk in &order {
+        s.wt32
+            .extend(eig.eigenvectors.column(kk).iter().map(|&v| v as f32));
+    }
+    s.yt.clear();
+    s.yt.resize(c * n, 0.0);
+    sgemm(
+        c,
+        n,
+        c,
+        Mat::rm(&s.wt32, c),
+        Mat::rm_t(x, c),
+        &mut s.yt,
+        false,
+        threads,
+    );
+    s.qt.clear();
+    s.qt.resize(c * n, 0.0);
+    for (j, &kk) in order.iter().enumerate() {
+        let lam = eig.eigenvalues[kk];
+        if lam > 0.0 && lam.is_finite() {
+            let inv = 1.0 / lam.sqrt();
+            for (q, &y) in s.qt[j * n..(j + 1) * n].iter_mut().zip(&s.yt[j * n..]) {
+                *q = y as f64 * inv;
+            }
+        }
+    }
+    s.l = c;
+    orthonormalize(&mut s.qt, c, n);
+    s.ritz.clear();
+    s.ritz
+        .extend(order.iter().map(|&kk| eig.eigenvalues[kk].max(0.0)));
+    s.complete = true;
+    sync32(s, n);
+    true
+}
+
 /// The full route: qt ← every eigenvector of G by descending eigenvalue (l = N). False on failure.
 fn full(n: usize, s: &mut BlockScratch) -> bool {
     let g = DMatrix::<f64>::from_fn(n, n, |i, j| {
@@ -660,7 +741,8 @@ fn basis(
     }
 }
 
-/// The basis for a fixed rank r: l = r + p columns by the route [`route`] picks.
+/// The basis for a fixed rank r: l = r + p columns by the route [`route`] picks, or every component by the
+/// thin route where it suits ([`thin_suits`]).
 pub(crate) fn basis_for_rank(
     xs: &[&[f32]],
     n: usize,
@@ -670,6 +752,14 @@ pub(crate) fn basis_for_rank(
     s: &mut BlockScratch,
     threads: usize,
 ) {
+    if thin_suits(xs, n, c) {
+        s.l = 0;
+        s.z_valid = false;
+        if s.worth() && !thin(xs[0], n, c, s, threads) {
+            s.l = 0;
+        }
+        return;
+    }
     let rt = route(n, c * xs.len(), r, m);
     let l = if rt == Route::Direct {
         columns(n, r, m)
@@ -695,6 +785,18 @@ pub(crate) fn energy_rank(
 ) -> usize {
     if !s.worth() || n == 0 {
         return 1;
+    }
+    if thin_suits(xs, n, c) {
+        // Exact: every nonzero component is in the basis.
+        basis_for_rank(xs, n, c, 1, m, s, threads);
+        let mut kept = 0.0;
+        for (i, &v) in s.ritz.iter().take(s.l).enumerate() {
+            kept += v;
+            if kept >= e * s.total {
+                return i + 1;
+            }
+        }
+        return n;
     }
     let full_now = n <= FULL_EIG_MAX_N;
     let mut l = if full_now { n } else { gram_columns(n, 8, m) };
@@ -765,7 +867,7 @@ pub(crate) fn ensure_rank(
     s: &mut BlockScratch,
     threads: usize,
 ) {
-    if s.l >= r.min(n) || !s.worth() {
+    if s.l >= r.min(n) || s.complete || !s.worth() {
         return;
     }
     if s.has_g {
