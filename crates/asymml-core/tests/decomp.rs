@@ -178,6 +178,10 @@ fn conv_parts_add_up(
     tc.weight_grad(&conv, lr, &dy, &mut dwt).unwrap();
     assert!(dwt.all_finite(), "{geo}: ∇W_T not finite");
     assert_close(&format!("{geo}: ∇W_T + ∇W_U"), &add(&dwt, &dwu), &dw);
+    // Added into a gradient that holds ∇W_U already: ∇W, on the same route.
+    let mut acc = dwu.clone();
+    tc.add_weight_grad(&conv, lr, &dy, &mut acc).unwrap();
+    assert_close(&format!("{geo}: ∇W_U + add_weight_grad"), &acc, &dw);
 }
 
 #[test]
@@ -696,6 +700,12 @@ fn degenerate_inputs_stay_exact_and_finite() {
     // ∇Y of the wrong shape (3×3 for 4×4 outputs).
     let dy = Tensor::zeros(&[1, 2, 3, 3]);
     assert!(tc.weight_grad(&conv(3, 3, 1), &lrb, &dy, &mut y).is_err());
+    // A gradient to add into that is not of W's shape.
+    let dy = Tensor::zeros(&[1, 2, 4, 4]);
+    let mut wrong = Tensor::zeros(&[2, 3, 3]);
+    assert!(tc
+        .add_weight_grad(&conv(3, 3, 1), &lrb, &dy, &mut wrong)
+        .is_err());
 }
 
 #[test]

@@ -252,13 +252,12 @@ pub struct SplitExec<T: Transport> {
     rng: Rng,
     layers: Vec<LayerState>,
     tconv: TrustedConv,
-    /// Scratch shared by every conv (each is used only within one call): X_U until it is encoded, ∇W_T. (Y_T
-    /// is computed into the conv's output, whose buffer the received Y_U then replaces: Y = Y_U + Y_T.)
+    /// Scratch shared by every conv (each is used only within one call): X_U until it is encoded. (Y_T is
+    /// computed into the conv's output, and the received Y_U added to it: Y = Y_T + Y_U; ∇W_T is added straight
+    /// into the conv's ∇W.)
     residual: Tensor,
-    dw_t: Tensor,
-    /// ∇Y of one part and its ∇W_T, for ∇W_T of a conv whose forward ran in parts.
+    /// ∇Y of one part, for ∇W_T of a conv whose forward ran in parts.
     dy_part: Tensor,
-    dw_part: Tensor,
     /// ∇W_U as received (a conv's weight size), kept between convs.
     dw_u: Tensor,
     /// The buffers of a micro-batched forward's parts (shared by every conv).
@@ -371,9 +370,7 @@ impl<T: Transport> SplitExec<T> {
             layers,
             tconv: TrustedConv::new(),
             residual: Tensor::default(),
-            dw_t: Tensor::default(),
             dy_part: Tensor::default(),
-            dw_part: Tensor::default(),
             dw_u: Tensor::default(),
             part_bufs: Vec::new(),
             last_decomposed: None,
@@ -470,9 +467,7 @@ impl<T: Transport> SplitExec<T> {
     /// Drops the buffers the split route keeps between convs and steps (and the frame buffers).
     fn release_scratch(&mut self) {
         self.residual = Tensor::default();
-        self.dw_t = Tensor::default();
         self.dy_part = Tensor::default();
-        self.dw_part = Tensor::default();
         self.dw_u = Tensor::default();
         self.part_bufs = Vec::new();
         self.tconv = TrustedConv::new();
@@ -1048,7 +1043,6 @@ impl<T: Transport> SplitExec<T> {
             return Ok(());
         }
         let layer = id as u32;
-        let mut dw_t = std::mem::take(&mut self.dw_t);
         let res = (|| {
             // The reply is ∇W_U, and ∇X of the input's shape when asked for.
             let dw_bytes = 4 * conv.weight.value.len() as u64;
@@ -1064,14 +1058,23 @@ impl<T: Transport> SplitExec<T> {
             sent?;
             let t0 = Instant::now();
             let owner = self.layers[id].shared_from.unwrap_or(id);
+            // ∇W_T straight into the trusted parameter's gradient (∇W = ∇W_T + ∇W_U; ∇W_U is added once
+            // checked). On an error the step fails and its gradient is not used.
+            let w_shape = conv.weight.value.shape.clone();
+            let mut grad = std::mem::take(&mut conv.weight.grad);
+            if grad.shape != w_shape || grad.len() != conv.weight.value.len() {
+                grad = Tensor::zeros(&w_shape);
+            }
             let f = if !self.layers[owner].parts.is_empty() {
-                self.weight_grad_parts(conv, owner, dy, &mut dw_t)?
+                self.add_weight_grad_parts(conv, owner, dy, &mut grad)
             } else {
                 let lr = &self.layers[owner].lr;
-                self.tconv.weight_grad(conv, lr, dy, &mut dw_t)?;
-                TrustedConv::flops(conv, lr)?
+                self.tconv
+                    .add_weight_grad(conv, lr, dy, &mut grad)
+                    .and_then(|()| TrustedConv::flops(conv, lr))
             };
-            self.trusted(id, t0, f);
+            conv.weight.grad = grad;
+            self.trusted(id, t0, f?);
             let passes = if dx.is_some() { 2.0 } else { 1.0 };
             let full = passes * 2.0 * conv.macs(&x.shape) as f64;
             self.count_layer(Some(id), |l| l.untrusted_flops += full);
@@ -1080,7 +1083,6 @@ impl<T: Transport> SplitExec<T> {
             // ∇X straight into the caller's buffer and ∇W_U into a kept one, each value read once from the frame.
             // With checks on, ∇X's values are not scanned first: the check's pass over them fails on a NaN or
             // infinity, and then names it. (`dx` is not to be used when this fails.)
-            let w_shape = conv.weight.value.shape.clone();
             let scanned = self.checker.is_none();
             let mut dx = dx;
             let mut dw_u = std::mem::take(&mut self.dw_u);
@@ -1129,15 +1131,13 @@ impl<T: Transport> SplitExec<T> {
                 return Err(e);
             }
             let t0 = Instant::now();
-            // ∇W = ∇W_T + ∇W_U and ∇b = Σ ∇Y, accumulated into the trusted parameters.
-            let grad = &mut conv.weight.grad;
-            if grad.shape != w_shape {
-                *grad = Tensor::zeros(&w_shape);
-            }
-            grad.data
+            // ∇W += ∇W_U (∇W_T is in already) and ∇b += Σ ∇Y, into the trusted parameters.
+            conv.weight
+                .grad
+                .data
                 .iter_mut()
-                .zip(dw_t.data.iter().zip(&dw_u.data))
-                .for_each(|(g, (a, b))| *g += a + b);
+                .zip(&dw_u.data)
+                .for_each(|(g, b)| *g += b);
             self.dw_u = dw_u;
             if let Some(bias) = conv.bias.as_mut() {
                 asymml_core::layers::conv::add_bias_grad(dy, &mut bias.grad)?;
@@ -1145,7 +1145,6 @@ impl<T: Transport> SplitExec<T> {
             self.trusted(id, t0, 0.0);
             Ok(())
         })();
-        self.dw_t = dw_t;
         res.map_err(|e: CoreError| e.at_conv(&self.layers[id].name))
     }
 }

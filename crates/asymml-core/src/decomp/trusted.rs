@@ -80,8 +80,6 @@ impl Scratch {
 #[derive(Default)]
 pub struct TrustedConv {
     scratch: Vec<Scratch>,
-    /// The summed ∇W as [N, M·kk] (backward).
-    wt: Vec<f32>,
     /// W as [M·kk, N] (forward): W'_b in the layout [M, kk, r] is then one GEMM with U_b.
     wk: Vec<f32>,
     /// With a shared basis: wk·U [M·kk × r] and W' [M × r·kk], once per batch.
@@ -495,6 +493,37 @@ impl TrustedConv {
         dy: &Tensor,
         dw_t: &mut Tensor,
     ) -> Result<()> {
+        self.weight_grad_to(conv, lr, dy, dw_t, false)
+    }
+
+    /// [`TrustedConv::weight_grad`] added into `grad` (a conv's ∇W, of W's shape [M, N, k, k]) instead of
+    /// written to a buffer of its own: the split's backward accumulates ∇W_T straight into the parameter.
+    pub fn add_weight_grad(
+        &mut self,
+        conv: &Conv2d,
+        lr: &BatchLowRank,
+        dy: &Tensor,
+        grad: &mut Tensor,
+    ) -> Result<()> {
+        let w_shape = &conv.weight.value.shape[..];
+        if grad.shape != w_shape || grad.len() != w_shape.iter().product::<usize>() {
+            return Err(CoreError::Shape(format!(
+                "trusted conv backward: ∇W has shape {:?}, expected {w_shape:?}",
+                grad.shape
+            )));
+        }
+        self.weight_grad_to(conv, lr, dy, grad, true)
+    }
+
+    /// ∇W_T into `dw_t` (`add`: added to it, which has W's shape).
+    fn weight_grad_to(
+        &mut self,
+        conv: &Conv2d,
+        lr: &BatchLowRank,
+        dy: &Tensor,
+        dw_t: &mut Tensor,
+        add: bool,
+    ) -> Result<()> {
         let w_shape = &conv.weight.value.shape[..];
         let g = Geo::of(conv, lr)?;
         let (m, n, r, kk, p) = (g.m, g.n, g.r, g.k * g.k, g.oh * g.ow);
@@ -506,7 +535,9 @@ impl TrustedConv {
             )));
         }
         if g.b == 0 || m == 0 {
-            dw_t.resize_zero(w_shape);
+            if !add {
+                dw_t.resize_zero(w_shape);
+            }
             return Ok(());
         }
         let (per, chunks, gt) = plan(&mut self.scratch, g.b);
@@ -521,7 +552,9 @@ impl TrustedConv {
                     self.out_all[mi * bp + b * p..][..p].copy_from_slice(row);
                 }
             }
-            dw_t.resize(w_shape);
+            if !add {
+                dw_t.resize(w_shape);
+            }
             let threads = rayon::current_num_threads();
             let (dys, cols) = (&self.out_all, &self.col_all);
             sgemm(
@@ -531,7 +564,7 @@ impl TrustedConv {
                 Mat::rm(dys, bp),
                 Mat::rm_t(cols, bp),
                 &mut dw_t.data,
-                false,
+                add,
                 threads,
             );
             return Ok(());
@@ -600,17 +633,24 @@ impl TrustedConv {
                     );
                 }
             });
-        // Sum the workers' parts, then (route through W') permute [N, M·kk] into [M, N, k, k].
-        self.wt.clear();
-        self.wt.resize(n * m * kk, 0.0);
-        for sc in &self.scratch[..chunks] {
-            self.wt.iter_mut().zip(&sc.dwt).for_each(|(a, b)| *a += b);
+        // Sum the workers' parts into the first's, then (route through W') permute [N, M·kk] into [M, N, k, k].
+        let (first, rest) = self.scratch[..chunks].split_at_mut(1);
+        let sum = &mut first[0].dwt;
+        for sc in rest {
+            sum.iter_mut().zip(&sc.dwt).for_each(|(a, b)| *a += b);
         }
-        dw_t.resize(w_shape);
-        if direct {
-            dw_t.data.copy_from_slice(&self.wt);
-        } else {
-            permute(&self.wt, &mut dw_t.data, n, m, kk);
+        if !add {
+            dw_t.resize(w_shape);
+        }
+        match (direct, add) {
+            (true, false) => dw_t.data.copy_from_slice(sum),
+            (true, true) => dw_t
+                .data
+                .iter_mut()
+                .zip(sum.iter())
+                .for_each(|(a, b)| *a += b),
+            (false, false) => permute(sum, &mut dw_t.data, n, m, kk),
+            (false, true) => permute_add(sum, &mut dw_t.data, n, m, kk),
         }
         Ok(())
     }
@@ -668,6 +708,19 @@ fn permute(a: &[f32], t: &mut [f32], na: usize, nb: usize, kk: usize) {
     for i in 0..na {
         for j in 0..nb {
             t[(j * na + i) * kk..][..kk].copy_from_slice(&a[(i * nb + j) * kk..][..kk]);
+        }
+    }
+}
+
+/// t [B, A, kk] += a [A, B, kk] permuted as in [`permute`].
+fn permute_add(a: &[f32], t: &mut [f32], na: usize, nb: usize, kk: usize) {
+    for i in 0..na {
+        for j in 0..nb {
+            let (dst, src) = (
+                &mut t[(j * na + i) * kk..][..kk],
+                &a[(i * nb + j) * kk..][..kk],
+            );
+            dst.iter_mut().zip(src).for_each(|(d, v)| *d += v);
         }
     }
 }

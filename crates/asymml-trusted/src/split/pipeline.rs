@@ -443,24 +443,22 @@ impl<T: Transport> SplitExec<T> {
         Ok(())
     }
 
-    /// ∇W_T of a conv whose input was decomposed in parts (its own, or `from`'s for a shortcut conv): the sum
-    /// over the parts of each part's ∇W_T against its samples of ∇Y. Returns the FLOPs.
-    pub(super) fn weight_grad_parts(
+    /// ∇W_T of a conv whose input was decomposed in parts (its own, or `from`'s for a shortcut conv), added into
+    /// `grad` (of W's shape): each part's ∇W_T against its samples of ∇Y. Returns the FLOPs.
+    pub(super) fn add_weight_grad_parts(
         &mut self,
         conv: &Conv2d,
         owner: usize,
         dy: &Tensor,
-        dw_t: &mut Tensor,
+        grad: &mut Tensor,
     ) -> Result<f64, CoreError> {
         let parts = std::mem::take(&mut self.layers[owner].parts);
         let mut dy_k = std::mem::take(&mut self.dy_part);
-        let mut dw_k = std::mem::take(&mut self.dw_part);
         let res = (|| {
             let b = dy.shape.first().copied().unwrap_or(0);
             let per = dy.len().checked_div(b).unwrap_or(0);
             let mut shape = dy.shape.clone();
             let mut flops = 0.0;
-            dw_t.resize_zero(&conv.weight.value.shape);
             for p in &parts {
                 if p.samples.end > b {
                     return Err(CoreError::Shape(format!(
@@ -473,17 +471,12 @@ impl<T: Transport> SplitExec<T> {
                 dy_k.data
                     .copy_from_slice(&dy.data[p.samples.start * per..p.samples.end * per]);
                 flops += TrustedConv::flops(conv, &p.lr)?;
-                self.tconv.weight_grad(conv, &p.lr, &dy_k, &mut dw_k)?;
-                dw_t.data
-                    .iter_mut()
-                    .zip(&dw_k.data)
-                    .for_each(|(a, v)| *a += v);
+                self.tconv.add_weight_grad(conv, &p.lr, &dy_k, grad)?;
             }
             Ok(flops)
         })();
         self.layers[owner].parts = parts;
         self.dy_part = dy_k;
-        self.dw_part = dw_k;
         res
     }
 }
