@@ -262,7 +262,7 @@ pub fn block_svd_flops(b: usize, n: usize, hw: usize, r: usize, m: &BlockSvd) ->
     );
     let nf = n as f64;
     let (hwf, rf) = (hw as f64, r as f64);
-    if thin_suits(&[&[]], n, hw) {
+    if thin_shape(n, hw) {
         // K = Xᵀ X, its eigendecomposition, Wᵀ Xᵀ; then V = Qᵀ X.
         let basis = 4.0 * nf * hwf * hwf + 9.0 * hwf * hwf * hwf;
         return b as f64 * (basis + 4.0 * nf * hwf * rf);
@@ -587,14 +587,21 @@ fn eigen(t: DMatrix<f64>) -> Option<SymmetricEigen<f64, nalgebra::Dyn>> {
 /// and ResNet's last convs at 32 px: 4 × 4 or 2 × 2 maps of 512 channels), where X Xᵀ (N × N) and its
 /// eigendecomposition would cost far more than X itself.
 fn thin_suits(xs: &[&[f32]], n: usize, c: usize) -> bool {
-    xs.len() == 1 && c > 0 && 2 * c <= n && c <= FULL_EIG_MAX_N
+    xs.len() == 1 && thin_shape(n, c)
+}
+
+/// The shape condition of [`thin_suits`]: 0 < C ≤ min(N/2, [`FULL_EIG_MAX_N`]).
+fn thin_shape(n: usize, c: usize) -> bool {
+    c > 0 && 2 * c <= n && c <= FULL_EIG_MAX_N
 }
 
 /// The thin route: the exact SVD of X [N × C] from K = Xᵀ X (C × C) = W Λ Wᵀ: qt ← q_j = X w_j / √λ_j by
 /// descending λ_j (l = C; re-orthonormalised in f64, so a null direction becomes some unit vector orthogonal
 /// to the rest: a zero component), Ritz values ← λ (exact up to K's f32 accumulation, as G's on the Gram
-/// route). False on failure.
-fn thin(x: &[f32], n: usize, c: usize, s: &mut BlockScratch, threads: usize) -> bool {
+/// route). On failure (a non-finite K) leaves l = 0.
+fn thin(x: &[f32], n: usize, c: usize, s: &mut BlockScratch, threads: usize) {
+    s.l = 0;
+    s.z_valid = false;
     s.t32.clear();
     s.t32.resize(c * c, 0.0);
     sgemm(
@@ -611,7 +618,7 @@ fn thin(x: &[f32], n: usize, c: usize, s: &mut BlockScratch, threads: usize) -> 
         0.5 * (s.t32[i * c + j] as f64 + s.t32[j * c + i] as f64)
     });
     let Some(eig) = eigen(k) else {
-        return false;
+        return;
     };
     let mut order: Vec<usize> = (0..c).collect();
     order.sort_by(|&a, &b| eig.eigenvalues[b].total_cmp(&eig.eigenvalues[a]));
@@ -651,7 +658,6 @@ fn thin(x: &[f32], n: usize, c: usize, s: &mut BlockScratch, threads: usize) -> 
         .extend(order.iter().map(|&kk| eig.eigenvalues[kk].max(0.0)));
     s.complete = true;
     sync32(s, n);
-    true
 }
 
 /// The full route: qt ← every eigenvector of G by descending eigenvalue (l = N). False on failure.
@@ -754,9 +760,8 @@ pub(crate) fn basis_for_rank(
 ) {
     if thin_suits(xs, n, c) {
         s.l = 0;
-        s.z_valid = false;
-        if s.worth() && !thin(xs[0], n, c, s, threads) {
-            s.l = 0;
+        if s.worth() {
+            thin(xs[0], n, c, s, threads);
         }
         return;
     }
@@ -789,14 +794,7 @@ pub(crate) fn energy_rank(
     if thin_suits(xs, n, c) {
         // Exact: every nonzero component is in the basis.
         basis_for_rank(xs, n, c, 1, m, s, threads);
-        let mut kept = 0.0;
-        for (i, &v) in s.ritz.iter().take(s.l).enumerate() {
-            kept += v;
-            if kept >= e * s.total {
-                return i + 1;
-            }
-        }
-        return n;
+        return ritz_rank(s, s.l, e).unwrap_or(n);
     }
     let full_now = n <= FULL_EIG_MAX_N;
     let mut l = if full_now { n } else { gram_columns(n, 8, m) };
@@ -815,18 +813,26 @@ pub(crate) fn energy_rank(
         } else {
             s.l.saturating_sub(m.oversample).max(1)
         };
-        let mut kept = 0.0;
-        for (i, &v) in s.ritz.iter().take(trusted).enumerate() {
-            kept += v;
-            if kept >= e * s.total {
-                return i + 1;
-            }
+        if let Some(r) = ritz_rank(s, trusted, e) {
+            return r;
         }
         if s.l == n {
             return n;
         }
         l = (2 * l).min(n);
     }
+}
+
+/// The smallest r ≤ `first` whose first r Ritz values in `s` keep ≥ e·‖X‖², if there is one.
+fn ritz_rank(s: &BlockScratch, first: usize, e: f64) -> Option<usize> {
+    let mut kept = 0.0;
+    for (i, &v) in s.ritz.iter().take(first).enumerate() {
+        kept += v;
+        if kept >= e * s.total {
+            return Some(i + 1);
+        }
+    }
+    None
 }
 
 /// The entropy policy's rank ⌈2^μ⌉ from the eigenvalues of G (every one of them: O(N³)). Leaves G in `s`.
