@@ -571,3 +571,59 @@ impl ConvBackend for CpuBackend {
         CpuBackend::weights(self, layer)
     }
 }
+
+#[cfg(any(feature = "cuda", test))]
+/// Below this many values a host copy runs on one thread (starting threads would cost more than it saves).
+const PAR_COPY_MIN: usize = 1 << 18;
+
+/// Copies `src` into `dst` (the same length) on up to `threads` threads, in contiguous chunks. The CUDA
+/// backend stages every upload and download through pinned buffers with it: one thread copies a few GB/s,
+/// well below what the bus moves, and a fresh output vector's pages are faulted in by all threads at once.
+#[cfg(any(feature = "cuda", test))]
+pub(crate) fn par_copy(dst: &mut [f32], src: &[f32], threads: usize) -> Result<(), BackendError> {
+    if dst.len() != src.len() {
+        return Err(BackendError::Invalid(format!(
+            "a host copy of {} values into {}",
+            src.len(),
+            dst.len()
+        )));
+    }
+    let n = src.len();
+    let t = threads.clamp(1, n.div_ceil(PAR_COPY_MIN).max(1));
+    if t == 1 {
+        dst.copy_from_slice(src);
+        return Ok(());
+    }
+    // Chunks of whole cache lines (16 floats), the last one shorter.
+    let chunk = n.div_ceil(t).div_ceil(16) * 16;
+    std::thread::scope(|s| {
+        for (d, v) in dst.chunks_mut(chunk).zip(src.chunks(chunk)) {
+            s.spawn(move || d.copy_from_slice(v));
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod par_copy_tests {
+    use super::par_copy;
+
+    #[test]
+    fn parallel_host_copies_copy_every_value_once() {
+        for (n, threads) in [
+            (0, 4),
+            (5, 4),
+            (1 << 18, 3),
+            ((1 << 20) + 7, 4),
+            ((1 << 19) + 1, 16),
+        ] {
+            let src: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let mut dst = vec![f32::NAN; n];
+            par_copy(&mut dst, &src, threads).unwrap();
+            assert_eq!(dst, src, "n {n}, threads {threads}");
+        }
+        let mut short = vec![0.0; 3];
+        let e = par_copy(&mut short, &[1.0; 4], 2).unwrap_err();
+        assert!(e.to_string().contains("4 values into 3"), "{e}");
+    }
+}

@@ -17,7 +17,7 @@
 //! environment variable `ASYMML_CUDA_TF32=1` allows TF32 and any algorithm. The NVRTC kernel (one float add per
 //! value) is compiled with `--fmad=false`, so it rounds exactly like the CPU code.
 
-use crate::backend::{BackendError, ConvBackend, ConvLayer, DeviceStats};
+use crate::backend::{par_copy, BackendError, ConvBackend, ConvLayer, DeviceStats};
 use asymml_core::layers::out_size;
 use asymml_core::Tensor;
 use cudarc::cudnn::{
@@ -55,6 +55,8 @@ const BLOCK: u32 = 256;
 const MAX_BLOCKS: usize = 1 << 16;
 /// Most cuDNN shape plans kept per layer (one per batch size and input size seen).
 const MAX_PLANS: usize = 8;
+/// Most threads that stage one host copy (a few saturate the memory bus).
+const MAX_COPY_THREADS: usize = 8;
 
 fn drv(what: &'static str) -> impl Fn(DriverError) -> BackendError {
     move |e| BackendError::Device(format!("CUDA {what}: {e}"))
@@ -157,11 +159,16 @@ fn sync(stream: &CudaStream) -> Result<(), BackendError> {
         .map_err(drv("running the stream (an earlier kernel failed)"))
 }
 
-/// In float32 mode, the algorithm to run instead of cuDNN's choice: a GEMM algorithm in place of an FFT one.
+/// In float32 mode, the algorithm to run instead of cuDNN's choice: a GEMM algorithm in place of an FFT or a
+/// Winograd one. Both transform the data, and their rounding errors are larger: on an H200 (cuDNN 9.14) the
+/// first VGG16 conv's bias gradient — a sum over whole maps, with cancellation — came out 3e-4 (32 px) and
+/// 2e-3 (224 px) off with cuDNN's heuristic choices, against 1e-5 with the CPU accelerator.
 fn precise_fwd(a: FwdAlgo) -> FwdAlgo {
     match a {
         FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_FFT
-        | FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING => {
+        | FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING
+        | FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD
+        | FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED => {
             FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM
         }
         a => a,
@@ -171,7 +178,9 @@ fn precise_fwd(a: FwdAlgo) -> FwdAlgo {
 fn precise_bwd_data(a: BwdDataAlgo) -> BwdDataAlgo {
     match a {
         BwdDataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT
-        | BwdDataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING => {
+        | BwdDataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING
+        | BwdDataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD
+        | BwdDataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED => {
             BwdDataAlgo::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1
         }
         a => a,
@@ -181,7 +190,9 @@ fn precise_bwd_data(a: BwdDataAlgo) -> BwdDataAlgo {
 fn precise_bwd_filter(a: BwdFilterAlgo) -> BwdFilterAlgo {
     match a {
         BwdFilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT
-        | BwdFilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING => {
+        | BwdFilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING
+        | BwdFilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD
+        | BwdFilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED => {
             BwdFilterAlgo::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1
         }
         a => a,
@@ -263,6 +274,8 @@ struct Kernels {
 /// The conv layers on one CUDA GPU. Not `Send`: create it on the thread that uses it.
 pub struct CudaBackend {
     ordinal: usize,
+    /// Threads of each staging copy between the host's tensors and the pinned buffers.
+    copy_threads: usize,
     description: String,
     tf32: bool,
     ctx: Arc<CudaContext>,
@@ -323,10 +336,11 @@ fn check_available(ordinal: usize) -> Result<(), BackendError> {
 impl CudaBackend {
     /// Opens CUDA device `ordinal`: checks the libraries and the device, creates a context, a stream and a
     /// cuDNN handle, and compiles the kernels. Any failure (a panic inside the CUDA bindings included) is an
-    /// error naming CUDA.
-    pub fn new(ordinal: usize) -> Result<Self, BackendError> {
+    /// error naming CUDA. `threads` (0: all cores; at most 8 are used) stage the host copies.
+    pub fn new(ordinal: usize, threads: usize) -> Result<Self, BackendError> {
         check_available(ordinal)?;
-        match std::panic::catch_unwind(|| Self::open(ordinal)) {
+        let copy_threads = crate::pool_threads(threads).min(MAX_COPY_THREADS);
+        match std::panic::catch_unwind(|| Self::open(ordinal, copy_threads)) {
             Ok(r) => r,
             Err(p) => {
                 let msg = p
@@ -341,7 +355,7 @@ impl CudaBackend {
         }
     }
 
-    fn open(ordinal: usize) -> Result<Self, BackendError> {
+    fn open(ordinal: usize, copy_threads: usize) -> Result<Self, BackendError> {
         let ctx = CudaContext::new(ordinal).map_err(drv("creating a context"))?;
         // One stream, so cudarc's per-buffer event tracking (for several streams) is not needed: slices
         // created from here on carry no events.
@@ -388,6 +402,7 @@ impl CudaBackend {
         );
         Ok(CudaBackend {
             ordinal,
+            copy_threads,
             description,
             tf32,
             ctx,
@@ -436,11 +451,13 @@ impl CudaBackend {
 
     /// Copies `src` to the start of `dst` through the pinned upload buffer. The copy is asynchronous: the
     /// caller synchronizes the stream before the next upload rewrites the pinned buffer.
+    #[allow(clippy::too_many_arguments)]
     fn upload(
         ctx: &Arc<CudaContext>,
         stream: &Arc<CudaStream>,
         up: &mut Option<PinnedHostSlice<f32>>,
         stats: &mut DeviceStats,
+        threads: usize,
         src: &[f32],
         dst: &mut CudaSlice<f32>,
     ) -> Result<(), BackendError> {
@@ -454,7 +471,7 @@ impl CudaBackend {
         let host = grow_pinned(ctx, up, n, true)?
             .as_mut_slice()
             .map_err(drv("pinned upload buffer"))?;
-        host[..n].copy_from_slice(src);
+        par_copy(&mut host[..n], src, threads)?;
         stream
             .memcpy_htod(&host[..n], dst)
             .map_err(drv("copying to the device"))?;
@@ -488,7 +505,8 @@ impl CudaBackend {
         self.stream
             .synchronize()
             .map_err(drv("copying from the device"))?;
-        let out = host[..n].to_vec();
+        let mut out = vec![0.0f32; n];
+        par_copy(&mut out, &host[..n], self.copy_threads)?;
         self.stats.bytes_down += (n * 4) as u64;
         self.stats.copy_s += t.elapsed().as_secs_f64();
         Ok(out)
@@ -562,6 +580,13 @@ impl CudaBackend {
             precise_bwd_filter,
             |a| op.get_workspace_size(a),
         )?;
+        if std::env::var_os("ASYMML_CUDA_LOG").is_some() {
+            eprintln!(
+                "cuda: layer {li} input {b}×{}×{h}×{w}: forward {:?} ({} B), backward-data {:?} ({} B), \
+                 backward-filter {:?} ({} B)",
+                s.in_ch, fwd.0, fwd.1, bwd_data.0, bwd_data.1, bwd_filter.0, bwd_filter.1
+            );
+        }
         if l.plans.len() >= MAX_PLANS {
             l.plans.remove(0);
         }
@@ -797,6 +822,7 @@ impl ConvBackend for CudaBackend {
         self.plan(li, b, h, w)?;
         let t = Instant::now();
         {
+            let threads = self.copy_threads;
             let Self {
                 layers,
                 scratch,
@@ -808,7 +834,7 @@ impl ConvBackend for CudaBackend {
             let l = &mut layers[li];
             l.x_shape = None;
             let x = grow(stream, &mut l.x, x_u.data.len())?;
-            Self::upload(ctx, stream, &mut scratch.up, stats, &x_u.data, x)?;
+            Self::upload(ctx, stream, &mut scratch.up, stats, threads, &x_u.data, x)?;
         }
         self.sync()?;
         self.stats.copy_s += t.elapsed().as_secs_f64();
@@ -890,6 +916,7 @@ impl ConvBackend for CudaBackend {
         } else {
             ws_filter
         };
+        let threads = self.copy_threads;
         let Self {
             layers,
             scratch,
@@ -909,7 +936,15 @@ impl ConvBackend for CudaBackend {
             _ => Some(grow(stream, &mut scratch.workspace, ws)?),
         };
         let t = Instant::now();
-        Self::upload(ctx, stream, &mut scratch.up, stats, &dy.data, dy_buf)?;
+        Self::upload(
+            ctx,
+            stream,
+            &mut scratch.up,
+            stats,
+            threads,
+            &dy.data,
+            dy_buf,
+        )?;
         sync(stream)?;
         let t1 = Instant::now();
         stats.copy_s += (t1 - t).as_secs_f64();
@@ -1016,6 +1051,7 @@ impl ConvBackend for CudaBackend {
             }
         }
         let t = Instant::now();
+        let threads = self.copy_threads;
         let Self {
             layers,
             scratch,
@@ -1027,11 +1063,19 @@ impl ConvBackend for CudaBackend {
         let l = &mut layers[li];
         // Into the buffers made by `register` (their sizes are the layer's, which cuDNN and the bias kernel
         // rely on); `upload` refuses a source longer than its destination.
-        Self::upload(ctx, stream, &mut scratch.up, stats, &w.data, &mut l.w)?;
+        Self::upload(
+            ctx,
+            stream,
+            &mut scratch.up,
+            stats,
+            threads,
+            &w.data,
+            &mut l.w,
+        )?;
         if let (Some(dst), Some(b)) = (l.b.as_mut(), &b) {
             // The next upload rewrites the pinned staging buffer: wait for the weight's copy first.
             sync(stream)?;
-            Self::upload(ctx, stream, &mut scratch.up, stats, &b.data, dst)?;
+            Self::upload(ctx, stream, &mut scratch.up, stats, threads, &b.data, dst)?;
         }
         sync(stream)?;
         stats.copy_s += t.elapsed().as_secs_f64();
@@ -1074,7 +1118,7 @@ mod tests {
     use crate::conformance::{check_against, check_refusals};
 
     fn open() -> Option<CudaBackend> {
-        match CudaBackend::new(0) {
+        match CudaBackend::new(0, 0) {
             Ok(b) => {
                 eprintln!("testing {}", b.describe());
                 Some(b)
@@ -1112,7 +1156,7 @@ mod tests {
 
     #[test]
     fn device_numbers_beyond_the_machine_are_errors() {
-        let Err(e) = CudaBackend::new(4096) else {
+        let Err(e) = CudaBackend::new(4096, 1) else {
             panic!("cuda:4096 opened")
         };
         assert!(e.to_string().contains("cuda:4096"), "{e}");

@@ -77,7 +77,7 @@ pub fn open_backend(device: Device, threads: usize) -> Result<Box<dyn ConvBacken
     match device {
         Device::Cpu => Ok(Box::new(CpuBackend::new(threads)?)),
         #[cfg(feature = "cuda")]
-        Device::Cuda(ordinal) => Ok(Box::new(crate::cuda::CudaBackend::new(ordinal)?)),
+        Device::Cuda(ordinal) => Ok(Box::new(crate::cuda::CudaBackend::new(ordinal, threads)?)),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => Err(device
             .check_compiled_in()

@@ -143,7 +143,16 @@ impl Service {
     /// CUDA device that this binary or this machine cannot use is an error that says why. The default
     /// [`Limits`] apply.
     pub fn with_device(device: Device, threads: usize) -> Result<Self, BackendError> {
-        let mut s = Self::with_limits(device, threads, Limits::default())?;
+        Self::with_device_limits(device, threads, Limits::default())
+    }
+
+    /// As [`Service::with_device`], with `limits`.
+    pub fn with_device_limits(
+        device: Device,
+        threads: usize,
+        limits: Limits,
+    ) -> Result<Self, BackendError> {
+        let mut s = Self::with_limits(device, threads, limits)?;
         s.backend = Some(open_backend(device, threads)?);
         Ok(s)
     }

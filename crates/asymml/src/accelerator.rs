@@ -31,6 +31,8 @@ pub(crate) struct AcceleratorHandle {
 pub(crate) struct ServiceTimes {
     pub(crate) total_s: f64,
     pub(crate) per_layer_s: Vec<f64>,
+    /// A GPU backend's copy and kernel counters, as of the last request (`None` on the CPU).
+    pub(crate) device: Option<asymml_untrusted::DeviceStats>,
 }
 
 impl ServiceTimes {
@@ -174,6 +176,25 @@ fn client_options(timeout: Duration) -> TransportOptions {
     opts
 }
 
+/// The session budget of an accelerator this command starts for itself (in-process or a child process): it
+/// serves only this process, so its budget guards against a runaway estimate, not against other clients —
+/// this machine's memory (at least the server's default of 8 GiB). A VGG16 at 224 px and batch 32 needs about
+/// 10 GB.
+fn local_limits() -> Limits {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb.saturating_mul(1024));
+    let default = Limits::default().max_session_bytes;
+    Limits {
+        max_session_bytes: total.max(default),
+    }
+}
+
 /// The accelerator on a thread of this process, its compute time counted per request; the trusted end waits
 /// at most `timeout` for each reply (the accelerator's end waits for requests without limit).
 fn start_inproc(threads: usize, device: Device, timeout: Duration) -> Result<Started> {
@@ -189,7 +210,7 @@ fn start_inproc(threads: usize, device: Device, timeout: Duration) -> Result<Sta
         .name("accelerator".into())
         .spawn(move || {
             crate::alloc::enter_accelerator();
-            match Service::with_device(device, threads) {
+            match Service::with_device_limits(device, threads, local_limits()) {
                 Ok(service) => {
                     let _ = tx.send(Ok(()));
                     serve_inproc(service, server, &counters);
@@ -221,6 +242,7 @@ fn serve_inproc(mut service: Service, server: impl Transport, counters: &Mutex<S
         let reply = service.handle(req);
         if let Ok(mut t) = counters.lock() {
             t.add(layer, t0.elapsed().as_secs_f64());
+            t.device = service.stats();
         }
         reply
     });
@@ -251,6 +273,10 @@ fn start_process(threads: usize, device: Device, timeout: Duration) -> Result<St
         // long pause of the trusted side (evaluation, checkpoints) could run into.
         .args(["--idle-timeout", "86400"])
         .args(["--accelerator-device", &device.to_string()])
+        .args([
+            "--max-session-bytes",
+            &local_limits().max_session_bytes.to_string(),
+        ])
         .stdin(Stdio::null())
         .spawn()
         .context("starting the accelerator process")?;

@@ -135,6 +135,10 @@ pub(crate) struct BenchResult {
     pub(crate) transfer_s: f64,
     /// Blocked waiting for the accelerator per step.
     pub(crate) wait_s: f64,
+    /// Of `untrusted_s`, an in-process GPU accelerator's host↔device copies (through pinned buffers) and its
+    /// kernels per step (medians; `None` on the CPU).
+    pub(crate) device_copy_s: Option<f64>,
+    pub(crate) device_kernel_s: Option<f64>,
     /// The trusted runtime's convolution work per step (part of `trusted_s`): the conv kernels in
     /// trusted-only mode; decomposition, Conv_T, merging and transfer in split mode (0 in untrusted-only).
     pub(crate) conv_s: f64,
@@ -641,6 +645,9 @@ struct Samples {
     wall: Vec<f64>,
     trusted: Vec<f64>,
     untrusted: Vec<f64>,
+    /// A GPU accelerator's copy and kernel seconds per step.
+    device_copy: Vec<f64>,
+    device_kernel: Vec<f64>,
     transfer: Vec<f64>,
     wait: Vec<f64>,
     /// The trusted runtime's conv work per step: local conv kernels, the split's trusted conv time, transfer.
@@ -676,6 +683,10 @@ impl Samples {
             .push(after.split.integrity.seconds - before.split.integrity.seconds);
         if let (Some(ta), Some(tb)) = (&after.accel, &before.accel) {
             self.untrusted.push(ta.total_s - tb.total_s);
+            if let (Some(da), Some(db)) = (ta.device, tb.device) {
+                self.device_copy.push(da.copy_s - db.copy_s);
+                self.device_kernel.push(da.kernel_s - db.kernel_s);
+            }
         }
         let split_conv = after.split.layers.iter().map(|l| l.trusted_s).sum::<f64>()
             - before.split.layers.iter().map(|l| l.trusted_s).sum::<f64>();
@@ -763,6 +774,9 @@ impl Samples {
             untrusted_s: untrusted_med,
             transfer_s: median(&mut self.transfer),
             wait_s: median(&mut self.wait),
+            device_copy_s: (!self.device_copy.is_empty()).then(|| median(&mut self.device_copy)),
+            device_kernel_s: (!self.device_kernel.is_empty())
+                .then(|| median(&mut self.device_kernel)),
             conv_s: conv_med,
             other_s: trusted_med - conv_med,
             integrity_s: median(&mut self.integrity),
@@ -975,6 +989,15 @@ fn print_table(results: &[BenchResult]) {
                     o * 1e3
                 );
             }
+        }
+        if let (Some(c), Some(k)) = (r.device_copy_s, r.device_kernel_s) {
+            println!(
+                "{:<20} {:<6} accelerator device: copies {:.1} ms, kernels {:.1} ms per step",
+                "",
+                "",
+                c * 1e3,
+                k * 1e3
+            );
         }
         if let Some(g) = r.conv_gflops {
             let t = r.torch_ratio.map_or(String::new(), |t| {

@@ -151,6 +151,18 @@ impl Case {
         Ok(grads(&mut self.net_split))
     }
 
+    /// The same backward reference computed another way: every conv by im2col + GEMM instead of Winograd,
+    /// which rounds differently. Where the two references differ, float32 alone leaves that much doubt — a
+    /// gradient that is a small sum of many large terms (a first conv's bias gradient sums ∇Y over the whole
+    /// batch and map) is one — so a correct accelerator that sums in another order (a GPU) can differ by as
+    /// much there; an accelerator exactly as accurate as float64 did (3.9e-4 at VGG16's first bias, 32 px).
+    fn backward_reference_gemm(&mut self) -> Result<Vec<Named>> {
+        self.net_split.visit_convs(&mut |_, c| c.winograd = false);
+        let g = self.backward_reference();
+        self.net_split.visit_convs(&mut |_, c| c.winograd = true);
+        g
+    }
+
     /// The updates: the trusted-only optimizer applied to the reference gradients from the initial weights
     /// (the reference net still holds them: it only ran a forward), and the split update — trusted parameters
     /// here (conv weights included: the trusted runtime owns them) from the split gradients, then sent to
@@ -211,10 +223,7 @@ fn compare(
         ),
         ("loss".into(), rel_err(&[fwd.0.loss], &[fwd.1.loss], 0.0)),
     ];
-    let gmax = max_abs(grads.0);
-    for ((n, ga), (_, gb)) in grads.0.iter().zip(grads.1) {
-        results.push((format!("grad.{n}"), rel_err(ga, gb, 1e-3 * gmax)));
-    }
+    results.extend(grad_errors(grads.0, grads.1));
     let (sa, sb) = (state(nets.0), state(nets.1));
     let wmax = max_abs(&sa);
     for ((n, wa), (_, wb)) in sa.iter().zip(&sb) {
@@ -223,17 +232,66 @@ fn compare(
     results
 }
 
-/// The largest error and where (a NaN counts as the largest).
-fn largest(results: &[(String, f64)]) -> (String, f64) {
+/// Each gradient's relative error ("grad.NAME"), against the larger of its largest magnitude and 1e-3 × the
+/// largest gradient of `reference`.
+fn grad_errors(reference: &[Named], other: &[Named]) -> Vec<(String, f64)> {
+    let gmax = max_abs(reference);
+    reference
+        .iter()
+        .zip(other)
+        .map(|((n, ga), (_, gb))| (format!("grad.{n}"), rel_err(ga, gb, 1e-3 * gmax)))
+        .collect()
+}
+
+/// The tolerance of every compared tensor: 1e-4 relative.
+const TOL: f64 = 1e-4;
+/// A gradient may differ by up to this many times float32's own spread there (see
+/// [`Case::backward_reference_gemm`]) where that is above 1e-4.
+const SPREAD_FACTOR: f64 = 2.0;
+
+/// One compared tensor: its relative error, the float32 spread of its reference (gradients only) and the
+/// error allowed.
+#[derive(Clone, Debug)]
+struct Judged {
+    name: String,
+    err: f64,
+    spread: Option<f64>,
+    tol: f64,
+}
+
+impl Judged {
+    /// Within its tolerance (a NaN never is).
+    fn passes(&self) -> bool {
+        self.err <= self.tol
+    }
+}
+
+/// Each result with its tolerance: 1e-4, or for a gradient `SPREAD_FACTOR` × its spread where larger.
+fn judge(results: &[(String, f64)], spread: &[(String, f64)]) -> Vec<Judged> {
     results
         .iter()
-        .fold(("".to_string(), 0.0f64), |(wn, wv), (n, v)| {
-            if *v > wv || v.is_nan() {
-                (n.clone(), *v)
-            } else {
-                (wn, wv)
+        .map(|(name, err)| {
+            let sp = spread.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+            Judged {
+                name: name.clone(),
+                err: *err,
+                spread: sp,
+                tol: sp.map_or(TOL, |v| (SPREAD_FACTOR * v).max(TOL)),
             }
         })
+        .collect()
+}
+
+/// The tensor to report: the one furthest over its tolerance where any is over, else the one of the largest
+/// error; a NaN counts as the worst.
+fn worst(judged: &[Judged]) -> Option<&Judged> {
+    let over = judged.iter().any(|j| !j.passes());
+    let key = |j: &Judged| if over { j.err / j.tol } else { j.err };
+    judged.iter().fold(None, |w: Option<&Judged>, j| match w {
+        Some(w) if w.err.is_nan() => Some(w),
+        Some(w) if !j.err.is_nan() && key(j) <= key(w) => Some(w),
+        _ => Some(j),
+    })
 }
 
 /// Runs `asymml verify`; returns whether the split matched within 1e-4.
@@ -243,7 +301,9 @@ pub fn run(a: VerifyArgs) -> Result<bool> {
     let spec = case.spec.clone();
     let fwd_ref = case.forward_reference()?;
     let (fwd_split, grads_split) = case.split_step()?;
+    let grads_gemm = case.backward_reference_gemm()?;
     let grads_ref = case.backward_reference()?;
+    let spread = grad_errors(&grads_ref, &grads_gemm);
     let mut updated = case.update(&grads_ref, &grads_split)?;
     let results = compare(
         (&fwd_ref, &fwd_split),
@@ -251,46 +311,100 @@ pub fn run(a: VerifyArgs) -> Result<bool> {
         (&mut updated.net_ref, &mut updated.net_split),
     );
     if std::env::var_os("ASYMML_VERIFY_DEBUG").is_some() {
+        for (n, v) in &spread {
+            if *v > 1e-5 {
+                eprintln!("spread {v:.3e} {n}");
+            }
+        }
         let mut sorted = results.clone();
         sorted.sort_by(|a, b| b.1.total_cmp(&a.1));
         for (n, v) in sorted.iter().take(12) {
             eprintln!("{v:.3e} {n}");
         }
     }
-    Ok(report(&a, &spec.name(), &updated.ranks, &results))
+    Ok(report(
+        &a,
+        &spec.name(),
+        &updated.ranks,
+        &judge(&results, &spread),
+    ))
 }
 
-/// Prints the largest error (JSON or a line of text); returns whether it is within 1e-4.
-fn report(
-    a: &VerifyArgs,
-    model: &str,
-    ranks: &[(String, usize)],
-    results: &[(String, f64)],
-) -> bool {
-    let (worst, max_rel_err) = largest(results);
-    let ok = max_rel_err <= 1e-4;
+/// Prints the worst tensor (JSON or a line of text); returns whether every tensor is within its tolerance.
+fn report(a: &VerifyArgs, model: &str, ranks: &[(String, usize)], judged: &[Judged]) -> bool {
+    let ok = judged.iter().all(Judged::passes);
+    let w = worst(judged).cloned().unwrap_or(Judged {
+        name: String::new(),
+        err: 0.0,
+        spread: None,
+        tol: TOL,
+    });
     let rank = &a.split.rank[0];
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"model": model, "rank": rank.text, "max_rel_err": max_rel_err, "worst": worst})
+            serde_json::json!({"model": model, "rank": rank.text, "max_rel_err": w.err, "worst": w.name,
+                "tolerance": w.tol, "float32_spread": w.spread, "ok": ok})
         );
     } else {
         let rs: Vec<String> = ranks.iter().map(|(_, r)| r.to_string()).collect();
+        let allowed = if w.tol > TOL {
+            format!(
+                " (float32's own spread there: {:.1e}, so ≤ {:.1e} allowed)",
+                w.spread.unwrap_or(0.0),
+                w.tol
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "{} batch {} rank {} (per conv: {}): max relative error {:.3e} at {} — {}",
+            "{} batch {} rank {} (per conv: {}): max relative error {:.3e} at {}{allowed} — {}",
             model,
             a.batch,
             rank,
             rs.join(","),
-            max_rel_err,
-            worst,
-            if ok {
-                "OK (≤ 1e-4)"
-            } else {
-                "FAILED (> 1e-4)"
-            }
+            w.err,
+            w.name,
+            if ok { "OK" } else { "FAILED" }
         );
     }
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn results(v: &[(&str, f64)]) -> Vec<(String, f64)> {
+        v.iter().map(|(n, e)| (n.to_string(), *e)).collect()
+    }
+
+    #[test]
+    fn a_gradient_may_differ_by_twice_float32s_spread_and_the_rest_by_1e_4() {
+        let spread = results(&[("grad.a.bias", 3.9e-4), ("grad.b.weight", 1e-6)]);
+        let r = results(&[
+            ("logits", 5e-6),
+            ("grad.a.bias", 3e-4),
+            ("grad.b.weight", 8e-5),
+        ]);
+        let j = judge(&r, &spread);
+        assert!((j[1].tol - 7.8e-4).abs() < 1e-12 && j[1].passes());
+        assert_eq!(j[2].tol, TOL);
+        assert_eq!(j[0].spread, None);
+        assert!(j.iter().all(Judged::passes));
+        // Nothing over: the largest error is reported.
+        assert_eq!(worst(&j).unwrap().name, "grad.a.bias");
+
+        // Over its tolerance: a smaller error where the spread allows less is the one reported.
+        let r = results(&[("grad.a.bias", 3e-4), ("grad.b.weight", 1.5e-4)]);
+        let j = judge(&r, &spread);
+        assert!(!j.iter().all(Judged::passes));
+        assert_eq!(worst(&j).unwrap().name, "grad.b.weight");
+        // Twice the spread is the limit, and a NaN is always the worst and always over.
+        let r = results(&[("grad.a.bias", 8e-4), ("logits", f64::NAN)]);
+        let j = judge(&r, &spread);
+        assert!(!j[0].passes());
+        assert_eq!(worst(&j).unwrap().name, "logits");
+        assert!(!j[1].passes());
+    }
 }
