@@ -13,6 +13,8 @@
 #   ASYMML_IMAGES=../shared/data/images/photos GPU_OUT=gpu-out tools/gpu_check.sh
 #
 # Environment: ASYMML_DEVICE (cuda:0), ASYMML_THREADS (all cores), ASYMML_BATCH (32), ASYMML_STEPS (2),
+# ASYMML_RANKS_SPLIT (the ranks benched with --route split: schedule,asym1), ASYMML_RANKS_AUTO (with the default
+# --route auto: schedule,guard), ASYMML_PHASES (infer,train),
 # GPU_CHECKS (which parts to run: any of tests,verify,torch,bench; default all), GPU_OUT (folder for the logs
 # and JSON; default gpu-out), GPU_BENCH_DIR (the benches' folders with bench.json and the per-layer PNGs;
 # default GPU_OUT; when another, each bench.json is copied into GPU_OUT).
@@ -25,6 +27,9 @@ THREADS=${ASYMML_THREADS:-$(nproc)}
 BATCH=${ASYMML_BATCH:-32}
 STEPS=${ASYMML_STEPS:-2}
 IMAGES=${ASYMML_IMAGES:-}
+RANKS_SPLIT=${ASYMML_RANKS_SPLIT:-schedule,asym1}
+RANKS_AUTO=${ASYMML_RANKS_AUTO:-schedule,guard}
+PHASES=${ASYMML_PHASES:-infer,train}
 CHECKS=${GPU_CHECKS:-tests,verify,torch,bench}
 OUTDIR=${GPU_OUT:-gpu-out}
 BENCH_DIR=${GPU_BENCH_DIR:-$OUTDIR}
@@ -95,10 +100,10 @@ if wants bench; then
         # (`auto`: a conv runs wholly trusted where that costs the trusted runtime less).
         for route in split auto; do
             modes=trusted-only,split
-            ranks=schedule,asym1
-            if [ "$route" = auto ]; then modes=split; ranks=schedule,guard; fi
+            ranks=$RANKS_SPLIT
+            if [ "$route" = auto ]; then modes=split; ranks=$RANKS_AUTO; fi
             check 300 env ASYMML_ACCEL_STATS=1 "$BIN" bench --models "$model" --modes "$modes" --rank "$ranks" \
-                --route "$route" --phase infer,train --batch-size "$BATCH" --warmup 1 --steps "$STEPS" \
+                --route "$route" --phase "$PHASES" --batch-size "$BATCH" --warmup 1 --steps "$STEPS" \
                 --threads "$THREADS" --accelerator-device "$DEVICE" "${img[@]}" --out "$BENCH_DIR/bench-$model-$route"
             # Keep the JSON; the per-layer PNGs stay in the folder.
             [ "$BENCH_DIR" != "$OUTDIR" ] && cp "$BENCH_DIR/bench-$model-$route/bench.json" "$OUTDIR/bench-$model-$route.json"

@@ -332,11 +332,40 @@ mod lhs_x86 {
                 [a, a * a, b, b * b]
             })
             .collect();
-        // SAFETY: AVX2 and FMA were detected above; `main`'s pointer arithmetic stays inside the `len` values
-        // (see its comment), which the caller vouches for.
-        unsafe { main(data, merge, bsz, ch, p, &kf, lhs, sq) };
-        // The last p mod 8 pixels, in f64.
+        // The first p − p mod 8 pixels, tile by tile: every tile's values and sums are its own, so the tiles
+        // run on the worker threads (rayon's current pool) once there is enough to share.
         let p8 = p / 8 * 8;
+        let threads = rayon::current_num_threads();
+        let par = threads > 1 && len >= PAR_MIN_VALUES;
+        let tile = if par {
+            (p8 / (4 * threads) / 8 * 8).clamp(64, TILE)
+        } else {
+            TILE
+        };
+        let at = Shared {
+            d: data,
+            into: match merge {
+                Merge::Into(dst) => dst,
+                _ => std::ptr::null_mut(),
+            },
+            lhs: lhs.as_mut_ptr(),
+            sq: sq.as_mut_ptr(),
+        };
+        let tiles = p8.div_ceil(tile);
+        let run = |t: usize| {
+            let p0 = t * tile;
+            // SAFETY: AVX2 and FMA were detected above; `main`'s pointer arithmetic stays inside the `len`
+            // values and the [2, P] sums (see its comment), which the caller vouches for. Tiles cover disjoint
+            // pixel columns, so no two calls touch the same value, sum or merged output.
+            unsafe { main(at, merge, bsz, ch, p, &kf, p0, tile.min(p8 - p0)) }
+        };
+        if par && tiles > 1 {
+            use rayon::prelude::*;
+            (0..tiles).into_par_iter().for_each(run);
+        } else {
+            (0..tiles).for_each(run);
+        }
+        // The last p mod 8 pixels, in f64.
         for b in 0..bsz {
             for j in 0..ch {
                 let kv = kf[b * ch + j];
@@ -362,78 +391,100 @@ mod lhs_x86 {
         true
     }
 
-    /// The first p − p mod 8 pixels. Every vector access is at `(b·C + j)·P + p0 + v` with p0 + v + 8 ≤ P, so
-    /// inside the B·C·P values at `d` (and `addend`: the same length); the f64 rows at `p0 + v` and
-    /// `P + p0 + v`, 8 wide, inside `lhs` and `sq` ([2, P]).
+    /// Most pixels per tile.
+    const TILE: usize = 1024;
+    /// Below this many values the tiles run on the calling thread.
+    const PAR_MIN_VALUES: usize = 1 << 20;
+
+    /// The pointers of one pass, shared by the tiles that run on several threads.
+    #[derive(Clone, Copy)]
+    struct Shared {
+        /// The values ([B, C, P]).
+        d: *mut f32,
+        /// With `Merge::Into`, the destination ([B, C, P]); else null.
+        into: *mut f32,
+        /// The sums ([2, P] each).
+        lhs: *mut f64,
+        sq: *mut f64,
+    }
+    // SAFETY: the tiles that share a `Shared` touch disjoint pixel columns of each buffer (see `main`), and the
+    // caller of `lhs_r2` keeps every buffer alive and otherwise untouched until they are done.
+    unsafe impl Send for Shared {}
+    // SAFETY: as for `Send`.
+    unsafe impl Sync for Shared {}
+    // SAFETY: `Into`'s pointer is written only through `Shared::into` by tiles of disjoint pixel columns (see
+    // `main`); the caller of `lhs_r2` keeps it alive and otherwise untouched until they are done.
+    unsafe impl Sync for Merge<'_> {}
+
+    /// The tile of pixels `p0 .. p0 + tl` (p0 + tl ≤ p − p mod 8, tl a multiple of 8). Every vector access is
+    /// at `(b·C + j)·P + p0 + v` with p0 + v + 8 ≤ P, so inside the B·C·P values at `d` (and `addend` or
+    /// `into`: the same length); the f64 rows at `p0 + v` and `P + p0 + v`, 8 wide, inside the [2, P] sums.
+    /// Only columns p0 .. p0 + tl of each are touched.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn main(
-        d: *mut f32,
+        at: Shared,
         merge: Merge<'_>,
         bsz: usize,
         ch: usize,
         p: usize,
         kf: &[[f32; 4]],
-        lhs: &mut [f64],
-        sq: &mut [f64],
+        p0: usize,
+        tl: usize,
     ) {
-        const TILE: usize = 1024;
-        let p8 = p / 8 * 8;
-        for p0 in (0..p8).step_by(TILE) {
-            let tl = TILE.min(p8 - p0);
-            for b in 0..bsz {
-                for j0 in (0..ch).step_by(BLOCK) {
-                    let j1 = (j0 + BLOCK).min(ch);
-                    for v in (0..tl).step_by(8) {
-                        let mut acc = [_mm256_setzero_ps(); 4];
-                        for j in j0..j1 {
-                            let off = (b * ch + j) * p + p0 + v;
-                            // SAFETY: off + 8 ≤ (b·C + j + 1)·P ≤ B·C·P (see the function's comment).
-                            let x = unsafe { _mm256_loadu_ps(d.add(off)) };
-                            if let Merge::Into(dst) = merge {
-                                // The sum takes the very value the check's sums take: one read of each
-                                // received value (its frame may be memory the accelerator can still write).
-                                // SAFETY: the destination holds `len` values too (the caller's contract).
-                                unsafe {
-                                    let o = dst.add(off);
-                                    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), x));
-                                }
-                            }
-                            let kv = &kf[b * ch + j];
-                            let xx = _mm256_mul_ps(x, x);
-                            acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(kv[0]), x, acc[0]);
-                            acc[1] = _mm256_fmadd_ps(_mm256_set1_ps(kv[1]), xx, acc[1]);
-                            acc[2] = _mm256_fmadd_ps(_mm256_set1_ps(kv[2]), x, acc[2]);
-                            acc[3] = _mm256_fmadd_ps(_mm256_set1_ps(kv[3]), xx, acc[3]);
-                        }
-                        for (q, a) in acc.into_iter().enumerate() {
-                            let row = (q / 2) * p + p0 + v;
-                            let dst = if q % 2 == 0 { &mut *lhs } else { &mut *sq };
-                            let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(a));
-                            let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(a));
-                            // SAFETY: row + 8 ≤ P + p8 ≤ 2P = dst.len().
+        let d = at.d;
+        for b in 0..bsz {
+            for j0 in (0..ch).step_by(BLOCK) {
+                let j1 = (j0 + BLOCK).min(ch);
+                for v in (0..tl).step_by(8) {
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    for j in j0..j1 {
+                        let off = (b * ch + j) * p + p0 + v;
+                        // SAFETY: off + 8 ≤ (b·C + j + 1)·P ≤ B·C·P (see the function's comment).
+                        let x = unsafe { _mm256_loadu_ps(d.add(off)) };
+                        if let Merge::Into(_) = merge {
+                            // The sum takes the very value the check's sums take: one read of each received
+                            // value (its frame may be memory the accelerator can still write).
+                            // SAFETY: the destination holds `len` values too (the caller's contract).
                             unsafe {
-                                let o = dst.as_mut_ptr().add(row);
-                                _mm256_storeu_pd(o, _mm256_add_pd(_mm256_loadu_pd(o), lo));
-                                _mm256_storeu_pd(
-                                    o.add(4),
-                                    _mm256_add_pd(_mm256_loadu_pd(o.add(4)), hi),
-                                );
+                                let o = at.into.add(off);
+                                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), x));
                             }
+                        }
+                        let kv = &kf[b * ch + j];
+                        let xx = _mm256_mul_ps(x, x);
+                        acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(kv[0]), x, acc[0]);
+                        acc[1] = _mm256_fmadd_ps(_mm256_set1_ps(kv[1]), xx, acc[1]);
+                        acc[2] = _mm256_fmadd_ps(_mm256_set1_ps(kv[2]), x, acc[2]);
+                        acc[3] = _mm256_fmadd_ps(_mm256_set1_ps(kv[3]), xx, acc[3]);
+                    }
+                    for (q, a) in acc.into_iter().enumerate() {
+                        let row = (q / 2) * p + p0 + v;
+                        let dst = if q % 2 == 0 { at.lhs } else { at.sq };
+                        let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(a));
+                        let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(a));
+                        // SAFETY: row + 8 ≤ P + p0 + tl ≤ 2P, inside the [2, P] sums.
+                        unsafe {
+                            let o = dst.add(row);
+                            _mm256_storeu_pd(o, _mm256_add_pd(_mm256_loadu_pd(o), lo));
+                            _mm256_storeu_pd(
+                                o.add(4),
+                                _mm256_add_pd(_mm256_loadu_pd(o.add(4)), hi),
+                            );
                         }
                     }
-                    // The in-place merge, row by row, once the sums have read the block's rows (now in cache).
-                    let Merge::InPlace(a) = merge else { continue };
-                    for j in j0..j1 {
-                        let off = (b * ch + j) * p + p0;
-                        for v in (0..tl).step_by(8) {
-                            // SAFETY: off + v + 8 ≤ (b·C + j + 1)·P ≤ B·C·P, in `d` and in `addend` (the
-                            // same length); writes to `d` are allowed with `InPlace`.
-                            unsafe {
-                                let x = _mm256_loadu_ps(d.add(off + v));
-                                let y = _mm256_add_ps(x, _mm256_loadu_ps(a.as_ptr().add(off + v)));
-                                _mm256_storeu_ps(d.add(off + v), y);
-                            }
+                }
+                // The in-place merge, row by row, once the sums have read the block's rows (now in cache).
+                let Merge::InPlace(a) = merge else { continue };
+                for j in j0..j1 {
+                    let off = (b * ch + j) * p + p0;
+                    for v in (0..tl).step_by(8) {
+                        // SAFETY: off + v + 8 ≤ (b·C + j + 1)·P ≤ B·C·P, in `d` and in `addend` (the same
+                        // length); writes to `d` are allowed with `InPlace`.
+                        unsafe {
+                            let x = _mm256_loadu_ps(d.add(off + v));
+                            let y = _mm256_add_ps(x, _mm256_loadu_ps(a.as_ptr().add(off + v)));
+                            _mm256_storeu_ps(d.add(off + v), y);
                         }
                     }
                 }
@@ -1026,6 +1077,102 @@ mod tests {
                     assert!(sums_to(plain.sq[ri * p + q], terms().map(|a| a * a)));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn combine_passes_on_several_threads_give_the_one_thread_sums() {
+        // Over 2^20 values: the AVX2 kernel shares its pixel tiles among the threads.
+        let (bsz, ch, p, r, kk) = (5, 24, 9_001, 2, 9);
+        let mut rng = Rng::new(11);
+        let data = randn(&mut rng, bsz * ch * p);
+        let c: Vec<f64> = (0..r * bsz).map(|i| 1.0 + (i % 3) as f64 * 0.25).collect();
+        let w = randn(&mut rng, r * kk * ch);
+        let t: Vec<f64> = (0..r * ch).map(|i| -1.5 + (i % 5) as f64 * 0.5).collect();
+        for (with_batch, with_chan) in [(true, true), (true, false), (false, true)] {
+            let batch = with_batch.then_some((c.as_slice(), w.as_slice(), kk));
+            let chan = with_chan.then_some(t.as_slice());
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut out = Combined::default();
+                pool.install(|| combine_pass(&data, bsz, ch, p, r, batch, chan, &mut out));
+                out
+            };
+            let one = run(1);
+            for threads in [2, 4] {
+                let many = run(threads);
+                assert_eq!(one.contracted, many.contracted);
+                assert_eq!(one.comb_sq, many.comb_sq);
+                assert_eq!(one.bsq, many.bsq);
+                assert_eq!(one.proj, many.proj);
+                assert_eq!(one.chn2, many.chn2);
+            }
+            // And the sums are right: a few pixels against a direct computation.
+            let x = |b: usize, j: usize, q: usize| data[(b * ch + j) * p + q] as f64;
+            for q in [0, 7, 1000, p - 1] {
+                for b in 0..bsz {
+                    assert!(sums_to(
+                        one.bsq[b * p + q],
+                        (0..ch).map(|j| x(b, j, q).powi(2))
+                    ));
+                }
+                if with_batch {
+                    let comb = |j: usize| (0..bsz).map(|b| c[b] * x(b, j, q)).sum::<f64>();
+                    assert!(sums_to(one.comb_sq[q], (0..ch).map(|j| comb(j).powi(2))));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lhs_passes_on_several_threads_give_the_one_thread_sums() {
+        // Enough values (over 2^20) for the AVX2 kernel to share its pixel tiles among the threads.
+        let (bsz, ch, p, r) = (3, 18, 20_011, 2);
+        let mut rng = Rng::new(9);
+        let data = randn(&mut rng, bsz * ch * p);
+        let addend = randn(&mut rng, bsz * ch * p);
+        let k: Vec<f64> = (0..r * bsz * ch)
+            .map(|i| 1.0 - (i % 5) as f64 * 0.4)
+            .collect();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut plain = Lhs::default();
+                lhs_pass(&data, bsz, ch, p, r, &k, &mut plain);
+                let (mut y, mut merged) = (data.clone(), Lhs::default());
+                merge_lhs_pass(&mut y, &addend, bsz, ch, p, r, &k, &mut merged);
+                let words: Vec<[u8; 4]> = data.iter().map(|v| v.to_le_bytes()).collect();
+                let (mut dst, mut into) = (addend.clone(), Lhs::default());
+                merge_into_lhs_pass(&words, &mut dst, bsz, ch, p, r, &k, &mut into);
+                (plain, merged, y, into, dst)
+            })
+        };
+        let one = run(1);
+        for threads in [3, 4] {
+            let many = run(threads);
+            for (a, b) in [(&one.0, &many.0), (&one.1, &many.1), (&one.3, &many.3)] {
+                assert_eq!(a.lhs, b.lhs, "{threads} threads");
+                assert_eq!(a.sq, b.sq, "{threads} threads");
+            }
+            assert_eq!(one.2, many.2);
+            assert_eq!(one.4, many.4);
+        }
+        let sum: Vec<f32> = data.iter().zip(&addend).map(|(a, b)| a + b).collect();
+        assert_eq!(one.2, sum);
+        assert_eq!(one.4, sum);
+        for q in [0, 1, 4095, p - 9, p - 1] {
+            let terms = || {
+                (0..bsz)
+                    .flat_map(|b| (0..ch).map(move |j| (b, j)))
+                    .map(|(b, j)| k[b * ch + j] * data[(b * ch + j) * p + q] as f64)
+            };
+            assert!(sums_to(one.0.lhs[q], terms()));
         }
     }
 

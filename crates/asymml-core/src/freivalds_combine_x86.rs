@@ -55,7 +55,7 @@ pub(super) fn combine_r2(
         .collect();
     let w = batch.map_or(&[][..], |(_, w, _)| w);
     let stride = tile + PAD;
-    let mut s = Scratch {
+    let scratch = || Scratch {
         comb: vec![0f32; if batch.is_some() { 2 * ch * stride } else { 0 }],
         sq: vec![0f32; 2 * stride],
         chn: vec![0f32; if chan.is_some() { 8 * ch } else { 0 }],
@@ -66,30 +66,74 @@ pub(super) fn combine_r2(
         chan: chan.is_some(),
     };
     let dims = Dims { bsz, ch, p, kk };
-    for p0 in (0..p).step_by(tile) {
+    let at = Out {
+        contracted: out.contracted.as_mut_ptr(),
+        comb_sq: out.comb_sq.as_mut_ptr(),
+        bsq: out.bsq.as_mut_ptr(),
+        proj: out.proj.as_mut_ptr(),
+    };
+    // One tile: its outputs go straight to their pixel columns; its channels' squares come back (summed
+    // into `chn2` in tile order below, so the result does not depend on the threads).
+    let run = |s: &mut Scratch, t: usize| -> Vec<f64> {
+        let p0 = t * tile;
         let tl = tile.min(p - p0);
         // SAFETY: AVX2 and FMA were detected above; the sizes the kernels index by were asserted above and
-        // the scratch rows are `stride` ≥ tl floats apart (see each kernel's comment).
+        // the scratch rows are `stride` ≥ tl floats apart (see each kernel's comment). Each tile writes only
+        // its own pixel columns p0..p0 + tl of the outputs, so tiles on other threads touch other values.
         unsafe {
             // The batch combination needs no zeroing: the first pair of samples writes it.
             for b0 in (0..bsz).step_by(2) {
-                samples(data, dims, want, (p0, tl), b0, &cf, &tf, &mut s, out);
-            }
-            if want.chan {
-                for (n2, lanes) in out.chn2.iter_mut().zip(s.chn.chunks_exact_mut(8)) {
-                    *n2 += lanes.iter().map(|&v| v as f64).sum::<f64>();
-                    lanes.iter_mut().for_each(|v| *v = 0.0);
-                }
+                samples(data, dims, want, (p0, tl), b0, &cf, &tf, s, at);
             }
             if want.batch {
                 for ri in 0..2 {
-                    contract(dims, ri, (p0, tl), w, &s, out);
+                    contract(dims, ri, (p0, tl), w, s, at);
                 }
             }
+        }
+        s.chn
+            .chunks_exact_mut(8)
+            .map(|lanes| {
+                let v = lanes.iter().map(|&v| v as f64).sum::<f64>();
+                lanes.iter_mut().for_each(|v| *v = 0.0);
+                v
+            })
+            .collect()
+    };
+    let tiles = p.div_ceil(tile);
+    let chn: Vec<Vec<f64>> =
+        if tiles > 1 && rayon::current_num_threads() > 1 && data.len() >= PAR_MIN_VALUES {
+            use rayon::prelude::*;
+            (0..tiles).into_par_iter().map_init(scratch, run).collect()
+        } else {
+            let mut s = scratch();
+            (0..tiles).map(|t| run(&mut s, t)).collect()
+        };
+    if want.chan {
+        for part in &chn {
+            out.chn2.iter_mut().zip(part).for_each(|(n2, v)| *n2 += v);
         }
     }
     true
 }
+
+/// Below this many values the tiles run on the calling thread.
+const PAR_MIN_VALUES: usize = 1 << 20;
+
+/// Where a pass's per-pixel outputs live ([`Combined`]'s `contracted`, `comb_sq`, `bsq` and `proj`), shared by
+/// the tiles that run on several threads.
+#[derive(Clone, Copy)]
+struct Out {
+    contracted: *mut f64,
+    comb_sq: *mut f64,
+    bsq: *mut f64,
+    proj: *mut f64,
+}
+// SAFETY: the tiles that share an `Out` write disjoint pixel columns of each output (see `combine_r2`), and
+// `combine_r2` holds the `Combined` they point into exclusively until every tile is done.
+unsafe impl Send for Out {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for Out {}
 
 /// Channels a pair of samples is read over per 8 pixels ([`samples`]): 2·SUB rows of data and as many of
 /// the batch combination are live at once, which a first-level TLB of 64 entries holds.
@@ -146,7 +190,7 @@ unsafe fn samples(
     cf: &[[f32; 2]],
     tf: &[[f32; 2]],
     s: &mut Scratch,
-    out: &mut Combined,
+    out: Out,
 ) {
     let (ch, p, stride) = (d.ch, d.p, s.stride);
     let two = b0 + 1 < d.bsz;
@@ -201,7 +245,7 @@ unsafe fn samples(
                 _mm256_storeu_ps(sqp.add(v), sqa);
                 _mm256_storeu_ps(sqp.add(stride + v), sqb);
                 if want.chan {
-                    let pp = out.proj.as_mut_ptr();
+                    let pp = out.proj;
                     for ri in 0..2 {
                         add_f64(pp.add((ri * d.bsz + b0) * p + p0 + v), pr[ri]);
                         if two {
@@ -239,9 +283,12 @@ unsafe fn samples(
             }
             if want.chan {
                 for ri in 0..2 {
-                    out.proj[(ri * d.bsz + b0) * p + p0 + v] += pr[ri] as f64;
-                    if two {
-                        out.proj[(ri * d.bsz + b0 + 1) * p + p0 + v] += pr[2 + ri] as f64;
+                    // SAFETY: `out.proj` rows hold P > p0 + v ([2, B, P], asserted by the caller).
+                    unsafe {
+                        *out.proj.add((ri * d.bsz + b0) * p + p0 + v) += pr[ri] as f64;
+                        if two {
+                            *out.proj.add((ri * d.bsz + b0 + 1) * p + p0 + v) += pr[2 + ri] as f64;
+                        }
                     }
                 }
             }
@@ -251,10 +298,10 @@ unsafe fn samples(
         if k == 1 && !two {
             break;
         }
-        out.bsq[b * p + p0..][..tl]
-            .iter_mut()
-            .zip(&s.sq[k * stride..][..tl])
-            .for_each(|(o, &v)| *o = v as f64);
+        for (i, &v) in s.sq[k * stride..][..tl].iter().enumerate() {
+            // SAFETY: `out.bsq` ([B, P]) holds row b's pixels p0 + i < p0 + tl ≤ P.
+            unsafe { *out.bsq.add(b * p + p0 + i) = v as f64 };
+        }
     }
 }
 
@@ -264,14 +311,7 @@ unsafe fn samples(
 /// # Safety
 /// As [`samples`].
 #[target_feature(enable = "avx2,fma")]
-unsafe fn contract(
-    d: Dims,
-    ri: usize,
-    (p0, tl): (usize, usize),
-    w: &[f32],
-    s: &Scratch,
-    out: &mut Combined,
-) {
+unsafe fn contract(d: Dims, ri: usize, (p0, tl): (usize, usize), w: &[f32], s: &Scratch, out: Out) {
     let mut o0 = 0;
     while o0 < d.kk {
         // SAFETY: the caller's contract; offsets o0.. o0 + K ≤ kk.
@@ -299,7 +339,7 @@ unsafe fn offsets<const K: usize>(
     (p0, tl): (usize, usize),
     w: &[f32],
     s: &Scratch,
-    out: &mut Combined,
+    out: Out,
 ) {
     let (ch, p, kk, stride) = (d.ch, d.p, d.kk, s.stride);
     let tv = tl / 8 * 8;
@@ -323,12 +363,12 @@ unsafe fn offsets<const K: usize>(
                         *a = _mm256_fmadd_ps(_mm256_set1_ps(wv(o, j)), y, *a);
                     }
                 }
-                let cp = out.contracted.as_mut_ptr();
+                let cp = out.contracted;
                 for (o, a) in acc.into_iter().enumerate() {
                     add_f64(cp.add((ri * kk + o0 + o) * p + p0 + v), a);
                 }
                 if squares {
-                    add_f64(out.comb_sq.as_mut_ptr().add(ri * p + p0 + v), sq);
+                    add_f64(out.comb_sq.add(ri * p + p0 + v), sq);
                 }
             }
         }
@@ -342,11 +382,14 @@ unsafe fn offsets<const K: usize>(
                     *a += wv(o, j) * y;
                 }
             }
-            for (o, a) in acc.into_iter().enumerate() {
-                out.contracted[(ri * kk + o0 + o) * p + p0 + v] += a as f64;
-            }
-            if squares {
-                out.comb_sq[ri * p + p0 + v] += sq as f64;
+            // SAFETY: `out.contracted` ([2, kk, P]) and `out.comb_sq` ([2, P]) rows hold P > p0 + v.
+            unsafe {
+                for (o, a) in acc.into_iter().enumerate() {
+                    *out.contracted.add((ri * kk + o0 + o) * p + p0 + v) += a as f64;
+                }
+                if squares {
+                    *out.comb_sq.add(ri * p + p0 + v) += sq as f64;
+                }
             }
         }
     }

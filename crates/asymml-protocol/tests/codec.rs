@@ -261,6 +261,34 @@ fn non_finite_values_and_odd_bits_round_trip_exactly() {
 }
 
 #[test]
+fn large_tensors_copied_on_several_threads_round_trip_exactly() {
+    // 3·2^20 + 5 values: copied in and out of the frame in several chunks where the machine has the cores.
+    let n = 3 * (1 << 20) + 5;
+    let data: Vec<f32> = (0..n)
+        .map(|i| f32::from_bits((i as u32).wrapping_mul(2_654_435_761)))
+        .collect();
+    let r = Request::ConvForward {
+        layer: 1,
+        x_u: declassify_residual(
+            &Tensor::from_vec(&[1, 5, n / 5, 1], data[..n / 5 * 5].to_vec()).unwrap(),
+        ),
+        train: true,
+    };
+    let f = enc_req(&r);
+    assert_eq!(f.len() as u64, 4 + request_body_len(&r).unwrap());
+    let Request::ConvForward { x_u, .. } = decode_request(&f, MAX_MESSAGE).unwrap() else {
+        panic!()
+    };
+    let bits: Vec<u32> = x_u.data().iter().map(|v| v.to_bits()).collect();
+    let want: Vec<u32> = data[..n / 5 * 5].iter().map(|v| v.to_bits()).collect();
+    assert_eq!(bits, want);
+    // Into a buffer that already holds a frame: its contents are replaced.
+    let mut buf = vec![7u8; 100];
+    encode_request(&r, MAX_MESSAGE, &mut buf).unwrap();
+    assert_eq!(buf, f);
+}
+
+#[test]
 fn encoding_reuses_the_buffer_and_replaces_its_contents() {
     let mut buf = vec![9u8; 1000];
     encode_request(&Request::Shutdown, MAX_MESSAGE, &mut buf).unwrap();
