@@ -157,9 +157,15 @@ impl Case {
     /// batch and map) is one — so a correct accelerator that sums in another order (a GPU) can differ by as
     /// much there; an accelerator exactly as accurate as float64 did (3.9e-4 at VGG16's first bias, 32 px).
     fn backward_reference_gemm(&mut self) -> Result<Vec<Named>> {
-        self.net_split.visit_convs(&mut |_, c| c.winograd = false);
+        let mut was = Vec::new();
+        self.net_split
+            .visit_convs(&mut |_, c| was.push(std::mem::replace(&mut c.winograd, false)));
         let g = self.backward_reference();
-        self.net_split.visit_convs(&mut |_, c| c.winograd = true);
+        let mut i = 0;
+        self.net_split.visit_convs(&mut |_, c| {
+            c.winograd = was[i];
+            i += 1;
+        });
         g
     }
 
