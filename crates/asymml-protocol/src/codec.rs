@@ -394,17 +394,30 @@ impl<'a> Writer<'a> {
 /// Values per thread below which a tensor is copied in or out of a frame on one thread.
 const PAR_VALUES: usize = 1 << 20;
 /// Most threads of one such copy (a few saturate the memory bus).
-const MAX_COPY_THREADS: usize = 8;
+pub const MAX_COPY_THREADS: usize = 8;
 
-/// Threads for a copy of `n` values: one per [`PAR_VALUES`], at most the cores and [`MAX_COPY_THREADS`].
-fn copy_threads(n: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    (n / PAR_VALUES).clamp(1, cores.min(MAX_COPY_THREADS))
+thread_local! {
+    static COPY_THREADS: std::cell::Cell<usize> = const { std::cell::Cell::new(1) };
+}
+
+/// Lets this thread's encoding and decoding copy a large tensor on up to `n` threads (at most
+/// [`MAX_COPY_THREADS`]; the default is 1: the calling thread alone). Each side sets its own thread budget
+/// here (`--threads` for the trusted runtime, the accelerator's for its service), so that a copy never
+/// takes more cores than its side was given.
+pub fn set_copy_threads(n: usize) {
+    COPY_THREADS.with(|c| c.set(n.clamp(1, MAX_COPY_THREADS)));
+}
+
+/// Values per chunk of a copy of `n` values: one chunk per [`PAR_VALUES`], at most this thread's
+/// [`set_copy_threads`].
+fn copy_chunk(n: usize) -> usize {
+    let threads = COPY_THREADS.with(|c| c.get());
+    n.div_ceil((n / PAR_VALUES).clamp(1, threads)).max(1)
 }
 
 /// Appends the values as little-endian f32: on a little-endian host a plain copy, on several threads when
-/// the tensor is large (one thread copies a few GB/s, well below the memory bus; a VGG16 step at 224 px
-/// sends about a gigabyte of residuals).
+/// the tensor is large and this thread may (one thread copies a few GB/s, well below the memory bus; a VGG16
+/// step at 224 px and batch 32 sends about a gigabyte of residuals).
 fn put_f32s(buf: &mut Vec<u8>, data: &[f32]) {
     #[cfg(target_endian = "little")]
     {
@@ -413,7 +426,7 @@ fn put_f32s(buf: &mut Vec<u8>, data: &[f32]) {
         let bytes = unsafe {
             std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data))
         };
-        let chunk = 4 * data.len().div_ceil(copy_threads(data.len())).max(1);
+        let chunk = 4 * copy_chunk(data.len());
         if chunk >= bytes.len() {
             buf.extend_from_slice(bytes);
             return;
@@ -446,20 +459,19 @@ fn put_f32s(buf: &mut Vec<u8>, data: &[f32]) {
 }
 
 /// Reads one little-endian f32 from each 4-byte word (one value per word, so the length is right by
-/// construction), on several threads when the tensor is large. Safe code: the compiler turns each chunk into a
-/// plain copy on a little-endian host.
+/// construction), on several threads when the tensor is large and this thread may. Safe code: the compiler
+/// turns each chunk into a plain copy on a little-endian host.
 fn get_f32s(words: &[[u8; 4]]) -> Vec<f32> {
     let get = |d: &mut [f32], w: &[[u8; 4]]| {
         for (x, &b) in d.iter_mut().zip(w) {
             *x = f32::from_le_bytes(b);
         }
     };
-    let mut out = vec![0f32; words.len()];
-    let chunk = words.len().div_ceil(copy_threads(words.len())).max(1);
+    let chunk = copy_chunk(words.len());
     if chunk >= words.len() {
-        get(&mut out, words);
-        return out;
+        return words.iter().map(|&w| f32::from_le_bytes(w)).collect();
     }
+    let mut out = vec![0f32; words.len()];
     std::thread::scope(|s| {
         for (d, w) in out.chunks_mut(chunk).zip(words.chunks(chunk)) {
             s.spawn(move || get(d, w));

@@ -274,18 +274,28 @@ fn large_tensors_copied_on_several_threads_round_trip_exactly() {
         ),
         train: true,
     };
-    let f = enc_req(&r);
-    assert_eq!(f.len() as u64, 4 + request_body_len(&r).unwrap());
-    let Request::ConvForward { x_u, .. } = decode_request(&f, MAX_MESSAGE).unwrap() else {
-        panic!()
-    };
-    let bits: Vec<u32> = x_u.data().iter().map(|v| v.to_bits()).collect();
     let want: Vec<u32> = data[..n / 5 * 5].iter().map(|v| v.to_bits()).collect();
-    assert_eq!(bits, want);
-    // Into a buffer that already holds a frame: its contents are replaced.
-    let mut buf = vec![7u8; 100];
-    encode_request(&r, MAX_MESSAGE, &mut buf).unwrap();
-    assert_eq!(buf, f);
+    // On 1 and 4 threads (this thread's copy budget).
+    let mut frames = Vec::new();
+    for threads in [1, 4] {
+        asymml_protocol::codec::set_copy_threads(threads);
+        {
+            let f = enc_req(&r);
+            assert_eq!(f.len() as u64, 4 + request_body_len(&r).unwrap());
+            let Request::ConvForward { x_u, .. } = decode_request(&f, MAX_MESSAGE).unwrap() else {
+                panic!()
+            };
+            let bits: Vec<u32> = x_u.data().iter().map(|v| v.to_bits()).collect();
+            assert_eq!(bits, want, "{threads} threads");
+            // Into a buffer that already holds a frame: its contents are replaced.
+            let mut buf = vec![7u8; 100];
+            encode_request(&r, MAX_MESSAGE, &mut buf).unwrap();
+            assert_eq!(buf, f);
+            frames.push(f);
+        }
+    }
+    asymml_protocol::codec::set_copy_threads(1);
+    assert_eq!(frames[0], frames[1]);
 }
 
 #[test]

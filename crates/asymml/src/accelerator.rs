@@ -210,6 +210,7 @@ fn start_inproc(threads: usize, device: Device, timeout: Duration) -> Result<Sta
         .name("accelerator".into())
         .spawn(move || {
             crate::alloc::enter_accelerator();
+            asymml_protocol::codec::set_copy_threads(asymml_untrusted::pool_threads(threads));
             match Service::with_device_limits(device, threads, local_limits()) {
                 Ok(service) => {
                     let _ = tx.send(Ok(()));
@@ -492,6 +493,8 @@ impl Drop for ConnectionSlot {
 /// False when the connection was refused before any message (its TLS handshake failed).
 fn serve_connection(accepted: Accepted, session: &Session) -> bool {
     let peer = accepted.peer().to_string();
+    // Its frames' large tensors are read and written on up to the connection's threads.
+    asymml_protocol::codec::set_copy_threads(asymml_untrusted::pool_threads(session.threads));
     let transport = match accepted.establish() {
         Ok(t) => t,
         Err(e) => {

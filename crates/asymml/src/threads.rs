@@ -12,5 +12,7 @@ pub(crate) fn init(threads: Option<usize>) -> Result<usize> {
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global();
+    // Frames of large tensors are filled and read on as many threads (this thread's, the trusted runtime's).
+    asymml_protocol::codec::set_copy_threads(n);
     Ok(rayon::current_num_threads())
 }
