@@ -53,6 +53,10 @@ pub struct SplitConfig {
     /// Measure each conv's trusted-side cost per step on both routes and take the fully-trusted one where it
     /// is cheaper (it also leaks nothing): see [`RouteCosts`]. `false` always follows the rank policy.
     pub auto_route: bool,
+    /// With `auto_route`: a conv's cost also counts the time the trusted runtime is blocked waiting for the
+    /// accelerator in it, so the route taken is the one of the shorter step (wall time as the trusted side
+    /// sees it), not the one of less trusted work.
+    pub route_counts_wait: bool,
     /// Micro-batch pipelining: each split conv's forward cuts the batch into this many parts of consecutive
     /// samples (at most one per sample), so that the accelerator convolves one part while the trusted runtime
     /// decomposes the next (1: the whole batch at once; ignored with `shared_basis`).
@@ -73,6 +77,7 @@ impl Default for SplitConfig {
             integrity: true,
             guard: None,
             auto_route: false,
+            route_counts_wait: false,
             micro_batches: 1,
         }
     }
@@ -993,10 +998,20 @@ impl<T: Transport> SplitExec<T> {
     }
 }
 
+/// A conv's cost on its route in one call: the `elapsed` seconds, less the `blocked` ones spent waiting for
+/// the accelerator unless `counts_wait`.
+fn step_cost(elapsed: f64, blocked: f64, counts_wait: bool) -> f64 {
+    if counts_wait {
+        elapsed
+    } else {
+        elapsed - blocked
+    }
+}
+
 impl<T: Transport> SplitExec<T> {
     /// Runs `f` (a forward when `forward`, else a backward of conv `id`), adding the trusted runtime's time
-    /// in it — less the time blocked on the accelerator — to the conv's cost on the route it takes; a forward
-    /// first closes the previous step's measurement.
+    /// in it — less the time blocked on the accelerator, unless `route_counts_wait` — to the conv's cost on
+    /// the route it takes; a forward first closes the previous step's measurement.
     fn measured(
         &mut self,
         id: usize,
@@ -1010,7 +1025,11 @@ impl<T: Transport> SplitExec<T> {
         }
         let (t0, w0) = (Instant::now(), self.waited_s);
         let res = f(self);
-        let cost = t0.elapsed().as_secs_f64() - (self.waited_s - w0);
+        let cost = step_cost(
+            t0.elapsed().as_secs_f64(),
+            self.waited_s - w0,
+            self.cfg.route_counts_wait,
+        );
         if let Some(l) = self.layers.get_mut(id) {
             if forward {
                 l.costs.current = Some(l.trusted_route && !std::mem::take(&mut l.kept_all));
@@ -1151,7 +1170,16 @@ impl<T: Transport> SplitExec<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::{RouteCosts, ROUTE_PROBE_STEPS};
+    use super::{step_cost, RouteCosts, ROUTE_PROBE_STEPS};
+
+    #[test]
+    fn a_convs_cost_counts_its_waits_only_when_asked() {
+        assert_eq!(step_cost(0.5, 0.2, false), 0.3);
+        assert_eq!(step_cost(0.5, 0.2, true), 0.5);
+        // A conv that mostly waits: cheap in trusted work, dear in wall time.
+        assert!(step_cost(1.0, 0.9, false) < step_cost(0.4, 0.0, false));
+        assert!(step_cost(1.0, 0.9, true) > step_cost(0.4, 0.0, true));
+    }
 
     /// Drives `c` through steps of the given route and cost.
     fn step(c: &mut RouteCosts, trusted: bool, cost: f64) {

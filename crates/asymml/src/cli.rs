@@ -134,8 +134,10 @@ pub(crate) struct SplitArgs {
     /// each conv on both routes — split, and wholly in the trusted runtime — over its first steps (three
     /// each) and then takes the cheaper one, so no conv costs more than it would trusted-only (and the
     /// trusted route leaks nothing); the other route is tried again on two steps at steps 64, 128, 256, …, so
-    /// one slow trial does not decide for good. `split` always splits as the policy says (to measure or study
-    /// the split itself).
+    /// one slow trial does not decide for good. `auto-wall` does the same with each conv's time including the
+    /// time the trusted runtime waits for the accelerator: the route of the shorter step, where `auto` takes
+    /// the route of less trusted work (the TEE's time, the paper's measure). `split` always splits as the
+    /// policy says (to measure or study the split itself).
     #[arg(long, value_enum, default_value_t = RouteChoice::Auto)]
     pub(crate) route: RouteChoice,
 }

@@ -58,7 +58,11 @@ impl SplitSetup {
                 shared_basis: a.shared_basis,
                 clip: a.clip,
                 integrity: a.integrity.is_on(),
-                auto_route: a.route == crate::values::RouteChoice::Auto,
+                auto_route: matches!(
+                    a.route,
+                    crate::values::RouteChoice::Auto | crate::values::RouteChoice::AutoWall
+                ),
+                route_counts_wait: a.route == crate::values::RouteChoice::AutoWall,
                 micro_batches: usize::from(a.micro_batches),
                 ..Default::default()
             },

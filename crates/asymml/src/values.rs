@@ -603,10 +603,13 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
 
 /// `--route`: where a conv the rank policy would split runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum RouteChoice {
     /// Measured per conv: the split or the whole conv in the trusted runtime, whichever costs it less.
     Auto,
+    /// As `auto`, but a conv's cost also counts the time the trusted runtime waits for the accelerator: the
+    /// route of the shorter step.
+    AutoWall,
     /// Always as the rank policy says.
     Split,
 }

@@ -661,8 +661,11 @@ fn auto_route_takes_the_trusted_route_where_the_split_costs_more() {
     assert_eq!(trusted, auto.len(), "{auto:?}");
     let split = run("split");
     assert!(split[0] && split[1..].iter().all(|&t| !t), "{split:?}");
-    // Exact on either route.
-    for route in ["auto", "split"] {
+    // auto-wall: the same trials, each conv's cost counting its waits too; fixed:60 still keeps every conv.
+    let wall = run("auto-wall");
+    assert!(wall.iter().all(|&t| t), "{wall:?}");
+    // Exact on every route.
+    for route in ["auto", "auto-wall", "split"] {
         let v = verify_with("vgg11", "fixed:60", "inproc", &["--route", route]);
         assert!(v["max_rel_err"].as_f64().unwrap() <= 1e-4, "{route}: {v}");
     }
