@@ -14,7 +14,7 @@
 #
 # Environment: ASYMML_DEVICE (cuda:0), ASYMML_THREADS (all cores), ASYMML_BATCH (32), ASYMML_STEPS (2),
 # ASYMML_RANKS_SPLIT (the ranks benched with --route split: schedule,asym1), ASYMML_RANKS_AUTO (with the default
-# --route auto: schedule,guard), ASYMML_PHASES (infer,train),
+# --route auto and auto-wall: schedule,guard), ASYMML_PHASES (infer,train), ASYMML_ROUTES (split auto auto-wall),
 # GPU_CHECKS (which parts to run: any of tests,verify,torch,bench; default all), GPU_OUT (folder for the logs
 # and JSON; default gpu-out), GPU_BENCH_DIR (the benches' folders with bench.json and the per-layer PNGs;
 # default GPU_OUT; when another, each bench.json is copied into GPU_OUT).
@@ -30,6 +30,7 @@ IMAGES=${ASYMML_IMAGES:-}
 RANKS_SPLIT=${ASYMML_RANKS_SPLIT:-schedule,asym1}
 RANKS_AUTO=${ASYMML_RANKS_AUTO:-schedule,guard}
 PHASES=${ASYMML_PHASES:-infer,train}
+ROUTES=${ASYMML_ROUTES:-split auto auto-wall}
 CHECKS=${GPU_CHECKS:-tests,verify,torch,bench}
 OUTDIR=${GPU_OUT:-gpu-out}
 BENCH_DIR=${GPU_BENCH_DIR:-$OUTDIR}
@@ -96,12 +97,13 @@ if wants bench; then
     img=()
     [ -n "$IMAGES" ] && img=(--images "$IMAGES")
     for model in vgg16-imagenet resnet18-imagenet; do
-        # The split itself (every split conv on the GPU) against trusted-only, then the default route
-        # (`auto`: a conv runs wholly trusted where that costs the trusted runtime less).
-        for route in split auto; do
+        # The split itself (every split conv on the GPU), the default route (`auto`: a conv runs wholly
+        # trusted where that costs the trusted runtime less) and `auto-wall` (where that makes the step
+        # shorter), each against trusted-only in the same run.
+        for route in $ROUTES; do
             modes=trusted-only,split
             ranks=$RANKS_SPLIT
-            if [ "$route" = auto ]; then modes=split; ranks=$RANKS_AUTO; fi
+            if [ "$route" != split ]; then ranks=$RANKS_AUTO; fi
             check 300 env ASYMML_ACCEL_STATS=1 "$BIN" bench --models "$model" --modes "$modes" --rank "$ranks" \
                 --route "$route" --phase "$PHASES" --batch-size "$BATCH" --warmup 1 --steps "$STEPS" \
                 --threads "$THREADS" --accelerator-device "$DEVICE" "${img[@]}" --out "$BENCH_DIR/bench-$model-$route"
