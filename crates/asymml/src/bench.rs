@@ -118,6 +118,8 @@ pub(crate) struct BenchResult {
     pub(crate) rank: String,
     /// The split's decomposition (`--svd`: `block`, `light`, …; empty otherwise).
     pub(crate) svd: String,
+    /// The split's `--route` (`auto`, `auto-wall` or `split`; empty otherwise).
+    pub(crate) route: String,
     /// The split's parts per batch in each conv's forward (`--micro-batches`; 1 otherwise).
     pub(crate) micro_batches: usize,
     pub(crate) batch: usize,
@@ -752,6 +754,11 @@ impl Samples {
             phase: case.phase.name().into(),
             mode: mode.to_string(),
             rank: case.rank.map_or(String::new(), |r| r.text.clone()),
+            route: if mode == Mode::Split {
+                a.split.route.to_string()
+            } else {
+                String::new()
+            },
             svd: if mode == Mode::Split {
                 crate::values::svd_method(a.split.svd, a.split.svd_iters)
                     .map(|m| m.to_string())
@@ -1011,7 +1018,10 @@ fn print_table(results: &[BenchResult]) {
             .iter()
             .find(|r| !r.svd.is_empty())
             .map_or(String::new(), |r| {
-                format!(", the split's decomposition --svd {}", r.svd)
+                format!(
+                    ", the split's decomposition --svd {} and --route {}",
+                    r.svd, r.route
+                )
             });
         println!(
             "(batch {}, {} trusted thread(s){svd}; medians over the timed steps)",

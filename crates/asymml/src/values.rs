@@ -601,6 +601,17 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     }
 }
 
+impl std::fmt::Display for RouteChoice {
+    /// The flag's value: `auto`, `auto-wall` or `split`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RouteChoice::Auto => "auto",
+            RouteChoice::AutoWall => "auto-wall",
+            RouteChoice::Split => "split",
+        })
+    }
+}
+
 /// `--route`: where a conv the rank policy would split runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

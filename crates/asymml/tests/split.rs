@@ -400,6 +400,7 @@ fn bench_times_every_mode_and_policy_with_flops_bytes_memory_and_layers() {
         match r["mode"].as_str().unwrap() {
             "trusted-only" => {
                 assert_eq!(r["micro_batches"], 1);
+                assert_eq!(r["route"], "");
                 assert_eq!(f(r, "bytes_to_untrusted"), 0.0);
                 assert!(f(r, "trusted_flops") > 0.0 && f(r, "untrusted_flops") == 0.0);
                 assert!(r["conv_gflops"].as_f64().unwrap() > 0.0);
@@ -408,6 +409,7 @@ fn bench_times_every_mode_and_policy_with_flops_bytes_memory_and_layers() {
                 // Pipelined: one sample per part; the block SVD unless --svd says otherwise.
                 assert_eq!(r["micro_batches"], 2);
                 assert_eq!(r["svd"], "block");
+                assert_eq!(r["route"], "split");
                 assert!(f(r, "bytes_to_untrusted") > 0.0 && f(r, "bytes_from_untrusted") > 0.0);
                 assert!(f(r, "untrusted_s") > 0.0);
                 assert!(f(r, "overlap_s") >= 0.0);
