@@ -8,6 +8,7 @@
 #[macro_use]
 mod simd;
 
+pub mod chunks;
 pub mod decomp;
 pub mod dp;
 pub mod error;

@@ -393,31 +393,27 @@ impl<'a> Writer<'a> {
 
 /// Values per thread below which a tensor is copied in or out of a frame on one thread.
 const PAR_VALUES: usize = 1 << 20;
-/// Most threads of one such copy (a few saturate the memory bus).
-pub const MAX_COPY_THREADS: usize = 8;
 
 thread_local! {
     static COPY_THREADS: std::cell::Cell<usize> = const { std::cell::Cell::new(1) };
 }
 
 /// Lets this thread's encoding and decoding copy a large tensor on up to `n` threads (at most
-/// [`MAX_COPY_THREADS`]; the default is 1: the calling thread alone). Each side sets its own thread budget
-/// here (`--threads` for the trusted runtime, the accelerator's for its service), so that a copy never
-/// takes more cores than its side was given.
+/// [`MAX_COPY_THREADS`](asymml_core::chunks::MAX_COPY_THREADS); the default is 1: the calling thread alone).
+/// Each side sets its own thread budget here (`--threads` for the trusted runtime, the accelerator's for its
+/// service), so that a copy never takes more cores than its side was given.
 pub fn set_copy_threads(n: usize) {
-    COPY_THREADS.with(|c| c.set(n.clamp(1, MAX_COPY_THREADS)));
+    COPY_THREADS.with(|c| c.set(n.clamp(1, asymml_core::chunks::MAX_COPY_THREADS)));
 }
 
-/// Values per chunk of a copy of `n` values: one chunk per [`PAR_VALUES`], at most this thread's
-/// [`set_copy_threads`].
-fn copy_chunk(n: usize) -> usize {
-    let threads = COPY_THREADS.with(|c| c.get());
-    n.div_ceil((n / PAR_VALUES).clamp(1, threads)).max(1)
+/// This thread's [`set_copy_threads`].
+fn copy_threads() -> usize {
+    COPY_THREADS.with(|c| c.get())
 }
 
 /// Appends the values as little-endian f32: on a little-endian host a plain copy, on several threads when
-/// the tensor is large and this thread may (one thread copies a few GB/s, well below the memory bus; a VGG16
-/// step at 224 px and batch 32 sends about a gigabyte of residuals).
+/// the tensor is large and this thread may (a VGG16 step at 224 px and batch 32 sends about a gigabyte of
+/// residuals).
 fn put_f32s(buf: &mut Vec<u8>, data: &[f32]) {
     #[cfg(target_endian = "little")]
     {
@@ -426,30 +422,22 @@ fn put_f32s(buf: &mut Vec<u8>, data: &[f32]) {
         let bytes = unsafe {
             std::slice::from_raw_parts(data.as_ptr().cast::<u8>(), std::mem::size_of_val(data))
         };
-        let chunk = 4 * copy_chunk(data.len());
-        if chunk >= bytes.len() {
-            buf.extend_from_slice(bytes);
-            return;
-        }
         let start = buf.len();
         buf.reserve(bytes.len());
-        let spare = &mut buf.spare_capacity_mut()[..bytes.len()];
-        std::thread::scope(|s| {
-            for (d, v) in spare.chunks_mut(chunk).zip(bytes.chunks(chunk)) {
-                s.spawn(move || {
-                    // SAFETY: `d` and `v` have the same length (equal chunks of equal lengths), `d` is spare
-                    // capacity of `buf` (writable, apart from `data`), and MaybeUninit<u8> has u8's layout.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            v.as_ptr(),
-                            d.as_mut_ptr().cast::<u8>(),
-                            v.len(),
-                        )
-                    }
-                });
-            }
-        });
-        // SAFETY: the threads above initialised every byte of `start .. start + bytes.len()`, within capacity.
+        asymml_core::chunks::zip_parts(
+            &mut buf.spare_capacity_mut()[..bytes.len()],
+            bytes,
+            copy_threads(),
+            4 * PAR_VALUES,
+            |d, v| {
+                // SAFETY: `d` and `v` have the same length (matching parts of equal lengths), `d` is spare
+                // capacity of `buf` (writable, apart from `data`), and MaybeUninit<u8> has u8's layout.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(v.as_ptr(), d.as_mut_ptr().cast::<u8>(), v.len())
+                }
+            },
+        );
+        // SAFETY: the parts above initialised every byte of `start .. start + bytes.len()`, within capacity.
         unsafe { buf.set_len(start + bytes.len()) };
     }
     #[cfg(not(target_endian = "little"))]
@@ -460,21 +448,16 @@ fn put_f32s(buf: &mut Vec<u8>, data: &[f32]) {
 
 /// Reads one little-endian f32 from each 4-byte word (one value per word, so the length is right by
 /// construction), on several threads when the tensor is large and this thread may. Safe code: the compiler
-/// turns each chunk into a plain copy on a little-endian host.
+/// turns each part into a plain copy on a little-endian host.
 fn get_f32s(words: &[[u8; 4]]) -> Vec<f32> {
-    let get = |d: &mut [f32], w: &[[u8; 4]]| {
-        for (x, &b) in d.iter_mut().zip(w) {
-            *x = f32::from_le_bytes(b);
-        }
-    };
-    let chunk = copy_chunk(words.len());
-    if chunk >= words.len() {
+    let threads = copy_threads();
+    if asymml_core::chunks::parts(words.len(), threads, PAR_VALUES) == 1 {
         return words.iter().map(|&w| f32::from_le_bytes(w)).collect();
     }
     let mut out = vec![0f32; words.len()];
-    std::thread::scope(|s| {
-        for (d, w) in out.chunks_mut(chunk).zip(words.chunks(chunk)) {
-            s.spawn(move || get(d, w));
+    asymml_core::chunks::zip_parts(&mut out, words, threads, PAR_VALUES, |d, w| {
+        for (x, &b) in d.iter_mut().zip(w) {
+            *x = f32::from_le_bytes(b);
         }
     });
     out

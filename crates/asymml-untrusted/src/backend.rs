@@ -573,10 +573,11 @@ impl ConvBackend for CpuBackend {
 }
 
 #[cfg(any(feature = "cuda", test))]
-/// Below this many values a host copy runs on one thread (starting threads would cost more than it saves).
+/// Below this many values per thread a host copy runs on one thread (starting threads would cost more than it
+/// saves).
 const PAR_COPY_MIN: usize = 1 << 18;
 
-/// Copies `src` into `dst` (the same length) on up to `threads` threads, in contiguous chunks. The CUDA
+/// Copies `src` into `dst` (the same length) on up to `threads` threads, in contiguous parts. The CUDA
 /// backend stages every upload and download through pinned buffers with it: one thread copies a few GB/s,
 /// well below what the bus moves, and a fresh output vector's pages are faulted in by all threads at once.
 #[cfg(any(feature = "cuda", test))]
@@ -588,19 +589,7 @@ pub(crate) fn par_copy(dst: &mut [f32], src: &[f32], threads: usize) -> Result<(
             dst.len()
         )));
     }
-    let n = src.len();
-    let t = threads.clamp(1, n.div_ceil(PAR_COPY_MIN).max(1));
-    if t == 1 {
-        dst.copy_from_slice(src);
-        return Ok(());
-    }
-    // Chunks of whole cache lines (16 floats), the last one shorter.
-    let chunk = n.div_ceil(t).div_ceil(16) * 16;
-    std::thread::scope(|s| {
-        for (d, v) in dst.chunks_mut(chunk).zip(src.chunks(chunk)) {
-            s.spawn(move || d.copy_from_slice(v));
-        }
-    });
+    asymml_core::chunks::zip_parts(dst, src, threads, PAR_COPY_MIN, |d, s| d.copy_from_slice(s));
     Ok(())
 }
 

@@ -55,8 +55,6 @@ const BLOCK: u32 = 256;
 const MAX_BLOCKS: usize = 1 << 16;
 /// Most cuDNN shape plans kept per layer (one per batch size and input size seen).
 const MAX_PLANS: usize = 8;
-/// Most threads that stage one host copy (a few saturate the memory bus).
-const MAX_COPY_THREADS: usize = 8;
 
 fn drv(what: &'static str) -> impl Fn(DriverError) -> BackendError {
     move |e| BackendError::Device(format!("CUDA {what}: {e}"))
@@ -160,9 +158,9 @@ fn sync(stream: &CudaStream) -> Result<(), BackendError> {
 }
 
 /// In float32 mode, the algorithm to run instead of cuDNN's choice: a GEMM algorithm in place of an FFT or a
-/// Winograd one. Both transform the data, and their rounding errors are larger: on an H200 (cuDNN 9.14) the
-/// first VGG16 conv's bias gradient — a sum over whole maps, with cancellation — came out 3e-4 (32 px) and
-/// 2e-3 (224 px) off with cuDNN's heuristic choices, against 1e-5 with the CPU accelerator.
+/// Winograd one. Both transform the data, so their rounding errors are larger than a plain sum's. (VGG16's
+/// first bias gradient, which `verify` once failed on an H200 at 3e-4, was not this: it stayed at 3e-4 with
+/// GEMM algorithms, and float32 itself leaves that much doubt there.)
 fn precise_fwd(a: FwdAlgo) -> FwdAlgo {
     match a {
         FwdAlgo::CUDNN_CONVOLUTION_FWD_ALGO_FFT
@@ -339,7 +337,7 @@ impl CudaBackend {
     /// error naming CUDA. `threads` (0: all cores; at most 8 are used) stage the host copies.
     pub fn new(ordinal: usize, threads: usize) -> Result<Self, BackendError> {
         check_available(ordinal)?;
-        let copy_threads = crate::pool_threads(threads).min(MAX_COPY_THREADS);
+        let copy_threads = crate::pool_threads(threads).min(asymml_core::chunks::MAX_COPY_THREADS);
         match std::panic::catch_unwind(|| Self::open(ordinal, copy_threads)) {
             Ok(r) => r,
             Err(p) => {
