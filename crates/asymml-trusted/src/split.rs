@@ -15,7 +15,7 @@ use asymml_core::decomp::{
     light_svd_flops, BatchLowRank, RankPolicy, RankTable, SvdMethod, TableRank, TrustedConv,
 };
 use asymml_core::layers::Conv2d;
-use asymml_core::models::{ConvExec, Layer, Net};
+use asymml_core::models::{ConvExec, Layer, Net, StreamPart};
 use asymml_core::rng::Rng;
 use asymml_core::{CoreError, Tensor};
 use asymml_protocol::{
@@ -220,6 +220,8 @@ pub struct SplitStats {
     pub layers: Vec<LayerStats>,
     /// The integrity checks made (counts, failures, seconds; zero when they are off).
     pub integrity: IntegrityStats,
+    /// Inference forwards run as parts streamed through the network (`Net::forward`, `micro_batches`).
+    pub streamed_forwards: u64,
 }
 
 /// Per-conv counters of the split runtime.
@@ -267,6 +269,8 @@ pub struct SplitExec<T: Transport> {
     dw_u: Tensor,
     /// The buffers of a micro-batched forward's parts (shared by every conv).
     part_bufs: Vec<pipeline::PartBufs>,
+    /// Per part of a streamed forward: the conv whose reply for that part is still due.
+    in_flight: Vec<Option<usize>>,
     /// The conv whose input was decomposed last (a shortcut conv may reuse its decomposition).
     last_decomposed: Option<usize>,
     /// Some conv ran split since the first conv's last forward (else the split's scratch is let go there).
@@ -378,6 +382,7 @@ impl<T: Transport> SplitExec<T> {
             dy_part: Tensor::default(),
             dw_u: Tensor::default(),
             part_bufs: Vec::new(),
+            in_flight: Vec::new(),
             last_decomposed: None,
             split_in_step: false,
             input_side: 0,
@@ -657,6 +662,7 @@ impl<T: Transport> SplitExec<T> {
     ) -> Result<(), CoreError> {
         let id = conv.id;
         let out_shape = conv.out_shape(&x.shape)?;
+        self.none_in_flight()?;
         if id >= self.layers.len() {
             return Err(CoreError::accelerator(format!(
                 "conv {id} was not registered"
@@ -688,132 +694,162 @@ impl<T: Transport> SplitExec<T> {
                     self.trusted(id, t0, f);
                 }
                 None => {
-                    let t0 = Instant::now();
-                    if id == 0 {
-                        self.input_side = x.shape.iter().skip(2).copied().max().unwrap_or(0);
-                        // Every conv kept on the trusted route by the rank policy, measured cheaper there, or trying it
-                        // in this step.
-                        let all_trusted_next = self.layers.iter().all(|l| {
-                            l.policy_trusted || {
-                                let mut c = l.costs.clone();
-                                c.close_step();
-                                self.cfg.auto_route && c.prefers_trusted()
-                            }
-                        });
-                        if !std::mem::take(&mut self.split_in_step) || all_trusted_next {
-                            // No conv ran split in the last step (every one took the trusted route), or none
-                            // will in this one: the split's buffers are let go, so that they cost no memory
-                            // while the convs' own buffers grow (they grow again if a conv splits).
-                            self.release_scratch();
-                        }
+                    if !self.split_send(conv, x, y, train, false)? {
+                        return Ok(());
                     }
-                    let side = x.shape.iter().skip(2).copied().max().unwrap_or(0);
-                    let policy = self.layer_policy(id, conv.in_ch, side);
-                    self.layers[id].policy_trusted = policy.is_none();
-                    let Some(policy) = policy else {
-                        return self.forward_trusted(conv, x, y, train, t0);
-                    };
-                    if self.cfg.auto_route && self.layers[id].costs.prefers_trusted() {
-                        // Measured cheaper here than the split (and nothing leaves).
-                        return self.forward_trusted(conv, x, y, train, t0);
-                    }
-                    let method = self.cfg.svd.unwrap_or(SvdMethod::light(self.cfg.iters));
-                    if self.parts_for(x.shape[0]) > 1 {
-                        self.leave_trusted_route(conv)?;
-                        return self.forward_parts(conv, x, y, train, policy, method);
-                    }
-                    let st = &mut self.layers[id];
-                    st.parts.clear();
-                    let r = if self.cfg.shared_basis {
-                        decompose_batch_shared_with(
-                            x,
-                            policy,
-                            st.step,
-                            method,
-                            &mut st.lr,
-                            &mut self.residual,
-                        )?
-                    } else {
-                        decompose_batch_with(
-                            x,
-                            policy,
-                            st.step,
-                            method,
-                            &mut st.lr,
-                            &mut self.residual,
-                        )?
-                    };
-                    st.rank = r;
-                    let (b, n, h, w) = x.nchw("split")?;
-                    let svd_flops = match method {
-                        SvdMethod::Light { iters } => light_svd_flops(b, n, h * w, r, iters),
-                        SvdMethod::Block(m) => block_svd_flops(b, n, h * w, r, &m),
-                    };
-                    // Every channel kept: X_U would be zero. Or, choosing the route, a rank at which Conv_T
-                    // would convolve all of X_T's channels: the split's trusted side would cost more than the
-                    // whole conv. Either way the conv runs here and nothing is sent (the step counts as a split
-                    // step for the route's measurement, so the next tries the trusted route undecomposed).
-                    if r >= n
-                        || (self.cfg.auto_route
-                            && TrustedConv::convolves_every_channel(conv, &self.layers[id].lr)?)
-                    {
-                        self.trusted(id, t0, svd_flops);
-                        self.layers[id].kept_all = true;
-                        return self.forward_trusted(conv, x, y, train, Instant::now());
-                    }
-                    self.leave_trusted_route(conv)?;
-                    match self.cfg.clip {
-                        Some(c) => {
-                            asymml_core::dp::clip_and_noise_batch(
-                                &mut self.residual,
-                                c,
-                                self.cfg.nsr,
-                                &mut self.rng,
-                            )?;
-                        }
-                        None if self.cfg.nsr > 0.0 => {
-                            add_noise_batch(x, &mut self.residual, self.cfg.nsr, &mut self.rng)?
-                        }
-                        None => {}
-                    }
-                    let dt = t0.elapsed().as_secs_f64();
-                    self.count_layer(Some(id), |l| {
-                        l.decompose_s += dt;
-                        l.trusted_route = false;
-                    });
-                    self.layers[id].trusted_route = false;
-                    self.trusted(id, t0, svd_flops);
-                    let residual = std::mem::take(&mut self.residual);
-                    let req = Request::ConvForward {
-                        layer,
-                        x_u: declassify_residual_owned(residual),
-                        train,
-                    };
-                    let sent = self.send(&req, Some(y_u_bytes));
-                    if let Request::ConvForward { x_u, .. } = req {
-                        self.residual = x_u.reclaim_sent();
-                    }
-                    sent?;
-                    // The trusted convolution runs while the accelerator computes its part.
-                    let t0 = Instant::now();
-                    let lr = &self.layers[id].lr;
-                    let f = TrustedConv::forward_flops(conv, lr)?;
-                    self.tconv.forward(conv, lr, y)?;
-                    self.trusted(id, t0, f);
-                    self.last_decomposed = Some(id);
                 }
             }
-            self.layers[id].shared_from = shared;
-            let what = format!("ConvForward(layer {id})");
-            let frame = self.recv_conv_output(id)?;
-            let merged = self.merge_received(conv, &frame, x, y, train, &what);
-            debug_assert_eq!(y.shape, out_shape);
-            self.client.reuse_frame(frame);
-            merged?;
-            self.count_split_forward(conv, &x.shape);
-            Ok(())
+            self.receive_split(conv, x, y, train, shared)
         })();
         res.map_err(|e: CoreError| e.at_conv(&self.layers[id].name))
+    }
+
+    /// A new step starts at the first conv (input x): notes the input's size (for `guard`), and lets the split's
+    /// buffers go where no conv ran split in the last step, or none will in this one.
+    fn step_start(&mut self, x: &Tensor) {
+        self.input_side = x.shape.iter().skip(2).copied().max().unwrap_or(0);
+        // Every conv kept on the trusted route by the rank policy, measured cheaper there, or trying it in this
+        // step.
+        let all_trusted_next = self.layers.iter().all(|l| {
+            l.policy_trusted || {
+                let mut c = l.costs.clone();
+                c.close_step();
+                self.cfg.auto_route && c.prefers_trusted()
+            }
+        });
+        if !std::mem::take(&mut self.split_in_step) || all_trusted_next {
+            // No conv ran split in the last step (every one took the trusted route), or none will in this one:
+            // the split's buffers are let go, so that they cost no memory while the convs' own buffers grow
+            // (they grow again if a conv splits).
+            self.release_scratch();
+        }
+    }
+
+    /// The first half of conv `conv.id`'s split forward of its own input: the route, then the decomposition,
+    /// X_U sent (from `self.residual`, which keeps it for the check) and Y_T computed into `y` — or the whole
+    /// conv here. Returns whether X_U was sent (a reply is then due, for [`Self::receive_split`]). `part` (a
+    /// part of a streamed forward): the step starts at its first part only, and the part is not cut further.
+    fn split_send(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        train: bool,
+        part: bool,
+    ) -> Result<bool, CoreError> {
+        let id = conv.id;
+        let layer = id as u32;
+        let y_u_bytes = 4 * conv.out_shape(&x.shape)?.iter().product::<usize>() as u64;
+        let t0 = Instant::now();
+        if id == 0 && !part {
+            self.step_start(x);
+        }
+        let side = x.shape.iter().skip(2).copied().max().unwrap_or(0);
+        let policy = self.layer_policy(id, conv.in_ch, side);
+        self.layers[id].policy_trusted = policy.is_none();
+        let Some(policy) = policy else {
+            return self.forward_trusted(conv, x, y, train, t0).map(|()| false);
+        };
+        if self.cfg.auto_route && self.layers[id].costs.prefers_trusted() {
+            // Measured cheaper here than the split (and nothing leaves).
+            return self.forward_trusted(conv, x, y, train, t0).map(|()| false);
+        }
+        let method = self.cfg.svd.unwrap_or(SvdMethod::light(self.cfg.iters));
+        if !part && self.parts_for(x.shape[0]) > 1 {
+            self.leave_trusted_route(conv)?;
+            return self
+                .forward_parts(conv, x, y, train, policy, method)
+                .map(|()| false);
+        }
+        let st = &mut self.layers[id];
+        st.parts.clear();
+        let r = if self.cfg.shared_basis {
+            decompose_batch_shared_with(x, policy, st.step, method, &mut st.lr, &mut self.residual)?
+        } else {
+            decompose_batch_with(x, policy, st.step, method, &mut st.lr, &mut self.residual)?
+        };
+        st.rank = r;
+        let (b, n, h, w) = x.nchw("split")?;
+        let svd_flops = match method {
+            SvdMethod::Light { iters } => light_svd_flops(b, n, h * w, r, iters),
+            SvdMethod::Block(m) => block_svd_flops(b, n, h * w, r, &m),
+        };
+        // Every channel kept: X_U would be zero. Or, choosing the route, a rank at which Conv_T
+        // would convolve all of X_T's channels: the split's trusted side would cost more than the
+        // whole conv. Either way the conv runs here and nothing is sent (the step counts as a split
+        // step for the route's measurement, so the next tries the trusted route undecomposed).
+        if r >= n
+            || (self.cfg.auto_route
+                && TrustedConv::convolves_every_channel(conv, &self.layers[id].lr)?)
+        {
+            self.trusted(id, t0, svd_flops);
+            self.layers[id].kept_all = true;
+            return self
+                .forward_trusted(conv, x, y, train, Instant::now())
+                .map(|()| false);
+        }
+        self.leave_trusted_route(conv)?;
+        match self.cfg.clip {
+            Some(c) => {
+                asymml_core::dp::clip_and_noise_batch(
+                    &mut self.residual,
+                    c,
+                    self.cfg.nsr,
+                    &mut self.rng,
+                )?;
+            }
+            None if self.cfg.nsr > 0.0 => {
+                add_noise_batch(x, &mut self.residual, self.cfg.nsr, &mut self.rng)?
+            }
+            None => {}
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        self.count_layer(Some(id), |l| {
+            l.decompose_s += dt;
+            l.trusted_route = false;
+        });
+        self.layers[id].trusted_route = false;
+        self.trusted(id, t0, svd_flops);
+        let residual = std::mem::take(&mut self.residual);
+        let req = Request::ConvForward {
+            layer,
+            x_u: declassify_residual_owned(residual),
+            train,
+        };
+        let sent = self.send(&req, Some(y_u_bytes));
+        if let Request::ConvForward { x_u, .. } = req {
+            self.residual = x_u.reclaim_sent();
+        }
+        sent?;
+        // The trusted convolution runs while the accelerator computes its part.
+        let t0 = Instant::now();
+        let lr = &self.layers[id].lr;
+        let f = TrustedConv::forward_flops(conv, lr)?;
+        self.tconv.forward(conv, lr, y)?;
+        self.trusted(id, t0, f);
+        self.last_decomposed = Some(id);
+        Ok(true)
+    }
+
+    /// The second half of a split forward: the accelerator's Y_U received, checked and added to Y_T in `y`
+    /// (X_U as sent in `self.residual`, or for a shortcut conv the block input's).
+    fn receive_split(
+        &mut self,
+        conv: &Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        train: bool,
+        shared: Option<usize>,
+    ) -> Result<(), CoreError> {
+        let id = conv.id;
+        self.layers[id].shared_from = shared;
+        let what = format!("ConvForward(layer {id})");
+        let frame = self.recv_conv_output(id)?;
+        let merged = self.merge_received(conv, &frame, x, y, train, &what);
+        self.client.reuse_frame(frame);
+        merged?;
+        self.count_split_forward(conv, &x.shape);
+        Ok(())
     }
 }
 
@@ -937,6 +973,32 @@ impl<T: Transport> ConvExec for SplitExec<T> {
         self.measured(conv.id, false, |s| s.backward_conv(conv, x, dy, dx))
     }
 
+    fn stream_parts(&self, b: usize) -> Vec<std::ops::Range<usize>> {
+        self.stream_ranges(b)
+    }
+
+    fn conv_forward_begin(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        part: &StreamPart,
+    ) -> Result<(), CoreError> {
+        self.measured_as(conv.id, part.index == 0, true, |s| {
+            s.begin_part(conv, x, y, part)
+        })
+    }
+
+    fn conv_forward_finish(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        part: &StreamPart,
+    ) -> Result<(), CoreError> {
+        self.measured_as(conv.id, false, false, |s| s.finish_part(conv, x, y, part))
+    }
+
     fn after_update(&mut self, net: &mut Net) -> Result<(), CoreError> {
         // The trusted runtime's new weights go to the accelerator only for the convs that ran split in this
         // step (they will most likely split in the next one); a conv on the fully-trusted route keeps its update
@@ -1018,7 +1080,19 @@ impl<T: Transport> SplitExec<T> {
         forward: bool,
         f: impl FnOnce(&mut Self) -> Result<(), CoreError>,
     ) -> Result<(), CoreError> {
-        if forward {
+        self.measured_as(id, forward, forward, f)
+    }
+
+    /// [`Self::measured`], closing the previous step's measurement only when `opens_step` and noting the route
+    /// taken only when `takes_route` (a streamed forward's conv is called once per part, and to finish each).
+    fn measured_as(
+        &mut self,
+        id: usize,
+        opens_step: bool,
+        takes_route: bool,
+        f: impl FnOnce(&mut Self) -> Result<(), CoreError>,
+    ) -> Result<(), CoreError> {
+        if opens_step {
             if let Some(l) = self.layers.get_mut(id) {
                 l.costs.close_step();
             }
@@ -1031,7 +1105,7 @@ impl<T: Transport> SplitExec<T> {
             self.cfg.route_counts_wait,
         );
         if let Some(l) = self.layers.get_mut(id) {
-            if forward {
+            if takes_route {
                 l.costs.current = Some(l.trusted_route && !std::mem::take(&mut l.kept_all));
             }
             l.costs.spent += cost.max(0.0);

@@ -122,6 +122,9 @@ pub(crate) struct BenchResult {
     pub(crate) route: String,
     /// The split's parts per batch in each conv's forward (`--micro-batches`; 1 otherwise).
     pub(crate) micro_batches: usize,
+    /// The timed inference forwards streamed their parts through the network (each part's next conv begun
+    /// while the accelerator works on the others), not conv by conv.
+    pub(crate) streamed: bool,
     pub(crate) batch: usize,
     pub(crate) input_size: usize,
     pub(crate) trusted_threads: usize,
@@ -663,6 +666,8 @@ struct Samples {
     bytes: (f64, f64),
     flops: (f64, f64),
     layers: Vec<LayerRow>,
+    /// Some timed step was a streamed forward.
+    streamed: bool,
 }
 
 impl Samples {
@@ -677,6 +682,7 @@ impl Samples {
         let w =
             (after.split.wait_s - before.split.wait_s) + (after.remote_wait - before.remote_wait);
         let transfer = after.split.transfer_s - before.split.transfer_s;
+        self.streamed |= after.split.streamed_forwards > before.split.streamed_forwards;
         self.wall.push(dt);
         self.trusted.push(dt - w);
         self.wait.push(w);
@@ -771,6 +777,7 @@ impl Samples {
             } else {
                 1
             },
+            streamed: self.streamed,
             batch: a.batch_size,
             input_size: case.spec.input_size,
             trusted_threads: plan.threads,
@@ -989,8 +996,15 @@ fn print_table(results: &[BenchResult]) {
                     .map_or(String::new(), |s| format!("; {s:.2}× the untrusted-only time")),
             );
             if let Some(o) = r.overlap_s {
+                let how = if r.streamed {
+                    format!(" ({} parts streamed through the network)", r.micro_batches)
+                } else if r.micro_batches > 1 {
+                    format!(" ({} parts per conv)", r.micro_batches)
+                } else {
+                    String::new()
+                };
                 println!(
-                    "{:<20} {:<6} both sides computing at once: {:.1} ms per step",
+                    "{:<20} {:<6} both sides computing at once: {:.1} ms per step{how}",
                     "",
                     "",
                     o * 1e3

@@ -1,5 +1,5 @@
 //! `asymml verify`: one training step in split mode and in trusted-only mode from the same weights and
-//! data, compared tensor by tensor.
+//! data, compared tensor by tensor, then an inference forward of both updated nets.
 
 use crate::accelerator::AcceleratorHandle;
 use crate::cli::VerifyArgs;
@@ -180,20 +180,43 @@ impl Case {
         sgd_update(&mut self.net_split, &mut Optimizer::new(KIND, WD));
         asymml_core::models::ConvExec::after_update(&mut self.exec, &mut self.net_split)?;
         let ranks = self.exec.ranks();
-        self.exec.shutdown()?;
         Ok(Updated {
             net_ref: self.net_ref,
             net_split: self.net_split,
             ranks,
+            exec: self.exec,
+            x: self.x,
+            _handle: self._handle,
         })
     }
 }
 
-/// Both nets after the update, and the rank the split kept at each conv.
+/// Both nets after the update, the rank the split kept at each conv, and what the inference forward
+/// runs on.
 struct Updated {
     net_ref: Net,
     net_split: Net,
     ranks: Vec<(String, usize)>,
+    exec: SplitExec<Box<dyn Transport + Send>>,
+    x: Tensor,
+    /// The accelerator (a child process ends with it).
+    _handle: AcceleratorHandle,
+}
+
+impl Updated {
+    /// An inference forward of the batch by both updated nets (BatchNorm's running statistics, the new
+    /// weights — sent to the accelerator by the update —, and with `--micro-batches` the parts streamed
+    /// through the network): the relative error of the split's logits ("infer.logits"). Then the
+    /// accelerator is told to stop.
+    fn infer(&mut self) -> Result<(String, f64)> {
+        let want = self
+            .net_ref
+            .forward(&self.x, false, &mut LocalExec)?
+            .clone();
+        let got = self.net_split.forward(&self.x, false, &mut self.exec);
+        let err = rel_err(&want.data, &got?.data, 0.0);
+        Ok(("infer.logits".into(), err))
+    }
 }
 
 fn set_grads(net: &mut Net, grads: &[Named]) {
@@ -311,11 +334,20 @@ pub fn run(a: VerifyArgs) -> Result<bool> {
     let grads_ref = case.backward_reference()?;
     let spread = grad_errors(&grads_ref, &grads_gemm);
     let mut updated = case.update(&grads_ref, &grads_split)?;
-    let results = compare(
+    let mut results = compare(
         (&fwd_ref, &fwd_split),
         (&grads_ref, &grads_split),
         (&mut updated.net_ref, &mut updated.net_split),
     );
+    results.push(updated.infer()?);
+    let Updated {
+        exec,
+        ranks,
+        _handle,
+        ..
+    } = updated;
+    exec.shutdown()?;
+    drop(_handle);
     if std::env::var_os("ASYMML_VERIFY_DEBUG").is_some() {
         for (n, v) in &spread {
             if *v > 1e-5 {
@@ -328,12 +360,7 @@ pub fn run(a: VerifyArgs) -> Result<bool> {
             eprintln!("{v:.3e} {n}");
         }
     }
-    Ok(report(
-        &a,
-        &spec.name(),
-        &updated.ranks,
-        &judge(&results, &spread),
-    ))
+    Ok(report(&a, &spec.name(), &ranks, &judge(&results, &spread)))
 }
 
 /// Prints the worst tensor (JSON or a line of text); returns whether every tensor is within its tolerance.

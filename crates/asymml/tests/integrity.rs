@@ -172,6 +172,18 @@ fn run(
     Result<(), CoreError>,
     asymml_trusted::integrity::IntegrityStats,
 ) {
+    let (res, stats) = run_all_stats(name, cfg, tamper, layer, steps);
+    (res, stats.integrity)
+}
+
+/// [`run`], returning all the executor's counters.
+fn run_all_stats(
+    name: &str,
+    cfg: SplitConfig,
+    tamper: Tamper,
+    layer: u32,
+    steps: usize,
+) -> (Result<(), CoreError>, asymml_trusted::split::SplitStats) {
     let (mut net, x, labels) = model(name);
     let (client, server) = inproc_pair();
     let service = std::thread::spawn(move || Service::new(1).unwrap().serve(server));
@@ -203,8 +215,8 @@ fn run(
     })();
     let _ = exec.shutdown();
     let _ = service.join();
-    let integrity = stats.lock().unwrap().integrity.clone();
-    (result, integrity)
+    let stats = stats.lock().unwrap().clone();
+    (result, stats)
 }
 
 fn cfg(policy: &str, shared_basis: bool, nsr: f32) -> SplitConfig {
@@ -350,11 +362,26 @@ fn micro_batched_forwards_are_checked_part_by_part() {
     };
     for name in ["vgg11", "resnet18"] {
         for policy in ["schedule", "asym1"] {
-            let (res, stats) = run(name, micro(policy), Tamper::None, 0, 3);
+            let (res, all) = run_all_stats(name, micro(policy), Tamper::None, 0, 3);
             res.unwrap_or_else(|e| panic!("{name} {policy}: {e}"));
+            let stats = all.integrity;
             assert_eq!(stats.failures, 0);
             assert!(stats.checks > 0);
             assert!(stats.worst_ratio < 1.0);
+            // The last, inference, forward streams its parts through a VGG (a ResNet's convs run in its
+            // blocks, conv by conv).
+            assert_eq!(all.streamed_forwards, u64::from(name == "vgg11"), "{name}");
+        }
+        // A lie in a streamed inference forward (no training step before it) is caught too.
+        for layer in [0, 3, 7] {
+            let (res, all) = run_all_stats(name, micro("schedule"), Tamper::Output(0.1), layer, 0);
+            let err = res.expect_err(&format!("{name}: a lie at conv {layer} passed"));
+            assert!(
+                matches!(err, CoreError::Integrity { .. }),
+                "{name}: conv {layer}: {err}"
+            );
+            assert_eq!(all.integrity.failures, 1);
+            assert_eq!(all.streamed_forwards, u64::from(name == "vgg11"), "{name}");
         }
         for (layer, tamper) in [
             (0, Tamper::Output(0.1)),

@@ -11,6 +11,7 @@ mod vgg;
 
 pub use net::{
     ConvExec, Layer, LocalExec, Net, Node, ParamVisitor, StateMut, StateRef, StateVisitor,
+    StreamPart,
 };
 pub use resnet::BasicBlock;
 pub use spec::{Arch, ModelSpec, Style};

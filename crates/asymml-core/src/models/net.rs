@@ -10,6 +10,7 @@ use crate::layers::{
 };
 use crate::rng::Rng;
 use crate::tensor::Tensor;
+use std::ops::Range;
 
 /// Runs convolutions. The trusted-only runtime computes them in place ([`LocalExec`]); the split runtime
 /// decomposes the input and sends the residual across the boundary.
@@ -50,6 +51,51 @@ pub trait ConvExec {
     fn after_update(&mut self, _net: &mut Net) -> Result<()> {
         Ok(())
     }
+
+    /// The parts (consecutive samples) an inference forward of a batch of `b` samples is to be streamed in:
+    /// each part goes through the network on its own, and the parts' convs are interleaved so that one part's
+    /// conv can be in flight while the next part is worked on ([`Net::forward`]). Fewer than two: the forward
+    /// is not streamed (the default).
+    fn stream_parts(&self, _b: usize) -> Vec<Range<usize>> {
+        Vec::new()
+    }
+
+    /// Starts the inference forward of `conv` on one part of a streamed forward (x: that part's input
+    /// [len, C, H, W]); `y` holds its output once [`ConvExec::conv_forward_finish`] of the same part has
+    /// returned. Until then the executor may start other parts, of this conv and of later ones. The default
+    /// computes the whole output now.
+    fn conv_forward_begin(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        _part: &StreamPart,
+    ) -> Result<()> {
+        self.conv_forward(conv, x, y, false)
+    }
+
+    /// Completes what [`ConvExec::conv_forward_begin`] started for `part` (called once, with the same
+    /// tensors, before that part's next conv begins). The default has nothing left to do.
+    fn conv_forward_finish(
+        &mut self,
+        _conv: &mut Conv2d,
+        _x: &Tensor,
+        _y: &mut Tensor,
+        _part: &StreamPart,
+    ) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// One part of a streamed inference forward (see [`ConvExec::stream_parts`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamPart {
+    /// The part's place among the parts (0 first).
+    pub index: usize,
+    /// Its samples in the batch.
+    pub samples: Range<usize>,
+    /// The batch's size.
+    pub batch: usize,
 }
 
 /// Computes every convolution locally.
@@ -148,6 +194,11 @@ pub struct Net {
     fuse: bool,
     /// fused[i]: the last forward ran nodes i and i + 1 as one fused pass (acts[i + 1] was not written).
     fused: Vec<bool>,
+    /// A streamed forward's activations per part (as `acts`, for the part's samples), up to the node where the
+    /// parts are gathered; empty after a forward that was not streamed.
+    part_acts: Vec<Vec<Tensor>>,
+    /// The last forward was streamed: there is nothing to run a backward on.
+    streamed: bool,
 }
 
 /// Time spent in one node (see [`Net::set_profiling`]).
@@ -218,6 +269,36 @@ pub(crate) fn bn_params(prefix: &str, b: &mut BatchNorm2d, f: &mut ParamVisitor)
     f(&format!("{prefix}.bias"), &mut b.bias, false);
 }
 
+/// The parts' activations at node g (each [len, …]) one after the other into `out` ([B, …]).
+fn gather(pa: &[Vec<Tensor>], g: usize, out: &mut Tensor) -> Result<()> {
+    let Some(first) = pa.first().and_then(|a| a.get(g)) else {
+        return Err(CoreError::Invalid("streamed forward: no parts".into()));
+    };
+    let mut shape = first.shape.clone();
+    let mut b = 0;
+    for a in pa {
+        let t = &a[g];
+        if t.shape.get(1..) != first.shape.get(1..) {
+            return Err(CoreError::Shape(format!(
+                "streamed forward: parts of shapes {:?} and {:?}",
+                first.shape, t.shape
+            )));
+        }
+        b += t.shape.first().copied().unwrap_or(0);
+    }
+    if let Some(s0) = shape.first_mut() {
+        *s0 = b;
+    }
+    out.resize(&shape);
+    let mut at = 0;
+    for a in pa {
+        let d = &a[g].data;
+        out.data[at..at + d.len()].copy_from_slice(d);
+        at += d.len();
+    }
+    Ok(())
+}
+
 impl Net {
     /// A network from its nodes (numbers the convolutions in execution order).
     pub fn new(spec: ModelSpec, nodes: Vec<Node>, seed: u64) -> Self {
@@ -233,6 +314,8 @@ impl Net {
             node_times: None,
             fuse: true,
             fused: Vec::new(),
+            part_acts: Vec::new(),
+            streamed: false,
         };
         let mut id = 0;
         net.visit_convs(&mut |_, c| {
@@ -400,16 +483,41 @@ impl Net {
             )));
         }
         let n = self.nodes.len();
+        if !train {
+            let parts = exec.stream_parts(x.shape[0]);
+            if parts.len() > 1 {
+                if let Some(g) = self.stream_end() {
+                    return self.forward_streamed(x, &parts, g, exec);
+                }
+            }
+        }
+        self.part_acts = Vec::new();
+        self.streamed = false;
         self.acts.resize_with(n + 1, Tensor::default);
         self.acts[0].copy_from(x);
         self.fused.clear();
         self.fused.resize(n, false);
-        let mut i = 0;
-        while i < n {
+        let mut acts = std::mem::take(&mut self.acts);
+        let res = self.run_nodes(&mut acts, 0..n, train, exec);
+        self.acts = acts;
+        res?;
+        Ok(&self.acts[n])
+    }
+
+    /// Runs nodes `range` on `acts` (acts[i] is the input of node i), the convs through `exec`.
+    fn run_nodes(
+        &mut self,
+        acts: &mut [Tensor],
+        range: Range<usize>,
+        train: bool,
+        exec: &mut dyn ConvExec,
+    ) -> Result<()> {
+        let mut i = range.start;
+        while i < range.end {
             let t0 = self.node_times.is_some().then(std::time::Instant::now);
-            if self.fusable(i, train) {
+            if i + 1 < range.end && self.fusable(i, train) {
                 // BN → ReLU+MaxPool in one pass from acts[i] to acts[i + 2]; the time goes to the BN node.
-                let (before, after) = self.acts.split_at_mut(i + 1);
+                let (before, after) = acts.split_at_mut(i + 1);
                 let (lo, hi) = self.nodes.split_at_mut(i + 1);
                 if let (Layer::BatchNorm(b), Layer::MaxPool(p)) =
                     (&mut lo[i].layer, &mut hi[0].layer)
@@ -422,7 +530,7 @@ impl Net {
                 i += 2;
                 continue;
             }
-            let (before, after) = self.acts.split_at_mut(i + 1);
+            let (before, after) = acts.split_at_mut(i + 1);
             let (input, out) = (&before[i], &mut after[0]);
             let node = &mut self.nodes[i];
             let res = match &mut node.layer {
@@ -452,7 +560,139 @@ impl Net {
             self.add_time(i, t0, false);
             i += 1;
         }
+        Ok(())
+    }
+
+    /// Where a streamed forward gathers its parts: the first fully connected node (each part's pass over its
+    /// weights would read them all again), or the end. `None` when the network cannot be streamed: a residual
+    /// block before that node (its convs run inside the block), a conv after it, or no conv at all.
+    fn stream_end(&self) -> Option<usize> {
+        let n = self.nodes.len();
+        let g = (0..n)
+            .find(|&i| matches!(self.nodes[i].layer, Layer::Linear(_)))
+            .unwrap_or(n);
+        let (head, tail) = self.nodes.split_at(g);
+        let streamable = head.iter().all(|nd| !matches!(nd.layer, Layer::Block(_)))
+            && head.iter().any(|nd| matches!(nd.layer, Layer::Conv(_)))
+            && tail
+                .iter()
+                .all(|nd| !matches!(nd.layer, Layer::Conv(_) | Layer::Block(_)));
+        streamable.then_some(g)
+    }
+
+    /// The inference forward in `parts` (see [`ConvExec::stream_parts`]): nodes 0..g run per part, the convs
+    /// begun for every part before the first is finished — so that the executor may have one part's conv in
+    /// flight while it works on the next part, across convs: stage s of part p finishes conv s − 1 of part p,
+    /// runs the nodes up to conv s and begins it; the stages go (s, 0), (s, 1), …, then (s + 1, 0). The parts'
+    /// activations at node g are gathered into the batch's, and nodes g.. run on the whole batch.
+    fn forward_streamed(
+        &mut self,
+        x: &Tensor,
+        parts: &[Range<usize>],
+        g: usize,
+        exec: &mut dyn ConvExec,
+    ) -> Result<&Tensor> {
+        let (n, b) = (self.nodes.len(), x.shape[0]);
+        let covers = parts.first().map(|r| r.start) == Some(0)
+            && parts.last().map(|r| r.end) == Some(b)
+            && parts.windows(2).all(|w| w[0].end == w[1].start)
+            && parts.iter().all(|r| !r.is_empty());
+        if !covers {
+            return Err(CoreError::Invalid(format!(
+                "streamed forward: parts {parts:?} do not cover a batch of {b} in order"
+            )));
+        }
+        self.streamed = true;
+        self.fused.clear();
+        self.fused.resize(n, false);
+        // The batch's activations before node g are not used here: their memory goes.
+        self.acts.resize_with(n + 1, Tensor::default);
+        for a in &mut self.acts[..g] {
+            *a = Tensor::default();
+        }
+        let per = x.len() / b.max(1);
+        let mut pa = std::mem::take(&mut self.part_acts);
+        pa.resize_with(parts.len(), Vec::new);
+        for (acts, r) in pa.iter_mut().zip(parts) {
+            acts.resize_with(g + 1, Tensor::default);
+            let mut shape = x.shape.clone();
+            shape[0] = r.len();
+            acts[0].resize(&shape);
+            acts[0]
+                .data
+                .copy_from_slice(&x.data[r.start * per..r.end * per]);
+        }
+        let res = self.run_stages(&mut pa, parts, g, exec);
+        let res = res.and_then(|()| gather(&pa, g, &mut self.acts[g]));
+        self.part_acts = pa;
+        res?;
+        let mut acts = std::mem::take(&mut self.acts);
+        let res = self.run_nodes(&mut acts, g..n, false, exec);
+        self.acts = acts;
+        res?;
         Ok(&self.acts[n])
+    }
+
+    /// The stages of [`Net::forward_streamed`] over nodes 0..g.
+    fn run_stages(
+        &mut self,
+        pa: &mut [Vec<Tensor>],
+        parts: &[Range<usize>],
+        g: usize,
+        exec: &mut dyn ConvExec,
+    ) -> Result<()> {
+        let convs: Vec<usize> = (0..g)
+            .filter(|&i| matches!(self.nodes[i].layer, Layer::Conv(_)))
+            .collect();
+        let batch = parts.last().map_or(0, |r| r.end);
+        for s in 0..=convs.len() {
+            for (p, acts) in pa.iter_mut().enumerate() {
+                let part = StreamPart {
+                    index: p,
+                    samples: parts[p].clone(),
+                    batch,
+                };
+                let start = match s.checked_sub(1).map(|k| convs[k]) {
+                    Some(c) => {
+                        self.conv_part(c, acts, &part, exec, false)?;
+                        c + 1
+                    }
+                    None => 0,
+                };
+                let end = convs.get(s).copied().unwrap_or(g);
+                self.run_nodes(acts, start..end, false, exec)?;
+                if let Some(&c) = convs.get(s) {
+                    self.conv_part(c, acts, &part, exec, true)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Begins (`begin`) or finishes conv node `c` of a streamed forward on one part's activations.
+    fn conv_part(
+        &mut self,
+        c: usize,
+        acts: &mut [Tensor],
+        part: &StreamPart,
+        exec: &mut dyn ConvExec,
+        begin: bool,
+    ) -> Result<()> {
+        let t0 = self.node_times.is_some().then(std::time::Instant::now);
+        let node = &mut self.nodes[c];
+        let Layer::Conv(conv) = &mut node.layer else {
+            return Err(CoreError::Invalid(format!("node {c} is not a conv")));
+        };
+        let (before, after) = acts.split_at_mut(c + 1);
+        let (x, y) = (&before[c], &mut after[0]);
+        let res = if begin {
+            exec.conv_forward_begin(conv, x, y, part)
+        } else {
+            exec.conv_forward_finish(conv, x, y, part)
+        };
+        res.map_err(|e| in_layer(&node.name, e))?;
+        self.add_time(c, t0, false);
+        Ok(())
     }
 
     /// Forward then the mean cross-entropy loss on `labels`; returns (loss, number correct).
@@ -490,6 +730,12 @@ impl Net {
         input_grad: bool,
     ) -> Result<()> {
         let n = self.nodes.len();
+        if self.streamed {
+            return Err(CoreError::Invalid(
+                "backward: the last forward was an inference forward in parts; run a training forward first"
+                    .into(),
+            ));
+        }
         if self.acts.len() != n + 1 || dlogits.shape != self.acts[n].shape {
             return Err(CoreError::Shape(
                 "backward: run forward first with the same batch".into(),

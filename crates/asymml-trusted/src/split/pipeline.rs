@@ -8,6 +8,15 @@
 //! part is sent as soon as it is decomposed; over a byte stream one at a time (the next part's decomposition
 //! still overlaps the accelerator's work), since both sides writing more than the socket buffers hold while
 //! neither reads would wait for good.
+//!
+//! An inference forward over a transport that queues frames goes further: the parts are streamed through the
+//! network (`Net::forward`, [`SplitExec::stream_ranges`]). Each part goes through BatchNorm, ReLU and pooling
+//! on its own, and its next conv is begun ([`SplitExec::begin_part`]: decomposed, X_U sent as a plain
+//! `ConvForward` of the part's samples, Y_T computed) while the accelerator still works on the other parts of
+//! the conv before; its reply is taken, checked and merged one stage later ([`SplitExec::finish_part`]). So
+//! the accelerator does not wait at each conv's start for the first part's decomposition and the whole batch's
+//! BatchNorm, nor the trusted runtime at its end for the last part. Nothing is kept for a backward (an
+//! inference forward has none), and each part keeps its own residual (for its check) in its buffers.
 
 use super::{bad_reply, SplitExec};
 use asymml_core::decomp::{
@@ -15,6 +24,7 @@ use asymml_core::decomp::{
     RankPolicy, SvdMethod, TrustedConv,
 };
 use asymml_core::layers::Conv2d;
+use asymml_core::models::StreamPart;
 use asymml_core::{CoreError, Tensor};
 use asymml_protocol::{
     declassify_residual_owned, ConvOutputFrame, ProtocolError, ReceivedTensor, Request, Transport,
@@ -97,6 +107,93 @@ impl<T: Transport> SplitExec<T> {
             return 1;
         }
         self.cfg.micro_batches.clamp(1, b.max(1))
+    }
+
+    /// The parts a streamed inference forward of a batch of `b` is cut into (see `Net::forward` and the module
+    /// documentation): the micro-batches, where the basis is per sample and the transport queues frames (the
+    /// requests of every part and conv may be outstanding at once); none otherwise.
+    pub(super) fn stream_ranges(&self, b: usize) -> Vec<Range<usize>> {
+        let parts = self.parts_for(b);
+        if parts < 2 || !self.client.transport().queues_frames() {
+            return Vec::new();
+        }
+        part_ranges(b, parts)
+    }
+
+    /// An error when some part of a streamed forward still waits for its reply (a forward failed midway): the
+    /// replies on their way would be taken for those of later requests.
+    pub(super) fn none_in_flight(&self) -> Result<(), CoreError> {
+        match self.in_flight.iter().position(Option::is_some) {
+            None => Ok(()),
+            Some(p) => Err(CoreError::accelerator(format!(
+                "part {p} of an earlier streamed forward still waits for its reply (that forward failed); this \
+                 accelerator session cannot go on"
+            ))),
+        }
+    }
+
+    /// Begins conv `conv.id`'s forward of one part of a streamed inference forward: the route, the part's
+    /// decomposition, its X_U sent and its Y_T computed into `y` (its residual kept in the part's buffers for
+    /// the check) — or the whole conv of the part here.
+    pub(super) fn begin_part(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        part: &StreamPart,
+    ) -> Result<(), CoreError> {
+        let (id, p) = (conv.id, part.index);
+        if (id == 0 && p == 0) || self.in_flight.get(p).copied().flatten().is_some() {
+            // A new forward, or this part's last conv not finished: some reply is still on its way.
+            self.none_in_flight()?;
+        }
+        if id >= self.layers.len() {
+            return Err(CoreError::accelerator(format!(
+                "conv {id} was not registered"
+            )));
+        }
+        if id == 0 && p == 0 {
+            self.step_start(x);
+            self.count(|s| s.streamed_forwards += 1);
+        }
+        if self.part_bufs.len() <= p {
+            self.part_bufs.resize_with(p + 1, PartBufs::default);
+        }
+        if self.in_flight.len() <= p {
+            self.in_flight.resize(p + 1, None);
+        }
+        std::mem::swap(&mut self.residual, &mut self.part_bufs[p].res);
+        let sent = self.split_send(conv, x, y, false, true);
+        std::mem::swap(&mut self.residual, &mut self.part_bufs[p].res);
+        if sent.map_err(|e| e.at_conv(&self.layers[id].name))? {
+            self.in_flight[p] = Some(id);
+        }
+        Ok(())
+    }
+
+    /// Finishes what [`Self::begin_part`] began for `part`: its Y_U received, checked against the part's
+    /// residual and added to Y_T in `y` (nothing to do where the conv ran here).
+    pub(super) fn finish_part(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        part: &StreamPart,
+    ) -> Result<(), CoreError> {
+        let (id, p) = (conv.id, part.index);
+        match self.in_flight.get(p).copied().flatten() {
+            None => Ok(()),
+            Some(c) if c == id => {
+                self.in_flight[p] = None;
+                std::mem::swap(&mut self.residual, &mut self.part_bufs[p].res);
+                let r = self.receive_split(conv, x, y, false, None);
+                std::mem::swap(&mut self.residual, &mut self.part_bufs[p].res);
+                r.map_err(|e| e.at_conv(&self.layers[id].name))
+            }
+            Some(c) => Err(CoreError::Invalid(format!(
+                "streamed forward: conv {id} of part {p} finished while conv {c}'s reply is due"
+            ))),
+        }
     }
 
     /// The split forward of conv `conv.id` in parts (see the module documentation).
