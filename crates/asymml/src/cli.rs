@@ -48,8 +48,9 @@ pub enum Command {
     /// Make the key pairs and certificates of the mutual TLS between the trusted runtime and a remote
     /// accelerator (`--keys DIR` on both sides).
     Keygen(KeygenArgs),
-    /// One training step in split mode and in trusted-only mode from the same weights and data; prints the
-    /// largest relative difference (logits, loss, every gradient, every updated weight); exit 1 above 1e-4.
+    /// One training step in split mode and in trusted-only mode from the same weights and data, then an
+    /// inference forward of both; prints the largest relative difference (logits, loss, every gradient, every
+    /// updated weight, the inference logits); exit 1 above 1e-4.
     Verify(VerifyArgs),
     /// Measure what the untrusted side learns: low-rank structure, mutual information of every stream it
     /// sees, reconstruction attacks, and the privacy–accuracy trade-off (see `asymml privacy --help`).
