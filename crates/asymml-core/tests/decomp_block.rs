@@ -152,6 +152,16 @@ fn check(
     let mut xt = Tensor::default();
     lr.reconstruct(&mut xt);
     assert_close(&format!("{what}: X_T + X_U"), &add(&xt, &xu), x);
+    // V goes after the forward and is made again from X for the backward: U V is X's projection onto span U.
+    let mut again = lr.clone();
+    assert!(again.drop_v(), "{what}: V kept");
+    assert!(!again.has_v() && again.samples.iter().all(|s| s.v.is_empty()));
+    assert!(again.restore_v(&Tensor::zeros(&[b + 1, n, h, w])).is_err());
+    again.restore_v(x).unwrap();
+    assert!(again.has_v(), "{what}");
+    let mut xt_again = Tensor::default();
+    again.reconstruct(&mut xt_again);
+    assert_close(&format!("{what}: X_T from V made again"), &xt_again, &xt);
     let nhw = n * h * w;
     for (s, xtb) in lr.samples.iter().zip(xt.data.chunks(nhw.max(1))) {
         let e = sum_sq(xtb);
@@ -573,6 +583,9 @@ fn light_through_the_method_api_is_unchanged() {
                 for (p, q) in a.samples.iter().zip(&b.samples) {
                     assert_eq!((&p.u, &p.v), (&q.u, &q.v));
                 }
+                // Algorithm 1's U V is not exactly a projection: its V is kept.
+                assert!(!b.drop_v() && b.has_v());
+                assert!(b.samples.iter().all(|s| !s.v.is_empty()));
             }
         }
     }

@@ -744,6 +744,11 @@ impl<T: Transport> SplitExec<T> {
         if id == 0 && !part {
             self.step_start(x);
         }
+        // The conv decomposed last has had its forward (and a shortcut conv reading the same input, right
+        // after it): its V goes until its backward makes it again from its input.
+        if let Some(l) = self.last_decomposed.and_then(|p| self.layers.get_mut(p)) {
+            l.lr.drop_v();
+        }
         let side = x.shape.iter().skip(2).copied().max().unwrap_or(0);
         let policy = self.layer_policy(id, conv.in_ch, side);
         self.layers[id].policy_trusted = policy.is_none();
@@ -1161,10 +1166,18 @@ impl<T: Transport> SplitExec<T> {
             let f = if !self.layers[owner].parts.is_empty() {
                 self.add_weight_grad_parts(conv, owner, dy, &mut grad)
             } else {
-                let lr = &self.layers[owner].lr;
-                self.tconv
-                    .add_weight_grad(conv, lr, dy, &mut grad)
-                    .and_then(|()| TrustedConv::flops(conv, lr))
+                // V was let go after the forward: made again from the input, and let go again after use.
+                let lr = &mut self.layers[owner].lr;
+                let dropped = !lr.has_v();
+                let f = lr.restore_v(x).and_then(|()| {
+                    self.tconv
+                        .add_weight_grad(conv, lr, dy, &mut grad)
+                        .and_then(|()| TrustedConv::flops(conv, lr))
+                });
+                if dropped {
+                    lr.drop_v();
+                }
+                f
             };
             conv.weight.grad = grad;
             self.trusted(id, t0, f?);

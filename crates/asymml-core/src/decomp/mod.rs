@@ -38,6 +38,7 @@ fn all_of(e: f64, n: usize) -> EnergyStop {
 pub use trusted::TrustedConv;
 
 use crate::error::{CoreError, Result};
+use crate::gemm::{sgemm, Mat};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -86,6 +87,11 @@ pub struct BatchLowRank {
     pub shared: bool,
     /// The batch-shared basis's factorisation of the batch as one N × B·HW matrix.
     whole_lr: LowRank,
+    /// Every U_b V_b is the orthogonal projection of X_b onto span(U_b) (the block method: V_b = U_bᵀ X_b with
+    /// each row j divided by ‖u_j‖²), so V can be let go and made again from X ([`BatchLowRank::drop_v`]).
+    projection: bool,
+    /// V was let go ([`BatchLowRank::drop_v`]) and not made again since.
+    v_dropped: bool,
 }
 
 impl BatchLowRank {
@@ -102,6 +108,82 @@ impl BatchLowRank {
             .chain(std::iter::once(&self.whole_lr))
             .map(LowRank::scratch_bytes)
             .sum()
+    }
+
+    /// Lets every sample's V go, where it can be made again from X ([`BatchLowRank::restore_v`]: the block
+    /// method's factorisations); returns whether it did. V is as large as r/N of X: a split conv keeps only U
+    /// (N × r) from its forward to its backward.
+    pub fn drop_v(&mut self) -> bool {
+        if !self.projection || self.v_dropped {
+            return self.v_dropped;
+        }
+        for s in &mut self.samples {
+            s.v = Vec::new();
+        }
+        self.v_dropped = true;
+        true
+    }
+
+    /// Whether V is there (not let go by [`BatchLowRank::drop_v`]).
+    pub fn has_v(&self) -> bool {
+        !self.v_dropped
+    }
+
+    /// Makes V again after [`BatchLowRank::drop_v`], from x — the very input [B, N, H, W] that was decomposed:
+    /// V_b = U_bᵀ X_b with row j divided by ‖u_j‖² (0 where u_j is zero), which is the V of the decomposition up
+    /// to float32 rounding, so U V is X's projection as before. Nothing to do when V is there.
+    pub fn restore_v(&mut self, x: &Tensor) -> Result<()> {
+        if !self.v_dropped {
+            return Ok(());
+        }
+        let (b, n, h, w) = x.nchw("restore V")?;
+        if b != self.samples.len() || n != self.n || (h, w) != (self.h, self.w) {
+            return Err(CoreError::Shape(format!(
+                "restore V: an input of shape {:?} for factorisations of [{}, {}, {}, {}]",
+                x.shape,
+                self.samples.len(),
+                self.n,
+                self.h,
+                self.w
+            )));
+        }
+        let hw = h * w;
+        if let Some(s) = self
+            .samples
+            .iter()
+            .find(|s| s.n != n || s.hw != hw || s.u.len() != n * s.r)
+        {
+            return Err(CoreError::Shape(format!(
+                "restore V: a factorisation of {}×{} at rank {} with {} values of U, for [{n}, {hw}]",
+                s.n,
+                s.hw,
+                s.r,
+                s.u.len()
+            )));
+        }
+        self.samples
+            .par_iter_mut()
+            .zip(x.data.par_chunks(n * hw))
+            .for_each(|(s, xb)| {
+                let r = s.r;
+                s.v.clear();
+                s.v.resize(r * hw, 0.0);
+                if r * hw == 0 {
+                    return;
+                }
+                sgemm(r, hw, n, Mat::rm_t(&s.u, r), Mat::rm(xb, hw), &mut s.v, false, 1);
+                for (j, row) in s.v.chunks_exact_mut(hw).enumerate() {
+                    let nn: f64 = (0..n).map(|i| (s.u[i * r + j] as f64).powi(2)).sum();
+                    let inv = if nn > 0.0 && (1.0 / nn).is_finite() {
+                        (1.0 / nn) as f32
+                    } else {
+                        0.0
+                    };
+                    row.iter_mut().for_each(|a| *a *= inv);
+                }
+            });
+        self.v_dropped = false;
+        Ok(())
     }
 
     /// x_t: [B, N, H, W] ← U_b V_b per sample (the trusted part X_T).
@@ -394,6 +476,7 @@ fn decompose_block(
     out: &mut BatchLowRank,
     residual: &mut Tensor,
 ) -> Result<usize> {
+    (out.projection, out.v_dropped) = (false, false);
     let m = match method {
         SvdMethod::Light { iters } => {
             return decompose_light(x, policy, schedule_step, iters, out, residual)
@@ -407,6 +490,7 @@ fn decompose_block(
         // Nothing to decompose: the light path's zero components of the clamped rank.
         return decompose_light(x, policy, schedule_step, 1, out, residual);
     }
+    out.projection = true;
     residual.resize(&x.shape);
     out.n = n;
     out.h = h;
@@ -486,6 +570,7 @@ pub fn decompose_batch_shared_with(
     out: &mut BatchLowRank,
     residual: &mut Tensor,
 ) -> Result<usize> {
+    (out.projection, out.v_dropped) = (false, false);
     let m = match method {
         SvdMethod::Light { iters } => {
             return decompose_batch_shared(x, policy, schedule_step, iters, out, residual)
@@ -498,6 +583,7 @@ pub fn decompose_batch_shared_with(
         out.shared = false;
         return decompose_batch(x, policy, schedule_step, 1, out, residual);
     }
+    out.projection = true;
     check_energy(policy)?;
     let threads = rayon::current_num_threads();
     let xs: Vec<&[f32]> = x.data.chunks(nhw).collect();
