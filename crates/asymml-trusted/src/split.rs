@@ -1132,6 +1132,12 @@ impl<T: Transport> SplitExec<T> {
                 "conv {id} was not registered"
             )));
         }
+        // The residuals kept for the forward's checks are not needed in the backward: their memory (the size
+        // of the largest split conv's input) is free while the backward's buffers grow.
+        if !self.residual.data.is_empty() || !self.part_bufs.is_empty() {
+            self.residual = Tensor::default();
+            self.part_bufs = Vec::new();
+        }
         if self.layers[id].trusted_route {
             let t0 = Instant::now();
             let passes = if dx.is_some() { 2.0 } else { 1.0 };

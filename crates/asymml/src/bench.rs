@@ -509,10 +509,6 @@ impl Plan {
                 }
             }
             let dt = t.elapsed().as_secs_f64();
-            if std::env::var_os("ASYMML_PEAK_TRACE").is_some() {
-                use crate::alloc::{live, peak, Domain};
-                eprintln!("PEAKTRACE {:?} step {i} peak {} live {}", case.mode, peak(Domain::Trusted) / 1000000, live(Domain::Trusted) / 1000000);
-            }
             let after = probes.read(&s);
             if i >= probe {
                 pb.inc(1);

@@ -171,7 +171,16 @@ impl BatchLowRank {
                 if r * hw == 0 {
                     return;
                 }
-                sgemm(r, hw, n, Mat::rm_t(&s.u, r), Mat::rm(xb, hw), &mut s.v, false, 1);
+                sgemm(
+                    r,
+                    hw,
+                    n,
+                    Mat::rm_t(&s.u, r),
+                    Mat::rm(xb, hw),
+                    &mut s.v,
+                    false,
+                    1,
+                );
                 for (j, row) in s.v.chunks_exact_mut(hw).enumerate() {
                     let nn: f64 = (0..n).map(|i| (s.u[i * r + j] as f64).powi(2)).sum();
                     let inv = if nn > 0.0 && (1.0 / nn).is_finite() {
