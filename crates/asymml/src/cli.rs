@@ -87,9 +87,10 @@ pub(crate) struct SplitArgs {
     /// consecutive samples (at most one per sample; the first and last about half the size of the others),
     /// so that the accelerator convolves one part while the trusted runtime decomposes the next and computes
     /// its own part — the two sides overlap in time. The results are the same as with the whole batch (each
-    /// part is checked on its own). With an in-process accelerator every part is sent as soon as it is ready;
-    /// over a socket one part is outstanding at a time. Ignored with --shared-basis. 1: the whole batch at
-    /// once.
+    /// part is checked on its own). With an in-process accelerator every part is sent as soon as it is ready,
+    /// and an inference forward (VGG) streams the parts through the whole network: each part's next conv
+    /// begins while the accelerator still works on the others; over a socket one part is outstanding at a
+    /// time. Ignored with --shared-basis. 1: the whole batch at once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub(crate) micro_batches: u16,
     /// Noise-to-signal ratio: X_U + N(0, (NSR·rms(X))²) before it leaves the trusted runtime.
