@@ -156,15 +156,10 @@ impl<T: Transport> SplitExec<T> {
             self.step_start(x);
             self.count(|s| s.streamed_forwards += 1);
         }
-        if self.part_bufs.len() <= p {
-            self.part_bufs.resize_with(p + 1, PartBufs::default);
-        }
         if self.in_flight.len() <= p {
             self.in_flight.resize(p + 1, None);
         }
-        std::mem::swap(&mut self.residual, &mut self.part_bufs[p].res);
-        let sent = self.split_send(conv, x, y, false, true);
-        std::mem::swap(&mut self.residual, &mut self.part_bufs[p].res);
+        let sent = self.with_part_residual(p, |s| s.split_send(conv, x, y, false, true));
         if sent.map_err(|e| e.at_conv(&self.layers[id].name))? {
             self.in_flight[p] = Some(id);
         }
@@ -185,15 +180,25 @@ impl<T: Transport> SplitExec<T> {
             None => Ok(()),
             Some(c) if c == id => {
                 self.in_flight[p] = None;
-                std::mem::swap(&mut self.residual, &mut self.part_bufs[p].res);
-                let r = self.receive_split(conv, x, y, false, None);
-                std::mem::swap(&mut self.residual, &mut self.part_bufs[p].res);
-                r.map_err(|e| e.at_conv(&self.layers[id].name))
+                self.with_part_residual(p, |s| s.receive_split(conv, x, y, false, None))
+                    .map_err(|e| e.at_conv(&self.layers[id].name))
             }
             Some(c) => Err(CoreError::Invalid(format!(
                 "streamed forward: conv {id} of part {p} finished while conv {c}'s reply is due"
             ))),
         }
+    }
+
+    /// Runs `f` with part `p`'s residual buffer as the split's residual (the whole-batch path's decomposition,
+    /// send and check then work on that part's X_U, which stays in the part's buffers between them).
+    fn with_part_residual<R>(&mut self, p: usize, f: impl FnOnce(&mut Self) -> R) -> R {
+        if self.part_bufs.len() <= p {
+            self.part_bufs.resize_with(p + 1, PartBufs::default);
+        }
+        std::mem::swap(&mut self.residual, &mut self.part_bufs[p].res);
+        let r = f(self);
+        std::mem::swap(&mut self.residual, &mut self.part_bufs[p].res);
+        r
     }
 
     /// The split forward of conv `conv.id` in parts (see the module documentation).
