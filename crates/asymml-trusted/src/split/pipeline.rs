@@ -197,7 +197,10 @@ impl<T: Transport> SplitExec<T> {
         }
         std::mem::swap(&mut self.residual, &mut self.part_bufs[p].res);
         let r = f(self);
-        std::mem::swap(&mut self.residual, &mut self.part_bufs[p].res);
+        // (The part buffers are only let go at a new step's first conv, never inside `f`.)
+        if let Some(b) = self.part_bufs.get_mut(p) {
+            std::mem::swap(&mut self.residual, &mut b.res);
+        }
         r
     }
 
