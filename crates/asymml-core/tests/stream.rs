@@ -23,6 +23,15 @@ struct Recorder {
     calls: Vec<Call>,
 }
 
+impl Recorder {
+    fn new(parts: Vec<Range<usize>>) -> Self {
+        Recorder {
+            parts,
+            calls: Vec::new(),
+        }
+    }
+}
+
 impl ConvExec for Recorder {
     fn conv_forward(
         &mut self,
@@ -114,10 +123,7 @@ fn a_streamed_forward_equals_the_whole_batch_forward_and_interleaves_the_parts()
     let want = net.forward(&x, false, &mut LocalExec).unwrap().clone();
     let convs = net.convs_mut().len();
     for parts in [vec![0..2, 2..3, 3..5], vec![0..1, 1..5], vec![0..4, 4..5]] {
-        let mut rec = Recorder {
-            parts: parts.clone(),
-            calls: Vec::new(),
-        };
+        let mut rec = Recorder::new(parts.clone());
         let got = net.forward(&x, false, &mut rec).unwrap().clone();
         assert_eq!(got.shape, want.shape);
         close(&want.data, &got.data, &format!("logits, parts {parts:?}"));
@@ -150,17 +156,11 @@ fn a_streamed_forward_equals_the_whole_batch_forward_and_interleaves_the_parts()
 fn training_forwards_residual_blocks_and_bad_parts_are_not_streamed() {
     // Training: BatchNorm needs the whole batch's statistics, so every conv runs whole.
     let (mut net, x) = net_and_batch("vgg11", 4);
-    let mut rec = Recorder {
-        parts: vec![0..2, 2..4],
-        calls: Vec::new(),
-    };
+    let mut rec = Recorder::new(vec![0..2, 2..4]);
     net.forward(&x, true, &mut rec).unwrap();
     assert!(rec.calls.iter().all(|c| matches!(c, Call::Whole(_))));
     // A training forward and its backward still work after a streamed one.
-    let mut rec = Recorder {
-        parts: vec![0..2, 2..4],
-        calls: Vec::new(),
-    };
+    let mut rec = Recorder::new(vec![0..2, 2..4]);
     net.forward(&x, false, &mut rec).unwrap();
     assert!(rec.calls.iter().any(|c| matches!(c, Call::Begin(..))));
     let logits = net.forward(&x, true, &mut LocalExec).unwrap().clone();
@@ -169,10 +169,7 @@ fn training_forwards_residual_blocks_and_bad_parts_are_not_streamed() {
     // ResNet: the convs run inside the blocks, whole.
     let (mut net, x) = net_and_batch("resnet18", 4);
     let want = net.forward(&x, false, &mut LocalExec).unwrap().clone();
-    let mut rec = Recorder {
-        parts: vec![0..2, 2..4],
-        calls: Vec::new(),
-    };
+    let mut rec = Recorder::new(vec![0..2, 2..4]);
     let got = net.forward(&x, false, &mut rec).unwrap().clone();
     assert!(rec.calls.iter().all(|c| matches!(c, Call::Whole(_))));
     close(&want.data, &got.data, "resnet18 logits");
@@ -185,10 +182,7 @@ fn training_forwards_residual_blocks_and_bad_parts_are_not_streamed() {
         vec![1..2, 2..4],
         vec![0..0, 0..4],
     ] {
-        let mut rec = Recorder {
-            parts: parts.clone(),
-            calls: Vec::new(),
-        };
+        let mut rec = Recorder::new(parts.clone());
         let err = net.forward(&x, false, &mut rec).unwrap_err();
         assert!(err.to_string().contains("do not cover"), "{parts:?}: {err}");
     }

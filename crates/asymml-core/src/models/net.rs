@@ -195,10 +195,9 @@ pub struct Net {
     /// fused[i]: the last forward ran nodes i and i + 1 as one fused pass (acts[i + 1] was not written).
     fused: Vec<bool>,
     /// A streamed forward's activations per part (as `acts`, for the part's samples), up to the node where the
-    /// parts are gathered; empty after a forward that was not streamed.
+    /// parts are gathered; empty after a forward that was not streamed (so non-empty: the last forward was
+    /// streamed, and there is nothing to run a backward on).
     part_acts: Vec<Vec<Tensor>>,
-    /// The last forward was streamed: there is nothing to run a backward on.
-    streamed: bool,
 }
 
 /// Time spent in one node (see [`Net::set_profiling`]).
@@ -315,7 +314,6 @@ impl Net {
             fuse: true,
             fused: Vec::new(),
             part_acts: Vec::new(),
-            streamed: false,
         };
         let mut id = 0;
         net.visit_convs(&mut |_, c| {
@@ -492,7 +490,6 @@ impl Net {
             }
         }
         self.part_acts = Vec::new();
-        self.streamed = false;
         self.acts.resize_with(n + 1, Tensor::default);
         self.acts[0].copy_from(x);
         self.fused.clear();
@@ -602,7 +599,6 @@ impl Net {
                 "streamed forward: parts {parts:?} do not cover a batch of {b} in order"
             )));
         }
-        self.streamed = true;
         self.fused.clear();
         self.fused.resize(n, false);
         // The batch's activations before node g are not used here: their memory goes.
@@ -730,7 +726,7 @@ impl Net {
         input_grad: bool,
     ) -> Result<()> {
         let n = self.nodes.len();
-        if self.streamed {
+        if !self.part_acts.is_empty() {
             return Err(CoreError::Invalid(
                 "backward: the last forward was an inference forward in parts; run a training forward first"
                     .into(),
