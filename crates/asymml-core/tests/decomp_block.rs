@@ -7,8 +7,9 @@ mod common;
 
 use asymml_core::decomp::{
     block_svd_flops, decompose_batch, decompose_batch_shared, decompose_batch_shared_with,
-    decompose_batch_with, energy_kept, exact_low_rank, rank_for_energy, singular_values,
-    BatchLowRank, BlockRoute, BlockSvd, LowRank, RankPolicy, SvdMethod, TrustedConv,
+    decompose_batch_with, decompose_factors_with, energy_kept, exact_low_rank, rank_for_energy,
+    singular_values, BatchLowRank, BlockRoute, BlockSvd, LowRank, RankPolicy, SvdMethod,
+    TrustedConv,
 };
 use asymml_core::layers::{Conv2d, Conv2dConfig};
 use asymml_core::rng::Rng;
@@ -747,6 +748,55 @@ fn small_maps_of_many_channels_are_decomposed_exactly_through_the_thin_gram() {
                     .unwrap();
                 let (lr, _) = check(&x, RankPolicy::Energy(e), 0, block(route), false);
                 assert_eq!(lr.r, want, "N {n} {h}×{w} E {e} {route}: rank");
+            }
+        }
+    }
+}
+
+#[test]
+fn factors_alone_then_residual_slabs_give_the_residual_of_the_whole_decomposition() {
+    let mut rng = Rng::new(41);
+    let [b, n, h, w] = [3, 12, 7, 9];
+    let x = randn(&mut rng, &[b, n, h, w], 1.0);
+    for policy in [
+        RankPolicy::Fixed(4),
+        RankPolicy::Energy(0.9),
+        RankPolicy::Fixed(n),
+    ] {
+        for method in [block(BlockRoute::Auto), SvdMethod::light(2)] {
+            let (mut whole, mut res) = (BatchLowRank::default(), Tensor::default());
+            let r1 = decompose_batch_with(&x, policy, 0, method, &mut whole, &mut res).unwrap();
+            let mut lr = BatchLowRank::default();
+            let r2 = decompose_factors_with(&x, policy, 0, method, &mut lr).unwrap();
+            assert_eq!(r1, r2, "{policy:?} {method:?}");
+            // Slabs of 10, 1 and every pixel: [B, N, P] each, put back into [B, N, H·W].
+            for sp in [10, 1, h * w] {
+                let mut got = vec![0f32; x.len()];
+                let mut slab = Vec::new();
+                for p0 in (0..h * w).step_by(sp) {
+                    let p = sp.min(h * w - p0);
+                    lr.residual_slab(&x, p0, p, &mut slab).unwrap();
+                    assert_eq!(slab.len(), b * n * p);
+                    for (row, vals) in slab.chunks_exact(p).enumerate() {
+                        got[row * h * w + p0..][..p].copy_from_slice(vals);
+                    }
+                }
+                let scale = x.data.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for (a, e) in got.iter().zip(&res.data) {
+                    assert!(
+                        (a - e).abs() <= 1e-6 * scale,
+                        "{policy:?} {method:?} {sp}: {a} vs {e}"
+                    );
+                }
+            }
+            // Past the end, another input's shape, or V let go: an error.
+            let mut slab = Vec::new();
+            assert!(lr.residual_slab(&x, h * w - 2, 3, &mut slab).is_err());
+            assert!(lr
+                .residual_slab(&randn(&mut rng, &[b, n, h, w + 1], 1.0), 0, 1, &mut slab)
+                .is_err());
+            if lr.drop_v() {
+                assert!(lr.residual_slab(&x, 0, 1, &mut slab).is_err());
             }
         }
     }

@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use crate::codec::{
     decode_conv_grads_view, decode_conv_output_view, decode_reply, decode_request, encode_reply,
-    encode_request,
+    encode_request, encode_tensor_request,
 };
 use crate::declassify::ReceivedTensor;
 use crate::error::{ProtocolError, Result};
 use crate::frames::framing;
-use crate::message::{Reply, Request, MAX_MESSAGE, PROTOCOL_VERSION};
+use crate::message::{MessageKind, Reply, Request, MAX_MESSAGE, PROTOCOL_VERSION};
 use crate::transport::Transport;
 
 /// The largest reply body accepted for a request answered by `Ok` (or by an error message), and the slack
@@ -59,6 +59,129 @@ impl ConvGradsFrame {
             None => Err(ProtocolError::Misuse("not a ConvGrads frame".into())),
         }
     }
+}
+
+/// A request frame (a `ConvForward` or a `ConvBackward`) whose one tensor the sender writes in place, through
+/// [`declassify_residual_into`](crate::declassify_residual_into) or
+/// [`declassify_output_grad_into`](crate::declassify_output_grad_into): a large tensor goes into the frame
+/// straight from where it is made or kept, not through a copy of its own first, and the frame is not
+/// cleared first either. Made by [`Client::start_conv_forward`] or [`Client::start_conv_backward`]; sent by
+/// [`Client::send_frame_expecting`] once every value has been written (the writes may come in any order).
+pub struct TensorFrame {
+    /// The frame up to the values (its length), with room for all of it (its capacity).
+    buf: Vec<u8>,
+    kind: MessageKind,
+    layer: u32,
+    shape: Vec<usize>,
+    /// The number of values.
+    n: usize,
+    /// The flag byte after the values (`train` or `need_dx`).
+    flag: bool,
+    /// One bit per value: written.
+    written: Vec<u64>,
+}
+
+impl TensorFrame {
+    /// The kind of request.
+    pub fn kind(&self) -> MessageKind {
+        self.kind
+    }
+
+    /// The layer the request is for.
+    pub fn layer(&self) -> u32 {
+        self.layer
+    }
+
+    /// The tensor's shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The number of the tensor's values.
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// True when the tensor has no value.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// Writes `values` as the tensor's values `offset ..` (row-major), for the `declassify_*_into` functions
+    /// only. A range past the tensor's end is an error (nothing is written).
+    pub(crate) fn put(&mut self, offset: usize, values: &[f32]) -> Result<()> {
+        let n = self.n;
+        let end = match offset.checked_add(values.len()) {
+            Some(end) if end <= n => end,
+            _ => {
+                return Err(ProtocolError::Misuse(format!(
+                    "values {offset}..{} written into a tensor of {n}",
+                    offset.saturating_add(values.len())
+                )))
+            }
+        };
+        let room = &mut self.buf.spare_capacity_mut()[4 * offset..4 * end];
+        #[cfg(target_endian = "little")]
+        // SAFETY: `room` is 4·len(values) bytes of the buffer's spare capacity (writable, apart from
+        // `values`: the buffer is ours), MaybeUninit<u8> has u8's layout, and f32 is 4 plain bytes without
+        // padding: on a little-endian host these are the wire bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                values.as_ptr().cast::<u8>(),
+                room.as_mut_ptr().cast::<u8>(),
+                room.len(),
+            );
+        }
+        #[cfg(not(target_endian = "little"))]
+        for (dst, v) in room.chunks_exact_mut(4).zip(values) {
+            for (d, b) in dst.iter_mut().zip(v.to_le_bytes()) {
+                d.write(b);
+            }
+        }
+        mark(&mut self.written, offset, end);
+        Ok(())
+    }
+
+    /// The whole frame, once every value has been written (else an error naming the first value that was
+    /// not).
+    fn into_bytes(mut self) -> Result<Vec<u8>> {
+        if let Some(i) = first_unset(&self.written, self.n) {
+            return Err(ProtocolError::Misuse(format!(
+                "value {i} of {} was not written",
+                self.n
+            )));
+        }
+        let len = self.buf.len();
+        self.buf.spare_capacity_mut()[4 * self.n].write(u8::from(self.flag));
+        // SAFETY: the capacity holds the whole frame (`encode_tensor_request`); the bytes up to `len` were
+        // initialised by the encoder, every value's 4 bytes after them by `put` (each bit of `written` is set
+        // only once its value's bytes are written, and every bit is set), and the flag byte just above.
+        unsafe { self.buf.set_len(len + 4 * self.n + 1) };
+        Ok(self.buf)
+    }
+}
+
+/// Sets bits `from .. to` of `bits`.
+fn mark(bits: &mut [u64], from: usize, to: usize) {
+    let mut i = from;
+    while i < to {
+        let (w, b) = (i / 64, i % 64);
+        let k = (64 - b).min(to - i);
+        bits[w] |= if k == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << k) - 1) << b
+        };
+        i += k;
+    }
+}
+
+/// The first of bits `0 .. n` not set.
+fn first_unset(bits: &[u64], n: usize) -> Option<usize> {
+    bits.iter()
+        .enumerate()
+        .find_map(|(w, &v)| (v != u64::MAX).then(|| 64 * w + (!v).trailing_zeros() as usize))
+        .filter(|&i| i < n)
 }
 
 /// The trusted runtime's end of a conversation with the accelerator.
@@ -152,6 +275,64 @@ impl<T: Transport> Client<T> {
             .saturating_add(u64::from(SMALL_REPLY))
             .min(u64::from(self.max_message)) as u32;
         self.send_bounded(req, bound)
+    }
+
+    /// A `ConvForward` of `layer` (`train` as in [`Request::ConvForward`]) whose `X_U` of `shape` is written in
+    /// place ([`declassify_residual_into`](crate::declassify_residual_into)) before it is sent.
+    pub fn start_conv_forward(
+        &mut self,
+        layer: u32,
+        shape: &[usize],
+        train: bool,
+    ) -> Result<TensorFrame> {
+        self.start_frame(MessageKind::ConvForward, layer, shape, train)
+    }
+
+    /// A `ConvBackward` of `layer` (`need_dx` as in [`Request::ConvBackward`]) whose `∇Y` of `shape` is written
+    /// in place ([`declassify_output_grad_into`](crate::declassify_output_grad_into)) before it is sent.
+    pub fn start_conv_backward(
+        &mut self,
+        layer: u32,
+        shape: &[usize],
+        need_dx: bool,
+    ) -> Result<TensorFrame> {
+        self.start_frame(MessageKind::ConvBackward, layer, shape, need_dx)
+    }
+
+    fn start_frame(
+        &mut self,
+        kind: MessageKind,
+        layer: u32,
+        shape: &[usize],
+        flag: bool,
+    ) -> Result<TensorFrame> {
+        let max = self.max_message;
+        let (_, n) = framing(|| encode_tensor_request(kind, layer, shape, max, &mut self.send_buf))
+            .map_err(|e| e.context(format!("{kind}(layer {layer})")))?;
+        Ok(TensorFrame {
+            buf: std::mem::take(&mut self.send_buf),
+            kind,
+            layer,
+            shape: shape.to_vec(),
+            n,
+            flag,
+            written: vec![0; n.div_ceil(64)],
+        })
+    }
+
+    /// Sends a frame from [`start_conv_forward`](Self::start_conv_forward) or
+    /// [`start_conv_backward`](Self::start_conv_backward), its values written; its reply may carry at most
+    /// `payload_bytes` bytes of tensor data (as [`send_request_expecting`](Self::send_request_expecting)).
+    pub fn send_frame_expecting(&mut self, frame: TensorFrame, payload_bytes: u64) -> Result<()> {
+        let bound = payload_bytes
+            .saturating_add(u64::from(SMALL_REPLY))
+            .min(u64::from(self.max_message)) as u32;
+        let op = format!("{}(layer {})", frame.kind, frame.layer);
+        self.send_buf = frame.into_bytes().map_err(|e| e.context(op.clone()))?;
+        framing(|| self.transport.send_vec(&mut self.send_buf))
+            .map_err(|e| e.context(op.clone()))?;
+        self.pending.push_back((op, bound.min(self.max_message)));
+        Ok(())
     }
 
     fn send_bounded(&mut self, req: &Request, bound: u32) -> Result<()> {

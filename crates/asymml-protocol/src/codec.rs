@@ -242,7 +242,20 @@ fn names_len(entries: &[(String, WireTensor)]) -> u64 {
 
 /// Encoded size of a tensor; errors on a rank above [`MAX_RANK`] or a dimension above `u32::MAX`.
 fn tensor_len(t: &WireTensor) -> Result<u64> {
-    let shape = t.shape();
+    let n = shape_values(t.shape())?;
+    if n != t.len() as u64 {
+        return Err(ProtocolError::Encode(format!(
+            "tensor of shape {:?} needs {n} values, holds {}",
+            t.shape(),
+            t.len()
+        )));
+    }
+    Ok(1 + 4 * t.shape().len() as u64 + 4 * n)
+}
+
+/// The number of values of a tensor of `shape`; errors on a rank above [`MAX_RANK`], a dimension above
+/// `u32::MAX` or an overflow.
+fn shape_values(shape: &[usize]) -> Result<u64> {
     if shape.len() > MAX_RANK {
         return Err(ProtocolError::Encode(format!(
             "tensor of shape {shape:?} has rank {} > {MAX_RANK}",
@@ -254,17 +267,40 @@ fn tensor_len(t: &WireTensor) -> Result<u64> {
             "tensor of shape {shape:?}: dimension {d} exceeds u32::MAX"
         )));
     }
-    let n = shape
+    shape
         .iter()
         .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
-        .ok_or_else(|| ProtocolError::Encode(format!("tensor of shape {shape:?} overflows")))?;
-    if n != t.len() as u64 {
-        return Err(ProtocolError::Encode(format!(
-            "tensor of shape {shape:?} needs {n} values, holds {}",
-            t.len()
+        .ok_or_else(|| ProtocolError::Encode(format!("tensor of shape {shape:?} overflows")))
+}
+
+/// Starts, in `buf`, the frame of a `ConvForward` or a `ConvBackward` of `layer` whose tensor has `shape`: the
+/// bytes [`encode_request`] gives for that request up to the tensor's values, in a buffer whose capacity
+/// holds the whole frame (the values, then the request's one flag byte: `train` or `need_dx`). Gives where the
+/// values start (`buf.len()`) and how many there are; the caller writes the rest in place (`TensorFrame`).
+pub(crate) fn encode_tensor_request(
+    kind: MessageKind,
+    layer: u32,
+    shape: &[usize],
+    max_message: u32,
+    buf: &mut Vec<u8>,
+) -> Result<(usize, usize)> {
+    if !matches!(kind, MessageKind::ConvForward | MessageKind::ConvBackward) {
+        return Err(ProtocolError::Misuse(format!(
+            "{kind} is not written in place"
         )));
     }
-    Ok(1 + 4 * shape.len() as u64 + 4 * n)
+    // n < 2^64 / 8 whenever the frame fits a u32 body: larger ones saturate and are refused by `start`.
+    let n = shape_values(shape)?.min(u64::MAX / 8);
+    let body = (4 * n).saturating_add(7 + 4 * shape.len() as u64);
+    let mut w = Writer::start(buf, body, max_message)?;
+    w.u8(kind.code());
+    w.u32(layer);
+    w.u8(shape.len() as u8);
+    for &d in shape {
+        w.u32(d as u32);
+    }
+    // n ≤ body ≤ max_message: it fits usize.
+    Ok((w.buf.len(), n as usize))
 }
 
 struct Writer<'a> {

@@ -7,6 +7,7 @@
 //! |----------------------------|-------------------------------------------------------------|
 //! | [`declassify_residual`]    | the residual `X_U = X − X_T` of a convolution's input        |
 //! | [`declassify_output_grad`] | `∇Y`, the gradient of a convolution's output                 |
+//! | [`declassify_residual_into`], [`declassify_output_grad_into`] | the same two, written straight into their frame |
 //! | [`declassify_updated_weights`] (`_owned`) | a conv's weights after the trusted optimizer step (they carry the update, so ∇W) |
 //! | [`public_weights`]         | initial convolution weights and biases (public parameters)   |
 //! | [`accelerator_result`]     | the accelerator's own results (`Y_U`, `∇X`, `∇W_U`, its weights) |
@@ -21,7 +22,9 @@ use std::fmt;
 
 use asymml_core::Tensor;
 
+use crate::client::TensorFrame;
 use crate::error::{ProtocolError, Result};
+use crate::message::MessageKind;
 
 /// Tensor data that may cross the trust boundary: a shape and row-major f32 values.
 ///
@@ -44,6 +47,32 @@ pub fn declassify_residual_owned(x_u: Tensor) -> WireTensor {
         shape: x_u.shape,
         data: x_u.data,
     }
+}
+
+/// [`declassify_residual`] of values `offset ..` of `X_U`, written straight into the `ConvForward` frame
+/// that will carry it (from [`Client::start_conv_forward`](crate::Client::start_conv_forward)).
+pub fn declassify_residual_into(frame: &mut TensorFrame, offset: usize, x_u: &[f32]) -> Result<()> {
+    if frame.kind() != MessageKind::ConvForward {
+        return Err(ProtocolError::Misuse(format!(
+            "a residual written into a {} frame",
+            frame.kind()
+        )));
+    }
+    frame.put(offset, x_u)
+}
+
+/// [`declassify_output_grad`] written straight into the `ConvBackward` frame that will carry it (from
+/// [`Client::start_conv_backward`](crate::Client::start_conv_backward)), whose shape must be `dy`'s.
+pub fn declassify_output_grad_into(frame: &mut TensorFrame, dy: &Tensor) -> Result<()> {
+    if frame.kind() != MessageKind::ConvBackward || frame.shape() != dy.shape.as_slice() {
+        return Err(ProtocolError::Misuse(format!(
+            "∇Y of shape {:?} written into a {} frame of shape {:?}",
+            dy.shape,
+            frame.kind(),
+            frame.shape()
+        )));
+    }
+    frame.put(0, &dy.data)
 }
 
 /// Declassifies `∇Y`, the gradient of a convolution's output (sent with `ConvBackward`).

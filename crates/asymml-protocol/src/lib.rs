@@ -23,7 +23,7 @@ pub mod transport;
 
 pub use client::{
     serve, serve_opts, serve_with, Client, ConvGradsFrame, ConvOutputFrame, ServeOptions,
-    MAX_HELLO, SMALL_REPLY,
+    TensorFrame, MAX_HELLO, SMALL_REPLY,
 };
 pub use codec::{
     decode_conv_grads_view, decode_conv_output_view, decode_message, decode_reply, decode_request,
@@ -31,9 +31,9 @@ pub use codec::{
 };
 pub use declassify::{
     accelerator_result, declassify_input_untrusted_only, declassify_logit_grad,
-    declassify_output_grad, declassify_residual, declassify_residual_owned,
-    declassify_updated_weights, declassify_updated_weights_owned, public_weights, ReceivedTensor,
-    WireTensor,
+    declassify_output_grad, declassify_output_grad_into, declassify_residual,
+    declassify_residual_into, declassify_residual_owned, declassify_updated_weights,
+    declassify_updated_weights_owned, public_weights, ReceivedTensor, WireTensor,
 };
 pub use error::{ProtocolError, Result};
 pub use frames::set_frame_hook;

@@ -360,3 +360,76 @@ fn unscanned_data_checks_the_shape_and_length_only() {
     assert!(w.checked_data(&[2]).is_err());
     assert!(w.into_tensor_unscanned(&[2]).unwrap().data[1].is_nan());
 }
+
+#[test]
+fn tensors_written_in_place_arrive_as_the_same_requests_and_bad_writes_are_refused() {
+    let (a, b) = inproc_pair();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        serve(b, &mut |req| {
+            let _ = tx.send(req.clone());
+            match req {
+                Request::ConvForward { layer, x_u, .. } => Reply::ConvOutput {
+                    layer,
+                    y_u: accelerator_result(
+                        &Tensor::from_vec(x_u.shape(), x_u.data().to_vec()).unwrap(),
+                    ),
+                },
+                _ => Reply::Ok,
+            }
+        })
+    });
+    let mut c = Client::connect(a).unwrap();
+    let x = Tensor::from_vec(&[2, 1, 1, 3], vec![1.0, -2.0, 3.5, 4.0, 5.0, -0.25]).unwrap();
+    // X_U in two pieces, the second first: the frame holds what an encoded ConvForward would.
+    let mut f = c.start_conv_forward(7, &x.shape, true).unwrap();
+    assert_eq!((f.len(), f.shape()), (6, &x.shape[..]));
+    declassify_residual_into(&mut f, 3, &x.data[3..]).unwrap();
+    declassify_residual_into(&mut f, 0, &x.data[..3]).unwrap();
+    // Past the end, or the wrong function for the frame: refused, nothing written.
+    assert!(declassify_residual_into(&mut f, 4, &x.data[..3]).is_err());
+    assert!(declassify_residual_into(&mut f, usize::MAX, &x.data[..3]).is_err());
+    assert!(declassify_output_grad_into(&mut f, &x).is_err());
+    c.send_frame_expecting(f, 24).unwrap();
+    let frame = c.recv_conv_output(7).unwrap();
+    c.reuse_frame(frame);
+    assert_eq!(
+        rx.recv().unwrap(),
+        Request::ConvForward {
+            layer: 7,
+            x_u: declassify_residual(&x),
+            train: true,
+        }
+    );
+    let mut f = c.start_conv_backward(2, &x.shape, false).unwrap();
+    assert!(declassify_residual_into(&mut f, 0, &x.data).is_err());
+    let other = Tensor::zeros(&[6]);
+    assert!(declassify_output_grad_into(&mut f, &other).is_err());
+    declassify_output_grad_into(&mut f, &x).unwrap();
+    c.send_frame_expecting(f, 0).unwrap();
+    assert!(c.recv_reply().is_ok());
+    assert_eq!(
+        rx.recv().unwrap(),
+        Request::ConvBackward {
+            layer: 2,
+            dy: declassify_output_grad(&x),
+            need_dx: false,
+        }
+    );
+    // A frame with a value not written is not sent (its bytes would be whatever the buffer held).
+    let mut f = c.start_conv_forward(5, &x.shape, false).unwrap();
+    declassify_residual_into(&mut f, 0, &x.data[..2]).unwrap();
+    declassify_residual_into(&mut f, 3, &x.data[3..]).unwrap();
+    let e = c.send_frame_expecting(f, 24).unwrap_err();
+    assert!(
+        e.root()
+            .to_string()
+            .contains("value 2 of 6 was not written"),
+        "{e}"
+    );
+    // A frame larger than the negotiated maximum is refused when it is started.
+    assert!(c.start_conv_forward(1, &[1 << 20, 1 << 12], false).is_err());
+    c.send_request(&Request::Shutdown).unwrap();
+    drop(c);
+    let _ = server.join();
+}

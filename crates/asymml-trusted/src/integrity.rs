@@ -155,6 +155,26 @@ impl Projection {
     }
 }
 
+/// A forward check's draws ([`Checker::draw_forward`]): the geometry of the part, c over its samples ([R, B]),
+/// the weight side, t over input channels (training), the whole batch's shape and the part's first sample.
+struct ForwardDraw {
+    g: Geo,
+    c: Vec<f64>,
+    side: WeightSide,
+    t: Option<Vec<f64>>,
+    whole: [usize; 4],
+    first: usize,
+}
+
+/// A streamed forward check in progress ([`Checker::begin_forward_stream`]): the conv, its input's shape, the
+/// pixels whose slabs were added, and the draws.
+struct Streamed {
+    id: usize,
+    shape: Vec<usize>,
+    done: usize,
+    draw: ForwardDraw,
+}
+
 /// The checker: secret randomness, the number of repetitions, counters.
 pub struct Checker {
     rng: Rng,
@@ -167,6 +187,9 @@ pub struct Checker {
     lhs: Lhs,
     /// The weight side of the last forward check, for the next part of the same batch.
     weight_side: Option<WeightSide>,
+    /// The streamed forward check in progress, and the scratch of its slabs' passes.
+    stream: Option<Streamed>,
+    slab: Combined,
 }
 
 /// The weight side of a forward check: s over output channels, per repetition Σ_m s_m W[m] ([N, k, k]) in
@@ -224,6 +247,8 @@ impl Checker {
             comb: Combined::default(),
             lhs: Lhs::default(),
             weight_side: None,
+            stream: None,
+            slab: Combined::default(),
         }
     }
 
@@ -232,6 +257,8 @@ impl Checker {
         self.comb = Combined::default();
         self.lhs = Lhs::default();
         self.weight_side = None;
+        self.stream = None;
+        self.slab = Combined::default();
     }
 
     /// The checks made so far.
@@ -370,9 +397,54 @@ impl Checker {
         x_shape: &[usize],
         ys: YSide<'_>,
         proj: Option<&mut Projection>,
-        (first, batch): (usize, usize),
+        part: (usize, usize),
     ) -> Result<Result<(), Failure>, CoreError> {
         let t0 = Instant::now();
+        let d = self.draw_forward(conv, x_shape, proj.as_deref(), part)?;
+        let g = d.g;
+        if x_u.len() != g.b * g.n * g.hw() || !ys.sizes_are(g.b * g.m * g.p()) {
+            return Err(CoreError::Shape("integrity: forward sizes differ".into()));
+        }
+        if g.b * g.n * g.hw() * g.m * g.p() == 0 {
+            // An empty tensor on either side: nothing to compare (its shape was checked on receipt).
+            ys.merge_only();
+            if let (Some(pr), Some(t)) = (proj, &d.t) {
+                if part.0 == 0 {
+                    pr.start(d.whole, t, self.reps);
+                }
+            }
+            return Ok(Ok(()));
+        }
+        let mut comb = std::mem::take(&mut self.comb);
+        // One pass over X_U for every repetition: Σ_b c_b X_U[b] contracted with Σ_m s_m W[m] at every kernel
+        // offset, Σ_j X_U[b, j]² per sample and pixel, Σ_j (Σ_b c_b X_U[b, j])², and (training)
+        // Σ_j t_j X_U[b, j] with the channel norms.
+        combine_pass(
+            x_u,
+            g.b,
+            g.n,
+            g.hw(),
+            self.reps,
+            Some((&d.c, &d.side.wc, g.k * g.k)),
+            d.t.as_deref(),
+            &mut comb,
+        );
+        let out = self.finish_forward(conv, d, &comb, ys, proj, t0);
+        self.comb = comb;
+        out
+    }
+
+    /// A forward check's secret draws for conv `conv` on an input of `x_shape` (a part of samples
+    /// `first .. first + B` of a batch of `batch`): c over the part's samples, the weight side (s over output
+    /// channels: drawn at a batch's first part, kept for its other parts), and with `proj` (training) t over
+    /// input channels (drawn at the first part, the same for the others).
+    fn draw_forward(
+        &mut self,
+        conv: &Conv2d,
+        x_shape: &[usize],
+        proj: Option<&Projection>,
+        (first, batch): (usize, usize),
+    ) -> Result<ForwardDraw, CoreError> {
         let g = Geo::of(conv, x_shape)?;
         if first + g.b > batch {
             return Err(CoreError::Shape(format!(
@@ -380,13 +452,8 @@ impl Checker {
                 first + g.b
             )));
         }
-        let (hw, p, kk, r) = (g.hw(), g.p(), g.k * g.k, self.reps);
-        if x_u.len() != g.b * g.n * hw || !ys.sizes_are(g.b * g.m * p) {
-            return Err(CoreError::Shape("integrity: forward sizes differ".into()));
-        }
+        let r = self.reps;
         let c = self.coefs(r * g.b);
-        // The weight side (from secret coefficients s over output channels): drawn at a batch's first part and
-        // kept for its other parts, as one check of the whole batch would use one s for every sample.
         let w = &conv.weight.value.data;
         let key = (conv.id, w.as_ptr() as usize, w.len(), r);
         let side = match self.weight_side.take() {
@@ -396,9 +463,8 @@ impl Checker {
                 WeightSide::new(key, s, w, &g, r)
             }
         };
-        // The ∇W_U check's coefficients over input channels: drawn at the first part, the same for the others.
         let whole = [batch, g.n, g.h, g.w];
-        let t = match &proj {
+        let t = match proj {
             None => None,
             Some(_) if first == 0 => Some(self.coefs(r * g.n)),
             Some(pr) if pr.shape == whole && pr.reps.len() == r => Some(
@@ -413,34 +479,38 @@ impl Checker {
                 ))
             }
         };
-        if g.b * g.n * hw * g.m * p == 0 {
-            // An empty tensor on either side: nothing to compare (its shape was checked on receipt).
-            ys.merge_only();
-            if let (Some(pr), Some(t)) = (proj, t) {
-                if first == 0 {
-                    pr.start(whole, &t, r);
-                }
-            }
-            return Ok(Ok(()));
-        }
-        let (s, ws, wc, wnorm) = (&side.s, &side.ws, &side.wc, &side.wnorm);
-        let (mut comb, mut lhs) = (
-            std::mem::take(&mut self.comb),
-            std::mem::take(&mut self.lhs),
-        );
-        // One pass over X_U for every repetition: Σ_b c_b X_U[b] contracted with Σ_m s_m W[m] at every kernel
-        // offset, Σ_j X_U[b, j]² per sample and pixel, Σ_j (Σ_b c_b X_U[b, j])², and (training)
-        // Σ_j t_j X_U[b, j] with the channel norms.
-        combine_pass(
-            x_u,
-            g.b,
-            g.n,
-            hw,
-            r,
-            Some((&c, wc, kk)),
-            t.as_deref(),
-            &mut comb,
-        );
+        Ok(ForwardDraw {
+            g,
+            c,
+            side,
+            t,
+            whole,
+            first,
+        })
+    }
+
+    /// The rest of a forward check once its pass over X_U has filled `comb`: the pass over Y_U (merging as
+    /// `ys` says), the comparison, and (training) the part's projection kept in `proj`.
+    fn finish_forward(
+        &mut self,
+        conv: &Conv2d,
+        d: ForwardDraw,
+        comb: &Combined,
+        ys: YSide<'_>,
+        proj: Option<&mut Projection>,
+        t0: Instant,
+    ) -> Result<Result<(), Failure>, CoreError> {
+        let ForwardDraw {
+            g,
+            c,
+            side,
+            t,
+            whole,
+            first,
+        } = d;
+        let (hw, p, kk, r) = (g.hw(), g.p(), g.k * g.k, self.reps);
+        let (s, ws, wnorm) = (&side.s, &side.ws, &side.wnorm);
+        let mut lhs = std::mem::take(&mut self.lhs);
         // One pass over Y_U: Σ_b Σ_m c_b s_m Y_U[b, m] and Σ (c_b s_m Y_U[b, m])² per pixel.
         let k: Vec<f64> = (0..r)
             .flat_map(|ri| {
@@ -512,13 +582,149 @@ impl Checker {
                     .sum::<f64>();
             }
         }
-        (self.comb, self.lhs) = (comb, lhs);
+        self.lhs = lhs;
         self.weight_side = Some(side);
         self.stats.seconds += t0.elapsed().as_secs_f64();
         match range {
             Some(e) => Err(e),
             None => Ok(out),
         }
+    }
+
+    /// Starts a forward check of `conv` on a whole batch of `x_shape` whose X_U is not held whole: its pass
+    /// over X_U is made slab of pixels by slab as X_U is made ([`Checker::add_forward_slab`]) and the check is
+    /// finished when Y_U comes ([`Checker::finish_forward_stream_into`]). `train`: the ∇W_U check's projection
+    /// is taken too. The draws are secret and made here, as for [`Checker::check_forward`]. An empty tensor is
+    /// refused (its check has nothing to stream).
+    pub fn begin_forward_stream(
+        &mut self,
+        conv: &Conv2d,
+        x_shape: &[usize],
+        train: bool,
+    ) -> Result<(), CoreError> {
+        self.stream = None;
+        let b = x_shape.first().copied().unwrap_or(0);
+        let blank = Projection::default();
+        let d = self.draw_forward(conv, x_shape, train.then_some(&blank), (0, b))?;
+        let g = d.g;
+        if g.b * g.n * g.hw() * g.m * g.p() == 0 {
+            return Err(CoreError::Shape(
+                "integrity: an empty forward is not checked slab by slab".into(),
+            ));
+        }
+        let (r, hw, kk) = (self.reps, g.hw(), g.k * g.k);
+        let comb = &mut self.comb;
+        for (v, n) in [
+            (&mut comb.contracted, r * kk * hw),
+            (&mut comb.comb_sq, r * hw),
+            (&mut comb.bsq, g.b * hw),
+            (&mut comb.proj, if train { r * g.b * hw } else { 0 }),
+            (&mut comb.chn2, if train { g.n } else { 0 }),
+        ] {
+            v.clear();
+            v.resize(n, 0.0);
+        }
+        self.stream = Some(Streamed {
+            id: conv.id,
+            shape: x_shape.to_vec(),
+            done: 0,
+            draw: d,
+        });
+        Ok(())
+    }
+
+    /// Adds pixels `p0 .. p0 + P` of X_U ([B, N, P]: every sample and channel, those pixels) to the streamed
+    /// forward check begun by [`Checker::begin_forward_stream`]. Slabs come in order and cover the pixels
+    /// once.
+    pub fn add_forward_slab(&mut self, slab: &[f32], p0: usize) -> Result<(), CoreError> {
+        let Some(st) = self.stream.as_mut() else {
+            return Err(CoreError::Invalid(
+                "integrity: a slab of X_U with no streamed check begun".into(),
+            ));
+        };
+        let g = st.draw.g;
+        let (hw, rows) = (g.hw(), g.b * g.n);
+        let sp = slab.len() / rows.max(1);
+        if p0 != st.done || sp == 0 || sp * rows != slab.len() || p0 + sp > hw {
+            return Err(CoreError::Shape(format!(
+                "integrity: a slab of {} values at pixel {p0} (expected pixel {} of {hw}, {rows} rows)",
+                slab.len(),
+                st.done
+            )));
+        }
+        let t0 = Instant::now();
+        let (r, kk) = (self.reps, g.k * g.k);
+        let d = &st.draw;
+        let sc = &mut self.slab;
+        combine_pass(
+            slab,
+            g.b,
+            g.n,
+            sp,
+            r,
+            Some((&d.c, &d.side.wc, kk)),
+            d.t.as_deref(),
+            sc,
+        );
+        let comb = &mut self.comb;
+        let place = |dst: &mut [f64], src: &[f64], count: usize| {
+            for i in 0..count {
+                dst[i * hw + p0..][..sp].copy_from_slice(&src[i * sp..][..sp]);
+            }
+        };
+        place(&mut comb.contracted, &sc.contracted, r * kk);
+        place(&mut comb.comb_sq, &sc.comb_sq, r);
+        place(&mut comb.bsq, &sc.bsq, g.b);
+        if d.t.is_some() {
+            place(&mut comb.proj, &sc.proj, r * g.b);
+            comb.chn2
+                .iter_mut()
+                .zip(&sc.chn2)
+                .for_each(|(a, v)| *a += v);
+        }
+        st.done += sp;
+        self.stats.seconds += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Finishes the streamed forward check of `conv` (begun on `x_shape`, every pixel's slab added) with Y_U
+    /// as received (little-endian words in its frame, read in place), adding it into `y` (which holds Y_T,
+    /// and then Y) in the check's pass over it, as [`Checker::check_forward_into`] does. `proj`: the training
+    /// forward's projection for the ∇W_U check (required when the stream was begun with `train`).
+    pub fn finish_forward_stream_into(
+        &mut self,
+        conv: &Conv2d,
+        x_shape: &[usize],
+        y_u: &[[u8; 4]],
+        proj: Option<&mut Projection>,
+        y: &mut [f32],
+    ) -> Result<Result<(), Failure>, CoreError> {
+        let t0 = Instant::now();
+        let st = match self.stream.take() {
+            Some(st) if st.id == conv.id && st.shape == x_shape && st.done == st.draw.g.hw() => st,
+            _ => {
+                return Err(CoreError::Invalid(format!(
+                    "integrity: no complete streamed check of conv {} on {x_shape:?}",
+                    conv.id
+                )))
+            }
+        };
+        let g = st.draw.g;
+        if st.draw.t.is_some() != proj.is_some() {
+            return Err(CoreError::Invalid(
+                "integrity: a streamed check finished with or without its projection unlike it began".into(),
+            ));
+        }
+        let ys = YSide::MergeInto(y_u, y);
+        if !ys.sizes_are(g.b * g.m * g.p()) {
+            return Err(CoreError::Shape("integrity: forward sizes differ".into()));
+        }
+        // The slabs' scratch goes (it is small, and held between convs it would add to their peak memory).
+        self.slab = Combined::default();
+        let comb = std::mem::take(&mut self.comb);
+        let out = self.finish_forward(conv, st.draw, &comb, ys, proj, t0);
+        self.comb = comb;
+        out
     }
 
     /// Checks ∇X (`dx`, [B, N, H, W], when given) = conv_transposed(∇Y, W) and ∇W_U (`dw`, [M, N, k, k]) =
@@ -862,6 +1068,123 @@ mod tests {
             v[i] += e;
         }
         v
+    }
+
+    /// X ([B, N, H·W]) as slabs of `sp` pixels: [B, N, sp] each, with the pixel each starts at.
+    fn slabs(x: &Tensor, sp: usize) -> Vec<(usize, Vec<f32>)> {
+        let (b, n) = (x.shape[0], x.shape[1]);
+        let hw = x.len() / (b * n);
+        (0..hw)
+            .step_by(sp)
+            .map(|p0| {
+                let w = sp.min(hw - p0);
+                let rows = x.data.chunks_exact(hw);
+                (p0, rows.flat_map(|r| r[p0..p0 + w].to_vec()).collect())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_check_streamed_slab_by_slab_is_the_whole_check_and_catches_the_same_errors() {
+        for &(n, m, k, s, pad, hw, sp) in &[
+            (3, 8, 3, 1, 1, 9, 10),
+            (16, 32, 3, 1, 1, 8, 64),
+            (8, 16, 1, 2, 0, 7, 5),
+            (4, 6, 7, 2, 3, 11, 1),
+        ] {
+            let (conv, x, y) = setup(n, m, k, s, pad, hw);
+            let words = |v: &[f32]| -> Vec<[u8; 4]> { v.iter().map(|v| v.to_le_bytes()).collect() };
+            let y_t: Vec<f32> = (0..y.len()).map(|i| (i % 3) as f32 - 1.0).collect();
+            for train in [false, true] {
+                let (mut whole, mut streamed) =
+                    (Checker::with_seed(5, 2), Checker::with_seed(5, 2));
+                let (mut p1, mut p2) = (Projection::default(), Projection::default());
+                let mut out1 = y_t.clone();
+                let r1 = whole
+                    .check_forward_into(
+                        &conv,
+                        &x.data,
+                        &x.shape,
+                        &words(&y.data),
+                        train.then_some(&mut p1),
+                        &mut out1,
+                    )
+                    .unwrap();
+                streamed
+                    .begin_forward_stream(&conv, &x.shape, train)
+                    .unwrap();
+                for (p0, slab) in slabs(&x, sp) {
+                    streamed.add_forward_slab(&slab, p0).unwrap();
+                }
+                let mut out2 = y_t.clone();
+                let r2 = streamed
+                    .finish_forward_stream_into(
+                        &conv,
+                        &x.shape,
+                        &words(&y.data),
+                        train.then_some(&mut p2),
+                        &mut out2,
+                    )
+                    .unwrap();
+                assert_eq!((r1, r2), (Ok(()), Ok(())));
+                assert_eq!(out1, out2, "the merge");
+                let (t1, t2) = (whole.last_max_tol(), streamed.last_max_tol());
+                assert!(
+                    (t1 - t2).abs() <= 1e-6 * t1,
+                    "the same tolerances: {t1} {t2}"
+                );
+                assert_eq!(p1.shape, p2.shape);
+                for (a, b) in p1.reps.iter().zip(&p2.reps) {
+                    // (f32 partial sums: the kernel's lanes fall differently in a slab than in the whole.)
+                    assert_eq!(a.0, b.0, "the coefficients");
+                    let scale = a.1.iter().fold(0f64, |m, v| m.max(v.abs()));
+                    assert!(
+                        a.1.iter()
+                            .zip(&b.1)
+                            .all(|(u, v)| (u - v).abs() <= 1e-6 * scale),
+                        "the projection"
+                    );
+                    assert!((a.2 - b.2).abs() <= 1e-6 * a.2.abs(), "the channel norms");
+                }
+            }
+            // A wrong element of Y_U just above the threshold is caught, as by the whole check.
+            for seed in 1..4 {
+                let fwd = |ch: &mut Checker, p: Option<(usize, f32)>| {
+                    ch.begin_forward_stream(&conv, &x.shape, false).unwrap();
+                    for (p0, slab) in slabs(&x, sp) {
+                        ch.add_forward_slab(&slab, p0).unwrap();
+                    }
+                    let mut out = y_t.clone();
+                    ch.finish_forward_stream_into(
+                        &conv,
+                        &x.shape,
+                        &words(&moved(&y.data, p)),
+                        None,
+                        &mut out,
+                    )
+                    .unwrap()
+                };
+                assert!(caught(seed, 1.05, y.len(), fwd), "Y_U");
+            }
+            // Misuse: slabs out of order, a finish before the last slab, a finish of another shape.
+            let mut ch = Checker::with_seed(1, 2);
+            assert!(ch.add_forward_slab(&x.data, 0).is_err(), "no stream begun");
+            ch.begin_forward_stream(&conv, &x.shape, false).unwrap();
+            let all = slabs(&x, sp);
+            if all.len() > 1 {
+                assert!(
+                    ch.add_forward_slab(&all[1].1, all[1].0).is_err(),
+                    "out of order"
+                );
+                ch.add_forward_slab(&all[0].1, 0).unwrap();
+                let mut out = y_t.clone();
+                assert!(
+                    ch.finish_forward_stream_into(&conv, &x.shape, &words(&y.data), None, &mut out)
+                        .is_err(),
+                    "unfinished"
+                );
+            }
+        }
     }
 
     #[test]

@@ -12,16 +12,17 @@ mod pipeline;
 use crate::integrity::{Checker, IntegrityStats, Projection, DEFAULT_REPS};
 use asymml_core::decomp::{
     add_noise_batch, block_svd_flops, decompose_batch_shared_with, decompose_batch_with,
-    light_svd_flops, BatchLowRank, RankPolicy, RankTable, SvdMethod, TableRank, TrustedConv,
+    decompose_factors_with, light_svd_flops, BatchLowRank, RankPolicy, RankTable, SvdMethod,
+    TableRank, TrustedConv,
 };
 use asymml_core::layers::Conv2d;
 use asymml_core::models::{ConvExec, Layer, Net, StreamPart};
 use asymml_core::rng::Rng;
 use asymml_core::{CoreError, Tensor};
 use asymml_protocol::{
-    declassify_output_grad, declassify_residual_owned, declassify_updated_weights,
-    declassify_updated_weights_owned, public_weights, Client, ConvGradsFrame, ConvLayerSpec,
-    ConvOutputFrame, ProtocolError, Request, Transport,
+    declassify_output_grad_into, declassify_residual_into, declassify_residual_owned,
+    declassify_updated_weights, declassify_updated_weights_owned, public_weights, Client,
+    ConvGradsFrame, ConvLayerSpec, ConvOutputFrame, ProtocolError, Request, TensorFrame, Transport,
 };
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -112,6 +113,12 @@ struct LayerState {
     /// The last forward ran here because the rank policy says so (the guard's image-like map, or a rank
     /// table's `"trusted"`): the next will too, whatever the route costs.
     policy_trusted: bool,
+    /// A shortcut conv reads this conv's input too and reuses its decomposition and X_U (whose check needs
+    /// X_U again): its X_U is kept whole in the trusted runtime.
+    input_shared: bool,
+    /// The last forward's X_U went into its frame slab by slab, checked as it was made: its Y_U's check is
+    /// the streamed one's end.
+    streamed_check: bool,
 }
 
 /// Steps `auto_route` tries each route before it compares them (the first step of a route pays for its
@@ -222,6 +229,8 @@ pub struct SplitStats {
     pub integrity: IntegrityStats,
     /// Inference forwards run as parts streamed through the network (`Net::forward`, `micro_batches`).
     pub streamed_forwards: u64,
+    /// Conv forwards whose X_U was made a slab at a time straight into its frame (never whole here).
+    pub in_frame_forwards: u64,
 }
 
 /// Per-conv counters of the split runtime.
@@ -284,33 +293,48 @@ pub struct SplitExec<T: Transport> {
     stats: Arc<Mutex<SplitStats>>,
 }
 
+/// Values of X_U per slab made in the trusted runtime on its way into its frame (4 MB: it stays in the
+/// last-level cache between being made, checked and written).
+const SLAB_VALUES: usize = 1 << 20;
+
+/// Pixels per slab at most: the check's pass keeps f64 sums per pixel (for every sample, offset and
+/// repetition), which a few-channel input's slab of [`SLAB_VALUES`] would make large.
+const SLAB_PIXELS: usize = 4096;
+
 /// A reply to `what` that failed validation (errors of the client's own calls name their request already).
 fn bad_reply(what: &str, e: ProtocolError) -> CoreError {
     CoreError::accelerator(e.context(what))
 }
 
-/// Schedule steps by conv id: VGG counts convs, ResNet counts residual blocks (stem 0).
-fn structure(net: &mut Net) -> Vec<(String, usize)> {
-    let mut out = Vec::new();
+/// Each conv's name, schedule step (VGG counts convs, ResNet counts residual blocks, stem 0) and whether a
+/// shortcut conv reads its input too (a ResNet block's first conv, where the block downsamples), by conv id.
+fn structure(net: &mut Net) -> Vec<(String, usize, bool)> {
+    let mut out: Vec<(usize, String, usize, bool)> = Vec::new();
     let mut block = 0;
     for node in &mut net.nodes {
         match &mut node.layer {
             Layer::Conv(c) => {
                 let step = if block == 0 { c.id } else { block };
-                out.push((c.id, node.name.clone(), step));
+                out.push((c.id, node.name.clone(), step, false));
             }
             Layer::Block(b) => {
                 block += 1;
+                let first = out.len();
+                let mut shortcut = false;
                 b.visit_convs(&node.name, &mut |name, c| {
-                    out.push((c.id, name.to_string(), block))
+                    shortcut |= name.ends_with(".downsample.0");
+                    out.push((c.id, name.to_string(), block, false))
                 });
+                if let Some(e) = out.get_mut(first).filter(|_| shortcut) {
+                    e.3 = true;
+                }
             }
             _ => {}
         }
     }
     // The stem of a ResNet is step 0; VGG convs are numbered in order.
     out.sort_by_key(|e| e.0);
-    out.into_iter().map(|(_, n, s)| (n, s)).collect()
+    out.into_iter().map(|(_, n, s, sh)| (n, s, sh)).collect()
 }
 
 impl<T: Transport> SplitExec<T> {
@@ -365,9 +389,10 @@ impl<T: Transport> SplitExec<T> {
         client.release_buffers();
         let layers = structure(net)
             .into_iter()
-            .map(|(name, step)| LayerState {
+            .map(|(name, step, input_shared)| LayerState {
                 name,
                 step,
+                input_shared,
                 ..Default::default()
             })
             .collect();
@@ -444,6 +469,33 @@ impl<T: Transport> SplitExec<T> {
             s.transfer_s += dt;
         });
         self.count_layer(req.layer().map(|l| l as usize), |l| {
+            l.bytes_to += n;
+            l.transfer_s += dt;
+        });
+        res
+    }
+
+    /// Sends a frame whose tensor was written in place in `spent` seconds (the writing counts as the transfer's,
+    /// as encoding a request does); its reply may carry at most `reply_payload` bytes of tensor data.
+    fn send_frame(
+        &mut self,
+        frame: TensorFrame,
+        spent: f64,
+        reply_payload: u64,
+    ) -> Result<(), CoreError> {
+        let n = 4 * frame.len() as u64;
+        let layer = Some(frame.layer() as usize);
+        let t0 = Instant::now();
+        let res = self
+            .client
+            .send_frame_expecting(frame, reply_payload)
+            .map_err(CoreError::accelerator);
+        let dt = spent + t0.elapsed().as_secs_f64();
+        self.count(|s| {
+            s.bytes_to_untrusted += n;
+            s.transfer_s += dt;
+        });
+        self.count_layer(layer, |l| {
             l.bytes_to += n;
             l.transfer_s += dt;
         });
@@ -671,6 +723,8 @@ impl<T: Transport> SplitExec<T> {
         let layer = id as u32;
         // The reply is Y_U of exactly this shape.
         let y_u_bytes = 4 * out_shape.iter().product::<usize>() as u64;
+        // (Set again where this forward's X_U goes into its frame slab by slab.)
+        self.layers[id].streamed_check = false;
         let res = (|| {
             match shared {
                 Some(from) if !self.layers[from].parts.is_empty() => {
@@ -766,9 +820,21 @@ impl<T: Transport> SplitExec<T> {
                 .forward_parts(conv, x, y, train, policy, method)
                 .map(|()| false);
         }
+        // X_U made a slab of pixels at a time straight into its frame (and checked as it is made), never whole
+        // here: with the block method, for a whole batch without noise, unless a shortcut conv will read it.
+        let in_frame = matches!(method, SvdMethod::Block(_))
+            && !self.cfg.shared_basis
+            && !part
+            && self.cfg.clip.is_none()
+            && self.cfg.nsr == 0.0
+            && !self.layers[id].input_shared
+            && !x.data.is_empty();
         let st = &mut self.layers[id];
         st.parts.clear();
-        let r = if self.cfg.shared_basis {
+        st.streamed_check = false;
+        let r = if in_frame {
+            decompose_factors_with(x, policy, st.step, method, &mut st.lr)?
+        } else if self.cfg.shared_basis {
             decompose_batch_shared_with(x, policy, st.step, method, &mut st.lr, &mut self.residual)?
         } else {
             decompose_batch_with(x, policy, st.step, method, &mut st.lr, &mut self.residual)?
@@ -815,6 +881,29 @@ impl<T: Transport> SplitExec<T> {
         });
         self.layers[id].trusted_route = false;
         self.trusted(id, t0, svd_flops);
+        if in_frame {
+            self.send_residual_in_frame(conv, x, train, y_u_bytes)?;
+        } else {
+            self.send_residual(layer, train, y_u_bytes)?;
+        }
+        // The trusted convolution runs while the accelerator computes its part.
+        let t0 = Instant::now();
+        let lr = &self.layers[id].lr;
+        let f = TrustedConv::forward_flops(conv, lr)?;
+        self.tconv.forward(conv, lr, y)?;
+        self.trusted(id, t0, f);
+        self.last_decomposed = Some(id);
+        if train && !self.layers[id].input_shared {
+            // V (r/N of X's size) is not needed again until this conv's backward makes it again from X: it
+            // goes now, not at the next conv, so that it is not held through the reply and its merge.
+            self.layers[id].lr.drop_v();
+        }
+        Ok(true)
+    }
+
+    /// Sends `self.residual` as the X_U of conv `layer`'s `ConvForward` (and takes its buffer back: the check
+    /// reads it when Y_U comes).
+    fn send_residual(&mut self, layer: u32, train: bool, y_u_bytes: u64) -> Result<(), CoreError> {
         let residual = std::mem::take(&mut self.residual);
         let req = Request::ConvForward {
             layer,
@@ -825,15 +914,69 @@ impl<T: Transport> SplitExec<T> {
         if let Request::ConvForward { x_u, .. } = req {
             self.residual = x_u.reclaim_sent();
         }
-        sent?;
-        // The trusted convolution runs while the accelerator computes its part.
+        sent
+    }
+
+    /// Sends the X_U of `conv`'s input x (decomposed into `lr`) in a `ConvForward`, made a slab of pixels at a
+    /// time ([`SLAB_VALUES`] values: every sample and channel, a run of pixels) and written straight into the
+    /// frame; with checks on, each slab also goes through the check's pass over X_U while it is in cache, so
+    /// the Y_U that comes back is checked without X_U ever being held whole here.
+    fn send_residual_in_frame(
+        &mut self,
+        conv: &Conv2d,
+        x: &Tensor,
+        train: bool,
+        y_u_bytes: u64,
+    ) -> Result<(), CoreError> {
+        let id = conv.id;
+        let (b, n, h, w) = x.nchw("split")?;
+        let hw = h * w;
+        // Nothing of the scratch path is needed: a residual kept from an earlier conv goes.
+        self.residual = Tensor::default();
         let t0 = Instant::now();
-        let lr = &self.layers[id].lr;
-        let f = TrustedConv::forward_flops(conv, lr)?;
-        self.tconv.forward(conv, lr, y)?;
-        self.trusted(id, t0, f);
-        self.last_decomposed = Some(id);
-        Ok(true)
+        let mut frame = self
+            .client
+            .start_conv_forward(id as u32, &x.shape, train)
+            .map_err(CoreError::accelerator)?;
+        if let Some(ch) = self.checker.as_mut() {
+            ch.begin_forward_stream(conv, &x.shape, train)?;
+        }
+        let sp = (SLAB_VALUES / (b * n).max(1)).clamp(1, SLAB_PIXELS.min(hw.max(1)));
+        // (A slab's buffer lives for this conv only: held between convs it would add to their peak memory.)
+        let mut slab = Vec::new();
+        // Seconds making X_U and checking it (the checker counts those).
+        let (mut made, mut checked) = (0.0, 0.0);
+        let res = (|| {
+            for p0 in (0..hw).step_by(sp) {
+                let p = sp.min(hw - p0);
+                let t = Instant::now();
+                self.layers[id].lr.residual_slab(x, p0, p, &mut slab)?;
+                made += t.elapsed().as_secs_f64();
+                if let Some(ch) = self.checker.as_mut() {
+                    let t = Instant::now();
+                    ch.add_forward_slab(&slab, p0)?;
+                    checked += t.elapsed().as_secs_f64();
+                }
+                for (row, vals) in slab.chunks_exact(p).enumerate() {
+                    declassify_residual_into(&mut frame, row * hw + p0, vals)
+                        .map_err(CoreError::accelerator)?;
+                }
+            }
+            Ok::<(), CoreError>(())
+        })();
+        drop(slab);
+        res?;
+        // Making X_U is the decomposition's (trusted work); writing it, the transfer's (as encoding is).
+        self.count_layer(Some(id), |l| {
+            l.decompose_s += made;
+            l.trusted_s += made;
+        });
+        // The rest (writing X_U into the frame, and sending it) is the transfer's.
+        let rest = t0.elapsed().as_secs_f64() - made - checked;
+        self.send_frame(frame, rest.max(0.0), y_u_bytes)?;
+        self.layers[id].streamed_check = self.checker.is_some();
+        self.count(|s| s.in_frame_forwards += 1);
+        Ok(())
     }
 
     /// The second half of a split forward: the accelerator's Y_U received, checked and added to Y_T in `y`
@@ -922,6 +1065,22 @@ impl<T: Transport> SplitExec<T> {
         let words = y_u
             .words_unscanned(&out_shape)
             .map_err(|e| bad_reply(what, e))?;
+        let name_found = |e| {
+            let found = y_u.first_non_finite().map(|(_, v)| v);
+            pipeline::name_found(what, found, &out_shape, "Y_U", e)
+        };
+        if self.layers[id].streamed_check {
+            // The check's pass over X_U was made as X_U went into its frame.
+            let mut proj = std::mem::take(&mut self.layers[id].proj);
+            let checked = self
+                .checked(id, |ch| {
+                    let proj = train.then_some(&mut proj);
+                    ch.finish_forward_stream_into(conv, &x.shape, words, proj, &mut y.data)
+                })
+                .map_err(name_found);
+            self.layers[id].proj = proj;
+            return checked;
+        }
         let residual = std::mem::take(&mut self.residual);
         let mut proj = std::mem::take(&mut self.layers[id].proj);
         // The check's pass over Y_U also catches a NaN or infinity (its sums turn non-finite and it fails), so
@@ -932,10 +1091,7 @@ impl<T: Transport> SplitExec<T> {
                 let proj = train.then_some(&mut proj);
                 ch.check_forward_into(conv, &residual.data, &x.shape, words, proj, &mut y.data)
             })
-            .map_err(|e| {
-                let found = y_u.first_non_finite().map(|(_, v)| v);
-                pipeline::name_found(what, found, &out_shape, "Y_U", e)
-            });
+            .map_err(name_found);
         self.layers[id].proj = proj;
         self.residual = residual;
         checked
@@ -1151,15 +1307,14 @@ impl<T: Transport> SplitExec<T> {
             // The reply is ∇W_U, and ∇X of the input's shape when asked for.
             let dw_bytes = 4 * conv.weight.value.len() as u64;
             let dx_bytes = if dx.is_some() { 4 * x.len() as u64 } else { 0 };
-            let req = Request::ConvBackward {
-                layer,
-                dy: declassify_output_grad(dy),
-                need_dx: dx.is_some(),
-            };
-            let sent = self.send(&req, Some(dx_bytes + dw_bytes));
-            // ∇Y's copy is in the frame now: let it go before the reply's values are taken.
-            drop(req);
-            sent?;
+            // ∇Y straight from the network's buffer into the frame (no copy of its own first).
+            let t0 = Instant::now();
+            let frame = self
+                .client
+                .start_conv_backward(layer, &dy.shape, dx.is_some())
+                .and_then(|mut f| declassify_output_grad_into(&mut f, dy).map(|()| f))
+                .map_err(CoreError::accelerator)?;
+            self.send_frame(frame, t0.elapsed().as_secs_f64(), dx_bytes + dw_bytes)?;
             let t0 = Instant::now();
             let owner = self.layers[id].shared_from.unwrap_or(id);
             // ∇W_T straight into the trusted parameter's gradient (∇W = ∇W_T + ∇W_U; ∇W_U is added once

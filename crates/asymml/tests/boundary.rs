@@ -2,6 +2,7 @@
 //! allows, and no payload equals (or correlates above 0.99 with) a private input or activation; a hostile or
 //! broken accelerator gets a clear error naming the layer and the fault, never a panic.
 
+use asymml_core::decomp::{BlockSvd, SvdMethod};
 use asymml_core::layers::Conv2d;
 use asymml_core::models::{ConvExec, LocalExec, ModelSpec, Net};
 use asymml_core::rng::Rng;
@@ -83,12 +84,16 @@ fn correlation(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn transcript_of_a_split_step_holds_only_what_the_design_allows() {
-    for (policy, nsr, micro) in [
-        ("schedule", 0.0, 1),
-        ("asym1", 0.0, 1),
-        ("fixed:1", 0.1, 1),
-        ("schedule", 0.0, 3),
-        ("asym1", 0.1, 2),
+    // (block: the block SVD, whose X_U goes straight into its frame a slab at a time; else the light SVD's,
+    // sent from a whole residual.)
+    for (policy, nsr, micro, block) in [
+        ("schedule", 0.0, 1, false),
+        ("asym1", 0.0, 1, false),
+        ("fixed:1", 0.1, 1, false),
+        ("schedule", 0.0, 3, false),
+        ("asym1", 0.1, 2, false),
+        ("schedule", 0.0, 1, true),
+        ("fixed:2", 0.0, 1, true),
     ] {
         let (mut net, x, labels) = small_resnet();
         // The private activations, from a trusted-only forward of the same net.
@@ -103,9 +108,11 @@ fn transcript_of_a_split_step_holds_only_what_the_design_allows() {
         let transcript = rec.transcript();
         let config = SplitConfig {
             micro_batches: micro,
+            svd: block.then(|| SvdMethod::Block(BlockSvd::default())),
             ..cfg(policy, nsr)
         };
         let mut exec = SplitExec::connect(rec, &mut net, config).unwrap();
+        let stats = exec.stats();
         net.zero_grad();
         net.forward_loss(&x, &labels, true, &mut exec).unwrap();
         net.backward(&mut exec, false).unwrap();
@@ -158,6 +165,8 @@ fn transcript_of_a_split_step_holds_only_what_the_design_allows() {
             }
         }
         assert!(checked > 0, "no payload was compared");
+        let in_frame = stats.lock().unwrap().in_frame_forwards;
+        assert_eq!(in_frame > 0, block, "{policy}: X_U written into its frame");
         // A pipelined forward sends its parts, and only them.
         let sent = |k| {
             records

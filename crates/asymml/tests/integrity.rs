@@ -5,7 +5,7 @@
 //!
 //! The relay is test-only code: nothing in the CLI can build it.
 
-use asymml_core::decomp::RankPolicy;
+use asymml_core::decomp::{BlockSvd, RankPolicy, SvdMethod};
 use asymml_core::models::{ConvExec, ModelSpec, Net};
 use asymml_core::optim::{Optimizer, OptimizerKind};
 use asymml_core::rng::Rng;
@@ -219,6 +219,11 @@ fn run_all_stats(
     (result, stats)
 }
 
+/// The block SVD (the CLI's default).
+fn block_svd() -> SvdMethod {
+    SvdMethod::Block(BlockSvd::default())
+}
+
 fn cfg(policy: &str, shared_basis: bool, nsr: f32) -> SplitConfig {
     SplitConfig {
         policy: policy.parse().unwrap(),
@@ -244,14 +249,25 @@ fn every_tampered_result_or_weight_is_caught() {
                     if layer == 0 && matches!(tamper, Tamper::InputGrad(_)) {
                         continue;
                     }
-                    let (res, stats) = run(name, cfg("schedule", false, 0.0), tamper, layer, 2);
-                    let err = res.expect_err(&format!("{name}: {tamper:?} at conv {layer} passed"));
-                    assert!(
-                        matches!(err, CoreError::Integrity { .. }),
-                        "{name}: {tamper:?} at conv {layer}: not an integrity error: {err}"
-                    );
-                    assert_eq!(stats.failures, 1, "{name}: {tamper:?}");
-                    eprintln!("{name} {tamper:?} conv {layer}: {err}");
+                    // The light SVD's X_U goes whole through a scratch tensor; the block SVD's straight into
+                    // its frame, checked slab by slab as it is made (not for a conv whose input a shortcut
+                    // conv reads too).
+                    for svd in [None, Some(block_svd())] {
+                        let cfg = SplitConfig {
+                            svd,
+                            ..cfg("schedule", false, 0.0)
+                        };
+                        let (res, stats) = run(name, cfg, tamper, layer, 2);
+                        let err = res.expect_err(&format!(
+                            "{name}: {tamper:?} at conv {layer} passed ({svd:?})"
+                        ));
+                        assert!(
+                            matches!(err, CoreError::Integrity { .. }),
+                            "{name}: {tamper:?} at conv {layer}: not an integrity error: {err}"
+                        );
+                        assert_eq!(stats.failures, 1, "{name}: {tamper:?}");
+                        eprintln!("{name} {tamper:?} conv {layer} ({svd:?}): {err}");
+                    }
                 }
             }
         }
@@ -322,17 +338,30 @@ fn honest_runs_raise_no_alarm() {
     let mut thresholds = [0f64; 3];
     for name in ["vgg11", "resnet18"] {
         for policy in ["schedule", "asym1", "fixed:2"] {
-            for shared in [false, true] {
+            // (svd: the light SVD, and the block SVD, whose X_U goes into its frame checked slab by slab.)
+            for (shared, svd) in [(false, None), (true, None), (false, Some(block_svd()))] {
                 for (threads, nsr) in [(1, 0.0), (2, 0.1)] {
                     let pool = rayon::ThreadPoolBuilder::new()
                         .num_threads(threads)
                         .build()
                         .unwrap();
-                    let (res, stats) =
-                        pool.install(|| run(name, cfg(policy, shared, nsr), Tamper::None, 0, 7));
+                    let cfg = SplitConfig {
+                        svd,
+                        ..cfg(policy, shared, nsr)
+                    };
+                    let (res, all) = pool.install(|| run_all_stats(name, cfg, Tamper::None, 0, 7));
                     res.unwrap_or_else(|e| {
-                        panic!("{name} {policy} shared {shared} threads {threads}: {e}")
+                        panic!("{name} {policy} shared {shared} {svd:?} threads {threads}: {e}")
                     });
+                    // Without noise, the block SVD's X_U goes into its frame (the whole forward's convs
+                    // for VGG; ResNet's first convs of downsampling blocks keep theirs whole).
+                    let in_frame = svd.is_some() && nsr == 0.0;
+                    assert_eq!(
+                        all.in_frame_forwards > 0,
+                        in_frame,
+                        "{name} {policy} {svd:?}"
+                    );
+                    let stats = all.integrity;
                     assert_eq!(stats.failures, 0);
                     checks += stats.checks;
                     worst = worst.max(stats.worst_ratio);

@@ -890,8 +890,9 @@ pub(crate) fn ensure_rank(
 }
 
 /// The factors at rank r from the basis in `s`: u (N × r, column j = q_j·s_j), for each block k
-/// v_k (r × C, row j = q_jᵀ X_k / s_j with s_j² = Σ_k ‖q_jᵀ X_k‖²) and res_k = X_k − U V_k. Components past the
-/// basis, with s_j = 0, or all of them when X is zero or not finite, are zero (res_k = X_k there).
+/// v_k (r × C, row j = q_jᵀ X_k / s_j with s_j² = Σ_k ‖q_jᵀ X_k‖²) and res_k = X_k − U V_k (not made where
+/// res_k is empty). Components past the basis, with s_j = 0, or all of them when X is zero or not finite, are
+/// zero (res_k = X_k there).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn finish(
     xs: &[&[f32]],
@@ -912,7 +913,10 @@ pub(crate) fn finish(
     }
     if live == 0 {
         for ((_, res), x) in parts.iter_mut().zip(xs) {
-            res.copy_from_slice(x);
+            // (An empty `res`: the residual is not made here.)
+            if !res.is_empty() {
+                res.copy_from_slice(x);
+            }
         }
         return;
     }
@@ -973,6 +977,9 @@ pub(crate) fn finish(
             } else {
                 row.fill(0.0);
             }
+        }
+        if res.is_empty() {
+            continue;
         }
         for j0 in (0..c).step_by(cb) {
             let w = cb.min(c - j0);

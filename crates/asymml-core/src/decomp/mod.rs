@@ -38,7 +38,7 @@ fn all_of(e: f64, n: usize) -> EnergyStop {
 pub use trusted::TrustedConv;
 
 use crate::error::{CoreError, Result};
-use crate::gemm::{sgemm, Mat};
+use crate::gemm::{sgemm, sgemm_ld, Mat};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -192,6 +192,62 @@ impl BatchLowRank {
                 }
             });
         self.v_dropped = false;
+        Ok(())
+    }
+
+    /// out: [B, N, P] ← pixels `p0 .. p0 + P` of the residual X_U = X − U_b V_b per sample, for x the very
+    /// input [B, N, H, W] that was decomposed (V must be there). The same values, made the same way, as the
+    /// residual [`decompose_batch_with`] gives: X's rows copied, then −U_b V_b added by a matrix product.
+    pub fn residual_slab(&self, x: &Tensor, p0: usize, p: usize, out: &mut Vec<f32>) -> Result<()> {
+        let (b, n, h, w) = x.nchw("residual slab")?;
+        let hw = h * w;
+        let fits =
+            |s: &LowRank| s.n == n && s.hw == hw && s.u.len() == n * s.r && s.v.len() == s.r * hw;
+        if self.v_dropped
+            || b != self.samples.len()
+            || (n, h, w) != (self.n, self.h, self.w)
+            || p0 + p > hw
+            || !self.samples.iter().all(fits)
+        {
+            return Err(CoreError::Shape(format!(
+                "residual slab: pixels {p0}..{} of an input of shape {:?} for factorisations of [{}, {}, {}, {}]{}",
+                p0 + p,
+                x.shape,
+                self.samples.len(),
+                self.n,
+                self.h,
+                self.w,
+                if self.v_dropped { " without V" } else { "" }
+            )));
+        }
+        out.clear();
+        out.resize(b * n * p, 0.0);
+        if b * n * p == 0 {
+            return Ok(());
+        }
+        out.par_chunks_mut(n * p)
+            .zip(x.data.par_chunks(n * hw))
+            .zip(self.samples.par_iter())
+            .for_each(|((ob, xb), s)| {
+                for (orow, xrow) in ob.chunks_exact_mut(p).zip(xb.chunks_exact(hw)) {
+                    orow.copy_from_slice(&xrow[p0..p0 + p]);
+                }
+                if s.r == 0 {
+                    return;
+                }
+                let negu: Vec<f32> = s.u.iter().map(|&v| -v).collect();
+                sgemm_ld(
+                    n,
+                    p,
+                    s.r,
+                    Mat::rm(&negu, s.r),
+                    Mat::rm_from(&s.v, hw, p0),
+                    ob,
+                    p,
+                    true,
+                    1,
+                );
+            });
         Ok(())
     }
 
@@ -457,7 +513,27 @@ pub fn decompose_batch_with(
     out: &mut BatchLowRank,
     residual: &mut Tensor,
 ) -> Result<usize> {
-    decompose_block(Batch::of(x)?, policy, schedule_step, method, out, residual)
+    decompose_block(
+        Batch::of(x)?,
+        policy,
+        schedule_step,
+        method,
+        out,
+        Some(residual),
+    )
+}
+
+/// [`decompose_batch_with`] without the residual: `out` gets the factorisations and r, and X_U is made later,
+/// a slab of pixels at a time, by [`BatchLowRank::residual_slab`] (the split writes it straight into the
+/// frame that carries it).
+pub fn decompose_factors_with(
+    x: &Tensor,
+    policy: RankPolicy,
+    schedule_step: usize,
+    method: SvdMethod,
+    out: &mut BatchLowRank,
+) -> Result<usize> {
+    decompose_block(Batch::of(x)?, policy, schedule_step, method, out, None)
 }
 
 /// [`decompose_batch_with`] of samples `samples` of x ([B, N, H, W]) only: `out` and `residual` then hold
@@ -473,34 +549,46 @@ pub fn decompose_samples_with(
     residual: &mut Tensor,
 ) -> Result<usize> {
     let part = Batch::samples(x, samples)?;
-    decompose_block(part, policy, schedule_step, method, out, residual)
+    decompose_block(part, policy, schedule_step, method, out, Some(residual))
 }
 
-/// [`decompose_batch_with`] of a borrowed batch.
+/// [`decompose_batch_with`] of a borrowed batch (without `residual`, the block method makes none; the light
+/// one makes it in scratch).
 fn decompose_block(
     x: Batch<'_>,
     policy: RankPolicy,
     schedule_step: usize,
     method: SvdMethod,
     out: &mut BatchLowRank,
-    residual: &mut Tensor,
+    residual: Option<&mut Tensor>,
 ) -> Result<usize> {
     (out.projection, out.v_dropped) = (false, false);
-    let m = match method {
-        SvdMethod::Light { iters } => {
-            return decompose_light(x, policy, schedule_step, iters, out, residual)
-        }
-        SvdMethod::Block(m) => m,
-    };
+    let mut scratch = Tensor::default();
     let [b, n, h, w] = x.shape;
-    check_energy(policy)?;
     let (hw, nhw) = (h * w, n * h * w);
-    if b * nhw == 0 {
-        // Nothing to decompose: the light path's zero components of the clamped rank.
-        return decompose_light(x, policy, schedule_step, 1, out, residual);
-    }
+    let m = match method {
+        SvdMethod::Block(m) if b * nhw > 0 => m,
+        SvdMethod::Light { iters } => {
+            let res = residual.unwrap_or(&mut scratch);
+            return decompose_light(x, policy, schedule_step, iters, out, res);
+        }
+        SvdMethod::Block(_) => {
+            // Nothing to decompose: the light path's zero components of the clamped rank.
+            check_energy(policy)?;
+            let res = residual.unwrap_or(&mut scratch);
+            return decompose_light(x, policy, schedule_step, 1, out, res);
+        }
+    };
+    check_energy(policy)?;
     out.projection = true;
-    residual.resize(&x.shape);
+    // Without a residual, each sample's part of it is an empty slice.
+    let mut res_parts: Vec<&mut [f32]> = match residual {
+        Some(res) => {
+            res.resize(&x.shape);
+            res.data.chunks_mut(nhw).collect()
+        }
+        None => (0..b).map(|_| &mut [][..]).collect(),
+    };
     out.n = n;
     out.h = h;
     out.w = w;
@@ -510,7 +598,7 @@ fn decompose_block(
         () => {
             out.samples
                 .par_iter_mut()
-                .zip(residual.data.par_chunks_mut(nhw))
+                .zip(res_parts.par_iter_mut())
                 .zip(x.data.par_chunks(nhw))
         };
     }
@@ -539,6 +627,7 @@ fn decompose_block(
     };
     let spectrum_done = matches!(policy, RankPolicy::Energy(_) | RankPolicy::Entropy);
     samples!().for_each(|((s, res), xb)| {
+        let res: &mut [f32] = res;
         let xs = [xb];
         (s.n, s.hw, s.r) = (n, hw, r);
         if r == n {

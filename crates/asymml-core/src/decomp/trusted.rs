@@ -512,7 +512,13 @@ impl TrustedConv {
                 grad.shape
             )));
         }
-        self.weight_grad_to(conv, lr, dy, grad, true)
+        let done = self.weight_grad_to(conv, lr, dy, grad, true);
+        // The backward's im2col (r·k² × P per worker, its largest scratch) goes: a forward does not need it,
+        // and it would add to the next forward's peak memory.
+        for sc in &mut self.scratch {
+            sc.col = Vec::new();
+        }
+        done
     }
 
     /// ∇W_T into `dw_t` (`add`: added to it, which has W's shape).
