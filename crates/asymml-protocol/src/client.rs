@@ -271,10 +271,15 @@ impl<T: Transport> Client<T> {
     /// than that (plus [`SMALL_REPLY`] for its header or an error message) is refused as it arrives, before
     /// its body is read. The trusted side knows the shape of every reply it asks for.
     pub fn send_request_expecting(&mut self, req: &Request, payload_bytes: u64) -> Result<()> {
-        let bound = payload_bytes
+        self.send_bounded(req, self.reply_bound(payload_bytes))
+    }
+
+    /// The largest reply body accepted for a reply of `payload_bytes` bytes of tensor data: that and
+    /// [`SMALL_REPLY`] for its header (or an error message), at most the negotiated maximum.
+    fn reply_bound(&self, payload_bytes: u64) -> u32 {
+        payload_bytes
             .saturating_add(u64::from(SMALL_REPLY))
-            .min(u64::from(self.max_message)) as u32;
-        self.send_bounded(req, bound)
+            .min(u64::from(self.max_message)) as u32
     }
 
     /// A `ConvForward` of `layer` (`train` as in [`Request::ConvForward`]) whose `X_U` of `shape` is written in
@@ -324,9 +329,7 @@ impl<T: Transport> Client<T> {
     /// [`start_conv_backward`](Self::start_conv_backward), its values written; its reply may carry at most
     /// `payload_bytes` bytes of tensor data (as [`send_request_expecting`](Self::send_request_expecting)).
     pub fn send_frame_expecting(&mut self, frame: TensorFrame, payload_bytes: u64) -> Result<()> {
-        let bound = payload_bytes
-            .saturating_add(u64::from(SMALL_REPLY))
-            .min(u64::from(self.max_message)) as u32;
+        let bound = self.reply_bound(payload_bytes);
         let op = format!("{}(layer {})", frame.kind, frame.layer);
         self.send_buf = frame.into_bytes().map_err(|e| e.context(op.clone()))?;
         framing(|| self.transport.send_vec(&mut self.send_buf))
