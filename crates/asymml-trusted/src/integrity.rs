@@ -633,6 +633,12 @@ impl Checker {
         Ok(())
     }
 
+    /// Whether a streamed forward check of conv `id` was begun and not finished: its Y_U's check is the
+    /// streamed one's end ([`Checker::finish_forward_stream_into`]).
+    pub fn streaming(&self, id: usize) -> bool {
+        self.stream.as_ref().is_some_and(|st| st.id == id)
+    }
+
     /// Adds pixels `p0 .. p0 + P` of X_U ([B, N, P]: every sample and channel, those pixels) to the streamed
     /// forward check begun by [`Checker::begin_forward_stream`]. Slabs come in order and cover the pixels
     /// once.

@@ -116,9 +116,6 @@ struct LayerState {
     /// A shortcut conv reads this conv's input too and reuses its decomposition and X_U (whose check needs
     /// X_U again): its X_U is kept whole in the trusted runtime.
     input_shared: bool,
-    /// The last forward's X_U went into its frame slab by slab, checked as it was made: its Y_U's check is
-    /// the streamed one's end.
-    streamed_check: bool,
 }
 
 /// Steps `auto_route` tries each route before it compares them (the first step of a route pays for its
@@ -463,16 +460,24 @@ impl<T: Transport> SplitExec<T> {
             None => self.client.send_request(req),
         }
         .map_err(CoreError::accelerator);
-        let dt = t0.elapsed().as_secs_f64();
+        self.count_sent(
+            req.layer().map(|l| l as usize),
+            n,
+            t0.elapsed().as_secs_f64(),
+        );
+        res
+    }
+
+    /// Counts `n` bytes of tensor data sent for conv `layer` in `dt` seconds (encoding and sending).
+    fn count_sent(&self, layer: Option<usize>, n: u64, dt: f64) {
         self.count(|s| {
             s.bytes_to_untrusted += n;
             s.transfer_s += dt;
         });
-        self.count_layer(req.layer().map(|l| l as usize), |l| {
+        self.count_layer(layer, |l| {
             l.bytes_to += n;
             l.transfer_s += dt;
         });
-        res
     }
 
     /// Sends a frame whose tensor was written in place in `spent` seconds (the writing counts as the transfer's,
@@ -490,15 +495,7 @@ impl<T: Transport> SplitExec<T> {
             .client
             .send_frame_expecting(frame, reply_payload)
             .map_err(CoreError::accelerator);
-        let dt = spent + t0.elapsed().as_secs_f64();
-        self.count(|s| {
-            s.bytes_to_untrusted += n;
-            s.transfer_s += dt;
-        });
-        self.count_layer(layer, |l| {
-            l.bytes_to += n;
-            l.transfer_s += dt;
-        });
+        self.count_sent(layer, n, spent + t0.elapsed().as_secs_f64());
         res
     }
 
@@ -723,8 +720,6 @@ impl<T: Transport> SplitExec<T> {
         let layer = id as u32;
         // The reply is Y_U of exactly this shape.
         let y_u_bytes = 4 * out_shape.iter().product::<usize>() as u64;
-        // (Set again where this forward's X_U goes into its frame slab by slab.)
-        self.layers[id].streamed_check = false;
         let res = (|| {
             match shared {
                 Some(from) if !self.layers[from].parts.is_empty() => {
@@ -831,7 +826,6 @@ impl<T: Transport> SplitExec<T> {
             && !x.data.is_empty();
         let st = &mut self.layers[id];
         st.parts.clear();
-        st.streamed_check = false;
         let r = if in_frame {
             decompose_factors_with(x, policy, st.step, method, &mut st.lr)?
         } else if self.cfg.shared_basis {
@@ -974,7 +968,6 @@ impl<T: Transport> SplitExec<T> {
         // The rest (writing X_U into the frame, and sending it) is the transfer's.
         let rest = t0.elapsed().as_secs_f64() - made - checked;
         self.send_frame(frame, rest.max(0.0), y_u_bytes)?;
-        self.layers[id].streamed_check = self.checker.is_some();
         self.count(|s| s.in_frame_forwards += 1);
         Ok(())
     }
@@ -1069,7 +1062,7 @@ impl<T: Transport> SplitExec<T> {
             let found = y_u.first_non_finite().map(|(_, v)| v);
             pipeline::name_found(what, found, &out_shape, "Y_U", e)
         };
-        if self.layers[id].streamed_check {
+        if self.checker.as_ref().is_some_and(|ch| ch.streaming(id)) {
             // The check's pass over X_U was made as X_U went into its frame.
             let mut proj = std::mem::take(&mut self.layers[id].proj);
             let checked = self
