@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use crate::codec::{
-    decode_conv_grads_view, decode_conv_output_view, decode_reply, decode_request, encode_reply,
+    decode_conv_output_view, decode_grads_view, decode_reply, decode_request, encode_reply,
     encode_request, encode_tensor_request,
 };
 use crate::declassify::ReceivedTensor;
@@ -37,9 +37,11 @@ impl ConvOutputFrame {
     }
 }
 
-/// A received `ConvGrads` reply, kept whole in its frame buffer (see [`Client::recv_conv_grads`]).
+/// A received backward reply (`ConvGrads`, `InputGrad` or `WeightGrad`), kept whole in its frame buffer (see
+/// [`Client::recv_grads`]).
 pub struct ConvGradsFrame {
     buf: Vec<u8>,
+    kind: MessageKind,
     max: u32,
 }
 
@@ -48,24 +50,27 @@ impl ConvGradsFrame {
     pub fn payload_bytes(&self) -> u64 {
         self.grads().map_or(0, |(dx, dw)| {
             let n = |t: &ReceivedTensor<'_>| 4 * t.shape().iter().product::<usize>() as u64;
-            dx.as_ref().map_or(0, n) + n(&dw)
+            dx.as_ref().map_or(0, n) + dw.as_ref().map_or(0, n)
         })
     }
 
-    /// (`∇X` when sent, `∇W_U`), read in place.
-    pub fn grads(&self) -> Result<(Option<ReceivedTensor<'_>>, ReceivedTensor<'_>)> {
-        match decode_conv_grads_view(&self.buf, self.max)? {
-            Some((_, dx, dw)) => Ok((dx, dw)),
-            None => Err(ProtocolError::Misuse("not a ConvGrads frame".into())),
+    /// (`∇X`, `∇W_U`) as far as the reply holds them, read in place.
+    #[allow(clippy::type_complexity)]
+    pub fn grads(&self) -> Result<(Option<ReceivedTensor<'_>>, Option<ReceivedTensor<'_>>)> {
+        match decode_grads_view(&self.buf, self.kind, self.max)? {
+            Some(v) => Ok((v.dx, v.dw)),
+            None => Err(ProtocolError::Misuse(format!("not a {} frame", self.kind))),
         }
     }
 }
 
-/// A request frame (a `ConvForward` or a `ConvBackward`) whose one tensor the sender writes in place, through
+/// A request frame (a `ConvForward`, a `ConvBackward` or a `ConvInputGrad`) whose one tensor the sender writes
+/// in place, through
 /// [`declassify_residual_into`](crate::declassify_residual_into) or
 /// [`declassify_output_grad_into`](crate::declassify_output_grad_into): a large tensor goes into the frame
 /// straight from where it is made or kept, not through a copy of its own first, and the frame is not
-/// cleared first either. Made by [`Client::start_conv_forward`] or [`Client::start_conv_backward`]; sent by
+/// cleared first either. Made by [`Client::start_conv_forward`], [`Client::start_conv_backward`] or
+/// [`Client::start_input_grad`]; sent by
 /// [`Client::send_frame_expecting`] once every value has been written (the writes may come in any order).
 pub struct TensorFrame {
     /// The frame up to the values (its length), with room for all of it (its capacity).
@@ -75,8 +80,8 @@ pub struct TensorFrame {
     shape: Vec<usize>,
     /// The number of values.
     n: usize,
-    /// The flag byte after the values (`train` or `need_dx`).
-    flag: bool,
+    /// The flag byte after the values (`train` or `need_dx`), where the request has one.
+    flag: Option<bool>,
     /// One bit per value: written.
     written: Vec<u64>,
 }
@@ -152,11 +157,15 @@ impl TensorFrame {
             )));
         }
         let len = self.buf.len();
-        self.buf.spare_capacity_mut()[4 * self.n].write(u8::from(self.flag));
+        if let Some(flag) = self.flag {
+            self.buf.spare_capacity_mut()[4 * self.n].write(u8::from(flag));
+        }
+        let end = len + 4 * self.n + usize::from(self.flag.is_some());
         // SAFETY: the capacity holds the whole frame (`encode_tensor_request`); the bytes up to `len` were
         // initialised by the encoder, every value's 4 bytes after them by `put` (each bit of `written` is set
-        // only once its value's bytes are written, and every bit is set), and the flag byte just above.
-        unsafe { self.buf.set_len(len + 4 * self.n + 1) };
+        // only once its value's bytes are written, and every bit is set), and the flag byte (if any) just
+        // above.
+        unsafe { self.buf.set_len(end) };
         Ok(self.buf)
     }
 }
@@ -290,7 +299,7 @@ impl<T: Transport> Client<T> {
         shape: &[usize],
         train: bool,
     ) -> Result<TensorFrame> {
-        self.start_frame(MessageKind::ConvForward, layer, shape, train)
+        self.start_frame(MessageKind::ConvForward, layer, shape, Some(train))
     }
 
     /// A `ConvBackward` of `layer` (`need_dx` as in [`Request::ConvBackward`]) whose `∇Y` of `shape` is written
@@ -301,7 +310,13 @@ impl<T: Transport> Client<T> {
         shape: &[usize],
         need_dx: bool,
     ) -> Result<TensorFrame> {
-        self.start_frame(MessageKind::ConvBackward, layer, shape, need_dx)
+        self.start_frame(MessageKind::ConvBackward, layer, shape, Some(need_dx))
+    }
+
+    /// A `ConvInputGrad` of `layer` whose `∇Y` of `shape` is written in place
+    /// ([`declassify_output_grad_into`](crate::declassify_output_grad_into)) before it is sent.
+    pub fn start_input_grad(&mut self, layer: u32, shape: &[usize]) -> Result<TensorFrame> {
+        self.start_frame(MessageKind::ConvInputGrad, layer, shape, None)
     }
 
     fn start_frame(
@@ -309,7 +324,7 @@ impl<T: Transport> Client<T> {
         kind: MessageKind,
         layer: u32,
         shape: &[usize],
-        flag: bool,
+        flag: Option<bool>,
     ) -> Result<TensorFrame> {
         let max = self.max_message;
         let (_, n) = framing(|| encode_tensor_request(kind, layer, shape, max, &mut self.send_buf))
@@ -415,17 +430,19 @@ impl<T: Transport> Client<T> {
         })
     }
 
-    /// Receives the reply to the oldest unanswered request, which must be a `ConvGrads` for `layer`, without
-    /// copying its tensors out of the frame ([`ConvGradsFrame::grads`]); otherwise as
-    /// [`recv_conv_output`](Self::recv_conv_output).
-    pub fn recv_conv_grads(&mut self, layer: u32) -> Result<ConvGradsFrame> {
-        let op = self.recv_frame("recv_conv_grads")?;
+    /// Receives the reply to the oldest unanswered request, which must be a `kind` reply (`ConvGrads`,
+    /// `InputGrad` or `WeightGrad`) for `layer`, without copying its tensors out of the frame
+    /// ([`ConvGradsFrame::grads`]); otherwise as [`recv_conv_output`](Self::recv_conv_output).
+    pub fn recv_grads(&mut self, kind: MessageKind, layer: u32) -> Result<ConvGradsFrame> {
+        let op = self.recv_frame("recv_grads")?;
         let max = self.max_message;
-        let found = match decode_conv_grads_view(&self.recv_buf, max) {
-            Ok(Some((l, _, _))) if l == layer => Ok(()),
+        let found = match decode_grads_view(&self.recv_buf, kind, max) {
+            Ok(Some(v)) if v.layer == layer => Ok(()),
             Ok(_) => Err(
-                self.refuse_other(&format!("ConvGrads for layer {layer}"), |r| {
-                    r.into_conv_grads(layer).map(drop)
+                self.refuse_other(&format!("{kind} for layer {layer}"), |r| match kind {
+                    MessageKind::InputGrad => r.into_input_grad(layer).map(drop),
+                    MessageKind::WeightGrad => r.into_weight_grad(layer).map(drop),
+                    _ => r.into_conv_grads(layer).map(drop),
                 }),
             ),
             Err(e) => Err(e),
@@ -433,6 +450,7 @@ impl<T: Transport> Client<T> {
         found.map_err(|e| e.context(op))?;
         Ok(ConvGradsFrame {
             buf: std::mem::take(&mut self.recv_buf),
+            kind,
             max,
         })
     }
@@ -443,7 +461,7 @@ impl<T: Transport> Client<T> {
         self.reuse_buffer(frame.buf);
     }
 
-    /// Takes back the buffer of a frame from [`recv_conv_grads`](Self::recv_conv_grads).
+    /// Takes back the buffer of a frame from [`recv_grads`](Self::recv_grads).
     pub fn reuse_grads_frame(&mut self, frame: ConvGradsFrame) {
         self.reuse_buffer(frame.buf);
     }

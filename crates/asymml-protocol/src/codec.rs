@@ -18,12 +18,16 @@
 //! | 0x08 | Shutdown       |                                                                             |
 //! | 0x09 | ConvForwardShared | layer u32, from_layer u32, train bool                                   |
 //! | 0x0f | ConvForwardPart | layer u32, first u32, batch u32, x_u tensor, train bool                   |
+//! | 0x10 | ConvInputGrad  | layer u32, dy tensor                                                        |
+//! | 0x11 | ConvWeightGrad | layer u32                                                                   |
 //! | 0x81 | HelloAck       | version u32, max_message u32                                                |
 //! | 0x82 | Ok             |                                                                             |
 //! | 0x83 | ConvOutput     | layer u32, y_u tensor                                                       |
 //! | 0x84 | ConvGrads      | layer u32, dx Option tensor, dw tensor                                      |
 //! | 0x85 | Weights        | layer u32, w tensor, b Option tensor                                        |
 //! | 0x86 | Error          | message string                                                              |
+//! | 0x89 | InputGrad      | layer u32, dx tensor                                                        |
+//! | 0x8a | WeightGrad     | layer u32, dw tensor                                                        |
 //!
 //! The optimizer is a byte 0 (SGD: momentum f32, nesterov bool, weight_decay f32) or 1 (AdamW: beta1, beta2,
 //! eps, weight_decay f32).
@@ -100,6 +104,11 @@ pub fn encode_request(req: &Request, max_message: u32, buf: &mut Vec<u8>) -> Res
             w.tensor(dy);
             w.bool(*need_dx);
         }
+        Request::ConvInputGrad { layer, dy } => {
+            w.u32(*layer);
+            w.tensor(dy);
+        }
+        Request::ConvWeightGrad { layer } => w.u32(*layer),
         Request::SetWeights { layer, w: wt, b } => {
             w.u32(*layer);
             w.tensor(wt);
@@ -161,6 +170,10 @@ pub fn encode_reply(rep: &Reply, max_message: u32, buf: &mut Vec<u8>) -> Result<
             w.opt_tensor(dx.as_ref());
             w.tensor(dw);
         }
+        Reply::InputGrad { layer, dx: t } | Reply::WeightGrad { layer, dw: t } => {
+            w.u32(*layer);
+            w.tensor(t);
+        }
         Reply::Weights { layer, w: wt, b } => {
             w.u32(*layer);
             w.tensor(wt);
@@ -191,7 +204,10 @@ pub fn request_body_len(req: &Request) -> Result<u64> {
         Request::ConvForward { .. } | Request::ConvBackward { .. } => 5,
         Request::ConvForwardPart { .. } => 13,
         Request::SetWeights { .. } => 5,
-        Request::Step { .. } | Request::FetchWeights { .. } => 4,
+        Request::Step { .. }
+        | Request::FetchWeights { .. }
+        | Request::ConvInputGrad { .. }
+        | Request::ConvWeightGrad { .. } => 4,
         Request::Shutdown => 0,
         Request::ConvForwardShared { .. } => 9,
         Request::RegisterNet {
@@ -216,7 +232,7 @@ pub fn reply_body_len(rep: &Reply) -> Result<u64> {
     let fixed: u64 = match rep {
         Reply::HelloAck { .. } => 8,
         Reply::Ok => 0,
-        Reply::ConvOutput { .. } => 4,
+        Reply::ConvOutput { .. } | Reply::InputGrad { .. } | Reply::WeightGrad { .. } => 4,
         Reply::ConvGrads { .. } => 5,
         Reply::Weights { .. } => 5,
         Reply::Error { message } => 4 + message.len() as u64,
@@ -273,10 +289,11 @@ fn shape_values(shape: &[usize]) -> Result<u64> {
         .ok_or_else(|| ProtocolError::Encode(format!("tensor of shape {shape:?} overflows")))
 }
 
-/// Starts, in `buf`, the frame of a `ConvForward` or a `ConvBackward` of `layer` whose tensor has `shape`: the
-/// bytes [`encode_request`] gives for that request up to the tensor's values, in a buffer whose capacity
-/// holds the whole frame (the values, then the request's one flag byte: `train` or `need_dx`). Gives where the
-/// values start (`buf.len()`) and how many there are; the caller writes the rest in place (`TensorFrame`).
+/// Starts, in `buf`, the frame of a `ConvForward`, a `ConvBackward` or a `ConvInputGrad` of `layer` whose
+/// tensor has `shape`: the bytes [`encode_request`] gives for that request up to the tensor's values, in a
+/// buffer whose capacity holds the whole frame (the values, then the request's one flag byte where it has one:
+/// `train` or `need_dx`). Gives where the values start (`buf.len()`) and how many there are; the caller writes
+/// the rest in place (`TensorFrame`).
 pub(crate) fn encode_tensor_request(
     kind: MessageKind,
     layer: u32,
@@ -284,14 +301,18 @@ pub(crate) fn encode_tensor_request(
     max_message: u32,
     buf: &mut Vec<u8>,
 ) -> Result<(usize, usize)> {
-    if !matches!(kind, MessageKind::ConvForward | MessageKind::ConvBackward) {
-        return Err(ProtocolError::Misuse(format!(
-            "{kind} is not written in place"
-        )));
-    }
+    let flag = match kind {
+        MessageKind::ConvForward | MessageKind::ConvBackward => 1,
+        MessageKind::ConvInputGrad => 0,
+        _ => {
+            return Err(ProtocolError::Misuse(format!(
+                "{kind} is not written in place"
+            )))
+        }
+    };
     // n < 2^64 / 8 whenever the frame fits a u32 body: larger ones saturate and are refused by `start`.
     let n = shape_values(shape)?.min(u64::MAX / 8);
-    let body = (4 * n).saturating_add(7 + 4 * shape.len() as u64);
+    let body = (4 * n).saturating_add(6 + flag + 4 * shape.len() as u64);
     let mut w = Writer::start(buf, body, max_message)?;
     w.u8(kind.code());
     w.u32(layer);
@@ -589,24 +610,50 @@ pub fn decode_conv_output_view(
     Ok(Some((layer, ReceivedTensor::from_frame(shape, words))))
 }
 
-/// A `ConvGrads` reply frame decoded without copying its values: the layer, `∇X` (when sent) and `∇W_U` as
-/// views of the frame. `Ok(None)` when the frame holds another reply, as for [`decode_conv_output_view`].
-#[allow(clippy::type_complexity)]
-pub fn decode_conv_grads_view(
+/// The gradients of a backward reply, as views of its frame (see [`decode_grads_view`]).
+pub struct GradsView<'a> {
+    pub layer: u32,
+    /// `∇X`, when the reply holds it.
+    pub dx: Option<ReceivedTensor<'a>>,
+    /// `∇W_U`, when the reply holds it.
+    pub dw: Option<ReceivedTensor<'a>>,
+}
+
+/// A `kind` reply frame (`ConvGrads`, `InputGrad` or `WeightGrad`) decoded without copying its values: the
+/// layer and its gradients as views of the frame. `Ok(None)` when the frame holds another reply, as for
+/// [`decode_conv_output_view`].
+pub fn decode_grads_view(
     frame: &[u8],
+    kind: MessageKind,
     max_message: u32,
-) -> Result<Option<(u32, Option<ReceivedTensor<'_>>, ReceivedTensor<'_>)>> {
+) -> Result<Option<GradsView<'_>>> {
+    if !matches!(
+        kind,
+        MessageKind::ConvGrads | MessageKind::InputGrad | MessageKind::WeightGrad
+    ) {
+        return Err(ProtocolError::Misuse(format!("{kind} holds no gradients")));
+    }
     let body = frame_body(frame, max_message)?;
-    if body.first() != Some(&MessageKind::ConvGrads.code()) {
+    if body.first() != Some(&kind.code()) {
         return Ok(None);
     }
     let mut r = Reader { buf: body, pos: 1 };
-    let layer = r.u32("ConvGrads.layer")?;
-    let dx = match r.u8("dx")? {
-        0 => None,
+    let layer = r.u32("layer")?;
+    let mut view = GradsView {
+        layer,
+        dx: None,
+        dw: None,
+    };
+    let tag = match kind {
+        MessageKind::ConvGrads => r.u8("dx")?,
+        MessageKind::InputGrad => 1,
+        _ => 0,
+    };
+    match tag {
+        0 => {}
         1 => {
             let (shape, words) = r.tensor_words("dx")?;
-            Some(ReceivedTensor::from_frame(shape, words))
+            view.dx = Some(ReceivedTensor::from_frame(shape, words));
         }
         b => {
             return Err(ProtocolError::InvalidValue {
@@ -614,15 +661,18 @@ pub fn decode_conv_grads_view(
                 detail: format!("option tag {b} (expected 0 or 1)"),
             })
         }
-    };
-    let (shape, words) = r.tensor_words("dw")?;
+    }
+    if kind != MessageKind::InputGrad {
+        let (shape, words) = r.tensor_words("dw")?;
+        view.dw = Some(ReceivedTensor::from_frame(shape, words));
+    }
     if r.remaining() != 0 {
         return Err(ProtocolError::TrailingBytes {
             count: r.remaining(),
-            message: MessageKind::ConvGrads.name(),
+            message: kind.name(),
         });
     }
-    Ok(Some((layer, dx, ReceivedTensor::from_frame(shape, words))))
+    Ok(Some(view))
 }
 
 fn decode_body(body: &[u8]) -> Result<Message> {
@@ -679,6 +729,13 @@ fn decode_body(body: &[u8]) -> Result<Message> {
             dy: r.tensor("dy")?,
             need_dx: r.bool("ConvBackward.need_dx")?,
         }),
+        MessageKind::ConvInputGrad => Message::Request(Request::ConvInputGrad {
+            layer: r.u32("ConvInputGrad.layer")?,
+            dy: r.tensor("dy")?,
+        }),
+        MessageKind::ConvWeightGrad => Message::Request(Request::ConvWeightGrad {
+            layer: r.u32("ConvWeightGrad.layer")?,
+        }),
         MessageKind::SetWeights => Message::Request(Request::SetWeights {
             layer: r.u32("SetWeights.layer")?,
             w: r.tensor("w")?,
@@ -727,6 +784,14 @@ fn decode_body(body: &[u8]) -> Result<Message> {
         MessageKind::ConvGrads => Message::Reply(Reply::ConvGrads {
             layer: r.u32("ConvGrads.layer")?,
             dx: r.opt_tensor("dx")?,
+            dw: r.tensor("dw")?,
+        }),
+        MessageKind::InputGrad => Message::Reply(Reply::InputGrad {
+            layer: r.u32("InputGrad.layer")?,
+            dx: r.tensor("dx")?,
+        }),
+        MessageKind::WeightGrad => Message::Reply(Reply::WeightGrad {
+            layer: r.u32("WeightGrad.layer")?,
             dw: r.tensor("dw")?,
         }),
         MessageKind::Weights => Message::Reply(Reply::Weights {

@@ -61,10 +61,15 @@ pub fn declassify_residual_into(frame: &mut TensorFrame, offset: usize, x_u: &[f
     frame.put(offset, x_u)
 }
 
-/// [`declassify_output_grad`] written straight into the `ConvBackward` frame that will carry it (from
-/// [`Client::start_conv_backward`](crate::Client::start_conv_backward)), whose shape must be `dy`'s.
+/// [`declassify_output_grad`] written straight into the `ConvBackward` or `ConvInputGrad` frame that will carry
+/// it (from [`Client::start_conv_backward`](crate::Client::start_conv_backward) or
+/// [`Client::start_input_grad`](crate::Client::start_input_grad)), whose shape must be `dy`'s.
 pub fn declassify_output_grad_into(frame: &mut TensorFrame, dy: &Tensor) -> Result<()> {
-    if frame.kind() != MessageKind::ConvBackward || frame.shape() != dy.shape.as_slice() {
+    let kind_fits = matches!(
+        frame.kind(),
+        MessageKind::ConvBackward | MessageKind::ConvInputGrad
+    );
+    if !kind_fits || frame.shape() != dy.shape.as_slice() {
         return Err(ProtocolError::Misuse(format!(
             "∇Y of shape {:?} written into a {} frame of shape {:?}",
             dy.shape,
@@ -75,7 +80,7 @@ pub fn declassify_output_grad_into(frame: &mut TensorFrame, dy: &Tensor) -> Resu
     frame.put(0, &dy.data)
 }
 
-/// Declassifies `∇Y`, the gradient of a convolution's output (sent with `ConvBackward`).
+/// Declassifies `∇Y`, the gradient of a convolution's output (sent with `ConvBackward` or `ConvInputGrad`).
 pub fn declassify_output_grad(dy: &Tensor) -> WireTensor {
     WireTensor::copy_of(dy)
 }

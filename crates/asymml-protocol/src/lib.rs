@@ -26,8 +26,8 @@ pub use client::{
     TensorFrame, MAX_HELLO, SMALL_REPLY,
 };
 pub use codec::{
-    decode_conv_grads_view, decode_conv_output_view, decode_message, decode_reply, decode_request,
-    encode_reply, encode_request,
+    decode_conv_output_view, decode_grads_view, decode_message, decode_reply, decode_request,
+    encode_reply, encode_request, GradsView,
 };
 pub use declassify::{
     accelerator_result, declassify_input_untrusted_only, declassify_logit_grad,

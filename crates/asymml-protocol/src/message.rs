@@ -102,6 +102,13 @@ pub enum Request {
         dy: WireTensor,
         need_dx: bool,
     },
+    /// The first half of a `ConvBackward`, for a backward that overlaps the two sides: `∇X =
+    /// conv_transpose(∇Y, W)` alone (`InputGrad`). The accelerator keeps `∇Y` for the layer's next
+    /// `ConvWeightGrad`, so the trusted runtime goes on with `∇X` while `∇W_U` is still being computed.
+    ConvInputGrad { layer: u32, dy: WireTensor },
+    /// The second half: `∇W_U = corr(X_U, ∇Y)` (`WeightGrad`) from the layer's cached `X_U` and the `∇Y` of its
+    /// last `ConvInputGrad`, which is then let go.
+    ConvWeightGrad { layer: u32 },
     /// The layer's new weights (and bias), computed and owned by the trusted runtime.
     SetWeights {
         layer: u32,
@@ -151,6 +158,10 @@ pub enum Reply {
         dx: Option<WireTensor>,
         dw: WireTensor,
     },
+    /// `∇X` of a `ConvInputGrad`.
+    InputGrad { layer: u32, dx: WireTensor },
+    /// `∇W_U` of a `ConvWeightGrad`.
+    WeightGrad { layer: u32, dw: WireTensor },
     /// The weights (and bias) of a layer as the accelerator holds them (`FetchWeights`; never believed by the
     /// trusted runtime, which owns the weights).
     Weights {
@@ -175,6 +186,8 @@ pub enum MessageKind {
     ConvForward,
     ConvForwardPart,
     ConvBackward,
+    ConvInputGrad,
+    ConvWeightGrad,
     SetWeights,
     Step,
     FetchWeights,
@@ -190,18 +203,22 @@ pub enum MessageKind {
     Ok,
     ConvOutput,
     ConvGrads,
+    InputGrad,
+    WeightGrad,
     Weights,
     Error,
 }
 
 impl MessageKind {
     /// Every kind, requests first.
-    pub const ALL: [MessageKind; 22] = [
+    pub const ALL: [MessageKind; 26] = [
         MessageKind::Hello,
         MessageKind::Register,
         MessageKind::ConvForward,
         MessageKind::ConvForwardPart,
         MessageKind::ConvBackward,
+        MessageKind::ConvInputGrad,
+        MessageKind::ConvWeightGrad,
         MessageKind::SetWeights,
         MessageKind::Step,
         MessageKind::FetchWeights,
@@ -215,6 +232,8 @@ impl MessageKind {
         MessageKind::Ok,
         MessageKind::ConvOutput,
         MessageKind::ConvGrads,
+        MessageKind::InputGrad,
+        MessageKind::WeightGrad,
         MessageKind::Weights,
         MessageKind::Error,
         MessageKind::NetOutput,
@@ -238,8 +257,12 @@ impl MessageKind {
             MessageKind::NetBackward => 0x0d,
             MessageKind::FetchState => 0x0e,
             MessageKind::ConvForwardPart => 0x0f,
+            MessageKind::ConvInputGrad => 0x10,
+            MessageKind::ConvWeightGrad => 0x11,
             MessageKind::NetOutput => 0x87,
             MessageKind::State => 0x88,
+            MessageKind::InputGrad => 0x89,
+            MessageKind::WeightGrad => 0x8a,
             MessageKind::HelloAck => 0x81,
             MessageKind::Ok => 0x82,
             MessageKind::ConvOutput => 0x83,
@@ -267,6 +290,8 @@ impl MessageKind {
             MessageKind::ConvForward => "ConvForward",
             MessageKind::ConvForwardPart => "ConvForwardPart",
             MessageKind::ConvBackward => "ConvBackward",
+            MessageKind::ConvInputGrad => "ConvInputGrad",
+            MessageKind::ConvWeightGrad => "ConvWeightGrad",
             MessageKind::SetWeights => "SetWeights",
             MessageKind::Step => "Step",
             MessageKind::FetchWeights => "FetchWeights",
@@ -282,6 +307,8 @@ impl MessageKind {
             MessageKind::Ok => "Ok",
             MessageKind::ConvOutput => "ConvOutput",
             MessageKind::ConvGrads => "ConvGrads",
+            MessageKind::InputGrad => "InputGrad",
+            MessageKind::WeightGrad => "WeightGrad",
             MessageKind::Weights => "Weights",
             MessageKind::Error => "Error",
         }
@@ -303,6 +330,8 @@ impl Request {
             Request::ConvForward { .. } => MessageKind::ConvForward,
             Request::ConvForwardPart { .. } => MessageKind::ConvForwardPart,
             Request::ConvBackward { .. } => MessageKind::ConvBackward,
+            Request::ConvInputGrad { .. } => MessageKind::ConvInputGrad,
+            Request::ConvWeightGrad { .. } => MessageKind::ConvWeightGrad,
             Request::SetWeights { .. } => MessageKind::SetWeights,
             Request::Step { .. } => MessageKind::Step,
             Request::FetchWeights { .. } => MessageKind::FetchWeights,
@@ -321,6 +350,8 @@ impl Request {
             Request::ConvForward { layer, .. }
             | Request::ConvForwardPart { layer, .. }
             | Request::ConvBackward { layer, .. }
+            | Request::ConvInputGrad { layer, .. }
+            | Request::ConvWeightGrad { layer }
             | Request::SetWeights { layer, .. }
             | Request::FetchWeights { layer }
             | Request::ConvForwardShared { layer, .. } => Some(*layer),
@@ -343,7 +374,9 @@ impl Request {
             Request::ConvForward { x_u, .. } | Request::ConvForwardPart { x_u, .. } => {
                 vec![("x_u", x_u)]
             }
-            Request::ConvBackward { dy, .. } => vec![("dy", dy)],
+            Request::ConvBackward { dy, .. } | Request::ConvInputGrad { dy, .. } => {
+                vec![("dy", dy)]
+            }
             Request::SetWeights { w, b, .. } => std::iter::once(("w", w))
                 .chain(b.iter().map(|b| ("b", b)))
                 .collect(),
@@ -364,7 +397,9 @@ impl Request {
             Request::ConvForward { x_u, .. } | Request::ConvForwardPart { x_u, .. } => {
                 vec![("x_u", x_u)]
             }
-            Request::ConvBackward { dy, .. } => vec![("dy", dy)],
+            Request::ConvBackward { dy, .. } | Request::ConvInputGrad { dy, .. } => {
+                vec![("dy", dy)]
+            }
             Request::SetWeights { w, b, .. } => std::iter::once(("w", w))
                 .chain(b.map(|b| ("b", b)))
                 .collect(),
@@ -393,6 +428,8 @@ impl Reply {
             Reply::Ok => MessageKind::Ok,
             Reply::ConvOutput { .. } => MessageKind::ConvOutput,
             Reply::ConvGrads { .. } => MessageKind::ConvGrads,
+            Reply::InputGrad { .. } => MessageKind::InputGrad,
+            Reply::WeightGrad { .. } => MessageKind::WeightGrad,
             Reply::Weights { .. } => MessageKind::Weights,
             Reply::Error { .. } => MessageKind::Error,
             Reply::NetOutput { .. } => MessageKind::NetOutput,
@@ -405,6 +442,8 @@ impl Reply {
         match self {
             Reply::ConvOutput { layer, .. }
             | Reply::ConvGrads { layer, .. }
+            | Reply::InputGrad { layer, .. }
+            | Reply::WeightGrad { layer, .. }
             | Reply::Weights { layer, .. } => Some(*layer),
             _ => None,
         }
@@ -419,6 +458,8 @@ impl Reply {
     pub fn tensors(&self) -> Vec<(&'static str, &WireTensor)> {
         match self {
             Reply::ConvOutput { y_u, .. } => vec![("y_u", y_u)],
+            Reply::InputGrad { dx, .. } => vec![("dx", dx)],
+            Reply::WeightGrad { dw, .. } => vec![("dw", dw)],
             Reply::ConvGrads { dx, dw, .. } => dx
                 .iter()
                 .map(|d| ("dx", d))
@@ -437,6 +478,8 @@ impl Reply {
     pub fn into_tensors(self) -> Vec<(&'static str, WireTensor)> {
         match self {
             Reply::ConvOutput { y_u, .. } => vec![("y_u", y_u)],
+            Reply::InputGrad { dx, .. } => vec![("dx", dx)],
+            Reply::WeightGrad { dw, .. } => vec![("dw", dw)],
             Reply::ConvGrads { dx, dw, .. } => dx
                 .into_iter()
                 .map(|d| ("dx", d))
@@ -476,6 +519,28 @@ impl Reply {
             Reply::ConvGrads { layer: l, dx, dw } if l == layer => Ok((dx, dw)),
             other => Err(unexpected(
                 &describe(MessageKind::ConvGrads, Some(layer)),
+                other,
+            )),
+        }
+    }
+
+    /// `∇X` of an `InputGrad` for `layer`; an error naming what came otherwise.
+    pub fn into_input_grad(self, layer: u32) -> Result<WireTensor> {
+        match self {
+            Reply::InputGrad { layer: l, dx } if l == layer => Ok(dx),
+            other => Err(unexpected(
+                &describe(MessageKind::InputGrad, Some(layer)),
+                other,
+            )),
+        }
+    }
+
+    /// `∇W_U` of a `WeightGrad` for `layer`; an error naming what came otherwise.
+    pub fn into_weight_grad(self, layer: u32) -> Result<WireTensor> {
+        match self {
+            Reply::WeightGrad { layer: l, dw } if l == layer => Ok(dw),
+            other => Err(unexpected(
+                &describe(MessageKind::WeightGrad, Some(layer)),
                 other,
             )),
         }

@@ -68,6 +68,11 @@ fn all_requests() -> Vec<Request> {
             dy: declassify_output_grad(&t(&[1], 0.0)),
             need_dx: true,
         },
+        Request::ConvInputGrad {
+            layer: 3,
+            dy: declassify_output_grad(&t(&[2, 4, 3, 3], 1.25)),
+        },
+        Request::ConvWeightGrad { layer: 7 },
         Request::SetWeights {
             layer: 9,
             w: declassify_updated_weights(&t(&[4, 3, 3, 3], 0.125)),
@@ -143,6 +148,14 @@ fn all_replies() -> Vec<Reply> {
             layer: 0,
             dx: None,
             dw: accelerator_result(&t(&[2, 4, 1, 1], 1.5)),
+        },
+        Reply::InputGrad {
+            layer: 3,
+            dx: accelerator_result(&t(&[2, 3, 5, 5], 0.75)),
+        },
+        Reply::WeightGrad {
+            layer: 7,
+            dw: accelerator_result(&t(&[4, 3, 3, 3], -1.0)),
         },
         Reply::Weights {
             layer: 2,
@@ -442,7 +455,7 @@ fn truncation_names_the_field() {
 
 #[test]
 fn unknown_type_bytes() {
-    for b in [0x00u8, 0x10, 0x42, 0x7f, 0x80, 0x89, 0xff] {
+    for b in [0x00u8, 0x12, 0x42, 0x7f, 0x80, 0x8b, 0xff] {
         let e = decode_message(&frame(&[b, 0, 0]), MAX_MESSAGE).unwrap_err();
         assert!(
             matches!(e, ProtocolError::UnknownType { byte, .. } if byte == b),

@@ -305,6 +305,16 @@ fn the_client_receives_conv_grads_in_place_and_copies_them_into_kept_buffers() {
                 }),
                 dw: accelerator_result(&Tensor::from_vec(&[2, 1], vec![1.5, -2.0]).unwrap()),
             },
+            Request::ConvInputGrad { layer, dy } => Reply::InputGrad {
+                layer,
+                dx: accelerator_result(
+                    &Tensor::from_vec(dy.shape(), vec![0.25; dy.len()]).unwrap(),
+                ),
+            },
+            Request::ConvWeightGrad { layer } => Reply::WeightGrad {
+                layer,
+                dw: accelerator_result(&Tensor::from_vec(&[2, 1], vec![3.0, 4.0]).unwrap()),
+            },
             _ => Reply::Ok,
         })
     });
@@ -317,9 +327,10 @@ fn the_client_receives_conv_grads_in_place_and_copies_them_into_kept_buffers() {
             need_dx,
         })
         .unwrap();
-        let frame = c.recv_conv_grads(4).unwrap();
+        let frame = c.recv_grads(MessageKind::ConvGrads, 4).unwrap();
         assert_eq!(frame.payload_bytes(), if need_dx { 20 } else { 8 });
         let (dx, dw) = frame.grads().unwrap();
+        let dw = dw.unwrap();
         let mut kept = Tensor::zeros(&[5]);
         dw.copy_into(&[2, 1], &mut kept, true).unwrap();
         assert_eq!(
@@ -344,9 +355,32 @@ fn the_client_receives_conv_grads_in_place_and_copies_them_into_kept_buffers() {
         }
         c.reuse_grads_frame(frame);
     }
+    // The backward in two halves: ∇X alone (∇Y written in place), then ∇W_U alone.
+    let mut frame = c.start_input_grad(4, &dy.shape).unwrap();
+    declassify_output_grad_into(&mut frame, &dy).unwrap();
+    c.send_frame_expecting(frame, 12).unwrap();
+    c.send_request(&Request::ConvWeightGrad { layer: 4 })
+        .unwrap();
+    let frame = c.recv_grads(MessageKind::InputGrad, 4).unwrap();
+    let (dx, dw) = frame.grads().unwrap();
+    let mut out = Tensor::default();
+    dx.unwrap().copy_into(&[1, 3], &mut out, true).unwrap();
+    assert_eq!(out.data, [0.25; 3]);
+    assert!(dw.is_none());
+    c.reuse_grads_frame(frame);
+    let frame = c.recv_grads(MessageKind::WeightGrad, 4).unwrap();
+    let (dx, dw) = frame.grads().unwrap();
+    assert!(dx.is_none());
+    dw.unwrap().copy_into(&[2, 1], &mut out, true).unwrap();
+    assert_eq!(out.data, [3.0, 4.0]);
+    // A reply of another kind than the one awaited is refused, naming what came.
+    c.send_request(&Request::ConvWeightGrad { layer: 4 })
+        .unwrap();
+    let e = c.recv_grads(MessageKind::InputGrad, 4).err().unwrap();
+    assert!(e.to_string().contains("WeightGrad"), "{e}");
     // Another reply (an Ok to a Step) is refused.
     c.send_request(&Request::Step { lr: 0.1 }).unwrap();
-    assert!(c.recv_conv_grads(4).is_err());
+    assert!(c.recv_grads(MessageKind::ConvGrads, 4).is_err());
     c.send_request(&Request::Shutdown).unwrap();
     drop(c);
     let _ = server.join();

@@ -188,6 +188,8 @@ fn request() -> impl Strategy<Value = Request> {
             ),
         (any::<u32>(), tensor(), any::<bool>())
             .prop_map(|(layer, dy, need_dx)| Request::ConvBackward { layer, dy, need_dx }),
+        (any::<u32>(), tensor()).prop_map(|(layer, dy)| Request::ConvInputGrad { layer, dy }),
+        any::<u32>().prop_map(|layer| Request::ConvWeightGrad { layer }),
         (any::<u32>(), tensor(), opt_tensor()).prop_map(|(layer, w, b)| Request::SetWeights {
             layer,
             w,
@@ -230,6 +232,8 @@ fn reply() -> impl Strategy<Value = Reply> {
             dx,
             dw
         }),
+        (any::<u32>(), tensor()).prop_map(|(layer, dx)| Reply::InputGrad { layer, dx }),
+        (any::<u32>(), tensor()).prop_map(|(layer, dw)| Reply::WeightGrad { layer, dw }),
         (any::<u32>(), tensor(), opt_tensor()).prop_map(|(layer, w, b)| Reply::Weights {
             layer,
             w,
@@ -434,6 +438,47 @@ fn decode_every_way(frame: &[u8]) {
                     msg.kind()
                 );
             }
+        }
+        views_agree(frame, max);
+    }
+}
+
+/// The in-place views of the backward replies agree with the full decoder: the same tensors where it decodes
+/// a reply of their kind, nothing where it decodes another kind, an error where it fails on their kind.
+fn views_agree(frame: &[u8], max: u32) {
+    let full = decode_reply(frame, max);
+    for kind in [
+        MessageKind::ConvGrads,
+        MessageKind::InputGrad,
+        MessageKind::WeightGrad,
+    ] {
+        let view = decode_grads_view(frame, kind, max);
+        match (&full, view) {
+            (Ok(r), Ok(Some(v))) => {
+                assert_eq!(r.kind(), kind);
+                let shapes = |ts: Vec<(&str, &WireTensor)>| -> Vec<(String, Vec<usize>)> {
+                    ts.into_iter()
+                        .map(|(n, t)| (n.to_string(), t.shape().to_vec()))
+                        .collect()
+                };
+                let mut seen = Vec::new();
+                if let Some(dx) = &v.dx {
+                    seen.push(("dx".to_string(), dx.shape().to_vec()));
+                }
+                if let Some(dw) = &v.dw {
+                    seen.push(("dw".to_string(), dw.shape().to_vec()));
+                }
+                assert_eq!(seen, shapes(r.tensors()), "{kind}");
+                assert_eq!(r.layer(), Some(v.layer));
+            }
+            (Ok(r), Ok(None)) => assert_ne!(r.kind(), kind),
+            (Err(_), Err(_)) => {}
+            (Err(_), Ok(None)) => assert!(frame.get(4) != Some(&kind.code()) || frame.len() < 5),
+            (full, view) => panic!(
+                "{kind}: the full decoder gave {:?}, the view {:?}",
+                full.as_ref().map(|r| r.kind()),
+                view.map(|v| v.map(|v| v.layer))
+            ),
         }
     }
 }

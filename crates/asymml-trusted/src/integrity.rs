@@ -190,6 +190,18 @@ pub struct Checker {
     /// The streamed forward check in progress, and the scratch of its slabs' passes.
     stream: Option<Streamed>,
     slab: Combined,
+    /// What the ∇X check of a backward keeps for its ∇W_U check, when that comes later
+    /// ([`Checker::check_input_grad`]).
+    weight_check: Option<WeightCheck>,
+}
+
+/// The ∇Y side of a backward's ∇W_U check, made in the pass over ∇Y that the ∇X check makes: the conv, its
+/// geometry, s over output channels ([R, M]), per repetition Σ_m s_m ∇Y[b, m] ([R, B, P]) and Σ_p ∇Y[b, m, p]²
+/// summed over the batch per output channel ([M]). `None` parts: an empty backward (nothing to check).
+struct WeightCheck {
+    id: usize,
+    g: Geo,
+    sides: Option<(Vec<f64>, Vec<f64>, Vec<f64>)>,
 }
 
 /// The weight side of a forward check: s over output channels, per repetition Σ_m s_m W[m] ([N, k, k]) in
@@ -249,7 +261,14 @@ impl Checker {
             weight_side: None,
             stream: None,
             slab: Combined::default(),
+            weight_check: None,
         }
+    }
+
+    /// Forgets a ∇W_U check begun by [`Checker::check_input_grad`] and never made (its backward failed
+    /// before): the next backward's check starts afresh.
+    pub fn drop_weight_check(&mut self) {
+        self.weight_check = None;
     }
 
     /// Lets go of the scratch of the passes (it grows again at the next check).
@@ -743,11 +762,41 @@ impl Checker {
         dx: Option<&[f32]>,
         dw: &[f32],
     ) -> Result<Result<(), Failure>, CoreError> {
+        let g = Geo::of(conv, &proj.shape)?;
+        if dw.len() != g.m * g.n * g.k * g.k {
+            return Err(CoreError::Shape(
+                "integrity: backward sizes differ from the last training forward's".into(),
+            ));
+        }
+        match self.check_input_grad(conv, proj, dy, dx)? {
+            Ok(()) => self.check_weight_grad(conv.id, proj, dw),
+            Err(f) => {
+                self.weight_check = None;
+                Ok(Err(f))
+            }
+        }
+    }
+
+    /// The first half of [`Checker::check_backward`], for a backward whose ∇W_U comes later: checks ∇X (when
+    /// given) and, in the same pass over `dy`, makes the ∇Y side of the ∇W_U check, kept until
+    /// [`Checker::check_weight_grad`] of the same conv (one at a time: a second before it is an error).
+    pub fn check_input_grad(
+        &mut self,
+        conv: &Conv2d,
+        proj: &Projection,
+        dy: &[f32],
+        dx: Option<&[f32]>,
+    ) -> Result<Result<(), Failure>, CoreError> {
+        if let Some(w) = &self.weight_check {
+            return Err(CoreError::Invalid(format!(
+                "integrity: the ∇W_U check of conv {} was not made before conv {}'s backward",
+                w.id, conv.id
+            )));
+        }
         let t0 = Instant::now();
         let g = Geo::of(conv, &proj.shape)?;
         let (hw, p, kk, r) = (g.hw(), g.p(), g.k * g.k, self.reps);
         if dy.len() != g.b * g.m * p
-            || dw.len() != g.m * g.n * kk
             || dx.is_some_and(|d| d.len() != g.b * g.n * hw)
             || proj.reps.len() < r
         {
@@ -756,6 +805,11 @@ impl Checker {
             ));
         }
         if g.b * g.n * hw * g.m * p == 0 {
+            self.weight_check = Some(WeightCheck {
+                id: conv.id,
+                g,
+                sides: None,
+            });
             return Ok(Ok(()));
         }
         let (mut comb, mut lhs) = (
@@ -836,53 +890,98 @@ impl Checker {
                 }
             }
         }
-        if out.is_ok() {
-            let dw_rms = (sum_squares(dw) / dw.len() as f64).sqrt();
-            let len = (g.b * p) as f64;
-            let floor = 4.0 * TINY * (len * (g.m * g.n) as f64).sqrt();
-            // One read of ∇W_U for every repetition: Σ_m s_m ∇W_U[m] ([R, N·k·k]), and Σ_m ∇W_U[m]² per column
-            // (the left side's rounding is bounded with s_m² < 4, so the squares are shared by the repetitions).
-            let mut sdw = vec![0f64; r * g.n * kk];
-            combine_rows(dw, g.m, g.n * kk, &s, r, &mut sdw);
-            let mut dsq = vec![0f64; g.n * kk];
-            column_squares(dw, g.n * kk, &mut dsq);
-            for ri in 0..r {
-                let s = &s[ri * g.m..(ri + 1) * g.m];
-                let (t, xt, xnorm2) = &proj.reps[ri];
-                // Σ_m s_m²‖∇Y[:, m]‖².
-                let dyn2: f64 = s.iter().zip(&comb.chn2).map(|(sm, n)| sm * sm * n).sum();
-                let dys = &comb.proj[ri * g.b * p..(ri + 1) * g.b * p];
-                let mut rhs = vec![0f64; kk];
-                weight_grad_one(dys, xt, &g, &mut rhs);
-                // Σ_j t_j Σ_m s_m ∇W[m, j] and 4·Σ_j t_j² Σ_m ∇W[m, j]² ≥ Σ_m s_m² Σ_j t_j² ∇W[m, j]² per offset.
-                let mut lhs = vec![0f64; kk];
-                let mut wsq = vec![0f64; kk];
-                let sdw = &sdw[ri * g.n * kk..(ri + 1) * g.n * kk];
-                for ((&tj, row), sq) in t.iter().zip(sdw.chunks_exact(kk)).zip(dsq.chunks_exact(kk))
-                {
-                    let tj2 = 4.0 * tj * tj;
-                    for o in 0..kk {
-                        lhs[o] += tj * row[o];
-                        wsq[o] += tj2 * sq[o];
-                    }
-                }
-                let diff: Vec<f64> = (0..kk).map(|i| lhs[i] - rhs[i]).collect();
-                let tol: Vec<f64> = (0..kk)
-                    .map(|i| {
-                        KAPPA * U * (len.sqrt() * (dyn2 * xnorm2).sqrt() + wsq[i].sqrt() + floor)
-                    })
-                    .collect();
-                if let Some(e) = unbounded(&tol, Quantity::WeightGrad) {
-                    range = Some(e);
-                    break;
-                }
-                if let Err(f) = self.record(Quantity::WeightGrad, &diff, &tol, dw_rms) {
-                    out = Err(f);
-                    break;
-                }
-            }
+        if out.is_ok() && range.is_none() {
+            // The ∇Y side of the ∇W_U check leaves with the check (the next pass makes new ones).
+            let sides = (s, std::mem::take(&mut comb.proj), comb.chn2.clone());
+            self.weight_check = Some(WeightCheck {
+                id: conv.id,
+                g,
+                sides: Some(sides),
+            });
         }
         (self.comb, self.lhs) = (comb, lhs);
+        self.stats.seconds += t0.elapsed().as_secs_f64();
+        match range {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    /// The second half of [`Checker::check_backward`]: checks ∇W_U (`dw`, [M, N, k, k]) of conv `id` against
+    /// the ∇Y side its [`Checker::check_input_grad`] kept and the projection of X_U its forward kept.
+    pub fn check_weight_grad(
+        &mut self,
+        id: usize,
+        proj: &Projection,
+        dw: &[f32],
+    ) -> Result<Result<(), Failure>, CoreError> {
+        let wc = match self.weight_check.take() {
+            Some(wc) if wc.id == id => wc,
+            other => {
+                return Err(CoreError::Invalid(format!(
+                    "integrity: a ∇W_U check of conv {id} with {} begun",
+                    other.map_or("none".to_string(), |w| format!("conv {}'s", w.id))
+                )))
+            }
+        };
+        let t0 = Instant::now();
+        let (g, r) = (wc.g, self.reps);
+        let (p, kk) = (g.p(), g.k * g.k);
+        if dw.len() != g.m * g.n * kk || proj.reps.len() < r {
+            return Err(CoreError::Shape(
+                "integrity: backward sizes differ from the last training forward's".into(),
+            ));
+        }
+        let Some((s, dyproj, chn2)) = wc.sides else {
+            return Ok(Ok(()));
+        };
+        let mut out = Ok(());
+        let mut range = None;
+        let dw_rms = (sum_squares(dw) / dw.len() as f64).sqrt();
+        let len = (g.b * p) as f64;
+        let floor = 4.0 * TINY * (len * (g.m * g.n) as f64).sqrt();
+        // One read of ∇W_U for every repetition: Σ_m s_m ∇W_U[m] ([R, N·k·k]), and Σ_m ∇W_U[m]² per column
+        // (the left side's rounding is bounded with s_m² < 4, so the squares are shared by the repetitions).
+        let mut sdw = vec![0f64; r * g.n * kk];
+        combine_rows(dw, g.m, g.n * kk, &s, r, &mut sdw);
+        let mut dsq = vec![0f64; g.n * kk];
+        column_squares(dw, g.n * kk, &mut dsq);
+        for ri in 0..r {
+            let s = &s[ri * g.m..(ri + 1) * g.m];
+            let (t, xt, xnorm2) = &proj.reps[ri];
+            // Σ_m s_m²‖∇Y[:, m]‖².
+            let dyn2: f64 = s.iter().zip(&chn2).map(|(sm, n)| sm * sm * n).sum();
+            let dys = &dyproj[ri * g.b * p..(ri + 1) * g.b * p];
+            let mut rhs = vec![0f64; kk];
+            weight_grad_one(dys, xt, &g, &mut rhs);
+            // Σ_j t_j Σ_m s_m ∇W[m, j] and 4·Σ_j t_j² Σ_m ∇W[m, j]² ≥ Σ_m s_m² Σ_j t_j² ∇W[m, j]² per offset.
+            let mut lhs = vec![0f64; kk];
+            let mut wsq = vec![0f64; kk];
+            let sdw = &sdw[ri * g.n * kk..(ri + 1) * g.n * kk];
+            for ((&tj, row), sq) in t.iter().zip(sdw.chunks_exact(kk)).zip(dsq.chunks_exact(kk)) {
+                let tj2 = 4.0 * tj * tj;
+                for o in 0..kk {
+                    lhs[o] += tj * row[o];
+                    wsq[o] += tj2 * sq[o];
+                }
+            }
+            let diff: Vec<f64> = (0..kk).map(|i| lhs[i] - rhs[i]).collect();
+            let tol: Vec<f64> = (0..kk)
+                .map(|i| KAPPA * U * (len.sqrt() * (dyn2 * xnorm2).sqrt() + wsq[i].sqrt() + floor))
+                .collect();
+            if let Some(e) = unbounded(&tol, Quantity::WeightGrad) {
+                range = Some(e);
+                break;
+            }
+            if let Err(f) = self.record(Quantity::WeightGrad, &diff, &tol, dw_rms) {
+                out = Err(f);
+                break;
+            }
+        }
+        // The projection's buffer goes back to the passes' scratch.
+        if dyproj.capacity() > self.comb.proj.capacity() {
+            self.comb.proj = dyproj;
+        }
         self.stats.seconds += t0.elapsed().as_secs_f64();
         match range {
             Some(e) => Err(e),

@@ -22,7 +22,8 @@ use asymml_core::{CoreError, Tensor};
 use asymml_protocol::{
     declassify_output_grad_into, declassify_residual_into, declassify_residual_owned,
     declassify_updated_weights, declassify_updated_weights_owned, public_weights, Client,
-    ConvGradsFrame, ConvLayerSpec, ConvOutputFrame, ProtocolError, Request, TensorFrame, Transport,
+    ConvGradsFrame, ConvLayerSpec, ConvOutputFrame, MessageKind, ProtocolError, Request,
+    TensorFrame, Transport,
 };
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -62,6 +63,11 @@ pub struct SplitConfig {
     /// samples (at most one per sample), so that the accelerator convolves one part while the trusted runtime
     /// decomposes the next (1: the whole batch at once; ignored with `shared_basis`).
     pub micro_batches: usize,
+    /// Pipelined backward: a split conv's backward asks for ∇X first and ∇W_U after it (`ConvInputGrad`,
+    /// `ConvWeightGrad`), and goes on with ∇X — through the layers below, to the next conv — while the
+    /// accelerator computes ∇W_U, which is taken, checked and added at the next split conv's backward (or the
+    /// backward's end). `false`: one `ConvBackward` per conv, both answered before the backward goes on.
+    pub pipelined_backward: bool,
 }
 
 impl Default for SplitConfig {
@@ -80,6 +86,7 @@ impl Default for SplitConfig {
             auto_route: false,
             route_counts_wait: false,
             micro_batches: 1,
+            pipelined_backward: true,
         }
     }
 }
@@ -273,6 +280,11 @@ pub struct SplitExec<T: Transport> {
     dy_part: Tensor,
     /// ∇W_U as received (a conv's weight size), kept between convs.
     dw_u: Tensor,
+    /// The pipelined backward's ∇W_U still due from the accelerator: its conv, and that conv's ∇W (∇W_T in
+    /// already), taken out of the conv until ∇W_U is checked and added.
+    deferred: Option<(usize, Tensor)>,
+    /// The ∇W of convs completed after their backward returned, given back to them at the backward's end.
+    completed: Vec<(usize, Tensor)>,
     /// The buffers of a micro-batched forward's parts (shared by every conv).
     part_bufs: Vec<pipeline::PartBufs>,
     /// Per part of a streamed forward: the conv whose reply for that part is still due.
@@ -403,6 +415,8 @@ impl<T: Transport> SplitExec<T> {
             residual: Tensor::default(),
             dy_part: Tensor::default(),
             dw_u: Tensor::default(),
+            deferred: None,
+            completed: Vec::new(),
             part_bufs: Vec::new(),
             in_flight: Vec::new(),
             last_decomposed: None,
@@ -757,6 +771,10 @@ impl<T: Transport> SplitExec<T> {
     /// buffers go where no conv ran split in the last step, or none will in this one.
     fn step_start(&mut self, x: &Tensor) {
         self.input_side = x.shape.iter().skip(2).copied().max().unwrap_or(0);
+        // A ∇W_U check begun in a backward that failed before it was made.
+        if let Some(ch) = self.checker.as_mut() {
+            ch.drop_weight_check();
+        }
         // Every conv kept on the trusted route by the rank policy, measured cheaper there, or trying it in this
         // step.
         let all_trusted_next = self.layers.iter().all(|l| {
@@ -1007,12 +1025,13 @@ impl<T: Transport> SplitExec<T> {
         Ok(frame)
     }
 
-    /// The accelerator's `ConvGrads` for conv `id`, kept in its frame.
-    fn recv_conv_grads(&mut self, id: usize) -> Result<ConvGradsFrame, CoreError> {
+    /// The accelerator's `kind` reply (`ConvGrads`, `InputGrad` or `WeightGrad`) for conv `id`, kept in its
+    /// frame.
+    fn recv_grads(&mut self, kind: MessageKind, id: usize) -> Result<ConvGradsFrame, CoreError> {
         let t0 = Instant::now();
         let frame = self
             .client
-            .recv_conv_grads(id as u32)
+            .recv_grads(kind, id as u32)
             .map_err(CoreError::accelerator)?;
         self.count_received(id, t0.elapsed().as_secs_f64(), frame.payload_bytes());
         Ok(frame)
@@ -1124,7 +1143,24 @@ impl<T: Transport> ConvExec for SplitExec<T> {
         dy: &Tensor,
         dx: Option<&mut Tensor>,
     ) -> Result<(), CoreError> {
+        if !self.layers.get(conv.id).is_some_and(|l| l.trusted_route) {
+            // The conv before's ∇W_U first: its reply comes before this conv's.
+            self.settle_weight_grad()?;
+        }
         self.measured(conv.id, false, |s| s.backward_conv(conv, x, dy, dx))
+    }
+
+    fn backward_end(&mut self, net: &mut Net) -> Result<(), CoreError> {
+        let settled = self.settle_weight_grad();
+        if !self.completed.is_empty() {
+            let mut done = std::mem::take(&mut self.completed);
+            for conv in net.convs_mut() {
+                if let Some(i) = done.iter().position(|(id, _)| *id == conv.id) {
+                    conv.weight.grad = done.swap_remove(i).1;
+                }
+            }
+        }
+        settled
     }
 
     fn stream_parts(&self, b: usize) -> Vec<std::ops::Range<usize>> {
@@ -1296,18 +1332,28 @@ impl<T: Transport> SplitExec<T> {
             return Ok(());
         }
         let layer = id as u32;
+        // ∇X first and ∇W_U later (the pipelined backward), where there is a ∇X to go on with.
+        let pipelined = self.cfg.pipelined_backward && dx.is_some();
         let res = (|| {
             // The reply is ∇W_U, and ∇X of the input's shape when asked for.
             let dw_bytes = 4 * conv.weight.value.len() as u64;
             let dx_bytes = if dx.is_some() { 4 * x.len() as u64 } else { 0 };
             // ∇Y straight from the network's buffer into the frame (no copy of its own first).
             let t0 = Instant::now();
-            let frame = self
-                .client
-                .start_conv_backward(layer, &dy.shape, dx.is_some())
-                .and_then(|mut f| declassify_output_grad_into(&mut f, dy).map(|()| f))
-                .map_err(CoreError::accelerator)?;
-            self.send_frame(frame, t0.elapsed().as_secs_f64(), dx_bytes + dw_bytes)?;
+            let frame = if pipelined {
+                self.client.start_input_grad(layer, &dy.shape)
+            } else {
+                self.client
+                    .start_conv_backward(layer, &dy.shape, dx.is_some())
+            }
+            .and_then(|mut f| declassify_output_grad_into(&mut f, dy).map(|()| f))
+            .map_err(CoreError::accelerator)?;
+            if pipelined {
+                self.send_frame(frame, t0.elapsed().as_secs_f64(), dx_bytes)?;
+                self.send(&Request::ConvWeightGrad { layer }, Some(dw_bytes))?;
+            } else {
+                self.send_frame(frame, t0.elapsed().as_secs_f64(), dx_bytes + dw_bytes)?;
+            }
             let t0 = Instant::now();
             let owner = self.layers[id].shared_from.unwrap_or(id);
             // ∇W_T straight into the trusted parameter's gradient (∇W = ∇W_T + ∇W_U; ∇W_U is added once
@@ -1333,13 +1379,21 @@ impl<T: Transport> SplitExec<T> {
                 }
                 f
             };
-            conv.weight.grad = grad;
+            if pipelined {
+                // ∇W stays out of the conv until ∇W_U is added (`settle_weight_grad`).
+                self.deferred = Some((id, grad));
+            } else {
+                conv.weight.grad = grad;
+            }
             self.trusted(id, t0, f?);
             let passes = if dx.is_some() { 2.0 } else { 1.0 };
             let full = passes * 2.0 * conv.macs(&x.shape) as f64;
             self.count_layer(Some(id), |l| l.untrusted_flops += full);
+            if pipelined {
+                return self.receive_input_grad(conv, x, dy, dx);
+            }
             let what = format!("ConvBackward(layer {id})");
-            let frame = self.recv_conv_grads(id)?;
+            let frame = self.recv_grads(MessageKind::ConvGrads, id)?;
             // ∇X straight into the caller's buffer and ∇W_U into a kept one, each value read once from the frame.
             // With checks on, ∇X's values are not scanned first: the check's pass over them fails on a NaN or
             // infinity, and then names it. (`dx` is not to be used when this fails.)
@@ -1347,7 +1401,9 @@ impl<T: Transport> SplitExec<T> {
             let mut dx = dx;
             let mut dw_u = std::mem::take(&mut self.dw_u);
             let copied = frame.grads().and_then(|(got_dx, got_dw)| {
-                got_dw.copy_into(&w_shape, &mut dw_u, true)?;
+                got_dw
+                    .ok_or_else(|| ProtocolError::Misuse("∇W_U was not sent".into()))?
+                    .copy_into(&w_shape, &mut dw_u, true)?;
                 match (dx.as_deref_mut(), got_dx) {
                     (Some(d), Some(g)) => g.copy_into(&x.shape, d, scanned),
                     (None, None) => Ok(()),
@@ -1405,6 +1461,100 @@ impl<T: Transport> SplitExec<T> {
             self.trusted(id, t0, 0.0);
             Ok(())
         })();
+        res.map_err(|e: CoreError| e.at_conv(&self.layers[id].name))
+    }
+
+    /// The pipelined backward's ∇X of conv `conv.id` received into `dx` and checked (the same pass over ∇Y
+    /// makes the ∇Y side of its ∇W_U check, for [`Self::settle_weight_grad`]); then ∇b += Σ ∇Y. `dx` is not to
+    /// be used when this fails.
+    fn receive_input_grad(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        dy: &Tensor,
+        dx: Option<&mut Tensor>,
+    ) -> Result<(), CoreError> {
+        let id = conv.id;
+        let what = format!("ConvInputGrad(layer {id})");
+        let Some(dx) = dx else {
+            return Err(CoreError::Invalid(format!(
+                "{what}: a pipelined backward without ∇X"
+            )));
+        };
+        let frame = self.recv_grads(MessageKind::InputGrad, id)?;
+        // As in the whole backward: with checks on, the check's pass finds a non-finite value.
+        let scanned = self.checker.is_none();
+        let copied = frame.grads().and_then(|(got_dx, _)| {
+            got_dx
+                .ok_or_else(|| ProtocolError::Misuse("∇X was not sent".into()))?
+                .copy_into(&x.shape, dx, scanned)
+        });
+        self.client.reuse_grads_frame(frame);
+        copied.map_err(|e| bad_reply(&what, e))?;
+        let proj = std::mem::take(&mut self.layers[id].proj);
+        let checked = self.checked(id, |ch| {
+            ch.check_input_grad(conv, &proj, &dy.data, Some(&dx.data))
+        });
+        self.layers[id].proj = proj;
+        if checked.is_err() {
+            if let Some(v) = dx.data.iter().find(|v| !v.is_finite()) {
+                return Err(bad_reply(
+                    &what,
+                    ProtocolError::Tensor(format!(
+                        "non-finite value {v} in ∇X of shape {:?}",
+                        dx.shape
+                    )),
+                ));
+            }
+        }
+        checked?;
+        let t0 = Instant::now();
+        if let Some(bias) = conv.bias.as_mut() {
+            asymml_core::layers::conv::add_bias_grad(dy, &mut bias.grad)?;
+        }
+        self.trusted(id, t0, 0.0);
+        Ok(())
+    }
+
+    /// The pipelined backward's ∇W_U still due (of the split conv whose backward ran last), if any: received,
+    /// checked against the ∇Y side its ∇X check made and the projection its forward kept, and added to that
+    /// conv's ∇W, which goes back to the conv at the backward's end (also when this fails: the step fails
+    /// then, and its gradient is not used).
+    fn settle_weight_grad(&mut self) -> Result<(), CoreError> {
+        let Some((id, mut grad)) = self.deferred.take() else {
+            return Ok(());
+        };
+        let res = (|| {
+            let what = format!("ConvWeightGrad(layer {id})");
+            let frame = self.recv_grads(MessageKind::WeightGrad, id)?;
+            let mut dw_u = std::mem::take(&mut self.dw_u);
+            let copied = frame.grads().and_then(|(_, got_dw)| {
+                got_dw
+                    .ok_or_else(|| ProtocolError::Misuse("∇W_U was not sent".into()))?
+                    .copy_into(&grad.shape, &mut dw_u, true)
+            });
+            self.client.reuse_grads_frame(frame);
+            if let Err(e) = copied {
+                self.dw_u = dw_u;
+                return Err(bad_reply(&what, e));
+            }
+            let proj = std::mem::take(&mut self.layers[id].proj);
+            let checked = self.checked(id, |ch| ch.check_weight_grad(id, &proj, &dw_u.data));
+            self.layers[id].proj = proj;
+            if let Err(e) = checked {
+                self.dw_u = dw_u;
+                return Err(e);
+            }
+            let t0 = Instant::now();
+            grad.data
+                .iter_mut()
+                .zip(&dw_u.data)
+                .for_each(|(g, b)| *g += b);
+            self.dw_u = dw_u;
+            self.trusted(id, t0, 0.0);
+            Ok(())
+        })();
+        self.completed.push((id, grad));
         res.map_err(|e: CoreError| e.at_conv(&self.layers[id].name))
     }
 }

@@ -107,6 +107,24 @@ pub trait ConvBackend {
         need_dx: bool,
     ) -> Result<(Option<Tensor>, Tensor), BackendError>;
 
+    /// Whether [`ConvBackend::input_grad`] computes ∇X without ∇W_U (then ∇W_U is computed later, by
+    /// [`ConvBackend::weight_grad`]); otherwise the service answers the two halves of a backward from one
+    /// [`ConvBackend::backward`]. The default: no.
+    fn splits_backward(&self) -> bool {
+        false
+    }
+
+    /// dy: [B, M, OH, OW] → ∇X = conv_transpose(∇Y, W) alone. The default runs the whole backward.
+    fn input_grad(&mut self, layer: u32, dy: &Tensor) -> Result<Tensor, BackendError> {
+        let (dx, _) = self.backward(layer, dy, true)?;
+        dx.ok_or_else(|| BackendError::Invalid(format!("layer {layer}: the backend gave no ∇X")))
+    }
+
+    /// dy: [B, M, OH, OW] → ∇W_U = corr(X_U, ∇Y) alone. The default runs the backward without ∇X.
+    fn weight_grad(&mut self, layer: u32, dy: &Tensor) -> Result<Tensor, BackendError> {
+        Ok(self.backward(layer, dy, false)?.1)
+    }
+
     /// Replaces the layer's weight (and bias) with the trusted runtime's (shapes checked by the caller).
     fn set_weights(&mut self, layer: u32, w: Tensor, b: Option<Tensor>)
         -> Result<(), BackendError>;
@@ -423,6 +441,19 @@ impl CpuBackend {
         Ok((dx, slot.conv.weight.grad.clone()))
     }
 
+    /// dy: [B, M, OH, OW] → ∇X = conv_transpose(∇Y, W) alone (X_U's values are not read).
+    pub fn input_grad(&mut self, layer: u32, dy: &Tensor) -> Result<Tensor, BackendError> {
+        let (pool, slot) = self.parts(layer)?;
+        let x_u = slot
+            .cached
+            .as_ref()
+            .ok_or(BackendError::NoCachedInput(layer))?;
+        let mut dx = Tensor::default();
+        pool.install(|| slot.conv.backward_parts(x_u, dy, Some(&mut dx), false))
+            .map_err(|source| BackendError::Core { layer, source })?;
+        Ok(dx)
+    }
+
     /// Replaces the layer's weight (and bias) with the trusted runtime's.
     pub fn set_weights(
         &mut self,
@@ -556,6 +587,14 @@ impl ConvBackend for CpuBackend {
         need_dx: bool,
     ) -> Result<(Option<Tensor>, Tensor), BackendError> {
         CpuBackend::backward(self, layer, dy, need_dx)
+    }
+
+    fn splits_backward(&self) -> bool {
+        true
+    }
+
+    fn input_grad(&mut self, layer: u32, dy: &Tensor) -> Result<Tensor, BackendError> {
+        CpuBackend::input_grad(self, layer, dy)
     }
 
     fn set_weights(

@@ -47,22 +47,38 @@ struct LayerUse {
     cached: Option<[usize; 4]>,
     /// The work space the layer keeps (the most any of its passes needed).
     scratch: u64,
+    /// Bytes kept between a `ConvInputGrad` and its `ConvWeightGrad` (∇Y, or ∇W_U already computed).
+    kept: u64,
 }
 
 /// A conv pass, for the budget.
 #[derive(Clone, Copy)]
 enum Pass {
     Forward,
-    Backward { need_dx: bool },
+    Backward {
+        need_dx: bool,
+    },
+    /// The first half of a backward, ∇X alone; ∇Y is kept for the second.
+    InputGrad,
+    /// The second half, ∇W_U alone, from the ∇Y kept.
+    WeightGrad,
 }
 
 impl Pass {
     fn name(self) -> &'static str {
         match self {
             Pass::Forward => "a conv forward pass",
-            Pass::Backward { .. } => "a conv backward pass",
+            Pass::Backward { .. } | Pass::InputGrad | Pass::WeightGrad => "a conv backward pass",
         }
     }
+}
+
+/// What a layer keeps between a `ConvInputGrad` and its `ConvWeightGrad`.
+enum Kept {
+    /// ∇Y, for a backend that computes ∇W_U apart.
+    OutputGrad(Tensor),
+    /// ∇W_U, computed with ∇X by a backend that does not.
+    WeightGrad(Tensor),
 }
 
 /// The bytes a session holds, as the budget counts them.
@@ -87,7 +103,9 @@ impl Ledger {
             .filter(|(i, _)| *i != layer)
             .try_fold(self.params, |a, (_, u)| {
                 let cached = u.cached.map_or(Some(0), |s| tensor_bytes(&s))?;
-                a.checked_add(cached)?.checked_add(u.scratch)
+                a.checked_add(cached)?
+                    .checked_add(u.scratch)?
+                    .checked_add(u.kept)
             })
     }
 }
@@ -109,6 +127,8 @@ pub struct Service {
     /// Per layer, the batch being assembled from `ConvForwardPart`s: the whole batch's X_U (its shape is the
     /// batch's) and the samples received so far.
     parts: Vec<Option<(Tensor, usize)>>,
+    /// Per layer, what its last `ConvInputGrad` kept for its `ConvWeightGrad`.
+    kept: Vec<Option<Kept>>,
 }
 
 fn optimizer_of(spec: OptimizerSpec) -> (OptimizerKind, f32) {
@@ -176,6 +196,7 @@ impl Service {
             pool: None,
             failed: false,
             parts: Vec::new(),
+            kept: Vec::new(),
         })
     }
 
@@ -244,18 +265,28 @@ impl Service {
             .map(|s| s.max(old.scratch));
         let answer = match pass {
             Pass::Forward => tensor_bytes(&out),
-            Pass::Backward { need_dx: true } => tensor_bytes(&x),
-            Pass::Backward { need_dx: false } => Some(0),
+            Pass::Backward { need_dx: true } | Pass::InputGrad => tensor_bytes(&x),
+            Pass::Backward { need_dx: false } | Pass::WeightGrad => Some(0),
+        };
+        // ∇Y, kept from the first half of a split backward to the end of the second.
+        let kept = match pass {
+            Pass::InputGrad | Pass::WeightGrad => tensor_bytes(&out),
+            _ => Some(0),
         };
         let need = (|| {
             tensor_bytes(&x)?
                 .checked_add(scratch?)?
-                .checked_add(answer?.checked_mul(2)?)
+                .checked_add(answer?.checked_mul(2)?)?
+                .checked_add(kept?)
         })();
         self.admit(pass.name(), i, need)?;
         let u = LayerUse {
             cached: Some(x),
             scratch: scratch.unwrap_or(0),
+            kept: match pass {
+                Pass::InputGrad => kept.unwrap_or(0),
+                _ => 0,
+            },
         };
         Ok((u, out))
     }
@@ -329,6 +360,7 @@ impl Service {
             Request::Register { layers, weights } => self.register(&layers, weights)?,
             Request::ConvForward { layer, x_u, train } => {
                 self.drop_parts(layer);
+                self.drop_kept(layer);
                 let l = self.layer(layer)?;
                 let shape = x_u.shape().to_vec();
                 let (u, _) = self.plan_pass(Pass::Forward, layer, &l, &shape)?;
@@ -349,6 +381,7 @@ impl Service {
                 from_layer,
                 train,
             } => {
+                self.drop_kept(layer);
                 let l = self.layer(layer)?;
                 self.layer(from_layer)?;
                 let x = self.cached(from_layer)?;
@@ -360,6 +393,7 @@ impl Service {
                 conv_output(layer, y)
             }
             Request::ConvBackward { layer, dy, need_dx } => {
+                self.drop_kept(layer);
                 let l = self.layer(layer)?;
                 let x = self.cached(layer)?;
                 // ∇Y must have the output's shape.
@@ -373,6 +407,8 @@ impl Service {
                     dw: accelerator_result_owned(dw),
                 }
             }
+            Request::ConvInputGrad { layer, dy } => self.input_grad(layer, dy)?,
+            Request::ConvWeightGrad { layer } => self.weight_grad(layer)?,
             Request::SetWeights { layer, w, b } => {
                 let l = self.layer(layer)?;
                 let w = wire_in(w, &l.weight_shape())?;
@@ -411,6 +447,73 @@ impl Service {
         }
     }
 
+    /// Forgets what `layer`'s last `ConvInputGrad` kept (a new forward or backward of the layer makes it
+    /// stale).
+    fn drop_kept(&mut self, layer: u32) {
+        let i = layer as usize;
+        if let Some(k) = self.kept.get_mut(i) {
+            *k = None;
+        }
+        if let Some(u) = self.ledger.layers.get_mut(i) {
+            u.kept = 0;
+        }
+    }
+
+    /// `ConvInputGrad`: ∇X alone, ∇Y kept for the layer's `ConvWeightGrad` (or, where the backend computes
+    /// both at once, ∇W_U kept).
+    fn input_grad(&mut self, layer: u32, dy: WireTensor) -> Result<Reply, BackendError> {
+        self.drop_kept(layer);
+        let l = self.layer(layer)?;
+        let x = self.cached(layer)?;
+        let (u, out) = self.plan_pass(Pass::InputGrad, layer, &l, &x)?;
+        let dy = wire_in(dy, &out)?;
+        let backend = self.registered()?;
+        let (dx, kept) = if backend.splits_backward() {
+            (backend.input_grad(layer, &dy)?, Kept::OutputGrad(dy))
+        } else {
+            let (dx, dw) = backend.backward(layer, &dy, true)?;
+            let dx = dx.ok_or_else(|| {
+                BackendError::Invalid(format!("layer {layer}: the backend gave no ∇X"))
+            })?;
+            (dx, Kept::WeightGrad(dw))
+        };
+        let i = layer as usize;
+        if self.kept.len() <= i {
+            self.kept.resize_with(i + 1, || None);
+        }
+        self.kept[i] = Some(kept);
+        self.record(layer, u);
+        Ok(Reply::InputGrad {
+            layer,
+            dx: accelerator_result_owned(dx),
+        })
+    }
+
+    /// `ConvWeightGrad`: ∇W_U from the layer's cached X_U and the ∇Y its last `ConvInputGrad` kept.
+    fn weight_grad(&mut self, layer: u32) -> Result<Reply, BackendError> {
+        let l = self.layer(layer)?;
+        let x = self.cached(layer)?;
+        let kept = self
+            .kept
+            .get_mut(layer as usize)
+            .and_then(Option::take)
+            .ok_or_else(|| {
+                BackendError::Invalid(format!(
+                    "layer {layer}: ConvWeightGrad without a ConvInputGrad of the layer before it"
+                ))
+            })?;
+        let (u, _) = self.plan_pass(Pass::WeightGrad, layer, &l, &x)?;
+        let dw = match kept {
+            Kept::OutputGrad(dy) => self.registered()?.weight_grad(layer, &dy)?,
+            Kept::WeightGrad(dw) => dw,
+        };
+        self.record(layer, u);
+        Ok(Reply::WeightGrad {
+            layer,
+            dw: accelerator_result_owned(dw),
+        })
+    }
+
     /// `ConvForwardPart`: Y_U of samples `first ..` of a batch of `batch`, the part added to the batch's X_U,
     /// which the backend caches once the last part came. Parts must come in order and without gaps; the budget
     /// counts the whole batch's X_U from the first part on.
@@ -422,6 +525,7 @@ impl Service {
         x_u: WireTensor,
         train: bool,
     ) -> Result<Reply, BackendError> {
+        self.drop_kept(layer);
         let l = self.layer(layer)?;
         let bad = |detail: String| BackendError::Invalid(format!("layer {layer}: {detail}"));
         let shape = x_u.shape().to_vec();
@@ -860,6 +964,119 @@ mod tests {
             got.extend(out(parts.handle(part(a, b))));
         }
         assert_eq!(got, y);
+    }
+
+    #[test]
+    fn a_backward_in_two_halves_gives_the_whole_backward_s_gradients() {
+        let mut rng = asymml_core::rng::Rng::new(5);
+        let mut t = |shape: &[usize]| {
+            let n = shape.iter().product();
+            Tensor::from_vec(shape, (0..n).map(|_| rng.normal()).collect()).unwrap()
+        };
+        // A Winograd conv and an im2col one (stride 2).
+        for l in [spec(3, 4, 3, 1, 1), spec(4, 6, 3, 2, 1)] {
+            let w = t(&l.weight_shape());
+            let x = t(&[3, l.in_ch as usize, 8, 8]);
+            let (oh, _) = ConvLayer {
+                in_ch: l.in_ch as usize,
+                out_ch: l.out_ch as usize,
+                k: 3,
+                stride: l.stride as usize,
+                pad: 1,
+                bias: false,
+            }
+            .output_hw(8, 8)
+            .unwrap();
+            let dy = t(&[3, l.out_ch as usize, oh, oh]);
+            let mut sv = Service::new(1).unwrap();
+            let reg = Request::Register {
+                layers: vec![l],
+                weights: vec![(public_weights(&w), None)],
+            };
+            assert_eq!(sv.handle(reg), Reply::Ok);
+            let fwd = Request::ConvForward {
+                layer: 0,
+                x_u: declassify_residual(&x),
+                train: true,
+            };
+            sv.handle(fwd.clone()).into_conv_output(0).unwrap();
+            let (dx, dw) = sv
+                .handle(Request::ConvBackward {
+                    layer: 0,
+                    dy: declassify_output_grad(&dy),
+                    need_dx: true,
+                })
+                .into_conv_grads(0)
+                .unwrap();
+            let half = Request::ConvInputGrad {
+                layer: 0,
+                dy: declassify_output_grad(&dy),
+            };
+            for _ in 0..2 {
+                let got = sv.handle(half.clone()).into_input_grad(0).unwrap();
+                assert_eq!(got.data(), dx.as_ref().unwrap().data());
+                let got = sv
+                    .handle(Request::ConvWeightGrad { layer: 0 })
+                    .into_weight_grad(0)
+                    .unwrap();
+                assert_eq!(got.data(), dw.data());
+                // ∇Y is let go with its ∇W_U: a second ConvWeightGrad is refused.
+                let e = error_of(sv.handle(Request::ConvWeightGrad { layer: 0 }));
+                assert!(e.contains("without a ConvInputGrad"), "{e}");
+            }
+            // A forward in between makes the kept ∇Y stale: it is let go.
+            let _ = sv.handle(half.clone());
+            sv.handle(fwd).into_conv_output(0).unwrap();
+            let e = error_of(sv.handle(Request::ConvWeightGrad { layer: 0 }));
+            assert!(e.contains("without a ConvInputGrad"), "{e}");
+            // ∇Y of the wrong shape is refused, and nothing is kept.
+            let bad = Request::ConvInputGrad {
+                layer: 0,
+                dy: declassify_output_grad(&Tensor::zeros(&[3, 1, oh, oh])),
+            };
+            assert!(error_of(sv.handle(bad)).contains("shape"));
+            assert!(error_of(sv.handle(Request::ConvWeightGrad { layer: 0 })).contains("without"));
+        }
+        // With no training forward first, both halves are refused.
+        let mut sv = Service::new(1).unwrap();
+        assert_eq!(sv.handle(register(spec(3, 4, 3, 1, 1))), Reply::Ok);
+        let half = Request::ConvInputGrad {
+            layer: 0,
+            dy: declassify_output_grad(&Tensor::zeros(&[1, 4, 8, 8])),
+        };
+        assert!(matches!(sv.handle(half), Reply::Error { .. }));
+        assert!(matches!(
+            sv.handle(Request::ConvWeightGrad { layer: 0 }),
+            Reply::Error { .. }
+        ));
+    }
+
+    #[test]
+    fn work_over_the_budget_counts_the_kept_output_grad() {
+        // X_U and ∇Y of [8, 16, 32, 32] are 512 KiB each: a forward needs what a whole backward with ∇X does
+        // (the answer has the input's size), and the first half of a split backward 512 KiB more (∇Y kept).
+        let l = spec(16, 16, 3, 1, 1);
+        let needs = |e: String| -> u64 {
+            let after = e.split("needs about ").nth(1).expect("a budget error");
+            after.split(' ').next().unwrap().parse().unwrap()
+        };
+        let mut probe = service(1 << 20);
+        assert_eq!(probe.handle(register(l)), Reply::Ok);
+        let forward_needs = needs(error_of(probe.handle(forward(&[8, 16, 32, 32]))));
+        let mut sv = service(forward_needs);
+        assert_eq!(sv.handle(register(l)), Reply::Ok);
+        sv.handle(forward(&[8, 16, 32, 32]))
+            .into_conv_output(0)
+            .unwrap();
+        let dy = declassify_output_grad(&Tensor::zeros(&[8, 16, 32, 32]));
+        let whole = Request::ConvBackward {
+            layer: 0,
+            dy: dy.clone(),
+            need_dx: true,
+        };
+        sv.handle(whole).into_conv_grads(0).unwrap();
+        let e = error_of(sv.handle(Request::ConvInputGrad { layer: 0, dy }));
+        assert_eq!(needs(e), forward_needs + (512 << 10));
     }
 
     #[test]

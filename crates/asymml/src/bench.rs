@@ -125,6 +125,9 @@ pub(crate) struct BenchResult {
     /// The timed inference forwards streamed their parts through the network (each part's next conv begun
     /// while the accelerator works on the others), not conv by conv.
     pub(crate) streamed: bool,
+    /// The split's training backward was pipelined (∇X first, ∇W_U taken at the next split conv; false with
+    /// `--no-pipelined-backward`, and outside the split).
+    pub(crate) pipelined_backward: bool,
     pub(crate) batch: usize,
     pub(crate) input_size: usize,
     pub(crate) trusted_threads: usize,
@@ -778,6 +781,7 @@ impl Samples {
                 1
             },
             streamed: self.streamed,
+            pipelined_backward: mode == Mode::Split && !a.split.no_pipelined_backward,
             batch: a.batch_size,
             input_size: case.spec.input_size,
             trusted_threads: plan.threads,

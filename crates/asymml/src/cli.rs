@@ -93,6 +93,12 @@ pub(crate) struct SplitArgs {
     /// time. Ignored with --shared-basis. 1: the whole batch at once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub(crate) micro_batches: u16,
+    /// Run each split conv's backward as one exchange (∇X and ∇W_U answered together) instead of the
+    /// pipelined default, where ∇X is asked for first and the trusted runtime goes on with it — through the
+    /// layers below, to the next conv — while the accelerator computes ∇W_U, which is then taken, checked and
+    /// added at the next split conv. The gradients are the same either way; this is for measuring the overlap.
+    #[arg(long)]
+    pub(crate) no_pipelined_backward: bool,
     /// Noise-to-signal ratio: X_U + N(0, (NSR·rms(X))²) before it leaves the trusted runtime.
     #[arg(long, default_value_t = 0.0, value_parser = parse_noise)]
     pub(crate) noise: f32,

@@ -64,6 +64,7 @@ impl SplitSetup {
                 ),
                 route_counts_wait: a.route == crate::values::RouteChoice::AutoWall,
                 micro_batches: usize::from(a.micro_batches),
+                pipelined_backward: !a.no_pipelined_backward,
                 ..Default::default()
             },
             accelerator: a.accelerator.clone(),

@@ -85,15 +85,15 @@ fn correlation(a: &[f32], b: &[f32]) -> f64 {
 #[test]
 fn transcript_of_a_split_step_holds_only_what_the_design_allows() {
     // (block: the block SVD, whose X_U goes straight into its frame a slab at a time; else the light SVD's,
-    // sent from a whole residual.)
-    for (policy, nsr, micro, block) in [
-        ("schedule", 0.0, 1, false),
-        ("asym1", 0.0, 1, false),
-        ("fixed:1", 0.1, 1, false),
-        ("schedule", 0.0, 3, false),
-        ("asym1", 0.1, 2, false),
-        ("schedule", 0.0, 1, true),
-        ("fixed:2", 0.0, 1, true),
+    // sent from a whole residual. pipelined: the backward in two halves, ∇X first.)
+    for (policy, nsr, micro, block, pipelined) in [
+        ("schedule", 0.0, 1, false, true),
+        ("asym1", 0.0, 1, false, true),
+        ("fixed:1", 0.1, 1, false, false),
+        ("schedule", 0.0, 3, false, true),
+        ("asym1", 0.1, 2, false, false),
+        ("schedule", 0.0, 1, true, true),
+        ("fixed:2", 0.0, 1, true, false),
     ] {
         let (mut net, x, labels) = small_resnet();
         // The private activations, from a trusted-only forward of the same net.
@@ -109,6 +109,7 @@ fn transcript_of_a_split_step_holds_only_what_the_design_allows() {
         let config = SplitConfig {
             micro_batches: micro,
             svd: block.then(|| SvdMethod::Block(BlockSvd::default())),
+            pipelined_backward: pipelined,
             ..cfg(policy, nsr)
         };
         let mut exec = SplitExec::connect(rec, &mut net, config).unwrap();
@@ -122,6 +123,15 @@ fn transcript_of_a_split_step_holds_only_what_the_design_allows() {
 
         let records = transcript.records();
         assert!(records.len() > 10);
+        let halves = records
+            .iter()
+            .filter(|r| r.kind == Some(MessageKind::ConvInputGrad))
+            .count();
+        assert_eq!(
+            halves > 0,
+            pipelined,
+            "{policy}: ConvInputGrad sent {halves} time(s)"
+        );
         let allowed = [
             MessageKind::Hello,
             MessageKind::Register,
@@ -129,6 +139,8 @@ fn transcript_of_a_split_step_holds_only_what_the_design_allows() {
             MessageKind::ConvForwardPart,
             MessageKind::ConvForwardShared,
             MessageKind::ConvBackward,
+            MessageKind::ConvInputGrad,
+            MessageKind::ConvWeightGrad,
             MessageKind::SetWeights,
             MessageKind::Shutdown,
         ];
@@ -143,7 +155,7 @@ fn transcript_of_a_split_step_holds_only_what_the_design_allows() {
                 let field_ok = match kind {
                     MessageKind::Register => t.field == "w" || t.field == "b",
                     MessageKind::ConvForward | MessageKind::ConvForwardPart => t.field == "x_u",
-                    MessageKind::ConvBackward => t.field == "dy",
+                    MessageKind::ConvBackward | MessageKind::ConvInputGrad => t.field == "dy",
                     MessageKind::SetWeights => t.field == "w" || t.field == "b",
                     _ => false,
                 };

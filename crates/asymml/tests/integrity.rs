@@ -27,9 +27,9 @@ enum Tamper {
     None,
     /// One element of Y_U (a `ConvOutput` reply).
     Output(f32),
-    /// One element of ∇X (a `ConvGrads` reply).
+    /// One element of ∇X (a `ConvGrads` or, in a pipelined backward, an `InputGrad` reply).
     InputGrad(f32),
-    /// One element of ∇W_U (a `ConvGrads` reply).
+    /// One element of ∇W_U (a `ConvGrads` or, in a pipelined backward, a `WeightGrad` reply).
     WeightGrad(f32),
     /// One element of the new weights on their way to the accelerator (`SetWeights`): the accelerator then
     /// computes with weights other than the trusted runtime's.
@@ -113,6 +113,18 @@ impl Transport for Relay {
                 Some(Reply::ConvGrads {
                     layer,
                     dx,
+                    dw: accelerator_result(&moved(&dw, rel)),
+                })
+            }
+            (Tamper::InputGrad(rel), Reply::InputGrad { layer, dx }) if layer == self.layer => {
+                Some(Reply::InputGrad {
+                    layer,
+                    dx: accelerator_result(&moved(&dx, rel)),
+                })
+            }
+            (Tamper::WeightGrad(rel), Reply::WeightGrad { layer, dw }) if layer == self.layer => {
+                Some(Reply::WeightGrad {
+                    layer,
                     dw: accelerator_result(&moved(&dw, rel)),
                 })
             }
@@ -252,21 +264,28 @@ fn every_tampered_result_or_weight_is_caught() {
                     // The light SVD's X_U goes whole through a scratch tensor; the block SVD's straight into
                     // its frame, checked slab by slab as it is made (not for a conv whose input a shortcut
                     // conv reads too).
-                    for svd in [None, Some(block_svd())] {
+                    // The backward pipelined (∇X in an `InputGrad`, ∇W_U in a `WeightGrad` checked at the next
+                    // split conv) or in one `ConvGrads`.
+                    for (svd, pipelined) in [
+                        (None, true),
+                        (Some(block_svd()), true),
+                        (Some(block_svd()), false),
+                    ] {
                         let cfg = SplitConfig {
-                            svd,
+                            svd: svd.clone(),
+                            pipelined_backward: pipelined,
                             ..cfg("schedule", false, 0.0)
                         };
                         let (res, stats) = run(name, cfg, tamper, layer, 2);
                         let err = res.expect_err(&format!(
-                            "{name}: {tamper:?} at conv {layer} passed ({svd:?})"
+                            "{name}: {tamper:?} at conv {layer} passed ({svd:?}, pipelined {pipelined})"
                         ));
                         assert!(
                             matches!(err, CoreError::Integrity { .. }),
                             "{name}: {tamper:?} at conv {layer}: not an integrity error: {err}"
                         );
                         assert_eq!(stats.failures, 1, "{name}: {tamper:?}");
-                        eprintln!("{name} {tamper:?} conv {layer} ({svd:?}): {err}");
+                        eprintln!("{name} {tamper:?} conv {layer} ({svd:?}, {pipelined}): {err}");
                     }
                 }
             }

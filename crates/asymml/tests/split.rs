@@ -143,6 +143,24 @@ fn micro_batched_split_equals_trusted_only() {
 }
 
 #[test]
+fn pipelined_and_whole_backwards_equal_trusted_only() {
+    // The pipelined backward (the default: ∇X first, ∇W_U taken at the next split conv) and the one-exchange
+    // backward, in process and over a child process's Unix socket (where the order of the exchanges must not
+    // leave both sides writing at once).
+    for accel in ["inproc", "process"] {
+        for model in ["vgg16", "resnet18"] {
+            for more in [&[][..], &["--no-pipelined-backward"][..]] {
+                let v = verify_with(model, "schedule", accel, more);
+                assert!(
+                    v["max_rel_err"].as_f64().unwrap() <= 1e-4,
+                    "{accel} {model} {more:?}: {v}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn shared_basis_split_equals_trusted_only() {
     for model in ["vgg16", "resnet18"] {
         for rank in ["schedule", "asym2", "fixed:3"] {

@@ -294,6 +294,18 @@ impl Conv2d {
 
     /// x: [B, C, H, W], dy: [B, M, OH, OW] → dx: [B, C, H, W] (if asked); accumulates ∇W and ∇b.
     pub fn backward(&mut self, x: &Tensor, dy: &Tensor, dx: Option<&mut Tensor>) -> Result<()> {
+        self.backward_parts(x, dy, dx, true)
+    }
+
+    /// As [`Conv2d::backward`], with ∇W and ∇b accumulated only when `weights` (∇X alone reads neither x's
+    /// values nor an im2col of them; ∇W alone is `dx: None`): the two halves of a backward, run apart.
+    pub fn backward_parts(
+        &mut self,
+        x: &Tensor,
+        dy: &Tensor,
+        dx: Option<&mut Tensor>,
+        weights: bool,
+    ) -> Result<()> {
         let os = self.out_shape(&x.shape)?;
         if dy.shape != os {
             return Err(CoreError::Shape(format!(
@@ -306,10 +318,10 @@ impl Conv2d {
         let (p, ckk, xlen) = (oh * ow, geo.c * self.k * self.k, geo.c * geo.h * geo.w);
         let plan = self.plan(b, p);
         let pointwise = self.is_pointwise();
-        let has_bias = self.bias.is_some();
+        let has_bias = weights && self.bias.is_some();
         let want_dx = dx.is_some();
         if self.use_winograd(geo.c.min(m), geo.h, geo.w) {
-            return self.backward_winograd(x, dy, dx, &geo, m);
+            return self.backward_winograd(x, dy, dx, &geo, m, weights);
         }
         let wt = &self.weight.value.data;
         // Without ∇X, each worker gets a one-element dummy slice so that one code path serves both cases.
@@ -324,16 +336,22 @@ impl Conv2d {
         let gt = plan.gemm_threads;
         // Worker 0 accumulates straight into ∇W; the others write partial sums (no zeroing pass: their first
         // GEMM overwrites) that are added afterwards.
+        let dw_workers = if weights { plan.chunks } else { 0 };
         self.dw_parts
-            .resize_with(plan.chunks.saturating_sub(1), Vec::new);
+            .resize_with(dw_workers.saturating_sub(1), Vec::new);
         for part in &mut self.dw_parts {
             if part.len() != m * ckk {
                 part.resize(m * ckk, 0.0);
             }
         }
-        let dw_targets: Vec<&mut [f32]> = std::iter::once(&mut self.weight.grad.data[..])
-            .chain(self.dw_parts.iter_mut().map(|v| &mut v[..]))
-            .collect();
+        // Without ∇W, each worker gets an empty target (never written).
+        let dw_targets: Vec<&mut [f32]> = if weights {
+            std::iter::once(&mut self.weight.grad.data[..])
+                .chain(self.dw_parts.iter_mut().map(|v| &mut v[..]))
+                .collect()
+        } else {
+            (0..plan.chunks).map(|_| <&mut [f32]>::default()).collect()
+        };
         x.data
             .par_chunks(plan.per * xlen)
             .zip(dy.data.par_chunks(plan.per * m * p))
@@ -354,16 +372,6 @@ impl Conv2d {
                 for (gi, (xg, dyg)) in groups.enumerate() {
                     let g = xg.len() / xlen;
                     let n = g * p;
-                    // col_grp [CKK × g·P] (or the image itself when pointwise and alone)
-                    let col: &[f32] = if g == 1 && pointwise {
-                        xg
-                    } else {
-                        sc.col.resize(ckk * n, 0.0);
-                        for (i, xb) in xg.chunks(xlen).enumerate() {
-                            im2col(xb, &geo, &mut sc.col, n, i * p);
-                        }
-                        &sc.col
-                    };
                     // ∇Y_grp [M × g·P]
                     let dyw: &[f32] = if g == 1 {
                         dyg
@@ -372,18 +380,30 @@ impl Conv2d {
                         gather(dyg, &mut sc.dyg, m, p, g);
                         &sc.dyg
                     };
-                    // ∇W [M × CKK] += ∇Y_grp · col_grpᵀ (a partial sum's first group overwrites)
-                    let accumulate = worker == 0 || gi > 0;
-                    sgemm(
-                        m,
-                        ckk,
-                        n,
-                        Mat::rm(dyw, n),
-                        Mat::rm_t(col, n),
-                        dw,
-                        accumulate,
-                        gt,
-                    );
+                    if weights {
+                        // col_grp [CKK × g·P] (or the image itself when pointwise and alone)
+                        let col: &[f32] = if g == 1 && pointwise {
+                            xg
+                        } else {
+                            sc.col.resize(ckk * n, 0.0);
+                            for (i, xb) in xg.chunks(xlen).enumerate() {
+                                im2col(xb, &geo, &mut sc.col, n, i * p);
+                            }
+                            &sc.col
+                        };
+                        // ∇W [M × CKK] += ∇Y_grp · col_grpᵀ (a partial sum's first group overwrites)
+                        let accumulate = worker == 0 || gi > 0;
+                        sgemm(
+                            m,
+                            ckk,
+                            n,
+                            Mat::rm(dyw, n),
+                            Mat::rm_t(col, n),
+                            dw,
+                            accumulate,
+                            gt,
+                        );
+                    }
                     if !want_dx {
                         continue;
                     }
@@ -418,6 +438,9 @@ impl Conv2d {
                     }
                 }
             });
+        if !weights {
+            return Ok(());
+        }
         for part in &self.dw_parts {
             add_into(&mut self.weight.grad.data, part);
         }
@@ -438,6 +461,7 @@ impl Conv2d {
         dx: Option<&mut Tensor>,
         geo: &Geometry,
         m: usize,
+        weights: bool,
     ) -> Result<()> {
         let b = x.shape[0];
         let (c, h, w) = (geo.c, geo.h, geo.w);
@@ -448,7 +472,7 @@ impl Conv2d {
             group: WINO_TARGET.div_ceil(th * tw).min(plan.per),
             ..plan
         };
-        let has_bias = self.bias.is_some();
+        let has_bias = weights && self.bias.is_some();
         let want_dx = dx.is_some();
         if want_dx {
             winograd::transform_weights(&self.weight.value.data, m, c, true, &mut self.wino_u);
@@ -482,7 +506,9 @@ impl Conv2d {
                 for (gi, (xg, dyg)) in groups.enumerate() {
                     let g = xg.len() / xlen;
                     let shape = winograd::Group { g, c, h, w, m };
-                    winograd::grad_weights(xg, dyg, shape, &mut sc.wk, gi > 0, gt);
+                    if weights {
+                        winograd::grad_weights(xg, dyg, shape, &mut sc.wk, gi > 0, gt);
+                    }
                     if want_dx {
                         // ∇X: the transposed conv, from M channels back to C.
                         let dxg = &mut dxc[gi * plan.group * xlen..][..g * xlen];
@@ -495,6 +521,9 @@ impl Conv2d {
                     }
                 }
             });
+        if !weights {
+            return Ok(());
+        }
         let parts: Vec<&[f32]> = self.scratch[..plan.chunks]
             .iter()
             .map(|sc| &sc.wk.du[..])
@@ -721,6 +750,7 @@ mod tests {
                     for wino in [true, false] {
                         conv.winograd = wino;
                         conv.weight.zero_grad();
+                        conv.bias.as_mut().unwrap().zero_grad();
                         let mut y = Tensor::default();
                         conv.forward(&x, &mut y).unwrap();
                         let dy = Tensor {
@@ -731,7 +761,22 @@ mod tests {
                         };
                         let mut dx = Tensor::default();
                         conv.backward(&x, &dy, Some(&mut dx)).unwrap();
-                        out.push((y, dx, conv.weight.grad.clone()));
+                        let (dw, db) = (
+                            conv.weight.grad.clone(),
+                            conv.bias.as_ref().unwrap().grad.clone(),
+                        );
+                        // The two halves run apart give the same values; ∇X alone leaves ∇W and ∇b alone.
+                        let mut dx_alone = Tensor::default();
+                        conv.backward_parts(&x, &dy, Some(&mut dx_alone), false)
+                            .unwrap();
+                        assert_eq!(dx_alone.data, dx.data, "∇X alone (winograd {wino})");
+                        assert_eq!(conv.weight.grad.data, dw.data);
+                        conv.weight.zero_grad();
+                        conv.bias.as_mut().unwrap().zero_grad();
+                        conv.backward_parts(&x, &dy, None, true).unwrap();
+                        assert_eq!(conv.weight.grad.data, dw.data, "∇W alone (winograd {wino})");
+                        assert_eq!(conv.bias.as_ref().unwrap().grad.data, db.data);
+                        out.push((y, dx, dw));
                     }
                     let what = format!("b{b} c{c} m{m} {h}×{w} k{k} s{s} p{p} threads {threads}");
                     let (a, r) = (&out[0], &out[1]);

@@ -46,6 +46,13 @@ pub trait ConvExec {
         dx: Option<&mut Tensor>,
     ) -> Result<()>;
 
+    /// Called at the end of every backward of `net` (also when it failed: then its error is the one returned,
+    /// and this one's is dropped): an executor that finished a conv's gradient after that conv's
+    /// [`ConvExec::conv_backward`] returned (the split runtime's pipelined backward) completes it here.
+    fn backward_end(&mut self, _net: &mut Net) -> Result<()> {
+        Ok(())
+    }
+
     /// Called after the optimizer has updated every parameter of `net` (conv weights included: the trusted
     /// runtime owns them); the split runtime sends the new conv weights to the accelerator.
     fn after_update(&mut self, _net: &mut Net) -> Result<()> {
@@ -720,6 +727,17 @@ impl Net {
 
     /// Backward from a given gradient of the logits.
     pub fn backward_from(
+        &mut self,
+        dlogits: Tensor,
+        exec: &mut dyn ConvExec,
+        input_grad: bool,
+    ) -> Result<()> {
+        let res = self.backward_nodes(dlogits, exec, input_grad);
+        let end = exec.backward_end(self);
+        res.and(end)
+    }
+
+    fn backward_nodes(
         &mut self,
         dlogits: Tensor,
         exec: &mut dyn ConvExec,

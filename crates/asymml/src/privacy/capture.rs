@@ -288,7 +288,9 @@ impl<E: ConvExec> Shapes<'_, E> {
             for t in r.tensors {
                 let keep = match (r.kind, t.field) {
                     (Some(MessageKind::ConvForward), "x_u") => self.layers.contains(&layer),
-                    (Some(MessageKind::ConvBackward), "dy") => layer == 0,
+                    (Some(MessageKind::ConvBackward | MessageKind::ConvInputGrad), "dy") => {
+                        layer == 0
+                    }
                     _ => false,
                 };
                 if !keep {
