@@ -726,6 +726,7 @@ impl<T: Transport> SplitExec<T> {
         let id = conv.id;
         let out_shape = conv.out_shape(&x.shape)?;
         self.none_in_flight()?;
+        self.backward_ended()?;
         if id >= self.layers.len() {
             return Err(CoreError::accelerator(format!(
                 "conv {id} was not registered"
@@ -1514,6 +1515,19 @@ impl<T: Transport> SplitExec<T> {
         }
         self.trusted(id, t0, 0.0);
         Ok(())
+    }
+
+    /// An error when the last backward was not ended ([`ConvExec::backward_end`] not called, e.g. by an executor
+    /// wrapping this one): a ∇W_U would still be due, and a conv's ∇W still held here.
+    fn backward_ended(&self) -> Result<(), CoreError> {
+        let held = self.deferred.iter().map(|d| d.0);
+        match held.chain(self.completed.iter().map(|d| d.0)).next() {
+            None => Ok(()),
+            Some(id) => Err(CoreError::Invalid(format!(
+                "the last backward was not ended (ConvExec::backward_end was not called): conv {id}'s ∇W is \
+                 still held by the split runtime"
+            ))),
+        }
     }
 
     /// The pipelined backward's ∇W_U still due (of the split conv whose backward ran last), if any: received,

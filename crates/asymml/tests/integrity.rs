@@ -272,7 +272,7 @@ fn every_tampered_result_or_weight_is_caught() {
                         (Some(block_svd()), false),
                     ] {
                         let cfg = SplitConfig {
-                            svd: svd.clone(),
+                            svd,
                             pipelined_backward: pipelined,
                             ..cfg("schedule", false, 0.0)
                         };
@@ -616,4 +616,55 @@ fn train_stops_with_exit_code_3_and_keeps_its_checkpoint() {
         "the checkpoint changed"
     );
     let _ = server.join();
+}
+
+/// An executor wrapping the split runtime that forwards the convs but not the end of the backward.
+struct Forgetful<'a, E: ConvExec>(&'a mut E);
+
+impl<E: ConvExec> ConvExec for Forgetful<'_, E> {
+    fn conv_forward(
+        &mut self,
+        conv: &mut asymml_core::layers::Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        train: bool,
+    ) -> asymml_core::Result<()> {
+        self.0.conv_forward(conv, x, y, train)
+    }
+    fn conv_backward(
+        &mut self,
+        conv: &mut asymml_core::layers::Conv2d,
+        x: &Tensor,
+        dy: &Tensor,
+        dx: Option<&mut Tensor>,
+    ) -> asymml_core::Result<()> {
+        self.0.conv_backward(conv, x, dy, dx)
+    }
+}
+
+#[test]
+fn a_pipelined_backward_that_is_not_ended_is_an_error_not_a_lost_gradient() {
+    let (mut net, x, labels) = model("vgg11");
+    let (client, server) = inproc_pair();
+    let service = std::thread::spawn(move || Service::new(1).unwrap().serve(server));
+    let mut exec = SplitExec::connect(client, &mut net, cfg("schedule", false, 0.0)).unwrap();
+    net.zero_grad();
+    net.forward_loss(&x, &labels, true, &mut exec).unwrap();
+    // The wrapper does not pass the backward's end on: a ∇W_U is still due, and a conv's ∇W held.
+    net.backward(&mut Forgetful(&mut exec), false).unwrap();
+    let e = net.forward(&x, false, &mut exec).unwrap_err();
+    assert!(e.to_string().contains("was not ended"), "{e}");
+    // Ended, the step goes on: every conv has its ∇W back.
+    exec.backward_end(&mut net).unwrap();
+    for c in net.convs_mut() {
+        assert_eq!(c.weight.grad.len(), c.weight.value.len(), "conv {}", c.id);
+        assert!(
+            c.weight.grad.data.iter().any(|&g| g != 0.0),
+            "conv {}",
+            c.id
+        );
+    }
+    net.forward(&x, false, &mut exec).unwrap();
+    exec.shutdown().unwrap();
+    service.join().unwrap().unwrap();
 }

@@ -146,6 +146,7 @@ impl<T: Transport> SplitExec<T> {
         if (id == 0 && p == 0) || self.in_flight.get(p).copied().flatten().is_some() {
             // A new forward, or this part's last conv not finished: some reply is still on its way.
             self.none_in_flight()?;
+            self.backward_ended()?;
         }
         if id >= self.layers.len() {
             return Err(CoreError::accelerator(format!(

@@ -348,6 +348,11 @@ impl<E: ConvExec> ConvExec for Shapes<'_, E> {
         self.inner.conv_backward(conv, x, dy, dx)?;
         self.collect()
     }
+
+    fn backward_end(&mut self, net: &mut Net) -> asymml_core::Result<()> {
+        self.inner.backward_end(net)?;
+        self.collect()
+    }
 }
 
 /// Runs one forward (and, with `backward`, one backward) pass of the split runtime on `x`, with an in-process
