@@ -1431,30 +1431,16 @@ impl<T: Transport> SplitExec<T> {
                 )
             });
             self.layers[id].proj = proj;
-            if let (Err(_), Some(g)) = (&checked, dx.as_deref()) {
-                if let Some(v) = g.data.iter().find(|v| !v.is_finite()) {
-                    self.dw_u = dw_u;
-                    return Err(bad_reply(
-                        &what,
-                        ProtocolError::Tensor(format!(
-                            "non-finite value {v} in ∇X of shape {:?}",
-                            g.shape
-                        )),
-                    ));
-                }
-            }
             if let Err(e) = checked {
                 self.dw_u = dw_u;
-                return Err(e);
+                return Err(dx
+                    .as_deref()
+                    .and_then(|d| non_finite(&what, d))
+                    .unwrap_or(e));
             }
             let t0 = Instant::now();
             // ∇W += ∇W_U (∇W_T is in already) and ∇b += Σ ∇Y, into the trusted parameters.
-            conv.weight
-                .grad
-                .data
-                .iter_mut()
-                .zip(&dw_u.data)
-                .for_each(|(g, b)| *g += b);
+            add_into(&mut conv.weight.grad, &dw_u);
             self.dw_u = dw_u;
             if let Some(bias) = conv.bias.as_mut() {
                 asymml_core::layers::conv::add_bias_grad(dy, &mut bias.grad)?;
@@ -1497,18 +1483,9 @@ impl<T: Transport> SplitExec<T> {
             ch.check_input_grad(conv, &proj, &dy.data, Some(&dx.data))
         });
         self.layers[id].proj = proj;
-        if checked.is_err() {
-            if let Some(v) = dx.data.iter().find(|v| !v.is_finite()) {
-                return Err(bad_reply(
-                    &what,
-                    ProtocolError::Tensor(format!(
-                        "non-finite value {v} in ∇X of shape {:?}",
-                        dx.shape
-                    )),
-                ));
-            }
+        if let Err(e) = checked {
+            return Err(non_finite(&what, dx).unwrap_or(e));
         }
-        checked?;
         let t0 = Instant::now();
         if let Some(bias) = conv.bias.as_mut() {
             asymml_core::layers::conv::add_bias_grad(dy, &mut bias.grad)?;
@@ -1560,10 +1537,7 @@ impl<T: Transport> SplitExec<T> {
                 return Err(e);
             }
             let t0 = Instant::now();
-            grad.data
-                .iter_mut()
-                .zip(&dw_u.data)
-                .for_each(|(g, b)| *g += b);
+            add_into(&mut grad, &dw_u);
             self.dw_u = dw_u;
             self.trusted(id, t0, 0.0);
             Ok(())
@@ -1571,6 +1545,27 @@ impl<T: Transport> SplitExec<T> {
         self.completed.push((id, grad));
         res.map_err(|e: CoreError| e.at_conv(&self.layers[id].name))
     }
+}
+
+/// When a check of ∇X (`dx`, received for `what`) failed: an error naming its first non-finite value, if it has
+/// one (the check's pass fails on such a value; the reply is then refused for it).
+fn non_finite(what: &str, dx: &Tensor) -> Option<CoreError> {
+    let v = dx.data.iter().find(|v| !v.is_finite())?;
+    Some(bad_reply(
+        what,
+        ProtocolError::Tensor(format!(
+            "non-finite value {v} in ∇X of shape {:?}",
+            dx.shape
+        )),
+    ))
+}
+
+/// `grad` += `part` (∇W_U into a ∇W holding ∇W_T).
+fn add_into(grad: &mut Tensor, part: &Tensor) {
+    grad.data
+        .iter_mut()
+        .zip(&part.data)
+        .for_each(|(g, b)| *g += b);
 }
 
 #[cfg(test)]
