@@ -1007,6 +1007,11 @@ fn print_table(results: &[BenchResult]) {
                 } else {
                     String::new()
                 };
+                let how = if r.phase == "train" && r.pipelined_backward {
+                    format!("{how} (backward pipelined)")
+                } else {
+                    how
+                };
                 println!(
                     "{:<20} {:<6} both sides computing at once: {:.1} ms per step{how}",
                     "",
