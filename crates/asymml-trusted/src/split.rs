@@ -1146,13 +1146,13 @@ impl<T: Transport> ConvExec for SplitExec<T> {
     ) -> Result<(), CoreError> {
         if !self.layers.get(conv.id).is_some_and(|l| l.trusted_route) {
             // The conv before's ∇W_U first: its reply comes before this conv's.
-            self.settle_weight_grad()?;
+            self.settle_measured()?;
         }
         self.measured(conv.id, false, |s| s.backward_conv(conv, x, dy, dx))
     }
 
     fn backward_end(&mut self, net: &mut Net) -> Result<(), CoreError> {
-        let settled = self.settle_weight_grad();
+        let settled = self.settle_measured();
         if !self.completed.is_empty() {
             let mut done = std::mem::take(&mut self.completed);
             for conv in net.convs_mut() {
@@ -1504,6 +1504,14 @@ impl<T: Transport> SplitExec<T> {
                 "the last backward was not ended (ConvExec::backward_end was not called): conv {id}'s ∇W is \
                  still held by the split runtime"
             ))),
+        }
+    }
+
+    /// [`Self::settle_weight_grad`], its time counted to its conv's cost on the split route (`auto_route`).
+    fn settle_measured(&mut self) -> Result<(), CoreError> {
+        match self.deferred.as_ref().map(|d| d.0) {
+            Some(id) => self.measured(id, false, |s| s.settle_weight_grad()),
+            None => Ok(()),
         }
     }
 
