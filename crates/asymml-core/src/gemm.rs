@@ -109,7 +109,7 @@ pub fn sgemm_ld(
     // most a slice length (≤ isize::MAX) wherever it is multiplied by a non-zero index, so the `as isize` casts
     // keep their values. `c` is a `&mut` borrow, so it cannot overlap `a` or `b`, and `read_dst` (= accumulate)
     // only reads `c` where it writes.
-    let mut run = || unsafe {
+    unsafe {
         gemm::gemm(
             m,
             n,
@@ -131,14 +131,6 @@ pub fn sgemm_ld(
             false,
             par,
         );
-    };
-    if rayon::current_thread_index().is_none() {
-        // Called from outside the thread pool (the trusted runtime's own thread): run on one of the pool's
-        // threads, where every other product of the runtime runs too. The `gemm` crate keeps a packing buffer
-        // the size of the L2 cache per thread that has ever multiplied; this thread would keep one more.
-        rayon::scope(|_| run());
-    } else {
-        run();
     }
 }
 
