@@ -690,3 +690,106 @@ fn auto_route_takes_the_trusted_route_where_the_split_costs_more() {
         assert!(v["max_rel_err"].as_f64().unwrap() <= 1e-4, "{route}: {v}");
     }
 }
+
+#[test]
+fn a_shortcut_conv_follows_its_block_s_first_conv_onto_the_trusted_route() {
+    // A rank table keeps layer2.0.conv1 trusted. With `auto_route` the shortcut conv beside it, which reads the
+    // same block input, takes the trusted route too, from the first step on: alone it would pay a whole
+    // decomposition of that input to save a 1 × 1 conv's work. Without `auto_route` it follows the policy and
+    // splits. Deterministic: the first conv is trusted by the table, not by a timing. Exact either way.
+    use asymml_core::decomp::{RankPolicy, RankTable, TableEntry, TableRank, TrustedRoute};
+    use asymml_core::models::{LocalExec, ModelSpec};
+    use asymml_protocol::{inproc_pair, Direction, Recording};
+    use asymml_trusted::split::{SplitConfig, SplitExec};
+    let build = || {
+        let mut spec = ModelSpec::parse("resnet18", 3, 10, 16).unwrap();
+        spec.width = 8;
+        spec.build(5).unwrap()
+    };
+    let mut rng = asymml_core::rng::Rng::new(3);
+    let x = asymml_core::Tensor::from_vec(
+        &[4, 3, 16, 16],
+        (0..4 * 3 * 256).map(|_| rng.normal()).collect(),
+    )
+    .unwrap();
+    let labels = [1, 7, 3, 3];
+    let mut twin = build();
+    twin.zero_grad();
+    let want = twin
+        .forward_loss(&x, &labels, true, &mut LocalExec)
+        .unwrap()
+        .0;
+    twin.backward(&mut LocalExec, false).unwrap();
+    let grads = |net: &mut asymml_core::models::Net| {
+        let mut g = Vec::new();
+        net.visit_params(&mut |_, p| g.extend_from_slice(&p.grad.data));
+        g
+    };
+    let want_grads = grads(&mut twin);
+    let table = RankTable {
+        model: "resnet18".into(),
+        layers: vec![TableEntry {
+            conv: "layer2.0.conv1".into(),
+            rank: TableRank::Route(TrustedRoute::Trusted),
+        }],
+    };
+    for auto_route in [true, false] {
+        let mut net = build();
+        let (client, server) = inproc_pair();
+        let server =
+            std::thread::spawn(move || asymml_untrusted::Service::new(1).unwrap().serve(server));
+        let rec = Recording::new(client);
+        let transcript = rec.transcript();
+        let config = SplitConfig {
+            policy: RankPolicy::Fixed(2),
+            table: Some(std::sync::Arc::new(table.clone())),
+            auto_route,
+            ..Default::default()
+        };
+        let mut exec = SplitExec::connect(rec, &mut net, config).unwrap();
+        let stats = exec.stats();
+        net.zero_grad();
+        let loss = net.forward_loss(&x, &labels, true, &mut exec).unwrap().0;
+        net.backward(&mut exec, false).unwrap();
+        exec.shutdown().unwrap();
+        server.join().unwrap().unwrap();
+        assert!(
+            (loss - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "auto_route {auto_route}: loss {loss} against {want}"
+        );
+        let got = grads(&mut net);
+        let scale = want_grads.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = got
+            .iter()
+            .zip(&want_grads)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            got.len() == want_grads.len() && err <= 1e-4 * scale,
+            "auto_route {auto_route}: ∇ off by {err}"
+        );
+        let layers = stats.lock().unwrap().layers.clone();
+        let id = |name: &str| layers.iter().position(|l| l.name == name).unwrap();
+        let sent_for = |id: usize| {
+            transcript
+                .records()
+                .iter()
+                .filter(|r| r.direction == Direction::Sent && r.layer == Some(id as u32))
+                .filter(|r| !r.tensors.iter().any(|t| t.field == "w"))
+                .count()
+        };
+        let (first, shortcut) = (id("layer2.0.conv1"), id("layer2.0.downsample.0"));
+        assert!(layers[first].trusted_route);
+        assert_eq!(sent_for(first), 0);
+        assert_eq!(
+            layers[shortcut].trusted_route, auto_route,
+            "auto_route {auto_route}"
+        );
+        assert_eq!(
+            sent_for(shortcut) == 0,
+            auto_route,
+            "auto_route {auto_route}"
+        );
+        // layer3's first conv splits: its shortcut reuses that decomposition.
+        assert!(!layers[id("layer3.0.downsample.0")].trusted_route);
+    }
+}
