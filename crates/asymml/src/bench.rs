@@ -388,7 +388,11 @@ impl Plan {
     }
 
     /// Times `cases` (one model and phase) in `a.repeat` rounds, each round timing every case in turn, and gives
-    /// each case's row over all its rounds' steps (peak memory: the largest of its rounds).
+    /// each case's row over all its rounds' steps (peak memory: the largest of its rounds). Round k starts at
+    /// case k mod n (A B C, B C A, C A B, …): on this kind of machine the first case of a round ran a few per
+    /// cent faster than the same code later in it (VGG16 at 32 px: a split whose every conv took the trusted
+    /// route timed 0.97× trusted-only after it, 1.00× before it), so over n rounds each case has each place
+    /// once.
     fn measure_rounds(
         &self,
         a: &BenchArgs,
@@ -396,9 +400,12 @@ impl Plan {
         pb: &ProgressBar,
         torch_ms: Option<f64>,
     ) -> Result<Vec<BenchResult>> {
-        let mut acc: Vec<(Samples, Vec<NodeRow>, Peaks)> = Vec::new();
+        let mut acc: Vec<(Samples, Vec<NodeRow>, Peaks)> = (0..cases.len())
+            .map(|_| (Samples::default(), Vec::new(), Peaks::none()))
+            .collect();
         for round in 0..a.repeat {
-            for (i, case) in cases.iter().enumerate() {
+            for i in round_order(cases.len(), round) {
+                let case = &cases[i];
                 let rank_text = case.rank.map_or("", |r| r.text.as_str());
                 let of = if a.repeat > 1 {
                     format!(" (round {}/{})", round + 1, a.repeat)
@@ -411,9 +418,6 @@ impl Plan {
                     case.phase.name(),
                     case.mode
                 ));
-                if acc.len() <= i {
-                    acc.push((Samples::default(), Vec::new(), Peaks::none()));
-                }
                 let (samples, nodes, peaks) = &mut acc[i];
                 let (n, p) = self.measure(a, case, pb, samples)?;
                 add_nodes(nodes, n);
@@ -526,6 +530,12 @@ impl Plan {
         drop(accel);
         Ok((nodes, peaks))
     }
+}
+
+/// The order in which round `round` times `n` cases: from case `round mod n` on, wrapping around.
+fn round_order(n: usize, round: usize) -> impl Iterator<Item = usize> {
+    let first = if n == 0 { 0 } else { round % n };
+    (0..n).map(move |k| (first + k) % n)
 }
 
 /// One timed case: a model's input batch, the phase, the mode and (in split mode) the rank policy.
@@ -1050,5 +1060,26 @@ fn print_table(results: &[BenchResult]) {
             "(batch {}, {} trusted thread(s){svd}; medians over the timed steps)",
             r.batch, r.trusted_threads
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_order;
+
+    #[test]
+    fn each_case_takes_each_place_once_over_n_rounds() {
+        let orders: Vec<Vec<usize>> = (0..4).map(|r| round_order(3, r).collect()).collect();
+        assert_eq!(
+            orders,
+            [vec![0, 1, 2], vec![1, 2, 0], vec![2, 0, 1], vec![0, 1, 2]]
+        );
+        for place in 0..3 {
+            let mut at: Vec<usize> = orders[..3].iter().map(|o| o[place]).collect();
+            at.sort();
+            assert_eq!(at, [0, 1, 2], "place {place}");
+        }
+        assert_eq!(round_order(0, 5).count(), 0);
+        assert_eq!(round_order(1, 7).collect::<Vec<_>>(), [0]);
     }
 }

@@ -393,10 +393,11 @@ pub struct BenchArgs {
     /// Untimed warm-up steps (0 to 1000000).
     #[arg(long, default_value_t = 1, value_parser = parse_warmup)]
     pub(crate) warmup: usize,
-    /// Rounds (1 to 1000): the runs of each model and phase are timed this many times in turn (A B C A B C …),
-    /// each round with a fresh session and its own warm-up, and every row takes its medians over all rounds'
-    /// timed steps. On a noisy machine a slow spell then falls on every run alike instead of on one, so the
-    /// ratios between runs (split against trusted-only) are fairer
+    /// Rounds (1 to 1000): the runs of each model and phase are timed this many times in turn, each round
+    /// starting one run later (A B C, B C A, C A B, …) with a fresh session and its own warm-up, and every row
+    /// takes its medians over all rounds' timed steps. On a noisy machine a slow spell then falls on every run
+    /// alike instead of on one, and no run always goes first, so the ratios between runs (split against
+    /// trusted-only) are fairer: use a multiple of the number of runs
     #[arg(long, default_value_t = 1, value_parser = parse_repeat)]
     pub(crate) repeat: usize,
     /// Threads of the trusted runtime (1 to 1024). [default: all cores]
