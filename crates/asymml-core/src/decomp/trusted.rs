@@ -513,10 +513,14 @@ impl TrustedConv {
             )));
         }
         let done = self.weight_grad_to(conv, lr, dy, grad, true);
-        // The backward's im2col (r·k² × P per worker, its largest scratch) goes: a forward does not need it,
-        // and it would add to the next forward's peak memory.
+        // The backward's scratch goes: its im2col (r·k² × P per worker), its part of ∇W_T (W's size per worker)
+        // and the stacked U_b and ∇W'_b. A forward does not need them, and kept by every split conv they would
+        // add up in the peak memory (each conv's backward uses its own for an instant).
         for sc in &mut self.scratch {
             sc.col = Vec::new();
+            sc.dwt = Vec::new();
+            sc.zall = Vec::new();
+            sc.ucat = Vec::new();
         }
         done
     }
