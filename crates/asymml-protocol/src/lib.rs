@@ -17,6 +17,7 @@ pub mod declassify;
 pub mod error;
 pub mod frames;
 pub mod message;
+mod queued;
 pub mod recording;
 pub mod tls;
 pub mod transport;
@@ -47,5 +48,5 @@ pub use tls::{PinnedTls, Role, TlsTransport};
 pub use transport::UnixTransport;
 pub use transport::{
     connect, connect_with, inproc_pair, inproc_pair_with, Accepted, Address, InProcTransport,
-    Listener, TcpSecurity, TcpTransport, Transport, TransportOptions, READ_CHUNK,
+    Listener, QueuedTransport, TcpSecurity, TcpTransport, Transport, TransportOptions, READ_CHUNK,
 };

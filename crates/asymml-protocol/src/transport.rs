@@ -4,7 +4,9 @@
 //! [`codec`](crate::codec)), so one code path serves every deployment: [`InProcTransport`] (two channels between
 //! threads of one process, the default), [`UnixTransport`] (another process on the same machine) and
 //! [`TlsTransport`] (another machine: mutual TLS 1.3 with pinned certificates; [`TcpTransport`] is the same in
-//! plaintext, for loopback experiments). [`Address`] parses `tcp://HOST:PORT` and `unix:PATH`; [`connect_with`]
+//! plaintext, for loopback experiments). [`connect_with`] gives the trusted runtime a Unix or plaintext TCP
+//! socket as a [`QueuedTransport`] (a writer and a reader thread of its own, so that requests and replies
+//! queue both ways). [`Address`] parses `tcp://HOST:PORT` and `unix:PATH`; [`connect_with`]
 //! and [`Listener::bind_with`] open the socket transports from one, `tcp://` secured as [`TcpSecurity`] says.
 
 use std::fmt;
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 use crate::codec::LEN_PREFIX;
 use crate::error::{ProtocolError, Result};
 use crate::message::MAX_MESSAGE;
+pub use crate::queued::QueuedTransport;
 use crate::tls::{PinnedTls, TlsTransport};
 
 /// A bidirectional carrier of frames (length prefix included).
@@ -67,9 +70,10 @@ pub trait Transport {
     fn release_buffers(&mut self) {}
 
     /// True when a send never waits for the peer to read (frames queue without bound): then several requests
-    /// may be outstanding while the peer writes its replies. A byte stream is not such a transport: with
-    /// both sides writing more than the socket buffers hold and neither reading, both would wait for good, so
-    /// over one the trusted runtime keeps one request outstanding. The default says no.
+    /// may be outstanding while the peer writes its replies. A plain byte stream is not such a transport:
+    /// with both sides writing more than the socket buffers hold and neither reading, both would wait for
+    /// good, so over one (TLS) the trusted runtime keeps one request outstanding; [`QueuedTransport`] is a
+    /// socket's end that is. The default says no.
     fn queues_frames(&self) -> bool {
         false
     }
@@ -181,6 +185,46 @@ impl TransportOptions {
 /// Spare frame buffers an in-process end keeps.
 const SPARES: usize = 2;
 
+/// The frame buffers a sending end keeps for reuse: those its peer (or its writer thread) is done with.
+#[derive(Default)]
+pub(crate) struct Spares {
+    /// At most [`SPARES`], largest first.
+    kept: Vec<Vec<u8>>,
+    /// The longest frame sent since the last [`Spares::release`]: a buffer given back that is more than twice
+    /// as large is dropped, not kept (the frames of a registration are not a size to keep).
+    recent_max: usize,
+}
+
+impl Spares {
+    /// A frame of `len` bytes is being sent.
+    pub(crate) fn note(&mut self, len: usize) {
+        self.recent_max = self.recent_max.max(len);
+    }
+
+    /// After a send (which took `frame`'s buffer): keeps the few largest buffers given `back`, and puts the
+    /// largest, emptied, into `frame` for the next frame to be encoded into, so that a large frame finds room
+    /// even when the last one's buffer has not come back yet (a fresh 100 MB buffer cost up to 0.3 s in page
+    /// faults and copies).
+    pub(crate) fn refill(&mut self, frame: &mut Vec<u8>, back: impl Iterator<Item = Vec<u8>>) {
+        let keep = 2 * self.recent_max;
+        self.kept.extend(back.filter(|b| b.capacity() <= keep));
+        self.kept.sort_by_key(|b| std::cmp::Reverse(b.capacity()));
+        self.kept.truncate(SPARES);
+        if !self.kept.is_empty() {
+            let mut spare = self.kept.remove(0);
+            spare.clear();
+            *frame = spare;
+        }
+    }
+
+    /// Lets go of every buffer kept and of those given `back` since.
+    pub(crate) fn release(&mut self, back: impl Iterator<Item = Vec<u8>>) {
+        self.kept = Vec::new();
+        back.for_each(drop);
+        self.recent_max = 0;
+    }
+}
+
 /// One end of an in-process transport: frames travel as `Vec<u8>` over two std mpsc channels, moved without a
 /// copy by [`Transport::send_vec`]. A receiver hands the buffer of the frame it is done with back to the
 /// sender, whose next frame is encoded into it: in steady state no frame buffer is allocated (large fresh
@@ -191,11 +235,8 @@ pub struct InProcTransport {
     /// Buffers given back to the peer, and received back from it.
     spare_tx: Sender<Vec<u8>>,
     spare_rx: Receiver<Vec<u8>>,
-    /// Buffers received back and not yet reused (at most [`SPARES`]).
-    spares: Vec<Vec<u8>>,
-    /// The longest frame sent since the last [`Transport::release_buffers`]: a buffer given back that is more
-    /// than twice as large is dropped, not kept (the frames of a registration are not a size to keep).
-    recent_max: usize,
+    /// Buffers received back and not yet reused.
+    spares: Spares,
     read_timeout: Option<Duration>,
     frame_timeout: Option<Duration>,
     max_message: u32,
@@ -218,8 +259,7 @@ pub fn inproc_pair_with(opts: &TransportOptions) -> (InProcTransport, InProcTran
         rx,
         spare_tx,
         spare_rx,
-        spares: Vec::new(),
-        recent_max: 0,
+        spares: Spares::default(),
         read_timeout: opts.read_timeout,
         frame_timeout: opts.frame_timeout,
         max_message: opts.max_message,
@@ -251,23 +291,11 @@ impl Transport for InProcTransport {
     }
 
     fn send_vec(&mut self, frame: &mut Vec<u8>) -> Result<()> {
-        self.recent_max = self.recent_max.max(frame.len());
+        self.spares.note(frame.len());
         self.tx
             .send(std::mem::take(frame))
             .map_err(|_| self.closed("peer is gone, cannot send"))?;
-        // Reuse a buffer the peer is done with: keep the few largest it gave back, and encode the next frame
-        // into the largest, so that a large frame finds room even when the peer has not yet returned the
-        // buffer of the last one (a fresh 100 MB buffer cost up to 0.3 s in page faults and copies).
-        let keep = 2 * self.recent_max;
-        self.spares
-            .extend(self.spare_rx.try_iter().filter(|b| b.capacity() <= keep));
-        self.spares.sort_by_key(|b| std::cmp::Reverse(b.capacity()));
-        self.spares.truncate(SPARES);
-        if !self.spares.is_empty() {
-            let mut spare = self.spares.remove(0);
-            spare.clear();
-            *frame = spare;
-        }
+        self.spares.refill(frame, self.spare_rx.try_iter());
         Ok(())
     }
 
@@ -312,9 +340,7 @@ impl Transport for InProcTransport {
     }
 
     fn release_buffers(&mut self) {
-        self.spares = Vec::new();
-        self.spare_rx.try_iter().for_each(drop);
-        self.recent_max = 0;
+        self.spares.release(self.spare_rx.try_iter());
     }
 
     fn max_message(&self) -> u32 {
@@ -384,6 +410,18 @@ pub(crate) fn read_frame<S: TimedRead>(
     peer: &str,
     waits: Waits,
 ) -> Result<()> {
+    read_frame_max(s, buf, || max, peer, waits)
+}
+
+/// [`read_frame`] with the maximum read when the length prefix has arrived (a reader thread waits for the next
+/// frame while the handshake raises the maximum).
+pub(crate) fn read_frame_max<S: TimedRead>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+    max: impl Fn() -> u32,
+    peer: &str,
+    waits: Waits,
+) -> Result<()> {
     let mut r = FrameReader {
         deadline: waits.frame_timeout.map(|t| (Instant::now() + t, t)),
         waits,
@@ -398,6 +436,7 @@ pub(crate) fn read_frame<S: TimedRead>(
         }
     }
     let len = u32::from_le_bytes(prefix);
+    let max = max();
     if len > max {
         return Err(ProtocolError::TooLarge {
             len: u64::from(len),
@@ -558,6 +597,12 @@ impl TcpTransport {
     pub fn stream(&self) -> &TcpStream {
         &self.stream
     }
+
+    /// This connection with a writer and a reader thread of its own, so that frames queue both ways (see
+    /// [`QueuedTransport`]): the trusted runtime's end.
+    pub fn queued(self) -> Result<QueuedTransport> {
+        QueuedTransport::start(self.stream, self.peer, self.max_message, self.waits)
+    }
 }
 
 /// `tcp://ADDRESS` of the peer of `stream`.
@@ -684,6 +729,12 @@ impl UnixTransport {
     pub fn stream(&self) -> &UnixStream {
         &self.stream
     }
+
+    /// This connection with a writer and a reader thread of its own, so that frames queue both ways (see
+    /// [`QueuedTransport`]): the trusted runtime's end.
+    pub fn queued(self) -> Result<QueuedTransport> {
+        QueuedTransport::start(self.stream, self.peer, self.max_message, self.waits)
+    }
 }
 
 #[cfg(unix)]
@@ -809,10 +860,10 @@ pub fn connect_with(
             Ok(Box::new(TlsTransport::connect(hp, opts, tls)?))
         }
         (Address::Tcp(hp), TcpSecurity::InsecurePlaintext) => {
-            Ok(Box::new(TcpTransport::connect(hp, opts)?))
+            Ok(Box::new(TcpTransport::connect(hp, opts)?.queued()?))
         }
         #[cfg(unix)]
-        (Address::Unix(p), _) => Ok(Box::new(UnixTransport::connect(p, opts)?)),
+        (Address::Unix(p), _) => Ok(Box::new(UnixTransport::connect(p, opts)?.queued()?)),
         #[cfg(not(unix))]
         (Address::Unix(_), _) => Err(ProtocolError::Address {
             address: addr.to_string(),

@@ -902,3 +902,111 @@ fn inproc_reuses_the_peers_buffers_but_drops_released_large_ones() {
     // Released: once the frames that follow are small, the large buffer the peer gives back is dropped.
     assert!(run(true) < BIG);
 }
+
+#[cfg(unix)]
+#[test]
+fn a_socket_client_keeps_many_large_requests_outstanding() {
+    // 12 requests of 4 MB each (far more than the socket buffers hold), all sent before the first reply is
+    // read, to an accelerator that answers one at a time and writes each reply before it reads on: the
+    // trusted runtime's end queues both ways (a writer and a reader thread), so neither side waits for good.
+    let dir = tempfile::tempdir().unwrap();
+    let addr =
+        Address::parse(&format!("unix:{}", dir.path().join("accel.sock").display())).unwrap();
+    let listener = Listener::bind(&addr, opts()).unwrap();
+    let server = thread::spawn(move || {
+        let t = listener.accept_timeout(T)?;
+        serve(t, &mut echo)
+    });
+    let mut client = Client::connect(connect(&addr, &opts()).unwrap()).unwrap();
+    assert!(client.transport().queues_frames());
+    let n = 1 << 20;
+    let sent: Vec<Tensor> = (0..12)
+        .map(|k| {
+            Tensor::from_vec(&[n], (0..n).map(|i| ((i * 7 + k) % 101) as f32).collect()).unwrap()
+        })
+        .collect();
+    for (k, t) in sent.iter().enumerate() {
+        client
+            .send_request(&Request::ConvForward {
+                layer: k as u32,
+                x_u: declassify_residual(t),
+                train: false,
+            })
+            .unwrap();
+    }
+    assert_eq!(client.pending(), 12);
+    for (k, t) in sent.iter().enumerate() {
+        match client.recv_reply().unwrap() {
+            Reply::ConvOutput { layer, y_u } => {
+                assert_eq!(layer, k as u32);
+                assert_eq!(y_u.into_tensor_checked(&[n]).unwrap().data, t.data);
+            }
+            r => panic!("reply {k}: {r:?}"),
+        }
+    }
+    client.shutdown().unwrap();
+    server.join().unwrap().unwrap();
+}
+
+#[test]
+fn a_queued_socket_reports_a_peer_that_closes_or_stays_silent() {
+    // Closes after the first request: the reply's wait ends in a clean error, and so does every later one.
+    let (addr, h) = raw_server(|mut s| {
+        let _ = read_raw(&mut s);
+    });
+    let mut client = Client::connect(connect(&Address::Tcp(addr), &opts()).unwrap()).unwrap();
+    assert!(client.transport().queues_frames());
+    let e = client.call(&forward(4)).unwrap_err();
+    assert!(matches!(e.root(), ProtocolError::Closed { .. }), "{e}");
+    let e = client.call(&forward(5)).unwrap_err();
+    assert!(
+        matches!(e.root(), ProtocolError::Closed { .. }),
+        "a later call: {e}"
+    );
+    h.join().unwrap();
+    // Silent: no reply within the read timeout.
+    let (addr, h) = raw_server(|mut s| {
+        let _ = read_raw(&mut s);
+        thread::sleep(Duration::from_millis(400));
+    });
+    let o = TransportOptions {
+        read_timeout: Some(Duration::from_millis(100)),
+        ..opts()
+    };
+    let mut client = Client::connect(connect(&Address::Tcp(addr), &o).unwrap()).unwrap();
+    let t0 = Instant::now();
+    let e = client.call(&forward(4)).unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    assert!(matches!(e.root(), ProtocolError::Timeout { .. }), "{e}");
+    h.join().unwrap();
+    // A reply over the negotiated maximum is refused from its prefix.
+    let (addr, h) = raw_server(|mut s| {
+        let _ = read_raw(&mut s);
+        let _ = s.write_all(&(MAX_MESSAGE + 1).to_le_bytes());
+        thread::sleep(Duration::from_millis(200));
+    });
+    let mut client = Client::connect(connect(&Address::Tcp(addr), &opts()).unwrap()).unwrap();
+    let e = client.call(&forward(4)).unwrap_err();
+    assert!(matches!(e.root(), ProtocolError::TooLarge { .. }), "{e}");
+    h.join().unwrap();
+}
+
+#[test]
+fn a_queued_socket_reads_no_frame_it_did_not_ask_for() {
+    // A hostile accelerator writes 64 frames of 1 MB that answer nothing: the trusted end reads one frame per
+    // request sent, so the frames stay in the socket's buffers and the writer is stalled — they do not pile
+    // up in the trusted runtime's memory.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let (addr, h) = raw_server(move |mut s| {
+        s.set_write_timeout(Some(Duration::from_millis(300))).unwrap();
+        let mut frame = (1u32 << 20).to_le_bytes().to_vec();
+        frame.resize(4 + (1 << 20), 0);
+        let written = (0..64).take_while(|_| s.write_all(&frame).is_ok()).count();
+        done_tx.send(written).unwrap();
+    });
+    let client = Client::connect(connect(&Address::Tcp(addr), &opts()).unwrap()).unwrap();
+    let written = done_rx.recv_timeout(T).unwrap();
+    assert!(written < 64, "all {written} unasked-for frames were taken off the socket");
+    drop(client);
+    h.join().unwrap();
+}
