@@ -347,6 +347,7 @@ impl<T: Transport> Client<T> {
         let bound = self.reply_bound(payload_bytes);
         let op = format!("{}(layer {})", frame.kind, frame.layer);
         self.send_buf = frame.into_bytes().map_err(|e| e.context(op.clone()))?;
+        self.transport.expect_reply(bound.min(self.max_message));
         framing(|| self.transport.send_vec(&mut self.send_buf))
             .map_err(|e| e.context(op.clone()))?;
         self.pending.push_back((op, bound.min(self.max_message)));
@@ -355,6 +356,7 @@ impl<T: Transport> Client<T> {
 
     fn send_bounded(&mut self, req: &Request, bound: u32) -> Result<()> {
         let op = req.describe();
+        self.transport.expect_reply(bound.min(self.max_message));
         framing(|| {
             encode_request(req, self.max_message, &mut self.send_buf)
                 .and_then(|_| self.transport.send_vec(&mut self.send_buf))

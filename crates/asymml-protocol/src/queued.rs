@@ -9,20 +9,22 @@
 //! ([`Transport::queues_frames`]), so a micro-batched forward streams its parts through the network over a
 //! socket too. The reader reads one frame per request sent (every request has one reply), never ahead: a
 //! hostile accelerator that sends frames nobody asked for fills its socket's buffers, not this side's memory.
-//! So the queues hold what this side asked for and what it is sending; a reply's length prefix is checked
-//! against the maximum message size before anything is allocated for it, as on every transport.
+//! So the queues hold what this side asked for and what it is sending. Each reply's length prefix is checked,
+//! before anything is allocated for it, against the bound its request was sent with
+//! ([`Transport::expect_reply`]; else the maximum message size as it was then): the bound that the
+//! caller sets for the receive itself would come too late for a frame read ahead.
 
 use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
 #[cfg(unix)]
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::codec::LEN_PREFIX;
 use crate::error::{ProtocolError, Result};
-use crate::transport::{read_frame_max, write_frame, Spares, TimedRead, Transport, Waits};
+use crate::transport::{read_frame, write_frame, Spares, TimedRead, Transport, Waits};
 
 /// A connected socket that can be cloned into a reader and a writer, and shut down from either.
 pub(crate) trait Duplex: TimedRead + Write + Send + 'static {
@@ -30,7 +32,13 @@ pub(crate) trait Duplex: TimedRead + Write + Send + 'static {
     where
         Self: Sized;
     fn shut(&self);
+    /// Says goodbye before the socket is shut (TLS: close_notify); nothing by default.
+    fn goodbye(&mut self) {}
 }
+
+/// Rewrites an error of the connection in words that say why (TLS: a refused certificate), given whether a
+/// frame had arrived before it.
+pub(crate) type Explain = Box<dyn Fn(ProtocolError, bool) -> ProtocolError + Send>;
 
 impl Duplex for TcpStream {
     fn clone_stream(&self) -> io::Result<Self> {
@@ -63,14 +71,19 @@ pub struct QueuedTransport {
     from_reader: Receiver<Result<Vec<u8>>>,
     /// Buffers given back to the reader thread for the frames it reads next.
     to_reader: Sender<Vec<u8>>,
-    /// One token per frame sent: the reader reads a frame only for a token.
-    credits: Sender<()>,
+    /// One token per frame sent, with its reply's bound: the reader reads a frame only for a token.
+    credits: Sender<u32>,
+    /// The bound of the reply to the frame sent next ([`Transport::expect_reply`]).
+    next_bound: Option<u32>,
     spares: Spares,
-    max_message: Arc<AtomicU32>,
+    max_message: u32,
     read_timeout: Option<Duration>,
     frame_timeout: Option<Duration>,
     /// The reader's failure, once taken: every later receive reports it again.
     failed: Option<String>,
+    /// Whether a frame has arrived (for `explain`).
+    heard: bool,
+    explain: Option<Explain>,
     peer: String,
 }
 
@@ -91,13 +104,12 @@ impl QueuedTransport {
         reader
             .set_timeout(None)
             .map_err(|e| crate::transport::setup_error(e, "clearing the read timeout"))?;
-        let max = Arc::new(AtomicU32::new(max_message));
         let write_error = Arc::new(Mutex::new(None));
         let (to_writer, writer_rx) = mpsc::channel::<Vec<u8>>();
         let (written_tx, written) = mpsc::channel();
         let (reader_tx, from_reader) = mpsc::channel();
         let (to_reader, reader_spares) = mpsc::channel::<Vec<u8>>();
-        let (credits, reader_credits) = mpsc::channel::<()>();
+        let (credits, reader_credits) = mpsc::channel::<u32>();
         let (werr, wpeer) = (Arc::clone(&write_error), peer.clone());
         let mut writer = stream;
         std::thread::Builder::new()
@@ -111,26 +123,25 @@ impl QueuedTransport {
                     let _ = written_tx.send(frame);
                 }
                 // Everything asked for is written (or the socket failed): the reader stops too.
+                writer.goodbye();
                 writer.shut();
             })
             .map_err(|e| crate::transport::setup_error(e, "starting the sending thread"))?;
-        let (rmax, rpeer) = (Arc::clone(&max), peer.clone());
+        let rpeer = peer.clone();
         std::thread::Builder::new()
             .name("asymml-recv".into())
             .spawn(move || loop {
                 // A reply is due only for a request sent (none once this end is dropped).
-                if reader_credits.recv().is_err() {
+                let Ok(bound) = reader_credits.recv() else {
                     // This end was dropped: the writer shuts the socket once it has written what is queued.
                     return;
-                }
+                };
                 let mut buf = reader_spares.try_iter().last().unwrap_or_default();
                 let none = Waits {
                     read_timeout: None,
                     frame_timeout: None,
                 };
-                // The maximum as it is when the frame's length prefix arrives (the handshake raises it).
-                let max = || rmax.load(Ordering::Relaxed);
-                let r = read_frame_max(&mut reader, &mut buf, max, &rpeer, none);
+                let r = read_frame(&mut reader, &mut buf, bound, &rpeer, none);
                 let stop = r.is_err();
                 if reader_tx.send(r.map(|()| buf)).is_err() || stop {
                     reader.shut();
@@ -145,13 +156,29 @@ impl QueuedTransport {
             from_reader,
             to_reader,
             credits,
+            next_bound: None,
             spares: Spares::default(),
-            max_message: max,
+            max_message,
             read_timeout: waits.read_timeout,
             frame_timeout: waits.frame_timeout,
             failed: None,
+            heard: false,
+            explain: None,
             peer,
         })
+    }
+
+    /// Errors of the connection are passed through `explain` first.
+    pub(crate) fn with_explain(mut self, explain: Explain) -> Self {
+        self.explain = Some(explain);
+        self
+    }
+
+    fn explained(&self, e: ProtocolError) -> ProtocolError {
+        match &self.explain {
+            Some(f) => f(e, self.heard),
+            None => e,
+        }
     }
 
     fn take_write_error(&self) -> Option<ProtocolError> {
@@ -176,7 +203,7 @@ impl Transport for QueuedTransport {
 
     fn send_vec(&mut self, frame: &mut Vec<u8>) -> Result<()> {
         if let Some(e) = self.take_write_error() {
-            return Err(e);
+            return Err(self.explained(e));
         }
         self.spares.note(frame.len());
         let sent = self
@@ -184,11 +211,13 @@ impl Transport for QueuedTransport {
             .as_ref()
             .is_some_and(|tx| tx.send(std::mem::take(frame)).is_ok());
         if !sent {
-            return Err(self
+            let e = self
                 .take_write_error()
-                .unwrap_or_else(|| self.closed("the connection is closed, cannot send")));
+                .unwrap_or_else(|| self.closed("the connection is closed, cannot send"));
+            return Err(self.explained(e));
         }
-        let _ = self.credits.send(());
+        let bound = self.next_bound.take().unwrap_or(self.max_message);
+        let _ = self.credits.send(bound);
         self.spares.refill(frame, self.written.try_iter());
         Ok(())
     }
@@ -211,9 +240,10 @@ impl Transport for QueuedTransport {
         let frame = match got {
             Ok(Ok(frame)) => frame,
             Ok(Err(e)) => {
-                self.failed = Some(e.to_string());
                 // A failed write explains a closed connection better than the read it caused.
-                return Err(self.take_write_error().unwrap_or(e));
+                let e = self.explained(self.take_write_error().unwrap_or(e));
+                self.failed = Some(e.to_string());
+                return Err(e);
             }
             Err(RecvTimeoutError::Timeout) => {
                 let t = timeout.unwrap_or_default();
@@ -222,11 +252,25 @@ impl Transport for QueuedTransport {
                 });
             }
             Err(RecvTimeoutError::Disconnected) => {
-                return Err(self
+                let e = self
                     .take_write_error()
-                    .unwrap_or_else(|| self.closed("the connection closed before replying")))
+                    .unwrap_or_else(|| self.closed("the connection closed before replying"));
+                return Err(self.explained(e));
             }
         };
+        self.heard = true;
+        // The caller's own bound for this receive too (the reader held the frame to its request's).
+        if frame.len() >= LEN_PREFIX {
+            let prefix = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]);
+            if prefix > self.max_message {
+                let e = ProtocolError::TooLarge {
+                    len: u64::from(prefix),
+                    max: u64::from(self.max_message),
+                };
+                self.failed = Some(e.to_string());
+                return Err(e);
+            }
+        }
         let done = std::mem::replace(buf, frame);
         if done.capacity() > 0 {
             let _ = self.to_reader.send(done);
@@ -243,11 +287,15 @@ impl Transport for QueuedTransport {
     }
 
     fn max_message(&self) -> u32 {
-        self.max_message.load(Ordering::Relaxed)
+        self.max_message
     }
 
     fn set_max_message(&mut self, max: u32) {
-        self.max_message.store(max, Ordering::Relaxed);
+        self.max_message = max;
+    }
+
+    fn expect_reply(&mut self, max: u32) {
+        self.next_bound = Some(max);
     }
 
     fn peer(&self) -> String {

@@ -163,6 +163,10 @@ impl<T: Transport> Transport for Recording<T> {
         self.inner.release_buffers()
     }
 
+    fn expect_reply(&mut self, max: u32) {
+        self.inner.expect_reply(max)
+    }
+
     fn queues_frames(&self) -> bool {
         self.inner.queues_frames()
     }

@@ -15,7 +15,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -32,6 +32,7 @@ use rustls::{
 };
 
 use crate::error::{ProtocolError, Result};
+use crate::queued::{Duplex, QueuedTransport};
 use crate::transport::{
     io_error, read_frame, setup_error, tcp_connect, tcp_peer, tcp_prepare, write_frame, TimedRead,
     Transport, TransportOptions, Waits,
@@ -391,21 +392,43 @@ impl TlsTransport {
     /// connection and then the TLS handshake must each complete within `opts.connect_timeout`, and the
     /// server must present the certificate `tls` pins.
     pub fn connect(host_port: &str, opts: &TransportOptions, tls: &PinnedTls) -> Result<Self> {
-        let mut sock = tcp_connect(host_port, opts)?;
-        let peer = tcp_peer(&sock);
-        let name = ServerName::try_from(SERVER_NAME).map_err(|e| ProtocolError::InvalidValue {
-            what: "TLS server name",
-            detail: e.to_string(),
-        })?;
-        let mut conn = ClientConnection::new(tls.client.clone(), name)
-            .map_err(|e| tls_failure(&e, &peer, tls))?;
-        handshake(&mut conn, &mut sock, opts.connect_timeout, &peer, tls)?;
-        tcp_prepare(&sock, opts)?;
+        let (conn, sock, peer) = client_session(host_port, opts, tls)?;
         Ok(Self::wrap(
             TlsStream::Client(StreamOwned::new(conn, sock)),
             opts,
             peer,
         ))
+    }
+
+    /// [`TlsTransport::connect`], the session then shared by a writer and a reader thread of its own (see
+    /// [`QueuedTransport`]): requests and replies queue both ways, so the trusted runtime may keep several
+    /// requests outstanding. The session's lock is held for its in-memory work only (encrypting a record,
+    /// decrypting what arrived), never while the socket is read or written.
+    pub fn connect_queued(
+        host_port: &str,
+        opts: &TransportOptions,
+        tls: &PinnedTls,
+    ) -> Result<QueuedTransport> {
+        let (conn, sock, peer) = client_session(host_port, opts, tls)?;
+        let out = sock
+            .try_clone()
+            .map_err(|e| setup_error(e, "cloning the TLS socket"))?;
+        let half = TlsHalf {
+            shared: Arc::new(TlsShared {
+                conn: Mutex::new(conn),
+                out: Mutex::new(out),
+            }),
+            sock,
+            raw: Vec::new(),
+            at: 0,
+        };
+        let waits = Waits {
+            read_timeout: opts.read_timeout,
+            frame_timeout: opts.frame_timeout,
+        };
+        let named = peer.clone();
+        Ok(QueuedTransport::start(half, peer, opts.max_message, waits)?
+            .with_explain(Box::new(move |e, heard| explain(e, heard, &named))))
     }
 
     /// Completes an accepted connection as the TLS server (the accelerator): the handshake must complete
@@ -444,6 +467,14 @@ impl TlsTransport {
 
     /// `e` with what TLS said, and a hint where the peer likely refused this side's certificate.
     fn explain(&self, e: ProtocolError) -> ProtocolError {
+        explain(e, self.heard, &self.peer)
+    }
+}
+
+/// `e`, a failure of the TLS connection with `peer`, with what TLS said, and a hint where the peer likely
+/// refused this side's certificate (`heard`: a frame had arrived before it).
+fn explain(e: ProtocolError, heard: bool, peer: &str) -> ProtocolError {
+    {
         if let ProtocolError::Io { source, .. } = &e {
             let inner = source
                 .get_ref()
@@ -451,16 +482,15 @@ impl TlsTransport {
             if let Some(rustls::Error::AlertReceived(alert)) = inner {
                 if refuses_certificate(*alert) {
                     return ProtocolError::Handshake(format!(
-                        "TLS: {} refused this side's certificate ({alert:?}): it must pin this side's \
+                        "TLS: {peer} refused this side's certificate ({alert:?}): it must pin this side's \
                          certificate (the key folders of both sides must come from the same `asymml \
-                         keygen`)",
-                        self.peer
+                         keygen`)"
                     ));
                 }
             }
         }
         match e {
-            ProtocolError::Closed { detail, mid_frame } if !self.heard => ProtocolError::Closed {
+            ProtocolError::Closed { detail, mid_frame } if !heard => ProtocolError::Closed {
                 detail: format!(
                     "{detail}; right after the TLS handshake, so the peer may have refused this side's \
                      certificate (it must pin it)"
@@ -531,6 +561,183 @@ fn goodbye<D>(conn: &mut ConnectionCommon<D>, sock: &mut TcpStream) {
         if conn.write_tls(sock).is_err() {
             break;
         }
+    }
+}
+
+/// The TCP connection to `HOST:PORT` and the TLS session over it, as the client (the trusted runtime): the
+/// handshake done, the server's pinned certificate checked, the socket's timeouts set. Returns the peer's
+/// name too.
+fn client_session(
+    host_port: &str,
+    opts: &TransportOptions,
+    tls: &PinnedTls,
+) -> Result<(ClientConnection, TcpStream, String)> {
+    let mut sock = tcp_connect(host_port, opts)?;
+    let peer = tcp_peer(&sock);
+    let name = ServerName::try_from(SERVER_NAME).map_err(|e| ProtocolError::InvalidValue {
+        what: "TLS server name",
+        detail: e.to_string(),
+    })?;
+    let mut conn =
+        ClientConnection::new(tls.client.clone(), name).map_err(|e| tls_failure(&e, &peer, tls))?;
+    handshake(&mut conn, &mut sock, opts.connect_timeout, &peer, tls)?;
+    tcp_prepare(&sock, opts)?;
+    Ok((conn, sock, peer))
+}
+
+/// A client TLS session shared by the two halves of a [`QueuedTransport`].
+struct TlsShared {
+    conn: Mutex<ClientConnection>,
+    /// The socket's sending side: the records of one write go out whole, whichever half made them (the
+    /// receiving half sends what the session answers to what it read, e.g. an alert).
+    out: Mutex<TcpStream>,
+}
+
+/// One half of a shared client TLS session: the writer encrypts and sends, the reader receives and decrypts.
+struct TlsHalf {
+    shared: Arc<TlsShared>,
+    /// This half's handle of the socket (the reader reads from it; either shuts it down).
+    sock: TcpStream,
+    /// Bytes read from the socket, from `at` on not yet given to the session.
+    raw: Vec<u8>,
+    at: usize,
+}
+
+/// Bytes read from the socket at a time by a [`TlsHalf`].
+const TLS_READ: usize = 1 << 16;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The TLS records the session has ready to send.
+fn records(c: &mut ClientConnection) -> Vec<u8> {
+    let mut out = Vec::new();
+    while c.wants_write() {
+        // Into a Vec a write cannot fail.
+        if c.write_tls(&mut out).is_err() {
+            break;
+        }
+    }
+    out
+}
+
+impl TlsHalf {
+    fn send_records(&self, records: &[u8]) -> io::Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        lock(&self.shared.out).write_all(records)
+    }
+}
+
+impl Read for TlsHalf {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            let (got, answer, stuck) = {
+                let mut c = lock(&self.shared.conn);
+                // Give the session what was read (as much as its buffers take), then take out plaintext.
+                while self.at < self.raw.len() {
+                    let n = c.read_tls(&mut &self.raw[self.at..]).unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    self.at += n;
+                    c.process_new_packets()
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                }
+                let got = match c.reader().read(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+                    r => Some(r),
+                };
+                (got, records(&mut c), self.at < self.raw.len())
+            };
+            self.send_records(&answer)?;
+            if let Some(r) = got {
+                return r;
+            }
+            if stuck {
+                return Err(io::Error::other(
+                    "the TLS session takes no more bytes and gives no plaintext",
+                ));
+            }
+            self.raw.resize(TLS_READ, 0);
+            self.at = 0;
+            let n = match self.sock.read(&mut self.raw) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.raw.clear();
+                    return Err(e);
+                }
+            };
+            self.raw.truncate(n);
+            if n == 0 {
+                // The peer closed: the session learns of it, and says whether cleanly (close_notify: 0 bytes)
+                // or not (an error).
+                let mut c = lock(&self.shared.conn);
+                let _ = c.read_tls(&mut &[][..]);
+                let _ = c.process_new_packets();
+                return match c.reader().read(buf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                    r => r,
+                };
+            }
+        }
+    }
+}
+
+impl Write for TlsHalf {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let (n, out) = {
+            let mut c = lock(&self.shared.conn);
+            let n = c.writer().write(data)?;
+            (n, records(&mut c))
+        };
+        self.send_records(&out)?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let out = {
+            let mut c = lock(&self.shared.conn);
+            c.writer().flush()?;
+            records(&mut c)
+        };
+        self.send_records(&out)?;
+        lock(&self.shared.out).flush()
+    }
+}
+
+impl TimedRead for TlsHalf {
+    fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.sock.set_read_timeout(timeout)
+    }
+}
+
+impl Duplex for TlsHalf {
+    fn clone_stream(&self) -> io::Result<Self> {
+        Ok(TlsHalf {
+            shared: Arc::clone(&self.shared),
+            sock: self.sock.try_clone()?,
+            raw: Vec::new(),
+            at: 0,
+        })
+    }
+
+    fn shut(&self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+
+    fn goodbye(&mut self) {
+        let out = {
+            let mut c = lock(&self.shared.conn);
+            c.send_close_notify();
+            records(&mut c)
+        };
+        let _ = self.send_records(&out);
     }
 }
 

@@ -64,6 +64,14 @@ pub trait Transport {
         let _ = timeout;
     }
 
+    /// The reply to the frame sent next may be at most `max` bytes (body). A transport that takes replies
+    /// off the connection ahead of [`recv_into`](Self::recv_into) ([`QueuedTransport`]) holds that reply to
+    /// it as its length prefix arrives; the others check each frame against the maximum of
+    /// [`set_max_message`](Self::set_max_message) when it is received. The default does nothing.
+    fn expect_reply(&mut self, max: u32) {
+        let _ = max;
+    }
+
     /// Drops the frame buffers the transport keeps for reuse (see [`Client::release_buffers`]
     /// (crate::Client::release_buffers)); they grow again to the size of the frames that follow. The default
     /// keeps none.
@@ -80,6 +88,9 @@ pub trait Transport {
 }
 
 impl<T: Transport + ?Sized> Transport for &mut T {
+    fn expect_reply(&mut self, max: u32) {
+        (**self).expect_reply(max)
+    }
     fn release_buffers(&mut self) {
         (**self).release_buffers()
     }
@@ -110,6 +121,9 @@ impl<T: Transport + ?Sized> Transport for &mut T {
 }
 
 impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn expect_reply(&mut self, max: u32) {
+        (**self).expect_reply(max)
+    }
     fn release_buffers(&mut self) {
         (**self).release_buffers()
     }
@@ -410,18 +424,6 @@ pub(crate) fn read_frame<S: TimedRead>(
     peer: &str,
     waits: Waits,
 ) -> Result<()> {
-    read_frame_max(s, buf, || max, peer, waits)
-}
-
-/// [`read_frame`] with the maximum read when the length prefix has arrived (a reader thread waits for the next
-/// frame while the handshake raises the maximum).
-pub(crate) fn read_frame_max<S: TimedRead>(
-    s: &mut S,
-    buf: &mut Vec<u8>,
-    max: impl Fn() -> u32,
-    peer: &str,
-    waits: Waits,
-) -> Result<()> {
     let mut r = FrameReader {
         deadline: waits.frame_timeout.map(|t| (Instant::now() + t, t)),
         waits,
@@ -436,7 +438,6 @@ pub(crate) fn read_frame_max<S: TimedRead>(
         }
     }
     let len = u32::from_le_bytes(prefix);
-    let max = max();
     if len > max {
         return Err(ProtocolError::TooLarge {
             len: u64::from(len),
@@ -857,7 +858,7 @@ pub fn connect_with(
 ) -> Result<Box<dyn Transport + Send>> {
     match (addr, tcp) {
         (Address::Tcp(hp), TcpSecurity::Tls(tls)) => {
-            Ok(Box::new(TlsTransport::connect(hp, opts, tls)?))
+            Ok(Box::new(TlsTransport::connect_queued(hp, opts, tls)?))
         }
         (Address::Tcp(hp), TcpSecurity::InsecurePlaintext) => {
             Ok(Box::new(TcpTransport::connect(hp, opts)?.queued()?))

@@ -395,3 +395,43 @@ fn keys_load_from_a_folder_by_role() {
     .unwrap_err();
     assert!(matches!(e, ProtocolError::InvalidValue { .. }), "{e}");
 }
+
+#[test]
+fn a_tls_client_keeps_many_large_requests_outstanding() {
+    // The trusted end shares its TLS session between a writer and a reader thread: 12 requests of 4 MB, all
+    // sent before the first reply is read, to a server that answers one at a time — no wait for good, and
+    // every reply byte for byte.
+    let keys = Keys::new();
+    let (addr, server) = tls_server(keys.accelerator(), opts());
+    let mut client =
+        Client::connect(connect_with(&addr, &opts(), &keys.trusted()).unwrap()).unwrap();
+    assert!(client.transport().queues_frames());
+    let n = 1 << 20;
+    let sent: Vec<Tensor> = (0..12)
+        .map(|k| {
+            Tensor::from_vec(&[n], (0..n).map(|i| ((i * 3 + k) % 89) as f32).collect()).unwrap()
+        })
+        .collect();
+    for (k, t) in sent.iter().enumerate() {
+        client
+            .send_request(&Request::ConvForward {
+                layer: k as u32,
+                x_u: declassify_input_untrusted_only(t),
+                train: false,
+            })
+            .unwrap();
+    }
+    for (k, t) in sent.iter().enumerate() {
+        let Reply::ConvOutput { layer, y_u } = client.recv_reply().unwrap() else {
+            panic!("reply {k}");
+        };
+        assert_eq!(layer, k as u32);
+        assert_eq!(
+            y_u.into_tensor_checked(&[n]).unwrap().data,
+            t.data,
+            "reply {k}"
+        );
+    }
+    client.shutdown().unwrap();
+    server.join().unwrap().unwrap();
+}

@@ -998,7 +998,8 @@ fn a_queued_socket_reads_no_frame_it_did_not_ask_for() {
     // up in the trusted runtime's memory.
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let (addr, h) = raw_server(move |mut s| {
-        s.set_write_timeout(Some(Duration::from_millis(300))).unwrap();
+        s.set_write_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
         let mut frame = (1u32 << 20).to_le_bytes().to_vec();
         frame.resize(4 + (1 << 20), 0);
         let written = (0..64).take_while(|_| s.write_all(&frame).is_ok()).count();
@@ -1006,7 +1007,55 @@ fn a_queued_socket_reads_no_frame_it_did_not_ask_for() {
     });
     let client = Client::connect(connect(&Address::Tcp(addr), &opts()).unwrap()).unwrap();
     let written = done_rx.recv_timeout(T).unwrap();
-    assert!(written < 64, "all {written} unasked-for frames were taken off the socket");
+    assert!(
+        written < 64,
+        "all {written} unasked-for frames were taken off the socket"
+    );
     drop(client);
     h.join().unwrap();
+}
+
+#[cfg(unix)]
+#[test]
+fn replies_read_ahead_are_held_to_their_own_requests_bounds() {
+    // A small reply is due first (Step: `Ok` only), a 4 MB one after it; the reader takes both off the socket
+    // ahead of the receives, each held to the bound its request was sent with. Then a Step answered by a
+    // large frame is refused from its prefix, while a large reply to a request that expects one is not.
+    let dir = tempfile::tempdir().unwrap();
+    let addr =
+        Address::parse(&format!("unix:{}", dir.path().join("accel.sock").display())).unwrap();
+    let listener = Listener::bind(&addr, opts()).unwrap();
+    let server = thread::spawn(move || {
+        let t = listener.accept_timeout(T)?;
+        // Answers a Step with the output of a forward when its learning rate is 2.
+        serve(t, &mut |req| match req {
+            Request::Step { lr } if lr == 2.0 => Reply::ConvOutput {
+                layer: 0,
+                y_u: accelerator_result(&Tensor::zeros(&[1 << 20])),
+            },
+            r => echo(r),
+        })
+    });
+    let mut client = Client::connect(connect(&addr, &opts()).unwrap()).unwrap();
+    let big = Tensor::from_vec(&[1 << 20], vec![1.5; 1 << 20]).unwrap();
+    client.send_request(&Request::Step { lr: 0.1 }).unwrap();
+    client
+        .send_request(&Request::ConvForward {
+            layer: 3,
+            x_u: declassify_residual(&big),
+            train: false,
+        })
+        .unwrap();
+    thread::sleep(Duration::from_millis(200));
+    assert!(matches!(client.recv_reply().unwrap(), Reply::Ok));
+    match client.recv_reply().unwrap() {
+        Reply::ConvOutput { layer: 3, y_u } => {
+            assert_eq!(y_u.into_tensor_checked(&[1 << 20]).unwrap().data, big.data)
+        }
+        r => panic!("{r:?}"),
+    }
+    let e = client.call(&Request::Step { lr: 2.0 }).unwrap_err();
+    assert!(matches!(e.root(), ProtocolError::TooLarge { .. }), "{e}");
+    drop(client);
+    let _ = server.join().unwrap();
 }
