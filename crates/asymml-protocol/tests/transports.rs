@@ -1029,7 +1029,7 @@ fn replies_read_ahead_are_held_to_their_own_requests_bounds() {
         let t = listener.accept_timeout(T)?;
         // Answers a Step with the output of a forward when its learning rate is 2.
         serve(t, &mut |req| match req {
-            Request::Step { lr } if lr == 2.0 => Reply::ConvOutput {
+            Request::Step { lr: 2.0 } => Reply::ConvOutput {
                 layer: 0,
                 y_u: accelerator_result(&Tensor::zeros(&[1 << 20])),
             },
