@@ -1,5 +1,6 @@
 //! A socket transport whose sends and receives never wait on each other: the trusted runtime's end of a Unix
-//! socket or a plaintext TCP connection, with a writer thread and a reader thread of its own.
+//! socket or a TCP connection (TLS or plaintext), with a writer thread and a reader thread of its own (over
+//! TLS they share the session: see `TlsTransport::connect_queued`).
 //!
 //! Over a plain byte stream a side that writes a large frame waits until the peer reads it. The accelerator
 //! answers one request at a time and writes its reply before it reads the next request, so a trusted runtime

@@ -4,9 +4,9 @@
 //! [`codec`](crate::codec)), so one code path serves every deployment: [`InProcTransport`] (two channels between
 //! threads of one process, the default), [`UnixTransport`] (another process on the same machine) and
 //! [`TlsTransport`] (another machine: mutual TLS 1.3 with pinned certificates; [`TcpTransport`] is the same in
-//! plaintext, for loopback experiments). [`connect_with`] gives the trusted runtime a Unix or plaintext TCP
-//! socket as a [`QueuedTransport`] (a writer and a reader thread of its own, so that requests and replies
-//! queue both ways). [`Address`] parses `tcp://HOST:PORT` and `unix:PATH`; [`connect_with`]
+//! plaintext, for loopback experiments). [`connect_with`] gives the trusted runtime each socket as a
+//! [`QueuedTransport`] (a writer and a reader thread of its own, so that requests and replies queue both
+//! ways). [`Address`] parses `tcp://HOST:PORT` and `unix:PATH`; [`connect_with`]
 //! and [`Listener::bind_with`] open the socket transports from one, `tcp://` secured as [`TcpSecurity`] says.
 
 use std::fmt;
@@ -80,8 +80,8 @@ pub trait Transport {
     /// True when a send never waits for the peer to read (frames queue without bound): then several requests
     /// may be outstanding while the peer writes its replies. A plain byte stream is not such a transport:
     /// with both sides writing more than the socket buffers hold and neither reading, both would wait for
-    /// good, so over one (TLS) the trusted runtime keeps one request outstanding; [`QueuedTransport`] is a
-    /// socket's end that is. The default says no.
+    /// good, so over one the trusted runtime keeps one request outstanding; [`QueuedTransport`] is a socket's
+    /// end that queues. The default says no.
     fn queues_frames(&self) -> bool {
         false
     }

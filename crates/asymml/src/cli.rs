@@ -89,9 +89,8 @@ pub(crate) struct SplitArgs {
     /// its own part — the two sides overlap in time. The results are the same as with the whole batch (each
     /// part is checked on its own). With an in-process accelerator every part is sent as soon as it is ready,
     /// and an inference forward (VGG) streams the parts through the whole network: each part's next conv
-    /// begins while the accelerator still works on the others. The same over a Unix socket (`process`,
-    /// `unix:`) or plaintext `tcp://`; over TLS one part is outstanding at a time. Ignored with
-    /// --shared-basis. 1: the whole batch at once.
+    /// begins while the accelerator still works on the others. The same over a socket (`process`, `unix:`,
+    /// `tcp://`). Ignored with --shared-basis. 1: the whole batch at once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub(crate) micro_batches: u16,
     /// Run each split conv's backward as one exchange (∇X and ∇W_U answered together) instead of the

@@ -5,8 +5,8 @@
 //! reading the same input), so the backward is the whole batch's as before, its ∇W_T summed over the parts.
 //!
 //! How many parts may be outstanding depends on the transport: over one that queues frames (in-process, or the
-//! trusted runtime's end of a socket with its own writer and reader threads: `QueuedTransport`) every part is
-//! sent as soon as it is decomposed; over a plain byte stream (TLS) one at a time (the next part's decomposition
+//! trusted runtime's end of a socket with its own writer and reader threads: `QueuedTransport`, what
+//! `connect_with` gives) every part is sent as soon as it is decomposed; over a plain byte stream one at a time (the next part's decomposition
 //! still overlaps the accelerator's work), since both sides writing more than the socket buffers hold while
 //! neither reads would wait for good.
 //!
