@@ -143,6 +143,21 @@ fn spawn_echo_server<Tr: Transport + Send + 'static>(server: Tr) -> thread::Join
     thread::spawn(move || serve(server, &mut echo))
 }
 
+/// An accelerator on a Unix socket in `dir`, serving one connection with `handler`.
+#[cfg(unix)]
+fn unix_server(
+    dir: &std::path::Path,
+    mut handler: impl FnMut(Request) -> Reply + Send + 'static,
+) -> (Address, thread::JoinHandle<Result<()>>) {
+    let addr = Address::parse(&format!("unix:{}", dir.join("accel.sock").display())).unwrap();
+    let listener = Listener::bind(&addr, opts()).unwrap();
+    let server = thread::spawn(move || {
+        let t = listener.accept_timeout(T)?;
+        serve(t, &mut handler)
+    });
+    (addr, server)
+}
+
 #[test]
 fn inproc_exchange() {
     let (c, s) = inproc_pair_with(&opts());
@@ -158,13 +173,7 @@ fn inproc_exchange() {
 #[test]
 fn unix_socket_exchange() {
     let dir = tempfile::tempdir().unwrap();
-    let addr =
-        Address::parse(&format!("unix:{}", dir.path().join("accel.sock").display())).unwrap();
-    let listener = Listener::bind(&addr, opts()).unwrap();
-    let server = thread::spawn(move || {
-        let t = listener.accept_timeout(T)?;
-        serve(t, &mut echo)
-    });
+    let (addr, server) = unix_server(dir.path(), echo);
     let mut client = Client::connect(connect(&addr, &opts()).unwrap()).unwrap();
     exchange(&mut client);
     client.shutdown().unwrap();
@@ -910,13 +919,7 @@ fn a_socket_client_keeps_many_large_requests_outstanding() {
     // read, to an accelerator that answers one at a time and writes each reply before it reads on: the
     // trusted runtime's end queues both ways (a writer and a reader thread), so neither side waits for good.
     let dir = tempfile::tempdir().unwrap();
-    let addr =
-        Address::parse(&format!("unix:{}", dir.path().join("accel.sock").display())).unwrap();
-    let listener = Listener::bind(&addr, opts()).unwrap();
-    let server = thread::spawn(move || {
-        let t = listener.accept_timeout(T)?;
-        serve(t, &mut echo)
-    });
+    let (addr, server) = unix_server(dir.path(), echo);
     let mut client = Client::connect(connect(&addr, &opts()).unwrap()).unwrap();
     assert!(client.transport().queues_frames());
     let n = 1 << 20;
@@ -1022,19 +1025,13 @@ fn replies_read_ahead_are_held_to_their_own_requests_bounds() {
     // ahead of the receives, each held to the bound its request was sent with. Then a Step answered by a
     // large frame is refused from its prefix, while a large reply to a request that expects one is not.
     let dir = tempfile::tempdir().unwrap();
-    let addr =
-        Address::parse(&format!("unix:{}", dir.path().join("accel.sock").display())).unwrap();
-    let listener = Listener::bind(&addr, opts()).unwrap();
-    let server = thread::spawn(move || {
-        let t = listener.accept_timeout(T)?;
-        // Answers a Step with the output of a forward when its learning rate is 2.
-        serve(t, &mut |req| match req {
-            Request::Step { lr: 2.0 } => Reply::ConvOutput {
-                layer: 0,
-                y_u: accelerator_result(&Tensor::zeros(&[1 << 20])),
-            },
-            r => echo(r),
-        })
+    // Answers a Step with the output of a forward when its learning rate is 2.
+    let (addr, server) = unix_server(dir.path(), |req| match req {
+        Request::Step { lr: 2.0 } => Reply::ConvOutput {
+            layer: 0,
+            y_u: accelerator_result(&Tensor::zeros(&[1 << 20])),
+        },
+        r => echo(r),
     });
     let mut client = Client::connect(connect(&addr, &opts()).unwrap()).unwrap();
     let big = Tensor::from_vec(&[1 << 20], vec![1.5; 1 << 20]).unwrap();
