@@ -23,9 +23,10 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::codec::LEN_PREFIX;
 use crate::error::{ProtocolError, Result};
-use crate::transport::{read_frame, write_frame, Spares, TimedRead, Transport, Waits};
+use crate::transport::{
+    check_prefix, read_frame, whole_frame_wait, write_frame, Spares, TimedRead, Transport, Waits,
+};
 
 /// A connected socket that can be cloned into a reader and a writer, and shut down from either.
 pub(crate) trait Duplex: TimedRead + Write + Send + 'static {
@@ -227,10 +228,7 @@ impl Transport for QueuedTransport {
         if let Some(detail) = &self.failed {
             return Err(self.closed(&format!("no more replies: {detail}")));
         }
-        let timeout = match (self.read_timeout, self.frame_timeout) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let timeout = whole_frame_wait(self.read_timeout, self.frame_timeout);
         let got = match timeout {
             None => self
                 .from_reader
@@ -261,16 +259,9 @@ impl Transport for QueuedTransport {
         };
         self.heard = true;
         // The caller's own bound for this receive too (the reader held the frame to its request's).
-        if frame.len() >= LEN_PREFIX {
-            let prefix = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]);
-            if prefix > self.max_message {
-                let e = ProtocolError::TooLarge {
-                    len: u64::from(prefix),
-                    max: u64::from(self.max_message),
-                };
-                self.failed = Some(e.to_string());
-                return Err(e);
-            }
+        if let Err(e) = check_prefix(&frame, self.max_message) {
+            self.failed = Some(e.to_string());
+            return Err(e);
         }
         let done = std::mem::replace(buf, frame);
         if done.capacity() > 0 {

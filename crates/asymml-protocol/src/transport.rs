@@ -199,6 +199,29 @@ impl TransportOptions {
 /// Spare frame buffers an in-process end keeps.
 const SPARES: usize = 2;
 
+/// The longest wait for a frame that arrives whole (from a queue): the read and the frame timeout bound the same
+/// wait.
+pub(crate) fn whole_frame_wait(
+    read: Option<Duration>,
+    frame: Option<Duration>,
+) -> Option<Duration> {
+    match (read, frame) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Refuses a whole frame whose length prefix is above `max`.
+pub(crate) fn check_prefix(frame: &[u8], max: u32) -> Result<()> {
+    match frame.first_chunk::<LEN_PREFIX>() {
+        Some(&p) if u32::from_le_bytes(p) > max => Err(ProtocolError::TooLarge {
+            len: u64::from(u32::from_le_bytes(p)),
+            max: u64::from(max),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// The frame buffers a sending end keeps for reuse: those its peer (or its writer thread) is done with.
 #[derive(Default)]
 pub(crate) struct Spares {
@@ -314,11 +337,7 @@ impl Transport for InProcTransport {
     }
 
     fn recv_into(&mut self, buf: &mut Vec<u8>) -> Result<()> {
-        // A frame arrives whole here: the read and the frame timeout bound the same wait.
-        let timeout = match (self.read_timeout, self.frame_timeout) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let timeout = whole_frame_wait(self.read_timeout, self.frame_timeout);
         let frame = match timeout {
             None => self
                 .rx
@@ -331,15 +350,7 @@ impl Transport for InProcTransport {
                 RecvTimeoutError::Disconnected => self.closed("peer closed before replying"),
             })?,
         };
-        if frame.len() >= LEN_PREFIX {
-            let prefix = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]);
-            if prefix > self.max_message {
-                return Err(ProtocolError::TooLarge {
-                    len: u64::from(prefix),
-                    max: u64::from(self.max_message),
-                });
-            }
-        }
+        check_prefix(&frame, self.max_message)?;
         let done = std::mem::replace(buf, frame);
         if done.capacity() > 0 {
             // The peer encodes its next frame into it (ignored if the peer is gone).
