@@ -1,9 +1,11 @@
-//! Times the decomposition's SVD methods on real activations (a tuning aid, not a test): the photos of
-//! `--images` (default /work/shared/data/images/photos) resized to 224 × 224, through VGG16 with random
-//! weights (seed 1); at every conv's input (batch 8) the schedule's rank r = min(2^i, 32), then per method
-//! the best of 3 wall times and the kept energy 1 − ‖X_U‖²/‖X‖² over the batch, next to the exact SVD's.
+//! Times the decomposition's SVD methods on real activations (a tuning aid, not a test): the images of
+//! `--images` (default /work/shared/data/images/photos) resized to `--size` (224), through `--model` (vgg16)
+//! with random weights (seed 1); at every conv's input (batch `--batch`, 8) the rank of `--policy` (default
+//! the schedule's r = min(2^i, 32)), then per method the best of 3 wall times and the kept energy
+//! 1 − ‖X_U‖²/‖X‖² over the batch, next to the exact SVD's, and the conv's own time (best of 3) for scale.
 //!
 //!     RAYON_NUM_THREADS=1 cargo run --release -p asymml-core --example svd_speed [-- --images DIR] [--no-exact] [--cpu]
+//!         [--size 32 --batch 32 --model vgg16 --policy asym1]
 use asymml_core::decomp::{
     decompose_batch_with, energy_kept, schedule_rank, singular_values, BatchLowRank, BlockRoute,
     BlockSvd, RankPolicy, SvdMethod,
@@ -33,8 +35,8 @@ fn cpu_time() -> f64 {
     ts.sec as f64 + ts.nsec as f64 * 1e-9
 }
 
-/// Records every conv's input on the way.
-struct Capture(Vec<Tensor>);
+/// Records every conv's input on the way, and the conv's best time of 3.
+struct Capture(Vec<Tensor>, Vec<f64>);
 
 impl ConvExec for Capture {
     fn conv_forward(
@@ -45,7 +47,14 @@ impl ConvExec for Capture {
         t: bool,
     ) -> Result<()> {
         self.0.push(x.clone());
-        LocalExec.conv_forward(conv, x, y, t)
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            LocalExec.conv_forward(conv, x, y, t)?;
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        self.1.push(best);
+        Ok(())
     }
     fn conv_backward(
         &mut self,
@@ -110,13 +119,24 @@ fn main() {
     let exact = !args.iter().any(|a| a == "--no-exact");
     // Process CPU time instead of wall time (with one thread: the time the decomposition ran).
     let cpu = args.iter().any(|a| a == "--cpu");
-    let x = load(&dir, 224, 8);
-    let mut net = ModelSpec::parse("vgg16", 3, 1000, 224)
+    let opt = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1).cloned())
+    };
+    let size: usize = opt("--size").map_or(224, |v| v.parse().expect("--size"));
+    let batch: usize = opt("--batch").map_or(8, |v| v.parse().expect("--batch"));
+    let model = opt("--model").unwrap_or_else(|| "vgg16".into());
+    let policy: Option<RankPolicy> = opt("--policy").map(|p| p.parse().expect("--policy"));
+    let x = load(&dir, size as u32, batch);
+    let classes = if size <= 64 { 10 } else { 1000 };
+    let mut net = ModelSpec::parse(&model, 3, classes, size)
         .unwrap()
         .build(1)
         .unwrap();
-    let mut cap = Capture(Vec::new());
+    let mut cap = Capture(Vec::new(), Vec::new());
     net.forward(&x, false, &mut cap).unwrap();
+    let conv_ms = cap.1.clone();
     let block = |power, route| {
         SvdMethod::Block(BlockSvd {
             power,
@@ -133,7 +153,7 @@ fn main() {
         ("block", SvdMethod::block()),
     ];
     println!(
-        "threads {}; per conv input (batch 8): best of 3 {} ms | kept energy %",
+        "threads {}; per conv input (batch {batch}): best of 3 {} ms | kept energy %",
         rayon::current_num_threads(),
         if cpu { "CPU" } else { "wall" }
     );
@@ -145,13 +165,14 @@ fn main() {
     for (name, _) in &methods {
         print!(" {name:>9}");
     }
-    println!(" {:>9}", if exact { "exact" } else { "" });
+    println!(" {:>9} {:>9}", if exact { "exact" } else { "" }, "conv ms");
     let mut totals = vec![0f64; methods.len()];
     let (mut lr, mut xu) = (BatchLowRank::default(), Tensor::default());
     for (i, xi) in cap.0.iter().enumerate() {
         let (b, n, h, w) = xi.nchw("x").unwrap();
         let hw = h * w;
-        let r = schedule_rank(i).min(n);
+        let pol = policy.unwrap_or(RankPolicy::Fixed(schedule_rank(i).min(n)));
+        let mut r = 0;
         let total = sum_sq(&xi.data);
         let mut times = Vec::new();
         let mut kept = Vec::new();
@@ -159,7 +180,7 @@ fn main() {
             let mut best = f64::MAX;
             for _ in 0..3 {
                 let (t, c0) = (Instant::now(), cpu_time());
-                decompose_batch_with(xi, RankPolicy::Fixed(r), 0, *m, &mut lr, &mut xu).unwrap();
+                r = decompose_batch_with(xi, pol, i, *m, &mut lr, &mut xu).unwrap();
                 let wall = t.elapsed().as_secs_f64();
                 best = best.min(if cpu { cpu_time() - c0 } else { wall });
             }
@@ -180,7 +201,7 @@ fn main() {
                 / total;
             print!(" {:>9.3}", 100.0 * e);
         }
-        println!();
+        println!(" {:>9.2}", 1e3 * conv_ms.get(i).copied().unwrap_or(0.0));
         let _ = b;
     }
     print!("{:>20} |", "total ms");

@@ -774,11 +774,26 @@ pub(crate) fn basis_for_rank(
     basis(xs, n, c, l, rt, m, s, threads);
 }
 
-/// The energy policy's rank of X: the smallest r whose first r Ritz values keep ≥ e·‖X‖², on the Gram route
-/// (G formed once) with l growing from r₀ = 8 + p (doubling, the exact eigendecomposition once 2·l ≥ N)
-/// until r ≤ l − p (or l = N). Ritz values are lower bounds of the exact eigenvalues, so this r is ≥ the exact
-/// spectrum's `rank_for_energy` (equal once the Ritz values have converged; the full route is exact up to G
-/// being accumulated in f32). Leaves the basis in `s` (at least r columns); returns r ∈ [1, N].
+/// An eigendecomposition of a k × k symmetric matrix (nalgebra, f64, with vectors) counted as this many
+/// times k³ FLOPs of GEMM work: measured on the development machine, 51 µs at k = 32, 273 µs at 64 and
+/// 1.7 ms at 128, against GEMMs at about 80 GFLOP/s.
+const EIG_FLOPS_PER_K3: f64 = 80.0;
+
+/// The rank the direct route's energy search tries first (doubled after each try that falls short).
+const ENERGY_FIRST_RANK: usize = 4;
+
+/// The energy policy's rank of X: the smallest r whose first r Ritz values keep ≥ e·‖X‖².
+///
+/// Ritz values are lower bounds of the exact eigenvalues and each is the energy its Ritz vector keeps
+/// (λ_j = ‖Xᵀ q_j‖²), so the factors at this r keep ≥ e·‖X‖² whatever the basis, and r is ≥ the exact
+/// spectrum's `rank_for_energy` (equal once the Ritz values have converged).
+///
+/// First, by [`energy_rank_direct`], the direct route at small bases (cheap where the rank is small: the
+/// paper's Asym2 keeps 2 to 6 of 64 to 512 channels at 32 px); where that falls short or would cost more
+/// than the Gram route, the thin route (exact) or the Gram route (G formed once) with l growing from
+/// r₀ = 8 + p (doubling, the exact eigendecomposition once 2·l ≥ N) until r ≤ l − p (or l = N); the full
+/// route is exact up to G being accumulated in f32. Leaves the basis in `s` (at least r columns); returns
+/// r ∈ [1, N].
 pub(crate) fn energy_rank(
     xs: &[&[f32]],
     n: usize,
@@ -790,6 +805,9 @@ pub(crate) fn energy_rank(
 ) -> usize {
     if !s.worth() || n == 0 {
         return 1;
+    }
+    if let Some(r) = energy_rank_direct(xs, n, c, e, m, s, threads) {
+        return r;
     }
     if thin_suits(xs, n, c) {
         // Exact: every nonzero component is in the basis.
@@ -820,6 +838,81 @@ pub(crate) fn energy_rank(
             return n;
         }
         l = (2 * l).min(n);
+    }
+}
+
+/// FLOPs of the other routes to an energy rank of at least r₀ (what [`energy_rank`] does after the direct
+/// route): the thin route's Xᵀ X and its eigendecomposition where it suits; else forming G, then with
+/// N ≤ [`FULL_EIG_MAX_N`] its eigendecomposition, or the Gram route's tries at l = 8 + p, doubling, until
+/// l − p ≥ r₀ (the exact eigendecomposition once 2·l ≥ N). Eigendecompositions count
+/// [`EIG_FLOPS_PER_K3`]·k³.
+fn energy_other_flops(xs: &[&[f32]], n: usize, c: usize, r0: usize, m: &BlockSvd) -> f64 {
+    let (nf, cf) = (n as f64, (c * xs.len()) as f64);
+    let eig = |k: f64| EIG_FLOPS_PER_K3 * k * k * k;
+    if thin_suits(xs, n, c) {
+        return 2.0 * nf * cf * cf + eig(cf);
+    }
+    let mut total = 2.0 * nf * nf * cf;
+    if n <= FULL_EIG_MAX_N {
+        return total + eig(nf);
+    }
+    let mut l = gram_columns(n, 8, m);
+    loop {
+        if 2 * l >= n {
+            return total + eig(nf);
+        }
+        let lf = l as f64;
+        total += (gram_steps(m) as f64 + 1.0) * (2.0 * nf * nf * lf + 4.0 * nf * lf * lf) + eig(lf);
+        if l.saturating_sub(m.oversample) >= r0 {
+            return total;
+        }
+        l = (2 * l).min(n);
+    }
+}
+
+/// The energy rank by the direct route (see [`energy_rank`]): bases for r₀ = [`ENERGY_FIRST_RANK`], 2·r₀, …
+/// (l = r₀ + p columns each, started afresh from X's rows of largest norm), each accepted when its first r₀
+/// Ritz values keep ≥ e·‖X‖². With the route `Auto`, a try is made only while the tries up to it cost less
+/// than the other routes would to reach the same r₀ ([`energy_other_flops`]; the direct route's products
+/// counted 1.5 times, as in [`route`]); with `Direct`, until l = N. None when it gives up (or its products
+/// are not finite): the basis in `s` is then not to be used.
+fn energy_rank_direct(
+    xs: &[&[f32]],
+    n: usize,
+    c: usize,
+    e: f64,
+    m: &BlockSvd,
+    s: &mut BlockScratch,
+    threads: usize,
+) -> Option<usize> {
+    let forced = match m.route {
+        BlockRoute::Gram => return None,
+        BlockRoute::Direct => true,
+        BlockRoute::Auto => false,
+    };
+    let cols = c * xs.len();
+    let mut spent = 0.0;
+    let mut r0 = ENERGY_FIRST_RANK.min(n);
+    loop {
+        let l = columns(n, r0, m);
+        if !forced {
+            spent += 1.5 * basis_flops(n, cols, l, m).1 + EIG_FLOPS_PER_K3 * (l * l * l) as f64;
+            if spent > energy_other_flops(xs, n, c, r0, m) {
+                return None;
+            }
+        }
+        basis(xs, n, c, l, Route::Direct, m, s, threads);
+        if s.l == 0 {
+            return None;
+        }
+        let first = if s.l == n { n } else { r0.min(s.l) };
+        if let Some(r) = ritz_rank(s, first, e) {
+            return Some(r);
+        }
+        if s.l == n {
+            return Some(n);
+        }
+        r0 = (2 * r0).min(n);
     }
 }
 
@@ -1020,5 +1113,132 @@ pub(crate) fn identity(
         v.clear();
         v.extend_from_slice(x);
         res.fill(0.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// X = Σ_j s_j a_j b_jᵀ (N × C) with Gaussian a_j (N) and b_j (C) scaled to unit length: a spectrum close
+    /// to `s` (the directions are nearly, not exactly, orthogonal).
+    fn decaying(rng: &mut Rng, n: usize, c: usize, s: &[f64]) -> Vec<f32> {
+        let mut x = vec![0f64; n * c];
+        for &sj in s {
+            let unit = |rng: &mut Rng, k: usize| {
+                let v: Vec<f64> = (0..k).map(|_| rng.normal() as f64).collect();
+                let norm = v.iter().map(|a| a * a).sum::<f64>().sqrt();
+                v.into_iter().map(|a| a / norm).collect::<Vec<_>>()
+            };
+            let (a, b) = (unit(rng, n), unit(rng, c));
+            for (i, &ai) in a.iter().enumerate() {
+                for (xv, &bv) in x[i * c..(i + 1) * c].iter_mut().zip(&b) {
+                    *xv += sj * ai * bv;
+                }
+            }
+        }
+        x.into_iter().map(|v| v as f32).collect()
+    }
+
+    /// The exact energy rank of X (the full route on G).
+    fn exact_rank(x: &[f32], n: usize, c: usize, e: f64) -> usize {
+        let mut s = BlockScratch::default();
+        s.start(&[x], n);
+        basis(&[x], n, c, n, Route::Full, &BlockSvd::default(), &mut s, 1);
+        ritz_rank(&s, n, e).unwrap_or(n)
+    }
+
+    fn direct(route: BlockRoute) -> BlockSvd {
+        BlockSvd {
+            route,
+            ..BlockSvd::default()
+        }
+    }
+
+    #[test]
+    fn the_direct_energy_rank_keeps_what_it_reports_and_is_never_below_the_exact_rank() {
+        let mut rng = Rng::new(5);
+        for (n, c, decay) in [
+            (64, 1024, 0.6),
+            (128, 256, 0.8),
+            (96, 300, 0.9),
+            (40, 900, 0.7),
+        ] {
+            let s: Vec<f64> = (0..n).map(|j| f64::powi(decay, j as i32)).collect();
+            let x = decaying(&mut rng, n, c, &s);
+            for e in [0.5, 0.8, 0.97] {
+                let want = exact_rank(&x, n, c, e);
+                let mut sc = BlockScratch::default();
+                sc.start(&[&x], n);
+                let m = direct(BlockRoute::Direct);
+                let r = energy_rank_direct(&[&x], n, c, e, &m, &mut sc, 1)
+                    .expect("the forced direct route always gives a rank");
+                assert!(
+                    r >= want,
+                    "N {n} E {e}: direct rank {r} below the exact {want}"
+                );
+                // Its factors keep at least e of ‖X‖² (the Ritz values are the kept energies).
+                let (mut u, mut v, mut res) = (Vec::new(), Vec::new(), vec![0f32; n * c]);
+                finish(
+                    &[&x],
+                    n,
+                    c,
+                    r,
+                    &mut sc,
+                    &mut u,
+                    &mut [(&mut v, &mut res[..])],
+                    1,
+                );
+                let total: f64 = x.iter().map(|&a| (a as f64).powi(2)).sum();
+                let left: f64 = res.iter().map(|&a| (a as f64).powi(2)).sum();
+                assert!(
+                    1.0 - left / total >= e - 1e-5,
+                    "N {n} E {e} r {r}: keeps {}",
+                    1.0 - left / total
+                );
+                // On these spectra it is at most a few components above the exact rank.
+                assert!(
+                    r <= want + want / 4 + 2,
+                    "N {n} E {e}: rank {r} against {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn small_ranks_take_the_direct_route_and_large_ones_of_small_matrices_leave_it() {
+        let mut rng = Rng::new(6);
+        let auto = direct(BlockRoute::Auto);
+        // A few strong components in 128 channels × 256 pixels (a 16 × 16 map): the direct route finds the
+        // rank with a basis of 8 columns.
+        let x = decaying(&mut rng, 128, 256, &[10.0, 6.0, 3.0, 0.05, 0.04, 0.03]);
+        let mut sc = BlockScratch::default();
+        sc.start(&[&x], 128);
+        let r = energy_rank_direct(&[&x], 128, 256, 0.9, &auto, &mut sc, 1);
+        assert_eq!(r, Some(exact_rank(&x, 128, 256, 0.9)));
+        assert!(sc.l <= 8, "basis of {} columns", sc.l);
+        // Noise keeps 97 % only at a large rank: on 48 channels × 96 pixels the exact eigendecomposition of
+        // G (48 × 48) costs less than the direct route's growing bases, which gives up.
+        let noise: Vec<f32> = (0..48 * 96).map(|_| rng.normal()).collect();
+        let mut sc = BlockScratch::default();
+        sc.start(&[&noise], 48);
+        assert_eq!(
+            energy_rank_direct(&[&noise], 48, 96, 0.97, &auto, &mut sc, 1),
+            None
+        );
+        // The whole policy then still gives the exact rank (by the full route).
+        let mut sc = BlockScratch::default();
+        sc.start(&[&noise], 48);
+        assert_eq!(
+            energy_rank(&[&noise], 48, 96, 0.97, &auto, &mut sc, 1),
+            exact_rank(&noise, 48, 96, 0.97)
+        );
+        // With the Gram route chosen, the direct search is not made.
+        let mut sc = BlockScratch::default();
+        sc.start(&[&x], 128);
+        assert_eq!(
+            energy_rank_direct(&[&x], 128, 256, 0.9, &direct(BlockRoute::Gram), &mut sc, 1),
+            None
+        );
     }
 }
