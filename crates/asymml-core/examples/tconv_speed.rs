@@ -1,5 +1,5 @@
 //! Times Conv_T (`TrustedConv::forward`, batch 8) on the shapes of VGG16's convs at 224 px with the schedule's
-//! ranks, beside the full conv of X and the full conv of an r-channel input (a tuning aid, not a test; random
+//! ranks, and its weight gradient ∇W_T, beside the full conv of X and the full conv of an r-channel input (a tuning aid, not a test; random
 //! data: the timing does not depend on it). An argument times one shape only, 30 times.
 //!
 //!     RAYON_NUM_THREADS=1 cargo run --release -p asymml-core --example tconv_speed [-- INDEX]
@@ -67,6 +67,10 @@ fn main() {
             data: (0..b * r * hw * hw).map(|_| rng.normal()).collect(),
         };
         let tr = best(&mut || cr.forward(&xr, &mut y).unwrap());
-        println!("N{n} M{m} {hw}² r{r}: Conv_T {:.1} ms ({:.1} GFLOP/s), full {:.1} ms, full conv of r channels {:.1} ms", tt * 1e3, fl / tt / 1e9, tf * 1e3, tr * 1e3);
+        // ∇W_T added into a gradient (as the split's backward does), from ∇Y = Y.
+        tc.forward(&conv, &lr, &mut y).unwrap();
+        let mut grad = Tensor::zeros(&conv.weight.value.shape);
+        let tw = best(&mut || tc.add_weight_grad(&conv, &lr, &y, &mut grad).unwrap());
+        println!("N{n} M{m} {hw}² r{r}: Conv_T {:.1} ms ({:.1} GFLOP/s), ∇W_T {:.1} ms, full {:.1} ms, full conv of r channels {:.1} ms", tt * 1e3, fl / tt / 1e9, tw * 1e3, tf * 1e3, tr * 1e3);
     }
 }

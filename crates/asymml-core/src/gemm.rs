@@ -28,6 +28,14 @@ impl<'a> Mat<'a> {
             cs: 1,
         }
     }
+    /// This matrix transposed (the same data, strides swapped).
+    pub fn t(self) -> Self {
+        Mat {
+            data: self.data,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
     /// The transpose of a row-major `rows × cols` matrix, seen as `cols × rows`.
     pub fn rm_t(data: &'a [f32], cols: usize) -> Self {
         Mat {

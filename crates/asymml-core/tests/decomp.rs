@@ -5,15 +5,26 @@
 mod common;
 
 use asymml_core::decomp::{
-    add_noise, add_noise_batch, decompose_batch, decompose_batch_shared, energy_kept, entropy_rank,
-    exact_low_rank, light_svd, light_svd_energy, light_svd_extend, rank_for_energy, rms,
-    schedule_rank, singular_values, svd_entropy, BatchLowRank, EnergyStop, LowRank, RankPolicy,
-    TrustedConv,
+    add_noise, add_noise_batch, decompose_batch, decompose_batch_shared,
+    decompose_batch_shared_with, decompose_batch_with, energy_kept, entropy_rank, exact_low_rank,
+    light_svd, light_svd_energy, light_svd_extend, rank_for_energy, rms, schedule_rank,
+    singular_values, svd_entropy, BatchLowRank, BlockRoute, BlockSvd, EnergyStop, LowRank,
+    RankPolicy, SvdMethod, TrustedConv,
 };
 use asymml_core::layers::{Conv2d, Conv2dConfig};
 use asymml_core::rng::Rng;
 use asymml_core::Tensor;
 use common::{assert_close, randn};
+
+/// The light and the block SVD.
+const METHODS: [SvdMethod; 2] = [
+    SvdMethod::Light { iters: 1 },
+    SvdMethod::Block(BlockSvd {
+        power: 1,
+        oversample: 8,
+        route: BlockRoute::Auto,
+    }),
+];
 
 /// Every policy the split tests run (with the schedule steps they use).
 fn policies() -> Vec<(RankPolicy, usize)> {
@@ -182,6 +193,21 @@ fn conv_parts_add_up(
     let mut acc = dwu.clone();
     tc.add_weight_grad(&conv, lr, &dy, &mut acc).unwrap();
     assert_close(&format!("{geo}: ∇W_U + add_weight_grad"), &acc, &dw);
+    // With V let go (the block method's factorisations), made again from x: the same ∇W, and V stays gone.
+    let mut dropped = lr.clone();
+    if dropped.drop_v() {
+        let mut acc = dwu.clone();
+        tc.add_weight_grad_from(&conv, &mut dropped, x, &dy, &mut acc)
+            .unwrap();
+        assert_close(&format!("{geo}: ∇W_U + add_weight_grad_from"), &acc, &dw);
+        assert!(!dropped.has_v(), "{geo}: V made again for good");
+        // A forward needs V itself.
+        assert!(tc.forward(&conv, &dropped, &mut yt).is_err());
+        let short = Tensor::zeros(&[x.dim(0) + 1, n, x.dim(2), x.dim(3)]);
+        assert!(tc
+            .add_weight_grad_from(&conv, &mut dropped, &short, &dy, &mut acc)
+            .is_err());
+    }
 }
 
 #[test]
@@ -191,11 +217,11 @@ fn conv_t_routes_on_larger_maps_add_up() {
     let mut rng = Rng::new(12);
     let x = randn(&mut rng, &[2, 16, 10, 10], 1.0);
     let mut tc = TrustedConv::new();
-    for r in [16, 4] {
+    for (r, method) in [16, 4].into_iter().flat_map(|r| METHODS.map(|m| (r, m))) {
         let (mut lr, mut xu) = (BatchLowRank::default(), Tensor::default());
-        decompose_batch(&x, RankPolicy::Fixed(r), 0, 1, &mut lr, &mut xu).unwrap();
+        decompose_batch_with(&x, RankPolicy::Fixed(r), 0, method, &mut lr, &mut xu).unwrap();
         for (k, stride, pad) in [(3, 1, 0), (3, 2, 0), (3, 1, 1)] {
-            let geo = format!("r {r} k {k} s {stride} p {pad}");
+            let geo = format!("r {r} {method} k {k} s {stride} p {pad}");
             conv_parts_add_up(&geo, &x, &xu, &lr, (64, k, stride, pad), &mut tc, &mut rng);
         }
     }
@@ -204,21 +230,26 @@ fn conv_t_routes_on_larger_maps_add_up() {
 #[test]
 fn conv_t_through_w_prime_by_winograd_and_in_column_blocks_adds_up() {
     // Through W' with r ≥ 8 on a 3×3 stride-1 pad-1 conv: the conv of V_b runs by Winograd (per-sample and
-    // batch-shared W'). With r = 2 on a 48×48 map (P = 2304 output pixels) the im2col product runs in
-    // blocks of columns, the last one partial.
+    // batch-shared W'). With r = 2 on a 48×48 map (P = 2304 output pixels) and r = 3 on 50×50 the im2col
+    // product runs in bands of output rows, the last one partial; with the block method the backward makes
+    // each V_b again from x (V let go after the forward).
     let mut rng = Rng::new(21);
     let mut tc = TrustedConv::new();
-    for (n, side, r, m) in [(32, 12, 8, 16), (8, 48, 2, 6)] {
+    for (n, side, r, m) in [(32, 12, 8, 16), (8, 48, 2, 6), (8, 50, 3, 4)] {
         let x = randn(&mut rng, &[2, n, side, side], 1.0);
-        for shared in [false, true] {
+        for (shared, method) in [false, true]
+            .into_iter()
+            .flat_map(|s| METHODS.map(|m| (s, m)))
+        {
             let (mut lr, mut xu) = (BatchLowRank::default(), Tensor::default());
+            let policy = RankPolicy::Fixed(r);
             if shared {
-                decompose_batch_shared(&x, RankPolicy::Fixed(r), 0, 1, &mut lr, &mut xu).unwrap();
+                decompose_batch_shared_with(&x, policy, 0, method, &mut lr, &mut xu).unwrap();
             } else {
-                decompose_batch(&x, RankPolicy::Fixed(r), 0, 1, &mut lr, &mut xu).unwrap();
+                decompose_batch_with(&x, policy, 0, method, &mut lr, &mut xu).unwrap();
             }
             assert_eq!(lr.r, r);
-            let geo = format!("N {n} {side}² r {r} shared {shared}");
+            let geo = format!("N {n} {side}² r {r} shared {shared} {method}");
             conv_parts_add_up(&geo, &x, &xu, &lr, (m, 3, 1, 1), &mut tc, &mut rng);
         }
     }

@@ -1405,18 +1405,11 @@ impl<T: Transport> SplitExec<T> {
             let f = if !self.layers[owner].parts.is_empty() {
                 self.add_weight_grad_parts(conv, owner, dy, &mut grad)
             } else {
-                // V was let go after the forward: made again from the input, and let go again after use.
+                // V was let go after the forward: made again from the input, a sample at a time.
                 let lr = &mut self.layers[owner].lr;
-                let dropped = !lr.has_v();
-                let f = lr.restore_v(x).and_then(|()| {
-                    self.tconv
-                        .add_weight_grad(conv, lr, dy, &mut grad)
-                        .and_then(|()| TrustedConv::flops(conv, lr))
-                });
-                if dropped {
-                    lr.drop_v();
-                }
-                f
+                self.tconv
+                    .add_weight_grad_from(conv, lr, x, dy, &mut grad)
+                    .and_then(|()| TrustedConv::flops(conv, lr))
             };
             if pipelined {
                 // ∇W stays out of the conv until ∇W_U is added (`settle_weight_grad`).

@@ -38,7 +38,7 @@ fn all_of(e: f64, n: usize) -> EnergyStop {
 pub use trusted::TrustedConv;
 
 use crate::error::{CoreError, Result};
-use crate::gemm::{sgemm, sgemm_ld, Mat};
+use crate::gemm::{sgemm_ld, Mat};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
@@ -165,31 +165,9 @@ impl BatchLowRank {
             .par_iter_mut()
             .zip(x.data.par_chunks(n * hw))
             .for_each(|(s, xb)| {
-                let r = s.r;
-                s.v.clear();
-                s.v.resize(r * hw, 0.0);
-                if r * hw == 0 {
-                    return;
-                }
-                sgemm(
-                    r,
-                    hw,
-                    n,
-                    Mat::rm_t(&s.u, r),
-                    Mat::rm(xb, hw),
-                    &mut s.v,
-                    false,
-                    1,
-                );
-                for (j, row) in s.v.chunks_exact_mut(hw).enumerate() {
-                    let nn: f64 = (0..n).map(|i| (s.u[i * r + j] as f64).powi(2)).sum();
-                    let inv = if nn > 0.0 && (1.0 / nn).is_finite() {
-                        (1.0 / nn) as f32
-                    } else {
-                        0.0
-                    };
-                    row.iter_mut().for_each(|a| *a *= inv);
-                }
+                let mut v = std::mem::take(&mut s.v);
+                s.v_from(xb, &mut v);
+                s.v = v;
             });
         self.v_dropped = false;
         Ok(())

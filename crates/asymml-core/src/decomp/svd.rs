@@ -1,6 +1,8 @@
 //! The lightweight SVD of the AsymML paper (Algorithm 1): a few rounds of alternating least squares per
 //! component from a warm start, then deflation. Cost O(r·N·HW) for r components of an N × HW matrix.
 
+use crate::gemm::{sgemm, Mat};
+
 /// A rank-r factorisation X_T = U · V of one sample's N × HW matrix (channels × pixels).
 ///
 /// `u` is N × r row-major (column j = u_j, which carries the scale), `v` is r × HW row-major (row j = v_j).
@@ -28,6 +30,37 @@ pub struct LowRank {
 }
 
 impl LowRank {
+    /// v [r × HW] ← V made again from xb, the very N × HW matrix a block decomposition factorised: Uᵀ xb
+    /// with row j divided by ‖u_j‖² (0 where u_j is zero), the decomposition's V up to f32 rounding (U's
+    /// columns are orthogonal; see [`super::BatchLowRank::restore_v`]).
+    pub(crate) fn v_from(&self, xb: &[f32], v: &mut Vec<f32>) {
+        let (n, r, hw) = (self.n, self.r, self.hw);
+        v.clear();
+        v.resize(r * hw, 0.0);
+        if r * hw == 0 {
+            return;
+        }
+        sgemm(
+            r,
+            hw,
+            n,
+            Mat::rm_t(&self.u, r),
+            Mat::rm(xb, hw),
+            v,
+            false,
+            1,
+        );
+        for (j, row) in v.chunks_exact_mut(hw).enumerate() {
+            let nn: f64 = (0..n).map(|i| (self.u[i * r + j] as f64).powi(2)).sum();
+            let inv = if nn > 0.0 && (1.0 / nn).is_finite() {
+                (1.0 / nn) as f32
+            } else {
+                0.0
+            };
+            row.iter_mut().for_each(|a| *a *= inv);
+        }
+    }
+
     /// An empty factorisation (r = 0) of an N × HW matrix.
     pub fn new(n: usize, hw: usize) -> Self {
         LowRank {

@@ -31,31 +31,31 @@ struct Scratch {
     ucat: Vec<f32>,
     /// W'_b transformed for Winograd [M, 16, r], and the transforms' buffers (the conv of V_b by Winograd).
     wino_u: Vec<f32>,
+    /// Backward: V_b [r × H·W] of the sample at hand, made again from the input.
+    vb: Vec<f32>,
     wino: winograd::Work,
 }
 
 impl Scratch {
-    /// wp [M × r·kk] (+)= ∇W'_b = ∇Y_b · col(V_b)ᵀ (`accumulate`: add to wp).
-    fn add_wp_grad(
-        &mut self,
-        g: &Geo,
-        dyb: &[f32],
-        s: &super::LowRank,
-        accumulate: bool,
-        gt: usize,
-    ) {
+    /// wp [M × r·kk] (+)= ∇W'_b = ∇Y_b · col(V_b)ᵀ (`accumulate`: add to wp), v: V_b [r, H·W].
+    fn add_wp_grad(&mut self, g: &Geo, dyb: &[f32], v: &[f32], accumulate: bool, gt: usize) {
         let (m, r, kk, p) = (g.m, g.r, g.k * g.k, g.oh * g.ow);
-        let col = g.col(&s.v, r, &mut self.col);
-        sgemm(
-            m,
-            r * kk,
-            p,
-            Mat::rm(dyb, p),
-            Mat::rm_t(col, p),
-            &mut self.wp,
-            accumulate,
-            gt,
-        );
+        // A band of output rows at a time: the im2col of V_b is r·kk × 2048 values, not r·kk × P (20 MB at
+        // VGG16-224's second conv, r = 11), and the product sums over the bands.
+        for (i, (oy0, oy1)) in g.bands().enumerate() {
+            let (j0, nb) = (oy0 * g.ow, (oy1 - oy0) * g.ow);
+            let col = g.col_band(v, r, oy0, oy1, &mut self.col);
+            sgemm(
+                m,
+                r * kk,
+                nb,
+                Mat::rm_from(dyb, p, j0),
+                col.t(),
+                &mut self.wp,
+                accumulate || i > 0,
+                gt,
+            );
+        }
     }
 
     /// dwt [N × M·kk] (+)= U · z with z [r × M·kk] = wp [M, r, kk] permuted: ∇W'_b mapped back through U.
@@ -147,9 +147,10 @@ impl Geo {
             )));
         }
         let (h, w, r) = (lr.h, lr.w, lr.r);
+        // (V let go by `drop_v` is empty until it is made again.)
+        let v_len = if lr.has_v() { r * h * w } else { 0 };
         for (i, s) in lr.samples.iter().enumerate() {
-            if s.n != n || s.hw != h * w || s.r != r || s.u.len() != n * r || s.v.len() != r * h * w
-            {
+            if s.n != n || s.hw != h * w || s.r != r || s.u.len() != n * r || s.v.len() != v_len {
                 return Err(CoreError::Shape(format!(
                     "trusted conv: sample {i} is not a rank-{r} factorisation of {n}×{h}×{w} \
                      (n {}, hw {}, r {}, |u| {}, |v| {})",
@@ -266,6 +267,33 @@ impl Geo {
         direct < through_v
     }
 
+    /// Bands of output rows [oy0, oy1) of about [`COL_BLOCK`] output pixels each (at least one row), in order.
+    fn bands(&self) -> impl Iterator<Item = (usize, usize)> {
+        let (oh, rows) = (self.oh, (COL_BLOCK / self.ow.max(1)).max(1));
+        (0..oh)
+            .step_by(rows)
+            .map(move |oy0| (oy0, (oy0 + rows).min(oh)))
+    }
+
+    /// The im2col of output rows oy0..oy1 of the c-channel image `x` ([c, H, W]): [c·k·k × (oy1 − oy0)·OW],
+    /// in `col`; the image's own pixels (columns of [c × P]) when the conv is pointwise.
+    fn col_band<'a>(
+        &self,
+        x: &'a [f32],
+        c: usize,
+        oy0: usize,
+        oy1: usize,
+        col: &'a mut Vec<f32>,
+    ) -> Mat<'a> {
+        let nb = (oy1 - oy0) * self.ow;
+        if self.pointwise() {
+            return Mat::rm_from(x, self.oh * self.ow, oy0 * self.ow);
+        }
+        col.resize(c * self.k * self.k * nb, 0.0);
+        im2col_rows(x, c, self, oy0, oy1, col);
+        Mat::rm(col, nb)
+    }
+
     /// col [c·k·k × P] of the c-channel image `x` ([c, H, W]); the image itself when the conv is pointwise.
     fn col<'a>(&self, x: &'a [f32], c: usize, col: &'a mut Vec<f32>) -> &'a [f32] {
         if self.pointwise() {
@@ -275,6 +303,16 @@ impl Geo {
         im2col(x, c, self, col);
         col
     }
+}
+
+/// An error when `lr` has let V go ([`BatchLowRank::drop_v`]) and `what` needs it.
+fn no_v_refused(lr: &BatchLowRank, what: &str) -> Result<()> {
+    if lr.has_v() {
+        return Ok(());
+    }
+    Err(CoreError::Invalid(format!(
+        "trusted conv {what}: the factorisations have let V go (make it again with restore_v)"
+    )))
 }
 
 /// xt: [N, H·W] ← U_b V_b.
@@ -333,6 +371,7 @@ impl TrustedConv {
             return Err(CoreError::Shape("trusted conv: weight data/shape".into()));
         }
         let g = Geo::of(conv, lr)?;
+        no_v_refused(lr, "forward")?;
         let (m, n, r, kk, p) = (g.m, g.n, g.r, g.k * g.k, g.oh * g.ow);
         y_t.resize(&[g.b, m, g.oh, g.ow]);
         if g.b == 0 || m == 0 {
@@ -397,17 +436,21 @@ impl TrustedConv {
                 .for_each(|((yc, sams), sc)| {
                     for (yb, s) in yc.chunks_mut(m * p).zip(sams) {
                         rebuild(s, &mut sc.xt);
-                        let col = g.col(&sc.xt, n, &mut sc.col);
-                        sgemm(
-                            m,
-                            p,
-                            n * kk,
-                            Mat::rm(wd, n * kk),
-                            Mat::rm(col, p),
-                            yb,
-                            false,
-                            gt,
-                        );
+                        for (oy0, oy1) in g.bands() {
+                            let (j0, nb) = (oy0 * g.ow, (oy1 - oy0) * g.ow);
+                            let col = g.col_band(&sc.xt, n, oy0, oy1, &mut sc.col);
+                            sgemm_ld(
+                                m,
+                                nb,
+                                n * kk,
+                                Mat::rm(wd, n * kk),
+                                col,
+                                &mut yb[j0..],
+                                p,
+                                false,
+                                gt,
+                            );
+                        }
                     }
                 });
             return Ok(());
@@ -460,18 +503,18 @@ impl TrustedConv {
                         winograd::conv(&s.v, shape, wino_u, yb, None, &mut sc.wino, gt);
                         continue;
                     }
-                    // Y_b [M × P] = W'_b · col(V_b), a block of columns at a time: with r·kk small the
-                    // product is bound by writing Y, which stays in cache per block (VGG16 at 224 px, 64
-                    // channels, r = 2: 19 → 60 GFLOP/s).
-                    let col = g.col(&s.v, r, &mut sc.col);
-                    for j0 in (0..p).step_by(COL_BLOCK) {
-                        let nb = COL_BLOCK.min(p - j0);
+                    // Y_b [M × P] = W'_b · col(V_b), a band of output rows at a time: with r·kk small the
+                    // product is bound by writing Y, which stays in cache per band (VGG16 at 224 px, 64
+                    // channels, r = 2: 19 → 60 GFLOP/s), and only the band's im2col is made.
+                    for (oy0, oy1) in g.bands() {
+                        let (j0, nb) = (oy0 * g.ow, (oy1 - oy0) * g.ow);
+                        let col = g.col_band(&s.v, r, oy0, oy1, &mut sc.col);
                         sgemm_ld(
                             m,
                             nb,
                             r * kk,
                             Mat::rm(wp, r * kk),
-                            Mat::rm_from(col, p, j0),
+                            col,
                             &mut yb[j0..],
                             p,
                             false,
@@ -493,7 +536,7 @@ impl TrustedConv {
         dy: &Tensor,
         dw_t: &mut Tensor,
     ) -> Result<()> {
-        self.weight_grad_to(conv, lr, dy, dw_t, false)
+        self.weight_grad_to(conv, lr, None, dy, dw_t, false)
     }
 
     /// [`TrustedConv::weight_grad`] added into `grad` (a conv's ∇W, of W's shape [M, N, k, k]) instead of
@@ -512,7 +555,54 @@ impl TrustedConv {
                 grad.shape
             )));
         }
-        let done = self.weight_grad_to(conv, lr, dy, grad, true);
+        let done = self.weight_grad_to(conv, lr, None, dy, grad, true);
+        self.release_backward_scratch();
+        done
+    }
+
+    /// [`TrustedConv::add_weight_grad`] for factorisations that may have let V go
+    /// ([`BatchLowRank::drop_v`]), x being the very input [B, N, H, W] that was decomposed. Through W', each
+    /// worker makes its samples' V_b from x one at a time (r × H·W, not the batch's r × B·H·W at once); the
+    /// direct routes, which rebuild X_T from every V_b, make V again for the batch first and let it go after.
+    pub fn add_weight_grad_from(
+        &mut self,
+        conv: &Conv2d,
+        lr: &mut BatchLowRank,
+        x: &Tensor,
+        dy: &Tensor,
+        grad: &mut Tensor,
+    ) -> Result<()> {
+        if lr.has_v() {
+            return self.add_weight_grad(conv, lr, dy, grad);
+        }
+        let g = Geo::of(conv, lr)?;
+        if g.direct() {
+            lr.restore_v(x)?;
+            let done = self.add_weight_grad(conv, lr, dy, grad);
+            lr.drop_v();
+            return done;
+        }
+        let want = [g.b, g.n, g.h, g.w];
+        if x.shape != want || x.len() != want.iter().product::<usize>() {
+            return Err(CoreError::Shape(format!(
+                "trusted conv backward: the input has shape {:?}, expected {want:?}",
+                x.shape
+            )));
+        }
+        let w_shape = &conv.weight.value.shape[..];
+        if grad.shape != w_shape || grad.len() != w_shape.iter().product::<usize>() {
+            return Err(CoreError::Shape(format!(
+                "trusted conv backward: ∇W has shape {:?}, expected {w_shape:?}",
+                grad.shape
+            )));
+        }
+        let done = self.weight_grad_to(conv, lr, Some(x), dy, grad, true);
+        self.release_backward_scratch();
+        done
+    }
+
+    /// Lets the backward's scratch go (see [`TrustedConv::add_weight_grad`]).
+    fn release_backward_scratch(&mut self) {
         // The backward's scratch goes: its im2col (r·k² × P per worker), its part of ∇W_T (W's size per worker)
         // and the stacked U_b and ∇W'_b. A forward does not need them, and kept by every split conv they would
         // add up in the peak memory (each conv's backward uses its own for an instant).
@@ -521,21 +611,26 @@ impl TrustedConv {
             sc.dwt = Vec::new();
             sc.zall = Vec::new();
             sc.ucat = Vec::new();
+            sc.vb = Vec::new();
         }
-        done
     }
 
-    /// ∇W_T into `dw_t` (`add`: added to it, which has W's shape).
+    /// ∇W_T into `dw_t` (`add`: added to it, which has W's shape). With `x` (the decomposed input, of the
+    /// checked shape), the route through W' makes each V_b from it instead of reading the factorisation's.
     fn weight_grad_to(
         &mut self,
         conv: &Conv2d,
         lr: &BatchLowRank,
+        x: Option<&Tensor>,
         dy: &Tensor,
         dw_t: &mut Tensor,
         add: bool,
     ) -> Result<()> {
         let w_shape = &conv.weight.value.shape[..];
         let g = Geo::of(conv, lr)?;
+        if x.is_none() || g.direct() {
+            no_v_refused(lr, "weight gradient")?;
+        }
         let (m, n, r, kk, p) = (g.m, g.n, g.r, g.k * g.k, g.oh * g.ow);
         let want = [g.b, m, g.oh, g.ow];
         if dy.shape != want || dy.len() != want.iter().product::<usize>() {
@@ -580,19 +675,32 @@ impl TrustedConv {
             return Ok(());
         }
         let shared = g.shared && !direct;
+        let nhw = g.n * g.h * g.w;
         dy.data
             .par_chunks(per * m * p)
             .zip(lr.samples.par_chunks(per))
             .zip(self.scratch[..chunks].par_iter_mut())
-            .for_each(|((dyc, sams), sc)| {
+            .enumerate()
+            .for_each(|(ci, ((dyc, sams), sc))| {
+                // V_b of the chunk's bi-th sample made from x in the worker's buffer (None: the
+                // factorisation's own is read).
+                let v_of = |sc: &mut Scratch, bi: usize, s: &super::LowRank| {
+                    x.map(|x| {
+                        let mut vb = std::mem::take(&mut sc.vb);
+                        s.v_from(&x.data[(ci * per + bi) * nhw..][..nhw], &mut vb);
+                        vb
+                    })
+                };
                 sc.dwt.clear();
                 sc.dwt.resize(n * m * kk, 0.0);
                 if shared {
                     // Σ_b ∇W'_b [M × r·kk] over the chunk, then dwt [N × M·kk] = U · z once.
                     sc.wp.clear();
                     sc.wp.resize(m * r * kk, 0.0);
-                    for (dyb, s) in dyc.chunks(m * p).zip(sams) {
-                        sc.add_wp_grad(&g, dyb, s, true, gt);
+                    for (bi, (dyb, s)) in dyc.chunks(m * p).zip(sams).enumerate() {
+                        let vb = v_of(sc, bi, s);
+                        sc.add_wp_grad(&g, dyb, vb.as_deref().unwrap_or(&s.v), true, gt);
+                        sc.vb = vb.unwrap_or_default();
                     }
                     if let Some(s) = sams.first() {
                         sc.map_back(&g, &s.u, false, gt);
@@ -609,7 +717,9 @@ impl TrustedConv {
                     sc.ucat.resize(n * nb * r, 0.0);
                     for (bi, (dyb, s)) in dyc.chunks(m * p).zip(sams).enumerate() {
                         sc.wp.resize(m * r * kk, 0.0);
-                        sc.add_wp_grad(&g, dyb, s, false, gt);
+                        let vb = v_of(sc, bi, s);
+                        sc.add_wp_grad(&g, dyb, vb.as_deref().unwrap_or(&s.v), false, gt);
+                        sc.vb = vb.unwrap_or_default();
                         permute(&sc.wp, &mut sc.zall[bi * zl..][..zl], m, r, kk);
                         for (dst, src) in sc.ucat.chunks_mut(nb * r).zip(s.u.chunks(r)) {
                             dst[bi * r..][..r].copy_from_slice(src);
@@ -628,19 +738,22 @@ impl TrustedConv {
                     return;
                 }
                 for (dyb, s) in dyc.chunks(m * p).zip(sams) {
-                    // ∇W [M × N·kk] += ∇Y_b · col(U_b V_b)ᵀ
+                    // ∇W [M × N·kk] += ∇Y_b · col(U_b V_b)ᵀ, a band of output rows at a time.
                     rebuild(s, &mut sc.xt);
-                    let col = g.col(&sc.xt, n, &mut sc.col);
-                    sgemm(
-                        m,
-                        n * kk,
-                        p,
-                        Mat::rm(dyb, p),
-                        Mat::rm_t(col, p),
-                        &mut sc.dwt,
-                        true,
-                        gt,
-                    );
+                    for (oy0, oy1) in g.bands() {
+                        let (j0, nb) = (oy0 * g.ow, (oy1 - oy0) * g.ow);
+                        let col = g.col_band(&sc.xt, n, oy0, oy1, &mut sc.col);
+                        sgemm(
+                            m,
+                            n * kk,
+                            nb,
+                            Mat::rm_from(dyb, p, j0),
+                            col.t(),
+                            &mut sc.dwt,
+                            true,
+                            gt,
+                        );
+                    }
                 }
             });
         // Sum the workers' parts into the first's, then (route through W') permute [N, M·kk] into [M, N, k, k].
@@ -737,8 +850,14 @@ fn permute_add(a: &[f32], t: &mut [f32], na: usize, nb: usize, kk: usize) {
 
 /// v: [C, H, W] → col: [C·k·k, OH·OW] (zero padding outside the image).
 fn im2col(v: &[f32], channels: usize, g: &Geo, col: &mut [f32]) {
-    let (h, w, k, s, pad, oh, ow) = (g.h, g.w, g.k, g.s, g.pad, g.oh, g.ow);
-    let p = oh * ow;
+    im2col_rows(v, channels, g, 0, g.oh, col);
+}
+
+/// v: [C, H, W] → col: [C·k·k, (oy1 − oy0)·OW], the columns of output rows oy0..oy1 (zero padding outside
+/// the image).
+fn im2col_rows(v: &[f32], channels: usize, g: &Geo, oy0: usize, oy1: usize, col: &mut [f32]) {
+    let (h, w, k, s, pad, ow) = (g.h, g.w, g.k, g.s, g.pad, g.ow);
+    let p = (oy1 - oy0) * ow;
     for c in 0..channels {
         let vc = &v[c * h * w..(c + 1) * h * w];
         for ki in 0..k {
@@ -752,8 +871,8 @@ fn im2col(v: &[f32], channels: usize, g: &Geo, col: &mut [f32]) {
                     0
                 }
                 .max(lo);
-                for oy in 0..oh {
-                    let out = &mut row[oy * ow..(oy + 1) * ow];
+                for (i, oy) in (oy0..oy1).enumerate() {
+                    let out = &mut row[i * ow..(i + 1) * ow];
                     let iy = (oy * s + ki) as isize - pad as isize;
                     if iy < 0 || iy >= h as isize || lo == hi {
                         out.fill(0.0);
