@@ -294,6 +294,35 @@ impl Geo {
         Mat::rm(col, nb)
     }
 
+    /// y [M × P] = a [M × c·k·k] · col(x), x a c-channel image [c, H, W]: a band of output rows at a time
+    /// ([`Geo::bands`]), only the band's im2col made (in `col`).
+    fn conv_bands(
+        &self,
+        a: &[f32],
+        x: &[f32],
+        c: usize,
+        y: &mut [f32],
+        col: &mut Vec<f32>,
+        gt: usize,
+    ) {
+        let (ck, p) = (c * self.k * self.k, self.oh * self.ow);
+        for (oy0, oy1) in self.bands() {
+            let (j0, nb) = (oy0 * self.ow, (oy1 - oy0) * self.ow);
+            let band = self.col_band(x, c, oy0, oy1, col);
+            sgemm_ld(
+                self.m,
+                nb,
+                ck,
+                Mat::rm(a, ck),
+                band,
+                &mut y[j0..],
+                p,
+                false,
+                gt,
+            );
+        }
+    }
+
     /// col [c·k·k × P] of the c-channel image `x` ([c, H, W]); the image itself when the conv is pointwise.
     fn col<'a>(&self, x: &'a [f32], c: usize, col: &'a mut Vec<f32>) -> &'a [f32] {
         if self.pointwise() {
@@ -436,21 +465,7 @@ impl TrustedConv {
                 .for_each(|((yc, sams), sc)| {
                     for (yb, s) in yc.chunks_mut(m * p).zip(sams) {
                         rebuild(s, &mut sc.xt);
-                        for (oy0, oy1) in g.bands() {
-                            let (j0, nb) = (oy0 * g.ow, (oy1 - oy0) * g.ow);
-                            let col = g.col_band(&sc.xt, n, oy0, oy1, &mut sc.col);
-                            sgemm_ld(
-                                m,
-                                nb,
-                                n * kk,
-                                Mat::rm(wd, n * kk),
-                                col,
-                                &mut yb[j0..],
-                                p,
-                                false,
-                                gt,
-                            );
-                        }
+                        g.conv_bands(wd, &sc.xt, n, yb, &mut sc.col, gt);
                     }
                 });
             return Ok(());
@@ -506,21 +521,7 @@ impl TrustedConv {
                     // Y_b [M × P] = W'_b · col(V_b), a band of output rows at a time: with r·kk small the
                     // product is bound by writing Y, which stays in cache per band (VGG16 at 224 px, 64
                     // channels, r = 2: 19 → 60 GFLOP/s), and only the band's im2col is made.
-                    for (oy0, oy1) in g.bands() {
-                        let (j0, nb) = (oy0 * g.ow, (oy1 - oy0) * g.ow);
-                        let col = g.col_band(&s.v, r, oy0, oy1, &mut sc.col);
-                        sgemm_ld(
-                            m,
-                            nb,
-                            r * kk,
-                            Mat::rm(wp, r * kk),
-                            col,
-                            &mut yb[j0..],
-                            p,
-                            false,
-                            gt,
-                        );
-                    }
+                    g.conv_bands(wp, &s.v, r, yb, &mut sc.col, gt);
                 }
             });
         Ok(())
