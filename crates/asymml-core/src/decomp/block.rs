@@ -221,6 +221,10 @@ fn basis_flops(n: usize, c: usize, l: usize, m: &BlockSvd) -> (f64, f64) {
     (gram, direct)
 }
 
+/// The weight of the direct route's FLOPs against the Gram route's: its products are skinny (l columns),
+/// which the GEMM runs at a lower rate than the square Gram product.
+const DIRECT_WEIGHT: f64 = 1.5;
+
 /// The route for rank r of an N × C matrix.
 pub(crate) fn route(n: usize, c: usize, r: usize, m: &BlockSvd) -> Route {
     let (l, lg) = (columns(n, r, m), gram_columns(n, r, m));
@@ -234,9 +238,7 @@ pub(crate) fn route(n: usize, c: usize, r: usize, m: &BlockSvd) -> Route {
         BlockRoute::Direct => Route::Direct,
         BlockRoute::Auto => {
             let (g, d) = (basis_flops(n, c, lg, m).0, basis_flops(n, c, l, m).1);
-            // The direct route's products are skinny (l columns), which the GEMM runs at a lower rate than
-            // the square Gram product: count them 1.5 times.
-            if 1.5 * d < g {
+            if DIRECT_WEIGHT * d < g {
                 Route::Direct
             } else {
                 gram
@@ -874,7 +876,7 @@ fn energy_other_flops(xs: &[&[f32]], n: usize, c: usize, r0: usize, m: &BlockSvd
 /// (l = r₀ + p columns each, started afresh from X's rows of largest norm), each accepted when its first r₀
 /// Ritz values keep ≥ e·‖X‖². With the route `Auto`, a try is made only while the tries up to it cost less
 /// than the other routes would to reach the same r₀ ([`energy_other_flops`]; the direct route's products
-/// counted 1.5 times, as in [`route`]); with `Direct`, until l = N. None when it gives up (or its products
+/// counted [`DIRECT_WEIGHT`] times, as in [`route`]); with `Direct`, until l = N. None when it gives up (or its products
 /// are not finite): the basis in `s` is then not to be used.
 fn energy_rank_direct(
     xs: &[&[f32]],
@@ -896,7 +898,8 @@ fn energy_rank_direct(
     loop {
         let l = columns(n, r0, m);
         if !forced {
-            spent += 1.5 * basis_flops(n, cols, l, m).1 + EIG_FLOPS_PER_K3 * (l * l * l) as f64;
+            spent += DIRECT_WEIGHT * basis_flops(n, cols, l, m).1
+                + EIG_FLOPS_PER_K3 * (l * l * l) as f64;
             if spent > energy_other_flops(xs, n, c, r0, m) {
                 return None;
             }

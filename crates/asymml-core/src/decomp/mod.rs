@@ -129,17 +129,12 @@ impl BatchLowRank {
         !self.v_dropped
     }
 
-    /// Makes V again after [`BatchLowRank::drop_v`], from x — the very input [B, N, H, W] that was decomposed:
-    /// V_b = U_bᵀ X_b with row j divided by ‖u_j‖² (0 where u_j is zero), which is the V of the decomposition up
-    /// to float32 rounding, so U V is X's projection as before. Nothing to do when V is there.
-    pub fn restore_v(&mut self, x: &Tensor) -> Result<()> {
-        if !self.v_dropped {
-            return Ok(());
-        }
-        let (b, n, h, w) = x.nchw("restore V")?;
+    /// An error (naming `what`) unless x has the shape [B, N, H, W] these factorisations were made of.
+    pub(crate) fn check_input(&self, x: &Tensor, what: &str) -> Result<()> {
+        let (b, n, h, w) = x.nchw(what)?;
         if b != self.samples.len() || n != self.n || (h, w) != (self.h, self.w) {
             return Err(CoreError::Shape(format!(
-                "restore V: an input of shape {:?} for factorisations of [{}, {}, {}, {}]",
+                "{what}: an input of shape {:?} for factorisations of [{}, {}, {}, {}]",
                 x.shape,
                 self.samples.len(),
                 self.n,
@@ -147,7 +142,18 @@ impl BatchLowRank {
                 self.w
             )));
         }
-        let hw = h * w;
+        Ok(())
+    }
+
+    /// Makes V again after [`BatchLowRank::drop_v`], from x — the very input [B, N, H, W] that was decomposed:
+    /// V_b = U_bᵀ X_b with row j divided by ‖u_j‖² (0 where u_j is zero), which is the V of the decomposition up
+    /// to float32 rounding, so U V is X's projection as before. Nothing to do when V is there.
+    pub fn restore_v(&mut self, x: &Tensor) -> Result<()> {
+        if !self.v_dropped {
+            return Ok(());
+        }
+        self.check_input(x, "restore V")?;
+        let (n, hw) = (self.n, self.h * self.w);
         if let Some(s) = self
             .samples
             .iter()

@@ -39,23 +39,9 @@ struct Scratch {
 impl Scratch {
     /// wp [M × r·kk] (+)= ∇W'_b = ∇Y_b · col(V_b)ᵀ (`accumulate`: add to wp), v: V_b [r, H·W].
     fn add_wp_grad(&mut self, g: &Geo, dyb: &[f32], v: &[f32], accumulate: bool, gt: usize) {
-        let (m, r, kk, p) = (g.m, g.r, g.k * g.k, g.oh * g.ow);
-        // A band of output rows at a time: the im2col of V_b is r·kk × 2048 values, not r·kk × P (20 MB at
-        // VGG16-224's second conv, r = 11), and the product sums over the bands.
-        for (i, (oy0, oy1)) in g.bands().enumerate() {
-            let (j0, nb) = (oy0 * g.ow, (oy1 - oy0) * g.ow);
-            let col = g.col_band(v, r, oy0, oy1, &mut self.col);
-            sgemm(
-                m,
-                r * kk,
-                nb,
-                Mat::rm_from(dyb, p, j0),
-                col.t(),
-                &mut self.wp,
-                accumulate || i > 0,
-                gt,
-            );
-        }
+        // By bands: the im2col of V_b is r·kk × 2048 values, not r·kk × P (20 MB at VGG16-224's second conv,
+        // r = 11).
+        g.corr_bands(dyb, v, g.r, &mut self.wp, &mut self.col, accumulate, gt);
     }
 
     /// dwt [N × M·kk] (+)= U · z with z [r × M·kk] = wp [M, r, kk] permuted: ∇W'_b mapped back through U.
@@ -323,6 +309,36 @@ impl Geo {
         }
     }
 
+    /// out [M × c·k·k] (+)= dy [M × P] · col(x)ᵀ, x a c-channel image [c, H, W] (`accumulate`: add to out):
+    /// the weight gradient of `conv_bands`, summed over the bands of output rows, only a band's im2col made.
+    #[allow(clippy::too_many_arguments)]
+    fn corr_bands(
+        &self,
+        dy: &[f32],
+        x: &[f32],
+        c: usize,
+        out: &mut [f32],
+        col: &mut Vec<f32>,
+        accumulate: bool,
+        gt: usize,
+    ) {
+        let (ck, p) = (c * self.k * self.k, self.oh * self.ow);
+        for (i, (oy0, oy1)) in self.bands().enumerate() {
+            let (j0, nb) = (oy0 * self.ow, (oy1 - oy0) * self.ow);
+            let band = self.col_band(x, c, oy0, oy1, col);
+            sgemm(
+                self.m,
+                ck,
+                nb,
+                Mat::rm_from(dy, p, j0),
+                band.t(),
+                out,
+                accumulate || i > 0,
+                gt,
+            );
+        }
+    }
+
     /// col [c·k·k × P] of the c-channel image `x` ([c, H, W]); the image itself when the conv is pointwise.
     fn col<'a>(&self, x: &'a [f32], c: usize, col: &'a mut Vec<f32>) -> &'a [f32] {
         if self.pointwise() {
@@ -332,6 +348,18 @@ impl Geo {
         im2col(x, c, self, col);
         col
     }
+}
+
+/// An error unless `grad` has the shape of `conv`'s weight [M, N, k, k] (a ∇W to add into).
+fn check_grad(conv: &Conv2d, grad: &Tensor) -> Result<()> {
+    let w_shape = &conv.weight.value.shape[..];
+    if grad.shape != w_shape || grad.len() != w_shape.iter().product::<usize>() {
+        return Err(CoreError::Shape(format!(
+            "trusted conv backward: ∇W has shape {:?}, expected {w_shape:?}",
+            grad.shape
+        )));
+    }
+    Ok(())
 }
 
 /// An error when `lr` has let V go ([`BatchLowRank::drop_v`]) and `what` needs it.
@@ -549,13 +577,7 @@ impl TrustedConv {
         dy: &Tensor,
         grad: &mut Tensor,
     ) -> Result<()> {
-        let w_shape = &conv.weight.value.shape[..];
-        if grad.shape != w_shape || grad.len() != w_shape.iter().product::<usize>() {
-            return Err(CoreError::Shape(format!(
-                "trusted conv backward: ∇W has shape {:?}, expected {w_shape:?}",
-                grad.shape
-            )));
-        }
+        check_grad(conv, grad)?;
         let done = self.weight_grad_to(conv, lr, None, dy, grad, true);
         self.release_backward_scratch();
         done
@@ -583,20 +605,8 @@ impl TrustedConv {
             lr.drop_v();
             return done;
         }
-        let want = [g.b, g.n, g.h, g.w];
-        if x.shape != want || x.len() != want.iter().product::<usize>() {
-            return Err(CoreError::Shape(format!(
-                "trusted conv backward: the input has shape {:?}, expected {want:?}",
-                x.shape
-            )));
-        }
-        let w_shape = &conv.weight.value.shape[..];
-        if grad.shape != w_shape || grad.len() != w_shape.iter().product::<usize>() {
-            return Err(CoreError::Shape(format!(
-                "trusted conv backward: ∇W has shape {:?}, expected {w_shape:?}",
-                grad.shape
-            )));
-        }
+        lr.check_input(x, "trusted conv backward")?;
+        check_grad(conv, grad)?;
         let done = self.weight_grad_to(conv, lr, Some(x), dy, grad, true);
         self.release_backward_scratch();
         done
@@ -741,20 +751,7 @@ impl TrustedConv {
                 for (dyb, s) in dyc.chunks(m * p).zip(sams) {
                     // ∇W [M × N·kk] += ∇Y_b · col(U_b V_b)ᵀ, a band of output rows at a time.
                     rebuild(s, &mut sc.xt);
-                    for (oy0, oy1) in g.bands() {
-                        let (j0, nb) = (oy0 * g.ow, (oy1 - oy0) * g.ow);
-                        let col = g.col_band(&sc.xt, n, oy0, oy1, &mut sc.col);
-                        sgemm(
-                            m,
-                            n * kk,
-                            nb,
-                            Mat::rm_from(dyb, p, j0),
-                            col.t(),
-                            &mut sc.dwt,
-                            true,
-                            gt,
-                        );
-                    }
+                    g.corr_bands(dyb, &sc.xt, n, &mut sc.dwt, &mut sc.col, true, gt);
                 }
             });
         // Sum the workers' parts into the first's, then (route through W') permute [N, M·kk] into [M, N, k, k].
