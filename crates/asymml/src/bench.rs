@@ -839,7 +839,7 @@ impl Samples {
 pub fn run(a: BenchArgs) -> Result<()> {
     let threads = threads::init(a.threads)?;
     let plan = Plan::new(&a, threads)?;
-    let mut results = plan.measure_all(&a)?;
+    let mut results = threads::in_pool(threads, || plan.measure_all(&a))?;
     relate(&mut results);
     if let Some(out) = &a.out {
         write_outputs(out, &results)?;

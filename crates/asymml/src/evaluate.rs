@@ -34,8 +34,13 @@ fn open_session(
 
 /// Runs `asymml eval`.
 pub fn run_eval(a: EvalArgs) -> Result<()> {
+    let threads = threads::init(a.common.run.threads)?;
+    threads::in_pool(threads, || eval(a))
+}
+
+/// `asymml eval` on a worker of the pool ([`threads::in_pool`]).
+fn eval(a: EvalArgs) -> Result<()> {
     let c = a.common;
-    threads::init(c.run.threads)?;
     let Some(wpath) = &c.weights else {
         bail!("eval needs --weights FILE.safetensors (e.g. runs/vgg-small/model.safetensors)");
     };
@@ -140,7 +145,12 @@ impl ImageInput {
 
 /// Runs `asymml infer`.
 pub fn run_infer(a: InferArgs) -> Result<()> {
-    threads::init(a.run.threads)?;
+    let threads = threads::init(a.run.threads)?;
+    threads::in_pool(threads, || infer(a))
+}
+
+/// `asymml infer` on a worker of the pool ([`threads::in_pool`]).
+fn infer(a: InferArgs) -> Result<()> {
     let (bytes, info) = weightfile::read(&a.weights)?;
     let spec = resolve_spec(
         &info,

@@ -16,3 +16,14 @@ pub(crate) fn init(threads: Option<usize>) -> Result<usize> {
     asymml_protocol::codec::set_copy_threads(n);
     Ok(rayon::current_num_threads())
 }
+
+/// Runs `f` on one of the global pool's workers (this thread waits): the trusted runtime's own work then runs
+/// on the pool's threads only, as its kernels do, so no product called from it keeps a GEMM packing buffer on
+/// a thread of its own, and no parallel loop is handed from this thread to the pool. `threads`: the copy
+/// threads of [`init`], set again on that worker (they are the thread's own).
+pub(crate) fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| {
+        asymml_protocol::codec::set_copy_threads(threads);
+        f()
+    })
+}

@@ -497,6 +497,11 @@ fn resume(
 /// Runs `asymml train`.
 pub fn run(a: TrainArgs) -> Result<()> {
     let threads = threads::init(a.common.run.threads)?;
+    threads::in_pool(threads, || train(a, threads))
+}
+
+/// `asymml train` on a worker of the pool of `threads` ([`threads::in_pool`]).
+fn train(a: TrainArgs, threads: usize) -> Result<()> {
     let json = a.common.run.json;
     let mut t = Training::prepare(&a, threads)?;
     if !json {

@@ -326,6 +326,11 @@ fn worst(judged: &[Judged]) -> Option<&Judged> {
 /// Runs `asymml verify`; returns whether the split matched within 1e-4.
 pub fn run(a: VerifyArgs) -> Result<bool> {
     let threads = threads::init(a.threads)?;
+    threads::in_pool(threads, || verify(a, threads))
+}
+
+/// `asymml verify` on a worker of the pool of `threads` ([`threads::in_pool`]).
+fn verify(a: VerifyArgs, threads: usize) -> Result<bool> {
     let mut case = Case::prepare(&a, threads)?;
     let spec = case.spec.clone();
     let fwd_ref = case.forward_reference()?;
