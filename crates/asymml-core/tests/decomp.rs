@@ -201,8 +201,23 @@ fn conv_parts_add_up(
             .unwrap();
         assert_close(&format!("{geo}: ∇W_U + add_weight_grad_from"), &acc, &dw);
         assert!(!dropped.has_v(), "{geo}: V made again for good");
-        // A forward needs V itself.
+        // A forward needs V itself, or the input to make it from: then the same Y_T, and V stays gone.
         assert!(tc.forward(&conv, &dropped, &mut yt).is_err());
+        let mut yt2 = Tensor::default();
+        tc.forward_from(&conv, &mut dropped, x, &mut yt2).unwrap();
+        assert_close(
+            &format!("{geo}: Y_T + Y_U by forward_from"),
+            &add(&yt2, &yu),
+            &y,
+        );
+        assert!(
+            !dropped.has_v(),
+            "{geo}: V made again for good by the forward"
+        );
+        let wrong = Tensor::zeros(&[x.dim(0) + 1, n, x.dim(2), x.dim(3)]);
+        assert!(tc
+            .forward_from(&conv, &mut dropped, &wrong, &mut yt2)
+            .is_err());
         let short = Tensor::zeros(&[x.dim(0) + 1, n, x.dim(2), x.dim(3)]);
         assert!(tc
             .add_weight_grad_from(&conv, &mut dropped, &short, &dy, &mut acc)

@@ -7,9 +7,9 @@ mod common;
 
 use asymml_core::decomp::{
     block_svd_flops, decompose_batch, decompose_batch_shared, decompose_batch_shared_with,
-    decompose_batch_with, decompose_factors_with, energy_kept, exact_low_rank, rank_for_energy,
-    singular_values, BatchLowRank, BlockRoute, BlockSvd, LowRank, RankPolicy, SvdMethod,
-    TrustedConv,
+    decompose_batch_with, decompose_factors_lean_with, decompose_factors_with, energy_kept,
+    exact_low_rank, rank_for_energy, singular_values, BatchLowRank, BlockRoute, BlockSvd, LowRank,
+    RankPolicy, SvdMethod, TrustedConv,
 };
 use asymml_core::layers::{Conv2d, Conv2dConfig};
 use asymml_core::rng::Rng;
@@ -769,8 +769,26 @@ fn factors_alone_then_residual_slabs_give_the_residual_of_the_whole_decompositio
             let mut lr = BatchLowRank::default();
             let r2 = decompose_factors_with(&x, policy, 0, method, &mut lr).unwrap();
             assert_eq!(r1, r2, "{policy:?} {method:?}");
+            // Each sample's V let go as its factors are made (the block method): the slabs make it from X.
+            let mut lean = BatchLowRank::default();
+            let r3 = decompose_factors_lean_with(&x, policy, 0, method, &mut lean, 0).unwrap();
+            assert_eq!(r1, r3, "{policy:?} {method:?}");
+            let is_block = matches!(method, SvdMethod::Block(_));
+            assert_eq!(lean.has_v(), !is_block, "{policy:?} {method:?}");
+            assert!(lean.samples.iter().all(|s| s.v.is_empty() == is_block));
+            // Above the batch's V, nothing is let go.
+            let mut kept = BatchLowRank::default();
+            decompose_factors_lean_with(&x, policy, 0, method, &mut kept, 4 * b * n * h * w)
+                .unwrap();
+            assert!(kept.has_v());
             // Slabs of 10, 1 and every pixel: [B, N, P] each, put back into [B, N, H·W].
-            for sp in [10, 1, h * w] {
+            for (sp, lr) in [
+                (10, &lr),
+                (1, &lr),
+                (h * w, &lr),
+                (10, &lean),
+                (h * w, &lean),
+            ] {
                 let mut got = vec![0f32; x.len()];
                 let mut slab = Vec::new();
                 for p0 in (0..h * w).step_by(sp) {
@@ -789,14 +807,13 @@ fn factors_alone_then_residual_slabs_give_the_residual_of_the_whole_decompositio
                     );
                 }
             }
-            // Past the end, another input's shape, or V let go: an error.
+            // Past the end, or another input's shape: an error, with V or without.
             let mut slab = Vec::new();
-            assert!(lr.residual_slab(&x, h * w - 2, 3, &mut slab).is_err());
-            assert!(lr
-                .residual_slab(&randn(&mut rng, &[b, n, h, w + 1], 1.0), 0, 1, &mut slab)
-                .is_err());
-            if lr.drop_v() {
-                assert!(lr.residual_slab(&x, 0, 1, &mut slab).is_err());
+            for lr in [&lr, &lean] {
+                assert!(lr.residual_slab(&x, h * w - 2, 3, &mut slab).is_err());
+                assert!(lr
+                    .residual_slab(&randn(&mut rng, &[b, n, h, w + 1], 1.0), 0, 1, &mut slab)
+                    .is_err());
             }
         }
     }

@@ -12,8 +12,8 @@ mod pipeline;
 use crate::integrity::{Checker, IntegrityStats, Projection, DEFAULT_REPS};
 use asymml_core::decomp::{
     add_noise_batch, block_svd_flops, decompose_batch_shared_with, decompose_batch_with,
-    decompose_factors_with, light_svd_flops, BatchLowRank, RankPolicy, RankTable, SvdMethod,
-    TableRank, TrustedConv,
+    decompose_factors_lean_with, decompose_factors_with, light_svd_flops, BatchLowRank, RankPolicy,
+    RankTable, SvdMethod, TableRank, TrustedConv,
 };
 use asymml_core::layers::Conv2d;
 use asymml_core::models::{ConvExec, Layer, Net, StreamPart};
@@ -245,6 +245,8 @@ pub struct SplitStats {
     pub streamed_forwards: u64,
     /// Conv forwards whose X_U was made a slab at a time straight into its frame (never whole here).
     pub in_frame_forwards: u64,
+    /// Training conv forwards that never held the batch's V at once ([`SplitExec::set_lean_v_bytes`]).
+    pub lean_forwards: u64,
 }
 
 /// Per-conv counters of the split runtime.
@@ -310,7 +312,13 @@ pub struct SplitExec<T: Transport> {
     /// The integrity checker (`None`: checks off).
     checker: Option<Checker>,
     stats: Arc<Mutex<SplitStats>>,
+    /// A training forward whose batch's V would exceed this many bytes lets each sample's V go as it is made
+    /// ([`SplitExec::set_lean_v_bytes`]).
+    lean_v_bytes: usize,
 }
+
+/// The default of [`SplitExec::set_lean_v_bytes`]: the size of one slab of X_U ([`SLAB_VALUES`] floats).
+pub const LEAN_V_BYTES: usize = 4 * SLAB_VALUES;
 
 /// Values of X_U per slab made in the trusted runtime on its way into its frame (4 MB: it stays in the
 /// last-level cache between being made, checked and written).
@@ -435,7 +443,19 @@ impl<T: Transport> SplitExec<T> {
             waited_s: 0.0,
             checker,
             stats: Arc::default(),
+            lean_v_bytes: LEAN_V_BYTES,
         })
+    }
+
+    /// In a training forward whose X_U goes slab by slab into its frame (the block SVD), a conv whose batch's
+    /// V (r × H·W per sample, 4 bytes a value) would exceed `bytes` lets each sample's V go as soon as its
+    /// factors are made: the slabs of X_U and Conv_T make the V they need from the input as they go (one
+    /// r × N × pixels product each, per slab and per sample), as the backward does, so the batch's V is never
+    /// held at once — it is the split's largest buffer at an image-like conv of a high rank (VGG16 at 224 px,
+    /// asym1, the second conv: 18 MB), held on top of the training forward's activations. Default
+    /// [`LEAN_V_BYTES`]; below it V is no larger than a slab and kept for speed. 0: always.
+    pub fn set_lean_v_bytes(&mut self, bytes: usize) {
+        self.lean_v_bytes = bytes;
     }
 
     /// The rank each conv used in its last forward, by conv id.
@@ -868,7 +888,9 @@ impl<T: Transport> SplitExec<T> {
             && !x.data.is_empty();
         let st = &mut self.layers[id];
         st.parts.clear();
-        let r = if in_frame {
+        let r = if in_frame && train {
+            decompose_factors_lean_with(x, policy, st.step, method, &mut st.lr, self.lean_v_bytes)?
+        } else if in_frame {
             decompose_factors_with(x, policy, st.step, method, &mut st.lr)?
         } else if self.cfg.shared_basis {
             decompose_batch_shared_with(x, policy, st.step, method, &mut st.lr, &mut self.residual)?
@@ -877,9 +899,15 @@ impl<T: Transport> SplitExec<T> {
         };
         st.rank = r;
         let (b, n, h, w) = x.nchw("split")?;
+        let lean = !self.layers[id].lr.has_v();
         let svd_flops = match method {
             SvdMethod::Light { iters } => light_svd_flops(b, n, h * w, r, iters),
             SvdMethod::Block(m) => block_svd_flops(b, n, h * w, r, &m),
+        } + if lean {
+            // V made again from X for the slabs of X_U.
+            2.0 * (b * n * h * w * r) as f64
+        } else {
+            0.0
         };
         // Every channel kept: X_U would be zero. Or, choosing the route, a rank at which Conv_T
         // would convolve all of X_T's channels: the split's trusted side would cost more than the
@@ -924,9 +952,16 @@ impl<T: Transport> SplitExec<T> {
         }
         // The trusted convolution runs while the accelerator computes its part.
         let t0 = Instant::now();
-        let lr = &self.layers[id].lr;
-        let f = TrustedConv::forward_flops(conv, lr)?;
-        self.tconv.forward(conv, lr, y)?;
+        let lr = &mut self.layers[id].lr;
+        let mut f = TrustedConv::forward_flops(conv, lr)?;
+        if lean {
+            // V made again from X, per sample, for Conv_T.
+            f += 2.0 * (b * n * h * w * r) as f64;
+            self.tconv.forward_from(conv, lr, x, y)?;
+            self.count(|s| s.lean_forwards += 1);
+        } else {
+            self.tconv.forward(conv, lr, y)?;
+        }
         self.trusted(id, t0, f);
         self.last_decomposed = Some(id);
         if train && !self.layers[id].input_shared {

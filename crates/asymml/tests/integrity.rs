@@ -6,7 +6,7 @@
 //! The relay is test-only code: nothing in the CLI can build it.
 
 use asymml_core::decomp::{BlockSvd, RankPolicy, SvdMethod};
-use asymml_core::models::{ConvExec, ModelSpec, Net};
+use asymml_core::models::{ConvExec, LocalExec, ModelSpec, Net};
 use asymml_core::optim::{Optimizer, OptimizerKind};
 use asymml_core::rng::Rng;
 use asymml_core::{CoreError, Tensor};
@@ -206,6 +206,9 @@ fn run_all_stats(
         done: false,
     };
     let mut exec = SplitExec::connect(relay, &mut net, cfg).unwrap();
+    if let Some(bytes) = LEAN_V.with(|l| l.get()) {
+        exec.set_lean_v_bytes(bytes);
+    }
     let stats = exec.stats();
     let mut opt = Optimizer::new(SGD, 5e-4);
     let result = (|| {
@@ -229,6 +232,11 @@ fn run_all_stats(
     let _ = service.join();
     let stats = stats.lock().unwrap().clone();
     (result, stats)
+}
+
+thread_local! {
+    /// `SplitExec::set_lean_v_bytes` for the executors [`run_all_stats`] makes on this thread (None: default).
+    static LEAN_V: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
 }
 
 /// The block SVD (the CLI's default).
@@ -667,4 +675,77 @@ fn a_pipelined_backward_that_is_not_ended_is_an_error_not_a_lost_gradient() {
     net.forward(&x, false, &mut exec).unwrap();
     exec.shutdown().unwrap();
     service.join().unwrap().unwrap();
+}
+
+#[test]
+fn a_lean_training_forward_equals_trusted_only_and_is_checked() {
+    // With V never held for the whole batch (every split conv's V made again from X for the slabs of X_U and
+    // for Conv_T), a training step gives trusted-only's loss and gradients, and lies are still caught.
+    LEAN_V.with(|l| l.set(Some(0)));
+    for name in ["vgg11", "resnet18"] {
+        for policy in ["schedule", "asym1"] {
+            let cfg = SplitConfig {
+                svd: Some(block_svd()),
+                ..cfg(policy, false, 0.0)
+            };
+            // One step each way from the same weights.
+            let (mut net, x, labels) = model(name);
+            let (mut reference, _, _) = model(name);
+            let (client, server) = inproc_pair();
+            let service = std::thread::spawn(move || Service::new(1).unwrap().serve(server));
+            let mut exec = SplitExec::connect(client, &mut net, cfg.clone()).unwrap();
+            exec.set_lean_v_bytes(0);
+            let stats = exec.stats();
+            let (loss, _) = net.forward_loss(&x, &labels, true, &mut exec).unwrap();
+            net.backward(&mut exec, false).unwrap();
+            exec.shutdown().unwrap();
+            service.join().unwrap().unwrap();
+            let (ref_loss, _) = reference
+                .forward_loss(&x, &labels, true, &mut LocalExec)
+                .unwrap();
+            reference.backward(&mut LocalExec, false).unwrap();
+            let all = stats.lock().unwrap().clone();
+            assert!(all.lean_forwards > 0, "{name} {policy}: no lean forward");
+            assert_eq!(all.integrity.failures, 0);
+            assert!((loss - ref_loss).abs() <= 1e-4 * ref_loss.abs().max(1.0));
+            let mut grads = Vec::new();
+            reference.visit_params(&mut |n, p| grads.push((n.to_string(), p.grad.data.clone())));
+            // (Against the largest gradient of the network: a conv's bias ahead of BatchNorm has a gradient of
+            // round-off only.)
+            let scale = grads
+                .iter()
+                .flat_map(|(_, g)| g.iter())
+                .fold(0f32, |m, v| m.max(v.abs()));
+            let mut i = 0;
+            net.visit_params(&mut |n, p| {
+                let (rn, rg) = &grads[i];
+                assert_eq!(n, rn);
+                let err = p
+                    .grad
+                    .data
+                    .iter()
+                    .zip(rg)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(err <= 1e-4 * scale, "{name} {policy} {n}: {err} of {scale}");
+                i += 1;
+            });
+            // A lie in Y_U or in ∇W_U of a lean conv is caught (conv 3 splits with the schedule's small ranks;
+            // asym1 keeps every channel of some of these small maps).
+            let lies: &[Tamper] = if policy == "schedule" {
+                &[Tamper::Output(0.1), Tamper::WeightGrad(0.1)]
+            } else {
+                &[]
+            };
+            for &tamper in lies {
+                let (res, stats) = run(name, cfg.clone(), tamper, 3, 2);
+                let err = res.expect_err(&format!("{name} {policy}: {tamper:?} passed"));
+                assert!(matches!(err, CoreError::Integrity { .. }), "{err}");
+                assert_eq!(stats.failures, 1);
+            }
+            let (res, all) = run_all_stats(name, cfg, Tamper::None, 0, 2);
+            res.unwrap();
+            assert!(all.lean_forwards > 0 && all.integrity.failures == 0);
+        }
+    }
+    LEAN_V.with(|l| l.set(None));
 }

@@ -180,28 +180,31 @@ impl BatchLowRank {
     }
 
     /// out: [B, N, P] ← pixels `p0 .. p0 + P` of the residual X_U = X − U_b V_b per sample, for x the very
-    /// input [B, N, H, W] that was decomposed (V must be there). The same values, made the same way, as the
-    /// residual [`decompose_batch_with`] gives: X's rows copied, then −U_b V_b added by a matrix product.
+    /// input [B, N, H, W] that was decomposed. The same values, made the same way, as the residual
+    /// [`decompose_batch_with`] gives: X's rows copied, then −U_b V_b added by a matrix product. Where V was let
+    /// go ([`BatchLowRank::drop_v`]), each sample's columns of V are made first from those pixels of X
+    /// ([`LowRank::v_from`]'s formula, r × P), so the batch's V is never needed whole.
     pub fn residual_slab(&self, x: &Tensor, p0: usize, p: usize, out: &mut Vec<f32>) -> Result<()> {
         let (b, n, h, w) = x.nchw("residual slab")?;
         let hw = h * w;
-        let fits =
-            |s: &LowRank| s.n == n && s.hw == hw && s.u.len() == n * s.r && s.v.len() == s.r * hw;
-        if self.v_dropped
-            || b != self.samples.len()
+        let dropped = self.v_dropped;
+        let fits = |s: &LowRank| {
+            s.n == n && s.hw == hw && s.u.len() == n * s.r && (dropped || s.v.len() == s.r * hw)
+        };
+        if b != self.samples.len()
             || (n, h, w) != (self.n, self.h, self.w)
             || p0 + p > hw
+            || (dropped && !self.projection)
             || !self.samples.iter().all(fits)
         {
             return Err(CoreError::Shape(format!(
-                "residual slab: pixels {p0}..{} of an input of shape {:?} for factorisations of [{}, {}, {}, {}]{}",
+                "residual slab: pixels {p0}..{} of an input of shape {:?} for factorisations of [{}, {}, {}, {}]",
                 p0 + p,
                 x.shape,
                 self.samples.len(),
                 self.n,
                 self.h,
                 self.w,
-                if self.v_dropped { " without V" } else { "" }
             )));
         }
         out.clear();
@@ -220,12 +223,19 @@ impl BatchLowRank {
                     return;
                 }
                 let negu: Vec<f32> = s.u.iter().map(|&v| -v).collect();
+                let mut cols = Vec::new();
+                let (v, ld, j0) = if dropped {
+                    s.v_cols(xb, p0, p, &mut cols);
+                    (&cols[..], p, 0)
+                } else {
+                    (&s.v[..], hw, p0)
+                };
                 sgemm_ld(
                     n,
                     p,
                     s.r,
                     Mat::rm(&negu, s.r),
-                    Mat::rm_from(&s.v, hw, p0),
+                    Mat::rm_from(v, ld, j0),
                     ob,
                     p,
                     true,
@@ -504,6 +514,7 @@ pub fn decompose_batch_with(
         method,
         out,
         Some(residual),
+        usize::MAX,
     )
 }
 
@@ -517,7 +528,38 @@ pub fn decompose_factors_with(
     method: SvdMethod,
     out: &mut BatchLowRank,
 ) -> Result<usize> {
-    decompose_block(Batch::of(x)?, policy, schedule_step, method, out, None)
+    decompose_block(
+        Batch::of(x)?,
+        policy,
+        schedule_step,
+        method,
+        out,
+        None,
+        usize::MAX,
+    )
+}
+
+/// [`decompose_factors_with`] that lets each sample's V go as soon as its factors are made, when the batch's V
+/// (4·r·B·H·W bytes at the rank chosen) would exceed `max_v_bytes` and V can be made again from X (the block
+/// method): the batch's V is then never held at once, and `out` says so ([`BatchLowRank::has_v`]).
+/// [`BatchLowRank::residual_slab`] and [`TrustedConv::forward_from`] make the V they need from X as they go.
+pub fn decompose_factors_lean_with(
+    x: &Tensor,
+    policy: RankPolicy,
+    schedule_step: usize,
+    method: SvdMethod,
+    out: &mut BatchLowRank,
+    max_v_bytes: usize,
+) -> Result<usize> {
+    decompose_block(
+        Batch::of(x)?,
+        policy,
+        schedule_step,
+        method,
+        out,
+        None,
+        max_v_bytes,
+    )
 }
 
 /// [`decompose_batch_with`] of samples `samples` of x ([B, N, H, W]) only: `out` and `residual` then hold
@@ -533,11 +575,20 @@ pub fn decompose_samples_with(
     residual: &mut Tensor,
 ) -> Result<usize> {
     let part = Batch::samples(x, samples)?;
-    decompose_block(part, policy, schedule_step, method, out, Some(residual))
+    decompose_block(
+        part,
+        policy,
+        schedule_step,
+        method,
+        out,
+        Some(residual),
+        usize::MAX,
+    )
 }
 
 /// [`decompose_batch_with`] of a borrowed batch (without `residual`, the block method makes none; the light
-/// one makes it in scratch).
+/// one makes it in scratch). Without `residual`, the block method lets each sample's V go once its factors
+/// are made where the batch's would exceed `max_v_bytes` ([`decompose_factors_lean_with`]).
 fn decompose_block(
     x: Batch<'_>,
     policy: RankPolicy,
@@ -545,6 +596,7 @@ fn decompose_block(
     method: SvdMethod,
     out: &mut BatchLowRank,
     residual: Option<&mut Tensor>,
+    max_v_bytes: usize,
 ) -> Result<usize> {
     (out.projection, out.v_dropped) = (false, false);
     let mut scratch = Tensor::default();
@@ -566,6 +618,7 @@ fn decompose_block(
     check_energy(policy)?;
     out.projection = true;
     // Without a residual, each sample's part of it is an empty slice.
+    let has_residual = residual.is_some();
     let mut res_parts: Vec<&mut [f32]> = match residual {
         Some(res) => {
             res.resize(&x.shape);
@@ -610,6 +663,7 @@ fn decompose_block(
         ),
     };
     let spectrum_done = matches!(policy, RankPolicy::Energy(_) | RankPolicy::Entropy);
+    let lean = !has_residual && (4 * r).saturating_mul(b * hw) > max_v_bytes;
     samples!().for_each(|((s, res), xb)| {
         let res: &mut [f32] = res;
         let xs = [xb];
@@ -617,6 +671,9 @@ fn decompose_block(
         if r == n {
             block::identity(&xs, n, &mut s.u, &mut [(&mut s.v, res)]);
             s.release_scratch();
+            if lean {
+                s.v = Vec::new();
+            }
             return;
         }
         if spectrum_done {
@@ -636,8 +693,12 @@ fn decompose_block(
             1,
         );
         s.release_scratch();
+        if lean {
+            s.v = Vec::new();
+        }
     });
     out.r = r;
+    out.v_dropped = lean;
     Ok(r)
 }
 

@@ -34,23 +34,28 @@ impl LowRank {
     /// with row j divided by ‖u_j‖² (0 where u_j is zero), the decomposition's V up to f32 rounding (U's
     /// columns are orthogonal; see [`super::BatchLowRank::restore_v`]).
     pub(crate) fn v_from(&self, xb: &[f32], v: &mut Vec<f32>) {
+        self.v_cols(xb, 0, self.hw, v);
+    }
+
+    /// v [r × P] ← columns `p0 .. p0 + P` of the V that [`LowRank::v_from`] makes (from those columns of xb).
+    pub(crate) fn v_cols(&self, xb: &[f32], p0: usize, p: usize, v: &mut Vec<f32>) {
         let (n, r, hw) = (self.n, self.r, self.hw);
         v.clear();
-        v.resize(r * hw, 0.0);
-        if r * hw == 0 {
+        v.resize(r * p, 0.0);
+        if r * p == 0 {
             return;
         }
         sgemm(
             r,
-            hw,
+            p,
             n,
             Mat::rm_t(&self.u, r),
-            Mat::rm(xb, hw),
+            Mat::rm_from(xb, hw, p0),
             v,
             false,
             1,
         );
-        for (j, row) in v.chunks_exact_mut(hw).enumerate() {
+        for (j, row) in v.chunks_exact_mut(p).enumerate() {
             let nn: f64 = (0..n).map(|i| (self.u[i * r + j] as f64).powi(2)).sum();
             let inv = if nn > 0.0 && (1.0 / nn).is_finite() {
                 (1.0 / nn) as f32

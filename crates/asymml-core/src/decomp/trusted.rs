@@ -423,12 +423,54 @@ impl TrustedConv {
     /// it once to Y_T + Y_U. Cost per sample: M·k²·min(r·(N + P), N·P) (+ N·r·H·W on the direct route),
     /// P = OH·OW.
     pub fn forward(&mut self, conv: &Conv2d, lr: &BatchLowRank, y_t: &mut Tensor) -> Result<()> {
+        no_v_refused(lr, "forward")?;
+        self.forward_to(conv, lr, None, y_t)
+    }
+
+    /// [`TrustedConv::forward`] for factorisations that may have let V go ([`BatchLowRank::drop_v`],
+    /// [`crate::decomp::decompose_factors_lean_with`]), x being the very input [B, N, H, W] that was
+    /// decomposed. Through W', each worker makes its samples' V_b from x one at a time (r × H·W, not the batch's
+    /// r × B·H·W at once); the direct routes, which rebuild X_T from every V_b, make V again for the batch
+    /// first and let it go after.
+    pub fn forward_from(
+        &mut self,
+        conv: &Conv2d,
+        lr: &mut BatchLowRank,
+        x: &Tensor,
+        y_t: &mut Tensor,
+    ) -> Result<()> {
+        if lr.has_v() {
+            return self.forward(conv, lr, y_t);
+        }
+        let g = Geo::of(conv, lr)?;
+        if !matches!(g.forward_route(), Fwd::ThroughV { .. }) {
+            lr.restore_v(x)?;
+            let done = self.forward(conv, lr, y_t);
+            lr.drop_v();
+            return done;
+        }
+        lr.check_input(x, "trusted conv forward")?;
+        let done = self.forward_to(conv, lr, Some(x), y_t);
+        for sc in &mut self.scratch {
+            sc.vb = Vec::new();
+        }
+        done
+    }
+
+    /// Conv_T into y_t; with `x` (the decomposed input, of the checked shape), the route through W' makes each
+    /// V_b from it instead of reading the factorisation's.
+    fn forward_to(
+        &mut self,
+        conv: &Conv2d,
+        lr: &BatchLowRank,
+        x: Option<&Tensor>,
+        y_t: &mut Tensor,
+    ) -> Result<()> {
         let w = &conv.weight.value;
         if w.len() != w.shape.iter().product::<usize>() {
             return Err(CoreError::Shape("trusted conv: weight data/shape".into()));
         }
         let g = Geo::of(conv, lr)?;
-        no_v_refused(lr, "forward")?;
         let (m, n, r, kk, p) = (g.m, g.n, g.r, g.k * g.k, g.oh * g.ow);
         y_t.resize(&[g.b, m, g.oh, g.ow]);
         if g.b == 0 || m == 0 {
@@ -517,12 +559,20 @@ impl TrustedConv {
         }
         let wk = &self.wk;
         let shared = g.shared.then_some((&self.shared_wp, &self.shared_wino_u));
+        let nhw = n * g.h * g.w;
         y_t.data
             .par_chunks_mut(per * m * p)
             .zip(lr.samples.par_chunks(per))
             .zip(self.scratch.par_iter_mut())
-            .for_each(|((yc, sams), sc)| {
-                for (yb, s) in yc.chunks_mut(m * p).zip(sams) {
+            .enumerate()
+            .for_each(|(ci, ((yc, sams), sc))| {
+                for (j, (yb, s)) in yc.chunks_mut(m * p).zip(sams).enumerate() {
+                    // V_b: the factorisation's, or made from the input in this worker's buffer.
+                    if let Some(x) = x {
+                        let bi = ci * per + j;
+                        s.v_from(&x.data[bi * nhw..(bi + 1) * nhw], &mut sc.vb);
+                    }
+                    let v: &[f32] = if x.is_some() { &sc.vb } else { &s.v };
                     let (wp, wino_u): (&[f32], &[f32]) = match shared {
                         Some((wp, u)) => (wp, u),
                         None => {
@@ -543,13 +593,13 @@ impl TrustedConv {
                             w: g.w,
                             m,
                         };
-                        winograd::conv(&s.v, shape, wino_u, yb, None, &mut sc.wino, gt);
+                        winograd::conv(v, shape, wino_u, yb, None, &mut sc.wino, gt);
                         continue;
                     }
                     // Y_b [M × P] = W'_b · col(V_b), a band of output rows at a time: with r·kk small the
                     // product is bound by writing Y, which stays in cache per band (VGG16 at 224 px, 64
                     // channels, r = 2: 19 → 60 GFLOP/s), and only the band's im2col is made.
-                    g.conv_bands(wp, &s.v, r, yb, &mut sc.col, gt);
+                    g.conv_bands(wp, v, r, yb, &mut sc.col, gt);
                 }
             });
         Ok(())
