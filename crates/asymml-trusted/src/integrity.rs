@@ -748,7 +748,11 @@ impl Checker {
         self.slab = Combined::default();
         let comb = std::mem::take(&mut self.comb);
         let out = self.finish_forward(conv, st.draw, &comb, ys, proj, t0);
-        self.comb = comb;
+        // So do the per-pixel sums of the map and of Y_U's pass (VGG16-224's second conv: 18 MB and 2 MB in
+        // f64): kept, they would sit on top of the training forward's activations and the backward's
+        // gradients until the next check, which makes its own.
+        drop(comb);
+        self.lhs = Lhs::default();
         out
     }
 
@@ -978,10 +982,12 @@ impl Checker {
                 break;
             }
         }
-        // The projection's buffer goes back to the passes' scratch.
-        if dyproj.capacity() > self.comb.proj.capacity() {
-            self.comb.proj = dyproj;
-        }
+        // The passes' scratch goes with the ∇Y side (each check makes its own again): held from one conv's
+        // backward to the next, sized by the largest map checked, it would sit on top of the backward's
+        // gradients (VGG16-224's second conv: 18 MB).
+        drop(dyproj);
+        self.comb = Combined::default();
+        self.lhs = Lhs::default();
         self.stats.seconds += t0.elapsed().as_secs_f64();
         match range {
             Some(e) => Err(e),

@@ -1496,7 +1496,8 @@ impl<T: Transport> SplitExec<T> {
                     &dw_u.data,
                 )
             });
-            self.layers[id].proj = proj;
+            // (The projection's last check: it goes, as after a pipelined backward's ∇W_U check.)
+            drop(proj);
             if let Err(e) = checked {
                 self.dw_u = dw_u;
                 return Err(dx
@@ -1603,9 +1604,11 @@ impl<T: Transport> SplitExec<T> {
                 self.dw_u = dw_u;
                 return Err(bad_reply(&what, e));
             }
+            // The forward's projection has served its last check: it goes (r·B·H·W values in f64, 6 MB at
+            // VGG16-224's second conv), not held through the next forward until that one replaces it.
             let proj = std::mem::take(&mut self.layers[id].proj);
             let checked = self.checked(id, |ch| ch.check_weight_grad(id, &proj, &dw_u.data));
-            self.layers[id].proj = proj;
+            drop(proj);
             if let Err(e) = checked {
                 self.dw_u = dw_u;
                 return Err(e);

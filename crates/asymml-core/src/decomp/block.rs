@@ -351,6 +351,27 @@ impl BlockScratch {
                 + self.wt32.capacity())
     }
 
+    /// Once an energy policy's rank is found: lets go of the products (above all Qᵀ X, l × C) where they hold
+    /// more than `max_bytes`, keeping the basis (and G). The factors then take V = Qᵣᵀ X, one product more,
+    /// instead of Wᵣᵀ (Qᵀ X): a batch's samples each keep their scratch from the rank to the factors, and
+    /// these products are the bulk of it (VGG16 at 224 px, second conv, asym1: 4.8 MB a sample).
+    pub(crate) fn keep_basis_within(&mut self, max_bytes: usize) {
+        let products = 4
+            * (self.zt.capacity()
+                + self.yt.capacity()
+                + self.t32.capacity()
+                + self.negu.capacity()
+                + self.wt32.capacity());
+        if products > max_bytes {
+            self.zt = Vec::new();
+            self.yt = Vec::new();
+            self.t32 = Vec::new();
+            self.negu = Vec::new();
+            self.wt32 = Vec::new();
+            self.z_valid = false;
+        }
+    }
+
     /// False when X is zero or not finite: no component is worth computing.
     pub(crate) fn worth(&self) -> bool {
         self.total > 0.0 && self.total.is_finite()

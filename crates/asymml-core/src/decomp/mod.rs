@@ -543,6 +543,8 @@ pub fn decompose_factors_with(
 /// (4·r·B·H·W bytes at the rank chosen) would exceed `max_v_bytes` and V can be made again from X (the block
 /// method): the batch's V is then never held at once, and `out` says so ([`BatchLowRank::has_v`]).
 /// [`BatchLowRank::residual_slab`] and [`TrustedConv::forward_from`] make the V they need from X as they go.
+/// An energy policy's samples, which each hold their scratch from the rank to the factors, keep only their
+/// basis there where their products would pass the same budget (V is then made by one product more).
 pub fn decompose_factors_lean_with(
     x: &Tensor,
     policy: RankPolicy,
@@ -647,7 +649,10 @@ fn decompose_block(
             samples!()
                 .map(|((s, _), xb)| {
                     s.blk.start(&[xb], n);
-                    block::energy_rank(&[xb], n, hw, e, &m, &mut s.blk, 1)
+                    let r = block::energy_rank(&[xb], n, hw, e, &m, &mut s.blk, 1);
+                    // (Every sample's scratch is held until the factors: within its share of the budget.)
+                    s.blk.keep_basis_within(max_v_bytes / b.max(1));
+                    r
                 })
                 .max()
                 .unwrap_or(1),
