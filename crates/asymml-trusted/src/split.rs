@@ -1164,7 +1164,11 @@ impl<T: Transport> SplitExec<T> {
             })
             .map_err(name_found);
         self.layers[id].proj = proj;
-        self.residual = residual;
+        // A shortcut conv is the last to read its block input's X_U: it goes (the largest input of a ResNet
+        // stage, held through the rest of the forward otherwise). Else it stays, as scratch for the next.
+        if self.layers[id].shared_from.is_none() {
+            self.residual = residual;
+        }
         checked
     }
 }

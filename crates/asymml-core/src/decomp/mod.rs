@@ -528,15 +528,7 @@ pub fn decompose_factors_with(
     method: SvdMethod,
     out: &mut BatchLowRank,
 ) -> Result<usize> {
-    decompose_block(
-        Batch::of(x)?,
-        policy,
-        schedule_step,
-        method,
-        out,
-        None,
-        usize::MAX,
-    )
+    decompose_factors_lean_with(x, policy, schedule_step, method, out, usize::MAX)
 }
 
 /// [`decompose_factors_with`] that lets each sample's V go as soon as its factors are made, when the batch's V
