@@ -12,8 +12,8 @@ mod pipeline;
 use crate::integrity::{Checker, IntegrityStats, Projection, DEFAULT_REPS};
 use asymml_core::decomp::{
     add_noise_batch, block_svd_flops, decompose_batch_shared_with, decompose_batch_with,
-    decompose_factors_lean_with, decompose_factors_with, light_svd_flops, BatchLowRank, RankPolicy,
-    RankTable, SvdMethod, TableRank, TrustedConv,
+    decompose_factors_lean_with, light_svd_flops, BatchLowRank, RankPolicy, RankTable, SvdMethod,
+    TableRank, TrustedConv,
 };
 use asymml_core::layers::Conv2d;
 use asymml_core::models::{ConvExec, Layer, Net, StreamPart};
@@ -888,10 +888,10 @@ impl<T: Transport> SplitExec<T> {
             && !x.data.is_empty();
         let st = &mut self.layers[id];
         st.parts.clear();
-        let r = if in_frame && train {
-            decompose_factors_lean_with(x, policy, st.step, method, &mut st.lr, self.lean_v_bytes)?
-        } else if in_frame {
-            decompose_factors_with(x, policy, st.step, method, &mut st.lr)?
+        let r = if in_frame {
+            // (Only a training forward lets V go: inference holds it for Conv_T only.)
+            let max_v = if train { self.lean_v_bytes } else { usize::MAX };
+            decompose_factors_lean_with(x, policy, st.step, method, &mut st.lr, max_v)?
         } else if self.cfg.shared_basis {
             decompose_batch_shared_with(x, policy, st.step, method, &mut st.lr, &mut self.residual)?
         } else {
@@ -899,16 +899,18 @@ impl<T: Transport> SplitExec<T> {
         };
         st.rank = r;
         let (b, n, h, w) = x.nchw("split")?;
+        // With V let go, X_U's slabs and Conv_T each make it again from X: one r × N × H·W product a sample.
         let lean = !self.layers[id].lr.has_v();
-        let svd_flops = match method {
-            SvdMethod::Light { iters } => light_svd_flops(b, n, h * w, r, iters),
-            SvdMethod::Block(m) => block_svd_flops(b, n, h * w, r, &m),
-        } + if lean {
-            // V made again from X for the slabs of X_U.
+        let v_flops = if lean {
             2.0 * (b * n * h * w * r) as f64
         } else {
             0.0
         };
+        let svd_flops = v_flops
+            + match method {
+                SvdMethod::Light { iters } => light_svd_flops(b, n, h * w, r, iters),
+                SvdMethod::Block(m) => block_svd_flops(b, n, h * w, r, &m),
+            };
         // Every channel kept: X_U would be zero. Or, choosing the route, a rank at which Conv_T
         // would convolve all of X_T's channels: the split's trusted side would cost more than the
         // whole conv. Either way the conv runs here and nothing is sent (the step counts as a split
@@ -953,14 +955,10 @@ impl<T: Transport> SplitExec<T> {
         // The trusted convolution runs while the accelerator computes its part.
         let t0 = Instant::now();
         let lr = &mut self.layers[id].lr;
-        let mut f = TrustedConv::forward_flops(conv, lr)?;
+        let f = TrustedConv::forward_flops(conv, lr)? + v_flops;
+        self.tconv.forward_from(conv, lr, x, y)?;
         if lean {
-            // V made again from X, per sample, for Conv_T.
-            f += 2.0 * (b * n * h * w * r) as f64;
-            self.tconv.forward_from(conv, lr, x, y)?;
             self.count(|s| s.lean_forwards += 1);
-        } else {
-            self.tconv.forward(conv, lr, y)?;
         }
         self.trusted(id, t0, f);
         self.last_decomposed = Some(id);
