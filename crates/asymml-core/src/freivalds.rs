@@ -150,7 +150,23 @@ pub fn combine_pass(
     chan: Option<&[f64]>,
     out: &mut Combined,
 ) {
-    combine_with(data, bsz, ch, p, r, batch, chan, out, true)
+    combine_with(data, bsz, ch, (p, 0, p), r, batch, chan, out, true)
+}
+
+/// [`combine_pass`] over pixels `q0 .. q0 + p` of `data` ([B, C, DP]: rows of `dp` pixels), its outputs
+/// sized for those `p` pixels (a band of a map, whose check needs only the band's sums at once).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn combine_pass_range(
+    data: &[f32],
+    bsz: usize,
+    ch: usize,
+    (dp, q0, p): (usize, usize, usize),
+    r: usize,
+    batch: Option<(&[f64], &[f32], usize)>,
+    chan: Option<&[f64]>,
+    out: &mut Combined,
+) {
+    combine_with(data, bsz, ch, (dp, q0, p), r, batch, chan, out, true)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -164,14 +180,18 @@ fn combine_with(
     data: &[f32],
     bsz: usize,
     ch: usize,
-    p: usize,
+    range: (usize, usize, usize),
     r: usize,
     batch: Option<(&[f64], &[f32], usize)>,
     chan: Option<&[f64]>,
     out: &mut Combined,
     fast: bool,
 ) {
-    assert_eq!(data.len(), bsz * ch * p, "combine_pass: data is not [B, C, P]");
+    let (dp, q0, p) = range;
+    assert!(
+        data.len() == bsz * ch * dp && q0 + p <= dp,
+        "combine_pass: data is not [B, C, P] or the pixels are not in its rows"
+    );
     let kk = batch.map_or(0, |(_, _, kk)| kk);
     if let Some((c, w, kk)) = batch {
         assert!(c.len() == r * bsz && w.len() == r * kk * ch, "combine_pass: coefficient sizes");
@@ -181,14 +201,14 @@ fn combine_with(
     zeroed(&mut out.bsq, bsz * p);
     zeroed(&mut out.proj, if chan.is_some() { r * bsz * p } else { 0 });
     zeroed(&mut out.chn2, if chan.is_some() { ch } else { 0 });
-    if data.is_empty() {
+    if data.is_empty() || p == 0 {
         return;
     }
     // Per tile of pixels, the R·C rows of the batch combination stay in L2 while every sample's rows of the
     // tile stream by; the per-sample squares and projections, and the contraction's partial sums, in L1.
     let tile = tile_width(if batch.is_some() { r * ch } else { 1 }, p);
     #[cfg(target_arch = "x86_64")]
-    if fast && r == 2 && combine_x86::combine_r2(data, bsz, ch, p, batch, chan, tile, out) {
+    if fast && r == 2 && combine_x86::combine_r2(data, bsz, ch, (dp, q0, p), batch, chan, tile, out) {
         return;
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -208,7 +228,7 @@ fn combine_with(
                     part.iter_mut().for_each(|v| *v = 0.0);
                 }
                 for j in j0..(j0 + BLOCK).min(ch) {
-                    let x = &data[(b * ch + j) * p + p0..][..tl];
+                    let x = &data[(b * ch + j) * dp + q0 + p0..][..tl];
                     if let Some((c, _, _)) = batch {
                         for ri in 0..r {
                             let cb = c[ri * bsz + b] as f32;
@@ -661,6 +681,24 @@ pub fn sum_squares(x: &[f32]) -> f64 {
 
 /// Σ a_i·b_i in f64 over four lanes (independent accumulators, so it runs at throughput, not latency).
 #[inline(always)]
+/// Σ a·b in f64 of f64 values and f32 ones.
+fn dot64_32(a: &[f64], b: &[f32]) -> f64 {
+    let mut acc = [0f64; 4];
+    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, &y)| x * y as f64)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..4 {
+            acc[l] += x[l] * y[l] as f64;
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
 pub(crate) fn dot64(a: &[f64], b: &[f64]) -> f64 {
     let mut acc = [0f64; 4];
     let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
@@ -788,8 +826,17 @@ fn period_dot_k<const K: usize, const P: usize>(
 simd_fn! {
 /// rhs [k·k] += per kernel offset, Σ_b Σ_p dys[b, p] · xt[b, p·s + off − pad] (dys [B, OH·OW], xt
 /// [B, H·W]): the correlation of the two projections that ∇W_U's check compares against.
-pub fn weight_grad_one(dys: &[f64], xt: &[f64], g: &Geo, rhs: &mut [f64]) {
-    let (hw, p) = (g.hw(), g.p());
+pub fn weight_grad_one(dys: &[f64], xt: &[f32], g: &Geo, rhs: &mut [f64]) {
+    weight_grad_rows(dys, xt, g, (0, g.oh), rhs)
+}
+}
+
+simd_fn! {
+/// [`weight_grad_one`] over the output rows `oy0 .. oy1` only, `dys` holding those rows ([B, (oy1 − oy0)·OW]):
+/// the bands of a map add up to the whole map's.
+pub fn weight_grad_rows(dys: &[f64], xt: &[f32], g: &Geo, rows: (usize, usize), rhs: &mut [f64]) {
+    let (oy0, oy1) = rows;
+    let (hw, p) = (g.hw(), (oy1 - oy0) * g.ow);
     if hw == 0 || p == 0 {
         return;
     }
@@ -801,16 +848,16 @@ pub fn weight_grad_one(dys: &[f64], xt: &[f64], g: &Geo, rhs: &mut [f64]) {
                     continue;
                 }
                 let mut acc = 0f64;
-                for oy in 0..g.oh {
+                for oy in oy0..oy1 {
                     let Some(iy) = g.row(oy, ky) else { continue };
-                    let drow = &dsb[oy * g.ow..(oy + 1) * g.ow];
+                    let drow = &dsb[(oy - oy0) * g.ow..(oy - oy0 + 1) * g.ow];
                     let xrow = &xtb[iy * g.w..(iy + 1) * g.w];
                     if g.s == 1 {
                         let start = lo + kx - g.pad;
-                        acc += dot64(&drow[lo..hi], &xrow[start..start + hi - lo]);
+                        acc += dot64_32(&drow[lo..hi], &xrow[start..start + hi - lo]);
                     } else {
                         for ox in lo..hi {
-                            acc += drow[ox] * xrow[ox * g.s + kx - g.pad];
+                            acc += drow[ox] * xrow[ox * g.s + kx - g.pad] as f64;
                         }
                     }
                 }
@@ -825,9 +872,25 @@ simd_fn! {
 /// z [OH·OW] += Σ over kernel offsets o of a[o] ([k·k, H·W]) at the input pixel that o maps output pixel p to:
 /// with a[o] = Σ_ch w[ch, o]·x[ch] (see [`Combined::contracted`]), the conv of x with the one output channel w.
 pub fn gather_offsets(a: &[f64], g: &Geo, z: &mut [f64]) {
-    let hw = g.hw();
-    for oy in 0..g.oh {
-        let zrow = &mut z[oy * g.ow..(oy + 1) * g.ow];
+    gather_offsets_rows(a, (g.hw(), 0), g, (0, g.oh), z)
+}
+}
+
+simd_fn! {
+/// [`gather_offsets`] for the output rows `oy0 .. oy1` (into z [(oy1 − oy0)·OW]) from a window of the input
+/// rows: `a` holds [k·k, WIN] with WIN = `win` pixels from input row `row0` on, which must cover every input
+/// row those output rows read.
+pub fn gather_offsets_rows(
+    a: &[f64],
+    window: (usize, usize),
+    g: &Geo,
+    rows: (usize, usize),
+    z: &mut [f64],
+) {
+    let (win, row0) = window;
+    let (oy0, oy1) = rows;
+    for oy in oy0..oy1 {
+        let zrow = &mut z[(oy - oy0) * g.ow..(oy - oy0 + 1) * g.ow];
         for ky in 0..g.k {
             let Some(iy) = g.row(oy, ky) else { continue };
             for kx in 0..g.k {
@@ -835,7 +898,7 @@ pub fn gather_offsets(a: &[f64], g: &Geo, z: &mut [f64]) {
                 if lo >= hi {
                     continue;
                 }
-                let row = &a[(ky * g.k + kx) * hw + iy * g.w..][..g.w];
+                let row = &a[(ky * g.k + kx) * win + (iy - row0) * g.w..][..g.w];
                 if g.s == 1 {
                     let start = lo + kx - g.pad;
                     zrow[lo..hi]
@@ -857,8 +920,17 @@ simd_fn! {
 /// rhs [H·W] += Σ over kernel offsets o of a[o] ([k·k, OH·OW]) scattered to the input pixel o maps each
 /// output pixel to: with a[o] = Σ_m w[m, o]·dy[m], the transposed conv of dy with the one input channel w.
 pub fn scatter_offsets(a: &[f64], g: &Geo, rhs: &mut [f64]) {
-    let p = g.p();
-    for oy in 0..g.oh {
+    scatter_offsets_rows(a, g, (0, g.oh), rhs)
+}
+}
+
+simd_fn! {
+/// [`scatter_offsets`] for the output rows `oy0 .. oy1` only, `a` holding those rows ([k·k, (oy1 − oy0)·OW]):
+/// the bands of a map, scattered one after the other, add up to the whole map's.
+pub fn scatter_offsets_rows(a: &[f64], g: &Geo, rows: (usize, usize), rhs: &mut [f64]) {
+    let (oy0, oy1) = rows;
+    let p = (oy1 - oy0) * g.ow;
+    for oy in oy0..oy1 {
         for ky in 0..g.k {
             let Some(iy) = g.row(oy, ky) else { continue };
             for kx in 0..g.k {
@@ -866,7 +938,7 @@ pub fn scatter_offsets(a: &[f64], g: &Geo, rhs: &mut [f64]) {
                 if lo >= hi {
                     continue;
                 }
-                let src = &a[(ky * g.k + kx) * p + oy * g.ow..][..g.ow];
+                let src = &a[(ky * g.k + kx) * p + (oy - oy0) * g.ow..][..g.ow];
                 let dst = &mut rhs[iy * g.w..(iy + 1) * g.w];
                 if g.s == 1 {
                     let start = lo + kx - g.pad;
@@ -933,7 +1005,7 @@ mod tests {
             for (with_batch, with_chan) in [(true, true), (true, false), (false, true)] {
                 let batch = with_batch.then_some((c.as_slice(), w.as_slice(), kk));
                 let chan = with_chan.then_some(t.as_slice());
-                combine_with(&data, bsz, ch, p, r, batch, chan, &mut out, fast);
+                combine_with(&data, bsz, ch, (p, 0, p), r, batch, chan, &mut out, fast);
                 let x = |b: usize, j: usize, q: usize| data[(b * ch + j) * p + q] as f64;
                 for q in 0..p {
                     for b in 0..bsz {
@@ -978,6 +1050,38 @@ mod tests {
                 assert_eq!(out.contracted.is_empty(), !with_batch);
                 assert_eq!(out.proj.is_empty(), !with_chan);
             }
+        }
+    }
+
+    #[test]
+    fn a_range_of_pixels_gives_the_pass_over_a_copy_of_those_pixels() {
+        let mut rng = Rng::new(21);
+        // Both kernels (two repetitions), the generic one (three), ranges at the rows' start, inside and at
+        // their end, a range shorter than a vector.
+        for (bsz, ch, dp, r, kk, q0, p) in [
+            (5, 33, 1037, 2, 9, 0, 400),
+            (5, 33, 1037, 2, 9, 500, 537),
+            (3, 17, 300, 3, 9, 37, 101),
+            (2, 20, 4100, 2, 1, 4093, 7),
+        ] {
+            let data = randn(&mut rng, bsz * ch * dp);
+            let copy: Vec<f32> = data
+                .chunks_exact(dp)
+                .flat_map(|row| row[q0..q0 + p].iter().copied())
+                .collect();
+            let c: Vec<f64> = (0..r * bsz).map(|i| 1.0 + (i % 3) as f64 * 0.25).collect();
+            let w = randn(&mut rng, r * kk * ch);
+            let t: Vec<f64> = (0..r * ch).map(|i| -1.5 + (i % 5) as f64 * 0.5).collect();
+            let batch = Some((c.as_slice(), w.as_slice(), kk));
+            let (mut band, mut whole) = (Combined::default(), Combined::default());
+            combine_pass_range(&data, bsz, ch, (dp, q0, p), r, batch, Some(&t), &mut band);
+            combine_pass(&copy, bsz, ch, p, r, batch, Some(&t), &mut whole);
+            assert_eq!(band.contracted, whole.contracted);
+            assert_eq!(band.comb_sq, whole.comb_sq);
+            assert_eq!(band.bsq, whole.bsq);
+            assert_eq!(band.proj, whole.proj);
+            assert_eq!(band.chn2, whole.chn2);
+            assert_eq!(band.contracted.len(), r * kk * p);
         }
     }
 
@@ -1253,9 +1357,8 @@ mod tests {
             c1.weight.zero_grad();
             c1.backward(&x1, &dy_one, None).unwrap();
             let dys: Vec<f64> = dy0.iter().map(|&v| v as f64).collect();
-            let xt: Vec<f64> = x1.data.iter().map(|&v| v as f64).collect();
             let mut wg = vec![0f64; kk];
-            weight_grad_one(&dys, &xt, &Geo::of(&c1, &x1.shape).unwrap(), &mut wg);
+            weight_grad_one(&dys, &x1.data, &Geo::of(&c1, &x1.shape).unwrap(), &mut wg);
             for (a, b) in wg.iter().zip(&c1.weight.grad.data) {
                 assert!((a - *b as f64).abs() < 1e-3, "{a} vs {b}");
             }

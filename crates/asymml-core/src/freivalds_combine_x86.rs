@@ -17,14 +17,15 @@ struct Want {
     chan: bool,
 }
 
-/// [`super::combine_pass`] with R = 2 on pixel tiles of `tile`, into `out` (already zeroed at its sizes);
-/// false (nothing done) without AVX2 and FMA.
+/// [`super::combine_pass_range`] with R = 2 on pixel tiles of `tile`, into `out` (already zeroed at its
+/// sizes): pixels `q0 .. q0 + p` of `data`, whose rows are `dp` long; false (nothing done) without AVX2 and
+/// FMA.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub(super) fn combine_r2(
     data: &[f32],
     bsz: usize,
     ch: usize,
-    p: usize,
+    (dp, q0, p): (usize, usize, usize),
     batch: Option<(&[f64], &[f32], usize)>,
     chan: Option<&[f64]>,
     tile: usize,
@@ -35,7 +36,8 @@ pub(super) fn combine_r2(
     }
     let kk = batch.map_or(0, |(_, _, kk)| kk);
     assert!(
-        data.len() == bsz * ch * p
+        data.len() == bsz * ch * dp
+            && q0 + p <= dp
             && batch.is_none_or(|(c, w, kk)| c.len() == 2 * bsz && w.len() == 2 * kk * ch)
             && chan.is_none_or(|t| t.len() == 2 * ch)
             && out.contracted.len() == 2 * kk * p
@@ -65,7 +67,14 @@ pub(super) fn combine_r2(
         batch: batch.is_some(),
         chan: chan.is_some(),
     };
-    let dims = Dims { bsz, ch, p, kk };
+    let dims = Dims {
+        bsz,
+        ch,
+        p,
+        kk,
+        dp,
+        q0,
+    };
     let at = Out {
         contracted: out.contracted.as_mut_ptr(),
         comb_sq: out.comb_sq.as_mut_ptr(),
@@ -102,7 +111,7 @@ pub(super) fn combine_r2(
     };
     let tiles = p.div_ceil(tile);
     let chn: Vec<Vec<f64>> =
-        if tiles > 1 && rayon::current_num_threads() > 1 && data.len() >= PAR_MIN_VALUES {
+        if tiles > 1 && rayon::current_num_threads() > 1 && bsz * ch * p >= PAR_MIN_VALUES {
             use rayon::prelude::*;
             (0..tiles).into_par_iter().map_init(scratch, run).collect()
         } else {
@@ -139,13 +148,16 @@ unsafe impl Sync for Out {}
 /// the batch combination are live at once, which a first-level TLB of 64 entries holds.
 const SUB: usize = 8;
 
-/// The shapes of a pass: samples, channels, pixels, kernel offsets.
+/// The shapes of a pass: samples, channels, pixels, kernel offsets; the data's row length and the pixel
+/// of its rows at which the pass's pixels start.
 #[derive(Clone, Copy)]
 struct Dims {
     bsz: usize,
     ch: usize,
     p: usize,
     kk: usize,
+    dp: usize,
+    q0: usize,
 }
 
 /// The f32 accumulators of one tile: the batch combination [2, C, stride], the squares of the pair of
@@ -200,11 +212,11 @@ unsafe fn samples(
     s.sq[..tl].iter_mut().for_each(|v| *v = 0.0);
     s.sq[stride..stride + tl].iter_mut().for_each(|v| *v = 0.0);
     let dp = data.as_ptr();
-    let row = |b: usize, j: usize| (b * ch + j) * p + p0;
+    let row = |b: usize, j: usize| (b * ch + j) * d.dp + d.q0 + p0;
     for j0 in (0..ch).step_by(SUB) {
         let j1 = (j0 + SUB).min(ch);
         for v in (0..tv).step_by(8) {
-            // SAFETY: rows of `data` hold P ≥ p0 + v + 8 floats from `row`; the scratch rows
+            // SAFETY: rows of `data` hold q0 + P ≥ q0 + p0 + v + 8 floats from `row`; the scratch rows
             // hold `stride` ≥ v + 8; `chn` holds 8 per channel; `out.proj` rows hold P.
             unsafe {
                 let sqp = s.sq.as_mut_ptr();

@@ -754,6 +754,42 @@ fn small_maps_of_many_channels_are_decomposed_exactly_through_the_thin_gram() {
 }
 
 #[test]
+fn an_energy_policy_within_a_tiny_budget_keeps_the_rank_and_the_energy() {
+    // Many channels on a small map (G and the full routes' basis are N × N a sample): within a budget of a
+    // few bytes each sample keeps a part of its basis (or none) from the rank to the factors, and makes it
+    // again where it falls short of the batch's rank.
+    let mut rng = Rng::new(43);
+    for [b, n, h, w] in [[4, 96, 4, 4], [3, 40, 6, 6], [2, 128, 2, 3]] {
+        let x = randn(&mut rng, &[b, n, h, w], 1.0);
+        let hw = h * w;
+        for e in [0.5, 0.9] {
+            let policy = RankPolicy::Energy(e);
+            let method = block(BlockRoute::Auto);
+            let mut kept = BatchLowRank::default();
+            let r1 =
+                decompose_factors_lean_with(&x, policy, 0, method, &mut kept, usize::MAX).unwrap();
+            for budget in [0, 4096] {
+                let mut lean = BatchLowRank::default();
+                let r2 =
+                    decompose_factors_lean_with(&x, policy, 0, method, &mut lean, budget).unwrap();
+                assert_eq!(r1, r2, "{:?} {e} {budget}", x.shape);
+                let mut slab = Vec::new();
+                lean.residual_slab(&x, 0, hw, &mut slab).unwrap();
+                for (xs, rs) in x.data.chunks_exact(n * hw).zip(slab.chunks_exact(n * hw)) {
+                    let total: f64 = xs.iter().map(|v| (*v as f64).powi(2)).sum();
+                    let left: f64 = rs.iter().map(|v| (*v as f64).powi(2)).sum();
+                    assert!(
+                        left <= (1.0 - e) * total * (1.0 + 1e-4) + 1e-9,
+                        "{:?} {e} {budget}: {left} of {total} left",
+                        x.shape
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn factors_alone_then_residual_slabs_give_the_residual_of_the_whole_decomposition() {
     let mut rng = Rng::new(41);
     let [b, n, h, w] = [3, 12, 7, 9];

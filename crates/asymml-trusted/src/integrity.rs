@@ -38,9 +38,9 @@
 //! vanishing probability, and each of the `reps` repetitions (2 by default) draws new coefficients.
 
 use asymml_core::freivalds::{
-    column_squares, combine_pass, combine_rows, gather_offsets, lhs_pass, merge_into_lhs_pass,
-    merge_lhs_pass, period_dot, scatter_offsets, sum_squares, weight_grad_one, Combined, Geo, Lhs,
-    BLOCK,
+    column_squares, combine_pass, combine_pass_range, combine_rows, gather_offsets_rows, lhs_pass,
+    merge_into_lhs_pass, merge_lhs_pass, period_dot, scatter_offsets_rows, sum_squares,
+    weight_grad_rows, Combined, Geo, Lhs, BLOCK,
 };
 use asymml_core::layers::Conv2d;
 use asymml_core::rng::Rng;
@@ -64,6 +64,9 @@ pub const MEASURED_WORST: f64 = 0.07;
 fn own_rounding() -> f64 {
     1.0 + (BLOCK as f64).sqrt()
 }
+/// The per-pixel sums of a band of ∇Y's pass in the ∇X check ([`Checker::check_input_grad`]) stay within this
+/// many bytes (f64): the band's rows are as many as fit, at least one.
+const BAND_BYTES: usize = 1 << 19;
 /// Repetitions per check (each with fresh coefficients).
 pub const DEFAULT_REPS: usize = 2;
 
@@ -133,11 +136,13 @@ impl Failure {
 }
 
 /// What a forward keeps for the ∇W_U check of its backward: per repetition, t over input channels, the
-/// projection Σ_j t_j X_U[b, j] ([B, H·W]) and Σ_j t_j²‖X_U[:, j]‖².
+/// projection Σ_j t_j X_U[b, j] ([B, H·W]) and Σ_j t_j²‖X_U[:, j]‖². The projection is summed in f64 and kept
+/// in f32 (half the memory, held from the forward to the backward): rounding it moves the check's right side
+/// by at most u·‖Σ_m s_m ∇Y‖·‖projection‖, about 1/(κ·√(B·OH·OW)) of the check's tolerance.
 #[derive(Clone, Debug, Default)]
 pub struct Projection {
     shape: [usize; 4],
-    reps: Vec<(Vec<f64>, Vec<f64>, f64)>,
+    reps: Vec<(Vec<f64>, Vec<f32>, f64)>,
 }
 
 impl Projection {
@@ -167,12 +172,80 @@ struct ForwardDraw {
 }
 
 /// A streamed forward check in progress ([`Checker::begin_forward_stream`]): the conv, its input's shape, the
-/// pixels whose slabs were added, and the draws.
+/// pixels whose slabs were added, and the draws; the X_U side of the output rows made so far, the per-pixel sums
+/// of the input rows that the output rows still to be made read (a window), and in training the projection
+/// of the map for the ∇W_U check.
 struct Streamed {
     id: usize,
     shape: Vec<usize>,
     done: usize,
     draw: ForwardDraw,
+    xs: XSide,
+    /// Output rows whose X_U side is in `xs`.
+    next_oy: usize,
+    /// The sums of the pass over X_U ([`Combined`]'s `contracted`, `comb_sq` and `bsq`) for the input rows from
+    /// `row0` on, each of their rows `cap` pixels long.
+    win: Combined,
+    cap: usize,
+    row0: usize,
+    /// (Training) per repetition, Σ_j t_j X_U[b, j] ([B, H·W], in f32 as [`Projection`] keeps it);
+    /// Σ_b Σ_p X_U[b, j, p]² per channel ([N]).
+    proj: Vec<Vec<f32>>,
+    chn2: Vec<f64>,
+}
+
+/// The X_U side of a forward check at every output pixel, per repetition ([R, P] each): conv(Σ_b c_b X_U[b],
+/// Σ_m s_m W[m]) (`z`), and for the tolerance the k × k window sums of Σ_b c_b² Σ_j X_U[b, j]² (`pq`) and of
+/// Σ_j (Σ_b c_b X_U[b, j])² (`pxc`).
+#[derive(Default)]
+struct XSide {
+    z: Vec<f64>,
+    pq: Vec<f64>,
+    pxc: Vec<f64>,
+}
+
+impl XSide {
+    fn new(r: usize, p: usize) -> Self {
+        XSide {
+            z: vec![0.0; r * p],
+            pq: vec![0.0; r * p],
+            pxc: vec![0.0; r * p],
+        }
+    }
+
+    /// Adds output rows `rows` from a pass's sums `comb` over the input rows from `row0` on (its rows `win`
+    /// pixels long, covering every input row those output rows read), for batch coefficients `c` ([R, B]).
+    fn add_rows(
+        &mut self,
+        comb: &Combined,
+        (win, row0): (usize, usize),
+        g: &Geo,
+        c: &[f64],
+        rows: (usize, usize),
+    ) {
+        let (p, kk) = (g.p(), g.k * g.k);
+        let at = |ri: usize| ri * p + rows.0 * g.ow..ri * p + rows.1 * g.ow;
+        for (ri, cr) in c.chunks_exact(g.b).enumerate() {
+            let contracted = &comb.contracted[ri * kk * win..(ri + 1) * kk * win];
+            gather_offsets_rows(contracted, (win, row0), g, rows, &mut self.z[at(ri)]);
+            box_sum_rows(
+                &comb.weighted_bsq(cr, win),
+                row0,
+                g,
+                rows,
+                &mut self.pq[at(ri)],
+            );
+            let comb_sq = &comb.comb_sq[ri * win..(ri + 1) * win];
+            box_sum_rows(comb_sq, row0, g, rows, &mut self.pxc[at(ri)]);
+        }
+    }
+}
+
+/// Where a forward check's projection for the ∇W_U check comes from, with the channel norms ([N]): a pass's
+/// sums ([R, B, H·W]) to copy, or a streamed check's maps (per repetition [B, H·W]) to move.
+enum XProj<'a> {
+    Copy(&'a [f64], &'a [f64]),
+    Move(Vec<Vec<f32>>, Vec<f64>),
 }
 
 /// The checker: secret randomness, the number of repetitions, counters.
@@ -193,15 +266,27 @@ pub struct Checker {
     /// What the ∇X check of a backward keeps for its ∇W_U check, when that comes later
     /// ([`Checker::check_input_grad`]).
     weight_check: Option<WeightCheck>,
+    /// The bytes of per-pixel sums a band of the ∇X check's pass holds ([`BAND_BYTES`]; tests set fewer).
+    band_bytes: usize,
 }
 
-/// The ∇Y side of a backward's ∇W_U check, made in the pass over ∇Y that the ∇X check makes: the conv, its
-/// geometry, s over output channels ([R, M]), per repetition Σ_m s_m ∇Y[b, m] ([R, B, P]) and Σ_p ∇Y[b, m, p]²
-/// summed over the batch per output channel ([M]). `None` parts: an empty backward (nothing to check).
+/// The right side of a backward's ∇W_U check, made in the pass over ∇Y that the ∇X check makes (from ∇Y and
+/// the forward's projection of X_U, both trusted): the conv, its geometry, and `None` for an empty backward
+/// (nothing to check).
 struct WeightCheck {
     id: usize,
     g: Geo,
-    sides: Option<(Vec<f64>, Vec<f64>, Vec<f64>)>,
+    sides: Option<WeightRhs>,
+}
+
+/// Per repetition: s over output channels ([R, M]), corr(Σ_j t_j X_U, Σ_m s_m ∇Y) at every kernel offset
+/// ([R, k·k]), Σ_m s_m²‖∇Y[:, m]‖² and Σ_j t_j²‖X_U[:, j]‖² ([R] each), and t over input channels ([R, N]).
+struct WeightRhs {
+    s: Vec<f64>,
+    rhs: Vec<f64>,
+    dyn2: Vec<f64>,
+    xnorm2: Vec<f64>,
+    t: Vec<f64>,
 }
 
 /// The weight side of a forward check: s over output channels, per repetition Σ_m s_m W[m] ([N, k, k]) in
@@ -262,6 +347,7 @@ impl Checker {
             stream: None,
             slab: Combined::default(),
             weight_check: None,
+            band_bytes: BAND_BYTES,
         }
     }
 
@@ -448,7 +534,10 @@ impl Checker {
             d.t.as_deref(),
             &mut comb,
         );
-        let out = self.finish_forward(conv, d, &comb, ys, proj, t0);
+        let mut xs = XSide::new(self.reps, g.p());
+        xs.add_rows(&comb, (g.hw(), 0), &g, &d.c, (0, g.oh));
+        let xproj = XProj::Copy(&comb.proj, &comb.chn2);
+        let out = self.finish_forward(conv, d, &xs, xproj, ys, proj, t0);
         self.comb = comb;
         out
     }
@@ -508,13 +597,16 @@ impl Checker {
         })
     }
 
-    /// The rest of a forward check once its pass over X_U has filled `comb`: the pass over Y_U (merging as
-    /// `ys` says), the comparison, and (training) the part's projection kept in `proj`.
+    /// The rest of a forward check once its pass over X_U has made its X_U side `xs` (and in training the
+    /// projection `xproj`): the pass over Y_U (merging as `ys` says), the comparison, and (training) the part's
+    /// projection kept in `proj`.
+    #[allow(clippy::too_many_arguments)]
     fn finish_forward(
         &mut self,
         conv: &Conv2d,
         d: ForwardDraw,
-        comb: &Combined,
+        xs: &XSide,
+        xproj: XProj<'_>,
         ys: YSide<'_>,
         proj: Option<&mut Projection>,
         t0: Instant,
@@ -554,14 +646,8 @@ impl Checker {
             let wn2: f64 = s.iter().zip(wnorm).map(|(sm, n)| sm * sm * n).sum();
             let wsr = &ws[ri * g.n * kk..(ri + 1) * g.n * kk];
             let wsn = wsr.iter().map(|v| v * v).sum::<f64>().sqrt();
-            let mut z = vec![0f64; p];
-            gather_offsets(
-                &comb.contracted[ri * kk * hw..(ri + 1) * kk * hw],
-                &g,
-                &mut z,
-            );
-            let pq = box_sum(&comb.weighted_bsq(c, hw), &g);
-            let pxc = box_sum(&comb.comb_sq[ri * hw..(ri + 1) * hw], &g);
+            let at = ri * p..(ri + 1) * p;
+            let (z, pq, pxc) = (&xs.z[at.clone()], &xs.pq[at.clone()], &xs.pxc[at]);
             let bias = conv.bias.as_ref().map_or(0.0, |b| {
                 let sb: f64 = b
                     .value
@@ -577,7 +663,7 @@ impl Checker {
                 &lhs.sq[ri * p..(ri + 1) * p],
             );
             let diff: Vec<f64> = (0..p).map(|i| lhs_r[i] - z[i] - bias).collect();
-            let tol = tolerance(kdot, g.b, (&pq, wn2), (&pxc, wsn), ysq, floor);
+            let tol = tolerance(kdot, g.b, (pq, wn2), (pxc, wsn), ysq, floor);
             if let Some(e) = unbounded(&tol, Quantity::Output) {
                 range = Some(e);
                 break;
@@ -588,17 +674,31 @@ impl Checker {
             }
         }
         if let (Some(pr), Some(t)) = (proj, t) {
-            if first == 0 {
-                pr.start(whole, &t, r);
-            }
-            for (ri, (tr, xt, norm2)) in pr.reps.iter_mut().enumerate() {
-                xt[first * hw..(first + g.b) * hw]
-                    .copy_from_slice(&comb.proj[ri * g.b * hw..(ri + 1) * g.b * hw]);
-                *norm2 += tr
-                    .iter()
-                    .zip(&comb.chn2)
-                    .map(|(tj, n)| tj * tj * n)
-                    .sum::<f64>();
+            let chn2 = match xproj {
+                XProj::Copy(sums, chn2) => {
+                    if first == 0 {
+                        pr.start(whole, &t, r);
+                    }
+                    for (ri, (_, xt, _)) in pr.reps.iter_mut().enumerate() {
+                        let src = &sums[ri * g.b * hw..(ri + 1) * g.b * hw];
+                        let dst = &mut xt[first * hw..(first + g.b) * hw];
+                        dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v as f32);
+                    }
+                    chn2.to_vec()
+                }
+                XProj::Move(maps, chn2) => {
+                    // (A streamed check is of a whole batch: its maps are the projection.)
+                    pr.shape = whole;
+                    pr.reps = t
+                        .chunks_exact(g.n)
+                        .zip(maps)
+                        .map(|(tr, xt)| (tr.to_vec(), xt, 0.0))
+                        .collect();
+                    chn2
+                }
+            };
+            for (tr, _, norm2) in pr.reps.iter_mut() {
+                *norm2 += tr.iter().zip(&chn2).map(|(tj, n)| tj * tj * n).sum::<f64>();
             }
         }
         self.lhs = lhs;
@@ -631,22 +731,22 @@ impl Checker {
                 "integrity: an empty forward is not checked slab by slab".into(),
             ));
         }
-        let (r, hw, kk) = (self.reps, g.hw(), g.k * g.k);
-        let comb = &mut self.comb;
-        for (v, n) in [
-            (&mut comb.contracted, r * kk * hw),
-            (&mut comb.comb_sq, r * hw),
-            (&mut comb.bsq, g.b * hw),
-            (&mut comb.proj, if train { r * g.b * hw } else { 0 }),
-            (&mut comb.chn2, if train { g.n } else { 0 }),
-        ] {
-            v.clear();
-            v.resize(n, 0.0);
-        }
+        let (r, hw) = (self.reps, g.hw());
         self.stream = Some(Streamed {
             id: conv.id,
             shape: x_shape.to_vec(),
             done: 0,
+            xs: XSide::new(r, g.p()),
+            next_oy: 0,
+            win: Combined::default(),
+            cap: 0,
+            row0: 0,
+            proj: if train {
+                vec![vec![0.0; g.b * hw]; r]
+            } else {
+                Vec::new()
+            },
+            chn2: vec![0.0; if train { g.n } else { 0 }],
             draw: d,
         });
         Ok(())
@@ -691,23 +791,70 @@ impl Checker {
             d.t.as_deref(),
             sc,
         );
-        let comb = &mut self.comb;
-        let place = |dst: &mut [f64], src: &[f64], count: usize| {
-            for i in 0..count {
-                dst[i * hw + p0..][..sp].copy_from_slice(&src[i * sp..][..sp]);
+        // The slab's sums join the window of input rows (grown if they do not fit) ...
+        let held = st.done - st.row0 * g.w;
+        if held + sp > st.cap {
+            let cap = held + sp + g.w;
+            let win = &mut st.win;
+            for (v, rows) in [
+                (&mut win.contracted, r * kk),
+                (&mut win.comb_sq, r),
+                (&mut win.bsq, g.b),
+            ] {
+                let mut grown = vec![0f64; rows * cap];
+                for i in 0..rows {
+                    grown[i * cap..][..held].copy_from_slice(&v[i * st.cap..][..held]);
+                }
+                *v = grown;
+            }
+            st.cap = cap;
+        }
+        let cap = st.cap;
+        let place = |dst: &mut [f64], src: &[f64], rows: usize, stride: usize, at: usize| {
+            for i in 0..rows {
+                dst[i * stride + at..][..sp].copy_from_slice(&src[i * sp..][..sp]);
             }
         };
-        place(&mut comb.contracted, &sc.contracted, r * kk);
-        place(&mut comb.comb_sq, &sc.comb_sq, r);
-        place(&mut comb.bsq, &sc.bsq, g.b);
+        place(&mut st.win.contracted, &sc.contracted, r * kk, cap, held);
+        place(&mut st.win.comb_sq, &sc.comb_sq, r, cap, held);
+        place(&mut st.win.bsq, &sc.bsq, g.b, cap, held);
         if d.t.is_some() {
-            place(&mut comb.proj, &sc.proj, r * g.b);
-            comb.chn2
-                .iter_mut()
-                .zip(&sc.chn2)
-                .for_each(|(a, v)| *a += v);
+            for (i, src) in sc.proj.chunks_exact(sp).enumerate() {
+                let dst = &mut st.proj[i / g.b][(i % g.b) * hw + p0..][..sp];
+                dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v as f32);
+            }
+            st.chn2.iter_mut().zip(&sc.chn2).for_each(|(a, v)| *a += v);
         }
         st.done += sp;
+        // ... the output rows whose input rows are all in make their X_U side ...
+        let complete = if st.done == hw { g.h } else { st.done / g.w };
+        let ready =
+            |oy: usize| complete == g.h || (oy * g.s + g.k - 1).saturating_sub(g.pad) < complete;
+        let mut oy1 = st.next_oy;
+        while oy1 < g.oh && ready(oy1) {
+            oy1 += 1;
+        }
+        if oy1 > st.next_oy {
+            st.xs
+                .add_rows(&st.win, (cap, st.row0), &g, &d.c, (st.next_oy, oy1));
+            st.next_oy = oy1;
+        }
+        // ... and the input rows no output row still to be made reads leave the window.
+        let keep = if st.next_oy == g.oh {
+            complete
+        } else {
+            (st.next_oy * g.s).saturating_sub(g.pad).min(complete)
+        };
+        if keep > st.row0 {
+            let (gone, held) = ((keep - st.row0) * g.w, st.done - st.row0 * g.w);
+            let win = &mut st.win;
+            for v in [&mut win.contracted, &mut win.comb_sq, &mut win.bsq] {
+                for row in v.chunks_exact_mut(cap) {
+                    row.copy_within(gone..held, 0);
+                }
+            }
+            st.row0 = keep;
+        }
         self.stats.seconds += t0.elapsed().as_secs_f64();
         Ok(())
     }
@@ -741,17 +888,22 @@ impl Checker {
             ));
         }
         let ys = YSide::MergeInto(y_u, y);
-        if !ys.sizes_are(g.b * g.m * g.p()) {
+        if !ys.sizes_are(g.b * g.m * g.p()) || st.next_oy != g.oh {
             return Err(CoreError::Shape("integrity: forward sizes differ".into()));
         }
         // The slabs' scratch goes (it is small, and held between convs it would add to their peak memory).
         self.slab = Combined::default();
-        let comb = std::mem::take(&mut self.comb);
-        let out = self.finish_forward(conv, st.draw, &comb, ys, proj, t0);
-        // So do the per-pixel sums of the map and of Y_U's pass (VGG16-224's second conv: 18 MB and 2 MB in
-        // f64): kept, they would sit on top of the training forward's activations and the backward's
-        // gradients until the next check, which makes its own.
-        drop(comb);
+        let Streamed {
+            draw,
+            xs,
+            proj: maps,
+            chn2,
+            ..
+        } = st;
+        let out = self.finish_forward(conv, draw, &xs, XProj::Move(maps, chn2), ys, proj, t0);
+        // So do the per-pixel sums of Y_U's pass (VGG16-224's second conv: 2 MB in f64): kept, they would sit
+        // on top of the training forward's activations and the backward's gradients until the next check,
+        // which makes its own.
         self.lhs = Lhs::default();
         out
     }
@@ -773,7 +925,7 @@ impl Checker {
             ));
         }
         match self.check_input_grad(conv, proj, dy, dx)? {
-            Ok(()) => self.check_weight_grad(conv.id, proj, dw),
+            Ok(()) => self.check_weight_grad(conv.id, dw),
             Err(f) => {
                 self.weight_check = None;
                 Ok(Err(f))
@@ -782,7 +934,8 @@ impl Checker {
     }
 
     /// The first half of [`Checker::check_backward`], for a backward whose ∇W_U comes later: checks ∇X (when
-    /// given) and, in the same pass over `dy`, makes the ∇Y side of the ∇W_U check, kept until
+    /// given) and, in the same pass over `dy`, makes the right side of the ∇W_U check from `dy` and the
+    /// forward's projection `proj` (its last use: the caller may let it go), kept until
     /// [`Checker::check_weight_grad`] of the same conv (one at a time: a second before it is an error).
     pub fn check_input_grad(
         &mut self,
@@ -841,9 +994,39 @@ impl Checker {
                 by_offset(wtr, kk, &mut wc[ri * kk * g.m..(ri + 1) * kk * g.m]);
             }
         }
-        // One pass over ∇Y for both quantities and every repetition.
+        // One pass over ∇Y for both quantities and every repetition, a band of output rows at a time: each
+        // band's contraction, scattered to the input pixels it reaches, and its squares go into per-input-pixel
+        // sums, and its Σ_m s_m ∇Y[b, m] is correlated with the forward's projection of X_U (the right side of
+        // the ∇W_U check: k·k values). Nothing of the size of the map is kept but the ∇X check's own sums (at
+        // VGG16-224's second conv the whole map's were 18 MB in f64 on top of the backward's gradients).
         let batch = c.as_deref().map(|c| (c, wc.as_slice(), kk));
-        combine_pass(dy, g.b, g.m, p, r, batch, Some(&s), &mut comb);
+        let mut wrhs = vec![0f64; r * kk];
+        let mut chn2 = vec![0f64; g.m];
+        let whole = if c.is_some() { r * hw } else { 0 };
+        let (mut rhs, mut pe, mut pd) = (vec![0f64; whole], vec![0f64; whole], vec![0f64; whole]);
+        let per_pixel = if c.is_some() { r * kk + r } else { 0 } + g.b + r * g.b;
+        let rows = (self.band_bytes / (8 * per_pixel * g.ow).max(1)).clamp(1, g.oh.max(1));
+        for oy0 in (0..g.oh).step_by(rows) {
+            let band = (oy0, (oy0 + rows).min(g.oh));
+            let (q0, pl) = (oy0 * g.ow, (band.1 - oy0) * g.ow);
+            combine_pass_range(dy, g.b, g.m, (p, q0, pl), r, batch, Some(&s), &mut comb);
+            for (ri, rhs) in wrhs.chunks_exact_mut(kk).enumerate() {
+                let dys = &comb.proj[ri * g.b * pl..(ri + 1) * g.b * pl];
+                weight_grad_rows(dys, &proj.reps[ri].1, &g, band, rhs);
+            }
+            chn2.iter_mut().zip(&comb.chn2).for_each(|(a, v)| *a += v);
+            if let Some(c) = &c {
+                for ri in 0..r {
+                    let at = ri * hw..(ri + 1) * hw;
+                    let cr = &c[ri * g.b..(ri + 1) * g.b];
+                    let contracted = &comb.contracted[ri * kk * pl..(ri + 1) * kk * pl];
+                    scatter_offsets_rows(contracted, &g, band, &mut rhs[at.clone()]);
+                    scatter_sum_rows(&comb.weighted_bsq(cr, pl), &g, band, &mut pe[at.clone()]);
+                    let comb_sq = &comb.comb_sq[ri * pl..(ri + 1) * pl];
+                    scatter_sum_rows(comb_sq, &g, band, &mut pd[at]);
+                }
+            }
+        }
         let mut out = Ok(());
         let mut range = None;
         if let (Some(dx), Some(c), Some(t)) = (dx, &c, &t) {
@@ -853,6 +1036,8 @@ impl Checker {
                     c.iter().flat_map(move |cb| t.iter().map(move |tj| cb * tj))
                 })
                 .collect();
+            // (The bands' scratch is done with: it goes before the pass over ∇X makes its sums.)
+            comb = Combined::default();
             lhs_pass(dx, g.b, g.n, hw, r, &k, &mut lhs);
             let dx_rms = weighted_rms(&lhs.sq[..hw], &c[..g.b], &t[..g.n]);
             // ‖W[:, j]‖² per input channel: the squares summed over the rows m, then over each kernel.
@@ -862,7 +1047,7 @@ impl Checker {
             let kdot = ((g.m * kk) as f64 / (g.s * g.s) as f64).max(1.0);
             let floor = 4.0 * TINY * (kdot * (g.b * g.n) as f64).sqrt();
             for ri in 0..r {
-                let (c, t) = (&c[ri * g.b..(ri + 1) * g.b], &t[ri * g.n..(ri + 1) * g.n]);
+                let t = &t[ri * g.n..(ri + 1) * g.n];
                 // Σ_j t_j²‖W[:, j]‖², ‖Σ_j t_j W[:, j]‖, and conv_transposed(Σ_b c_b ∇Y[b], Σ_j t_j W[:, j]).
                 let wn2: f64 = t.iter().zip(&col2).map(|(tj, c2)| tj * tj * c2).sum();
                 let wtn = wt[ri * g.m * kk..(ri + 1) * g.m * kk]
@@ -870,25 +1055,23 @@ impl Checker {
                     .map(|v| v * v)
                     .sum::<f64>()
                     .sqrt();
-                let mut rhs = vec![0f64; hw];
-                scatter_offsets(
-                    &comb.contracted[ri * kk * p..(ri + 1) * kk * p],
-                    &g,
-                    &mut rhs,
-                );
-                let pe = scatter_sum(&comb.weighted_bsq(c, p), &g);
-                let pd = scatter_sum(&comb.comb_sq[ri * p..(ri + 1) * p], &g);
+                let at = ri * hw..(ri + 1) * hw;
                 let (lhs_r, xsq) = (
                     &lhs.lhs[ri * hw..(ri + 1) * hw],
                     &lhs.sq[ri * hw..(ri + 1) * hw],
                 );
-                let diff: Vec<f64> = (0..hw).map(|i| lhs_r[i] - rhs[i]).collect();
-                let tol = tolerance(kdot, g.b, (&pe, wn2), (&pd, wtn), xsq, floor);
-                if let Some(e) = unbounded(&tol, Quantity::InputGrad) {
+                // The differences and the tolerances take the places of the right side and of its squares'
+                // window sums (no map-sized buffer more).
+                let diff = &mut rhs[at.clone()];
+                diff.iter_mut().zip(lhs_r).for_each(|(d, l)| *d = l - *d);
+                let tol = &mut pe[at.clone()];
+                tolerance_in_place(kdot, g.b, (tol, wn2), (&pd[at], wtn), xsq, floor);
+                let (diff, tol) = (&*diff, &*tol);
+                if let Some(e) = unbounded(tol, Quantity::InputGrad) {
                     range = Some(e);
                     break;
                 }
-                if let Err(f) = self.record(Quantity::InputGrad, &diff, &tol, dx_rms) {
+                if let Err(f) = self.record(Quantity::InputGrad, diff, tol, dx_rms) {
                     out = Err(f);
                     break;
                 }
@@ -896,7 +1079,19 @@ impl Checker {
         }
         if out.is_ok() && range.is_none() {
             // The ∇Y side of the ∇W_U check leaves with the check (the next pass makes new ones).
-            let sides = (s, std::mem::take(&mut comb.proj), comb.chn2.clone());
+            let sides = WeightRhs {
+                dyn2: s
+                    .chunks_exact(g.m)
+                    .map(|s| s.iter().zip(&chn2).map(|(sm, n)| sm * sm * n).sum())
+                    .collect(),
+                xnorm2: proj.reps[..r].iter().map(|rep| rep.2).collect(),
+                t: proj.reps[..r]
+                    .iter()
+                    .flat_map(|rep| rep.0.iter().copied())
+                    .collect(),
+                s,
+                rhs: wrhs,
+            };
             self.weight_check = Some(WeightCheck {
                 id: conv.id,
                 g,
@@ -912,11 +1107,10 @@ impl Checker {
     }
 
     /// The second half of [`Checker::check_backward`]: checks ∇W_U (`dw`, [M, N, k, k]) of conv `id` against
-    /// the ∇Y side its [`Checker::check_input_grad`] kept and the projection of X_U its forward kept.
+    /// the right side its [`Checker::check_input_grad`] made.
     pub fn check_weight_grad(
         &mut self,
         id: usize,
-        proj: &Projection,
         dw: &[f32],
     ) -> Result<Result<(), Failure>, CoreError> {
         let wc = match self.weight_check.take() {
@@ -931,14 +1125,15 @@ impl Checker {
         let t0 = Instant::now();
         let (g, r) = (wc.g, self.reps);
         let (p, kk) = (g.p(), g.k * g.k);
-        if dw.len() != g.m * g.n * kk || proj.reps.len() < r {
+        if dw.len() != g.m * g.n * kk {
             return Err(CoreError::Shape(
                 "integrity: backward sizes differ from the last training forward's".into(),
             ));
         }
-        let Some((s, dyproj, chn2)) = wc.sides else {
+        let Some(side) = wc.sides else {
             return Ok(Ok(()));
         };
+        let s = &side.s;
         let mut out = Ok(());
         let mut range = None;
         let dw_rms = (sum_squares(dw) / dw.len() as f64).sqrt();
@@ -947,17 +1142,13 @@ impl Checker {
         // One read of ∇W_U for every repetition: Σ_m s_m ∇W_U[m] ([R, N·k·k]), and Σ_m ∇W_U[m]² per column
         // (the left side's rounding is bounded with s_m² < 4, so the squares are shared by the repetitions).
         let mut sdw = vec![0f64; r * g.n * kk];
-        combine_rows(dw, g.m, g.n * kk, &s, r, &mut sdw);
+        combine_rows(dw, g.m, g.n * kk, s, r, &mut sdw);
         let mut dsq = vec![0f64; g.n * kk];
         column_squares(dw, g.n * kk, &mut dsq);
         for ri in 0..r {
-            let s = &s[ri * g.m..(ri + 1) * g.m];
-            let (t, xt, xnorm2) = &proj.reps[ri];
-            // Σ_m s_m²‖∇Y[:, m]‖².
-            let dyn2: f64 = s.iter().zip(&chn2).map(|(sm, n)| sm * sm * n).sum();
-            let dys = &dyproj[ri * g.b * p..(ri + 1) * g.b * p];
-            let mut rhs = vec![0f64; kk];
-            weight_grad_one(dys, xt, &g, &mut rhs);
+            let t = &side.t[ri * g.n..(ri + 1) * g.n];
+            let (dyn2, xnorm2) = (side.dyn2[ri], side.xnorm2[ri]);
+            let rhs = &side.rhs[ri * kk..(ri + 1) * kk];
             // Σ_j t_j Σ_m s_m ∇W[m, j] and 4·Σ_j t_j² Σ_m ∇W[m, j]² ≥ Σ_m s_m² Σ_j t_j² ∇W[m, j]² per offset.
             let mut lhs = vec![0f64; kk];
             let mut wsq = vec![0f64; kk];
@@ -982,10 +1173,8 @@ impl Checker {
                 break;
             }
         }
-        // The passes' scratch goes with the ∇Y side (each check makes its own again): held from one conv's
-        // backward to the next, sized by the largest map checked, it would sit on top of the backward's
-        // gradients (VGG16-224's second conv: 18 MB).
-        drop(dyproj);
+        // The passes' scratch goes (each check makes its own again): held from one conv's backward to the next,
+        // sized by the largest map checked, it would sit on top of the backward's gradients.
         self.comb = Combined::default();
         self.lhs = Lhs::default();
         self.stats.seconds += t0.elapsed().as_secs_f64();
@@ -1077,51 +1266,62 @@ fn tolerance(
     sq: &[f64],
     floor: f64,
 ) -> Vec<f64> {
+    let mut tol = pq.to_vec();
+    tolerance_in_place(kdot, b, (&mut tol, w2), (pc, wc), sq, floor);
+    tol
+}
+
+/// [`tolerance`] written over `pq`.
+fn tolerance_in_place(
+    kdot: f64,
+    b: usize,
+    (pq, w2): (&mut [f64], f64),
+    (pc, wc): (&[f64], f64),
+    sq: &[f64],
+    floor: f64,
+) {
     let own = own_rounding();
     let right = kdot.sqrt() + (b as f64).sqrt();
-    pq.iter()
-        .zip(pc)
-        .zip(sq)
-        .map(|((&q, &c), &y)| {
-            KAPPA
-                * U
-                * (kdot.sqrt() * (q * w2).sqrt() + right * c.sqrt() * wc + own * y.sqrt() + floor)
-        })
-        .collect()
+    for ((q, &c), &y) in pq.iter_mut().zip(pc).zip(sq) {
+        *q = KAPPA
+            * U
+            * (kdot.sqrt() * (*q * w2).sqrt() + right * c.sqrt() * wc + own * y.sqrt() + floor);
+    }
 }
 
-/// Per output pixel, the sum of `map` ([H·W]) over the pixel's k × k window (zero outside).
-fn box_sum(map: &[f64], g: &Geo) -> Vec<f64> {
-    let mut out = vec![0f64; g.p()];
-    for oy in 0..g.oh {
+/// Per output pixel of rows `oy0 .. oy1`, the sum of `map` over the pixel's k × k window (zero outside), added
+/// into `out` ([(oy1 − oy0)·OW]); `map` holds the input rows from `row0` on (every row those output rows read).
+fn box_sum_rows(map: &[f64], row0: usize, g: &Geo, (oy0, oy1): (usize, usize), out: &mut [f64]) {
+    for oy in oy0..oy1 {
+        let orow = &mut out[(oy - oy0) * g.ow..][..g.ow];
+        for ky in 0..g.k {
+            let Some(iy) = g.row(oy, ky) else { continue };
+            let irow = &map[(iy - row0) * g.w..][..g.w];
+            for kx in 0..g.k {
+                let (lo, hi) = g.cols(kx);
+                for ox in lo..hi {
+                    orow[ox] += irow[ox * g.s + kx - g.pad];
+                }
+            }
+        }
+    }
+}
+
+/// Per input pixel, the sum of `map` over the output pixels of rows `oy0 .. oy1` (`map` holds those rows,
+/// [(oy1 − oy0)·OW]) whose window covers it, added into `out` ([H·W]).
+fn scatter_sum_rows(map: &[f64], g: &Geo, (oy0, oy1): (usize, usize), out: &mut [f64]) {
+    for oy in oy0..oy1 {
+        let row = &map[(oy - oy0) * g.ow..][..g.ow];
         for ky in 0..g.k {
             let Some(iy) = g.row(oy, ky) else { continue };
             for kx in 0..g.k {
                 let (lo, hi) = g.cols(kx);
                 for ox in lo..hi {
-                    out[oy * g.ow + ox] += map[iy * g.w + ox * g.s + kx - g.pad];
+                    out[iy * g.w + ox * g.s + kx - g.pad] += row[ox];
                 }
             }
         }
     }
-    out
-}
-
-/// Per input pixel, the sum of `map` ([OH·OW]) over the output pixels whose window covers it.
-fn scatter_sum(map: &[f64], g: &Geo) -> Vec<f64> {
-    let mut out = vec![0f64; g.hw()];
-    for oy in 0..g.oh {
-        for ky in 0..g.k {
-            let Some(iy) = g.row(oy, ky) else { continue };
-            for kx in 0..g.k {
-                let (lo, hi) = g.cols(kx);
-                for ox in lo..hi {
-                    out[iy * g.w + ox * g.s + kx - g.pad] += map[oy * g.ow + ox];
-                }
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -1202,6 +1402,8 @@ mod tests {
             (16, 32, 3, 1, 1, 8, 64),
             (8, 16, 1, 2, 0, 7, 5),
             (4, 6, 7, 2, 3, 11, 1),
+            (5, 7, 3, 2, 1, 23, 37),
+            (2, 3, 5, 1, 0, 17, 40),
         ] {
             let (conv, x, y) = setup(n, m, k, s, pad, hw);
             let words = |v: &[f32]| -> Vec<[u8; 4]> { v.iter().map(|v| v.to_le_bytes()).collect() };
@@ -1248,7 +1450,7 @@ mod tests {
                 for (a, b) in p1.reps.iter().zip(&p2.reps) {
                     // (f32 partial sums: the kernel's lanes fall differently in a slab than in the whole.)
                     assert_eq!(a.0, b.0, "the coefficients");
-                    let scale = a.1.iter().fold(0f64, |m, v| m.max(v.abs()));
+                    let scale = a.1.iter().fold(0f32, |m, v| m.max(v.abs()));
                     assert!(
                         a.1.iter()
                             .zip(&b.1)
@@ -1381,6 +1583,101 @@ mod tests {
                         "∇W {factor}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_check_of_the_input_grad_band_by_band_is_the_whole_check_and_catches_the_same_errors() {
+        for &(n, m, k, s, pad, hw) in &[
+            (3, 8, 3, 1, 1, 9),
+            (8, 16, 1, 2, 0, 7),
+            (4, 6, 7, 2, 3, 11),
+            (5, 7, 3, 2, 1, 13),
+        ] {
+            let (mut conv, x, y) = setup(n, m, k, s, pad, hw);
+            let mut proj = Projection::default();
+            Checker::with_seed(9, 2)
+                .check_forward(
+                    &conv,
+                    &x.data,
+                    &x.shape,
+                    &mut y.data.clone(),
+                    Some(&mut proj),
+                    None,
+                )
+                .unwrap()
+                .unwrap();
+            let mut rng = Rng::new(4);
+            let dy =
+                Tensor::from_vec(&y.shape, (0..y.len()).map(|_| rng.normal()).collect()).unwrap();
+            conv.weight.zero_grad();
+            let mut dx = Tensor::default();
+            conv.backward(&x, &dy, Some(&mut dx)).unwrap();
+            let dw = conv.weight.grad.data.clone();
+            // One output row a band (every band boundary), and the whole map in one band.
+            let banded = |seed: u64| {
+                let mut ch = Checker::with_seed(seed, 2);
+                ch.band_bytes = 1;
+                ch
+            };
+            for seed in 1..4 {
+                let (mut whole, mut bands) = (Checker::with_seed(seed, 2), banded(seed));
+                let r1 = whole.check_backward(&conv, &proj, &dy.data, Some(&dx.data), &dw);
+                let t1 = whole.last_max_tol();
+                let r2 = bands.check_backward(&conv, &proj, &dy.data, Some(&dx.data), &dw);
+                assert_eq!((r1.unwrap(), r2.unwrap()), (Ok(()), Ok(())));
+                // (The ∇W_U check came last: its tolerance comes from the ∇Y side the bands made, whose channel
+                // norms are f32 partial sums that fall differently in bands.)
+                let t2 = bands.last_max_tol();
+                assert!(
+                    (t1 - t2).abs() <= 1e-6 * t1,
+                    "the same tolerances: {t1} {t2}"
+                );
+                let (mut whole, mut bands) = (Checker::with_seed(seed, 2), banded(seed));
+                whole
+                    .check_input_grad(&conv, &proj, &dy.data, Some(&dx.data))
+                    .unwrap()
+                    .unwrap();
+                bands
+                    .check_input_grad(&conv, &proj, &dy.data, Some(&dx.data))
+                    .unwrap()
+                    .unwrap();
+                let (t1, t2) = (whole.last_max_tol(), bands.last_max_tol());
+                assert!(
+                    (t1 - t2).abs() <= 1e-6 * t1,
+                    "the same ∇X tolerances: {t1} {t2}"
+                );
+                // A wrong element of ∇X or ∇W_U just above the threshold is caught band by band.
+                let threshold = |bad: &dyn Fn(&mut Checker) -> Result<(), Failure>| {
+                    let mut honest = banded(seed);
+                    assert_eq!(bad(&mut honest), Ok(()));
+                    honest.last_max_tol()
+                };
+                let at = (seed as usize * 7919) % dx.len();
+                let e = 2.1
+                    * threshold(&|ch: &mut Checker| {
+                        ch.check_input_grad(&conv, &proj, &dy.data, Some(&dx.data))
+                            .unwrap()
+                    });
+                let bad = moved(&dx.data, Some((at, e as f32)));
+                let mut ch = banded(seed);
+                assert!(ch
+                    .check_input_grad(&conv, &proj, &dy.data, Some(&bad))
+                    .unwrap()
+                    .is_err());
+                let at = (seed as usize * 7919) % dw.len();
+                let e = 2.1
+                    * threshold(&|ch: &mut Checker| {
+                        ch.check_backward(&conv, &proj, &dy.data, None, &dw)
+                            .unwrap()
+                    });
+                let bad = moved(&dw, Some((at, e as f32)));
+                let mut ch = banded(seed);
+                assert!(ch
+                    .check_backward(&conv, &proj, &dy.data, None, &bad)
+                    .unwrap()
+                    .is_err());
             }
         }
     }

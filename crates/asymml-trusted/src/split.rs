@@ -11,7 +11,7 @@ mod pipeline;
 
 use crate::integrity::{Checker, IntegrityStats, Projection, DEFAULT_REPS};
 use asymml_core::decomp::{
-    add_noise_batch, block_svd_flops, decompose_batch_shared_with, decompose_batch_with,
+    add_noise_batch, block_svd_flops, decompose_batch_shared_with, decompose_batch_within,
     decompose_factors_lean_with, light_svd_flops, BatchLowRank, RankPolicy, RankTable, SvdMethod,
     TableRank, TrustedConv,
 };
@@ -317,12 +317,13 @@ pub struct SplitExec<T: Transport> {
     lean_v_bytes: usize,
 }
 
-/// The default of [`SplitExec::set_lean_v_bytes`]: the size of one slab of X_U ([`SLAB_VALUES`] floats).
-pub const LEAN_V_BYTES: usize = 4 * SLAB_VALUES;
+/// The default of [`SplitExec::set_lean_v_bytes`] (4 MiB).
+pub const LEAN_V_BYTES: usize = 1 << 22;
 
-/// Values of X_U per slab made in the trusted runtime on its way into its frame (4 MB: it stays in the
-/// last-level cache between being made, checked and written).
-const SLAB_VALUES: usize = 1 << 20;
+/// Values of X_U per slab made in the trusted runtime on its way into its frame (1 MB: it stays in the
+/// second-level cache between being made, checked and written, and adds little to the trusted runtime's peak
+/// memory, with the check's per-pixel sums of its pixels).
+const SLAB_VALUES: usize = 1 << 18;
 
 /// Pixels per slab at most: the check's pass keeps f64 sums per pixel (for every sample, offset and
 /// repetition), which a few-channel input's slab of [`SLAB_VALUES`] would make large.
@@ -895,7 +896,17 @@ impl<T: Transport> SplitExec<T> {
         } else if self.cfg.shared_basis {
             decompose_batch_shared_with(x, policy, st.step, method, &mut st.lr, &mut self.residual)?
         } else {
-            decompose_batch_with(x, policy, st.step, method, &mut st.lr, &mut self.residual)?
+            // (A training forward holds no more of the energy policy's scratch than a lean one's V.)
+            let max = if train { self.lean_v_bytes } else { usize::MAX };
+            decompose_batch_within(
+                x,
+                policy,
+                st.step,
+                method,
+                &mut st.lr,
+                &mut self.residual,
+                max,
+            )?
         };
         st.rank = r;
         let (b, n, h, w) = x.nchw("split")?;
@@ -1551,7 +1562,9 @@ impl<T: Transport> SplitExec<T> {
         let checked = self.checked(id, |ch| {
             ch.check_input_grad(conv, &proj, &dy.data, Some(&dx.data))
         });
-        self.layers[id].proj = proj;
+        // The forward's projection has served its last check (the ∇W_U check's right side is made): it goes
+        // (r·B·H·W values in f32, 3 MB at VGG16-224's second conv), not held while ∇W_U is computed.
+        drop(proj);
         if let Err(e) = checked {
             return Err(non_finite(&what, dx).unwrap_or(e));
         }
@@ -1606,11 +1619,7 @@ impl<T: Transport> SplitExec<T> {
                 self.dw_u = dw_u;
                 return Err(bad_reply(&what, e));
             }
-            // The forward's projection has served its last check: it goes (r·B·H·W values in f64, 6 MB at
-            // VGG16-224's second conv), not held through the next forward until that one replaces it.
-            let proj = std::mem::take(&mut self.layers[id].proj);
-            let checked = self.checked(id, |ch| ch.check_weight_grad(id, &proj, &dw_u.data));
-            drop(proj);
+            let checked = self.checked(id, |ch| ch.check_weight_grad(id, &dw_u.data));
             if let Err(e) = checked {
                 self.dw_u = dw_u;
                 return Err(e);

@@ -352,10 +352,11 @@ impl BlockScratch {
     }
 
     /// Once an energy policy's rank is found: lets go of the products (above all Qᵀ X, l × C) where they hold
-    /// more than `max_bytes`, keeping the basis (and G). The factors then take V = Qᵣᵀ X, one product more,
-    /// instead of Wᵣᵀ (Qᵀ X): a batch's samples each keep their scratch from the rank to the factors, and
-    /// these products are the bulk of it (VGG16 at 224 px, second conv, asym1: 4.8 MB a sample).
-    pub(crate) fn keep_basis_within(&mut self, max_bytes: usize) {
+    /// more than `max_bytes`, keeping the basis (and G, while within). The factors then take V = Qᵣᵀ X, one
+    /// product more, instead of Wᵣᵀ (Qᵀ X): a batch's samples each keep their scratch from the rank to the
+    /// factors, and these products are the bulk of it (VGG16 at 224 px, second conv, asym1: 4.8 MB a sample).
+    /// `own_rank`: the sample's energy rank (the basis keeps at least that many rows).
+    pub(crate) fn keep_basis_within(&mut self, max_bytes: usize, own_rank: usize) {
         let products = 4
             * (self.zt.capacity()
                 + self.yt.capacity()
@@ -369,6 +370,27 @@ impl BlockScratch {
             self.negu = Vec::new();
             self.wt32 = Vec::new();
             self.z_valid = false;
+        }
+        // Still over (many channels on a small map: G is N × N, and the full routes' basis N × N): G goes, and
+        // the basis keeps the rows that fit, the largest Ritz values first, and at least the sample's own rank
+        // of them (whose Ritz values keep its energy). The factors need the batch's rank of them; a sample whose
+        // basis falls short of it is made one again ([`ensure_rank`]), as where its basis was smaller.
+        if self.bytes() > max_bytes && self.has_g {
+            self.g = Vec::new();
+            self.has_g = false;
+        }
+        let n = self.norms.len();
+        if self.bytes() > max_bytes && n > 0 && self.l > 0 {
+            let basis = 8 * self.qt.capacity() + 4 * self.q32.capacity();
+            let room = max_bytes.saturating_sub(self.bytes() - basis);
+            let keep = (room / (12 * n)).max(own_rank).min(self.l);
+            self.qt.truncate(keep * n);
+            self.qt.shrink_to_fit();
+            self.q32.truncate(keep * n);
+            self.q32.shrink_to_fit();
+            self.ritz.truncate(keep);
+            self.l = keep;
+            self.complete = false;
         }
     }
 

@@ -507,6 +507,21 @@ pub fn decompose_batch_with(
     out: &mut BatchLowRank,
     residual: &mut Tensor,
 ) -> Result<usize> {
+    decompose_batch_within(x, policy, schedule_step, method, out, residual, usize::MAX)
+}
+
+/// [`decompose_batch_with`] whose energy policy holds at most `max_scratch_bytes` of the batch's scratch from
+/// the samples' ranks to their factors (a sample over its share keeps only its basis, and at least its own
+/// rank of it: see [`decompose_factors_lean_with`]).
+pub fn decompose_batch_within(
+    x: &Tensor,
+    policy: RankPolicy,
+    schedule_step: usize,
+    method: SvdMethod,
+    out: &mut BatchLowRank,
+    residual: &mut Tensor,
+    max_scratch_bytes: usize,
+) -> Result<usize> {
     decompose_block(
         Batch::of(x)?,
         policy,
@@ -514,7 +529,7 @@ pub fn decompose_batch_with(
         method,
         out,
         Some(residual),
-        usize::MAX,
+        max_scratch_bytes,
     )
 }
 
@@ -643,7 +658,7 @@ fn decompose_block(
                     s.blk.start(&[xb], n);
                     let r = block::energy_rank(&[xb], n, hw, e, &m, &mut s.blk, 1);
                     // (Every sample's scratch is held until the factors: within its share of the budget.)
-                    s.blk.keep_basis_within(max_v_bytes / b.max(1));
+                    s.blk.keep_basis_within(max_v_bytes / b.max(1), r);
                     r
                 })
                 .max()
