@@ -679,41 +679,29 @@ pub fn sum_squares(x: &[f32]) -> f64 {
 }
 }
 
-/// Σ a_i·b_i in f64 over four lanes (independent accumulators, so it runs at throughput, not latency).
+/// Σ a_i·b_i in f64 over four lanes (independent accumulators, so it runs at throughput, not latency), of f64
+/// values and f64 or f32 ones.
 #[inline(always)]
-/// Σ a·b in f64 of f64 values and f32 ones.
-fn dot64_32(a: &[f64], b: &[f32]) -> f64 {
+fn dot64_of<T: Copy + Into<f64>>(a: &[f64], b: &[T]) -> f64 {
     let mut acc = [0f64; 4];
     let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
     let tail: f64 = ca
         .remainder()
         .iter()
         .zip(cb.remainder())
-        .map(|(x, &y)| x * y as f64)
+        .map(|(x, &y)| x * y.into())
         .sum();
     for (x, y) in ca.zip(cb) {
         for l in 0..4 {
-            acc[l] += x[l] * y[l] as f64;
+            acc[l] += x[l] * y[l].into();
         }
     }
     acc.iter().sum::<f64>() + tail
 }
 
+#[inline(always)]
 pub(crate) fn dot64(a: &[f64], b: &[f64]) -> f64 {
-    let mut acc = [0f64; 4];
-    let (ca, cb) = (a.chunks_exact(4), b.chunks_exact(4));
-    let tail: f64 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..4 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f64>() + tail
+    dot64_of(a, b)
 }
 
 simd_fn! {
@@ -854,7 +842,7 @@ pub fn weight_grad_rows(dys: &[f64], xt: &[f32], g: &Geo, rows: (usize, usize), 
                     let xrow = &xtb[iy * g.w..(iy + 1) * g.w];
                     if g.s == 1 {
                         let start = lo + kx - g.pad;
-                        acc += dot64_32(&drow[lo..hi], &xrow[start..start + hi - lo]);
+                        acc += dot64_of(&drow[lo..hi], &xrow[start..start + hi - lo]);
                     } else {
                         for ox in lo..hi {
                             acc += drow[ox] * xrow[ox * g.s + kx - g.pad] as f64;

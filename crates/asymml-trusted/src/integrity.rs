@@ -1500,6 +1500,35 @@ mod tests {
         }
     }
 
+    /// An honest training forward of `conv` on x (with its output y), checked with `reps` repetitions (its
+    /// projection kept), and the backward of a random ∇Y (from `seed`): the projection, ∇Y, ∇X and ∇W.
+    fn honest_backward(
+        conv: &mut Conv2d,
+        x: &Tensor,
+        y: &Tensor,
+        reps: usize,
+        seed: u64,
+    ) -> (Projection, Tensor, Tensor, Vec<f32>) {
+        let mut proj = Projection::default();
+        let fwd = Checker::with_seed(9, reps)
+            .check_forward(
+                conv,
+                &x.data,
+                &x.shape,
+                &mut y.data.clone(),
+                Some(&mut proj),
+                None,
+            )
+            .unwrap();
+        assert_eq!(fwd, Ok(()), "the honest forward failed");
+        let mut rng = Rng::new(seed);
+        let dy = Tensor::from_vec(&y.shape, (0..y.len()).map(|_| rng.normal()).collect()).unwrap();
+        conv.weight.zero_grad();
+        let mut dx = Tensor::default();
+        conv.backward(x, &dy, Some(&mut dx)).unwrap();
+        (proj, dy, dx, conv.weight.grad.data.clone())
+    }
+
     #[test]
     fn honest_results_pass_and_errors_above_the_threshold_are_caught() {
         for &(n, m, k, s, pad, hw) in &[
@@ -1510,25 +1539,7 @@ mod tests {
             (5, 7, 3, 2, 1, 6),
         ] {
             let (mut conv, x, y) = setup(n, m, k, s, pad, hw);
-            let mut proj = Projection::default();
-            let fwd = Checker::with_seed(9, 1)
-                .check_forward(
-                    &conv,
-                    &x.data,
-                    &x.shape,
-                    &mut y.data.clone(),
-                    Some(&mut proj),
-                    None,
-                )
-                .unwrap();
-            assert_eq!(fwd, Ok(()), "the honest forward failed");
-            let mut rng = Rng::new(3);
-            let dy =
-                Tensor::from_vec(&y.shape, (0..y.len()).map(|_| rng.normal()).collect()).unwrap();
-            conv.weight.zero_grad();
-            let mut dx = Tensor::default();
-            conv.backward(&x, &dy, Some(&mut dx)).unwrap();
-            let dw = conv.weight.grad.data.clone();
+            let (proj, dy, dx, dw) = honest_backward(&mut conv, &x, &y, 1, 3);
             for seed in 1..6 {
                 // Just above the threshold, and well above it: always caught.
                 for (factor, expect) in [(1.05, true), (4.0, true)] {
@@ -1596,25 +1607,7 @@ mod tests {
             (5, 7, 3, 2, 1, 13),
         ] {
             let (mut conv, x, y) = setup(n, m, k, s, pad, hw);
-            let mut proj = Projection::default();
-            Checker::with_seed(9, 2)
-                .check_forward(
-                    &conv,
-                    &x.data,
-                    &x.shape,
-                    &mut y.data.clone(),
-                    Some(&mut proj),
-                    None,
-                )
-                .unwrap()
-                .unwrap();
-            let mut rng = Rng::new(4);
-            let dy =
-                Tensor::from_vec(&y.shape, (0..y.len()).map(|_| rng.normal()).collect()).unwrap();
-            conv.weight.zero_grad();
-            let mut dx = Tensor::default();
-            conv.backward(&x, &dy, Some(&mut dx)).unwrap();
-            let dw = conv.weight.grad.data.clone();
+            let (proj, dy, dx, dw) = honest_backward(&mut conv, &x, &y, 2, 4);
             // One output row a band (every band boundary), and the whole map in one band.
             let banded = |seed: u64| {
                 let mut ch = Checker::with_seed(seed, 2);
