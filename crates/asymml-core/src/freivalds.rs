@@ -314,11 +314,12 @@ mod lhs_x86 {
         Into(*mut f32),
     }
 
-    /// Adds `lhs` and `sq` ([2, P] each) for the `len` values at `data` ([B, C, P]) with the coefficients `k`
-    /// ([2, B, C]), and merges them as `merge` says. False (nothing done) without AVX2 and FMA.
+    /// Adds `lhs` and `sq` ([2, P] each) for pixels `q0 .. q0 + P` of the `len` values at `data` ([B, C, DP]:
+    /// rows of `dp` pixels) with the coefficients `k` ([2, B, C]), and merges those values as `merge` says. False
+    /// (nothing done) without AVX2 and FMA.
     ///
     /// # Safety
-    /// `data` points to `len` = B·C·P initialised values, valid for reads (aligned to 4 unless `merge` is
+    /// `data` points to `len` = B·C·DP initialised values, valid for reads (aligned to 4 unless `merge` is
     /// `Into`: then they may lie anywhere), and for writes with `InPlace`; with `Into`, its pointer is to `len`
     /// initialised, aligned values valid for reads and writes, not overlapping `data`; nothing else reads or
     /// writes either meanwhile.
@@ -329,7 +330,7 @@ mod lhs_x86 {
         merge: Merge<'_>,
         bsz: usize,
         ch: usize,
-        p: usize,
+        (dp, q0, p): (usize, usize, usize),
         k: &[f64],
         lhs: &mut [f64],
         sq: &mut [f64],
@@ -338,7 +339,8 @@ mod lhs_x86 {
             return false;
         }
         assert!(
-            len == bsz * ch * p
+            len == bsz * ch * dp
+                && q0 + p <= dp
                 && k.len() == 2 * bsz * ch
                 && lhs.len() == 2 * p
                 && sq.len() == 2 * p
@@ -356,7 +358,7 @@ mod lhs_x86 {
         // run on the worker threads (rayon's current pool) once there is enough to share.
         let p8 = p / 8 * 8;
         let threads = rayon::current_num_threads();
-        let par = threads > 1 && len >= PAR_MIN_VALUES;
+        let par = threads > 1 && bsz * ch * p >= PAR_MIN_VALUES;
         let tile = if par {
             (p8 / (4 * threads) / 8 * 8).clamp(64, TILE)
         } else {
@@ -377,7 +379,7 @@ mod lhs_x86 {
             // SAFETY: AVX2 and FMA were detected above; `main`'s pointer arithmetic stays inside the `len`
             // values and the [2, P] sums (see its comment), which the caller vouches for. Tiles cover disjoint
             // pixel columns, so no two calls touch the same value, sum or merged output.
-            unsafe { main(at, merge, bsz, ch, p, &kf, p0, tile.min(p8 - p0)) }
+            unsafe { main(at, merge, bsz, ch, (dp, q0, p), &kf, p0, tile.min(p8 - p0)) }
         };
         if par && tiles > 1 {
             use rayon::prelude::*;
@@ -390,8 +392,8 @@ mod lhs_x86 {
             for j in 0..ch {
                 let kv = kf[b * ch + j];
                 for i in p8..p {
-                    let off = (b * ch + j) * p + i;
-                    // SAFETY: off < B·C·P = len (read unaligned: with `Into` the values may lie anywhere).
+                    let off = (b * ch + j) * dp + q0 + i;
+                    // SAFETY: off < B·C·DP = len (read unaligned: with `Into` the values may lie anywhere).
                     let x = unsafe { data.add(off).read_unaligned() };
                     match merge {
                         // SAFETY: as above; the caller allows writes with `InPlace`.
@@ -436,10 +438,11 @@ mod lhs_x86 {
     // `main`); the caller of `lhs_r2` keeps it alive and otherwise untouched until they are done.
     unsafe impl Sync for Merge<'_> {}
 
-    /// The tile of pixels `p0 .. p0 + tl` (p0 + tl ≤ p − p mod 8, tl a multiple of 8). Every vector access is
-    /// at `(b·C + j)·P + p0 + v` with p0 + v + 8 ≤ P, so inside the B·C·P values at `d` (and `addend` or
-    /// `into`: the same length); the f64 rows at `p0 + v` and `P + p0 + v`, 8 wide, inside the [2, P] sums.
-    /// Only columns p0 .. p0 + tl of each are touched.
+    /// The tile of pixels `p0 .. p0 + tl` of the band (p0 + tl ≤ p − p mod 8, tl a multiple of 8). Every
+    /// vector access is at `(b·C + j)·DP + q0 + p0 + v` with q0 + p0 + v + 8 ≤ q0 + P ≤ DP, so inside the
+    /// B·C·DP values at `d` (and `addend` or `into`: the same length); the f64 rows at `p0 + v` and
+    /// `P + p0 + v`, 8 wide, inside the [2, P] sums. Only columns q0 + p0 .. q0 + p0 + tl of the values and
+    /// p0 .. p0 + tl of the sums are touched.
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn main(
@@ -447,7 +450,7 @@ mod lhs_x86 {
         merge: Merge<'_>,
         bsz: usize,
         ch: usize,
-        p: usize,
+        (dp, q0, p): (usize, usize, usize),
         kf: &[[f32; 4]],
         p0: usize,
         tl: usize,
@@ -459,8 +462,8 @@ mod lhs_x86 {
                 for v in (0..tl).step_by(8) {
                     let mut acc = [_mm256_setzero_ps(); 4];
                     for j in j0..j1 {
-                        let off = (b * ch + j) * p + p0 + v;
-                        // SAFETY: off + 8 ≤ (b·C + j + 1)·P ≤ B·C·P (see the function's comment).
+                        let off = (b * ch + j) * dp + q0 + p0 + v;
+                        // SAFETY: off + 8 ≤ (b·C + j + 1)·DP ≤ B·C·DP (see the function's comment).
                         let x = unsafe { _mm256_loadu_ps(d.add(off)) };
                         if let Merge::Into(_) = merge {
                             // The sum takes the very value the check's sums take: one read of each received
@@ -497,9 +500,9 @@ mod lhs_x86 {
                 // The in-place merge, row by row, once the sums have read the block's rows (now in cache).
                 let Merge::InPlace(a) = merge else { continue };
                 for j in j0..j1 {
-                    let off = (b * ch + j) * p + p0;
+                    let off = (b * ch + j) * dp + q0 + p0;
                     for v in (0..tl).step_by(8) {
-                        // SAFETY: off + v + 8 ≤ (b·C + j + 1)·P ≤ B·C·P, in `d` and in `addend` (the same
+                        // SAFETY: off + v + 8 ≤ (b·C + j + 1)·DP ≤ B·C·DP, in `d` and in `addend` (the same
                         // length); writes to `d` are allowed with `InPlace`.
                         unsafe {
                             let x = _mm256_loadu_ps(d.add(off + v));
@@ -513,16 +516,35 @@ mod lhs_x86 {
     }
 }
 
-/// Checks [`lhs_pass`]'s sizes and zeroes its output.
-fn lhs_start(len: usize, bsz: usize, ch: usize, p: usize, r: usize, k: &[f64], out: &mut Lhs) {
-    assert_eq!(len, bsz * ch * p, "lhs_pass: data is not [B, C, P]");
+/// Checks [`lhs_pass_range`]'s sizes and zeroes its output.
+fn lhs_start(
+    len: usize,
+    bsz: usize,
+    ch: usize,
+    px: (usize, usize, usize),
+    r: usize,
+    k: &[f64],
+    out: &mut Lhs,
+) {
+    let (dp, q0, p) = px;
+    assert_eq!(len, bsz * ch * dp, "lhs_pass: data is not [B, C, DP]");
+    assert!(q0 + p <= dp, "lhs_pass: pixels {q0}..{} of {dp}", q0 + p);
     assert_eq!(k.len(), r * bsz * ch, "lhs_pass: k is not [R, B, C]");
     zeroed(&mut out.lhs, r * p);
     zeroed(&mut out.sq, r * p);
 }
 
 /// [`lhs_pass`] in portable loops (any R; the tests compare it with the AVX2 kernel).
-fn lhs_generic(data: &[f32], bsz: usize, ch: usize, p: usize, r: usize, k: &[f64], out: &mut Lhs) {
+fn lhs_generic(
+    data: &[f32],
+    bsz: usize,
+    ch: usize,
+    px: (usize, usize, usize),
+    r: usize,
+    k: &[f64],
+    out: &mut Lhs,
+) {
+    let (dp, q0, p) = px;
     // 2R f32 accumulators per pixel, kept in L1.
     let tile = 1024.min(p);
     // The 2R accumulator rows `stride` floats apart: rows a multiple of 4 KiB apart would make every load
@@ -537,7 +559,7 @@ fn lhs_generic(data: &[f32], bsz: usize, ch: usize, p: usize, r: usize, k: &[f64
                 part.iter_mut().for_each(|v| *v = 0.0);
                 psq.iter_mut().for_each(|v| *v = 0.0);
                 for j in j0..(j0 + BLOCK).min(ch) {
-                    let x = &data[(b * ch + j) * p + p0..][..tl];
+                    let x = &data[(b * ch + j) * dp + q0 + p0..][..tl];
                     for ri in 0..r {
                         let kv = k[(ri * bsz + b) * ch + j] as f32;
                         let k2 = kv * kv;
@@ -570,28 +592,15 @@ fn lhs_generic(data: &[f32], bsz: usize, ch: usize, p: usize, r: usize, k: &[f64
     }
 }
 
-simd_fn! {
 /// One pass over `data` ([B, C, P]) with the coefficient products `k` ([R, B, C]), into `out` ([`Lhs`]):
 /// partial sums over [`BLOCK`] channels in f32, added in f64.
 pub fn lhs_pass(data: &[f32], bsz: usize, ch: usize, p: usize, r: usize, k: &[f64], out: &mut Lhs) {
-    lhs_start(data.len(), bsz, ch, p, r, k, out);
-    #[cfg(target_arch = "x86_64")]
-    if r == 2 && !data.is_empty() {
-        // SAFETY: `data` is a live shared slice of `data.len()` values, only read (no addend).
-        let done = unsafe {
-            lhs_x86::lhs_r2(data.as_ptr().cast_mut(), data.len(), lhs_x86::Merge::No, bsz, ch, p, k, &mut out.lhs, &mut out.sq)
-        };
-        if done {
-            return;
-        }
-    }
-    lhs_generic(data, bsz, ch, p, r, k, out)
-}
+    lhs_pass_range(data, bsz, ch, (p, 0, p), r, k, out)
 }
 
-simd_fn! {
-/// [`lhs_pass`] of `data` ([B, C, P]) and, in the same pass, `data` += `addend`: the merge of a checked result
-/// with the trusted part, in the result's own buffer (the sums see the values as they came).
+/// [`lhs_pass`] and, in the same pass, `data` += `addend`: the merge of a checked result with the trusted
+/// part, in the result's own buffer (the sums see the values as they came).
+#[allow(clippy::too_many_arguments)]
 pub fn merge_lhs_pass(
     data: &mut [f32],
     addend: &[f32],
@@ -602,29 +611,15 @@ pub fn merge_lhs_pass(
     k: &[f64],
     out: &mut Lhs,
 ) {
-    lhs_start(data.len(), bsz, ch, p, r, k, out);
-    assert_eq!(addend.len(), data.len(), "merge_lhs_pass: addend's size");
-    #[cfg(target_arch = "x86_64")]
-    if r == 2 && !data.is_empty() {
-        // SAFETY: `data` is an exclusive slice of `data.len()` values, read and written only by the kernel.
-        let done = unsafe {
-            lhs_x86::lhs_r2(data.as_mut_ptr(), data.len(), lhs_x86::Merge::InPlace(addend), bsz, ch, p, k, &mut out.lhs, &mut out.sq)
-        };
-        if done {
-            return;
-        }
-    }
-    lhs_generic(data, bsz, ch, p, r, k, out);
-    data.iter_mut().zip(addend).for_each(|(v, a)| *v += a);
-}
+    merge_lhs_pass_range(data, addend, bsz, ch, (p, 0, p), r, k, out)
 }
 
-simd_fn! {
 /// [`lhs_pass`] of received values `src` ([B, C, P] little-endian f32 words, as a frame holds them: any
 /// alignment) and, in the same pass, `dst` += them: the merge of a checked result into the trusted part's own
 /// buffer, with no copy of the received values. Each value is read once, and that one reading feeds both the
 /// check's sums and the merge: a frame the accelerator could still write cannot show the check one value and
 /// the sum another.
+#[allow(clippy::too_many_arguments)]
 pub fn merge_into_lhs_pass(
     src: &[[u8; 4]],
     dst: &mut [f32],
@@ -635,22 +630,105 @@ pub fn merge_into_lhs_pass(
     k: &[f64],
     out: &mut Lhs,
 ) {
-    lhs_start(src.len(), bsz, ch, p, r, k, out);
+    merge_into_lhs_pass_range(src, dst, bsz, ch, (p, 0, p), r, k, out)
+}
+
+/// The values of pixels `q0 .. q0 + P` of every row of `data` ([rows, DP]), as [rows, P].
+fn band_of<T: Copy>(
+    data: &[T],
+    (dp, q0, p): (usize, usize, usize),
+    f: impl Fn(T) -> f32,
+) -> Vec<f32> {
+    data.chunks_exact(dp.max(1))
+        .flat_map(|row| row[q0..q0 + p].iter().map(|&v| f(v)))
+        .collect()
+}
+
+simd_fn! {
+/// [`lhs_pass`] over pixels `q0 .. q0 + P` of `data` ([B, C, DP]: rows of `dp` pixels), `out` sized for those
+/// `P` pixels ([R, P] each): a band of a map, whose check then needs only the band's sums at once.
+pub fn lhs_pass_range(data: &[f32], bsz: usize, ch: usize, px: (usize, usize, usize), r: usize, k: &[f64], out: &mut Lhs) {
+    lhs_start(data.len(), bsz, ch, px, r, k, out);
+    #[cfg(target_arch = "x86_64")]
+    if r == 2 && !data.is_empty() {
+        // SAFETY: `data` is a live shared slice of `data.len()` values, only read (no addend).
+        let done = unsafe {
+            lhs_x86::lhs_r2(data.as_ptr().cast_mut(), data.len(), lhs_x86::Merge::No, bsz, ch, px, k, &mut out.lhs, &mut out.sq)
+        };
+        if done {
+            return;
+        }
+    }
+    lhs_generic(data, bsz, ch, px, r, k, out)
+}
+}
+
+simd_fn! {
+/// [`merge_lhs_pass`] over pixels `q0 .. q0 + P` of `data` and `addend` ([B, C, DP] each), as
+/// [`lhs_pass_range`]: only those pixels' values are merged.
+pub fn merge_lhs_pass_range(
+    data: &mut [f32],
+    addend: &[f32],
+    bsz: usize,
+    ch: usize,
+    px: (usize, usize, usize),
+    r: usize,
+    k: &[f64],
+    out: &mut Lhs,
+) {
+    lhs_start(data.len(), bsz, ch, px, r, k, out);
+    assert_eq!(addend.len(), data.len(), "merge_lhs_pass: addend's size");
+    #[cfg(target_arch = "x86_64")]
+    if r == 2 && !data.is_empty() {
+        // SAFETY: `data` is an exclusive slice of `data.len()` values, read and written only by the kernel.
+        let done = unsafe {
+            lhs_x86::lhs_r2(data.as_mut_ptr(), data.len(), lhs_x86::Merge::InPlace(addend), bsz, ch, px, k, &mut out.lhs, &mut out.sq)
+        };
+        if done {
+            return;
+        }
+    }
+    lhs_generic(data, bsz, ch, px, r, k, out);
+    let (dp, q0, p) = px;
+    for (row, add) in data.chunks_exact_mut(dp.max(1)).zip(addend.chunks_exact(dp.max(1))) {
+        row[q0..q0 + p].iter_mut().zip(&add[q0..q0 + p]).for_each(|(v, a)| *v += a);
+    }
+}
+}
+
+simd_fn! {
+/// [`merge_into_lhs_pass`] over pixels `q0 .. q0 + P` of `src` and `dst` ([B, C, DP] each), as
+/// [`lhs_pass_range`]: only those pixels are read and merged.
+pub fn merge_into_lhs_pass_range(
+    src: &[[u8; 4]],
+    dst: &mut [f32],
+    bsz: usize,
+    ch: usize,
+    px: (usize, usize, usize),
+    r: usize,
+    k: &[f64],
+    out: &mut Lhs,
+) {
+    lhs_start(src.len(), bsz, ch, px, r, k, out);
     assert_eq!(dst.len(), src.len(), "merge_into_lhs_pass: destination's size");
     #[cfg(target_arch = "x86_64")]
     if r == 2 && !src.is_empty() {
         // SAFETY: `src` is a live shared slice of `src.len()` words, only read (x86-64 is little-endian, so each
         // word is its f32; unaligned reads); `dst` an exclusive slice of as many f32, apart from it.
         let done = unsafe {
-            lhs_x86::lhs_r2(src.as_ptr().cast::<f32>().cast_mut(), src.len(), lhs_x86::Merge::Into(dst.as_mut_ptr()), bsz, ch, p, k, &mut out.lhs, &mut out.sq)
+            lhs_x86::lhs_r2(src.as_ptr().cast::<f32>().cast_mut(), src.len(), lhs_x86::Merge::Into(dst.as_mut_ptr()), bsz, ch, px, k, &mut out.lhs, &mut out.sq)
         };
         if done {
             return;
         }
     }
-    let values: Vec<f32> = src.iter().map(|w| f32::from_le_bytes(*w)).collect();
-    lhs_generic(&values, bsz, ch, p, r, k, out);
-    dst.iter_mut().zip(&values).for_each(|(d, v)| *d += v);
+    // The band's values read once, into a buffer of their own: the sums and the merge take the same copy.
+    let (dp, q0, p) = px;
+    let values = band_of(src, px, f32::from_le_bytes);
+    lhs_generic(&values, bsz, ch, (p, 0, p), r, k, out);
+    for (row, vals) in dst.chunks_exact_mut(dp.max(1)).zip(values.chunks_exact(p.max(1))) {
+        row[q0..q0 + p].iter_mut().zip(vals).for_each(|(d, v)| *d += v);
+    }
 }
 }
 
@@ -1151,8 +1229,8 @@ mod tests {
             assert_eq!(plain.sq, into.sq);
             // The portable loops round the same way as the AVX2 kernel (f32 sums over BLOCK channels).
             let mut generic = Lhs::default();
-            lhs_start(data.len(), bsz, ch, p, r, &k, &mut generic);
-            lhs_generic(&data, bsz, ch, p, r, &k, &mut generic);
+            lhs_start(data.len(), bsz, ch, (p, 0, p), r, &k, &mut generic);
+            lhs_generic(&data, bsz, ch, (p, 0, p), r, &k, &mut generic);
             for (a, b) in generic.lhs.iter().zip(&plain.lhs) {
                 assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
             }
@@ -1169,6 +1247,69 @@ mod tests {
                     assert!(sums_to(plain.sq[ri * p + q], terms().map(|a| a * a)));
                 }
             }
+        }
+    }
+
+    #[test]
+    fn lhs_passes_band_by_band_are_the_whole_pass() {
+        let mut rng = Rng::new(16);
+        for &(bsz, ch, p, r, bands) in &[
+            // Bands of whole multiples of 8 pixels: the same sums bit for bit.
+            (2, 19, 1501, 2, &[0usize, 64, 1024, 1496, 1501][..]),
+            (3, 5, 40, 1, &[0, 8, 40]),
+            (2, 7, 100, 3, &[0, 48, 100]),
+            // Ragged bands: a pixel's sums then differ by rounding only.
+            (2, 19, 303, 2, &[0, 1, 150, 301, 303]),
+        ] {
+            let data = randn(&mut rng, bsz * ch * p);
+            let addend = randn(&mut rng, bsz * ch * p);
+            let k: Vec<f64> = (0..r * bsz * ch)
+                .map(|i| 1.5 - (i % 7) as f64 * 0.5)
+                .collect();
+            let mut whole = Lhs::default();
+            lhs_pass(&data, bsz, ch, p, r, &k, &mut whole);
+            let exact = bands.iter().all(|b| b % 8 == 0 || *b == p);
+            let words: Vec<[u8; 4]> = data.iter().map(|v| v.to_le_bytes()).collect();
+            let (mut y, mut dst) = (data.clone(), addend.clone());
+            for w in bands.windows(2) {
+                let px = (p, w[0], w[1] - w[0]);
+                let (mut plain, mut merged, mut into) =
+                    (Lhs::default(), Lhs::default(), Lhs::default());
+                lhs_pass_range(&data, bsz, ch, px, r, &k, &mut plain);
+                merge_lhs_pass_range(&mut y, &addend, bsz, ch, px, r, &k, &mut merged);
+                merge_into_lhs_pass_range(&words, &mut dst, bsz, ch, px, r, &k, &mut into);
+                for got in [&plain, &merged, &into] {
+                    assert_eq!(got.lhs, plain.lhs);
+                    assert_eq!(got.sq, plain.sq);
+                }
+                let n = px.2;
+                for ri in 0..r {
+                    let (a, b) = (&plain.lhs[ri * n..][..n], &whole.lhs[ri * p + px.1..][..n]);
+                    let (c, d) = (&plain.sq[ri * n..][..n], &whole.sq[ri * p + px.1..][..n]);
+                    if exact {
+                        assert_eq!((a, c), (b, d));
+                    } else {
+                        for (u, v) in a.iter().zip(b).chain(c.iter().zip(d)) {
+                            assert!((u - v).abs() <= 1e-5 * (1.0 + v.abs()), "{u} vs {v}");
+                        }
+                    }
+                }
+                // Only the band's values were merged so far.
+                for row in 0..bsz * ch {
+                    for q in [w[0], w[1] - 1] {
+                        let i = row * p + q;
+                        assert_eq!(y[i], data[i] + addend[i]);
+                        assert_eq!(dst[i], data[i] + addend[i]);
+                    }
+                    if w[1] < p {
+                        assert_eq!(y[row * p + w[1]], data[row * p + w[1]]);
+                        assert_eq!(dst[row * p + w[1]], addend[row * p + w[1]]);
+                    }
+                }
+            }
+            let sum: Vec<f32> = data.iter().zip(&addend).map(|(a, b)| a + b).collect();
+            assert_eq!(y, sum);
+            assert_eq!(dst, sum);
         }
     }
 

@@ -39,8 +39,8 @@
 
 use asymml_core::freivalds::{
     column_squares, combine_pass, combine_pass_range, combine_rows, gather_offsets_rows, lhs_pass,
-    merge_into_lhs_pass, merge_lhs_pass, period_dot, scatter_offsets_rows, sum_squares,
-    weight_grad_rows, Combined, Geo, Lhs, BLOCK,
+    lhs_pass_range, merge_into_lhs_pass_range, merge_lhs_pass_range, period_dot,
+    scatter_offsets_rows, sum_squares, weight_grad_rows, Combined, Geo, Lhs, BLOCK,
 };
 use asymml_core::layers::Conv2d;
 use asymml_core::rng::Rng;
@@ -195,21 +195,32 @@ struct Streamed {
 }
 
 /// The X_U side of a forward check at every output pixel, per repetition ([R, P] each): conv(Σ_b c_b X_U[b],
-/// Σ_m s_m W[m]) (`z`), and for the tolerance the k × k window sums of Σ_b c_b² Σ_j X_U[b, j]² (`pq`) and of
-/// Σ_j (Σ_b c_b X_U[b, j])² (`pxc`).
+/// Σ_m s_m W[m]) (`z`), and the part of the pixel's tolerance that X_U gives (`tx`, before the factor κ·u; f32
+/// is plenty for a tolerance): √K·√(pq·Σ_m s_m²‖W_m‖²) + (√K + √B)·√pxc·‖Σ_m s_m W[m]‖, where pq is the k × k
+/// window sum of Σ_b c_b² Σ_j X_U[b, j]² and pxc that of Σ_j (Σ_b c_b X_U[b, j])² (the first two terms of
+/// [`tolerance_in_place`]). `w`: per repetition, Σ_m s_m²‖W_m‖² and ‖Σ_m s_m W[m]‖.
 #[derive(Default)]
 struct XSide {
     z: Vec<f64>,
-    pq: Vec<f64>,
-    pxc: Vec<f64>,
+    tx: Vec<f32>,
+    w: Vec<(f64, f64)>,
 }
 
 impl XSide {
-    fn new(r: usize, p: usize) -> Self {
+    fn new(r: usize, g: &Geo, side: &WeightSide) -> Self {
+        let (n, kk, m) = (g.n, g.k * g.k, g.m);
+        let w = (0..r)
+            .map(|ri| {
+                let s = &side.s[ri * m..(ri + 1) * m];
+                let wn2: f64 = s.iter().zip(&side.wnorm).map(|(sm, w)| sm * sm * w).sum();
+                let ws = &side.ws[ri * n * kk..(ri + 1) * n * kk];
+                (wn2, ws.iter().map(|v| v * v).sum::<f64>().sqrt())
+            })
+            .collect();
         XSide {
-            z: vec![0.0; r * p],
-            pq: vec![0.0; r * p],
-            pxc: vec![0.0; r * p],
+            z: vec![0.0; r * g.p()],
+            tx: vec![0.0; r * g.p()],
+            w,
         }
     }
 
@@ -224,19 +235,23 @@ impl XSide {
         rows: (usize, usize),
     ) {
         let (p, kk) = (g.p(), g.k * g.k);
+        let kdot = ((g.n * kk) as f64).sqrt();
+        let right = kdot + (g.b as f64).sqrt();
         let at = |ri: usize| ri * p + rows.0 * g.ow..ri * p + rows.1 * g.ow;
+        let n = (rows.1 - rows.0) * g.ow;
+        let (mut pq, mut pxc) = (vec![0f64; n], vec![0f64; n]);
         for (ri, cr) in c.chunks_exact(g.b).enumerate() {
             let contracted = &comb.contracted[ri * kk * win..(ri + 1) * kk * win];
             gather_offsets_rows(contracted, (win, row0), g, rows, &mut self.z[at(ri)]);
-            box_sum_rows(
-                &comb.weighted_bsq(cr, win),
-                row0,
-                g,
-                rows,
-                &mut self.pq[at(ri)],
-            );
+            pq.fill(0.0);
+            pxc.fill(0.0);
+            box_sum_rows(&comb.weighted_bsq(cr, win), row0, g, rows, &mut pq);
             let comb_sq = &comb.comb_sq[ri * win..(ri + 1) * win];
-            box_sum_rows(comb_sq, row0, g, rows, &mut self.pxc[at(ri)]);
+            box_sum_rows(comb_sq, row0, g, rows, &mut pxc);
+            let (w2, wc) = self.w[ri];
+            for ((t, q), x) in self.tx[at(ri)].iter_mut().zip(&pq).zip(&pxc) {
+                *t = (kdot * (q * w2).sqrt() + right * x.sqrt() * wc) as f32;
+            }
         }
     }
 }
@@ -246,6 +261,37 @@ impl XSide {
 enum XProj<'a> {
     Copy(&'a [f64], &'a [f64]),
     Move(Vec<Vec<f32>>, Vec<f64>),
+}
+
+/// One check's comparison gathered over its positions, possibly a band at a time: the largest tolerance,
+/// and the position with the largest |difference| / tolerance (its index, ratio, |difference| and tolerance).
+#[derive(Clone, Copy, Debug, Default)]
+struct Tally {
+    max_tol: f64,
+    index: usize,
+    ratio: f64,
+    diff: f64,
+    tol: f64,
+}
+
+impl Tally {
+    /// Adds positions `offset ..` with these differences and tolerances.
+    fn add(&mut self, diff: &[f64], tol: &[f64], offset: usize) {
+        for (i, (d, &t)) in diff.iter().zip(tol).enumerate() {
+            self.max_tol = self.max_tol.max(t);
+            let r = d.abs() / t;
+            // A NaN ratio (a non-finite value slipped through) counts as the worst.
+            let r = if r.is_nan() { f64::INFINITY } else { r };
+            if r > self.ratio {
+                (self.index, self.ratio, self.diff, self.tol) = (offset + i, r, d.abs(), t);
+            }
+        }
+    }
+
+    /// A position's difference is above its tolerance.
+    fn failed(&self) -> bool {
+        self.ratio > 1.0
+    }
 }
 
 /// The checker: secret randomness, the number of repetitions, counters.
@@ -392,33 +438,31 @@ impl Checker {
 
     /// Records one check's outcome.
     fn record(&mut self, q: Quantity, diff: &[f64], tol: &[f64], rms: f64) -> Result<(), Failure> {
+        let mut tally = Tally::default();
+        tally.add(diff, tol, 0);
+        self.settle(q, &tally, rms)
+    }
+
+    /// Records one check's outcome from its positions' tally (`rms`: of the checked values, for the
+    /// threshold's statistics).
+    fn settle(&mut self, q: Quantity, tally: &Tally, rms: f64) -> Result<(), Failure> {
         self.stats.checks += 1;
-        let max_tol = tol.iter().cloned().fold(0.0, f64::max);
-        self.last_max_tol = max_tol;
+        self.last_max_tol = tally.max_tol;
         // (Values at f32's subnormal scale have only the absolute floor for a threshold: not counted.)
         if rms > 1e-30 {
             let rel = &mut self.stats.threshold_rel[q as usize];
-            *rel = rel.max(2.0 * max_tol / rms);
+            *rel = rel.max(2.0 * tally.max_tol / rms);
         }
-        let mut worst = (0usize, 0.0f64);
-        for (i, (d, t)) in diff.iter().zip(tol).enumerate() {
-            let r = d.abs() / t;
-            // A NaN ratio (a non-finite value slipped through) counts as the worst.
-            let r = if r.is_nan() { f64::INFINITY } else { r };
-            if r > worst.1 {
-                worst = (i, r);
-            }
-        }
-        if worst.1 > 1.0 {
+        if tally.failed() {
             self.stats.failures += 1;
             return Err(Failure {
                 quantity: q,
-                index: worst.0,
-                diff: diff[worst.0].abs(),
-                tol: tol[worst.0],
+                index: tally.index,
+                diff: tally.diff,
+                tol: tally.tol,
             });
         }
-        self.stats.worst_ratio = self.stats.worst_ratio.max(worst.1);
+        self.stats.worst_ratio = self.stats.worst_ratio.max(tally.ratio);
         Ok(())
     }
 
@@ -534,7 +578,7 @@ impl Checker {
             d.t.as_deref(),
             &mut comb,
         );
-        let mut xs = XSide::new(self.reps, g.p());
+        let mut xs = XSide::new(self.reps, &g, &d.side);
         xs.add_rows(&comb, (g.hw(), 0), &g, &d.c, (0, g.oh));
         let xproj = XProj::Copy(&comb.proj, &comb.chn2);
         let out = self.finish_forward(conv, d, &xs, xproj, ys, proj, t0);
@@ -620,57 +664,88 @@ impl Checker {
             first,
         } = d;
         let (hw, p, kk, r) = (g.hw(), g.p(), g.k * g.k, self.reps);
-        let (s, ws, wnorm) = (&side.s, &side.ws, &side.wnorm);
+        let s = &side.s;
         let mut lhs = std::mem::take(&mut self.lhs);
-        // One pass over Y_U: Σ_b Σ_m c_b s_m Y_U[b, m] and Σ (c_b s_m Y_U[b, m])² per pixel.
+        // Σ_b Σ_m c_b s_m Y_U[b, m] and Σ (c_b s_m Y_U[b, m])² per pixel, from one pass over Y_U made a band of
+        // output rows at a time (merging as `ys` says): each band's differences and tolerances are compared
+        // as it is made, and only the worst so far is kept.
         let k: Vec<f64> = (0..r)
             .flat_map(|ri| {
                 let (c, s) = (&c[ri * g.b..(ri + 1) * g.b], &s[ri * g.m..(ri + 1) * g.m]);
                 c.iter().flat_map(move |cb| s.iter().map(move |sm| cb * sm))
             })
             .collect();
-        match ys {
-            YSide::MergeInPlace(y_u, y_t) => merge_lhs_pass(y_u, y_t, g.b, g.m, p, r, &k, &mut lhs),
-            YSide::MergeInto(y_u, y) => merge_into_lhs_pass(y_u, y, g.b, g.m, p, r, &k, &mut lhs),
-            YSide::Read(y_u) => lhs_pass(y_u, g.b, g.m, p, r, &k, &mut lhs),
-        }
-        // The RMS of Y_U weighted by the squared coefficients (each in [1, 4)), from the left side's squares.
-        let y_rms = weighted_rms(&lhs.sq[..p], &c[..g.b], &s[..g.m]);
+        let bias: Vec<f64> = (0..r)
+            .map(|ri| {
+                let (c, s) = (&c[ri * g.b..(ri + 1) * g.b], &s[ri * g.m..(ri + 1) * g.m]);
+                conv.bias.as_ref().map_or(0.0, |b| {
+                    let sb: f64 = b
+                        .value
+                        .data
+                        .iter()
+                        .zip(s)
+                        .map(|(&v, sm)| v as f64 * sm)
+                        .sum();
+                    sb * c.iter().sum::<f64>()
+                })
+            })
+            .collect();
         let kdot = (g.n * kk) as f64;
         let floor = 4.0 * TINY * (kdot * (g.b * g.m) as f64).sqrt();
-        let mut out = Ok(());
+        let own = own_rounding();
+        // Per pixel of a band: the left side and its squares for every repetition, a difference and a tolerance.
+        let rows = (self.band_bytes / (8 * (2 * r + 2) * g.ow).max(1)).max(1);
+        let mut ys = ys;
+        let mut tallies = vec![Tally::default(); r];
+        let (mut diff, mut tol) = (Vec::new(), Vec::new());
+        let mut sq0 = 0.0;
         let mut range = None;
-        for ri in 0..r {
-            let (c, s) = (&c[ri * g.b..(ri + 1) * g.b], &s[ri * g.m..(ri + 1) * g.m]);
-            // Σ_m s_m²‖W_m‖², ‖Σ_m s_m W[m]‖, and conv(Σ_b c_b X_U[b], Σ_m s_m W[m]).
-            let wn2: f64 = s.iter().zip(wnorm).map(|(sm, n)| sm * sm * n).sum();
-            let wsr = &ws[ri * g.n * kk..(ri + 1) * g.n * kk];
-            let wsn = wsr.iter().map(|v| v * v).sum::<f64>().sqrt();
-            let at = ri * p..(ri + 1) * p;
-            let (z, pq, pxc) = (&xs.z[at.clone()], &xs.pq[at.clone()], &xs.pxc[at]);
-            let bias = conv.bias.as_ref().map_or(0.0, |b| {
-                let sb: f64 = b
-                    .value
-                    .data
-                    .iter()
-                    .zip(s)
-                    .map(|(&v, sm)| v as f64 * sm)
-                    .sum();
-                sb * c.iter().sum::<f64>()
-            });
-            let (lhs_r, ysq) = (
-                &lhs.lhs[ri * p..(ri + 1) * p],
-                &lhs.sq[ri * p..(ri + 1) * p],
-            );
-            let diff: Vec<f64> = (0..p).map(|i| lhs_r[i] - z[i] - bias).collect();
-            let tol = tolerance(kdot, g.b, (pq, wn2), (pxc, wsn), ysq, floor);
-            if let Some(e) = unbounded(&tol, Quantity::Output) {
-                range = Some(e);
-                break;
+        'bands: for oy0 in (0..g.oh).step_by(rows) {
+            let px = (p, oy0 * g.ow, (oy0 + rows).min(g.oh) * g.ow - oy0 * g.ow);
+            let n = px.2;
+            match &mut ys {
+                YSide::MergeInPlace(y_u, y_t) => {
+                    merge_lhs_pass_range(y_u, y_t, g.b, g.m, px, r, &k, &mut lhs)
+                }
+                YSide::MergeInto(y_u, y) => {
+                    merge_into_lhs_pass_range(y_u, y, g.b, g.m, px, r, &k, &mut lhs)
+                }
+                YSide::Read(y_u) => lhs_pass_range(y_u, g.b, g.m, px, r, &k, &mut lhs),
             }
-            if let Err(f) = self.record(Quantity::Output, &diff, &tol, y_rms) {
-                out = Err(f);
-                break;
+            sq0 += lhs.sq[..n].iter().sum::<f64>();
+            for (ri, tally) in tallies.iter_mut().enumerate() {
+                let at = ri * p + px.1..ri * p + px.1 + n;
+                let (z, tx) = (&xs.z[at.clone()], &xs.tx[at]);
+                let (l, ysq) = (&lhs.lhs[ri * n..][..n], &lhs.sq[ri * n..][..n]);
+                diff.clear();
+                diff.extend(l.iter().zip(z).map(|(l, z)| l - z - bias[ri]));
+                tol.clear();
+                tol.extend(
+                    tx.iter()
+                        .zip(ysq)
+                        .map(|(&t, q)| KAPPA * U * (t as f64 + own * q.sqrt() + floor)),
+                );
+                if let Some(e) = unbounded(&tol, Quantity::Output) {
+                    range = Some(e);
+                    break 'bands;
+                }
+                tally.add(&diff, &tol, px.1);
+                if tally.failed() {
+                    break 'bands;
+                }
+            }
+        }
+        // The RMS of Y_U weighted by the squared coefficients (each in [1, 4)), from the left side's squares.
+        let w0: f64 = c[..g.b].iter().map(|v| v * v).sum::<f64>()
+            * s[..g.m].iter().map(|v| v * v).sum::<f64>();
+        let y_rms = (sq0 / (w0 * p as f64).max(f64::MIN_POSITIVE)).sqrt();
+        let mut out = Ok(());
+        if range.is_none() {
+            for tally in &tallies {
+                if let Err(f) = self.settle(Quantity::Output, tally, y_rms) {
+                    out = Err(f);
+                    break;
+                }
             }
         }
         if let (Some(pr), Some(t)) = (proj, t) {
@@ -736,7 +811,7 @@ impl Checker {
             id: conv.id,
             shape: x_shape.to_vec(),
             done: 0,
-            xs: XSide::new(r, g.p()),
+            xs: XSide::new(r, &g, &d.side),
             next_oy: 0,
             win: Combined::default(),
             cap: 0,
@@ -1254,24 +1329,11 @@ fn weighted_rms(sq: &[f64], c: &[f64], s: &[f64]) -> f64 {
     (sq.iter().sum::<f64>() / (w * sq.len() as f64).max(f64::MIN_POSITIVE)).sqrt()
 }
 
-/// The tolerance τ at every position of a conv-shaped check (Y_U or ∇X, see the module docs): from the
-/// squared patch norms `pq` of the checked conv's input with Σ c²‖W‖² = `w2` (its honest rounding), the
-/// patch norms `pc` of the batch combination with ‖Σ s W‖ = `wc` (the check's right side), the combined
-/// squares `sq` of the checked values (the check's left side), and an absolute `floor`.
-fn tolerance(
-    kdot: f64,
-    b: usize,
-    (pq, w2): (&[f64], f64),
-    (pc, wc): (&[f64], f64),
-    sq: &[f64],
-    floor: f64,
-) -> Vec<f64> {
-    let mut tol = pq.to_vec();
-    tolerance_in_place(kdot, b, (&mut tol, w2), (pc, wc), sq, floor);
-    tol
-}
-
-/// [`tolerance`] written over `pq`.
+/// The tolerance τ at every position of a conv-shaped check (∇X here; Y_U's is the same, its first two terms
+/// made with its X_U side, see [`XSide`] and the module docs), written over `pq`: from the squared patch norms
+/// `pq` of the checked conv's input with Σ c²‖W‖² = `w2` (its honest rounding), the patch norms `pc` of the
+/// batch combination with ‖Σ s W‖ = `wc` (the check's right side), the combined squares `sq` of the checked
+/// values (the check's left side), and an absolute `floor`.
 fn tolerance_in_place(
     kdot: f64,
     b: usize,
@@ -1593,6 +1655,74 @@ mod tests {
                         expect,
                         "∇W {factor}"
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_forward_check_band_by_band_is_the_whole_check_and_catches_the_same_errors() {
+        for &(n, m, k, s, pad, hw) in &[
+            (3, 8, 3, 1, 1, 9),
+            (8, 16, 1, 2, 0, 7),
+            (4, 6, 7, 2, 3, 11),
+            (5, 7, 3, 1, 1, 16),
+        ] {
+            let (conv, x, y) = setup(n, m, k, s, pad, hw);
+            let y_t: Vec<f32> = (0..y.len()).map(|i| (i % 5) as f32 - 2.0).collect();
+            let sum: Vec<f32> = y.data.iter().zip(&y_t).map(|(a, b)| a + b).collect();
+            // One output row a band, and the whole map in one band.
+            let banded = |seed: u64| {
+                let mut ch = Checker::with_seed(seed, 2);
+                ch.band_bytes = 1;
+                ch
+            };
+            for seed in 1..4 {
+                // Each way the Y_U side can go: only read, Y_T added in place, added into Y_T's buffer.
+                let run = |ch: &mut Checker, y_u: &[f32], how: usize| {
+                    let words: Vec<[u8; 4]> = y_u.iter().map(|v| v.to_le_bytes()).collect();
+                    let (mut out, mut proj) = (y_u.to_vec(), Projection::default());
+                    let res = match how {
+                        0 => ch.check_forward(&conv, &x.data, &x.shape, &mut out, None, None),
+                        1 => ch.check_forward(
+                            &conv,
+                            &x.data,
+                            &x.shape,
+                            &mut out,
+                            Some(&mut proj),
+                            Some(&y_t),
+                        ),
+                        _ => {
+                            out.clone_from(&y_t);
+                            ch.check_forward_into(&conv, &x.data, &x.shape, &words, None, &mut out)
+                        }
+                    };
+                    (res.unwrap(), out)
+                };
+                for how in 0..3 {
+                    let (mut whole, mut bands) = (Checker::with_seed(seed, 2), banded(seed));
+                    let (r1, o1) = run(&mut whole, &y.data, how);
+                    let (r2, o2) = run(&mut bands, &y.data, how);
+                    assert_eq!((r1, r2), (Ok(()), Ok(())));
+                    assert_eq!(o1, o2, "the same merge");
+                    if how > 0 {
+                        assert_eq!(o2, sum);
+                    }
+                    let (t1, t2) = (whole.last_max_tol(), bands.last_max_tol());
+                    assert!(
+                        (t1 - t2).abs() <= 1e-6 * t1,
+                        "the same tolerances: {t1} {t2}"
+                    );
+                    // A wrong element just above the threshold is caught band by band, and named.
+                    let at = (seed as usize * 7919) % y.len();
+                    let bad = moved(&y.data, Some((at, (2.1 * t2) as f32)));
+                    let (f1, f2) = (
+                        run(&mut Checker::with_seed(seed, 2), &bad, how).0,
+                        run(&mut banded(seed), &bad, how).0,
+                    );
+                    let (f1, f2) = (f1.unwrap_err(), f2.unwrap_err());
+                    assert_eq!(f1.index, f2.index);
+                    assert_eq!(f2.index, at % (y.len() / (x.shape[0] * m)));
                 }
             }
         }

@@ -975,8 +975,10 @@ impl<T: Transport> SplitExec<T> {
         self.last_decomposed = Some(id);
         if train && !self.layers[id].input_shared {
             // V (r/N of X's size) is not needed again until this conv's backward makes it again from X: it
-            // goes now, not at the next conv, so that it is not held through the reply and its merge.
+            // goes now, not at the next conv, so that it is not held through the reply and its merge. So does
+            // Conv_T's scratch.
             self.layers[id].lr.drop_v();
+            self.tconv.release_forward_scratch();
         }
         Ok(true)
     }

@@ -662,6 +662,32 @@ impl TrustedConv {
         done
     }
 
+    /// Lets the forward's scratch go: every worker's im2col band, W'_b and its Winograd transform and buffers,
+    /// and the direct routes' whole-batch buffers (they grow again at the next forward). A training forward
+    /// calls it once Conv_T is made: until the next split conv's forward they would only add to the memory held
+    /// through the merge of Y_U and the layers in between (at VGG16-224's second conv, r = 11: about 2.4 MB of
+    /// Winograd buffers).
+    pub fn release_forward_scratch(&mut self) {
+        for sc in &mut self.scratch {
+            sc.col = Vec::new();
+            sc.z = Vec::new();
+            sc.wp = Vec::new();
+            sc.wino_u = Vec::new();
+            sc.vb = Vec::new();
+            sc.xt = Vec::new();
+            sc.wino = winograd::Work::default();
+        }
+        self.wk = Vec::new();
+        self.xt_all = Tensor::default();
+        self.wino_u = Vec::new();
+        self.wino = winograd::Work::default();
+        self.col_all = Vec::new();
+        self.out_all = Vec::new();
+        self.shared_z = Vec::new();
+        self.shared_wp = Vec::new();
+        self.shared_wino_u = Vec::new();
+    }
+
     /// Lets the backward's scratch go (see [`TrustedConv::add_weight_grad`]).
     fn release_backward_scratch(&mut self) {
         // The backward's scratch goes: its im2col (r·k² × P per worker), its part of ∇W_T (W's size per worker)
