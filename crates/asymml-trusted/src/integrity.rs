@@ -930,6 +930,13 @@ impl Checker {
             }
             st.row0 = keep;
         }
+        if st.done == hw {
+            // Every output row's X_U side is made: the window and the slabs' scratch go now, not when Y_U comes
+            // (the trusted conv runs in between).
+            st.win = Combined::default();
+            st.cap = 0;
+            self.slab = Combined::default();
+        }
         self.stats.seconds += t0.elapsed().as_secs_f64();
         Ok(())
     }

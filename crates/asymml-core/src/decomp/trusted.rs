@@ -567,10 +567,14 @@ impl TrustedConv {
             .enumerate()
             .for_each(|(ci, ((yc, sams), sc))| {
                 for (j, (yb, s)) in yc.chunks_mut(m * p).zip(sams).enumerate() {
-                    // V_b: the factorisation's, or made from the input in this worker's buffer.
-                    if let Some(x) = x {
+                    let xb = x.map(|x| {
                         let bi = ci * per + j;
-                        s.v_from(&x.data[bi * nhw..(bi + 1) * nhw], &mut sc.vb);
+                        &x.data[bi * nhw..(bi + 1) * nhw]
+                    });
+                    // V_b: the factorisation's, or made from the input in this worker's buffer (by Winograd, a
+                    // few rows at a time as the conv reads them, below).
+                    if let (Some(xb), false) = (xb, wino) {
+                        s.v_from(xb, &mut sc.vb);
                     }
                     let v: &[f32] = if x.is_some() { &sc.vb } else { &s.v };
                     let (wp, wino_u): (&[f32], &[f32]) = match shared {
@@ -593,7 +597,34 @@ impl TrustedConv {
                             w: g.w,
                             m,
                         };
-                        winograd::conv(v, shape, wino_u, yb, None, &mut sc.wino, gt);
+                        let Some(xb) = xb else {
+                            winograd::conv(v, shape, wino_u, yb, None, &mut sc.wino, gt);
+                            continue;
+                        };
+                        // V_b made from X_b for the rows each band of tiles reads ([r, rows·W] as the product
+                        // gives them, laid out [rows, r, W]): r × H·W is never held (2.2 MB at VGG16-224's
+                        // second conv, r = 11), nor the transforms of more than a band of tiles.
+                        let mut made = std::mem::take(&mut sc.vb);
+                        let mut fill = |rows: std::ops::Range<usize>, out: &mut [f32]| {
+                            let pw = rows.len() * g.w;
+                            s.v_cols(xb, rows.start * g.w, pw, &mut made);
+                            for (vj, vr) in made.chunks_exact(pw).enumerate() {
+                                for (i, seg) in vr.chunks_exact(g.w).enumerate() {
+                                    out[(i * r + vj) * g.w..][..g.w].copy_from_slice(seg);
+                                }
+                            }
+                        };
+                        winograd::conv_rows(
+                            shape,
+                            wino_u,
+                            yb,
+                            None,
+                            &mut sc.wino,
+                            gt,
+                            V_BAND_TILES,
+                            &mut fill,
+                        );
+                        sc.vb = made;
                         continue;
                     }
                     // Y_b [M × P] = W'_b · col(V_b), a band of output rows at a time: with r·kk small the
@@ -855,6 +886,10 @@ impl TrustedConv {
 
 /// Output columns per GEMM of the conv of V_b through W' (see `forward`).
 const COL_BLOCK: usize = 2048;
+
+/// Tiles per band of Conv_T by Winograd where V_b is made from X as the bands read it: the transform buffers
+/// are 16·(r + M) floats a tile (1.1 MB at M = 64, r = 11).
+const V_BAND_TILES: usize = 256;
 
 /// Maps with fewer output pixels than this take the direct route with one GEMM for the whole batch: per
 /// sample, a GEMM with P columns runs far below speed (VGG16 at 32 px, batch 8, 2×2 maps: Conv_T took

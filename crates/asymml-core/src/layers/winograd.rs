@@ -115,17 +115,22 @@ pub struct Work {
     rows: Vec<f32>,
     /// Output-side planes: [4, TH·TW].
     planes: Vec<f32>,
+    /// [`conv_rows`]'s window of input rows, [rows, C, W].
+    window: Vec<f32>,
 }
 
 simd_fn! {
-/// x: [C, H, W], tile rows `band` → columns `off..off + |band|·TW` of v: [16, C, ld] (V[ξ][c][t] =
-/// (Bᵀ d_t B)[ξ], d_t the 4×4 zero-padded input tile of tile t = (ty − band.start)·TW + tx, whose top-left
-/// pixel is (2ty − 1, 2tx − 1)).
+/// x: an image of C channels, H×W, tile rows `band` → columns `off..off + |band|·TW` of v: [16, C, ld]
+/// (V[ξ][c][t] = (Bᵀ d_t B)[ξ], d_t the 4×4 zero-padded input tile of tile t = (ty − band.start)·TW + tx,
+/// whose top-left pixel is (2ty − 1, 2tx − 1)). Row `iy` of channel `ci` is W values at
+/// `x[ci·cs + (iy − row0)·rs ..]` (`at` = (row0, cs, rs)): [C, H, W] is (0, H·W, W); a window of rows from
+/// `row0` on held as [rows, C, W] is (row0, W, C·W). Only the rows the band reads are read.
 fn input_transform(
     x: &[f32],
     c: usize,
     h: usize,
     w: usize,
+    at: (usize, usize, usize),
     wk: &mut Work,
     ld: usize,
     off: usize,
@@ -146,12 +151,13 @@ fn input_transform(
     wk.rows.resize(8 * (th + 1) * tw, 0.0);
     let cl = c * ld;
     let v = &mut wk.v;
+    let (row0, cs, rs) = at;
     for ci in 0..c {
-        let xc = &x[ci * h * w..][..h * w];
         // Padded row p[j] = x[j − 1] split into even columns e[i] = p[2i] and odd ones o[i] = p[2i + 1]; the
         // zero border (e[0], o[TW], e[TW] for odd W, rows 0 and H + 1..) is never written.
         let (pe, po) = wk.pad.split_at_mut(nrows * sw);
-        for (r, xr) in xc.chunks_exact(w).enumerate().take(r1).skip(r0) {
+        for r in r0..r1 {
+            let xr = &x[ci * cs + (r - row0) * rs..][..w];
             let e = &mut pe[(r + 1) * sw..][..sw];
             let o = &mut po[(r + 1) * sw..][..sw];
             for ((pair, o), e) in xr.chunks_exact(2).zip(o.iter_mut()).zip(e[1..].iter_mut()) {
@@ -311,14 +317,14 @@ pub fn conv(
     let Group { g, c, h, w, m } = shape;
     let (th, tw) = tiles(h, w);
     let (xlen, ylen) = (c * h * w, m * h * w);
-    for band in bands(g, th, tw) {
+    for band in bands(g, th, tw, BAND_TILES) {
         let tp = band.len() * tw;
         let n = g * tp;
         wk.v.resize(XI * c * n, 0.0);
         wk.m.resize(XI * m * n, 0.0);
         for i in 0..g {
             let xi = &x[i * xlen..][..xlen];
-            input_transform(xi, c, h, w, wk, n, i * tp, band.clone());
+            input_transform(xi, c, h, w, (0, h * w, w), wk, n, i * tp, band.clone());
         }
         for xi in 0..XI {
             sgemm(
@@ -350,6 +356,67 @@ pub fn conv(
     }
 }
 
+/// [`conv`] of one image (`shape.g` = 1) whose input is not held whole: for each band of at most
+/// `band_tiles` tiles, `fill(rows, out)` writes the input rows `rows` the band reads and that are not held yet,
+/// as [rows, C, W] into `out`; the rows a band shares with the next are kept (a window of a few rows, in
+/// `wk`). The result is [`conv`]'s on the image those rows make up. For an input made on the fly (the split's
+/// V_b, made from X and U_b a few rows at a time): the whole input (r × H·W) is never held.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_rows(
+    shape: Group,
+    u: &[f32],
+    y: &mut [f32],
+    bias: Option<&[f32]>,
+    wk: &mut Work,
+    threads: usize,
+    band_tiles: usize,
+    fill: &mut dyn FnMut(Range<usize>, &mut [f32]),
+) {
+    let Group { g, c, h, w, m } = shape;
+    assert_eq!(g, 1, "conv_rows: one image");
+    let (th, tw) = tiles(h, w);
+    let cw = c * w;
+    // The window holds input rows lo .. hi as [rows, C, W].
+    let (mut lo, mut hi) = (0usize, 0usize);
+    let mut win = std::mem::take(&mut wk.window);
+    for band in bands(1, th, tw, band_tiles.max(1)) {
+        let n = band.len() * tw;
+        // The rows the band reads (as `input_transform` computes them).
+        let (r0, r1) = (
+            (2 * band.start).saturating_sub(1),
+            (2 * band.end + 1).min(h),
+        );
+        let keep = hi.saturating_sub(r0.max(lo));
+        if keep > 0 {
+            win.copy_within((hi - keep - lo) * cw..(hi - lo) * cw, 0);
+        }
+        let from = hi.max(r0);
+        lo = from - keep;
+        win.resize((r1.max(from) - lo) * cw, 0.0);
+        if r1 > from {
+            fill(from..r1, &mut win[(from - lo) * cw..(r1 - lo) * cw]);
+        }
+        hi = r1.max(from);
+        wk.v.resize(XI * c * n, 0.0);
+        wk.m.resize(XI * m * n, 0.0);
+        input_transform(&win, c, h, w, (lo, w, cw), wk, n, 0, band.clone());
+        for xi in 0..XI {
+            sgemm(
+                m,
+                n,
+                c,
+                Mat::rm_from(u, XI * c, xi * c),
+                Mat::rm(&wk.v[xi * c * n..][..c * n], n),
+                &mut wk.m[xi * m * n..][..m * n],
+                false,
+                threads,
+            );
+        }
+        output_transform(&wk.m, m, h, w, n, 0, band, y, bias, &mut wk.planes);
+    }
+    wk.window = win;
+}
+
 /// Most tiles a band of one image holds: the transform buffers of a large map (V and M: 16·(C + M)
 /// floats per tile) are taken a band of tile rows at a time, so that they stay a few MB whatever the map's
 /// size instead of 100 MB for one 224×224 image of 64 channels, and stay in cache between the transforms and
@@ -359,11 +426,11 @@ const BAND_TILES: usize = 512;
 
 /// The bands of tile rows a group of `g` images of TH×TW tiles is transformed in: every row at once for a
 /// group of several (small) images, else bands of at most [`BAND_TILES`] tiles (at least one row).
-fn bands(g: usize, th: usize, tw: usize) -> impl Iterator<Item = Range<usize>> {
+fn bands(g: usize, th: usize, tw: usize, most: usize) -> impl Iterator<Item = Range<usize>> {
     let rows = if g > 1 {
         th.max(1)
     } else {
-        (BAND_TILES / tw.max(1)).clamp(1, th.max(1))
+        (most / tw.max(1)).clamp(1, th.max(1))
     };
     (0..th).step_by(rows).map(move |r| r..(r + rows).min(th))
 }
@@ -444,14 +511,14 @@ pub fn grad_weights(
     let (th, tw) = tiles(h, w);
     wk.du.resize(XI * m * c, 0.0);
     let (xlen, ylen) = (c * h * w, m * h * w);
-    for band in bands(g, th, tw) {
+    for band in bands(g, th, tw, BAND_TILES) {
         let tp = band.len() * tw;
         let n = g * tp;
         wk.v.resize(XI * c * n, 0.0);
         wk.d.resize(XI * m * n, 0.0);
         for i in 0..g {
             let (xi, dyi) = (&x[i * xlen..][..xlen], &dy[i * ylen..][..ylen]);
-            input_transform(xi, c, h, w, wk, n, i * tp, band.clone());
+            input_transform(xi, c, h, w, (0, h * w, w), wk, n, i * tp, band.clone());
             let (d, planes) = (&mut wk.d, &mut wk.planes);
             grad_transform(dyi, m, h, w, d, n, i * tp, band.clone(), planes);
         }
@@ -530,6 +597,62 @@ fn grad_row(parts: &[&[f32]], mc: usize, mi: usize, c: usize, dwm: &mut [f32]) {
 mod tests {
     use super::*;
     use crate::rng::Rng;
+
+    #[test]
+    fn a_conv_of_rows_made_band_by_band_is_the_whole_images_conv() {
+        let mut rng = Rng::new(21);
+        for &(c, h, w, m, band_tiles) in &[
+            (3, 9, 7, 4, 1),
+            (11, 16, 16, 8, 8),
+            (5, 13, 10, 6, 12),
+            (2, 30, 5, 3, 512),
+            (4, 1, 1, 2, 1),
+        ] {
+            let x: Vec<f32> = (0..c * h * w).map(|_| rng.normal()).collect();
+            let wt: Vec<f32> = (0..m * c * 9).map(|_| rng.normal()).collect();
+            let bias: Vec<f32> = (0..m).map(|_| rng.normal()).collect();
+            let mut u = Vec::new();
+            transform_weights(&wt, m, c, false, &mut u);
+            let shape = Group { g: 1, c, h, w, m };
+            let mut whole = vec![0f32; m * h * w];
+            conv(
+                &x,
+                shape,
+                &u,
+                &mut whole,
+                Some(&bias),
+                &mut Work::default(),
+                1,
+            );
+            // Every input row asked for once, in order, as [rows, C, W].
+            let mut asked = Vec::new();
+            let mut fill = |rows: Range<usize>, out: &mut [f32]| {
+                asked.extend(rows.clone());
+                for (i, r) in rows.enumerate() {
+                    for ci in 0..c {
+                        out[(i * c + ci) * w..][..w].copy_from_slice(&x[(ci * h + r) * w..][..w]);
+                    }
+                }
+            };
+            let mut by_rows = vec![f32::NAN; m * h * w];
+            let mut wk = Work::default();
+            conv_rows(
+                shape,
+                &u,
+                &mut by_rows,
+                Some(&bias),
+                &mut wk,
+                1,
+                band_tiles,
+                &mut fill,
+            );
+            assert_eq!(asked, (0..h).collect::<Vec<_>>());
+            assert_eq!(by_rows, whole, "{c} {h} {w} {m} {band_tiles}");
+            // The window held a few rows, not the image (one band of tile rows and its border).
+            let rows = (band_tiles / w.div_ceil(2)).max(1) * 2 + 2;
+            assert!(wk.window.len() <= rows.min(h) * c * w);
+        }
+    }
 
     /// Direct 3×3 pad-1 correlation in f64: x: [g, C, H, W], w: [M, C, 3, 3] → [g, M, H, W].
     fn direct(x: &[f32], g: usize, c: usize, h: usize, w: usize, m: usize, wt: &[f32]) -> Vec<f64> {
