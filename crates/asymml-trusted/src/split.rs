@@ -303,6 +303,8 @@ pub struct SplitExec<T: Transport> {
     in_flight: Vec<Option<usize>>,
     /// The conv whose input was decomposed last (a shortcut conv may reuse its decomposition).
     last_decomposed: Option<usize>,
+    /// A training forward ran Conv_T: its scratch goes when the backward begins ([`TrustedConv::release_forward_scratch`]).
+    tconv_scratch_due: bool,
     /// Some conv ran split since the first conv's last forward (else the split's scratch is let go there).
     split_in_step: bool,
     /// The larger side of the network's input, as the first conv (id 0) last saw it (for `guard`).
@@ -439,6 +441,7 @@ impl<T: Transport> SplitExec<T> {
             part_bufs: Vec::new(),
             in_flight: Vec::new(),
             last_decomposed: None,
+            tconv_scratch_due: false,
             split_in_step: false,
             input_side: 0,
             waited_s: 0.0,
@@ -975,10 +978,10 @@ impl<T: Transport> SplitExec<T> {
         self.last_decomposed = Some(id);
         if train && !self.layers[id].input_shared {
             // V (r/N of X's size) is not needed again until this conv's backward makes it again from X: it
-            // goes now, not at the next conv, so that it is not held through the reply and its merge. So does
-            // Conv_T's scratch.
+            // goes now, not at the next conv, so that it is not held through the reply and its merge. Conv_T's
+            // scratch (kept for the next split conv's forward) goes when the backward begins.
             self.layers[id].lr.drop_v();
-            self.tconv.release_forward_scratch();
+            self.tconv_scratch_due = true;
         }
         Ok(true)
     }
@@ -1232,6 +1235,11 @@ impl<T: Transport> ConvExec for SplitExec<T> {
         dy: &Tensor,
         dx: Option<&mut Tensor>,
     ) -> Result<(), CoreError> {
+        if std::mem::take(&mut self.tconv_scratch_due) {
+            // The training forward's Conv_T scratch: not needed again until the next step's forward, it would add
+            // to the backward's peak memory.
+            self.tconv.release_forward_scratch();
+        }
         if !self.layers.get(conv.id).is_some_and(|l| l.trusted_route) {
             // The conv before's ∇W_U first: its reply comes before this conv's.
             self.settle_measured()?;

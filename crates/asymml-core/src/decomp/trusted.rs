@@ -694,10 +694,9 @@ impl TrustedConv {
     }
 
     /// Lets the forward's scratch go: every worker's im2col band, W'_b and its Winograd transform and buffers,
-    /// and the direct routes' whole-batch buffers (they grow again at the next forward). A training forward
-    /// calls it once Conv_T is made: until the next split conv's forward they would only add to the memory held
-    /// through the merge of Y_U and the layers in between (at VGG16-224's second conv, r = 11: about 2.4 MB of
-    /// Winograd buffers).
+    /// and the direct routes' whole-batch buffers (they grow again at the next forward). The split calls it when
+    /// a training step's backward begins: the forward's scratch (the largest split conv's) would otherwise be
+    /// held through the backward, where the trusted runtime's memory peaks.
     pub fn release_forward_scratch(&mut self) {
         for sc in &mut self.scratch {
             sc.col = Vec::new();

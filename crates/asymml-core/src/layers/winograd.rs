@@ -303,6 +303,22 @@ pub struct Group {
     pub m: usize,
 }
 
+/// The 16 transform-domain products of a band of `n` tiles: M[ξ] [M × n] = U[ξ] [M × C] · V[ξ] [C × n].
+fn products(u: &[f32], c: usize, m: usize, n: usize, wk: &mut Work, threads: usize) {
+    for xi in 0..XI {
+        sgemm(
+            m,
+            n,
+            c,
+            Mat::rm_from(u, XI * c, xi * c),
+            Mat::rm(&wk.v[xi * c * n..][..c * n], n),
+            &mut wk.m[xi * m * n..][..m * n],
+            false,
+            threads,
+        );
+    }
+}
+
 /// A group of `g` images x: [g, C, H, W] → y: [g, M, H, W] = conv3×3(x, w, pad 1) (+ bias), with
 /// u: [M, 16, C] from [`transform_weights`]. `threads` is passed to the GEMMs.
 pub fn conv(
@@ -326,18 +342,7 @@ pub fn conv(
             let xi = &x[i * xlen..][..xlen];
             input_transform(xi, c, h, w, (0, h * w, w), wk, n, i * tp, band.clone());
         }
-        for xi in 0..XI {
-            sgemm(
-                m,
-                n,
-                c,
-                Mat::rm_from(u, XI * c, xi * c),
-                Mat::rm(&wk.v[xi * c * n..][..c * n], n),
-                &mut wk.m[xi * m * n..][..m * n],
-                false,
-                threads,
-            );
-        }
+        products(u, c, m, n, wk, threads);
         for i in 0..g {
             let yi = &mut y[i * ylen..][..ylen];
             output_transform(
@@ -400,18 +405,7 @@ pub fn conv_rows(
         wk.v.resize(XI * c * n, 0.0);
         wk.m.resize(XI * m * n, 0.0);
         input_transform(&win, c, h, w, (lo, w, cw), wk, n, 0, band.clone());
-        for xi in 0..XI {
-            sgemm(
-                m,
-                n,
-                c,
-                Mat::rm_from(u, XI * c, xi * c),
-                Mat::rm(&wk.v[xi * c * n..][..c * n], n),
-                &mut wk.m[xi * m * n..][..m * n],
-                false,
-                threads,
-            );
-        }
+        products(u, c, m, n, wk, threads);
         output_transform(&wk.m, m, h, w, n, 0, band, y, bias, &mut wk.planes);
     }
     wk.window = win;
