@@ -1023,14 +1023,16 @@ impl<T: Transport> SplitExec<T> {
             .client
             .start_conv_forward(id as u32, &x.shape, train)
             .map_err(CoreError::accelerator)?;
+        // Seconds making X_U and checking it.
+        let (mut made, mut checked) = (0.0, 0.0);
         if let Some(ch) = self.checker.as_mut() {
+            let t = Instant::now();
             ch.begin_forward_stream(conv, &x.shape, train)?;
+            checked += t.elapsed().as_secs_f64();
         }
         let sp = (SLAB_VALUES / (b * n).max(1)).clamp(1, SLAB_PIXELS.min(hw.max(1)));
         // (A slab's buffer lives for this conv only: held between convs it would add to their peak memory.)
         let mut slab = Vec::new();
-        // Seconds making X_U and checking it (the checker counts those).
-        let (mut made, mut checked) = (0.0, 0.0);
         let res = (|| {
             for p0 in (0..hw).step_by(sp) {
                 let p = sp.min(hw - p0);
@@ -1051,10 +1053,12 @@ impl<T: Transport> SplitExec<T> {
         })();
         drop(slab);
         res?;
-        // Making X_U is the decomposition's (trusted work); writing it, the transfer's (as encoding is).
+        // Making X_U is the decomposition's (trusted work), its pass of the check the check's (trusted work, as
+        // the rest of the check when Y_U comes); writing it, the transfer's (as encoding is).
         self.count_layer(Some(id), |l| {
             l.decompose_s += made;
-            l.trusted_s += made;
+            l.integrity_s += checked;
+            l.trusted_s += made + checked;
         });
         // The rest (writing X_U into the frame, and sending it) is the transfer's.
         let rest = t0.elapsed().as_secs_f64() - made - checked;
