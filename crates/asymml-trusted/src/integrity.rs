@@ -736,9 +736,7 @@ impl Checker {
             }
         }
         // The RMS of Y_U weighted by the squared coefficients (each in [1, 4)), from the left side's squares.
-        let w0: f64 = c[..g.b].iter().map(|v| v * v).sum::<f64>()
-            * s[..g.m].iter().map(|v| v * v).sum::<f64>();
-        let y_rms = (sq0 / (w0 * p as f64).max(f64::MIN_POSITIVE)).sqrt();
+        let y_rms = weighted_rms_of(sq0, p, &c[..g.b], &s[..g.m]);
         let mut out = Ok(());
         if range.is_none() {
             for tally in &tallies {
@@ -1332,8 +1330,14 @@ fn unbounded(tol: &[f64], q: Quantity) -> Option<CoreError> {
 /// √(Σ_{b,m,p} (c_b s_m v)² / Σ_{b,m,p} (c_b s_m)²): the RMS of the checked values v weighted by their
 /// squared coefficients, from the per-position sums `sq` of one repetition's left side.
 fn weighted_rms(sq: &[f64], c: &[f64], s: &[f64]) -> f64 {
+    weighted_rms_of(sq.iter().sum(), sq.len(), c, s)
+}
+
+/// [`weighted_rms`] from the sum `sum` of the per-position squares over `n` positions (a check made band by
+/// band adds them up as it goes).
+fn weighted_rms_of(sum: f64, n: usize, c: &[f64], s: &[f64]) -> f64 {
     let w: f64 = c.iter().map(|v| v * v).sum::<f64>() * s.iter().map(|v| v * v).sum::<f64>();
-    (sq.iter().sum::<f64>() / (w * sq.len() as f64).max(f64::MIN_POSITIVE)).sqrt()
+    (sum / (w * n as f64).max(f64::MIN_POSITIVE)).sqrt()
 }
 
 /// The tolerance τ at every position of a conv-shaped check (∇X here; Y_U's is the same, its first two terms
