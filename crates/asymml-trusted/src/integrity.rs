@@ -158,6 +158,38 @@ impl Projection {
             })
             .collect();
     }
+
+    /// A projection made from the pixels a 1 × 1 conv of stride s reads (shape [B, N, OH, OW]) spread over the
+    /// whole input map of `x_shape` [B, N, H, W]: the values at pixels (s·oy, s·ox), zero elsewhere. The
+    /// norms stay those of the pixels read, the only ones the conv's ∇W sums over.
+    fn spread(&mut self, x_shape: &[usize], s: usize) -> Result<(), CoreError> {
+        let &[b, n, h, w] = x_shape else {
+            return Err(CoreError::Shape(format!(
+                "integrity: input {x_shape:?} is not [B, N, H, W]"
+            )));
+        };
+        let [pb, pn, oh, ow] = self.shape;
+        if pb != b || pn != n || s == 0 || oh != h.div_ceil(s) || ow != w.div_ceil(s) {
+            return Err(CoreError::Shape(format!(
+                "integrity: a projection of {:?} is not of the pixels a stride-{s} conv reads of {x_shape:?}",
+                self.shape
+            )));
+        }
+        for (_, map, _) in &mut self.reps {
+            let mut whole = vec![0f32; b * h * w];
+            for (src, dst) in map.chunks_exact(oh * ow).zip(whole.chunks_exact_mut(h * w)) {
+                for (oy, row) in src.chunks_exact(ow).enumerate() {
+                    let out = &mut dst[oy * s * w..][..w];
+                    for (ox, &v) in row.iter().enumerate() {
+                        out[ox * s] = v;
+                    }
+                }
+            }
+            *map = whole;
+        }
+        self.shape = [b, n, h, w];
+        Ok(())
+    }
 }
 
 /// A forward check's draws ([`Checker::draw_forward`]): the geometry of the part, c over its samples ([R, B]),
@@ -503,7 +535,7 @@ impl Checker {
             Some(y_t) => YSide::MergeInPlace(y_u, y_t),
             None => YSide::Read(y_u),
         };
-        self.check_forward_side(conv, x_u, x_shape, ys, proj, part)
+        self.check_forward_side(conv, x_u, x_shape, ys, proj, part, None)
     }
 
     /// [`check_forward`](Self::check_forward) of `Y_U` as received (little-endian words in its frame, read in
@@ -536,9 +568,46 @@ impl Checker {
         y: &mut [f32],
         part: (usize, usize),
     ) -> Result<Result<(), Failure>, CoreError> {
-        self.check_forward_side(conv, x_u, x_shape, YSide::MergeInto(y_u, y), proj, part)
+        let ys = YSide::MergeInto(y_u, y);
+        self.check_forward_side(conv, x_u, x_shape, ys, proj, part, None)
     }
 
+    /// [`check_forward_into`](Self::check_forward_into) for a 1 × 1 conv without padding and of stride s, from
+    /// only the pixels of X_U it reads: `x_u_read` is X_U (of `x_shape`, [B, N, H, W]) at every s-th row and
+    /// column, [B, N, OH, OW] (a ResNet shortcut's check then keeps a quarter of its block input's X_U). The
+    /// check is the same: the conv of those pixels by 1 × 1 windows at stride 1. The projection for the ∇W_U
+    /// check comes out spread over the whole map (zero at the pixels the conv does not read), as the
+    /// backward's check of the conv itself expects it.
+    pub fn check_forward_read_into(
+        &mut self,
+        conv: &Conv2d,
+        x_u_read: &[f32],
+        x_shape: &[usize],
+        y_u: &[[u8; 4]],
+        mut proj: Option<&mut Projection>,
+        y: &mut [f32],
+    ) -> Result<Result<(), Failure>, CoreError> {
+        let b = x_shape.first().copied().unwrap_or(0);
+        let ys = YSide::MergeInto(y_u, y);
+        let read = Some(conv.stride);
+        let out = self.check_forward_side(
+            conv,
+            x_u_read,
+            x_shape,
+            ys,
+            proj.as_deref_mut(),
+            (0, b),
+            read,
+        )?;
+        if let (Ok(()), Some(pr)) = (&out, proj) {
+            pr.spread(x_shape, conv.stride)?;
+        }
+        Ok(out)
+    }
+
+    /// `read`: X_U is given only at the pixels a 1 × 1 conv of this stride reads
+    /// ([`check_forward_read_into`](Self::check_forward_read_into)).
+    #[allow(clippy::too_many_arguments)]
     fn check_forward_side(
         &mut self,
         conv: &Conv2d,
@@ -547,9 +616,10 @@ impl Checker {
         ys: YSide<'_>,
         proj: Option<&mut Projection>,
         part: (usize, usize),
+        read: Option<usize>,
     ) -> Result<Result<(), Failure>, CoreError> {
         let t0 = Instant::now();
-        let d = self.draw_forward(conv, x_shape, proj.as_deref(), part)?;
+        let d = self.draw_forward(conv, x_shape, proj.as_deref(), part, read)?;
         let g = d.g;
         if x_u.len() != g.b * g.n * g.hw() || !ys.sizes_are(g.b * g.m * g.p()) {
             return Err(CoreError::Shape("integrity: forward sizes differ".into()));
@@ -596,8 +666,23 @@ impl Checker {
         x_shape: &[usize],
         proj: Option<&Projection>,
         (first, batch): (usize, usize),
+        read: Option<usize>,
     ) -> Result<ForwardDraw, CoreError> {
-        let g = Geo::of(conv, x_shape)?;
+        let mut g = Geo::of(conv, x_shape)?;
+        if let Some(s) = read {
+            if g.k != 1 || g.pad != 0 || g.s != s {
+                return Err(CoreError::Invalid(format!(
+                    "integrity: a check from the pixels read needs a 1 × 1 conv without padding (conv {}: \
+                     {k} × {k}, stride {}, padding {})",
+                    conv.id,
+                    g.s,
+                    g.pad,
+                    k = g.k
+                )));
+            }
+            // The same conv as 1 × 1 windows at stride 1 over the pixels read.
+            (g.h, g.w, g.s) = (g.oh, g.ow, 1);
+        }
         if first + g.b > batch {
             return Err(CoreError::Shape(format!(
                 "integrity: samples {first}..{} of a batch of {batch}",
@@ -797,7 +882,7 @@ impl Checker {
         self.stream = None;
         let b = x_shape.first().copied().unwrap_or(0);
         let blank = Projection::default();
-        let d = self.draw_forward(conv, x_shape, train.then_some(&blank), (0, b))?;
+        let d = self.draw_forward(conv, x_shape, train.then_some(&blank), (0, b), None)?;
         let g = d.g;
         if g.b * g.n * g.hw() * g.m * g.p() == 0 {
             return Err(CoreError::Shape(
@@ -1571,6 +1656,111 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_check_from_the_pixels_a_strided_1x1_conv_reads_is_the_whole_check() {
+        for &(n, m, s, hw) in &[(8, 16, 2, 7), (4, 6, 2, 8), (3, 5, 3, 10)] {
+            let (mut conv, x, y) = setup(n, m, 1, s, 0, hw);
+            let oh = hw.div_ceil(s);
+            // X at the pixels the conv reads: [B, N, OH, OW].
+            let read: Vec<f32> = x
+                .data
+                .chunks_exact(hw * hw)
+                .flat_map(|plane| {
+                    (0..oh).flat_map(move |oy| (0..oh).map(move |ox| plane[(oy * s) * hw + ox * s]))
+                })
+                .collect();
+            let words = |v: &[f32]| -> Vec<[u8; 4]> { v.iter().map(|v| v.to_le_bytes()).collect() };
+            let y_t: Vec<f32> = (0..y.len()).map(|i| (i % 5) as f32 - 2.0).collect();
+            for train in [false, true] {
+                let (mut whole, mut part) = (Checker::with_seed(4, 2), Checker::with_seed(4, 2));
+                let (mut p1, mut p2) = (Projection::default(), Projection::default());
+                let (mut out1, mut out2) = (y_t.clone(), y_t.clone());
+                let r1 = whole
+                    .check_forward_into(
+                        &conv,
+                        &x.data,
+                        &x.shape,
+                        &words(&y.data),
+                        train.then_some(&mut p1),
+                        &mut out1,
+                    )
+                    .unwrap();
+                let r2 = part
+                    .check_forward_read_into(
+                        &conv,
+                        &read,
+                        &x.shape,
+                        &words(&y.data),
+                        train.then_some(&mut p2),
+                        &mut out2,
+                    )
+                    .unwrap();
+                assert_eq!((r1, r2), (Ok(()), Ok(())));
+                assert_eq!(out1, out2, "the merge");
+                let (t1, t2) = (whole.last_max_tol(), part.last_max_tol());
+                assert!(
+                    (t1 - t2).abs() <= 1e-6 * t1,
+                    "the same tolerances: {t1} {t2}"
+                );
+                if !train {
+                    continue;
+                }
+                // The projection: the whole check's at the pixels read, zero elsewhere, over the whole map.
+                assert_eq!(p1.shape, p2.shape);
+                for (a, b) in p1.reps.iter().zip(&p2.reps) {
+                    assert_eq!(a.0, b.0, "the coefficients");
+                    for (i, (u, v)) in a.1.iter().zip(&b.1).enumerate() {
+                        let (py, px) = ((i / hw) % hw, i % hw);
+                        let want = if py % s == 0 && px % s == 0 { *u } else { 0.0 };
+                        assert!(
+                            (want - v).abs() <= 1e-5 * (1.0 + u.abs()),
+                            "pixel {i}: {want} {v}"
+                        );
+                    }
+                    assert!(b.2 <= a.2 && b.2 > 0.0, "the norms of the pixels read");
+                }
+                // The backward's checks of the conv itself take it: honest results pass, a wrong ∇W_U is caught.
+                let mut rng = Rng::new(11);
+                let dy = Tensor::from_vec(&y.shape, (0..y.len()).map(|_| rng.normal()).collect())
+                    .unwrap();
+                conv.weight.zero_grad();
+                let mut dx = Tensor::default();
+                conv.backward(&x, &dy, Some(&mut dx)).unwrap();
+                let dw = conv.weight.grad.data.clone();
+                for seed in 1..4 {
+                    let bwd = |ch: &mut Checker, p: Option<(usize, f32)>| {
+                        ch.check_backward(&conv, &p2, &dy.data, Some(&dx.data), &moved(&dw, p))
+                            .unwrap()
+                    };
+                    assert!(caught(seed, 4.0, dw.len(), bwd), "∇W_U");
+                }
+            }
+            // A wrong element of Y_U just above the threshold is caught, as by the whole check.
+            for seed in 1..4 {
+                let fwd = |ch: &mut Checker, p: Option<(usize, f32)>| {
+                    let mut out = y_t.clone();
+                    let y_u = words(&moved(&y.data, p));
+                    ch.check_forward_read_into(&conv, &read, &x.shape, &y_u, None, &mut out)
+                        .unwrap()
+                };
+                assert!(caught(seed, 1.05, y.len(), fwd), "Y_U");
+            }
+        }
+        // Only a 1 × 1 conv without padding of the given stride reads so few pixels.
+        let (conv, x, y) = setup(4, 6, 3, 2, 1, 8);
+        let words: Vec<[u8; 4]> = y.data.iter().map(|v| v.to_le_bytes()).collect();
+        let mut out = y.data.clone();
+        let err = Checker::with_seed(1, 1).check_forward_read_into(
+            &conv,
+            &x.data[..4 * 16 * 3],
+            &x.shape,
+            &words,
+            None,
+            &mut out,
+        );
+        assert!(err.is_err(), "a 3 × 3 conv");
     }
 
     /// An honest training forward of `conv` on x (with its output y), checked with `reps` repetitions (its

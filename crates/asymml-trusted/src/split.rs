@@ -124,8 +124,13 @@ struct LayerState {
     /// (with `auto_route`; see `conv_forward_same_input`): its route follows that conv's.
     follows_first: bool,
     /// A shortcut conv reads this conv's input too and reuses its decomposition and X_U (whose check needs
-    /// X_U again): its X_U is kept whole in the trusted runtime.
+    /// X_U again): its X_U is kept whole in the trusted runtime, unless `shortcut_reads` says which of its
+    /// pixels the shortcut reads.
     input_shared: bool,
+    /// The stride s ≥ 2 of that shortcut where it is a 1 × 1 conv without padding (a ResNet's): it reads only
+    /// every s-th row and column, so X_U can go into its frame slab by slab while the trusted runtime keeps
+    /// those pixels alone for the shortcut's check (a quarter of X_U at s = 2).
+    shortcut_reads: Option<usize>,
 }
 
 /// Steps `auto_route` tries each route before it compares them (the first step of a route pays for its
@@ -336,27 +341,31 @@ fn bad_reply(what: &str, e: ProtocolError) -> CoreError {
     CoreError::accelerator(e.context(what))
 }
 
-/// Each conv's name, schedule step (VGG counts convs, ResNet counts residual blocks, stem 0) and whether a
-/// shortcut conv reads its input too (a ResNet block's first conv, where the block downsamples), by conv id.
-fn structure(net: &mut Net) -> Vec<(String, usize, bool)> {
-    let mut out: Vec<(usize, String, usize, bool)> = Vec::new();
+/// Each conv's name, schedule step (VGG counts convs, ResNet counts residual blocks, stem 0), whether a
+/// shortcut conv reads its input too (a ResNet block's first conv, where the block downsamples) and the stride
+/// of that shortcut where it is 1 × 1 without padding and strided ([`LayerState::shortcut_reads`]), by conv id.
+fn structure(net: &mut Net) -> Vec<(String, usize, bool, Option<usize>)> {
+    let mut out: Vec<(usize, String, usize, bool, Option<usize>)> = Vec::new();
     let mut block = 0;
     for node in &mut net.nodes {
         match &mut node.layer {
             Layer::Conv(c) => {
                 let step = if block == 0 { c.id } else { block };
-                out.push((c.id, node.name.clone(), step, false));
+                out.push((c.id, node.name.clone(), step, false, None));
             }
             Layer::Block(b) => {
                 block += 1;
                 let first = out.len();
-                let mut shortcut = false;
+                let mut shortcut = None;
                 b.visit_convs(&node.name, &mut |name, c| {
-                    shortcut |= name.ends_with(".downsample.0");
-                    out.push((c.id, name.to_string(), block, false))
+                    if name.ends_with(".downsample.0") {
+                        let reads = c.k == 1 && c.pad == 0 && c.stride > 1;
+                        shortcut = Some(reads.then_some(c.stride));
+                    }
+                    out.push((c.id, name.to_string(), block, false, None))
                 });
-                if let Some(e) = out.get_mut(first).filter(|_| shortcut) {
-                    e.3 = true;
+                if let (Some(e), Some(reads)) = (out.get_mut(first), shortcut) {
+                    (e.3, e.4) = (true, reads);
                 }
             }
             _ => {}
@@ -364,7 +373,9 @@ fn structure(net: &mut Net) -> Vec<(String, usize, bool)> {
     }
     // The stem of a ResNet is step 0; VGG convs are numbered in order.
     out.sort_by_key(|e| e.0);
-    out.into_iter().map(|(_, n, s, sh)| (n, s, sh)).collect()
+    out.into_iter()
+        .map(|(_, n, s, sh, reads)| (n, s, sh, reads))
+        .collect()
 }
 
 impl<T: Transport> SplitExec<T> {
@@ -419,10 +430,11 @@ impl<T: Transport> SplitExec<T> {
         client.release_buffers();
         let layers = structure(net)
             .into_iter()
-            .map(|(name, step, input_shared)| LayerState {
+            .map(|(name, step, input_shared, shortcut_reads)| LayerState {
                 name,
                 step,
                 input_shared,
+                shortcut_reads,
                 ..Default::default()
             })
             .collect();
@@ -790,6 +802,16 @@ impl<T: Transport> SplitExec<T> {
                 }
                 Some(from) => {
                     self.leave_trusted_route(conv)?;
+                    if self.checker.is_some()
+                        && conv.k == 1
+                        && conv.pad == 0
+                        && conv.stride > 1
+                        && self.residual.shape == x.shape
+                    {
+                        // Its check reads only the pixels the conv reads: the block input's X_U, kept for it,
+                        // shrinks to them (a quarter at stride 2) before the shortcut's Y_T and Y_U come.
+                        keep_read_pixels(&mut self.residual, conv.stride);
+                    }
                     // A shortcut conv: the block input was decomposed and sent for its first conv already.
                     let req = Request::ConvForwardShared {
                         layer,
@@ -798,9 +820,10 @@ impl<T: Transport> SplitExec<T> {
                     };
                     self.send(&req, Some(y_u_bytes))?;
                     let t0 = Instant::now();
-                    let lr = &self.layers[from].lr;
+                    let lr = &mut self.layers[from].lr;
                     let f = TrustedConv::forward_flops(conv, lr)?;
-                    self.tconv.forward(conv, lr, y)?;
+                    // (V made again from x where the first conv's decomposition let it go.)
+                    self.tconv.forward_from(conv, lr, x, y)?;
                     self.layers[id].rank = self.layers[from].rank;
                     self.trusted(id, t0, f);
                 }
@@ -882,13 +905,15 @@ impl<T: Transport> SplitExec<T> {
                 .map(|()| false);
         }
         // X_U made a slab of pixels at a time straight into its frame (and checked as it is made), never whole
-        // here: with the block method, for a whole batch without noise, unless a shortcut conv will read it.
+        // here: with the block method, for a whole batch without noise, unless a shortcut conv will read it
+        // other than at the pixels of a strided 1 × 1 conv (which are then kept for its check).
+        let st = &self.layers[id];
         let in_frame = matches!(method, SvdMethod::Block(_))
             && !self.cfg.shared_basis
             && !part
             && self.cfg.clip.is_none()
             && self.cfg.nsr == 0.0
-            && !self.layers[id].input_shared
+            && (!st.input_shared || st.shortcut_reads.is_some())
             && !x.data.is_empty();
         let st = &mut self.layers[id];
         st.parts.clear();
@@ -1031,6 +1056,15 @@ impl<T: Transport> SplitExec<T> {
             checked += t.elapsed().as_secs_f64();
         }
         let sp = (SLAB_VALUES / (b * n).max(1)).clamp(1, SLAB_PIXELS.min(hw.max(1)));
+        // A shortcut conv (1 × 1, stride s) reads this input too: the pixels it reads are kept for its check,
+        // [B, N, ⌈H/s⌉, ⌈W/s⌉] (its Y_U is compared with conv(those pixels) by `check_forward_read_into`).
+        let reads = self.layers[id]
+            .shortcut_reads
+            .filter(|_| self.layers[id].input_shared && self.checker.is_some());
+        if let Some(s) = reads {
+            let (oh, ow) = (h.div_ceil(s), w.div_ceil(s));
+            self.residual = Tensor::zeros(&[b, n, oh, ow]);
+        }
         // (A slab's buffer lives for this conv only: held between convs it would add to their peak memory.)
         let mut slab = Vec::new();
         let res = (|| {
@@ -1047,6 +1081,9 @@ impl<T: Transport> SplitExec<T> {
                 for (row, vals) in slab.chunks_exact(p).enumerate() {
                     declassify_residual_into(&mut frame, row * hw + p0, vals)
                         .map_err(CoreError::accelerator)?;
+                }
+                if let Some(s) = reads {
+                    keep_read_slab(&slab, (p0, p), (h, w), s, &mut self.residual.data);
                 }
             }
             Ok::<(), CoreError>(())
@@ -1172,13 +1209,22 @@ impl<T: Transport> SplitExec<T> {
         }
         let residual = std::mem::take(&mut self.residual);
         let mut proj = std::mem::take(&mut self.layers[id].proj);
+        // (A shortcut's block input X_U may be kept at the pixels the conv reads only: `keep_read_pixels`.)
+        let read_only = self.layers[id].shared_from.is_some()
+            && residual.shape != x.shape
+            && !residual.data.is_empty();
         // The check's pass over Y_U also catches a NaN or infinity (its sums turn non-finite and it fails), so
         // the values are not scanned first; a failed check names such a value instead. (A training forward
         // also keeps, from the same pass over X_U, the ∇W_U check's projection.)
         let checked = self
             .checked(id, |ch| {
                 let proj = train.then_some(&mut proj);
-                ch.check_forward_into(conv, &residual.data, &x.shape, words, proj, &mut y.data)
+                let (x_u, y) = (&residual.data, &mut y.data);
+                if read_only {
+                    ch.check_forward_read_into(conv, x_u, &x.shape, words, proj, y)
+                } else {
+                    ch.check_forward_into(conv, x_u, &x.shape, words, proj, y)
+                }
             })
             .map_err(name_found);
         self.layers[id].proj = proj;
@@ -1651,6 +1697,60 @@ impl<T: Transport> SplitExec<T> {
 
 /// When a check of ∇X (`dx`, received for `what`) failed: an error naming its first non-finite value, if it has
 /// one (the check's pass fails on such a value; the reply is then refused for it).
+/// The pixels a 1 × 1 conv of stride s without padding reads, from a slab of X_U ([B·N rows of `p` pixels,
+/// from pixel `p0` of an H × W map]), into `out` ([B, N, ⌈H/s⌉, ⌈W/s⌉]).
+fn keep_read_slab(
+    slab: &[f32],
+    (p0, p): (usize, usize),
+    (h, w): (usize, usize),
+    s: usize,
+    out: &mut [f32],
+) {
+    let (oh, ow) = (h.div_ceil(s), w.div_ceil(s));
+    for (row, vals) in slab.chunks_exact(p).enumerate() {
+        let plane = &mut out[row * oh * ow..(row + 1) * oh * ow];
+        // The slab's pixels by runs within one image row.
+        let mut i = 0;
+        while i < p {
+            let (y, x0) = ((p0 + i) / w, (p0 + i) % w);
+            let len = (w - x0).min(p - i);
+            if y % s == 0 {
+                let dst = &mut plane[(y / s) * ow..][..ow];
+                for x in (x0.next_multiple_of(s)..x0 + len).step_by(s) {
+                    dst[x / s] = vals[i + x - x0];
+                }
+            }
+            i += len;
+        }
+    }
+}
+
+/// t [B, N, H, W] ← its pixels that a 1 × 1 conv of stride s without padding reads, [B, N, OH, OW] with
+/// OH = ⌈H/s⌉, OW = ⌈W/s⌉, in place (each value moves to an index no larger than its own), the buffer shrunk
+/// to them.
+fn keep_read_pixels(t: &mut Tensor, s: usize) {
+    let &[b, n, h, w] = t.shape.as_slice() else {
+        return;
+    };
+    if s < 2 || t.data.len() != b * n * h * w {
+        return;
+    }
+    let (oh, ow) = (h.div_ceil(s), w.div_ceil(s));
+    let mut at = 0;
+    for plane in 0..b * n {
+        for oy in 0..oh {
+            let row = (plane * h + oy * s) * w;
+            for ox in 0..ow {
+                t.data[at] = t.data[row + ox * s];
+                at += 1;
+            }
+        }
+    }
+    t.data.truncate(at);
+    t.data.shrink_to_fit();
+    t.shape = vec![b, n, oh, ow];
+}
+
 fn non_finite(what: &str, dx: &Tensor) -> Option<CoreError> {
     let v = dx.data.iter().find(|v| !v.is_finite())?;
     Some(bad_reply(
@@ -1672,7 +1772,45 @@ fn add_into(grad: &mut Tensor, part: &Tensor) {
 
 #[cfg(test)]
 mod tests {
-    use super::{step_cost, RouteCosts, ROUTE_PROBE_STEPS};
+    use super::{keep_read_pixels, keep_read_slab, step_cost, RouteCosts, ROUTE_PROBE_STEPS};
+    use asymml_core::Tensor;
+
+    #[test]
+    fn the_pixels_a_strided_shortcut_reads_are_kept_slab_by_slab_as_from_the_whole() {
+        for &(b, n, h, w, s, sp) in &[
+            (2usize, 3usize, 7usize, 5usize, 2usize, 4usize),
+            (1, 2, 8, 8, 2, 64),
+            (3, 1, 10, 9, 3, 7),
+            (2, 2, 6, 6, 2, 1),
+        ] {
+            let hw = h * w;
+            let x: Vec<f32> = (0..b * n * hw).map(|i| i as f32 + 0.5).collect();
+            let mut whole = Tensor::from_vec(&[b, n, h, w], x.clone()).unwrap();
+            keep_read_pixels(&mut whole, s);
+            assert_eq!(whole.shape, vec![b, n, h.div_ceil(s), w.div_ceil(s)]);
+            // Pixel (s·oy, s·ox) of plane q.
+            for (q, plane) in whole
+                .data
+                .chunks_exact(h.div_ceil(s) * w.div_ceil(s))
+                .enumerate()
+            {
+                for (i, &v) in plane.iter().enumerate() {
+                    let (oy, ox) = (i / w.div_ceil(s), i % w.div_ceil(s));
+                    assert_eq!(v, x[q * hw + oy * s * w + ox * s]);
+                }
+            }
+            let mut kept = vec![f32::NAN; whole.len()];
+            for p0 in (0..hw).step_by(sp) {
+                let p = sp.min(hw - p0);
+                let slab: Vec<f32> = x
+                    .chunks_exact(hw)
+                    .flat_map(|r| r[p0..p0 + p].to_vec())
+                    .collect();
+                keep_read_slab(&slab, (p0, p), (h, w), s, &mut kept);
+            }
+            assert_eq!(kept, whole.data, "{b} {n} {h} {w} s {s} slabs of {sp}");
+        }
+    }
 
     #[test]
     fn a_convs_cost_counts_its_waits_only_when_asked() {

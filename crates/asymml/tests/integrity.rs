@@ -270,8 +270,7 @@ fn every_tampered_result_or_weight_is_caught() {
                         continue;
                     }
                     // The light SVD's X_U goes whole through a scratch tensor; the block SVD's straight into
-                    // its frame, checked slab by slab as it is made (not for a conv whose input a shortcut
-                    // conv reads too).
+                    // its frame, checked slab by slab as it is made.
                     // The backward pipelined (∇X in an `InputGrad`, ∇W_U in a `WeightGrad` checked at the next
                     // split conv) or in one `ConvGrads`.
                     for (svd, pipelined) in [
@@ -359,6 +358,40 @@ fn a_conv_back_from_the_trusted_route_gets_its_new_weights_before_it_splits() {
 }
 
 #[test]
+fn a_lie_at_a_resnet_shortcut_conv_is_caught() {
+    // The shortcut (1 × 1, stride 2) is checked from the pixels of its block input's X_U that it reads, kept
+    // in place of the whole X_U; its ∇W_U check takes the projection spread back over the whole map.
+    let cfg = || SplitConfig {
+        svd: Some(block_svd()),
+        ..cfg("fixed:2", false, 0.0)
+    };
+    let (res, all) = run_all_stats("resnet18", cfg(), Tamper::None, 0, 1);
+    res.unwrap();
+    let shortcut = all
+        .layers
+        .iter()
+        .position(|l| l.name == "layer2.0.downsample.0")
+        .expect("resnet18 has a shortcut conv") as u32;
+    assert!(
+        !all.layers[shortcut as usize].trusted_route,
+        "the shortcut split"
+    );
+    for tamper in [
+        Tamper::Output(0.1),
+        Tamper::InputGrad(0.1),
+        Tamper::WeightGrad(0.1),
+    ] {
+        let (res, stats) = run("resnet18", cfg(), tamper, shortcut, 2);
+        let err = res.expect_err(&format!("{tamper:?} at the shortcut passed"));
+        assert!(
+            matches!(err, CoreError::Integrity { .. }),
+            "{tamper:?} at the shortcut: not an integrity error: {err}"
+        );
+        assert_eq!(stats.failures, 1, "{tamper:?}");
+    }
+}
+
+#[test]
 fn honest_runs_raise_no_alarm() {
     let mut checks = 0;
     let mut worst: f64 = 0.0;
@@ -380,8 +413,9 @@ fn honest_runs_raise_no_alarm() {
                     res.unwrap_or_else(|e| {
                         panic!("{name} {policy} shared {shared} {svd:?} threads {threads}: {e}")
                     });
-                    // Without noise, the block SVD's X_U goes into its frame (the whole forward's convs
-                    // for VGG; ResNet's first convs of downsampling blocks keep theirs whole).
+                    // Without noise, the block SVD's X_U goes into its frame (every conv's; a ResNet
+                    // downsampling block's first conv keeps the pixels its 1 × 1 shortcut reads for that
+                    // conv's check).
                     let in_frame = svd.is_some() && nsr == 0.0;
                     assert_eq!(
                         all.in_frame_forwards > 0,
