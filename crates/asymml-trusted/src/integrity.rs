@@ -1539,6 +1539,21 @@ mod tests {
         v
     }
 
+    /// Two ways of one check both passed, merged alike, with the same largest tolerance.
+    fn same_check(
+        (r1, r2): (Result<(), Failure>, Result<(), Failure>),
+        (out1, out2): (&[f32], &[f32]),
+        (c1, c2): (&Checker, &Checker),
+    ) {
+        assert_eq!((r1, r2), (Ok(()), Ok(())));
+        assert_eq!(out1, out2, "the merge");
+        let (t1, t2) = (c1.last_max_tol(), c2.last_max_tol());
+        assert!(
+            (t1 - t2).abs() <= 1e-6 * t1,
+            "the same tolerances: {t1} {t2}"
+        );
+    }
+
     /// X ([B, N, H·W]) as slabs of `sp` pixels: [B, N, sp] each, with the pixel each starts at.
     fn slabs(x: &Tensor, sp: usize) -> Vec<(usize, Vec<f32>)> {
         let (b, n) = (x.shape[0], x.shape[1]);
@@ -1597,13 +1612,7 @@ mod tests {
                         &mut out2,
                     )
                     .unwrap();
-                assert_eq!((r1, r2), (Ok(()), Ok(())));
-                assert_eq!(out1, out2, "the merge");
-                let (t1, t2) = (whole.last_max_tol(), streamed.last_max_tol());
-                assert!(
-                    (t1 - t2).abs() <= 1e-6 * t1,
-                    "the same tolerances: {t1} {t2}"
-                );
+                same_check((r1, r2), (&out1, &out2), (&whole, &streamed));
                 assert_eq!(p1.shape, p2.shape);
                 for (a, b) in p1.reps.iter().zip(&p2.reps) {
                     // (f32 partial sums: the kernel's lanes fall differently in a slab than in the whole.)
@@ -1697,13 +1706,7 @@ mod tests {
                         &mut out2,
                     )
                     .unwrap();
-                assert_eq!((r1, r2), (Ok(()), Ok(())));
-                assert_eq!(out1, out2, "the merge");
-                let (t1, t2) = (whole.last_max_tol(), part.last_max_tol());
-                assert!(
-                    (t1 - t2).abs() <= 1e-6 * t1,
-                    "the same tolerances: {t1} {t2}"
-                );
+                same_check((r1, r2), (&out1, &out2), (&whole, &part));
                 if !train {
                     continue;
                 }
