@@ -73,7 +73,8 @@ fn small_batches_match_f64_loops() {
     for b in [1, 2, 3, 7, 8] {
         // in_f: below one 8-lane step, a tail, and more than one block of inputs; out_f: not a multiple of
         // the rows per task.
-        for (i, o) in [(5, 3), (37, 19), (1100, 37)] {
+        // (8300: more than one block of the x86 kernel.)
+        for (i, o) in [(5, 3), (37, 19), (1100, 37), (8300, 5)] {
             case(&mut rng, b, i, o);
         }
     }

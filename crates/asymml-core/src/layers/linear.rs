@@ -7,6 +7,10 @@ use crate::rng::Rng;
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+#[path = "linear_x86.rs"]
+mod x86;
+
 /// Linear: weight [O, I], bias [O]; y = x Wᵀ + b.
 pub struct Linear {
     pub in_f: usize,
@@ -179,6 +183,68 @@ fn dot_rows(w: &[f32], x: &[f32], stride: usize, acc: &mut [f32]) {
 }
 }
 
+/// acc [nr × b] += rows [nr × I] · x [b × I]ᵀ (b ≤ 8 batch rows of I values), a block of [`FWD_BLOCK_X86`]
+/// inputs at a time: three weight rows against four batch rows per kernel call ([`x86::rows_dot`]), batch rows
+/// past the batch repeating its last one (their sums are dropped).
+#[cfg(target_arch = "x86_64")]
+fn block_rows_x86(rows: &[f32], x: &[f32], (i, b): (usize, usize), acc: &mut [f32]) {
+    let nr = rows.len() / i;
+    for i0 in (0..i).step_by(FWD_BLOCK_X86) {
+        let len = FWD_BLOCK_X86.min(i - i0);
+        let wrow = |r: usize| &rows[r * i + i0..r * i + i0 + len];
+        for q0 in (0..b).step_by(4) {
+            let nq = (b - q0).min(4);
+            let xrow = |q: usize| {
+                let r = q0 + q.min(nq - 1);
+                &x[r * i + i0..r * i + i0 + len]
+            };
+            let xs = [xrow(0), xrow(1), xrow(2), xrow(3)];
+            let mut add = |r0: usize, sums: &[[f32; 4]]| {
+                for (g, s) in sums.iter().enumerate() {
+                    for (q, &v) in s.iter().take(nq).enumerate() {
+                        acc[(r0 + g) * b + q0 + q] += v;
+                    }
+                }
+            };
+            let mut r0 = 0;
+            while r0 < nr {
+                // `block_rows_x86` runs only where `x86::available()` said AVX2 and FMA are there.
+                match nr - r0 {
+                    1 => {
+                        let mut s = [[0f32; 4]; 1];
+                        // SAFETY: AVX2 and FMA are there (above).
+                        unsafe { x86::rows_dot([wrow(r0)], xs, &mut s) };
+                        add(r0, &s);
+                        r0 += 1;
+                    }
+                    2 => {
+                        let mut s = [[0f32; 4]; 2];
+                        // SAFETY: AVX2 and FMA are there (above).
+                        unsafe { x86::rows_dot([wrow(r0), wrow(r0 + 1)], xs, &mut s) };
+                        add(r0, &s);
+                        r0 += 2;
+                    }
+                    _ => {
+                        let mut s = [[0f32; 4]; 3];
+                        // SAFETY: AVX2 and FMA are there (above).
+                        unsafe {
+                            x86::rows_dot([wrow(r0), wrow(r0 + 1), wrow(r0 + 2)], xs, &mut s)
+                        };
+                        add(r0, &s);
+                        r0 += 3;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Inputs per block of the x86 kernel: three weight rows' blocks (96 KiB) and the batch's (8 rows: 256 KiB)
+/// stay in L2 between the batch's groups of four rows. (VGG16's classifier.0 at batch 8, one thread: 42.5 ms
+/// at 8192 and 42.6 ms at 32768, 44.8 ms at 2048; the portable kernel 69.8 ms.)
+#[cfg(target_arch = "x86_64")]
+const FWD_BLOCK_X86: usize = 8192;
+
 simd_fn! {
 /// One weight row's block in backward, for the batch rows r < d.len(): dw[j] += Σ_r d[r]·x[r·stride + j]
 /// (∇W) and dx[r·stride + j] += d[r]·w[j] (∇x), for j < w.len(); axpys over cache-resident blocks.
@@ -209,6 +275,11 @@ impl Linear {
             .map(|rows| {
                 let nr = rows.len() / i;
                 let mut acc = vec![0f32; nr * b];
+                #[cfg(target_arch = "x86_64")]
+                if x86::available() {
+                    block_rows_x86(rows, &x.data, (i, b), &mut acc);
+                    return acc;
+                }
                 for i0 in (0..i).step_by(FWD_BLOCK) {
                     let len = FWD_BLOCK.min(i - i0);
                     for (r, a) in acc.chunks_exact_mut(b).enumerate() {
