@@ -7,9 +7,9 @@ mod common;
 
 use asymml_core::decomp::{
     block_svd_flops, decompose_batch, decompose_batch_shared, decompose_batch_shared_with,
-    decompose_batch_with, decompose_factors_lean_with, decompose_factors_with, energy_kept,
-    exact_low_rank, rank_for_energy, singular_values, BatchLowRank, BlockRoute, BlockSvd, LowRank,
-    RankPolicy, SvdMethod, TrustedConv,
+    decompose_batch_with, decompose_factors_lean_with, decompose_factors_with,
+    decompose_shared_factors_with, energy_kept, exact_low_rank, rank_for_energy, singular_values,
+    BatchLowRank, BlockRoute, BlockSvd, LowRank, RankPolicy, SvdMethod, TrustedConv,
 };
 use asymml_core::layers::{Conv2d, Conv2dConfig};
 use asymml_core::rng::Rng;
@@ -552,12 +552,75 @@ fn shared_basis_keeps_the_exact_energy_of_the_whole_batch() {
             let (_, xs) = check(&x, RankPolicy::Fixed(r), 0, block(route), false);
             assert!(kept(&x.data, &xs.data) >= got - 1e-5);
         }
-        let (lr, _) = check(&x, RankPolicy::Energy(0.9), 0, block(route), true);
-        assert_eq!(
-            lr.r,
-            rank_for_energy(&sv, 0.9),
-            "{route}: shared energy rank"
+        // The energy rank: at least the whole batch's (every sample keeps ≥ 0.9 of its own energy, so the batch
+        // does), and here, samples of one spectrum, no more than a few past it.
+        let (lr, xu) = check(&x, RankPolicy::Energy(0.9), 0, block(route), true);
+        let batch = rank_for_energy(&sv, 0.9);
+        assert!(
+            lr.r >= batch && lr.r <= batch + 3,
+            "{route}: shared energy rank {} against the batch's {batch}",
+            lr.r
         );
+        let nhw = n * hw;
+        for (xb, ub) in x.data.chunks(nhw).zip(xu.data.chunks(nhw)) {
+            assert!(kept(xb, ub) >= 0.9 - 1e-5, "{route}");
+        }
+    }
+}
+
+/// The shared basis's energy rank holds for every sample, not only for the batch: a sample of little energy
+/// whose directions the others do not share keeps ≥ E of its own energy (the batch's rank alone would leave
+/// it almost whole in X_U); the factors without X_U are the same, and X_U made from them slab by slab is the
+/// X_U made whole.
+#[test]
+fn the_shared_basis_keeps_the_energy_of_every_sample() {
+    let (n, h, w) = (48, 6, 5);
+    let hw = h * w;
+    let mut rng = Rng::new(21);
+    let loud: Vec<f64> = (0..n).map(|i| if i < 4 { 10.0 } else { 0.01 }).collect();
+    let quiet: Vec<f64> = (0..n).map(|i| if i < 4 { 0.5 } else { 0.001 }).collect();
+    let mut data = Vec::new();
+    for s in [&loud, &loud, &quiet] {
+        data.extend(with_spectrum(&mut rng, n, hw, s));
+    }
+    let x = Tensor::from_vec(&[3, n, h, w], data).unwrap();
+    for route in ROUTES {
+        for e in [0.8, 0.97] {
+            let policy = RankPolicy::Energy(e);
+            let (lr, xu) = check(&x, policy, 0, block(route), true);
+            for (k, (xb, ub)) in x
+                .data
+                .chunks(n * hw)
+                .zip(xu.data.chunks(n * hw))
+                .enumerate()
+            {
+                assert!(
+                    kept(xb, ub) >= e - 1e-5,
+                    "{route} e {e}: sample {k} keeps {}",
+                    kept(xb, ub)
+                );
+            }
+            // The quiet sample's own four directions are kept besides the loud ones'.
+            assert!(lr.r >= 5, "{route} e {e}: r {}", lr.r);
+            let mut lean = BatchLowRank::default();
+            let r = decompose_shared_factors_with(&x, policy, 0, block(route), &mut lean).unwrap();
+            assert_eq!(r, lr.r);
+            for (a, b) in lean.samples.iter().zip(&lr.samples) {
+                assert_eq!((&a.u, &a.v), (&b.u, &b.v), "{route} e {e}");
+            }
+            let mut slab = Vec::new();
+            let (p0, p) = (7, 11);
+            lean.residual_slab(&x, p0, p, &mut slab).unwrap();
+            for (row, vals) in slab.chunks_exact(p).enumerate() {
+                for (q, &v) in vals.iter().enumerate() {
+                    let want = xu.data[row * hw + p0 + q];
+                    assert!(
+                        (v - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{route} e {e}"
+                    );
+                }
+            }
+        }
     }
 }
 

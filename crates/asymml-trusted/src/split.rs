@@ -12,8 +12,8 @@ mod pipeline;
 use crate::integrity::{Checker, IntegrityStats, Projection, DEFAULT_REPS};
 use asymml_core::decomp::{
     add_noise_batch, block_svd_flops, decompose_batch_shared_with, decompose_batch_within,
-    decompose_factors_lean_with, light_svd_flops, BatchLowRank, RankPolicy, RankTable, SvdMethod,
-    TableRank, TrustedConv,
+    decompose_factors_lean_with, decompose_shared_factors_with, light_svd_flops, BatchLowRank,
+    RankPolicy, RankTable, SvdMethod, TableRank, TrustedConv,
 };
 use asymml_core::layers::Conv2d;
 use asymml_core::models::{ConvExec, Layer, Net, StreamPart};
@@ -28,6 +28,53 @@ use asymml_protocol::{
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+/// Which basis a split conv's decomposition uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Basis {
+    /// One basis U_b per sample (the paper's).
+    #[default]
+    PerSample,
+    /// One basis U per batch at every conv: W' = Uᵀ·W is built once per batch, not per sample.
+    Shared,
+    /// Per conv, the cheaper of the two where they keep the same energy: under an energy policy (`energy:E`,
+    /// `asym1`, `asym2`, the guard's deeper convs) with the block method, where the shared basis's rank keeps
+    /// ≥ E of every sample's own energy as the per-sample basis does, each conv tries both bases for
+    /// [`ROUTE_TRIALS`] steps and then takes the one of the smaller trusted cost; elsewhere (a fixed rank,
+    /// at which a shared basis keeps less of each sample; the light SVD; micro-batch parts) per sample.
+    Auto,
+}
+
+impl Basis {
+    /// The CLI's names: `sample`, `shared`, `auto`.
+    pub const NAMES: [&'static str; 3] = ["sample", "shared", "auto"];
+}
+
+impl std::fmt::Display for Basis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Basis::PerSample => "sample",
+            Basis::Shared => "shared",
+            Basis::Auto => "auto",
+        })
+    }
+}
+
+impl std::str::FromStr for Basis {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "sample" | "per-sample" => Ok(Basis::PerSample),
+            "shared" => Ok(Basis::Shared),
+            "auto" => Ok(Basis::Auto),
+            _ => Err(format!(
+                "unknown basis {s:?}: expected one of {}",
+                Basis::NAMES.join(", ")
+            )),
+        }
+    }
+}
+
 /// How the split decomposes each conv input.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SplitConfig {
@@ -39,8 +86,9 @@ pub struct SplitConfig {
     /// Noise-to-signal ratio added to X_U before it leaves (0: none).
     pub nsr: f32,
     pub seed: u64,
-    /// One basis U per batch instead of per sample (see `decompose_batch_shared`).
-    pub shared_basis: bool,
+    /// Which basis each conv's decomposition uses: per sample, one per batch (see `decompose_batch_shared`),
+    /// or per conv the cheaper of the two at the energy policy's energy ([`Basis::Auto`]).
+    pub basis: Basis,
     /// A per-conv rank table (`--rank table:FILE`): overrides `policy` for every conv it lists; a
     /// `"trusted"` entry runs that conv wholly in the trusted runtime.
     pub table: Option<Arc<RankTable>>,
@@ -61,13 +109,28 @@ pub struct SplitConfig {
     pub route_counts_wait: bool,
     /// Micro-batch pipelining: each split conv's forward cuts the batch into this many parts of consecutive
     /// samples (at most one per sample), so that the accelerator convolves one part while the trusted runtime
-    /// decomposes the next (1: the whole batch at once; ignored with `shared_basis`).
+    /// decomposes the next (1: the whole batch at once; ignored with [`Basis::Shared`]).
     pub micro_batches: usize,
     /// Pipelined backward: a split conv's backward asks for ∇X first and ∇W_U after it (`ConvInputGrad`,
     /// `ConvWeightGrad`), and goes on with ∇X — through the layers below, to the next conv — while the
     /// accelerator computes ∇W_U, which is taken, checked and added at the next split conv's backward (or the
     /// backward's end). `false`: one `ConvBackward` per conv, both answered before the backward goes on.
     pub pipelined_backward: bool,
+}
+
+impl SplitConfig {
+    /// Steps spent trying routes and bases before a conv settles ([`ROUTE_TRIALS`] each of the split, the
+    /// shared basis with [`Basis::Auto`] and the block method, and the fully-trusted route with
+    /// `auto_route`): a benchmark of the settled choice runs these first, untimed.
+    pub fn probe_steps(&self) -> usize {
+        let bases = self.basis == Basis::Auto && matches!(self.svd, Some(SvdMethod::Block(_)));
+        let tries = 1 + usize::from(bases) + usize::from(self.auto_route);
+        if tries == 1 {
+            0
+        } else {
+            tries * ROUTE_TRIALS as usize
+        }
+    }
 }
 
 impl Default for SplitConfig {
@@ -78,7 +141,7 @@ impl Default for SplitConfig {
             svd: None,
             nsr: 0.0,
             seed: 0,
-            shared_basis: false,
+            basis: Basis::PerSample,
             table: None,
             clip: None,
             integrity: true,
@@ -127,6 +190,8 @@ struct LayerState {
     /// X_U again): its X_U is kept whole in the trusted runtime, unless `shortcut_reads` says which of its
     /// pixels the shortcut reads.
     input_shared: bool,
+    /// The last split forward's decomposition took one basis for the batch ([`Basis`]).
+    split_shared: bool,
     /// The stride s ≥ 2 of that shortcut where it is a 1 × 1 conv without padding (a ResNet's): it reads only
     /// every s-th row and column, so X_U can go into its frame slab by slab while the trusted runtime keeps
     /// those pixels alone for the shortcut's check (a quarter of X_U at s = 2).
@@ -158,16 +223,26 @@ const ROUTE_SPLIT_MARGIN: f64 = 0.1;
 /// [`ROUTE_TRIALS`] steps before the routes are compared; then the one with the smaller least cost is taken,
 /// every further step refines the comparison, and the other route is tried again now and then (see
 /// [`ROUTE_RETRY_FROM`]).
+///
+/// With [`Basis::Auto`] where the conv may take either basis (`try_shared`), the split route has two costs,
+/// per-sample basis and shared basis: the shared one is tried after the per-sample one, both before the
+/// trusted route, and the split's cost is the smaller of the two.
 #[derive(Clone, Debug, Default)]
 struct RouteCosts {
-    /// Least cost seen on the split route and on the fully-trusted route, and how many steps each.
+    /// Least cost seen on the split route (per-sample basis), on it with the shared basis, and on the
+    /// fully-trusted route, and how many steps each.
     split: (f64, u32),
+    shared: (f64, u32),
     trusted: (f64, u32),
     /// The route of the step being measured (`Some(true)`: trusted), and its cost so far.
     current: Option<bool>,
+    /// The step being measured split with the shared basis.
+    current_shared: bool,
     spent: f64,
     /// The route of the last step closed.
     last: Option<bool>,
+    /// The conv may take either basis ([`Basis::Auto`]; set at each forward).
+    try_shared: bool,
 }
 
 impl RouteCosts {
@@ -176,6 +251,8 @@ impl RouteCosts {
         if let Some(trusted) = self.current.take() {
             let (least, n) = if trusted {
                 &mut self.trusted
+            } else if std::mem::take(&mut self.current_shared) {
+                &mut self.shared
             } else {
                 &mut self.split
             };
@@ -190,9 +267,31 @@ impl RouteCosts {
         self.spent = 0.0;
     }
 
-    /// Steps closed so far, both routes.
+    /// Steps closed so far, every route.
     fn steps(&self) -> u32 {
-        self.split.1 + self.trusted.1
+        self.split.1 + self.shared.1 + self.trusted.1
+    }
+
+    /// The split's trials are over: the per-sample basis's, and the shared one's where it is tried.
+    fn split_tried(&self) -> bool {
+        self.split.1 >= ROUTE_TRIALS && (!self.try_shared || self.shared.1 >= ROUTE_TRIALS)
+    }
+
+    /// The split's least cost: that of the cheaper basis.
+    fn split_cost(&self) -> f64 {
+        if self.try_shared && self.shared.1 > 0 {
+            self.split.0.min(self.shared.0)
+        } else {
+            self.split.0
+        }
+    }
+
+    /// Whether the next step, if it splits, should take the shared basis: while it is on trial (after the
+    /// per-sample basis's), and then where it measured cheaper.
+    fn prefers_shared(&self) -> bool {
+        self.try_shared
+            && self.split.1 >= ROUTE_TRIALS
+            && (self.shared.1 < ROUTE_TRIALS || self.shared.0 < self.split.0)
     }
 
     /// The next step is the second of a retry of the route not taken (see [`ROUTE_RETRY_FROM`]).
@@ -203,14 +302,13 @@ impl RouteCosts {
 
     /// Whether the next step should take the fully-trusted route.
     fn prefers_trusted(&self) -> bool {
-        let (split, trusted) = (self.split.1, self.trusted.1);
-        if split < ROUTE_TRIALS {
+        if !self.split_tried() {
             return false;
         }
-        if trusted < ROUTE_TRIALS {
+        if self.trusted.1 < ROUTE_TRIALS {
             return true;
         }
-        let trusted_cheaper = self.trusted.0 < (1.0 + ROUTE_SPLIT_MARGIN) * self.split.0;
+        let trusted_cheaper = self.trusted.0 < (1.0 + ROUTE_SPLIT_MARGIN) * self.split_cost();
         let total = self.steps();
         if total >= ROUTE_RETRY_FROM && total.is_power_of_two() {
             // Try the other route again (its first step pays for its buffers, so it gets a second).
@@ -225,8 +323,8 @@ impl RouteCosts {
     /// The next step, if it takes the trusted route, is the last of a trial of it (the first trials, or the
     /// second step of a retry): the route may then turn out to be the split.
     fn last_trusted_trial(&self) -> bool {
-        let (split, trusted) = (self.split.1, self.trusted.1);
-        (split >= ROUTE_TRIALS && trusted == ROUTE_TRIALS - 1)
+        let trusted = self.trusted.1;
+        (self.split_tried() && trusted == ROUTE_TRIALS - 1)
             || (trusted >= ROUTE_TRIALS && self.retry_second_step() && self.last == Some(true))
     }
 }
@@ -263,6 +361,8 @@ pub struct LayerStats {
     /// The last forward ran the whole conv in the trusted runtime (its rank would keep every channel, or the
     /// rank table says so): nothing of its input left.
     pub trusted_route: bool,
+    /// The last split forward took one basis for the batch ([`Basis`]).
+    pub shared_basis: bool,
     /// Trusted compute: decomposition, noise, Conv_T, ∇W_T, adding Y_T + Y_U (seconds).
     pub trusted_s: f64,
     /// Of `trusted_s`: the decomposition (lightweight SVD, X_U, noise) and adding Y_T + Y_U.
@@ -765,6 +865,7 @@ impl<T: Transport> SplitExec<T> {
         self.count_layer(Some(id), |l| {
             l.rank = rank;
             l.trusted_route = true;
+            l.shared_basis = false;
             l.name.clone_from(&name);
         });
         Ok(())
@@ -907,9 +1008,19 @@ impl<T: Transport> SplitExec<T> {
         // X_U made a slab of pixels at a time straight into its frame (and checked as it is made), never whole
         // here: with the block method, for a whole batch without noise, unless a shortcut conv will read it
         // other than at the pixels of a strided 1 × 1 conv (which are then kept for its check).
+        // The basis: shared where forced, or where `Basis::Auto` finds it cheaper at the same energy kept.
+        let either = self.cfg.basis == Basis::Auto
+            && matches!(method, SvdMethod::Block(_))
+            && matches!(policy, RankPolicy::Energy(_))
+            && !part;
+        self.layers[id].costs.try_shared = either;
+        let use_shared = match self.cfg.basis {
+            Basis::Shared => true,
+            Basis::PerSample => false,
+            Basis::Auto => either && self.layers[id].costs.prefers_shared(),
+        };
         let st = &self.layers[id];
         let in_frame = matches!(method, SvdMethod::Block(_))
-            && !self.cfg.shared_basis
             && !part
             && self.cfg.clip.is_none()
             && self.cfg.nsr == 0.0
@@ -917,11 +1028,14 @@ impl<T: Transport> SplitExec<T> {
             && !x.data.is_empty();
         let st = &mut self.layers[id];
         st.parts.clear();
-        let r = if in_frame {
+        st.split_shared = use_shared;
+        let r = if in_frame && use_shared {
+            decompose_shared_factors_with(x, policy, st.step, method, &mut st.lr)?
+        } else if in_frame {
             // (Only a training forward lets V go: inference holds it for Conv_T only.)
             let max_v = if train { self.lean_v_bytes } else { usize::MAX };
             decompose_factors_lean_with(x, policy, st.step, method, &mut st.lr, max_v)?
-        } else if self.cfg.shared_basis {
+        } else if use_shared {
             decompose_batch_shared_with(x, policy, st.step, method, &mut st.lr, &mut self.residual)?
         } else {
             // (A training forward holds no more of the energy policy's scratch than a lean one's V.)
@@ -980,9 +1094,11 @@ impl<T: Transport> SplitExec<T> {
             None => {}
         }
         let dt = t0.elapsed().as_secs_f64();
+        let shared = self.layers[id].split_shared;
         self.count_layer(Some(id), |l| {
             l.decompose_s += dt;
             l.trusted_route = false;
+            l.shared_basis = shared;
         });
         self.layers[id].trusted_route = false;
         self.trusted(id, t0, svd_flops);
@@ -1116,6 +1232,9 @@ impl<T: Transport> SplitExec<T> {
     ) -> Result<(), CoreError> {
         let id = conv.id;
         self.layers[id].shared_from = shared;
+        if let Some(from) = shared {
+            self.layers[id].split_shared = self.layers[from].split_shared;
+        }
         let what = format!("ConvForward(layer {id})");
         let frame = self.recv_conv_output(id)?;
         let merged = self.merge_received(conv, &frame, x, y, train, &what);
@@ -1443,7 +1562,9 @@ impl<T: Transport> SplitExec<T> {
         );
         if let Some(l) = self.layers.get_mut(id) {
             if takes_route {
-                l.costs.current = Some(l.trusted_route && !std::mem::take(&mut l.kept_all));
+                let trusted = l.trusted_route && !std::mem::take(&mut l.kept_all);
+                l.costs.current = Some(trusted);
+                l.costs.current_shared = !trusted && l.split_shared;
             }
             l.costs.spent += cost.max(0.0);
         }
@@ -1772,7 +1893,10 @@ fn add_into(grad: &mut Tensor, part: &Tensor) {
 
 #[cfg(test)]
 mod tests {
-    use super::{keep_read_pixels, keep_read_slab, step_cost, RouteCosts, ROUTE_PROBE_STEPS};
+    use super::{
+        keep_read_pixels, keep_read_slab, step_cost, Basis, RouteCosts, SplitConfig, SvdMethod,
+        ROUTE_PROBE_STEPS,
+    };
     use asymml_core::Tensor;
 
     #[test]
@@ -1874,6 +1998,63 @@ mod tests {
         // More than a tenth cheaper: the split.
         assert!(!trials(1.0, 1.11));
         assert!(!trials(1.0, 3.0));
+    }
+
+    /// With both bases on trial: the per-sample basis three steps, the shared one three, the trusted route
+    /// three; then the split takes the cheaper basis, and the route compares the trusted cost with that one.
+    #[test]
+    fn the_shared_basis_is_tried_after_the_per_sample_one_and_the_cheaper_kept() {
+        let probe = |sample: f64, shared: f64, trusted: f64| {
+            let mut c = RouteCosts {
+                try_shared: true,
+                ..RouteCosts::default()
+            };
+            let mut order = Vec::new();
+            for _ in 0..9 {
+                c.close_step();
+                let (t, sh) = (c.prefers_trusted(), c.prefers_shared());
+                order.push(if t {
+                    'T'
+                } else if sh {
+                    'H'
+                } else {
+                    'S'
+                });
+                assert_eq!(c.last_trusted_trial(), order.len() == 9 && t);
+                step(
+                    &mut c,
+                    t,
+                    if t {
+                        trusted
+                    } else if sh {
+                        shared
+                    } else {
+                        sample
+                    },
+                );
+                c.current_shared = !t && sh;
+            }
+            c.close_step();
+            let order: String = order.into_iter().collect();
+            (order, c.prefers_trusted(), c.prefers_shared())
+        };
+        let config = |basis, auto_route| SplitConfig {
+            basis,
+            auto_route,
+            svd: Some(SvdMethod::block()),
+            ..SplitConfig::default()
+        };
+        assert_eq!(config(Basis::Auto, true).probe_steps(), 9);
+        assert_eq!(config(Basis::Auto, false).probe_steps(), 6);
+        assert_eq!(config(Basis::Shared, true).probe_steps(), ROUTE_PROBE_STEPS);
+        assert_eq!(config(Basis::PerSample, false).probe_steps(), 0);
+        // Shared cheaper, trusted dearer than it: split with the shared basis.
+        assert_eq!(probe(3.0, 2.0, 2.5), ("SSSHHHTTT".into(), false, true));
+        // Per-sample cheaper: split per sample.
+        assert_eq!(probe(2.0, 3.0, 2.5), ("SSSHHHTTT".into(), false, false));
+        // The trusted route against the cheaper basis: within the margin of it, trusted.
+        assert!(probe(3.0, 2.0, 2.1).1);
+        assert!(!probe(3.0, 2.0, 2.3).1);
     }
 
     /// Runs steps `steps` (by index) at the given cost per route; the steps (index, trusted) it took.

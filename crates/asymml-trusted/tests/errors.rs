@@ -6,7 +6,7 @@ use asymml_core::models::ModelSpec;
 use asymml_core::rng::Rng;
 use asymml_core::{error_chain, CoreError, Tensor};
 use asymml_protocol::{inproc_pair, serve, Reply, Request};
-use asymml_trusted::split::{SplitConfig, SplitExec};
+use asymml_trusted::split::{Basis, SplitConfig, SplitExec};
 
 #[test]
 fn a_refused_conv_is_named_once_with_its_cause() {
@@ -25,7 +25,7 @@ fn a_refused_conv_is_named_once_with_its_cause() {
         iters: 1,
         nsr: 0.0,
         seed: 0,
-        shared_basis: false,
+        basis: Basis::PerSample,
         ..Default::default()
     };
     let mut exec = SplitExec::connect(ours, &mut net, cfg).unwrap();

@@ -14,7 +14,7 @@ use asymml_core::models::{ConvExec, ModelSpec, Style};
 use asymml_core::optim::{LrSchedule, OptimizerKind};
 use asymml_core::rng::Rng;
 use asymml_core::Tensor;
-use asymml_trusted::split::SplitStats;
+use asymml_trusted::split::{Basis, SplitStats};
 use asymml_trusted::{Mode, Session, TrainConfig};
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -80,6 +80,8 @@ pub(crate) struct LayerRow {
     pub(crate) rank: usize,
     /// The conv ran wholly in the trusted runtime (its rank keeps every channel, or a table says so).
     pub(crate) trusted_route: bool,
+    /// The split took one basis for the batch (`--basis shared`, or `auto` where it measured cheaper).
+    pub(crate) shared_basis: bool,
     pub(crate) trusted_s: f64,
     /// Of `trusted_s`: the decomposition (lightweight SVD, residual, noise) and the merge Y_T + Y_U; the
     /// rest is Conv_T (and ∇W_T in training).
@@ -246,6 +248,7 @@ fn add_layers(sum: &mut Vec<LayerRow>, before: &Snapshot, after: &Snapshot) {
         row.name.clone_from(&l.name);
         row.rank = l.rank;
         row.trusted_route = l.trusted_route;
+        row.shared_basis = l.shared_basis;
         row.trusted_s += l.trusted_s - b.trusted_s;
         row.decompose_s += l.decompose_s - b.decompose_s;
         row.merge_s += l.merge_s - b.merge_s;
@@ -492,10 +495,10 @@ impl Plan {
                 Phase::Infer => f,
             }
         });
-        // With `--route auto`, the steps that try both routes of every conv come first, untimed (and not
-        // counted by the progress bar): the timed steps show the route it settles on.
-        let probe = if case.mode == Mode::Split && split.config.auto_route {
-            asymml_trusted::split::ROUTE_PROBE_STEPS
+        // With `--route auto` (and `--basis auto`), the steps that try the routes (and bases) of every conv come
+        // first, untimed (and not counted by the progress bar): the timed steps show what it settles on.
+        let probe = if case.mode == Mode::Split {
+            split.config.probe_steps()
         } else {
             0
         };
@@ -785,7 +788,7 @@ impl Samples {
             } else {
                 String::new()
             },
-            micro_batches: if mode == Mode::Split && !a.split.shared_basis {
+            micro_batches: if mode == Mode::Split && a.split.basis() != Basis::Shared {
                 usize::from(a.split.micro_batches).min(a.batch_size)
             } else {
                 1

@@ -4,7 +4,7 @@ use crate::data::DatasetKind;
 pub use crate::privacy::args::PrivacyArgs;
 use crate::values::parse_size;
 use crate::values::{
-    parse_batch_size, parse_channels, parse_classes, parse_epochs, parse_image_count,
+    parse_basis, parse_batch_size, parse_channels, parse_classes, parse_epochs, parse_image_count,
     parse_input_size, parse_listen, parse_lr, parse_momentum, parse_noise, parse_repeat,
     parse_steps, parse_svd_iters, parse_svd_method, parse_threads, parse_timeout, parse_warmup,
     parse_weight_decay, AcceleratorSpec, AugmentChoice, ModelName, OnOff, OptimizerChoice, Phase,
@@ -12,6 +12,7 @@ use crate::values::{
 };
 use asymml_protocol::Address;
 
+use asymml_trusted::split::Basis;
 use asymml_trusted::Mode;
 use asymml_untrusted::Device;
 use clap::{Args, Parser, Subcommand};
@@ -79,8 +80,15 @@ pub(crate) struct SplitArgs {
     /// least the light one's energy at the same rank on real photos and is about twice as fast.
     #[arg(long, value_parser = parse_svd_method)]
     pub(crate) svd: Option<asymml_core::decomp::SvdMethod>,
-    /// One basis U for the whole batch instead of one per sample: W' = Uᵀ·W is built once per batch, at the
-    /// price of less energy kept trusted at the same rank.
+    /// The basis of each split conv's decomposition: `sample` (one U_b per sample, the paper's), `shared`
+    /// (one U for the whole batch at every conv: W' = Uᵀ·W is built once per batch; at a fixed rank it keeps
+    /// less of each sample's energy), or `auto` (the default: per conv, the cheaper of the two where they keep
+    /// the same energy — under an energy policy (`energy:E`, `asym1`, `asym2`, the guard's deeper convs) with
+    /// `--svd block`, whose shared rank keeps at least E of every sample's own energy, each conv tries both
+    /// bases on its first steps and keeps the one that cost the trusted runtime less; per sample elsewhere).
+    #[arg(long, value_parser = parse_basis, conflicts_with = "shared_basis")]
+    pub(crate) basis: Option<Basis>,
+    /// Same as --basis shared.
     #[arg(long)]
     pub(crate) shared_basis: bool,
     /// Micro-batch pipelining (1 to 1024): each split conv's forward cuts the batch into this many parts of
@@ -90,7 +98,7 @@ pub(crate) struct SplitArgs {
     /// part is checked on its own). With an in-process accelerator every part is sent as soon as it is ready,
     /// and an inference forward (VGG) streams the parts through the whole network: each part's next conv
     /// begins while the accelerator still works on the others. The same over a socket (`process`, `unix:`,
-    /// `tcp://`). Ignored with --shared-basis. 1: the whole batch at once.
+    /// `tcp://`). Ignored with --basis shared. 1: the whole batch at once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub(crate) micro_batches: u16,
     /// Run each split conv's backward as one exchange (∇X and ∇W_U answered together) instead of the
@@ -418,4 +426,15 @@ pub struct BenchArgs {
     /// One JSON object on stdout.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+impl SplitArgs {
+    /// The basis asked for (`--basis`, `--shared-basis`; `auto` when neither is given).
+    pub(crate) fn basis(&self) -> Basis {
+        if self.shared_basis {
+            Basis::Shared
+        } else {
+            self.basis.unwrap_or(Basis::Auto)
+        }
+    }
 }

@@ -55,7 +55,7 @@ impl SplitSetup {
                 svd: Some(svd),
                 nsr: a.noise,
                 seed,
-                shared_basis: a.shared_basis,
+                basis: a.basis(),
                 clip: a.clip,
                 integrity: a.integrity.is_on(),
                 auto_route: matches!(

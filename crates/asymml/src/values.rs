@@ -72,6 +72,10 @@ pub(crate) fn parse_svd_method(s: &str) -> Result<SvdMethod, String> {
     s.parse().map_err(|e: asymml_core::CoreError| e.to_string())
 }
 
+pub(crate) fn parse_basis(s: &str) -> Result<asymml_trusted::split::Basis, String> {
+    s.parse()
+}
+
 /// The decomposition `--svd` and `--svd-iters` ask for: the block SVD unless `--svd light` is given or
 /// `--svd-iters` (which counts the light method's rounds) is; `--svd-iters` with a block method is refused.
 pub(crate) fn svd_method(

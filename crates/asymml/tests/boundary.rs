@@ -9,7 +9,7 @@ use asymml_core::rng::Rng;
 use asymml_core::{error_chain, CoreError, Tensor};
 use asymml_protocol::declassify::accelerator_result;
 use asymml_protocol::{inproc_pair, serve, MessageKind, Recording, Reply, Request, Transport};
-use asymml_trusted::split::{SplitConfig, SplitExec};
+use asymml_trusted::split::{Basis, SplitConfig, SplitExec};
 use asymml_untrusted::Service;
 
 fn small_resnet() -> (Net, Tensor, Vec<usize>) {
@@ -31,7 +31,7 @@ fn cfg(policy: &str, nsr: f32) -> SplitConfig {
         iters: 1,
         nsr,
         seed: 1,
-        shared_basis: false,
+        basis: Basis::PerSample,
         ..Default::default()
     }
 }

@@ -15,7 +15,7 @@ use asymml_protocol::{
     encode_request, inproc_pair, InProcTransport, Reply, Request, Result as PResult, Transport,
     WireTensor, MAX_MESSAGE,
 };
-use asymml_trusted::split::{SplitConfig, SplitExec};
+use asymml_trusted::split::{Basis, SplitConfig, SplitExec};
 use asymml_untrusted::Service;
 
 mod common;
@@ -247,7 +247,11 @@ fn block_svd() -> SvdMethod {
 fn cfg(policy: &str, shared_basis: bool, nsr: f32) -> SplitConfig {
     SplitConfig {
         policy: policy.parse().unwrap(),
-        shared_basis,
+        basis: if shared_basis {
+            Basis::Shared
+        } else {
+            Basis::PerSample
+        },
         nsr,
         seed: 3,
         ..Default::default()
@@ -782,4 +786,78 @@ fn a_lean_training_forward_equals_trusted_only_and_is_checked() {
         }
     }
     LEAN_V.with(|l| l.set(None));
+}
+
+#[test]
+fn a_shared_basis_goes_into_its_frame_checked_and_a_lie_is_caught() {
+    // The batch-shared basis's X_U is made slab by slab from its factors straight into the frame, as the
+    // per-sample basis's: honest steps raise no alarm, and a lie at a shared-basis conv is caught.
+    for name in ["vgg11", "resnet18"] {
+        for policy in ["schedule", "asym2"] {
+            let cfg = SplitConfig {
+                svd: Some(block_svd()),
+                ..cfg(policy, true, 0.0)
+            };
+            let (res, all) = run_all_stats(name, cfg.clone(), Tamper::None, 0, 2);
+            res.unwrap_or_else(|e| panic!("{name} {policy}: {e}"));
+            assert!(all.in_frame_forwards > 0, "{name} {policy}");
+            assert!(all.layers.iter().any(|l| l.shared_basis), "{name} {policy}");
+            assert_eq!(all.integrity.failures, 0);
+            for tamper in [
+                Tamper::Output(0.1),
+                Tamper::InputGrad(0.1),
+                Tamper::WeightGrad(0.1),
+            ] {
+                let (res, stats) = run(name, cfg.clone(), tamper, 3, 2);
+                let err = res.expect_err(&format!("{name} {policy}: {tamper:?} passed"));
+                assert!(matches!(err, CoreError::Integrity { .. }), "{err}");
+                assert_eq!(stats.failures, 1);
+            }
+        }
+    }
+}
+
+#[test]
+fn basis_auto_tries_the_shared_basis_and_every_step_equals_trusted_only() {
+    // `Basis::Auto` under an energy policy: the per-sample basis on the first three steps, the shared one on
+    // the next three (whatever they cost), then the cheaper; every forward equals trusted-only's. Under a
+    // fixed rank (at which a shared basis keeps less of each sample) it never takes the shared basis.
+    for name in ["vgg11", "resnet18"] {
+        for (policy, tries) in [("asym2", true), ("schedule", false)] {
+            let (mut net, x, _) = model(name);
+            let (mut reference, _, _) = model(name);
+            let want = reference.forward(&x, false, &mut LocalExec).unwrap();
+            let cfg = SplitConfig {
+                svd: Some(block_svd()),
+                basis: Basis::Auto,
+                ..cfg(policy, false, 0.0)
+            };
+            let (client, server) = inproc_pair();
+            let service = std::thread::spawn(move || Service::new(1).unwrap().serve(server));
+            let mut exec = SplitExec::connect(client, &mut net, cfg).unwrap();
+            let stats = exec.stats();
+            for step in 0..8 {
+                let y = net.forward(&x, false, &mut exec).unwrap();
+                let scale = want.data.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+                let err = y
+                    .data
+                    .iter()
+                    .zip(&want.data)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(err <= 1e-4 * scale, "{name} {policy} step {step}: {err}");
+                let all = stats.lock().unwrap().clone();
+                let shared = all.layers.iter().any(|l| l.shared_basis);
+                let split = all.layers.iter().any(|l| !l.trusted_route);
+                assert!(split, "{name} {policy}: nothing split");
+                match step {
+                    0..=2 => assert!(!shared, "{name} {policy} step {step}"),
+                    3..=5 => assert_eq!(shared, tries, "{name} {policy} step {step}"),
+                    _ => assert!(tries || !shared, "{name} {policy} step {step}"),
+                }
+                assert_eq!(all.integrity.failures, 0);
+            }
+            exec.shutdown().unwrap();
+            service.join().unwrap().unwrap();
+        }
+    }
 }

@@ -962,6 +962,74 @@ fn energy_rank_direct(
     }
 }
 
+/// The batch-shared basis's energy rank: the smallest r ≥ `r0` at which the first r basis vectors in `s` keep
+/// ≥ e of every block's own energy ‖X_k‖² (each sample keeps at least what the energy policy asks of its own
+/// basis, where the batch's Ritz values alone would let a sample of less energy than the rest keep less). Grows
+/// the basis (doubling, [`ensure_rank`]) while a block falls short within it; N where it cannot (the basis is
+/// every direction, or its products are not finite): every channel is kept. Blocks that are zero or not finite
+/// set no bound. One product Qᵀ X_k (l × C) a block per try.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn each_energy_rank(
+    xs: &[&[f32]],
+    n: usize,
+    c: usize,
+    e: f64,
+    r0: usize,
+    m: &BlockSvd,
+    s: &mut BlockScratch,
+    threads: usize,
+) -> usize {
+    if !s.worth() || n == 0 {
+        return r0.clamp(1, n.max(1));
+    }
+    let totals: Vec<f64> = xs.iter().map(|x| sumsq(x)).collect();
+    let mut p = Vec::new();
+    loop {
+        let l = s.l;
+        if l == 0 {
+            return n;
+        }
+        let mut need = r0.min(l);
+        let mut short = false;
+        p.clear();
+        p.resize(l * c, 0.0);
+        for (x, &total) in xs.iter().zip(&totals) {
+            if !(total > 0.0 && total.is_finite()) {
+                continue;
+            }
+            sgemm(
+                l,
+                c,
+                n,
+                Mat::rm(&s.q32[..l * n], n),
+                Mat::rm(x, c),
+                &mut p,
+                false,
+                threads,
+            );
+            let mut kept = 0.0;
+            let own = p.chunks_exact(c.max(1)).position(|row| {
+                kept += sumsq(row);
+                kept >= e * total
+            });
+            match own {
+                Some(j) => need = need.max(j + 1),
+                None => short = true,
+            }
+        }
+        if !short {
+            return need;
+        }
+        if l >= n || s.complete {
+            return n;
+        }
+        ensure_rank(xs, n, c, (2 * l).min(n), m, s, threads);
+        if s.l <= l {
+            return n;
+        }
+    }
+}
+
 /// The smallest r ≤ `first` whose first r Ritz values in `s` keep ≥ e·‖X‖², if there is one.
 fn ritz_rank(s: &BlockScratch, first: usize, e: f64) -> Option<usize> {
     let mut kept = 0.0;

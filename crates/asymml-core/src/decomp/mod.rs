@@ -716,7 +716,9 @@ fn decompose_block(
 
 /// [`decompose_batch_shared`] with the SVD chosen by `method` (see [`decompose_batch_with`]): `Block(m)` finds
 /// one basis for the N × B·HW matrix [X_1 … X_B] without copying it (its Gram matrix is Σ_b X_b X_bᵀ), the
-/// matrix products spread over the rayon pool.
+/// matrix products spread over the rayon pool. With `Block`, an energy policy's rank keeps ≥ E of every
+/// sample's own energy, not only of the batch's (`block::each_energy_rank`): no sample keeps less in the
+/// trusted runtime than its own basis would keep at the policy's energy. (`Light` keeps the batch's.)
 pub fn decompose_batch_shared_with(
     x: &Tensor,
     policy: RankPolicy,
@@ -725,10 +727,36 @@ pub fn decompose_batch_shared_with(
     out: &mut BatchLowRank,
     residual: &mut Tensor,
 ) -> Result<usize> {
+    decompose_shared(x, policy, schedule_step, method, out, Some(residual))
+}
+
+/// [`decompose_batch_shared_with`] without X_U (the factors only: the block method makes no residual, the
+/// light one makes it in scratch); X_U is then made from the factors a slab at a time
+/// ([`BatchLowRank::residual_slab`]).
+pub fn decompose_shared_factors_with(
+    x: &Tensor,
+    policy: RankPolicy,
+    schedule_step: usize,
+    method: SvdMethod,
+    out: &mut BatchLowRank,
+) -> Result<usize> {
+    decompose_shared(x, policy, schedule_step, method, out, None)
+}
+
+fn decompose_shared(
+    x: &Tensor,
+    policy: RankPolicy,
+    schedule_step: usize,
+    method: SvdMethod,
+    out: &mut BatchLowRank,
+    residual: Option<&mut Tensor>,
+) -> Result<usize> {
     (out.projection, out.v_dropped) = (false, false);
+    let mut scratch = Tensor::default();
     let m = match method {
         SvdMethod::Light { iters } => {
-            return decompose_batch_shared(x, policy, schedule_step, iters, out, residual)
+            let res = residual.unwrap_or(&mut scratch);
+            return decompose_batch_shared(x, policy, schedule_step, iters, out, res);
         }
         SvdMethod::Block(m) => m,
     };
@@ -736,7 +764,8 @@ pub fn decompose_batch_shared_with(
     let (hw, nhw) = (h * w, n * h * w);
     if b * nhw == 0 {
         out.shared = false;
-        return decompose_batch(x, policy, schedule_step, 1, out, residual);
+        let res = residual.unwrap_or(&mut scratch);
+        return decompose_batch(x, policy, schedule_step, 1, out, res);
     }
     out.projection = true;
     check_energy(policy)?;
@@ -748,10 +777,29 @@ pub fn decompose_batch_shared_with(
     let r = match policy {
         RankPolicy::Fixed(r) => fixed(r),
         RankPolicy::Schedule => fixed(schedule_rank(schedule_step)),
-        RankPolicy::Energy(e) => fixed(block::energy_rank(&xs, n, hw, e, &m, &mut lr.blk, threads)),
+        RankPolicy::Energy(e) => {
+            let batch = fixed(block::energy_rank(&xs, n, hw, e, &m, &mut lr.blk, threads));
+            fixed(block::each_energy_rank(
+                &xs,
+                n,
+                hw,
+                e,
+                batch,
+                &m,
+                &mut lr.blk,
+                threads,
+            ))
+        }
         RankPolicy::Entropy => fixed(block::entropy_rank(&xs, n, hw, &mut lr.blk, threads)),
     };
-    residual.resize(&x.shape);
+    let mut no_residual: Vec<f32> = Vec::new();
+    let residual: &mut [f32] = match residual {
+        Some(t) => {
+            t.resize(&x.shape);
+            &mut t.data
+        }
+        None => &mut no_residual,
+    };
     out.n = n;
     out.h = h;
     out.w = w;
@@ -762,7 +810,11 @@ pub fn decompose_batch_shared_with(
         let mut parts: Vec<(&mut Vec<f32>, &mut [f32])> = out
             .samples
             .iter_mut()
-            .zip(residual.data.chunks_mut(nhw))
+            .zip(
+                residual
+                    .chunks_mut(nhw)
+                    .chain(std::iter::repeat_with(|| &mut [][..])),
+            )
             .map(|(s, res)| (&mut s.v, res))
             .collect();
         if r == n {

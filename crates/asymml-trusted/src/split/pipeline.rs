@@ -19,7 +19,7 @@
 //! BatchNorm, nor the trusted runtime at its end for the last part. Nothing is kept for a backward (an
 //! inference forward has none), and each part keeps its own residual (for its check) in its buffers.
 
-use super::{bad_reply, SplitExec};
+use super::{bad_reply, Basis, SplitExec};
 use asymml_core::decomp::{
     add_noise_samples, block_svd_flops, decompose_samples_with, light_svd_flops, BatchLowRank,
     RankPolicy, SvdMethod, TrustedConv,
@@ -103,7 +103,7 @@ pub(super) fn name_found(
 impl<T: Transport> SplitExec<T> {
     /// The number of parts conv `id`'s forward of a batch of `b` samples is cut into (1: not micro-batched).
     pub(super) fn parts_for(&self, b: usize) -> usize {
-        if self.cfg.shared_basis {
+        if self.cfg.basis == Basis::Shared {
             // One basis for the whole batch: its decomposition cannot start before the last sample.
             return 1;
         }

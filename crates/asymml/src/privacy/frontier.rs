@@ -14,6 +14,7 @@ use crate::cli::BenchArgs;
 use crate::values::{RankArg, DEFAULT_RANK};
 use anyhow::{anyhow, bail, Context, Result};
 use asymml_core::rng::Rng;
+use asymml_trusted::split::Basis;
 use serde::Serialize;
 use serde_json::Value;
 use std::path::Path;
@@ -177,7 +178,11 @@ fn time(plan: &Plan, policies: &[Policy], batch: usize) -> Result<Vec<Value>> {
     b.split.rank = policies.iter().map(|p| p.rank.clone()).collect();
     b.split.svd_iters = a.svd_iters;
     b.split.svd = a.svd;
-    b.split.shared_basis = a.shared_basis;
+    b.split.basis = Some(if a.shared_basis {
+        Basis::Shared
+    } else {
+        Basis::PerSample
+    });
     b.split.noise = a.nsr.iter().copied().fold(0.0, f32::max);
     b.split.clip = a.clip;
     b.split.accelerator_threads = Some(threads);

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use asymml_core::decomp::RankPolicy;
 use asymml_core::models::{ModelSpec, Net};
 use asymml_core::weights;
-use asymml_trusted::split::SplitConfig;
+use asymml_trusted::split::{Basis, SplitConfig};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -117,7 +117,12 @@ impl Plan {
             svd: self.args.svd,
             nsr,
             seed,
-            shared_basis: self.args.shared_basis,
+            // One basis fixed for the whole evaluation (`auto` would choose by timings).
+            basis: if self.args.shared_basis {
+                Basis::Shared
+            } else {
+                Basis::PerSample
+            },
             clip: self.args.clip,
             // The Freivalds checks send nothing: the recorded streams are the same without them.
             integrity: false,
