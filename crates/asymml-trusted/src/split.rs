@@ -925,6 +925,7 @@ impl<T: Transport> SplitExec<T> {
                     let f = TrustedConv::forward_flops(conv, lr)?;
                     // (V made again from x where the first conv's decomposition let it go.)
                     self.tconv.forward_from(conv, lr, x, y)?;
+                    self.release_if_shared_trial(from);
                     self.layers[id].rank = self.layers[from].rank;
                     self.trusted(id, t0, f);
                 }
@@ -1112,6 +1113,7 @@ impl<T: Transport> SplitExec<T> {
         let lr = &mut self.layers[id].lr;
         let f = TrustedConv::forward_flops(conv, lr)? + v_flops;
         self.tconv.forward_from(conv, lr, x, y)?;
+        self.release_if_shared_trial(id);
         if lean {
             self.count(|s| s.lean_forwards += 1);
         }
@@ -1501,6 +1503,17 @@ impl<T: Transport> SplitExec<T> {
             }
         }
         sent
+    }
+
+    /// After Conv_T of a conv whose decomposition is conv `owner`'s: in a trial of the shared basis
+    /// ([`Basis::Auto`]), its Conv_T scratch (W' of the batch and its transform, which the per-sample route does
+    /// not grow) goes now, so that the trial does not hold it beside the buffers of the routes tried before
+    /// (ResNet18 at 32 px, asym1: +40 MB over trusted-only's peak otherwise).
+    fn release_if_shared_trial(&mut self, owner: usize) {
+        let l = &self.layers[owner];
+        if l.split_shared && l.costs.try_shared && l.costs.shared.1 < ROUTE_TRIALS {
+            self.tconv.release_forward_scratch();
+        }
     }
 
     /// Before conv `c` splits: its own buffers (from steps on the trusted route) are let go, so that the trusted

@@ -82,10 +82,12 @@ pub(crate) struct SplitArgs {
     pub(crate) svd: Option<asymml_core::decomp::SvdMethod>,
     /// The basis of each split conv's decomposition: `sample` (one U_b per sample, the paper's), `shared`
     /// (one U for the whole batch at every conv: W' = Uᵀ·W is built once per batch; at a fixed rank it keeps
-    /// less of each sample's energy), or `auto` (the default: per conv, the cheaper of the two where they keep
-    /// the same energy — under an energy policy (`energy:E`, `asym1`, `asym2`, the guard's deeper convs) with
+    /// less of each sample's energy), or `auto` (per conv, the cheaper of the two where they keep the same
+    /// energy — under an energy policy (`energy:E`, `asym1`, `asym2`, the guard's deeper convs) with
     /// `--svd block`, whose shared rank keeps at least E of every sample's own energy, each conv tries both
-    /// bases on its first steps and keeps the one that cost the trusted runtime less; per sample elsewhere).
+    /// bases on its first steps and keeps the one that cost the trusted runtime less; per sample elsewhere;
+    /// faster at 32 px under asym2, but its trials can raise the trusted runtime's peak memory). Default:
+    /// sample.
     #[arg(long, value_parser = parse_basis, conflicts_with = "shared_basis")]
     pub(crate) basis: Option<Basis>,
     /// Same as --basis shared.
@@ -429,12 +431,12 @@ pub struct BenchArgs {
 }
 
 impl SplitArgs {
-    /// The basis asked for (`--basis`, `--shared-basis`; `auto` when neither is given).
+    /// The basis asked for (`--basis`, `--shared-basis`; per sample when neither is given).
     pub(crate) fn basis(&self) -> Basis {
         if self.shared_basis {
             Basis::Shared
         } else {
-            self.basis.unwrap_or(Basis::Auto)
+            self.basis.unwrap_or(Basis::PerSample)
         }
     }
 }
