@@ -10,12 +10,14 @@
 //! - [`client`]: the trusted side's [`Client`] and the accelerator's [`serve`] loop, with the handshake.
 //! - [`frames`]: a hook to account the memory of frame buffers apart (in a TEE they are untrusted memory).
 //! - [`recording`]: a transport wrapper that records every frame, for the leakage-ledger test.
+//! - [`lockstep`]: a trusted end that lets the accelerator compute only while it waits (a measurement aid).
 
 pub mod client;
 pub mod codec;
 pub mod declassify;
 pub mod error;
 pub mod frames;
+pub mod lockstep;
 pub mod message;
 mod queued;
 pub mod recording;
@@ -38,6 +40,7 @@ pub use declassify::{
 };
 pub use error::{ProtocolError, Result};
 pub use frames::set_frame_hook;
+pub use lockstep::LockstepTransport;
 pub use message::{
     ConvLayerSpec, Message, MessageKind, OptimizerSpec, Reply, Request, MAX_MESSAGE, MAX_RANK,
     PROTOCOL_VERSION,

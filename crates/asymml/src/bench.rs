@@ -130,6 +130,8 @@ pub(crate) struct BenchResult {
     /// The split's training backward was pipelined (∇X first, ∇W_U taken at the next split conv; false with
     /// `--no-pipelined-backward`, and outside the split).
     pub(crate) pipelined_backward: bool,
+    /// The split's accelerator computed only while the trusted runtime waited (`--lockstep`).
+    pub(crate) lockstep: bool,
     pub(crate) batch: usize,
     pub(crate) input_size: usize,
     pub(crate) trusted_threads: usize,
@@ -482,6 +484,7 @@ impl Plan {
         let mut s = Session::new(net, config, case.mode);
         let policy = case.rank.map_or(RankPolicy::Schedule, |r| r.policy);
         let mut split = SplitSetup::with_policy(&a.split, policy, self.threads, 1)?;
+        split.lockstep = a.lockstep;
         if let Some(r) = case.rank {
             r.apply(&mut split.config);
         }
@@ -795,6 +798,7 @@ impl Samples {
             },
             streamed: self.streamed,
             pipelined_backward: mode == Mode::Split && !a.split.no_pipelined_backward,
+            lockstep: mode == Mode::Split && a.lockstep,
             batch: a.batch_size,
             input_size: case.spec.input_size,
             trusted_threads: plan.threads,
@@ -1022,6 +1026,11 @@ fn print_table(results: &[BenchResult]) {
                 };
                 let how = if r.phase == "train" && r.pipelined_backward {
                     format!("{how} (backward pipelined)")
+                } else {
+                    how
+                };
+                let how = if r.lockstep {
+                    format!("{how} (lockstep: the accelerator computes only while the trusted runtime waits)")
                 } else {
                     how
                 };

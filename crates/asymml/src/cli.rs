@@ -426,6 +426,13 @@ pub struct BenchArgs {
     /// pick their ranks from the data, and noise has no low-rank structure.
     #[arg(long)]
     pub(crate) images: Option<PathBuf>,
+    /// Split mode: the accelerator computes only while the trusted runtime waits for it (each request is held
+    /// until its reply is waited for), so the two sides never compute at once. Where they share a machine's
+    /// cores, memory bus and cache (an in-process or local accelerator), each otherwise slows the other down;
+    /// with a GPU or another machine they would not. This measures the trusted runtime's work as it would cost
+    /// beside one; the wall time then has no overlap.
+    #[arg(long)]
+    pub(crate) lockstep: bool,
     /// One JSON object on stdout.
     #[arg(long)]
     pub(crate) json: bool,

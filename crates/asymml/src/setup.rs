@@ -27,6 +27,8 @@ pub(crate) struct SplitSetup {
     pub(crate) timeout: Duration,
     /// How a `tcp://` accelerator is reached (`--keys`, `--insecure-plaintext-tcp`).
     pub(crate) tcp: accelerator::TcpKeys,
+    /// The accelerator computes only while the trusted runtime waits for it (`bench --lockstep`).
+    pub(crate) lockstep: bool,
 }
 
 impl SplitSetup {
@@ -75,6 +77,7 @@ impl SplitSetup {
                 keys: a.keys.clone(),
                 insecure_plaintext: a.insecure_plaintext_tcp,
             },
+            lockstep: false,
         })
     }
 
@@ -88,6 +91,7 @@ impl SplitSetup {
             device: Device::Cpu,
             timeout: DEFAULT_ACCELERATOR_TIMEOUT,
             tcp: accelerator::TcpKeys::default(),
+            lockstep: false,
         }
     }
 
@@ -98,13 +102,20 @@ impl SplitSetup {
         Box<dyn asymml_protocol::Transport + Send>,
         AcceleratorHandle,
     )> {
-        accelerator::start(
+        let (transport, handle) = accelerator::start(
             &self.accelerator,
             self.accelerator_threads,
             self.device,
             self.timeout,
             &self.tcp,
-        )
+        )?;
+        if self.lockstep {
+            return Ok((
+                Box::new(asymml_protocol::LockstepTransport::new(transport)),
+                handle,
+            ));
+        }
+        Ok((transport, handle))
     }
 }
 

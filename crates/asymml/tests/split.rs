@@ -464,6 +464,53 @@ fn bench_times_every_mode_and_policy_with_flops_bytes_memory_and_layers() {
 }
 
 #[test]
+fn bench_lockstep_lets_the_accelerator_compute_only_while_the_trusted_runtime_waits() {
+    // Streamed parts (several requests sent before a reply is read) and the pipelined backward (∇W_U asked
+    // for before ∇X's reply is read, taken at the next conv) both go through the held frames.
+    let o = asymml(&[
+        "bench",
+        "--models",
+        "resnet18-cifar",
+        "--modes",
+        "split",
+        "--rank",
+        "schedule",
+        "--route",
+        "split",
+        "--micro-batches",
+        "2",
+        "--batch-size",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--trusted-threads",
+        "1",
+        "--accelerator-threads",
+        "1",
+        "--lockstep",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = v["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "infer and train");
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
+    for r in rows {
+        assert_eq!(r["lockstep"], true);
+        assert!(
+            f(r, "bytes_to_untrusted") > 0.0 && f(r, "untrusted_s") > 0.0,
+            "{r}"
+        );
+        // Each request reaches the accelerator only once the trusted runtime waits for its reply, so all of
+        // the accelerator's compute time falls inside the trusted runtime's waits (in every step, so in
+        // their medians too).
+        assert!(f(r, "untrusted_s") <= f(r, "wait_s") + 1e-3, "{r}");
+    }
+}
+
+#[test]
 fn bench_on_real_images_picks_low_energy_ranks() {
     // The 20 real CIFAR-10 images of ../shared/data: asym2 keeps 80 % of the energy with few components,
     // where random noise needs most of them.

@@ -239,6 +239,53 @@ fn block_rows_x86(rows: &[f32], x: &[f32], (i, b): (usize, usize), acc: &mut [f3
     }
 }
 
+/// ∇W [nr × I] += d · x and ∇x [b × I] += dᵀ · W for the weight rows `w` (nr × I) and their ∇W `dw`, `d(r)` the
+/// batch's ∇y of row r (b ≤ 8 values): a block of [`BWD_BLOCK`] inputs at a time, four weight rows per kernel call
+/// ([`x86::rows_grad`]). Only where `x86::available()`.
+#[cfg(target_arch = "x86_64")]
+fn block_grad_x86(
+    w: &[f32],
+    dw: &mut [f32],
+    (x, dx): (&[f32], &mut [f32]),
+    (i, b): (usize, usize),
+    d: &dyn Fn(usize) -> [f32; SMALL_B],
+) {
+    /// The kernel on weight rows r0 .. r0 + R (their ∇W rows the next R of `rows`), inputs i0 .. i0 + len.
+    fn group<'a, const R: usize>(
+        (w, rows): (&[f32], &mut impl Iterator<Item = &'a mut [f32]>),
+        (x, dx): (&[f32], &mut [f32]),
+        (i, b, i0, len, r0): (usize, usize, usize, usize, usize),
+        d: &dyn Fn(usize) -> [f32; SMALL_B],
+    ) {
+        let ws: [&[f32]; R] = std::array::from_fn(|g| &w[(r0 + g) * i + i0..][..len]);
+        let gs: [&mut [f32]; R] = std::array::from_fn(|_| {
+            let row = rows.next().expect("a ∇W row per weight row");
+            &mut row[i0..i0 + len]
+        });
+        let ds: [[f32; SMALL_B]; R] = std::array::from_fn(|g| d(r0 + g));
+        // SAFETY: AVX2 and FMA are there (`x86::available()`, checked by the caller); x and ∇x hold b rows of
+        // I values, and the block i0 .. i0 + len of each is within its row.
+        unsafe { x86::rows_grad(ws, gs, (&x[i0..], &mut dx[i0..], i), &ds, b) };
+    }
+    let nr = w.len() / i;
+    for i0 in (0..i).step_by(BWD_BLOCK) {
+        let len = BWD_BLOCK.min(i - i0);
+        let mut rows = dw.chunks_exact_mut(i);
+        let mut r0 = 0;
+        while r0 < nr {
+            let at = (i, b, i0, len, r0);
+            let step = (nr - r0).min(4);
+            match step {
+                1 => group::<1>((w, &mut rows), (x, dx), at, d),
+                2 => group::<2>((w, &mut rows), (x, dx), at, d),
+                3 => group::<3>((w, &mut rows), (x, dx), at, d),
+                _ => group::<4>((w, &mut rows), (x, dx), at, d),
+            }
+            r0 += step;
+        }
+    }
+}
+
 /// Inputs per block of the x86 kernel: three weight rows' blocks (96 KiB) and the batch's (8 rows: 256 KiB)
 /// stay in L2 between the batch's groups of four rows. (VGG16's classifier.0 at batch 8, one thread: 42.5 ms
 /// at 8192 and 42.6 ms at 32768, 44.8 ms at 2048; the portable kernel 69.8 ms.)
@@ -322,6 +369,18 @@ impl Linear {
             .map(|(t, (wr, dwr))| {
                 let nr = wr.len() / i;
                 let mut dxp = vec![0f32; b * i];
+                #[cfg(target_arch = "x86_64")]
+                if x86::available() {
+                    let dyt = |r: usize| {
+                        let mut d = [0f32; SMALL_B];
+                        for (bb, dv) in d.iter_mut().enumerate().take(b) {
+                            *dv = dy.data[bb * o + t * rows_per + r];
+                        }
+                        d
+                    };
+                    block_grad_x86(wr, dwr, (&x.data, &mut dxp), (i, b), &dyt);
+                    return dxp;
+                }
                 for i0 in (0..i).step_by(BWD_BLOCK) {
                     let len = BWD_BLOCK.min(i - i0);
                     for r in 0..nr {
