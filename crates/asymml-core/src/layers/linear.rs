@@ -369,26 +369,23 @@ impl Linear {
             .map(|(t, (wr, dwr))| {
                 let nr = wr.len() / i;
                 let mut dxp = vec![0f32; b * i];
+                // The batch's ∇y of this task's weight row r.
+                let dyt = |r: usize| {
+                    let mut d = [0f32; SMALL_B];
+                    for (bb, dv) in d.iter_mut().enumerate().take(b) {
+                        *dv = dy.data[bb * o + t * rows_per + r];
+                    }
+                    d
+                };
                 #[cfg(target_arch = "x86_64")]
                 if x86::available() {
-                    let dyt = |r: usize| {
-                        let mut d = [0f32; SMALL_B];
-                        for (bb, dv) in d.iter_mut().enumerate().take(b) {
-                            *dv = dy.data[bb * o + t * rows_per + r];
-                        }
-                        d
-                    };
                     block_grad_x86(wr, dwr, (&x.data, &mut dxp), (i, b), &dyt);
                     return dxp;
                 }
                 for i0 in (0..i).step_by(BWD_BLOCK) {
                     let len = BWD_BLOCK.min(i - i0);
                     for r in 0..nr {
-                        let oo = t * rows_per + r;
-                        let mut d = [0f32; SMALL_B];
-                        for (bb, dv) in d.iter_mut().enumerate().take(b) {
-                            *dv = dy.data[bb * o + oo];
-                        }
+                        let d = dyt(r);
                         let span = r * i + i0..r * i + i0 + len;
                         row_grad(
                             &wr[span.clone()],
