@@ -484,7 +484,7 @@ impl Plan {
         let mut s = Session::new(net, config, case.mode);
         let policy = case.rank.map_or(RankPolicy::Schedule, |r| r.policy);
         let mut split = SplitSetup::with_policy(&a.split, policy, self.threads, 1)?;
-        split.lockstep = a.lockstep;
+        split.lockstep = a.lockstep && case.mode == Mode::Split;
         if let Some(r) = case.rank {
             r.apply(&mut split.config);
         }
