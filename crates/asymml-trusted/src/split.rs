@@ -8,6 +8,7 @@
 //! accelerator (`SetWeights`), which is never trusted to update or report them.
 
 mod pipeline;
+mod step_check;
 
 use crate::integrity::{Checker, IntegrityStats, Projection, DEFAULT_REPS};
 use asymml_core::decomp::{
@@ -27,6 +28,8 @@ use asymml_protocol::{
 };
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+pub use step_check::RouteCheck;
+use step_check::StepCheck;
 
 /// Which basis a split conv's decomposition uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -121,14 +124,22 @@ pub struct SplitConfig {
 impl SplitConfig {
     /// Steps spent trying routes and bases before a conv settles ([`ROUTE_TRIALS`] each of the split, the
     /// shared basis with [`Basis::Auto`] and the block method, and the fully-trusted route with
-    /// `auto_route`): a benchmark of the settled choice runs these first, untimed.
+    /// `auto_route`), and then with `auto_route` in the check of the whole step (the settled routes on
+    /// [`step_check::STEP_TRIALS`] steps, and as many with every conv trusted where the bases' trials may have
+    /// left no step with every conv trusted at once): a benchmark of the settled choice runs these first,
+    /// untimed.
     pub fn probe_steps(&self) -> usize {
         let bases = self.basis == Basis::Auto && matches!(self.svd, Some(SvdMethod::Block(_)));
         let tries = 1 + usize::from(bases) + usize::from(self.auto_route);
+        let check = if self.auto_route {
+            (1 + usize::from(bases)) * step_check::STEP_TRIALS as usize
+        } else {
+            0
+        };
         if tries == 1 {
             0
         } else {
-            tries * ROUTE_TRIALS as usize
+            tries * ROUTE_TRIALS as usize + check
         }
     }
 }
@@ -186,6 +197,9 @@ struct LayerState {
     /// A shortcut conv whose last forward ran here because its block's first conv took the trusted route
     /// (with `auto_route`; see `conv_forward_same_input`): its route follows that conv's.
     follows_first: bool,
+    /// A shortcut conv (it reads its block's input, which its block's first conv decomposes): it splits
+    /// exactly when that conv does, so `auto_route`'s check of the whole step counts it settled.
+    shortcut: bool,
     /// A shortcut conv reads this conv's input too and reuses its decomposition and X_U (whose check needs
     /// X_U again): its X_U is kept whole in the trusted runtime, unless `shortcut_reads` says which of its
     /// pixels the shortcut reads.
@@ -300,6 +314,15 @@ impl RouteCosts {
         before >= ROUTE_RETRY_FROM && before.is_power_of_two()
     }
 
+    /// Both routes were tried and the next step takes the route they settled on (not a retry of the other).
+    fn settled(&self) -> bool {
+        let total = self.steps();
+        self.split_tried()
+            && self.trusted.1 >= ROUTE_TRIALS
+            && !(total >= ROUTE_RETRY_FROM && total.is_power_of_two())
+            && !self.retry_second_step()
+    }
+
     /// Whether the next step should take the fully-trusted route.
     fn prefers_trusted(&self) -> bool {
         if !self.split_tried() {
@@ -350,6 +373,8 @@ pub struct SplitStats {
     pub in_frame_forwards: u64,
     /// Training conv forwards that never held the batch's V at once ([`SplitExec::set_lean_v_bytes`]).
     pub lean_forwards: u64,
+    /// `auto_route`'s check of the whole step: the settled routes against every conv trusted.
+    pub route_check: RouteCheck,
 }
 
 /// Per-conv counters of the split runtime.
@@ -416,6 +441,9 @@ pub struct SplitExec<T: Transport> {
     input_side: usize,
     /// Seconds blocked on replies so far (to take them out of a conv's measured cost).
     waited_s: f64,
+    /// `auto_route`'s check of the whole step, and when the step being run began (and the waits by then).
+    check: StepCheck,
+    step_began: Option<(Instant, f64)>,
     /// The integrity checker (`None`: checks off).
     checker: Option<Checker>,
     stats: Arc<Mutex<SplitStats>>,
@@ -557,6 +585,8 @@ impl<T: Transport> SplitExec<T> {
             split_in_step: false,
             input_side: 0,
             waited_s: 0.0,
+            check: StepCheck::default(),
+            step_began: None,
             checker,
             stats: Arc::default(),
             lean_v_bytes: LEAN_V_BYTES,
@@ -815,10 +845,12 @@ impl<T: Transport> SplitExec<T> {
     /// keep them, so that the next is measured without their allocation; once settled on the trusted route they
     /// are kept.)
     fn release_if_trying(&self, conv: &mut Conv2d) {
-        let trying = self
-            .layers
-            .get(conv.id)
-            .is_some_and(|l| self.cfg.auto_route && l.costs.last_trusted_trial());
+        let trying = self.cfg.auto_route
+            && (self.check.releases(conv.id)
+                || self
+                    .layers
+                    .get(conv.id)
+                    .is_some_and(|l| l.costs.last_trusted_trial()));
         if trying {
             conv.release_buffers();
         }
@@ -940,23 +972,55 @@ impl<T: Transport> SplitExec<T> {
         res.map_err(|e: CoreError| e.at_conv(&self.layers[id].name))
     }
 
-    /// A new step starts at the first conv (input x): notes the input's size (for `guard`), and lets the split's
-    /// buffers go where no conv ran split in the last step, or none will in this one.
-    fn step_start(&mut self, x: &Tensor) {
+    /// A new step starts at the first conv (input x; a training step when `train`): notes the input's size
+    /// (for `guard`), closes the last step's measurement and plans this one for `auto_route`'s check of the
+    /// whole step, and lets the split's buffers go where no conv ran split in the last step, or none will in
+    /// this one.
+    fn step_start(&mut self, x: &Tensor, train: bool) {
         self.input_side = x.shape.iter().skip(2).copied().max().unwrap_or(0);
         // A ∇W_U check begun in a backward that failed before it was made.
         if let Some(ch) = self.checker.as_mut() {
             ch.drop_weight_check();
         }
-        // Every conv kept on the trusted route by the rank policy, measured cheaper there, or trying it in this
-        // step.
-        let all_trusted_next = self.layers.iter().all(|l| {
-            l.policy_trusted || l.follows_first || {
+        let now = Instant::now();
+        if let Some((t0, w0)) = self.step_began.take() {
+            self.check.close(step_cost(
+                now.duration_since(t0).as_secs_f64(),
+                self.waited_s - w0,
+                self.cfg.route_counts_wait,
+            ));
+        }
+        // Per conv, by its own choice: whether it takes the trusted route in this step (kept there by the rank
+        // policy, measured cheaper there, trying it, or following its block's first conv), and its settled
+        // route where it has settled (a shortcut conv follows its block's first conv: settled with it).
+        let auto = self.cfg.auto_route;
+        let own: Vec<(bool, Option<bool>)> = self
+            .layers
+            .iter()
+            .map(|l| {
                 let mut c = l.costs.clone();
                 c.close_step();
-                self.cfg.auto_route && c.prefers_trusted()
-            }
-        });
+                let prefers = auto && c.prefers_trusted();
+                if l.policy_trusted {
+                    (true, Some(true))
+                } else if l.shortcut {
+                    (l.follows_first || prefers, Some(true))
+                } else {
+                    (prefers, (auto && c.settled()).then_some(prefers))
+                }
+            })
+            .collect();
+        let mut all_trusted_next = own.iter().all(|o| o.0);
+        if auto {
+            let routes: Option<Vec<bool>> = own.iter().map(|o| o.1).collect();
+            let measured = self.check.measures(&x.shape, train);
+            all_trusted_next |= self
+                .check
+                .plan(routes.as_deref(), all_trusted_next, measured);
+            self.step_began = Some((now, self.waited_s));
+            let report = self.check.report();
+            self.count(|s| s.route_check = report);
+        }
         if !std::mem::take(&mut self.split_in_step) || all_trusted_next {
             // No conv ran split in the last step (every one took the trusted route), or none will in this one:
             // the split's buffers are let go, so that they cost no memory while the convs' own buffers grow
@@ -982,7 +1046,7 @@ impl<T: Transport> SplitExec<T> {
         let y_u_bytes = 4 * conv.out_shape(&x.shape)?.iter().product::<usize>() as u64;
         let t0 = Instant::now();
         if id == 0 && !part {
-            self.step_start(x);
+            self.step_start(x, train);
         }
         // The conv decomposed last has had its forward (and a shortcut conv reading the same input, right
         // after it): its V goes until its backward makes it again from its input.
@@ -995,8 +1059,8 @@ impl<T: Transport> SplitExec<T> {
         let Some(policy) = policy else {
             return self.forward_trusted(conv, x, y, train, t0).map(|()| false);
         };
-        if self.cfg.auto_route && self.layers[id].costs.prefers_trusted() {
-            // Measured cheaper here than the split (and nothing leaves).
+        if self.cfg.auto_route && (self.check.forced() || self.layers[id].costs.prefers_trusted()) {
+            // Measured cheaper here than the split (and nothing leaves), for this conv or for the whole step.
             return self.forward_trusted(conv, x, y, train, t0).map(|()| false);
         }
         let method = self.cfg.svd.unwrap_or(SvdMethod::light(self.cfg.iters));
@@ -1382,6 +1446,7 @@ impl<T: Transport> ConvExec for SplitExec<T> {
         let follows = shared.is_none() && self.cfg.auto_route;
         if let Some(l) = self.layers.get_mut(conv.id) {
             l.follows_first = follows;
+            l.shortcut = true;
         }
         if follows && conv.id < self.layers.len() {
             // The block's first conv took the trusted route: its split, which would have saved k² times this
@@ -2057,9 +2122,14 @@ mod tests {
             svd: Some(SvdMethod::block()),
             ..SplitConfig::default()
         };
-        assert_eq!(config(Basis::Auto, true).probe_steps(), 9);
+        // With `auto_route`, the check of the whole step's steps too (with both bases on trial, those with every
+        // conv trusted as well: the convs' trials may not have tried the trusted route all in the same steps).
+        assert_eq!(config(Basis::Auto, true).probe_steps(), 9 + 6);
         assert_eq!(config(Basis::Auto, false).probe_steps(), 6);
-        assert_eq!(config(Basis::Shared, true).probe_steps(), ROUTE_PROBE_STEPS);
+        assert_eq!(
+            config(Basis::Shared, true).probe_steps(),
+            ROUTE_PROBE_STEPS + 3
+        );
         assert_eq!(config(Basis::PerSample, false).probe_steps(), 0);
         // Shared cheaper, trusted dearer than it: split with the shared basis.
         assert_eq!(probe(3.0, 2.0, 2.5), ("SSSHHHTTT".into(), false, true));

@@ -5,7 +5,7 @@
 use crate::accelerator::AcceleratorHandle;
 use crate::cli::BenchArgs;
 use crate::setup::{self, SplitSetup};
-use crate::values::{check_batch_bytes, AcceleratorSpec, ModelName, Phase, RankArg};
+use crate::values::{check_batch_bytes, AcceleratorSpec, ModelName, Phase, RankArg, RouteChoice};
 use crate::{progress, threads};
 use anyhow::{bail, Context, Result};
 use asymml_core::decomp::RankPolicy;
@@ -70,6 +70,14 @@ impl ConvExec for TimedLocal {
         );
         Ok(())
     }
+}
+
+/// `--route auto`'s check of the whole step in one round (see [`BenchResult::route_check`]).
+#[derive(Serialize, Debug, Clone, Default)]
+pub(crate) struct RouteCheckRow {
+    pub(crate) settled_s: Option<f64>,
+    pub(crate) trusted_s: Option<f64>,
+    pub(crate) all_trusted: bool,
 }
 
 /// One conv layer's share of a split step (means per step).
@@ -190,6 +198,10 @@ pub(crate) struct BenchResult {
     pub(crate) time_bound: Option<f64>,
     /// PyTorch's median time divided by ours (> 1: we are faster), trusted-only with --torch.
     pub(crate) torch_ratio: Option<f64>,
+    /// Split with `--route auto`/`auto-wall`, per round (`--repeat`): the check of the whole step at the last
+    /// timed step — least trusted time of a step with the convs' settled routes and with every conv trusted,
+    /// and whether every conv then took the trusted route.
+    pub(crate) route_check: Vec<RouteCheckRow>,
     /// Split: per conv layer.
     pub(crate) layers: Vec<LayerRow>,
     /// Every top-level node's trusted time (per step; empty in untrusted-only mode).
@@ -530,6 +542,12 @@ impl Plan {
                 samples.add(dt, &before, &after, untrusted_only_flops);
             }
         }
+        let c = probes.read(&s).split.route_check;
+        samples.route_checks.push(RouteCheckRow {
+            settled_s: c.settled_s,
+            trusted_s: c.trusted_s,
+            all_trusted: c.all_trusted,
+        });
         let nodes = node_rows(&s, case.mode);
         let peaks = Peaks::read();
         drop(s);
@@ -687,6 +705,8 @@ struct Samples {
     layers: Vec<LayerRow>,
     /// Some timed step was a streamed forward.
     streamed: bool,
+    /// Per round, the check of the whole step after its last timed step (`--route auto`).
+    route_checks: Vec<RouteCheckRow>,
 }
 
 impl Samples {
@@ -836,6 +856,11 @@ impl Samples {
             torch_ratio: torch_ms
                 .filter(|_| mode == Mode::TrustedOnly)
                 .map(|t| t / 1e3 / med),
+            route_check: if mode == Mode::Split && a.split.route != RouteChoice::Split {
+                self.route_checks
+            } else {
+                Vec::new()
+            },
             layers: self.layers,
             nodes,
         }
@@ -1016,6 +1041,19 @@ fn print_table(results: &[BenchResult]) {
                 r.slowdown_vs_untrusted_only
                     .map_or(String::new(), |s| format!("; {s:.2}× the untrusted-only time")),
             );
+            if let Some(c) = r.route_check.iter().find(|c| c.all_trusted) {
+                let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1} ms", v * 1e3));
+                println!(
+                    "{:<20} {:<6} --route {}: every conv trusted in {} of {} round(s): a step with the convs' own routes took {} of trusted time, with every conv trusted {}",
+                    "",
+                    "",
+                    r.route,
+                    r.route_check.iter().filter(|c| c.all_trusted).count(),
+                    r.route_check.len(),
+                    ms(c.settled_s),
+                    ms(c.trusted_s)
+                );
+            }
             if let Some(o) = r.overlap_s {
                 let how = if r.streamed {
                     format!(" ({} parts streamed through the network)", r.micro_batches)

@@ -709,6 +709,18 @@ fn auto_route_takes_the_trusted_route_where_the_split_costs_more() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         let layers = v["results"][0]["layers"].as_array().unwrap().clone();
+        // The check of the whole step, once per round with `auto` and `auto-wall` (its steps with every conv
+        // trusted measured), none with `split`.
+        let check = v["results"][0]["route_check"].as_array().unwrap();
+        if route == "split" {
+            assert!(check.is_empty(), "{route}: {check:?}");
+        } else {
+            assert_eq!(check.len(), 1, "{route}: {check:?}");
+            assert!(
+                check[0]["trusted_s"].as_f64().unwrap() > 0.0,
+                "{route}: {check:?}"
+            );
+        }
         for l in &layers {
             // A trusted conv gets nothing back and sends nothing, not even its updated weights.
             let trusted = l["trusted_route"].as_bool().unwrap();
@@ -838,5 +850,154 @@ fn a_shortcut_conv_follows_its_block_s_first_conv_onto_the_trusted_route() {
         );
         // layer3's first conv splits: its shortcut reuses that decomposition.
         assert!(!layers[id("layer3.0.downsample.0")].trusted_route);
+    }
+}
+
+/// The trusted end of a connection whose `SetWeights` frames take `delay` each to go (a slow link for the
+/// weight updates): a cost of the split that no conv's own time shows (the weights go after the update,
+/// between steps), but the whole step's does.
+struct SlowWeights<T: asymml_protocol::Transport> {
+    inner: T,
+    delay: std::time::Duration,
+}
+
+impl<T: asymml_protocol::Transport> SlowWeights<T> {
+    fn pause(&self, frame: &[u8]) {
+        let kind =
+            asymml_protocol::decode_request(frame, asymml_protocol::MAX_MESSAGE).map(|r| r.kind());
+        if matches!(kind, Ok(asymml_protocol::MessageKind::SetWeights)) {
+            std::thread::sleep(self.delay);
+        }
+    }
+}
+
+impl<T: asymml_protocol::Transport> asymml_protocol::Transport for SlowWeights<T> {
+    fn send(&mut self, frame: &[u8]) -> asymml_protocol::Result<()> {
+        self.pause(frame);
+        self.inner.send(frame)
+    }
+
+    fn send_vec(&mut self, frame: &mut Vec<u8>) -> asymml_protocol::Result<()> {
+        self.pause(frame);
+        self.inner.send_vec(frame)
+    }
+
+    fn recv_into(&mut self, buf: &mut Vec<u8>) -> asymml_protocol::Result<()> {
+        self.inner.recv_into(buf)
+    }
+
+    fn max_message(&self) -> u32 {
+        self.inner.max_message()
+    }
+
+    fn set_max_message(&mut self, max: u32) {
+        self.inner.set_max_message(max)
+    }
+
+    fn peer(&self) -> String {
+        self.inner.peer()
+    }
+}
+
+#[test]
+fn auto_route_puts_every_conv_on_the_trusted_route_where_the_whole_split_step_costs_more() {
+    // VGG11 at 64 px, batch 4; a rank table splits one conv (256 → 256 channels on 16 × 16 maps) at rank 2 and
+    // keeps the others trusted. Its split costs the trusted runtime a fraction of the whole conv (some 4 ms of
+    // 30 in the forward), so it settles on the split. But its updated weights take 300 ms to reach the
+    // accelerator, outside any conv's time: the steps with the settled routes cost more than the steps in
+    // which every conv runs trusted (whose weights stay here), and the check of the whole step puts every conv
+    // on the trusted route.
+    use asymml_core::decomp::{RankPolicy, RankTable, TableEntry, TableRank, TrustedRoute};
+    use asymml_core::models::{ConvExec, LocalExec, ModelSpec};
+    use asymml_protocol::inproc_pair;
+    use asymml_trusted::split::{SplitConfig, SplitExec};
+    let build = || {
+        ModelSpec::parse("vgg11", 3, 10, 64)
+            .unwrap()
+            .build(5)
+            .unwrap()
+    };
+    let mut names = Vec::new();
+    build().visit_convs(&mut |name, c| names.push((name.to_string(), c.in_ch, c.out_ch)));
+    let split = names
+        .iter()
+        .position(|n| n.1 == 256 && n.2 == 256)
+        .expect("a 256 → 256 conv");
+    let table = RankTable {
+        model: "vgg11".into(),
+        layers: names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| TableEntry {
+                conv: n.0.clone(),
+                rank: if i == split {
+                    TableRank::Rank(2)
+                } else {
+                    TableRank::Route(TrustedRoute::Trusted)
+                },
+            })
+            .collect(),
+    };
+    let mut rng = asymml_core::rng::Rng::new(11);
+    let x = asymml_core::Tensor::from_vec(
+        &[4, 3, 64, 64],
+        (0..4 * 3 * 4096).map(|_| rng.normal()).collect(),
+    )
+    .unwrap();
+    let labels = [4, 9, 0, 2];
+    let want = build()
+        .forward_loss(&x, &labels, true, &mut LocalExec)
+        .unwrap()
+        .0;
+    let mut net = build();
+    let (client, server) = inproc_pair();
+    let server =
+        std::thread::spawn(move || asymml_untrusted::Service::new(1).unwrap().serve(server));
+    let config = SplitConfig {
+        policy: RankPolicy::Fixed(2),
+        table: Some(std::sync::Arc::new(table)),
+        auto_route: true,
+        ..Default::default()
+    };
+    let steps = config.probe_steps() + 3;
+    let slow = SlowWeights {
+        inner: client,
+        delay: std::time::Duration::from_millis(300),
+    };
+    let mut exec = SplitExec::connect(slow, &mut net, config).unwrap();
+    let stats = exec.stats();
+    let mut losses = Vec::new();
+    for _ in 0..steps {
+        net.zero_grad();
+        losses.push(net.forward_loss(&x, &labels, true, &mut exec).unwrap().0);
+        net.backward(&mut exec, false).unwrap();
+        // (No update: the weights stay those of the reference, and the split conv's go to the accelerator.)
+        exec.after_update(&mut net).unwrap();
+    }
+    exec.shutdown().unwrap();
+    server.join().unwrap().unwrap();
+    let s = stats.lock().unwrap().clone();
+    let check = &s.route_check;
+    // Steps with the conv split were measured (it settled on the split), and cost more.
+    let (settled, trusted) = (check.settled_s, check.trusted_s);
+    assert!(
+        settled.zip(trusted).is_some_and(|(s, t)| s > t),
+        "{check:?}"
+    );
+    assert!(check.all_trusted, "{check:?}");
+    assert!(
+        s.layers.iter().all(|l| l.trusted_route),
+        "the last step: {:?}",
+        s.layers
+            .iter()
+            .map(|l| (&l.name, l.trusted_route))
+            .collect::<Vec<_>>()
+    );
+    // Exact on every route, every step.
+    for (i, loss) in losses.iter().enumerate() {
+        assert!(
+            (loss - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "step {i}: loss {loss} against {want}"
+        );
     }
 }

@@ -155,7 +155,7 @@ impl<T: Transport> SplitExec<T> {
             )));
         }
         if id == 0 && p == 0 {
-            self.step_start(x);
+            self.step_start(x, false);
             self.count(|s| s.streamed_forwards += 1);
         }
         if self.in_flight.len() <= p {
