@@ -153,7 +153,11 @@ pub(crate) struct SplitArgs {
     /// each conv on both routes — split, and wholly in the trusted runtime — over its first steps (three
     /// each) and then takes the cheaper one, so no conv costs more than it would trusted-only (and the
     /// trusted route leaks nothing); the other route is tried again on two steps at steps 64, 128, 256, …, so
-    /// one slow trial does not decide for good. `auto-wall` does the same with each conv's time including the
+    /// one slow trial does not decide for good. Then it checks the whole step: once every conv has settled,
+    /// steps with the settled routes are timed against steps with every conv trusted, and unless the split's
+    /// are at least 2 % cheaper, every conv runs trusted (what a conv's own time leaves out: the accelerator
+    /// slowing the layers beside it on shared cores, the weights sent after each update). `auto-wall` does
+    /// the same with each conv's time including the
     /// time the trusted runtime waits for the accelerator: the route of the shorter step, where `auto` takes
     /// the route of less trusted work (the TEE's time, the paper's measure). `split` always splits as the
     /// policy says (to measure or study the split itself).

@@ -64,6 +64,59 @@ pub(crate) struct EpochMetrics {
     /// how many failed (a failure stops the run, so a finished epoch has 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     integrity: Option<IntegrityCount>,
+    /// Split mode: where the convs ran in the epoch's last forward (see [`EpochRoutes`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    routes: Option<EpochRoutes>,
+}
+
+/// Split mode: how many convs ran split and how many wholly in the trusted runtime in the epoch's last
+/// forward (the rank policy's, the rank table's and `--route auto`'s choices), and `--route auto`'s check of
+/// the whole step: whether it put every conv on the trusted route (the steps with the convs' own routes were
+/// not cheaper), with the median trusted seconds of a step each way.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct EpochRoutes {
+    split: usize,
+    trusted: usize,
+    all_trusted_by_check: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    settled_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    trusted_s: Option<f64>,
+}
+
+impl EpochRoutes {
+    /// The split runtime's counters (`None` outside split mode).
+    fn of(session: &asymml_trusted::Session) -> Option<Self> {
+        let stats = session.split_stats()?;
+        let s = stats.lock().ok()?;
+        let trusted = s.layers.iter().filter(|l| l.trusted_route).count();
+        Some(EpochRoutes {
+            split: s.layers.len() - trusted,
+            trusted,
+            all_trusted_by_check: s.route_check.all_trusted,
+            settled_s: s.route_check.settled_s,
+            trusted_s: s.route_check.trusted_s,
+        })
+    }
+
+    /// The epoch's line about the routes.
+    fn line(&self) -> String {
+        let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.0} ms", v * 1e3));
+        if self.all_trusted_by_check {
+            format!(
+                "  routes: every conv ran trusted (nothing left): --route auto measured a step with the split convs at {} of trusted time, with every conv trusted {}",
+                ms(self.settled_s),
+                ms(self.trusted_s)
+            )
+        } else {
+            format!(
+                "  routes: {} of {} convs split, {} wholly trusted",
+                self.split,
+                self.split + self.trusted,
+                self.trusted
+            )
+        }
+    }
 }
 
 /// Integrity checks made and failed.
@@ -434,6 +487,7 @@ impl Training {
                 .map(|acc| acc.epoch(epoch + 1))
                 .transpose()?,
             integrity: IntegrityCount::of(&self.session),
+            routes: EpochRoutes::of(&self.session),
         })
     }
 
@@ -573,6 +627,9 @@ fn print_epoch(m: &EpochMetrics, epochs: usize, json: bool) -> Result<()> {
             m.test_acc * 100.0,
             m.seconds
         )?;
+        if let Some(r) = &m.routes {
+            writeln!(out, "{}", r.line())?;
+        }
         if let Some(p) = &m.privacy {
             let eps = p.eps.map_or("∞".into(), |e| format!("{e:.4e}"));
             writeln!(

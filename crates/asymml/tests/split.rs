@@ -215,6 +215,14 @@ fn split_training_runs_and_records_its_metrics() {
         m["test_acc"].as_f64().unwrap() >= 0.2,
         "twice chance expected: {m}"
     );
+    // Where the convs ran: the default model's convs, each split or trusted.
+    let routes = &m["routes"];
+    let (split, trusted) = (
+        routes["split"].as_u64().unwrap(),
+        routes["trusted"].as_u64().unwrap(),
+    );
+    assert!(split + trusted >= 2, "{m}");
+    assert!(routes["all_trusted_by_check"].is_boolean(), "{m}");
     assert!(out.join("model.safetensors").is_file());
 }
 
