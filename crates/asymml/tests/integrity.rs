@@ -19,7 +19,7 @@ use asymml_trusted::split::{Basis, SplitConfig, SplitExec};
 use asymml_untrusted::Service;
 
 mod common;
-use common::asymml;
+use common::{asymml, SendHook};
 
 /// What the relay changes, and by how much (a multiple of the tensor's RMS).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -541,45 +541,23 @@ fn a_non_finite_result_is_named_with_checks_on_and_off() {
 
 /// The accelerator's side of a connection, lying once: the first `ConvOutput` of conv 2 has one element
 /// moved by the tensor's RMS.
-struct LyingAccelerator<T: Transport> {
-    inner: T,
-    done: bool,
-}
-
-impl<T: Transport> Transport for LyingAccelerator<T> {
-    fn send(&mut self, frame: &[u8]) -> PResult<()> {
-        let mut v = frame.to_vec();
-        self.send_vec(&mut v)
-    }
-
-    fn send_vec(&mut self, frame: &mut Vec<u8>) -> PResult<()> {
-        if !self.done {
+fn lying_accelerator<T: Transport>(inner: T) -> SendHook<T, impl FnMut(&mut Vec<u8>)> {
+    let mut done = false;
+    SendHook {
+        inner,
+        hook: move |frame: &mut Vec<u8>| {
+            if done {
+                return;
+            }
             if let Ok(Reply::ConvOutput { layer: 2, y_u }) = decode_reply(frame, MAX_MESSAGE) {
-                self.done = true;
+                done = true;
                 let lie = Reply::ConvOutput {
                     layer: 2,
                     y_u: accelerator_result(&moved(&y_u, 1.0)),
                 };
-                encode_reply(&lie, MAX_MESSAGE, frame)?;
+                encode_reply(&lie, MAX_MESSAGE, frame).unwrap();
             }
-        }
-        self.inner.send_vec(frame)
-    }
-
-    fn recv_into(&mut self, buf: &mut Vec<u8>) -> PResult<()> {
-        self.inner.recv_into(buf)
-    }
-
-    fn max_message(&self) -> u32 {
-        self.inner.max_message()
-    }
-
-    fn set_max_message(&mut self, max: u32) {
-        self.inner.set_max_message(max)
-    }
-
-    fn peer(&self) -> String {
-        self.inner.peer()
+        },
     }
 }
 
@@ -625,10 +603,7 @@ fn train_stops_with_exit_code_3_and_keeps_its_checkpoint() {
             &asymml_protocol::TransportOptions::default(),
         )
         .unwrap();
-        let _ = Service::new(1).unwrap().serve(LyingAccelerator {
-            inner: t,
-            done: false,
-        });
+        let _ = Service::new(1).unwrap().serve(lying_accelerator(t));
     });
     let url = format!("tcp://{addr}");
     let out = asymml(&[

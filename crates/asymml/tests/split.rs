@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+mod common;
+
 fn asymml(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_asymml"))
         .args(args)
@@ -864,46 +866,19 @@ fn a_shortcut_conv_follows_its_block_s_first_conv_onto_the_trusted_route() {
 /// The trusted end of a connection whose `SetWeights` frames take `delay` each to go (a slow link for the
 /// weight updates): a cost of the split that no conv's own time shows (the weights go after the update,
 /// between steps), but the whole step's does.
-struct SlowWeights<T: asymml_protocol::Transport> {
+fn slow_weights<T: asymml_protocol::Transport>(
     inner: T,
     delay: std::time::Duration,
-}
-
-impl<T: asymml_protocol::Transport> SlowWeights<T> {
-    fn pause(&self, frame: &[u8]) {
-        let kind =
-            asymml_protocol::decode_request(frame, asymml_protocol::MAX_MESSAGE).map(|r| r.kind());
-        if matches!(kind, Ok(asymml_protocol::MessageKind::SetWeights)) {
-            std::thread::sleep(self.delay);
-        }
-    }
-}
-
-impl<T: asymml_protocol::Transport> asymml_protocol::Transport for SlowWeights<T> {
-    fn send(&mut self, frame: &[u8]) -> asymml_protocol::Result<()> {
-        self.pause(frame);
-        self.inner.send(frame)
-    }
-
-    fn send_vec(&mut self, frame: &mut Vec<u8>) -> asymml_protocol::Result<()> {
-        self.pause(frame);
-        self.inner.send_vec(frame)
-    }
-
-    fn recv_into(&mut self, buf: &mut Vec<u8>) -> asymml_protocol::Result<()> {
-        self.inner.recv_into(buf)
-    }
-
-    fn max_message(&self) -> u32 {
-        self.inner.max_message()
-    }
-
-    fn set_max_message(&mut self, max: u32) {
-        self.inner.set_max_message(max)
-    }
-
-    fn peer(&self) -> String {
-        self.inner.peer()
+) -> common::SendHook<T, impl FnMut(&mut Vec<u8>)> {
+    common::SendHook {
+        inner,
+        hook: move |frame: &mut Vec<u8>| {
+            let kind = asymml_protocol::decode_request(frame, asymml_protocol::MAX_MESSAGE)
+                .map(|r| r.kind());
+            if matches!(kind, Ok(asymml_protocol::MessageKind::SetWeights)) {
+                std::thread::sleep(delay);
+            }
+        },
     }
 }
 
@@ -968,10 +943,7 @@ fn auto_route_puts_every_conv_on_the_trusted_route_where_the_whole_split_step_co
         ..Default::default()
     };
     let steps = config.probe_steps() + 3;
-    let slow = SlowWeights {
-        inner: client,
-        delay: std::time::Duration::from_millis(300),
-    };
+    let slow = slow_weights(client, std::time::Duration::from_millis(300));
     let mut exec = SplitExec::connect(slow, &mut net, config).unwrap();
     let stats = exec.stats();
     let mut losses = Vec::new();

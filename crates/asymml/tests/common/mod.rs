@@ -22,3 +22,40 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// One end of a connection that hands every frame it sends to `hook` first, which may change it or take its
+/// time (a lying accelerator, a slow link); the rest goes to `inner` as is.
+pub struct SendHook<T, F> {
+    pub inner: T,
+    pub hook: F,
+}
+
+impl<T: asymml_protocol::Transport, F: FnMut(&mut Vec<u8>)> asymml_protocol::Transport
+    for SendHook<T, F>
+{
+    fn send(&mut self, frame: &[u8]) -> asymml_protocol::Result<()> {
+        let mut v = frame.to_vec();
+        self.send_vec(&mut v)
+    }
+
+    fn send_vec(&mut self, frame: &mut Vec<u8>) -> asymml_protocol::Result<()> {
+        (self.hook)(frame);
+        self.inner.send_vec(frame)
+    }
+
+    fn recv_into(&mut self, buf: &mut Vec<u8>) -> asymml_protocol::Result<()> {
+        self.inner.recv_into(buf)
+    }
+
+    fn max_message(&self) -> u32 {
+        self.inner.max_message()
+    }
+
+    fn set_max_message(&mut self, max: u32) {
+        self.inner.set_max_message(max)
+    }
+
+    fn peer(&self) -> String {
+        self.inner.peer()
+    }
+}
