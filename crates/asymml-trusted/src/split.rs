@@ -1638,10 +1638,15 @@ impl<T: Transport> SplitExec<T> {
             self.waited_s - w0,
             self.cfg.route_counts_wait,
         );
+        // A step in which the check of the whole step puts every conv on the trusted route is not one of the
+        // conv's own routes: it is not counted, so that the convs' settled routes stay those the check weighed
+        // (counted, its trusted steps would lower the trusted cost of the convs that split, turn some of them,
+        // and make the check measure new routes again, their first steps paying for the buffers).
+        let forced = self.check.forced();
         if let Some(l) = self.layers.get_mut(id) {
             if takes_route {
                 let trusted = l.trusted_route && !std::mem::take(&mut l.kept_all);
-                l.costs.current = Some(trusted);
+                l.costs.current = (!forced).then_some(trusted);
                 l.costs.current_shared = !trusted && l.split_shared;
             }
             l.costs.spent += cost.max(0.0);
