@@ -1031,6 +1031,19 @@ fn print_table(results: &[BenchResult]) {
             mb(r.accelerator_peak_bytes),
             mb(r.frames_peak_bytes),
         );
+        if let Some(c) = r.route_check.iter().find(|c| c.all_trusted) {
+            let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1} ms", v * 1e3));
+            println!(
+                "{:<20} {:<6} --route {}: every conv trusted in {} of {} round(s): a step with the convs' own routes took {} of trusted time, with every conv trusted {}",
+                "",
+                "",
+                r.route,
+                r.route_check.iter().filter(|c| c.all_trusted).count(),
+                r.route_check.len(),
+                ms(c.settled_s),
+                ms(c.trusted_s)
+            );
+        }
         if let (Some(ts), Some(fb)) = (r.trusted_speedup, r.flop_bound) {
             println!(
                 "{:<20} {:<6} trusted runtime {ts:.2}× faster than trusted-only (FLOP bound {fb:.2}×, {} with this non-conv time); wall {}{}",
@@ -1041,19 +1054,6 @@ fn print_table(results: &[BenchResult]) {
                 r.slowdown_vs_untrusted_only
                     .map_or(String::new(), |s| format!("; {s:.2}× the untrusted-only time")),
             );
-            if let Some(c) = r.route_check.iter().find(|c| c.all_trusted) {
-                let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1} ms", v * 1e3));
-                println!(
-                    "{:<20} {:<6} --route {}: every conv trusted in {} of {} round(s): a step with the convs' own routes took {} of trusted time, with every conv trusted {}",
-                    "",
-                    "",
-                    r.route,
-                    r.route_check.iter().filter(|c| c.all_trusted).count(),
-                    r.route_check.len(),
-                    ms(c.settled_s),
-                    ms(c.trusted_s)
-                );
-            }
             if let Some(o) = r.overlap_s {
                 let how = if r.streamed {
                     format!(" ({} parts streamed through the network)", r.micro_batches)
