@@ -14,7 +14,7 @@ use asymml_core::models::{ConvExec, ModelSpec, Style};
 use asymml_core::optim::{LrSchedule, OptimizerKind};
 use asymml_core::rng::Rng;
 use asymml_core::Tensor;
-use asymml_trusted::split::{Basis, SplitStats};
+use asymml_trusted::split::{Basis, RouteCheck, SplitStats};
 use asymml_trusted::{Mode, Session, TrainConfig};
 use indicatif::ProgressBar;
 use serde::Serialize;
@@ -70,14 +70,6 @@ impl ConvExec for TimedLocal {
         );
         Ok(())
     }
-}
-
-/// `--route auto`'s check of the whole step in one round (see [`BenchResult::route_check`]).
-#[derive(Serialize, Debug, Clone, Default)]
-pub(crate) struct RouteCheckRow {
-    pub(crate) settled_s: Option<f64>,
-    pub(crate) trusted_s: Option<f64>,
-    pub(crate) all_trusted: bool,
 }
 
 /// One conv layer's share of a split step (means per step).
@@ -199,9 +191,9 @@ pub(crate) struct BenchResult {
     /// PyTorch's median time divided by ours (> 1: we are faster), trusted-only with --torch.
     pub(crate) torch_ratio: Option<f64>,
     /// Split with `--route auto`/`auto-wall`, per round (`--repeat`): the check of the whole step at the last
-    /// timed step — least trusted time of a step with the convs' settled routes and with every conv trusted,
-    /// and whether every conv then took the trusted route.
-    pub(crate) route_check: Vec<RouteCheckRow>,
+    /// timed step — the median trusted time of the last steps with the convs' settled routes and with every
+    /// conv trusted, and whether every conv then took the trusted route.
+    pub(crate) route_check: Vec<RouteCheck>,
     /// Split: per conv layer.
     pub(crate) layers: Vec<LayerRow>,
     /// Every top-level node's trusted time (per step; empty in untrusted-only mode).
@@ -542,12 +534,7 @@ impl Plan {
                 samples.add(dt, &before, &after, untrusted_only_flops);
             }
         }
-        let c = probes.read(&s).split.route_check;
-        samples.route_checks.push(RouteCheckRow {
-            settled_s: c.settled_s,
-            trusted_s: c.trusted_s,
-            all_trusted: c.all_trusted,
-        });
+        samples.route_checks.push(probes.read(&s).split.route_check);
         let nodes = node_rows(&s, case.mode);
         let peaks = Peaks::read();
         drop(s);
@@ -706,7 +693,7 @@ struct Samples {
     /// Some timed step was a streamed forward.
     streamed: bool,
     /// Per round, the check of the whole step after its last timed step (`--route auto`).
-    route_checks: Vec<RouteCheckRow>,
+    route_checks: Vec<RouteCheck>,
 }
 
 impl Samples {

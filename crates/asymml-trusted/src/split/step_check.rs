@@ -81,8 +81,8 @@ impl Costs {
     }
 }
 
-/// What the check has measured and chosen, for the statistics.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// What the check has measured and chosen, for the statistics (and `bench --json`'s `route_check`).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct RouteCheck {
     /// Median trusted time of a step with the settled routes, and with every conv on the trusted route, over
     /// the last few of each (seconds; `None` before one was measured).
