@@ -132,6 +132,8 @@ pub(crate) struct BenchResult {
     pub(crate) pipelined_backward: bool,
     /// The split's accelerator computed only while the trusted runtime waited (`--lockstep`).
     pub(crate) lockstep: bool,
+    /// The runs were timed step by step in turn (`--interleave`); the peaks are then null.
+    pub(crate) interleaved: bool,
     pub(crate) batch: usize,
     pub(crate) input_size: usize,
     pub(crate) trusted_threads: usize,
@@ -413,14 +415,19 @@ impl Plan {
             .map(|_| (Samples::default(), Vec::new(), Peaks::none()))
             .collect();
         for round in 0..a.repeat {
+            let of = if a.repeat > 1 {
+                format!(" (round {}/{})", round + 1, a.repeat)
+            } else {
+                String::new()
+            };
+            if a.interleave {
+                let order: Vec<usize> = round_order(cases.len(), round).collect();
+                self.interleaved_round(a, cases, &order, pb, &mut acc, &of)?;
+                continue;
+            }
             for i in round_order(cases.len(), round) {
                 let case = &cases[i];
                 let rank_text = case.rank.map_or("", |r| r.text.as_str());
-                let of = if a.repeat > 1 {
-                    format!(" (round {}/{})", round + 1, a.repeat)
-                } else {
-                    String::new()
-                };
                 pb.set_message(format!(
                     "{} {} {} {rank_text}{of}",
                     case.spec.name(),
@@ -471,6 +478,63 @@ impl Plan {
         pb: &ProgressBar,
         samples: &mut Samples,
     ) -> Result<(Vec<NodeRow>, Peaks)> {
+        crate::alloc::reset_peak();
+        let mut run = self.open(a, case)?;
+        while !run.done() {
+            run.step(pb, samples)?;
+        }
+        let nodes = run.finish(samples);
+        Ok((nodes, Peaks::read()))
+    }
+
+    /// One round of `--interleave`: every case opened (in `order`) and its untimed steps run, one case after
+    /// another; then the timed steps by [`interleaved_steps`]; then every case's nodes added to its row.
+    /// Peaks are not read: every case's session is alive at once.
+    fn interleaved_round(
+        &self,
+        a: &BenchArgs,
+        cases: &[Case<'_>],
+        order: &[usize],
+        pb: &ProgressBar,
+        acc: &mut [(Samples, Vec<NodeRow>, Peaks)],
+        of: &str,
+    ) -> Result<()> {
+        let mut runs = Vec::new();
+        for &i in order {
+            let case = &cases[i];
+            let rank_text = case.rank.map_or("", |r| r.text.as_str());
+            pb.set_message(format!(
+                "{} {} {} {rank_text}{of}, warm-up",
+                case.spec.name(),
+                case.phase.name(),
+                case.mode
+            ));
+            let mut run = self.open(a, case)?;
+            while run.untimed() {
+                run.step(pb, &mut acc[i].0)?;
+            }
+            runs.push((i, run));
+        }
+        if let Some(case) = cases.first() {
+            pb.set_message(format!(
+                "{} {} interleaved{of}",
+                case.spec.name(),
+                case.phase.name()
+            ));
+        }
+        for j in interleaved_steps(runs.len(), a.steps) {
+            let (i, run) = &mut runs[j];
+            run.step(pb, &mut acc[*i].0)?;
+        }
+        for (i, run) in runs {
+            let nodes = run.finish(&mut acc[i].0);
+            add_nodes(&mut acc[i].1, nodes);
+        }
+        Ok(())
+    }
+
+    /// A case ready to step: a fresh session (and accelerator) with its counters attached.
+    fn open<'c>(&self, a: &BenchArgs, case: &'c Case<'c>) -> Result<Running<'c>> {
         let config = TrainConfig {
             optimizer: OptimizerKind::Sgd {
                 momentum: 0.9,
@@ -480,7 +544,6 @@ impl Plan {
             weight_decay: 5e-4,
             schedule: LrSchedule::Constant,
         };
-        crate::alloc::reset_peak();
         let net = match case.net {
             Some(build) => build()?,
             None => case.spec.build(1)?,
@@ -509,38 +572,94 @@ impl Plan {
         } else {
             0
         };
-        let warmup = a.warmup + probe;
-        for i in 0..warmup + a.steps {
-            if i == warmup {
-                // Node times from here on: the timed steps only.
-                s.net.set_profiling(true);
+        Ok(Running {
+            case,
+            s,
+            accel,
+            probes,
+            untrusted_only_flops,
+            probe,
+            warmup: a.warmup + probe,
+            steps: a.steps,
+            i: 0,
+        })
+    }
+}
+
+/// A case being timed (see [`Plan::open`]): its session, accelerator and counters, and its steps so far.
+struct Running<'c> {
+    case: &'c Case<'c>,
+    s: Session,
+    accel: Option<AcceleratorHandle>,
+    probes: Probes,
+    untrusted_only_flops: Option<f64>,
+    /// The untimed steps: the probe steps (not counted by the progress bar) and then the warm-up.
+    probe: usize,
+    warmup: usize,
+    /// Timed steps.
+    steps: usize,
+    /// Steps run.
+    i: usize,
+}
+
+impl Running<'_> {
+    /// Whether the next step is untimed (a probe or warm-up step).
+    fn untimed(&self) -> bool {
+        self.i < self.warmup
+    }
+
+    /// Whether every step has run.
+    fn done(&self) -> bool {
+        self.i >= self.warmup + self.steps
+    }
+
+    /// Runs the next step; a timed one is added to `samples`.
+    fn step(&mut self, pb: &ProgressBar, samples: &mut Samples) -> Result<()> {
+        let i = self.i;
+        if i == self.warmup {
+            // Node times from here on: the timed steps only.
+            self.s.net.set_profiling(true);
+        }
+        let before = self.probes.read(&self.s);
+        let t = Instant::now();
+        match self.case.phase {
+            Phase::Train => {
+                self.s.train_step(self.case.x, self.case.labels, 0, i)?;
             }
-            let before = probes.read(&s);
-            let t = Instant::now();
-            match case.phase {
-                Phase::Train => {
-                    s.train_step(case.x, case.labels, 0, i)?;
-                }
-                Phase::Infer => {
-                    s.predict(case.x)?;
-                }
-            }
-            let dt = t.elapsed().as_secs_f64();
-            let after = probes.read(&s);
-            if i >= probe {
-                pb.inc(1);
-            }
-            if i >= warmup {
-                samples.add(dt, &before, &after, untrusted_only_flops);
+            Phase::Infer => {
+                self.s.predict(self.case.x)?;
             }
         }
-        samples.route_checks.push(probes.read(&s).split.route_check);
-        let nodes = node_rows(&s, case.mode);
-        let peaks = Peaks::read();
+        let dt = t.elapsed().as_secs_f64();
+        let after = self.probes.read(&self.s);
+        if i >= self.probe {
+            pb.inc(1);
+        }
+        if i >= self.warmup {
+            samples.add(dt, &before, &after, self.untrusted_only_flops);
+        }
+        self.i += 1;
+        Ok(())
+    }
+
+    /// The round's end: the check of the whole step added to `samples`; the nodes' times over the timed steps.
+    /// The session goes, then its accelerator.
+    fn finish(self, samples: &mut Samples) -> Vec<NodeRow> {
+        samples
+            .route_checks
+            .push(self.probes.read(&self.s).split.route_check);
+        let nodes = node_rows(&self.s, self.case.mode);
+        let Running { s, accel, .. } = self;
         drop(s);
         drop(accel);
-        Ok((nodes, peaks))
+        nodes
     }
+}
+
+/// `--interleave`'s timed steps of `n` cases, as case indices: step k of every case, from case k mod n on,
+/// before step k + 1 of any (so no case always follows the same one).
+fn interleaved_steps(n: usize, steps: usize) -> impl Iterator<Item = usize> {
+    (0..steps).flat_map(move |k| round_order(n, k))
 }
 
 /// The order in which round `round` times `n` cases: from case `round mod n` on, wrapping around.
@@ -806,6 +925,7 @@ impl Samples {
             streamed: self.streamed,
             pipelined_backward: mode == Mode::Split && !a.split.no_pipelined_backward,
             lockstep: mode == Mode::Split && a.lockstep,
+            interleaved: a.interleave,
             batch: a.batch_size,
             input_size: case.spec.input_size,
             trusted_threads: plan.threads,
@@ -1021,14 +1141,15 @@ fn print_table(results: &[BenchResult]) {
         if let Some(c) = r.route_check.iter().find(|c| c.all_trusted) {
             let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1} ms", v * 1e3));
             println!(
-                "{:<20} {:<6} --route {}: every conv trusted in {} of {} round(s): a step with the convs' own routes took {} of trusted time, with every conv trusted {}",
+                "{:<20} {:<6} --route {}: every conv trusted in {} of {} round(s): a step with the convs' own routes took {} of trusted time, with every conv trusted {} (to be kept, {} less)",
                 "",
                 "",
                 r.route,
                 r.route_check.iter().filter(|c| c.all_trusted).count(),
                 r.route_check.len(),
                 ms(c.settled_s),
-                ms(c.trusted_s)
+                ms(c.trusted_s),
+                ms(c.needed_s)
             );
         }
         if let (Some(ts), Some(fb)) = (r.trusted_speedup, r.flop_bound) {
@@ -1093,8 +1214,13 @@ fn print_table(results: &[BenchResult]) {
                     r.svd, r.route
                 )
             });
+        let how = if r.interleaved {
+            "; runs timed step by step in turn (--interleave), peaks not measured"
+        } else {
+            ""
+        };
         println!(
-            "(batch {}, {} trusted thread(s){svd}; medians over the timed steps)",
+            "(batch {}, {} trusted thread(s){svd}; medians over the timed steps{how})",
             r.batch, r.trusted_threads
         );
     }
@@ -1102,7 +1228,15 @@ fn print_table(results: &[BenchResult]) {
 
 #[cfg(test)]
 mod tests {
-    use super::round_order;
+    use super::{interleaved_steps, round_order};
+
+    #[test]
+    fn interleaved_steps_take_step_k_of_every_case_before_step_k_plus_one() {
+        let order: Vec<usize> = interleaved_steps(3, 4).collect();
+        assert_eq!(order, [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]);
+        assert_eq!(interleaved_steps(1, 3).collect::<Vec<_>>(), [0, 0, 0]);
+        assert_eq!(interleaved_steps(2, 0).count(), 0);
+    }
 
     #[test]
     fn each_case_takes_each_place_once_over_n_rounds() {

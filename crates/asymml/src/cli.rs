@@ -437,6 +437,13 @@ pub struct BenchArgs {
     /// beside one; the wall time then has no overlap.
     #[arg(long)]
     pub(crate) lockstep: bool,
+    /// Time the runs of each model and phase step by step in turn: every run is started and runs its untimed
+    /// steps first, then timed step k of every run comes before step k + 1 of any (each step from the next run
+    /// on). A slow spell of the machine then falls on every run alike: on a shared machine, steps of a few
+    /// hundred ms vary by 10–50 % from one second to the next, in spells of many steps. Every run's session is
+    /// alive at once, so the memory used is their sum and the peaks are not measured (null)
+    #[arg(long)]
+    pub(crate) interleave: bool,
     /// One JSON object on stdout.
     #[arg(long)]
     pub(crate) json: bool,

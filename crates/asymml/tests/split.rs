@@ -521,6 +521,80 @@ fn bench_lockstep_lets_the_accelerator_compute_only_while_the_trusted_runtime_wa
 }
 
 #[test]
+fn bench_interleave_times_every_run_and_reports_no_peaks() {
+    // Both runs alive at once, their timed steps in turn, over two rounds; an untrusted-only run beside them.
+    let o = asymml(&[
+        "bench",
+        "--models",
+        "vgg11-cifar",
+        "--modes",
+        "trusted-only,split,untrusted-only",
+        "--rank",
+        "schedule",
+        "--route",
+        "split",
+        "--batch-size",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--repeat",
+        "2",
+        "--phase",
+        "infer,train",
+        "--trusted-threads",
+        "1",
+        "--accelerator-threads",
+        "1",
+        "--interleave",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = v["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 6, "three runs, two phases");
+    for r in rows {
+        assert_eq!(r["interleaved"], true, "{r}");
+        // Every session is alive at once: no peak is one run's own.
+        for k in [
+            "trusted_peak_bytes",
+            "accelerator_peak_bytes",
+            "frames_peak_bytes",
+        ] {
+            assert!(r[k].is_null(), "{k}: {r}");
+        }
+        assert!(r["median_s"].as_f64().unwrap() > 0.0, "{r}");
+        if r["mode"] == "split" {
+            // Its own accelerator answered it, and it is compared with the trusted-only run.
+            assert!(r["bytes_to_untrusted"].as_f64().unwrap() > 0.0, "{r}");
+            assert!(r["untrusted_s"].as_f64().unwrap() > 0.0, "{r}");
+            assert!(r["trusted_speedup"].as_f64().unwrap() > 0.0, "{r}");
+        }
+    }
+    // Without it, the peaks are measured.
+    let o = asymml(&[
+        "bench",
+        "--models",
+        "vgg11-cifar",
+        "--modes",
+        "trusted-only",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = &v["results"][0];
+    assert_eq!(r["interleaved"], false, "{r}");
+    assert!(r["trusted_peak_bytes"].as_u64().unwrap() > 0, "{r}");
+}
+
+#[test]
 fn bench_on_real_images_picks_low_energy_ranks() {
     // The 20 real CIFAR-10 images of ../shared/data: asym2 keeps 80 % of the energy with few components,
     // where random noise needs most of them.

@@ -7,7 +7,8 @@
 //! shared vCPUs those costs made ResNet18 at 224 px 8 % slower split than trusted-only although every split
 //! conv measured cheaper than its trusted route. So once every conv has settled, the check times whole steps
 //! with the settled routes against steps with every conv on the trusted route, and where the settled routes
-//! are not cheaper by [`STEP_SPLIT_MARGIN`], every conv takes the trusted route.
+//! are not cheaper by [`STEP_SPLIT_MARGIN`] and by more than the steps' own spread makes the comparison
+//! uncertain ([`STEP_SPLIT_ERRORS`]), every conv takes the trusted route.
 
 /// Steps of each kind (the settled routes, every conv trusted) the check measures before it compares them
 /// (the first step of a kind after the other pays for its buffers).
@@ -20,8 +21,16 @@ pub(super) const STEP_TRIALS: u32 = 3;
 const STEP_WINDOW: usize = 5;
 
 /// How much cheaper a step with the settled routes must have measured than one with every conv trusted for
-/// the check to keep them: a fiftieth (a tie is not worth the residuals that leave).
+/// the check to keep them, at least: a fiftieth (a tie is not worth the residuals that leave).
 const STEP_SPLIT_MARGIN: f64 = 0.02;
+
+/// And by at least this many standard errors of the difference of the two medians, estimated from the spread
+/// of each kind's recent steps ([`Costs::median_error`]): on a machine whose steps vary by a tenth, a
+/// difference of a few per cent between medians of three to five steps says nothing, and the split kept on
+/// one was slower than trusted-only in the timed steps after it (ResNet34 at 224 px, `schedule`: the check's
+/// medians 2–5 % apart, the timed steps 0.86× and 0.88× trusted-only's). Where the steps are steady, the
+/// margin alone decides.
+const STEP_SPLIT_ERRORS: f64 = 2.0;
 
 /// The kind not taken is tried again on two steps at check steps 96, 192, 384, … (offset from the convs' own
 /// retries at 64, 128, 256, … so that the two do not coincide): a comparison made on a few noisy steps is
@@ -70,14 +79,28 @@ impl Costs {
 
     /// The median of the recent costs (the mean of the middle two of an even count; `None` before any).
     fn median(&self) -> Option<f64> {
-        let mut v: Vec<f64> = self.recent.iter().copied().collect();
-        v.sort_by(f64::total_cmp);
-        let k = v.len();
-        match k {
-            0 => None,
-            _ if !k.is_multiple_of(2) => Some(v[k / 2]),
-            _ => Some(0.5 * (v[k / 2 - 1] + v[k / 2])),
-        }
+        median_of(self.recent.iter().copied().collect())
+    }
+
+    /// The standard error of [`Self::median`] as an estimate of a typical step's cost: the spread of the
+    /// recent costs as their median absolute deviation (× 1.4826, the standard deviation where they are
+    /// normal, robust to one outlier such as a step that pays for its buffers), × 1.2533 / √n for the median of
+    /// n. `None` before any.
+    fn median_error(&self) -> Option<f64> {
+        let m = self.median()?;
+        let mad = median_of(self.recent.iter().map(|c| (c - m).abs()).collect())?;
+        Some(1.4826 * 1.2533 * mad / (self.recent.len() as f64).sqrt())
+    }
+}
+
+/// The median of `v` (the mean of the middle two of an even count; `None` if empty).
+fn median_of(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    let k = v.len();
+    match k {
+        0 => None,
+        _ if !k.is_multiple_of(2) => Some(v[k / 2]),
+        _ => Some(0.5 * (v[k / 2 - 1] + v[k / 2])),
     }
 }
 
@@ -88,6 +111,9 @@ pub struct RouteCheck {
     /// the last few of each (seconds; `None` before one was measured).
     pub settled_s: Option<f64>,
     pub trusted_s: Option<f64>,
+    /// How much cheaper the settled routes' median had to be to be kept (seconds): the margin, or more where
+    /// the steps' spread makes the difference of the medians uncertain (`None` before both were measured).
+    pub needed_s: Option<f64>,
     /// Every conv takes the trusted route: the settled routes did not measure cheaper.
     pub all_trusted: bool,
 }
@@ -176,13 +202,22 @@ impl StepCheck {
         self.last_trusted_trial && self.routes.get(id) == Some(&false)
     }
 
-    /// Both kinds are measured and the settled routes were not cheaper by the margin.
+    /// How much cheaper than the trusted kind's median the settled routes' must be to be kept: the larger of
+    /// [`STEP_SPLIT_MARGIN`] of their own median and [`STEP_SPLIT_ERRORS`] standard errors of the
+    /// difference. `None` before both kinds were measured.
+    fn needed(&self) -> Option<f64> {
+        let (s, e_s) = (self.settled.median()?, self.settled.median_error()?);
+        let e_t = self.trusted.median_error()?;
+        Some((STEP_SPLIT_MARGIN * s).max(STEP_SPLIT_ERRORS * e_s.hypot(e_t)))
+    }
+
+    /// Both kinds are measured and the settled routes were not cheaper by what is [`Self::needed`].
     fn falls_back(&self) -> bool {
         if self.settled.n < STEP_TRIALS || self.trusted.n < STEP_TRIALS {
             return false;
         }
-        match (self.settled.median(), self.trusted.median()) {
-            (Some(s), Some(t)) => s * (1.0 + STEP_SPLIT_MARGIN) >= t,
+        match (self.settled.median(), self.trusted.median(), self.needed()) {
+            (Some(s), Some(t), Some(need)) => t - s <= need,
             _ => false,
         }
     }
@@ -192,6 +227,7 @@ impl StepCheck {
         RouteCheck {
             settled_s: self.settled.median(),
             trusted_s: self.trusted.median(),
+            needed_s: self.needed(),
             all_trusted: self.falls_back(),
         }
     }
@@ -311,6 +347,60 @@ mod tests {
             c.close(cost);
         }
         assert!(c.plan(Some(&[false]), false, true));
+    }
+
+    #[test]
+    fn a_difference_within_the_steps_spread_falls_back() {
+        // The median's standard error: MAD × 1.4826 × 1.2533 / √n.
+        let mut k = Costs::default();
+        for v in [2.0, 2.1, 1.9] {
+            k.push(v);
+        }
+        let e = k.median_error().unwrap();
+        assert!(
+            (e - 0.1 * 1.4826 * 1.2533 / 3f64.sqrt()).abs() < 1e-12,
+            "{e}"
+        );
+        assert_eq!(Costs::default().median_error(), None);
+        let trial = |c: &mut StepCheck, costs: [f64; 3]| {
+            c.measures(&[1], false);
+            for cost in costs {
+                c.plan(None, true, true);
+                c.close(cost);
+            }
+        };
+        let settled = |c: &mut StepCheck, costs: [f64; 3]| -> bool {
+            for cost in costs {
+                assert!(!c.plan(Some(&[false]), false, true));
+                c.close(cost);
+            }
+            c.plan(Some(&[false]), false, true)
+        };
+        // 10 % cheaper by the medians (1.8 against 2.0), but the steps of both kinds spread by about as much:
+        // every conv trusted (the margin alone would have kept the split).
+        let mut c = StepCheck::default();
+        trial(&mut c, [2.0, 2.1, 1.9]);
+        assert!(settled(&mut c, [1.8, 2.2, 1.7]));
+        let r = c.report();
+        assert!(r.all_trusted && r.needed_s.unwrap() > 0.2, "{r:?}");
+        const { assert!(1.8 * (1.0 + STEP_SPLIT_MARGIN) < 2.0) };
+        // The same medians from steady steps: kept, the margin deciding.
+        let mut c = StepCheck::default();
+        trial(&mut c, [2.0, 2.0, 2.0]);
+        assert!(!settled(&mut c, [1.8, 1.8, 1.8]));
+        let r = c.report();
+        assert!(
+            !r.all_trusted && (r.needed_s.unwrap() - 0.036).abs() < 1e-12,
+            "{r:?}"
+        );
+        // Spread steps, but cheaper by far more than it: kept.
+        let mut c = StepCheck::default();
+        trial(&mut c, [2.0, 2.1, 1.9]);
+        assert!(!settled(&mut c, [1.0, 1.3, 1.1]));
+        // One step that pays for its buffers (3.0) among steady ones does not count as spread.
+        let mut c = StepCheck::default();
+        trial(&mut c, [3.0, 2.0, 2.0]);
+        assert!(!settled(&mut c, [1.8, 1.8, 1.8]));
     }
 
     #[test]
