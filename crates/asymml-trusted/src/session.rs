@@ -202,6 +202,7 @@ impl Session {
             i += 1;
         });
         self.exec.after_update(&mut self.net)?;
+        self.exec.step_end();
         self.step += 1;
         Ok((loss, correct))
     }
@@ -217,16 +218,22 @@ impl Session {
             let loss = self.net.loss.forward(&logits, labels)?;
             return Ok((loss, self.net.loss.correct()));
         }
-        Ok(self
+        let out = self
             .net
-            .forward_loss(x, labels, false, self.exec.as_mut())?)
+            .forward_loss(x, labels, false, self.exec.as_mut())?;
+        self.exec.step_end();
+        Ok(out)
     }
 
     /// Class probabilities [B, K] for a batch, in evaluation mode.
     pub fn predict(&mut self, x: &Tensor) -> Result<Tensor, SessionError> {
         let mut probs = match self.remote.as_mut() {
             Some(remote) => remote.forward(x, false)?,
-            None => self.net.forward(x, false, self.exec.as_mut())?.clone(),
+            None => {
+                let probs = self.net.forward(x, false, self.exec.as_mut())?.clone();
+                self.exec.step_end();
+                probs
+            }
         };
         let k = probs.shape[1];
         for row in probs.data.chunks_mut(k) {

@@ -972,6 +972,18 @@ impl<T: Transport> SplitExec<T> {
         res.map_err(|e: CoreError| e.at_conv(&self.layers[id].name))
     }
 
+    /// Stops the whole step's clock (started at a step's first conv, with `auto_route`) at `now`: the step's
+    /// trusted cost goes to the check of the whole step.
+    fn close_step_clock(&mut self, now: Instant) {
+        if let Some((t0, w0)) = self.step_began.take() {
+            self.check.close(step_cost(
+                now.duration_since(t0).as_secs_f64(),
+                self.waited_s - w0,
+                self.cfg.route_counts_wait,
+            ));
+        }
+    }
+
     /// A new step starts at the first conv (input x; a training step when `train`): notes the input's size
     /// (for `guard`), closes the last step's measurement and plans this one for `auto_route`'s check of the
     /// whole step, and lets the split's buffers go where no conv ran split in the last step, or none will in
@@ -983,13 +995,8 @@ impl<T: Transport> SplitExec<T> {
             ch.drop_weight_check();
         }
         let now = Instant::now();
-        if let Some((t0, w0)) = self.step_began.take() {
-            self.check.close(step_cost(
-                now.duration_since(t0).as_secs_f64(),
-                self.waited_s - w0,
-                self.cfg.route_counts_wait,
-            ));
-        }
+        // The last step's clock, where its end was not told (`ConvExec::step_end`).
+        self.close_step_clock(now);
         // Per conv, by its own choice: whether it takes the trusted route in this step (kept there by the rank
         // policy, measured cheaper there, trying it, or following its block's first conv), and its settled
         // route where it has settled (a shortcut conv follows its block's first conv: settled with it).
@@ -1544,6 +1551,10 @@ impl<T: Transport> ConvExec for SplitExec<T> {
             self.weights_set(Some(id))?;
         }
         Ok(())
+    }
+
+    fn step_end(&mut self) {
+        self.close_step_clock(Instant::now());
     }
 }
 

@@ -957,6 +957,70 @@ fn slow_weights<T: asymml_protocol::Transport>(
 }
 
 #[test]
+fn the_whole_steps_clock_stops_at_the_steps_end() {
+    // What runs between two steps (here a 150 ms pause; in `bench --interleave` another run's step) is not the
+    // step's: `step_end` stops the clock of the whole step's check. Without it the clock runs on to the next
+    // step's first conv, and the pause is counted.
+    use asymml_core::decomp::RankPolicy;
+    use asymml_core::models::{ConvExec, ModelSpec};
+    use asymml_protocol::inproc_pair;
+    use asymml_trusted::split::{RouteCheck, SplitConfig, SplitExec};
+    let pause = std::time::Duration::from_millis(150);
+    let mut rng = asymml_core::rng::Rng::new(5);
+    let x = asymml_core::Tensor::from_vec(
+        &[2, 3, 32, 32],
+        (0..2 * 3 * 1024).map(|_| rng.normal()).collect(),
+    )
+    .unwrap();
+    let run = |tell_end: bool| -> RouteCheck {
+        let mut net = ModelSpec::parse("vgg11", 3, 10, 32)
+            .unwrap()
+            .build(3)
+            .unwrap();
+        let (client, server) = inproc_pair();
+        let server =
+            std::thread::spawn(move || asymml_untrusted::Service::new(1).unwrap().serve(server));
+        let config = SplitConfig {
+            policy: RankPolicy::Fixed(2),
+            auto_route: true,
+            ..Default::default()
+        };
+        let steps = config.probe_steps() + 2;
+        let mut exec = SplitExec::connect(client, &mut net, config).unwrap();
+        let stats = exec.stats();
+        for _ in 0..steps {
+            net.forward(&x, false, &mut exec).unwrap();
+            if tell_end {
+                exec.step_end();
+            }
+            std::thread::sleep(pause);
+        }
+        exec.shutdown().unwrap();
+        server.join().unwrap().unwrap();
+        let check = stats.lock().unwrap().route_check.clone();
+        check
+    };
+    let told = run(true);
+    let costs = |c: &RouteCheck| {
+        [c.settled_s, c.trusted_s]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+    };
+    assert!(told.trusted_s.is_some(), "{told:?}");
+    assert!(
+        costs(&told).iter().all(|&t| t < pause.as_secs_f64()),
+        "{told:?}"
+    );
+    let untold = run(false);
+    assert!(untold.trusted_s.is_some(), "{untold:?}");
+    assert!(
+        costs(&untold).iter().all(|&t| t >= pause.as_secs_f64()),
+        "{untold:?}"
+    );
+}
+
+#[test]
 fn auto_route_puts_every_conv_on_the_trusted_route_where_the_whole_split_step_costs_more() {
     // VGG11 at 64 px, batch 4; a rank table splits one conv (256 → 256 channels on 16 × 16 maps) at rank 2 and
     // keeps the others trusted. Its split costs the trusted runtime a fraction of the whole conv (some 4 ms of

@@ -59,6 +59,13 @@ pub trait ConvExec {
         Ok(())
     }
 
+    /// Called when a step has ended: a training step after [`ConvExec::after_update`], an evaluation or
+    /// inference forward after its output. An executor that times whole steps (the split runtime's check of
+    /// the whole step) stops its clock here, so that what runs between steps — another run's step, loading
+    /// the next batch — is not counted to the step. A caller that never calls it leaves the clock running to
+    /// the next step's first conv.
+    fn step_end(&mut self) {}
+
     /// The parts (consecutive samples) an inference forward of a batch of `b` samples is to be streamed in:
     /// each part goes through the network on its own, and the parts' convs are interleaved so that one part's
     /// conv can be in flight while the next part is worked on ([`Net::forward`]). Fewer than two: the forward

@@ -353,6 +353,10 @@ impl<E: ConvExec> ConvExec for Shapes<'_, E> {
         self.inner.backward_end(net)?;
         self.collect()
     }
+
+    fn step_end(&mut self) {
+        self.inner.step_end()
+    }
 }
 
 /// Runs one forward (and, with `backward`, one backward) pass of the split runtime on `x`, with an in-process
