@@ -427,13 +427,7 @@ impl Plan {
             }
             for i in round_order(cases.len(), round) {
                 let case = &cases[i];
-                let rank_text = case.rank.map_or("", |r| r.text.as_str());
-                pb.set_message(format!(
-                    "{} {} {} {rank_text}{of}",
-                    case.spec.name(),
-                    case.phase.name(),
-                    case.mode
-                ));
+                pb.set_message(case.label(&of));
                 let (samples, nodes, peaks) = &mut acc[i];
                 let (n, p) = self.measure(a, case, pb, samples)?;
                 add_nodes(nodes, n);
@@ -502,13 +496,7 @@ impl Plan {
         let mut runs = Vec::new();
         for &i in order {
             let case = &cases[i];
-            let rank_text = case.rank.map_or("", |r| r.text.as_str());
-            pb.set_message(format!(
-                "{} {} {} {rank_text}{of}, warm-up",
-                case.spec.name(),
-                case.phase.name(),
-                case.mode
-            ));
+            pb.set_message(format!("{}, warm-up", case.label(of)));
             let mut run = self.open(a, case)?;
             while run.untimed() {
                 run.step(pb, &mut acc[i].0)?;
@@ -678,6 +666,19 @@ struct Case<'a> {
     labels: &'a [usize],
     /// Builds the network to time (`privacy --frontier`: the privacy run's weights); `None`: fresh weights.
     net: Option<NetBuilder<'a>>,
+}
+
+impl Case<'_> {
+    /// The progress bar's words for this case: model, phase, mode, rank policy, and `of` (the round).
+    fn label(&self, of: &str) -> String {
+        let rank_text = self.rank.map_or("", |r| r.text.as_str());
+        format!(
+            "{} {} {} {rank_text}{of}",
+            self.spec.name(),
+            self.phase.name(),
+            self.mode
+        )
+    }
 }
 
 /// Builds the network a case is timed on.
