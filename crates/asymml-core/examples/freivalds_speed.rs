@@ -1,5 +1,8 @@
 //! Times the Freivalds passes on one big tensor against a plain read of it (a profiling aid):
-//! `cargo run --release --example freivalds_speed -- B C P`.
+//! `cargo run --release --example freivalds_speed -- B C P`. `FRAME_GAP=G` (default 2) places the received
+//! frame's values G bytes (mod 4096) past the merged output's: below 64, loads of one and stores to the other
+//! alias in the 4 KiB store-forwarding check (the "from frame" row then takes about twice as long); in the
+//! product they were 90 bytes or more apart.
 use asymml_core::freivalds::{
     combine_pass, lhs_pass, merge_into_lhs_pass, merge_lhs_pass, sum_squares, Combined, Lhs,
 };
@@ -58,12 +61,22 @@ fn main() {
     let lh = best(|| lhs_pass(&data, b, c, p, r, &k, &mut lhs));
     let mut y = data.clone();
     let mg = best(|| merge_lhs_pass(&mut y, &copy, b, c, p, r, &k, &mut lhs));
-    // As received: little-endian words two bytes past 4-alignment in a frame, merged into a separate buffer.
-    let mut frame = vec![0u8; 2 + 4 * data.len()];
-    for (w, v) in frame[2..].chunks_exact_mut(4).zip(&data) {
+    // As received: little-endian words two bytes past 4-alignment in a frame, merged into a separate buffer,
+    // `FRAME_GAP` bytes past it modulo a page.
+    let gap: usize = std::env::var("FRAME_GAP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let mut frame = vec![0u8; 8192 + 4 * data.len()];
+    let ya = y.as_ptr() as usize;
+    let fa = frame.as_ptr() as usize;
+    let o = (0..8192)
+        .find(|o| (fa + o).wrapping_sub(ya) % 4096 == gap && (fa + o) % 4 == 2)
+        .unwrap_or(2);
+    for (w, v) in frame[o..].chunks_exact_mut(4).zip(&data) {
         w.copy_from_slice(&v.to_le_bytes());
     }
-    let (words, _) = frame[2..].as_chunks::<4>();
+    let (words, _) = frame[o..o + 4 * data.len()].as_chunks::<4>();
     let mi = best(|| merge_into_lhs_pass(words, &mut y, b, c, p, r, &k, &mut lhs));
     let ad = best(|| {
         y.iter_mut()

@@ -415,6 +415,8 @@ mod lhs_x86 {
 
     /// Most pixels per tile.
     const TILE: usize = 1024;
+    /// Floats ahead of the vector at hand that each row is prefetched (see [`super::combine_x86`]).
+    const PF: usize = 128;
     /// Below this many values the tiles run on the calling thread.
     const PAR_MIN_VALUES: usize = 1 << 20;
 
@@ -463,6 +465,14 @@ mod lhs_x86 {
                     let mut acc = [_mm256_setzero_ps(); 4];
                     for j in j0..j1 {
                         let off = (b * ch + j) * dp + q0 + p0 + v;
+                        if v % 16 == 0 {
+                            _mm_prefetch::<_MM_HINT_T0>(d.wrapping_add(off + PF).cast::<i8>());
+                            if let Merge::Into(_) = merge {
+                                _mm_prefetch::<_MM_HINT_T0>(
+                                    at.into.wrapping_add(off + PF).cast::<i8>(),
+                                );
+                            }
+                        }
                         // SAFETY: off + 8 ≤ (b·C + j + 1)·DP ≤ B·C·DP (see the function's comment).
                         let x = unsafe { _mm256_loadu_ps(d.add(off)) };
                         if let Merge::Into(_) = merge {

@@ -147,6 +147,9 @@ unsafe impl Sync for Out {}
 /// Channels a pair of samples is read over per 8 pixels ([`samples`]): 2·SUB rows of data and as many of
 /// the batch combination are live at once, which a first-level TLB of 64 entries holds.
 const SUB: usize = 8;
+/// Floats ahead of the vector at hand that each row is prefetched (the rows of a tile are read a vector at a
+/// time each, in turn: too many streams for the hardware prefetcher).
+const PF: usize = 128;
 
 /// The shapes of a pass: samples, channels, pixels, kernel offsets; the data's row length and the pixel
 /// of its rows at which the pass's pixels start.
@@ -226,6 +229,16 @@ unsafe fn samples(
                 );
                 let mut pr = [zero; 4];
                 for j in j0..j1 {
+                    if v % 16 == 0 {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            dp.wrapping_add(row(b0, j) + v + PF).cast::<i8>(),
+                        );
+                        if two {
+                            _mm_prefetch::<_MM_HINT_T0>(
+                                dp.wrapping_add(row(b0 + 1, j) + v + PF).cast::<i8>(),
+                            );
+                        }
+                    }
                     let xa = _mm256_loadu_ps(dp.add(row(b0, j) + v));
                     let xb = if two {
                         _mm256_loadu_ps(dp.add(row(b0 + 1, j) + v))
