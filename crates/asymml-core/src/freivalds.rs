@@ -3,7 +3,7 @@
 //! check for every repetition, with f32 partial sums over [`BLOCK`] channels added in f64, compiled for AVX2 +
 //! FMA where the CPU has them; and the one-channel convolutions the checks compare against.
 
-use crate::layers::Conv2d;
+use crate::layers::{ChannelMap, Conv2d};
 use crate::CoreError;
 
 /// Channels (or planes) accumulated in f32 before a partial sum is added to the f64 total.
@@ -301,6 +301,7 @@ fn combine_with(
 #[cfg(target_arch = "x86_64")]
 mod lhs_x86 {
     use super::BLOCK;
+    use crate::layers::ChannelMap;
     use std::arch::x86_64::*;
 
     /// What the pass does with the values besides its sums.
@@ -310,8 +311,9 @@ mod lhs_x86 {
         No,
         /// Adds this (as many values) to the values in place, after reading them.
         InPlace(&'a [f32]),
-        /// Adds the values into the `len` f32 at this pointer (aligned, apart from the values).
-        Into(*mut f32),
+        /// Adds the values into the `len` f32 at this pointer (aligned, apart from the values), then applies the
+        /// channel map where there is one (row b·C + j is channel j's).
+        Into(*mut f32, Option<ChannelMap<'a>>),
     }
 
     /// Adds `lhs` and `sq` ([2, P] each) for pixels `q0 .. q0 + P` of the `len` values at `data` ([B, C, DP]:
@@ -367,7 +369,7 @@ mod lhs_x86 {
         let at = Shared {
             d: data,
             into: match merge {
-                Merge::Into(dst) => dst,
+                Merge::Into(dst, _) => dst,
                 _ => std::ptr::null_mut(),
             },
             lhs: lhs.as_mut_ptr(),
@@ -399,7 +401,10 @@ mod lhs_x86 {
                         // SAFETY: as above; the caller allows writes with `InPlace`.
                         Merge::InPlace(a) => unsafe { *data.add(off) = x + a[off] },
                         // SAFETY: `dst` holds `len` aligned values apart from `data` (the caller's contract).
-                        Merge::Into(dst) => unsafe { *dst.add(off) += x },
+                        Merge::Into(dst, map) => unsafe {
+                            let v = *dst.add(off) + x;
+                            *dst.add(off) = map.map_or(v, |m| m.apply(j, v));
+                        },
                         Merge::No => {}
                     }
                     let (x64, xx) = (x as f64, (x as f64) * (x as f64));
@@ -467,7 +472,7 @@ mod lhs_x86 {
                         let off = (b * ch + j) * dp + q0 + p0 + v;
                         if v % 16 == 0 {
                             _mm_prefetch::<_MM_HINT_T0>(d.wrapping_add(off + PF).cast::<i8>());
-                            if let Merge::Into(_) = merge {
+                            if let Merge::Into(..) = merge {
                                 _mm_prefetch::<_MM_HINT_T0>(
                                     at.into.wrapping_add(off + PF).cast::<i8>(),
                                 );
@@ -475,13 +480,25 @@ mod lhs_x86 {
                         }
                         // SAFETY: off + 8 ≤ (b·C + j + 1)·DP ≤ B·C·DP (see the function's comment).
                         let x = unsafe { _mm256_loadu_ps(d.add(off)) };
-                        if let Merge::Into(_) = merge {
+                        if let Merge::Into(_, map) = merge {
                             // The sum takes the very value the check's sums take: one read of each received
                             // value (its frame may be memory the accelerator can still write).
                             // SAFETY: the destination holds `len` values too (the caller's contract).
                             unsafe {
                                 let o = at.into.add(off);
-                                _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), x));
+                                let mut y = _mm256_add_ps(_mm256_loadu_ps(o), x);
+                                if let Some(m) = map {
+                                    // BatchNorm's arithmetic: a product and a sum, each rounded.
+                                    let a = _mm256_set1_ps(m.scale[j]);
+                                    y = _mm256_add_ps(
+                                        _mm256_mul_ps(y, a),
+                                        _mm256_set1_ps(m.shift[j]),
+                                    );
+                                    if m.relu {
+                                        y = _mm256_max_ps(y, _mm256_setzero_ps());
+                                    }
+                                }
+                                _mm256_storeu_ps(o, y);
                             }
                         }
                         let kv = &kf[b * ch + j];
@@ -640,7 +657,7 @@ pub fn merge_into_lhs_pass(
     k: &[f64],
     out: &mut Lhs,
 ) {
-    merge_into_lhs_pass_range(src, dst, bsz, ch, (p, 0, p), r, k, out)
+    merge_into_lhs_pass_range(src, dst, bsz, ch, (p, 0, p), r, k, out, None)
 }
 
 /// The values of pixels `q0 .. q0 + P` of every row of `data` ([rows, DP]), as [rows, P].
@@ -708,7 +725,9 @@ pub fn merge_lhs_pass_range(
 
 simd_fn! {
 /// [`merge_into_lhs_pass`] over pixels `q0 .. q0 + P` of `src` and `dst` ([B, C, DP] each), as
-/// [`lhs_pass_range`]: only those pixels are read and merged.
+/// [`lhs_pass_range`]: only those pixels are read and merged. With `map`, each merged value then goes through
+/// its channel's map before it is written (BatchNorm in inference, applied in this pass instead of one of its
+/// own); the sums are of the received values alone, as without it.
 pub fn merge_into_lhs_pass_range(
     src: &[[u8; 4]],
     dst: &mut [f32],
@@ -718,6 +737,7 @@ pub fn merge_into_lhs_pass_range(
     r: usize,
     k: &[f64],
     out: &mut Lhs,
+    map: Option<ChannelMap<'_>>,
 ) {
     lhs_start(src.len(), bsz, ch, px, r, k, out);
     assert_eq!(dst.len(), src.len(), "merge_into_lhs_pass: destination's size");
@@ -726,7 +746,7 @@ pub fn merge_into_lhs_pass_range(
         // SAFETY: `src` is a live shared slice of `src.len()` words, only read (x86-64 is little-endian, so each
         // word is its f32; unaligned reads); `dst` an exclusive slice of as many f32, apart from it.
         let done = unsafe {
-            lhs_x86::lhs_r2(src.as_ptr().cast::<f32>().cast_mut(), src.len(), lhs_x86::Merge::Into(dst.as_mut_ptr()), bsz, ch, px, k, &mut out.lhs, &mut out.sq)
+            lhs_x86::lhs_r2(src.as_ptr().cast::<f32>().cast_mut(), src.len(), lhs_x86::Merge::Into(dst.as_mut_ptr(), map), bsz, ch, px, k, &mut out.lhs, &mut out.sq)
         };
         if done {
             return;
@@ -736,8 +756,12 @@ pub fn merge_into_lhs_pass_range(
     let (dp, q0, p) = px;
     let values = band_of(src, px, f32::from_le_bytes);
     lhs_generic(&values, bsz, ch, (p, 0, p), r, k, out);
-    for (row, vals) in dst.chunks_exact_mut(dp.max(1)).zip(values.chunks_exact(p.max(1))) {
-        row[q0..q0 + p].iter_mut().zip(vals).for_each(|(d, v)| *d += v);
+    for (i, (row, vals)) in dst.chunks_exact_mut(dp.max(1)).zip(values.chunks_exact(p.max(1))).enumerate() {
+        let row = &mut row[q0..q0 + p];
+        match map {
+            Some(m) => row.iter_mut().zip(vals).for_each(|(d, &v)| *d = m.apply(i % ch, *d + v)),
+            None => row.iter_mut().zip(vals).for_each(|(d, v)| *d += v),
+        }
     }
 }
 }
@@ -1287,7 +1311,7 @@ mod tests {
                     (Lhs::default(), Lhs::default(), Lhs::default());
                 lhs_pass_range(&data, bsz, ch, px, r, &k, &mut plain);
                 merge_lhs_pass_range(&mut y, &addend, bsz, ch, px, r, &k, &mut merged);
-                merge_into_lhs_pass_range(&words, &mut dst, bsz, ch, px, r, &k, &mut into);
+                merge_into_lhs_pass_range(&words, &mut dst, bsz, ch, px, r, &k, &mut into, None);
                 for got in [&plain, &merged, &into] {
                     assert_eq!(got.lhs, plain.lhs);
                     assert_eq!(got.sq, plain.sq);
@@ -1320,6 +1344,75 @@ mod tests {
             let sum: Vec<f32> = data.iter().zip(&addend).map(|(a, b)| a + b).collect();
             assert_eq!(y, sum);
             assert_eq!(dst, sum);
+        }
+    }
+
+    #[test]
+    fn a_merge_with_a_channel_map_writes_the_map_of_each_sum() {
+        // The received values' sums are those of the plain merge; each merged value goes through its channel's
+        // map, with BatchNorm's arithmetic (v·a + b, each rounded; then ReLU): bit for bit, in the AVX2 pass
+        // (R = 2, on x86-64) and the portable one (R = 1, 3), in bands and in the ragged last pixels.
+        let mut rng = Rng::new(29);
+        for &(bsz, ch, p, r) in &[
+            (2, 19, 1501, 2),
+            (3, 5, 40, 1),
+            (2, 7, 100, 3),
+            (1, 3, 13, 2),
+        ] {
+            let data = randn(&mut rng, bsz * ch * p);
+            let addend = randn(&mut rng, bsz * ch * p);
+            let k: Vec<f64> = (0..r * bsz * ch)
+                .map(|i| 1.5 - (i % 7) as f64 * 0.5)
+                .collect();
+            let scale: Vec<f32> = (0..ch).map(|_| rng.normal()).collect();
+            let shift: Vec<f32> = (0..ch).map(|_| 0.5 * rng.normal()).collect();
+            let words: Vec<[u8; 4]> = data.iter().map(|v| v.to_le_bytes()).collect();
+            for relu in [false, true] {
+                let map = ChannelMap {
+                    scale: &scale,
+                    shift: &shift,
+                    relu,
+                };
+                let mut dst = addend.clone();
+                let mut plain = addend.clone();
+                let (mut with, mut without) = (Lhs::default(), Lhs::default());
+                let half = p / 2;
+                for (q0, n) in [(0, half), (half, p - half)] {
+                    merge_into_lhs_pass_range(
+                        &words,
+                        &mut dst,
+                        bsz,
+                        ch,
+                        (p, q0, n),
+                        r,
+                        &k,
+                        &mut with,
+                        Some(map),
+                    );
+                    merge_into_lhs_pass_range(
+                        &words,
+                        &mut plain,
+                        bsz,
+                        ch,
+                        (p, q0, n),
+                        r,
+                        &k,
+                        &mut without,
+                        None,
+                    );
+                    assert_eq!((&with.lhs, &with.sq), (&without.lhs, &without.sq));
+                }
+                for (i, (got, sum)) in dst.iter().zip(&plain).enumerate() {
+                    let c = (i / p) % ch;
+                    let y = sum * scale[c] + shift[c];
+                    let want = if relu { y.max(0.0) } else { y };
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "{bsz} {ch} {p} {r} {relu} at {i}"
+                    );
+                }
+            }
         }
     }
 

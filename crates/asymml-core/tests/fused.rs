@@ -268,3 +268,104 @@ fn fused_resnet_matches_unfused() {
     net_case("resnet18-imagenet", 65, 8, 1);
     net_case("resnet18-imagenet", 64, 8, 2);
 }
+
+/// An executor that applies BatchNorm's map itself where the network offers it (as the split runtime does in
+/// its merge), counting the offers.
+struct Mapping {
+    offers: usize,
+}
+
+impl asymml_core::models::ConvExec for Mapping {
+    fn conv_forward(
+        &mut self,
+        conv: &mut asymml_core::layers::Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        train: bool,
+    ) -> asymml_core::Result<()> {
+        LocalExec.conv_forward(conv, x, y, train)
+    }
+
+    fn conv_forward_mapped(
+        &mut self,
+        conv: &mut asymml_core::layers::Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        map: asymml_core::layers::ChannelMap<'_>,
+    ) -> asymml_core::Result<bool> {
+        self.offers += 1;
+        LocalExec.conv_forward(conv, x, y, false)?;
+        let plane = y.shape[2] * y.shape[3];
+        for (i, row) in y.data.chunks_exact_mut(plane).enumerate() {
+            let c = i % map.channels();
+            row.iter_mut().for_each(|v| *v = map.apply(c, *v));
+        }
+        Ok(true)
+    }
+
+    fn conv_backward(
+        &mut self,
+        conv: &mut asymml_core::layers::Conv2d,
+        x: &Tensor,
+        dy: &Tensor,
+        dx: Option<&mut Tensor>,
+    ) -> asymml_core::Result<()> {
+        LocalExec.conv_backward(conv, x, dy, dx)
+    }
+}
+
+#[test]
+fn batchnorm_applied_by_the_conv_executor_equals_the_layer() {
+    // VGG11: three convs whose BatchNorm has no pooling after it (the first of each pair) are offered to the
+    // executor in inference; the others keep the BatchNorm → ReLU+MaxPool pass. ResNet18 (CIFAR style): the
+    // stem and both convs of every block. The results are BatchNorm's bit for bit (the same arithmetic),
+    // over two forwards (the offered convs' outputs change buffers), and nothing is offered in training (nor
+    // at the network's own nodes with fusion off).
+    for (name, offers) in [("vgg11", 3), ("resnet18", 17)] {
+        let mut rng = Rng::new(11);
+        let x = randn(&mut rng, &[2, 3, 32, 32]);
+        let build = |rng: &mut Rng| {
+            let mut net = ModelSpec::parse(name, 3, 10, 32).unwrap().build(7).unwrap();
+            let mut bns = Vec::new();
+            for node in &mut net.nodes {
+                match &mut node.layer {
+                    Layer::BatchNorm(b) => bns.push(b),
+                    Layer::Block(blk) => {
+                        bns.push(&mut blk.bn1);
+                        bns.push(&mut blk.bn2);
+                        if let Some((_, b)) = blk.downsample.as_mut() {
+                            bns.push(b);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            for b in bns {
+                let relu = b.relu;
+                *b = bn_with_params(b.channels, rng).with_relu(relu);
+            }
+            net
+        };
+        let mut plain = build(&mut Rng::new(3));
+        let mut mapped = build(&mut Rng::new(3));
+        let mut exec = Mapping { offers: 0 };
+        for round in 0..2 {
+            let want = plain.forward(&x, false, &mut LocalExec).unwrap().clone();
+            let got = mapped.forward(&x, false, &mut exec).unwrap().clone();
+            assert_eq!(want.data, got.data, "{name} round {round}");
+            assert_eq!(exec.offers, offers * (round + 1), "{name}");
+        }
+        // Training forwards use the batch's statistics: nothing is offered (both nets' running averages move
+        // alike).
+        plain.forward(&x, true, &mut LocalExec).unwrap();
+        mapped.forward(&x, true, &mut exec).unwrap();
+        assert_eq!(exec.offers, 2 * offers, "{name}");
+        if name == "vgg11" {
+            mapped.set_fusion(false);
+            let want = plain.forward(&x, false, &mut LocalExec).unwrap().clone();
+            let got = mapped.forward(&x, false, &mut exec).unwrap().clone();
+            assert_eq!(exec.offers, 2 * offers);
+            assert_eq!(want.data, got.data, "unfused");
+        }
+    }
+}

@@ -42,7 +42,7 @@ use asymml_core::freivalds::{
     lhs_pass_range, merge_into_lhs_pass_range, merge_lhs_pass_range, period_dot,
     scatter_offsets_rows, sum_squares, weight_grad_rows, Combined, Geo, Lhs, BLOCK,
 };
-use asymml_core::layers::Conv2d;
+use asymml_core::layers::{ChannelMap, Conv2d};
 use asymml_core::rng::Rng;
 use asymml_core::CoreError;
 use std::time::Instant;
@@ -539,8 +539,10 @@ impl Checker {
     }
 
     /// [`check_forward`](Self::check_forward) of `Y_U` as received (little-endian words in its frame, read in
-    /// place), adding it into `y` (which holds Y_T, and then Y = Y_T + Y_U) in the check's pass over it. `y`
-    /// must not be used if the check fails.
+    /// place), adding it into `y` (which holds Y_T, and then Y = Y_T + Y_U) in the check's pass over it; with
+    /// `map`, y then holds map(Y) (BatchNorm in inference, applied in the same pass). `y` must not be used if
+    /// the check fails.
+    #[allow(clippy::too_many_arguments)]
     pub fn check_forward_into(
         &mut self,
         conv: &Conv2d,
@@ -549,9 +551,11 @@ impl Checker {
         y_u: &[[u8; 4]],
         proj: Option<&mut Projection>,
         y: &mut [f32],
+        map: Option<ChannelMap<'_>>,
     ) -> Result<Result<(), Failure>, CoreError> {
         let b = x_shape.first().copied().unwrap_or(0);
-        self.check_forward_part_into(conv, x_u, x_shape, y_u, proj, y, (0, b))
+        let ys = YSide::MergeInto(y_u, y, map);
+        self.check_forward_side(conv, x_u, x_shape, ys, proj, (0, b), None)
     }
 
     /// [`check_forward_into`](Self::check_forward_into) of one part of a micro-batched forward (samples
@@ -568,7 +572,7 @@ impl Checker {
         y: &mut [f32],
         part: (usize, usize),
     ) -> Result<Result<(), Failure>, CoreError> {
-        let ys = YSide::MergeInto(y_u, y);
+        let ys = YSide::MergeInto(y_u, y, None);
         self.check_forward_side(conv, x_u, x_shape, ys, proj, part, None)
     }
 
@@ -588,7 +592,7 @@ impl Checker {
         y: &mut [f32],
     ) -> Result<Result<(), Failure>, CoreError> {
         let b = x_shape.first().copied().unwrap_or(0);
-        let ys = YSide::MergeInto(y_u, y);
+        let ys = YSide::MergeInto(y_u, y, None);
         let read = Some(conv.stride);
         let out = self.check_forward_side(
             conv,
@@ -626,7 +630,7 @@ impl Checker {
         }
         if g.b * g.n * g.hw() * g.m * g.p() == 0 {
             // An empty tensor on either side: nothing to compare (its shape was checked on receipt).
-            ys.merge_only();
+            ys.merge_only(g.p());
             if let (Some(pr), Some(t)) = (proj, &d.t) {
                 if part.0 == 0 {
                     pr.start(d.whole, t, self.reps);
@@ -792,8 +796,8 @@ impl Checker {
                 YSide::MergeInPlace(y_u, y_t) => {
                     merge_lhs_pass_range(y_u, y_t, g.b, g.m, px, r, &k, &mut lhs)
                 }
-                YSide::MergeInto(y_u, y) => {
-                    merge_into_lhs_pass_range(y_u, y, g.b, g.m, px, r, &k, &mut lhs)
+                YSide::MergeInto(y_u, y, map) => {
+                    merge_into_lhs_pass_range(y_u, y, g.b, g.m, px, r, &k, &mut lhs, *map)
                 }
                 YSide::Read(y_u) => lhs_pass_range(y_u, g.b, g.m, px, r, &k, &mut lhs),
             }
@@ -1026,8 +1030,9 @@ impl Checker {
 
     /// Finishes the streamed forward check of `conv` (begun on `x_shape`, every pixel's slab added) with Y_U
     /// as received (little-endian words in its frame, read in place), adding it into `y` (which holds Y_T,
-    /// and then Y) in the check's pass over it, as [`Checker::check_forward_into`] does. `proj`: the training
-    /// forward's projection for the ∇W_U check (required when the stream was begun with `train`).
+    /// and then Y, or map(Y) with `map`) in the check's pass over it, as [`Checker::check_forward_into`] does.
+    /// `proj`: the training forward's projection for the ∇W_U check (required when the stream was begun with
+    /// `train`).
     pub fn finish_forward_stream_into(
         &mut self,
         conv: &Conv2d,
@@ -1035,6 +1040,7 @@ impl Checker {
         y_u: &[[u8; 4]],
         proj: Option<&mut Projection>,
         y: &mut [f32],
+        map: Option<ChannelMap<'_>>,
     ) -> Result<Result<(), Failure>, CoreError> {
         let t0 = Instant::now();
         let st = match self.stream.take() {
@@ -1052,7 +1058,7 @@ impl Checker {
                 "integrity: a streamed check finished with or without its projection unlike it began".into(),
             ));
         }
-        let ys = YSide::MergeInto(y_u, y);
+        let ys = YSide::MergeInto(y_u, y, map);
         if !ys.sizes_are(g.b * g.m * g.p()) || st.next_oy != g.oh {
             return Err(CoreError::Shape("integrity: forward sizes differ".into()));
         }
@@ -1357,8 +1363,9 @@ enum YSide<'a> {
     Read(&'a [f32]),
     /// Y_T (the second) is added into the received values.
     MergeInPlace(&'a mut [f32], &'a [f32]),
-    /// The received values, as words of their frame, are added into Y_T's buffer.
-    MergeInto(&'a [[u8; 4]], &'a mut [f32]),
+    /// The received values, as words of their frame, are added into Y_T's buffer (and the sums then go through
+    /// the channel map, where there is one).
+    MergeInto(&'a [[u8; 4]], &'a mut [f32], Option<ChannelMap<'a>>),
 }
 
 impl YSide<'_> {
@@ -1366,19 +1373,26 @@ impl YSide<'_> {
         match self {
             YSide::Read(y) => y.len() == n,
             YSide::MergeInPlace(y, t) => y.len() == n && t.len() == n,
-            YSide::MergeInto(y, t) => y.len() == n && t.len() == n,
+            YSide::MergeInto(y, t, _) => y.len() == n && t.len() == n,
         }
     }
 
-    /// The merge alone (no values to check).
-    fn merge_only(self) {
+    /// The merge alone (no values to check), of planes of `plane` values ([B, M, plane]).
+    fn merge_only(self, plane: usize) {
         match self {
             YSide::Read(_) => {}
             YSide::MergeInPlace(y, t) => y.iter_mut().zip(t).for_each(|(o, t)| *o += t),
-            YSide::MergeInto(y, t) => t
-                .iter_mut()
-                .zip(y)
-                .for_each(|(o, w)| *o += f32::from_le_bytes(*w)),
+            YSide::MergeInto(y, t, map) => {
+                for (o, w) in t.iter_mut().zip(y) {
+                    *o += f32::from_le_bytes(*w);
+                }
+                if let Some(m) = map {
+                    for (i, row) in t.chunks_exact_mut(plane.max(1)).enumerate() {
+                        let c = i % m.channels().max(1);
+                        row.iter_mut().for_each(|v| *v = m.apply(c, *v));
+                    }
+                }
+            }
         }
     }
 }
@@ -1594,6 +1608,7 @@ mod tests {
                         &words(&y.data),
                         train.then_some(&mut p1),
                         &mut out1,
+                        None,
                     )
                     .unwrap();
                 streamed
@@ -1610,6 +1625,7 @@ mod tests {
                         &words(&y.data),
                         train.then_some(&mut p2),
                         &mut out2,
+                        None,
                     )
                     .unwrap();
                 same_check((r1, r2), (&out1, &out2), (&whole, &streamed));
@@ -1641,6 +1657,7 @@ mod tests {
                         &words(&moved(&y.data, p)),
                         None,
                         &mut out,
+                        None,
                     )
                     .unwrap()
                 };
@@ -1659,8 +1676,15 @@ mod tests {
                 ch.add_forward_slab(&all[0].1, 0).unwrap();
                 let mut out = y_t.clone();
                 assert!(
-                    ch.finish_forward_stream_into(&conv, &x.shape, &words(&y.data), None, &mut out)
-                        .is_err(),
+                    ch.finish_forward_stream_into(
+                        &conv,
+                        &x.shape,
+                        &words(&y.data),
+                        None,
+                        &mut out,
+                        None
+                    )
+                    .is_err(),
                     "unfinished"
                 );
             }
@@ -1694,6 +1718,7 @@ mod tests {
                         &words(&y.data),
                         train.then_some(&mut p1),
                         &mut out1,
+                        None,
                     )
                     .unwrap();
                 let r2 = part
@@ -1828,7 +1853,9 @@ mod tests {
                         let words: Vec<[u8; 4]> = got.iter().map(|v| v.to_le_bytes()).collect();
                         let mut out = y_t.clone();
                         let r = ch
-                            .check_forward_into(&conv, &x.data, &x.shape, &words, None, &mut out)
+                            .check_forward_into(
+                                &conv, &x.data, &x.shape, &words, None, &mut out, None,
+                            )
                             .unwrap();
                         let sums = got.iter().zip(&y_t).map(|(a, b)| a + b);
                         assert!(out.iter().copied().eq(sums), "the merge");
@@ -1898,7 +1925,9 @@ mod tests {
                         ),
                         _ => {
                             out.clone_from(&y_t);
-                            ch.check_forward_into(&conv, &x.data, &x.shape, &words, None, &mut out)
+                            ch.check_forward_into(
+                                &conv, &x.data, &x.shape, &words, None, &mut out, None,
+                            )
                         }
                     };
                     (res.unwrap(), out)

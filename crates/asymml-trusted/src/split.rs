@@ -16,7 +16,7 @@ use asymml_core::decomp::{
     decompose_factors_lean_with, decompose_shared_factors_with, light_svd_flops, BatchLowRank,
     RankPolicy, RankTable, SvdMethod, TableRank, TrustedConv,
 };
-use asymml_core::layers::Conv2d;
+use asymml_core::layers::{ChannelMap, Conv2d};
 use asymml_core::models::{ConvExec, Layer, Net, StreamPart};
 use asymml_core::rng::Rng;
 use asymml_core::{CoreError, Tensor};
@@ -373,6 +373,9 @@ pub struct SplitStats {
     pub in_frame_forwards: u64,
     /// Training conv forwards that never held the batch's V at once ([`SplitExec::set_lean_v_bytes`]).
     pub lean_forwards: u64,
+    /// Inference conv forwards whose BatchNorm was applied in the pass that checks and merges Y_U
+    /// ([`ConvExec::conv_forward_mapped`]).
+    pub mapped_forwards: u64,
     /// `auto_route`'s check of the whole step: the settled routes against every conv trusted.
     pub route_check: RouteCheck,
 }
@@ -915,6 +918,21 @@ impl<T: Transport> SplitExec<T> {
         train: bool,
         shared: Option<usize>,
     ) -> Result<(), CoreError> {
+        self.forward_split_mapped(conv, x, y, train, shared, None)
+            .map(drop)
+    }
+
+    /// [`Self::forward_split`], with BatchNorm's inference map `map` applied in the merge's pass where the conv
+    /// splits (see [`ConvExec::conv_forward_mapped`]). Returns whether it was applied (then `y` holds map(Y)).
+    fn forward_split_mapped(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        train: bool,
+        shared: Option<usize>,
+        map: Option<ChannelMap<'_>>,
+    ) -> Result<bool, CoreError> {
         let id = conv.id;
         let out_shape = conv.out_shape(&x.shape)?;
         self.none_in_flight()?;
@@ -931,7 +949,9 @@ impl<T: Transport> SplitExec<T> {
             match shared {
                 Some(from) if !self.layers[from].parts.is_empty() => {
                     self.leave_trusted_route(conv)?;
-                    return self.forward_shared_parts(conv, x, y, train, from);
+                    return self
+                        .forward_shared_parts(conv, x, y, train, from)
+                        .map(|()| false);
                 }
                 Some(from) => {
                     self.leave_trusted_route(conv)?;
@@ -963,11 +983,11 @@ impl<T: Transport> SplitExec<T> {
                 }
                 None => {
                     if !self.split_send(conv, x, y, train, false)? {
-                        return Ok(());
+                        return Ok(false);
                     }
                 }
             }
-            self.receive_split(conv, x, y, train, shared)
+            self.receive_split(conv, x, y, train, shared, map)
         })();
         res.map_err(|e: CoreError| e.at_conv(&self.layers[id].name))
     }
@@ -1294,7 +1314,8 @@ impl<T: Transport> SplitExec<T> {
     }
 
     /// The second half of a split forward: the accelerator's Y_U received, checked and added to Y_T in `y`
-    /// (X_U as sent in `self.residual`, or for a shortcut conv the block input's).
+    /// (X_U as sent in `self.residual`, or for a shortcut conv the block input's); with `map`, y then goes
+    /// through it where the check's pass merges (returns whether it did).
     fn receive_split(
         &mut self,
         conv: &Conv2d,
@@ -1302,7 +1323,8 @@ impl<T: Transport> SplitExec<T> {
         y: &mut Tensor,
         train: bool,
         shared: Option<usize>,
-    ) -> Result<(), CoreError> {
+        map: Option<ChannelMap<'_>>,
+    ) -> Result<bool, CoreError> {
         let id = conv.id;
         self.layers[id].shared_from = shared;
         if let Some(from) = shared {
@@ -1310,11 +1332,11 @@ impl<T: Transport> SplitExec<T> {
         }
         let what = format!("ConvForward(layer {id})");
         let frame = self.recv_conv_output(id)?;
-        let merged = self.merge_received(conv, &frame, x, y, train, &what);
+        let merged = self.merge_received(conv, &frame, x, y, train, &what, map);
         self.client.reuse_frame(frame);
-        merged?;
+        let mapped = merged?;
         self.count_split_forward(conv, &x.shape);
-        Ok(())
+        Ok(mapped)
     }
 }
 
@@ -1358,8 +1380,9 @@ impl<T: Transport> SplitExec<T> {
 
     /// Y = Y_T + Y_U into `y` (which holds Y_T), Y_U read from its frame in the pass that checks it against the
     /// trusted weights on the residual exactly as it was sent (for a shortcut conv, its block input's, still in
-    /// the scratch) — with checks on; else in a pass that refuses non-finite values. `y` is not to be used
-    /// when this fails.
+    /// the scratch) — with checks on; else in a pass that refuses non-finite values. With checks on and `map`,
+    /// that pass writes map(Y) instead (returns true). `y` is not to be used when this fails.
+    #[allow(clippy::too_many_arguments)]
     fn merge_received(
         &mut self,
         conv: &Conv2d,
@@ -1368,7 +1391,8 @@ impl<T: Transport> SplitExec<T> {
         y: &mut Tensor,
         train: bool,
         what: &str,
-    ) -> Result<(), CoreError> {
+        map: Option<ChannelMap<'_>>,
+    ) -> Result<bool, CoreError> {
         let id = conv.id;
         let y_u = frame.y_u();
         let out_shape = y.shape.clone();
@@ -1378,8 +1402,10 @@ impl<T: Transport> SplitExec<T> {
                 .add_into_checked(&out_shape, y)
                 .map_err(|e| bad_reply(what, e));
             self.count_merge(id, t0);
-            return r;
+            return r.map(|()| false);
         }
+        // The map goes into the check's pass only where the output is the whole conv's, in inference.
+        let map = map.filter(|m| !train && m.channels() == conv.out_ch);
         let words = y_u
             .words_unscanned(&out_shape)
             .map_err(|e| bad_reply(what, e))?;
@@ -1393,11 +1419,11 @@ impl<T: Transport> SplitExec<T> {
             let checked = self
                 .checked(id, |ch| {
                     let proj = train.then_some(&mut proj);
-                    ch.finish_forward_stream_into(conv, &x.shape, words, proj, &mut y.data)
+                    ch.finish_forward_stream_into(conv, &x.shape, words, proj, &mut y.data, map)
                 })
                 .map_err(name_found);
             self.layers[id].proj = proj;
-            return checked;
+            return checked.map(|()| map.is_some());
         }
         let residual = std::mem::take(&mut self.residual);
         let mut proj = std::mem::take(&mut self.layers[id].proj);
@@ -1415,7 +1441,7 @@ impl<T: Transport> SplitExec<T> {
                 if read_only {
                     ch.check_forward_read_into(conv, x_u, &x.shape, words, proj, y)
                 } else {
-                    ch.check_forward_into(conv, x_u, &x.shape, words, proj, y)
+                    ch.check_forward_into(conv, x_u, &x.shape, words, proj, y, map)
                 }
             })
             .map_err(name_found);
@@ -1425,7 +1451,7 @@ impl<T: Transport> SplitExec<T> {
         if self.layers[id].shared_from.is_none() {
             self.residual = residual;
         }
-        checked
+        checked.map(|()| map.is_some() && !read_only)
     }
 }
 
@@ -1438,6 +1464,24 @@ impl<T: Transport> ConvExec for SplitExec<T> {
         train: bool,
     ) -> Result<(), CoreError> {
         self.measured(conv.id, true, |s| s.forward_split(conv, x, y, train, None))
+    }
+
+    fn conv_forward_mapped(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        map: ChannelMap<'_>,
+    ) -> Result<bool, CoreError> {
+        let mut mapped = false;
+        self.measured(conv.id, true, |s| {
+            mapped = s.forward_split_mapped(conv, x, y, false, None, Some(map))?;
+            Ok(())
+        })?;
+        if mapped {
+            self.count(|s| s.mapped_forwards += 1);
+        }
+        Ok(mapped)
     }
 
     fn conv_forward_same_input(

@@ -836,3 +836,74 @@ fn basis_auto_tries_the_shared_basis_and_every_step_equals_trusted_only() {
         }
     }
 }
+
+#[test]
+fn batchnorm_in_the_merge_equals_trusted_only_and_a_lie_there_is_caught() {
+    // VGG11 at 32 px: convs 2, 4 and 6 have a BatchNorm with no pooling after it; ResNet18 (CIFAR style): the
+    // stem and both convs of every block. In inference the split runtime applies that BatchNorm in the pass
+    // that checks Y_U and adds it to Y_T (with the light SVD's X_U through a scratch tensor, and the block
+    // SVD's into its frame): the logits equal trusted-only's, and a lie in Y_U at such a conv is caught there.
+    use asymml_core::models::Layer;
+    for (name, mapped) in [("vgg11", 3), ("resnet18", 17)] {
+        for svd in [None, Some(block_svd())] {
+            let cfg = SplitConfig {
+                svd,
+                ..cfg("fixed:2", false, 0.0)
+            };
+            let (mut net, x, _) = model(name);
+            let mut rng = Rng::new(21);
+            let mut bns = Vec::new();
+            for node in &mut net.nodes {
+                match &mut node.layer {
+                    Layer::BatchNorm(b) => bns.push(b),
+                    Layer::Block(blk) => {
+                        bns.push(&mut blk.bn1);
+                        bns.push(&mut blk.bn2);
+                    }
+                    _ => {}
+                }
+            }
+            for b in bns {
+                for v in b.weight.value.data.iter_mut() {
+                    *v = rng.normal();
+                }
+                for v in b.bias.value.data.iter_mut() {
+                    *v = 0.5 * rng.normal();
+                }
+                for v in b.running_mean.data.iter_mut() {
+                    *v = 0.3 * rng.normal();
+                }
+                for v in b.running_var.data.iter_mut() {
+                    *v = 0.5 + rng.uniform();
+                }
+            }
+            let want = net.forward(&x, false, &mut LocalExec).unwrap().clone();
+            let (client, server) = inproc_pair();
+            let service = std::thread::spawn(move || Service::new(1).unwrap().serve(server));
+            let mut exec = SplitExec::connect(client, &mut net, cfg.clone()).unwrap();
+            let stats = exec.stats();
+            for round in 1..=2u64 {
+                let got = net.forward(&x, false, &mut exec).unwrap();
+                let scale = want.data.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+                for (a, b) in got.data.iter().zip(&want.data) {
+                    assert!((a - b).abs() <= 1e-4 * scale, "{name} {svd:?}: {a} vs {b}");
+                }
+                let n = stats.lock().unwrap().mapped_forwards;
+                assert_eq!(n, mapped * round, "{name} {svd:?}");
+            }
+            exec.shutdown().unwrap();
+            service.join().unwrap().unwrap();
+            for layer in [2u32, 4] {
+                let (res, all) = run_all_stats(name, cfg.clone(), Tamper::Output(0.1), layer, 0);
+                let err =
+                    res.expect_err(&format!("{name}: a lie at conv {layer} passed ({svd:?})"));
+                assert!(
+                    matches!(err, CoreError::Integrity { .. }),
+                    "{name} conv {layer}: not an integrity error: {err}"
+                );
+                assert_eq!(all.integrity.failures, 1);
+                assert!(all.mapped_forwards < mapped, "{name} conv {layer}");
+            }
+        }
+    }
+}

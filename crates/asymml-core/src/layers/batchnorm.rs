@@ -5,6 +5,35 @@ use crate::error::{CoreError, Result};
 use crate::tensor::Tensor;
 use rayon::prelude::*;
 
+/// A per-channel map y = x·scale[c] + shift[c], then ReLU where `relu`: what [`BatchNorm2d::forward`] computes in
+/// inference, given to a conv's executor so that it can apply it as it writes the conv's output
+/// ([`crate::models::ConvExec::conv_forward_mapped`]). The arithmetic is BatchNorm's own (a product, then a sum,
+/// each rounded), so the values are the same bit for bit.
+#[derive(Clone, Copy, Debug)]
+pub struct ChannelMap<'a> {
+    pub scale: &'a [f32],
+    pub shift: &'a [f32],
+    pub relu: bool,
+}
+
+impl ChannelMap<'_> {
+    /// The map of channel `c` applied to `v`.
+    #[inline(always)]
+    pub fn apply(&self, c: usize, v: f32) -> f32 {
+        let y = v * self.scale[c] + self.shift[c];
+        if self.relu {
+            y.max(0.0)
+        } else {
+            y
+        }
+    }
+
+    /// The number of channels.
+    pub fn channels(&self) -> usize {
+        self.scale.len().min(self.shift.len())
+    }
+}
+
 /// BatchNorm2d over channels of an NCHW tensor: weight γ [C], bias β [C], running mean/var [C]; with `relu`
 /// set, BatchNorm2d followed by ReLU in one pass (backward recomputes the ReLU mask from the input).
 pub struct BatchNorm2d {
@@ -261,13 +290,7 @@ impl BatchNorm2d {
             }
             self.num_batches_tracked += 1;
         } else {
-            self.mean = self.running_mean.data.clone();
-            self.invstd = self
-                .running_var
-                .data
-                .iter()
-                .map(|v| 1.0 / (v + self.eps).sqrt())
-                .collect();
+            self.running_stats();
         }
         self.affine();
         Ok((cn, hw))
@@ -276,6 +299,30 @@ impl BatchNorm2d {
     /// The per-channel (scale, shift) of the last forward: y = x·scale + shift (before the fused ReLU).
     pub(crate) fn affine_map(&self) -> (&[f32], &[f32]) {
         (&self.scale, &self.shift)
+    }
+
+    /// The inference forward's map ([`BatchNorm2d::forward`] with `train` false, as a [`ChannelMap`]): the
+    /// statistics are the running averages, made ready as that forward would make them.
+    pub fn inference_map(&mut self) -> ChannelMap<'_> {
+        self.batch_stats = false;
+        self.running_stats();
+        self.affine();
+        ChannelMap {
+            scale: &self.scale,
+            shift: &self.shift,
+            relu: self.relu,
+        }
+    }
+
+    /// The statistics of an inference forward: the running averages.
+    fn running_stats(&mut self) {
+        self.mean = self.running_mean.data.clone();
+        self.invstd = self
+            .running_var
+            .data
+            .iter()
+            .map(|v| 1.0 / (v + self.eps).sqrt())
+            .collect();
     }
 
     /// Per-channel y = x·scale + shift of the current statistics and γ, β.

@@ -14,7 +14,7 @@ pub mod pool;
 pub(crate) mod winograd;
 
 pub use activation::Relu;
-pub use batchnorm::BatchNorm2d;
+pub use batchnorm::{BatchNorm2d, ChannelMap};
 pub use conv::{Conv2d, Conv2dConfig};
 pub use dropout::Dropout;
 pub use linear::Linear;

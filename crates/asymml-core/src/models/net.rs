@@ -6,7 +6,8 @@ use crate::error::{CoreError, Result};
 use crate::layers::fused;
 use crate::layers::loss::SoftmaxCrossEntropy;
 use crate::layers::{
-    AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, Conv2d, Dropout, Linear, MaxPool2d, Param, Relu,
+    AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, ChannelMap, Conv2d, Dropout, Linear, MaxPool2d,
+    Param, Relu,
 };
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -36,6 +37,22 @@ pub trait ConvExec {
     ) -> Result<()> {
         let _ = same_input_as;
         self.conv_forward(conv, x, y, train)
+    }
+    /// An inference forward of `conv` whose output goes next through BatchNorm's inference map `map`: the
+    /// executor may apply the map as it writes `y` (returns true: `y` holds the map's output), or not (false:
+    /// `y` holds the conv's output, and BatchNorm runs as usual). The split runtime applies it in the pass that
+    /// checks the accelerator's part and adds it to its own, so BatchNorm's pass over the output is saved. The
+    /// default runs [`ConvExec::conv_forward`] and does not.
+    fn conv_forward_mapped(
+        &mut self,
+        conv: &mut Conv2d,
+        x: &Tensor,
+        y: &mut Tensor,
+        map: ChannelMap<'_>,
+    ) -> Result<bool> {
+        let _ = map;
+        self.conv_forward(conv, x, y, false)?;
+        Ok(false)
     }
     /// x: [B, C, H, W], dy: [B, M, OH, OW] → dx (if asked); accumulates the conv's ∇W (and ∇b).
     fn conv_backward(
@@ -357,6 +374,19 @@ impl Net {
         }
     }
 
+    /// Whether nodes i, i + 1 are a conv and a BatchNorm of its output channels that an inference forward may
+    /// give to the executor as one ([`ConvExec::conv_forward_mapped`]): not where the BatchNorm is fused with
+    /// the pooling after it (that pass reads the conv's output once already and writes a quarter of it).
+    fn mappable(&self, i: usize, train: bool) -> bool {
+        if train || !self.fuse || i + 1 >= self.nodes.len() || self.fusable(i + 1, train) {
+            return false;
+        }
+        match (&self.nodes[i].layer, &self.nodes[i + 1].layer) {
+            (Layer::Conv(c), Layer::BatchNorm(b)) => b.channels == c.out_ch,
+            _ => false,
+        }
+    }
+
     /// Turns per-node timing on (counters reset to zero) or off.
     pub fn set_profiling(&mut self, on: bool) {
         self.node_times = on.then(|| vec![NodeTime::default(); self.nodes.len()]);
@@ -540,6 +570,27 @@ impl Net {
                 self.add_time(i, t0, false);
                 i += 2;
                 continue;
+            }
+            if self.mappable(i, train) && i + 2 < acts.len() && i + 1 < range.end {
+                // Conv → BatchNorm (no pooling fused after it) in inference: the executor may apply
+                // BatchNorm's map as it writes the conv's output; then BatchNorm's output is in acts[i + 2]
+                // and its node is done. The time goes to the conv node.
+                let (lo, hi) = self.nodes.split_at_mut(i + 1);
+                if let (Layer::Conv(c), Layer::BatchNorm(b)) = (&mut lo[i].layer, &mut hi[0].layer)
+                {
+                    let (before, after) = acts.split_at_mut(i + 1);
+                    let mapped = exec
+                        .conv_forward_mapped(c, &before[i], &mut after[0], b.inference_map())
+                        .map_err(|e| in_layer(&lo[i].name, e))?;
+                    self.add_time(i, t0, false);
+                    if mapped {
+                        after.swap(0, 1);
+                        i += 2;
+                    } else {
+                        i += 1;
+                    }
+                    continue;
+                }
             }
             let (before, after) = acts.split_at_mut(i + 1);
             let (input, out) = (&before[i], &mut after[0]);

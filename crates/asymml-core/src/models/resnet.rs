@@ -144,8 +144,15 @@ impl BasicBlock {
         train: bool,
         exec: &mut dyn ConvExec,
     ) -> Result<()> {
-        exec.conv_forward(&mut self.conv1, x, &mut self.t1, train)
-            .map_err(|e| in_layer("conv1", e))?;
+        // In inference the executor may apply bn1 (and bn2) as it writes conv1's (conv2's) output
+        // (`ConvExec::conv_forward_mapped`); their outputs then go where the BatchNorms would have put them.
+        let mapped1 = if train {
+            exec.conv_forward(&mut self.conv1, x, &mut self.t1, train)
+                .map(|()| false)
+        } else {
+            exec.conv_forward_mapped(&mut self.conv1, x, &mut self.t1, self.bn1.inference_map())
+        }
+        .map_err(|e| in_layer("conv1", e))?;
         if let Some((c, b)) = self.downsample.as_mut() {
             // The shortcut reads the block input, as conv1 just did: the split runtime reuses its decomposition.
             exec.conv_forward_same_input(c, x, &mut self.s1, train, self.conv1.id)
@@ -153,10 +160,28 @@ impl BasicBlock {
             b.forward(&self.s1, &mut self.s2, train)?;
         }
         // bn1 has ReLU fused
-        self.bn1.forward(&self.t1, &mut self.t3, train)?;
-        exec.conv_forward(&mut self.conv2, &self.t3, &mut self.t4, train)
-            .map_err(|e| in_layer("conv2", e))?;
-        self.bn2.forward(&self.t4, out, train)?;
+        if mapped1 {
+            std::mem::swap(&mut self.t1, &mut self.t3);
+        } else {
+            self.bn1.forward(&self.t1, &mut self.t3, train)?;
+        }
+        let mapped2 = if train {
+            exec.conv_forward(&mut self.conv2, &self.t3, &mut self.t4, train)
+                .map(|()| false)
+        } else {
+            exec.conv_forward_mapped(
+                &mut self.conv2,
+                &self.t3,
+                &mut self.t4,
+                self.bn2.inference_map(),
+            )
+        }
+        .map_err(|e| in_layer("conv2", e))?;
+        if mapped2 {
+            std::mem::swap(&mut self.t4, out);
+        } else {
+            self.bn2.forward(&self.t4, out, train)?;
+        }
         let shortcut = if self.downsample.is_some() {
             &self.s2
         } else {

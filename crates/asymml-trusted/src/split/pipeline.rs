@@ -182,8 +182,10 @@ impl<T: Transport> SplitExec<T> {
             None => Ok(()),
             Some(c) if c == id => {
                 self.in_flight[p] = None;
-                self.with_part_residual(p, |s| s.receive_split(conv, x, y, false, None))
-                    .map_err(|e| e.at_conv(&self.layers[id].name))
+                self.with_part_residual(p, |s| {
+                    s.receive_split(conv, x, y, false, None, None).map(drop)
+                })
+                .map_err(|e| e.at_conv(&self.layers[id].name))
             }
             Some(c) => Err(CoreError::Invalid(format!(
                 "streamed forward: conv {id} of part {p} finished while conv {c}'s reply is due"
