@@ -741,6 +741,10 @@ pub fn merge_into_lhs_pass_range(
 ) {
     lhs_start(src.len(), bsz, ch, px, r, k, out);
     assert_eq!(dst.len(), src.len(), "merge_into_lhs_pass: destination's size");
+    assert!(
+        map.is_none_or(|m| m.channels() >= ch),
+        "merge_into_lhs_pass: a channel map of fewer than {ch} channels"
+    );
     #[cfg(target_arch = "x86_64")]
     if r == 2 && !src.is_empty() {
         // SAFETY: `src` is a live shared slice of `src.len()` words, only read (x86-64 is little-endian, so each
