@@ -229,6 +229,9 @@ pub struct Net {
     /// parts are gathered; empty after a forward that was not streamed (so non-empty: the last forward was
     /// streamed, and there is nothing to run a backward on).
     part_acts: Vec<Vec<Tensor>>,
+    /// The last forward had a conv whose executor applied the BatchNorm after it
+    /// ([`ConvExec::conv_forward_mapped`]): the conv's own output was not kept, so no backward can follow.
+    mapped: bool,
 }
 
 /// Time spent in one node (see [`Net::set_profiling`]).
@@ -345,6 +348,7 @@ impl Net {
             fuse: true,
             fused: Vec::new(),
             part_acts: Vec::new(),
+            mapped: false,
         };
         let mut id = 0;
         net.visit_convs(&mut |_, c| {
@@ -534,6 +538,7 @@ impl Net {
             }
         }
         self.part_acts = Vec::new();
+        self.mapped = false;
         self.acts.resize_with(n + 1, Tensor::default);
         self.acts[0].copy_from(x);
         self.fused.clear();
@@ -585,6 +590,7 @@ impl Net {
                     self.add_time(i, t0, false);
                     if mapped {
                         after.swap(0, 1);
+                        self.mapped = true;
                         i += 2;
                     } else {
                         i += 1;
@@ -805,6 +811,12 @@ impl Net {
         if !self.part_acts.is_empty() {
             return Err(CoreError::Invalid(
                 "backward: the last forward was an inference forward in parts; run a training forward first"
+                    .into(),
+            ));
+        }
+        if self.mapped {
+            return Err(CoreError::Invalid(
+                "backward: the last forward was an inference forward whose BatchNorm was applied with its convs; run a training forward first"
                     .into(),
             ));
         }

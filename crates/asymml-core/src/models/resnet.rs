@@ -25,6 +25,9 @@ pub struct BasicBlock {
     t4: Tensor,
     s1: Tensor,
     s2: Tensor,
+    /// The last forward's executor applied bn1 or bn2 with its conv ([`ConvExec::conv_forward_mapped`]): that
+    /// conv's own output was not kept, so no backward can follow.
+    mapped: bool,
     // backward scratch
     g1: Tensor,
     g2: Tensor,
@@ -82,6 +85,7 @@ impl BasicBlock {
             t4: Tensor::default(),
             s1: Tensor::default(),
             s2: Tensor::default(),
+            mapped: false,
             g1: Tensor::default(),
             g2: Tensor::default(),
             g3: Tensor::default(),
@@ -182,6 +186,7 @@ impl BasicBlock {
         } else {
             self.bn2.forward(&self.t4, out, train)?;
         }
+        self.mapped = mapped1 || mapped2;
         let shortcut = if self.downsample.is_some() {
             &self.s2
         } else {
@@ -206,6 +211,13 @@ impl BasicBlock {
         dx: &mut Tensor,
         exec: &mut dyn ConvExec,
     ) -> Result<()> {
+        if self.mapped {
+            return Err(crate::CoreError::Invalid(
+                "block backward: the last forward was an inference forward whose BatchNorms were applied with \
+                 their convs; run a training forward first"
+                    .into(),
+            ));
+        }
         // g1 = ∇(sum before the final ReLU)
         self.relu.backward(out, dy, &mut self.g1);
         self.bn2.backward(&self.t4, &self.g1, &mut self.g2)?;
