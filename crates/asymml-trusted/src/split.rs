@@ -281,6 +281,15 @@ impl RouteCosts {
         self.spent = 0.0;
     }
 
+    /// Notes the route of the step being measured: the trusted one, or the split with the shared basis
+    /// (`shared`) or the per-sample one. The shared basis's cost is kept apart only while both bases are on
+    /// trial (`try_shared`); a basis the configuration forces (`--basis shared`) is simply the split's, so
+    /// that its trials count as the split's and the routes settle.
+    fn take_route(&mut self, trusted: bool, shared: bool) {
+        self.current = Some(trusted);
+        self.current_shared = !trusted && shared && self.try_shared;
+    }
+
     /// Steps closed so far, every route.
     fn steps(&self) -> u32 {
         self.split.1 + self.shared.1 + self.trusted.1
@@ -1701,8 +1710,11 @@ impl<T: Transport> SplitExec<T> {
         if let Some(l) = self.layers.get_mut(id) {
             if takes_route {
                 let trusted = l.trusted_route && !std::mem::take(&mut l.kept_all);
-                l.costs.current = (!forced).then_some(trusted);
-                l.costs.current_shared = !trusted && l.split_shared;
+                if forced {
+                    l.costs.current = None;
+                } else {
+                    l.costs.take_route(trusted, l.split_shared);
+                }
             }
             l.costs.spent += cost.max(0.0);
         }
@@ -2119,6 +2131,43 @@ mod tests {
         // Closing twice counts a step once.
         c.close_step();
         assert_eq!(c.trusted.1, 4);
+    }
+
+    /// With the shared basis forced (`--basis shared`, not on trial beside the per-sample one), its steps are
+    /// the split's: after three of them and three trusted ones the routes settle, on the cheaper. (Counted
+    /// apart as the shared basis's, the split's trials never ended, and no conv ever took the trusted route.)
+    #[test]
+    fn a_forced_shared_basis_counts_as_the_split_and_the_routes_settle() {
+        let mut c = RouteCosts::default();
+        for (i, cost) in [5.0, 4.0, 4.2].into_iter().enumerate() {
+            c.close_step();
+            assert!(!c.prefers_trusted(), "split step {i}");
+            c.take_route(false, true);
+            c.spent = cost;
+        }
+        for (i, cost) in [3.0, 2.5, 2.6].into_iter().enumerate() {
+            c.close_step();
+            assert!(c.prefers_trusted(), "trusted step {i}");
+            assert_eq!(c.last_trusted_trial(), i == 2, "trusted trial {i}");
+            c.take_route(true, false);
+            c.spent = cost;
+        }
+        c.close_step();
+        assert_eq!(
+            (c.split, c.shared, c.trusted),
+            ((4.0, 3), (0.0, 0), (2.5, 3))
+        );
+        assert!(c.settled());
+        assert!(c.prefers_trusted(), "the trusted route is cheaper");
+        // On trial beside the per-sample basis, the shared basis's steps are counted apart.
+        let mut c = RouteCosts {
+            try_shared: true,
+            ..RouteCosts::default()
+        };
+        c.take_route(false, true);
+        c.spent = 1.0;
+        c.close_step();
+        assert_eq!((c.split.1, c.shared), (0, (1.0, 1)));
     }
 
     #[test]
