@@ -1120,3 +1120,59 @@ fn auto_route_puts_every_conv_on_the_trusted_route_where_the_whole_split_step_co
         );
     }
 }
+
+#[test]
+fn auto_route_settles_and_checks_the_whole_step_with_every_basis() {
+    // `--route auto` must settle every conv and check the whole step whatever the basis. With `--basis shared` (the
+    // shared basis forced, not on trial beside the per-sample one) its steps were counted as such a trial,
+    // which only `--basis auto` ends: no conv ever settled or took the trusted route, however much cheaper
+    // it was there, and the whole step was never checked.
+    use asymml_core::decomp::{RankPolicy, SvdMethod};
+    use asymml_core::models::{ConvExec, ModelSpec};
+    use asymml_protocol::inproc_pair;
+    use asymml_trusted::split::{Basis, SplitConfig, SplitExec};
+    let mut rng = asymml_core::rng::Rng::new(7);
+    let x = asymml_core::Tensor::from_vec(
+        &[4, 3, 32, 32],
+        (0..4 * 3 * 1024).map(|_| rng.normal()).collect(),
+    )
+    .unwrap();
+    let cases = [
+        (Basis::PerSample, RankPolicy::Fixed(2)),
+        (Basis::Shared, RankPolicy::Fixed(2)),
+        (Basis::Shared, RankPolicy::ASYM2),
+        (Basis::Auto, RankPolicy::ASYM2),
+    ];
+    for (basis, policy) in cases {
+        let mut net = ModelSpec::parse("vgg11", 3, 10, 32)
+            .unwrap()
+            .build(3)
+            .unwrap();
+        let (client, server) = inproc_pair();
+        let server =
+            std::thread::spawn(move || asymml_untrusted::Service::new(1).unwrap().serve(server));
+        let config = SplitConfig {
+            policy,
+            basis,
+            svd: Some(SvdMethod::block()),
+            auto_route: true,
+            ..Default::default()
+        };
+        let steps = config.probe_steps() + 2;
+        let mut exec = SplitExec::connect(client, &mut net, config).unwrap();
+        let stats = exec.stats();
+        for _ in 0..steps {
+            net.forward(&x, false, &mut exec).unwrap();
+            exec.step_end();
+        }
+        exec.shutdown().unwrap();
+        server.join().unwrap().unwrap();
+        let check = stats.lock().unwrap().route_check.clone();
+        // Steps with every conv trusted are measured once every conv has settled (and only those where they
+        // all settled there); before, nothing is.
+        assert!(
+            check.trusted_s.is_some(),
+            "{basis:?} {policy:?}: the convs never settled, the whole step was never checked: {check:?}"
+        );
+    }
+}
