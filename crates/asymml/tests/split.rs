@@ -956,6 +956,34 @@ fn slow_weights<T: asymml_protocol::Transport>(
     }
 }
 
+/// VGG11 (32 px, random weights of seed 3) through a split runtime of `config` over an in-process accelerator:
+/// `config.probe_steps() + 2` inference forwards of `x`, `after_step` after each; the step check's report.
+fn route_check_of_forwards(
+    config: asymml_trusted::split::SplitConfig,
+    x: &asymml_core::Tensor,
+    after_step: &dyn Fn(&mut asymml_trusted::split::SplitExec<asymml_protocol::InProcTransport>),
+) -> asymml_trusted::split::RouteCheck {
+    use asymml_core::models::ModelSpec;
+    let mut net = ModelSpec::parse("vgg11", 3, 10, 32)
+        .unwrap()
+        .build(3)
+        .unwrap();
+    let (client, server) = asymml_protocol::inproc_pair();
+    let server =
+        std::thread::spawn(move || asymml_untrusted::Service::new(1).unwrap().serve(server));
+    let steps = config.probe_steps() + 2;
+    let mut exec = asymml_trusted::split::SplitExec::connect(client, &mut net, config).unwrap();
+    let stats = exec.stats();
+    for _ in 0..steps {
+        net.forward(x, false, &mut exec).unwrap();
+        after_step(&mut exec);
+    }
+    exec.shutdown().unwrap();
+    server.join().unwrap().unwrap();
+    let check = stats.lock().unwrap().route_check.clone();
+    check
+}
+
 #[test]
 fn the_whole_steps_clock_stops_at_the_steps_end() {
     // What runs between two steps (here a 400 ms pause; in `bench --interleave` another run's step) is not the
@@ -963,9 +991,8 @@ fn the_whole_steps_clock_stops_at_the_steps_end() {
     // step's first conv, and the pause is counted. (A step here takes some 10–30 ms; the pause leaves room
     // for a busy machine.)
     use asymml_core::decomp::RankPolicy;
-    use asymml_core::models::{ConvExec, ModelSpec};
-    use asymml_protocol::inproc_pair;
-    use asymml_trusted::split::{RouteCheck, SplitConfig, SplitExec};
+    use asymml_core::models::ConvExec;
+    use asymml_trusted::split::{RouteCheck, SplitConfig};
     let pause = std::time::Duration::from_millis(400);
     let mut rng = asymml_core::rng::Rng::new(5);
     let x = asymml_core::Tensor::from_vec(
@@ -974,32 +1001,17 @@ fn the_whole_steps_clock_stops_at_the_steps_end() {
     )
     .unwrap();
     let run = |tell_end: bool| -> RouteCheck {
-        let mut net = ModelSpec::parse("vgg11", 3, 10, 32)
-            .unwrap()
-            .build(3)
-            .unwrap();
-        let (client, server) = inproc_pair();
-        let server =
-            std::thread::spawn(move || asymml_untrusted::Service::new(1).unwrap().serve(server));
         let config = SplitConfig {
             policy: RankPolicy::Fixed(2),
             auto_route: true,
             ..Default::default()
         };
-        let steps = config.probe_steps() + 2;
-        let mut exec = SplitExec::connect(client, &mut net, config).unwrap();
-        let stats = exec.stats();
-        for _ in 0..steps {
-            net.forward(&x, false, &mut exec).unwrap();
+        route_check_of_forwards(config, &x, &|exec| {
             if tell_end {
                 exec.step_end();
             }
             std::thread::sleep(pause);
-        }
-        exec.shutdown().unwrap();
-        server.join().unwrap().unwrap();
-        let check = stats.lock().unwrap().route_check.clone();
-        check
+        })
     };
     let told = run(true);
     let costs = |c: &RouteCheck| {
@@ -1123,14 +1135,13 @@ fn auto_route_puts_every_conv_on_the_trusted_route_where_the_whole_split_step_co
 
 #[test]
 fn auto_route_settles_and_checks_the_whole_step_with_every_basis() {
-    // `--route auto` must settle every conv and check the whole step whatever the basis. With `--basis shared` (the
-    // shared basis forced, not on trial beside the per-sample one) its steps were counted as such a trial,
-    // which only `--basis auto` ends: no conv ever settled or took the trusted route, however much cheaper
-    // it was there, and the whole step was never checked.
+    // `--route auto` must settle every conv and check the whole step whatever the basis. With `--basis shared`
+    // (the shared basis forced, not on trial beside the per-sample one) its steps were counted as such a
+    // trial, which only `--basis auto` ends: no conv ever settled or took the trusted route, however much
+    // cheaper it was there, and the whole step was never checked.
     use asymml_core::decomp::{RankPolicy, SvdMethod};
-    use asymml_core::models::{ConvExec, ModelSpec};
-    use asymml_protocol::inproc_pair;
-    use asymml_trusted::split::{Basis, SplitConfig, SplitExec};
+    use asymml_core::models::ConvExec;
+    use asymml_trusted::split::{Basis, SplitConfig};
     let mut rng = asymml_core::rng::Rng::new(7);
     let x = asymml_core::Tensor::from_vec(
         &[4, 3, 32, 32],
@@ -1144,13 +1155,6 @@ fn auto_route_settles_and_checks_the_whole_step_with_every_basis() {
         (Basis::Auto, RankPolicy::ASYM2),
     ];
     for (basis, policy) in cases {
-        let mut net = ModelSpec::parse("vgg11", 3, 10, 32)
-            .unwrap()
-            .build(3)
-            .unwrap();
-        let (client, server) = inproc_pair();
-        let server =
-            std::thread::spawn(move || asymml_untrusted::Service::new(1).unwrap().serve(server));
         let config = SplitConfig {
             policy,
             basis,
@@ -1158,16 +1162,7 @@ fn auto_route_settles_and_checks_the_whole_step_with_every_basis() {
             auto_route: true,
             ..Default::default()
         };
-        let steps = config.probe_steps() + 2;
-        let mut exec = SplitExec::connect(client, &mut net, config).unwrap();
-        let stats = exec.stats();
-        for _ in 0..steps {
-            net.forward(&x, false, &mut exec).unwrap();
-            exec.step_end();
-        }
-        exec.shutdown().unwrap();
-        server.join().unwrap().unwrap();
-        let check = stats.lock().unwrap().route_check.clone();
+        let check = route_check_of_forwards(config, &x, &|exec| exec.step_end());
         // Steps with every conv trusted are measured once every conv has settled (and only those where they
         // all settled there); before, nothing is.
         assert!(
