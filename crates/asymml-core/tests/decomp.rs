@@ -244,16 +244,18 @@ fn conv_t_routes_on_larger_maps_add_up() {
 
 #[test]
 fn conv_t_through_w_prime_by_winograd_and_in_column_blocks_adds_up() {
-    // Through W' with r ≥ 8 on a 3×3 stride-1 pad-1 conv: the conv of V_b runs by Winograd (per-sample and
-    // batch-shared W'). With r = 2 on a 48×48 map (P = 2304 output pixels) and r = 3 on 50×50 the im2col
-    // product runs in bands of output rows, the last one partial; with the block method the backward makes
-    // each V_b again from x (V let go after the forward). On 41×41 (21 × 21 tiles), with V let go, the forward
-    // by Winograd makes V_b a few rows at a time for two bands of tiles.
+    // Through W' with r ≥ 24 on a 3×3 stride-1 pad-1 conv: the conv of V_b runs by Winograd (per-sample and
+    // batch-shared W'; the routes are asserted in `trusted.rs`). With r = 8 on 12×12, r = 2 on a 48×48 map
+    // (P = 2304 output pixels) and r = 3 on 50×50 the im2col product runs in bands of output rows, the last
+    // one partial; with the block method the backward makes each V_b again from x (V let go after the forward).
+    // On 41×41 (21 × 21 tiles), with V let go, the forward by Winograd makes V_b a few rows at a time for two
+    // bands of tiles.
     let mut rng = Rng::new(21);
     let mut tc = TrustedConv::new();
     for (n, side, r, m) in [
+        (32, 12, 24, 16),
+        (32, 41, 24, 8),
         (32, 12, 8, 16),
-        (16, 41, 8, 8),
         (8, 48, 2, 6),
         (8, 50, 3, 4),
     ] {

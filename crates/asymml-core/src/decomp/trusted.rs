@@ -203,9 +203,11 @@ impl Geo {
         self.k == 1 && self.s == 1 && self.pad == 0
     }
 
-    /// True when the conv of V_b (r channels) by W'_b suits Winograd F(2×2, 3×3) (r ≥ 8 channels).
+    /// True when the conv of V_b (r channels) by W'_b goes by Winograd F(2×2, 3×3): where it suits, from
+    /// [`V_WINOGRAD_MIN_R`] channels.
     fn v_winograd(&self) -> bool {
-        winograd::suits(self.k, self.s, self.pad, self.r, self.h, self.w)
+        self.r >= V_WINOGRAD_MIN_R
+            && winograd::suits(self.k, self.s, self.pad, self.r, self.h, self.w)
     }
 
     /// The forward pass's route. Costs are weighed as multiply-adds at the speeds measured here: GEMMs over
@@ -883,6 +885,16 @@ impl TrustedConv {
     }
 }
 
+/// Fewest channels of V_b for which its conv goes by Winograd rather than by im2col bands. Winograd does 2.25
+/// times fewer multiply-adds, but its 16 transform-domain products of r-channel GEMMs per tile of four outputs
+/// are written and read again; with few channels that traffic costs more than the multiply-adds saved. Conv_T
+/// at batch 8, one thread, Winograd against im2col bands (`tconv_speed`, least of 30 calls, runs alternated):
+/// 128 → 128 channels at 112², r = 8: 32.4–43.9 against 23.4–24.6 ms; 128 → 256 at 56², r = 16: 29.3–32.6
+/// against 23.9–34.3 ms (24.6 against 27.7–28.1 at 256 → 256); r = 24: alike (36.6 against 36.7–40.7 ms at
+/// 56², 22.6–34.2 against 23.3–34.5 at 28²); r = 32: Winograd faster (38.4–43.7 against 47.6–48.4 ms at 56²,
+/// 26.5–28.3 against 29.8–34.9 at 28²).
+const V_WINOGRAD_MIN_R: usize = 24;
+
 /// Output columns per GEMM of the conv of V_b through W' (see `forward`).
 const COL_BLOCK: usize = 2048;
 
@@ -1000,5 +1012,52 @@ fn im2col_rows(v: &[f32], channels: usize, g: &Geo, oy0: usize, oy1: usize, col:
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 3 × 3 stride-1 pad-1 conv from `n` to `m` channels over `b` samples of H = W = `side`, at rank `r`.
+    fn geo(b: usize, n: usize, m: usize, side: usize, r: usize) -> Geo {
+        Geo {
+            b,
+            m,
+            n,
+            r,
+            h: side,
+            w: side,
+            k: 3,
+            s: 1,
+            pad: 1,
+            oh: side,
+            ow: side,
+            shared: false,
+        }
+    }
+
+    #[test]
+    fn the_conv_of_v_goes_by_winograd_only_from_its_least_rank() {
+        let through = |winograd| Fwd::ThroughV { winograd };
+        // VGG16 at 224 px, the schedule's ranks: im2col bands below V_WINOGRAD_MIN_R channels of V.
+        assert_eq!(geo(8, 128, 128, 112, 8).forward_route(), through(false));
+        assert_eq!(geo(8, 128, 256, 56, 16).forward_route(), through(false));
+        assert_eq!(geo(8, 256, 256, 56, 32).forward_route(), through(true));
+        assert_eq!(geo(8, 256, 512, 28, 32).forward_route(), through(true));
+        assert_eq!(
+            geo(8, 256, 256, 56, V_WINOGRAD_MIN_R).forward_route(),
+            through(true)
+        );
+        assert_eq!(
+            geo(8, 256, 256, 56, V_WINOGRAD_MIN_R - 1).forward_route(),
+            through(false)
+        );
+        // The shapes `tests/decomp.rs` takes through each way (conv_t_through_w_prime_by_winograd_...).
+        assert_eq!(geo(2, 32, 16, 12, 24).forward_route(), through(true));
+        assert_eq!(geo(2, 32, 8, 41, 24).forward_route(), through(true));
+        assert_eq!(geo(2, 32, 16, 12, 8).forward_route(), through(false));
+        // A map too small for Winograd stays on im2col whatever the rank.
+        assert_eq!(geo(8, 64, 64, 1, 32).forward_route(), Fwd::DirectBatched);
     }
 }
