@@ -1,6 +1,8 @@
 //! Times Conv_T (`TrustedConv::forward`, batch 8) on the shapes of VGG16's convs at 224 px with the schedule's
 //! ranks, and its weight gradient ∇W_T, beside the full conv of X and the full conv of an r-channel input (a tuning aid, not a test; random
-//! data: the timing does not depend on it). An argument times one shape only, 30 times.
+//! data: the timing does not depend on it). An argument times one shape only, 30 times. Without one, the last
+//! line sums each column over VGG16's twelve convs after its first (a shape counted as often as VGG16 has it):
+//! what the split's trusted convs cost at these speeds alone, against trusted-only's forwards of the same convs.
 //!
 //!     RAYON_NUM_THREADS=1 cargo run --release -p asymml-core --example tconv_speed [-- INDEX]
 use asymml_core::decomp::{decompose_batch, BatchLowRank, RankPolicy, TrustedConv};
@@ -20,19 +22,22 @@ fn conv3(n: usize, m: usize, rng: &mut Rng) -> Conv2d {
 }
 
 fn main() {
+    // (N, M, H = W, r) and how many of VGG16's convs have the shape.
     let shapes = [
-        (64, 64, 224, 2),
-        (64, 128, 112, 4),
-        (128, 128, 112, 8),
-        (128, 256, 56, 16),
-        (256, 256, 56, 32),
-        (256, 512, 28, 32),
-        (512, 512, 28, 32),
-        (512, 512, 14, 32),
+        (64, 64, 224, 2, 1),
+        (64, 128, 112, 4, 1),
+        (128, 128, 112, 8, 1),
+        (128, 256, 56, 16, 1),
+        (256, 256, 56, 32, 2),
+        (256, 512, 28, 32, 1),
+        (512, 512, 28, 32, 2),
+        (512, 512, 14, 32, 3),
     ];
+    // Σ over the convs: Conv_T, Conv_T from X, ∇W_T, the full conv.
+    let mut sums = [0.0f64; 4];
     let b = 8;
     let only: Option<usize> = std::env::args().nth(1).and_then(|a| a.parse().ok());
-    for (i, &(n, m, hw, r)) in shapes.iter().enumerate() {
+    for (i, &(n, m, hw, r, count)) in shapes.iter().enumerate() {
         if only.is_some_and(|o| o != i) {
             continue;
         }
@@ -76,5 +81,12 @@ fn main() {
         let mut grad = Tensor::zeros(&conv.weight.value.shape);
         let tw = best(&mut || tc.add_weight_grad(&conv, &lr, &y, &mut grad).unwrap());
         println!("N{n} M{m} {hw}² r{r}: Conv_T {:.1} ms ({:.1} GFLOP/s), from X {:.1} ms, ∇W_T {:.1} ms, full {:.1} ms, full conv of r channels {:.1} ms", tt * 1e3, fl / tt / 1e9, tl * 1e3, tw * 1e3, tf * 1e3, tr * 1e3);
+        for (s, t) in sums.iter_mut().zip([tt, tl, tw, tf]) {
+            *s += count as f64 * t;
+        }
+    }
+    if only.is_none() {
+        let [tt, tl, tw, tf] = sums.map(|s| s * 1e3);
+        println!("VGG16-224 convs 2–13: Conv_T {tt:.0} ms, from X {tl:.0} ms, ∇W_T {tw:.0} ms; the full convs (trusted-only's forwards) {tf:.0} ms");
     }
 }
