@@ -56,7 +56,7 @@ const TINY: f64 = f32::MIN_POSITIVE as f64;
 /// element, Rademacher-combined) is an estimate, not a bound; κ covers summation orders (blocked GEMM,
 /// Winograd's transforms) that round more. Honest runs measured at most [`MEASURED_WORST`] of it.
 pub const KAPPA: f64 = 16.0;
-/// The largest |difference| / τ seen on honest runs (see the tests and the README).
+/// The largest |difference| / τ seen on honest runs (see the tests and docs/security.md, Integrity).
 pub const MEASURED_WORST: f64 = 0.07;
 /// The rounding of a check's own combination of the checked values, per unit of √Σ(coefficient·value)²:
 /// one rounding of each value (the honest side's last addition), and the check's f32 partial sums over

@@ -87,8 +87,8 @@ pub(crate) struct SplitArgs {
     /// `--svd block`, whose shared rank keeps at least E of every sample's own energy, each conv tries both
     /// bases on its first steps and keeps the one that cost the trusted runtime less; per sample elsewhere;
     /// faster at 32 px under asym2, but its trials can raise the trusted runtime's peak memory). At the same
-    /// energy per sample the shared basis leaves more of each image's edges in X_U (README, Stop 39): `shared`
-    /// and `auto` trade privacy for speed. Default: sample.
+    /// energy per sample the shared basis leaves more of each image's edges in X_U (docs/performance.md, Stop 39):
+    /// `shared` and `auto` trade privacy for speed. Default: sample.
     #[arg(long, value_parser = parse_basis, conflicts_with = "shared_basis")]
     pub(crate) basis: Option<Basis>,
     /// Same as --basis shared.

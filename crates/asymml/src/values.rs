@@ -315,7 +315,8 @@ impl fmt::Display for ModelName {
 }
 
 /// The rank policy `train`, `infer`, `verify` and `bench` use without `--rank`: the guard (see
-/// [`GUARD_SIDE`]), chosen from the privacy measurements in the README.
+/// [`GUARD_SIDE`]), chosen from the privacy measurements in docs/security.md
+/// ("The default, and why").
 pub(crate) const DEFAULT_RANK: &str = "guard";
 
 /// `guard`'s default: convs whose input map is at least this fraction of the network input's side run wholly

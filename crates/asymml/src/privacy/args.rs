@@ -404,7 +404,7 @@ What is measured (every stream is taken from a recording of the messages the spl
    variance, and the channel mean and principal channel blurred by 1 and 2 px) against the image's at X_U's
    resolution, with its chance level (against another image) and edge_excess = edge_ssim - chance; and
    ssim_gain = (s - s0)/(1 - s0), the best attack's SSIM s over the mean image's s0. Judged on the grids: X_U
-   is recognisable when edge_excess >= 0.1 or ssim_gain >= 0.1 (see the README).
+   is recognisable when edge_excess >= 0.1 or ssim_gain >= 0.1 (see docs/security.md).
 5. With --tradeoff: the model trained in split mode for each --nsr; test accuracy against leakage.
 
 --frontier: the privacy-speed frontier. Per rank policy (--ranks and the default policy) and --nsr: the trusted

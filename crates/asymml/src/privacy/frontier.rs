@@ -20,7 +20,7 @@ use serde_json::Value;
 use std::path::Path;
 
 /// rel_mi at or below which a setting can hide the images (with edge_excess and ssim_gain below their
-/// thresholds; see the README's "What "recognisable" means").
+/// thresholds; see docs/security.md, "What "recognisable" means").
 pub(crate) const REL_MI_HIDES: f64 = 0.02;
 
 /// The timing's batch when `--batch-size` is `auto`.
@@ -374,8 +374,8 @@ fn worst(settings: &[&Setting], f: impl Fn(&Setting) -> Option<f64>) -> Option<(
         })
 }
 
-/// Whether a setting with these worst values hides the images (README's threshold); `None` without the edge
-/// measure.
+/// Whether a setting with these worst values hides the images (docs/security.md's threshold);
+/// `None` without the edge measure.
 fn hides(rel_mi: Option<f64>, edge_excess: Option<f64>, ssim_gain: Option<f64>) -> Option<bool> {
     let edge = edge_excess?;
     Some(

@@ -390,7 +390,7 @@ fn print_leakage(r: &Report) {
     println!(
         "  edge_ssim: X_U's best edge map against the image's; edge_xs: edge_ssim minus its chance level (the \
          same against another image's map); ssim_gain: the best attack's SSIM over the mean image's, \
-         (s - s0)/(1 - s0). Recognisable: edge_xs >= {} or ssim_gain >= {} (see the README).",
+         (s - s0)/(1 - s0). Recognisable: edge_xs >= {} or ssim_gain >= {} (see docs/security.md).",
         super::structure::EDGE_SSIM_RECOGNISABLE,
         super::structure::SSIM_GAIN_RECOGNISABLE
     );

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 pub(crate) const TOP_CHANNELS: usize = 4;
 
 /// Edge SSIM above its chance level ([`EdgeScore::excess`]) at or above which a person recognises the image
-/// in X_U's grid tiles (chosen by looking at the grids; see the README's privacy section).
+/// in X_U's grid tiles (chosen by looking at the grids; see docs/security.md, What "recognisable" means).
 pub(crate) const EDGE_SSIM_RECOGNISABLE: f64 = 0.1;
 /// SSIM gain of the best attack over the mean image at or above which its reconstruction is recognisable.
 pub(crate) const SSIM_GAIN_RECOGNISABLE: f64 = 0.1;
