@@ -7,7 +7,7 @@ use crate::cli::BenchArgs;
 use crate::setup::{self, SplitSetup};
 use crate::values::{check_batch_bytes, AcceleratorSpec, ModelName, Phase, RankArg, RouteChoice};
 use crate::{progress, threads};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use asymml_core::decomp::RankPolicy;
 use asymml_core::layers::Conv2d;
 use asymml_core::models::{ConvExec, ModelSpec, Style};
@@ -215,23 +215,111 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// PyTorch's medians (ms) per model name from tools/bench_torch.py --json.
-fn torch_times(path: &Path) -> Result<Vec<(String, f64, f64)>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: not JSON from bench_torch.py", path.display()))?;
-    let rows = v["results"].as_array().context("no \"results\" array")?;
-    Ok(rows
-        .iter()
-        .filter_map(|r| {
-            Some((
-                r["model"].as_str()?.to_string(),
-                r["forward_ms_median"].as_f64()?,
-                r["train_ms_median"].as_f64()?,
-            ))
+/// PyTorch's times from `tools/bench_torch.py --json`: the settings it ran at and its medians per model.
+#[derive(Debug)]
+struct TorchRef {
+    threads: usize,
+    batch: usize,
+    /// (model, input size, forward ms, train ms).
+    rows: Vec<(String, usize, f64, f64)>,
+}
+
+/// The channels and classes of `tools/bench_torch.py`'s models (RGB, `NUM_CLASSES`).
+const TORCH_CHANNELS: usize = 3;
+const TORCH_CLASSES: usize = 10;
+
+impl TorchRef {
+    /// Parses `text`, the output of `tools/bench_torch.py --json` (`what` names it in errors).
+    fn parse(text: &str, what: &str) -> Result<Self> {
+        let v: serde_json::Value = serde_json::from_str(text)
+            .with_context(|| format!("{what}: not JSON from tools/bench_torch.py --json"))?;
+        let count = |key: &str| {
+            v[key]
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .with_context(|| {
+                    format!("{what}: no \"{key}\" count (not from tools/bench_torch.py --json?)")
+                })
+        };
+        let (threads, batch) = (count("threads")?, count("batch")?);
+        let rows = v["results"]
+            .as_array()
+            .with_context(|| format!("{what}: no \"results\" array"))?
+            .iter()
+            .map(|r| {
+                let ms = |key: &str| r[key].as_f64().filter(|t| t.is_finite() && *t > 0.0);
+                Some((
+                    r["model"].as_str()?.to_string(),
+                    usize::try_from(r["input_size"].as_u64()?).ok()?,
+                    ms("forward_ms_median")?,
+                    ms("train_ms_median")?,
+                ))
+            })
+            .collect::<Option<Vec<_>>>()
+            .with_context(|| {
+                format!("{what}: a result lacks its model, input_size or a positive median time")
+            })?;
+        Ok(TorchRef {
+            threads,
+            batch,
+            rows,
         })
-        .collect())
+    }
+
+    /// Refuses a comparison of different work: PyTorch's run must have had `bench`'s batch, thread count,
+    /// channels and classes, and a row for every model at its input size.
+    fn check(&self, a: &BenchArgs, threads: usize, what: &str) -> Result<()> {
+        let differ = |name: &str, theirs: usize, ours: usize, flag: &str| {
+            anyhow!(
+                "{what} was measured with {name} {theirs}, this bench runs {ours} ({flag}): the ratio would \
+                 compare different work; run tools/bench_torch.py with the same setting"
+            )
+        };
+        if self.batch != a.batch_size {
+            return Err(differ("batch", self.batch, a.batch_size, "--batch-size"));
+        }
+        if self.threads != threads {
+            return Err(differ(
+                "threads",
+                self.threads,
+                threads,
+                "--trusted-threads",
+            ));
+        }
+        if (a.channels, a.classes) != (TORCH_CHANNELS, TORCH_CLASSES) {
+            bail!(
+                "{what}: tools/bench_torch.py times {TORCH_CHANNELS}-channel models with {TORCH_CLASSES} \
+                 classes; this bench has --channels {} and --classes {}",
+                a.channels,
+                a.classes
+            );
+        }
+        for name in &a.models {
+            let size = input_size(a, name);
+            let spec = name.spec(a.channels, a.classes, size)?;
+            if self.times(name.as_str(), &spec).is_none() {
+                bail!(
+                    "{what} has no row for {name} at {size} px: run tools/bench_torch.py --models {name} \
+                     --input-size {size}",
+                    name = name.as_str()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// PyTorch's (forward ms, train ms) for `spec` (its rows name CIFAR models with the suffix, which
+    /// `spec.name()` leaves out, so the name as given counts too).
+    fn times(&self, name: &str, spec: &ModelSpec) -> Option<(f64, f64)> {
+        let canonical = spec.name();
+        self.rows
+            .iter()
+            .find(|(m, size, _, _)| {
+                *size == spec.input_size
+                    && (*m == canonical || (*m == name && spec.style == Style::Cifar))
+            })
+            .map(|&(_, _, f, t)| (f, t))
+    }
 }
 
 /// Counters read before and after each step.
@@ -318,8 +406,8 @@ struct Plan {
     accel_threads: usize,
     /// (mode, rank policy): the policy only in split mode.
     runs: Vec<(Mode, Option<RankArg>)>,
-    /// PyTorch's medians from `--torch`: (model, forward ms, train ms).
-    torch: Option<Vec<(String, f64, f64)>>,
+    /// PyTorch's times from `--torch`.
+    torch: Option<TorchRef>,
 }
 
 impl Plan {
@@ -333,7 +421,17 @@ impl Plan {
             let spec = name.spec(a.channels, a.classes, size)?;
             check_batch_bytes(a.batch_size, a.channels, spec.width, size)?;
         }
-        let torch = a.torch.as_deref().map(torch_times).transpose()?;
+        let torch = match a.torch.as_deref() {
+            Some(path) => {
+                let what = path.display().to_string();
+                let text =
+                    std::fs::read_to_string(path).with_context(|| format!("reading {what}"))?;
+                let torch = TorchRef::parse(&text, &what)?;
+                torch.check(a, threads, &what)?;
+                Some(torch)
+            }
+            None => None,
+        };
         let mut runs = Vec::new();
         for &m in &a.modes {
             if m == Mode::Split {
@@ -450,16 +548,12 @@ impl Plan {
             .collect())
     }
 
-    /// PyTorch's median for `spec` in `phase` (its rows name CIFAR models without the suffix).
+    /// PyTorch's median for `spec` in `phase`.
     fn torch_ms(&self, name: &str, spec: &ModelSpec, phase: Phase) -> Option<f64> {
-        let canonical = spec.name();
-        self.torch.as_ref().and_then(|t| {
-            t.iter()
-                .find(|(m, _, _)| *m == canonical || (*m == name && spec.style == Style::Cifar))
-                .map(|(_, f, tr)| match phase {
-                    Phase::Train => *tr,
-                    Phase::Infer => *f,
-                })
+        let (forward, train) = self.torch.as_ref()?.times(name, spec)?;
+        Some(match phase {
+            Phase::Train => train,
+            Phase::Infer => forward,
         })
     }
 
@@ -1229,7 +1323,110 @@ fn print_table(results: &[BenchResult]) {
 
 #[cfg(test)]
 mod tests {
-    use super::{interleaved_steps, round_order};
+    use super::{interleaved_steps, round_order, TorchRef};
+    use crate::cli::BenchArgs;
+
+    /// `asymml bench` with `flags`.
+    fn bench_args(flags: &[&str]) -> BenchArgs {
+        use clap::{Args, FromArgMatches};
+        let cmd = BenchArgs::augment_args(clap::Command::new("bench"));
+        let m = cmd
+            .try_get_matches_from(std::iter::once("bench").chain(flags.iter().copied()))
+            .unwrap();
+        BenchArgs::from_arg_matches(&m).unwrap()
+    }
+
+    /// A report of `tools/bench_torch.py --json` (its fields; the per-step lists left out).
+    const TORCH: &str = r#"{"threads": 1, "batch": 8, "warmup": 2, "steps": 5, "torch": "2.15.0",
+        "results": [
+          {"model": "vgg16-cifar", "input_size": 32, "forward_ms_median": 40.5, "train_ms_median": 120.0},
+          {"model": "resnet18-imagenet", "input_size": 224, "forward_ms_median": 300.0,
+           "train_ms_median": 900.0}]}"#;
+
+    #[test]
+    fn pytorchs_times_are_taken_for_the_same_model_size_batch_and_threads() {
+        let torch = TorchRef::parse(TORCH, "torch.json").unwrap();
+        let a = bench_args(&[
+            "--models",
+            "vgg16-cifar,resnet18-imagenet",
+            "--batch-size",
+            "8",
+        ]);
+        torch.check(&a, 1, "torch.json").unwrap();
+        let spec = |name: &str, size: usize| {
+            name.parse::<crate::values::ModelName>()
+                .unwrap()
+                .spec(3, 10, size)
+                .unwrap()
+        };
+        assert_eq!(
+            torch.times("vgg16-cifar", &spec("vgg16-cifar", 32)),
+            Some((40.5, 120.0))
+        );
+        assert_eq!(
+            torch.times("resnet18-imagenet", &spec("resnet18-imagenet", 224)),
+            Some((300.0, 900.0))
+        );
+        // The same model at another size is other work.
+        assert_eq!(torch.times("vgg16-cifar", &spec("vgg16-cifar", 64)), None);
+    }
+
+    #[test]
+    fn pytorchs_times_for_other_work_are_refused_before_any_is_timed() {
+        let torch = TorchRef::parse(TORCH, "torch.json").unwrap();
+        let err = |flags: &[&str], threads: usize| {
+            torch
+                .check(&bench_args(flags), threads, "torch.json")
+                .unwrap_err()
+                .to_string()
+        };
+        let batch = err(&["--models", "vgg16-cifar", "--batch-size", "32"], 1);
+        assert!(batch.contains("batch 8, this bench runs 32"), "{batch}");
+        let threads = err(&["--models", "vgg16-cifar", "--batch-size", "8"], 2);
+        assert!(
+            threads.contains("threads 1, this bench runs 2"),
+            "{threads}"
+        );
+        let size = err(
+            &[
+                "--models",
+                "vgg16-cifar",
+                "--batch-size",
+                "8",
+                "--input-size",
+                "64",
+            ],
+            1,
+        );
+        assert!(size.contains("no row for vgg16-cifar at 64 px"), "{size}");
+        let model = err(&["--models", "resnet34-cifar", "--batch-size", "8"], 1);
+        assert!(
+            model.contains("no row for resnet34-cifar at 32 px"),
+            "{model}"
+        );
+        let classes = err(
+            &[
+                "--models",
+                "vgg16-cifar",
+                "--batch-size",
+                "8",
+                "--classes",
+                "5",
+            ],
+            1,
+        );
+        assert!(classes.contains("--classes 5"), "{classes}");
+        for bad in [
+            "not json",
+            r#"{"batch": 8, "results": []}"#,
+            r#"{"threads": 1, "batch": 8, "results": [{"model": "vgg16-cifar", "input_size": 32}]}"#,
+            r#"{"threads": 1, "batch": 8, "results": [{"model": "vgg16-cifar", "input_size": 32,
+                "forward_ms_median": -1.0, "train_ms_median": 2.0}]}"#,
+        ] {
+            let e = TorchRef::parse(bad, "torch.json").unwrap_err().to_string();
+            assert!(e.starts_with("torch.json"), "{e}");
+        }
+    }
 
     #[test]
     fn interleaved_steps_take_step_k_of_every_case_before_step_k_plus_one() {
