@@ -87,71 +87,45 @@ pub trait Transport {
     }
 }
 
-impl<T: Transport + ?Sized> Transport for &mut T {
-    fn expect_reply(&mut self, max: u32) {
-        (**self).expect_reply(max)
-    }
-    fn release_buffers(&mut self) {
-        (**self).release_buffers()
-    }
-    fn queues_frames(&self) -> bool {
-        (**self).queues_frames()
-    }
-    fn send(&mut self, frame: &[u8]) -> Result<()> {
-        (**self).send(frame)
-    }
-    fn send_vec(&mut self, frame: &mut Vec<u8>) -> Result<()> {
-        (**self).send_vec(frame)
-    }
-    fn recv_into(&mut self, buf: &mut Vec<u8>) -> Result<()> {
-        (**self).recv_into(buf)
-    }
-    fn max_message(&self) -> u32 {
-        (**self).max_message()
-    }
-    fn set_max_message(&mut self, max: u32) {
-        (**self).set_max_message(max)
-    }
-    fn peer(&self) -> String {
-        (**self).peer()
-    }
-    fn set_frame_timeout(&mut self, timeout: Option<Duration>) {
-        (**self).set_frame_timeout(timeout)
-    }
+/// `Transport` for a pointer to a transport (`&mut T`, `Box<T>`): every method goes to the pointee.
+macro_rules! forward_transport {
+    ($($ptr:ty),*) => {$(
+        impl<T: Transport + ?Sized> Transport for $ptr {
+            fn expect_reply(&mut self, max: u32) {
+                (**self).expect_reply(max)
+            }
+            fn release_buffers(&mut self) {
+                (**self).release_buffers()
+            }
+            fn queues_frames(&self) -> bool {
+                (**self).queues_frames()
+            }
+            fn send(&mut self, frame: &[u8]) -> Result<()> {
+                (**self).send(frame)
+            }
+            fn send_vec(&mut self, frame: &mut Vec<u8>) -> Result<()> {
+                (**self).send_vec(frame)
+            }
+            fn recv_into(&mut self, buf: &mut Vec<u8>) -> Result<()> {
+                (**self).recv_into(buf)
+            }
+            fn max_message(&self) -> u32 {
+                (**self).max_message()
+            }
+            fn set_max_message(&mut self, max: u32) {
+                (**self).set_max_message(max)
+            }
+            fn peer(&self) -> String {
+                (**self).peer()
+            }
+            fn set_frame_timeout(&mut self, timeout: Option<Duration>) {
+                (**self).set_frame_timeout(timeout)
+            }
+        }
+    )*};
 }
 
-impl<T: Transport + ?Sized> Transport for Box<T> {
-    fn expect_reply(&mut self, max: u32) {
-        (**self).expect_reply(max)
-    }
-    fn release_buffers(&mut self) {
-        (**self).release_buffers()
-    }
-    fn queues_frames(&self) -> bool {
-        (**self).queues_frames()
-    }
-    fn send(&mut self, frame: &[u8]) -> Result<()> {
-        (**self).send(frame)
-    }
-    fn send_vec(&mut self, frame: &mut Vec<u8>) -> Result<()> {
-        (**self).send_vec(frame)
-    }
-    fn recv_into(&mut self, buf: &mut Vec<u8>) -> Result<()> {
-        (**self).recv_into(buf)
-    }
-    fn max_message(&self) -> u32 {
-        (**self).max_message()
-    }
-    fn set_max_message(&mut self, max: u32) {
-        (**self).set_max_message(max)
-    }
-    fn peer(&self) -> String {
-        (**self).peer()
-    }
-    fn set_frame_timeout(&mut self, timeout: Option<Duration>) {
-        (**self).set_frame_timeout(timeout)
-    }
-}
+forward_transport!(&mut T, Box<T>);
 
 /// Settings of a transport. `None` timeouts wait forever.
 #[derive(Clone, Debug)]
