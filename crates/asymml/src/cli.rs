@@ -61,7 +61,10 @@ pub enum Command {
 /// How the split runtime decomposes and where its accelerator is.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct SplitArgs {
-    /// Rank policy per conv: guard (the default: every conv whose input map is at least 1/8 of the image's
+    /// Rank policy per conv: guard (the default), guard:F, fixed:R, schedule, energy:E, asym1, asym2, entropy or
+    /// table:FILE.
+    ///
+    /// guard (the default: every conv whose input map is at least 1/8 of the image's
     /// side runs wholly in the trusted runtime — the image-like maps, which every other policy leaks on real
     /// photos — and the deeper ones use asym1; guard:F sets the fraction), fixed:R, schedule (1 at the first conv, doubled per conv/residual block, at most
     /// 32), energy:E (smallest r keeping ≥ E of ‖X‖²), asym1 (= energy:0.97), asym2 (= energy:0.80),
@@ -73,14 +76,19 @@ pub(crate) struct SplitArgs {
     /// Rounds per component of the paper's lightweight SVD (1 or 2); implies --svd light.
     #[arg(long, value_parser = parse_svd_iters)]
     pub(crate) svd_iters: Option<usize>,
-    /// The decomposition: `block` (the default: a blocked subspace iteration built from matrix products,
+    /// The decomposition: block (the default; block:Q[:P[:auto|gram|direct]]) or light (the paper's; light:I).
+    ///
+    /// `block` (the default: a blocked subspace iteration built from matrix products,
     /// which reads X a fixed number of times for all components — `block:Q` power steps, `block:Q:P` with P
     /// extra columns, `block:Q:P:auto|gram|direct`) or `light` (the paper's lightweight SVD, Algorithm 1;
     /// `light:I` or --svd-iters for I rounds per component). Both are exact splits; the block SVD keeps at
     /// least the light one's energy at the same rank on real photos and is about twice as fast.
     #[arg(long, value_parser = parse_svd_method)]
     pub(crate) svd: Option<asymml_core::decomp::SvdMethod>,
-    /// The basis of each split conv's decomposition: `sample` (one U_b per sample, the paper's), `shared`
+    /// The basis of each split conv's decomposition: sample (the default), shared or auto; shared and auto
+    /// trade privacy for speed.
+    ///
+    /// `sample` (one U_b per sample, the paper's), `shared`
     /// (one U for the whole batch at every conv: W' = Uᵀ·W is built once per batch; at a fixed rank it keeps
     /// less of each sample's energy), or `auto` (per conv, the cheaper of the two where they keep the same
     /// energy — under an energy policy (`energy:E`, `asym1`, `asym2`, the guard's deeper convs) with
@@ -94,7 +102,10 @@ pub(crate) struct SplitArgs {
     /// Same as --basis shared.
     #[arg(long)]
     pub(crate) shared_basis: bool,
-    /// Micro-batch pipelining (1 to 1024): each split conv's forward cuts the batch into this many parts of
+    /// Micro-batch pipelining (1 to 1024): each split conv's forward in this many parts, so that the two sides
+    /// overlap; the results are the same.
+    ///
+    /// Each split conv's forward cuts the batch into this many parts of
     /// consecutive samples (at most one per sample; the first and last about half the size of the others),
     /// so that the accelerator convolves one part while the trusted runtime decomposes the next and computes
     /// its own part — the two sides overlap in time. The results are the same as with the whole batch (each
@@ -104,6 +115,8 @@ pub(crate) struct SplitArgs {
     /// `tcp://`). Ignored with --basis shared. 1: the whole batch at once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub(crate) micro_batches: u16,
+    /// Answer each split conv's ∇X and ∇W_U together instead of pipelining them (to measure the overlap).
+    ///
     /// Run each split conv's backward as one exchange (∇X and ∇W_U answered together) instead of the
     /// pipelined default, where ∇X is asked for first and the trusted runtime goes on with it — through the
     /// layers below, to the next conv — while the accelerator computes ∇W_U, which is then taken, checked and
@@ -113,6 +126,8 @@ pub(crate) struct SplitArgs {
     /// Noise-to-signal ratio: X_U + N(0, (NSR·rms(X))²) before it leaves the trusted runtime.
     #[arg(long, default_value_t = 0.0, value_parser = parse_noise)]
     pub(crate) noise: f32,
+    /// Clip each sample's X_U to this ℓ₂ norm before the noise, so that `train` reports a formal (ε, δ).
+    ///
     /// Clip each sample's X_U (per conv, all N·H·W values) to this ℓ₂ norm C before the noise, and scale the
     /// noise to the clip instead of rms(X): σ = NSR·C/√(N·H·W) per value. This bounds what one example can
     /// change, so `train` reports a formal (ε, δ) (local DP of each example's residuals; see --delta).
@@ -144,12 +159,18 @@ pub(crate) struct SplitArgs {
     /// data it is sent and alter its results. Loopback experiments only; prints a warning.
     #[arg(long, conflicts_with = "keys")]
     pub(crate) insecure_plaintext_tcp: bool,
+    /// Check every result of the accelerator before it is used (a wrong one stops with exit code 3); `off` only
+    /// to measure what the checks cost.
+    ///
     /// Check every result of the accelerator (Y_U, ∇X, ∇W_U) against the trusted copy of the weights with
     /// secret random projections (Freivalds) before using it; a wrong result stops the command with an
     /// integrity error (exit code 3). `off` only to measure what the checks cost.
     #[arg(long, default_value = "on")]
     pub(crate) integrity: OnOff,
-    /// Where a conv that the rank policy splits runs: `auto` measures the trusted runtime's time per step for
+    /// Where a conv that the rank policy splits runs: auto (the default: split only where that costs the
+    /// trusted runtime less, checked on the whole step), auto-wall (the shorter step) or split (always).
+    ///
+    /// `auto` measures the trusted runtime's time per step for
     /// each conv on both routes — split, and wholly in the trusted runtime — over its first steps (three
     /// each) and then takes the cheaper one, so no conv costs more than it would trusted-only (and the
     /// trusted route leaks nothing); the other route is tried again on two steps at steps 64, 128, 256, …, so
@@ -408,7 +429,10 @@ pub struct BenchArgs {
     /// Untimed warm-up steps (0 to 1000000).
     #[arg(long, default_value_t = 1, value_parser = parse_warmup)]
     pub(crate) warmup: usize,
-    /// Rounds (1 to 1000): the runs of each model and phase are timed this many times in turn, each round
+    /// Rounds (1 to 1000): time the runs of each model and phase this many times in turn, so that a slow
+    /// spell of the machine falls on every run alike.
+    ///
+    /// The runs of each model and phase are timed this many times in turn, each round
     /// starting one run later (A B C, B C A, C A B, …) with a fresh session and its own warm-up, and every row
     /// takes its medians over all rounds' timed steps. On a noisy machine a slow spell then falls on every run
     /// alike instead of on one, and no run always goes first, so the ratios between runs (split against
@@ -424,12 +448,17 @@ pub struct BenchArgs {
     /// PyTorch's numbers from `python3 tools/bench_torch.py --json`, to print speed ratios.
     #[arg(long)]
     pub(crate) torch: Option<PathBuf>,
+    /// Time on real images (a PNG/JPEG file or a folder) instead of random noise: needed for the energy
+    /// policies.
+    ///
     /// Time on real images instead of random noise: a PNG/JPEG file or a folder of them (e.g.
     /// ../shared/data/images/cifar10), resized and centre-cropped to the input size, normalised with the
     /// ImageNet mean and deviation, repeated to fill the batch. The energy rank policies (asym1, asym2)
     /// pick their ranks from the data, and noise has no low-rank structure.
     #[arg(long)]
     pub(crate) images: Option<PathBuf>,
+    /// Split mode: the two sides never compute at once, as beside a GPU or another machine.
+    ///
     /// Split mode: the accelerator computes only while the trusted runtime waits for it (each request is held
     /// until its reply is waited for), so the two sides never compute at once. Where they share a machine's
     /// cores, memory bus and cache (an in-process or local accelerator), each otherwise slows the other down;
@@ -437,6 +466,8 @@ pub struct BenchArgs {
     /// beside one; the wall time then has no overlap.
     #[arg(long)]
     pub(crate) lockstep: bool,
+    /// Time the runs of each model and phase step by step in turn, all alive at once (peaks not measured).
+    ///
     /// Time the runs of each model and phase step by step in turn: every run is started and runs its untimed
     /// steps first, then timed step k of every run comes before step k + 1 of any (each step from the next run
     /// on). A slow spell of the machine then falls on every run alike: on a shared machine, steps of a few

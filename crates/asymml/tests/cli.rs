@@ -647,3 +647,35 @@ fn a_silent_accelerator_times_out() {
         "the checkpoint changed"
     );
 }
+
+#[test]
+fn short_help_is_short_and_long_help_keeps_the_details() {
+    for cmd in [
+        "train",
+        "eval",
+        "infer",
+        "bench",
+        "verify",
+        "privacy",
+        "accelerator",
+        "keygen",
+    ] {
+        let short = asymml(&[cmd, "-h"]);
+        let long = asymml(&[cmd, "--help"]);
+        assert!(short.status.success() && long.status.success(), "{cmd}");
+        let (short, long) = (stdout(&short), stdout(&long));
+        // `-h`: one line a flag, a sentence or two each.
+        for line in short.lines() {
+            assert!(
+                line.chars().count() <= 320,
+                "{cmd} -h: a line of {} characters: {line}",
+                line.chars().count()
+            );
+        }
+        assert!(long.len() >= short.len(), "{cmd}");
+    }
+    // The details are in --help.
+    let long = stdout(&asymml(&["train", "--help"]));
+    assert!(long.contains("tried again on two steps at steps 64, 128, 256"));
+    assert!(long.contains("image-like maps, which every other policy leaks"));
+}

@@ -67,6 +67,8 @@ pub struct PrivacyArgs {
     /// Decompose with one basis per batch (as `train --shared-basis`).
     #[arg(long)]
     pub shared_basis: bool,
+    /// Also record the first conv's output gradient dY (the `dy` stream): on, off, or auto (up to 64 px).
+    ///
     /// Also record the output gradient dY of the first conv (the `dy` stream), which needs a backward pass
     /// of the whole network for every setting: on, off, or auto (on for inputs up to 64x64 px; off above,
     /// where that backward pass costs several times all the rest of a setting).
@@ -136,6 +138,9 @@ pub struct PrivacyArgs {
     /// δ of the formal accounting (with --clip), in (0, 1).
     #[arg(long, default_value_t = super::accounting::DEFAULT_DELTA, value_parser = super::accounting::parse_delta)]
     pub delta: f64,
+    /// Calibrate a rank table instead of the report: per conv, the smallest rank whose X_U stays under every
+    /// --target on these (public) images.
+    ///
     /// Calibrate a rank table instead of the report: per conv of --layers, the smallest rank (or the
     /// fully-trusted route) whose X_U stays under every --target on these images, at the first --nsr.
     /// Calibration uses only the images given (--images, or the dataset): give public images of the kind you
@@ -150,6 +155,8 @@ pub struct PrivacyArgs {
     /// Where --calibrate writes the rank table. [default: rank_table.json in --out, else here]
     #[arg(long)]
     pub table_out: Option<PathBuf>,
+    /// The privacy–speed frontier: each rank policy's speedup over trusted-only beside its leakage.
+    ///
     /// The privacy–speed frontier: per rank policy (--ranks, plus the default policy of `train`, `infer` and
     /// `bench`) the trusted runtime's speedup over trusted-only, timed here like `asymml bench` (inference, on
     /// these images and this model, batch --batch-size or 8 when auto, one warm-up and --frontier-steps timed
