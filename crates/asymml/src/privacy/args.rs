@@ -41,10 +41,11 @@ pub struct PrivacyArgs {
     /// Number of public images the attacker trains its decoders on (0 to 10000000).
     #[arg(long, default_value_t = 1000, value_parser = parse_image_count0)]
     pub public: usize,
-    /// Rank policies to evaluate (comma-separated; see `train --help` for the syntax).
+    /// Rank policies to evaluate (comma-separated; see `train --help` for the syntax). By default the one
+    /// `train`, `infer` and `bench` use (guard), then the paper's.
     #[arg(
         long,
-        default_value = "schedule,asym1,asym2,entropy",
+        default_value = "guard,schedule,asym1,asym2,entropy",
         value_delimiter = ','
     )]
     pub ranks: Vec<RankArg>,
@@ -473,6 +474,20 @@ mod tests {
             "{err}"
         );
         assert!(parse("x").is_err());
+    }
+
+    #[test]
+    fn the_default_policy_is_measured_first() {
+        use clap::{Args, FromArgMatches};
+        let cmd = PrivacyArgs::augment_args(clap::Command::new("privacy"));
+        let a =
+            PrivacyArgs::from_arg_matches(&cmd.try_get_matches_from(["privacy"]).unwrap()).unwrap();
+        let default: RankArg = crate::values::DEFAULT_RANK.parse().unwrap();
+        assert_eq!(
+            a.ranks.first().map(|r| r.to_string()),
+            Some(default.to_string())
+        );
+        assert_eq!(a.ranks.len(), 5);
     }
 
     #[test]
